@@ -387,3 +387,24 @@ def config_reference_markdown() -> str:
             lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
         lines.append("")
     return "\n".join(lines)
+
+
+def write_readme_reference(readme: str | Path = "README.md") -> bool:
+    """Rewrite the README's config reference (between its markers) from the models; True if it changed."""
+    path = Path(readme)
+    text = path.read_text(encoding="utf-8")
+    start, end = "<!-- config-reference:start -->", "<!-- config-reference:end -->"
+    head, _, rest = text.partition(start)
+    _, _, tail = rest.partition(end)
+    new = f"{head}{start}\n{config_reference_markdown().strip()}\n{end}{tail}"
+    if new != text:
+        path.write_text(new, encoding="utf-8")
+    return new != text
+
+
+if __name__ == "__main__":  # python -m lorafuse.config --reference [README.md]
+    import sys
+
+    if sys.argv[1:2] != ["--reference"]:
+        raise SystemExit("usage: python -m lorafuse.config --reference [README.md]")
+    print("updated" if write_readme_reference(sys.argv[2] if len(sys.argv) > 2 else "README.md") else "up to date")
