@@ -1,0 +1,80 @@
+"""lorafuse runner: QLoRA (NF4 base) or LoRA (16-bit base) through lorafuse's public API and its training step.
+
+load_model(folder, quant) -> apply_lora(r, alpha, dropout, the 7 projections) -> the fast path
+(lorafuse.kernels.fast_path.apply_fast_path, on CUDA) -> the training loop's pieces: prepare_model
+(non-reentrant checkpointing, fp32 LoRA masters), Precision (autocast), lm_loss_sum (chunked or fused loss
+from hidden states), build_optimizer; clip at 1.0 and step, as lorafuse.train.loop does each step.
+The step is written here from those public functions because the loop exposes no single-step function.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+from bench_common import PROJ7, clip_and_step, require, run, unavailable
+
+
+def _fast_path(model, spec: dict) -> dict:
+    """Apply the fused kernels where the training loop would (CUDA, train.fast_path auto)."""
+    if spec["device"] != "cuda" or spec.get("fast_path", "auto") == "off":
+        return {"applied": False, "reason": "off on CPU" if spec["device"] != "cuda" else "disabled (--no-fast-path)"}
+    try:
+        from lorafuse.kernels.fast_path import apply_fast_path
+    except ImportError as exc:
+        return {"applied": False, "reason": f"lorafuse.kernels.fast_path not importable: {exc}"}
+    applied, reason = apply_fast_path(model)
+    return {"applied": bool(applied), "reason": reason}
+
+
+def _fused_loss(spec: dict, head) -> bool:
+    if spec["device"] != "cuda" or head is None or spec.get("fast_path", "auto") == "off":
+        return False
+    try:
+        from lorafuse.kernels import _runtime
+    except ImportError:
+        return False
+    return bool(getattr(_runtime, "HAS_TRITON", False))
+
+
+def build(spec: dict, device):
+    if spec["method"] not in ("qlora", "lora"):
+        unavailable(f"lorafuse trains adapters (qlora, lora), not {spec['method']}")
+    for module in ("lorafuse.model.load", "lorafuse.model.inject", "lorafuse.train.loop", "lorafuse.train.loss",
+                   "lorafuse.train.optim"):
+        require(module)
+    import torch
+
+    import lorafuse
+    from lorafuse.train.loop import Precision, prepare_model
+    from lorafuse.train.loss import lm_loss_sum, simple_head
+    from lorafuse.train.optim import build_optimizer
+
+    dtype = getattr(torch, spec["dtype"])
+    model, _ = lorafuse.load_model(spec["folder"], quant="nf4" if spec["method"] == "qlora" else "none",
+                                   compute_dtype=dtype, device=device)
+    lorafuse.apply_lora(model, r=spec["r"], alpha=spec["alpha"], dropout=spec["dropout"], targets=PROJ7)
+    fast = _fast_path(model, spec)
+    notes = []
+    params = prepare_model(model, spec["gc"], note=notes.append)
+    head = simple_head(model)
+    fused = _fused_loss(spec, head)
+    precision = Precision(device, dtype)
+    optimizer = build_optimizer(spec["optimizer"], params, lr=2e-4, weight_decay=0.0)
+    loss_kw = {"fused": fused} if "fused" in inspect.signature(lm_loss_sum).parameters else {}
+    model.train()
+
+    def step(batch):
+        n_target = batch["labels"][:, 1:].numel()
+        with precision.autocast():
+            loss_sum = lm_loss_sum(model, batch, head, **loss_kw)
+        precision.backward(loss_sum / n_target)
+        clip_and_step(params, optimizer)
+        return loss_sum.detach() / n_target
+
+    info = {"fast_path": fast, "fused_loss": fused, "chunked_loss": head is not None, "notes": notes,
+            "trainable_params": sum(p.numel() for p in params)}
+    return step, info
+
+
+if __name__ == "__main__":
+    run(build)
