@@ -1,0 +1,139 @@
+"""The fast path swaps modules by instance: same keys and Parameters, same loss and LoRA grads."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from lorafuse.errors import LorafuseError
+from lorafuse.kernels import _runtime
+from lorafuse.kernels.fast_path import (FastLoRAMLP, FastRMSNorm, apply_fast_path, maybe_apply_fast_path,
+                                        remove_fast_path)
+
+
+def _tiny(arch="llama", dropout=0.0, dora=False, nf4=False, seed=0, layers=2):
+    from lorafuse.lora.linear import LoRALinear, NF4Linear
+    from lorafuse.model.inject import apply_lora
+    from lorafuse.model.tiny import build_tiny_model
+
+    model = build_tiny_model(arch, vocab_size=96, hidden_size=64, intermediate_size=96, num_layers=layers,
+                             num_heads=4, num_kv_heads=2, seed=seed)
+    if nf4:  # what load_model(quant="nf4") does to every decoder linear
+        for layer in model.model.layers:
+            for part in (layer.self_attn, layer.mlp):
+                for name, child in list(part.named_children()):
+                    if isinstance(child, torch.nn.Linear):
+                        setattr(part, name, NF4Linear.from_linear(child))
+    apply_lora(model, r=4, alpha=8, dropout=dropout, targets="all-linear", dora=dora)
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():  # a trained-looking B (peft inits B = 0, which would hide LoRA bugs)
+        for m in model.modules():
+            if isinstance(m, LoRALinear):
+                m.lora_B.weight.copy_(torch.randn(m.lora_B.weight.shape, generator=g) * 0.1)
+    return model
+
+
+def _step(model, ids):
+    model.zero_grad(set_to_none=True)
+    out = model(input_ids=ids, labels=ids)
+    out.loss.backward()
+    res = {"logits": out.logits.detach(), "loss": out.loss.detach().reshape(1)}
+    res.update({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+    return res
+
+
+def _compare(arch, use_reference, parity, nf4=False, checkpointing=False, layers=2, tokens=(2, 9)):
+    base = _tiny(arch, nf4=nf4, layers=layers).train()
+    ids = torch.randint(0, 96, tokens, generator=torch.Generator().manual_seed(3))
+    oracle = _step(copy.deepcopy(base).double(), ids)
+    fast = copy.deepcopy(base)
+    keys, params = list(fast.state_dict()), [id(p) for p in fast.parameters()]
+    applied, reason = apply_fast_path(fast, use_reference=use_reference)
+    assert applied, reason
+    assert list(fast.state_dict()) == keys, "state_dict keys must not change"
+    assert [id(p) for p in fast.parameters()] == params, "the optimizer's Parameters must not change"
+    assert isinstance(fast.model.layers[0].mlp, FastLoRAMLP)
+    assert isinstance(fast.model.layers[-1].input_layernorm, FastRMSNorm)
+    assert "forward" in vars(fast.model.layers[0].self_attn), "attention is patched on the instance"
+    if checkpointing:
+        for m in (base, fast):  # transformers 5.x renamed gradient_checkpointing_enable
+            (getattr(m, "activation_checkpointing_enable", None) or m.gradient_checkpointing_enable)()
+    ref, got = _step(base, ids), _step(fast, ids)
+    assert set(got) == set(oracle) and len(got) > 2
+    for name in oracle:
+        parity(f"{arch}/{name}", got[name], ref[name], oracle[name])
+    return fast
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
+def test_reference_swap_matches_unswapped(arch, parity):
+    _compare(arch, use_reference=True, parity=parity)
+
+
+def test_reference_swap_qlora(parity):
+    _compare("llama", use_reference=True, parity=parity, nf4=True)
+
+
+def test_kernel_swap_matches_unswapped(device, parity):
+    """The Triton ops (interpreted on a CPU) inside a real model, under gradient checkpointing."""
+    if device.type == "cuda":
+        pytest.skip("tiny fp32 model test; the GPU runs the same ops in the gpu-marked kernel tests")
+    fast = _compare("mistral", use_reference=False, parity=parity, checkpointing=True, layers=1,
+                    tokens=(1, 6))  # the interpreter runs every program in Python: few tokens
+    assert fast.lorafuse_fast_path["ops"] == "triton"
+
+
+def test_class_is_untouched_and_swap_is_reversible():
+    model = _tiny()
+    attn_cls, mlp_cls = type(model.model.layers[0].self_attn), type(model.model.layers[0].mlp)
+    cls_forward = attn_cls.forward
+    apply_fast_path(model, use_reference=True)
+    assert attn_cls.forward is cls_forward and type(model.model.layers[0].self_attn) is attn_cls
+    assert apply_fast_path(model, use_reference=True) == (True, "fast path already applied")
+    remove_fast_path(model)
+    assert type(model.model.layers[0].mlp) is mlp_cls and "forward" not in vars(model.model.layers[0].self_attn)
+    assert not isinstance(model.model.norm, FastRMSNorm)
+
+
+def test_dropout_is_seeded_and_eval_is_exact():
+    model = _tiny(dropout=0.2)
+    fast = copy.deepcopy(model)
+    apply_fast_path(fast, use_reference=True)
+    ids = torch.randint(0, 96, (2, 9), generator=torch.Generator().manual_seed(4))
+    fast.train()
+    torch.manual_seed(7)
+    a = _step(fast, ids)
+    torch.manual_seed(7)
+    b = _step(fast, ids)
+    assert all(torch.equal(a[n], b[n]) for n in a), "same torch seed, same dropout masks"
+    assert all(torch.isfinite(t).all() for t in a.values())
+    model.eval(), fast.eval()
+    with torch.no_grad():
+        assert torch.allclose(model(input_ids=ids).logits, fast(input_ids=ids).logits, rtol=0, atol=1e-5)
+
+
+def test_blockers_give_one_line_reasons():
+    from lorafuse.model.tiny import build_tiny_model
+
+    applied, reason = apply_fast_path(build_tiny_model("gpt2", vocab_size=96, hidden_size=32, num_layers=1))
+    assert not applied and "GPT2LMHeadModel is not a supported architecture" in reason
+    applied, reason = apply_fast_path(_tiny(dora=True), use_reference=True)
+    assert not applied and "DoRA" in reason and "\n" not in reason
+    if _runtime.INTERPRET:
+        with _runtime.cpu_kernels(False):
+            applied, reason = apply_fast_path(_tiny())
+        assert not applied and "CUDA" in reason
+
+
+def test_maybe_apply_modes():
+    from lorafuse.model.tiny import build_tiny_model
+
+    logged = []
+    gpt2 = build_tiny_model("gpt2", vocab_size=96, hidden_size=32, num_layers=1)
+    assert maybe_apply_fast_path(gpt2, "auto", log=logged.append) is False
+    assert len(logged) == 1 and logged[0].startswith("fast path off: ")
+    assert maybe_apply_fast_path(gpt2, "off", log=logged.append) is False and len(logged) == 1
+    with pytest.raises(LorafuseError, match="fast path cannot apply"):
+        maybe_apply_fast_path(gpt2, "on")
