@@ -3,7 +3,9 @@
 `load_model(path, quant="nf4")` reads any `AutoModelForCausalLM` architecture from a local folder (offline) or a hub
 id (when the network allows), in `compute_dtype`, then replaces every `nn.Linear` except the output head with an
 `NF4Linear` (bitsandbytes-compatible NF4, blocksize 64, double quantization by default), one layer at a time, on the
-target device. A folder that transformers + bitsandbytes saved in 4-bit is read directly (no re-quantization).
+target device. A local folder of 16-bit safetensors streams tensor by tensor instead (`lorafuse.model.stream`: the
+dense model is never whole in memory); checkpoints it cannot handle (.bin, renamed keys) take the path above. A
+folder that transformers + bitsandbytes saved in 4-bit is read directly (no re-quantization).
 
 Dtype policy: `compute_dtype` is the dtype of the forward/backward math and of every parameter that is not quantized
 (embeddings, norms, head). LoRA weights are created in fp32 by `apply_lora` (the optimizer updates fp32 masters; the
@@ -17,6 +19,7 @@ the first use into a cache folder (`$LORAFUSE_CACHE`, default ~/.cache/lorafuse)
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -170,18 +173,35 @@ def load_model(path_or_hub_id: str, quant: str = "nf4", compute_dtype: str | tor
         model = _load_bnb_4bit(folder, dtype, device, attn_implementation, trust_remote_code)
         quant_info = {"quant": "nf4", "prequantized": True}
     else:
-        model = _load_dense(folder, dtype, attn_implementation, trust_remote_code)
-        if quant == "nf4":
-            quantize_linears(model, device, dtype, blocksize=blocksize, double_quant=double_quant)
-        model.to(device)
-        quant_info = {"quant": quant, "blocksize": blocksize, "double_quant": double_quant} if quant == "nf4" \
-            else {"quant": "none"}
+        model = _load_streaming(folder, device, dtype, blocksize, double_quant, attn_implementation,
+                                trust_remote_code) if quant == "nf4" and Path(folder).is_dir() else None
+        loader = "from_pretrained" if model is None else "stream"
+        if model is None:
+            model = _load_dense(folder, dtype, attn_implementation, trust_remote_code)
+            if quant == "nf4":
+                quantize_linears(model, device, dtype, blocksize=blocksize, double_quant=double_quant)
+            model.to(device)
+        quant_info = {"quant": quant, "blocksize": blocksize, "double_quant": double_quant, "loader": loader} \
+            if quant == "nf4" else {"quant": "none"}
     for p in model.parameters():
         p.requires_grad_(False)
     model.eval()
     model.lorafuse_base = {"name_or_path": str(path_or_hub_id), "folder": folder,
                            "compute_dtype": str(dtype).removeprefix("torch."), **quant_info}
     return model, tokenizer
+
+
+def _load_streaming(folder, device, dtype, blocksize, double_quant, attn_implementation, trust_remote_code):
+    """NF4 straight from safetensors shards, tensor by tensor (lorafuse.model.stream); None when it cannot."""
+    from lorafuse.model.stream import StreamUnsupported, load_nf4_streaming
+
+    try:
+        return load_nf4_streaming(folder, device, dtype, blocksize=blocksize, double_quant=double_quant,
+                                  attn_implementation=attn_implementation, trust_remote_code=trust_remote_code)
+    except StreamUnsupported as why:
+        # from_pretrained holds the whole dense model in host memory before quantizing: say why we went there.
+        logging.getLogger(__name__).info("loading %s through from_pretrained: %s", folder, why)
+        return None
 
 
 def _load_dense(folder: str, dtype: torch.dtype, attn_implementation, trust_remote_code):
