@@ -69,13 +69,17 @@ def _builtin_folder(name: str) -> Path:
     if name not in _BUILTIN_MODELS:
         raise ModelError(f"unknown builtin model 'builtin:{name}'",
                          f"available: {', '.join('builtin:' + n for n in _BUILTIN_MODELS)}")
-    folder = cache_dir() / "builtin" / f"{name}-{_BUILTIN_VERSION}"
+    corpus = _demo_corpus()
+    # The folder name carries a hash of what the tokenizer is trained on, so a changed demo data set or model
+    # recipe never reuses a stale cached model.
+    digest = hashlib.sha256(json.dumps([_BUILTIN_VERSION, _BUILTIN_MODELS[name], corpus]).encode()).hexdigest()[:10]
+    folder = cache_dir() / "builtin" / f"{name}-{digest}"
     if (folder / "config.json").is_file():
         return folder
     from lorafuse.model.tiny import build_tiny_model, build_tiny_tokenizer
 
     arch, kwargs = _BUILTIN_MODELS[name]
-    tok = build_tiny_tokenizer(_demo_corpus(), vocab_size=2048)
+    tok = build_tiny_tokenizer(corpus, vocab_size=2048)
     model = build_tiny_model(arch, tokenizer=tok, **kwargs)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=folder.parent))
@@ -91,10 +95,7 @@ def _builtin_folder(name: str) -> Path:
 
 def _demo_corpus() -> list[str]:
     """Texts of the bundled demo data, so the tiny tokenizer splits them into few tokens."""
-    try:
-        from lorafuse.data.build import demo_data_path
-    except ImportError:
-        return []
+    from lorafuse.data import demo_data_path
     texts = []
     path = demo_data_path()
     if path.is_file():
@@ -270,9 +271,8 @@ def _load_bnb_4bit(folder, dtype, device, attn_implementation, trust_remote_code
         parent, child = _parent_of(model, name)
         linear = getattr(parent, child)
         bias = dense_sd.pop(f"{name}.bias", None)
-        setattr(parent, child, NF4Linear.from_nf4(q.to(device), bias=None if bias is None else bias.to(device, dtype),
-                                                  compute_dtype=dtype, in_features=linear.in_features,
-                                                  out_features=linear.out_features))
+        setattr(parent, child, NF4Linear(q.to(device), bias=None if bias is None else bias.to(device, dtype),
+                                         compute_dtype=dtype))
     dense_sd = {k: v.to(device, dtype if v.is_floating_point() else v.dtype) for k, v in dense_sd.items()}
     missing, unexpected = model.load_state_dict(dense_sd, strict=False, assign=True)
     missing = [k for k in missing if not _is_nf4_key(model, k)]

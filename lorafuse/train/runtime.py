@@ -1,0 +1,85 @@
+"""What the loop needs from the device and the process: precision policy, model preparation, stop signals.
+
+Precision: on CUDA, autocast to the compute dtype (bf16; fp16 with a GradScaler, since fp16 gradients underflow
+without loss scaling); nothing on CPU in fp32. Trainable tensors are fp32 masters whatever the compute dtype: a
+16-bit master rounds small AdamW steps away, and GradScaler refuses to unscale fp16 gradients.
+
+Gradient checkpointing is the non-reentrant kind (`use_reentrant=False`): no per-step warning, correct with
+frozen inputs (no `enable_input_require_grads` needed), and it recomputes only what backward needs. The
+transformers 5 name `activation_checkpointing_enable` is used where it exists.
+
+Signals: SIGTERM/SIGINT set a flag the loop checks after each optimizer step (it then saves and returns); a
+second SIGINT raises KeyboardInterrupt at once.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from contextlib import nullcontext
+
+import torch
+from torch import nn
+
+from lorafuse.errors import LorafuseError
+
+
+class Precision:
+    """Autocast + GradScaler policy for one compute dtype on one device."""
+
+    def __init__(self, device: torch.device, dtype: torch.dtype):
+        self.device, self.dtype = device, dtype
+        self.amp = dtype in (torch.bfloat16, torch.float16)
+        self.scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=self.dtype) if self.amp else nullcontext()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+
+
+def prepare_model(model, gradient_checkpointing: bool, note=print) -> list[nn.Parameter]:
+    """Checkpointing on (non-reentrant), cache off, trainable tensors in fp32; returns the trainable params."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise LorafuseError("the model has no trainable parameters",
+                            "apply LoRA first: lorafuse.apply_lora(model, r=16, ...)")
+    low = [p for p in params if p.dtype in (torch.float16, torch.bfloat16)]
+    for p in low:
+        p.data = p.data.float()  # fp32 masters: a 16-bit update rounds small steps away; GradScaler needs fp32
+    if low:
+        note(f"trainable tensors upcast to float32: {len(low)} (16-bit masters lose small updates)")
+    if getattr(model, "config", None) is not None and hasattr(model.config, "use_cache"):
+        model.config.use_cache = False
+    if gradient_checkpointing:
+        if not getattr(model, "supports_gradient_checkpointing", False):
+            note(f"{type(model).__name__} does not support gradient checkpointing; training without it")
+        elif hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return params
+
+
+class StopSignals:
+    """SIGTERM/SIGINT set a flag (checked after each step); a second SIGINT raises KeyboardInterrupt."""
+
+    def __init__(self):
+        self.received: str | None = None
+        self._old = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.received and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.received = signal.Signals(signum).name
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)

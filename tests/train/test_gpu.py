@@ -1,0 +1,64 @@
+"""CUDA paths: bf16 autocast, fp16 + GradScaler, paged 8-bit states, the fused loss kernel, the fast path."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import pytest
+import torch
+from rich.console import Console
+
+from lorafuse.config import validate_config
+from lorafuse.train.api import run
+
+pytestmark = pytest.mark.gpu
+
+
+def _cfg(model_dir, out, dtype, **train):
+    return validate_config({
+        "model": {"path": str(model_dir), "quant": "nf4", "compute_dtype": dtype},
+        "lora": {"r": 8, "alpha": 16, "dropout": 0.05, "targets": "all-linear"},
+        "data": {"path": "builtin:demo", "format": "alpaca", "max_length": 96, "num_rows": 96, "val_size": 8},
+        "train": {"max_steps": 16, "micro_batch_size": 4, "grad_accum": 2, "lr": 5e-3, "warmup_steps": 2,
+                  "optimizer": "paged_adamw_8bit", "device": "cuda", "eval_every": 8, "save_every": 8, **train},
+        "output": {"dir": str(out)},
+    })
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_qlora_trains_on_cuda(tmp_path, tiny_model_dir, dtype):
+    buf = io.StringIO()
+    result = run(_cfg(tiny_model_dir, tmp_path / dtype, dtype), console=Console(file=buf, width=200))
+    assert result.compute_dtype == dtype and result.stop_reason == "finished"
+    assert result.last_loss < result.first_loss
+    assert result.peak_memory_bytes > 0
+    blob = torch.load(tmp_path / dtype / "checkpoint-16" / "optimizer.pt", weights_only=True)
+    assert (blob["scaler"] is not None) == (dtype == "float16")
+    rows = [json.loads(line) for line in (tmp_path / dtype / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "eval_loss" in r] == [8, 16]
+
+
+def test_fused_loss_kernel_matches_the_chunked_pass(tiny_model_dir):
+    import lorafuse
+    from lorafuse.train.loss import lm_loss_sum, simple_head
+
+    model, tok = lorafuse.load_model(str(tiny_model_dir), quant="none", compute_dtype="bfloat16", device="cuda")
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(4, len(tok), (4, 64), generator=g).cuda()
+    labels = ids.clone()
+    labels[:, :20] = -100
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    head = simple_head(model)
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        fused = lm_loss_sum(model, batch, head, fused=True)
+        ours = lm_loss_sum(model, batch, head, fused=False)
+        hf = model(**batch).loss.float() * (labels[:, 1:] != -100).sum()
+        hidden = model.base_model(input_ids=ids, attention_mask=batch["attention_mask"]).last_hidden_state
+    shifted = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=-100).flatten()
+    exact = torch.nn.functional.cross_entropy(hidden.flatten(0, 1).double() @ head.weight.double().t(), shifted,
+                                              ignore_index=-100, reduction="sum")
+    assert fused.dtype == ours.dtype == torch.float32
+    # Against the fp64 loss of the same hidden states: no worse than 2x HF's own bf16 loss.
+    for value in (fused, ours):
+        assert (value.double() - exact).abs() <= 2 * (hf.double() - exact).abs()
