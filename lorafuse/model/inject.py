@@ -202,7 +202,11 @@ def trainable_parameters(model: nn.Module) -> tuple[int, int]:
         if isinstance(m, (NF4Linear, LoRALinear)) and not isinstance(w, nn.Parameter) and id(w) not in seen:
             seen.add(id(w))
             total += w.packed.numel() * 2
-    return trainable, total
+    # peft keeps a trainable copy of each modules_to_save module beside the frozen original and counts both; we train
+    # the module in place, so add one copy's size to report peft's numbers for the same model and config.
+    names = (getattr(model, "lorafuse_lora", None) or {}).get("trained_module_names") or []
+    copies = {id(p): p.numel() for n in names for p in model.get_submodule(n).parameters()}
+    return trainable, total + sum(copies.values())
 
 
 def print_trainable_parameters(model: nn.Module) -> None:

@@ -164,8 +164,8 @@ def test_modules_to_save_untied_trains_in_place():
         "lm_head"] and ours.lorafuse_lora["ensure_weight_tying"] is False
     t, a = trainable_parameters(ours)
     pt, pa = pm.get_nb_trainable_parameters()
-    # same trainable count; peft's total also counts its trainable copy of lm_head (we train it in place)
-    assert t == pt and a == pa - ours.lm_head.weight.numel()
+    # peft's total counts its trainable copy of lm_head too; we train in place but report peft's numbers
+    assert (t, a) == (pt, pa)
 
 
 def test_modules_to_save_tied_pair_stays_tied():
@@ -177,7 +177,8 @@ def test_modules_to_save_tied_pair_stays_tied():
     assert rec["ensure_weight_tying"] is True and rec["trained_module_names"] == ["lm_head", "model.embed_tokens"]
     pm = _peft(base, r=4, lora_alpha=8, target_modules=["q_proj"], modules_to_save=["embed_tokens"],
                ensure_weight_tying=True)
-    assert trainable_parameters(ours)[0] == pm.get_nb_trainable_parameters()[0]
+    print("tied:", trainable_parameters(ours), pm.get_nb_trainable_parameters())
+    assert trainable_parameters(ours) == pm.get_nb_trainable_parameters()
     # a step on the embedding moves the output head with it (peft's ensure_weight_tying=True behaviour)
     before = ours.lm_head.weight.detach().clone()
     ours(IDS, labels=IDS).loss.backward()
