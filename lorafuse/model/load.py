@@ -18,6 +18,7 @@ the first use into a cache folder (`$LORAFUSE_CACHE`, default ~/.cache/lorafuse)
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
