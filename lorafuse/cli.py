@@ -241,6 +241,8 @@ def _version() -> str:
 
 
 def _report(err: LorafuseError) -> None:
+    if os.environ.get("RANK", "0") != "0":  # under torchrun every process fails alike: print the error once
+        return
     from rich.console import Console
     from rich.text import Text
     text = Text(f"error: {err.problem}", style="bold red")

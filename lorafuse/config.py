@@ -199,8 +199,9 @@ class TrainConfig(_Section):
     seed: int = Field(42, ge=0, description="Seed for adapter init, shuffling and dropout.")
     nan_tolerance: int = Field(5, ge=0, description="Skipped steps with NaN/inf loss allowed before "
                                "the run stops with an error.")
-    auto_fit: bool = Field(False, description="Before training, lower micro_batch_size (raising grad_accum "
-                           "to keep the effective batch) until the step fits in GPU memory.")
+    auto_fit: bool = Field(False, description="Before training, apply `lorafuse plan`'s fastest setting that fits "
+                           "the GPU (micro-batch and accumulation with the effective batch kept, checkpointing, "
+                           "max_length as a last resort). An out-of-memory step is retried once smaller either way.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when available, else CPU.")
     fast_path: Literal["auto", "on", "off"] = Field("auto", description="Fused Triton kernels: auto (on a CUDA "
                                                     "GPU with triton), on (error if unavailable), off.")

@@ -106,6 +106,13 @@ def _demo_corpus() -> list[str]:
     return texts
 
 
+def default_device() -> torch.device:
+    """This process's GPU (`cuda:LOCAL_RANK` under torchrun), else the CPU."""
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+
+
 def resolve_compute_dtype(dtype: str | torch.dtype = "auto", device: str | torch.device | None = None) -> torch.dtype:
     """The compute dtype for `device`: bf16 where supported, fp16 on pre-Ampere GPUs, fp32 on CPU.
 
@@ -164,7 +171,7 @@ def load_model(path_or_hub_id: str, quant: str = "nf4", compute_dtype: str | tor
     """
     if quant not in ("nf4", "none"):
         raise ModelError(f"unknown quant {quant!r}", "use quant='nf4' (QLoRA) or quant='none' (LoRA on a 16-bit base)")
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = torch.device(device or default_device())
     dtype = resolve_compute_dtype(compute_dtype, device)
     folder = resolve_model_path(path_or_hub_id)
     tokenizer = load_tokenizer(folder, trust_remote_code=trust_remote_code)

@@ -39,10 +39,12 @@ def render(p: Plan) -> str:
              f"  {w.method} r={w.r} on {', '.join(w.targets)}: {e.trainable:,} trainable params; micro-batch "
              f"{w.micro_batch} x {w.seq} tokens, grad_accum {w.grad_accum}; {w.optimizer}; "
              f"{'fp32' if w.compute_bytes == 4 else '16-bit'} compute; {w.kernels} kernels", ""]
-    fill = {"copy": " + autocast 16-bit copy" if w.autocast and w.lora_bytes > w.compute_bytes else "",
+    copy = w.autocast and w.lora_bytes > w.compute_bytes and w.kernels != "fused"  # memory.estimate's rule
+    fill = {"copy": " + autocast 16-bit copy" if copy else "",
             "dtype": "fp32" if w.compute_bytes == 4 else "16-bit",
             "linears": "" if w.method == "qlora" else ", linears",
-            "what": "all weights" if w.method == "full" else "LoRA only, fp32",
+            "what": ("all weights" if w.method == "full" else "LoRA only, fp32")
+            + ("; so far this step" if w.grad_accum == 1 and e.phase != "optimizer step" else ""),
             "opt": w.optimizer, "ck": w.checkpointing,
             "loss": {"full": "full logits", "chunked": "chunked", "fused": "fused kernel"}[w.loss]}
     for key, value in e.components.items():

@@ -8,9 +8,10 @@ for a predicted gain of 2% or more); ties go to the smaller peak. Only when
 nothing fits is max_length halved (down to 64), since that changes what the model sees.
 
 `suggest(cfg, gpu_memory)` returns that setting as config overrides ({"train.micro_batch_size": 2, ...},
-keys as `lorafuse train ... key=value` takes them); `next_smaller(cfg)` is the auto-fit hook after a CUDA
-OOM: the predicted-fastest setting one step smaller (checkpointing on, or the next smaller micro-batch),
-then a halved max_length, then None.
+keys as `lorafuse train ... key=value` takes them); `next_smaller(cfg)` is the training loop's hook after a
+CUDA OOM (lorafuse.train.oom): the predicted-fastest setting one step smaller (checkpointing on, or the
+largest proper divisor of the micro-batch, grad_accum raised to keep the effective batch; a divisor, so the
+loop can re-split the failed step's micro-batches exactly), then a halved max_length, then None.
 """
 
 from __future__ import annotations
@@ -257,7 +258,7 @@ def next_smaller(cfg) -> dict | None:
     steps = []
     if w.checkpointing == "off":
         steps.append(w.with_(checkpointing="on"))
-    smaller = [d for d in _divisors(effective) if d < w.micro_batch]
+    smaller = [d for d in _divisors(w.micro_batch) if d < w.micro_batch]  # divides mb, hence the effective batch
     if smaller:
         steps.append(w.with_(micro_batch=smaller[-1], grad_accum=effective // smaller[-1]))
     cur_peak = estimate(w).peak_alloc

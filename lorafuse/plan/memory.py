@@ -16,8 +16,12 @@ Static memory (held through the whole step)
   * Optimizer states: AdamW fp32 m and v = 8 B per trainable element (in the parameter's dtype for torch's
     AdamW on 16-bit weights: 2c). 8-bit AdamW: one uint8 code per element per state + one fp32 absmax per
     256 elements per state = 2 + 8/256 B; tensors under 4096 elements keep fp32 states (8 B). Paged 8-bit
-    (lorafuse.train.optim): the states live in pinned host memory and the GPU holds the states of at most
-    two parameters while they are updated (the next one is copied in during the current update).
+    (lorafuse.train.optim.AdamW8bit._under_pressure) pages only under memory pressure: its states stay on the
+    GPU, like adamw_8bit's, unless they would take more than 5% of the card or leave less than 10% of it free at
+    the first update; then they live in pinned host memory and the GPU holds at most two parameters' states.
+    The planner counts them on the GPU (LoRA states are ~0.5% of a card: 81 MB for Llama-2-7B r=16), so when
+    they do page the prediction is high by their size. (Measured: the H200 rows of the run that moved them onto
+    the GPU are 0.0757 GiB above the always-paged rows, exactly these states.)
 
 Saved activations of one Llama layer with LoRA, per token, reference path (transformers ops + LoRALinear),
 derived from what each op's autograd node keeps (PyTorch saves an input only if a gradient needs it; every
@@ -28,7 +32,8 @@ base weight is frozen, so a base matmul saves nothing and an NF4 matmul keeps on
     each cast their input separately, so three copies. (If l == c and no dropout, the copy is the shared
     input itself: one tensor per distinct input.) Under autocast (lorafuse's loop and the HF Trainer on a
     GPU) lora_A/lora_B save autocast's c-byte casts instead (c d_in, c r), and autocast keeps a c-byte copy
-    of every LoRA weight for the backward (counted with the LoRA parameters).
+    of every LoRA weight for the backward (counted with the LoRA parameters). The fused kernels run with
+    autocast off and cast A and B per call (transient, r (in + out) elements): no such copy.
   * attention: SDPA/flash saves q (c Dq), k, v (c Dkv each; with a padding mask transformers repeats k/v to
     H heads first: c Dq each), its output (c Dq) and the fp32 logsumexp (4H). RoPE keeps only cos/sin.
     With a padding mask transformers builds one (B, 1, T, T) bool mask (B T^2 bytes, shared) and SDPA keeps
@@ -39,17 +44,25 @@ base weight is frozen, so a base matmul saves nothing and an NF4 matmul keeps on
      = 42D + 4Dkv + 11F + 28r + 4H bytes per token per layer: Llama-2-7B 303 KiB, x32 layers = 9.5 MiB/token.
   * Full fine-tuning saves each linear's input in c (q/k/v and gate/up share one) and the norms' output.
   * The fused fast path (lorafuse.kernels, train.fast_path) saves the block inputs (c D shared by q/k/v,
-    c Dq for o, c D for the MLP), gate and up outputs (2 c F; SwiGLU is recomputed), q, k, v, out and
+    c D for the MLP; o's input is the attention output SDPA already saves: flash and memory-efficient SDPA
+    return a transposed view of a (B, T, H, d_h) tensor, so transformers' transpose(1, 2).contiguous() and
+    the reshape are no-ops), gate and up outputs (2 c F; SwiGLU is recomputed), q, k, v, out and
     logsumexp, the norms' input + fp32 1/rms (c D + 4 each) and S = x A (c r per linear); no dropout mask.
 With checkpointing (non-reentrant, one checkpoint per decoder layer) each layer keeps only its input
 hidden state (c D per token); in backward one layer at a time is recomputed, so its full saved set above
-exists once, next to the backward's own buffers. With offload the layer inputs sit in pinned host memory;
-the GPU keeps two staging buffers and the last layer's input (3 c D per token).
+exists once, next to the backward's own buffers. The fused RMSNorm saves its input itself, and the recomputed
+input_layernorm's input IS the layer input the checkpoint already holds, so the fused recompute adds the saved
+set minus c D (HF's RMSNorm saves an fp32 copy, a tensor of its own). With offload the layer inputs sit in
+pinned host memory; the GPU keeps two staging buffers and the last layer's input (3 c D per token).
 
 Transient buffers at the peak
   * backward of one layer (estimate): the fp32 LoRA-path gradient of the widest input (l F), three c F
     gradients in the MLP (h, SiLU output and the gate/up outputs are not all alive at once) and two residual
-    gradients (2 c D): (l + 3c) F + 2 c D per token; fused path: 2 c F + 2 c D (its gradients are in place).
+    gradients (2 c D): (l + 3c) F + 2 c D per token. Fused path (swiglu_mlp.py): the top of a layer's backward
+    is the MLP's, with all of the layer's recomputed set alive: the incoming gradient (c D), down's input
+    gradient dh (c F; SwiGLU's backward then writes h, de, dg over dh, e, g in place) and the (M, D) input
+    gradient of gate + up: c F + 2 c D. (Recompute's own top, h (c F) and down's output (c D) next to the
+    incoming gradient, is the same size.)
   * NF4 dequantization: the largest weight dequantized, fp32 values then the c-byte copy ((4 + c) n); the
     fused Triton dequant writes only the c-byte copy.
   * loss, reference path (model(labels=...)): the c-byte logits (the output holds them), log_softmax's fp32
@@ -58,7 +71,9 @@ Transient buffers at the peak
     logsumexp temporary and the c-byte softmax copy ((8 + c) V per row), and the gradient w.r.t. the hidden
     states (c D per token) saved for backward. The fused Triton loss keeps one (rows, V) c-byte logits block
     of at most 256 MiB (lorafuse.kernels.cross_entropy) plus the same c D per token.
-Peak = static + max(end of forward: saved + loss; backward of the top layer: saved + recompute + transients).
+Peak = static + max(end of forward: saved + loss; backward of the top layer: saved (less the final norm's,
+already freed) + recompute + transients; optimizer step: all gradients), each phase with the gradients alive
+then (`gradient_bytes`: with one micro-batch per step, only the top layer's at the top layer's backward).
 Reported peak_alloc is what torch.cuda.max_memory_allocated would show; the GPU total adds the CUDA context
 (not seen by the allocator) and the caching allocator's slack (reserved but free). Both are rough constants,
 to be calibrated against benchmarks/measured_memory.jsonl.
@@ -141,10 +156,8 @@ def optimizer_bytes(numels: list[int], name: str, param_bytes: int = 4) -> int:
     def eight_bit(n: int) -> int:
         return 8 * n if n < MIN_8BIT_SIZE else 2 * n + 2 * 4 * math.ceil(n / STATE_BLOCK)
 
-    if name == "adamw_8bit":
+    if name in ("adamw_8bit", "paged_adamw_8bit"):  # paged: on the GPU unless under pressure (docstring)
         return sum(eight_bit(n) for n in numels)
-    if name == "paged_adamw_8bit":
-        return sum(sorted((eight_bit(n) for n in numels), reverse=True)[:2])
     raise ValueError(f"unknown optimizer {name!r}")
 
 
@@ -152,18 +165,45 @@ def targeted(w: Workload) -> list:
     return [lin for lin in w.shape.linears() if lin.name in w.targets]
 
 
-def trainable_numels(w: Workload) -> list[int]:
-    """Sizes of the trainable tensors: LoRA A and B (+ DoRA magnitudes) per layer, modules_to_save copies."""
-    s = w.shape
+def _layer_numels(w: Workload) -> list[int]:
+    """Trainable tensors of one decoder layer: LoRA A and B (+ DoRA magnitudes), or every linear (full)."""
     if w.method == "full":
-        per_layer = [lin.numel for lin in s.linears()]
-        return per_layer * s.num_layers + [s.embed_params, s.head_params, s.norm_params, s.bias_params]
+        return [lin.numel for lin in w.shape.linears()]
     per_layer = []
     for lin in targeted(w):
         per_layer += [w.r * lin.in_features, lin.out_features * w.r] + ([lin.out_features] if w.dora else [])
+    return per_layer
+
+
+def _extra_numels(w: Workload) -> list[int]:
+    """Trainable tensors outside the decoder layers (modules_to_save copies; full: embeddings, head, norms)."""
+    s = w.shape
+    if w.method == "full":
+        return [s.embed_params, s.head_params, s.norm_params, s.bias_params]
     extra = [s.embed_params for m in w.modules_to_save if m == "embed_tokens"]
-    extra += [s.vocab_size * s.hidden_size for m in w.modules_to_save if m == "lm_head"]
-    return per_layer * s.num_layers + extra
+    return extra + [s.vocab_size * s.hidden_size for m in w.modules_to_save if m == "lm_head"]
+
+
+def trainable_numels(w: Workload) -> list[int]:
+    """Sizes of the trainable tensors: LoRA A and B (+ DoRA magnitudes) per layer, modules_to_save copies."""
+    return _layer_numels(w) * w.shape.num_layers + _extra_numels(w)
+
+
+def gradient_bytes(w: Workload) -> dict:
+    """Gradient bytes alive at each phase of a step: {"loss": ..., "backward": ..., "optimizer": ...}.
+
+    The loop (and the benchmark) zero gradients with set_to_none=True after every optimizer step, and autograd
+    allocates a .grad when the tensor's first gradient arrives. So with one micro-batch per step the step's
+    backward starts with none: at the top layer's backward only the tensors outside the layers (a trainable
+    head's gradient comes with the loss; an embedding's, at the very end, is counted too: an upper bound) and
+    the top layer's exist. From the second micro-step of a window on, all of them are already allocated.
+    """
+    each = w.compute_bytes if w.method == "full" else w.lora_bytes
+    full = each * sum(trainable_numels(w))
+    if w.grad_accum > 1:
+        return {"loss": full, "backward": full, "optimizer": full}
+    extra = each * sum(_extra_numels(w))
+    return {"loss": extra, "backward": extra + each * sum(_layer_numels(w)), "optimizer": full}
 
 
 def weight_bytes(w: Workload) -> dict:
@@ -199,9 +239,9 @@ def layer_saved_bytes(w: Workload) -> int:
     D, F, Dq = s.hidden_size, s.intermediate_size, s.num_heads * s.head_dim
     Dkv = Dq if w.padded else s.num_kv_heads * s.head_dim
     attention = c * (Dq + 2 * Dkv) + c * Dq + 4 * s.num_heads + (c * w.seq if w.padded else 0)
-    if w.kernels == "fused":
+    if w.kernels == "fused":  # o_proj's input is SDPA's saved output (module docstring): not counted twice
         lora = c * w.r * len(targeted(w)) if w.method != "full" else 0
-        return 2 * (c * D + 4) + attention + 2 * c * F + c * (2 * D + Dq) + lora
+        return 2 * (c * D + 4) + attention + 2 * c * F + 2 * c * D + lora
     if w.method == "full":
         norms = 2 * (4 * D + c * D)
         return norms + attention + 3 * c * F + c * (2 * D + Dq + F)
@@ -212,7 +252,7 @@ def layer_transient_bytes(w: Workload) -> int:
     """Bytes per token of the buffers one layer's backward allocates (estimate, module docstring)."""
     c, F, D = w.compute_bytes, w.shape.intermediate_size, w.shape.hidden_size
     if w.kernels == "fused":
-        return 2 * c * F + 2 * c * D
+        return c * F + 2 * c * D
     return (w.lora_bytes + 3 * c) * F + 2 * c * D
 
 
@@ -240,11 +280,11 @@ def estimate(w: Workload) -> Estimate:
     s, c, n = w.shape, w.compute_bytes, w.tokens
     numels = trainable_numels(w)
     trainable = sum(numels)
-    grad_bytes = (c if w.method == "full" else w.lora_bytes) * trainable
-    lora_copy = c if w.autocast and w.lora_bytes > c else 0  # autocast's cast of each LoRA weight
+    # autocast's cached cast of each LoRA weight; the fused kernels run with autocast off (module docstring)
+    lora_copy = c if w.autocast and w.lora_bytes > c and w.kernels != "fused" else 0
     static = {**weight_bytes(w), "lora_params": 0 if w.method == "full" else (w.lora_bytes + lora_copy) * trainable,
-              "gradients": grad_bytes,
               "optimizer_states": optimizer_bytes(numels, w.optimizer, c if w.method == "full" else w.lora_bytes)}
+    grads = gradient_bytes(w)
     per_layer = layer_saved_bytes(w)
     # The final norm is outside the checkpoints: HF's keeps an fp32 copy of its input, the fused one x and 1/rms.
     final_norm = (c * s.hidden_size + 4 if w.kernels == "fused" else 4 * s.hidden_size) * n
@@ -256,11 +296,18 @@ def estimate(w: Workload) -> Estimate:
         saved = 3 * c * s.hidden_size * n + final_norm
     if w.padded:
         saved += w.micro_batch * w.seq ** 2
-    recompute = 0 if w.checkpointing == "off" else per_layer * n
+    # fused: the recomputed input_layernorm saves the layer input the checkpoint holds (module docstring)
+    held = c * s.hidden_size if w.kernels == "fused" else 0
+    recompute = 0 if w.checkpointing == "off" else (per_layer - held) * n
     transient = layer_transient_bytes(w) * n + dequant_bytes(w)
-    at_loss = {"activations": saved, "recompute": 0, "backward_workspace": 0, "logits_loss": loss_bytes(w)}
-    at_layer = {"activations": saved, "recompute": recompute, "backward_workspace": transient, "logits_loss": 0}
-    phase, dynamic = max((("loss", at_loss), ("backward", at_layer)), key=lambda kv: sum(kv[1].values()))
+    # The final norm's saved tensors are freed by its backward, before the top layer's.
+    phases = (("loss", {"gradients": grads["loss"], "activations": saved, "logits_loss": loss_bytes(w)}),
+              ("backward", {"gradients": grads["backward"], "activations": saved - final_norm,
+                            "recompute": recompute, "backward_workspace": transient}),
+              ("optimizer step", {"gradients": grads["optimizer"]}))
+    phase, dynamic = max(phases, key=lambda kv: sum(kv[1].values()))
+    dynamic = {k: dynamic.get(k, 0) for k in ("gradients", "activations", "recompute", "backward_workspace",
+                                                "logits_loss")}
     components = {**static, **dynamic}
     peak_alloc = sum(components.values())
     slack = int(ALLOCATOR_SLACK * peak_alloc)

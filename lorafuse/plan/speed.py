@@ -13,8 +13,8 @@ QLoRA dequantizes every weight once per pass: read 0.5 B/weight and write c byte
 (PyTorch) dequantization's fp32 intermediates: DEQUANT_BYTES_REFERENCE per weight, DEQUANT_BYTES_FUSED for a
 Triton kernel. Activation offload moves 2 c D N L bytes per micro-step over PCIe on a side stream, overlapped
 with compute: t = max(t_compute, t_copy). The optimizer step (once per grad_accum micro-steps) reads and
-writes its states and the fp32 weights (~20 B per trainable element) and, paged, copies its states to and
-from the host.
+writes its states and the fp32 weights (~20 B per trainable element); paged 8-bit AdamW keeps its states on
+the GPU unless memory is short (lorafuse.plan.memory), so it is planned without PCIe copies.
 
 `rate` is the card's dense 16-bit tensor rate: the measured bf16 GEMM rate where we have one (H100/H200:
 ~800 TFLOP/s, not the 989 spec), else the spec sheet's (T4 65 fp16). EFFICIENCY = 0.5 is a stated prior
@@ -28,7 +28,7 @@ import re
 from dataclasses import dataclass
 
 from lorafuse.errors import ConfigError
-from lorafuse.plan.memory import GIB, Workload, optimizer_bytes, targeted, trainable_numels
+from lorafuse.plan.memory import GIB, Workload, targeted, trainable_numels
 
 EFFICIENCY = 0.5
 LAYER_OVERHEAD_S = 1e-4  # kernel launches per layer per pass in eager mode (~20 kernels x 5 us)
@@ -149,10 +149,7 @@ def micro_step_seconds(w: Workload, card: Card) -> float:
 
 def optimizer_step_seconds(w: Workload, card: Card) -> float:
     numels = trainable_numels(w)
-    t = 20 * sum(numels) / (card.bandwidth_gbs * 1e9)
-    if w.optimizer == "paged_adamw_8bit":
-        t += 2 * optimizer_bytes(numels, "adamw_8bit") / PCIE_BYTES_S
-    return t
+    return 20 * sum(numels) / (card.bandwidth_gbs * 1e9)
 
 
 def step_seconds(w: Workload, card: Card) -> float:

@@ -9,10 +9,23 @@ run(cfg, resume="auto"):
                            `<output.dir>/archive-<date>-<time>/` (never deleted, never mixed with the new run).
        A checkpoint trained under a different config (config_diff: the math changed, not just the cadence
        or the run length) is refused with the differing keys, unless force=True.
+       Before that check, train.auto_fit applies the planner's fastest setting that fits the visible GPU
+       (`auto_fit`: micro_batch_size with grad_accum keeping the effective batch, gradient checkpointing,
+       max_length only when nothing else fits) and prints it. config.yaml (the run's and every checkpoint's)
+       holds the fitted values, so the check compares fitted with fitted. Resuming an auto-fitted run keeps
+       the checkpoint's micro_batch_size, grad_accum and checkpointing when the config asks for the same
+       effective batch (they do not change the math, and the data position is counted in micro-batches), so
+       a resumed run reaches the same values on another GPU or with other free memory; max_length is fitted
+       afresh, so a different cut is reported by the check. No GPU: one line, nothing changes. An OOM
+       during training is handled by the loop (lorafuse.train.oom), with or without auto_fit.
     3. device and compute dtype ("auto": bf16 where supported, fp16 on pre-Ampere GPUs, fp32 on CPU; printed).
     4. seed, load_model, apply_lora (prints the trainable-params line), build_datasets, Batchers.
     5. the loop (lorafuse.train.loop), then `<output.dir>/adapter/` (PEFT format), loss.png, summary.json.
        For the built-in demo model, a generation for one demo prompt is printed at the end.
+
+Under torchrun (WORLD_SIZE > 1) both run as one rank of a data-parallel job (lorafuse.train.distributed): rank 0
+does steps 1-2 and every file write and print, the others get its decisions; each rank loads the model onto
+cuda:LOCAL_RANK (or the CPU) and trains on its shard of the batches.
 
 train(model, tokenizer, data, output_dir=..., **overrides) mirrors the seed's flow: the model is already
 loaded and LoRA-applied; `data` is a file path or a list of row dicts; overrides are DataConfig/TrainConfig
@@ -32,6 +45,7 @@ import torch
 
 from lorafuse.errors import ConfigError, LorafuseError
 from lorafuse.train import checkpoint as ckpt
+from lorafuse.train.distributed import launch
 from lorafuse.train.loop import TrainingLoop
 from lorafuse.train.metrics import print_summary
 
@@ -63,37 +77,42 @@ def run(cfg, resume: str | None = "auto", force: bool = False, console=None) -> 
     from lorafuse.model.inject import apply_lora, print_trainable_parameters
     from lorafuse.model.load import load_model
 
-    console = _console(console)
-    out = ckpt.ensure_writable_dir(Path(cfg.output.dir))
-    with ckpt.RunLock(out):
-        ckpt.clean_stale_tmp(out)
-        start_from = resolve_resume(cfg, out, resume, force, console)
-        device = resolve_device(cfg.train.device)
-        dtype = _announce_dtype(cfg.model.compute_dtype, device, console)
-        ckpt.seed_everything(cfg.train.seed)  # LoRA init below is a function of the seed
-        model, tokenizer = load_model(cfg.model.path, quant=cfg.model.quant, compute_dtype=dtype, device=device,
-                                      blocksize=cfg.model.blocksize, double_quant=cfg.model.double_quant,
-                                      attn_implementation=cfg.model.attn_implementation,
-                                      trust_remote_code=cfg.model.trust_remote_code)
-        lc = cfg.lora
-        apply_lora(model, r=lc.r, alpha=lc.alpha, dropout=lc.dropout, targets=lc.targets, rslora=lc.rslora,
-                   dora=lc.dora, modules_to_save=lc.modules_to_save, init=lc.init)
-        print_trainable_parameters(model)
-        return _train(cfg, model, tokenizer, out, start_from, dtype, console)
+    with launch(resolve_device(cfg.train.device)) as world:  # torch.distributed only under torchrun
+        console = world.console(_console(console))
+        out = world.decide(ckpt.ensure_writable_dir, Path(cfg.output.dir))
+        with world.main_only(ckpt.RunLock(out)):
+            cfg = world.decide(auto_fit, cfg, out, resume, console)  # no-op unless train.auto_fit
+            start_from = world.decide(_start_point, cfg, out, resume, force, console)
+            device = world.device  # cuda:LOCAL_RANK under torchrun
+            dtype = _announce_dtype(cfg.model.compute_dtype, device, console)
+            ckpt.seed_everything(cfg.train.seed)  # LoRA init below is a function of the seed
+            model, tokenizer = load_model(cfg.model.path, quant=cfg.model.quant, compute_dtype=dtype,
+                                          device=device, blocksize=cfg.model.blocksize,
+                                          double_quant=cfg.model.double_quant,
+                                          attn_implementation=cfg.model.attn_implementation,
+                                          trust_remote_code=cfg.model.trust_remote_code)
+            lc = cfg.lora
+            apply_lora(model, r=lc.r, alpha=lc.alpha, dropout=lc.dropout, targets=lc.targets, rslora=lc.rslora,
+                       dora=lc.dora, modules_to_save=lc.modules_to_save, init=lc.init)
+            if world.is_main:
+                print_trainable_parameters(model)
+            return _train(cfg, model, tokenizer, out, start_from, dtype, console, world)
 
 
 def train(model, tokenizer, data, *, output_dir, format: str = "alpaca", resume: str | None = "auto",
           force: bool = False, console=None, **overrides) -> TrainResult:
     """Fine-tune an already loaded, LoRA-applied model on `data` (a path or a list of row dicts)."""
-    console = _console(console)
-    out = ckpt.ensure_writable_dir(Path(output_dir))
-    cfg = config_for_model(model, data, out, format, overrides)
-    with ckpt.RunLock(out):
-        ckpt.clean_stale_tmp(out)
-        start_from = resolve_resume(cfg, out, resume, force, console)
-        device = next(model.parameters()).device
-        dtype = _announce_dtype(cfg.model.compute_dtype, device, console)
-        return _train(cfg, model, tokenizer, out, start_from, dtype, console)
+    with launch(next(model.parameters()).device) as world:  # torchrun: the model must be on cuda:LOCAL_RANK
+        console = world.console(_console(console))
+        out = world.decide(ckpt.ensure_writable_dir, Path(output_dir))
+        cfg = world.decide(config_for_model, model, data, out, format, overrides)
+        if cfg.train.auto_fit:  # the planner sizes a run before its model is loaded; this one already is
+            console.print("auto_fit: not applied by lorafuse.train(), which gets a model already in GPU memory; "
+                          "use `lorafuse train` (lorafuse.train.api.run) for it. Out-of-memory retries still apply.")
+        with world.main_only(ckpt.RunLock(out)):
+            start_from = world.decide(_start_point, cfg, out, resume, force, console)
+            dtype = _announce_dtype(cfg.model.compute_dtype, world.device, console)
+            return _train(cfg, model, tokenizer, out, start_from, dtype, console, world)
 
 
 # ------------------------------------------------------------------------------------------------ setup
@@ -127,6 +146,59 @@ def _announce_dtype(requested: str, device: torch.device, console) -> torch.dtyp
     else:
         console.print(f"compute dtype: {name} on {device}")
     return dtype
+
+
+FIT_KEYS = ("train.micro_batch_size", "train.grad_accum", "train.gradient_checkpointing", "data.max_length")
+
+
+def auto_fit(cfg, out: Path, resume, console):
+    """train.auto_fit: `cfg` with the planner's fastest setting that fits the visible GPU (module docstring)."""
+    if not cfg.train.auto_fit:
+        return cfg
+    from lorafuse.config import flatten
+    from lorafuse.plan import apply_overrides, plan, suggest
+    from lorafuse.plan.memory import GIB
+    from lorafuse.plan.speed import detect_gpu
+
+    if cfg.train.device == "cpu" or detect_gpu() is None:
+        console.print("auto_fit: no CUDA GPU to fit the run to; training with the config as written")
+        return cfg
+    over = suggest(cfg, gpu_memory=None)
+    kept = _fitted_setting(cfg, out, resume)
+    if kept is not None:  # resume: the checkpoint's micro-batches (see the module docstring)
+        over = {**{k: v for k, v in over.items() if k == "data.max_length"}, **kept}
+    fitted = apply_overrides(cfg, over)
+    p = plan(fitted)
+    was, now = flatten(cfg), flatten(fitted)
+    changes = ", ".join(f"{k} {json.dumps(was[k])} -> {json.dumps(now[k])}" for k in FIT_KEYS if was[k] != now[k])
+    where = f"predicted peak {p.estimate.peak / GIB:.1f} GiB of {p.budget / GIB:.1f} GiB" + \
+        (", micro-batches kept from the checkpoint" if kept is not None else "")
+    console.print(f"auto_fit: {changes or 'the config already is the fastest setting that fits'} ({where})",
+                  highlight=False, markup=False)
+    return fitted
+
+
+def _fitted_setting(cfg, out: Path, resume) -> dict | None:
+    """The micro-batch setting of the auto-fitted checkpoint a resume would continue, if it asks for the same
+    effective batch; else None (a fresh start, or a changed request the resume check will report)."""
+    from lorafuse.config import load_config
+
+    if resume is None:
+        return None
+    folder = ckpt.latest_checkpoint(out) if resume == "auto" else _explicit_checkpoint(Path(resume))
+    if folder is None or not (folder / "config.yaml").is_file():
+        return None
+    saved, tc = load_config(folder / "config.yaml").train, cfg.train
+    if not saved.auto_fit or saved.micro_batch_size * saved.grad_accum != tc.micro_batch_size * tc.grad_accum:
+        return None
+    return {"train.micro_batch_size": saved.micro_batch_size, "train.grad_accum": saved.grad_accum,
+            "train.gradient_checkpointing": saved.gradient_checkpointing}
+
+
+def _start_point(cfg, out: Path, resume, force: bool, console) -> Path | None:
+    """Rank 0's setup of the run folder: stale tmp folders removed, then the checkpoint to resume from."""
+    ckpt.clean_stale_tmp(out)
+    return resolve_resume(cfg, out, resume, force, console)
 
 
 def resolve_resume(cfg, out: Path, resume, force: bool, console) -> Path | None:
@@ -231,43 +303,50 @@ def _data_path(data, out: Path) -> str:
 
 # ------------------------------------------------------------------------------------------------ the run
 
-def _batchers(cfg, tokenizer, out: Path, console):
+def _batchers(cfg, tokenizer, out: Path, console, world):
     from lorafuse.data import Batcher, build_datasets
 
     dc, tc = cfg.data, cfg.train
-    train_ds, val_ds, stats = build_datasets(dc, tokenizer, seed=tc.seed,
-                                             cache_dir=dc.cache_dir or str(out / ".cache"))
+    with world.main_first():  # rank 0 tokenizes and writes the cache, then the others read it
+        train_ds, val_ds, stats = build_datasets(dc, tokenizer, seed=tc.seed,
+                                                 cache_dir=dc.cache_dir or str(out / ".cache"))
     for line in stats.summary():
         console.print(line, highlight=False)
     common = dict(pad_id=tokenizer.pad_token_id, packing=dc.packing, max_length=dc.max_length, seed=tc.seed)
-    train_b = Batcher(train_ds, tc.micro_batch_size, shuffle=dc.shuffle, **common)
+    train_b = Batcher(train_ds, tc.micro_batch_size, shuffle=dc.shuffle, num_shards=world.size, shard=world.rank,
+                      **common)  # validation stays whole: evaluate() strides over it, so no batch is dropped
     # Eval batches are never larger than train micro-batches unless asked: eval must not be what OOMs.
     val_b = Batcher(val_ds, tc.eval_batch_size or tc.micro_batch_size, shuffle=False, **common) \
         if val_ds is not None and len(val_ds) else None
     return train_b, val_b, stats
 
 
-def _train(cfg, model, tokenizer, out: Path, start_from: Path | None, dtype, console) -> TrainResult:
+def _train(cfg, model, tokenizer, out: Path, start_from: Path | None, dtype, console, world) -> TrainResult:
     from lorafuse.config import save_config
     from lorafuse.lora.adapter_io import save_adapter
 
-    train_b, val_b, _ = _batchers(cfg, tokenizer, out, console)
-    save_config(cfg, out / "config.yaml")
+    train_b, val_b, _ = _batchers(cfg, tokenizer, out, console, world)
+    if world.is_main:
+        save_config(cfg, out / "config.yaml")
+    if world.size > 1:
+        console.print(world.describe(cfg.train), highlight=False)
 
     def write_adapter(m, folder):
         save_adapter(m, folder, base_model_name_or_path=cfg.model.path, tokenizer=tokenizer)
 
     loop = TrainingLoop(model, train_b, cfg.train, val_batches=val_b, out_dir=out, config=cfg,
-                        compute_dtype=dtype, console=console, adapter_writer=write_adapter)
+                        compute_dtype=dtype, console=console, adapter_writer=write_adapter, world=world)
     if start_from is not None:
         loop.resume(start_from)
     res = loop.run()
     adapter_dir = None
     if res.stop_reason != "signal":
         adapter_dir = out / "adapter"
-        write_adapter(model, adapter_dir)
-        loop.metrics.plot(out / "loss.png")
-    sample = _demo_generation(cfg, model, tokenizer, console) if res.stop_reason != "signal" else None
+        if world.is_main:
+            write_adapter(model, adapter_dir)
+            loop.metrics.plot(out / "loss.png")
+    sample = _demo_generation(cfg, model, tokenizer, console) \
+        if res.stop_reason != "signal" and world.is_main else None
     st = res.state
     result = TrainResult(
         output_dir=out, adapter_dir=adapter_dir, stop_reason=res.stop_reason, steps=st.step,
@@ -278,8 +357,10 @@ def _train(cfg, model, tokenizer, out: Path, start_from: Path | None, dtype, con
     summary = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(result).items()}
     summary.update(tokens_per_s=st.tokens / res.wall_s if res.wall_s else 0.0, train_seconds=st.train_seconds,
                    skipped_steps=st.skipped_steps, finished_at=time.strftime("%Y-%m-%d %H:%M:%S"))
-    ckpt.write_atomic(out / "summary.json", json.dumps(summary, indent=1, ensure_ascii=False))
-    print_summary(console, summary)
+    if world.is_main:
+        ckpt.write_atomic(out / "summary.json", json.dumps(summary, indent=1, ensure_ascii=False))
+        print_summary(console, summary)
+    world.barrier()  # no rank leaves (and tears the process group down) before rank 0's files are written
     return result
 
 

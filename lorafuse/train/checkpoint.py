@@ -6,7 +6,7 @@ Layout of `<output.dir>`:
         adapter/                PEFT-format adapter (lorafuse.lora.adapter_io.save_adapter): usable as is
         trainable.safetensors   every trainable tensor, bit-exact, keyed by the model's parameter names
         optimizer.pt            optimizer state_dict + GradScaler state (torch.load(weights_only=True) safe)
-        rng.pt                  python / numpy / torch CPU / CUDA RNG states
+        rng.pt                  python / numpy / torch CPU / CUDA RNG states (+ "per_rank": each process's, under torchrun)
         trainer_state.json      step, data position (epoch, micro-batch in epoch), tokens, best eval, ...
         config.yaml             the resolved RunConfig (when the run has one)
         metrics.jsonl           the metric rows up to this step (the resume rewrites <dir>/metrics.jsonl from it)
@@ -229,10 +229,12 @@ def trainable_state(model) -> dict[str, torch.Tensor]:
 
 
 def save_checkpoint(out_dir: Path, step: int, *, model, optimizer, trainer_state: dict, scaler=None,
-                    config=None, metrics_jsonl: str = "", adapter_writer=None) -> Path:
+                    config=None, metrics_jsonl: str = "", adapter_writer=None, rng_states=None) -> Path:
     """Write `<out_dir>/checkpoint-<step>` atomically. Disk full -> LorafuseError; the tmp folder is removed.
 
     adapter_writer(model, folder) writes the PEFT adapter (None: no adapter folder, e.g. a bare nn.Module).
+    rng_states: every rank's RNG state in rank order (several processes: rank 0's keys + "per_rank"); None: this
+    process's state.
     """
     from safetensors.torch import save_file
 
@@ -247,7 +249,8 @@ def save_checkpoint(out_dir: Path, step: int, *, model, optimizer, trainer_state
         save_file({k: v.cpu() for k, v in trainable_state(model).items()}, str(tmp / "trainable.safetensors"))
         torch.save({"optimizer": optimizer.state_dict(),
                     "scaler": scaler.state_dict() if scaler is not None else None}, tmp / "optimizer.pt")
-        torch.save(rng_state(), tmp / "rng.pt")
+        states = rng_states or [rng_state()]
+        torch.save(states[0] if len(states) == 1 else {**states[0], "per_rank": states}, tmp / "rng.pt")
         (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1), encoding="utf-8")
         (tmp / "metrics.jsonl").write_text(metrics_jsonl, encoding="utf-8")
         if config is not None:

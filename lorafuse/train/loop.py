@@ -22,6 +22,13 @@ checkpoint and return (stop_reason "signal"); a second SIGINT interrupts at once
 Resume is exact: trainable tensors, optimizer, scaler, RNG (python, numpy, torch, CUDA), data position
 (epoch, micro-batch within the epoch; batches are a deterministic function of (seed, epoch)) and counters
 are restored, so on a CPU the resumed losses equal an uninterrupted run's bit for bit.
+
+Several processes (torchrun): `world` (lorafuse.train.distributed) makes N_s the global target count, sums the
+gradients over the ranks once per step, shards evaluation, and keeps every file write on rank 0.
+
+Out of GPU memory in a step (`lorafuse.train.oom`): the partial step is dropped and retried once with the
+planner's next smaller setting (checkpointing on, or the window's micro-batches re-split into smaller ones with
+the same rows and the same N_s); a second OOM stops the run with the settings tried and `lorafuse plan`.
 """
 
 from __future__ import annotations
@@ -35,8 +42,10 @@ import torch
 
 from lorafuse.errors import LorafuseError
 from lorafuse.train import checkpoint as ckpt
+from lorafuse.train.distributed import SINGLE
 from lorafuse.train.loss import count_inputs, count_targets, lm_loss_sum, simple_head
 from lorafuse.train.metrics import MetricsLog, Progress, memory_bytes, peak_memory_bytes
+from lorafuse.train.oom import OomRetry
 from lorafuse.train.optim import LRSchedule, build_optimizer
 from lorafuse.train.runtime import Precision, StopSignals, prepare_model
 
@@ -59,6 +68,7 @@ class LoopState:
     skipped_steps: int = 0
     train_seconds: float = 0.0
     micro_per_epoch: int = 0
+    oom_overrides: dict = field(default_factory=dict)  # setting lowered after OOMs (lorafuse.train.oom)
 
 
 @dataclass
@@ -105,16 +115,18 @@ def forward_batch(model, batch: dict, precision: Precision) -> dict:
 
 
 @torch.no_grad()
-def evaluate(model, batches, precision: Precision, head=None, fused: bool = False) -> tuple[float, float]:
-    """(mean loss per target token, perplexity) over one pass of `batches` (its epoch 0), dropout off."""
+def evaluate(model, batches, precision: Precision, head=None, fused: bool = False,
+             world=SINGLE) -> tuple[float, float]:
+    """(mean loss per target token, perplexity) over one pass of `batches` (epoch 0; rank shares), dropout off."""
     was_training = model.training
     model.eval()
     total, n = 0.0, 0
-    for batch in batches.epoch_batches(0):
+    for batch in world.stride(batches.epoch_batches(0)):
         with precision.autocast():
             total += float(lm_loss_sum(model, forward_batch(model, batch, precision), head, fused))
         n += count_targets(batch)
     model.train(was_training)
+    total, n = world.all_reduce_sum([total, n], torch.float64)
     if n == 0:
         raise LorafuseError("the validation split has no target tokens (every label is masked)",
                             "check data.val_path / data.val_size and data.completion_only")
@@ -127,11 +139,13 @@ class TrainingLoop:
     step, early stopping or a signal. `tc` is a TrainConfig; `out_dir` None keeps everything in memory."""
 
     def __init__(self, model, train_batches, tc, *, val_batches=None, out_dir=None, config=None,
-                 compute_dtype: torch.dtype = torch.float32, console=None, adapter_writer=None):
+                 compute_dtype: torch.dtype = torch.float32, console=None, adapter_writer=None, world=SINGLE):
         from rich.console import Console
 
         self.model, self.train_batches, self.val_batches, self.tc = model, train_batches, val_batches, tc
-        self.out_dir = ckpt.ensure_writable_dir(Path(out_dir)) if out_dir is not None else None
+        self.world = world  # rank 0 alone writes out_dir
+        self.out_dir = None if out_dir is None else Path(out_dir) if not world.is_main else \
+            ckpt.ensure_writable_dir(Path(out_dir))
         self.config, self.adapter_writer = config, adapter_writer
         self.console = console or Console()
         self.progress: Progress | None = None
@@ -147,12 +161,13 @@ class TrainingLoop:
         self.total = total_steps(tc, micro)
         self.schedule = LRSchedule(tc.lr, self.total, tc.warmup_steps, tc.scheduler)
         self.state = LoopState(micro_per_epoch=micro)
-        self.metrics = MetricsLog(self.out_dir)
+        self.metrics = MetricsLog(self.out_dir if world.is_main else None)
         self.last_checkpoint: Path | None = None
         self._saved_step: int | None = None
         self._rng: dict | None = None
         self._iter = None
         self._win = self._new_window()
+        self.oom = OomRetry(self)
 
     def _fast_path(self, mode: str) -> bool:
         """Swap in the fused Triton ops on CUDA (train.fast_path); True when the fused loss may run too."""
@@ -170,6 +185,7 @@ class TrainingLoop:
         restored = ckpt.load_checkpoint(folder, model=self.model, optimizer=self.optimizer,
                                         scaler=self.precision.scaler)
         saved = restored["trainer_state"]
+        self.world.check_resume(saved, folder)
         if saved["micro_per_epoch"] != self.state.micro_per_epoch:
             raise LorafuseError(
                 f"{folder} was trained with {saved['micro_per_epoch']} micro-batches per epoch, the data now "
@@ -177,21 +193,22 @@ class TrainingLoop:
                 "resume with the same data, or start over with --no-resume")
         names = set(LoopState.__dataclass_fields__)
         self.state = LoopState(**{k: v for k, v in saved.items() if k in names})
-        self._rng = restored["rng"]
+        self._rng = self.world.own_rng(restored["rng"])
         self._win.update(saved.get("log_window", {}))
         self.metrics.restore(restored["metrics_jsonl"])
         self.last_checkpoint, self._saved_step = Path(folder), self.state.step
-        if self.out_dir is not None:  # the best pointer must match the timeline we continue
+        if self.out_dir is not None and self.world.is_main:  # the best pointer must match the timeline we continue
             ckpt.reset_best(self.out_dir, self.state.best_step, self.state.best_eval)
 
     # ------------------------------------------------------------------------------------- the loop
     def run(self) -> LoopResult:
         st, t_start = self.state, time.perf_counter()
         if self._rng is None:
-            ckpt.seed_everything(self.tc.seed)
+            ckpt.seed_everything(self.tc.seed + self.world.rank)  # ranks draw different dropout masks
             self.metrics.start_fresh()
         else:
             ckpt.set_rng_state(self._rng)  # last: after everything at setup that consumed randomness
+        self.world.broadcast_params(self.params)
         start_step, stop = st.step, ("already_complete" if st.step >= self.total else None)
         self.progress = Progress(self.console, total=self.total, initial=st.step)
         try:
@@ -228,16 +245,10 @@ class TrainingLoop:
         """Forward/backward every micro-batch with loss_sum / N_window, then clip and update (or skip)."""
         st = self.state
         lr = self.schedule.apply(self.optimizer, st.step)
-        n_target = sum(count_targets(b) for b in batches)
-        n_input = sum(count_inputs(b) for b in batches)
-        total = torch.zeros((), dtype=torch.float32, device=self.device)
-        for batch in batches if n_target else []:
-            with self.precision.autocast():
-                loss_sum = lm_loss_sum(self.model, forward_batch(self.model, batch, self.precision), self.head,
-                                       self.fused)
-            self.precision.backward(loss_sum / n_target)
-            total += loss_sum.detach()
-        loss = total.item() / n_target if n_target else math.nan
+        n_target, n_input = self.world.all_reduce_sum([sum(count_targets(b) for b in batches),
+                                                        sum(count_inputs(b) for b in batches)])
+        total = self.oom.accumulate(batches, n_target)  # forward/backward; after an OOM: smaller, retried once
+        loss = self.world.sync_gradients(self.params, total) / n_target if n_target else math.nan
         grad_norm, skipped = self._update(loss)
         self.optimizer.zero_grad(set_to_none=True)
         st.step += 1
@@ -245,6 +256,17 @@ class TrainingLoop:
         st.target_tokens += 0 if skipped else n_target
         return {"loss": loss, "lr": lr, "grad_norm": grad_norm, "n_input": n_input, "n_target": n_target,
                 "skipped": skipped}
+
+    def _micro_steps(self, batches: list[dict], n_target: int) -> torch.Tensor:
+        """Forward/backward each micro-batch with loss_sum / N_window; returns the summed loss (fp32, on device)."""
+        total = torch.zeros((), dtype=torch.float32, device=self.device)
+        for batch in batches if n_target else []:
+            with self.precision.autocast():
+                loss_sum = lm_loss_sum(self.model, forward_batch(self.model, batch, self.precision), self.head,
+                                       self.fused)
+            self.precision.backward(loss_sum / n_target)
+            total += loss_sum.detach()
+        return total
 
     def _update(self, loss: float) -> tuple[float | None, str | None]:
         """Clip and step. Returns (grad norm before clipping, None | why the step was skipped)."""
@@ -284,7 +306,7 @@ class TrainingLoop:
                 self._note(f"early stopping: no better eval loss in {patience} evaluations "
                            f"(best {st.best_eval:.4f} at step {st.best_step})")
                 stop = "early_stopping"
-        if signals.received:
+        if self.world.any(signals.received is not None):
             stop = "signal"
         elif last and stop is None:
             stop = "finished"
@@ -324,7 +346,7 @@ class TrainingLoop:
 
     def _evaluate(self) -> bool:
         st = self.state
-        loss, ppl = evaluate(self.model, self.val_batches, self.precision, self.head, self.fused)
+        loss, ppl = evaluate(self.model, self.val_batches, self.precision, self.head, self.fused, self.world)
         row = {"step": st.step, "epoch": self._epoch_float(), "eval_loss": loss, "eval_ppl": ppl}
         self.metrics.append(row)
         self._note(f"step {st.step}: eval_loss {loss:.4f} | eval_ppl {ppl:.2f}")
@@ -337,20 +359,24 @@ class TrainingLoop:
     def _save(self, improved: bool) -> None:
         if self.out_dir is None:
             return
-        st = self.state
+        st, world = self.state, self.world
         if self._saved_step != st.step:
             window = {k: self._win[k] for k in ("loss_sum", "targets", "inputs")}  # a log row may span a save
             trainer_state = {**asdict(st), "total_steps": self.total, "schedule": self.schedule.state_dict(),
-                             "log_window": window}
+                             "log_window": window, "world_size": world.size}
+            rng = world.gather_rng()  # a collective: every rank's state, on rank 0
             self.last_checkpoint = ckpt.save_checkpoint(
                 self.out_dir, st.step, model=self.model, optimizer=self.optimizer, trainer_state=trainer_state,
                 scaler=self.precision.scaler, config=self.config, metrics_jsonl=self.metrics.jsonl(),
-                adapter_writer=self.adapter_writer)
+                adapter_writer=self.adapter_writer, rng_states=rng) if world.is_main \
+                else self.out_dir / f"checkpoint-{st.step}"
             self._saved_step = st.step
-        if improved:
-            ckpt.write_best(self.out_dir, st.step, st.best_eval)
-        ckpt.rotate(self.out_dir, self.tc.save_total_limit)
-        self.metrics.plot(self.out_dir / "loss.png")
+        if world.is_main:
+            if improved:
+                ckpt.write_best(self.out_dir, st.step, st.best_eval)
+            ckpt.rotate(self.out_dir, self.tc.save_total_limit)
+            self.metrics.plot(self.out_dir / "loss.png")
+        world.barrier()  # the others wait for rank 0's files (a failed save stops the job here)
 
     def _note(self, text: str) -> None:
         (self.progress.note if self.progress is not None else self.console.print)(text)

@@ -20,6 +20,7 @@ SEED_RECIPE = [  # the seed's QLoRA recipe
     "lora.dropout=0.05", "lora.targets=[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj]",
     "data.max_length=512", "train.micro_batch_size=4", "train.grad_accum=4", "train.optimizer=paged_adamw_8bit",
     "train.gradient_checkpointing=true", 'train.fast_path="off"',
+    "lora.modules_to_save=null",  # load_config(None) starts from the demo, which trains its tiny head; the seed not
 ]
 
 
