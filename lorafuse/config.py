@@ -21,8 +21,6 @@ LR schedule from the resume point on, which is the usual meaning of "train longe
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import types
 import typing
 from pathlib import Path
@@ -330,24 +328,9 @@ def config_to_yaml(cfg: RunConfig) -> str:
 
 def save_config(cfg: RunConfig, path: str | Path) -> Path:
     """Write the config as YAML atomically (temp file, fsync, rename): a crash never leaves half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(config_to_yaml(cfg))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)  # make the rename itself durable
-    finally:
-        os.close(dir_fd)
-    return path
+    from lorafuse.atomic import write_atomic
+
+    return write_atomic(path, config_to_yaml(cfg))
 
 
 _UNION = (typing.Union, types.UnionType)

@@ -22,18 +22,14 @@ asks for another; on load each tensor is cast to the dtype of the parameter it l
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import json
-import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from lorafuse.atomic import atomic_folder
 from lorafuse.errors import LorafuseError, ModelError
 
 CONFIG_NAME = "adapter_config.json"
@@ -63,76 +59,6 @@ _UNSUPPORTED = {
     "layer_replication": (None,), "target_parameters": (None, []), "trainable_token_indices": (None,),
     "alora_invocation_tokens": (None,), "arrow_config": (None,), "use_bdlora": (None, False),
 }
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# atomic folder writes
-
-@contextlib.contextmanager
-def atomic_folder(path):
-    """Write a folder all-or-nothing: `with atomic_folder(out) as tmp: <write files into tmp>`.
-
-    Yields a fresh temporary folder beside `path` (same filesystem, so renames are atomic). On normal exit every file
-    and folder in it is fsynced, then it takes `path`'s place: an existing `path` is swapped out in one atomic
-    renameat2(RENAME_EXCHANGE) where Linux supports it (else renamed aside first, then deleted), so readers see
-    either the old folder or the complete new one, never a partial one. On an exception the temporary folder is
-    removed and an existing `path` is left untouched. Used for adapters, merged models and training checkpoints.
-    """
-    path = Path(path).expanduser().absolute()
-    if path.exists() and not path.is_dir():
-        raise LorafuseError(f"{path} exists and is a file, not a folder", "choose another output path or remove it")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it 0700; the result should look like a normal folder
-    try:
-        yield tmp
-        _fsync_tree(tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if path.exists():
-        if _exchange(tmp, path):
-            shutil.rmtree(tmp, ignore_errors=True)  # tmp now holds the old folder
-        else:
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
-            os.replace(path, old / path.name)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def _fsync_tree(root: Path) -> None:
-    for folder, _, files in os.walk(root):
-        for name in files:
-            fd = os.open(os.path.join(folder, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        _fsync_dir(Path(folder))
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _exchange(a: Path, b: Path) -> bool:
-    """Atomically swap two paths (Linux renameat2 RENAME_EXCHANGE). False where unsupported."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        renameat2 = libc.renameat2
-    except (OSError, AttributeError):
-        return False
-    at_fdcwd, rename_exchange = -100, 2
-    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
 
 
 # ----------------------------------------------------------------------------------------------------------------

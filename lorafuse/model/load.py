@@ -277,7 +277,6 @@ def _load_bnb_4bit(folder, dtype, device, attn_implementation, trust_remote_code
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code, **kwargs)
     for name, q in quantized.items():
         parent, child = _parent_of(model, name)
-        linear = getattr(parent, child)
         bias = dense_sd.pop(f"{name}.bias", None)
         setattr(parent, child, NF4Linear(q.to(device), bias=None if bias is None else bias.to(device, dtype),
                                          compute_dtype=dtype))

@@ -30,6 +30,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from lorafuse.atomic import fsync_path, fsync_tree
 from lorafuse.errors import ModelError
 from lorafuse.quant.nf4 import NF4Weight
 
@@ -158,14 +159,6 @@ def _config_dict(config, quantized: dict[str, NF4Weight], compute_dtype: torch.d
     return data
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def write_bnb_4bit_folder(folder: str | Path, config, dense_state_dict: dict[str, torch.Tensor],
                           quantized: dict[str, NF4Weight], compute_dtype: torch.dtype = torch.bfloat16) -> Path:
     """Write a folder transformers+bitsandbytes load as a pre-quantized nf4 model.
@@ -192,13 +185,11 @@ def write_bnb_4bit_folder(folder: str | Path, config, dense_state_dict: dict[str
     try:
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         (tmp / "config.json").write_text(config_text, encoding="utf-8")
-        for name in ("model.safetensors", "config.json"):
-            _fsync(tmp / name)
-        _fsync(tmp)
+        fsync_tree(tmp)
         if folder.exists():
             folder.rmdir()  # empty (checked above); rename cannot replace a directory
         os.rename(tmp, folder)
-        _fsync(folder.parent)
+        fsync_path(folder.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -36,6 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from lorafuse.atomic import fsync_path, fsync_tree, write_atomic
 from lorafuse.errors import LorafuseError
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
@@ -45,39 +46,6 @@ _STATE_FILES = ("trainable.safetensors", "optimizer.pt", "rng.pt", "trainer_stat
 
 
 # ----------------------------------------------------------------------------------------------- file helpers
-
-def fsync_path(path: Path) -> None:
-    """fsync a file or a folder (a folder's fsync makes the names inside it durable)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def fsync_tree(root: Path) -> None:
-    for folder, _, files in os.walk(root):
-        for name in files:
-            fsync_path(Path(folder) / name)
-        fsync_path(Path(folder))
-
-
-def write_atomic(path: Path, data: bytes | str) -> Path:
-    """Write `data` to `path` via a tmp file in the same folder, fsync, rename, fsync the folder."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data.encode("utf-8") if isinstance(data, str) else data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_path(path.parent)
-    return path
-
 
 def ensure_writable_dir(out_dir: Path) -> Path:
     """Create `out_dir` and prove it is writable, or raise a LorafuseError (before any model is loaded)."""

@@ -257,7 +257,7 @@ def launch(device: torch.device):
         return
     import torch.distributed as dist
 
-    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
     device = _rank_device(device, local)
     if dist.is_initialized():  # the Python API inside the user's own torchrun script: their group, their exit
         yield World(dist.get_rank(), dist.get_world_size(), local, device)
@@ -284,5 +284,5 @@ def _rank_device(device: torch.device, local: int) -> torch.device:
         raise LorafuseError(
             f"the model is on {device} but this process is local rank {local}: under torchrun each process "
             "trains on its own GPU",
-            f"load it on the rank's GPU: lorafuse.load_model(..., device=f\"cuda:{{os.environ['LOCAL_RANK']}}\")")
+            "load it on the rank's GPU: lorafuse.load_model(..., device=f\"cuda:{os.environ['LOCAL_RANK']}\")")
     return torch.device("cuda", local)

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from lorafuse.train.checkpoint import write_atomic
+from lorafuse.atomic import write_atomic
 
 
 def memory_bytes(device: torch.device | str) -> int:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 from lorafuse.infer.chat import chat_loop
 from lorafuse.infer.generate import encode_prompt, generate, stop_token_ids

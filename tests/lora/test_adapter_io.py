@@ -23,7 +23,7 @@ from transformers import AutoModelForCausalLM
 from transformers.utils import logging as hf_logging
 
 from lorafuse.errors import LorafuseError, ModelError
-from lorafuse.lora.adapter_io import atomic_folder, load_adapter, read_adapter_config, save_adapter
+from lorafuse.lora.adapter_io import load_adapter, read_adapter_config, save_adapter
 from lorafuse.lora.linear import LoRALinear
 from lorafuse.model.inject import apply_lora
 from lorafuse.model.load import load_model
@@ -360,41 +360,6 @@ def test_unsupported_and_missing_configs(tiny_model_dir, tmp_path):
 
 
 # -------------------------------------------------------------------------------------------------- atomic writes
-
-def test_atomic_folder_replaces_only_when_complete(tmp_path):
-    out = tmp_path / "ckpt"
-    umask = os.umask(0o022)
-    try:
-        with atomic_folder(out) as tmp:
-            (tmp / "a.txt").write_text("old")
-            assert not out.exists(), "nothing is visible before the block ends"
-    finally:
-        os.umask(umask)
-    assert (out / "a.txt").read_text() == "old"
-    assert out.stat().st_mode & 0o777 == 0o755, "a normal folder, not mkdtemp's private 0700"
-    with pytest.raises(RuntimeError):
-        with atomic_folder(out) as tmp:
-            (tmp / "a.txt").write_text("half")
-            raise RuntimeError("crash mid-write")
-    assert (out / "a.txt").read_text() == "old"
-    with atomic_folder(out) as tmp:
-        (tmp / "b.txt").write_text("new")
-    assert sorted(os.listdir(out)) == ["b.txt"]
-    assert sorted(os.listdir(tmp_path)) == ["ckpt"], "no temporary folders are left behind"
-
-
-def test_atomic_folder_without_rename_exchange(tmp_path, monkeypatch):
-    """Where renameat2(RENAME_EXCHANGE) is missing the old folder is renamed aside first: same visible result."""
-    from lorafuse.lora import adapter_io
-
-    monkeypatch.setattr(adapter_io, "_exchange", lambda a, b: False)
-    out = tmp_path / "ckpt"
-    for text in ("old", "new"):
-        with atomic_folder(out) as tmp:
-            (tmp / "a.txt").write_text(text)
-    assert (out / "a.txt").read_text() == "new"
-    assert sorted(os.listdir(tmp_path)) == ["ckpt"]
-
 
 def test_save_adapter_failure_keeps_previous_adapter(tiny_model_dir, tmp_path):
     model, _ = _lorafuse_adapter(tiny_model_dir, tmp_path / "adapter", r=4, alpha=8)
