@@ -36,14 +36,6 @@ VARIANTS = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny matmuls: with several processes sharing the cores, extra torch threads only add contention (8x here)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 # ---------------------------------------------------------------------------------------------------------- helpers
 
 def _ids(tokenizer) -> torch.Tensor:

@@ -26,14 +26,6 @@ from lorafuse.model.load import load_model
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny matmuls: with several processes sharing the cores, extra torch threads only add contention (8x here)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 def _ids(tokenizer) -> torch.Tensor:
     return torch.tensor([tokenizer("The quick brown fox. 日本の首都は東京です。")["input_ids"]])
 
