@@ -23,7 +23,7 @@ _EXPORTS = {
     "print_trainable_parameters": "lorafuse.model.inject",
     "trainable_parameters": "lorafuse.model.inject",
     "save_adapter": "lorafuse.lora.adapter_io",
-    "load_adapter": "lorafuse.lora.adapter_io",
+    "load_adapter": "lorafuse.lora.adapter_load",
     "merge": "lorafuse.lora.merge",
     "generate": "lorafuse.infer.generate",
     "train": "lorafuse.train.api",

@@ -44,9 +44,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lorafuse.errors import ModelError
 from lorafuse.atomic import atomic_folder
-from lorafuse.lora.adapter_io import load_adapter, read_adapter_config, read_lorafuse_facts
+from lorafuse.errors import ModelError
+from lorafuse.lora.adapter_load import (
+    load_adapter,
+    read_adapter_config,
+    read_lorafuse_facts,
+)
 
 CHECK_FACTOR = 4  # observed diff / one noise draw: 0.6-1.6 on tiny models; gross errors are >= 30x
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
