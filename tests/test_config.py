@@ -232,7 +232,7 @@ def test_overrides_apply_to_the_demo():
 
 
 def test_config_diff_lines_and_resume_mutable_keys():
-    a = demo_config()
+    a = demo_config().model_copy(update={"train": demo_config().train.model_copy(update={"max_steps": 80})})
     b = a.model_copy(deep=True)
     b.train.lr = 3e-3 * 2
     b.lora.targets = ["q_proj"]
