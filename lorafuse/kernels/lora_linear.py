@@ -46,11 +46,12 @@ from .reference import LoRAWeights, lora_linear_reference
 if _runtime.HAS_TRITON:
     from .lora_gemm import Dropout, dropout_down, dropout_grad_a, fused_gemm, grad_s_b
 
-# Largest token count M that takes the fused Triton GEMM; above it, dequantize + cuBLAS wins because
-# the dequant traffic (4.5 B/param) is amortized over M rows. Initial values from the floors (NF4:
-# the dequant costs about as much as a 256-token GEMM at 4096 x 4096); benchmarks/bench_kernels.py
-# measures the crossover per card, and the env vars override.
-NF4_FUSED_MAX_M = int(os.environ.get("LORAFUSE_NF4_FUSED_MAX_M", "256"))
+# Largest token count M that takes the fused Triton GEMM (NF4 decoded inside the tiles); above it,
+# dequantize + cuBLAS. The floors suggested a crossover near 256 tokens at 4096 x 4096, but the first
+# version of the in-tile kernel measured 12-60x slower than dequantize + cuBLAS on an H200 (2048 tokens,
+# benchmarks/NOTES.md 2026-11-28), so it is off by default until a faster version measures ahead;
+# benchmarks/bench_kernels.py --ops lora_nf4_sweep finds the crossover, and the env vars override.
+NF4_FUSED_MAX_M = int(os.environ.get("LORAFUSE_NF4_FUSED_MAX_M", "0"))
 DENSE_FUSED_MAX_M = int(os.environ.get("LORAFUSE_DENSE_FUSED_MAX_M", "0"))
 # dS and dB from one read of dY (lora_gemm.grad_s_b) instead of two skinny cuBLAS GEMMs. It saves one
 # M x N read of dY (~5 us at 2048 x 4096 bf16) and costs two small partial-sum reductions: off until
