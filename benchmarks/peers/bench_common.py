@@ -157,6 +157,19 @@ def clip_and_step(params, optimizer) -> None:
     optimizer.zero_grad(set_to_none=True)
 
 
+def hf_loss_step(model, params, optimizer, spec: dict):
+    """The peers' step: the model's own loss under autocast, backward, clip at 1.0, optimizer step."""
+
+    def step(batch):
+        with autocast(spec):
+            loss = model(input_ids=batch["input_ids"], labels=batch["labels"]).loss
+        loss.backward()
+        clip_and_step(params, optimizer)
+        return loss.detach()
+
+    return step
+
+
 def peer_optimizer(name: str, params):
     """The optimizer the seed's recipe names, from bitsandbytes (paged/8-bit) or torch (adamw)."""
     import torch

@@ -11,7 +11,7 @@ optim="paged_adamw_8bit"; full fine-tuning uses --full-optimizer, torch AdamW by
 
 from __future__ import annotations
 
-from bench_common import PROJ7, autocast, clip_and_step, peer_optimizer, require, run, unavailable
+from bench_common import PROJ7, hf_loss_step, peer_optimizer, require, run, unavailable
 
 
 def _load(spec: dict, device):
@@ -64,14 +64,7 @@ def build(spec: dict, device):
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = peer_optimizer(optimizer_name, params)
     model.train()
-
-    def step(batch):
-        with autocast(spec):
-            loss = model(input_ids=batch["input_ids"], labels=batch["labels"]).loss
-        loss.backward()
-        clip_and_step(params, optimizer)
-        return loss.detach()
-
+    step = hf_loss_step(model, params, optimizer, spec)
     return step, {"optimizer": optimizer_name, "trainable_params": sum(p.numel() for p in params)}
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 
-from bench_common import PROJ7, autocast, clip_and_step, peer_optimizer, require, run, unavailable
+from bench_common import PROJ7, hf_loss_step, peer_optimizer, require, run, unavailable
 
 
 def build(spec: dict, device):
@@ -34,14 +34,7 @@ def build(spec: dict, device):
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = peer_optimizer(spec["optimizer"], params)
     model.train()
-
-    def step(batch):
-        with autocast(spec):
-            loss = model(input_ids=batch["input_ids"], labels=batch["labels"]).loss
-        loss.backward()
-        clip_and_step(params, optimizer)
-        return loss.detach()
-
+    step = hf_loss_step(model, params, optimizer, spec)
     import unsloth
 
     return step, {"unsloth": getattr(unsloth, "__version__", "?"), "trainable_params": sum(p.numel() for p in params)}
