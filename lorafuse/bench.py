@@ -59,7 +59,15 @@ def parse_args(argv):
                    help="where lorafuse GPU runs append measured peaks (empty string: nowhere)")
     p.add_argument("--table", action="store_true", help="full / LoRA / QLoRA of one model vs the seed's table")
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
-    p.add_argument("--dtype", choices=("bfloat16", "float32"), default=None, help="default: bf16 on CUDA, fp32 on CPU")
+    p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default=None,
+                   help="compute dtype; default: bf16 on CUDA, fp32 on CPU (float16: the T4 path, with a GradScaler)")
+    p.add_argument("--random-init", action="store_true",
+                   help="lorafuse only: generate the model on the device layer by layer (NF4 straight away for "
+                        "qlora), no checkpoint on disk; for shapes too large to save, such as llama-65b")
+    p.add_argument("--budget-gib", type=float, default=None,
+                   help="cap each runner's GPU memory (torch.cuda.set_per_process_memory_fraction) to this many GiB")
+    p.add_argument("--profile", default=None, metavar="DIR",
+                   help="after timing, profile 2 more steps with torch.profiler; tables go to DIR/<stack>-<method>.txt")
     p.add_argument("--r", type=int, default=16)
     p.add_argument("--alpha", type=float, default=32.0)
     p.add_argument("--dropout", type=float, default=0.0, help="LoRA dropout for every stack (Unsloth's fast "
@@ -69,6 +77,7 @@ def parse_args(argv):
                    help="optimizer of the full fine-tuning row (torch AdamW: states counted on the GPU)")
     p.add_argument("--no-gc", action="store_true", help="no gradient checkpointing (default: on, as the seed)")
     p.add_argument("--no-fast-path", action="store_true", help="lorafuse without its fused kernels")
+    p.add_argument("--no-graphs", action="store_true", help="lorafuse without CUDA graphs (eager launches)")
     p.add_argument("--model-dir", default=os.environ.get("LORAFUSE_BENCH_DIR", "/tmp/lorafuse-bench"),
                    help="cache of the random-init checkpoint folders")
     p.add_argument("--timeout", type=int, default=900, help="seconds per runner process")
@@ -77,6 +86,9 @@ def parse_args(argv):
     if args.shape not in builtin_names():
         raise LorafuseError(f"unknown --shape {args.shape!r}", f"use one of {', '.join(builtin_names())}")
     args.dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
+    if args.random_init and (args.table or _split(args.stacks, STACKS, "--stacks") != ["lorafuse"]):
+        raise LorafuseError("--random-init runs lorafuse only (the peers load a checkpoint folder)",
+                            "add --stacks lorafuse (and drop --table), or leave out --random-init")
     return args
 
 
@@ -154,10 +166,27 @@ def build_checkpoint(shape_name: str, folder: str, device: str, dtype: str) -> d
     return {**info, "built": True}
 
 
+def probe_device(device: str) -> dict:
+    """In the child: the card and library versions, for --random-init (nothing is built)."""
+    import torch
+    import transformers
+
+    info = {"torch": torch.__version__, "transformers": transformers.__version__,
+            "python": sys.version.split()[0], "card": "cpu", "memory_gib": None, "built": False}
+    if device == "cuda":
+        free, total = torch.cuda.mem_get_info()
+        info.update(card=torch.cuda.get_device_name(), memory_gib=total / GIB)
+    return info
+
+
 def _build_in_child(args, folder: Path) -> dict:
     spec = json.dumps([args.shape, str(folder), args.device, args.dtype])
     code = ("import json, sys; from lorafuse.bench import build_checkpoint; "
             "print('BENCH_PROBE', json.dumps(build_checkpoint(*json.loads(sys.argv[1]))))")
+    if args.random_init:
+        spec = json.dumps([args.device])
+        code = ("import json, sys; from lorafuse.bench import probe_device; "
+                "print('BENCH_PROBE', json.dumps(probe_device(*json.loads(sys.argv[1]))))")
     probe, tail = _child([sys.executable, "-c", code, spec], timeout=args.timeout)
     if "torch" not in probe:
         raise LorafuseError(f"building the {args.shape} checkpoint failed: {probe.get('reason')}\n{tail}",
@@ -171,7 +200,8 @@ def _spec(args, stack: str, method: str, folder: Path) -> dict:
             "steps": args.steps, "warmup": args.warmup, "device": args.device, "dtype": args.dtype, "r": args.r,
             "alpha": args.alpha, "dropout": args.dropout, "optimizer": args.optimizer,
             "full_optimizer": args.full_optimizer, "gc": not args.no_gc,
-            "fast_path": "off" if args.no_fast_path else "auto", "seed": args.seed}
+            "fast_path": "off" if args.no_fast_path else "auto", "seed": args.seed,
+            "cuda_graphs": not args.no_graphs, "random_init": args.random_init, "budget_gib": args.budget_gib, "profile_dir": args.profile}
 
 
 def _workload(args, method: str, kernels: str = "reference", loss: str = "chunked") -> Workload:
@@ -225,17 +255,29 @@ def _row(args, run_id: str, stack: str, method: str, probe: dict, result: dict, 
            "optimizer": args.full_optimizer if method == "full" else args.optimizer,
            "commit": commit[0], "dirty": commit[1], "torch": probe.get("torch"),
            "transformers": probe.get("transformers"), "status": "error", "reason": None, "step_s": None,
-           "tokens_per_s": None, "peak_alloc_gib": None, "peak_reserved_gib": None}
+           "tokens_per_s": None, "peak_alloc_gib": None, "peak_reserved_gib": None,
+           "random_init": args.random_init, "budget_gib": args.budget_gib}
+    if stack == "lorafuse" and method != "full":
+        row["predicted_peak_alloc_gib"] = round(_predicted(args, method, result), 4)
     row.update(result)
     return row
+
+
+def _lorafuse_workload(args, method: str, result: dict) -> Workload:
+    """The planner's workload for a lorafuse run; before the run (empty result) it assumes the fast path on CUDA."""
+    fast = (result.get("fast_path") or {}).get("applied", args.device == "cuda" and not args.no_fast_path)
+    loss = "fused" if result.get("fused_loss", fast) else "chunked" if result.get("chunked_loss", True) else "full"
+    return _workload(args, method, kernels="fused" if fast else "reference", loss=loss)
+
+
+def _predicted(args, method: str, result: dict) -> float:
+    return estimate(_lorafuse_workload(args, method, result)).peak_alloc / GIB
 
 
 def _memory_record(args, row: dict) -> dict:
     from lorafuse.plan.measured import workload_to_record
 
-    fast = (row.get("fast_path") or {}).get("applied", False)
-    loss = "fused" if row.get("fused_loss") else "chunked" if row.get("chunked_loss", True) else "full"
-    w = _workload(args, row["method"], kernels="fused" if fast else "reference", loss=loss)
+    w = _lorafuse_workload(args, row["method"], row)
     return {"date": row["date"][:10], "card": row["card"], "commit": row["commit"], "torch": row["torch"],
             "run": row["run"], "stack": "lorafuse", "workload": workload_to_record(w),
             "measured_peak_alloc_gib": round(row["peak_alloc_gib"], 4),
@@ -260,7 +302,8 @@ def render(rows: list[dict]) -> str:
     for r in rows:
         status = "ok" if r["status"] == "ok" else f"{r['status']}: {r.get('reason') or ''}".strip()
         if r["stack"] == "lorafuse" and r["status"] == "ok" and r["device"] == "cuda":
-            status += f" (fast path {'on' if (r.get('fast_path') or {}).get('applied') else 'off'})"
+            status += (f" (fast path {'on' if (r.get('fast_path') or {}).get('applied') else 'off'}, "
+                       f"graphs {'on' if (r.get('cuda_graphs') or {}).get('applied') else 'off'})")
         lines.append(f"{r['method']:<7} {r['stack']:<9} {_fmt(r['step_s'], '8.3f')} {_fmt(r['tokens_per_s'], '10,.0f')}"
                      f" {_fmt(r['peak_alloc_gib'], '9.2f')}  {status}")
     ratios = []
@@ -294,7 +337,8 @@ def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     runs = plan_runs(args)
     folder = Path(args.model_dir) / f"{args.shape}-{args.device}-{args.dtype}"
-    print(f"building / checking the {args.shape} checkpoint in {folder} ...", flush=True)
+    print(f"probing the device (the {args.shape} model is generated in each runner) ..." if args.random_init else
+          f"building / checking the {args.shape} checkpoint in {folder} ...", flush=True)
     probe = _build_in_child(args, folder)
     run_id = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
     commit, rows = _commit(), []
@@ -306,7 +350,9 @@ def main(argv=None) -> int:
             status, _, reason = skip.partition(": ")
             result, tail = {"status": status, "reason": reason}, ""
         else:
-            print(f"[{i}/{len(runs)}] {stack} {method} ...", flush=True)
+            said = (f" (the planner predicts a peak of {_predicted(args, method, {}):.2f} GiB allocated)"
+                    if stack == "lorafuse" else "")
+            print(f"[{i}/{len(runs)}] {stack} {method}{said} ...", flush=True)
             spec = _spec(args, stack, method, folder)
             result, tail = _child([sys.executable, str(PEERS / f"{stack}_stack.py"), json.dumps(spec)], args.timeout)
             if result.get("status") == "error" and tail:

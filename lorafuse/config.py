@@ -203,6 +203,16 @@ class TrainConfig(_Section):
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when available, else CPU.")
     fast_path: Literal["auto", "on", "off"] = Field("auto", description="Fused Triton kernels: auto (on a CUDA "
                                                     "GPU with triton), on (error if unavailable), off.")
+    cuda_graphs: Literal["auto", "off"] = Field("auto", description="auto: with the fast path on one GPU and LoRA "
+                                                "dropout 0, each micro-batch's forward + backward replays as one "
+                                                "CUDA graph once its shape repeats (packed or full-length rows); "
+                                                "the reason is printed when it cannot.")
+
+    @field_validator("fast_path", "cuda_graphs", mode="before")
+    @classmethod
+    def _yaml_switch(cls, value):
+        """YAML 1.1 reads a bare `off`/`on` as false/true: take them as the words the user typed."""
+        return {False: "off", True: "on"}.get(value, value) if isinstance(value, bool) else value
 
     @field_validator("warmup_steps")
     @classmethod

@@ -116,6 +116,8 @@ def measure(spec: dict, step, device) -> dict:
     losses = [float(x) for x in warm_losses + losses]
     if not all(math.isfinite(x) for x in losses):
         raise RuntimeError(f"non-finite loss in the benchmark steps: {losses}")
+    if spec.get("profile_dir"):
+        profile(spec, step, batches[-2:], cuda)
     step_s = statistics.median(times)
     return {
         "status": "ok", "step_s": step_s, "tokens_per_s": spec["batch"] * spec["seq"] / step_s,
@@ -124,6 +126,37 @@ def measure(spec: dict, step, device) -> dict:
         "peak_reserved_gib": torch.cuda.max_memory_reserved() / GIB if cuda else None,
         "device_name": torch.cuda.get_device_name() if cuda else "cpu",
     }
+
+
+def profile(spec: dict, step, batches: list, cuda: bool) -> None:
+    """Profile len(batches) more steps; write the kernel table (by device time) to <dir>/<stack>-<method>.txt."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with torch_profile(activities=activities, record_shapes=True) as prof:
+        for batch in batches:
+            step(batch)
+        if cuda:
+            torch.cuda.synchronize()
+    out = Path(spec["profile_dir"]) / f"{spec['stack']}-{spec['method']}-{spec['shape']}-{spec['batch']}x{spec['seq']}"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    events = prof.key_averages()
+    sort = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+    text = (f"{len(batches)} steps, sorted by {sort}\n" + events.table(sort_by=sort, row_limit=60, max_name_column_width=70)
+            + "\n\nby input shape:\n" + prof.key_averages(group_by_input_shape=True).table(
+                sort_by=sort, row_limit=60, max_name_column_width=50, max_shapes_column_width=60))
+    out.with_suffix(".txt").write_text(text)
+
+
+def _budget(spec: dict, device) -> None:
+    """Cap this process's CUDA memory to spec["budget_gib"] (the headline runs: 40 GiB for a 65B shape)."""
+    import torch
+
+    if spec.get("budget_gib") and device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        total = torch.cuda.get_device_properties(index).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, spec["budget_gib"] * GIB / total), index)
 
 
 def run(build) -> None:
@@ -135,6 +168,7 @@ def run(build) -> None:
     torch.manual_seed(spec["seed"])
     info: dict = {}
     try:
+        _budget(spec, device)
         step, info = build(spec, device)
         result = measure(spec, step, device)
     except torch.cuda.OutOfMemoryError as exc:

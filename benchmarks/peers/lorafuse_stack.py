@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import inspect
 
-from bench_common import PROJ7, clip_and_step, require, run, unavailable
+from bench_common import PROJ7, require, run, unavailable
 
 
 def _fast_path(model, spec: dict) -> dict:
@@ -50,8 +50,13 @@ def build(spec: dict, device):
     from lorafuse.train.optim import build_optimizer
 
     dtype = getattr(torch, spec["dtype"])
-    model, _ = lorafuse.load_model(spec["folder"], quant="nf4" if spec["method"] == "qlora" else "none",
-                                   compute_dtype=dtype, device=device)
+    quant = "nf4" if spec["method"] == "qlora" else "none"
+    if spec.get("random_init"):  # generated on the device layer by layer: no checkpoint (65B-shape headline runs)
+        from lorafuse.model.stream import random_nf4_model
+
+        model = random_nf4_model(spec["shape"], device, compute_dtype=dtype, seed=spec["seed"], quant=quant)
+    else:
+        model, _ = lorafuse.load_model(spec["folder"], quant=quant, compute_dtype=dtype, device=device)
     lorafuse.apply_lora(model, r=spec["r"], alpha=spec["alpha"], dropout=spec["dropout"], targets=PROJ7)
     fast = _fast_path(model, spec)
     notes = []
@@ -62,16 +67,44 @@ def build(spec: dict, device):
     optimizer = build_optimizer(spec["optimizer"], params, lr=2e-4, weight_decay=0.0)
     loss_kw = {"fused": fused} if "fused" in inspect.signature(lm_loss_sum).parameters else {}
     model.train()
+    graphed, graphs = None, {"applied": False, "reason": "disabled (--no-graphs)"}
+    if spec.get("cuda_graphs", True):
+        try:
+            from lorafuse.train.graphs import GraphedMicroStep, graph_blocker
+        except ImportError as exc:
+            graphs["reason"] = f"lorafuse.train.graphs not importable: {exc}"
+        else:
+            blocker = graph_blocker(model, device)
+            graphs = {"applied": blocker is None, "reason": blocker or "forward + backward replayed as a CUDA graph"}
+            if blocker is None:
+                graphed = GraphedMicroStep(model, params, lambda b: lm_loss_sum(model, b, head, **loss_kw),
+                                           precision.backward, dtype, note=notes.append)
 
     def step(batch):
         n_target = batch["labels"][:, 1:].numel()
+        if graphed is not None:
+            loss_sum = graphed(batch, 1.0 / n_target)
+            graphs["applied"] = graphed.disabled is None
+            return _update(loss_sum, n_target, set_to_none=False)
         with precision.autocast():
             loss_sum = lm_loss_sum(model, batch, head, **loss_kw)
         precision.backward(loss_sum / n_target)
-        clip_and_step(params, optimizer)
+        return _update(loss_sum, n_target, set_to_none=True)
+
+    def _update(loss_sum, n_target, set_to_none):
+        if precision.scaler is not None:  # fp16: unscale before clipping, skip steps with inf/nan gradients
+            precision.scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            precision.scaler.step(optimizer)
+            precision.scaler.update()
+        else:
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=set_to_none)  # a CUDA graph accumulates into the same .grad tensors
         return loss_sum.detach() / n_target
 
     info = {"fast_path": fast, "fused_loss": fused, "chunked_loss": head is not None, "notes": notes,
+            "cuda_graphs": graphs,
             "trainable_params": sum(p.numel() for p in params)}
     return step, info
 

@@ -21,6 +21,8 @@ dW/db when wanted - never anything vocabulary-sized. Peak extra memory: one (chu
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from . import _runtime
@@ -31,11 +33,13 @@ if _runtime.HAS_TRITON:
     import triton.language as tl
 
     @triton.jit
-    def _ce_rows_kernel(logits_ptr, labels_ptr, loss_ptr, V, stride_row, scale, WANT_GRAD: tl.constexpr,
-                        BLOCK_V: tl.constexpr):
+    def _ce_rows_kernel(logits_ptr, labels_ptr, loss_ptr, V, stride_row, scale, ignore_index,
+                        WANT_GRAD: tl.constexpr, BLOCK_V: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         base = logits_ptr + row * stride_row
-        label = tl.load(labels_ptr + row)
+        raw = tl.load(labels_ptr + row)
+        keep = raw != ignore_index  # ignored rows (only in the fixed-shape pass): loss 0, gradient 0
+        label = tl.where(keep, raw, 0)
         m = float("-inf")
         s = 0.0
         for v0 in range(0, V, BLOCK_V):  # pass 1: online logsumexp
@@ -46,17 +50,31 @@ if _runtime.HAS_TRITON:
             m = m_new
         lse = m + tl.log(s)
         target = tl.load(base + label).to(tl.float32)
-        tl.store(loss_ptr + row, lse - target)
+        tl.store(loss_ptr + row, tl.where(keep, lse - target, 0.0))
         if WANT_GRAD:
             for v0 in range(0, V, BLOCK_V):  # pass 2: dz = scale * (softmax - onehot), over the logits
                 cols = v0 + tl.arange(0, BLOCK_V)
                 z = tl.load(base + cols, mask=cols < V, other=0.0).to(tl.float32)
                 p = tl.exp(z - lse)
-                dz = tl.where(cols == label, p - 1.0, p) * scale
+                dz = tl.where(keep, tl.where(cols == label, p - 1.0, p) * scale, 0.0)
                 tl.store(base + cols, dz.to(logits_ptr.dtype.element_ty), mask=cols < V)
 
 
 LOGITS_BUDGET_BYTES = 256 << 20
+# The fixed-shape pass (the one CUDA-graph capture needs) outside capture too: train/graphs.py turns it on for
+# the eager warm-up steps before a capture, so they run (and autotune, and compile) exactly what gets recorded.
+FIXED_SHAPE = False
+
+
+@contextlib.contextmanager
+def fixed_shape(on: bool = True):
+    """Within the block, reduction="sum" takes the fixed-shape pass (every row, ignored rows weighted 0)."""
+    global FIXED_SHAPE
+    old, FIXED_SHAPE = FIXED_SHAPE, on
+    try:
+        yield
+    finally:
+        FIXED_SHAPE = old
 
 
 def default_chunk(vocab: int, dtype: torch.dtype) -> int:
@@ -64,14 +82,34 @@ def default_chunk(vocab: int, dtype: torch.dtype) -> int:
     return max(16, LOGITS_BUDGET_BYTES // (vocab * torch.finfo(dtype).bits // 8))
 
 
-def _ce_rows(logits: torch.Tensor, labels: torch.Tensor, scale: float, want_grad: bool) -> torch.Tensor:
-    """Per-row loss (fp32); with want_grad, logits are overwritten by scale * (softmax - onehot)."""
+def _ce_rows(logits: torch.Tensor, labels: torch.Tensor, scale: float, want_grad: bool,
+             ignore_index: int = -100) -> torch.Tensor:
+    """Per-row loss (fp32); with want_grad, logits are overwritten by scale * (softmax - onehot).
+    Rows labelled ignore_index get loss 0 and gradient 0."""
     rows, vocab = logits.shape
     loss = torch.empty(rows, dtype=torch.float32, device=logits.device)
     block_v = min(triton.next_power_of_2(vocab), 128 if _runtime.INTERPRET else 4096)
-    _ce_rows_kernel[(rows,)](logits, labels, loss, vocab, logits.stride(0), scale, WANT_GRAD=want_grad,
-                             BLOCK_V=block_v, num_warps=8)
+    _ce_rows_kernel[(rows,)](logits, labels, loss, vocab, logits.stride(0), scale, ignore_index,
+                             WANT_GRAD=want_grad, BLOCK_V=block_v, num_warps=8)
     return loss
+
+
+def _fixed_shape_pass(hidden, w, b, labels, ignore_index, chunk, dh, dw, db, want_grad) -> torch.Tensor:
+    """The sum over kept rows without selecting them: every row, contiguous chunks, ignored rows weigh 0.
+    No host synchronisation and no data-dependent shape, so a CUDA graph can record it (train/graphs.py);
+    the rows it computes for nothing are the ignored ones (none in packed or full-length batches)."""
+    total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    for start in range(0, hidden.shape[0], chunk):
+        h = hidden[start:start + chunk]
+        logits = torch.addmm(b, h, w.t()) if b is not None else torch.mm(h, w.t())
+        total += _ce_rows(logits, labels[start:start + chunk], 1.0, want_grad, ignore_index).sum()
+        if dh is not None:
+            torch.mm(logits, w, out=dh[start:start + chunk])
+        if dw is not None:
+            dw.addmm_(logits.t(), h)
+        if db is not None:
+            db += logits.sum(0, dtype=torch.float32)
+    return total
 
 
 class FusedLinearCrossEntropyFunction(torch.autograd.Function):
@@ -89,21 +127,26 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
         dtype = hidden.dtype
         w = weight.to(dtype)
         b = None if bias is None else bias.to(dtype)
-        rows = (labels != ignore_index).nonzero().squeeze(1)
-        n = rows.numel()
-        scale = 1.0 / n if (reduction == "mean" and n > 0) else 1.0
         want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         want_b = bias is not None and ctx.needs_input_grad[2]
         want_grad = want_h or want_w or want_b
         dh = torch.zeros_like(hidden) if want_h else None
         dw = torch.zeros_like(weight, dtype=dtype) if want_w else None
         db = torch.zeros(weight.shape[0], dtype=torch.float32, device=hidden.device) if want_b else None
+        if reduction == "sum" and (FIXED_SHAPE or (hidden.is_cuda and torch.cuda.is_current_stream_capturing())):
+            total = _fixed_shape_pass(hidden, w, b, labels, ignore_index, chunk, dh, dw, db, want_grad)
+            ctx.save_for_backward(dh, dw, None if db is None else db.to(bias.dtype))
+            ctx.weight_dtype = weight.dtype
+            return total
+        rows = (labels != ignore_index).nonzero().squeeze(1)
+        n = rows.numel()
+        scale = 1.0 / n if (reduction == "mean" and n > 0) else 1.0
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for start in range(0, n, chunk):
             idx = rows[start:start + chunk]
             h = hidden.index_select(0, idx)
             logits = torch.addmm(b, h, w.t()) if b is not None else torch.mm(h, w.t())
-            total += _ce_rows(logits, labels.index_select(0, idx), scale, want_grad).sum()
+            total += _ce_rows(logits, labels.index_select(0, idx), scale, want_grad, ignore_index).sum()
             if want_h:
                 dh.index_copy_(0, idx, torch.mm(logits, w))
             if want_w:

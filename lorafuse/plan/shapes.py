@@ -54,6 +54,9 @@ BUILTIN_CONFIGS: dict[str, dict] = {
     "llama-7b": _llama(32000, 4096, 11008, 32, 32, 32, 2048, rms_norm_eps=1e-6),
     "llama-13b": _llama(32000, 5120, 13824, 40, 40, 40, 2048, rms_norm_eps=1e-6),
     "llama-65b": _llama(32000, 8192, 22016, 80, 64, 64, 2048),
+    "tinyllama-1.1b": _llama(32000, 2048, 5632, 22, 32, 4, 2048),
+    "llama3.2-1b": _llama(128256, 2048, 8192, 16, 32, 8, 131072, tie_word_embeddings=True, head_dim=64, **_L3),
+    "llama3.2-3b": _llama(128256, 3072, 8192, 28, 24, 8, 131072, tie_word_embeddings=True, head_dim=128, **_L3),
     "llama2-7b": _llama(32000, 4096, 11008, 32, 32, 32, 4096),
     "llama2-13b": _llama(32000, 5120, 13824, 40, 40, 40, 4096),
     "llama2-70b": _llama(32000, 8192, 28672, 80, 64, 8, 4096),
@@ -76,6 +79,8 @@ _HUB_ALIASES = {
     "llama-3.1-8b": "llama3-8b", "meta-llama-3-70b": "llama3-70b", "llama-3-70b": "llama3-70b",
     "meta-llama-3.1-70b": "llama3-70b", "llama-3.1-70b": "llama3-70b", "llama-3.3-70b": "llama3-70b",
     "llama-7b": "llama-7b", "llama-13b": "llama-13b", "llama-65b": "llama-65b",
+    "llama-3.2-1b": "llama3.2-1b", "llama-3.2-3b": "llama3.2-3b", "tinyllama-1.1b-chat-v1.0": "tinyllama-1.1b",
+    "tinyllama-1.1b-intermediate-step-1431k-3t": "tinyllama-1.1b",
     "mistral-7b-v0.1": "mistral-7b", "mistral-7b-v0.3": "mistral-7b", "mistral-7b": "mistral-7b",
     **{f"qwen2.5-{s}": f"qwen2.5-{s}" for s in ("0.5b", "1.5b", "3b", "7b", "14b", "32b", "72b")},
 }

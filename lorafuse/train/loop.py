@@ -155,6 +155,7 @@ class TrainingLoop:
         self.head = simple_head(model)
         self.fused = self.head is not None and self._fast_path(tc.fast_path)
         self.optimizer = build_optimizer(tc.optimizer, self.params, tc.lr, tc.weight_decay)
+        self.graphed = self._cuda_graphs(getattr(tc, "cuda_graphs", "auto"))
         micro = len(train_batches)
         if micro == 0:
             raise LorafuseError("there are no training batches", "check data.path and data.num_rows")
@@ -178,6 +179,20 @@ class TrainingLoop:
 
         maybe_apply_fast_path(self.model, mode, log=self._note)
         return _runtime.HAS_TRITON and self.device.type == "cuda"
+
+    def _cuda_graphs(self, mode: str):
+        """A GraphedMicroStep when train.cuda_graphs allows and the run qualifies (train/graphs.py), else None."""
+        if mode == "off" or self.device.type != "cuda":
+            return None
+        from lorafuse.train.graphs import GraphedMicroStep, graph_blocker
+
+        blocker = graph_blocker(self.model, self.device, self.world.size)
+        if blocker:
+            self._note(f"CUDA graphs off: {blocker}")
+            return None
+        model, head, fused = self.model, self.head, self.fused
+        return GraphedMicroStep(model, self.params, lambda b: lm_loss_sum(model, b, head, fused),
+                                self.precision.backward, self.precision.dtype, note=self._note)
 
     # ------------------------------------------------------------------------------------- resume
     def resume(self, folder: Path) -> None:
@@ -250,7 +265,7 @@ class TrainingLoop:
         total = self.oom.accumulate(batches, n_target)  # forward/backward; after an OOM: smaller, retried once
         loss = self.world.sync_gradients(self.params, total) / n_target if n_target else math.nan
         grad_norm, skipped = self._update(loss)
-        self.optimizer.zero_grad(set_to_none=True)
+        self.optimizer.zero_grad(set_to_none=self.graphed is None)  # a CUDA graph accumulates into the same .grad
         st.step += 1
         st.tokens += n_input
         st.target_tokens += 0 if skipped else n_target
@@ -261,6 +276,9 @@ class TrainingLoop:
         """Forward/backward each micro-batch with loss_sum / N_window; returns the summed loss (fp32, on device)."""
         total = torch.zeros((), dtype=torch.float32, device=self.device)
         for batch in batches if n_target else []:
+            if self.graphed is not None:
+                total += self.graphed(forward_batch(self.model, batch, self.precision), 1.0 / n_target)
+                continue
             with self.precision.autocast():
                 loss_sum = lm_loss_sum(self.model, forward_batch(self.model, batch, self.precision), self.head,
                                        self.fused)

@@ -173,7 +173,7 @@ class OomRetry:
             return None, (text.splitlines()[0][:300] if text else type(exc).__name__)
 
     def _release(self) -> None:
-        self.loop.optimizer.zero_grad(set_to_none=True)  # the failed attempt's partial accumulation
+        self.loop.optimizer.zero_grad(set_to_none=self.loop.graphed is None)  # the failed attempt's partial sum
         gc.collect()
         if self.loop.device.type == "cuda":
             torch.cuda.empty_cache()

@@ -63,3 +63,16 @@ def test_frozen_head_gets_no_gradient_and_logits_stay_chunked(device):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_fused_linear_ce_parity_gpu(t, vocab, dtype, parity):
     _check(t, 4096, vocab, dtype, "mean", False, None, torch.device("cuda"), parity)
+
+
+@pytest.mark.parametrize("t,hdim,vocab,dtype,with_bias,chunk", [
+    (13, 32, 100, torch.float32, False, 5),   # 3 contiguous chunks, the last partial; 30% of rows ignored
+    (9, 16, 300, torch.float16, True, None),
+])
+def test_fixed_shape_pass_matches_the_oracle(t, hdim, vocab, dtype, with_bias, chunk, device, parity, monkeypatch):
+    """The pass CUDA-graph capture takes (every row, ignored rows weighted 0, no nonzero()) gives the same
+    loss and gradients as the row-selecting pass, within the same-dtype reference's error."""
+    from lorafuse.kernels import cross_entropy
+
+    monkeypatch.setattr(cross_entropy, "FIXED_SHAPE", True)
+    _check(t, hdim, vocab, dtype, "sum", with_bias, chunk, device, parity)

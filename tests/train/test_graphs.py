@@ -1,0 +1,102 @@
+"""CUDA graphs for forward + backward (lorafuse/train/graphs.py): when they apply, and that a replay trains
+exactly as the eager step does (GPU)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import lorafuse
+from lorafuse.config import load_config
+from lorafuse.train.graphs import GraphedMicroStep, graph_blocker
+
+
+def _lora_model(tiny_model_dir, dropout=0.0, quant="none", device="cpu", dtype="float32"):
+    model, _ = lorafuse.load_model(str(tiny_model_dir), quant=quant, compute_dtype=dtype, device=device)
+    lorafuse.apply_lora(model, r=4, alpha=8, dropout=dropout, targets="all-linear")
+    return model
+
+
+def test_graph_blocker_gives_the_reason(tiny_model_dir):
+    model = _lora_model(tiny_model_dir)
+    assert "CUDA device" in graph_blocker(model, torch.device("cpu"))
+    assert "fast path" in graph_blocker(model, torch.device("cuda"))
+    model.lorafuse_fast_path = {"ops": "triton", "layers": 2}  # as apply_fast_path marks it
+    assert graph_blocker(model, torch.device("cuda")) is None
+    assert "single-process" in graph_blocker(model, torch.device("cuda"), world_size=2)
+    dropped = _lora_model(tiny_model_dir, dropout=0.1)
+    dropped.lorafuse_fast_path = {"ops": "triton", "layers": 2}
+    reason = graph_blocker(dropped, torch.device("cuda"))
+    assert "dropout 0.1" in reason and "lora.dropout: 0" in reason
+
+
+def test_yaml_off_and_on_are_the_switch_words():
+    """A bare `off` in YAML is the boolean false: the config takes it as "off", not as an error."""
+    cfg = load_config(None, ["train.cuda_graphs=off", "train.fast_path=off"])
+    assert (cfg.train.cuda_graphs, cfg.train.fast_path) == ("off", "off")
+    assert load_config(None, ["train.fast_path=on"]).train.fast_path == "on"
+
+
+def _batches(vocab, n, shape=(2, 32), seed=0):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(4, vocab, shape, generator=g).cuda()
+        labels = ids.clone()
+        labels[:, :5] = -100  # a prompt: the fixed-shape loss must weigh these rows 0
+        out.append({"input_ids": ids, "labels": labels})
+    return out
+
+
+def _train(model, batches, graphed: bool, accum: int = 2):
+    """Optimizer steps of `accum` micro-batches each; returns per-micro-batch losses and the final LoRA tensors."""
+    from lorafuse.kernels.fast_path import apply_fast_path
+    from lorafuse.train.loss import lm_loss_sum, simple_head
+    from lorafuse.train.runtime import Precision, prepare_model
+
+    assert apply_fast_path(model)[0]
+    params = prepare_model(model, True, note=lambda s: None)
+    head = simple_head(model)
+    precision = Precision(torch.device("cuda"), torch.bfloat16)
+    opt = torch.optim.AdamW(params, lr=1e-2)
+    notes = []
+    step = GraphedMicroStep(model, params, lambda b: lm_loss_sum(model, b, head, True), precision.backward,
+                            torch.bfloat16, note=notes.append)
+    losses = []
+    model.train()
+    for i in range(0, len(batches), accum):
+        window = batches[i:i + accum]
+        n = sum(int((b["labels"][:, 1:] != -100).sum()) for b in window)
+        for b in window:
+            losses.append(float(step(b, 1.0 / n) if graphed else step.eager(b, 1.0 / n)))
+        opt.step()
+        opt.zero_grad(set_to_none=not graphed)
+    return losses, [p.detach().clone() for p in params], step, notes
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("quant", ["nf4", "none"])
+def test_replayed_steps_train_exactly_as_eager_steps(tiny_model_dir, quant):
+    """10 micro-batches, accumulation 2: two eager warm-ups, a capture, then replays. Losses and the trained
+    LoRA tensors equal those of the same run done eagerly, bit for bit (the same kernels run in the same order)."""
+    batches = _batches(512, 10)
+    torch.manual_seed(0)
+    eager_losses, eager_params, _, _ = _train(_lora_model(tiny_model_dir, quant=quant, device="cuda",
+                                                          dtype="bfloat16"), batches, graphed=False)
+    torch.manual_seed(0)
+    graph_losses, graph_params, step, notes = _train(_lora_model(tiny_model_dir, quant=quant, device="cuda",
+                                                                 dtype="bfloat16"), batches, graphed=True)
+    assert step.disabled is None, notes
+    assert step.replays == 8  # micro-batches 3..10: 1 and 2 warm up eagerly, 3 is captured, then all replay
+    assert graph_losses == eager_losses
+    assert all(torch.equal(a, b) for a, b in zip(graph_params, eager_params))
+    assert eager_losses[-1] < eager_losses[0]
+
+
+@pytest.mark.gpu
+def test_another_shape_runs_eagerly_and_still_trains(tiny_model_dir):
+    model = _lora_model(tiny_model_dir, quant="nf4", device="cuda", dtype="bfloat16")
+    batches = _batches(512, 6) + _batches(512, 2, shape=(3, 24), seed=1)
+    losses, _, step, notes = _train(model, batches, graphed=True)
+    assert step.disabled is None and step.replays == 4, notes
+    assert all(torch.isfinite(torch.tensor(losses)))
