@@ -1,11 +1,11 @@
-"""What is alive at a lorafuse training step's memory peak: for explaining a planner miss (issue C).
+"""Where a lorafuse training step's memory peak happens: for explaining a planner miss (issue C).
 
     python benchmarks/memory_peak.py --shape qwen2.5-1.5b --method qlora --batch 2 --seq 2048 [--out DIR]
 
 Builds the model as `lorafuse bench --random-init` does (benchmarks/peers/lorafuse_stack.py), runs 2 warm-up
-steps, then records the CUDA allocator's history over 2 more steps. Replaying the recorded allocations gives
-the peak and the tensors alive at it, grouped by the innermost lorafuse / transformers / torch source line
-that allocated them. The planner's components for the same workload are printed beside it. CUDA only.
+steps, then 2 steps with allocator readings at every decoder layer's forward, recompute and backward boundary
+(`PhaseMarks`). It prints the windows between readings with the highest peaks, beside the planner's phase and
+components for the same workload. Meant for CUDA; on a CPU it runs and every reading is 0.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections import defaultdict
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -22,34 +21,45 @@ sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks" / "peers")]
 GIB = 1024 ** 3
 
 
-def _where(frames: list[dict]) -> str:
-    for f in frames:
-        name = f.get("filename", "")
-        if "/lorafuse/" in name or "/transformers/" in name or "benchmarks/" in name:
-            return f"{name.split('/')[-1]}:{f.get('line')} {f.get('name')}"
-    return f"{frames[0].get('filename', '?').split('/')[-1]}:{frames[0].get('line')}" if frames else "?"
+class PhaseMarks:
+    """Allocator readings at layer boundaries: (tag, allocated now, peak since the previous mark), GiB.
 
+    Forward hooks on each decoder layer and on the final norm mark the forward; hooks on their outputs'
+    gradients mark the backward (the gradient of layer i's output arrives just before layer i's backward).
+    The recompute inside the backward fires the forward hooks again ("re" tags). No allocator history is
+    recorded (recording it crashed the fused MLP's backward under checkpointing on torch 2.11)."""
 
-def alive_at_peak(trace: list[dict]) -> tuple[int, dict]:
-    """(peak bytes above the start, {source line: bytes}) from one device's allocator trace."""
-    cur = peak = peak_i = 0
-    for i, ev in enumerate(trace):
-        if ev["action"] == "alloc":
-            cur += ev["size"]
-        elif ev["action"] == "free_completed":
-            cur -= ev["size"]
-        if cur > peak:
-            peak, peak_i = cur, i
-    alive: dict[int, dict] = {}
-    for ev in trace[:peak_i + 1]:
-        if ev["action"] == "alloc":
-            alive[ev["addr"]] = ev
-        elif ev["action"] == "free_completed":
-            alive.pop(ev["addr"], None)
-    groups: dict[str, int] = defaultdict(int)
-    for ev in alive.values():
-        groups[_where(ev.get("frames", []))] += ev["size"]
-    return peak, dict(groups)
+    def __init__(self, model):
+        import torch
+
+        self.torch, self.marks, self.in_backward = torch, [], False
+        layers = list(model.model.layers)
+        for i, layer in enumerate(layers):
+            layer.register_forward_pre_hook(lambda m, a, i=i: self.mark(("re" if self.in_backward else "") + f"fwd{i}<"))
+            layer.register_forward_hook(lambda m, a, out, i=i: self._out(out, i))
+        model.model.norm.register_forward_hook(lambda m, a, out: self._out(out, "norm"))
+
+    def _out(self, out, i):
+        t = out[0] if isinstance(out, tuple) else out
+        self.mark(("re" if self.in_backward else "") + f"fwd{i}>")
+        if self.torch.is_tensor(t) and t.requires_grad and not self.in_backward:
+            t.register_hook(lambda g, i=i: self._grad(i))
+
+    def _grad(self, i):
+        self.in_backward = True
+        self.mark(f"bwd{i}<")
+
+    def mark(self, tag):
+        cuda = self.torch.cuda
+        if not cuda.is_available():
+            self.marks.append((tag, 0.0, 0.0))
+            return
+        self.marks.append((tag, cuda.memory_allocated() / GIB, cuda.max_memory_allocated() / GIB))
+        cuda.reset_peak_memory_stats()
+
+    def step_done(self):
+        self.mark("step end (optimizer done)")
+        self.in_backward = False
 
 
 def main(argv=None) -> int:
@@ -77,31 +87,36 @@ def main(argv=None) -> int:
     from lorafuse.plan.shapes import builtin_shape
 
     spec["vocab_size"] = builtin_shape(a.shape).vocab_size
-    device = torch.device("cuda")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    spec["device"] = device.type
+    if device.type == "cpu":
+        spec["dtype"] = "float32"
     step, info = lorafuse_stack.build(spec, device)
     batches = make_batches(spec, device, 4)
     for b in batches[:2]:
         step(b)
-    torch.cuda.synchronize()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    torch.cuda.memory._record_memory_history(max_entries=500_000)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    marks = PhaseMarks(lorafuse_stack.LAST_MODEL)
     for b in batches[2:]:
+        marks.mark("step start")
         step(b)
-    torch.cuda.synchronize()
-    snap = torch.cuda.memory._snapshot()
-    torch.cuda.memory._record_memory_history(enabled=None)
-    trace = snap["device_traces"][torch.cuda.current_device()]
-    peak, groups = alive_at_peak(trace)
+        marks.step_done()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    top = sorted(range(len(marks.marks)), key=lambda k: -marks.marks[k][2])[:8]
+    windows = [{"after": marks.marks[k - 1][0] if k else "-", "until": marks.marks[k][0],
+                "peak_gib": round(marks.marks[k][2], 4), "allocated_at_end_gib": round(marks.marks[k][1], 4)}
+               for k in sorted(top)]
     w = _workload(args, a.method, kernels="fused" if info["fast_path"]["applied"] else "reference",
                   loss="fused" if info["fused_loss"] else "chunked")
     est = estimate(w)
     report = {"shape": a.shape, "method": a.method, "batch": a.batch, "seq": a.seq, "graphs": info.get("cuda_graphs"),
-              "allocated_before_gib": base / GIB, "max_allocated_gib": torch.cuda.max_memory_allocated() / GIB,
-              "trace_peak_above_start_gib": peak / GIB, "predicted_peak_alloc_gib": est.peak_alloc / GIB,
-              "predicted_phase": est.phase, "predicted_components_gib": {k: v / GIB for k, v in est.components.items()},
-              "alive_at_peak_gib": {k: v / GIB for k, v in sorted(groups.items(), key=lambda kv: -kv[1])[:25]}}
-    print(json.dumps(report, indent=1))
+              "max_allocated_gib": max(m[2] for m in marks.marks), "predicted_peak_alloc_gib": est.peak_alloc / GIB,
+              "predicted_phase": est.phase,
+              "predicted_components_gib": {k: round(v / GIB, 4) for k, v in est.components.items()},
+              "highest_windows": windows, "timeline": [[t, round(x, 4), round(y, 4)] for t, x, y in marks.marks]}
+    print(json.dumps({k: v for k, v in report.items() if k != "timeline"}, indent=1))
     if a.out:
         Path(a.out).mkdir(parents=True, exist_ok=True)
         (Path(a.out) / f"memory-peak-{a.shape}-{a.method}-{a.batch}x{a.seq}.json").write_text(json.dumps(report, indent=1))

@@ -14,6 +14,9 @@ import inspect
 from bench_common import PROJ7, require, run, unavailable
 
 
+LAST_MODEL = None
+
+
 def _fast_path(model, spec: dict) -> dict:
     """Apply the fused kernels where the training loop would (CUDA, train.fast_path auto)."""
     if spec["device"] != "cuda" or spec.get("fast_path", "auto") == "off":
@@ -58,6 +61,8 @@ def build(spec: dict, device):
     else:
         model, _ = lorafuse.load_model(spec["folder"], quant=quant, compute_dtype=dtype, device=device)
     lorafuse.apply_lora(model, r=spec["r"], alpha=spec["alpha"], dropout=spec["dropout"], targets=PROJ7)
+    global LAST_MODEL
+    LAST_MODEL = model  # for benchmarks/memory_peak.py's hooks
     fast = _fast_path(model, spec)
     notes = []
     params = prepare_model(model, spec["gc"], note=notes.append)

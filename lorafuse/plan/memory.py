@@ -69,8 +69,12 @@ Transient buffers at the peak
     output, and in backward two fp32 (N, V) gradients (nll, then log_softmax): (c + 12) V per token.
     lorafuse.train.loss (chunked): 2^25 / V rows at a time, loss and gradient in one pass: fp32 logits, the
     logsumexp temporary and the c-byte softmax copy ((8 + c) V per row), and the gradient w.r.t. the hidden
-    states (c D per token) saved for backward. The fused Triton loss keeps one (rows, V) c-byte logits block
-    of at most 256 MiB (lorafuse.kernels.cross_entropy) plus the same c D per token.
+    states (c D per token) saved for backward. The fused Triton loss keeps a (rows, V) c-byte logits block
+    of at most 256 MiB (lorafuse.kernels.cross_entropy) plus the same c D per token; with more than one
+    chunk, TWO blocks are alive at each chunk boundary (the next chunk's GEMM output is allocated before the
+    previous block's last reference goes). Measured on an H200 (benchmarks/memory_peak.py, 2026-11-28): the
+    loss-phase workspace was 0.515 GiB for Qwen2.5-1.5B at 4096 tokens (5 chunks) and 0.535 GiB for
+    TinyLlama at 8192 (2 chunks), vs 0.338 GiB for Llama-2-7B at 4096 (one chunk).
 Peak = static + max(end of forward: saved + loss; backward of the top layer: saved (less the final norm's,
 already freed) + recompute + transients; optimizer step: all gradients), each phase with the gradients alive
 then (`gradient_bytes`: with one micro-batch per step, only the top layer's at the top layer's backward).
@@ -263,7 +267,8 @@ def loss_bytes(w: Workload) -> int:
         return (c + 12) * s.vocab_size * w.tokens
     if w.loss == "fused":
         rows = min(w.tokens, max(16, FUSED_LOSS_BLOCK_BYTES // (s.vocab_size * c)))
-        return c * s.vocab_size * rows + c * s.hidden_size * w.tokens
+        blocks = 1 if rows >= w.tokens else 2  # two alive at a chunk boundary (module docstring)
+        return blocks * c * s.vocab_size * rows + c * s.hidden_size * w.tokens
     rows = min(w.tokens, max(1, LOSS_CHUNK_ELEMENTS // s.vocab_size))
     return (8 + c) * s.vocab_size * rows + c * s.hidden_size * w.tokens
 

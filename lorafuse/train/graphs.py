@@ -6,9 +6,12 @@ kernel launches (224 LoRA linears, each with its rank-r GEMMs, forward, recomput
 launches the whole recorded forward + backward at once, so the step becomes GPU-bound.
 
 How (`GraphedMicroStep`):
-  1. The first `warmup` micro-batches of a shape run eagerly (they are real training steps): Triton
-     autotuning, cuBLAS workspaces and lazily sized buffers (the NF4 dequantize buffer) settle there.
-  2. The next one is captured: static input tensors, `loss_sum = loss_fn(batch)` under autocast (its cast
+  1. Micro-batches run eagerly (they are real training steps) until one shape has been seen `warmup` times
+     and makes up at least half of the micro-batches so far: Triton autotuning, cuBLAS workspaces and lazily
+     sized buffers (the NF4 dequantize buffer) settle in those steps. Packed or fixed-length rows qualify at
+     once; rows padded to each batch's longest rarely do, and then nothing is captured (a note says so):
+     a graph's memory pool for a shape that seldom comes back would cost memory for no speed.
+  2. The next micro-batch of that shape is captured: static input tensors, `loss_sum = loss_fn(batch)` under autocast (its cast
      cache off, as capture requires), backward of `loss_sum * inv_n` with `inv_n` a static scalar that the
      caller sets before each replay (token-normalised accumulation). Gradients exist before capture (zeros
      where missing), so the recorded backward ACCUMULATES into the same .grad tensors: accumulation over
@@ -75,7 +78,9 @@ class GraphedMicroStep:
         self.model, self.params, self.loss_fn, self.backward = model, params, loss_fn, backward
         self.dtype, self.warmup, self.note = dtype, warmup, note
         self.key = None
+        self.counts: dict = {}
         self.seen = 0
+        self.waiting_noted = False
         self.graph: torch.cuda.CUDAGraph | None = None
         self.disabled: str | None = None
         self.static: dict = {}
@@ -101,8 +106,13 @@ class GraphedMicroStep:
             return self.eager(batch, inv_n, fixed=False)
         if self.graph is None:
             self.seen += 1
-            if self.seen <= self.warmup:
-                return self.eager(batch, inv_n)
+            count = self.counts[key] = self.counts.get(key, 0) + 1
+            if count <= self.warmup or 2 * count < self.seen:
+                if self.seen == 50 and not self.waiting_noted:
+                    self.waiting_noted = True
+                    self.note("CUDA graphs waiting: micro-batch shapes keep changing (padding to each batch's "
+                              "longest row); set data.packing: true for fixed shapes and the graph speed-up")
+                return self.eager(batch, inv_n, fixed=2 * count >= self.seen)  # a likely capture: warm its path
             if not self._capture(batch, key):
                 return self.eager(batch, inv_n, fixed=False)
         for k, v in batch.items():
@@ -143,6 +153,6 @@ class GraphedMicroStep:
             self.note(f"CUDA graphs off: {self.disabled}; running eagerly")
             return False
         self.graph, self.loss, self.key = graph, loss, key
-        self.note(f"CUDA graphs on: forward + backward of {tuple(next(iter(key))[1])}-shaped micro-batches "
-                  "replayed as one graph")
+        shape = tuple(batch["input_ids"].shape) if torch.is_tensor(batch.get("input_ids")) else key[0][1]
+        self.note(f"CUDA graphs on: forward + backward of {shape} micro-batches replayed as one graph")
         return True

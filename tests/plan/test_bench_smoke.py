@@ -76,3 +76,37 @@ def test_card_slug_and_bad_flags():
         bench.plan_runs(bench.parse_args(["--stacks", "lorafuse,trl"]))
     with pytest.raises(bench.LorafuseError, match="--shape"):
         bench.parse_args(["--shape", "gpt-5"])
+
+
+def test_random_init_is_lorafuse_only():
+    with pytest.raises(bench.LorafuseError, match="--stacks lorafuse"):
+        bench.parse_args(["--random-init", "--stacks", "lorafuse,hf"])
+    with pytest.raises(bench.LorafuseError, match="--stacks lorafuse"):
+        bench.parse_args(["--random-init", "--stacks", "lorafuse", "--table"])
+
+
+def test_prediction_before_the_run_assumes_the_fast_path_on_cuda():
+    args = bench.parse_args(["--shape", "llama2-7b"])
+    assert bench._lorafuse_workload(args, "qlora", {}).kernels == "fused"
+    assert bench._lorafuse_workload(args, "qlora", {"fast_path": {"applied": False}, "fused_loss": False}).kernels \
+        == "reference"
+    cpu = bench.parse_args(["--shape", "llama2-7b", "--device", "cpu"])
+    assert bench._lorafuse_workload(cpu, "qlora", {}).kernels == "reference"
+
+
+@pytest.mark.slow
+def test_random_init_run_with_a_profile(tmp_path, capsys):
+    """--random-init generates the model in the runner (no checkpoint folder is written); --profile writes the
+    profiler's table of 2 more steps; the row carries the planner's prediction made before the run."""
+    models, prof = tmp_path / "models", tmp_path / "prof"
+    rc = bench.main(["--shape", "tiny", "--device", "cpu", "--batch", "2", "--seq", "32", "--steps", "2",
+                     "--warmup", "1", "--stacks", "lorafuse", "--methods", "qlora", "--random-init",
+                     "--out", str(tmp_path), "--model-dir", str(models), "--memory-log", "", "--profile", str(prof)])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "the planner predicts a peak of" in printed
+    row = json.loads(next(tmp_path.glob("*-cpu.jsonl")).read_text().splitlines()[0])
+    assert row["status"] == "ok" and row["random_init"] is True and row["predicted_peak_alloc_gib"] > 0
+    assert not models.exists() or not any(models.iterdir()), "nothing saved with --random-init"
+    table = (prof / "lorafuse-qlora-tiny-2x32.txt").read_text()
+    assert "aten::mm" in table and "by input shape" in table

@@ -105,3 +105,40 @@ def test_another_shape_runs_eagerly_and_still_trains(tiny_model_dir):
     losses, _, step, notes, moved = _train(model, batches, graphed=True)
     assert step.disabled is None and step.replays == 4, notes
     assert moved and all(torch.isfinite(torch.tensor(losses)))
+
+
+class _Recorder(GraphedMicroStep):
+    """GraphedMicroStep with capture and eager replaced by records: the capture policy alone, on a CPU."""
+
+    def __init__(self, **kw):
+        super().__init__(model=None, params=[], loss_fn=None, backward=None, dtype=torch.float32, **kw)
+        self.calls = []
+
+    def eager(self, batch, inv_n, fixed=True):
+        self.calls.append(("eager", tuple(batch["input_ids"].shape), fixed))
+        return torch.zeros(())
+
+    def _capture(self, batch, key):
+        self.calls.append(("capture", tuple(batch["input_ids"].shape)))
+        return False  # as a failed capture: the caller runs the batch eagerly; stop the policy here
+
+
+def _ids(*shape):
+    return {"input_ids": torch.zeros(shape, dtype=torch.long)}
+
+
+def test_capture_waits_for_a_shape_that_repeats():
+    rec = _Recorder(warmup=2)
+    for shape in [(4, 64), (4, 64), (4, 64)]:
+        rec(_ids(*shape), 1.0)
+    assert rec.calls[:3] == [("eager", (4, 64), True), ("eager", (4, 64), True), ("capture", (4, 64))]
+
+
+def test_shapes_that_keep_changing_are_never_captured_and_get_a_note():
+    notes = []
+    rec = _Recorder(warmup=2, note=notes.append)
+    for i in range(60):
+        rec(_ids(4, 32 + i % 7), 1.0)  # padding to each batch's longest: 7 shapes in turn, none a majority
+    assert not [c for c in rec.calls if c[0] == "capture"]
+    assert all(c == ("eager", c[1], False) for c in rec.calls[7:]), "no wasted fixed-shape passes"
+    assert len(notes) == 1 and "data.packing" in notes[0]
