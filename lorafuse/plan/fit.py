@@ -218,6 +218,9 @@ def plan(cfg, gpu_memory=None, gpu: str | None = None) -> Plan:
              budget_source=budget_source, card=card, card_source=card_source)
     if card is not None:
         p.step_s, p.tokens_per_s = speed.step_seconds(w, card), speed.tokens_per_second(w, card)
+        if not card.bf16 and str(cfg.model.compute_dtype) == "bfloat16":
+            p.notes.append(f"the {card.name} has no bfloat16 arithmetic: set model.compute_dtype: float16 (or auto), "
+                           "which trains with a GradScaler at the same memory")
     if budget is None:
         p.notes.append("no GPU visible and no --gpu-memory given: pass --gpu-memory 15GiB (or a card name) "
                        "to check the fit and get a suggestion")

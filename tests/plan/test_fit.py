@@ -140,3 +140,10 @@ def test_targets_resolution():
     assert len(resolve_targets(shape, "all-linear")) == 7
     with pytest.raises(ConfigError, match="matches none"):
         resolve_targets(shape, ["qkv_proj"])
+
+
+def test_bf16_on_a_card_without_bf16_is_flagged():
+    notes = plan(recipe(), gpu_memory="T4").notes
+    assert any("no bfloat16" in n and "float16" in n for n in notes)
+    assert not any("bfloat16" in n for n in plan(recipe("model.compute_dtype=float16"), gpu_memory="T4").notes)
+    assert not any("bfloat16" in n for n in plan(recipe(), gpu_memory="H100").notes)
