@@ -182,8 +182,10 @@ class TrainConfig(_Section):
     optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit"] = Field(
         "paged_adamw_8bit", description="AdamW with fp32 states, 8-bit states, or 8-bit paged states "
         "(no memory spikes; CUDA only).")
-    gradient_checkpointing: bool = Field(True, description="Recompute each layer's activations in backward: "
-                                         "much less memory, for a second forward pass of compute.")
+    gradient_checkpointing: bool | Literal["offload"] = Field(
+        True, description="Recompute each layer's activations in backward: much less memory, for a second forward "
+        "pass of compute. offload: also keep each layer's input in pinned CPU memory until its backward (long "
+        "sequences on small GPUs; costs PCIe traffic and host memory).")
     save_every: int | None = Field(None, ge=1, description="Checkpoint every N optimizer steps; "
                                    "null: at the end of each epoch (always at the end of training).")
     save_total_limit: int = Field(3, ge=1, description="Checkpoints kept on disk; older ones are deleted.")

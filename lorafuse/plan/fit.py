@@ -2,10 +2,11 @@
 
 The search keeps the effective batch (micro_batch_size x grad_accum) and the data, and varies only what does
 not change the optimisation: micro_batch_size over the divisors of the effective batch (grad_accum follows),
-gradient checkpointing off / on (/ offload, once the config can express it). The fastest candidate by
-predicted tokens/s among those whose predicted GPU total fits wins (a config that already fits is changed only
-for a predicted gain of 2% or more); ties go to the smaller peak. Only when
-nothing fits is max_length halved (down to 64), since that changes what the model sees.
+gradient checkpointing off / on. The fastest candidate by predicted tokens/s among those whose predicted GPU
+total fits wins (a config that already fits is changed only for a predicted gain of 2% or more); ties go to
+the smaller peak. When none fits, activation offload (layer inputs in pinned CPU memory) is tried next: it costs
+host memory and PCIe traffic the speed model prices only roughly, so it never displaces an on-GPU setting. Only
+when nothing fits is max_length halved (down to 64), since that changes what the model sees.
 
 `suggest(cfg, gpu_memory)` returns that setting as config overrides ({"train.micro_batch_size": 2, ...},
 keys as `lorafuse train ... key=value` takes them); `next_smaller(cfg)` is the training loop's hook after a
@@ -158,9 +159,8 @@ def _divisors(n: int) -> list[int]:
     return [d for d in range(1, min(n, MAX_MICRO_BATCH) + 1) if n % d == 0]
 
 
-def _candidates(w: Workload, offload: bool):
+def _candidates(w: Workload, policies=("off", "on")):
     effective = w.micro_batch * w.grad_accum
-    policies = ("off", "on", "offload") if offload else ("off", "on")
     for mb in _divisors(effective):
         for policy in policies:
             yield w.with_(micro_batch=mb, grad_accum=effective // mb, checkpointing=policy)
@@ -170,13 +170,14 @@ def fastest_fitting(w: Workload, budget: int, card: speed.Card, offload: bool = 
     """The fastest candidate whose predicted GPU total fits `budget` (max_length halved only if none fits)."""
     seq = w.seq
     while seq >= MIN_MAX_LENGTH:
-        scored = []
-        for cand in _candidates(w.with_(seq=seq), offload):
-            est = estimate(cand)
-            if est.peak <= budget:
-                scored.append((-speed.tokens_per_second(cand, card), est.peak, cand))
-        if scored:
-            return min(scored, key=lambda t: (t[0], t[1]))[2]
+        for policies in (("off", "on"), ("offload",) if offload else ()):
+            scored = []
+            for cand in _candidates(w.with_(seq=seq), policies):
+                est = estimate(cand)
+                if est.peak <= budget:
+                    scored.append((-speed.tokens_per_second(cand, card), est.peak, cand))
+            if scored:
+                return min(scored, key=lambda t: (t[0], t[1]))[2]
         seq //= 2
     return None
 
@@ -233,12 +234,9 @@ def plan(cfg, gpu_memory=None, gpu: str | None = None) -> Plan:
     else:
         p.notes.append(f"nothing fits in {budget / GIB:.1f} GiB, even micro-batch 1 with max_length "
                        f"{MIN_MAX_LENGTH}: use a smaller model, quant nf4, or a larger GPU")
-    shortened = best is not None and best.seq < w.seq
-    if not _offload_supported(cfg) and (best is None or shortened):
-        off = estimate(w.with_(checkpointing="offload", micro_batch=1, grad_accum=w.micro_batch * w.grad_accum))
-        if off.peak <= budget:
-            p.notes.append(f"with activation offload (not yet a config option) micro-batch 1 at max_length "
-                           f"{w.seq} would fit ({off.peak / GIB:.2f} GiB)")
+    if best is not None and best.checkpointing == "offload" and w.checkpointing != "offload":
+        p.notes.append("only activation offload fits at this max_length: the layer inputs wait in pinned CPU "
+                       "memory (host RAM, PCIe traffic each step)")
     return p
 
 

@@ -42,6 +42,8 @@ def graph_blocker(model: nn.Module, device: torch.device, world_size: int = 1) -
         return "CUDA graphs need a CUDA device"
     if not getattr(model, "lorafuse_fast_path", None):
         return "CUDA graphs need the fused fast path (train.fast_path)"
+    if getattr(model, "lorafuse_offload", 0):
+        return "CUDA graphs are not combined with activation offload (train.gradient_checkpointing: offload)"
     if world_size > 1:
         return "CUDA graphs are single-process for now (multi-GPU runs launch eagerly)"
     for name, mod in model.named_modules():

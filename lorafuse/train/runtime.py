@@ -39,8 +39,9 @@ class Precision:
         (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
 
 
-def prepare_model(model, gradient_checkpointing: bool, note=print) -> list[nn.Parameter]:
-    """Checkpointing on (non-reentrant), cache off, trainable tensors in fp32; returns the trainable params."""
+def prepare_model(model, gradient_checkpointing: bool | str, note=print) -> list[nn.Parameter]:
+    """Checkpointing on (non-reentrant; "offload": layer inputs in pinned CPU memory, train/offload.py), cache
+    off, trainable tensors in fp32; returns the trainable params."""
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise LorafuseError("the model has no trainable parameters",
@@ -59,6 +60,10 @@ def prepare_model(model, gradient_checkpointing: bool, note=print) -> list[nn.Pa
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if gradient_checkpointing == "offload" and getattr(model, "supports_gradient_checkpointing", False):
+            from lorafuse.train.offload import install
+
+            note(f"activation offload: the inputs of {install(model)} checkpointed layers wait in pinned CPU memory")
     return params
 
 

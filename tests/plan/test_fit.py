@@ -87,14 +87,18 @@ def test_more_memory_is_never_slower():
     assert speeds == sorted(speeds)
 
 
-def test_max_length_is_cut_only_when_nothing_else_fits():
+def test_offload_then_max_length_only_when_nothing_else_fits():
     cfg = recipe()
     w = workload_from_config(cfg)
-    tightest = w.with_(micro_batch=1, grad_accum=16, checkpointing="on")
-    budget = (estimate(tightest).peak + estimate(tightest.with_(seq=256)).peak) // 2
-    sg = plan(cfg, gpu_memory=budget).suggestion
-    assert sg["overrides"]["data.max_length"] == 256
-    assert plan(cfg, gpu_memory=estimate(tightest).peak).suggestion["max_length"] == 512
+    on_gpu = w.with_(micro_batch=1, grad_accum=16, checkpointing="on")
+    offload = on_gpu.with_(checkpointing="offload")
+    assert estimate(offload).peak < estimate(on_gpu).peak
+    assert plan(cfg, gpu_memory=estimate(on_gpu).peak).suggestion["gradient_checkpointing"] == "on"
+    p = plan(cfg, gpu_memory=(estimate(offload).peak + estimate(on_gpu).peak) // 2)
+    assert p.suggestion["overrides"]["train.gradient_checkpointing"] == "offload"
+    assert p.suggestion["max_length"] == 512 and any("offload" in n for n in p.notes)
+    budget = (estimate(offload).peak + estimate(offload.with_(seq=256)).peak) // 2
+    assert plan(cfg, gpu_memory=budget).suggestion["overrides"]["data.max_length"] == 256
 
 
 def test_next_smaller_walks_down_to_the_floor():
