@@ -16,8 +16,12 @@ The loss is not swapped here: the training loop's chunked loss calls
 `cross_entropy.fused_linear_cross_entropy` on CUDA (see the kernels package docstring).
 
 `apply_fast_path(model)` returns (applied, reason); `use_reference=True` swaps in the same structure
-running the PyTorch references, so the swap itself is tested on a CPU. Dropout masks are drawn per
-call from torch's CPU generator (so checkpoint recompute, which restores RNG state, redraws them).
+running the PyTorch references, so the swap itself is tested on a CPU. Dropout masks come from a seed
+on the device, per LoRA module: (base, module index), with `base` a 0-dim tensor advanced once per training
+forward by a pre-hook on the decoder stack. A checkpoint recompute sees the same base, so it regenerates the
+same masks; a CUDA graph replays the increment, so every replay draws new ones (train/graphs.py); the training
+loop sets the base from the seed, rank and micro-step (`set_dropout_seed`), so a resumed run draws the masks
+an uninterrupted one would.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ from torch import nn
 from . import _runtime
 from .cross_entropy import fused_linear_cross_entropy  # noqa: F401  (re-exported for the training loop)
 from .lora_linear import lora_linear, with_seed
-from .reference import (LoRAWeights, lora_linear_reference, rms_norm_reference, rope_reference,
+from .reference import (DropoutSeed, LoRAWeights, lora_linear_reference, rms_norm_reference, rope_reference,
                         swiglu_mlp_reference)
 from .rmsnorm import rms_norm
 from .rope import apply_rope
@@ -63,8 +67,44 @@ def linear_spec(mod: nn.Module, training: bool) -> LoRAWeights:
     """The operands of a LoRALinear, NF4Linear or nn.Linear as the fused ops take them."""
     if _is_lora(mod):
         p = mod.dropout.p if training and isinstance(mod.dropout, nn.Dropout) else 0.0
-        return LoRAWeights(mod.weight, mod.bias, mod.lora_A.weight, mod.lora_B.weight, mod.scaling, p)
+        seed = getattr(mod, "lorafuse_dropout_seed", None) if p > 0 else None
+        return LoRAWeights(mod.weight, mod.bias, mod.lora_A.weight, mod.lora_B.weight, mod.scaling, p, seed)
     return LoRAWeights(mod.weight, mod.bias)
+
+
+def _advance_dropout_seed(backbone: nn.Module, args, kwargs) -> None:
+    """Forward pre-hook of the decoder stack: a new dropout seed base for each training forward, on the device
+    (a CUDA graph replays the increment). A checkpoint recompute does not run the stack's forward again, so it
+    sees the same base and regenerates the same masks."""
+    if backbone.training and torch.is_grad_enabled():
+        backbone.lorafuse_dropout_base.add_(1)
+
+
+def set_dropout_seed(model: nn.Module, value: int) -> None:
+    """Set the fast path's dropout seed base (the training loop: from the seed, the rank and the micro-step, so a
+    resumed run draws the masks an uninterrupted one would). No-op without the fast path."""
+    base = getattr(getattr(model, "model", None), "lorafuse_dropout_base", None)
+    if base is not None:
+        base.fill_(int(value))
+
+
+def _install_dropout_seeds(model: nn.Module) -> None:
+    backbone = model.model
+    device = next(model.parameters()).device
+    base = torch.zeros((), dtype=torch.int64, device=device)
+    backbone.lorafuse_dropout_base = base
+    for k, mod in enumerate(m for m in backbone.modules() if _is_lora(m)):
+        mod.lorafuse_dropout_seed = DropoutSeed(base, k)
+    backbone.lorafuse_dropout_hook = backbone.register_forward_pre_hook(_advance_dropout_seed, with_kwargs=True)
+
+
+def _remove_dropout_seeds(model: nn.Module) -> None:
+    backbone = model.model
+    backbone.lorafuse_dropout_hook.remove()
+    for mod in backbone.modules():
+        if hasattr(mod, "lorafuse_dropout_seed"):
+            del mod.lorafuse_dropout_seed
+    del backbone.lorafuse_dropout_hook, backbone.lorafuse_dropout_base
 
 
 def _projection_blocker(name: str, mod: nn.Module, dtype: torch.dtype) -> str:
@@ -202,6 +242,7 @@ def apply_fast_path(model: nn.Module, use_reference: bool = False) -> tuple[bool
         _patch_attention(layer.self_attn, ops, arch)
         layer.lorafuse_fast = True
     model.model.norm = FastRMSNorm(model.model.norm, ops)
+    _install_dropout_seeds(model)
     model.lorafuse_fast_path = {"ops": ops.name, "layers": len(model.model.layers)}
     return True, f"fast path on ({ops.name} ops, {len(model.model.layers)} layers)"
 
@@ -222,6 +263,7 @@ def remove_fast_path(model: nn.Module) -> None:
             delattr(attn, name)
         del layer.lorafuse_fast
     model.model.norm = model.model.norm.original
+    _remove_dropout_seeds(model)
     model.lorafuse_fast_path = None
 
 

@@ -24,7 +24,9 @@ from __future__ import annotations
 import torch
 
 from . import _runtime
-from .reference import dropout_seed_key, dropout_threshold
+from .reference import SEED_MUL, DropoutSeed, dropout_threshold
+
+assert SEED_MUL == 0x61C88647, "the kernels below inline reference.SEED_MUL"
 
 if _runtime.HAS_TRITON:
     import triton
@@ -41,9 +43,21 @@ if _runtime.HAS_TRITON:
         return (x >> 8).to(tl.int32) >= thresh
 
     @triton.jit
-    def _keep_mask_kernel(out_ptr, n, key, thresh, BLOCK: tl.constexpr):
+    def _seed_key(seed_ptr, seed_off):
+        # reference.dropout_seed_key of the seed (base * SEED_MUL + off) mod 2^32, base read on the device
+        base = tl.load(seed_ptr).to(tl.uint32).to(tl.uint64)
+        x = (base * 0x61C88647 + seed_off).to(tl.uint32)  # 0x61C88647 == reference.SEED_MUL
+        x ^= x >> 16
+        x = x * 0x21F0AAAD
+        x ^= x >> 15
+        x = x * 0x735A2D97
+        x ^= x >> 15
+        return x & 0x7FFFFFFF
+
+    @triton.jit
+    def _keep_mask_kernel(out_ptr, n, seed_ptr, seed_off, thresh, BLOCK: tl.constexpr):
         idx = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-        tl.store(out_ptr + idx, _keep(key, idx, thresh).to(tl.int8), mask=idx < n)
+        tl.store(out_ptr + idx, _keep(_seed_key(seed_ptr, seed_off), idx, thresh).to(tl.int8), mask=idx < n)
 
     _GEMM_CONFIGS = [
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=w, num_stages=s)
@@ -58,7 +72,7 @@ if _runtime.HAS_TRITON:
                           M, N, K, R, M_BUCKET,
                           stride_xm, stride_xk, stride_wk, stride_wn, stride_sm, stride_sr,
                           stride_lr, stride_ln, stride_cm, stride_cn,
-                          l_scale, drop_key, drop_thresh, drop_scale,
+                          l_scale, drop_seed_ptr, drop_seed_off, drop_thresh, drop_scale,
                           NF4_LOG2: tl.constexpr, HAS_BASE: tl.constexpr, W_NF4: tl.constexpr,
                           HAS_LORA: tl.constexpr, DROP_LORA: tl.constexpr, HAS_BIAS: tl.constexpr,
                           ACCUMULATE: tl.constexpr, PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
@@ -97,7 +111,7 @@ if _runtime.HAS_TRITON:
                          mask=(rr[:, None] < R) & (rn[None, :] < N), other=0.0)
             lora = tl.dot(s, lw, input_precision=PRECISION) * l_scale
             if DROP_LORA:
-                keep = _keep(drop_key, rm[:, None] * N + rn[None, :], drop_thresh)
+                keep = _keep(_seed_key(drop_seed_ptr, drop_seed_off), rm[:, None] * N + rn[None, :], drop_thresh)
                 lora = tl.where(keep, lora * drop_scale, 0.0)
             acc += lora
         if HAS_BIAS:
@@ -116,11 +130,13 @@ if _runtime.HAS_TRITON:
     @_runtime.tuned(_SKINNY_CONFIGS, key=["M_BUCKET", "K", "R"], interpret_meta={"BLOCK_M": 16, "BLOCK_K": 32})
     @triton.jit
     def _dropout_down_kernel(x_ptr, a_ptr, s_ptr, M, K, R, M_BUCKET, stride_xm, stride_xk, stride_ar, stride_ak,
-                             drop_key, drop_thresh, drop_scale, PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
+                             drop_seed_ptr, drop_seed_off, drop_thresh, drop_scale, PRECISION: tl.constexpr,
+                             BLOCK_R: tl.constexpr,
                              BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
         rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         rr = tl.arange(0, BLOCK_R)
         acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        drop_key = _seed_key(drop_seed_ptr, drop_seed_off)
         for k0 in range(0, K, BLOCK_K):
             kk = k0 + tl.arange(0, BLOCK_K)
             x = tl.load(x_ptr + rm[:, None].to(tl.int64) * stride_xm + kk[None, :] * stride_xk,
@@ -137,7 +153,7 @@ if _runtime.HAS_TRITON:
     @triton.jit
     def _dropout_grad_a_kernel(ds_ptr, x_ptr, part_ptr, M, K, R, M_BUCKET, rows_per_split,
                                stride_dsm, stride_dsr, stride_xm, stride_xk,
-                               drop_key, drop_thresh, drop_scale, PRECISION: tl.constexpr,
+                               drop_seed_ptr, drop_seed_off, drop_thresh, drop_scale, PRECISION: tl.constexpr,
                                BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
         # program (k tile, split): partial dA over rows [split * rows_per_split, ...) -> part[split]
         pid_k, split = tl.program_id(0), tl.program_id(1)
@@ -146,6 +162,7 @@ if _runtime.HAS_TRITON:
         acc = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
         m_start = split * rows_per_split
         m_end = tl.minimum(m_start + rows_per_split, M)
+        drop_key = _seed_key(drop_seed_ptr, drop_seed_off)
         for m0 in range(m_start, m_end, BLOCK_M):
             rm = m0 + tl.arange(0, BLOCK_M)
             ds_t = tl.load(ds_ptr + rm[None, :] * stride_dsm + rr[:, None] * stride_dsr,
@@ -190,14 +207,26 @@ if _runtime.HAS_TRITON:
                  mask=(rm[:, None] < M) & r_mask)
 
 
-class Dropout:
-    """Host-side constants of one dropout mask: the hashed seed key, the integer threshold, 1/(1-p)."""
+_ZERO_BASE: dict = {}
 
-    def __init__(self, p: float, seed: int):
+
+class Dropout:
+    """One dropout mask's arguments: the seed (an int, or a DropoutSeed read by the kernel on the device),
+    the integer threshold, 1/(1-p). The kernels hash (base * SEED_MUL + offset) into the key themselves."""
+
+    def __init__(self, p: float, seed):
         self.p, self.seed = p, seed
-        self.key = dropout_seed_key(seed)
         self.thresh = dropout_threshold(p)
         self.scale = 1.0 / (1.0 - p)
+
+    def seed_args(self, device) -> tuple[torch.Tensor, int]:
+        """(base tensor, offset): a DropoutSeed's own, or (a zero base, the int seed)."""
+        if isinstance(self.seed, DropoutSeed):
+            return self.seed.base, self.seed.offset
+        key = str(device)
+        if key not in _ZERO_BASE:
+            _ZERO_BASE[key] = torch.zeros((), dtype=torch.int64, device=device)
+        return _ZERO_BASE[key], int(self.seed) & 0xFFFFFFFF
 
 
 def _block_r(r: int) -> int:
@@ -213,12 +242,13 @@ def _check_counters(rows: int, cols: int) -> None:
         raise ValueError(f"dropout counters overflow int32 at {rows} x {cols}; use fewer tokens per micro-batch")
 
 
-def keep_mask(seed: int, rows: int, cols: int, p: float, device) -> torch.Tensor:
-    """The kernels' dropout mask as a bool (rows, cols) tensor (tests and debugging)."""
+def keep_mask(seed, rows: int, cols: int, p: float, device) -> torch.Tensor:
+    """The kernels' dropout mask as a bool (rows, cols) tensor (tests and debugging); seed: int or DropoutSeed."""
     _check_counters(rows, cols)
     out = torch.empty(rows * cols, dtype=torch.int8, device=device)
-    _keep_mask_kernel[(triton.cdiv(rows * cols, 1024),)](out, rows * cols, dropout_seed_key(seed),
-                                                          dropout_threshold(p), BLOCK=1024)
+    base, off = Dropout(p, seed).seed_args(device)
+    _keep_mask_kernel[(triton.cdiv(rows * cols, 1024),)](out, rows * cols, base, off, dropout_threshold(p),
+                                                          BLOCK=1024)
     return out.view(rows, cols).bool()
 
 
@@ -257,7 +287,8 @@ def fused_gemm(out: torch.Tensor, x: torch.Tensor | None = None, *, w=None, w_nf
         s.stride(0) if s is not None else 0, s.stride(1) if s is not None else 0,
         rhs.stride(0) if rhs is not None else 0, rhs.stride(1) if rhs is not None else 0,
         out.stride(0), out.stride(1),
-        float(l_scale), drop.key if drop else 0, drop.thresh if drop else 0, drop.scale if drop else 1.0,
+        float(l_scale), *(drop.seed_args(out.device) if drop else (dummy, 0)), drop.thresh if drop else 0,
+        drop.scale if drop else 1.0,
         NF4_LOG2=(w_nf4.blocksize.bit_length() - 1) if w_nf4 is not None else 0,
         HAS_BASE=has_base, W_NF4=w_nf4 is not None, HAS_LORA=s is not None, DROP_LORA=drop is not None,
         HAS_BIAS=bias is not None, ACCUMULATE=accumulate, PRECISION=_runtime.dot_precision(out.dtype),
@@ -274,7 +305,8 @@ def dropout_down(x: torch.Tensor, a: torch.Tensor, drop: Dropout) -> torch.Tenso
     s = torch.empty(M, r, dtype=x.dtype, device=x.device)
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]),)  # noqa: E731
     _dropout_down_kernel[grid](x, a, s, M, K, r, _bucket(M), x.stride(0), x.stride(1), a.stride(0), a.stride(1),
-                               drop.key, drop.thresh, drop.scale, PRECISION=_runtime.dot_precision(x.dtype),
+                               *drop.seed_args(x.device), drop.thresh, drop.scale,
+                               PRECISION=_runtime.dot_precision(x.dtype),
                                BLOCK_R=_block_r(r))
     return s
 
@@ -291,7 +323,7 @@ def dropout_grad_a(ds: torch.Tensor, x: torch.Tensor, drop: Dropout, splits: int
     part = torch.empty(splits, r, K, dtype=torch.float32, device=x.device)
     grid = lambda meta: (triton.cdiv(K, meta["BLOCK_K"]), splits)  # noqa: E731
     _dropout_grad_a_kernel[grid](ds, x, part, M, K, r, _bucket(M), rows_per_split, ds.stride(0), ds.stride(1),
-                                 x.stride(0), x.stride(1), drop.key, drop.thresh, drop.scale,
+                                 x.stride(0), x.stride(1), *drop.seed_args(x.device), drop.thresh, drop.scale,
                                  PRECISION=_runtime.dot_precision(x.dtype), BLOCK_R=_block_r(r))
     return part.sum(0)  # a fixed-order sum: deterministic, unlike atomics
 

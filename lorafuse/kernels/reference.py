@@ -45,9 +45,33 @@ def mix32(x):
     return x ^ (x >> 15)
 
 
-def dropout_seed_key(seed: int) -> int:
+SEED_MUL = 0x61C88647  # odd, < 2**31: spreads a device seed base over 32 bits (the kernels use the same)
+
+
+@dataclass(frozen=True)
+class DropoutSeed:
+    """A dropout seed that lives on the device: seed = (base * SEED_MUL + offset) mod 2**32.
+
+    `base` is a 0-dim int64 tensor that the fast path advances once per training forward, ON the device (so a
+    CUDA graph replay advances it too); `offset` is fixed per LoRA module, so a checkpoint recompute of the
+    same module in the same micro-step regenerates the same mask, and every module gets its own. The kernels
+    read `base` through a pointer; `value()` reads it on the host (references and tests; a sync on CUDA).
+    """
+    base: torch.Tensor
+    offset: int
+
+    def value(self) -> int:
+        return (int(self.base.item()) % 2**32 * SEED_MUL + self.offset) & _M32
+
+
+def seed_value(seed) -> int:
+    """The integer seed of an int or a DropoutSeed."""
+    return seed.value() if isinstance(seed, DropoutSeed) else int(seed)
+
+
+def dropout_seed_key(seed) -> int:
     """The per-call key XORed into every element counter (31 bits: it travels as a Triton int32)."""
-    return mix32(int(seed) & _M32) & 0x7FFFFFFF
+    return mix32(seed_value(seed) & _M32) & 0x7FFFFFFF
 
 
 def dropout_threshold(p: float) -> int:
@@ -67,7 +91,8 @@ class LoRAWeights:
 
     weight: (out, in) dense tensor (frozen) or an NF4Weight. lora_A: (r, in), lora_B: (out, r), usually
     fp32 Parameters; None for a plain (non-LoRA) linear. seed: the dropout mask's seed, needed when
-    dropout_p > 0 (the caller draws it, so a checkpoint recompute can redraw the same one).
+    dropout_p > 0: an int the caller draws (so a checkpoint recompute can redraw the same one), or a
+    DropoutSeed on the device (the fast path's: per module, advanced per forward, CUDA-graph safe).
     """
 
     weight: object
@@ -76,7 +101,7 @@ class LoRAWeights:
     lora_B: torch.Tensor | None = None
     scaling: float = 1.0
     dropout_p: float = 0.0
-    seed: int | None = None
+    seed: "int | DropoutSeed | None" = None
 
     @property
     def is_nf4(self) -> bool:

@@ -22,10 +22,12 @@ Anything the capture cannot record (a host synchronisation inside the model, a k
 captured) turns graphs off for the run with a one-line reason; that micro-batch runs eagerly, nothing lost.
 
 Conditions (`graph_blocker`): CUDA; the fused fast path applied (its kernels are capture-safe; the fused
-loss switches to a fixed-shape pass while capturing, kernels/cross_entropy.py); no LoRA dropout (the mask
-seed is drawn on the host per call, so a graph would replay one mask forever); one process (the multi-GPU
-gradient all-reduce rebinds gradients). Gradient checkpointing stays on; its RNG bookkeeping is turned off
-for the captured layers, which is exact here because nothing in them draws random numbers (no dropout).
+loss switches to a fixed-shape pass while capturing, kernels/cross_entropy.py); LoRA dropout only through the
+fast path's device-side seeds (kernels/fast_path.py: a per-module offset on a base the decoder stack advances
+on the device at each forward, so every replay draws new masks and a recompute regenerates the forward's);
+one process (the multi-GPU gradient all-reduce rebinds gradients); no activation offload. Gradient
+checkpointing stays on; its RNG bookkeeping is turned off for the captured layers, which is exact because
+nothing in them draws from torch's generators (the dropout masks come from the device seed).
 """
 
 from __future__ import annotations
@@ -48,9 +50,10 @@ def graph_blocker(model: nn.Module, device: torch.device, world_size: int = 1) -
         return "CUDA graphs are single-process for now (multi-GPU runs launch eagerly)"
     for name, mod in model.named_modules():
         drop = getattr(mod, "dropout", None)
-        if hasattr(mod, "lora_A") and isinstance(drop, nn.Dropout) and drop.p > 0:
-            return (f"LoRA dropout {drop.p} on {name}: a graph would replay one dropout mask "
-                    "(set lora.dropout: 0 for CUDA graphs)")
+        if hasattr(mod, "lora_A") and isinstance(drop, nn.Dropout) and drop.p > 0 \
+                and getattr(mod, "lorafuse_dropout_seed", None) is None:
+            return (f"LoRA dropout {drop.p} on {name} without a device-side seed: a graph would replay one "
+                    "dropout mask (set lora.dropout: 0 for CUDA graphs)")
     return None
 
 

@@ -156,3 +156,40 @@ GPU_SHAPES = [(2048, 4096, 4096, 16), (2048, 4096, 11008, 16), (2048, 11008, 409
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_lora_linear_parity_gpu(shape, base, path, dropout, dtype, monkeypatch, parity):
     _check(base, path, dropout, dtype, shape, False, torch.device("cuda"), monkeypatch, parity)
+
+
+def test_device_seed_mask_matches_reference(device):
+    """A DropoutSeed is hashed by the kernel from its base tensor (read on the device) and its offset; the
+    mask equals the reference's for the same integer seed, and advancing the base changes it."""
+    from lorafuse.kernels.reference import DropoutSeed
+
+    base = torch.tensor(41, dtype=torch.int64, device=device)
+    seed = DropoutSeed(base, 5)
+    got = keep_mask(seed, 37, 45, 0.3, device)
+    assert torch.equal(got.cpu(), dropout_keep_mask_reference(seed.value(), 37, 45, 0.3))
+    assert seed.value() == (41 * 0x61C88647 + 5) % 2**32
+    base.add_(1)
+    assert not torch.equal(got, keep_mask(seed, 37, 45, 0.3, device)), "a new base must give a new mask"
+    assert not torch.equal(got, keep_mask(DropoutSeed(torch.tensor(41, device=device), 6), 37, 45, 0.3, device))
+    big = DropoutSeed(torch.tensor(2**40 + 3, dtype=torch.int64, device=device), 2)  # bases wrap mod 2**32
+    assert torch.equal(keep_mask(big, 8, 8, 0.5, device).cpu(), dropout_keep_mask_reference(big.value(), 8, 8, 0.5))
+
+
+@pytest.mark.parametrize("base,path", [("nf4", "cublas"), ("dense", "fused")])
+def test_lora_linear_with_a_device_seed(base, path, device, monkeypatch, parity):
+    """The fast path's seeds (DropoutSeed: a base on the device + a module offset) through every dropout
+    kernel (down-projection, dA, the masked dS A term): same results as the reference with that seed."""
+    from lorafuse.kernels.reference import DropoutSeed
+
+    monkeypatch.setattr(ll, "NF4_FUSED_MAX_M", 10**9 if path == "fused" else 0)
+    monkeypatch.setattr(ll, "DENSE_FUSED_MAX_M", 10**9 if path == "fused" else 0)
+    x, lw, dy = _problem(ODD, base, 0.25, False, device)
+    lw = dataclasses.replace(lw, seed=DropoutSeed(torch.tensor(77, dtype=torch.int64, device=device), 3))
+    oracle = _run(lora_linear_reference, x, _oracle_lw(lw), dy, torch.float64)
+    ref = _run(lora_linear_reference, x, _cast(lw, torch.float32), dy, torch.float32)
+    got = _run(ll.lora_linear, x, _cast(lw, torch.float32), dy, torch.float32)
+    for name in oracle:
+        parity(f"device-seed/{base}/{path}/{name}", got[name], ref[name], oracle[name])
+    other = _run(ll.lora_linear, x, _cast(dataclasses.replace(lw, seed=DropoutSeed(lw.seed.base, 4)),
+                                            torch.float32), dy, torch.float32)
+    assert not torch.equal(other["y"], got["y"]), "another module offset, another mask"

@@ -80,17 +80,18 @@ def _train(model, batches, graphed: bool, accum: int = 2):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("quant", ["nf4", "none"])
-def test_replayed_steps_train_exactly_as_eager_steps(tiny_model_dir, quant):
+@pytest.mark.parametrize("quant,dropout", [("nf4", 0.0), ("none", 0.0), ("nf4", 0.1)])
+def test_replayed_steps_train_exactly_as_eager_steps(tiny_model_dir, quant, dropout):
     """10 micro-batches, accumulation 2: two eager warm-ups, a capture, then replays. Losses and the trained
-    LoRA tensors equal those of the same run done eagerly, bit for bit (the same kernels run in the same order)."""
+    LoRA tensors equal those of the same run done eagerly, bit for bit (the same kernels run in the same order;
+    with dropout, the replayed seed increment draws the masks the eager forwards draw)."""
     batches = _batches(512, 10)
     torch.manual_seed(0)
-    eager_losses, eager_params, _, _, eager_moved = _train(_lora_model(tiny_model_dir, quant=quant, device="cuda",
-                                                          dtype="bfloat16"), batches, graphed=False)
+    eager_losses, eager_params, _, _, eager_moved = _train(
+        _lora_model(tiny_model_dir, dropout, quant=quant, device="cuda", dtype="bfloat16"), batches, graphed=False)
     torch.manual_seed(0)
-    graph_losses, graph_params, step, notes, graph_moved = _train(_lora_model(tiny_model_dir, quant=quant, device="cuda",
-                                                                 dtype="bfloat16"), batches, graphed=True)
+    graph_losses, graph_params, step, notes, graph_moved = _train(
+        _lora_model(tiny_model_dir, dropout, quant=quant, device="cuda", dtype="bfloat16"), batches, graphed=True)
     assert step.disabled is None, notes
     assert step.replays == 8  # micro-batches 3..10: 1 and 2 warm up eagerly, 3 is captured, then all replay
     assert graph_losses == eager_losses
@@ -142,3 +143,26 @@ def test_shapes_that_keep_changing_are_never_captured_and_get_a_note():
     assert not [c for c in rec.calls if c[0] == "capture"]
     assert all(c == ("eager", c[1], False) for c in rec.calls[7:]), "no wasted fixed-shape passes"
     assert len(notes) == 1 and "data.packing" in notes[0]
+
+
+def test_dropout_through_the_fast_path_seeds_allows_graphs(tiny_model_dir):
+    from lorafuse.kernels.fast_path import apply_fast_path
+
+    model = _lora_model(tiny_model_dir, dropout=0.1)
+    assert apply_fast_path(model, use_reference=True)[0]
+    assert graph_blocker(model, torch.device("cuda")) is None
+
+
+def test_loop_dropout_base_depends_on_seed_rank_and_step():
+    from types import SimpleNamespace
+
+    from lorafuse.train.loop import TrainingLoop
+
+    def base(seed, rank, step, accum=4):
+        fake = SimpleNamespace(tc=SimpleNamespace(seed=seed, grad_accum=accum), world=SimpleNamespace(rank=rank))
+        return TrainingLoop._dropout_base(fake, step)
+
+    assert base(0, 0, 5) == base(0, 0, 5)  # a resumed run recomputes the same value
+    assert base(0, 0, 5) - base(0, 0, 4) == 256  # room for every micro-batch of a step (each forward adds 1)
+    assert len({base(0, 0, 0), base(1, 0, 0), base(0, 1, 0)}) == 3
+    assert base(0, 0, 1, accum=300) - base(0, 0, 0, accum=300) == 512
