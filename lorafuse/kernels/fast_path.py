@@ -33,6 +33,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from lorafuse.train.graphs import set_dropout_seed  # noqa: F401  (re-exported: the loop sets it per step)
+
 from . import _runtime
 from .cross_entropy import fused_linear_cross_entropy  # noqa: F401  (re-exported for the training loop)
 from .lora_linear import lora_linear, with_seed
@@ -78,14 +80,6 @@ def _advance_dropout_seed(backbone: nn.Module, args, kwargs) -> None:
     sees the same base and regenerates the same masks."""
     if backbone.training and torch.is_grad_enabled():
         backbone.lorafuse_dropout_base.add_(1)
-
-
-def set_dropout_seed(model: nn.Module, value: int) -> None:
-    """Set the fast path's dropout seed base (the training loop: from the seed, the rank and the micro-step, so a
-    resumed run draws the masks an uninterrupted one would). No-op without the fast path."""
-    base = getattr(getattr(model, "model", None), "lorafuse_dropout_base", None)
-    if base is not None:
-        base.fill_(int(value))
 
 
 def _install_dropout_seeds(model: nn.Module) -> None:

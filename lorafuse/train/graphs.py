@@ -161,3 +161,32 @@ class GraphedMicroStep:
         shape = tuple(batch["input_ids"].shape) if torch.is_tensor(batch.get("input_ids")) else key[0][1]
         self.note(f"CUDA graphs on: forward + backward of {shape} micro-batches replayed as one graph")
         return True
+
+
+def for_loop(loop):
+    """The training loop's GraphedMicroStep (or None, with the reason noted): its model, precision and loss."""
+    from lorafuse.train.loss import lm_loss_sum
+
+    blocker = graph_blocker(loop.model, loop.device, loop.world.size)
+    if blocker:
+        loop._note(f"CUDA graphs off: {blocker}")
+        return None
+    model, head, fused = loop.model, loop.head, loop.fused
+    return GraphedMicroStep(model, loop.params, lambda b: lm_loss_sum(model, b, head, fused),
+                            loop.precision.backward, loop.precision.dtype, note=loop._note)
+
+
+def dropout_seed_base(seed: int, rank: int, grad_accum: int, step: int) -> int:
+    """The fast path's dropout seed base at an optimizer step (each micro-batch's forward then adds 1): from the
+    seed and the rank, so ranks draw different masks and a resumed run draws an uninterrupted run's."""
+    from lorafuse.kernels.reference import mix32
+
+    stride = 256 if grad_accum < 256 else 1 << grad_accum.bit_length()
+    return (mix32((seed * 1_000_003 + rank) & 0xFFFFFFFF) + step * stride) % 2**32
+
+
+def set_dropout_seed(model: nn.Module, value: int) -> None:
+    """Set the fast path's dropout seed base (kernels/fast_path.py); a no-op without the fast path."""
+    base = getattr(getattr(model, "model", None), "lorafuse_dropout_base", None)
+    if base is not None:
+        base.fill_(int(value))

@@ -180,27 +180,13 @@ class TrainingLoop:
         maybe_apply_fast_path(self.model, mode, log=self._note)
         return _runtime.HAS_TRITON and self.device.type == "cuda"
 
-    def _dropout_base(self, step: int) -> int:
-        """The fast path's dropout seed base at an optimizer step (each micro-batch's forward adds 1): from the
-        seed and the rank, so ranks differ and a resumed run draws an uninterrupted run's masks."""
-        from lorafuse.kernels.reference import mix32
-
-        stride = 256 if self.tc.grad_accum < 256 else 1 << self.tc.grad_accum.bit_length()
-        return (mix32((self.tc.seed * 1_000_003 + self.world.rank) & 0xFFFFFFFF) + step * stride) % 2**32
-
     def _cuda_graphs(self, mode: str):
         """A GraphedMicroStep when train.cuda_graphs allows and the run qualifies (train/graphs.py), else None."""
         if mode == "off" or self.device.type != "cuda":
             return None
-        from lorafuse.train.graphs import GraphedMicroStep, graph_blocker
+        from lorafuse.train.graphs import for_loop
 
-        blocker = graph_blocker(self.model, self.device, self.world.size)
-        if blocker:
-            self._note(f"CUDA graphs off: {blocker}")
-            return None
-        model, head, fused = self.model, self.head, self.fused
-        return GraphedMicroStep(model, self.params, lambda b: lm_loss_sum(model, b, head, fused),
-                                self.precision.backward, self.precision.dtype, note=self._note)
+        return for_loop(self)
 
     # ------------------------------------------------------------------------------------- resume
     def resume(self, folder: Path) -> None:
@@ -269,9 +255,9 @@ class TrainingLoop:
         st = self.state
         lr = self.schedule.apply(self.optimizer, st.step)
         if getattr(self.model, "lorafuse_fast_path", None):  # its dropout masks: a function of the step
-            from lorafuse.kernels.fast_path import set_dropout_seed
+            from lorafuse.train.graphs import dropout_seed_base, set_dropout_seed
 
-            set_dropout_seed(self.model, self._dropout_base(st.step))
+            set_dropout_seed(self.model, dropout_seed_base(self.tc.seed, self.world.rank, self.tc.grad_accum, st.step))
         n_target, n_input = self.world.all_reduce_sum([sum(count_targets(b) for b in batches),
                                                         sum(count_inputs(b) for b in batches)])
         total = self.oom.accumulate(batches, n_target)  # forward/backward; after an OOM: smaller, retried once

@@ -154,15 +154,9 @@ def test_dropout_through_the_fast_path_seeds_allows_graphs(tiny_model_dir):
 
 
 def test_loop_dropout_base_depends_on_seed_rank_and_step():
-    from types import SimpleNamespace
+    from lorafuse.train.graphs import dropout_seed_base as base
 
-    from lorafuse.train.loop import TrainingLoop
-
-    def base(seed, rank, step, accum=4):
-        fake = SimpleNamespace(tc=SimpleNamespace(seed=seed, grad_accum=accum), world=SimpleNamespace(rank=rank))
-        return TrainingLoop._dropout_base(fake, step)
-
-    assert base(0, 0, 5) == base(0, 0, 5)  # a resumed run recomputes the same value
-    assert base(0, 0, 5) - base(0, 0, 4) == 256  # room for every micro-batch of a step (each forward adds 1)
-    assert len({base(0, 0, 0), base(1, 0, 0), base(0, 1, 0)}) == 3
-    assert base(0, 0, 1, accum=300) - base(0, 0, 0, accum=300) == 512
+    assert base(0, 0, 4, 5) == base(0, 0, 4, 5)  # a resumed run recomputes the same value
+    assert base(0, 0, 4, 5) - base(0, 0, 4, 4) == 256  # room for every micro-batch of a step (each forward adds 1)
+    assert len({base(0, 0, 4, 0), base(1, 0, 4, 0), base(0, 1, 4, 0)}) == 3
+    assert base(0, 0, 300, 1) - base(0, 0, 300, 0) == 512
