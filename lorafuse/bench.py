@@ -76,6 +76,8 @@ def parse_args(argv):
     p.add_argument("--full-optimizer", default="adamw", choices=("adamw", "paged_adamw_8bit", "adamw_8bit"),
                    help="optimizer of the full fine-tuning row (torch AdamW: states counted on the GPU)")
     p.add_argument("--no-gc", action="store_true", help="no gradient checkpointing (default: on, as the seed)")
+    p.add_argument("--offload", action="store_true", help="lorafuse only: checkpointing with the layer inputs in "
+                   "pinned CPU memory (train.gradient_checkpointing: offload)")
     p.add_argument("--no-fast-path", action="store_true", help="lorafuse without its fused kernels")
     p.add_argument("--no-graphs", action="store_true", help="lorafuse without CUDA graphs (eager launches)")
     p.add_argument("--model-dir", default=os.environ.get("LORAFUSE_BENCH_DIR", "/tmp/lorafuse-bench"),
@@ -86,6 +88,9 @@ def parse_args(argv):
     if args.shape not in builtin_names():
         raise LorafuseError(f"unknown --shape {args.shape!r}", f"use one of {', '.join(builtin_names())}")
     args.dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
+    if args.offload and (args.no_gc or args.table or _split(args.stacks, STACKS, "--stacks") != ["lorafuse"]):
+        raise LorafuseError("--offload is lorafuse's checkpointing policy (the peers have their own)",
+                            "add --stacks lorafuse, and drop --no-gc and --table")
     if args.random_init and (args.table or _split(args.stacks, STACKS, "--stacks") != ["lorafuse"]):
         raise LorafuseError("--random-init runs lorafuse only (the peers load a checkpoint folder)",
                             "add --stacks lorafuse (and drop --table), or leave out --random-init")
@@ -199,7 +204,7 @@ def _spec(args, stack: str, method: str, folder: Path) -> dict:
             "vocab_size": builtin_shape(args.shape).vocab_size, "batch": args.batch, "seq": args.seq,
             "steps": args.steps, "warmup": args.warmup, "device": args.device, "dtype": args.dtype, "r": args.r,
             "alpha": args.alpha, "dropout": args.dropout, "optimizer": args.optimizer,
-            "full_optimizer": args.full_optimizer, "gc": not args.no_gc,
+            "full_optimizer": args.full_optimizer, "gc": "offload" if args.offload else not args.no_gc,
             "fast_path": "off" if args.no_fast_path else "auto", "seed": args.seed,
             "cuda_graphs": not args.no_graphs, "random_init": args.random_init, "budget_gib": args.budget_gib, "profile_dir": args.profile}
 
@@ -210,7 +215,8 @@ def _workload(args, method: str, kernels: str = "reference", loss: str = "chunke
                     r=args.r, targets=PROJECTIONS, dropout=args.dropout,
                     compute_bytes=4 if args.dtype == "float32" else 2,
                     optimizer=args.full_optimizer if full else args.optimizer,
-                    checkpointing="off" if args.no_gc else "on", loss=loss, kernels=kernels, padded=False,
+                    checkpointing="off" if args.no_gc else "offload" if args.offload else "on", loss=loss,
+                    kernels=kernels, padded=False,
                     autocast=args.device == "cuda")
 
 
@@ -251,7 +257,8 @@ def _row(args, run_id: str, stack: str, method: str, probe: dict, result: dict, 
     row = {"run": run_id, "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
            "card": probe.get("card", "unknown"), "device": args.device, "stack": stack, "method": method,
            "shape": args.shape, "batch": args.batch, "seq": args.seq, "steps": args.steps, "warmup": args.warmup,
-           "r": args.r, "alpha": args.alpha, "dropout": args.dropout, "gc": not args.no_gc, "dtype": args.dtype,
+           "r": args.r, "alpha": args.alpha, "dropout": args.dropout,
+           "gc": "offload" if args.offload else not args.no_gc, "dtype": args.dtype,
            "optimizer": args.full_optimizer if method == "full" else args.optimizer,
            "commit": commit[0], "dirty": commit[1], "torch": probe.get("torch"),
            "transformers": probe.get("transformers"), "status": "error", "reason": None, "step_s": None,

@@ -110,3 +110,11 @@ def test_random_init_run_with_a_profile(tmp_path, capsys):
     assert not models.exists() or not any(models.iterdir()), "nothing saved with --random-init"
     table = (prof / "lorafuse-qlora-tiny-2x32.txt").read_text()
     assert "aten::mm" in table and "by input shape" in table
+
+
+def test_offload_flag_is_lorafuse_checkpointing():
+    with pytest.raises(bench.LorafuseError, match="--stacks lorafuse"):
+        bench.parse_args(["--offload"])
+    args = bench.parse_args(["--offload", "--stacks", "lorafuse"])
+    assert bench._spec(args, "lorafuse", "qlora", None)["gc"] == "offload"
+    assert bench._lorafuse_workload(args, "qlora", {}).checkpointing == "offload"
