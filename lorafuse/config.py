@@ -205,10 +205,10 @@ class TrainConfig(_Section):
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when available, else CPU.")
     fast_path: Literal["auto", "on", "off"] = Field("auto", description="Fused Triton kernels: auto (on a CUDA "
                                                     "GPU with triton), on (error if unavailable), off.")
-    cuda_graphs: Literal["auto", "off"] = Field("auto", description="auto: with the fast path on one GPU and LoRA "
-                                                "dropout 0, each micro-batch's forward + backward replays as one "
-                                                "CUDA graph once its shape repeats (packed or full-length rows); "
-                                                "the reason is printed when it cannot.")
+    cuda_graphs: Literal["auto", "off"] = Field("auto", description="auto: with the fast path on one GPU, each "
+                                                "micro-batch's forward + backward replays as one CUDA graph once its "
+                                                "shape repeats (packed rows; padded rows are rounded to a multiple of "
+                                                "64 on CUDA, so a few shapes); the reason is printed when it cannot.")
 
     @field_validator("fast_path", "cuda_graphs", mode="before")
     @classmethod

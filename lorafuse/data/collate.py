@@ -4,7 +4,7 @@ Order: epoch e uses the permutation `numpy.random.default_rng([seed, e])` (no gl
 epoch e is a pure function of (data, settings, seed, e, k); `epoch_batches(e, start=k)` resumes exactly there.
 
 Padding mode (`packing=False`): `micro_batch_size` examples per batch, right-padded to the longest one (rounded up
-to `pad_to_multiple_of`). Keys, tensors of shape (B, T):
+to `pad_to_multiple_of`, but never past max_length; the training run uses 64 on CUDA). Keys, tensors of shape (B, T):
     input_ids  int64, pad positions = pad_id
     labels     int64, pad positions = -100 (set directly, never by comparing with pad_id, so EOS == PAD stays trained)
     attention_mask int64, 1 = real token
@@ -116,7 +116,7 @@ class Batcher:
                  for i in unit] for unit in units]
         width = max(sum(len(ids) for ids, _ in row) for row in rows)
         m = self.pad_to_multiple_of
-        width = -(-width // m) * m
+        width = max(width, min(-(-width // m) * m, self.max_length))  # rounded up, never past max_length
         B = len(rows)
         input_ids = torch.full((B, width), self.pad_id, dtype=torch.long)
         labels = torch.full((B, width), IGNORE, dtype=torch.long)

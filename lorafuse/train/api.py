@@ -312,7 +312,11 @@ def _batchers(cfg, tokenizer, out: Path, console, world):
                                                  cache_dir=dc.cache_dir or str(out / ".cache"))
     for line in stats.summary():
         console.print(line, highlight=False)
-    common = dict(pad_id=tokenizer.pad_token_id, packing=dc.packing, max_length=dc.max_length, seed=tc.seed)
+    # On CUDA, padded rows are padded to a multiple of 64: a few distinct shapes, so CUDA graphs can capture them
+    # (train/graphs.py), and tensor-core friendly sizes; the pads carry no loss and no attention.
+    multiple = 64 if world.device.type == "cuda" and not dc.packing else 1
+    common = dict(pad_id=tokenizer.pad_token_id, packing=dc.packing, max_length=dc.max_length, seed=tc.seed,
+                  pad_to_multiple_of=multiple)
     train_b = Batcher(train_ds, tc.micro_batch_size, shuffle=dc.shuffle, num_shards=world.size, shard=world.rank,
                       **common)  # validation stays whole: evaluate() strides over it, so no batch is dropped
     # Eval batches are never larger than train micro-batches unless asked: eval must not be what OOMs.

@@ -6,18 +6,18 @@ kernel launches (224 LoRA linears, each with its rank-r GEMMs, forward, recomput
 launches the whole recorded forward + backward at once, so the step becomes GPU-bound.
 
 How (`GraphedMicroStep`):
-  1. Micro-batches run eagerly (they are real training steps) until one shape has been seen `warmup` times
-     and makes up at least half of the micro-batches so far: Triton autotuning, cuBLAS workspaces and lazily
-     sized buffers (the NF4 dequantize buffer) settle in those steps. Packed or fixed-length rows qualify at
-     once; rows padded to each batch's longest rarely do, and then nothing is captured (a note says so):
-     a graph's memory pool for a shape that seldom comes back would cost memory for no speed.
-  2. The next micro-batch of that shape is captured: static input tensors, `loss_sum = loss_fn(batch)` under autocast (its cast
+  1. Each shape's first `warmup` micro-batches run eagerly (they are real training steps): Triton autotuning,
+     cuBLAS workspaces and lazily sized buffers (the NF4 dequantize buffer) settle in those steps.
+  2. Its next micro-batch is captured (up to MAX_GRAPHS shapes; all graphs share ONE memory pool, which is safe
+     because nothing but the loss outlives a replay, and the loss is copied out at once): static input tensors, `loss_sum = loss_fn(batch)` under autocast (its cast
      cache off, as capture requires), backward of `loss_sum * inv_n` with `inv_n` a static scalar that the
      caller sets before each replay (token-normalised accumulation). Gradients exist before capture (zeros
      where missing), so the recorded backward ACCUMULATES into the same .grad tensors: accumulation over
      micro-batches works, and the caller must zero gradients in place (`zero_grad(set_to_none=False)`).
-  3. Every later micro-batch of that shape copies its tensors into the static inputs and replays. A batch of
-     another shape runs eagerly (one graph per run: its private memory pool holds the step's activations).
+  3. Every later micro-batch of that shape copies its tensors into the static inputs and replays.
+Shapes: packed rows have one; padded rows are padded to a multiple of 64 on CUDA (train/api.py), so a 512-token
+run has at most 8 lengths; a padded batch's (B, T) attention mask becomes the (B, 1, T, T) bool mask SDPA takes
+as given (`prepare`), since transformers' 2-D mask handling makes data-dependent checks a capture cannot record.
 Anything the capture cannot record (a host synchronisation inside the model, a kernel that cannot be
 captured) turns graphs off for the run with a one-line reason; that micro-batch runs eagerly, nothing lost.
 
@@ -71,6 +71,13 @@ def _checkpoint_without_rng(model: nn.Module) -> None:
             mod._gradient_checkpointing_func = plain
 
 
+class _Graph:
+    """One captured shape: the graph, its static inputs and its loss output."""
+
+    def __init__(self, graph, static: dict, loss: torch.Tensor):
+        self.graph, self.static, self.loss = graph, static, loss
+
+
 class GraphedMicroStep:
     """`step(batch, inv_n) -> loss_sum` (fp32 scalar; gradients of loss_sum * inv_n accumulated into .grad).
 
@@ -78,20 +85,22 @@ class GraphedMicroStep:
     precision policy's backward (GradScaler scaling for fp16). See the module docstring for the protocol.
     """
 
+    MAX_GRAPHS = 8
+
     def __init__(self, model: nn.Module, params: list, loss_fn, backward, dtype: torch.dtype, warmup: int = 2,
                  note=print):
         self.model, self.params, self.loss_fn, self.backward = model, params, loss_fn, backward
         self.dtype, self.warmup, self.note = dtype, warmup, note
-        self.key = None
+        self.graphs: dict = {}
         self.counts: dict = {}
         self.seen = 0
-        self.waiting_noted = False
-        self.graph: torch.cuda.CUDAGraph | None = None
+        self.noted: set = set()
+        self.pool = None
         self.disabled: str | None = None
-        self.static: dict = {}
-        self.loss: torch.Tensor | None = None
         self.inv_n: torch.Tensor | None = None
         self.replays = 0
+        config = getattr(model, "config", None)
+        self.sdpa = getattr(config, "_attn_implementation", "sdpa") in (None, "sdpa")
 
     def _autocast(self, cache: bool = True):
         return torch.autocast("cuda", dtype=self.dtype, enabled=self.dtype != torch.float32, cache_enabled=cache)
@@ -105,62 +114,87 @@ class GraphedMicroStep:
         self.backward(loss_sum * inv_n)
         return loss_sum.detach()
 
+    def prepare(self, batch: dict) -> dict:
+        """A padded batch's (B, T) attention mask as the (B, 1, T, T) bool mask SDPA takes as given: the 2-D mask
+        sends transformers through data-dependent checks (host syncs) that a capture cannot record."""
+        mask = batch.get("attention_mask")
+        if not self.sdpa or mask is None or mask.dim() != 2 or "position_ids" in batch:
+            return batch
+        T = mask.shape[1]
+        causal = torch.ones(T, T, dtype=torch.bool, device=mask.device).tril_()
+        return {**batch, "attention_mask": (causal[None, None] & mask.bool()[:, None, None, :])}
+
     def __call__(self, batch: dict, inv_n: float) -> torch.Tensor:
-        key = _batch_key(batch)
-        if self.disabled or (self.key is not None and key != self.key):
+        if self.disabled:
             return self.eager(batch, inv_n, fixed=False)
-        if self.graph is None:
+        batch = self.prepare(batch)
+        key = _batch_key(batch)
+        entry = self.graphs.get(key)
+        if entry is None:
             self.seen += 1
             count = self.counts[key] = self.counts.get(key, 0) + 1
-            if count <= self.warmup or 2 * count < self.seen:
-                if self.seen == 50 and not self.waiting_noted:
-                    self.waiting_noted = True
-                    self.note("CUDA graphs waiting: micro-batch shapes keep changing (padding to each batch's "
-                              "longest row); set data.packing: true for fixed shapes and the graph speed-up")
-                return self.eager(batch, inv_n, fixed=2 * count >= self.seen)  # a likely capture: warm its path
-            if not self._capture(batch, key):
+            if count <= self.warmup:
+                if self.seen >= 50 and not self.graphs:
+                    self._note_once("waiting", "CUDA graphs waiting: micro-batch shapes keep changing; set "
+                                    "data.packing: true (or fewer distinct lengths) for the graph speed-up")
+                return self.eager(batch, inv_n)  # warms up exactly the path a capture will record
+            if len(self.graphs) >= self.MAX_GRAPHS:
+                self._note_once("full", f"CUDA graphs: {self.MAX_GRAPHS} shapes captured; other shapes run eagerly")
+                return self.eager(batch, inv_n, fixed=False)
+            entry = self._capture(batch, key)
+            if entry is None:
                 return self.eager(batch, inv_n, fixed=False)
         for k, v in batch.items():
             if torch.is_tensor(v):
-                self.static[k].copy_(v, non_blocking=True)
+                entry.static[k].copy_(v, non_blocking=True)
         self.inv_n.fill_(inv_n)
-        self.graph.replay()
+        entry.graph.replay()
         self.replays += 1
-        return self.loss.clone()
+        return entry.loss.clone()  # consumed before any other replay: the graphs share one memory pool
 
-    def _capture(self, batch: dict, key: tuple) -> bool:
+    def _note_once(self, what: str, text: str) -> None:
+        if what not in self.noted:
+            self.noted.add(what)
+            self.note(text)
+
+    def _capture(self, batch: dict, key: tuple):
         from lorafuse.kernels.cross_entropy import fixed_shape
 
         for p in self.params:  # the recorded backward must accumulate into these, never rebind .grad
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
         _checkpoint_without_rng(self.model)
-        self.static = {k: v.clone() if torch.is_tensor(v) else v for k, v in batch.items()}
-        self.inv_n = torch.ones((), dtype=torch.float32, device=self.params[0].device)
+        static = {k: v.clone() if torch.is_tensor(v) else v for k, v in batch.items()}
+        if self.inv_n is None:
+            self.inv_n = torch.ones((), dtype=torch.float32, device=self.params[0].device)
         grads = [p.grad for p in self.params]
         torch.cuda.synchronize()
-        torch.cuda.empty_cache()  # the eager steps' cached blocks go back before the graph's pool is reserved
+        torch.cuda.empty_cache()  # the eager steps' cached blocks go back before the graph's pool grows
+        if self.pool is None:
+            self.pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
         try:
-            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+            with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
                 with self._autocast(cache=False), fixed_shape():
-                    loss = self.loss_fn(self.static)
+                    loss = self.loss_fn(static)
                 self.backward(loss * self.inv_n)
                 loss = loss.detach()
         except Exception as exc:  # a host sync or an uncapturable op inside the model: eager from now on
             self.disabled = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}" if str(exc) else type(exc).__name__
             self.note(f"CUDA graphs off: capturing the step failed ({self.disabled}); running eagerly")
-            self.static, self.inv_n = {}, None
+            self.graphs = {}
             torch.cuda.synchronize()
-            return False
+            return None
         if any(p.grad is not g for p, g in zip(self.params, grads)):
             self.disabled = "a gradient tensor was rebound during capture"
             self.note(f"CUDA graphs off: {self.disabled}; running eagerly")
-            return False
-        self.graph, self.loss, self.key = graph, loss, key
+            self.graphs = {}
+            return None
+        entry = self.graphs[key] = _Graph(graph, static, loss)
         shape = tuple(batch["input_ids"].shape) if torch.is_tensor(batch.get("input_ids")) else key[0][1]
-        self.note(f"CUDA graphs on: forward + backward of {shape} micro-batches replayed as one graph")
-        return True
+        self.note(f"CUDA graphs on: forward + backward of {shape} micro-batches replayed as one graph"
+                  + (f" ({len(self.graphs)} shapes so far)" if len(self.graphs) > 1 else ""))
+        return entry
 
 
 def for_loop(loop):

@@ -180,6 +180,14 @@ class TrainingLoop:
         maybe_apply_fast_path(self.model, mode, log=self._note)
         return _runtime.HAS_TRITON and self.device.type == "cuda"
 
+    def seed_dropout(self) -> None:
+        """The fast path's dropout masks are a function of (seed, rank, step): set them for this step."""
+        if getattr(self.model, "lorafuse_fast_path", None):
+            from lorafuse.train.graphs import dropout_seed_base, set_dropout_seed
+
+            tc = self.tc
+            set_dropout_seed(self.model, dropout_seed_base(tc.seed, self.world.rank, tc.grad_accum, self.state.step))
+
     def _cuda_graphs(self, mode: str):
         """A GraphedMicroStep when train.cuda_graphs allows and the run qualifies (train/graphs.py), else None."""
         if mode == "off" or self.device.type != "cuda":
@@ -254,10 +262,7 @@ class TrainingLoop:
         """Forward/backward every micro-batch with loss_sum / N_window, then clip and update (or skip)."""
         st = self.state
         lr = self.schedule.apply(self.optimizer, st.step)
-        if getattr(self.model, "lorafuse_fast_path", None):  # its dropout masks: a function of the step
-            from lorafuse.train.graphs import dropout_seed_base, set_dropout_seed
-
-            set_dropout_seed(self.model, dropout_seed_base(self.tc.seed, self.world.rank, self.tc.grad_accum, st.step))
+        self.seed_dropout()
         n_target, n_input = self.world.all_reduce_sum([sum(count_targets(b) for b in batches),
                                                         sum(count_inputs(b) for b in batches)])
         total = self.oom.accumulate(batches, n_target)  # forward/backward; after an OOM: smaller, retried once

@@ -154,6 +154,7 @@ class OomRetry:
             raise self._error([before], error)
         self._shrink(change, before, error)
         _set_rng_state(rng, self.loop.device)  # the retry draws the dropout masks the step would have drawn
+        self.loop.seed_dropout()  # the fast path's too (its seed base advanced in the failed attempt)
         total, error = self._attempt(batches, n_target)
         if error is None:
             return total

@@ -181,3 +181,18 @@ def test_model_inputs_per_attention_implementation(tiny_tokenizer):
     assert model_inputs(b, "sdpa")["attention_mask"].dtype == torch.bool
     padded = next(Batcher(ds, 2, 0).epoch_batches(0))
     assert set(model_inputs(padded)) == {"input_ids", "attention_mask"}
+
+
+def test_pad_to_multiple_rounds_up_but_never_past_max_length(tiny_tokenizer):
+    """CUDA runs pad to a multiple of 64 (few shapes for CUDA graphs); the width never exceeds max_length, and
+    the extra pads carry no loss and no attention, so the loss is the unrounded batch's."""
+    ds = _demo(tiny_tokenizer, 12)
+    longest = max(len(ds[i]["input_ids"]) for i in range(4))
+    plain = next(Batcher(ds, 4, 0, shuffle=False).epoch_batches(0))
+    rounded = next(Batcher(ds, 4, 0, shuffle=False, pad_to_multiple_of=64, max_length=512).epoch_batches(0))
+    assert plain["input_ids"].shape[1] == longest and rounded["input_ids"].shape[1] == -(-longest // 64) * 64
+    extra = rounded["input_ids"].shape[1] - longest
+    assert (rounded["labels"][:, longest:] == IGNORE).all() and (rounded["attention_mask"][:, longest:] == 0).all()
+    assert extra > 0 and rounded["num_target_tokens"] == plain["num_target_tokens"]
+    capped = next(Batcher(ds, 4, 0, shuffle=False, pad_to_multiple_of=64, max_length=longest + 1).epoch_batches(0))
+    assert capped["input_ids"].shape[1] == longest + 1

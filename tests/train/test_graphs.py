@@ -121,28 +121,53 @@ class _Recorder(GraphedMicroStep):
 
     def _capture(self, batch, key):
         self.calls.append(("capture", tuple(batch["input_ids"].shape)))
-        return False  # as a failed capture: the caller runs the batch eagerly; stop the policy here
+        return None  # as a failed capture: the caller runs the batch eagerly; the policy is what is tested
 
 
-def _ids(*shape):
-    return {"input_ids": torch.zeros(shape, dtype=torch.long)}
+def _ids(*shape, mask=False):
+    batch = {"input_ids": torch.zeros(shape, dtype=torch.long)}
+    if mask:
+        batch["attention_mask"] = torch.ones(shape, dtype=torch.long)
+    return batch
 
 
-def test_capture_waits_for_a_shape_that_repeats():
+def test_each_shape_is_captured_after_its_warmup():
     rec = _Recorder(warmup=2)
-    for shape in [(4, 64), (4, 64), (4, 64)]:
+    for shape in [(4, 64), (4, 128), (4, 64), (4, 64), (4, 128)]:
         rec(_ids(*shape), 1.0)
-    assert rec.calls[:3] == [("eager", (4, 64), True), ("eager", (4, 64), True), ("capture", (4, 64))]
+    assert rec.calls == [("eager", (4, 64), True), ("eager", (4, 128), True), ("eager", (4, 64), True),
+                         ("capture", (4, 64)), ("eager", (4, 64), False), ("eager", (4, 128), True)]
 
 
-def test_shapes_that_keep_changing_are_never_captured_and_get_a_note():
+def test_shapes_past_the_limit_run_eagerly_with_one_note():
+    notes = []
+    rec = _Recorder(warmup=0, note=notes.append)
+    rec.graphs = {i: None for i in range(rec.MAX_GRAPHS)}  # as if MAX_GRAPHS shapes were captured already
+    rec(_ids(4, 32), 1.0)
+    rec(_ids(4, 33), 1.0)
+    assert rec.calls == [("eager", (4, 32), False), ("eager", (4, 33), False)]
+    assert len(notes) == 1 and f"{rec.MAX_GRAPHS} shapes" in notes[0]
+
+
+def test_shapes_that_never_repeat_get_a_note():
     notes = []
     rec = _Recorder(warmup=2, note=notes.append)
     for i in range(60):
-        rec(_ids(4, 32 + i % 7), 1.0)  # padding to each batch's longest: 7 shapes in turn, none a majority
+        rec(_ids(4, 32 + i), 1.0)  # 60 distinct lengths: nothing to capture
     assert not [c for c in rec.calls if c[0] == "capture"]
-    assert all(c == ("eager", c[1], False) for c in rec.calls[7:]), "no wasted fixed-shape passes"
     assert len(notes) == 1 and "data.packing" in notes[0]
+
+
+def test_padded_mask_becomes_the_4d_mask_sdpa_takes():
+    rec = _Recorder()
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
+    out = rec.prepare({"input_ids": torch.zeros(2, 4, dtype=torch.long), "attention_mask": mask})["attention_mask"]
+    assert out.shape == (2, 1, 4, 4) and out.dtype == torch.bool
+    want = torch.tril(torch.ones(4, 4, dtype=torch.bool))[None] & mask.bool()[:, None, :]
+    assert torch.equal(out[:, 0], want)
+    assert out[:, 0].any(-1).all(), "every query row, pads included, attends to at least one real token"
+    packed = {"input_ids": torch.zeros(2, 4, dtype=torch.long), "position_ids": torch.zeros(2, 4), "attention_mask": mask}
+    assert rec.prepare(packed) is packed
 
 
 def test_dropout_through_the_fast_path_seeds_allows_graphs(tiny_model_dir):
@@ -160,3 +185,20 @@ def test_loop_dropout_base_depends_on_seed_rank_and_step():
     assert base(0, 0, 4, 5) - base(0, 0, 4, 4) == 256  # room for every micro-batch of a step (each forward adds 1)
     assert len({base(0, 0, 4, 0), base(1, 0, 4, 0), base(0, 1, 4, 0)}) == 3
     assert base(0, 0, 300, 1) - base(0, 0, 300, 0) == 512
+
+
+@pytest.mark.gpu
+def test_two_shapes_share_one_pool_and_train_exactly_as_eager(tiny_model_dir):
+    """Padded-length buckets: two shapes in turn, each captured after its warm-up, both graphs in one memory
+    pool, replayed in any order: losses and LoRA tensors equal the eager run's, bit for bit."""
+    a, b = _batches(512, 6, shape=(2, 32)), _batches(512, 6, shape=(2, 64), seed=1)
+    batches = [x for pair in zip(a, b) for x in pair]
+    torch.manual_seed(0)
+    eager_losses, eager_params, _, _, _ = _train(
+        _lora_model(tiny_model_dir, quant="nf4", device="cuda", dtype="bfloat16"), batches, graphed=False)
+    torch.manual_seed(0)
+    graph_losses, graph_params, step, notes, moved = _train(
+        _lora_model(tiny_model_dir, quant="nf4", device="cuda", dtype="bfloat16"), batches, graphed=True)
+    assert step.disabled is None and len(step.graphs) == 2 and step.replays == 8, notes
+    assert graph_losses == eager_losses and moved
+    assert all(torch.equal(x, y) for x, y in zip(graph_params, eager_params))
