@@ -64,13 +64,13 @@ def test_fused_loss_kernel_matches_the_chunked_pass(tiny_model_dir):
         assert (value.double() - exact).abs() <= 2 * (hf.double() - exact).abs()
 
 
-def _graph_run(model_dir, out, graphs: str, dtype: str = "bfloat16"):
+def _graph_run(model_dir, out, graphs: str, dtype: str = "bfloat16", packing: bool = True, dropout: float = 0.0):
     buf = io.StringIO()
     cfg = validate_config({
         "model": {"path": str(model_dir), "quant": "nf4", "compute_dtype": dtype},
-        "lora": {"r": 8, "alpha": 16, "dropout": 0.0, "targets": "all-linear"},
+        "lora": {"r": 8, "alpha": 16, "dropout": dropout, "targets": "all-linear"},
         "data": {"path": "builtin:demo", "format": "alpaca", "max_length": 96, "num_rows": 96, "val_size": 8,
-                 "packing": True},
+                 "packing": packing},
         "train": {"max_steps": 12, "micro_batch_size": 4, "grad_accum": 2, "lr": 5e-3, "warmup_steps": 2,
                   "optimizer": "paged_adamw_8bit", "device": "cuda", "eval_every": 6, "save_every": 6,
                   "log_every": 1, "cuda_graphs": graphs, "fast_path": "on"},
@@ -81,15 +81,18 @@ def _graph_run(model_dir, out, graphs: str, dtype: str = "bfloat16"):
     return result, [r["loss"] for r in rows if "eval_loss" not in r and r.get("loss") is not None], buf.getvalue()
 
 
-def test_training_loop_replays_cuda_graphs_and_matches_eager(tmp_path, tiny_model_dir):
-    """The loop with packed rows captures forward + backward and replays it; the per-step losses match the
-    same run without graphs within the bf16 reference's own distance from fp32 (the graph's loss takes the
-    fixed-shape pass, a different row order in the head GEMM, so bit equality is not promised here)."""
-    graphed, g_losses, log = _graph_run(tiny_model_dir, tmp_path / "graphs", "auto")
+@pytest.mark.parametrize("packing,dropout", [(True, 0.0), (False, 0.05)])
+def test_training_loop_replays_cuda_graphs_and_matches_eager(tmp_path, tiny_model_dir, packing, dropout):
+    """The loop captures forward + backward and replays it, with packed rows, and with padded rows (rounded to
+    a multiple of 64: a few shapes) and the seed's LoRA dropout (device-side seeds: the same masks as eager);
+    the per-step losses match the same run without graphs within the bf16 reference's own distance from fp32
+    (the graph's loss takes the fixed-shape pass, so bit equality is not promised here)."""
+    kw = {"packing": packing, "dropout": dropout}
+    graphed, g_losses, log = _graph_run(tiny_model_dir, tmp_path / "graphs", "auto", **kw)
     assert "CUDA graphs on" in log, log[-2000:]
     assert graphed.stop_reason == "finished" and len(g_losses) == 12
-    _, e_losses, e_log = _graph_run(tiny_model_dir, tmp_path / "eager", "off")
+    _, e_losses, e_log = _graph_run(tiny_model_dir, tmp_path / "eager", "off", **kw)
     assert "CUDA graphs on" not in e_log
-    _, f_losses, _ = _graph_run(tiny_model_dir, tmp_path / "fp32", "off", dtype="float32")
+    _, f_losses, _ = _graph_run(tiny_model_dir, tmp_path / "fp32", "off", dtype="float32", **kw)
     noise = max(abs(a - b) for a, b in zip(e_losses, f_losses))
     assert max(abs(a - b) for a, b in zip(g_losses, e_losses)) <= noise
