@@ -67,7 +67,7 @@ def main(argv=None) -> int:
 
     import lorafuse_stack
     from bench_common import make_batches
-    from lorafuse.bench import _workload, parse_args
+    from lorafuse.bench import _lorafuse_workload, _spec, parse_args
     from lorafuse.plan.memory import estimate
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -78,26 +78,17 @@ def main(argv=None) -> int:
     p.add_argument("--no-graphs", action="store_true")
     p.add_argument("--out", default=None)
     a = p.parse_args(argv)
-    args = parse_args(["--shape", a.shape, "--batch", str(a.batch), "--seq", str(a.seq), "--stacks", "lorafuse",
-                       "--random-init"])
-    spec = {"stack": "lorafuse", "method": a.method, "shape": a.shape, "vocab_size": None, "batch": a.batch,
-            "seq": a.seq, "device": "cuda", "dtype": "bfloat16", "r": 16, "alpha": 32.0, "dropout": 0.0,
-            "optimizer": "paged_adamw_8bit", "gc": True, "fast_path": "auto", "seed": 0, "random_init": True,
-            "cuda_graphs": not a.no_graphs}
-    from lorafuse.plan.shapes import builtin_shape
-
-    spec["vocab_size"] = builtin_shape(a.shape).vocab_size
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    spec["device"] = device.type
-    if device.type == "cpu":
-        spec["dtype"] = "float32"
+    args = parse_args(["--shape", a.shape, "--batch", str(a.batch), "--seq", str(a.seq), "--stacks", "lorafuse",
+                       "--random-init", "--device", device.type] + (["--no-graphs"] if a.no_graphs else []))
+    spec = _spec(args, "lorafuse", a.method, folder=None)  # as `lorafuse bench --random-init` runs it
     step, info = lorafuse_stack.build(spec, device)
     batches = make_batches(spec, device, 4)
     for b in batches[:2]:
         step(b)
     if device.type == "cuda":
         torch.cuda.synchronize()
-    marks = PhaseMarks(lorafuse_stack.LAST_MODEL)
+    marks = PhaseMarks(step.model)
     for b in batches[2:]:
         marks.mark("step start")
         step(b)
@@ -108,9 +99,7 @@ def main(argv=None) -> int:
     windows = [{"after": marks.marks[k - 1][0] if k else "-", "until": marks.marks[k][0],
                 "peak_gib": round(marks.marks[k][2], 4), "allocated_at_end_gib": round(marks.marks[k][1], 4)}
                for k in sorted(top)]
-    w = _workload(args, a.method, kernels="fused" if info["fast_path"]["applied"] else "reference",
-                  loss="fused" if info["fused_loss"] else "chunked")
-    est = estimate(w)
+    est = estimate(_lorafuse_workload(args, a.method, info))
     report = {"shape": a.shape, "method": a.method, "batch": a.batch, "seq": a.seq, "graphs": info.get("cuda_graphs"),
               "max_allocated_gib": max(m[2] for m in marks.marks), "predicted_peak_alloc_gib": est.peak_alloc / GIB,
               "predicted_phase": est.phase,

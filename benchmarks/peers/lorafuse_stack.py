@@ -14,9 +14,6 @@ import inspect
 from bench_common import PROJ7, require, run, unavailable
 
 
-LAST_MODEL = None
-
-
 def _fast_path(model, spec: dict) -> dict:
     """Apply the fused kernels where the training loop would (CUDA, train.fast_path auto)."""
     if spec["device"] != "cuda" or spec.get("fast_path", "auto") == "off":
@@ -61,8 +58,6 @@ def build(spec: dict, device):
     else:
         model, _ = lorafuse.load_model(spec["folder"], quant=quant, compute_dtype=dtype, device=device)
     lorafuse.apply_lora(model, r=spec["r"], alpha=spec["alpha"], dropout=spec["dropout"], targets=PROJ7)
-    global LAST_MODEL
-    LAST_MODEL = model  # for benchmarks/memory_peak.py's hooks
     fast = _fast_path(model, spec)
     notes = []
     params = prepare_model(model, spec["gc"], note=notes.append)
@@ -72,18 +67,8 @@ def build(spec: dict, device):
     optimizer = build_optimizer(spec["optimizer"], params, lr=2e-4, weight_decay=0.0)
     loss_kw = {"fused": fused} if "fused" in inspect.signature(lm_loss_sum).parameters else {}
     model.train()
-    graphed, graphs = None, {"applied": False, "reason": "disabled (--no-graphs)"}
-    if spec.get("cuda_graphs", True):
-        try:
-            from lorafuse.train.graphs import GraphedMicroStep, graph_blocker
-        except ImportError as exc:
-            graphs["reason"] = f"lorafuse.train.graphs not importable: {exc}"
-        else:
-            blocker = graph_blocker(model, device)
-            graphs = {"applied": blocker is None, "reason": blocker or "forward + backward replayed as a CUDA graph"}
-            if blocker is None:
-                graphed = GraphedMicroStep(model, params, lambda b: lm_loss_sum(model, b, head, **loss_kw),
-                                           precision.backward, dtype, note=notes.append)
+    graphed, graphs = _graphed(spec, model, params, lambda b: lm_loss_sum(model, b, head, **loss_kw), precision,
+                               notes)
 
     def step(batch):
         n_target = batch["labels"][:, 1:].numel()
@@ -108,10 +93,25 @@ def build(spec: dict, device):
         optimizer.zero_grad(set_to_none=set_to_none)  # a CUDA graph accumulates into the same .grad tensors
         return loss_sum.detach() / n_target
 
+    step.model = model  # for benchmarks/memory_peak.py's layer hooks
     info = {"fast_path": fast, "fused_loss": fused, "chunked_loss": head is not None, "notes": notes,
-            "cuda_graphs": graphs,
-            "trainable_params": sum(p.numel() for p in params)}
+            "cuda_graphs": graphs, "trainable_params": sum(p.numel() for p in params)}
     return step, info
+
+
+def _graphed(spec: dict, model, params, loss_fn, precision, notes: list):
+    """(GraphedMicroStep or None, {"applied", "reason"}): CUDA graphs where the training loop would use them."""
+    if not spec.get("cuda_graphs", True):
+        return None, {"applied": False, "reason": "disabled (--no-graphs)"}
+    try:
+        from lorafuse.train.graphs import GraphedMicroStep, graph_blocker
+    except ImportError as exc:
+        return None, {"applied": False, "reason": f"lorafuse.train.graphs not importable: {exc}"}
+    blocker = graph_blocker(model, precision.device)
+    if blocker:
+        return None, {"applied": False, "reason": blocker}
+    graphed = GraphedMicroStep(model, params, loss_fn, precision.backward, precision.dtype, note=notes.append)
+    return graphed, {"applied": True, "reason": "forward + backward replayed as a CUDA graph"}
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ running the PyTorch references, so the swap itself is tested on a CPU. Dropout m
 on the device, per LoRA module: (base, module index), with `base` a 0-dim tensor advanced once per training
 forward by a pre-hook on the decoder stack. A checkpoint recompute sees the same base, so it regenerates the
 same masks; a CUDA graph replays the increment, so every replay draws new ones (train/graphs.py); the training
-loop sets the base from the seed, rank and micro-step (`set_dropout_seed`), so a resumed run draws the masks
+loop sets the base from the seed, rank and step (`set_dropout_seed`), so a resumed run draws the masks
 an uninterrupted one would.
 """
 
@@ -32,8 +32,6 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-
-from lorafuse.train.graphs import set_dropout_seed  # noqa: F401  (re-exported: the loop sets it per step)
 
 from . import _runtime
 from .cross_entropy import fused_linear_cross_entropy  # noqa: F401  (re-exported for the training loop)
@@ -80,6 +78,14 @@ def _advance_dropout_seed(backbone: nn.Module, args, kwargs) -> None:
     sees the same base and regenerates the same masks."""
     if backbone.training and torch.is_grad_enabled():
         backbone.lorafuse_dropout_base.add_(1)
+
+
+def set_dropout_seed(model: nn.Module, value: int) -> None:
+    """Set the dropout seed base (the training loop: from the seed, the rank and the step, so a resumed run draws
+    the masks an uninterrupted one would). No-op without the fast path."""
+    base = getattr(getattr(model, "model", None), "lorafuse_dropout_base", None)
+    if base is not None:
+        base.fill_(int(value))
 
 
 def _install_dropout_seeds(model: nn.Module) -> None:

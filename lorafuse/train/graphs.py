@@ -99,6 +99,7 @@ class GraphedMicroStep:
         self.disabled: str | None = None
         self.inv_n: torch.Tensor | None = None
         self.replays = 0
+        self.causal: dict = {}  # (T, device) -> the (T, T) causal mask `prepare` combines with the padding mask
         config = getattr(model, "config", None)
         self.sdpa = getattr(config, "_attn_implementation", "sdpa") in (None, "sdpa")
 
@@ -120,9 +121,10 @@ class GraphedMicroStep:
         mask = batch.get("attention_mask")
         if not self.sdpa or mask is None or mask.dim() != 2 or "position_ids" in batch:
             return batch
-        T = mask.shape[1]
-        causal = torch.ones(T, T, dtype=torch.bool, device=mask.device).tril_()
-        return {**batch, "attention_mask": (causal[None, None] & mask.bool()[:, None, None, :])}
+        key = (mask.shape[1], mask.device)
+        if key not in self.causal:
+            self.causal[key] = torch.ones(key[0], key[0], dtype=torch.bool, device=mask.device).tril_()
+        return {**batch, "attention_mask": self.causal[key][None, None] & mask.bool()[:, None, None, :]}
 
     def __call__(self, batch: dict, inv_n: float) -> torch.Tensor:
         if self.disabled:
@@ -197,10 +199,12 @@ class GraphedMicroStep:
         return entry
 
 
-def for_loop(loop):
-    """The training loop's GraphedMicroStep (or None, with the reason noted): its model, precision and loss."""
+def for_loop(loop, mode: str):
+    """The training loop's GraphedMicroStep for train.cuda_graphs `mode`, or None (with the reason noted)."""
     from lorafuse.train.loss import lm_loss_sum
 
+    if mode == "off" or loop.device.type != "cuda":
+        return None
     blocker = graph_blocker(loop.model, loop.device, loop.world.size)
     if blocker:
         loop._note(f"CUDA graphs off: {blocker}")
@@ -219,8 +223,10 @@ def dropout_seed_base(seed: int, rank: int, grad_accum: int, step: int) -> int:
     return (mix32((seed * 1_000_003 + rank) & 0xFFFFFFFF) + step * stride) % 2**32
 
 
-def set_dropout_seed(model: nn.Module, value: int) -> None:
-    """Set the fast path's dropout seed base (kernels/fast_path.py); a no-op without the fast path."""
-    base = getattr(getattr(model, "model", None), "lorafuse_dropout_base", None)
-    if base is not None:
-        base.fill_(int(value))
+def seed_dropout(loop) -> None:
+    """Set the fast path's dropout masks for the loop's current step (before the step, and before an OOM retry)."""
+    if getattr(loop.model, "lorafuse_fast_path", None):
+        from lorafuse.kernels.fast_path import set_dropout_seed
+
+        tc = loop.tc
+        set_dropout_seed(loop.model, dropout_seed_base(tc.seed, loop.world.rank, tc.grad_accum, loop.state.step))

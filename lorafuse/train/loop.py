@@ -42,6 +42,7 @@ import torch
 
 from lorafuse.errors import LorafuseError
 from lorafuse.train import checkpoint as ckpt
+from lorafuse.train import graphs
 from lorafuse.train.distributed import SINGLE
 from lorafuse.train.loss import count_inputs, count_targets, lm_loss_sum, simple_head
 from lorafuse.train.metrics import MetricsLog, Progress, memory_bytes, peak_memory_bytes
@@ -155,7 +156,7 @@ class TrainingLoop:
         self.head = simple_head(model)
         self.fused = self.head is not None and self._fast_path(tc.fast_path)
         self.optimizer = build_optimizer(tc.optimizer, self.params, tc.lr, tc.weight_decay)
-        self.graphed = self._cuda_graphs(getattr(tc, "cuda_graphs", "auto"))
+        self.graphed = graphs.for_loop(self, getattr(tc, "cuda_graphs", "auto"))
         micro = len(train_batches)
         if micro == 0:
             raise LorafuseError("there are no training batches", "check data.path and data.num_rows")
@@ -179,22 +180,6 @@ class TrainingLoop:
 
         maybe_apply_fast_path(self.model, mode, log=self._note)
         return _runtime.HAS_TRITON and self.device.type == "cuda"
-
-    def seed_dropout(self) -> None:
-        """The fast path's dropout masks are a function of (seed, rank, step): set them for this step."""
-        if getattr(self.model, "lorafuse_fast_path", None):
-            from lorafuse.train.graphs import dropout_seed_base, set_dropout_seed
-
-            tc = self.tc
-            set_dropout_seed(self.model, dropout_seed_base(tc.seed, self.world.rank, tc.grad_accum, self.state.step))
-
-    def _cuda_graphs(self, mode: str):
-        """A GraphedMicroStep when train.cuda_graphs allows and the run qualifies (train/graphs.py), else None."""
-        if mode == "off" or self.device.type != "cuda":
-            return None
-        from lorafuse.train.graphs import for_loop
-
-        return for_loop(self)
 
     # ------------------------------------------------------------------------------------- resume
     def resume(self, folder: Path) -> None:
@@ -262,7 +247,7 @@ class TrainingLoop:
         """Forward/backward every micro-batch with loss_sum / N_window, then clip and update (or skip)."""
         st = self.state
         lr = self.schedule.apply(self.optimizer, st.step)
-        self.seed_dropout()
+        graphs.seed_dropout(self)
         n_target, n_input = self.world.all_reduce_sum([sum(count_targets(b) for b in batches),
                                                         sum(count_inputs(b) for b in batches)])
         total = self.oom.accumulate(batches, n_target)  # forward/backward; after an OOM: smaller, retried once

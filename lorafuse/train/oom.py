@@ -44,6 +44,7 @@ import gc
 import torch
 
 from lorafuse.errors import LorafuseError
+from lorafuse.train.graphs import seed_dropout
 
 MB, GA, CK = "train.micro_batch_size", "train.grad_accum", "train.gradient_checkpointing"
 
@@ -154,7 +155,7 @@ class OomRetry:
             raise self._error([before], error)
         self._shrink(change, before, error)
         _set_rng_state(rng, self.loop.device)  # the retry draws the dropout masks the step would have drawn
-        self.loop.seed_dropout()  # the fast path's too (its seed base advanced in the failed attempt)
+        seed_dropout(self.loop)  # the fast path's too (its seed base advanced in the failed attempt)
         total, error = self._attempt(batches, n_target)
         if error is None:
             return total
