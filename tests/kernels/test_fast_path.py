@@ -164,3 +164,56 @@ def test_dropout_masks_survive_checkpoint_recompute():
         grads.append(_step(fast, ids))
     plain, ckpt = grads
     assert all(torch.allclose(plain[n], ckpt[n], rtol=1e-6, atol=1e-7) for n in plain)
+
+
+@pytest.mark.parametrize("case", ["no mask", "padding mask", "packed", "sliding window"])
+def test_mask_built_for_a_maskless_call_reaches_sdpa_as_is_causal(monkeypatch, case):
+    """While a CUDA graph is captured, transformers materializes the (T, T) causal mask even when the stack got no
+    mask (its "is tracing" check), which sends SDPA to a slower masked kernel. The fast path hands SDPA is_causal
+    instead, but only when the stack really got no mask, had no cache offset and no sliding window cuts in.
+    Simulated here: a pre-hook gives every attention module the causal mask transformers would build."""
+    arch = "mistral" if case == "sliding window" else "llama"
+    fast = _tiny(arch).train()
+    if case == "sliding window":
+        fast.config.sliding_window = 4
+    applied, reason = apply_fast_path(fast, use_reference=True)
+    assert applied, reason
+    if case == "sliding window":
+        for layer in fast.model.layers:
+            layer.self_attn.lorafuse_sliding_window = 4
+    ids = torch.randint(0, 96, (2, 9), generator=torch.Generator().manual_seed(3))
+    causal = torch.ones(9, 9, dtype=torch.bool).tril_()[None, None].expand(2, 1, 9, 9)
+    kwargs = {}
+    if case == "padding mask":
+        kwargs["attention_mask"] = torch.ones(2, 9, dtype=torch.long)
+        kwargs["attention_mask"][1, 6:] = 0
+    if case == "packed":
+        kwargs["position_ids"] = torch.tensor([[0, 1, 2, 3, 0, 1, 2, 3, 4]] * 2)
+
+    def inject(mod, args, kw):  # a maskless call's causal mask, as transformers builds it during a capture
+        if kw.get("attention_mask") is None:  # (with a window or padding, transformers builds its own mask)
+            kw["attention_mask"] = causal
+        return args, kw
+
+    seen = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(q, k, v, attn_mask=None, is_causal=False, **kw):
+        seen.append((attn_mask is None, is_causal))
+        return sdpa(q, k, v, attn_mask=attn_mask, is_causal=is_causal, **kw)
+
+    with torch.no_grad():
+        plain = fast(input_ids=ids, **kwargs).logits
+        hooks = [layer.self_attn.register_forward_pre_hook(inject, with_kwargs=True) for layer in fast.model.layers]
+        monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+        injected = fast(input_ids=ids, **kwargs).logits
+    for h in hooks:
+        h.remove()
+    assert len(seen) == len(fast.model.layers)
+    if case == "no mask":
+        assert seen == [(True, True)] * len(fast.model.layers), "the built causal mask should become is_causal"
+    else:  # a real mask (padding, packed block-diagonal, sliding window) must reach SDPA
+        assert all(not none for none, _ in seen), seen
+    torch.testing.assert_close(injected, plain, rtol=0, atol=1e-5)
+    remove_fast_path(fast)
+    assert not hasattr(fast.model.layers[0].self_attn, "lorafuse_causal_only")
