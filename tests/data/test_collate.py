@@ -180,7 +180,60 @@ def test_model_inputs_per_attention_implementation(tiny_tokenizer):
     assert "attention_mask" not in flash and torch.equal(flash["position_ids"], b["position_ids"])
     assert model_inputs(b, "sdpa")["attention_mask"].dtype == torch.bool
     padded = next(Batcher(ds, 2, 0).epoch_batches(0))
-    assert set(model_inputs(padded)) == {"input_ids", "attention_mask"}
+    assert padded["right_padded"] and (padded["attention_mask"] == 0).any()
+    assert set(model_inputs(padded)) == set(model_inputs(padded, "eager")) == {"input_ids"}
+    assert set(model_inputs(padded, "flash_attention_2")) == {"input_ids", "attention_mask"}  # it unpads
+    foreign = {k: v for k, v in padded.items() if k != "right_padded"}  # someone else's batch: padding side unknown
+    assert set(model_inputs(foreign)) == {"input_ids", "attention_mask"}
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+def test_right_padded_rows_train_the_same_without_the_mask(tiny_tokenizer, impl):
+    """Right-padded rows under causal attention: no real token sees a pad, and pads carry no loss, so the loss
+    and every LoRA gradient are the masked forward's. fp32; bound 1e-5 relative (masked keys add exact zeros,
+    so only the reduction order may differ). Negative control: the same rows left-padded without their mask
+    move the loss 100-fold past the bound."""
+    from lorafuse.model.inject import apply_lora
+    from lorafuse.model.tiny import build_tiny_model
+
+    ds = _demo(tiny_tokenizer, 6)
+    model = build_tiny_model("llama", tokenizer=tiny_tokenizer)
+    model.config._attn_implementation = impl
+    apply_lora(model, r=4, alpha=8, dropout=0.0, targets="all-linear")
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    b = next(Batcher(ds, 6, 0, shuffle=False).epoch_batches(0))
+    assert (b["attention_mask"] == 0).any()
+
+    def run(kw, labels):
+        model.zero_grad(set_to_none=True)
+        logits = model(**kw).logits.float()
+        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=IGNORE,
+                               reduction="sum")
+        loss.backward()
+        return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}, logits
+
+    real = b["attention_mask"].bool()
+    masked, masked_grads, masked_logits = run({"input_ids": b["input_ids"], "attention_mask": b["attention_mask"]},
+                                              b["labels"])
+    kw = model_inputs(b, impl)
+    assert "attention_mask" not in kw
+    loss, grads, logits = run(kw, b["labels"])
+    assert abs(loss - masked) <= 1e-5 * abs(masked)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, masked_grads[name], rtol=1e-5, atol=1e-5 * grad.abs().max().item())
+    bound = 1e-5 * masked_logits[real].abs().max()
+    assert (logits[real] - masked_logits[real]).abs().max() <= bound
+    # left padding: the real tokens would attend to the pads before them
+    shift = [int(b["input_ids"].shape[1] - n) for n in real.sum(1)]
+    left = {k: torch.stack([r.roll(n) for r, n in zip(b[k], shift)]) for k in ("input_ids", "labels", "attention_mask")}
+    left_real = left["attention_mask"].bool()
+    with_mask = run({"input_ids": left["input_ids"], "attention_mask": left["attention_mask"]}, left["labels"])[2]
+    without = run({"input_ids": left["input_ids"]}, left["labels"])[2]
+    assert (without[left_real] - with_mask[left_real]).abs().max() > 100 * bound
 
 
 def test_pad_to_multiple_rounds_up_but_never_past_max_length(tiny_tokenizer):

@@ -53,7 +53,7 @@ def _flaky(monkeypatch, max_rows, from_call=1, seen=None):
         calls[0] += 1
         out = real(model, batch, *args)
         if seen is not None:
-            seen.append({k: batch[k].clone() for k in ("input_ids", "labels", "attention_mask")})
+            seen.append({k: v.clone() for k, v in batch.items() if torch.is_tensor(v)})  # the forward's inputs
         if calls[0] >= from_call and batch["input_ids"].shape[0] > max_rows:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (simulated)")
         return out
