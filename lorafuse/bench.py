@@ -78,6 +78,8 @@ def parse_args(argv):
     p.add_argument("--no-gc", action="store_true", help="no gradient checkpointing (default: on, as the seed)")
     p.add_argument("--offload", action="store_true", help="lorafuse only: checkpointing with the layer inputs in "
                    "pinned CPU memory (train.gradient_checkpointing: offload)")
+    p.add_argument("--host-embeddings", action="store_true", help="lorafuse only: the frozen input embedding in "
+                   "pinned CPU memory, read in place (train.embeddings_on_host)")
     p.add_argument("--no-fast-path", action="store_true", help="lorafuse without its fused kernels")
     p.add_argument("--no-graphs", action="store_true", help="lorafuse without CUDA graphs (eager launches)")
     p.add_argument("--model-dir", default=os.environ.get("LORAFUSE_BENCH_DIR", "/tmp/lorafuse-bench"),
@@ -88,6 +90,9 @@ def parse_args(argv):
     if args.shape not in builtin_names():
         raise LorafuseError(f"unknown --shape {args.shape!r}", f"use one of {', '.join(builtin_names())}")
     args.dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
+    if args.host_embeddings and (args.table or _split(args.stacks, STACKS, "--stacks") != ["lorafuse"]):
+        raise LorafuseError("--host-embeddings is a lorafuse setting (the peers keep theirs on the GPU)",
+                            "add --stacks lorafuse, and drop --table")
     if args.offload and (args.no_gc or args.table or _split(args.stacks, STACKS, "--stacks") != ["lorafuse"]):
         raise LorafuseError("--offload is lorafuse's checkpointing policy (the peers have their own)",
                             "add --stacks lorafuse, and drop --no-gc and --table")
@@ -206,7 +211,8 @@ def _spec(args, stack: str, method: str, folder: Path) -> dict:
             "alpha": args.alpha, "dropout": args.dropout, "optimizer": args.optimizer,
             "full_optimizer": args.full_optimizer, "gc": "offload" if args.offload else not args.no_gc,
             "fast_path": "off" if args.no_fast_path else "auto", "seed": args.seed,
-            "cuda_graphs": not args.no_graphs, "random_init": args.random_init, "budget_gib": args.budget_gib, "profile_dir": args.profile}
+            "cuda_graphs": not args.no_graphs, "random_init": args.random_init, "budget_gib": args.budget_gib,
+            "profile_dir": args.profile, "embeddings_on_host": args.host_embeddings}
 
 
 def _workload(args, method: str, kernels: str = "reference", loss: str = "chunked") -> Workload:
@@ -216,8 +222,8 @@ def _workload(args, method: str, kernels: str = "reference", loss: str = "chunke
                     compute_bytes=4 if args.dtype == "float32" else 2,
                     optimizer=args.full_optimizer if full else args.optimizer,
                     checkpointing="off" if args.no_gc else "offload" if args.offload else "on", loss=loss,
-                    kernels=kernels, padded=False,
-                    autocast=args.device == "cuda")
+                    kernels=kernels, padded=False, autocast=args.device == "cuda",
+                    embeddings_on_host=args.host_embeddings and method != "full")
 
 
 def _precheck(args, stack: str, method: str, probe: dict) -> str | None:
@@ -263,7 +269,8 @@ def _row(args, run_id: str, stack: str, method: str, probe: dict, result: dict, 
            "commit": commit[0], "dirty": commit[1], "torch": probe.get("torch"),
            "transformers": probe.get("transformers"), "status": "error", "reason": None, "step_s": None,
            "tokens_per_s": None, "peak_alloc_gib": None, "peak_reserved_gib": None,
-           "random_init": args.random_init, "budget_gib": args.budget_gib}
+           "random_init": args.random_init, "budget_gib": args.budget_gib,
+           "embeddings_on_host": args.host_embeddings}
     if stack == "lorafuse" and method != "full":
         row["predicted_peak_alloc_gib"] = round(_predicted(args, method, result), 4)
     row.update(result)

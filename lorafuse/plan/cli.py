@@ -10,12 +10,12 @@ import json
 import sys
 
 from lorafuse.plan.fit import Plan, plan
-from lorafuse.plan.memory import GIB
+from lorafuse.plan.memory import GIB, host_embedding
 from lorafuse.plan.speed import EFFICIENCY
 
 _LABELS = {
     "weights_nf4": "NF4 weights + quantization constants",
-    "weights_16bit": "{dtype} weights (embeddings, head, norms{linears})",
+    "weights_16bit": "{dtype} weights ({embeddings}{linears})",
     "lora_params": "LoRA parameters (fp32{copy})",
     "gradients": "gradients ({what})",
     "optimizer_states": "optimizer states ({opt})",
@@ -43,6 +43,7 @@ def render(p: Plan) -> str:
     fill = {"copy": " + autocast 16-bit copy" if copy else "",
             "dtype": "fp32" if w.compute_bytes == 4 else "16-bit",
             "linears": "" if w.method == "qlora" else ", linears",
+            "embeddings": "head, norms; embedding on host" if host_embedding(w) else "embeddings, head, norms",
             "what": ("all weights" if w.method == "full" else "LoRA only, fp32")
             + ("; so far this step" if w.grad_accum == 1 and e.phase != "optimizer step" else ""),
             "opt": w.optimizer, "ck": w.checkpointing,

@@ -117,7 +117,8 @@ def workload_from_config(cfg, shape: ModelShape | None = None) -> Workload:
         compute_bytes=4 if cfg.model.compute_dtype == "float32" else 2,
         optimizer=cfg.train.optimizer, checkpointing=_checkpointing(cfg.train.gradient_checkpointing),
         loss="fused" if kernels == "fused" else "chunked", kernels=kernels,
-        padded=not cfg.data.packing, blocksize=cfg.model.blocksize, double_quant=cfg.model.double_quant)
+        padded=not cfg.data.packing, blocksize=cfg.model.blocksize, double_quant=cfg.model.double_quant,
+        embeddings_on_host=cfg.train.embeddings_on_host)
 
 
 def _checkpointing(value) -> str:

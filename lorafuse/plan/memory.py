@@ -123,6 +123,7 @@ class Workload:
     padded: bool = True
     blocksize: int = 64
     double_quant: bool = True
+    embeddings_on_host: bool = False
 
     @property
     def tokens(self) -> int:
@@ -214,10 +215,19 @@ def weight_bytes(w: Workload) -> dict:
     """Static weights: {"weights_nf4": ..., "weights_16bit": ...}."""
     s, c = w.shape, w.compute_bytes
     small = c * (s.embed_params + s.head_params + s.norm_params + s.bias_params)
+    if host_embedding(w):
+        small -= c * s.embed_params
     if w.method == "qlora":
         per_layer = sum(sum(nf4_bytes(lin.numel, w.blocksize, w.double_quant).values()) for lin in s.linears())
         return {"weights_nf4": per_layer * s.num_layers, "weights_16bit": small}
     return {"weights_nf4": 0, "weights_16bit": small + c * s.linear_params}
+
+
+def host_embedding(w: Workload) -> bool:
+    """Does the input embedding live in host memory (`train.embeddings_on_host`; not when tied to the head, whose
+    GEMM reads all of it, and not when it is trained)?"""
+    return (w.embeddings_on_host and w.method != "full" and w.shape.head_params > 0
+            and "embed_tokens" not in w.modules_to_save)
 
 
 def _lora_input_bytes(w: Workload) -> int:

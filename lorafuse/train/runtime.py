@@ -39,9 +39,11 @@ class Precision:
         (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
 
 
-def prepare_model(model, gradient_checkpointing: bool | str, note=print) -> list[nn.Parameter]:
+def prepare_model(model, gradient_checkpointing: bool | str, note=print,
+                  embeddings_on_host: bool = False) -> list[nn.Parameter]:
     """Checkpointing on (non-reentrant; "offload": layer inputs in pinned CPU memory, train/offload.py), cache
-    off, trainable tensors in fp32; returns the trainable params."""
+    off, trainable tensors in fp32, optionally the input embedding in pinned host memory
+    (model/host_embedding.py); returns the trainable params."""
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise LorafuseError("the model has no trainable parameters",
@@ -64,6 +66,12 @@ def prepare_model(model, gradient_checkpointing: bool | str, note=print) -> list
             from lorafuse.train.offload import install
 
             note(f"activation offload: the inputs of {install(model)} checkpointed layers wait in pinned CPU memory")
+    if embeddings_on_host:
+        from lorafuse.model.host_embedding import embeddings_to_host
+
+        moved, reason = embeddings_to_host(model)
+        note(f"input embedding in pinned host memory, read in place: {moved / 2**30:.2f} GiB of GPU memory freed"
+             if moved else f"input embedding stays on the device: {reason}")
     return params
 
 
