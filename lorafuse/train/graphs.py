@@ -25,9 +25,10 @@ Conditions (`graph_blocker`): CUDA; the fused fast path applied (its kernels are
 loss switches to a fixed-shape pass while capturing, kernels/cross_entropy.py); LoRA dropout only through the
 fast path's device-side seeds (kernels/fast_path.py: a per-module offset on a base the decoder stack advances
 on the device at each forward, so every replay draws new masks and a recompute regenerates the forward's);
-one process (the multi-GPU gradient all-reduce rebinds gradients); no activation offload. Gradient
-checkpointing stays on; its RNG bookkeeping is turned off for the captured layers, which is exact because
-nothing in them draws from torch's generators (the dropout masks come from the device seed).
+one process (the multi-GPU gradient all-reduce rebinds gradients). Gradient checkpointing stays on (activation
+offload too: its host buffers and side-stream copies are capture-safe, train/offload.py); its RNG bookkeeping
+is turned off for the captured layers, which is exact because nothing in them draws from torch's generators
+(the dropout masks come from the device seed).
 """
 
 from __future__ import annotations
@@ -44,8 +45,6 @@ def graph_blocker(model: nn.Module, device: torch.device, world_size: int = 1) -
         return "CUDA graphs need a CUDA device"
     if not getattr(model, "lorafuse_fast_path", None):
         return "CUDA graphs need the fused fast path (train.fast_path)"
-    if getattr(model, "lorafuse_offload", 0):
-        return "CUDA graphs are not combined with activation offload (train.gradient_checkpointing: offload)"
     if world_size > 1:
         return "CUDA graphs are single-process for now (multi-GPU runs launch eagerly)"
     for name, mod in model.named_modules():
@@ -65,6 +64,10 @@ def _checkpoint_without_rng(model: nn.Module) -> None:
     """Checkpointed layers stop saving/restoring RNG state (nothing random runs in them: see the docstring)."""
     from torch.utils.checkpoint import checkpoint
 
+    if getattr(model, "lorafuse_offload", 0):
+        from lorafuse.train.offload import without_rng
+
+        return without_rng(model)
     plain = functools.partial(checkpoint, use_reentrant=False, preserve_rng_state=False)
     for mod in model.modules():
         if getattr(mod, "_gradient_checkpointing_func", None) is not None:

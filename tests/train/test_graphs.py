@@ -48,14 +48,14 @@ def _batches(vocab, n, shape=(2, 32), seed=0):
     return out
 
 
-def _train(model, batches, graphed: bool, accum: int = 2):
+def _train(model, batches, graphed: bool, accum: int = 2, checkpointing=True):
     """Optimizer steps of `accum` micro-batches each; returns per-micro-batch losses and the final LoRA tensors."""
     from lorafuse.kernels.fast_path import apply_fast_path
     from lorafuse.train.loss import lm_loss_sum, simple_head
     from lorafuse.train.runtime import Precision, prepare_model
 
     assert apply_fast_path(model)[0]
-    params = prepare_model(model, True, note=lambda s: None)
+    params = prepare_model(model, checkpointing, note=lambda s: None)
     for p in params:  # B starts at zero (LoRA's init); a nonzero B makes every gradient, and each step, count
         if p.abs().max() == 0:
             torch.nn.init.normal_(p, std=0.02)
@@ -80,18 +80,22 @@ def _train(model, batches, graphed: bool, accum: int = 2):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("quant,dropout", [("nf4", 0.0), ("none", 0.0), ("nf4", 0.1)])
-def test_replayed_steps_train_exactly_as_eager_steps(tiny_model_dir, quant, dropout):
+@pytest.mark.parametrize("quant,dropout,checkpointing", [("nf4", 0.0, True), ("none", 0.0, True),
+                                                         ("nf4", 0.1, True), ("nf4", 0.1, "offload")])
+def test_replayed_steps_train_exactly_as_eager_steps(tiny_model_dir, quant, dropout, checkpointing):
     """10 micro-batches, accumulation 2: two eager warm-ups, a capture, then replays. Losses and the trained
     LoRA tensors equal those of the same run done eagerly, bit for bit (the same kernels run in the same order;
-    with dropout, the replayed seed increment draws the masks the eager forwards draw)."""
+    with dropout, the replayed seed increment draws the masks the eager forwards draw; with activation offload,
+    the replay copies through the same pinned buffers the capture recorded)."""
     batches = _batches(512, 10)
     torch.manual_seed(0)
     eager_losses, eager_params, _, _, eager_moved = _train(
-        _lora_model(tiny_model_dir, dropout, quant=quant, device="cuda", dtype="bfloat16"), batches, graphed=False)
+        _lora_model(tiny_model_dir, dropout, quant=quant, device="cuda", dtype="bfloat16"), batches, graphed=False,
+        checkpointing=checkpointing)
     torch.manual_seed(0)
     graph_losses, graph_params, step, notes, graph_moved = _train(
-        _lora_model(tiny_model_dir, dropout, quant=quant, device="cuda", dtype="bfloat16"), batches, graphed=True)
+        _lora_model(tiny_model_dir, dropout, quant=quant, device="cuda", dtype="bfloat16"), batches, graphed=True,
+        checkpointing=checkpointing)
     assert step.disabled is None, notes
     assert step.replays == 8  # micro-batches 3..10: 1 and 2 warm up eagerly, 3 is captured, then all replay
     assert graph_losses == eager_losses

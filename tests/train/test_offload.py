@@ -75,3 +75,31 @@ def test_offload_on_cuda_matches_plain_checkpointing(tiny_model_dir):
     assert abs(loss_on - loss_off) <= 1e-6 * abs(loss_on)
     for name in on:
         assert torch.allclose(on[name], off[name], rtol=1e-4, atol=1e-6), name
+
+
+@pytest.mark.gpu
+def test_a_forward_without_backward_leaves_nothing_behind(tiny_model_dir):
+    """An out-of-memory error between forward and backward leaves the forward's stashes: the next forward gives
+    their pinned buffers back (the pool does not grow) and the next step's gradients are a fresh run's."""
+    from lorafuse.train import offload
+
+    loss_ref, ref = _grads(tiny_model_dir, "offload", device="cuda")
+    pooled = offload.POOL.bytes
+    torch.manual_seed(0)
+    model, _ = lorafuse.load_model(str(tiny_model_dir), quant="none", compute_dtype="float32", device="cuda")
+    lorafuse.apply_lora(model, r=4, alpha=8, dropout=0.0, targets="all-linear")
+    params = prepare_model(model, "offload", note=lambda s: None)
+    for p in params:
+        if p.abs().max() == 0:
+            torch.nn.init.normal_(p, std=0.05)
+    model.train()
+    ids = torch.randint(4, 100, (2, 24), generator=torch.Generator().manual_seed(1)).cuda()
+    model(input_ids=ids, labels=ids)  # abandoned: no backward
+    assert offload._LAST, "the abandoned forward left its stashes"
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    assert not offload._LAST and offload.POOL.bytes == pooled, "buffers came back and were reused"
+    assert abs(float(loss) - loss_ref) <= 1e-6 * abs(loss_ref)
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            assert torch.allclose(p.grad, ref[name], rtol=1e-5, atol=1e-7), name
