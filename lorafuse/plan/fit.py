@@ -4,9 +4,11 @@ The search keeps the effective batch (micro_batch_size x grad_accum) and the dat
 not change the optimisation: micro_batch_size over the divisors of the effective batch (grad_accum follows),
 gradient checkpointing off / on. The fastest candidate by predicted tokens/s among those whose predicted GPU
 total fits wins (a config that already fits is changed only for a predicted gain of 2% or more); ties go to
-the smaller peak. When none fits, activation offload (layer inputs in pinned CPU memory) is tried next: it costs
-host memory and PCIe traffic the speed model prices only roughly, so it never displaces an on-GPU setting. Only
-when nothing fits is max_length halved (down to 64), since that changes what the model sees.
+the smaller peak. When none fits, the same settings with the input embedding in pinned host memory are tried
+(`train.embeddings_on_host`, not for a tied embedding), then activation offload (layer inputs in pinned CPU
+memory) with it: both cost host memory and PCIe traffic the speed model prices only roughly, so they never
+displace an on-GPU setting. Only when nothing fits is max_length halved (down to 64), since that changes what
+the model sees.
 
 `suggest(cfg, gpu_memory)` returns that setting as config overrides ({"train.micro_batch_size": 2, ...},
 keys as `lorafuse train ... key=value` takes them); `next_smaller(cfg)` is the training loop's hook after a
@@ -23,7 +25,7 @@ from dataclasses import dataclass, field
 
 from lorafuse.errors import ConfigError, LorafuseError
 from lorafuse.plan import speed
-from lorafuse.plan.memory import GIB, Estimate, Workload, estimate
+from lorafuse.plan.memory import GIB, Estimate, Workload, estimate, host_embedding
 from lorafuse.plan.shapes import PROJECTIONS, ModelShape, load_shape
 
 MIN_MAX_LENGTH = 64
@@ -168,12 +170,20 @@ def _candidates(w: Workload, policies=("off", "on")):
 
 
 def fastest_fitting(w: Workload, budget: int, card: speed.Card, offload: bool = False) -> Workload | None:
-    """The fastest candidate whose predicted GPU total fits `budget` (max_length halved only if none fits)."""
+    """The fastest candidate whose predicted GPU total fits `budget`, trying in order: on-GPU settings; the same
+    with the input embedding in host memory (when untied); activation offload (with it); and only then max_length
+    halved."""
+    hosted = w.with_(embeddings_on_host=True)
+    tiers = [(w, ("off", "on"))]
+    if not w.embeddings_on_host and host_embedding(hosted):
+        tiers.append((hosted, ("off", "on")))
+    if offload:
+        tiers.append((tiers[-1][0], ("offload",)))
     seq = w.seq
     while seq >= MIN_MAX_LENGTH:
-        for policies in (("off", "on"), ("offload",) if offload else ()):
+        for base, policies in tiers:
             scored = []
-            for cand in _candidates(w.with_(seq=seq), policies):
+            for cand in _candidates(base.with_(seq=seq), policies):
                 est = estimate(cand)
                 if est.peak <= budget:
                     scored.append((-speed.tokens_per_second(cand, card), est.peak, cand))
@@ -193,13 +203,15 @@ def _overrides(cur: Workload, new: Workload) -> dict:
         out["train.gradient_checkpointing"] = {"on": True, "off": False}.get(new.checkpointing, new.checkpointing)
     if new.seq != cur.seq:
         out["data.max_length"] = new.seq
+    if new.embeddings_on_host != cur.embeddings_on_host:
+        out["train.embeddings_on_host"] = new.embeddings_on_host
     return out
 
 
 def describe(w: Workload, card: speed.Card, cur: Workload | None = None) -> dict:
     est = estimate(w)
     d = {"micro_batch_size": w.micro_batch, "grad_accum": w.grad_accum, "gradient_checkpointing": w.checkpointing,
-         "max_length": w.seq, "peak_gib": _gib(est.peak), "step_s": round(speed.step_seconds(w, card), 4),
+         "max_length": w.seq, "embeddings_on_host": host_embedding(w), "peak_gib": _gib(est.peak), "step_s": round(speed.step_seconds(w, card), 4),
          "tokens_per_s": round(speed.tokens_per_second(w, card), 1)}
     if cur is not None:
         d["overrides"] = _overrides(cur, w)
@@ -235,6 +247,9 @@ def plan(cfg, gpu_memory=None, gpu: str | None = None) -> Plan:
     else:
         p.notes.append(f"nothing fits in {budget / GIB:.1f} GiB, even micro-batch 1 with max_length "
                        f"{MIN_MAX_LENGTH}: use a smaller model, quant nf4, or a larger GPU")
+    if best is not None and best.embeddings_on_host and not w.embeddings_on_host:
+        p.notes.append("the input embedding moves to pinned host memory (train.embeddings_on_host), read in place "
+                       "by the GPU: measured at no step-time cost on an H200")
     if best is not None and best.checkpointing == "offload" and w.checkpointing != "offload":
         p.notes.append("only activation offload fits at this max_length: the layer inputs wait in pinned CPU "
                        "memory (host RAM, PCIe traffic each step)")
