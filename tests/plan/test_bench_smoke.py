@@ -118,3 +118,15 @@ def test_offload_flag_is_lorafuse_checkpointing():
     args = bench.parse_args(["--offload", "--stacks", "lorafuse"])
     assert bench._spec(args, "lorafuse", "qlora", None)["gc"] == "offload"
     assert bench._lorafuse_workload(args, "qlora", {}).checkpointing == "offload"
+
+
+def test_host_embeddings_flag_is_a_lorafuse_setting():
+    with pytest.raises(bench.LorafuseError, match="--stacks lorafuse"):
+        bench.parse_args(["--host-embeddings"])
+    args = bench.parse_args(["--host-embeddings", "--stacks", "lorafuse", "--shape", "llama2-7b"])
+    assert bench._spec(args, "lorafuse", "qlora", None)["embeddings_on_host"] is True
+    on_host = bench._lorafuse_workload(args, "qlora", {})
+    assert on_host.embeddings_on_host
+    plain = bench._lorafuse_workload(bench.parse_args(["--stacks", "lorafuse", "--shape", "llama2-7b"]), "qlora", {})
+    shape = on_host.shape
+    assert bench.estimate(plain).peak_alloc - bench.estimate(on_host).peak_alloc == 2 * shape.embed_params
