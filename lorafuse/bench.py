@@ -215,7 +215,7 @@ def _spec(args, stack: str, method: str, folder: Path) -> dict:
             "profile_dir": args.profile, "embeddings_on_host": args.host_embeddings}
 
 
-def _workload(args, method: str, kernels: str = "reference", loss: str = "chunked") -> Workload:
+def _workload(args, method: str, kernels: str = "reference", loss: str = "chunked", graphs: bool = False) -> Workload:
     full = method == "full"
     return Workload(builtin_shape(args.shape), method=method, micro_batch=args.batch, seq=args.seq, grad_accum=1,
                     r=args.r, targets=PROJECTIONS, dropout=args.dropout,
@@ -223,7 +223,7 @@ def _workload(args, method: str, kernels: str = "reference", loss: str = "chunke
                     optimizer=args.full_optimizer if full else args.optimizer,
                     checkpointing="off" if args.no_gc else "offload" if args.offload else "on", loss=loss,
                     kernels=kernels, padded=False, autocast=args.device == "cuda",
-                    embeddings_on_host=args.host_embeddings and method != "full")
+                    embeddings_on_host=args.host_embeddings and method != "full", cuda_graphs=graphs)
 
 
 def _precheck(args, stack: str, method: str, probe: dict) -> str | None:
@@ -278,10 +278,12 @@ def _row(args, run_id: str, stack: str, method: str, probe: dict, result: dict, 
 
 
 def _lorafuse_workload(args, method: str, result: dict) -> Workload:
-    """The planner's workload for a lorafuse run; before the run (empty result) it assumes the fast path on CUDA."""
+    """The planner's workload for a lorafuse run; before the run (empty result) it assumes the fast path on CUDA,
+    and CUDA graphs with it unless --no-graphs."""
     fast = (result.get("fast_path") or {}).get("applied", args.device == "cuda" and not args.no_fast_path)
     loss = "fused" if result.get("fused_loss", fast) else "chunked" if result.get("chunked_loss", True) else "full"
-    return _workload(args, method, kernels="fused" if fast else "reference", loss=loss)
+    graphs = (result.get("cuda_graphs") or {}).get("applied", fast and not args.no_graphs)
+    return _workload(args, method, kernels="fused" if fast else "reference", loss=loss, graphs=bool(graphs))
 
 
 def _predicted(args, method: str, result: dict) -> float:

@@ -45,7 +45,8 @@ def render(p: Plan) -> str:
             "linears": "" if w.method == "qlora" else ", linears",
             "embeddings": "head, norms; embedding on host" if host_embedding(w) else "embeddings, head, norms",
             "what": ("all weights" if w.method == "full" else "LoRA only, fp32")
-            + ("; so far this step" if w.grad_accum == 1 and e.phase != "optimizer step" else ""),
+            + ("; so far this step" if w.grad_accum == 1 and not w.cuda_graphs and e.phase != "optimizer step"
+               else ""),
             "opt": w.optimizer, "ck": w.checkpointing,
             "loss": {"full": "full logits", "chunked": "chunked", "fused": "fused kernel"}[w.loss]}
     for key, value in e.components.items():

@@ -120,7 +120,8 @@ def workload_from_config(cfg, shape: ModelShape | None = None) -> Workload:
         optimizer=cfg.train.optimizer, checkpointing=_checkpointing(cfg.train.gradient_checkpointing),
         loss="fused" if kernels == "fused" else "chunked", kernels=kernels,
         padded=not cfg.data.packing, blocksize=cfg.model.blocksize, double_quant=cfg.model.double_quant,
-        embeddings_on_host=cfg.train.embeddings_on_host)
+        embeddings_on_host=cfg.train.embeddings_on_host,
+        cuda_graphs=kernels == "fused" and cfg.train.cuda_graphs == "auto")
 
 
 def _checkpointing(value) -> str:

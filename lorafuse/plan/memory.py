@@ -102,7 +102,8 @@ STATE_BLOCK = 256
 @dataclass(frozen=True)
 class Workload:
     """Everything the prediction depends on. `checkpointing`: off | on | offload; `loss`: full | chunked | fused;
-    `kernels`: reference | fused; `method`: qlora | lora | full."""
+    `kernels`: reference | fused; `method`: qlora | lora | full; `cuda_graphs`: the step replays as a CUDA graph
+    (its gradients are never freed)."""
     shape: ModelShape
     method: str = "qlora"
     micro_batch: int = 4
@@ -124,6 +125,7 @@ class Workload:
     blocksize: int = 64
     double_quant: bool = True
     embeddings_on_host: bool = False
+    cuda_graphs: bool = False
 
     @property
     def tokens(self) -> int:
@@ -201,11 +203,13 @@ def gradient_bytes(w: Workload) -> dict:
     allocates a .grad when the tensor's first gradient arrives. So with one micro-batch per step the step's
     backward starts with none: at the top layer's backward only the tensors outside the layers (a trainable
     head's gradient comes with the loss; an embedding's, at the very end, is counted too: an upper bound) and
-    the top layer's exist. From the second micro-step of a window on, all of them are already allocated.
+    the top layer's exist. From the second micro-step of a window on, all of them are already allocated. With
+    CUDA graphs the gradients are never freed (a replay accumulates into the tensors the capture recorded, and
+    the loop zeroes them in place), so all of them are alive in every phase, as with accumulation.
     """
     each = w.compute_bytes if w.method == "full" else w.lora_bytes
     full = each * sum(trainable_numels(w))
-    if w.grad_accum > 1:
+    if w.grad_accum > 1 or w.cuda_graphs:
         return {"loss": full, "backward": full, "optimizer": full}
     extra = each * sum(_extra_numels(w))
     return {"loss": extra, "backward": extra + each * sum(_layer_numels(w)), "optimizer": full}

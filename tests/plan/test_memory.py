@@ -174,3 +174,22 @@ def test_qlora_is_smaller_than_lora_by_the_linear_weights():
     assert saved == 2 * shape.linear_params
     assert q.components["weights_nf4"] == pytest.approx(shape.linear_params * 4.127 / 8, rel=1e-3)
     assert math.isclose(q.components["weights_nf4"] / 2 ** 30, 3.11, abs_tol=0.01)  # research/speed-anchors.md s.7
+
+
+def test_cuda_graphs_keep_every_gradient_alive():
+    """A replay accumulates into the gradients the capture recorded and the loop zeroes them in place, so with
+    graphs all of them exist in every phase, even with one micro-batch per step (measured: the 7B 4 x 512 graph
+    rows sat 0.15 GiB, the LoRA gradients' size, further below the prediction than the eager rows)."""
+    from lorafuse.config import load_config
+    from lorafuse.plan.fit import workload_from_config
+    from lorafuse.plan.memory import gradient_bytes, trainable_numels
+
+    w = Workload(load_shape("llama2-7b"), grad_accum=1, kernels="fused", loss="fused")
+    full = 4 * sum(trainable_numels(w))
+    assert gradient_bytes(w)["backward"] < full
+    assert set(gradient_bytes(w.with_(cuda_graphs=True)).values()) == {full}
+    assert estimate(w.with_(cuda_graphs=True)).peak_alloc > estimate(w).peak_alloc
+    on = workload_from_config(load_config(None, ["train.fast_path=on"]))
+    off = workload_from_config(load_config(None, ["train.fast_path=on", "train.cuda_graphs=off"]))
+    assert on.cuda_graphs and not off.cuda_graphs
+    assert not workload_from_config(load_config(None, ["train.fast_path=off"])).cuda_graphs
