@@ -217,3 +217,36 @@ def test_mask_built_for_a_maskless_call_reaches_sdpa_as_is_causal(monkeypatch, c
     torch.testing.assert_close(injected, plain, rtol=0, atol=1e-5)
     remove_fast_path(fast)
     assert not hasattr(fast.model.layers[0].self_attn, "lorafuse_causal_only")
+
+
+@pytest.mark.gpu
+def test_a_captured_maskless_forward_uses_sdpa_is_causal(monkeypatch):
+    """The real trigger (transformers 5.17 on the GPU machine): while a CUDA graph is being captured, transformers
+    builds the causal mask for a maskless call; the fast path must still reach SDPA with is_causal and no mask,
+    and the replay must give the eager logits."""
+    fast = _tiny().to("cuda", torch.bfloat16).train()
+    applied, reason = apply_fast_path(fast)
+    assert applied, reason
+    ids = torch.randint(0, 96, (2, 64), device="cuda")
+    with torch.no_grad():
+        eager = fast(input_ids=ids).logits
+    seen = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(q, k, v, attn_mask=None, is_causal=False, **kw):
+        seen.append((attn_mask is None, is_causal))
+        return sdpa(q, k, v, attn_mask=attn_mask, is_causal=is_causal, **kw)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side), torch.no_grad():
+        fast(input_ids=ids)  # warm-up outside the capture, as the loop's eager steps do
+    torch.cuda.current_stream().wait_stream(side)
+    seen.clear()
+    graph = torch.cuda.CUDAGraph()
+    with torch.no_grad(), torch.cuda.graph(graph):
+        out = fast(input_ids=ids).logits
+    assert seen == [(True, True)] * len(fast.model.layers), seen
+    graph.replay()
+    torch.testing.assert_close(out, eager, rtol=0, atol=0)
