@@ -13,10 +13,10 @@ input is copied to pinned host memory instead, and the GPU copy is freed:
 
 Capture-safe, so it combines with CUDA graphs (train/graphs.py): the host buffers come from a pool of
 page-locked blocks (`cudaHostRegister` on plain CPU tensors, never freed, reused in the same order every
-micro-step), so a capture allocates no host memory and a replay writes the same addresses (the pool holds one
-set of L buffers per distinct micro-batch shape: with padded data, up to 8 shapes' worth of host memory); the side stream is
-forked and joined with events, and nothing calls `record_stream` (whose deferred frees would keep every layer's
-input alive until the end of a capture).
+micro-step), so a capture allocates no host memory and a replay writes the same addresses. The pool holds one
+set of L buffers per distinct micro-batch shape: with padded data, up to 8 shapes' worth of host memory. The side
+stream is forked and joined with events, and nothing calls `record_stream` (whose deferred frees would keep every
+layer's input alive until the end of a capture).
 
 What stays on the GPU per layer: nothing but what autograd holds for the Function (the output's metadata).
 The cost is PCIe traffic of 2 c D bytes per token per layer per micro-step (about 30 ms a step for a 7B at
