@@ -212,7 +212,8 @@ def _overrides(cur: Workload, new: Workload) -> dict:
 def describe(w: Workload, card: speed.Card, cur: Workload | None = None) -> dict:
     est = estimate(w)
     d = {"micro_batch_size": w.micro_batch, "grad_accum": w.grad_accum, "gradient_checkpointing": w.checkpointing,
-         "max_length": w.seq, "embeddings_on_host": host_embedding(w), "peak_gib": _gib(est.peak), "step_s": round(speed.step_seconds(w, card), 4),
+         "max_length": w.seq, "embeddings_on_host": host_embedding(w), "peak_gib": _gib(est.peak),
+         "step_s": round(speed.step_seconds(w, card), 4),
          "tokens_per_s": round(speed.tokens_per_second(w, card), 1)}
     if cur is not None:
         d["overrides"] = _overrides(cur, w)
