@@ -9,8 +9,8 @@ How (`GraphedMicroStep`):
   1. Each shape's first `warmup` micro-batches run eagerly (they are real training steps): Triton autotuning,
      cuBLAS workspaces and lazily sized buffers (the NF4 dequantize buffer) settle in those steps.
   2. Its next micro-batch is captured (up to MAX_GRAPHS shapes; all graphs share ONE memory pool, which is safe
-     because nothing but the loss outlives a replay, and the loss is copied out at once): static input tensors, `loss_sum = loss_fn(batch)` under autocast (its cast
-     cache off, as capture requires), backward of `loss_sum * inv_n` with `inv_n` a static scalar that the
+     because nothing but the loss outlives a replay, and the loss is copied out at once): static input tensors,
+     `loss_sum = loss_fn(batch)` under autocast (its cast cache off, as capture requires), backward of `loss_sum * inv_n` with `inv_n` a static scalar that the
      caller sets before each replay (token-normalised accumulation). Gradients exist before capture (zeros
      where missing), so the recorded backward ACCUMULATES into the same .grad tensors: accumulation over
      micro-batches works, and the caller must zero gradients in place (`zero_grad(set_to_none=False)`).
@@ -185,7 +185,8 @@ class GraphedMicroStep:
                 self.backward(loss * self.inv_n)
                 loss = loss.detach()
         except Exception as exc:  # a host sync or an uncapturable op inside the model: eager from now on
-            self.disabled = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}" if str(exc) else type(exc).__name__
+            first = str(exc).splitlines()[0][:160] if str(exc) else ""
+            self.disabled = f"{type(exc).__name__}: {first}" if first else type(exc).__name__
             self.note(f"CUDA graphs off: capturing the step failed ({self.disabled}); running eagerly")
             self.graphs = {}
             torch.cuda.synchronize()
