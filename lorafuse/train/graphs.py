@@ -10,8 +10,9 @@ How (`GraphedMicroStep`):
      cuBLAS workspaces and lazily sized buffers (the NF4 dequantize buffer) settle in those steps.
   2. Its next micro-batch is captured (up to MAX_GRAPHS shapes; all graphs share ONE memory pool, which is safe
      because nothing but the loss outlives a replay, and the loss is copied out at once): static input tensors,
-     `loss_sum = loss_fn(batch)` under autocast (its cast cache off, as capture requires), backward of `loss_sum * inv_n` with `inv_n` a static scalar that the
-     caller sets before each replay (token-normalised accumulation). Gradients exist before capture (zeros
+     `loss_sum = loss_fn(batch)` under autocast (its cast cache off, as capture requires), backward of
+     `loss_sum * inv_n` with `inv_n` a static scalar that the caller sets before each replay (token-normalised
+     accumulation). Gradients exist before capture (zeros
      where missing), so the recorded backward ACCUMULATES into the same .grad tensors: accumulation over
      micro-batches works, and the caller must zero gradients in place (`zero_grad(set_to_none=False)`).
   3. Every later micro-batch of that shape copies its tensors into the static inputs and replays.
