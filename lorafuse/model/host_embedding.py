@@ -72,9 +72,13 @@ def embeddings_to_host(model: nn.Module) -> tuple[int, str]:
     if reason:
         return 0, reason
     w = emb.weight
-    host = torch.empty(w.shape, dtype=w.dtype, pin_memory=True)
-    host.copy_(w.detach())
-    alias = device_alias(host, w.device)
+    try:
+        host = torch.empty(w.shape, dtype=w.dtype, pin_memory=True)
+        host.copy_(w.detach())
+        alias = device_alias(host, w.device)
+    except (RuntimeError, ValueError, TypeError) as exc:  # no pinned memory, or no mapping of it on this platform
+        first = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
+        return 0, f"pinned host memory could not be mapped for the GPU here ({first})"
     emb.lorafuse_host_weight = host  # keeps the pinned block alive (the alias does not own it)
     w.data = alias
     torch.cuda.synchronize(w.device)

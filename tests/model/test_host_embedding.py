@@ -100,3 +100,19 @@ def test_alias_trains_like_the_device_table_and_frees_its_memory():
     embeddings_to_device(base)
     assert not hasattr(emb, "lorafuse_host_weight")
     torch.testing.assert_close(emb.weight, on_device.get_input_embeddings().weight, rtol=0, atol=0)
+
+
+def test_a_platform_without_mapped_pinned_memory_keeps_the_table(monkeypatch):
+    """Where pinned memory cannot be allocated or mapped (here: no CUDA at all), the run goes on with the table
+    on the device and says why, instead of failing before training."""
+    from lorafuse.model import host_embedding
+
+    if torch.cuda.is_available():
+        pytest.skip("needs a machine where pinned memory fails (no CUDA)")
+    model = _model()
+    weight = model.get_input_embeddings().weight.detach().clone()
+    monkeypatch.setattr(host_embedding, "host_embedding_blocker", lambda m: "")
+    moved, reason = embeddings_to_host(model)
+    assert moved == 0 and reason.startswith("pinned host memory could not be mapped for the GPU here")
+    emb = model.get_input_embeddings()
+    assert not hasattr(emb, "lorafuse_host_weight") and torch.equal(emb.weight, weight)
