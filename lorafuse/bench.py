@@ -90,15 +90,16 @@ def parse_args(argv):
     if args.shape not in builtin_names():
         raise LorafuseError(f"unknown --shape {args.shape!r}", f"use one of {', '.join(builtin_names())}")
     args.dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
-    if args.host_embeddings and (args.table or _split(args.stacks, STACKS, "--stacks") != ["lorafuse"]):
-        raise LorafuseError("--host-embeddings is a lorafuse setting (the peers keep theirs on the GPU)",
+    # lorafuse's own settings: the peers load a checkpoint folder, keep their embedding on the GPU and have their
+    # own checkpointing policy, so a run with any of these compares nothing
+    own = [flag for flag, on in (("--random-init", args.random_init), ("--offload", args.offload),
+                                 ("--host-embeddings", args.host_embeddings)) if on]
+    if own and (args.table or _split(args.stacks, STACKS, "--stacks") != ["lorafuse"]):
+        raise LorafuseError(f"{' and '.join(own)} apply to lorafuse only (the peers have their own settings)",
                             "add --stacks lorafuse, and drop --table")
-    if args.offload and (args.no_gc or args.table or _split(args.stacks, STACKS, "--stacks") != ["lorafuse"]):
-        raise LorafuseError("--offload is lorafuse's checkpointing policy (the peers have their own)",
-                            "add --stacks lorafuse, and drop --no-gc and --table")
-    if args.random_init and (args.table or _split(args.stacks, STACKS, "--stacks") != ["lorafuse"]):
-        raise LorafuseError("--random-init runs lorafuse only (the peers load a checkpoint folder)",
-                            "add --stacks lorafuse (and drop --table), or leave out --random-init")
+    if args.offload and args.no_gc:
+        raise LorafuseError("--offload is a checkpointing policy, and --no-gc turns checkpointing off",
+                            "drop one of them")
     return args
 
 
@@ -209,10 +210,15 @@ def _spec(args, stack: str, method: str, folder: Path) -> dict:
             "vocab_size": builtin_shape(args.shape).vocab_size, "batch": args.batch, "seq": args.seq,
             "steps": args.steps, "warmup": args.warmup, "device": args.device, "dtype": args.dtype, "r": args.r,
             "alpha": args.alpha, "dropout": args.dropout, "optimizer": args.optimizer,
-            "full_optimizer": args.full_optimizer, "gc": "offload" if args.offload else not args.no_gc,
+            "full_optimizer": args.full_optimizer, "gc": _gc(args),
             "fast_path": "off" if args.no_fast_path else "auto", "seed": args.seed,
             "cuda_graphs": not args.no_graphs, "random_init": args.random_init, "budget_gib": args.budget_gib,
             "profile_dir": args.profile, "embeddings_on_host": args.host_embeddings}
+
+
+def _gc(args) -> bool | str:
+    """The runners' (and the JSON rows') checkpointing value: True, False or "offload"."""
+    return "offload" if args.offload else not args.no_gc
 
 
 def _workload(args, method: str, kernels: str = "reference", loss: str = "chunked", graphs: bool = False) -> Workload:
@@ -264,7 +270,7 @@ def _row(args, run_id: str, stack: str, method: str, probe: dict, result: dict, 
            "card": probe.get("card", "unknown"), "device": args.device, "stack": stack, "method": method,
            "shape": args.shape, "batch": args.batch, "seq": args.seq, "steps": args.steps, "warmup": args.warmup,
            "r": args.r, "alpha": args.alpha, "dropout": args.dropout,
-           "gc": "offload" if args.offload else not args.no_gc, "dtype": args.dtype,
+           "gc": _gc(args), "dtype": args.dtype,
            "optimizer": args.full_optimizer if method == "full" else args.optimizer,
            "commit": commit[0], "dirty": commit[1], "torch": probe.get("torch"),
            "transformers": probe.get("transformers"), "status": "error", "reason": None, "step_s": None,

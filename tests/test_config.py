@@ -10,11 +10,11 @@ from pydantic import ValidationError
 from lorafuse.config import (
     RunConfig,
     config_diff,
-    config_reference_markdown,
     demo_config,
     load_config,
     save_config,
 )
+from lorafuse.config_reference import config_reference_markdown
 from lorafuse.errors import ConfigError
 
 SEVEN = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lorafuse.config import config_reference_markdown
+from lorafuse.config_reference import config_reference_markdown
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -139,11 +139,13 @@ def profile(spec: dict, step, batches: list, cuda: bool) -> None:
             step(batch)
         if cuda:
             torch.cuda.synchronize()
-    out = Path(spec["profile_dir"]) / f"{spec['stack']}-{spec['method']}-{spec['shape']}-{spec['batch']}x{spec['seq']}"
+    name = f"{spec['stack']}-{spec['method']}-{spec['shape']}-{spec['batch']}x{spec['seq']}"
+    out = Path(spec["profile_dir"]) / name
     out.parent.mkdir(parents=True, exist_ok=True)
     events = prof.key_averages()
     sort = "self_cuda_time_total" if cuda else "self_cpu_time_total"
-    text = (f"{len(batches)} steps, sorted by {sort}\n" + events.table(sort_by=sort, row_limit=60, max_name_column_width=70)
+    text = (f"{len(batches)} steps, sorted by {sort}\n"
+            + events.table(sort_by=sort, row_limit=60, max_name_column_width=70)
             + "\n\nby input shape:\n" + prof.key_averages(group_by_input_shape=True).table(
                 sort_by=sort, row_limit=60, max_name_column_width=50, max_shapes_column_width=60))
     out.with_suffix(".txt").write_text(text)

@@ -50,13 +50,7 @@ def build(spec: dict, device):
     from lorafuse.train.optim import build_optimizer
 
     dtype = getattr(torch, spec["dtype"])
-    quant = "nf4" if spec["method"] == "qlora" else "none"
-    if spec.get("random_init"):  # generated on the device layer by layer: no checkpoint (65B-shape headline runs)
-        from lorafuse.model.stream import random_nf4_model
-
-        model = random_nf4_model(spec["shape"], device, compute_dtype=dtype, seed=spec["seed"], quant=quant)
-    else:
-        model, _ = lorafuse.load_model(spec["folder"], quant=quant, compute_dtype=dtype, device=device)
+    model = _load(spec, device, dtype)
     lorafuse.apply_lora(model, r=spec["r"], alpha=spec["alpha"], dropout=spec["dropout"], targets=PROJ7)
     fast = _fast_path(model, spec)
     notes = []
@@ -97,6 +91,19 @@ def build(spec: dict, device):
     info = {"fast_path": fast, "fused_loss": fused, "chunked_loss": head is not None, "notes": notes,
             "cuda_graphs": graphs, "trainable_params": sum(p.numel() for p in params)}
     return step, info
+
+
+def _load(spec: dict, device, dtype):
+    """The base model: generated on the device layer by layer with --random-init (no checkpoint: the 65B-shape
+    headline runs), else loaded from the shape's checkpoint folder."""
+    import lorafuse
+
+    quant = "nf4" if spec["method"] == "qlora" else "none"
+    if spec.get("random_init"):
+        from lorafuse.model.stream import random_nf4_model
+
+        return random_nf4_model(spec["shape"], device, compute_dtype=dtype, seed=spec["seed"], quant=quant)
+    return lorafuse.load_model(spec["folder"], quant=quant, compute_dtype=dtype, device=device)[0]
 
 
 def _graphed(spec: dict, model, params, loss_fn, precision, notes: list):

@@ -12,13 +12,14 @@ How (`GraphedMicroStep`):
      because nothing but the loss outlives a replay, and the loss is copied out at once): static input tensors,
      `loss_sum = loss_fn(batch)` under autocast (its cast cache off, as capture requires), backward of
      `loss_sum * inv_n` with `inv_n` a static scalar that the caller sets before each replay (token-normalised
-     accumulation). Gradients exist before capture (zeros
-     where missing), so the recorded backward ACCUMULATES into the same .grad tensors: accumulation over
-     micro-batches works, and the caller must zero gradients in place (`zero_grad(set_to_none=False)`).
+     accumulation). Gradients exist before capture (zeros where missing), so the recorded backward ACCUMULATES
+     into the same .grad tensors: accumulation over micro-batches works, and the caller must zero gradients in
+     place (`zero_grad(set_to_none=False)`).
   3. Every later micro-batch of that shape copies its tensors into the static inputs and replays.
 Shapes: packed rows have one; padded rows are padded to a multiple of 64 on CUDA (train/api.py), so a 512-token
-run has at most 8 lengths; a padded batch's (B, T) attention mask becomes the (B, 1, T, T) bool mask SDPA takes
-as given (`prepare`), since transformers' 2-D mask handling makes data-dependent checks a capture cannot record.
+run has at most 8 lengths. The Batcher's right-padded rows need no attention mask (data/collate.py); a batch that
+does carry a (B, T) mask gets the (B, 1, T, T) bool mask SDPA takes as given (`prepare`), since transformers' 2-D
+mask handling makes data-dependent checks a capture cannot record.
 Anything the capture cannot record (a host synchronisation inside the model, a kernel that cannot be
 captured) turns graphs off for the run with a one-line reason; that micro-batch runs eagerly, nothing lost.
 
@@ -26,10 +27,10 @@ Conditions (`graph_blocker`): CUDA; the fused fast path applied (its kernels are
 loss switches to a fixed-shape pass while capturing, kernels/cross_entropy.py); LoRA dropout only through the
 fast path's device-side seeds (kernels/fast_path.py: a per-module offset on a base the decoder stack advances
 on the device at each forward, so every replay draws new masks and a recompute regenerates the forward's);
-one process (the multi-GPU gradient all-reduce rebinds gradients). Gradient checkpointing stays on (activation
-offload too: its host buffers and side-stream copies are capture-safe, train/offload.py); its RNG bookkeeping
-is turned off for the captured layers, which is exact because nothing in them draws from torch's generators
-(the dropout masks come from the device seed).
+one process (the gradient all-reduce copies in place, but graphs have not been run across processes yet).
+Gradient checkpointing stays on (activation offload too: its host buffers and side-stream copies are
+capture-safe, train/offload.py); its RNG bookkeeping is turned off for the captured layers, which is exact
+because nothing in them draws from torch's generators (the dropout masks come from the device seed).
 """
 
 from __future__ import annotations
@@ -68,7 +69,8 @@ def _checkpoint_without_rng(model: nn.Module) -> None:
     if getattr(model, "lorafuse_offload", 0):
         from lorafuse.train.offload import without_rng
 
-        return without_rng(model)
+        without_rng(model)
+        return
     plain = functools.partial(checkpoint, use_reentrant=False, preserve_rng_state=False)
     for mod in model.modules():
         if getattr(mod, "_gradient_checkpointing_func", None) is not None:

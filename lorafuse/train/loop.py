@@ -157,7 +157,7 @@ class TrainingLoop:
         self.head = simple_head(model)
         self.fused = self.head is not None and self._fast_path(tc.fast_path)
         self.optimizer = build_optimizer(tc.optimizer, self.params, tc.lr, tc.weight_decay)
-        self.graphed = graphs.for_loop(self, getattr(tc, "cuda_graphs", "auto"))
+        self.graphed = graphs.for_loop(self, tc.cuda_graphs)
         micro = len(train_batches)
         if micro == 0:
             raise LorafuseError("there are no training batches", "check data.path and data.num_rows")
@@ -265,12 +265,12 @@ class TrainingLoop:
         """Forward/backward each micro-batch with loss_sum / N_window; returns the summed loss (fp32, on device)."""
         total = torch.zeros((), dtype=torch.float32, device=self.device)
         for batch in batches if n_target else []:
+            inputs = forward_batch(self.model, batch, self.precision)
             if self.graphed is not None:
-                total += self.graphed(forward_batch(self.model, batch, self.precision), 1.0 / n_target)
+                total += self.graphed(inputs, 1.0 / n_target)
                 continue
             with self.precision.autocast():
-                loss_sum = lm_loss_sum(self.model, forward_batch(self.model, batch, self.precision), self.head,
-                                       self.fused)
+                loss_sum = lm_loss_sum(self.model, inputs, self.head, self.fused)
             self.precision.backward(loss_sum / n_target)
             total += loss_sum.detach()
         return total

@@ -115,6 +115,8 @@ def test_random_init_run_with_a_profile(tmp_path, capsys):
 def test_offload_flag_is_lorafuse_checkpointing():
     with pytest.raises(bench.LorafuseError, match="--stacks lorafuse"):
         bench.parse_args(["--offload"])
+    with pytest.raises(bench.LorafuseError, match="--no-gc"):
+        bench.parse_args(["--offload", "--no-gc", "--stacks", "lorafuse"])
     args = bench.parse_args(["--offload", "--stacks", "lorafuse"])
     assert bench._spec(args, "lorafuse", "qlora", None)["gc"] == "offload"
     assert bench._lorafuse_workload(args, "qlora", {}).checkpointing == "offload"
