@@ -78,13 +78,15 @@ def main(argv=None) -> int:
     p.add_argument("--no-graphs", action="store_true")
     p.add_argument("--offload", action="store_true", help="offload checkpointed layer inputs (bench --offload)")
     p.add_argument("--host-embeddings", action="store_true", help="input table in host memory (bench --host-embeddings)")
+    p.add_argument("--host-head", action="store_true", help="output head in host memory between losses (bench --host-head)")
     p.add_argument("--out", default=None)
     a = p.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     args = parse_args(["--shape", a.shape, "--batch", str(a.batch), "--seq", str(a.seq), "--stacks", "lorafuse",
                        "--random-init", "--device", device.type]
                       + [f for f, on in (("--no-graphs", a.no_graphs), ("--offload", a.offload),
-                                         ("--host-embeddings", a.host_embeddings)) if on])
+                                         ("--host-embeddings", a.host_embeddings), ("--host-head", a.host_head))
+                         if on])
     spec = _spec(args, "lorafuse", a.method, folder=None)  # as `lorafuse bench --random-init` runs it
     step, info = lorafuse_stack.build(spec, device)
     batches = make_batches(spec, device, 4)

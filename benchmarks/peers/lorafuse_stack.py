@@ -54,7 +54,8 @@ def build(spec: dict, device):
     lorafuse.apply_lora(model, r=spec["r"], alpha=spec["alpha"], dropout=spec["dropout"], targets=PROJ7)
     fast = _fast_path(model, spec)
     notes = []
-    params = prepare_model(model, spec["gc"], note=notes.append, embeddings_on_host=spec.get("embeddings_on_host"))
+    params = prepare_model(model, spec["gc"], note=notes.append, embeddings_on_host=spec.get("embeddings_on_host"),
+                           head_on_host=spec.get("head_on_host"))
     head = simple_head(model)
     fused = _fused_loss(spec, head)
     precision = Precision(device, dtype)

@@ -5,8 +5,8 @@ not change the optimisation: micro_batch_size over the divisors of the effective
 gradient checkpointing off / on. The fastest candidate by predicted tokens/s among those whose predicted GPU
 total fits wins (a config that already fits is changed only for a predicted gain of 2% or more); ties go to
 the smaller peak. When none fits, the same settings with the input embedding in pinned host memory are tried
-(`train.embeddings_on_host`, not for a tied embedding), then activation offload (layer inputs in pinned CPU
-memory) with it: both cost host memory and PCIe traffic the speed model prices only roughly, so they never
+(`train.embeddings_on_host`, not for a tied embedding), then with the output head there too between losses
+(`train.head_on_host`), then activation offload (layer inputs in pinned CPU memory) with them: all cost host memory and PCIe traffic the speed model prices only roughly, so they never
 displace an on-GPU setting. Only when nothing fits is max_length halved (down to 64), since that changes what
 the model sees.
 
@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 from lorafuse.errors import ConfigError, LorafuseError
 from lorafuse.plan import speed
-from lorafuse.plan.memory import GIB, Estimate, Workload, estimate, host_embedding
+from lorafuse.plan.memory import GIB, Estimate, Workload, estimate, host_embedding, host_head
 from lorafuse.plan.shapes import PROJECTIONS, ModelShape, load_shape
 
 MIN_MAX_LENGTH = 64
@@ -120,7 +120,7 @@ def workload_from_config(cfg, shape: ModelShape | None = None) -> Workload:
         optimizer=cfg.train.optimizer, checkpointing=_checkpointing(cfg.train.gradient_checkpointing),
         loss="fused" if kernels == "fused" else "chunked", kernels=kernels,
         padded=not cfg.data.packing, blocksize=cfg.model.blocksize, double_quant=cfg.model.double_quant,
-        embeddings_on_host=cfg.train.embeddings_on_host,
+        embeddings_on_host=cfg.train.embeddings_on_host, head_on_host=getattr(cfg.train, "head_on_host", False),
         cuda_graphs=kernels == "fused" and cfg.train.cuda_graphs == "auto")
 
 
@@ -178,6 +178,9 @@ def fastest_fitting(w: Workload, budget: int, card: speed.Card, offload: bool = 
     tiers = [(w, ("off", "on"))]
     if not w.embeddings_on_host and host_embedding(hosted):
         tiers.append((hosted, ("off", "on")))
+    both = tiers[-1][0].with_(head_on_host=True)
+    if not w.head_on_host and host_head(both):
+        tiers.append((both, ("off", "on")))
     if offload:
         tiers.append((tiers[-1][0], ("offload",)))
     seq = w.seq
@@ -206,13 +209,16 @@ def _overrides(cur: Workload, new: Workload) -> dict:
         out["data.max_length"] = new.seq
     if new.embeddings_on_host != cur.embeddings_on_host:
         out["train.embeddings_on_host"] = new.embeddings_on_host
+    if new.head_on_host != cur.head_on_host:
+        out["train.head_on_host"] = new.head_on_host
     return out
 
 
 def describe(w: Workload, card: speed.Card, cur: Workload | None = None) -> dict:
     est = estimate(w)
     d = {"micro_batch_size": w.micro_batch, "grad_accum": w.grad_accum, "gradient_checkpointing": w.checkpointing,
-         "max_length": w.seq, "embeddings_on_host": host_embedding(w), "peak_gib": _gib(est.peak),
+         "max_length": w.seq, "embeddings_on_host": host_embedding(w), "head_on_host": host_head(w),
+         "peak_gib": _gib(est.peak),
          "step_s": round(speed.step_seconds(w, card), 4),
          "tokens_per_s": round(speed.tokens_per_second(w, card), 1)}
     if cur is not None:
@@ -252,6 +258,9 @@ def plan(cfg, gpu_memory=None, gpu: str | None = None) -> Plan:
     if best is not None and best.embeddings_on_host and not w.embeddings_on_host:
         p.notes.append("the input embedding moves to pinned host memory (train.embeddings_on_host), read in place "
                        "by the GPU: measured at no step-time cost on an H200")
+    if best is not None and best.head_on_host and not w.head_on_host:
+        p.notes.append("the output head waits in pinned host memory between losses (train.head_on_host): one PCIe "
+                       "copy of it per forward, overlapped with the forward")
     if best is not None and best.checkpointing == "offload" and w.checkpointing != "offload":
         p.notes.append("only activation offload fits at this max_length: the layer inputs wait in pinned CPU "
                        "memory (host RAM, PCIe traffic each step)")

@@ -125,6 +125,7 @@ class Workload:
     blocksize: int = 64
     double_quant: bool = True
     embeddings_on_host: bool = False
+    head_on_host: bool = False
     cuda_graphs: bool = False
 
     @property
@@ -221,6 +222,8 @@ def weight_bytes(w: Workload) -> dict:
     small = c * (s.embed_params + s.head_params + s.norm_params + s.bias_params)
     if host_embedding(w):
         small -= c * s.embed_params
+    if host_head(w):
+        small -= c * s.head_params
     if w.method == "qlora":
         per_layer = sum(sum(nf4_bytes(lin.numel, w.blocksize, w.double_quant).values()) for lin in s.linears())
         return {"weights_nf4": per_layer * s.num_layers, "weights_16bit": small}
@@ -232,6 +235,13 @@ def host_embedding(w: Workload) -> bool:
     GEMM reads all of it, and not when it is trained)?"""
     return (w.embeddings_on_host and w.method != "full" and w.shape.head_params > 0
             and "embed_tokens" not in w.modules_to_save)
+
+
+def host_head(w: Workload) -> bool:
+    """Does the output head wait in host memory between losses (`train.head_on_host`)? Not when tied to the input
+    embedding or trained, and only where the loss reads the head's weight itself (chunked or fused loss)."""
+    return (w.head_on_host and w.method != "full" and w.shape.head_params > 0 and w.loss != "full"
+            and "lm_head" not in w.modules_to_save)
 
 
 def _lora_input_bytes(w: Workload) -> int:
@@ -320,13 +330,16 @@ def estimate(w: Workload) -> Estimate:
     recompute = 0 if w.checkpointing == "off" else (per_layer - held) * n
     transient = layer_transient_bytes(w) * n + dequant_bytes(w)
     # The final norm's saved tensors are freed by its backward, before the top layer's.
-    phases = (("loss", {"gradients": grads["loss"], "activations": saved, "logits_loss": loss_bytes(w)}),
+    # a head kept in host memory is staged on the device from the middle of the forward to the end of the loss
+    staged = c * s.head_params if host_head(w) else 0
+    phases = (("loss", {"gradients": grads["loss"], "activations": saved, "logits_loss": loss_bytes(w),
+                        "head_staged": staged}),
               ("backward", {"gradients": grads["backward"], "activations": saved - final_norm,
                             "recompute": recompute, "backward_workspace": transient}),
               ("optimizer step", {"gradients": grads["optimizer"]}))
     phase, dynamic = max(phases, key=lambda kv: sum(kv[1].values()))
     dynamic = {k: dynamic.get(k, 0) for k in ("gradients", "activations", "recompute", "backward_workspace",
-                                                "logits_loss")}
+                                                "logits_loss", "head_staged")}
     components = {**static, **dynamic}
     peak_alloc = sum(components.values())
     slack = int(ALLOCATOR_SLACK * peak_alloc)

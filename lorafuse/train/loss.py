@@ -112,12 +112,15 @@ def lm_loss_sum(model, batch: dict, head: nn.Linear | None = None, fused: bool =
         logits = model(**inputs, use_cache=False).logits
         return F.cross_entropy(logits.flatten(0, 1).float(), shifted.flatten(), ignore_index=IGNORE_INDEX,
                                reduction="sum")
+    from lorafuse.model.host_embedding import head_weight
+
     hidden = model.base_model(**inputs, use_cache=False).last_hidden_state  # (B, T, D)
+    weight = head_weight(head)  # a head kept in host memory (train.head_on_host) arrives staged for this loss only
     if fused:
         from lorafuse.kernels.cross_entropy import fused_linear_cross_entropy
 
-        return fused_linear_cross_entropy(hidden.flatten(0, 1), head.weight, shifted.flatten(), reduction="sum")
-    return chunked_lm_loss(hidden.flatten(0, 1), head.weight, shifted.flatten())
+        return fused_linear_cross_entropy(hidden.flatten(0, 1), weight, shifted.flatten(), reduction="sum")
+    return chunked_lm_loss(hidden.flatten(0, 1), weight, shifted.flatten())
 
 
 def count_targets(batch: dict) -> int:

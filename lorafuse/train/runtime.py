@@ -40,10 +40,10 @@ class Precision:
 
 
 def prepare_model(model, gradient_checkpointing: bool | str, note=print,
-                  embeddings_on_host: bool = False) -> list[nn.Parameter]:
+                  embeddings_on_host: bool = False, head_on_host: bool = False) -> list[nn.Parameter]:
     """Checkpointing on (non-reentrant; "offload": layer inputs in pinned CPU memory, train/offload.py), cache
     off, trainable tensors in fp32, optionally the input embedding in pinned host memory
-    (model/host_embedding.py); returns the trainable params."""
+    (model/host_embedding.py) and the output head there between losses; returns the trainable params."""
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise LorafuseError("the model has no trainable parameters",
@@ -72,6 +72,12 @@ def prepare_model(model, gradient_checkpointing: bool | str, note=print,
         moved, reason = embeddings_to_host(model)
         note(f"input embedding in pinned host memory, read in place: {moved / 2**30:.2f} GiB of GPU memory freed"
              if moved else f"input embedding stays on the device: {reason}")
+    if head_on_host:
+        from lorafuse.model.host_embedding import head_to_host
+
+        moved, reason = head_to_host(model)
+        note(f"output head in pinned host memory, staged on the device for each loss: {moved / 2**30:.2f} GiB "
+             "off the backward's peak" if moved else f"output head stays on the device: {reason}")
     return params
 
 

@@ -132,3 +132,15 @@ def test_host_embeddings_flag_is_a_lorafuse_setting():
     plain = bench._lorafuse_workload(bench.parse_args(["--stacks", "lorafuse", "--shape", "llama2-7b"]), "qlora", {})
     shape = on_host.shape
     assert bench.estimate(plain).peak_alloc - bench.estimate(on_host).peak_alloc == 2 * shape.embed_params
+
+
+def test_host_head_flag_is_a_lorafuse_setting():
+    with pytest.raises(bench.LorafuseError, match="--stacks lorafuse"):
+        bench.parse_args(["--host-head"])
+    args = bench.parse_args(["--host-head", "--offload", "--stacks", "lorafuse", "--shape", "llama2-7b"])
+    assert bench._spec(args, "lorafuse", "qlora", None)["head_on_host"] is True
+    on_host = bench._lorafuse_workload(args, "qlora", {})
+    plain = bench._lorafuse_workload(bench.parse_args(["--offload", "--stacks", "lorafuse", "--shape", "llama2-7b"]),
+                                     "qlora", {})
+    assert on_host.head_on_host and not plain.head_on_host
+    assert bench.estimate(on_host).peak_alloc < bench.estimate(plain).peak_alloc  # the backward peaks at 4 x 512

@@ -87,21 +87,27 @@ def test_more_memory_is_never_slower():
     assert speeds == sorted(speeds)
 
 
-def test_host_embedding_then_offload_then_max_length_only_when_nothing_else_fits():
+def test_host_embedding_then_head_then_offload_then_max_length_only_when_nothing_else_fits():
     cfg = recipe()
     w = workload_from_config(cfg)
     on_gpu = w.with_(micro_batch=1, grad_accum=16, checkpointing="on")
     hosted = on_gpu.with_(embeddings_on_host=True)
-    offload = hosted.with_(checkpointing="offload")
-    assert estimate(offload).peak < estimate(hosted).peak < estimate(on_gpu).peak
+    both = hosted.with_(head_on_host=True)
+    offload = both.with_(checkpointing="offload")
+    assert estimate(offload).peak < estimate(both).peak < estimate(hosted).peak < estimate(on_gpu).peak
     fitted = plan(cfg, gpu_memory=estimate(on_gpu).peak).suggestion
     assert fitted["gradient_checkpointing"] == "on" and not fitted["embeddings_on_host"]
     p = plan(cfg, gpu_memory=(estimate(hosted).peak + estimate(on_gpu).peak) // 2)
     assert p.suggestion["overrides"]["train.embeddings_on_host"] is True
+    assert "train.head_on_host" not in p.suggestion["overrides"]
     assert p.suggestion["gradient_checkpointing"] == "on" and any("embeddings_on_host" in n for n in p.notes)
-    p = plan(cfg, gpu_memory=(estimate(offload).peak + estimate(hosted).peak) // 2)
+    p = plan(cfg, gpu_memory=(estimate(both).peak + estimate(hosted).peak) // 2)
+    assert p.suggestion["overrides"]["train.head_on_host"] is True
+    assert p.suggestion["gradient_checkpointing"] == "on" and any("head_on_host" in n for n in p.notes)
+    p = plan(cfg, gpu_memory=(estimate(offload).peak + estimate(both).peak) // 2)
     assert p.suggestion["overrides"]["train.gradient_checkpointing"] == "offload"
     assert p.suggestion["overrides"]["train.embeddings_on_host"] is True
+    assert p.suggestion["overrides"]["train.head_on_host"] is True
     assert p.suggestion["max_length"] == 512 and any("offload" in n for n in p.notes)
     budget = (estimate(offload).peak + estimate(offload.with_(seq=256)).peak) // 2
     assert plan(cfg, gpu_memory=budget).suggestion["overrides"]["data.max_length"] == 256
@@ -112,7 +118,7 @@ def test_a_tied_embedding_is_never_sent_to_the_host():
     w = workload_from_config(cfg).with_(micro_batch=1, grad_accum=16, checkpointing="on")
     assert w.shape.tie_word_embeddings
     p = plan(cfg, gpu_memory=estimate(w).peak - 1)
-    assert p.suggestion is None or not p.suggestion["embeddings_on_host"]
+    assert p.suggestion is None or not (p.suggestion["embeddings_on_host"] or p.suggestion["head_on_host"])
 
 
 def test_next_smaller_walks_down_to_the_floor():
