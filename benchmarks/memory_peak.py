@@ -62,6 +62,19 @@ class PhaseMarks:
         self.in_backward = False
 
 
+def _live_blocks(top: int = 16) -> list:
+    """What is allocated between steps, by block size: [[MiB per block, count, GiB in all], ...], largest total
+    first (the allocator's snapshot, which needs no history recording)."""
+    import collections
+
+    import torch
+
+    sizes = collections.Counter(b["size"] for seg in torch.cuda.memory_snapshot() for b in seg["blocks"]
+                                if b["state"] == "active_allocated")
+    rows = sorted(sizes.items(), key=lambda kv: -kv[0] * kv[1])[:top]
+    return [[round(size / 2**20, 3), count, round(size * count / GIB, 4)] for size, count in rows]
+
+
 def main(argv=None) -> int:
     import torch
 
@@ -101,6 +114,7 @@ def main(argv=None) -> int:
         marks.step_done()
     if device.type == "cuda":
         torch.cuda.synchronize()
+    live = _live_blocks() if device.type == "cuda" else []
     top = sorted(range(len(marks.marks)), key=lambda k: -marks.marks[k][2])[:8]
     windows = [{"after": marks.marks[k - 1][0] if k else "-", "until": marks.marks[k][0],
                 "peak_gib": round(marks.marks[k][2], 4), "allocated_at_end_gib": round(marks.marks[k][1], 4)}
@@ -110,7 +124,8 @@ def main(argv=None) -> int:
               "max_allocated_gib": max(m[2] for m in marks.marks), "predicted_peak_alloc_gib": est.peak_alloc / GIB,
               "predicted_phase": est.phase,
               "predicted_components_gib": {k: round(v / GIB, 4) for k, v in est.components.items()},
-              "highest_windows": windows, "timeline": [[t, round(x, 4), round(y, 4)] for t, x, y in marks.marks]}
+              "highest_windows": windows, "live_at_step_end": live,
+              "timeline": [[t, round(x, 4), round(y, 4)] for t, x, y in marks.marks]}
     print(json.dumps({k: v for k, v in report.items() if k != "timeline"}, indent=1))
     if a.out:
         Path(a.out).mkdir(parents=True, exist_ok=True)
