@@ -35,8 +35,11 @@ kernels. Trade-off: GPU memory for optimizer states drops to one parameter's wor
 with the fused kernel below, 0.363 s (the two changes were not measured apart). The states are ~80 MB there, hence
 the pressure rule (bitsandbytes' unified-memory pages also move only under pressure). On CPU, paged == 8-bit.
 
-On CUDA with 256-blocks the update runs as one fused Triton kernel per parameter (`lorafuse.kernels.adamw8bit`);
-the PyTorch code below is the reference and the CPU path.
+On CUDA with 256-blocks the update is fused (`lorafuse.kernels.adamw8bit`): the device-resident parameters of a
+param_group that share a device, a dtype, a gradient dtype and a step count are updated by ONE Triton launch (448
+launches a step become one for a 7B QLoRA run); the others (non-contiguous, other dtypes, a group of one, paged
+states) by one launch per parameter. Both give bit-identical results. The PyTorch code below is the reference
+and the CPU path.
 
 Schedules (`LRSchedule`): linear warmup for W steps (lr (s+1)/W at 0-based step s), then cosine or linear
 decay towards 0 over the remaining steps, or constant. The last step keeps a small positive lr (no step is
@@ -46,6 +49,7 @@ wasted at lr 0). `warmup_steps` < 1 is a fraction of all steps (rounded up).
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Iterable
 
 import torch
@@ -106,6 +110,12 @@ def _adamw_fp32(p, g, m, v, step, lr, b1, b2, eps, wd):
     p.addcdiv_(m, denom, value=-lr / (1 - b1 ** step))
 
 
+def _kernels_may_run(t: torch.Tensor) -> bool:
+    """Whether the fused kernels may take `t`: CUDA tensors, or CPU tensors under Triton's interpreter (the kernel
+    tests; `lorafuse.kernels._runtime.use_triton` decides there). A CPU run skips their checks altogether."""
+    return t.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+
+
 class AdamW8bit(torch.optim.Optimizer):
     """AdamW with block-wise 8-bit m and v (module docstring); `paged=True` keeps states in pinned host memory."""
 
@@ -121,6 +131,7 @@ class AdamW8bit(torch.optim.Optimizer):
         self.host_states = host_states  # paged only: None = decide by GPU memory pressure at the first step
         self._maps: dict[tuple, torch.Tensor] = {}
         self._copy_stream = None
+        self._tables = None  # LaunchTables of the multi-tensor launches, made at the first one
 
     def _map(self, signed: bool, device) -> torch.Tensor:
         key = (signed, str(device))
@@ -174,12 +185,43 @@ class AdamW8bit(torch.optim.Optimizer):
                 if not self.state[p]:
                     self.state[p] = self._init_state(p)
             paged = [p for p in work if self._paged_on(p)]
-            for p in work:
-                if not self._paged_on(p):
-                    self._update(p, self.state[p], group)
+            for p in self._multi_tensor([p for p in work if not self._paged_on(p)], group):
+                self._update(p, self.state[p], group)
             if paged:
                 self._paged_updates(paged, group)
+        if self._tables is not None:
+            self._tables.prune()
         return loss
+
+    def _multi_tensor(self, params: list, group: dict) -> list:
+        """Update the 8-bit parameters that can share a fused launch, one launch per (device, dtype, grad dtype,
+        step); return the parameters left for `_update`."""
+        if self.blocksize != 256 or len(params) < 2 or not _kernels_may_run(params[0]):
+            return params
+        try:
+            from lorafuse.kernels.adamw8bit import LaunchTables, adamw8bit_multi_update, multi_tensor_ok
+        except ImportError:
+            return params
+        launches, rest = {}, []
+        for p in params:
+            g, state = p.grad, self.state[p]
+            if "m_q" in state and multi_tensor_ok(p, g, state):
+                launches.setdefault((p.device, g.device, p.dtype, g.dtype, state["step"]), []).append((p, g, state))
+            else:
+                rest.append(p)
+        if self._tables is None:
+            self._tables = LaunchTables()
+        b1, b2 = group["betas"]
+        for (device, *_, step), items in launches.items():
+            ps, gs, states = zip(*items)
+            if len(items) == 1 or not adamw8bit_multi_update(
+                    ps, gs, states, self._map(True, device), self._map(False, device), *self._bounds(device),
+                    step + 1, group["lr"], b1, b2, group["eps"], group["weight_decay"], self._tables):
+                rest += ps
+                continue
+            for state in states:
+                state["step"] = step + 1
+        return rest
 
     def _update(self, p, state: dict, group: dict) -> None:
         """Update one parameter with its states `state` (tensors on p's device)."""
@@ -200,7 +242,7 @@ class AdamW8bit(torch.optim.Optimizer):
     def _update_8bit(self, flat_p, flat_g, state, args) -> None:
         bs = self.blocksize
         smap, umap = self._map(True, flat_p.device), self._map(False, flat_p.device)
-        if flat_p.is_cuda and bs == 256 and self._fused(flat_p, flat_g, state, smap, umap, args):
+        if bs == 256 and _kernels_may_run(flat_p) and self._fused(flat_p, flat_g, state, smap, umap, args):
             return
         chunk = _CHUNK_BLOCKS * bs
         for start in range(0, flat_p.numel(), chunk):
@@ -215,16 +257,23 @@ class AdamW8bit(torch.optim.Optimizer):
             state["v_q"][start:end], state["v_absmax"][b0:b1_] = quantize_blockwise(v, umap, bs)
 
     def _fused(self, flat_p, flat_g, state, smap, umap, args) -> bool:
-        """The fused Triton update (lorafuse.kernels.adamw8bit): one launch per parameter instead of ~25."""
+        """The fused Triton update (lorafuse.kernels.adamw8bit): one launch per parameter instead of ~25; False
+        where it cannot run (CPU tensors outside the interpreter tests)."""
         try:
-            from lorafuse.kernels.adamw8bit import adamw8bit_update, midpoints
+            from lorafuse.kernels.adamw8bit import adamw8bit_update
         except ImportError:
             return False
-        key = ("bounds", str(flat_p.device))
+        return adamw8bit_update(flat_p, flat_g, state, smap, umap, *self._bounds(flat_p.device), *args)
+
+    def _bounds(self, device) -> tuple:
+        """The midpoints of the signed and unsigned maps: the fused kernels' nearest-code boundaries."""
+        from lorafuse.kernels.adamw8bit import midpoints
+
+        key = ("bounds", str(device))
         if key not in self._maps:
-            self._maps[key] = (midpoints(smap).contiguous(), midpoints(umap).contiguous())
-        sb, ub = self._maps[key]
-        return adamw8bit_update(flat_p, flat_g, state, smap, umap, sb, ub, *args)
+            self._maps[key] = (midpoints(self._map(True, device)).contiguous(),
+                               midpoints(self._map(False, device)).contiguous())
+        return self._maps[key]
 
     def _paged_updates(self, params: list, group: dict) -> None:
         """Host states -> GPU (side stream, one parameter ahead) -> update -> back to host (side stream)."""

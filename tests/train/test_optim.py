@@ -175,6 +175,47 @@ def test_paged_on_cuda_keeps_states_on_host_and_equals_8bit():
     assert reloaded.state[p]["m_q"].device.type == "cpu" and reloaded.state[p]["m_q"].is_pinned()
 
 
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_adamw8bit_on_cuda_one_launch_a_step_equals_per_parameter_launches(dtype, monkeypatch):
+    """LoRA shapes of a 7B model, gradients re-allocated every step (zero_grad(set_to_none=True)): the
+    multi-tensor step equals one kernel per parameter bit for bit, in one launch a step."""
+    import lorafuse.kernels.adamw8bit as K
+
+    torch.manual_seed(3)
+    shapes = [(16, 4096), (4096, 16), (16, 11008), (11008, 16)] * 4 + [(300, 257), (64,)]  # (64,): fp32 states
+    init = [torch.randn(s, device="cuda").to(dtype) * 0.02 for s in shapes]
+    grads = [[torch.randn(s, device="cuda").to(dtype) for s in shapes] for _ in range(3)]
+    kernel, grids = K._adamw8bit_multi_kernel, []
+
+    class Spy:
+        def __getitem__(self, grid):
+            grids.append(grid)
+            return kernel[grid]
+
+    runs = []
+    for multi in (True, False):
+        with monkeypatch.context() as mp:
+            if multi:
+                mp.setattr(K, "_adamw8bit_multi_kernel", Spy())
+            else:
+                mp.setattr(AdamW8bit, "_multi_tensor", lambda self, params, group: params)
+            ps = [torch.nn.Parameter(t.clone()) for t in init]
+            opt = AdamW8bit(ps, lr=1e-3, weight_decay=0.01)
+            for gs in grads:
+                opt.zero_grad(set_to_none=True)
+                for p, g in zip(ps, gs):
+                    p.grad = g.clone()
+                opt.step()
+            torch.cuda.synchronize()
+            runs.append((ps, opt))
+    assert len(grids) == 3
+    (ps, opt), (ref, ref_opt) = runs
+    for p, r in zip(ps, ref):
+        assert torch.equal(p, r)
+        assert all(torch.equal(opt.state[p][k], ref_opt.state[r][k]) for k in opt.state[p] if k != "step")
+
 def test_schedules():
     s = LRSchedule(1.0, total_steps=100, warmup_steps=10, kind="cosine")
     assert [s.lr_at(i) for i in range(3)] == [0.1, 0.2, 0.3]
