@@ -90,8 +90,10 @@ def main(argv=None) -> int:
     p.add_argument("--seq", type=int, default=2048)
     p.add_argument("--no-graphs", action="store_true")
     p.add_argument("--offload", action="store_true", help="offload checkpointed layer inputs (bench --offload)")
-    p.add_argument("--host-embeddings", action="store_true", help="input table in host memory (bench --host-embeddings)")
-    p.add_argument("--host-head", action="store_true", help="output head in host memory between losses (bench --host-head)")
+    p.add_argument("--host-embeddings", action="store_true",
+                   help="input table in host memory (bench --host-embeddings)")
+    p.add_argument("--host-head", action="store_true",
+                   help="output head in host memory between losses (bench --host-head)")
     p.add_argument("--out", default=None)
     a = p.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

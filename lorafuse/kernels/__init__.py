@@ -2,6 +2,7 @@
 
     nf4_dequant.py   nf4_dequantize(w, dtype, out)           NF4Weight -> dense, bit-exact vs dequantize()
     lora_linear.py   lora_linear(x, LoRAWeights)             y = x W^T + b + s (drop(x) A^T) B^T, W dense or NF4
+    lora_group.py    lora_linear_group(x, [q, k, v])         projections of one input: one base GEMM (NF4)
     lora_gemm.py     (Triton GEMMs used by lora_linear: base + rank-r in one accumulator, NF4 in-tile,
                       dropout fused into x A^T and into dA)
     rmsnorm.py       rms_norm(x, w, eps)

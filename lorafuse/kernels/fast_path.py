@@ -5,9 +5,10 @@ What changes, per decoder layer, on the INSTANCE only (no class attribute, no li
         -> FastRMSNorm holding the SAME weight Parameter                 (rmsnorm.py)
     mlp -> FastLoRAMLP holding the SAME gate_proj/up_proj/down_proj modules (swiglu_mlp.py: one
         autograd Function for the three LoRA projections and SwiGLU, recomputed in backward)
-    self_attn.forward -> a bound method: the q/k/v/o projections through the fused LoRA linear
-        (lora_linear.py) and the rotary embedding through the Q+K kernel (rope.py); the attention
-        itself stays transformers' (sdpa / flash / eager, whatever the model was loaded with)
+    self_attn.forward -> a bound method: q, k and v through the grouped LoRA linear (lora_group.py: one
+        base GEMM for the three, outputs as column views of one tensor), o through the fused LoRA linear
+        (lora_linear.py), the rotary embedding through the Q+K kernel (rope.py); the attention itself
+        stays transformers' (sdpa / flash / eager, whatever the model was loaded with)
 Parameters, module names and state_dict keys are untouched, so the optimizer, gradient checkpointing
 (HF's GradientCheckpointingLayer wraps the decoder layer, which is not replaced) and save_adapter work
 as before; `remove_fast_path` puts the original modules back.
@@ -35,6 +36,7 @@ from torch import nn
 
 from . import _runtime
 from .cross_entropy import fused_linear_cross_entropy  # noqa: F401  (re-exported for the training loop)
+from .lora_group import lora_linear_group
 from .lora_linear import lora_linear, with_seed
 from .reference import (DropoutSeed, LoRAWeights, lora_linear_reference, rms_norm_reference, rope_reference,
                         swiglu_mlp_reference)
@@ -52,11 +54,13 @@ class Ops:
     linear: object
     swiglu_mlp: object
     rope: object
+    linear_group: object  # (x, specs) -> one output per spec; the reference: one linear each
 
 
-KERNEL_OPS = Ops("triton", rms_norm, lora_linear, swiglu_mlp, apply_rope)
+KERNEL_OPS = Ops("triton", rms_norm, lora_linear, swiglu_mlp, apply_rope, lora_linear_group)
 REFERENCE_OPS = Ops("reference", rms_norm_reference, lambda x, lw: lora_linear_reference(x, with_seed(lw)),
-                    lambda x, *lws: swiglu_mlp_reference(x, *(with_seed(lw) for lw in lws)), rope_reference)
+                    lambda x, *lws: swiglu_mlp_reference(x, *(with_seed(lw) for lw in lws)), rope_reference,
+                    lambda x, lws: tuple(lora_linear_reference(x, with_seed(lw)) for lw in lws))
 
 
 def _is_lora(mod: nn.Module) -> bool:
@@ -214,9 +218,9 @@ def _attention_forward(self, hidden_states, position_embeddings=None, attention_
         cache = kwargs.pop("past_key_values", None)
     input_shape = hidden_states.shape[:-1]
     hidden_shape = (*input_shape, -1, self.head_dim)
-    q = ops.linear(hidden_states, linear_spec(self.q_proj, training)).view(hidden_shape)
-    k = ops.linear(hidden_states, linear_spec(self.k_proj, training)).view(hidden_shape)
-    v = ops.linear(hidden_states, linear_spec(self.v_proj, training)).view(hidden_shape)
+    specs = tuple(linear_spec(proj, training) for proj in (self.q_proj, self.k_proj, self.v_proj))
+    # column views of one (B, T, Nq + Nk + Nv) tensor: viewable as heads; RoPE and SDPA take the strides
+    q, k, v = (y.view(hidden_shape) for y in ops.linear_group(hidden_states, specs))
     if hasattr(self, "q_norm"):  # Qwen3: per-head RMSNorm before the rotation
         q, k = self.q_norm(q), self.k_norm(k)
     cos, sin = position_embeddings

@@ -6,7 +6,7 @@ Intermediate S = drop(x) A^T (M, r) is the only LoRA tensor that touches memory 
 Forward, per shape (see `dispatch`):
     S  = x A^T                      torch.mm, or dropout+GEMM in one Triton pass when p > 0
     y  = x W^T + b;  y += s S B^T   cuBLAS: addmm into y, then addmm_ of the rank-r term (no temporary);
-                                    W NF4 -> dequantized into the shared buffer first (nf4_dequant.py)
+                                    W NF4 -> dequantized into the shared buffer first (`dequant_buffer`)
     or y = fused_gemm(...)          one Triton GEMM, the rank-r product added in the same fp32
                                     accumulator; NF4 decoded inside the tiles (never written to memory)
 Backward (dY (M, N)); with Bs = s B (cast once, r x N):
@@ -40,7 +40,7 @@ import os
 import torch
 
 from . import _runtime
-from .nf4_dequant import dequantize_to_buffer, nf4_absmax
+from .nf4_dequant import nf4_absmax, nf4_dequantize
 from .reference import LoRAWeights, lora_linear_reference
 
 if _runtime.HAS_TRITON:
@@ -92,8 +92,27 @@ class Operands:
     def dense(self) -> torch.Tensor:
         """W in the compute dtype (for NF4: the shared buffer, valid until the next dequantize)."""
         if self.lw.is_nf4:
-            return dequantize_to_buffer(self.lw.weight, self.dtype)
+            w = self.lw.weight
+            return nf4_dequantize(w, self.dtype, out=dequant_buffer(w.packed.device, self.dtype, w.shape.numel()))
         return self.lw.weight.to(self.dtype)
+
+
+_BUFFERS: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+
+
+def dequant_buffer(device: torch.device, dtype: torch.dtype, numel: int) -> torch.Tensor:
+    """The one per-(device, dtype) dequantization buffer, grown to `numel` elements if smaller (flat).
+
+    Shared by every NF4 projection here and by the q|k|v group (lora_group.py), so QLoRA adds one dense
+    weight (or one group) to peak memory. Reused in stream order: a caller finishes its GEMMs on one
+    dequantized weight before the next dequantize (every user does: dequantize, matmul, next).
+    """
+    buf = _BUFFERS.get((device, dtype))
+    if buf is None or buf.numel() < numel:
+        _BUFFERS.pop((device, dtype), None)  # free the old one before allocating the larger one
+        buf = torch.empty(numel, dtype=dtype, device=device)
+        _BUFFERS[(device, dtype)] = buf
+    return buf
 
 
 def lora_down(x: torch.Tensor, ops: Operands) -> torch.Tensor | None:
@@ -177,6 +196,11 @@ def lora_input_grad(dy, ds, ops: Operands, dx=None, accumulate: bool = False) ->
         dx.addmm_(dy, w)
     else:
         torch.mm(dy, w, out=dx)
+    return add_lora_input_grad(dx, ds, ops)
+
+
+def add_lora_input_grad(dx: torch.Tensor, ds: torch.Tensor | None, ops: Operands) -> torch.Tensor:
+    """dx += drop'(dS A) (nothing without LoRA)."""
     if ds is not None and ops.drop is not None:
         fused_gemm(dx, s=ds, rhs=ops.a, drop=ops.drop, accumulate=True)
     elif ds is not None:

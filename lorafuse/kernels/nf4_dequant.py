@@ -33,10 +33,9 @@ Bit-exactness: the scale is rebuilt with a separate multiply and add, launched w
 reference's two); the product code*absmax is a single fp32 rounding, and the cast is
 round-to-nearest-even, as in torch.
 
-No autograd: the weight is frozen. `dequantize_to_buffer` writes into one per-(device, dtype) buffer
-sized to the largest weight seen, so QLoRA adds exactly one dense weight to peak memory; the buffer
-is reused in stream order, so a caller must finish with one weight's GEMM before the next dequantize
-(every user in this package does: dequantize, matmul, next).
+No autograd: the weight is frozen. `nf4_dequantize(w, dtype, out=)` writes into a caller's buffer: the
+fused linear keeps one per device (`lora_linear.dequant_buffer`), so QLoRA adds one dense weight (or one
+q|k|v group) to peak memory.
 """
 
 from __future__ import annotations
@@ -232,23 +231,3 @@ def nf4_absmax(w) -> torch.Tensor:
         enable_fp_fusion=False,
     )
     return out
-
-
-_BUFFERS: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
-
-
-def dequantize_to_buffer(w, dtype: torch.dtype) -> torch.Tensor:
-    """Dequantize into the shared per-(device, dtype) buffer; valid until the next call on that device."""
-    device = w.packed.device
-    n = w.shape.numel()
-    buf = _BUFFERS.get((device, dtype))
-    if buf is None or buf.numel() < n:
-        _BUFFERS.pop((device, dtype), None)  # free the old one before allocating the larger one
-        buf = torch.empty(n, dtype=dtype, device=device)
-        _BUFFERS[(device, dtype)] = buf
-    return nf4_dequantize(w, dtype, out=buf)
-
-
-def release_buffers() -> None:
-    """Drop the shared dequantization buffers (e.g. before evaluation on a different model)."""
-    _BUFFERS.clear()

@@ -6,8 +6,8 @@ gradient checkpointing off / on. The fastest candidate by predicted tokens/s amo
 total fits wins (a config that already fits is changed only for a predicted gain of 2% or more); ties go to
 the smaller peak. When none fits, the same settings with the input embedding in pinned host memory are tried
 (`train.embeddings_on_host`, not for a tied embedding), then with the output head there too between losses
-(`train.head_on_host`), then activation offload (layer inputs in pinned CPU memory) with them: all cost host memory and PCIe traffic the speed model prices only roughly, so they never
-displace an on-GPU setting. Only when nothing fits is max_length halved (down to 64), since that changes what
+(`train.head_on_host`), then activation offload (layer inputs in pinned CPU memory) with them: all cost host
+memory and PCIe traffic the speed model prices only roughly, so they never displace an on-GPU setting. Only when nothing fits is max_length halved (down to 64), since that changes what
 the model sees.
 
 `suggest(cfg, gpu_memory)` returns that setting as config overrides ({"train.micro_batch_size": 2, ...},

@@ -301,6 +301,9 @@ def dequant_bytes(w: Workload) -> int:
     if w.method != "qlora":
         return 0
     largest = max(lin.numel for lin in w.shape.linears())
+    if w.kernels == "fused":  # the fused path dequantizes q|k|v into one buffer (kernels/lora_group.py)
+        largest = max(largest, sum(lin.numel for lin in w.shape.linears() if lin.name in ("q_proj", "k_proj",
+                                                                                          "v_proj")))
     return (w.compute_bytes if w.kernels == "fused" else 4 + w.compute_bytes) * largest
 
 

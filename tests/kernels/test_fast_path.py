@@ -76,13 +76,49 @@ def test_reference_swap_qlora(parity):
     _compare("llama", use_reference=True, parity=parity, nf4=True)
 
 
-def test_kernel_swap_matches_unswapped(device, parity):
-    """The Triton ops (interpreted on a CPU) inside a real model, under gradient checkpointing."""
+def _count_qkv_groups(monkeypatch) -> list:
+    """Spy: one entry per grouped q|k|v forward (lora_group.group_forward)."""
+    from lorafuse.kernels import lora_group
+
+    calls, forward = [], lora_group.group_forward
+    monkeypatch.setattr(lora_group, "group_forward", lambda *a: calls.append(1) or forward(*a))
+    return calls
+
+
+def test_kernel_swap_matches_unswapped(device, parity, monkeypatch):
+    """The Triton ops (interpreted on a CPU) inside a real model, under gradient checkpointing; q, k and v
+    (GQA: k and v narrower) run as one group, in the forward and in the recompute."""
     if device.type == "cuda":
         pytest.skip("tiny fp32 model test; the GPU runs the same ops in the gpu-marked kernel tests")
+    groups = _count_qkv_groups(monkeypatch)
     fast = _compare("mistral", use_reference=False, parity=parity, checkpointing=True, layers=1,
                     tokens=(1, 6))  # the interpreter runs every program in Python: few tokens
     assert fast.lorafuse_fast_path["ops"] == "triton"
+    assert len(groups) == 2, "q|k|v grouped in the forward and the checkpoint recompute"
+
+
+def test_kernel_swap_qkv_group_with_nf4_bias_and_dropout(device, parity, monkeypatch):
+    """Qwen2 (q/k/v biases) on NF4 bases with LoRA dropout: the kernel swap (q|k|v as one group) and the
+    reference swap (three reference calls) draw the same masks from one seed base, so the loss and every LoRA
+    gradient agree (oracle: the reference swap in fp64)."""
+    from lorafuse.kernels.fast_path import set_dropout_seed
+
+    if device.type == "cuda":
+        pytest.skip("tiny fp32 model test; the GPU runs the same ops in the gpu-marked kernel tests")
+    groups = _count_qkv_groups(monkeypatch)
+    base = _tiny("qwen2", dropout=0.2, nf4=True, layers=1).train()
+    ids = torch.randint(0, 96, (1, 6), generator=torch.Generator().manual_seed(3))
+    res = {}
+    for name, model, use_reference in (("oracle", copy.deepcopy(base).double(), True),
+                                       ("ref", copy.deepcopy(base), True), ("got", copy.deepcopy(base), False)):
+        applied, reason = apply_fast_path(model, use_reference=use_reference)
+        assert applied, reason
+        set_dropout_seed(model, 9)
+        res[name] = _step(model, ids)
+    assert len(groups) == 1
+    assert any(".q_proj.lora_A" in n for n in res["got"]) and len(res["got"]) > 2
+    for name in res["oracle"]:
+        parity(f"qwen2-nf4-dropout/{name}", res["got"][name], res["ref"][name], res["oracle"][name])
 
 
 def test_class_is_untouched_and_swap_is_reversible():
