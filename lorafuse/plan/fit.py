@@ -7,8 +7,8 @@ total fits wins (a config that already fits is changed only for a predicted gain
 the smaller peak. When none fits, the same settings with the input embedding in pinned host memory are tried
 (`train.embeddings_on_host`, not for a tied embedding), then with the output head there too between losses
 (`train.head_on_host`), then activation offload (layer inputs in pinned CPU memory) with them: all cost host
-memory and PCIe traffic the speed model prices only roughly, so they never displace an on-GPU setting. Only when nothing fits is max_length halved (down to 64), since that changes what
-the model sees.
+memory and PCIe traffic the speed model prices only roughly, so they never displace an on-GPU setting. Only
+when nothing fits is max_length halved (down to 64), since that changes what the model sees.
 
 `suggest(cfg, gpu_memory)` returns that setting as config overrides ({"train.micro_batch_size": 2, ...},
 keys as `lorafuse train ... key=value` takes them); `next_smaller(cfg)` is the training loop's hook after a
