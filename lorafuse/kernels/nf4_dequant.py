@@ -17,10 +17,11 @@ rows of cols = min(blocksize / 2, block) consecutive bytes: every row lies insid
 double-quantized, two table loads per row, not per byte -- and broadcast over the row. The two nibbles of
 a byte go through the 16-entry fp32 code table (64 bytes: one L1 line, so a warp's gather is one
 wavefront; a 256-entry byte -> pair table would be 2 KiB and split a warp's gather over up to 16 lines),
-are scaled, interleaved (high first) and written with 16-byte stores. Launches whose bytes fill whole
-programs and whose n is even compile without masks. Compiled for sm_90 (bf16, blocksize 64, double
-quant), DEFAULT is ~9.5 SASS instructions per weight with no shared-memory round trip; the previous
-kernel, which gathered three scale values per byte, ~16 plus a shared-memory reshuffle before its stores.
+are scaled, interleaved (high first) and stored. Launches whose bytes fill whole programs and whose n is
+even compile without masks. DEFAULT loads 16 bytes per thread (vec=16) and lets the compiler reshuffle the
+weights through shared memory before the stores: on an H200 that measured 13% faster than the previous
+kernel (which gathered three scale values per byte) and 1.17x the copy floor, while vec=4 tiles, fewer SASS
+instructions per weight and no reshuffle, ran 2.4x slower than the previous kernel (see DEFAULT).
 
 The scales are decoded in the kernel, never cached per weight: an fp32 copy would add 1/8 of the packed
 size to the frozen model (4 bytes per 32-byte block; ~0.4 GB on a 7B) and read 4 bytes per block instead
@@ -160,9 +161,11 @@ class LaunchConfig:
 
 
 BYTEWISE = LaunchConfig(block=1024, num_warps=4, bytewise=True)  # what every caller ran before the tiled kernel
-# Chosen from the SASS (sm_90, no GPU at hand): ~9.5 instructions per weight against ~16 for BYTEWISE, no
-# shared-memory reshuffle. To be confirmed or replaced from benchmarks/bench_dequant.py on the H200.
-DEFAULT = LaunchConfig(block=2048, num_warps=4, vec=4)
+# Measured (benchmarks/bench_dequant.py, H200, bf16, the three 7B shapes; NOTES.md session 4): 21.6 us a call on
+# average over a step's 672 calls, 1.17x the copy-bandwidth floor, against 24.9 us for BYTEWISE. The vec=4 tiles
+# that looked best by instruction count ran 2.4x slower than BYTEWISE there: their 4-byte loads underuse the
+# memory system, which the instruction count does not see.
+DEFAULT = LaunchConfig(block=2048, num_warps=4, vec=16)
 # What the benchmark times: program size x warps with vec=4 (load and store layouts agree); vec=16 (one
 # 16-byte load per thread, weights reshuffled through shared memory); the code table in shared memory
 # (tl.gather: 32-bit addresses, fewer instructions, but barriers per program).
