@@ -80,6 +80,8 @@ def parse_args(argv):
                    "pinned CPU memory (train.gradient_checkpointing: offload)")
     p.add_argument("--host-embeddings", action="store_true", help="lorafuse only: the frozen input embedding in "
                    "pinned CPU memory, read in place (train.embeddings_on_host)")
+    p.add_argument("--keep-layers", type=int, default=0, metavar="N", help="lorafuse only: the last N layers save "
+                   "their activations instead of recomputing them (train.uncheckpointed_layers)")
     p.add_argument("--host-head", action="store_true", help="lorafuse only: the frozen output head in pinned CPU "
                    "memory between losses, staged for each (train.head_on_host)")
     p.add_argument("--no-fast-path", action="store_true", help="lorafuse without its fused kernels")
@@ -95,7 +97,8 @@ def parse_args(argv):
     # lorafuse's own settings: the peers load a checkpoint folder, keep their embedding on the GPU and have their
     # own checkpointing policy, so a run with any of these compares nothing
     own = [flag for flag, on in (("--random-init", args.random_init), ("--offload", args.offload),
-                                 ("--host-embeddings", args.host_embeddings), ("--host-head", args.host_head))
+                                 ("--host-embeddings", args.host_embeddings), ("--host-head", args.host_head),
+                                 ("--keep-layers", args.keep_layers))
            if on]
     if own and (args.table or _split(args.stacks, STACKS, "--stacks") != ["lorafuse"]):
         raise LorafuseError(f"{' and '.join(own)} apply to lorafuse only (the peers have their own settings)",
@@ -216,7 +219,8 @@ def _spec(args, stack: str, method: str, folder: Path) -> dict:
             "full_optimizer": args.full_optimizer, "gc": _gc(args),
             "fast_path": "off" if args.no_fast_path else "auto", "seed": args.seed,
             "cuda_graphs": not args.no_graphs, "random_init": args.random_init, "budget_gib": args.budget_gib,
-            "profile_dir": args.profile, "embeddings_on_host": args.host_embeddings, "head_on_host": args.host_head}
+            "profile_dir": args.profile, "embeddings_on_host": args.host_embeddings, "head_on_host": args.host_head,
+            "uncheckpointed_layers": args.keep_layers}
 
 
 def _gc(args) -> bool | str:
@@ -233,7 +237,8 @@ def _workload(args, method: str, kernels: str = "reference", loss: str = "chunke
                     checkpointing="off" if args.no_gc else "offload" if args.offload else "on", loss=loss,
                     kernels=kernels, padded=False, autocast=args.device == "cuda",
                     embeddings_on_host=args.host_embeddings and method != "full",
-                    head_on_host=args.host_head and method != "full", cuda_graphs=graphs)
+                    head_on_host=args.host_head and method != "full", cuda_graphs=graphs,
+                    uncheckpointed=args.keep_layers if method != "full" else 0)
 
 
 def _precheck(args, stack: str, method: str, probe: dict) -> str | None:
@@ -280,7 +285,8 @@ def _row(args, run_id: str, stack: str, method: str, probe: dict, result: dict, 
            "transformers": probe.get("transformers"), "status": "error", "reason": None, "step_s": None,
            "tokens_per_s": None, "peak_alloc_gib": None, "peak_reserved_gib": None,
            "random_init": args.random_init, "budget_gib": args.budget_gib,
-           "embeddings_on_host": args.host_embeddings, "head_on_host": args.host_head}
+           "embeddings_on_host": args.host_embeddings, "head_on_host": args.host_head,
+            "uncheckpointed_layers": args.keep_layers}
     if stack == "lorafuse" and method != "full":
         row["predicted_peak_alloc_gib"] = round(_predicted(args, method, result), 4)
     row.update(result)

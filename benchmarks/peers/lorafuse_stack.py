@@ -55,7 +55,8 @@ def build(spec: dict, device):
     fast = _fast_path(model, spec)
     notes = []
     params = prepare_model(model, spec["gc"], note=notes.append, embeddings_on_host=spec.get("embeddings_on_host"),
-                           head_on_host=spec.get("head_on_host"))
+                           head_on_host=spec.get("head_on_host"),
+                           uncheckpointed_layers=spec.get("uncheckpointed_layers") or 0)
     head = simple_head(model)
     fused = _fused_loss(spec, head)
     precision = Precision(device, dtype)

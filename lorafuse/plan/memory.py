@@ -130,6 +130,7 @@ class Workload:
     embeddings_on_host: bool = False
     head_on_host: bool = False
     cuda_graphs: bool = False
+    uncheckpointed: int = 0  # the last decoder layers keep their activations (train.uncheckpointed_layers)
 
     @property
     def tokens(self) -> int:
@@ -252,6 +253,12 @@ def host_embedding(w: Workload) -> bool:
             and "embed_tokens" not in w.modules_to_save)
 
 
+def kept_layers(w: Workload) -> int:
+    """Decoder layers that save their activations although checkpointing is on (`train.uncheckpointed_layers`,
+    the last ones): each skips its recompute in the backward, for its whole saved set held from its forward on."""
+    return 0 if w.checkpointing == "off" else min(w.uncheckpointed, w.shape.num_layers)
+
+
 def host_head(w: Workload) -> bool:
     """Does the output head wait in host memory between losses (`train.head_on_host`)? Not when tied to the input
     embedding or trained, and only where the loss reads the head's weight itself (chunked or fused loss)."""
@@ -336,12 +343,13 @@ def estimate(w: Workload) -> Estimate:
     per_layer = layer_saved_bytes(w)
     # The final norm is outside the checkpoints: HF's keeps an fp32 copy of its input, the fused one x and 1/rms.
     final_norm = (c * s.hidden_size + 4 if w.kernels == "fused" else 4 * s.hidden_size) * n
+    kept = kept_layers(w)  # layers outside the checkpoints: their whole saved set, not just their input
     if w.checkpointing == "off":
         saved = s.num_layers * per_layer * n + final_norm
     elif w.checkpointing == "on":
-        saved = s.num_layers * c * s.hidden_size * n + final_norm
+        saved = (s.num_layers - kept) * c * s.hidden_size * n + kept * per_layer * n + final_norm
     else:
-        saved = 3 * c * s.hidden_size * n + final_norm
+        saved = 3 * c * s.hidden_size * n + kept * per_layer * n + final_norm
     if w.padded:
         saved += w.micro_batch * w.seq ** 2
     # fused: the recomputed input_layernorm saves the layer input the checkpoint holds (module docstring)

@@ -28,7 +28,7 @@ import re
 from dataclasses import dataclass
 
 from lorafuse.errors import ConfigError
-from lorafuse.plan.memory import GIB, Workload, targeted, trainable_numels
+from lorafuse.plan.memory import GIB, Workload, kept_layers, targeted, trainable_numels
 
 EFFICIENCY = 0.5
 LAYER_OVERHEAD_S = 1e-4  # kernel launches per layer per pass in eager mode (~20 kernels x 5 us)
@@ -118,10 +118,18 @@ def detect_gpu() -> tuple[str, int, int] | None:
         return None
 
 
+def _passes(w: Workload) -> float:
+    """Forward passes over the layer weights per micro-step, the backward's input-gradient GEMMs counted as one:
+    2 without recompute, 3 with it; layers kept out of the checkpoints skip their recompute."""
+    if w.checkpointing == "off":
+        return 2
+    return 3 - kept_layers(w) / w.shape.num_layers
+
+
 def step_flops(w: Workload) -> float:
     """Matmul + attention FLOPs of one micro-step (module docstring)."""
     s, n = w.shape, w.tokens
-    passes = 2 if w.checkpointing == "off" else 3
+    passes = _passes(w)
     head = 2 * s.vocab_size * s.hidden_size * n
     flops = 2 * s.linear_params * n * passes + 2 * head
     if w.method == "full":
@@ -135,7 +143,7 @@ def step_flops(w: Workload) -> float:
 
 def micro_step_seconds(w: Workload, card: Card) -> float:
     s = w.shape
-    passes = 2 if w.checkpointing == "off" else 3
+    passes = _passes(w)
     compute = step_flops(w) / (card.tflops * 1e12 * EFFICIENCY)
     if w.method == "qlora":
         per_weight = DEQUANT_BYTES_FUSED if w.kernels == "fused" else DEQUANT_BYTES_REFERENCE

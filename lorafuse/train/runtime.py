@@ -40,7 +40,8 @@ class Precision:
 
 
 def prepare_model(model, gradient_checkpointing: bool | str, note=print,
-                  embeddings_on_host: bool = False, head_on_host: bool = False) -> list[nn.Parameter]:
+                  embeddings_on_host: bool = False, head_on_host: bool = False,
+                  uncheckpointed_layers: int = 0) -> list[nn.Parameter]:
     """Checkpointing on (non-reentrant; "offload": layer inputs in pinned CPU memory, train/offload.py), cache
     off, trainable tensors in fp32, optionally the input embedding in pinned host memory
     (model/host_embedding.py) and the output head there between losses; returns the trainable params."""
@@ -62,6 +63,9 @@ def prepare_model(model, gradient_checkpointing: bool | str, note=print,
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if uncheckpointed_layers and getattr(model, "supports_gradient_checkpointing", False):
+            kept = keep_activations(model, uncheckpointed_layers)
+            note(f"the last {kept} decoder layers save their activations (no recompute in backward)")
         if gradient_checkpointing == "offload" and getattr(model, "supports_gradient_checkpointing", False):
             from lorafuse.train.offload import install
 
@@ -79,6 +83,18 @@ def prepare_model(model, gradient_checkpointing: bool | str, note=print,
         note(f"output head in pinned host memory, staged on the device for each loss: {moved / 2**30:.2f} GiB "
              "off the backward's peak" if moved else f"output head stays on the device: {reason}")
     return params
+
+
+def keep_activations(model, n: int) -> int:
+    """Take the last `n` decoder layers out of gradient checkpointing (transformers 5 checks each layer's own
+    `gradient_checkpointing` flag at every call); returns how many layers that was."""
+    layers = getattr(getattr(model, "base_model", model), "layers", None)
+    if not isinstance(layers, nn.ModuleList):
+        return 0
+    kept = [layer for layer in list(layers)[max(0, len(layers) - n):] if hasattr(layer, "gradient_checkpointing")]
+    for layer in kept:
+        layer.gradient_checkpointing = False
+    return len(kept)
 
 
 class StopSignals:
