@@ -91,10 +91,18 @@ def test_kernel_swap_matches_unswapped(device, parity, monkeypatch):
     if device.type == "cuda":
         pytest.skip("tiny fp32 model test; the GPU runs the same ops in the gpu-marked kernel tests")
     groups = _count_qkv_groups(monkeypatch)
+    sdpa, v_owns = torch.nn.functional.scaled_dot_product_attention, []
+
+    def spy(q, k, v, *args, **kwargs):  # SDPA saves v: it must not be a view that pins the whole q|k|v output
+        v_owns.append(v.untyped_storage().nbytes() == v.numel() * v.element_size())
+        return sdpa(q, k, v, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
     fast = _compare("mistral", use_reference=False, parity=parity, checkpointing=True, layers=1,
                     tokens=(1, 6))  # the interpreter runs every program in Python: few tokens
     assert fast.lorafuse_fast_path["ops"] == "triton"
     assert len(groups) == 2, "q|k|v grouped in the forward and the checkpoint recompute"
+    assert v_owns and all(v_owns)
 
 
 def test_kernel_swap_qkv_group_with_nf4_bias_and_dropout(device, parity, monkeypatch):
