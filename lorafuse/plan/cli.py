@@ -74,7 +74,9 @@ def _render_suggestion(p: Plan) -> str:
     args = " ".join(f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in sg["overrides"].items())
     return (f"\n  fastest setting that fits: micro_batch_size {sg['micro_batch_size']}, grad_accum "
             f"{sg['grad_accum']}, gradient checkpointing {sg['gradient_checkpointing']}, max_length "
-            f"{sg['max_length']}{', embedding in host memory' if sg.get('embeddings_on_host') else ''} -> "
+            f"{sg['max_length']}{', embedding in host memory' if sg.get('embeddings_on_host') else ''}"
+            f"{', head in host memory' if sg.get('head_on_host') else ''}"
+            f"{f', last {k} layers keep activations' if (k := sg.get('uncheckpointed_layers')) else ''} -> "
             f"{sg['peak_gib']:.2f} GiB, {sg['tokens_per_s']:,.0f} tokens/s{speedup}\n"
             f"    lorafuse train CONFIG {args}")
 

@@ -2,7 +2,8 @@
 
 The search keeps the effective batch (micro_batch_size x grad_accum) and the data, and varies only what does
 not change the optimisation: micro_batch_size over the divisors of the effective batch (grad_accum follows),
-gradient checkpointing off / on. The fastest candidate by predicted tokens/s among those whose predicted GPU
+gradient checkpointing off / on, and with it on, the last quarter, half or three quarters of the layers keeping
+their activations (`train.uncheckpointed_layers`: memory to spare spent on skipping their recompute). The fastest candidate by predicted tokens/s among those whose predicted GPU
 total fits wins (a config that already fits is changed only for a predicted gain of 2% or more); ties go to
 the smaller peak. When none fits, the same settings with the input embedding in pinned host memory are tried
 (`train.embeddings_on_host`, not for a tied embedding), then with the output head there too between losses
@@ -12,7 +13,8 @@ when nothing fits is max_length halved (down to 64), since that changes what the
 
 `suggest(cfg, gpu_memory)` returns that setting as config overrides ({"train.micro_batch_size": 2, ...},
 keys as `lorafuse train ... key=value` takes them); `next_smaller(cfg)` is the training loop's hook after a
-CUDA OOM (lorafuse.train.oom): the predicted-fastest setting one step smaller (checkpointing on, or the
+CUDA OOM (lorafuse.train.oom): the predicted-fastest setting one step smaller (kept layers recomputed again,
+checkpointing on, or the
 largest proper divisor of the micro-batch, grad_accum raised to keep the effective batch; a divisor, so the
 loop can re-split the failed step's micro-batches exactly), then a halved max_length, then None.
 """
@@ -25,7 +27,7 @@ from dataclasses import dataclass, field
 
 from lorafuse.errors import ConfigError, LorafuseError
 from lorafuse.plan import speed
-from lorafuse.plan.memory import GIB, Estimate, Workload, estimate, host_embedding, host_head
+from lorafuse.plan.memory import GIB, Estimate, Workload, estimate, host_embedding, host_head, kept_layers
 from lorafuse.plan.shapes import PROJECTIONS, ModelShape, load_shape
 
 MIN_MAX_LENGTH = 64
@@ -165,10 +167,15 @@ def _divisors(n: int) -> list[int]:
 
 
 def _candidates(w: Workload, policies=("off", "on")):
+    """Micro-batch splits x checkpointing policies; with checkpointing on, also the last quarter, half or three
+    quarters of the layers keeping their activations (train.uncheckpointed_layers): memory spent on speed."""
     effective = w.micro_batch * w.grad_accum
+    layers = w.shape.num_layers
     for mb in _divisors(effective):
         for policy in policies:
-            yield w.with_(micro_batch=mb, grad_accum=effective // mb, checkpointing=policy)
+            kept = (0, layers // 4, layers // 2, 3 * layers // 4) if policy == "on" else (0,)
+            for k in sorted(set(kept)):
+                yield w.with_(micro_batch=mb, grad_accum=effective // mb, checkpointing=policy, uncheckpointed=k)
 
 
 def fastest_fitting(w: Workload, budget: int, card: speed.Card, offload: bool = False) -> Workload | None:
@@ -212,6 +219,8 @@ def _overrides(cur: Workload, new: Workload) -> dict:
         out["train.embeddings_on_host"] = new.embeddings_on_host
     if new.head_on_host != cur.head_on_host:
         out["train.head_on_host"] = new.head_on_host
+    if kept_layers(new) != kept_layers(cur):
+        out["train.uncheckpointed_layers"] = kept_layers(new)
     return out
 
 
@@ -219,6 +228,7 @@ def describe(w: Workload, card: speed.Card, cur: Workload | None = None) -> dict
     est = estimate(w)
     d = {"micro_batch_size": w.micro_batch, "grad_accum": w.grad_accum, "gradient_checkpointing": w.checkpointing,
          "max_length": w.seq, "embeddings_on_host": host_embedding(w), "head_on_host": host_head(w),
+         "uncheckpointed_layers": kept_layers(w),
          "peak_gib": _gib(est.peak),
          "step_s": round(speed.step_seconds(w, card), 4),
          "tokens_per_s": round(speed.tokens_per_second(w, card), 1)}
@@ -285,6 +295,8 @@ def next_smaller(cfg) -> dict | None:
     card = speed.card_by_name("H100")  # only the ranking matters, and it barely depends on the card
     effective = w.micro_batch * w.grad_accum
     steps = []
+    if kept_layers(w):  # the cheapest step back: recompute every layer again
+        steps.append(w.with_(uncheckpointed=0))
     if w.checkpointing == "off":
         steps.append(w.with_(checkpointing="on"))
     smaller = [d for d in _divisors(w.micro_batch) if d < w.micro_batch]  # divides mb, hence the effective batch

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 
 import pytest
@@ -171,3 +172,22 @@ def test_bf16_on_a_card_without_bf16_is_flagged():
     assert any("no bfloat16" in n and "float16" in n for n in notes)
     assert not any("bfloat16" in n for n in plan(recipe("model.compute_dtype=float16"), gpu_memory="T4").notes)
     assert not any("bfloat16" in n for n in plan(recipe(), gpu_memory="H100").notes)
+
+
+def test_memory_to_spare_buys_kept_layers_and_an_oom_gives_them_back():
+    """Between the budget of full recomputation and that of none, the search keeps the last layers' activations
+    (train.uncheckpointed_layers) when the speed model says that is faster; after an OOM they go first."""
+    cfg = recipe("train.grad_accum=1")  # micro-batch 4, checkpointing on; the batch cannot grow instead
+    w = workload_from_config(cfg)
+    half = w.with_(uncheckpointed=w.shape.num_layers // 2)
+    assert estimate(w).peak < estimate(half).peak < estimate(w.with_(checkpointing="off")).peak
+    card = speed.card_by_name("H100")
+    assert speed.tokens_per_second(half, card) > speed.tokens_per_second(w, card)
+    p = plan(cfg, gpu_memory=estimate(half).peak, gpu="H100")
+    kept = p.suggestion["overrides"].get("train.uncheckpointed_layers", 0)
+    assert kept >= w.shape.num_layers // 2 and p.suggestion["gradient_checkpointing"] == "on"
+    out = io.StringIO()
+    plan_command(cfg, gpu_memory=estimate(half).peak, gpu="H100", file=out)
+    assert "layers keep activations" in out.getvalue()
+    smaller = next_smaller(recipe("train.grad_accum=1", f"train.uncheckpointed_layers={kept}"))
+    assert smaller == {"train.uncheckpointed_layers": 0}
