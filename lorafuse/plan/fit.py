@@ -3,20 +3,21 @@
 The search keeps the effective batch (micro_batch_size x grad_accum) and the data, and varies only what does
 not change the optimisation: micro_batch_size over the divisors of the effective batch (grad_accum follows),
 gradient checkpointing off / on, and with it on, the last quarter, half or three quarters of the layers keeping
-their activations (`train.uncheckpointed_layers`: memory to spare spent on skipping their recompute). The fastest candidate by predicted tokens/s among those whose predicted GPU
-total fits wins (a config that already fits is changed only for a predicted gain of 2% or more); ties go to
-the smaller peak. When none fits, the same settings with the input embedding in pinned host memory are tried
-(`train.embeddings_on_host`, not for a tied embedding), then with the output head there too between losses
-(`train.head_on_host`), then activation offload (layer inputs in pinned CPU memory) with them: all cost host
-memory and PCIe traffic the speed model prices only roughly, so they never displace an on-GPU setting. Only
-when nothing fits is max_length halved (down to 64), since that changes what the model sees.
+their activations (`train.uncheckpointed_layers`: memory to spare spent on skipping their recompute). The
+fastest candidate by predicted tokens/s among those whose predicted GPU total fits wins (a config that already
+fits is changed only for a predicted gain of 2% or more); ties go to the smaller peak. When none fits, the same
+settings with the input embedding in pinned host memory are tried (`train.embeddings_on_host`, not for a tied
+embedding), then with the output head there too between losses (`train.head_on_host`), then activation offload
+(layer inputs in pinned CPU memory) with them: all cost host memory and PCIe traffic the speed model prices only
+roughly, so they never displace an on-GPU setting. Only when nothing fits is max_length halved (down to 64),
+since that changes what the model sees.
 
 `suggest(cfg, gpu_memory)` returns that setting as config overrides ({"train.micro_batch_size": 2, ...},
 keys as `lorafuse train ... key=value` takes them); `next_smaller(cfg)` is the training loop's hook after a
 CUDA OOM (lorafuse.train.oom): the predicted-fastest setting one step smaller (kept layers recomputed again,
-checkpointing on, or the
-largest proper divisor of the micro-batch, grad_accum raised to keep the effective batch; a divisor, so the
-loop can re-split the failed step's micro-batches exactly), then a halved max_length, then None.
+checkpointing on, or the largest proper divisor of the micro-batch, grad_accum raised to keep the effective
+batch; a divisor, so the loop can re-split the failed step's micro-batches exactly), then a halved max_length,
+then None.
 """
 
 from __future__ import annotations
