@@ -66,11 +66,26 @@ def host_embedding_blocker(model: nn.Module) -> str:
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if head is not None and getattr(head, "weight", None) is w:
         return "the input embedding is tied to the output head, which reads all of it every step"
+    return _placement_blocker(w, "input embedding")
+
+
+def _placement_blocker(w: torch.Tensor, what: str) -> str:
     if w.element_size() not in _INT_VIEW:
-        return f"the input embedding is {w.dtype}"
+        return f"the {what} is {w.dtype}"
     if not w.is_cuda:
         return "the model is not on a CUDA device"
     return ""
+
+
+def _pinned_alias(w: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, str]:
+    """(pinned host copy of w, its alias on w's device, "") or (None, None, why not)."""
+    try:
+        host = torch.empty(w.shape, dtype=w.dtype, pin_memory=True)
+        host.copy_(w.detach())
+        return host, device_alias(host, w.device), ""
+    except (RuntimeError, ValueError, TypeError) as exc:  # no pinned memory, or no mapping of it on this platform
+        first = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
+        return None, None, f"pinned host memory could not be mapped for the GPU here ({first})"
 
 
 def embeddings_to_host(model: nn.Module) -> tuple[int, str]:
@@ -83,13 +98,9 @@ def embeddings_to_host(model: nn.Module) -> tuple[int, str]:
     if reason:
         return 0, reason
     w = emb.weight
-    try:
-        host = torch.empty(w.shape, dtype=w.dtype, pin_memory=True)
-        host.copy_(w.detach())
-        alias = device_alias(host, w.device)
-    except (RuntimeError, ValueError, TypeError) as exc:  # no pinned memory, or no mapping of it on this platform
-        first = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
-        return 0, f"pinned host memory could not be mapped for the GPU here ({first})"
+    host, alias, reason = _pinned_alias(w)
+    if host is None:
+        return 0, reason
     emb.lorafuse_host_weight = host  # keeps the pinned block alive (the alias does not own it)
     w.data = alias
     torch.cuda.synchronize(w.device)
@@ -123,11 +134,7 @@ def host_head_blocker(model: nn.Module) -> str:
     emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     if emb is not None and getattr(emb, "weight", None) is w:
         return "the output head is tied to the input embedding, which every forward reads"
-    if w.element_size() not in _INT_VIEW:
-        return f"the output head is {w.dtype}"
-    if not w.is_cuda:
-        return "the model is not on a CUDA device"
-    return ""
+    return _placement_blocker(w, "output head")
 
 
 class HeadStage:
@@ -192,13 +199,9 @@ def head_to_host(model: nn.Module) -> tuple[int, str]:
     if reason:
         return 0, reason
     w = head.weight
-    try:
-        host = torch.empty(w.shape, dtype=w.dtype, pin_memory=True)
-        host.copy_(w.detach())
-        alias = device_alias(host, w.device)
-    except (RuntimeError, ValueError, TypeError) as exc:
-        first = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
-        return 0, f"pinned host memory could not be mapped for the GPU here ({first})"
+    host, alias, reason = _pinned_alias(w)
+    if host is None:
+        return 0, reason
     stage = HeadStage(host, w.device)
     layers = _decoder_layers(model)
     hooks = [model.base_model.register_forward_pre_hook(_arm(stage), with_kwargs=True)]
