@@ -19,6 +19,9 @@ Backward (dY_i (M, N_i)): dS_i, dB_i, dA_i, db_i per projection exactly as lora_
 Why: on an H200 (Llama-2-7B, M = 2048 tokens, bf16) a 2048 x 4096 x 4096 GEMM ran at ~570 TFLOP/s (121 us)
 while the MLP's 2048 x 11008 x 4096 reached ~725; one 2048 x 12288 x 4096 GEMM for q|k|v should take
 ~290 us instead of 3 x 121 us, in the forward and again in the checkpoint recompute.
+Measured (H200, 7B QLoRA 4 x 512 with CUDA graphs, NOTES.md session 4): no gain. The base GEMMs took 241 ms
+over two profiled steps, against 236 ms with three single projections on another machine; the grouped forward
+GEMM costs what the three did. It stays until one call measures it on and off side by side.
 
 Dense bases are not copied into a buffer: a copy of 3 x 4096 x 4096 bf16 weights moves ~200 MB (~50 us),
 most of the ~73 us a single GEMM would save, and adds 100 MB; they run one GEMM per projection into the
