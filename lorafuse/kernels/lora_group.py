@@ -21,7 +21,8 @@ while the MLP's 2048 x 11008 x 4096 reached ~725; one 2048 x 12288 x 4096 GEMM f
 ~290 us instead of 3 x 121 us, in the forward and again in the checkpoint recompute.
 Measured (H200, 7B QLoRA 4 x 512 with CUDA graphs, NOTES.md session 4): no gain. The base GEMMs took 241 ms
 over two profiled steps, against 236 ms with three single projections on another machine; the grouped forward
-GEMM costs what the three did. It stays until one call measures it on and off side by side.
+GEMM costs what the three did. It stays until one call measures it on and off side by side
+(LORAFUSE_QKV_GROUP=0 turns it off).
 
 Dense bases are not copied into a buffer: a copy of 3 x 4096 x 4096 bf16 weights moves ~200 MB (~50 us),
 most of the ~73 us a single GEMM would save, and adds 100 MB; they run one GEMM per projection into the
@@ -56,6 +57,9 @@ from .nf4_dequant import nf4_dequantize
 from .reference import LoRAWeights
 
 GROUP_DX_CAT = os.environ.get("LORAFUSE_GROUP_DX_CAT", "0") == "1"
+# LORAFUSE_QKV_GROUP=0 runs q, k and v as three single projections (same results): the A/B the H200 step needs
+# (module docstring, "Measured"), e.g. `LORAFUSE_QKV_GROUP=0 lorafuse bench ...` beside a plain run.
+GROUP = os.environ.get("LORAFUSE_QKV_GROUP", "1") != "0"
 
 
 def _slices(opss: list[Operands]) -> list[slice]:
@@ -159,7 +163,7 @@ class LoRAGroupFunction(torch.autograd.Function):
 
 def groupable(x: torch.Tensor, specs: tuple[LoRAWeights, ...]) -> bool:
     """True when `specs` (on input x) run as one group; else each runs lora_linear (same results)."""
-    if len(specs) < 2 or not _runtime.use_triton(x):
+    if not GROUP or len(specs) < 2 or not _runtime.use_triton(x):
         return False
     if any(isinstance(lw.weight, torch.Tensor) and lw.weight.requires_grad for lw in specs):
         return False

@@ -148,7 +148,7 @@ def test_group_saves_only_x_and_s_and_dequantizes_once(device, monkeypatch):
     assert ll._BUFFERS[(x.device, torch.float32)] is buf, "a single weight reuses the group's buffer"
 
 
-@pytest.mark.parametrize("why", ["mixed kinds", "fused dispatch", "cpu reference", "trainable base"])
+@pytest.mark.parametrize("why", ["mixed kinds", "fused dispatch", "cpu reference", "trainable base", "switched off"])
 def test_fallback_runs_the_single_path(why, device, monkeypatch):
     """Where the group does not apply it runs one lora_linear per projection (seeds drawn in the same order)."""
     from lorafuse.kernels import _runtime
@@ -157,6 +157,7 @@ def test_fallback_runs_the_single_path(why, device, monkeypatch):
         pytest.skip("the reference path is the CPU's")
     monkeypatch.setattr(ll, "NF4_FUSED_MAX_M", 10**9 if why == "fused dispatch" else 0)
     monkeypatch.setattr(ll, "DENSE_FUSED_MAX_M", 0)
+    monkeypatch.setattr(lg, "GROUP", why != "switched off")  # LORAFUSE_QKV_GROUP=0
     x, specs, dys = _specs("nf4", 0.2, "grad", device, seeds="drawn")
     if why == "mixed kinds":
         specs[1] = dataclasses.replace(specs[1], weight=specs[1].weight.dequantize(torch.float32))
