@@ -199,7 +199,7 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     timer = Timer(args.warmup, args.iters, flush=not args.no_flush and device == "cuda", device=device)
     meta = dict(bench="nf4_dequant", card=torch.cuda.get_device_name() if device == "cuda" else "cpu-smoke",
-                torch=torch.__version__, triton=_triton_version(), flush_l2=timer.flush_buf is not None,
+                torch=torch.__version__, triton=_runtime.TRITON_VERSION, flush_l2=timer.flush_buf is not None,
                 iters=args.iters, date=datetime.datetime.now().isoformat(timespec="seconds"))
     print(f"{meta['card']}, torch {meta['torch']}, triton {meta['triton']}, {args.dtype} output, "
           f"{'cold' if meta['flush_l2'] else 'warm'} L2, median of {args.iters}")
@@ -225,15 +225,6 @@ def main(argv=None) -> int:
         print(f"NOT bit-exact or failed: {bad}", file=sys.stderr)
         return 1
     return 0
-
-
-def _triton_version() -> str:
-    try:
-        import triton
-
-        return triton.__version__
-    except ImportError:
-        return ""
 
 
 if __name__ == "__main__":

@@ -37,6 +37,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # this checkout's lorafuse, installed or not
 
+from lorafuse.kernels import _runtime  # noqa: E402
 from lorafuse.kernels import lora_linear as ll  # noqa: E402
 from lorafuse.kernels.cross_entropy import fused_linear_cross_entropy  # noqa: E402
 from lorafuse.kernels.nf4_dequant import nf4_dequantize  # noqa: E402
@@ -367,7 +368,8 @@ def main(argv=None) -> int:
     out = Path(args.out or ROOT / "benchmarks" / "results" / f"{datetime.date.today()}-{_card()}-kernels.jsonl")
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = dict(card=torch.cuda.get_device_name() if DEV == "cuda" else "cpu", torch=torch.__version__,
-                triton=_triton_version(), commit=_commit(), date=datetime.datetime.now().isoformat(timespec="seconds"),
+                triton=_runtime.TRITON_VERSION, commit=_commit(),
+                date=datetime.datetime.now().isoformat(timespec="seconds"),
                 gemm_tflops=round(b.flops_per_s / 1e12, 1), copy_gbps=round(b.bytes_per_s / 1e9, 1))
     print(f"{'op':<12} {'variant':<30} {'shape':<32} {'ms':>9} {'floor':>8} {'x floor':>8} {'TFLOP/s':>8} "
           f"{'peak MB':>9}")
@@ -391,15 +393,6 @@ def _print(r: dict) -> None:
         return
     print(f"{r['op']:<12} {r['variant']:<30} {r['shape']:<32} {r['ms']:>9.3f} {r['floor_ms']:>8.3f} "
           f"{r['x_floor']:>8.2f} {r['tflops']:>8.1f} {r['peak_mb']:>9.1f}")
-
-
-def _triton_version() -> str:
-    try:
-        import triton
-
-        return triton.__version__
-    except ImportError:
-        return ""
 
 
 if __name__ == "__main__":

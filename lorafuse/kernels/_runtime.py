@@ -27,6 +27,7 @@ except ImportError:  # macOS / Windows CPU installs: the reference path is the p
     triton = None
     HAS_TRITON = False
 
+TRITON_VERSION = triton.__version__ if HAS_TRITON else ""  # recorded beside benchmark numbers
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 AUTOTUNE = os.environ.get("LORAFUSE_AUTOTUNE", "1") != "0"
 _CPU_KERNELS = False
