@@ -77,15 +77,21 @@ def _placement_blocker(w: torch.Tensor, what: str) -> str:
     return ""
 
 
-def _pinned_alias(w: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, str]:
-    """(pinned host copy of w, its alias on w's device, "") or (None, None, why not)."""
+def _to_pinned(w: torch.Tensor) -> tuple[torch.Tensor | None, str]:
+    """Move the frozen Parameter w's bytes to pinned host memory, w itself aliasing them on its device (the same
+    Parameter object: only `.data` changes). Returns (the pinned tensor, which the caller keeps alive, "") or
+    (None, why not) with w untouched."""
     try:
         host = torch.empty(w.shape, dtype=w.dtype, pin_memory=True)
         host.copy_(w.detach())
-        return host, device_alias(host, w.device), ""
+        alias = device_alias(host, w.device)
     except (RuntimeError, ValueError, TypeError) as exc:  # no pinned memory, or no mapping of it on this platform
         first = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
-        return None, None, f"pinned host memory could not be mapped for the GPU here ({first})"
+        return None, f"pinned host memory could not be mapped for the GPU here ({first})"
+    w.data = alias
+    torch.cuda.synchronize(w.device)
+    torch.cuda.empty_cache()
+    return host, ""
 
 
 def embeddings_to_host(model: nn.Module) -> tuple[int, str]:
@@ -97,14 +103,10 @@ def embeddings_to_host(model: nn.Module) -> tuple[int, str]:
     reason = host_embedding_blocker(model)
     if reason:
         return 0, reason
-    w = emb.weight
-    host, alias, reason = _pinned_alias(w)
+    host, reason = _to_pinned(emb.weight)
     if host is None:
         return 0, reason
     emb.lorafuse_host_weight = host  # keeps the pinned block alive (the alias does not own it)
-    w.data = alias
-    torch.cuda.synchronize(w.device)
-    torch.cuda.empty_cache()
     return host.numel() * host.element_size(), ""
 
 
@@ -198,19 +200,15 @@ def head_to_host(model: nn.Module) -> tuple[int, str]:
     reason = host_head_blocker(model)
     if reason:
         return 0, reason
-    w = head.weight
-    host, alias, reason = _pinned_alias(w)
+    host, reason = _to_pinned(head.weight)
     if host is None:
         return 0, reason
-    stage = HeadStage(host, w.device)
-    layers = _decoder_layers(model)
+    stage = HeadStage(host, head.weight.device)
+    layers = decoder_layers(model)
     hooks = [model.base_model.register_forward_pre_hook(_arm(stage), with_kwargs=True)]
     if layers:
         hooks.append(layers[len(layers) // 2].register_forward_pre_hook(_fire(stage)))
-    head.lorafuse_head_stage, head.lorafuse_head_hooks = stage, hooks
-    w.data = alias
-    torch.cuda.synchronize(w.device)
-    torch.cuda.empty_cache()
+    head.lorafuse_head_stage, head.lorafuse_head_hooks = stage, hooks  # the stage keeps the pinned block alive
     return host.numel() * host.element_size(), ""
 
 
@@ -232,7 +230,7 @@ def head_weight(head: nn.Module) -> torch.Tensor:
     return head.weight if stage is None else stage.take()
 
 
-def _decoder_layers(model: nn.Module):
-    backbone = model.base_model
-    layers = getattr(backbone, "layers", None)
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The decoder stack's layers (transformers' `base_model.layers`), [] for a model without one."""
+    layers = getattr(getattr(model, "base_model", model), "layers", None)
     return list(layers) if isinstance(layers, nn.ModuleList) else []

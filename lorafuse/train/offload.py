@@ -218,7 +218,8 @@ def install(model: nn.Module) -> int:
     for mod in model.modules():
         if getattr(mod, "_gradient_checkpointing_func", None) is not None:
             mod._gradient_checkpointing_func = offload_checkpoint
-            n += isinstance(mod, GradientCheckpointingLayer)
+            # layers kept out of the checkpoints (train.uncheckpointed_layers) never call it
+            n += isinstance(mod, GradientCheckpointingLayer) and getattr(mod, "gradient_checkpointing", True)
     model.lorafuse_offload = max(n, 1)
     if getattr(model, "lorafuse_offload_hook", None) is None:
         model.lorafuse_offload_hook = model.register_forward_pre_hook(drop_stale)

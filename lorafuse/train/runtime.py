@@ -88,10 +88,10 @@ def prepare_model(model, gradient_checkpointing: bool | str, note=print,
 def keep_activations(model, n: int) -> int:
     """Take the last `n` decoder layers out of gradient checkpointing (transformers 5 checks each layer's own
     `gradient_checkpointing` flag at every call); returns how many layers that was."""
-    layers = getattr(getattr(model, "base_model", model), "layers", None)
-    if not isinstance(layers, nn.ModuleList):
-        return 0
-    kept = [layer for layer in list(layers)[max(0, len(layers) - n):] if hasattr(layer, "gradient_checkpointing")]
+    from lorafuse.model.host_embedding import decoder_layers
+
+    layers = decoder_layers(model)
+    kept = [layer for layer in layers[max(0, len(layers) - n):] if hasattr(layer, "gradient_checkpointing")]
     for layer in kept:
         layer.gradient_checkpointing = False
     return len(kept)

@@ -53,7 +53,7 @@ class _CountingStage:
 
 def _hooked(model, stage):
     model.base_model.register_forward_pre_hook(host_embedding._arm(stage), with_kwargs=True)
-    layers = host_embedding._decoder_layers(model)
+    layers = host_embedding.decoder_layers(model)
     layers[len(layers) // 2].register_forward_pre_hook(host_embedding._fire(stage))
 
 

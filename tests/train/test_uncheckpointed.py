@@ -86,3 +86,10 @@ def test_config_key_and_bench_flag():
     args = bench.parse_args(["--keep-layers", "4", "--stacks", "lorafuse", "--shape", "llama2-7b"])
     assert bench._spec(args, "lorafuse", "qlora", None)["uncheckpointed_layers"] == 4
     assert bench._lorafuse_workload(args, "qlora", {}).uncheckpointed == 4
+
+
+def test_offload_counts_only_the_layers_it_checkpoints():
+    model, notes = _model(), []
+    prepare_model(model, "offload", note=notes.append, uncheckpointed_layers=1)
+    assert notes[-2:] == ["the last 1 decoder layers save their activations (no recompute in backward)",
+                          "activation offload: the inputs of 3 checkpointed layers wait in pinned CPU memory"]
