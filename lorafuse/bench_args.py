@@ -63,7 +63,11 @@ def parse_args(argv):
                    help="cache of the random-init checkpoint folders")
     p.add_argument("--timeout", type=int, default=900, help="seconds per runner process")
     p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args(argv)
+    return _checked(p.parse_args(argv))
+
+
+def _checked(args):
+    """Validate the parsed arguments and fill the dtype default; the errors say what to change."""
     if args.shape not in builtin_names():
         raise LorafuseError(f"unknown --shape {args.shape!r}", f"use one of {', '.join(builtin_names())}")
     args.dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
