@@ -148,7 +148,37 @@ def profile(spec: dict, step, batches: list, cuda: bool) -> None:
             + events.table(sort_by=sort, row_limit=60, max_name_column_width=70)
             + "\n\nby input shape:\n" + prof.key_averages(group_by_input_shape=True).table(
                 sort_by=sort, row_limit=60, max_name_column_width=50, max_shapes_column_width=60))
+    if cuda:
+        text += "\n\n" + kernel_timeline(prof, len(batches))
     out.with_suffix(".txt").write_text(text)
+
+
+def kernel_timeline(prof, steps: int, top: int = 15) -> str:
+    """Where the GPU sat idle: the kernels' span against their summed time, and the widest gaps between one
+    kernel's end and the next one's start, each with the kernels on either side (one stream's view: kernels
+    overlapping on a side stream count once)."""
+    from torch.autograd import DeviceType
+
+    kernels = sorted((e.time_range.start, e.time_range.end, e.name) for e in prof.events()
+                     if e.device_type == DeviceType.CUDA)
+    if not kernels:
+        return "no CUDA kernels recorded"
+    busy, gaps, end, last = 0.0, [], kernels[0][0], kernels[0][2]
+    for start, stop, name in kernels:
+        if start > end:
+            gaps.append((start - end, last, name))
+        busy += max(0.0, stop - max(start, end))
+        if stop > end:
+            end, last = stop, name
+    span = end - kernels[0][0]
+    idle = sum(g for g, _, _ in gaps)
+    small = sum(g for g, _, _ in gaps if g < 10)
+    lines = [f"kernel timeline over {steps} steps: {len(kernels)} kernels, span {span / 1e3:.1f} ms, busy "
+             f"{busy / 1e3:.1f} ms, idle {idle / 1e3:.1f} ms in {len(gaps)} gaps ({small / 1e3:.1f} ms in gaps under "
+             f"10 us)", f"widest {top} gaps (us, kernel before -> kernel after):"]
+    for g, before, after in sorted(gaps, reverse=True)[:top]:
+        lines.append(f"  {g:9.1f}  {before[:60]} -> {after[:60]}")
+    return "\n".join(lines)
 
 
 def _budget(spec: dict, device) -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import threading
 
 import torch
 
@@ -53,6 +54,28 @@ def cpu_kernels(enabled: bool = True):
         yield
     finally:
         _CPU_KERNELS = old
+
+
+_RECOMPUTE = threading.local()
+
+
+@contextlib.contextmanager
+def recomputing():
+    """Marks a gradient checkpoint's recompute (train/runtime.py's `checkpoint_function`, train/offload.py).
+
+    Inside it a fused op may skip work whose result the backward never reads: the fused MLP leaves out the down
+    projection's base GEMM (swiglu_mlp.py), whose output only feeds the residual sum. Per thread: the autograd
+    engine runs a recompute on its own thread, while another thread may be in a plain forward."""
+    depth = getattr(_RECOMPUTE, "depth", 0)
+    _RECOMPUTE.depth = depth + 1
+    try:
+        yield
+    finally:
+        _RECOMPUTE.depth = depth
+
+
+def in_recompute() -> bool:
+    return getattr(_RECOMPUTE, "depth", 0) > 0
 
 
 class _Fixed:

@@ -2,14 +2,16 @@
 
 Step time per micro-batch of N tokens (DESIGN.md's floors, each divided by an efficiency):
 
-    FLOPs = 2 P N (forward of the P layer weights) x passes      passes = 3 with recompute, 2 without
+    FLOPs = 2 P_pass N           P_pass: the layer weights times their passes: 3 with recompute, 2 without;
+                                 the fused MLP's recompute leaves out down_proj (kernels/swiglu_mlp.py), so
+                                 with the fused kernels its weights make 2 passes in checkpointed layers too
           + 4 V D N          (head: forward + input gradient; the head is frozen)
           + 2 P_lora N (passes + 1)     (LoRA: forward, recompute, input and weight gradients)
           + 2 B T^2 H d_h L (causal attention forward) x (passes - 1 + 2.5)   (flash backward ~2.5x forward)
           full fine-tuning adds 2 P N + 2 V D N for the weight gradients
     t_micro = FLOPs / (rate x EFFICIENCY) + dequant bytes / bandwidth + LAYER_OVERHEAD_S x L x passes
 
-QLoRA dequantizes every weight once per pass: read 0.5 B/weight and write c bytes, plus the reference
+QLoRA dequantizes every weight once per pass it makes: read 0.5 B/weight and write c bytes, plus the reference
 (PyTorch) dequantization's fp32 intermediates: DEQUANT_BYTES_REFERENCE per weight, DEQUANT_BYTES_FUSED for a
 Triton kernel. Activation offload moves 2 c D N L bytes per micro-step over PCIe on a side stream, overlapped
 with compute: t = max(t_compute, t_copy). The optimizer step (once per grad_accum micro-steps) reads and
@@ -126,12 +128,23 @@ def _passes(w: Workload) -> float:
     return 3 - kept_layers(w) / w.shape.num_layers
 
 
+def weight_passes(w: Workload) -> float:
+    """Sum over the layer weights of the passes each makes per micro-step (module docstring): P x passes, less
+    down_proj's recompute in the checkpointed layers when the fused MLP runs."""
+    s = w.shape
+    total = s.linear_params * _passes(w)
+    if w.kernels == "fused" and w.checkpointing != "off":
+        down = next(lin for lin in s.linears() if lin.name == "down_proj")
+        total -= down.numel * (s.num_layers - kept_layers(w))
+    return total
+
+
 def step_flops(w: Workload) -> float:
     """Matmul + attention FLOPs of one micro-step (module docstring)."""
     s, n = w.shape, w.tokens
     passes = _passes(w)
     head = 2 * s.vocab_size * s.hidden_size * n
-    flops = 2 * s.linear_params * n * passes + 2 * head
+    flops = 2 * weight_passes(w) * n + 2 * head
     if w.method == "full":
         flops += 2 * s.linear_params * n + head
     else:
@@ -147,7 +160,7 @@ def micro_step_seconds(w: Workload, card: Card) -> float:
     compute = step_flops(w) / (card.tflops * 1e12 * EFFICIENCY)
     if w.method == "qlora":
         per_weight = DEQUANT_BYTES_FUSED if w.kernels == "fused" else DEQUANT_BYTES_REFERENCE
-        compute += per_weight * s.linear_params * passes / (card.bandwidth_gbs * 1e9)
+        compute += per_weight * weight_passes(w) / (card.bandwidth_gbs * 1e9)
     compute += LAYER_OVERHEAD_S * s.num_layers * passes
     if w.checkpointing == "offload":
         copy = 2 * w.compute_bytes * s.hidden_size * w.tokens * s.num_layers / PCIE_BYTES_S

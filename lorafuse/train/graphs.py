@@ -35,8 +35,6 @@ because nothing in them draws from torch's generators (the dropout masks come fr
 
 from __future__ import annotations
 
-import functools
-
 import torch
 from torch import nn
 
@@ -64,14 +62,14 @@ def _batch_key(batch: dict) -> tuple:
 
 def _checkpoint_without_rng(model: nn.Module) -> None:
     """Checkpointed layers stop saving/restoring RNG state (nothing random runs in them: see the docstring)."""
-    from torch.utils.checkpoint import checkpoint
+    from lorafuse.train.runtime import checkpoint_function
 
     if getattr(model, "lorafuse_offload", 0):
         from lorafuse.train.offload import without_rng
 
         without_rng(model)
         return
-    plain = functools.partial(checkpoint, use_reentrant=False, preserve_rng_state=False)
+    plain = checkpoint_function(preserve_rng_state=False)
     for mod in model.modules():
         if getattr(mod, "_gradient_checkpointing_func", None) is not None:
             mod._gradient_checkpointing_func = plain

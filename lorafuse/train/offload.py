@@ -39,6 +39,8 @@ import functools
 import torch
 from torch import nn
 
+from lorafuse.kernels._runtime import recomputing
+
 _SIDE_STREAMS: dict = {}
 _LAST: dict = {}  # device index -> the newest _Stash (the one whose GPU input is still held, and the prefetch chain)
 
@@ -180,8 +182,8 @@ class _OffloadedLayer(torch.autograd.Function):
             if ctx.cuda_rng is not None:
                 torch.cuda.set_rng_state(ctx.cuda_rng, x.device)
             with torch.autocast("cuda", enabled=ctx.autocast[0][1], dtype=ctx.autocast[0][2]), \
-                    torch.autocast("cpu", enabled=ctx.autocast[1][1], dtype=ctx.autocast[1][2]):
-                out = ctx.run(x, *ctx.rest)
+                    torch.autocast("cpu", enabled=ctx.autocast[1][1], dtype=ctx.autocast[1][2]), recomputing():
+                out = ctx.run(x, *ctx.rest)  # recomputing(): the fused MLP skips its down GEMM (output unused)
         outs = out if isinstance(out, tuple) else (out,)
         pairs = [(o, g) for o, g in zip(outs, grads) if torch.is_tensor(o) and o.requires_grad and g is not None]
         if pairs:

@@ -6,7 +6,8 @@ without loss scaling); nothing on CPU in fp32. Trainable tensors are fp32 master
 
 Gradient checkpointing is the non-reentrant kind (`use_reentrant=False`): no per-step warning, correct with
 frozen inputs (no `enable_input_require_grads` needed), and it recomputes only what backward needs. The
-transformers 5 name `activation_checkpointing_enable` is used where it exists.
+transformers 5 name `activation_checkpointing_enable` is used where it exists. The recompute runs inside
+`kernels._runtime.recomputing()` (`checkpoint_function`), so the fused MLP leaves out the down projection there.
 
 Signals: SIGTERM/SIGINT set a flag the loop checks after each optimizer step (it then saves and returns); a
 second SIGINT raises KeyboardInterrupt at once.
@@ -14,6 +15,7 @@ second SIGINT raises KeyboardInterrupt at once.
 
 from __future__ import annotations
 
+import functools
 import signal
 import threading
 from contextlib import nullcontext
@@ -59,10 +61,12 @@ def prepare_model(model, gradient_checkpointing: bool | str, note=print,
     if gradient_checkpointing:
         if not getattr(model, "supports_gradient_checkpointing", False):
             note(f"{type(model).__name__} does not support gradient checkpointing; training without it")
-        elif hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            kwargs = {"use_reentrant": False, "context_fn": recompute_contexts}
+            if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
+                model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+            else:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         if uncheckpointed_layers and getattr(model, "supports_gradient_checkpointing", False):
             kept = keep_activations(model, uncheckpointed_layers)
             note(f"the last {kept} decoder layers save their activations (no recompute in backward)")
@@ -83,6 +87,21 @@ def prepare_model(model, gradient_checkpointing: bool | str, note=print,
         note(f"output head in pinned host memory, staged on the device for each loss: {moved / 2**30:.2f} GiB "
              "off the backward's peak" if moved else f"output head stays on the device: {reason}")
     return params
+
+
+def recompute_contexts():
+    """torch.utils.checkpoint's `context_fn`: nothing around the forward, `recomputing()` around the recompute."""
+    from lorafuse.kernels._runtime import recomputing
+
+    return nullcontext(), recomputing()
+
+
+def checkpoint_function(preserve_rng_state: bool = True):
+    """The non-reentrant checkpoint with the recompute marked (a decoder layer's `_gradient_checkpointing_func`)."""
+    from torch.utils.checkpoint import checkpoint
+
+    return functools.partial(checkpoint, use_reentrant=False, preserve_rng_state=preserve_rng_state,
+                             context_fn=recompute_contexts)
 
 
 def keep_activations(model, n: int) -> int:

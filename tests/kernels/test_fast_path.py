@@ -294,3 +294,40 @@ def test_a_captured_maskless_forward_uses_sdpa_is_causal(monkeypatch):
     assert seen == [(True, True)] * len(fast.model.layers), seen
     graph.replay()
     torch.testing.assert_close(out, eager, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("mode", [True, "offload"])
+def test_recompute_skips_the_down_projection_and_keeps_every_gradient(device, monkeypatch, mode):
+    """lorafuse's checkpointing (plain and offload) marks the recompute; there the fused MLP forms only S_d of the
+    down projection (no base GEMM: its output feeds nothing the backward reads). Loss and every LoRA gradient
+    equal those of the same step without checkpointing, bit for bit; dropout on, so S_d's mask is regenerated."""
+    from lorafuse.kernels import swiglu_mlp
+    from lorafuse.kernels.fast_path import set_dropout_seed
+    from lorafuse.train.runtime import prepare_model
+
+    full, down_only = [], []
+    forward, down = swiglu_mlp.lora_forward, swiglu_mlp.lora_down
+    monkeypatch.setattr(swiglu_mlp, "lora_forward", lambda x, ops: full.append(ops.lw.out_features) or forward(x, ops))
+    monkeypatch.setattr(swiglu_mlp, "lora_down", lambda x, ops: down_only.append(ops.lw.out_features) or down(x, ops))
+    base = _tiny(dropout=0.1, layers=2, seed=4)  # fp32 in the interpreter; bf16 on a GPU (same kernels both runs)
+    base = base.to(device, torch.bfloat16) if device.type == "cuda" else base
+    ids = torch.randint(0, 96, (1, 5), generator=torch.Generator().manual_seed(6)).to(device)
+    res = {}
+    for checkpointing in (False, mode):
+        model = copy.deepcopy(base)
+        assert apply_fast_path(model)[0]
+        prepare_model(model, checkpointing, note=lambda _: None)
+        model.train()
+        set_dropout_seed(model, 13)
+        full.clear(), down_only.clear()
+        res[checkpointing] = _step(model, ids)
+        res[checkpointing]["calls"] = (list(full), list(down_only))
+    hidden, inter = 64, 96
+    assert res[False]["calls"] == ([inter, inter, hidden] * 2, [])
+    # forward: gate, up, down per layer; recompute (layer 1, then 0): gate and up in full, down's S alone
+    assert res[mode]["calls"] == ([inter, inter, hidden] * 2 + [inter, inter] * 2, [hidden] * 2)
+    plain, ckpt = res[False], res[mode]
+    grads = [n for n in plain if n not in ("calls", "logits")]
+    assert any("down_proj.lora_A" in n for n in grads)
+    for n in grads:
+        assert torch.equal(plain[n], ckpt[n]), n

@@ -191,3 +191,19 @@ def test_memory_to_spare_buys_kept_layers_and_an_oom_gives_them_back():
     assert "layers keep activations" in out.getvalue()
     smaller = next_smaller(recipe("train.grad_accum=1", f"train.uncheckpointed_layers={kept}"))
     assert smaller == {"train.uncheckpointed_layers": 0}
+
+
+def test_the_fused_recompute_without_down_proj_is_priced():
+    """With the fused kernels a checkpointed layer's recompute leaves out down_proj (kernels/swiglu_mlp.py): the
+    step's FLOPs drop by one forward of down_proj in each checkpointed layer, and nothing changes without
+    checkpointing or with the reference kernels."""
+    w = workload_from_config(recipe("train.grad_accum=1")).with_(kernels="fused")
+    s, n = w.shape, w.tokens
+    down = s.intermediate_size * s.hidden_size  # Llama-2-7B: 11008 x 4096
+    ref = w.with_(kernels="reference")
+    assert speed.step_flops(ref) - speed.step_flops(w) == pytest.approx(2 * down * n * s.num_layers)
+    kept = w.with_(uncheckpointed=8)
+    assert speed.step_flops(kept.with_(kernels="reference")) - speed.step_flops(kept) == \
+        pytest.approx(2 * down * n * (s.num_layers - 8))
+    off = w.with_(checkpointing="off")
+    assert speed.step_flops(off) == speed.step_flops(off.with_(kernels="reference"))
