@@ -5,9 +5,9 @@ What changes, per decoder layer, on the INSTANCE only (no class attribute, no li
         -> FastRMSNorm holding the SAME weight Parameter                 (rmsnorm.py)
     mlp -> FastLoRAMLP holding the SAME gate_proj/up_proj/down_proj modules (swiglu_mlp.py: one
         autograd Function for the three LoRA projections and SwiGLU, recomputed in backward)
-    self_attn.forward -> a bound method: q, k and v through the grouped LoRA linear (lora_group.py: one
-        base GEMM for the three, outputs as column views of one tensor), o through the fused LoRA linear
-        (lora_linear.py), the rotary embedding through the Q+K kernel (rope.py); the attention itself
+    self_attn.forward -> a bound method: q, k, v and o through the fused LoRA linear (lora_linear.py; q|k|v as
+        one grouped GEMM with LORAFUSE_QKV_GROUP=1, lora_group.py, off by default: no gain measured), the
+        rotary embedding through the Q+K kernel (rope.py); the attention itself
         stays transformers' (sdpa / flash / eager, whatever the model was loaded with)
 Parameters, module names and state_dict keys are untouched, so the optimizer, gradient checkpointing
 (HF's GradientCheckpointingLayer wraps the decoder layer, which is not replaced) and save_adapter work

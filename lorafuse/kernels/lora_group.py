@@ -21,8 +21,10 @@ while the MLP's 2048 x 11008 x 4096 reached ~725; one 2048 x 12288 x 4096 GEMM f
 ~290 us instead of 3 x 121 us, in the forward and again in the checkpoint recompute.
 Measured (H200, 7B QLoRA 4 x 512 with CUDA graphs, NOTES.md session 4): no gain. The base GEMMs took 241 ms
 over two profiled steps, against 236 ms with three single projections on another machine; the grouped forward
-GEMM costs what the three did. It stays until one call measures it on and off side by side
-(LORAFUSE_QKV_GROUP=0 turns it off).
+GEMM costs what the three did. The A/B in one call (H200, commit fcc5f93, runs 20261128T174450 / T174531):
+0.1619 s with the group, 0.1616 s without, 5.014 / 5.004 GiB. So it is OFF by default (three single
+projections: the simpler path, 10 MB less); LORAFUSE_QKV_GROUP=1 turns it on (e.g. for a card where the
+4096-wide GEMMs run further below the wide ones).
 
 Dense bases are not copied into a buffer: a copy of 3 x 4096 x 4096 bf16 weights moves ~200 MB (~50 us),
 most of the ~73 us a single GEMM would save, and adds 100 MB; they run one GEMM per projection into the
@@ -57,9 +59,9 @@ from .nf4_dequant import nf4_dequantize
 from .reference import LoRAWeights
 
 GROUP_DX_CAT = os.environ.get("LORAFUSE_GROUP_DX_CAT", "0") == "1"
-# LORAFUSE_QKV_GROUP=0 runs q, k and v as three single projections (same results): the A/B the H200 step needs
-# (module docstring, "Measured"), e.g. `LORAFUSE_QKV_GROUP=0 lorafuse bench ...` beside a plain run.
-GROUP = os.environ.get("LORAFUSE_QKV_GROUP", "1") != "0"
+# LORAFUSE_QKV_GROUP=1 runs q, k and v as one group; off by default since the H200 A/B measured no gain (module
+# docstring, "Measured"); same results either way.
+GROUP = os.environ.get("LORAFUSE_QKV_GROUP", "0") == "1"
 
 
 def _slices(opss: list[Operands]) -> list[slice]:

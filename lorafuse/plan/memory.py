@@ -86,6 +86,7 @@ to be calibrated against benchmarks/measured_memory.jsonl.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field, replace
 
 from lorafuse.plan.shapes import PROJECTIONS, ModelShape
@@ -319,11 +320,16 @@ def loss_bytes(w: Workload) -> int:
     return (8 + c) * s.vocab_size * rows + c * s.hidden_size * w.tokens
 
 
+def qkv_group() -> bool:
+    """Does the fused path run q|k|v as one group (LORAFUSE_QKV_GROUP=1, kernels/lora_group.py; off by default)?"""
+    return os.environ.get("LORAFUSE_QKV_GROUP", "0") == "1"
+
+
 def dequant_bytes(w: Workload) -> int:
     if w.method != "qlora":
         return 0
     largest = max(lin.numel for lin in w.shape.linears())
-    if w.kernels == "fused":  # the fused path dequantizes q|k|v into one buffer (kernels/lora_group.py)
+    if w.kernels == "fused" and qkv_group():  # q|k|v dequantized into one buffer (kernels/lora_group.py)
         largest = max(largest, sum(lin.numel for lin in w.shape.linears() if lin.name in ("q_proj", "k_proj",
                                                                                           "v_proj")))
     return (w.compute_bytes if w.kernels == "fused" else 4 + w.compute_bytes) * largest

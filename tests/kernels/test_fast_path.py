@@ -77,9 +77,11 @@ def test_reference_swap_qlora(parity):
 
 
 def _count_qkv_groups(monkeypatch) -> list:
-    """Spy: one entry per grouped q|k|v forward (lora_group.group_forward)."""
+    """Spy: one entry per grouped q|k|v forward (lora_group.group_forward); the group switched on (it is off by
+    default: LORAFUSE_QKV_GROUP=1)."""
     from lorafuse.kernels import lora_group
 
+    monkeypatch.setattr(lora_group, "GROUP", True)
     calls, forward = [], lora_group.group_forward
     monkeypatch.setattr(lora_group, "group_forward", lambda *a: calls.append(1) or forward(*a))
     return calls

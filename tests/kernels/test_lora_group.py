@@ -18,6 +18,12 @@ TOKENS, K = (2, 11), 64  # x (B, T, K): M = 22 tokens, not a multiple of any til
 WIDTHS, RANKS = (64, 32, 32), (4, 8, 4)  # GQA-like: q wider than k and v; ranks differ per projection
 
 
+@pytest.fixture(autouse=True)
+def _group_on(monkeypatch):
+    """The group is off by default (LORAFUSE_QKV_GROUP=1 turns it on); these tests are about the group."""
+    monkeypatch.setattr(lg, "GROUP", True)
+
+
 def _specs(base, dropout, bias, device, seeds="int", widths=WIDTHS, ranks=RANKS, tokens=TOKENS, k=K):
     """x (B, T, K), random q, k, v LoRAWeights (fp32; each its own scaling, dropout rate and seed) and upstream
     gradients. bias: "grad" (a trainable bias on every projection), "mixed" (frozen, k without one) or None.

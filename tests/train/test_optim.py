@@ -227,3 +227,18 @@ def test_schedules():
     assert lin.warmup == 10 and lin.lr_at(55) == pytest.approx(0.5) and lin.lr_at(99) == pytest.approx(1 / 90)
     const = LRSchedule(2e-4, total_steps=50, warmup_steps=0.03, kind="constant")
     assert const.warmup == math.ceil(1.5) and const.lr_at(1) == 2e-4 and const.lr_at(49) == 2e-4
+
+
+def test_zero_grad_in_place_keeps_the_tensors_a_graph_recorded():
+    """set_to_none=False (the CUDA-graph step): every gradient zeroed where it lies, fp32 and bf16 alike (one
+    multi-tensor launch each); set_to_none=True drops them; a parameter without a gradient stays without one."""
+    ps = [torch.nn.Parameter(torch.randn(300, dtype=dt)) for dt in (torch.float32, torch.bfloat16, torch.float32)]
+    opt = AdamW8bit(ps, lr=1e-3)
+    for p in ps[:2]:
+        p.grad = torch.randn_like(p)
+    held = [p.grad for p in ps[:2]]
+    opt.zero_grad(set_to_none=False)
+    assert all(p.grad is g and not g.any() for p, g in zip(ps, held))
+    assert ps[2].grad is None
+    opt.zero_grad()
+    assert all(p.grad is None for p in ps)
