@@ -1,0 +1,399 @@
+"""Kernel benchmark: every lorafuse kernel vs its PyTorch reference vs the torch/cuBLAS (and peer) baseline.
+
+    python benchmarks/bench_kernels.py                                  # both models, every op
+    python benchmarks/bench_kernels.py --model llama3-8b --ops lora_linear,ce --iters 50
+
+Shapes: Llama-2-7B (hidden 4096, intermediate 11008, vocab 32000, 4 x 512 tokens) and Llama-3-8B
+(4096 / 14336, vocab 128256, 8 KV heads, 2 x 2048 tokens), LoRA r = 16 on every projection.
+
+Method (DESIGN.md, "Performance method"): the card's two floors are measured first (a bf16 8192^3
+GEMM for FLOP/s, a 1 GiB device copy for bytes/s); every row prints its own floor
+max(FLOPs / rate, bytes / bandwidth) and time / floor. Timing: CUDA events around each call, warm-up
+calls first (Triton autotunes there), the median of --iters calls (p10/p90 in the JSON); inputs are
+random, never zeros; training ops are timed forward + backward. Peak memory is the growth of
+torch.cuda.max_memory_allocated over the inputs during one forward + backward.
+Peers (timed when importable): bitsandbytes' CUDA NF4 dequantization, Liger's RMSNorm, RoPE, SwiGLU
+and fused linear cross-entropy.
+
+Output: a table on stdout; one JSON line per row appended to benchmarks/results/<date>-<card>-kernels.jsonl.
+The `lora_nf4_sweep` op times the fused NF4 GEMM against dequantize + cuBLAS over token counts and
+prints the crossover to put in LORAFUSE_NF4_FUSED_MAX_M (lorafuse/kernels/lora_linear.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import re
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # this checkout's lorafuse, installed or not
+
+from lorafuse.kernels import _runtime  # noqa: E402
+from lorafuse.kernels import lora_linear as ll  # noqa: E402
+from lorafuse.kernels.cross_entropy import fused_linear_cross_entropy  # noqa: E402
+from lorafuse.kernels.nf4_dequant import nf4_dequantize  # noqa: E402
+from lorafuse.kernels.reference import (LoRAWeights, fused_linear_cross_entropy_reference,  # noqa: E402
+                                        lora_linear_reference, rms_norm_reference, rope_reference,
+                                        swiglu_mlp_reference)
+from lorafuse.kernels.rmsnorm import rms_norm  # noqa: E402
+from lorafuse.kernels.rope import apply_rope  # noqa: E402
+from lorafuse.kernels.swiglu_mlp import swiglu_mlp  # noqa: E402
+from lorafuse.quant.nf4 import quantize_nf4  # noqa: E402
+
+MODELS = {
+    "llama2-7b": dict(hidden=4096, inter=11008, heads=32, kv_heads=32, head_dim=128, vocab=32000, tokens=(4, 512)),
+    "llama3-8b": dict(hidden=4096, inter=14336, heads=32, kv_heads=8, head_dim=128, vocab=128256, tokens=(2, 2048)),
+}
+OPS = ("nf4_dequant", "lora_linear", "lora_nf4_sweep", "rmsnorm", "rope", "swiglu_mlp", "ce")
+SMOKE = dict(hidden=64, inter=96, heads=4, kv_heads=2, head_dim=16, vocab=300, tokens=(2, 16))
+RANK, DT, DEV = 16, torch.bfloat16, "cuda"  # --smoke switches to fp32 on the CPU (reference paths)
+# Every timed closure below is built and timed inside one loop iteration, so capturing loop variables
+# late (ruff B023) is intended.
+
+
+@dataclasses.dataclass
+class Bench:
+    warmup: int
+    iters: int
+    flops_per_s: float = 0.0
+    bytes_per_s: float = 0.0
+
+    def time(self, fn):
+        for _ in range(self.warmup):
+            fn()
+        if DEV == "cpu":  # --smoke: checks that every row runs, the numbers mean nothing
+            import time
+
+            ms = []
+            for _ in range(self.iters):
+                t0 = time.perf_counter()
+                fn()
+                ms.append((time.perf_counter() - t0) * 1e3)
+            ms.sort()
+            return statistics.median(ms), ms[len(ms) // 10], ms[(len(ms) * 9) // 10]
+        torch.cuda.synchronize()
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+                  for _ in range(self.iters)]
+        for start, end in events:
+            start.record()
+            fn()
+            end.record()
+        torch.cuda.synchronize()
+        ms = sorted(s.elapsed_time(e) for s, e in events)
+        return statistics.median(ms), ms[len(ms) // 10], ms[(len(ms) * 9) // 10]
+
+    def floor_ms(self, flops: float, nbytes: float) -> float:
+        return 1e3 * max(flops / self.flops_per_s, nbytes / self.bytes_per_s)
+
+
+def peak_mb(fn) -> float:
+    if DEV == "cpu":
+        return 0.0
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def measure_floors(b: Bench) -> None:
+    if DEV == "cpu":
+        b.flops_per_s, b.bytes_per_s = 1e11, 1e10
+        return
+    a = torch.randn(8192, 8192, device=DEV, dtype=DT)
+    ms, _, _ = b.time(lambda: a @ a)
+    b.flops_per_s = 2 * 8192**3 / (ms / 1e3)
+    src = torch.randn(2**28, device=DEV)  # 1 GiB
+    dst = torch.empty_like(src)
+    ms, _, _ = b.time(lambda: dst.copy_(src))
+    b.bytes_per_s = 2 * src.numel() * 4 / (ms / 1e3)
+    print(f"floors: bf16 GEMM {b.flops_per_s / 1e12:.0f} TFLOP/s, copy {b.bytes_per_s / 1e9:.0f} GB/s (read+write)")
+
+
+def train_step(fn, inputs, grad_out):
+    """forward + backward w.r.t. `inputs` (torch.autograd.grad: nothing accumulates between calls)."""
+    def run():
+        out = fn()
+        torch.autograd.grad(out, inputs, grad_out if out.dim() else None)
+    return run
+
+
+def peer_error(op, variant, shape, e) -> dict:
+    return dict(op=op, variant=variant, shape=shape, error=f"{type(e).__name__}: {e}"[:200])
+
+
+def row(b, op, variant, shape, fn, flops, nbytes):
+    try:
+        ms, p10, p90 = b.time(fn)
+        mem = peak_mb(fn)
+    except Exception as e:  # noqa: BLE001  (a peer's API change or an OOM must not end the run)
+        return peer_error(op, variant, shape, e)
+    floor = b.floor_ms(flops, nbytes)
+    return dict(op=op, variant=variant, shape=shape, ms=round(ms, 4), p10=round(p10, 4), p90=round(p90, 4),
+                floor_ms=round(floor, 4), x_floor=round(ms / floor, 2), tflops=round(flops / ms / 1e9, 1),
+                peak_mb=round(mem, 1))
+
+
+# --- ops -----------------------------------------------------------------------------------------
+
+def bench_nf4_dequant(b, cfg):
+    h, f = cfg["hidden"], cfg["inter"]
+    for shape in [(h, h), (f, h), (h, f)]:
+        w = quantize_nf4(torch.randn(shape, device=DEV, dtype=DT) * 0.02)
+        n = w.numel
+        nbytes = n / 2 + 2 * n + n / 64
+        name = f"{shape[0]}x{shape[1]}"
+        yield row(b, "nf4_dequant", "triton", name, lambda: nf4_dequantize(w, DT), 0, nbytes)
+        yield row(b, "nf4_dequant", "reference", name, lambda: w.dequantize(DT), 0, nbytes)
+        try:
+            import bitsandbytes.functional as bnbf
+
+            packed, state = bnbf.quantize_4bit(torch.randn(shape, device=DEV, dtype=DT), quant_type="nf4",
+                                               compress_statistics=True)
+            yield row(b, "nf4_dequant", "bitsandbytes", name, lambda: bnbf.dequantize_4bit(packed, state), 0, nbytes)
+        except ImportError:
+            pass
+        except Exception as e:  # noqa: BLE001  (a peer's API drift is a row, not a crash)
+            yield peer_error("nf4_dequant", "bitsandbytes", name, e)
+
+
+def _lora_weights(k, n, base, dropout=0.0):
+    w = torch.randn(n, k, device=DEV, dtype=DT) / k**0.5
+    return LoRAWeights(quantize_nf4(w) if base == "nf4" else w, None,
+                       (torch.randn(RANK, k, device=DEV) / k**0.5).requires_grad_(),
+                       (torch.randn(n, RANK, device=DEV) * 0.01).requires_grad_(), 2.0, dropout, 1 if dropout else None)
+
+
+def _lora_cost(m, k, n, base):
+    flops = 4 * m * n * k + 2 * m * RANK * (3 * k + 3 * n)  # x W^T, dY W; 6 rank-r GEMMs
+    w_bytes = (0.5 if base == "nf4" else 2) * n * k * 2
+    return flops, w_bytes + 2 * (3 * m * k + 3 * m * n)
+
+
+def _lora_rows(b, m, k, n, base, paths, tag):
+    """paths: "cublas" | "fused", optionally "+dsdb" (dS and dB from one pass over dY)."""
+    saved = ll.NF4_FUSED_MAX_M, ll.DENSE_FUSED_MAX_M, ll.FUSED_DS_DB
+    lw = _lora_weights(k, n, base)
+    x = torch.randn(m, k, device=DEV, dtype=DT, requires_grad=True)
+    dy = torch.randn(m, n, device=DEV, dtype=DT)
+    flops, nbytes = _lora_cost(m, k, n, base)
+    inputs = [x, lw.lora_A, lw.lora_B]
+    for path in paths:
+        ll.NF4_FUSED_MAX_M = ll.DENSE_FUSED_MAX_M = (1 << 30) if path.startswith("fused") else 0
+        ll.FUSED_DS_DB = path.endswith("+dsdb")
+        fn = train_step(lambda: ll.lora_linear(x, lw), inputs, dy)
+        yield row(b, "lora_linear", f"{base}-{path}", tag, fn, flops, nbytes)
+    ll.NF4_FUSED_MAX_M, ll.DENSE_FUSED_MAX_M, ll.FUSED_DS_DB = saved
+
+
+def bench_lora_linear(b, cfg):
+    m = cfg["tokens"][0] * cfg["tokens"][1]
+    h, f, kv = cfg["hidden"], cfg["inter"], cfg["kv_heads"] * cfg["head_dim"]
+    for name, k, n in [("q_proj", h, h), ("k_proj", h, kv), ("gate_proj", h, f), ("down_proj", f, h)]:
+        tag = f"{name} M{m} K{k} N{n}"
+        for base in ("dense", "nf4"):
+            yield from _lora_rows(b, m, k, n, base, ("cublas", "cublas+dsdb", "fused", "fused+dsdb"), tag)
+            lw = _lora_weights(k, n, base)
+            x = torch.randn(m, k, device=DEV, dtype=DT, requires_grad=True)
+            dy = torch.randn(m, n, device=DEV, dtype=DT)
+            flops, nbytes = _lora_cost(m, k, n, base)
+            fn = train_step(lambda: lora_linear_reference(x, lw), [x, lw.lora_A, lw.lora_B], dy)
+            yield row(b, "lora_linear", f"{base}-reference", tag, fn, flops, nbytes)
+        w = torch.randn(n, k, device=DEV, dtype=DT)
+        x = torch.randn(m, k, device=DEV, dtype=DT, requires_grad=True)
+        dy = torch.randn(m, n, device=DEV, dtype=DT)
+        fn = train_step(lambda: torch.nn.functional.linear(x, w), [x], dy)
+        yield row(b, "lora_linear", "base-gemm-only (cuBLAS floor)", tag, fn, 4 * m * n * k,
+                  2 * (n * k * 2 + 2 * m * k))
+
+
+def bench_lora_nf4_sweep(b, cfg):
+    h = cfg["hidden"]
+    rows = []
+    for m in (64, 128, 256, 512, 1024, 2048, 4096):
+        for r in _lora_rows(b, m, h, h, "nf4", ("cublas", "fused"), f"M{m} K{h} N{h}"):
+            rows.append(r)
+            yield r
+    by_m = {}
+    for r in rows:
+        if "ms" in r:
+            by_m.setdefault(int(r["shape"].split()[0][1:]), {})[r["variant"]] = r["ms"]
+    wins = [m for m, t in sorted(by_m.items()) if t.get("nf4-fused", 1e9) < t.get("nf4-cublas", 0)]
+    print(f"lora_nf4_sweep: fused NF4 GEMM faster at M = {wins or 'none'} -> LORAFUSE_NF4_FUSED_MAX_M="
+          f"{max(wins) if wins else 0}")
+
+
+def bench_rmsnorm(b, cfg):
+    m, h = cfg["tokens"][0] * cfg["tokens"][1], cfg["hidden"]
+    x = torch.randn(m, h, device=DEV, dtype=DT, requires_grad=True)
+    w = (1 + 0.1 * torch.randn(h, device=DEV, dtype=DT))
+    dy = torch.randn(m, h, device=DEV, dtype=DT)
+    tag, nbytes = f"M{m} H{h}", 5 * m * h * 2
+    yield row(b, "rmsnorm", "triton", tag, train_step(lambda: rms_norm(x, w), [x], dy), 0, nbytes)
+    yield row(b, "rmsnorm", "reference", tag, train_step(lambda: rms_norm_reference(x, w), [x], dy), 0, nbytes)
+    try:
+        from liger_kernel.transformers.rms_norm import LigerRMSNorm
+
+        norm = LigerRMSNorm(h, eps=1e-6, in_place=False).to(DEV, DT)
+        yield row(b, "rmsnorm", "liger", tag, train_step(lambda: norm(x), [x], dy), 0, nbytes)
+    except ImportError:
+        pass
+    except Exception as e:  # noqa: BLE001
+        yield peer_error("rmsnorm", "liger", tag, e)
+
+
+def bench_rope(b, cfg):
+    (bsz, t), hq, hk, d = cfg["tokens"], cfg["heads"], cfg["kv_heads"], cfg["head_dim"]
+    q0 = torch.randn(bsz, t, hq, d, device=DEV, dtype=DT, requires_grad=True)
+    k0 = torch.randn(bsz, t, hk, d, device=DEV, dtype=DT, requires_grad=True)
+    inv = 1.0 / 10000 ** (torch.arange(0, d, 2, device=DEV).float() / d)
+    emb = torch.cat([torch.arange(t, device=DEV)[:, None].float() * inv] * 2, -1)[None]
+    cos, sin = emb.cos().to(DT), emb.sin().to(DT)
+    dq, dk = torch.randn_like(q0), torch.randn_like(k0)
+    tag, nbytes = f"B{bsz} T{t} Hq{hq} Hk{hk} D{d}", 4 * (q0.numel() + k0.numel()) * 2
+
+    def step(fn):
+        def run():
+            q, k = fn(q0 * 1, k0 * 1)  # the projection outputs the attention would rotate
+            torch.autograd.grad([q, k], [q0, k0], [dq, dk])
+        return run
+
+    yield row(b, "rope", "triton", tag, step(lambda q, k: apply_rope(q, k, cos, sin)), 0, nbytes)
+    yield row(b, "rope", "reference", tag, step(lambda q, k: rope_reference(q, k, cos, sin)), 0, nbytes)
+    try:
+        from liger_kernel.transformers.rope import liger_rotary_pos_emb
+
+        def liger(q, k):  # Liger's layout is (B, H, T, D)
+            return liger_rotary_pos_emb(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
+
+        yield row(b, "rope", "liger", tag, step(liger), 0, nbytes)
+    except ImportError:
+        pass
+    except Exception as e:  # noqa: BLE001
+        yield peer_error("rope", "liger", tag, e)
+
+
+def bench_swiglu_mlp(b, cfg):
+    m, h, f = cfg["tokens"][0] * cfg["tokens"][1], cfg["hidden"], cfg["inter"]
+    for base in ("dense", "nf4"):
+        projs = (_lora_weights(h, f, base), _lora_weights(h, f, base), _lora_weights(f, h, base))
+        x = torch.randn(m, h, device=DEV, dtype=DT, requires_grad=True)
+        dy = torch.randn(m, h, device=DEV, dtype=DT)
+        inputs = [x] + [t for p in projs for t in (p.lora_A, p.lora_B)]
+        flops = sum(_lora_cost(m, k, n, base)[0] for k, n in ((h, f), (h, f), (f, h)))
+        tag = f"M{m} D{h} F{f}"
+        yield row(b, "swiglu_mlp", f"{base}-triton", tag, train_step(lambda: swiglu_mlp(x, *projs), inputs, dy),
+                  flops, 0)
+        yield row(b, "swiglu_mlp", f"{base}-reference", tag,
+                  train_step(lambda: swiglu_mlp_reference(x, *projs), inputs, dy), flops, 0)
+
+
+def bench_ce(b, cfg):
+    m, h, v = cfg["tokens"][0] * cfg["tokens"][1], cfg["hidden"], cfg["vocab"]
+    hidden = torch.randn(m, h, device=DEV, dtype=DT, requires_grad=True)
+    head = torch.randn(v, h, device=DEV, dtype=DT) / h**0.5
+    labels = torch.randint(0, v, (m,), device=DEV)
+    flops, nbytes = 4 * m * v * h, 4 * m * v * 2 + 2 * v * h * 2
+    tag = f"T{m} H{h} V{v}"
+
+    def step(fn):
+        return lambda: torch.autograd.grad(fn(), [hidden])
+
+    yield row(b, "ce", "triton-chunked", tag, step(lambda: fused_linear_cross_entropy(hidden, head, labels)), flops,
+              nbytes)
+    yield row(b, "ce", "reference-full-logits", tag,
+              step(lambda: fused_linear_cross_entropy_reference(hidden, head, labels)), flops, nbytes)
+    try:
+        from liger_kernel.transformers.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyLoss
+
+        loss = LigerFusedLinearCrossEntropyLoss()
+        yield row(b, "ce", "liger-flce", tag, step(lambda: loss(head, hidden, labels)), flops, nbytes)
+    except ImportError:
+        pass
+    except Exception as e:  # noqa: BLE001
+        yield peer_error("ce", "liger-flce", tag, e)
+
+
+# --- driver --------------------------------------------------------------------------------------
+
+def _card() -> str:
+    if DEV == "cpu":
+        return "cpu-smoke"
+    return re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name().lower()).strip("-")
+
+
+def _commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                              text=True).stdout.strip()
+    except OSError:
+        return ""
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", choices=[*MODELS, "all"], default="all")
+    ap.add_argument("--ops", default=",".join(OPS), help=f"comma-separated subset of {','.join(OPS)}")
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU (reference paths): checks the script")
+    ap.add_argument("--out", default=None, help="JSONL path (default benchmarks/results/<date>-<card>-kernels.jsonl)")
+    args = ap.parse_args(argv)
+    global DT, DEV
+    if args.smoke:
+        DT, DEV = torch.float32, "cpu"
+        MODELS.clear()
+        MODELS["smoke"] = SMOKE
+        args.model = "all"
+    elif not torch.cuda.is_available():
+        print("bench_kernels needs a CUDA GPU (or --smoke)")
+        return 1
+    ops = [o.strip() for o in args.ops.split(",") if o.strip()]
+    unknown = set(ops) - set(OPS)
+    if unknown:
+        ap.error(f"unknown ops {sorted(unknown)}; choose from {OPS}")
+    torch.manual_seed(0)
+    b = Bench(args.warmup, args.iters)
+    measure_floors(b)
+    out = Path(args.out or ROOT / "benchmarks" / "results" / f"{datetime.date.today()}-{_card()}-kernels.jsonl")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    meta = dict(card=torch.cuda.get_device_name() if DEV == "cuda" else "cpu", torch=torch.__version__,
+                triton=_runtime.TRITON_VERSION, commit=_commit(),
+                date=datetime.datetime.now().isoformat(timespec="seconds"),
+                gemm_tflops=round(b.flops_per_s / 1e12, 1), copy_gbps=round(b.bytes_per_s / 1e9, 1))
+    print(f"{'op':<12} {'variant':<30} {'shape':<32} {'ms':>9} {'floor':>8} {'x floor':>8} {'TFLOP/s':>8} "
+          f"{'peak MB':>9}")
+    with out.open("a") as fh:
+        for model in (MODELS if args.model == "all" else [args.model]):
+            for op in ops:
+                for r in globals()[f"bench_{op}"](b, MODELS[model]):
+                    r = dict(model=model, **r, **meta)
+                    fh.write(json.dumps(r) + "\n")
+                    fh.flush()
+                    _print(r)
+                if DEV == "cuda":
+                    torch.cuda.empty_cache()
+    print(f"wrote {out}")
+    return 0
+
+
+def _print(r: dict) -> None:
+    if "error" in r:
+        print(f"{r['op']:<12} {r['variant']:<30} {r['shape']:<32} error: {r['error']}")
+        return
+    print(f"{r['op']:<12} {r['variant']:<30} {r['shape']:<32} {r['ms']:>9.3f} {r['floor_ms']:>8.3f} "
+          f"{r['x_floor']:>8.2f} {r['tflops']:>8.1f} {r['peak_mb']:>9.1f}")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# GPU checks and measurements in parts that each fit one device call (10 minutes at most). Run from the checkout
+# on the GPU machine, with the peers bundle carried in .anchors/ and pytest wheels in .whl/:
+#   LORAFUSE_COMMIT=<local HEAD> bash benchmarks/gpu_session.sh tests|dropout|shapes|offload|memory|ab  $OUT
+# Pass LORAFUSE_COMMIT from your own checkout: the device's copy of .git can lag behind the working tree it gets
+# (seen 2026-11-28: `git rev-parse HEAD` there named an older commit than the files it ran). Unset, bench records HEAD and
+# flags the row dirty when the files differ from it.
+#   tests    every GPU test (kernels, graphs incl. dropout, offload, the loop with graphs)       ~4 min
+#   dropout  the 7B bench with the seed's LoRA dropout 0.05: graphs vs --no-graphs vs peers     ~6 min
+#   shapes   1 x 4096 and 8 x 2048 against both peers                                          ~9 min
+#   offload  activation offload vs checkpointing at a long sequence (memory and step time)     ~4 min
+#   memory   4 x 512 and 8 x 2048: graphs vs graphs + offload + embedding in host memory        ~4 min
+#   ab       4 x 512, the q|k|v group on and off (LORAFUSE_QKV_GROUP), each with a profile        ~2 min
+# Unsloth needs more than 80 s per runner to load and compile a 7B: keep --timeout at 150 or more.
+set -u
+PART=${1:?tests|dropout|shapes|offload|memory|ab}
+OUT=${2:-/tmp/out}
+mkdir -p /tmp/peers /tmp/site "$OUT"
+[ -f .anchors/peers-bundle.tgz ] && tar xzf .anchors/peers-bundle.tgz -C /tmp/peers
+[ -d .whl ] && pip install -q --no-index --find-links .whl pytest --target /tmp/site >/dev/null 2>&1
+export PYTHONPATH=/tmp/peers:$PWD:/tmp/site HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+B="python3 benchmarks/bench.py --out $OUT --memory-log $OUT/measured_memory.jsonl --timeout 150"
+case "$PART" in
+  tests)
+    LORAFUSE_AUTOTUNE=0 timeout 540 python3 -m pytest -q -p no:cacheprovider -m gpu \
+      tests/kernels tests/train/test_graphs.py tests/train/test_offload.py tests/train/test_gpu.py \
+      tests/train/test_optim.py tests/model/test_host_embedding.py tests/model/test_host_head.py 2>&1 | tail -30 ;;
+  dropout)
+    timeout 560 $B --shape llama2-7b --batch 4 --seq 512 --dropout 0.05 --stacks lorafuse,hf,unsloth \
+      --methods qlora --steps 10 --warmup 3 2>&1 | tail -12
+    timeout 200 $B --shape llama2-7b --batch 4 --seq 512 --dropout 0.05 --stacks lorafuse --methods qlora \
+      --no-graphs --steps 10 --warmup 3 2>&1 | tail -5 ;;
+  shapes)
+    timeout 280 $B --shape llama2-7b --batch 1 --seq 4096 --stacks lorafuse,unsloth,hf --methods qlora \
+      --steps 6 --warmup 3 2>&1 | tail -10
+    timeout 280 $B --shape llama2-7b --batch 8 --seq 2048 --stacks lorafuse,unsloth,hf --methods qlora \
+      --steps 4 --warmup 2 2>&1 | tail -10 ;;
+  offload)
+    for gc in on offload; do
+      extra=""; [ "$gc" = offload ] && extra="--offload"
+      timeout 200 $B --shape llama2-7b --batch 1 --seq 8192 --stacks lorafuse --methods qlora --random-init \
+        --steps 4 --warmup 2 $extra 2>&1 | tail -4
+    done ;;
+  memory)
+    for extra in "" "--offload --host-embeddings"; do
+      timeout 100 $B --shape llama2-7b --batch 4 --seq 512 --stacks lorafuse --methods qlora --random-init \
+        --steps 10 --warmup 3 $extra 2>&1 | tail -2
+      timeout 120 $B --shape llama2-7b --batch 8 --seq 2048 --stacks lorafuse --methods qlora --random-init \
+        --steps 3 --warmup 3 $extra 2>&1 | tail -2
+    done ;;
+  ab)
+    for group in 1 0; do
+      LORAFUSE_QKV_GROUP=$group timeout 100 $B --shape llama2-7b --batch 4 --seq 512 --stacks lorafuse \
+        --methods qlora --random-init --steps 10 --warmup 3 --profile "$OUT/prof-qkv-group-$group" 2>&1 | tail -2
+    done ;;
+  *) echo "unknown part $PART"; exit 2 ;;
+esac

@@ -1,0 +1,127 @@
+"""lorafuse runner: QLoRA (NF4 base) or LoRA (16-bit base) through lorafuse's public API and its training step.
+
+load_model(folder, quant) -> apply_lora(r, alpha, dropout, the 7 projections) -> the fast path
+(lorafuse.kernels.fast_path.apply_fast_path, on CUDA) -> the training loop's pieces: prepare_model
+(non-reentrant checkpointing, fp32 LoRA masters), Precision (autocast), lm_loss_sum (chunked or fused loss
+from hidden states), build_optimizer; clip at 1.0 and step, as lorafuse.train.loop does each step.
+The step is written here from those public functions because the loop exposes no single-step function.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+from bench_common import PROJ7, require, run, unavailable
+
+
+def _fast_path(model, spec: dict) -> dict:
+    """Apply the fused kernels where the training loop would (CUDA, train.fast_path auto)."""
+    if spec["device"] != "cuda" or spec.get("fast_path", "auto") == "off":
+        return {"applied": False, "reason": "off on CPU" if spec["device"] != "cuda" else "disabled (--no-fast-path)"}
+    try:
+        from lorafuse.kernels.fast_path import apply_fast_path
+    except ImportError as exc:
+        return {"applied": False, "reason": f"lorafuse.kernels.fast_path not importable: {exc}"}
+    applied, reason = apply_fast_path(model)
+    return {"applied": bool(applied), "reason": reason}
+
+
+def _fused_loss(spec: dict, head) -> bool:
+    if spec["device"] != "cuda" or head is None or spec.get("fast_path", "auto") == "off":
+        return False
+    try:
+        from lorafuse.kernels import _runtime
+    except ImportError:
+        return False
+    return bool(getattr(_runtime, "HAS_TRITON", False))
+
+
+def build(spec: dict, device):
+    if spec["method"] not in ("qlora", "lora"):
+        unavailable(f"lorafuse trains adapters (qlora, lora), not {spec['method']}")
+    for module in ("lorafuse.model.load", "lorafuse.model.inject", "lorafuse.train.loop", "lorafuse.train.loss",
+                   "lorafuse.train.optim"):
+        require(module)
+    import torch
+
+    import lorafuse
+    from lorafuse.train.loop import Precision, prepare_model
+    from lorafuse.train.loss import lm_loss_sum, simple_head
+    from lorafuse.train.optim import build_optimizer
+
+    dtype = getattr(torch, spec["dtype"])
+    model = _load(spec, device, dtype)
+    lorafuse.apply_lora(model, r=spec["r"], alpha=spec["alpha"], dropout=spec["dropout"], targets=PROJ7)
+    fast = _fast_path(model, spec)
+    notes = []
+    params = prepare_model(model, spec["gc"], note=notes.append, embeddings_on_host=spec.get("embeddings_on_host"),
+                           head_on_host=spec.get("head_on_host"),
+                           uncheckpointed_layers=spec.get("uncheckpointed_layers") or 0)
+    head = simple_head(model)
+    fused = _fused_loss(spec, head)
+    precision = Precision(device, dtype)
+    optimizer = build_optimizer(spec["optimizer"], params, lr=2e-4, weight_decay=0.0)
+    loss_kw = {"fused": fused} if "fused" in inspect.signature(lm_loss_sum).parameters else {}
+    model.train()
+    graphed, graphs = _graphed(spec, model, params, lambda b: lm_loss_sum(model, b, head, **loss_kw), precision,
+                               notes)
+
+    def step(batch):
+        n_target = batch["labels"][:, 1:].numel()
+        if graphed is not None:
+            loss_sum = graphed(batch, 1.0 / n_target)
+            graphs["applied"] = graphed.disabled is None
+            return _update(loss_sum, n_target, set_to_none=False)
+        with precision.autocast():
+            loss_sum = lm_loss_sum(model, batch, head, **loss_kw)
+        precision.backward(loss_sum / n_target)
+        return _update(loss_sum, n_target, set_to_none=True)
+
+    def _update(loss_sum, n_target, set_to_none):
+        if precision.scaler is not None:  # fp16: unscale before clipping, skip steps with inf/nan gradients
+            precision.scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            precision.scaler.step(optimizer)
+            precision.scaler.update()
+        else:
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=set_to_none)  # a CUDA graph accumulates into the same .grad tensors
+        return loss_sum.detach() / n_target
+
+    step.model = model  # for benchmarks/memory_peak.py's layer hooks
+    info = {"fast_path": fast, "fused_loss": fused, "chunked_loss": head is not None, "notes": notes,
+            "cuda_graphs": graphs, "trainable_params": sum(p.numel() for p in params)}
+    return step, info
+
+
+def _load(spec: dict, device, dtype):
+    """The base model: generated on the device layer by layer with --random-init (no checkpoint: the 65B-shape
+    headline runs), else loaded from the shape's checkpoint folder."""
+    import lorafuse
+
+    quant = "nf4" if spec["method"] == "qlora" else "none"
+    if spec.get("random_init"):
+        from lorafuse.model.stream import random_nf4_model
+
+        return random_nf4_model(spec["shape"], device, compute_dtype=dtype, seed=spec["seed"], quant=quant)
+    return lorafuse.load_model(spec["folder"], quant=quant, compute_dtype=dtype, device=device)[0]
+
+
+def _graphed(spec: dict, model, params, loss_fn, precision, notes: list):
+    """(GraphedMicroStep or None, {"applied", "reason"}): CUDA graphs where the training loop would use them."""
+    if not spec.get("cuda_graphs", True):
+        return None, {"applied": False, "reason": "disabled (--no-graphs)"}
+    try:
+        from lorafuse.train.graphs import GraphedMicroStep, graph_blocker
+    except ImportError as exc:
+        return None, {"applied": False, "reason": f"lorafuse.train.graphs not importable: {exc}"}
+    blocker = graph_blocker(model, precision.device)
+    if blocker:
+        return None, {"applied": False, "reason": blocker}
+    graphed = GraphedMicroStep(model, params, loss_fn, precision.backward, precision.dtype, note=notes.append)
+    return graphed, {"applied": True, "reason": "forward + backward replayed as a CUDA graph"}
+
+
+if __name__ == "__main__":
+    run(build)

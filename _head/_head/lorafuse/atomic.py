@@ -1,0 +1,97 @@
+"""All-or-nothing writes: a crash, SIGKILL or full disk never leaves a half-written file or folder.
+
+`write_atomic(path, data)`: write a temp file beside `path`, fsync it, rename it over `path`, fsync the folder.
+`atomic_folder(path)`: a context manager yielding a temp folder beside `path`; on normal exit every file and folder in
+it is fsynced and it takes `path`'s place (an existing folder is swapped out in one renameat2(RENAME_EXCHANGE) where
+Linux has it, else renamed aside first and then deleted), so readers see the old folder or the complete new one. On an
+exception the temp folder is removed and `path` is left untouched. Renames are atomic because the temp lives on the
+same filesystem as the target; fsyncing the parent folder makes the rename itself durable.
+
+Used for configs, metrics, plots, the token cache, bnb 4-bit folders, adapters, merged models and checkpoints.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from lorafuse.errors import LorafuseError
+
+
+def fsync_path(path: str | Path) -> None:
+    """fsync a file or a folder (a folder's fsync makes the names inside it durable)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(root: str | Path) -> None:
+    for folder, _, files in os.walk(root):
+        for name in files:
+            fsync_path(Path(folder) / name)
+        fsync_path(folder)
+
+
+def write_atomic(path: str | Path, data: bytes | str) -> Path:
+    """Write `data` (str as UTF-8) to `path` through a temp file in the same folder, fsync, rename, fsync the folder."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data.encode("utf-8") if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_path(path.parent)
+    return path
+
+
+@contextlib.contextmanager
+def atomic_folder(path: str | Path):
+    """`with atomic_folder(out) as tmp: <write files into tmp>` replaces `out` only once everything is written."""
+    path = Path(path).expanduser().absolute()
+    if path.exists() and not path.is_dir():
+        raise LorafuseError(f"{path} exists and is a file, not a folder", "choose another output path or remove it")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it 0700; the result should look like a normal folder
+    try:
+        yield tmp
+        fsync_tree(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if path.exists():
+        if _exchange(tmp, path):
+            shutil.rmtree(tmp, ignore_errors=True)  # tmp now holds the old folder
+        else:
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
+            os.replace(path, old / path.name)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, path)
+    fsync_path(path.parent)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths (Linux renameat2 RENAME_EXCHANGE). False where unsupported."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0

@@ -1,0 +1,288 @@
+"""The `lorafuse` command: parse arguments, call one function per subcommand, report errors.
+
+No logic lives here beyond parsing. Heavy modules (torch, transformers, pydantic) are imported inside the
+command functions so `lorafuse --help` answers instantly. A `LorafuseError` (a problem the user can fix)
+prints as "error: ... / fix: ..." on stderr with exit status 2 and no traceback unless `--debug` (accepted
+before or after the subcommand); Ctrl-C exits with 130. Other exceptions are bugs and keep their traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from lorafuse.errors import ConfigError, LorafuseError
+
+_EPILOG = {
+    "main": """examples:
+  lorafuse train                                   # built-in demo: tiny model, CPU, a few minutes
+  lorafuse train examples/llama2-7b-dolly-ja-qlora.yaml lora.r=32
+  lorafuse data preview examples/tiny-cpu.yaml -n 3
+  lorafuse plan examples/llama2-7b-dolly-ja-qlora.yaml --gpu-memory 15GiB
+  lorafuse generate --model meta-llama/Llama-2-7b-hf --adapter runs/dolly-ja/adapter --prompt "..."
+  lorafuse env""",
+    "train": """Example:
+  lorafuse train examples/llama2-7b-dolly-ja-qlora.yaml lora.r=32 train.lr=1e-4
+  lorafuse train                      # the built-in demo (tiny model, bundled data, CPU)
+Overrides are dotted keys with YAML values: lora.targets=[q_proj,v_proj]  train.max_steps=null
+A run resumes from the latest checkpoint in output.dir unless --no-resume.""",
+    "preview": """Example:
+  lorafuse data preview examples/llama2-7b-dolly-ja-qlora.yaml -n 3 data.max_length=1024
+Shows rendered rows with trained and masked tokens, truncation and length statistics.""",
+    "generate": """Example:
+  lorafuse generate --model meta-llama/Llama-2-7b-hf --adapter runs/dolly-ja/adapter \\
+      --prompt "日本の首都はどこですか？" --max-new-tokens 128""",
+    "chat": """Example:
+  lorafuse chat --model meta-llama/Meta-Llama-3-8B-Instruct --adapter runs/llama3-chat/adapter --quant none""",
+    "merge": """Example:
+  lorafuse merge --model meta-llama/Llama-2-7b-hf --adapter runs/dolly-ja/adapter --out runs/dolly-ja/merged
+The base is dequantized, the adapter added in float32, and the result saved in --dtype; the merged model's
+logits are checked against base+adapter unless --no-check.""",
+    "env": """Example:
+  lorafuse env          # paste the output into bug reports""",
+    "plan": """Example:
+  lorafuse plan examples/llama2-7b-dolly-ja-qlora.yaml --gpu-memory 15GiB
+Estimates memory (weights, optimizer, activations, logits) and says whether the run fits.""",
+    "bench": """Example:
+  lorafuse bench -- --help      # the benchmark runner's own options
+All arguments after `bench` go to the benchmark runner (lorafuse.bench).""",
+}
+
+
+def _split_items(items: list[str]) -> tuple[str | None, list[str]]:
+    """[CONFIG] [key=value ...] -> (config path or None, overrides)."""
+    config = None
+    if items and ("=" not in items[0] or os.path.isfile(items[0])):
+        config, items = items[0], items[1:]
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"argument {item!r} is not a key=value override",
+                              "only the first argument may be a config file; write overrides as key=value, "
+                              "e.g. lora.r=32")
+    return config, items
+
+
+def _load(args):
+    from lorafuse.config import load_config
+    config, overrides = _split_items(args.items)
+    return load_config(config, overrides)
+
+
+def cmd_train(args) -> int:
+    cfg = _load(args)  # config errors first, before any heavy import
+    from lorafuse.train.api import run
+    resume = None if args.no_resume else (args.resume or "auto")
+    run(cfg, resume=resume, force=args.force)
+    return 0
+
+
+def cmd_preview(args) -> int:
+    cfg = _load(args)
+    from lorafuse.data.preview import preview
+    preview(cfg, n=args.n)
+    return 0
+
+
+def _load_for_inference(args):
+    import lorafuse
+    model, tokenizer = lorafuse.load_model(args.model, quant=args.quant, compute_dtype=args.compute_dtype)
+    if args.adapter:
+        model = lorafuse.load_adapter(model, args.adapter)
+    return model, tokenizer
+
+
+def cmd_generate(args) -> int:
+    import lorafuse
+    model, tokenizer = _load_for_inference(args)
+    text = lorafuse.generate(model, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens,
+                             temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+    print(text)
+    return 0
+
+
+def cmd_chat(args) -> int:
+    from lorafuse.infer.chat import chat_loop
+    model, tokenizer = _load_for_inference(args)
+    chat_loop(model, tokenizer, system_prompt=args.system, max_new_tokens=args.max_new_tokens,
+              temperature=args.temperature, top_p=args.top_p)
+    return 0
+
+
+def cmd_merge(args) -> int:
+    import lorafuse
+    out = lorafuse.merge(args.model, args.adapter, args.out, dtype=args.dtype, from_16bit=args.from_16bit,
+                         check=not args.no_check)
+    diff = getattr(out, "max_logit_diff", None)
+    print(f"merged model written to {out}" + (f" (max logit difference vs base+adapter: {diff:.3g})"
+                                               if diff is not None else ""))
+    return 0
+
+
+def cmd_env(args) -> int:
+    from lorafuse.env import print_env
+    print_env()
+    return 0
+
+
+def cmd_plan(args) -> int:
+    cfg = _load(args)
+    from lorafuse.plan.cli import plan_command
+    extra = {"gpu": args.gpu} if args.gpu else {}
+    rc = plan_command(cfg, gpu_memory=args.gpu_memory, as_json=args.json, **extra)
+    return rc if isinstance(rc, int) else 0
+
+
+def cmd_bench(argv: list[str]) -> int:
+    from lorafuse.bench import main as bench_main
+    rc = bench_main(argv)
+    return rc if isinstance(rc, int) else 0
+
+
+def _add_inference_args(p: argparse.ArgumentParser, temperature: float, top_p: float) -> None:
+    p.add_argument("--model", required=True, help="base model: hub id or folder (the one the adapter was "
+                   "trained on)")
+    p.add_argument("--adapter", help="adapter folder written by `lorafuse train` (or peft)")
+    p.add_argument("--quant", choices=["nf4", "none"], default="nf4", help="load the base in NF4 "
+                   "(as QLoRA trained it) or unquantized (default: nf4)")
+    p.add_argument("--compute-dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
+                   help="matmul dtype (default: auto)")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="default: 256")
+    p.add_argument("--temperature", type=float, default=temperature, help=f"0 = greedy (default: {temperature})")
+    p.add_argument("--top-p", type=float, default=top_p, help=f"nucleus sampling threshold (default: {top_p})")
+
+
+_FMT = argparse.RawDescriptionHelpFormatter
+
+
+def _add(parent, name: str, func, help_text: str, usage: str | None = None) -> argparse.ArgumentParser:
+    """A subcommand parser with its example epilog and the --debug flag (also accepted after the command)."""
+    p = parent.add_parser(name, help=help_text, description=help_text, usage=usage,
+                          epilog=_EPILOG.get(name), formatter_class=_FMT)
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                   help="show the full traceback on errors")
+    p.set_defaults(func=func)
+    return p
+
+
+def _add_items(p: argparse.ArgumentParser) -> None:
+    p.add_argument("items", nargs="*", metavar="CONFIG key=value",
+                   help="a YAML config (default: the built-in demo), then dotted-key overrides")
+
+
+def _add_config_commands(sub) -> None:
+    """Commands that take a run config: train, data preview, plan."""
+    p = _add(sub, "train", cmd_train, "train an adapter from a YAML config", usage="lorafuse train [CONFIG] "
+             "[key=value ...] [--resume PATH | --no-resume] [--force] [--debug]")
+    _add_items(p)
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--resume", metavar="PATH", help="resume from this checkpoint folder "
+                       "(default: the latest checkpoint in output.dir, if any)")
+    group.add_argument("--no-resume", action="store_true", help="start from scratch even if checkpoints exist")
+    p.add_argument("--force", action="store_true", help="go ahead even when a checkpoint's config differs "
+                   "from this one or the output folder holds another run")
+
+    data = sub.add_parser("data", help="inspect training data", description="inspect training data",
+                          epilog=_EPILOG["preview"], formatter_class=_FMT)
+    data_sub = data.add_subparsers(dest="data_command", metavar="COMMAND", required=True)
+    p = _add(data_sub, "preview", cmd_preview, "show rendered rows, masks and length statistics",
+             usage="lorafuse data preview [CONFIG] [key=value ...] [-n N] [--debug]")
+    _add_items(p)
+    p.add_argument("-n", type=int, default=5, help="rows to show (default: 5)")
+
+    p = _add(sub, "plan", cmd_plan, "estimate memory and check that a run fits before using a GPU",
+             usage="lorafuse plan [CONFIG] [key=value ...] [--gpu-memory SIZE] [--gpu NAME] [--json] [--debug]")
+    _add_items(p)
+    p.add_argument("--gpu-memory", metavar="SIZE", help="plan for this much GPU memory, e.g. 15GiB "
+                   "(default: the visible GPU)")
+    p.add_argument("--gpu", metavar="NAME", help="the card, for the speed estimate, e.g. T4 or A100-80GB")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+
+
+def _add_model_commands(sub) -> None:
+    """Commands that take a model (+ adapter): generate, chat, merge."""
+    p = _add(sub, "generate", cmd_generate, "generate text from a base model (+ adapter)")
+    _add_inference_args(p, temperature=0.0, top_p=1.0)
+    p.add_argument("--prompt", required=True, help="the user message")
+    p.add_argument("--seed", type=int, default=None, help="seed for sampling")
+
+    p = _add(sub, "chat", cmd_chat, "chat with a base model (+ adapter) in the terminal")
+    _add_inference_args(p, temperature=0.7, top_p=0.9)
+    p.add_argument("--system", default=None, help="system prompt")
+
+    p = _add(sub, "merge", cmd_merge, "merge an adapter into its base and save a 16-bit model")
+    p.add_argument("--model", required=True, help="base model: hub id or folder")
+    p.add_argument("--adapter", required=True, help="adapter folder")
+    p.add_argument("--out", required=True, help="output folder for the merged model")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
+                   help="dtype of the saved model (default: bfloat16)")
+    p.add_argument("--from-16bit", action="store_true", help="add the adapter to the original 16-bit base "
+                   "weights instead of the dequantized NF4 weights it was trained against")
+    p.add_argument("--no-check", action="store_true", help="skip the logit check of the merged model")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lorafuse", description="Fast LoRA and QLoRA fine-tuning.",
+                                     epilog=_EPILOG["main"], formatter_class=_FMT)
+    parser.add_argument("--debug", action="store_true", help="show the full traceback on errors")
+    parser.add_argument("--version", action="version", version=f"lorafuse {_version()}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    _add_config_commands(sub)
+    _add_model_commands(sub)
+    _add(sub, "env", cmd_env, "print versions, GPUs and the dtype `auto` picks")
+    _add(sub, "bench", None, "run benchmarks (arguments pass through to the benchmark runner)",
+         usage="lorafuse bench [ARGS ...]")
+    return parser
+
+
+def _version() -> str:
+    from lorafuse import __version__
+    return __version__
+
+
+def _report(err: LorafuseError) -> None:
+    if os.environ.get("RANK", "0") != "0":  # under torchrun every process fails alike: print the error once
+        return
+    from rich.console import Console
+    from rich.text import Text
+    text = Text(f"error: {err.problem}", style="bold red")
+    if err.fix:
+        text.append(f"\n  fix: {err.fix}", style="red")
+    Console(stderr=True, highlight=False).print(text, soft_wrap=True)
+
+
+def _dispatch(argv: list[str]) -> int:
+    if argv and argv[0] == "bench" and not {"-h", "--help"} & set(argv[1:2]):
+        rest = argv[1:]
+        return cmd_bench(rest[1:] if rest[:1] == ["--"] else rest)
+    parser = build_parser()
+    try:  # argparse exits on --help (0) and usage errors (2); main() returns the status instead
+        args, extra = parser.parse_known_args(argv)
+        if extra and hasattr(args, "items") and not any(x.startswith("-") for x in extra):
+            args.items += extra  # overrides written after an option: `train cfg.yaml --force lora.r=8`
+        elif extra:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
+    if getattr(args, "func", None) is None:
+        parser.print_help()
+        return 2
+    return args.func(args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # --debug is global: strip it wherever it stands (also for `bench`, whose arguments argparse never sees).
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
+    try:
+        return _dispatch(argv)
+    except LorafuseError as err:
+        if debug:
+            import traceback
+            traceback.print_exc()
+        _report(err)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,351 @@
+"""Triton GEMMs of the fused LoRA linear (LoRAFusion's split of the graph at the small (M, r) tensor S).
+
+    fused_gemm:     C (+)= X @ op(W) + l_scale * drop(S @ L) + bias      one pass, one write of C
+                    forward  Y  = X W^T + s S B^T + b     (op(W) = W^T, L = B^T, l_scale = s)
+                    backward dX = dY W + drop'(dS A)      (op(W) = W,   L = A,  mask on (m, n))
+                    W dense, or NF4 decoded inside the tile loop (w = code[nibble] * absmax, cast to
+                    X's dtype: the same numbers as dequantize-then-GEMM, without writing W to memory).
+    dropout_down:   S  = (X * keep / (1-p)) @ A^T          dropout and the down-projection in one pass
+    dropout_grad_a: dA = dS^T @ (X * keep / (1-p))         fp32 out, split over M, partials summed in order
+    grad_s_b:       dS = dY @ (s B), dB = s dY^T @ S        both from ONE read of dY (fp32 partials per
+                                                           tile, summed in a fixed order: deterministic)
+
+Shapes: X (M, K), W (N, K) for the forward, S (M, r), B (N, r), A (r, K); strides are passed, so
+transposed views need no copy. Accumulation is fp32; `tl.dot` uses exact fp32 ("ieee") for fp32
+operands and the tensor cores for bf16/fp16. The dropout mask is the counter hash of reference.py:
+keep[i, j] = mix32((i * cols + j) ^ key) >> 8 >= round(p * 2^24), regenerated wherever it is needed.
+Element counters are int32: M * K must stay below 2^31 (2^19 tokens at K = 4096).
+
+No autograd here: lora_linear.py and swiglu_mlp.py call these from their Functions.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import _runtime
+from .reference import SEED_MUL, DropoutSeed, dropout_threshold
+
+assert SEED_MUL == 0x61C88647, "the kernels below inline reference.SEED_MUL"
+
+if _runtime.HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _keep(key, idx, thresh):
+        x = idx.to(tl.uint32) ^ key.to(tl.uint32)
+        x ^= x >> 16
+        x = x * 0x21F0AAAD
+        x ^= x >> 15
+        x = x * 0x735A2D97
+        x ^= x >> 15
+        return (x >> 8).to(tl.int32) >= thresh
+
+    @triton.jit
+    def _seed_key(seed_ptr, seed_off):
+        # reference.dropout_seed_key of the seed (base * SEED_MUL + off) mod 2^32, base read on the device
+        base = tl.load(seed_ptr).to(tl.uint32).to(tl.uint64)
+        x = (base * 0x61C88647 + seed_off).to(tl.uint32)  # 0x61C88647 == reference.SEED_MUL
+        x ^= x >> 16
+        x = x * 0x21F0AAAD
+        x ^= x >> 15
+        x = x * 0x735A2D97
+        x ^= x >> 15
+        return x & 0x7FFFFFFF
+
+    @triton.jit
+    def _keep_mask_kernel(out_ptr, n, seed_ptr, seed_off, thresh, BLOCK: tl.constexpr):
+        idx = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        tl.store(out_ptr + idx, _keep(_seed_key(seed_ptr, seed_off), idx, thresh).to(tl.int8), mask=idx < n)
+
+    _GEMM_CONFIGS = [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=w, num_stages=s)
+        for bm, bn, w, s in [(128, 256, 8, 3), (128, 128, 8, 3), (64, 128, 4, 4), (64, 64, 4, 4), (32, 64, 4, 4)]
+    ]
+
+    @_runtime.tuned(_GEMM_CONFIGS, key=["M_BUCKET", "N", "K", "HAS_BASE", "W_NF4", "HAS_LORA", "DROP_LORA"],
+                    interpret_meta={"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 2},
+                    restore_value=["c_ptr"])
+    @triton.jit
+    def _lora_gemm_kernel(x_ptr, w_ptr, absmax_ptr, code_ptr, s_ptr, l_ptr, bias_ptr, c_ptr,
+                          M, N, K, R, M_BUCKET,
+                          stride_xm, stride_xk, stride_wk, stride_wn, stride_sm, stride_sr,
+                          stride_lr, stride_ln, stride_cm, stride_cn,
+                          l_scale, drop_seed_ptr, drop_seed_off, drop_thresh, drop_scale,
+                          NF4_LOG2: tl.constexpr, HAS_BASE: tl.constexpr, W_NF4: tl.constexpr,
+                          HAS_LORA: tl.constexpr, DROP_LORA: tl.constexpr, HAS_BIAS: tl.constexpr,
+                          ACCUMULATE: tl.constexpr, PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                          GROUP_M: tl.constexpr):
+        # grouped ordering: GROUP_M row tiles sweep the column tiles together, so W tiles stay in L2
+        pid = tl.program_id(0)
+        num_m, num_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
+        first_m = (pid // (GROUP_M * num_n)) * GROUP_M
+        group_rows = tl.minimum(num_m - first_m, GROUP_M)
+        pid_m = first_m + (pid % (GROUP_M * num_n)) % group_rows
+        pid_n = (pid % (GROUP_M * num_n)) // group_rows
+        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        if HAS_BASE:
+            for k0 in range(0, K, BLOCK_K):
+                kk = k0 + tl.arange(0, BLOCK_K)
+                a = tl.load(x_ptr + rm[:, None].to(tl.int64) * stride_xm + kk[None, :] * stride_xk,
+                            mask=(rm[:, None] < M) & (kk[None, :] < K), other=0.0)
+                w_mask = (kk[:, None] < K) & (rn[None, :] < N)
+                w_idx = kk[:, None] * stride_wk + rn[None, :] * stride_wn
+                if W_NF4:
+                    byte = tl.load(w_ptr + (w_idx >> 1), mask=w_mask, other=0).to(tl.int32)
+                    nibble = (byte >> ((1 - (w_idx & 1)) * 4)) & 15
+                    scale = tl.load(absmax_ptr + (w_idx >> NF4_LOG2), mask=w_mask, other=0.0)
+                    w = (tl.load(code_ptr + nibble) * scale).to(x_ptr.dtype.element_ty)
+                else:
+                    w = tl.load(w_ptr + w_idx, mask=w_mask, other=0.0)
+                acc = tl.dot(a, w, acc, input_precision=PRECISION)
+        if HAS_LORA:
+            rr = tl.arange(0, BLOCK_R)
+            s = tl.load(s_ptr + rm[:, None] * stride_sm + rr[None, :] * stride_sr,
+                        mask=(rm[:, None] < M) & (rr[None, :] < R), other=0.0)
+            lw = tl.load(l_ptr + rr[:, None] * stride_lr + rn[None, :] * stride_ln,
+                         mask=(rr[:, None] < R) & (rn[None, :] < N), other=0.0)
+            lora = tl.dot(s, lw, input_precision=PRECISION) * l_scale
+            if DROP_LORA:
+                keep = _keep(_seed_key(drop_seed_ptr, drop_seed_off), rm[:, None] * N + rn[None, :], drop_thresh)
+                lora = tl.where(keep, lora * drop_scale, 0.0)
+            acc += lora
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+        c_mask = (rm[:, None] < M) & (rn[None, :] < N)
+        c_ptrs = c_ptr + rm[:, None].to(tl.int64) * stride_cm + rn[None, :] * stride_cn
+        if ACCUMULATE:
+            acc += tl.load(c_ptrs, mask=c_mask, other=0.0).to(tl.float32)
+        tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=c_mask)
+
+    _SKINNY_CONFIGS = [
+        triton.Config({"BLOCK_M": bm, "BLOCK_K": bk}, num_warps=4, num_stages=s)
+        for bm, bk, s in [(16, 128, 4), (32, 128, 4), (64, 64, 3)]
+    ]
+
+    @_runtime.tuned(_SKINNY_CONFIGS, key=["M_BUCKET", "K", "R"], interpret_meta={"BLOCK_M": 16, "BLOCK_K": 32})
+    @triton.jit
+    def _dropout_down_kernel(x_ptr, a_ptr, s_ptr, M, K, R, M_BUCKET, stride_xm, stride_xk, stride_ar, stride_ak,
+                             drop_seed_ptr, drop_seed_off, drop_thresh, drop_scale, PRECISION: tl.constexpr,
+                             BLOCK_R: tl.constexpr,
+                             BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+        rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        rr = tl.arange(0, BLOCK_R)
+        acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        drop_key = _seed_key(drop_seed_ptr, drop_seed_off)
+        for k0 in range(0, K, BLOCK_K):
+            kk = k0 + tl.arange(0, BLOCK_K)
+            x = tl.load(x_ptr + rm[:, None].to(tl.int64) * stride_xm + kk[None, :] * stride_xk,
+                        mask=(rm[:, None] < M) & (kk[None, :] < K), other=0.0)
+            x = tl.where(_keep(drop_key, rm[:, None] * K + kk[None, :], drop_thresh), x, 0.0)
+            a = tl.load(a_ptr + kk[:, None] * stride_ak + rr[None, :] * stride_ar,
+                        mask=(kk[:, None] < K) & (rr[None, :] < R), other=0.0)
+            acc = tl.dot(x, a, acc, input_precision=PRECISION)
+        acc = acc * drop_scale
+        tl.store(s_ptr + rm[:, None] * R + rr[None, :], acc.to(s_ptr.dtype.element_ty),
+                 mask=(rm[:, None] < M) & (rr[None, :] < R))
+
+    @_runtime.tuned(_SKINNY_CONFIGS, key=["M_BUCKET", "K", "R"], interpret_meta={"BLOCK_M": 16, "BLOCK_K": 32})
+    @triton.jit
+    def _dropout_grad_a_kernel(ds_ptr, x_ptr, part_ptr, M, K, R, M_BUCKET, rows_per_split,
+                               stride_dsm, stride_dsr, stride_xm, stride_xk,
+                               drop_seed_ptr, drop_seed_off, drop_thresh, drop_scale, PRECISION: tl.constexpr,
+                               BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+        # program (k tile, split): partial dA over rows [split * rows_per_split, ...) -> part[split]
+        pid_k, split = tl.program_id(0), tl.program_id(1)
+        kk = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+        rr = tl.arange(0, BLOCK_R)
+        acc = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
+        m_start = split * rows_per_split
+        m_end = tl.minimum(m_start + rows_per_split, M)
+        drop_key = _seed_key(drop_seed_ptr, drop_seed_off)
+        for m0 in range(m_start, m_end, BLOCK_M):
+            rm = m0 + tl.arange(0, BLOCK_M)
+            ds_t = tl.load(ds_ptr + rm[None, :] * stride_dsm + rr[:, None] * stride_dsr,
+                           mask=(rm[None, :] < m_end) & (rr[:, None] < R), other=0.0)
+            x = tl.load(x_ptr + rm[:, None].to(tl.int64) * stride_xm + kk[None, :] * stride_xk,
+                        mask=(rm[:, None] < m_end) & (kk[None, :] < K), other=0.0)
+            x = tl.where(_keep(drop_key, rm[:, None] * K + kk[None, :], drop_thresh), x, 0.0)
+            acc = tl.dot(ds_t, x, acc, input_precision=PRECISION)
+        acc = acc * drop_scale
+        tl.store(part_ptr + split * R * K + rr[:, None] * K + kk[None, :], acc,
+                 mask=(rr[:, None] < R) & (kk[None, :] < K))
+
+    @_runtime.tuned([triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=3) for bn, w in [(64, 4), (128, 8)]],
+                    key=["M_BUCKET", "N", "R"], interpret_meta={"BLOCK_N": 32}, fixed=0)
+    @triton.jit
+    def _grad_s_b_kernel(dy_ptr, bs_ptr, s_ptr, ds_part_ptr, db_part_ptr, M, N, R, M_BUCKET, cols_per_split,
+                         stride_dym, stride_dyn, stride_bn, stride_br, stride_sm, stride_sr,
+                         PRECISION: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr,
+                         BLOCK_N: tl.constexpr):
+        # program (row tile pm, column split pn): dS rows over its columns -> ds_part[pn];
+        # dB rows of each column tile over its rows -> db_part[pm]; each dY tile is read once
+        pm, pn = tl.program_id(0), tl.program_id(1)
+        rm = pm * BLOCK_M + tl.arange(0, BLOCK_M)
+        rr = tl.arange(0, BLOCK_R)
+        r_mask = rr[None, :] < R
+        s = tl.load(s_ptr + rm[:, None] * stride_sm + rr[None, :] * stride_sr, mask=(rm[:, None] < M) & r_mask,
+                    other=0.0)
+        ds = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        n_start = pn * cols_per_split
+        n_end = tl.minimum(n_start + cols_per_split, N)
+        for n0 in range(n_start, n_end, BLOCK_N):
+            rn = n0 + tl.arange(0, BLOCK_N)
+            dy = tl.load(dy_ptr + rm[:, None].to(tl.int64) * stride_dym + rn[None, :] * stride_dyn,
+                         mask=(rm[:, None] < M) & (rn[None, :] < n_end), other=0.0)
+            bs = tl.load(bs_ptr + rn[:, None] * stride_bn + rr[None, :] * stride_br,
+                         mask=(rn[:, None] < n_end) & r_mask, other=0.0)
+            ds = tl.dot(dy, bs, ds, input_precision=PRECISION)
+            db = tl.dot(tl.trans(dy), s, input_precision=PRECISION)
+            tl.store(db_part_ptr + (pm * N + rn[:, None]).to(tl.int64) * R + rr[None, :], db,
+                     mask=(rn[:, None] < n_end) & r_mask)
+        tl.store(ds_part_ptr + (pn * M + rm[:, None]).to(tl.int64) * R + rr[None, :], ds,
+                 mask=(rm[:, None] < M) & r_mask)
+
+
+_ZERO_BASE: dict = {}
+
+
+class Dropout:
+    """One dropout mask's arguments: the seed (an int, or a DropoutSeed read by the kernel on the device),
+    the integer threshold, 1/(1-p). The kernels hash (base * SEED_MUL + offset) into the key themselves."""
+
+    def __init__(self, p: float, seed):
+        self.p, self.seed = p, seed
+        self.thresh = dropout_threshold(p)
+        self.scale = 1.0 / (1.0 - p)
+
+    def seed_args(self, device) -> tuple[torch.Tensor, int]:
+        """(base tensor, offset): a DropoutSeed's own, or (a zero base, the int seed)."""
+        if isinstance(self.seed, DropoutSeed):
+            return self.seed.base, self.seed.offset
+        key = str(device)
+        if key not in _ZERO_BASE:
+            _ZERO_BASE[key] = torch.zeros((), dtype=torch.int64, device=device)
+        return _ZERO_BASE[key], int(self.seed) & 0xFFFFFFFF
+
+
+def _block_r(r: int) -> int:
+    return max(16, triton.next_power_of_2(r))  # tl.dot needs every dim >= 16
+
+
+def _bucket(m: int) -> int:
+    return triton.next_power_of_2(max(m, 16))  # autotune once per power-of-two token count, not per batch
+
+
+def _check_counters(rows: int, cols: int) -> None:
+    if rows * cols >= 2**31:
+        raise ValueError(f"dropout counters overflow int32 at {rows} x {cols}; use fewer tokens per micro-batch")
+
+
+def keep_mask(seed, rows: int, cols: int, p: float, device) -> torch.Tensor:
+    """The kernels' dropout mask as a bool (rows, cols) tensor (tests and debugging); seed: int or DropoutSeed."""
+    _check_counters(rows, cols)
+    out = torch.empty(rows * cols, dtype=torch.int8, device=device)
+    base, off = Dropout(p, seed).seed_args(device)
+    _keep_mask_kernel[(triton.cdiv(rows * cols, 1024),)](out, rows * cols, base, off, dropout_threshold(p),
+                                                          BLOCK=1024)
+    return out.view(rows, cols).bool()
+
+
+def fused_gemm(out: torch.Tensor, x: torch.Tensor | None = None, *, w=None, w_nf4=None, nf4_absmax=None,
+               transpose_w: bool = True, s=None, rhs=None, l_scale: float = 1.0, bias=None,
+               drop: Dropout | None = None, accumulate: bool = False) -> torch.Tensor:
+    """out (M, N) (+)= x @ op(W) + l_scale * drop(s @ rhs) + bias; op(W) = W^T if transpose_w else W.
+
+    W is `w` (dense, any strides) or `w_nf4` (an NF4Weight with its fp32 `nf4_absmax`); neither means
+    no base term (then x may be None). `rhs` is (r, N) as a view (pass B.t() or A). `drop` masks the
+    LoRA term on (m, n), which is the backward's drop'(dS A).
+    """
+    M, N = out.shape
+    dummy = out  # pointer for operands a constexpr flag switches off
+    if w_nf4 is not None:
+        cols = w_nf4.shape[1]
+        stride_wk, stride_wn = (1, cols) if transpose_w else (cols, 1)
+        w_arg, code = w_nf4.packed, w_nf4.code
+    elif w is not None:
+        stride_wk, stride_wn = (w.stride(1), w.stride(0)) if transpose_w else (w.stride(0), w.stride(1))
+        w_arg, code = w, dummy
+    else:
+        stride_wk = stride_wn = 0
+        w_arg = code = dummy
+    has_base = w_arg is not dummy
+    K = x.shape[1] if has_base else 0
+    if drop is not None:
+        _check_counters(M, N)
+    r = 0 if s is None else s.shape[1]
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
+    _lora_gemm_kernel[grid](
+        x if has_base else dummy, w_arg, nf4_absmax if nf4_absmax is not None else dummy, code,
+        s if s is not None else dummy, rhs if rhs is not None else dummy, bias if bias is not None else dummy, out,
+        M, N, K, r, _bucket(M),
+        x.stride(0) if has_base else 0, x.stride(1) if has_base else 0, stride_wk, stride_wn,
+        s.stride(0) if s is not None else 0, s.stride(1) if s is not None else 0,
+        rhs.stride(0) if rhs is not None else 0, rhs.stride(1) if rhs is not None else 0,
+        out.stride(0), out.stride(1),
+        float(l_scale), *(drop.seed_args(out.device) if drop else (dummy, 0)), drop.thresh if drop else 0,
+        drop.scale if drop else 1.0,
+        NF4_LOG2=(w_nf4.blocksize.bit_length() - 1) if w_nf4 is not None else 0,
+        HAS_BASE=has_base, W_NF4=w_nf4 is not None, HAS_LORA=s is not None, DROP_LORA=drop is not None,
+        HAS_BIAS=bias is not None, ACCUMULATE=accumulate, PRECISION=_runtime.dot_precision(out.dtype),
+        BLOCK_R=_block_r(r),
+    )
+    return out
+
+
+def dropout_down(x: torch.Tensor, a: torch.Tensor, drop: Dropout) -> torch.Tensor:
+    """S (M, r) = (x * keep / (1-p)) @ a^T in x.dtype; a is (r, K) in x.dtype."""
+    M, K = x.shape
+    r = a.shape[0]
+    _check_counters(M, K)
+    s = torch.empty(M, r, dtype=x.dtype, device=x.device)
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]),)  # noqa: E731
+    _dropout_down_kernel[grid](x, a, s, M, K, r, _bucket(M), x.stride(0), x.stride(1), a.stride(0), a.stride(1),
+                               *drop.seed_args(x.device), drop.thresh, drop.scale,
+                               PRECISION=_runtime.dot_precision(x.dtype),
+                               BLOCK_R=_block_r(r))
+    return s
+
+
+def dropout_grad_a(ds: torch.Tensor, x: torch.Tensor, drop: Dropout, splits: int | None = None) -> torch.Tensor:
+    """dA (r, K) fp32 = ds^T @ (x * keep / (1-p)); ds (M, r), x (M, K) in one dtype."""
+    M, K = x.shape
+    r = ds.shape[1]
+    _check_counters(M, K)
+    if splits is None:  # enough programs to fill the GPU; each split sums >= 256 rows
+        splits = max(1, min(triton.cdiv(M, 256), 32))
+    rows_per_split = triton.cdiv(triton.cdiv(M, splits), 64) * 64
+    splits = triton.cdiv(M, rows_per_split)
+    part = torch.empty(splits, r, K, dtype=torch.float32, device=x.device)
+    grid = lambda meta: (triton.cdiv(K, meta["BLOCK_K"]), splits)  # noqa: E731
+    _dropout_grad_a_kernel[grid](ds, x, part, M, K, r, _bucket(M), rows_per_split, ds.stride(0), ds.stride(1),
+                                 x.stride(0), x.stride(1), *drop.seed_args(x.device), drop.thresh, drop.scale,
+                                 PRECISION=_runtime.dot_precision(x.dtype), BLOCK_R=_block_r(r))
+    return part.sum(0)  # a fixed-order sum: deterministic, unlike atomics
+
+
+def grad_s_b(dy: torch.Tensor, s: torch.Tensor, b_scaled: torch.Tensor, scaling: float):
+    """(dS (M, r) in dy.dtype, dB (N, r) fp32) = (dy @ b_scaled, scaling * dy^T @ s), one pass over dy.
+
+    b_scaled is s*B (N, r) in dy.dtype. The row tile is fixed (the dB partials are allocated per row
+    tile); the column range is split so that row tiles x splits fill the GPU.
+    """
+    M, N = dy.shape
+    r = s.shape[1]
+    block_m = 16 if _runtime.INTERPRET else 128
+    m_tiles = triton.cdiv(M, block_m)
+    sms = torch.cuda.get_device_properties(dy.device).multi_processor_count if dy.is_cuda else 4
+    splits = max(1, min(triton.cdiv(N, 512), triton.cdiv(2 * sms, m_tiles)))
+    cols_per_split = triton.cdiv(triton.cdiv(N, splits), 128) * 128
+    splits = triton.cdiv(N, cols_per_split)
+    ds_part = torch.empty(splits, M, r, dtype=torch.float32, device=dy.device)
+    db_part = torch.empty(m_tiles, N, r, dtype=torch.float32, device=dy.device)
+    _grad_s_b_kernel[(m_tiles, splits)](
+        dy, b_scaled, s, ds_part, db_part, M, N, r, _bucket(M), cols_per_split,
+        dy.stride(0), dy.stride(1), b_scaled.stride(0), b_scaled.stride(1), s.stride(0), s.stride(1),
+        PRECISION=_runtime.dot_precision(dy.dtype), BLOCK_R=_block_r(r), BLOCK_M=block_m)
+    return ds_part.sum(0).to(dy.dtype), db_part.sum(0).mul_(scaling)

@@ -1,0 +1,321 @@
+"""From a RunConfig to a plan: the predicted peak, whether it fits, and the fastest setting that fits.
+
+The search keeps the effective batch (micro_batch_size x grad_accum) and the data, and varies only what does
+not change the optimisation: micro_batch_size over the divisors of the effective batch (grad_accum follows),
+gradient checkpointing off / on, and with it on, the last quarter, half or three quarters of the layers keeping
+their activations (`train.uncheckpointed_layers`: memory to spare spent on skipping their recompute). The
+fastest candidate by predicted tokens/s among those whose predicted GPU total fits wins (a config that already
+fits is changed only for a predicted gain of 2% or more); ties go to the smaller peak. When none fits, the same
+settings with the input embedding in pinned host memory are tried (`train.embeddings_on_host`, not for a tied
+embedding), then with the output head there too between losses (`train.head_on_host`), then activation offload
+(layer inputs in pinned CPU memory) with them: all cost host memory and PCIe traffic the speed model prices only
+roughly, so they never displace an on-GPU setting. Only when nothing fits is max_length halved (down to 64),
+since that changes what the model sees.
+
+`suggest(cfg, gpu_memory)` returns that setting as config overrides ({"train.micro_batch_size": 2, ...},
+keys as `lorafuse train ... key=value` takes them); `next_smaller(cfg)` is the training loop's hook after a
+CUDA OOM (lorafuse.train.oom): the predicted-fastest setting one step smaller (kept layers recomputed again,
+checkpointing on, or the largest proper divisor of the micro-batch, grad_accum raised to keep the effective
+batch; a divisor, so the loop can re-split the failed step's micro-batches exactly), then a halved max_length,
+then None.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+from dataclasses import dataclass, field
+
+from lorafuse.errors import ConfigError, LorafuseError
+from lorafuse.plan import speed
+from lorafuse.plan.memory import GIB, Estimate, Workload, estimate, host_embedding, host_head, kept_layers
+from lorafuse.plan.shapes import PROJECTIONS, ModelShape, load_shape
+
+MIN_MAX_LENGTH = 64
+MAX_MICRO_BATCH = 64
+MIN_GAIN = 1.02  # a fitting config is only changed for a predicted speed-up of at least 2%
+
+
+@dataclass
+class Plan:
+    model: str
+    shape: ModelShape
+    workload: Workload
+    estimate: Estimate
+    budget: int | None = None  # GPU bytes planned for
+    budget_source: str = "none"
+    card: speed.Card | None = None
+    card_source: str = ""
+    step_s: float | None = None
+    tokens_per_s: float | None = None
+    suggestion: dict | None = None
+    notes: list = field(default_factory=list)
+
+    @property
+    def fits(self) -> bool | None:
+        return None if self.budget is None else self.estimate.peak <= self.budget
+
+    def to_dict(self) -> dict:
+        w = self.workload
+        return {
+            "peak_gib": _gib(self.estimate.peak), "peak_alloc_gib": _gib(self.estimate.peak_alloc),
+            "fits": self.fits, "gpu_memory_gib": None if self.budget is None else _gib(self.budget),
+            "components": {k: _gib(v) for k, v in self.estimate.components.items()},
+            "suggestion": self.suggestion,
+            "model": self.model, "shape": self.shape.name, "params": self.shape.total_params,
+            "trainable_params": self.estimate.trainable, "peak_phase": self.estimate.phase,
+            "setting": {"method": w.method, "micro_batch_size": w.micro_batch, "grad_accum": w.grad_accum,
+                        "max_length": w.seq, "gradient_checkpointing": w.checkpointing, "optimizer": w.optimizer,
+                        "loss": w.loss, "kernels": w.kernels, "r": w.r, "targets": list(w.targets)},
+            "card": None if self.card is None else self.card.name, "step_s": _r(self.step_s),
+            "tokens_per_s": _r(self.tokens_per_s), "notes": self.notes,
+        }
+
+
+def _gib(n: int) -> float:
+    return round(n / GIB, 3)
+
+
+def _r(x: float | None) -> float | None:
+    return None if x is None else round(x, 4)
+
+
+def resolve_targets(shape: ModelShape, targets) -> tuple[str, ...]:
+    """Which of a layer's linears lora.targets selects (names as lorafuse.model.inject matches them)."""
+    if isinstance(targets, str) and targets.lower() == "all-linear":
+        return PROJECTIONS
+    hit = set()
+    for layer in range(shape.num_layers):
+        for lin in shape.linears():
+            full = shape.module_name(layer, lin.name)
+            if isinstance(targets, str):
+                ok = re.fullmatch(targets, full) is not None
+            else:
+                ok = full in targets or any(full.endswith("." + t) for t in targets)
+            if ok:
+                hit.add(lin.name)
+    if not hit:
+        raise ConfigError(f"lora.targets={targets!r} matches none of the linear layers {list(PROJECTIONS)}",
+                          "use short names (q_proj, v_proj, ...), a regex on the full name, or \"all-linear\"")
+    return tuple(n for n in PROJECTIONS if n in hit)
+
+
+def _kernels(fast_path: str) -> str:
+    if fast_path == "off":
+        return "reference"
+    if fast_path == "on":
+        return "fused"
+    return "fused" if importlib.util.find_spec("lorafuse.kernels.fast_path") is not None else "reference"
+
+
+def workload_from_config(cfg, shape: ModelShape | None = None) -> Workload:
+    """The Workload a RunConfig describes (reads cfg.model/lora/data/train attributes only)."""
+    shape = shape or load_shape(cfg.model.path)
+    save = tuple(m.rsplit(".", 1)[-1] for m in (cfg.lora.modules_to_save or ()))
+    # The fused kernels do not implement DoRA: the loop then runs the PyTorch path.
+    kernels = "reference" if cfg.lora.dora else _kernels(getattr(cfg.train, "fast_path", "auto"))
+    return Workload(
+        shape=shape, method="qlora" if cfg.model.quant == "nf4" else "lora",
+        micro_batch=cfg.train.micro_batch_size, seq=cfg.data.max_length, grad_accum=cfg.train.grad_accum,
+        r=cfg.lora.r, targets=resolve_targets(shape, cfg.lora.targets), dropout=cfg.lora.dropout,
+        dora=cfg.lora.dora, modules_to_save=save,
+        compute_bytes=4 if cfg.model.compute_dtype == "float32" else 2,
+        optimizer=cfg.train.optimizer, checkpointing=_checkpointing(cfg.train.gradient_checkpointing),
+        loss="fused" if kernels == "fused" else "chunked", kernels=kernels,
+        padded=not cfg.data.packing, blocksize=cfg.model.blocksize, double_quant=cfg.model.double_quant,
+        embeddings_on_host=cfg.train.embeddings_on_host, head_on_host=getattr(cfg.train, "head_on_host", False),
+        uncheckpointed=getattr(cfg.train, "uncheckpointed_layers", 0),
+        cuda_graphs=kernels == "fused" and cfg.train.cuda_graphs == "auto")
+
+
+def _checkpointing(value) -> str:
+    if isinstance(value, str):
+        return value
+    return "on" if value else "off"
+
+
+def _offload_supported(cfg) -> bool:
+    fields = getattr(type(cfg.train), "model_fields", {})
+    info = fields.get("gradient_checkpointing")
+    return info is not None and "offload" in str(info.annotation)
+
+
+def _budget(gpu_memory) -> tuple[int | None, str, speed.Card | None, str]:
+    """(bytes, where that number came from, card for the speed estimate, where the card came from)."""
+    if gpu_memory is not None:
+        if isinstance(gpu_memory, (int, float)):
+            total, card = int(gpu_memory), None
+        else:
+            total, card = speed.parse_memory(gpu_memory)
+        if card is not None:
+            label = card.name if str(gpu_memory).lower() == card.name.lower() else f"{card.name} ({gpu_memory})"
+            return total, label, card, "named"
+        return total, f"--gpu-memory {gpu_memory}", speed.card_by_memory(total), "assumed from the memory size"
+    found = speed.detect_gpu()
+    if found is None:
+        return None, "none", None, ""
+    name, total, free = found
+    # This process's own context is part of "used"; the training run will have one context, counted in peak.
+    budget = min(total, free + int(0.5 * GIB))
+    card = speed.card_by_name(name)
+    source = "detected" if card else "assumed from the memory size of " + name
+    return budget, f"detected {name} ({free / GIB:.1f} of {total / GIB:.1f} GiB free)", \
+        card or speed.card_by_memory(total), source
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, min(n, MAX_MICRO_BATCH) + 1) if n % d == 0]
+
+
+def _candidates(w: Workload, policies=("off", "on")):
+    """Micro-batch splits x checkpointing policies; with checkpointing on, also the last quarter, half or three
+    quarters of the layers keeping their activations (train.uncheckpointed_layers): memory spent on speed."""
+    effective = w.micro_batch * w.grad_accum
+    layers = w.shape.num_layers
+    for mb in _divisors(effective):
+        for policy in policies:
+            kept = (0, layers // 4, layers // 2, 3 * layers // 4) if policy == "on" else (0,)
+            for k in sorted(set(kept)):
+                yield w.with_(micro_batch=mb, grad_accum=effective // mb, checkpointing=policy, uncheckpointed=k)
+
+
+def fastest_fitting(w: Workload, budget: int, card: speed.Card, offload: bool = False) -> Workload | None:
+    """The fastest candidate whose predicted GPU total fits `budget`, trying in order: on-GPU settings; the same
+    with the input embedding in host memory (when untied); activation offload (with it); and only then max_length
+    halved."""
+    hosted = w.with_(embeddings_on_host=True)
+    tiers = [(w, ("off", "on"))]
+    if not w.embeddings_on_host and host_embedding(hosted):
+        tiers.append((hosted, ("off", "on")))
+    both = tiers[-1][0].with_(head_on_host=True)
+    if not w.head_on_host and host_head(both):
+        tiers.append((both, ("off", "on")))
+    if offload:
+        tiers.append((tiers[-1][0], ("offload",)))
+    seq = w.seq
+    while seq >= MIN_MAX_LENGTH:
+        for base, policies in tiers:
+            scored = []
+            for cand in _candidates(base.with_(seq=seq), policies):
+                est = estimate(cand)
+                if est.peak <= budget:
+                    scored.append((-speed.tokens_per_second(cand, card), est.peak, cand))
+            if scored:
+                return min(scored, key=lambda t: (t[0], t[1]))[2]
+        seq //= 2
+    return None
+
+
+def _overrides(cur: Workload, new: Workload) -> dict:
+    out = {}
+    if new.micro_batch != cur.micro_batch:
+        out["train.micro_batch_size"] = new.micro_batch
+    if new.grad_accum != cur.grad_accum:
+        out["train.grad_accum"] = new.grad_accum
+    if new.checkpointing != cur.checkpointing:
+        out["train.gradient_checkpointing"] = {"on": True, "off": False}.get(new.checkpointing, new.checkpointing)
+    if new.seq != cur.seq:
+        out["data.max_length"] = new.seq
+    if new.embeddings_on_host != cur.embeddings_on_host:
+        out["train.embeddings_on_host"] = new.embeddings_on_host
+    if new.head_on_host != cur.head_on_host:
+        out["train.head_on_host"] = new.head_on_host
+    if kept_layers(new) != kept_layers(cur):
+        out["train.uncheckpointed_layers"] = kept_layers(new)
+    return out
+
+
+def describe(w: Workload, card: speed.Card, cur: Workload | None = None) -> dict:
+    est = estimate(w)
+    d = {"micro_batch_size": w.micro_batch, "grad_accum": w.grad_accum, "gradient_checkpointing": w.checkpointing,
+         "max_length": w.seq, "embeddings_on_host": host_embedding(w), "head_on_host": host_head(w),
+         "uncheckpointed_layers": kept_layers(w),
+         "peak_gib": _gib(est.peak),
+         "step_s": round(speed.step_seconds(w, card), 4),
+         "tokens_per_s": round(speed.tokens_per_second(w, card), 1)}
+    if cur is not None:
+        d["overrides"] = _overrides(cur, w)
+    return d
+
+
+def plan(cfg, gpu_memory=None, gpu: str | None = None) -> Plan:
+    """Predict the memory of `cfg`'s training step on a GPU of `gpu_memory` ("15GiB", bytes, or a card name;
+    None: the visible GPU) and search the fastest setting that fits. `gpu` names the card for the speed
+    estimate when the memory size alone would be ambiguous (and gives the memory when no size is given)."""
+    w = workload_from_config(cfg)
+    if gpu_memory is None and gpu and speed.card_by_name(gpu) is not None:
+        gpu_memory = gpu  # a named card, no size: plan for that card's memory
+    budget, budget_source, card, card_source = _budget(gpu_memory)
+    if gpu:
+        card, card_source = speed.card_by_name(gpu) or card, "named"
+    p = Plan(model=str(cfg.model.path), shape=w.shape, workload=w, estimate=estimate(w), budget=budget,
+             budget_source=budget_source, card=card, card_source=card_source)
+    if card is not None:
+        p.step_s, p.tokens_per_s = speed.step_seconds(w, card), speed.tokens_per_second(w, card)
+        if not card.bf16 and str(cfg.model.compute_dtype) == "bfloat16":
+            p.notes.append(f"the {card.name} has no bfloat16 arithmetic: set model.compute_dtype: float16 (or auto), "
+                           "which trains with a GradScaler at the same memory")
+    if budget is None:
+        p.notes.append("no GPU visible and no --gpu-memory given: pass --gpu-memory 15GiB (or a card name) "
+                       "to check the fit and get a suggestion")
+        return p
+    best = fastest_fitting(w, budget, card, offload=_offload_supported(cfg))
+    if best is not None and p.fits and speed.tokens_per_second(best, card) < MIN_GAIN * p.tokens_per_s:
+        best = w  # not worth a change: within the model's noise
+    if best is not None:
+        p.suggestion = describe(best, card, cur=w)
+    else:
+        p.notes.append(f"nothing fits in {budget / GIB:.1f} GiB, even micro-batch 1 with max_length "
+                       f"{MIN_MAX_LENGTH}: use a smaller model, quant nf4, or a larger GPU")
+    if best is not None and best.embeddings_on_host and not w.embeddings_on_host:
+        p.notes.append("the input embedding moves to pinned host memory (train.embeddings_on_host), read in place "
+                       "by the GPU: measured at no step-time cost on an H200")
+    if best is not None and best.head_on_host and not w.head_on_host:
+        p.notes.append("the output head waits in pinned host memory between losses (train.head_on_host): one PCIe "
+                       "copy of it per forward, overlapped with the forward")
+    if best is not None and best.checkpointing == "offload" and w.checkpointing != "offload":
+        p.notes.append("only activation offload fits at this max_length: the layer inputs wait in pinned CPU "
+                       "memory (host RAM, PCIe traffic each step)")
+    return p
+
+
+def suggest(cfg, gpu_memory=None) -> dict:
+    """Config overrides for the fastest setting that fits (empty: the config already is it)."""
+    p = plan(cfg, gpu_memory)
+    if p.budget is None:
+        raise LorafuseError("no GPU is visible to size the run for", "pass gpu_memory, e.g. '15GiB'")
+    if p.suggestion is None:
+        raise LorafuseError(f"{p.model} does not fit in {p.budget / GIB:.1f} GiB in any setting the planner "
+                            "tries", "use quant nf4, a smaller model, or a GPU with more memory")
+    return p.suggestion["overrides"]
+
+
+def next_smaller(cfg) -> dict | None:
+    """Overrides for the next smaller setting after an out-of-memory error, or None at the floor."""
+    w = workload_from_config(cfg)
+    card = speed.card_by_name("H100")  # only the ranking matters, and it barely depends on the card
+    effective = w.micro_batch * w.grad_accum
+    steps = []
+    if kept_layers(w):  # the cheapest step back: recompute every layer again
+        steps.append(w.with_(uncheckpointed=0))
+    if w.checkpointing == "off":
+        steps.append(w.with_(checkpointing="on"))
+    smaller = [d for d in _divisors(w.micro_batch) if d < w.micro_batch]  # divides mb, hence the effective batch
+    if smaller:
+        steps.append(w.with_(micro_batch=smaller[-1], grad_accum=effective // smaller[-1]))
+    cur_peak = estimate(w).peak_alloc
+    steps = [s for s in steps if estimate(s).peak_alloc < cur_peak]
+    if steps:
+        return _overrides(w, max(steps, key=lambda s: speed.tokens_per_second(s, card)))
+    if w.seq // 2 >= MIN_MAX_LENGTH:
+        return {"data.max_length": w.seq // 2}
+    return None
+
+
+def apply_overrides(cfg, overrides: dict):
+    """A copy of a RunConfig with dotted-key overrides applied ({"train.grad_accum": 8})."""
+    sections: dict = {}
+    for key, value in overrides.items():
+        section, _, name = key.partition(".")
+        sections.setdefault(section, {})[name] = value
+    return cfg.model_copy(update={s: getattr(cfg, s).model_copy(update=u) for s, u in sections.items()})

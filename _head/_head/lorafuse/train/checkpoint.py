@@ -1,0 +1,323 @@
+"""The run folder: atomic checkpoints, rotation, the best pointer, resume discovery, archive, lock.
+
+Layout of `<output.dir>`:
+
+    checkpoint-<step>/          a complete checkpoint (a folder with this exact name is always complete)
+        adapter/                PEFT-format adapter (lorafuse.lora.adapter_io.save_adapter): usable as is
+        trainable.safetensors   every trainable tensor, bit-exact, keyed by the model's parameter names
+        optimizer.pt            optimizer state_dict + GradScaler state (torch.load(weights_only=True) safe)
+        rng.pt                  python / numpy / torch CPU / CUDA RNG states (+ "per_rank": each process's, under torchrun)
+        trainer_state.json      step, data position (epoch, micro-batch in epoch), tokens, best eval, ...
+        config.yaml             the resolved RunConfig (when the run has one)
+        metrics.jsonl           the metric rows up to this step (the resume rewrites <dir>/metrics.jsonl from it)
+    checkpoint-<step>.tmp-<pid>/  a checkpoint being written by process <pid> (removed at the next start;
+                                .old-<pid> / .del-<pid>: one being replaced / deleted)
+    best.json                   {"step", "eval_loss", "checkpoint"}: the best evaluation so far
+    .lock                       flock held by the running process: two runs never write one folder
+
+Atomicity: everything is written into `checkpoint-<step>.tmp-<pid>`, each file and folder is fsynced, then
+one `os.rename` gives the final name and the parent folder is fsynced. A crash (SIGKILL, power loss) before
+the rename leaves only the tmp folder; after it, a complete checkpoint. `trainable.safetensors` duplicates the
+adapter's tensors on purpose: the adapter is the user-facing PEFT file, while resume needs every trainable
+tensor (including ones a PEFT adapter does not name) bit for bit, independent of adapter_io's key mapping.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import random
+import re
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lorafuse.atomic import fsync_path, fsync_tree, write_atomic
+from lorafuse.errors import LorafuseError
+
+CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+TMP_RE = re.compile(r"^checkpoint-(\d+)\.(?:tmp|old|del)-(\d+)$")  # being written / replaced / deleted
+RUN_FILES = ("adapter", "metrics.jsonl", "loss.png", "summary.json", "best.json", "config.yaml")
+_STATE_FILES = ("trainable.safetensors", "optimizer.pt", "rng.pt", "trainer_state.json")
+
+
+# ----------------------------------------------------------------------------------------------- file helpers
+
+def ensure_writable_dir(out_dir: Path) -> Path:
+    """Create `out_dir` and prove it is writable, or raise a LorafuseError (before any model is loaded)."""
+    out_dir = Path(out_dir)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        probe = out_dir / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as exc:
+        raise LorafuseError(f"the output folder {out_dir} is not writable ({exc.strerror or exc})",
+                            "set output.dir to a folder you can write to, e.g. output.dir=runs/my-run") from None
+    return out_dir
+
+
+class RunLock:
+    """An exclusive flock on `<dir>/.lock` for the whole run (no-op where fcntl does not exist)."""
+
+    def __init__(self, out_dir: Path):
+        self.path = Path(out_dir) / ".lock"
+        self._fd = None
+
+    def __enter__(self):
+        try:
+            import fcntl
+        except ImportError:  # Windows: no advisory locks; a second run is the user's responsibility
+            return self
+        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            other = os.read(self._fd, 32).decode(errors="replace").strip() or "?"
+            os.close(self._fd)
+            self._fd = None
+            raise LorafuseError(f"another lorafuse run (pid {other}) is writing to {self.path.parent}",
+                                "wait for it to finish, stop it, or choose another output.dir") from None
+        os.ftruncate(self._fd, 0)
+        os.write(self._fd, str(os.getpid()).encode())
+        return self
+
+    def __exit__(self, *exc):
+        if self._fd is not None:
+            os.close(self._fd)  # closing the descriptor releases the flock
+            self._fd = None
+
+
+# ----------------------------------------------------------------------------------------- discovery
+
+def list_checkpoints(out_dir: Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints as (step, folder), oldest first."""
+    out_dir = Path(out_dir)
+    if not out_dir.is_dir():
+        return []
+    found = []
+    for child in out_dir.iterdir():
+        m = CHECKPOINT_RE.match(child.name)
+        if m and child.is_dir() and all((child / f).is_file() for f in _STATE_FILES):
+            found.append((int(m.group(1)), child))
+    return sorted(found)
+
+
+def latest_checkpoint(out_dir: Path) -> Path | None:
+    found = list_checkpoints(out_dir)
+    return found[-1][1] if found else None
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return False  # our own leftovers from a failed save in this process
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def clean_stale_tmp(out_dir: Path) -> list[Path]:
+    """Remove `checkpoint-N.tmp-<pid>` folders left by processes that no longer run."""
+    removed = []
+    if Path(out_dir).is_dir():
+        for child in Path(out_dir).iterdir():
+            m = TMP_RE.match(child.name)
+            if m and not _pid_alive(int(m.group(2))):
+                shutil.rmtree(child, ignore_errors=True)
+                removed.append(child)
+    return removed
+
+
+def archive_previous(out_dir: Path) -> Path | None:
+    """Move an earlier run's checkpoints and files into `<dir>/archive-<date>-<time>/` (start-over mode)."""
+    out_dir = Path(out_dir)
+    old = [c for _, c in list_checkpoints(out_dir)] + [out_dir / n for n in RUN_FILES if (out_dir / n).exists()]
+    return _archive(out_dir, old)
+
+
+def archive_newer(out_dir: Path, step: int) -> Path | None:
+    """Move checkpoints after `step` away (resuming an older checkpoint abandons their timeline)."""
+    return _archive(Path(out_dir), [c for s, c in list_checkpoints(out_dir) if s > step])
+
+
+def _archive(out_dir: Path, old: list[Path]) -> Path | None:
+    if not old:
+        return None
+    base = time.strftime("archive-%Y%m%d-%H%M%S")
+    target, suffix = out_dir / base, 1
+    while target.exists():
+        target, suffix = out_dir / f"{base}-{suffix}", suffix + 1
+    target.mkdir()
+    for item in old:
+        os.rename(item, target / item.name)
+    fsync_path(out_dir)
+    return target
+
+
+# ----------------------------------------------------------------------------------------- RNG
+
+def rng_state() -> dict:
+    version, mt, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": [version, list(mt), gauss], "numpy": [kind, keys.tolist(), pos, has_gauss, cached],
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    version, mt, gauss = state["python"]
+    random.setstate((version, tuple(mt), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)  # seeds every CUDA device too
+
+
+# ----------------------------------------------------------------------------------------- save / load
+
+def trainable_state(model) -> dict[str, torch.Tensor]:
+    return {name: p.detach().contiguous() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def save_checkpoint(out_dir: Path, step: int, *, model, optimizer, trainer_state: dict, scaler=None,
+                    config=None, metrics_jsonl: str = "", adapter_writer=None, rng_states=None) -> Path:
+    """Write `<out_dir>/checkpoint-<step>` atomically. Disk full -> LorafuseError; the tmp folder is removed.
+
+    adapter_writer(model, folder) writes the PEFT adapter (None: no adapter folder, e.g. a bare nn.Module).
+    rng_states: every rank's RNG state in rank order (several processes: rank 0's keys + "per_rank"); None: this
+    process's state.
+    """
+    from safetensors.torch import save_file
+
+    out_dir = Path(out_dir)
+    final = out_dir / f"checkpoint-{step}"
+    tmp = out_dir / f"checkpoint-{step}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir(parents=True)
+        if adapter_writer is not None:
+            adapter_writer(model, tmp / "adapter")
+        save_file({k: v.cpu() for k, v in trainable_state(model).items()}, str(tmp / "trainable.safetensors"))
+        torch.save({"optimizer": optimizer.state_dict(),
+                    "scaler": scaler.state_dict() if scaler is not None else None}, tmp / "optimizer.pt")
+        states = rng_states or [rng_state()]
+        torch.save(states[0] if len(states) == 1 else {**states[0], "per_rank": states}, tmp / "rng.pt")
+        (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1), encoding="utf-8")
+        (tmp / "metrics.jsonl").write_text(metrics_jsonl, encoding="utf-8")
+        if config is not None:
+            from lorafuse.config import save_config
+            save_config(config, tmp / "config.yaml")
+        fsync_tree(tmp)
+        _install(tmp, final)
+    except BaseException as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, OSError):
+            raise _write_error(exc, final, out_dir) from exc
+        raise
+    return final
+
+
+def _install(tmp: Path, final: Path) -> None:
+    """rename tmp -> final; an existing final (same step saved twice) is swapped out first."""
+    if final.exists():
+        old = final.with_name(f"{final.name}.old-{os.getpid()}")
+        os.rename(final, old)
+        os.rename(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, final)
+    fsync_path(final.parent)
+
+
+def _write_error(exc: OSError, final: Path, out_dir: Path) -> LorafuseError:
+    previous = latest_checkpoint(out_dir)
+    kept = f"the previous checkpoint {previous.name} is intact" if previous else "no earlier checkpoint exists"
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return LorafuseError(
+            f"the disk is full: could not write {final.name} in {out_dir} ({kept})",
+            "free disk space (or lower train.save_total_limit, or move output.dir to a bigger disk), "
+            "then run the same command again to resume")
+    return LorafuseError(f"could not write {final.name} in {out_dir}: {exc.strerror or exc} ({kept})",
+                         "check the folder's permissions and free space, then run the same command to resume")
+
+
+def load_checkpoint(folder: Path, *, model, optimizer, scaler=None) -> dict:
+    """Restore trainable tensors, optimizer and scaler from `folder`.
+
+    Returns {"trainer_state", "rng", "metrics_jsonl"}. The RNG state is returned, not applied: the loop
+    applies it right before its first step, after everything that consumes randomness at setup.
+    """
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    saved = load_file(str(folder / "trainable.safetensors"))
+    params = dict(model.named_parameters())
+    current = {n for n, p in params.items() if p.requires_grad}
+    if set(saved) != current:
+        missing, extra = sorted(current - set(saved)), sorted(set(saved) - current)
+        raise LorafuseError(
+            f"{folder} does not match this model's trainable parameters "
+            f"(not in the checkpoint: {missing[:3]}; only in the checkpoint: {extra[:3]})",
+            "resume with the LoRA settings the checkpoint was trained with, or start over with --no-resume")
+    with torch.no_grad():
+        for name, value in saved.items():
+            params[name].copy_(value)
+    blob = torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True)
+    optimizer.load_state_dict(blob["optimizer"])
+    if scaler is not None and blob.get("scaler"):
+        scaler.load_state_dict(blob["scaler"])
+    state = json.loads((folder / "trainer_state.json").read_text(encoding="utf-8"))
+    rng = torch.load(folder / "rng.pt", map_location="cpu", weights_only=True)
+    return {"trainer_state": state, "rng": rng,
+            "metrics_jsonl": (folder / "metrics.jsonl").read_text(encoding="utf-8")}
+
+
+# ----------------------------------------------------------------------------------------- rotation / best
+
+def read_best(out_dir: Path) -> dict | None:
+    path = Path(out_dir) / "best.json"
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
+def write_best(out_dir: Path, step: int, eval_loss: float) -> None:
+    write_atomic(Path(out_dir) / "best.json", json.dumps(
+        {"step": step, "eval_loss": eval_loss, "checkpoint": f"checkpoint-{step}"}, indent=1))
+
+
+def reset_best(out_dir: Path, step: int | None, eval_loss: float | None) -> None:
+    """best.json <- (step, eval_loss) when that checkpoint exists here, else removed."""
+    if step is not None and (Path(out_dir) / f"checkpoint-{step}").is_dir():
+        write_best(out_dir, step, eval_loss)
+    else:
+        (Path(out_dir) / "best.json").unlink(missing_ok=True)
+
+
+def rotate(out_dir: Path, keep: int) -> list[Path]:
+    """Delete the oldest complete checkpoints beyond the newest `keep`, never the best one."""
+    best = read_best(out_dir)
+    protected = {best["step"]} if best else set()
+    found = list_checkpoints(out_dir)
+    doomed = [c for s, c in found[:-keep] if s not in protected] if keep > 0 else []
+    for folder in doomed:
+        # Rename first so a crash mid-delete never leaves a half-deleted folder under a complete name.
+        trash = folder.with_name(f"{folder.name}.del-{os.getpid()}")
+        os.rename(folder, trash)
+        shutil.rmtree(trash, ignore_errors=True)
+    return doomed

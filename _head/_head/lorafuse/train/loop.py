@@ -1,0 +1,408 @@
+"""The training loop: one explicit loop over optimizer steps, exact resume, token-normalised accumulation.
+
+Step s takes up to `grad_accum` micro-batches (never across an epoch end; the last window of an epoch may be
+shorter). Its loss is the mean over the target tokens of the WHOLE window:
+
+    loss_s = sum_{micro-batches b} sum_{targets t in b} -log p(y_t) / N_s,   N_s = target tokens in the window
+
+so accumulation equals one big batch whatever the padding or the window size. Each micro-batch backpropagates
+`loss_sum_b / N_s` (N_s is counted before the first forward: the window's batches are fetched up front).
+Targets are labels != -100 after the causal shift (the token at t predicts label t+1).
+
+The summed loss comes from hidden states through the output head in chunks (`lorafuse.train.loss`): the
+(B, T, V) logits are never materialised.
+
+Precision (bf16 autocast / fp16 + GradScaler on CUDA, fp32 on CPU), fp32 trainable masters and non-reentrant
+gradient checkpointing: `lorafuse.train.runtime`.
+
+A step whose loss is NaN/inf is skipped (no update, grads zeroed, a row with "skipped": true); more than
+`nan_tolerance` in a row stop the run with the likely causes. SIGTERM/SIGINT finish the current step, save a
+checkpoint and return (stop_reason "signal"); a second SIGINT interrupts at once.
+
+Resume is exact: trainable tensors, optimizer, scaler, RNG (python, numpy, torch, CUDA), data position
+(epoch, micro-batch within the epoch; batches are a deterministic function of (seed, epoch)) and counters
+are restored, so on a CPU the resumed losses equal an uninterrupted run's bit for bit.
+
+Several processes (torchrun): `world` (lorafuse.train.distributed) makes N_s the global target count, sums the
+gradients over the ranks once per step, shards evaluation, and keeps every file write on rank 0.
+
+Out of GPU memory in a step (`lorafuse.train.oom`): the partial step is dropped and retried once with the
+planner's next smaller setting (checkpointing on, or the window's micro-batches re-split into smaller ones with
+the same rows and the same N_s); a second OOM stops the run with the settings tried and `lorafuse plan`.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from lorafuse.errors import LorafuseError
+from lorafuse.train import checkpoint as ckpt
+from lorafuse.train import graphs
+from lorafuse.train.distributed import SINGLE
+from lorafuse.train.loss import count_inputs, count_targets, lm_loss_sum, simple_head
+from lorafuse.train.metrics import MetricsLog, Progress, memory_bytes, peak_memory_bytes
+from lorafuse.train.oom import OomRetry
+from lorafuse.train.optim import LRSchedule, build_optimizer
+from lorafuse.train.runtime import Precision, StopSignals, prepare_model
+
+
+# --------------------------------------------------------------------------------------------- setup
+
+@dataclass
+class LoopState:
+    """Everything a resume needs besides tensors (saved as trainer_state.json)."""
+
+    step: int = 0  # optimizer steps done
+    epoch: int = 0  # data position: epoch ...
+    micro_index: int = 0  # ... and micro-batches of it consumed
+    tokens: int = 0  # non-pad input tokens processed
+    target_tokens: int = 0
+    best_eval: float | None = None
+    best_step: int | None = None
+    evals_since_best: int = 0
+    nan_streak: int = 0
+    skipped_steps: int = 0
+    train_seconds: float = 0.0
+    micro_per_epoch: int = 0
+    oom_overrides: dict = field(default_factory=dict)  # setting lowered after OOMs (lorafuse.train.oom)
+
+
+@dataclass
+class LoopResult:
+    state: LoopState
+    stop_reason: str  # finished | early_stopping | signal | already_complete
+    total_steps: int
+    first_loss: float | None = None
+    last_loss: float | None = None
+    wall_s: float = 0.0
+    peak_memory_bytes: int = 0
+    last_checkpoint: Path | None = None
+    best_checkpoint: Path | None = None
+    rows: list = field(default_factory=list)
+
+
+def total_steps(tc, micro_per_epoch: int) -> int:
+    """max_steps when set, else ceil(epochs * steps per epoch); an epoch has ceil(micro / grad_accum) steps."""
+    if tc.max_steps:
+        return int(tc.max_steps)
+    return max(1, math.ceil(tc.epochs * math.ceil(micro_per_epoch / tc.grad_accum)))
+
+
+def nan_error(state: LoopState, tolerance: int) -> LorafuseError:
+    first = state.step - state.nan_streak + 1
+    return LorafuseError(
+        f"the loss was NaN/inf for {state.nan_streak} optimizer steps in a row (steps {first}-{state.step}); "
+        f"the run stopped (train.nan_tolerance={tolerance})",
+        "likely causes: (1) the learning rate is too high: lower train.lr (e.g. 10x) or raise "
+        "train.warmup_steps; (2) float16 overflow: use model.compute_dtype=bfloat16 on a GPU that supports it "
+        "(Ampere or newer) or float32; (3) bad data rows (empty or very long responses, broken labels): "
+        "inspect them with `lorafuse data preview`. Resume from the last checkpoint after the change "
+        "(pass --force to resume under a changed config)")
+
+
+def forward_batch(model, batch: dict, precision: Precision) -> dict:
+    """A Batcher batch -> forward kwargs on the device (packed masks in the form the attention wants) + labels."""
+    from lorafuse.data.collate import model_inputs
+
+    attn = getattr(getattr(model, "config", None), "_attn_implementation", None)
+    kwargs = model_inputs(batch, attn, precision.dtype, precision.device)
+    kwargs["labels"] = batch["labels"].to(precision.device, non_blocking=True)
+    return kwargs
+
+
+@torch.no_grad()
+def evaluate(model, batches, precision: Precision, head=None, fused: bool = False,
+             world=SINGLE) -> tuple[float, float]:
+    """(mean loss per target token, perplexity) over one pass of `batches` (epoch 0; rank shares), dropout off."""
+    was_training = model.training
+    model.eval()
+    total, n = 0.0, 0
+    for batch in world.stride(batches.epoch_batches(0)):
+        with precision.autocast():
+            total += float(lm_loss_sum(model, forward_batch(model, batch, precision), head, fused))
+        n += count_targets(batch)
+    model.train(was_training)
+    total, n = world.all_reduce_sum([total, n], torch.float64)
+    if n == 0:
+        raise LorafuseError("the validation split has no target tokens (every label is masked)",
+                            "check data.val_path / data.val_size and data.completion_only")
+    loss = total / n
+    return loss, math.exp(loss) if loss < 700 else math.inf
+
+
+class TrainingLoop:
+    """Optimizer steps over `train_batches` (anything with `epoch_batches(epoch)` and `len`) until the last
+    step, early stopping or a signal. `tc` is a TrainConfig; `out_dir` None keeps everything in memory."""
+
+    def __init__(self, model, train_batches, tc, *, val_batches=None, out_dir=None, config=None,
+                 compute_dtype: torch.dtype = torch.float32, console=None, adapter_writer=None, world=SINGLE):
+        from rich.console import Console
+
+        self.model, self.train_batches, self.val_batches, self.tc = model, train_batches, val_batches, tc
+        self.world = world  # rank 0 alone writes out_dir
+        self.out_dir = None if out_dir is None else Path(out_dir) if not world.is_main else \
+            ckpt.ensure_writable_dir(Path(out_dir))
+        self.config, self.adapter_writer = config, adapter_writer
+        self.console = console or Console()
+        self.progress: Progress | None = None
+        self.device = next(model.parameters()).device
+        self.precision = Precision(self.device, compute_dtype)
+        self.params = prepare_model(model, tc.gradient_checkpointing, note=self._note,
+                                    embeddings_on_host=tc.embeddings_on_host, head_on_host=tc.head_on_host,
+                                    uncheckpointed_layers=tc.uncheckpointed_layers)
+        self.head = simple_head(model)
+        self.fused = self.head is not None and self._fast_path(tc.fast_path)
+        self.optimizer = build_optimizer(tc.optimizer, self.params, tc.lr, tc.weight_decay)
+        self.graphed = graphs.for_loop(self, tc.cuda_graphs)
+        micro = len(train_batches)
+        if micro == 0:
+            raise LorafuseError("there are no training batches", "check data.path and data.num_rows")
+        self.total = total_steps(tc, micro)
+        self.schedule = LRSchedule(tc.lr, self.total, tc.warmup_steps, tc.scheduler)
+        self.state = LoopState(micro_per_epoch=micro)
+        self.metrics = MetricsLog(self.out_dir if world.is_main else None)
+        self.last_checkpoint: Path | None = None
+        self._saved_step: int | None = None
+        self._rng: dict | None = None
+        self._iter = None
+        self._win = self._new_window()
+        self.oom = OomRetry(self)
+
+    def _fast_path(self, mode: str) -> bool:
+        """Swap in the fused Triton ops on CUDA (train.fast_path); True when the fused loss may run too."""
+        if mode == "off" or (self.device.type != "cuda" and mode == "auto"):
+            return False
+        from lorafuse.kernels import _runtime
+        from lorafuse.kernels.fast_path import maybe_apply_fast_path
+
+        maybe_apply_fast_path(self.model, mode, log=self._note)
+        return _runtime.HAS_TRITON and self.device.type == "cuda"
+
+    # ------------------------------------------------------------------------------------- resume
+    def resume(self, folder: Path) -> None:
+        """Restore tensors, optimizer, counters, metrics and (at run start) RNG from a checkpoint folder."""
+        restored = ckpt.load_checkpoint(folder, model=self.model, optimizer=self.optimizer,
+                                        scaler=self.precision.scaler)
+        saved = restored["trainer_state"]
+        self.world.check_resume(saved, folder)
+        if saved["micro_per_epoch"] != self.state.micro_per_epoch:
+            raise LorafuseError(
+                f"{folder} was trained with {saved['micro_per_epoch']} micro-batches per epoch, the data now "
+                f"gives {self.state.micro_per_epoch}: the data file or its settings changed",
+                "resume with the same data, or start over with --no-resume")
+        names = set(LoopState.__dataclass_fields__)
+        self.state = LoopState(**{k: v for k, v in saved.items() if k in names})
+        self._rng = self.world.own_rng(restored["rng"])
+        self._win.update(saved.get("log_window", {}))
+        self.metrics.restore(restored["metrics_jsonl"])
+        self.last_checkpoint, self._saved_step = Path(folder), self.state.step
+        if self.out_dir is not None and self.world.is_main:  # the best pointer must match the timeline we continue
+            ckpt.reset_best(self.out_dir, self.state.best_step, self.state.best_eval)
+
+    # ------------------------------------------------------------------------------------- the loop
+    def run(self) -> LoopResult:
+        st, t_start = self.state, time.perf_counter()
+        if self._rng is None:
+            ckpt.seed_everything(self.tc.seed + self.world.rank)  # ranks draw different dropout masks
+            self.metrics.start_fresh()
+        else:
+            ckpt.set_rng_state(self._rng)  # last: after everything at setup that consumed randomness
+        self.world.broadcast_params(self.params)
+        start_step, stop = st.step, ("already_complete" if st.step >= self.total else None)
+        self.progress = Progress(self.console, total=self.total, initial=st.step)
+        try:
+            with StopSignals() as signals:
+                self.model.train()
+                while stop is None:
+                    t0 = time.perf_counter()
+                    batches, epoch_end = self._next_window()
+                    row = self._optimizer_step(batches)
+                    st.train_seconds += time.perf_counter() - t0
+                    eta = (self.total - st.step) * (time.perf_counter() - t_start) / (st.step - start_step)
+                    stop = self._after_step(row, epoch_end, signals, eta)
+        finally:
+            self.progress.close()
+        if stop == "signal":
+            self._note(f"stopped by {signals.received} at step {st.step}; checkpoint {self.last_checkpoint}. "
+                       "Run the same command to resume.")
+        return self._result(stop, time.perf_counter() - t_start)
+
+    def _next_window(self) -> tuple[list[dict], bool]:
+        """The next step's micro-batches (at most grad_accum, never across an epoch end) and epoch-end flag."""
+        st, micro = self.state, self.state.micro_per_epoch
+        if self._iter is None:  # (re)start an epoch; mid-epoch after a resume: same order, from micro_index
+            self._iter = iter(self.train_batches.epoch_batches(st.epoch, start=st.micro_index))
+        take = min(self.tc.grad_accum, micro - st.micro_index)
+        batches = [next(self._iter) for _ in range(take)]
+        st.micro_index += take
+        if st.micro_index < micro:
+            return batches, False
+        st.epoch, st.micro_index, self._iter = st.epoch + 1, 0, None
+        return batches, True
+
+    def _optimizer_step(self, batches: list[dict]) -> dict:
+        """Forward/backward every micro-batch with loss_sum / N_window, then clip and update (or skip)."""
+        st = self.state
+        lr = self.schedule.apply(self.optimizer, st.step)
+        graphs.seed_dropout(self)
+        n_target, n_input = self.world.all_reduce_sum([sum(count_targets(b) for b in batches),
+                                                        sum(count_inputs(b) for b in batches)])
+        total = self.oom.accumulate(batches, n_target)  # forward/backward; after an OOM: smaller, retried once
+        loss = self.world.sync_gradients(self.params, total) / n_target if n_target else math.nan
+        grad_norm, skipped = self._update(loss)
+        self.optimizer.zero_grad(set_to_none=self.graphed is None)  # a CUDA graph accumulates into the same .grad
+        st.step += 1
+        st.tokens += n_input
+        st.target_tokens += 0 if skipped else n_target
+        return {"loss": loss, "lr": lr, "grad_norm": grad_norm, "n_input": n_input, "n_target": n_target,
+                "skipped": skipped}
+
+    def _micro_steps(self, batches: list[dict], n_target: int) -> torch.Tensor:
+        """Forward/backward each micro-batch with loss_sum / N_window; returns the summed loss (fp32, on device)."""
+        total = torch.zeros((), dtype=torch.float32, device=self.device)
+        for batch in batches if n_target else []:
+            inputs = forward_batch(self.model, batch, self.precision)
+            if self.graphed is not None:
+                total += self.graphed(inputs, 1.0 / n_target)
+                continue
+            with self.precision.autocast():
+                loss_sum = lm_loss_sum(self.model, inputs, self.head, self.fused)
+            self.precision.backward(loss_sum / n_target)
+            total += loss_sum.detach()
+        return total
+
+    def _update(self, loss: float) -> tuple[float | None, str | None]:
+        """Clip and step. Returns (grad norm before clipping, None | why the step was skipped)."""
+        if not math.isfinite(loss):
+            return None, "nan"
+        scaler = self.precision.scaler
+        if scaler is not None:
+            scaler.unscale_(self.optimizer)
+        max_norm = self.tc.max_grad_norm or math.inf
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
+        if scaler is not None:
+            scale = scaler.get_scale()
+            scaler.step(self.optimizer)  # skips the update itself when a gradient is inf/NaN
+            scaler.update()
+            return grad_norm, ("fp16_overflow" if scaler.get_scale() < scale else None)
+        if not math.isfinite(grad_norm):
+            return grad_norm, "nan"
+        self.optimizer.step()
+        return grad_norm, None
+
+    def _after_step(self, row: dict, epoch_end: bool, signals: StopSignals, eta: float) -> str | None:
+        st, tc = self.state, self.tc
+        last = st.step >= self.total
+        self._log(row, force=last, eta=eta)
+        if row["skipped"] == "nan":
+            st.nan_streak, st.skipped_steps = st.nan_streak + 1, st.skipped_steps + 1
+            if st.nan_streak > tc.nan_tolerance:
+                raise nan_error(st, tc.nan_tolerance)
+        elif not row["skipped"]:
+            st.nan_streak = 0
+        improved, stop = False, None
+        due = (st.step % tc.eval_every == 0) if tc.eval_every else epoch_end
+        if self.val_batches is not None and (due or last):
+            improved = self._evaluate()
+            patience = tc.early_stopping_patience
+            if patience and st.evals_since_best >= patience:
+                self._note(f"early stopping: no better eval loss in {patience} evaluations "
+                           f"(best {st.best_eval:.4f} at step {st.best_step})")
+                stop = "early_stopping"
+        if self.world.any(signals.received is not None):
+            stop = "signal"
+        elif last and stop is None:
+            stop = "finished"
+        if improved or stop or epoch_end or (tc.save_every and st.step % tc.save_every == 0):
+            self._save(improved)
+        return stop
+
+    # ------------------------------------------------------------------------------------- logging, eval, save
+    def _new_window(self) -> dict:
+        return {"loss_sum": 0.0, "targets": 0, "inputs": 0, "t0": time.perf_counter()}
+
+    def _epoch_float(self) -> float:
+        st = self.state
+        return round(st.epoch + st.micro_index / st.micro_per_epoch, 4)
+
+    def _log(self, row: dict, force: bool, eta: float) -> None:
+        st, w = self.state, self._win
+        w["inputs"] += row["n_input"]
+        if row["skipped"]:
+            self.metrics.append({"step": st.step, "epoch": self._epoch_float(), "loss": None, "lr": row["lr"],
+                                 "grad_norm": row["grad_norm"], "skipped": True, "reason": row["skipped"]})
+            why = "NaN/inf loss" if row["skipped"] == "nan" else "fp16 overflow (loss scale lowered)"
+            self._note(f"step {st.step}: skipped ({why})")
+        else:
+            w["loss_sum"] += row["loss"] * row["n_target"]
+            w["targets"] += row["n_target"]
+        if not (force or st.step % self.tc.log_every == 0) or not w["targets"]:
+            return
+        seconds = max(time.perf_counter() - w["t0"], 1e-9)
+        out = {"step": st.step, "epoch": self._epoch_float(), "loss": w["loss_sum"] / w["targets"],
+               "lr": row["lr"], "grad_norm": row["grad_norm"], "tokens": st.tokens,
+               "tokens_per_s": round(w["inputs"] / seconds, 1),
+               "memory_mb": round(memory_bytes(self.device) / 2**20, 1), "time_s": round(st.train_seconds, 3)}
+        self.metrics.append(out)
+        self.progress.update(st.step, out, eta_s=eta)
+        self._win = self._new_window()
+
+    def _evaluate(self) -> bool:
+        st = self.state
+        loss, ppl = evaluate(self.model, self.val_batches, self.precision, self.head, self.fused, self.world)
+        row = {"step": st.step, "epoch": self._epoch_float(), "eval_loss": loss, "eval_ppl": ppl}
+        self.metrics.append(row)
+        self._note(f"step {st.step}: eval_loss {loss:.4f} | eval_ppl {ppl:.2f}")
+        if st.best_eval is None or loss < st.best_eval:
+            st.best_eval, st.best_step, st.evals_since_best = loss, st.step, 0
+            return True
+        st.evals_since_best += 1
+        return False
+
+    def _save(self, improved: bool) -> None:
+        if self.out_dir is None:
+            return
+        st, world = self.state, self.world
+        if self._saved_step != st.step:
+            window = {k: self._win[k] for k in ("loss_sum", "targets", "inputs")}  # a log row may span a save
+            trainer_state = {**asdict(st), "total_steps": self.total, "schedule": self.schedule.state_dict(),
+                             "log_window": window, "world_size": world.size}
+            rng = world.gather_rng()  # a collective: every rank's state, on rank 0
+            self.last_checkpoint = ckpt.save_checkpoint(
+                self.out_dir, st.step, model=self.model, optimizer=self.optimizer, trainer_state=trainer_state,
+                scaler=self.precision.scaler, config=self.config, metrics_jsonl=self.metrics.jsonl(),
+                adapter_writer=self.adapter_writer, rng_states=rng) if world.is_main \
+                else self.out_dir / f"checkpoint-{st.step}"
+            self._saved_step = st.step
+        if world.is_main:
+            if improved:
+                ckpt.write_best(self.out_dir, st.step, st.best_eval)
+            ckpt.rotate(self.out_dir, self.tc.save_total_limit)
+            self.metrics.plot(self.out_dir / "loss.png")
+        world.barrier()  # the others wait for rank 0's files (a failed save stops the job here)
+
+    def _note(self, text: str) -> None:
+        (self.progress.note if self.progress is not None else self.console.print)(text)
+
+    def _result(self, stop: str, wall: float) -> LoopResult:
+        losses = [r["loss"] for r in self.metrics.rows if r.get("loss") is not None]
+        best = None
+        if self.out_dir is not None and self.state.best_step is not None:
+            best = self.out_dir / f"checkpoint-{self.state.best_step}"
+        return LoopResult(state=self.state, stop_reason=stop, total_steps=self.total,
+                          first_loss=losses[0] if losses else None, last_loss=losses[-1] if losses else None,
+                          wall_s=wall, peak_memory_bytes=peak_memory_bytes(self.device),
+                          last_checkpoint=self.last_checkpoint, best_checkpoint=best, rows=list(self.metrics.rows))
+
+
+def train_loop(model, train_batches, tc, *, resume_from: Path | None = None, **kwargs) -> LoopResult:
+    """Build a TrainingLoop, resume it from `resume_from` when given, run it."""
+    loop = TrainingLoop(model, train_batches, tc, **kwargs)
+    if resume_from is not None:
+        loop.resume(resume_from)
+    return loop.run()

@@ -1,0 +1,138 @@
+"""Next-token loss as a SUM over target tokens, computed from hidden states in chunks.
+
+    loss_sum = sum_{rows i with label != -100} ( logsumexp(h_i W^T) - (h_i W^T)[y_i] )
+
+`lm_loss_sum(model, batch)` runs the model's backbone to hidden states (B, T, D), shifts the labels (the row at
+position t is scored against token t+1) and calls `chunked_lm_loss` with the output head's weight W (V, D).
+`chunked_lm_loss` touches only the target rows, `chunk` rows at a time: fp32 logits (chunk, V) exist for one
+chunk, and the gradient w.r.t. the hidden rows, (softmax - onehot) W, is computed in the same pass, so neither
+the (B, T, V) logits nor any vocabulary-sized tensor is kept for backward (what HF's `model(...).loss` keeps).
+Completion-only data makes it cheaper still: prompt rows never reach the head. This is the place for a fused
+linear-cross-entropy kernel later; the pure-PyTorch pass is the reference.
+
+Dtype policy: the head matmul runs in W's dtype (autocast may lower it to bf16/fp16 on CUDA), logits and
+the loss are fp32, grad_hidden is cast to hidden's dtype, grad_W (only when the head is trainable) is fp32.
+
+Heads that are not a bias-free `nn.Linear` (LoRA on lm_head, modules_to_save copies), logit soft-capping or
+scaling, and MoE auxiliary losses fall back to the model's logits + a summed fp32 cross-entropy.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+IGNORE_INDEX = -100
+_LOGIT_ELEMENTS = 2 ** 25  # fp32 logits per chunk: 128 MB (+ the same for the softmax)
+
+
+def chunked_lm_loss(hidden: torch.Tensor, lm_head_weight: torch.Tensor, labels: torch.Tensor,
+                    chunk: int | None = None) -> torch.Tensor:
+    """sum over rows with labels != -100 of cross_entropy(hidden @ W^T, labels), fp32 scalar.
+
+    hidden (N, D), lm_head_weight (V, D), labels (N,) already aligned with the rows (shifted by the caller).
+    `chunk` rows at a time (default: 2^25 / V). Differentiable w.r.t. hidden and W.
+    """
+    chunk = chunk or max(1, _LOGIT_ELEMENTS // lm_head_weight.shape[0])
+    if torch.is_grad_enabled() and (hidden.requires_grad or lm_head_weight.requires_grad):
+        return _ChunkedLMLoss.apply(hidden, lm_head_weight, labels, chunk)
+    return _chunked_pass(hidden, lm_head_weight, labels, chunk, False, False)[0]
+
+
+def _chunked_pass(hidden, weight, labels, chunk, want_h, want_w):
+    """(loss_sum, grad_hidden | None, grad_weight | None) for d(loss_sum)."""
+    rows = (labels != IGNORE_INDEX).nonzero().squeeze(1)
+    total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    grad_h = torch.zeros_like(hidden) if want_h else None
+    grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_w else None
+    for start in range(0, rows.numel(), chunk):
+        idx = rows[start:start + chunk]
+        h = hidden.index_select(0, idx).to(weight.dtype)  # (c, D)
+        logits = (h @ weight.t()).float()  # (c, V): the only vocabulary-sized tensor, freed each chunk
+        y = labels.index_select(0, idx)
+        lse = torch.logsumexp(logits, dim=1)
+        total += (lse - logits.gather(1, y[:, None]).squeeze(1)).sum()
+        if want_h or want_w:
+            d = logits.sub_(lse[:, None]).exp_()  # softmax, in place: d(lse - logit_y)/d logits = p - onehot
+            d[torch.arange(idx.numel(), device=d.device), y] -= 1.0
+            if want_h:
+                grad_h.index_copy_(0, idx, (d.to(weight.dtype) @ weight).to(hidden.dtype))
+            if want_w:
+                grad_w += d.t() @ h.float()
+    return total, grad_h, grad_w
+
+
+class _ChunkedLMLoss(torch.autograd.Function):
+    """Forward computes the loss AND its gradients (one pass over the logits); backward scales them.
+
+    d loss / d hidden_i = (softmax(h_i W^T) - onehot(y_i)) W,  d loss / d W = sum_i (p_i - onehot(y_i))^T h_i.
+    Saved for backward: grad_hidden (N, D) in hidden's dtype (+ grad_W fp32 when W is trainable).
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, chunk):
+        want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        total, grad_h, grad_w = _chunked_pass(hidden, weight, labels, chunk, want_h, want_w)
+        ctx.save_for_backward(grad_h, grad_w)
+        ctx.weight_dtype = weight.dtype
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_h, grad_w = ctx.saved_tensors
+        gh = grad_h * grad_out.to(grad_h.dtype) if grad_h is not None else None
+        gw = (grad_w * grad_out).to(ctx.weight_dtype) if grad_w is not None else None
+        return gh, gw, None, None
+
+
+def simple_head(model) -> nn.Linear | None:
+    """The output head when logits are exactly `hidden @ W^T` (else None: use the model's logits)."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if type(head) is not nn.Linear or head.bias is not None or getattr(model, "base_model", model) is model:
+        return None
+    cfg = getattr(model, "config", None)
+    for attr in ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_router_logits"):
+        if getattr(cfg, attr, None) not in (None, False, 1, 1.0):
+            return None
+    return head
+
+
+def lm_loss_sum(model, batch: dict, head: nn.Linear | None = None, fused: bool = False) -> torch.Tensor:
+    """Summed next-token cross-entropy over the batch's target tokens (fp32 scalar).
+
+    batch: the model's forward kwargs plus "labels" (B, T), unshifted (HF convention, -100 = not trained).
+    head: `simple_head(model)`, or None for the model's own logits. fused: on CUDA, the Triton fused
+    linear-cross-entropy kernel (lorafuse.kernels.cross_entropy) instead of the PyTorch chunked pass.
+    """
+    labels = batch["labels"]
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    shifted = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)  # (B, T): row t is scored against token t+1
+    if head is None:
+        logits = model(**inputs, use_cache=False).logits
+        return F.cross_entropy(logits.flatten(0, 1).float(), shifted.flatten(), ignore_index=IGNORE_INDEX,
+                               reduction="sum")
+    from lorafuse.model.host_embedding import head_weight
+
+    hidden = model.base_model(**inputs, use_cache=False).last_hidden_state  # (B, T, D)
+    weight = head_weight(head)  # a head kept in host memory (train.head_on_host) arrives staged for this loss only
+    if fused:
+        from lorafuse.kernels.cross_entropy import fused_linear_cross_entropy
+
+        return fused_linear_cross_entropy(hidden.flatten(0, 1), weight, shifted.flatten(), reduction="sum")
+    return chunked_lm_loss(hidden.flatten(0, 1), weight, shifted.flatten())
+
+
+def count_targets(batch: dict) -> int:
+    """Trained predictions in a batch: labels != -100 after the shift."""
+    if "num_target_tokens" in batch:
+        return int(batch["num_target_tokens"])
+    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+
+def count_inputs(batch: dict) -> int:
+    """Real (non-pad) tokens in a batch."""
+    if "num_tokens" in batch:
+        return int(batch["num_tokens"])
+    mask = batch.get("attention_mask")
+    return int(mask.sum()) if mask is not None and mask.dim() == 2 else batch["input_ids"].numel()

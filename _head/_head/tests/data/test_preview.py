@@ -1,0 +1,53 @@
+"""`lorafuse data preview`: rendered examples with trained/masked tokens, EOS markers, statistics."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+from rich.console import Console
+
+from lorafuse.data.preview import histogram_lines, preview, render_example
+
+
+def _cfg(make_cfg, tmp_path, model_path="unused", **data):
+    return SimpleNamespace(model=SimpleNamespace(path=str(model_path)), data=make_cfg(**data),
+                           output=SimpleNamespace(dir=str(tmp_path / "run")), train=SimpleNamespace(seed=42))
+
+
+def test_preview_prints_examples_markers_and_stats(tiny_tokenizer, make_cfg, tmp_path):
+    console = Console(record=True, width=100, color_system=None)
+    stats = preview(_cfg(make_cfg, tmp_path, num_rows=20), n=2, console=console, tokenizer=tiny_tokenizer)
+    text = console.export_text()
+    assert text.count("example ") == 2 and "[BOS]" in text and text.count("[EOS]") >= 3  # 2 examples + legend
+    assert "### Instruction:" in text and "20 read" in text and "masked" in text and "█" in text
+    assert "cache: miss" in text and (tmp_path / "run" / ".cache").is_dir()  # default cache under output.dir
+    again = Console(record=True, width=100, color_system=None)
+    assert preview(_cfg(make_cfg, tmp_path, num_rows=20), n=1, console=again, tokenizer=tiny_tokenizer).cache_hit
+    assert stats.rows_read == 20
+
+
+def test_preview_loads_the_models_tokenizer(tiny_model_dir, make_cfg, tmp_path):
+    console = Console(record=True, width=100, color_system=None)
+    preview(_cfg(make_cfg, tmp_path, model_path=tiny_model_dir, num_rows=5), n=1, console=console)
+    assert "[EOS]" in console.export_text()
+
+
+def test_render_styles_trained_masked_and_eos(tiny_tokenizer):
+    tok = tiny_tokenizer
+    prompt = tok("### Response:\n")["input_ids"]
+    target = tok("Red.", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    ids = prompt + target
+    labels = [-100] * len(prompt) + target
+    text = render_example(ids, labels, tok)
+    styled = {(text.plain[s.start:s.end], str(s.style)) for s in text.spans}
+    assert ("Red.", "bold green") in styled
+    assert ("[EOS]", "bold black on green") in styled
+    assert ("### Response:\n", "dim") in styled
+    masked_eos = render_example(ids, labels[:-1] + [-100], tok)
+    assert ("[EOS]", "bold white on red") in {(masked_eos.plain[s.start:s.end], str(s.style)) for s in masked_eos.spans}
+
+
+def test_histogram_bars_scale_to_the_largest_bin():
+    lines = histogram_lines([(16, 32, 5), (32, 64, 20), (64, 128, 0)])
+    assert [line.count("█") for line in lines] == [8, 30, 0]
+    assert lines[1].rstrip().endswith("20") and "32-63" in lines[1]

@@ -1,0 +1,108 @@
+"""SwiGLU elementwise kernel and the fused LoRA MLP: outputs and every gradient vs an fp64 oracle."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from lorafuse.kernels import lora_linear as ll
+from lorafuse.kernels.reference import LoRAWeights, swiglu_mlp_reference, swiglu_reference
+from lorafuse.kernels.swiglu_mlp import swiglu, swiglu_mlp
+from lorafuse.quant.nf4 import quantize_nf4
+
+
+@pytest.mark.parametrize("shape,dtype", [((7, 48), torch.float32), ((3, 5, 33), torch.float16)])
+def test_swiglu_parity(shape, dtype, device, parity):
+    gen = torch.Generator().manual_seed(0)
+    g, u, dh = (torch.randn(shape, generator=gen).mul(3).to(device) for _ in range(3))
+
+    def run(fn, dt):
+        a, b = g.to(dt).requires_grad_(), u.to(dt).requires_grad_()
+        h = fn(a, b)
+        h.backward(dh.to(dt))
+        return {"h": h.detach(), "dg": a.grad, "du": b.grad}
+
+    oracle, ref, got = run(swiglu_reference, torch.float64), run(swiglu_reference, dtype), run(swiglu, dtype)
+    for name in oracle:
+        parity(f"swiglu/{dtype}/{name}", got[name], ref[name], oracle[name])
+
+
+def _proj(k, n, r, base, dropout, seed, device, lora=True):
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=gen) / k**0.5
+    return LoRAWeights(
+        weight=quantize_nf4(w.to(device)) if base == "nf4" else w.to(device),
+        lora_A=(torch.randn(r, k, generator=gen) / k**0.5).to(device).requires_grad_() if lora else None,
+        lora_B=(torch.randn(n, r, generator=gen) / r**0.5).to(device).requires_grad_() if lora else None,
+        scaling=2.0, dropout_p=dropout, seed=100 + seed if dropout else None)
+
+
+def _as(lw: LoRAWeights, dtype, oracle=False) -> LoRAWeights:
+    w = lw.weight
+    if oracle:
+        w = (w.dequantize(torch.float32) if lw.is_nf4 else w).double()
+    elif not lw.is_nf4:
+        w = w.to(dtype)
+    ldt = torch.float64 if oracle else None
+
+    def leaf(t):
+        return None if t is None else t.detach().to(ldt or t.dtype).clone().requires_grad_()
+
+    return dataclasses.replace(lw, weight=w, lora_A=leaf(lw.lora_A), lora_B=leaf(lw.lora_B))
+
+
+def _run(fn, x, projs, dy, dtype):
+    x = x.detach().to(dtype).requires_grad_()
+    y = fn(x, *projs)
+    y.backward(dy.to(dtype))
+    out = {"y": y.detach(), "dx": x.grad}
+    for name, lw in zip(("gate", "up", "down"), projs, strict=True):
+        if lw.has_lora:
+            out[f"{name}.dA"], out[f"{name}.dB"] = lw.lora_A.grad, lw.lora_B.grad
+    return out
+
+
+def _check(base, path, dropout, dtype, dims, device, monkeypatch, parity, lora_on_up=True):
+    monkeypatch.setattr(ll, "NF4_FUSED_MAX_M", 10**9 if path == "fused" else 0)
+    monkeypatch.setattr(ll, "DENSE_FUSED_MAX_M", 10**9 if path == "fused" else 0)
+    m, d, f, r = dims
+    projs = (_proj(d, f, r, base, dropout, 1, device), _proj(d, f, r, base, dropout, 2, device, lora_on_up),
+             _proj(f, d, r, base, dropout, 3, device))
+    gen = torch.Generator().manual_seed(0)
+    x, dy = torch.randn(m, d, generator=gen).to(device), torch.randn(m, d, generator=gen).to(device)
+    oracle = _run(swiglu_mlp_reference, x, [_as(p, None, True) for p in projs], dy, torch.float64)
+    ref = _run(swiglu_mlp_reference, x, [_as(p, dtype) for p in projs], dy, dtype)
+    got = _run(swiglu_mlp, x, [_as(p, dtype) for p in projs], dy, dtype)
+    assert set(got) == set(oracle)
+    for name in oracle:
+        parity(f"mlp/{base}/{path}/p={dropout}/{dtype}/{name}", got[name], ref[name], oracle[name])
+
+
+@pytest.mark.parametrize("base,path,dropout,dtype,dims,lora_on_up", [
+    ("dense", "cublas", 0.0, torch.float32, (19, 32, 48, 4), False),   # up_proj without LoRA
+    ("nf4", "fused", 0.1, torch.float16, (16, 32, 40, 8), True),
+])
+def test_swiglu_mlp_parity(base, path, dropout, dtype, dims, lora_on_up, device, monkeypatch, parity):
+    _check(base, path, dropout, dtype, dims, device, monkeypatch, parity, lora_on_up)
+
+
+def test_mlp_saves_x_e_g_and_s_only_and_refuses_second_backward(device):
+    projs = [_proj(32, 48, 4, "dense", 0.0, i, device) for i in (1, 2)] + [_proj(48, 32, 4, "dense", 0.0, 3, device)]
+    x = torch.randn(16, 32, device=device, requires_grad=True)
+    y = swiglu_mlp(x, *projs)
+    fn = y.grad_fn.next_functions[0][0]
+    assert [tuple(t.shape) for t in fn.saved_tensors] == [(16, 32), (16, 48), (16, 48), (16, 4), (16, 4), (16, 4)]
+    y.sum().backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="backward twice"):
+        y.sum().backward()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dims", [(2048, 4096, 11008, 16), (1000, 4096, 14336, 8)])
+@pytest.mark.parametrize("base", ["dense", "nf4"])
+@pytest.mark.parametrize("path", ["cublas", "fused"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_swiglu_mlp_parity_gpu(dims, base, path, dtype, monkeypatch, parity):
+    _check(base, path, 0.05, dtype, dims, torch.device("cuda"), monkeypatch, parity)

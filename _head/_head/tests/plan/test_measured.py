@@ -1,0 +1,38 @@
+"""Predictions against measured GPU peaks (issue C item 2: within 10%), from benchmarks/measured_memory.jsonl."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from lorafuse.plan.measured import MEASURED_FILE, read_measured, workload_from_record, workload_to_record
+from lorafuse.plan.memory import GIB, Workload, estimate
+from lorafuse.plan.shapes import load_shape
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_predictions_within_10_percent_of_measurements():
+    rows = read_measured(ROOT / MEASURED_FILE)
+    if not rows:
+        pytest.skip(f"{MEASURED_FILE} holds no GPU measurements yet: run `lorafuse bench` on a GPU (it appends "
+                    "one row per lorafuse run) and commit the file")
+    misses = []
+    for row in rows:
+        predicted = estimate(workload_from_record(row["workload"])).peak_alloc / GIB
+        measured = row["measured_peak_alloc_gib"]
+        if abs(predicted - measured) > 0.10 * measured:
+            misses.append(f"{row['workload']['shape']} {row['workload']['method']} mb={row['workload']['micro_batch']} "
+                          f"seq={row['workload']['seq']} ck={row['workload']['checkpointing']} on {row.get('card')}: "
+                          f"predicted {predicted:.2f} GiB, measured {measured:.2f} GiB")
+    assert not misses, "\n".join(misses)
+
+
+def test_record_round_trip():
+    w = Workload(load_shape("llama3-8b"), method="lora", micro_batch=2, seq=1024, targets=("q_proj", "v_proj"),
+                 checkpointing="off", kernels="fused")
+    back = workload_from_record(workload_to_record(w))
+    assert back == w and estimate(back).peak == estimate(w).peak
+    with pytest.raises(ValueError, match="unknown workload keys"):
+        workload_from_record({**workload_to_record(w), "batch": 4})
