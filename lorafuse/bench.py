@@ -205,9 +205,7 @@ def _row(args, run_id: str, stack: str, method: str, probe: dict, result: dict, 
            "tokens_per_s": None, "peak_alloc_gib": None, "peak_reserved_gib": None,
            "random_init": args.random_init, "budget_gib": args.budget_gib,
            "embeddings_on_host": args.host_embeddings, "head_on_host": args.host_head,
-           "uncheckpointed_layers": args.keep_layers}
-    if stack != "lorafuse":  # lorafuse's own switches: the peers run plain checkpointing without them
-        row.update(gc=bool(row["gc"]), embeddings_on_host=None, head_on_host=None, uncheckpointed_layers=None)
+            "uncheckpointed_layers": args.keep_layers}
     if stack == "lorafuse" and method != "full":
         row["predicted_peak_alloc_gib"] = round(_predicted(args, method, result), 4)
     row.update(result)

@@ -106,33 +106,6 @@ def tuned(configs: list, key: list[str], interpret_meta: dict, fixed: int = -1, 
     return wrap
 
 
-_FP32_OUT: dict = {}
-
-
-def gemm_fp32_out(device: torch.device) -> bool:
-    """Can this CUDA device's torch write a 16-bit GEMM's fp32 accumulator straight out (`torch.mm(a, b,
-    out_dtype=torch.float32)`, and addmm's with alpha and beta = 0, cuBLAS; torch >= 2.8)? Probed once per device on
-    a tiny product, checked against the fp32 one; False on a CPU or where a call is missing or wrong."""
-    key = str(device)
-    if key not in _FP32_OUT:
-        ok = False
-        if torch.device(device).type == "cuda":
-            try:
-                a = torch.arange(24, dtype=torch.float32, device=device).view(4, 6).div_(7)
-                b = torch.arange(30, dtype=torch.float32, device=device).view(6, 5).div_(5)
-                a16, b16 = a.bfloat16(), b.bfloat16()
-                want = a16.float() @ b16.float()
-                got = torch.mm(a16, b16, out_dtype=torch.float32)
-                out = torch.full_like(want, float("nan"))  # beta = 0 must not read it
-                torch.addmm(out, a16, b16, out_dtype=torch.float32, beta=0, alpha=2.0, out=out)
-                ok = got.dtype == out.dtype == torch.float32 and torch.allclose(got, want, rtol=1e-5, atol=1e-5) \
-                    and torch.allclose(out, 2 * want, rtol=1e-5, atol=1e-5)
-            except (RuntimeError, TypeError):
-                ok = False
-        _FP32_OUT[key] = ok
-    return _FP32_OUT[key]
-
-
 def autocast_off(fn):
     """For an autograd Function's forward/backward: run with autocast disabled on the tensors' device.
 

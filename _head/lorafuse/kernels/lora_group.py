@@ -106,7 +106,7 @@ def group_forward(x: torch.Tensor, opss: list[Operands]):
             torch.mm(x, w.t(), out=out)
     for o, s, cols in zip(opss, ss, slices):
         if s is not None:
-            y[:, cols].addmm_(s, o.b_scaled.t())
+            y[:, cols].addmm_(s, o.b.t(), alpha=o.lw.scaling)
     return y, ss
 
 
@@ -145,16 +145,14 @@ class LoRAGroupFunction(torch.autograd.Function):
         opss = [Operands(lw, x.dtype) for lw in specs]
         y, ss = group_forward(x, opss)
         ctx.specs = specs
-        ctx.save_for_backward(x, *ss, *(t for o in opss for t in o.casts()))
+        ctx.save_for_backward(x, *ss)
         return tuple(y[:, cols] for cols in _slices(opss))
 
     @staticmethod
     @_runtime.autocast_off
     def backward(ctx, *dys):
-        x, *rest = ctx.saved_tensors
-        n = len(ctx.specs)
-        ss, casts = rest[:n], rest[n:]
-        opss = [Operands(lw, x.dtype, casts[2 * i:2 * i + 2]) for i, lw in enumerate(ctx.specs)]
+        x, *ss = ctx.saved_tensors
+        opss = [Operands(lw, x.dtype) for lw in ctx.specs]
         dys = [dy.contiguous() for dy in dys]
         grads, dss = [], []
         for dy, s, o in zip(dys, ss, opss):

@@ -5,13 +5,13 @@ Intermediate S = drop(x) A^T (M, r) is the only LoRA tensor that touches memory 
 
 Forward, per shape (see `dispatch`):
     S  = x A^T                      torch.mm, or dropout+GEMM in one Triton pass when p > 0
-    y  = x W^T + b;  y += S Bs^T    cuBLAS: addmm into y, then addmm_ of the rank-r term (no temporary);
+    y  = x W^T + b;  y += s S B^T   cuBLAS: addmm into y, then addmm_ of the rank-r term (no temporary);
                                     W NF4 -> dequantized into the shared buffer first (`dequant_buffer`)
     or y = fused_gemm(...)          one Triton GEMM, the rank-r product added in the same fp32
                                     accumulator; NF4 decoded inside the tiles (never written to memory)
-Bs = s B (N x r) in the compute dtype (one kernel: fp32 product, one rounding). Backward (dY (M, N)):
+Backward (dY (M, N)); with Bs = s B (cast once, r x N):
     dS = dY Bs                      (M, r)
-    dB = s dY^T S                   (N, r)   from the saved S, no recompute; s applied in the GEMM (alpha)
+    dB = s dY^T S                   (N, r)   from the saved S, no recompute
     dA = dS^T drop(x)               (r, K)   torch.mm, or the Triton kernel regenerating the mask
     dx = dY W + drop'(dS A)         cuBLAS mm + addmm_ (or + a masked Triton pass), or one fused GEMM
     db = sum_m dY                   only when the bias is trainable (never for LoRA bases)
@@ -20,14 +20,12 @@ GEMM launches: forward 3 on the cuBLAS path (x A^T, x W^T, the addmm_ of S B^T) 
 forms dS and dB from a single read of dY (LoRAFusion's third fusion; off until measured faster). Every
 rank-r product is bracketed small-first: no intermediate of size (M, K), (M, N) or (N, K) besides y, dx.
 
-Saved for backward: x and S (M x r, 0.4% of x at r = 16 and K = 4096), and the forward's casts of A and Bs
-(r x (K + N) each in the compute dtype: ~260 KB at 4096 / r = 16), so the backward launches no cast (four
-fewer small kernels per projection: ~900 a step at Llama-2-7B). Not saved: the dequantized W,
+Saved for backward: x and S (M x r, 0.4% of x at r = 16 and K = 4096). Not saved: the dequantized W,
 the dropout mask or the dropped x (the mask is a counter hash of (seed, element), regenerated), any
 (M, N) temporary.
 
 Dtype policy: the compute dtype is x.dtype (bf16/fp16/fp32); fp32 accumulation everywhere. The LoRA
-matrices stay fp32 masters: each forward (and checkpoint recompute) casts A and s B to the compute
+matrices stay fp32 masters: each call casts A and B (r x (K + N), ~260 KB at 4096/r=16) to the compute
 dtype, the gradients come back cast to the masters' dtype, and the optimizer steps the fp32 masters.
 (peft instead runs the LoRA branch in fp32; for fp32 models the two are the same math. Dropout masks
 come from our hash, not torch's RNG.)
@@ -67,18 +65,12 @@ def dispatch(m: int, is_nf4: bool) -> str:
 
 
 class Operands:
-    """One LoRAWeights in the compute dtype for one forward or backward call.
+    """One LoRAWeights in the compute dtype for one forward or backward call."""
 
-    `casts`: (A, s B) in the compute dtype as a forward made them (`casts()`, saved for backward), so the
-    backward launches no cast of its own. Under checkpointing the forward's saved casts are dropped and the
-    recompute makes them again, right before the layer's backward."""
-
-    def __init__(self, lw: LoRAWeights, dtype: torch.dtype, casts: tuple | None = None):
+    def __init__(self, lw: LoRAWeights, dtype: torch.dtype):
         self.lw, self.dtype = lw, dtype
         self.bias = None if lw.bias is None else lw.bias.to(dtype)
         self.drop = Dropout(lw.dropout_p, lw.seed) if lw.has_lora and lw.dropout_p > 0 else None
-        if casts is not None:
-            self.__dict__["a"], self.__dict__["b_scaled"] = casts  # the cached properties' slots
 
     @functools.cached_property
     def a(self) -> torch.Tensor | None:
@@ -86,17 +78,8 @@ class Operands:
         return self.lw.lora_A.to(self.dtype) if self.lw.has_lora else None
 
     @functools.cached_property
-    def b_scaled(self) -> torch.Tensor | None:
-        """s B (N, r) in the compute dtype: one kernel (the product in fp32, rounded once on the store)."""
-        lw = self.lw
-        if not lw.has_lora:
-            return None
-        return torch.mul(lw.lora_B, lw.scaling, out=torch.empty(lw.lora_B.shape, dtype=self.dtype,
-                                                               device=lw.lora_B.device))
-
-    def casts(self) -> tuple:
-        """(A, s B) in the compute dtype, for save_for_backward (None, None without LoRA)."""
-        return self.a, self.b_scaled
+    def b(self) -> torch.Tensor | None:
+        return self.lw.lora_B.to(self.dtype) if self.lw.has_lora else None
 
     def base(self, m: int) -> dict:
         """fused_gemm's weight arguments when m tokens take the fused path, else {}."""
@@ -148,7 +131,7 @@ def lora_forward(x: torch.Tensor, ops: Operands):
     y = torch.empty(x.shape[0], lw.out_features, dtype=ops.dtype, device=x.device)
     fused = ops.base(x.shape[0])
     if fused:
-        lora = {} if s is None else {"s": s, "rhs": ops.b_scaled.t(), "l_scale": 1.0}
+        lora = {} if s is None else {"s": s, "rhs": ops.b.t(), "l_scale": lw.scaling}
         fused_gemm(y, x, transpose_w=True, bias=ops.bias, **fused, **lora)
         return y, s
     w = ops.dense()
@@ -157,7 +140,7 @@ def lora_forward(x: torch.Tensor, ops: Operands):
     else:
         torch.mm(x, w.t(), out=y)
     if s is not None:
-        y.addmm_(s, ops.b_scaled.t())
+        y.addmm_(s, ops.b.t(), alpha=lw.scaling)
     return y, s
 
 
@@ -175,34 +158,21 @@ def lora_grad_s_b(dy: torch.Tensor, s: torch.Tensor | None, ops: Operands):
     lw = ops.lw
     if not lw.has_lora:
         return None, None
-    b_scaled = ops.b_scaled
+    b_scaled = (lw.lora_B.float() * lw.scaling).to(ops.dtype)
     if FUSED_DS_DB:
         ds, d_b = grad_s_b(dy, s, b_scaled, lw.scaling)
         return ds, d_b.to(lw.lora_B.dtype)
     ds = torch.mm(dy, b_scaled)
-    return ds, weight_grad(dy.t(), s, lw.lora_B.dtype, lw.scaling)
-
-
-def weight_grad(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype, alpha: float = 1.0) -> torch.Tensor:
-    """alpha a b for a LoRA master of `dtype`: on CUDA the GEMM writes its fp32 accumulator out directly
-    (`out_dtype`, no cast kernel, no rounding to the compute dtype first); elsewhere the product in the compute
-    dtype, scaled in the GEMM (alpha), then cast."""
-    if dtype == torch.float32 and a.dtype != dtype and a.is_cuda and _runtime.gemm_fp32_out(a.device):
-        if alpha == 1.0:
-            return torch.mm(a, b, out_dtype=dtype)
-        out = torch.empty(a.shape[0], b.shape[1], dtype=dtype, device=a.device)
-        return torch.addmm(out, a, b, out_dtype=dtype, beta=0, alpha=alpha, out=out)
-    out = torch.empty(a.shape[0], b.shape[1], dtype=a.dtype, device=a.device)
-    return torch.addmm(out, a, b, beta=0, alpha=alpha, out=out).to(dtype)
+    d_b = torch.mm(dy.t(), s).to(lw.lora_B.dtype).mul_(lw.scaling)
+    return ds, d_b
 
 
 def lora_grad_a(ds: torch.Tensor | None, x: torch.Tensor, ops: Operands):
     """dA = dS^T drop(x) (r, K) in the masters' dtype."""
     if ds is None:
         return None
-    if ops.drop is not None:
-        return dropout_grad_a(ds, x, ops.drop).to(ops.lw.lora_A.dtype)  # fp32 from the kernel
-    return weight_grad(ds.t(), x, ops.lw.lora_A.dtype)
+    d_a = dropout_grad_a(ds, x, ops.drop) if ops.drop is not None else torch.mm(ds.t(), x)
+    return d_a.to(ops.lw.lora_A.dtype)
 
 
 def bias_grad(dy: torch.Tensor, ops: Operands):
@@ -253,14 +223,14 @@ class LoRALinearFunction(torch.autograd.Function):
         ops = Operands(lw, x.dtype)
         y, s = lora_forward(x, ops)
         ctx.lw = lw
-        ctx.save_for_backward(x, s, *ops.casts())
+        ctx.save_for_backward(x, s)
         return y
 
     @staticmethod
     @_runtime.autocast_off
     def backward(ctx, dy):
-        x, s, *casts = ctx.saved_tensors
-        ops = Operands(ctx.lw, x.dtype, casts)
+        x, s = ctx.saved_tensors
+        ops = Operands(ctx.lw, x.dtype)
         dx, d_a, d_b, d_bias = lora_backward(dy.contiguous(), x, s, ops, ctx.needs_input_grad[0])
         return dx, None, d_bias, d_a, d_b, None
 

@@ -9,8 +9,7 @@ Backward (dY (M, D)):
        h over dh, de = dh * g * silu'(e) over e, dg = dh * silu(e) over g   (no new (M, F) tensor)
     down's dA uses the recomputed h; dx = gate's input gradient of de + up's of dg, accumulated in one
     buffer; LoRA dA/dB of each projection as in lora_linear.py.
-Saved for backward: x, e, g (in the compute dtype), the three (M, r) S tensors and the projections' casts of
-A and s B (lora_linear.Operands.casts). Not saved: h,
+Saved for backward: x, e, g (in the compute dtype) and the three (M, r) S tensors. Not saved: h,
 silu(e), any dequantized weight, any dropout mask. Peft + autograd keeps about four (M, F) tensors
 (silu input and output, up output, product) plus per-projection dropout copies and (M, r) LoRA
 intermediates; this keeps two.
@@ -137,7 +136,7 @@ class SwiGLUMLPFunction(torch.autograd.Function):
         else:
             y, s_d = lora_forward(h, down)
         ctx.specs, ctx.consumed = specs, False
-        ctx.save_for_backward(x, e, g, s_g, s_u, s_d, *gate.casts(), *up.casts(), *down.casts())
+        ctx.save_for_backward(x, e, g, s_g, s_u, s_d)
         return y
 
     @staticmethod
@@ -147,8 +146,8 @@ class SwiGLUMLPFunction(torch.autograd.Function):
             raise RuntimeError("the fused LoRA MLP reuses its saved activations in backward and cannot run "
                                "backward twice; do not pass retain_graph=True through it (or turn the fast path off)")
         ctx.consumed = True
-        x, e, g, s_g, s_u, s_d, *casts = ctx.saved_tensors
-        gate, up, down = (Operands(lw, x.dtype, casts[2 * i:2 * i + 2]) for i, lw in enumerate(ctx.specs))
+        x, e, g, s_g, s_u, s_d = ctx.saved_tensors
+        gate, up, down = (Operands(lw, x.dtype) for lw in ctx.specs)
         dy = dy.contiguous()
         ds_d, db_d = lora_grad_s_b(dy, s_d, down)
         dh = lora_input_grad(dy, ds_d, down)

@@ -113,8 +113,7 @@ def test_dropout_mask_matches_reference(device):
 
 
 def test_saves_only_x_and_s(device, monkeypatch):
-    """The memory claim: backward keeps x, the (M, r) S and the forward's casts of A (r, K) and s B (N, r) in the
-    compute dtype (so the backward casts nothing), nothing of size M x N or N x K."""
+    """The memory claim: backward keeps x and the (M, r) S, nothing of size M x N or N x K."""
     monkeypatch.setattr(ll, "NF4_FUSED_MAX_M", 0)
     x, lw, _ = _problem(ALIGNED, "nf4", 0.25, False, device)
     x.requires_grad_()
@@ -122,12 +121,8 @@ def test_saves_only_x_and_s(device, monkeypatch):
     fn = y.grad_fn.next_functions[0][0]  # under the reshape back to (..., N)
     assert type(fn).__name__ == "LoRALinearFunctionBackward"
     saved = fn.saved_tensors
-    r = lw.lora_A.shape[0]
-    assert [tuple(t.shape) for t in saved] == [tuple(x.shape), (x.shape[0], r), tuple(lw.lora_A.shape),
-                                               tuple(lw.lora_B.shape)]
+    assert [tuple(t.shape) for t in saved] == [tuple(x.shape), (x.shape[0], lw.lora_A.shape[0])]
     assert saved[0].data_ptr() == x.data_ptr()
-    assert torch.equal(saved[2], lw.lora_A.to(x.dtype))
-    assert torch.equal(saved[3], (lw.lora_B.float() * lw.scaling).to(x.dtype))
 
 
 def test_autocast_does_not_change_the_op(device, monkeypatch):
@@ -198,24 +193,3 @@ def test_lora_linear_with_a_device_seed(base, path, device, monkeypatch, parity)
     other = _run(ll.lora_linear, x, _cast(dataclasses.replace(lw, seed=DropoutSeed(lw.seed.base, 4)),
                                             torch.float32), dy, torch.float32)
     assert not torch.equal(other["y"], got["y"]), "another module offset, another mask"
-
-
-@pytest.mark.gpu
-def test_weight_grads_come_out_of_the_gemm_in_fp32():
-    """On CUDA the LoRA weight gradients (dA, and dB with the LoRA scaling as the GEMM's alpha) are written in
-    fp32 straight from the accumulator: no cast kernel, and closer to the exact product than rounding it to bf16
-    first (the CPU path's numbers)."""
-    from lorafuse.kernels import _runtime
-
-    dev = torch.device("cuda")
-    assert _runtime.gemm_fp32_out(dev), "torch on this GPU lacks mm/addmm with out_dtype"
-    g = torch.Generator(device=dev).manual_seed(0)
-    a = torch.randn(16, 2048, device=dev, generator=g).bfloat16()
-    b = torch.randn(2048, 4096, device=dev, generator=g).bfloat16()
-    for alpha in (1.0, 2.0, 0.7):
-        exact = (a.double() @ b.double()) * alpha
-        got = ll.weight_grad(a, b, torch.float32, alpha)
-        rounded = (a @ b).float() * alpha
-        assert got.dtype == torch.float32
-        err, err_rounded = [float((t.double() - exact).norm() / exact.norm()) for t in (got, rounded)]
-        assert err < err_rounded / 10, (alpha, err, err_rounded)
