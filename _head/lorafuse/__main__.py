@@ -1,3 +1,0 @@
-from lorafuse.cli import main
-
-raise SystemExit(main())
