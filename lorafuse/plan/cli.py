@@ -22,6 +22,7 @@ _LABELS = {
     "activations": "saved activations (checkpointing {ck})",
     "recompute": "one layer recomputed in backward",
     "backward_workspace": "backward buffers (+ NF4 dequant)",
+    "forward_workspace": "one layer's forward buffers (+ NF4 dequant)",
     "logits_loss": "logits / loss workspace ({loss})",
     "allocator_slack": "caching-allocator slack (estimate)",
     "cuda_context": "CUDA context (estimate)",

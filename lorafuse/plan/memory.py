@@ -76,7 +76,8 @@ Transient buffers at the peak
     loss-phase workspace was 0.515 GiB for Qwen2.5-1.5B at 4096 tokens (5 chunks) and 0.535 GiB for
     TinyLlama at 8192 (2 chunks), vs 0.338 GiB for Llama-2-7B at 4096 (one chunk).
 Peak = static + max(end of forward: saved + loss; backward of the top layer: saved (less the final norm's,
-already freed) + recompute + transients; optimizer step: all gradients), each phase with the gradients alive
+already freed) + recompute + transients; optimizer step: all gradients; with the head staged from host memory,
+also a late layer's forward: saved + head + that layer's forward buffers), each phase with the gradients alive
 then (`gradient_bytes`: with one micro-batch per step, only the top layer's at the top layer's backward).
 Reported peak_alloc is what torch.cuda.max_memory_allocated would show; the GPU total adds the CUDA context
 (not seen by the allocator) and the caching allocator's slack (reserved but free). Both are rough constants,
@@ -299,12 +300,28 @@ def layer_saved_bytes(w: Workload) -> int:
     return 2 * 4 * D + attention + 3 * c * F + _lora_input_bytes(w)
 
 
+def layer_saved_constant_bytes(w: Workload) -> int:
+    """Bytes one decoder layer saves whatever the token count: the fused LoRA ops keep the forward's casts of A
+    and s B in the compute dtype for the backward (kernels/lora_linear.py), c r (in + out) per projection."""
+    if w.kernels != "fused" or w.method == "full":
+        return 0
+    return w.compute_bytes * w.r * sum(lin.in_features + lin.out_features for lin in targeted(w))
+
+
 def layer_transient_bytes(w: Workload) -> int:
     """Bytes per token of the buffers one layer's backward allocates (estimate, module docstring)."""
     c, F, D = w.compute_bytes, w.shape.intermediate_size, w.shape.hidden_size
     if w.kernels == "fused":
         return c * F + 2 * c * D
     return (w.lora_bytes + 3 * c) * F + 2 * c * D
+
+
+def forward_transient_bytes(w: Workload) -> int:
+    """Bytes per token one layer's forward allocates on top of what it saves (module docstring): the fused MLP
+    holds its gate and up outputs and their SwiGLU product (3 c F) with the norm's output and the MLP's output
+    (2 c D); the reference MLP also the SiLU output (4 c F + 2 c D)."""
+    c, F, D = w.compute_bytes, w.shape.intermediate_size, w.shape.hidden_size
+    return (3 if w.kernels == "fused" else 4) * c * F + 2 * c * D
 
 
 def loss_bytes(w: Workload) -> int:
@@ -347,32 +364,39 @@ def estimate(w: Workload) -> Estimate:
               "cublas_workspace": CUBLAS_WORKSPACE_BYTES}
     grads = gradient_bytes(w)
     per_layer = layer_saved_bytes(w)
+    per_layer_fixed = layer_saved_constant_bytes(w)
     # The final norm is outside the checkpoints: HF's keeps an fp32 copy of its input, the fused one x and 1/rms.
     final_norm = (c * s.hidden_size + 4 if w.kernels == "fused" else 4 * s.hidden_size) * n
     kept = kept_layers(w)  # layers outside the checkpoints: their whole saved set, not just their input
     if w.checkpointing == "off":
-        saved = s.num_layers * per_layer * n + final_norm
+        saved = s.num_layers * (per_layer * n + per_layer_fixed) + final_norm
     elif w.checkpointing == "on":
-        saved = (s.num_layers - kept) * c * s.hidden_size * n + kept * per_layer * n + final_norm
+        saved = (s.num_layers - kept) * c * s.hidden_size * n + kept * (per_layer * n + per_layer_fixed) + final_norm
     else:
-        saved = 3 * c * s.hidden_size * n + kept * per_layer * n + final_norm
+        saved = 3 * c * s.hidden_size * n + kept * (per_layer * n + per_layer_fixed) + final_norm
     if w.padded:
         saved += w.micro_batch * w.seq ** 2
     # fused: the recomputed input_layernorm saves the layer input the checkpoint holds (module docstring)
     held = c * s.hidden_size if w.kernels == "fused" else 0
-    recompute = 0 if w.checkpointing == "off" else (per_layer - held) * n
+    recompute = 0 if w.checkpointing == "off" else (per_layer - held) * n + per_layer_fixed
     transient = layer_transient_bytes(w) * n + dequant_bytes(w)
     # The final norm's saved tensors are freed by its backward, before the top layer's.
     # a head kept in host memory is staged on the device from the middle of the forward to the end of the loss
     staged = c * s.head_params if host_head(w) else 0
+    # With the head staged, the forward of the layers after the middle one can top the loss and the backward:
+    # the head, every layer input saved so far and one layer's forward buffers (measured at 7B 4 x 512 with
+    # offload and both tables on the host: the peak inside layers 16-31's forward, NOTES.md session 5).
+    forward = {"gradients": grads["loss"], "activations": saved - final_norm, "head_staged": staged,
+               "forward_workspace": forward_transient_bytes(w) * n + dequant_bytes(w)} if staged else {}
     phases = (("loss", {"gradients": grads["loss"], "activations": saved, "logits_loss": loss_bytes(w),
                         "head_staged": staged}),
+              ("forward", forward),
               ("backward", {"gradients": grads["backward"], "activations": saved - final_norm,
                             "recompute": recompute, "backward_workspace": transient}),
               ("optimizer step", {"gradients": grads["optimizer"]}))
     phase, dynamic = max(phases, key=lambda kv: sum(kv[1].values()))
     dynamic = {k: dynamic.get(k, 0) for k in ("gradients", "activations", "recompute", "backward_workspace",
-                                                "logits_loss", "head_staged")}
+                                                "forward_workspace", "logits_loss", "head_staged")}
     components = {**static, **dynamic}
     peak_alloc = sum(components.values())
     slack = int(ALLOCATOR_SLACK * peak_alloc)

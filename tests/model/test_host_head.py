@@ -85,8 +85,9 @@ def test_the_copy_is_staged_once_per_training_forward_never_in_the_recompute(che
 @pytest.mark.parametrize("shape,batch,seq,moved", [("llama2-7b", 4, 512, True), ("llama3-8b", 2, 2048, True),
                                                    ("llama3.2-1b", 4, 512, False)])
 def test_planner_takes_the_head_off_the_backward_only(shape, batch, seq, moved):
-    """The head's bytes leave the static weights and come back in the loss phase (staged there), so the
-    prediction drops by the head exactly when the backward is the peak phase; a tied head never moves."""
+    """The head's bytes leave the static weights and come back while it is staged (the loss, and the forward of
+    the layers after the middle one), so the prediction drops by at most the head when the backward is the peak
+    phase; a tied head never moves."""
     s = builtin_shape(shape)
     kw = dict(micro_batch=batch, seq=seq, kernels="fused", loss="fused", checkpointing="offload", dropout=0.0,
               grad_accum=1, cuda_graphs=True, padded=False)
@@ -97,7 +98,7 @@ def test_planner_takes_the_head_off_the_backward_only(shape, batch, seq, moved):
     est_gpu, est_host = estimate(on_gpu), estimate(on_host)
     if moved:
         assert est_gpu.phase == "backward" and est_host.components["head_staged"] == (
-            head if est_host.phase == "loss" else 0)
+            head if est_host.phase in ("loss", "forward") else 0)
         backward = sum(v for k, v in est_gpu.components.items() if k not in ("allocator_slack", "cuda_context"))
         assert est_host.peak_alloc < backward
         assert est_host.peak_alloc >= backward - head  # the head leaves the backward, nothing more

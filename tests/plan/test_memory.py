@@ -177,8 +177,8 @@ def test_checkpointing_and_chunked_loss_shrink_the_peak():
 
 def test_qlora_is_smaller_than_lora_by_the_linear_weights():
     shape = load_shape("llama2-7b")
-    q, l = estimate(Workload(shape, method="qlora")), estimate(Workload(shape, method="lora"))
-    saved = l.components["weights_16bit"] - q.components["weights_16bit"]
+    q, lo = estimate(Workload(shape, method="qlora")), estimate(Workload(shape, method="lora"))
+    saved = lo.components["weights_16bit"] - q.components["weights_16bit"]
     assert saved == 2 * shape.linear_params
     exact = shape.linear_params * 4.127 / 8  # research/speed-anchors.md s.7: 3.11 GiB of tensor bytes
     mlp_weights = 3 * shape.num_layers  # 21.5 MiB of packed codes each, booked as 22 MiB blocks

@@ -15,7 +15,7 @@ import sys
 import pytest
 import torch
 
-from lorafuse.plan.memory import Workload, gradient_bytes, layer_saved_bytes
+from lorafuse.plan.memory import Workload, gradient_bytes, layer_saved_bytes, layer_saved_constant_bytes
 from lorafuse.plan.shapes import ModelShape
 
 _FUSED_SAVED = r"""
@@ -56,15 +56,16 @@ def saved(num_layers, padded):
 out = {}
 for padded in (False, True):
     three, cfg = saved(3, padded)
-    out[str(padded)] = (three - saved(2, padded)[0]) / (batch * seq)
-print(json.dumps({"per_token": out, "config": cfg}))
+    out[str(padded)] = three - saved(2, padded)[0]
+print(json.dumps({"layer_bytes": out, "config": cfg, "tokens": batch * seq}))
 """
 
 
 @pytest.mark.slow
 def test_fused_layer_saves_what_the_planner_counts():
-    """One more decoder layer under the fast path adds exactly layer_saved_bytes(kernels="fused"): the attention
-    output is saved once (SDPA's output IS o_proj's input), the norms keep x + 1/rms, the MLP x, e, g and S."""
+    """One more decoder layer under the fast path adds exactly layer_saved_bytes(kernels="fused") per token plus
+    layer_saved_constant_bytes: the attention output is saved once (SDPA's output IS o_proj's input), the norms
+    keep x + 1/rms, the MLP x, e, g and S, and each projection its casts of A and s B."""
     if importlib.util.find_spec("triton") is None:
         pytest.skip("triton is not installed")
     env = {**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""}
@@ -73,7 +74,10 @@ def test_fused_layer_saves_what_the_planner_counts():
     got = json.loads(out.stdout.strip().splitlines()[-1])
     w = Workload(ModelShape.from_config(got["config"]), method="lora", micro_batch=2, seq=8, r=8, dropout=0.0,
                  compute_bytes=2, lora_bytes=4, checkpointing="off", kernels="fused", loss="fused")
-    assert got["per_token"] == {str(p): layer_saved_bytes(w.with_(padded=p)) for p in (False, True)}
+    fixed = layer_saved_constant_bytes(w)
+    assert fixed > 0
+    assert got["layer_bytes"] == {str(p): layer_saved_bytes(w.with_(padded=p)) * got["tokens"] + fixed
+                                  for p in (False, True)}
 
 
 def _grad_bytes(model) -> int:
