@@ -311,15 +311,12 @@ def layer_saved_constant_bytes(w: Workload) -> int:
 def layer_transient_bytes(w: Workload) -> int:
     """Bytes per token of the buffers one layer's backward allocates (estimate, module docstring)."""
     c, F, D = w.compute_bytes, w.shape.intermediate_size, w.shape.hidden_size
-    if w.kernels == "fused":
-        return c * F + 2 * c * D
-    return (w.lora_bytes + 3 * c) * F + 2 * c * D
+    return (c if w.kernels == "fused" else w.lora_bytes + 3 * c) * F + 2 * c * D
 
 
 def forward_transient_bytes(w: Workload) -> int:
-    """Bytes per token one layer's forward allocates on top of what it saves (module docstring): the fused MLP
-    holds its gate and up outputs and their SwiGLU product (3 c F) with the norm's output and the MLP's output
-    (2 c D); the reference MLP also the SiLU output (4 c F + 2 c D)."""
+    """Bytes per token one layer's forward holds besides what it saves: gate and up outputs and their SwiGLU
+    product (3 c F; the reference MLP also the SiLU output), the norm's and the MLP's outputs (2 c D)."""
     c, F, D = w.compute_bytes, w.shape.intermediate_size, w.shape.hidden_size
     return (3 if w.kernels == "fused" else 4) * c * F + 2 * c * D
 
@@ -337,16 +334,12 @@ def loss_bytes(w: Workload) -> int:
     return (8 + c) * s.vocab_size * rows + c * s.hidden_size * w.tokens
 
 
-def qkv_group() -> bool:
-    """Does the fused path run q|k|v as one group (LORAFUSE_QKV_GROUP=1, kernels/lora_group.py; off by default)?"""
-    return os.environ.get("LORAFUSE_QKV_GROUP", "0") == "1"
-
-
 def dequant_bytes(w: Workload) -> int:
     if w.method != "qlora":
         return 0
     largest = max(lin.numel for lin in w.shape.linears())
-    if w.kernels == "fused" and qkv_group():  # q|k|v dequantized into one buffer (kernels/lora_group.py)
+    # q|k|v dequantized into one buffer with LORAFUSE_QKV_GROUP=1 (kernels/lora_group.py; off by default)
+    if w.kernels == "fused" and os.environ.get("LORAFUSE_QKV_GROUP", "0") == "1":
         largest = max(largest, sum(lin.numel for lin in w.shape.linears() if lin.name in ("q_proj", "k_proj",
                                                                                           "v_proj")))
     return (w.compute_bytes if w.kernels == "fused" else 4 + w.compute_bytes) * largest
@@ -383,9 +376,8 @@ def estimate(w: Workload) -> Estimate:
     # The final norm's saved tensors are freed by its backward, before the top layer's.
     # a head kept in host memory is staged on the device from the middle of the forward to the end of the loss
     staged = c * s.head_params if host_head(w) else 0
-    # With the head staged, the forward of the layers after the middle one can top the loss and the backward:
-    # the head, every layer input saved so far and one layer's forward buffers (measured at 7B 4 x 512 with
-    # offload and both tables on the host: the peak inside layers 16-31's forward, NOTES.md session 5).
+    # With the head staged, a late layer's forward can top the loss and the backward: the head, the inputs saved
+    # so far and one layer's forward buffers (the lean 7B 4 x 512 peak, NOTES.md session 5).
     forward = {"gradients": grads["loss"], "activations": saved - final_norm, "head_staged": staged,
                "forward_workspace": forward_transient_bytes(w) * n + dequant_bytes(w)} if staged else {}
     phases = (("loss", {"gradients": grads["loss"], "activations": saved, "logits_loss": loss_bytes(w),
