@@ -24,6 +24,8 @@ _LABELS = {
     "backward_workspace": "backward buffers (+ NF4 dequant)",
     "forward_workspace": "one layer's forward buffers (+ NF4 dequant)",
     "logits_loss": "logits / loss workspace ({loss})",
+    "head_staged": "output head, staged from host memory",
+    "cublas_workspace": "cuBLAS workspaces",
     "allocator_slack": "caching-allocator slack (estimate)",
     "cuda_context": "CUDA context (estimate)",
 }
