@@ -56,26 +56,40 @@ def cpu_kernels(enabled: bool = True):
         _CPU_KERNELS = old
 
 
-_RECOMPUTE = threading.local()
+_MARKS = threading.local()  # per thread: the autograd engine runs a recompute on its own thread
 
 
 @contextlib.contextmanager
+def _mark(name: str):
+    depth = getattr(_MARKS, name, 0)
+    setattr(_MARKS, name, depth + 1)
+    try:
+        yield
+    finally:
+        setattr(_MARKS, name, depth)
+
+
 def recomputing():
     """Marks a gradient checkpoint's recompute (train/runtime.py's `checkpoint_function`, train/offload.py).
 
     Inside it a fused op may skip work whose result the backward never reads: the fused MLP leaves out the down
-    projection's base GEMM (swiglu_mlp.py), whose output only feeds the residual sum. Per thread: the autograd
-    engine runs a recompute on its own thread, while another thread may be in a plain forward."""
-    depth = getattr(_RECOMPUTE, "depth", 0)
-    _RECOMPUTE.depth = depth + 1
-    try:
-        yield
-    finally:
-        _RECOMPUTE.depth = depth
+    projection's base GEMM (swiglu_mlp.py), whose output only feeds the residual sum."""
+    return _mark("recompute")
+
+
+def checkpointed_forward():
+    """Marks the forward of a checkpointed layer (train/runtime.py's `checkpoint_function`): what it saves for
+    backward is dropped and recomputed later, so a fused op may overwrite its own intermediates (the fused MLP
+    writes SwiGLU's product over the gate output)."""
+    return _mark("forward")
 
 
 def in_recompute() -> bool:
-    return getattr(_RECOMPUTE, "depth", 0) > 0
+    return getattr(_MARKS, "recompute", 0) > 0
+
+
+def in_checkpointed_forward() -> bool:
+    return getattr(_MARKS, "forward", 0) > 0
 
 
 class _Fixed:

@@ -23,6 +23,10 @@ passes over the largest weight: 2 M F D FLOPs per checkpointed layer (at Llama-2
 the step's base-GEMM FLOPs). It relies on the layer structure the fast path accepts (Llama-family: the MLP's
 output goes only into `residual + mlp(x)`).
 
+When nothing will read the saved set (no autograd graph: evaluation, generation, activation offload's forward;
+or a checkpointed layer's forward, whose saved tensors the checkpoint drops), the forward writes h over e: one
+(M, F) tensor less at the forward's peak (the peak of the lean settings, with the output head staged).
+
 Because backward overwrites its saved e and g, it runs once: a second backward through the same graph
 (retain_graph=True) raises instead of returning wrong numbers. Gradient checkpointing is fine: its
 recompute builds a fresh graph.
@@ -78,8 +82,9 @@ def _grid(n: int):
     return (triton.cdiv(n, _BLOCK),)
 
 
-def swiglu_forward(e: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    h = torch.empty_like(e)
+def swiglu_forward(e: torch.Tensor, g: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """silu(e) * g into `out` (may be e itself: each element is read before it is written) or a new tensor."""
+    h = torch.empty_like(e) if out is None else out
     _swiglu_fwd_kernel[_grid(e.numel())](e, g, h, e.numel(), BLOCK=_BLOCK, num_warps=4)
     return h
 
@@ -127,11 +132,11 @@ class SwiGLUMLPFunction(torch.autograd.Function):
 
     @staticmethod
     @_runtime.autocast_off
-    def forward(ctx, x, ga, gb, gbias, ua, ub, ubias, da, db, dbias, specs):
+    def forward(ctx, x, ga, gb, gbias, ua, ub, ubias, da, db, dbias, specs, disposable):
         gate, up, down = (Operands(lw, x.dtype) for lw in specs)
         e, s_g = lora_forward(x, gate)
         g, s_u = lora_forward(x, up)
-        h = swiglu_forward(e, g)
+        h = swiglu_forward(e, g, out=e if disposable else None)  # disposable: e is never read again (docstring)
         if _runtime.in_recompute():  # the backward reads S_d, never y: no down GEMM, no dequantize (docstring)
             y, s_d = x.new_empty(x.shape[0], down.lw.out_features), lora_down(h, down)
         else:
@@ -163,7 +168,7 @@ class SwiGLUMLPFunction(torch.autograd.Function):
             lora_input_grad(dg, ds_u, up, dx, accumulate=True)
         return (dx, lora_grad_a(ds_g, x, gate), db_g, bias_grad(de, gate),
                 lora_grad_a(ds_u, x, up), db_u, bias_grad(dg, up),
-                da_d, db_d, bias_grad(dy, down), None)
+                da_d, db_d, bias_grad(dy, down), None, None)
 
 
 def swiglu_mlp(x: torch.Tensor, gate: LoRAWeights, up: LoRAWeights, down: LoRAWeights) -> torch.Tensor:
@@ -176,5 +181,6 @@ def swiglu_mlp(x: torch.Tensor, gate: LoRAWeights, up: LoRAWeights, down: LoRAWe
     if not x2.is_contiguous():
         x2 = x2.contiguous()
     tensors = [t for lw in specs for t in (lw.lora_A, lw.lora_B, lw.bias)]
-    y = SwiGLUMLPFunction.apply(x2, *tensors, specs)
+    disposable = not torch.is_grad_enabled() or _runtime.in_checkpointed_forward()
+    y = SwiGLUMLPFunction.apply(x2, *tensors, specs, disposable)
     return y.view(*x.shape[:-1], y.shape[-1])

@@ -315,10 +315,12 @@ def layer_transient_bytes(w: Workload) -> int:
 
 
 def forward_transient_bytes(w: Workload) -> int:
-    """Bytes per token one layer's forward holds besides what it saves: gate and up outputs and their SwiGLU
-    product (3 c F; the reference MLP also the SiLU output), the norm's and the MLP's outputs (2 c D)."""
+    """Bytes per token a late layer's forward holds besides what it saves: gate and up outputs and their SwiGLU
+    product (3 c F; the reference MLP also the SiLU output; the fused MLP writes the product over the gate output
+    in a checkpointed layer), the norm's and the MLP's outputs (2 c D)."""
     c, F, D = w.compute_bytes, w.shape.intermediate_size, w.shape.hidden_size
-    return (3 if w.kernels == "fused" else 4) * c * F + 2 * c * D
+    in_place = w.kernels == "fused" and w.checkpointing != "off" and kept_layers(w) == 0
+    return (2 if in_place else 3 if w.kernels == "fused" else 4) * c * F + 2 * c * D
 
 
 def loss_bytes(w: Workload) -> int:

@@ -90,10 +90,11 @@ def prepare_model(model, gradient_checkpointing: bool | str, note=print,
 
 
 def recompute_contexts():
-    """torch.utils.checkpoint's `context_fn`: nothing around the forward, `recomputing()` around the recompute."""
-    from lorafuse.kernels._runtime import recomputing
+    """torch.utils.checkpoint's `context_fn`: `checkpointed_forward()` around the forward, whose saved tensors the
+    checkpoint drops, and `recomputing()` around the recompute (kernels/_runtime.py)."""
+    from lorafuse.kernels._runtime import checkpointed_forward, recomputing
 
-    return nullcontext(), recomputing()
+    return checkpointed_forward(), recomputing()
 
 
 def checkpoint_function(preserve_rng_state: bool = True):

@@ -301,16 +301,19 @@ def test_a_captured_maskless_forward_uses_sdpa_is_causal(monkeypatch):
 @pytest.mark.parametrize("mode", [True, "offload"])
 def test_recompute_skips_the_down_projection_and_keeps_every_gradient(device, monkeypatch, mode):
     """lorafuse's checkpointing (plain and offload) marks the recompute; there the fused MLP forms only S_d of the
-    down projection (no base GEMM: its output feeds nothing the backward reads). Loss and every LoRA gradient
-    equal those of the same step without checkpointing, bit for bit; dropout on, so S_d's mask is regenerated."""
+    down projection (no base GEMM: its output feeds nothing the backward reads), and in the checkpointed forward it
+    writes SwiGLU over the gate output. Loss and every LoRA gradient equal those of the same step without
+    checkpointing, bit for bit; dropout on, so S_d's mask is regenerated."""
     from lorafuse.kernels import swiglu_mlp
     from lorafuse.kernels.fast_path import set_dropout_seed
     from lorafuse.train.runtime import prepare_model
 
-    full, down_only = [], []
-    forward, down = swiglu_mlp.lora_forward, swiglu_mlp.lora_down
+    full, down_only, in_place = [], [], []
+    forward, down, act = swiglu_mlp.lora_forward, swiglu_mlp.lora_down, swiglu_mlp.swiglu_forward
     monkeypatch.setattr(swiglu_mlp, "lora_forward", lambda x, ops: full.append(ops.lw.out_features) or forward(x, ops))
     monkeypatch.setattr(swiglu_mlp, "lora_down", lambda x, ops: down_only.append(ops.lw.out_features) or down(x, ops))
+    monkeypatch.setattr(swiglu_mlp, "swiglu_forward", lambda e, g, out=None: in_place.append(out is e) or
+                        act(e, g, out=out))
     base = _tiny(dropout=0.1, layers=2, seed=4)  # fp32 in the interpreter; bf16 on a GPU (same kernels both runs)
     base = base.to(device, torch.bfloat16) if device.type == "cuda" else base
     ids = torch.randint(0, 96, (1, 5), generator=torch.Generator().manual_seed(6)).to(device)
@@ -321,15 +324,19 @@ def test_recompute_skips_the_down_projection_and_keeps_every_gradient(device, mo
         prepare_model(model, checkpointing, note=lambda _: None)
         model.train()
         set_dropout_seed(model, 13)
-        full.clear(), down_only.clear()
+        full.clear(), down_only.clear(), in_place.clear()
         res[checkpointing] = _step(model, ids)
         res[checkpointing]["calls"] = (list(full), list(down_only))
+        res[checkpointing]["in_place"] = list(in_place)
     hidden, inter = 64, 96
     assert res[False]["calls"] == ([inter, inter, hidden] * 2, [])
     # forward: gate, up, down per layer; recompute (layer 1, then 0): gate and up in full, down's S alone
     assert res[mode]["calls"] == ([inter, inter, hidden] * 2 + [inter, inter] * 2, [hidden] * 2)
+    # SwiGLU's product written over the gate output in the checkpointed forward (its saved set is dropped, or never
+    # kept: offload's forward runs without a graph), never where the backward reads it
+    assert res[False]["in_place"] == [False, False] and res[mode]["in_place"] == [True, True, False, False]
     plain, ckpt = res[False], res[mode]
-    grads = [n for n in plain if n not in ("calls", "logits")]
+    grads = [n for n in plain if n not in ("calls", "logits", "in_place")]
     assert any("down_proj.lora_A" in n for n in grads)
     for n in grads:
         assert torch.equal(plain[n], ckpt[n]), n

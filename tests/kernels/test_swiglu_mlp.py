@@ -108,3 +108,18 @@ def test_mlp_saves_x_e_g_and_s_only_and_refuses_second_backward(device):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_swiglu_mlp_parity_gpu(dims, base, path, dtype, monkeypatch, parity):
     _check(base, path, 0.05, dtype, dims, torch.device("cuda"), monkeypatch, parity)
+
+
+def test_without_a_graph_the_product_overwrites_the_gate_output(device, monkeypatch):
+    """Under no_grad (evaluation, generation) nothing reads e again: SwiGLU writes h over it, and y is the same."""
+    from lorafuse.kernels import swiglu_mlp as sm
+
+    projs = [_proj(32, 48, 4, "dense", 0.0, i, device) for i in (1, 2)] + [_proj(48, 32, 4, "dense", 0.0, 3, device)]
+    x = torch.randn(16, 32, device=device)
+    outs, act = [], sm.swiglu_forward
+    monkeypatch.setattr(sm, "swiglu_forward", lambda e, g, out=None: outs.append(out is e) or act(e, g, out=out))
+    with_graph = swiglu_mlp(x.clone().requires_grad_(), *projs)
+    with torch.no_grad():
+        without = swiglu_mlp(x, *projs)
+    assert outs == [False, True]
+    assert torch.equal(with_graph.detach(), without)

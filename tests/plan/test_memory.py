@@ -215,3 +215,22 @@ def test_cuda_graphs_keep_every_gradient_alive():
     off = workload_from_config(load_config(None, ["train.fast_path=on", "train.cuda_graphs=off"]))
     assert on.cuda_graphs and not off.cuda_graphs
     assert not workload_from_config(load_config(None, ["train.fast_path=off"])).cuda_graphs
+
+
+def test_the_staged_head_makes_a_late_layer_forward_the_peak():
+    """Lean 7B 4 x 512 (offload, both tables on the host, fused kernels): the peak is a late layer's forward with
+    the head staged (measured so, NOTES.md session 5), holding gate and up outputs (SwiGLU written over the gate
+    output in a checkpointed layer) and two (N, D) tensors; a kept (uncheckpointed) last layer keeps its product
+    apart."""
+    from lorafuse.plan.memory import dequant_bytes
+
+    s = load_shape("llama2-7b")
+    w = Workload(s, micro_batch=4, seq=512, kernels="fused", loss="fused", checkpointing="offload", dropout=0.0,
+                 grad_accum=1, cuda_graphs=True, padded=False, embeddings_on_host=True, head_on_host=True)
+    e = estimate(w)
+    c, F, D, n = 2, s.intermediate_size, s.hidden_size, w.tokens
+    assert e.phase == "forward" and e.components["head_staged"] == c * s.vocab_size * D
+    assert e.components["forward_workspace"] == (2 * c * F + 2 * c * D) * n + dequant_bytes(w)
+    kept = estimate(w.with_(uncheckpointed=1))
+    assert kept.components["forward_workspace"] - e.components["forward_workspace"] == c * F * n
+    assert estimate(w.with_(head_on_host=False)).phase == "backward"
