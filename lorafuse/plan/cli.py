@@ -11,7 +11,7 @@ import sys
 
 from lorafuse.plan.fit import Plan, plan
 from lorafuse.plan.memory import GIB, host_embedding
-from lorafuse.plan.speed import EFFICIENCY
+from lorafuse.plan.speed import efficiency
 
 _LABELS = {
     "weights_nf4": "NF4 weights + quantization constants",
@@ -62,7 +62,8 @@ def render(p: Plan) -> str:
     lines.append(f"  {'predicted GPU total':<52} {e.peak / GIB:8.2f} GiB{budget}{verdict}")
     if p.card is not None and p.step_s is not None:
         lines.append(f"\n  predicted {p.step_s:.2f} s per optimizer step, {p.tokens_per_s:,.0f} tokens/s on "
-                     f"{p.card.name} ({p.card.tflops:.0f} TFLOP/s x efficiency {EFFICIENCY}; card {p.card_source})")
+                     f"{p.card.name} ({p.card.tflops:.0f} TFLOP/s x efficiency {efficiency(w):.2f}; "
+                     f"card {p.card_source})")
     if p.suggestion is not None:
         lines.append(_render_suggestion(p))
     lines += [f"  note: {n}" for n in p.notes]

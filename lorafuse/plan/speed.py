@@ -9,7 +9,8 @@ Step time per micro-batch of N tokens (DESIGN.md's floors, each divided by an ef
           + 2 P_lora N (passes + 1)     (LoRA: forward, recompute, input and weight gradients)
           + 2 B T^2 H d_h L (causal attention forward) x (passes - 1 + 2.5)   (flash backward ~2.5x forward)
           full fine-tuning adds 2 P N + 2 V D N for the weight gradients
-    t_micro = FLOPs / (rate x EFFICIENCY) + dequant bytes / bandwidth + LAYER_OVERHEAD_S x L x passes
+    t_micro = FLOPs / (rate x efficiency) + dequant bytes / bandwidth + LAYER_OVERHEAD_S x L x passes
+              (per-layer fixed costs: launches in an eager step, the small kernels' own time in a CUDA graph)
 
 QLoRA dequantizes every weight once per pass it makes: read 0.5 B/weight and write c bytes, plus the reference
 (PyTorch) dequantization's fp32 intermediates: DEQUANT_BYTES_REFERENCE per weight, DEQUANT_BYTES_FUSED for a
@@ -19,9 +20,12 @@ writes its states and the fp32 weights (~20 B per trainable element); paged 8-bi
 the GPU unless memory is short (lorafuse.plan.memory), so it is planned without PCIe copies.
 
 `rate` is the card's dense 16-bit tensor rate: the measured bf16 GEMM rate where we have one (H100/H200:
-~800 TFLOP/s, not the 989 spec), else the spec sheet's (T4 65 fp16). EFFICIENCY = 0.5 is a stated prior
-(LoRA steps reach 35-50% of the spec rate in published runs, see research/speed-anchors.md section 7) until
-benchmark rows calibrate it.
+~800 TFLOP/s, not the 989 spec), else the spec sheet's (T4 65 fp16). The efficiency: EFFICIENCY = 0.5 is a stated
+prior for the reference path (LoRA steps reach 35-50% of the spec rate in published runs, research/speed-anchors.md
+section 7); EFFICIENCY_FUSED = 0.66 is measured: the fused kernels replaying CUDA graphs on an H200 (NOTES.md
+session 5, the runs in CALIBRATION_RUNS) implied 0.63-0.68 over six Llama-2-7B configurations (4 x 512 with 0,
+10 and 18 kept layers, with offload and both tables on the host, with dropout 0.05; 1 x 4096), with the
+dequantization and the per-layer term counted apart. Cards other than the H100/H200 are not calibrated.
 """
 
 from __future__ import annotations
@@ -33,6 +37,9 @@ from lorafuse.errors import ConfigError
 from lorafuse.plan.memory import GIB, Workload, kept_layers, targeted, trainable_numels
 
 EFFICIENCY = 0.5
+EFFICIENCY_FUSED = 0.66
+CALIBRATION_RUNS = ("20261128T181429-b5abe9", "20261128T181633-931164", "20261128T182202-c418c8",
+                    "20261128T181703-9a8469", "20261128T180809-fb30c9", "20261128T180902-716816")
 LAYER_OVERHEAD_S = 1e-4  # kernel launches per layer per pass in eager mode (~20 kernels x 5 us)
 DEQUANT_BYTES_REFERENCE = 12.5  # 0.5 read + fp32 write/read (8) + c-byte write (2) + index/scale traffic
 DEQUANT_BYTES_FUSED = 2.5
@@ -154,10 +161,15 @@ def step_flops(w: Workload) -> float:
     return flops + attn_fwd * (passes - 1 + 2.5)
 
 
+def efficiency(w: Workload) -> float:
+    """The fraction of the card's rate the step's FLOPs run at (module docstring)."""
+    return EFFICIENCY_FUSED if w.kernels == "fused" else EFFICIENCY
+
+
 def micro_step_seconds(w: Workload, card: Card) -> float:
     s = w.shape
     passes = _passes(w)
-    compute = step_flops(w) / (card.tflops * 1e12 * EFFICIENCY)
+    compute = step_flops(w) / (card.tflops * 1e12 * efficiency(w))
     if w.method == "qlora":
         per_weight = DEQUANT_BYTES_FUSED if w.kernels == "fused" else DEQUANT_BYTES_REFERENCE
         compute += per_weight * weight_passes(w) / (card.bandwidth_gbs * 1e9)

@@ -36,3 +36,28 @@ def test_record_round_trip():
     assert back == w and estimate(back).peak == estimate(w).peak
     with pytest.raises(ValueError, match="unknown workload keys"):
         workload_from_record({**workload_to_record(w), "batch": 4})
+
+
+def test_step_time_model_against_the_calibration_runs():
+    """The speed model has one fitted constant for the fused path (speed.EFFICIENCY_FUSED, from the H200 runs in
+    speed.CALIBRATION_RUNS); its shape (kept layers, sequence length, offload, dropout) must hold across all six:
+    each predicted step within 5% of the measured median."""
+    import json
+
+    from lorafuse.plan import speed
+
+    steps = {}
+    for path in (ROOT / "benchmarks" / "results").glob("*.jsonl"):
+        for line in path.read_text().splitlines():
+            row = json.loads(line)
+            if row.get("run") in speed.CALIBRATION_RUNS and row.get("stack") == "lorafuse":
+                steps[row["run"]] = (row["step_s"], row["card"])
+    records = {r["run"]: r for r in read_measured(ROOT / MEASURED_FILE) if r.get("run") in speed.CALIBRATION_RUNS}
+    assert set(steps) == set(records) == set(speed.CALIBRATION_RUNS)
+    misses = []
+    for run, (measured, card) in steps.items():
+        w = workload_from_record(records[run]["workload"])
+        predicted = speed.step_seconds(w, speed.card_by_name(card))
+        if abs(predicted - measured) > 0.05 * measured:
+            misses.append(f"{run}: predicted {predicted:.4f} s, measured {measured:.4f} s")
+    assert not misses, "\n".join(misses)
