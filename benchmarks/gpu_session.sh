@@ -11,9 +11,11 @@
 #   offload  activation offload vs checkpointing at a long sequence (memory and step time)     ~4 min
 #   memory   4 x 512 and 8 x 2048: graphs vs graphs + offload + embedding in host memory        ~4 min
 #   ab       4 x 512, the q|k|v group on and off (LORAFUSE_QKV_GROUP), each with a profile        ~2 min
+#   lean     4 x 512 with offload + both tables on the host: bench + memory_peak's phase listing   ~2 min
+#   peers    4 x 512: lorafuse, Unsloth, HF in one run, then lorafuse with 18 kept layers         ~5 min
 # Unsloth needs more than 80 s per runner to load and compile a 7B: keep --timeout at 150 or more.
 set -u
-PART=${1:?tests|dropout|shapes|offload|memory|ab}
+PART=${1:?tests|dropout|shapes|offload|memory|ab|lean|peers}
 OUT=${2:-/tmp/out}
 mkdir -p /tmp/peers /tmp/site "$OUT"
 [ -f .anchors/peers-bundle.tgz ] && tar xzf .anchors/peers-bundle.tgz -C /tmp/peers
@@ -53,5 +55,15 @@ case "$PART" in
       LORAFUSE_QKV_GROUP=$group timeout 100 $B --shape llama2-7b --batch 4 --seq 512 --stacks lorafuse \
         --methods qlora --random-init --steps 10 --warmup 3 --profile "$OUT/prof-qkv-group-$group" 2>&1 | tail -2
     done ;;
+  lean)
+    timeout 100 $B --shape llama2-7b --batch 4 --seq 512 --stacks lorafuse --methods qlora --random-init \
+      --steps 10 --warmup 3 --offload --host-embeddings --host-head 2>&1 | tail -2
+    timeout 120 python3 benchmarks/memory_peak.py --shape llama2-7b --method qlora --batch 4 --seq 512 --offload \
+      --host-embeddings --host-head --out "$OUT" 2>&1 | grep -A12 highest_windows ;;
+  peers)
+    timeout 330 $B --shape llama2-7b --batch 4 --seq 512 --stacks lorafuse,unsloth,hf --methods qlora \
+      --steps 10 --warmup 3 2>&1 | tail -9
+    timeout 80 $B --shape llama2-7b --batch 4 --seq 512 --stacks lorafuse --methods qlora --random-init \
+      --steps 10 --warmup 3 --keep-layers 18 2>&1 | tail -1 ;;
   *) echo "unknown part $PART"; exit 2 ;;
 esac
