@@ -31,6 +31,9 @@ _LABELS = {
 }
 
 
+_PHASES = {"forward": "forward of a late layer, with the head staged"}
+
+
 def _fmt_n(n: float) -> str:
     return f"{n / 1e9:.2f} B" if n >= 1e9 else f"{n / 1e6:.2f} M"
 
@@ -56,7 +59,7 @@ def render(p: Plan) -> str:
         if value:
             lines.append(f"  {_LABELS.get(key, key).format(**fill):<52} {value / GIB:8.2f} GiB")
     lines.append(f"  {'peak allocated (torch max_memory_allocated)':<52} {e.peak_alloc / GIB:8.2f} GiB"
-                 f"   (at the {e.phase})")
+                 f"   (at the {_PHASES.get(e.phase, e.phase)})")
     verdict = "" if p.fits is None else (" -> fits" if p.fits else " -> does NOT fit")
     budget = "" if p.budget is None else f" of {p.budget / GIB:.2f} GiB ({p.budget_source})"
     lines.append(f"  {'predicted GPU total':<52} {e.peak / GIB:8.2f} GiB{budget}{verdict}")
