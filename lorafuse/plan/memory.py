@@ -359,21 +359,21 @@ def estimate(w: Workload) -> Estimate:
               "cublas_workspace": CUBLAS_WORKSPACE_BYTES}
     grads = gradient_bytes(w)
     per_layer = layer_saved_bytes(w)
-    per_layer_fixed = layer_saved_constant_bytes(w)
+    whole_layer = per_layer * n + layer_saved_constant_bytes(w)  # one layer's saved set, outside a checkpoint
     # The final norm is outside the checkpoints: HF's keeps an fp32 copy of its input, the fused one x and 1/rms.
     final_norm = (c * s.hidden_size + 4 if w.kernels == "fused" else 4 * s.hidden_size) * n
     kept = kept_layers(w)  # layers outside the checkpoints: their whole saved set, not just their input
     if w.checkpointing == "off":
-        saved = s.num_layers * (per_layer * n + per_layer_fixed) + final_norm
+        saved = s.num_layers * whole_layer + final_norm
     elif w.checkpointing == "on":
-        saved = (s.num_layers - kept) * c * s.hidden_size * n + kept * (per_layer * n + per_layer_fixed) + final_norm
+        saved = (s.num_layers - kept) * c * s.hidden_size * n + kept * whole_layer + final_norm
     else:
-        saved = 3 * c * s.hidden_size * n + kept * (per_layer * n + per_layer_fixed) + final_norm
+        saved = 3 * c * s.hidden_size * n + kept * whole_layer + final_norm
     if w.padded:
         saved += w.micro_batch * w.seq ** 2
     # fused: the recomputed input_layernorm saves the layer input the checkpoint holds (module docstring)
     held = c * s.hidden_size if w.kernels == "fused" else 0
-    recompute = 0 if w.checkpointing == "off" else (per_layer - held) * n + per_layer_fixed
+    recompute = 0 if w.checkpointing == "off" else whole_layer - held * n
     transient = layer_transient_bytes(w) * n + dequant_bytes(w)
     # The final norm's saved tensors are freed by its backward, before the top layer's.
     # a head kept in host memory is staged on the device from the middle of the forward to the end of the loss

@@ -62,7 +62,7 @@ def prepare_model(model, gradient_checkpointing: bool | str, note=print,
         if not getattr(model, "supports_gradient_checkpointing", False):
             note(f"{type(model).__name__} does not support gradient checkpointing; training without it")
         else:
-            kwargs = {"use_reentrant": False, "context_fn": recompute_contexts}
+            kwargs = checkpoint_kwargs()
             if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
                 model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
             else:
@@ -97,12 +97,16 @@ def recompute_contexts():
     return checkpointed_forward(), recomputing()
 
 
+def checkpoint_kwargs(preserve_rng_state: bool = True) -> dict:
+    """torch.utils.checkpoint's arguments for a decoder layer: non-reentrant, the forward and recompute marked."""
+    return {"use_reentrant": False, "preserve_rng_state": preserve_rng_state, "context_fn": recompute_contexts}
+
+
 def checkpoint_function(preserve_rng_state: bool = True):
-    """The non-reentrant checkpoint with the recompute marked (a decoder layer's `_gradient_checkpointing_func`)."""
+    """The checkpoint with `checkpoint_kwargs` (a decoder layer's `_gradient_checkpointing_func`)."""
     from torch.utils.checkpoint import checkpoint
 
-    return functools.partial(checkpoint, use_reentrant=False, preserve_rng_state=preserve_rng_state,
-                             context_fn=recompute_contexts)
+    return functools.partial(checkpoint, **checkpoint_kwargs(preserve_rng_state))
 
 
 def keep_activations(model, n: int) -> int:
