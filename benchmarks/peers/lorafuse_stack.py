@@ -102,7 +102,7 @@ def _load(spec: dict, device, dtype):
 
     quant = "nf4" if spec["method"] == "qlora" else "none"
     if spec.get("random_init"):
-        from lorafuse.model.stream import random_nf4_model
+        from lorafuse.model.random_init import random_nf4_model
 
         return random_nf4_model(spec["shape"], device, compute_dtype=dtype, seed=spec["seed"], quant=quant)
     return lorafuse.load_model(spec["folder"], quant=quant, compute_dtype=dtype, device=device)[0]

@@ -1,10 +1,10 @@
-"""Streaming NF4 loading of 16-bit safetensors checkpoints, and random-init NF4 models of any shape.
+"""Streaming NF4 loading of 16-bit safetensors checkpoints (random-init models of any shape: random_init.py).
 
 `load_nf4_streaming(folder, device, compute_dtype)` builds the architecture on the meta device (no memory), swaps
 every `nn.Linear` but the output head for an `NF4Linear` placeholder, then reads the checkpoint one shard and one
 tensor at a time: a quantized linear's weight goes to `device` in `compute_dtype`, is quantized there and the dense
-copy dropped; every other tensor is cast to `compute_dtype` and assigned on `device`. `random_nf4_model(shape)` does
-the same with random tensors drawn on the device instead of read, so a 65B-shape NF4 model needs no 16-bit copy.
+copy dropped; every other tensor is cast to `compute_dtype` and assigned on `device`. `random_init.random_nf4_model`
+places random tensors drawn on the device the same way (`_place`), so a 65B-shape NF4 model needs no 16-bit copy.
 
 Memory argument (n = elements of the tensor in flight, bs = NF4 blocksize, C = `QUANT_CHUNK_ELEMS` = 2^22):
 
@@ -31,14 +31,11 @@ buffers we cannot rebuild. Keys that do not match (after known-ignorable ones su
 
 Dtype policy: floating tensors are cast to `compute_dtype` (the NF4 weights quantize that cast, as the
 `from_pretrained` path does, so the two paths give byte-identical NF4 data); integer buffers keep their dtype.
-All parameters are frozen. Random models: linear weights and embeddings ~ N(0, initializer_range) drawn in
-`compute_dtype` from one seeded generator on `device` (so they differ between CPU and CUDA), biases 0, other 1-D
-parameters (norm scales) 1.
+All parameters are frozen.
 """
 
 from __future__ import annotations
 
-import copy
 import json
 import re
 from pathlib import Path
@@ -46,7 +43,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lorafuse.errors import ConfigError, LorafuseError, ModelError
+from lorafuse.errors import LorafuseError, ModelError
 
 QUANT_CHUNK_ELEMS = 1 << 22  # multiple of 2 * every valid blocksize (<= 4096), so chunks split on block borders
 HOST_STAGING_BYTES = 256 << 20
@@ -350,83 +347,4 @@ def load_nf4_streaming(folder, device, compute_dtype: torch.dtype, blocksize: in
     _finish(model)
     if (folder / "generation_config.json").is_file():
         model.generation_config = GenerationConfig.from_pretrained(folder)
-    return model
-
-
-# ---------------------------------------------------------------------------------------------- random models
-
-def resolve_config(spec, trust_remote_code: bool = False):
-    """A transformers config from a config object, a dict with model_type, a folder/config.json or a shape name."""
-    from transformers import AutoConfig, PretrainedConfig
-
-    if isinstance(spec, PretrainedConfig):
-        return copy.deepcopy(spec)
-    if isinstance(spec, dict):
-        fields = dict(spec)
-        if "model_type" not in fields:
-            raise ConfigError(f"model shape dict has no model_type (keys: {sorted(fields)})",
-                              "add model_type, e.g. 'llama', so transformers knows the architecture")
-        return AutoConfig.for_model(fields.pop("model_type"), **fields)
-    path = Path(str(spec)).expanduser()
-    if path.is_dir() or path.name == "config.json":
-        return AutoConfig.from_pretrained(path if path.is_dir() else path.parent, trust_remote_code=trust_remote_code)
-    try:
-        from lorafuse.plan.shapes import BUILTIN_CONFIGS, match_builtin
-    except ImportError:
-        BUILTIN_CONFIGS, match_builtin = {}, (lambda _: None)
-    name = match_builtin(str(spec))
-    if name is None:
-        raise ModelError(f"unknown model shape {spec!r}",
-                         f"use a built-in shape ({', '.join(BUILTIN_CONFIGS) or 'none available'}), a model "
-                         "folder with config.json, a transformers config object or a dict with model_type")
-    return resolve_config(BUILTIN_CONFIGS[name])
-
-
-def _random_tensor(key: str, module, shape, dtype, device, std: float, gen) -> torch.Tensor:
-    """HF-style init: N(0, std) for matrices (padding row of an embedding zeroed), 0 for biases, 1 for norm scales."""
-    if len(shape) >= 2:
-        t = torch.randn(shape, generator=gen, device=device, dtype=dtype).mul_(std)
-        pad = getattr(module, "padding_idx", None) if isinstance(module, nn.Embedding) else None
-        if pad is not None:
-            t[pad].zero_()
-        return t
-    if key.endswith("bias"):
-        return torch.zeros(shape, dtype=dtype, device=device)
-    return torch.ones(shape, dtype=dtype, device=device)
-
-
-def random_nf4_model(config_or_shape_name, device=None, compute_dtype: torch.dtype = torch.bfloat16, seed: int = 0,
-                     blocksize: int = 64, double_quant: bool = True, quant: str = "nf4",
-                     attn_implementation=None, chunk_elems: int = QUANT_CHUNK_ELEMS):
-    """A random-init model of any shape, built layer by layer on `device` (NF4 linears unless quant="none").
-
-    Each linear weight is drawn on the device in `compute_dtype`, quantized, and dropped before the next one, so
-    peak memory is the final model plus one dense weight and the quantizer's chunk temporaries. Deterministic for
-    a seed on a given device type. The model is frozen, in eval mode, with `lorafuse_base` set.
-    """
-    if quant not in ("nf4", "none"):
-        raise ModelError(f"unknown quant {quant!r}", "use quant='nf4' or quant='none'")
-    from lorafuse.lora.linear import NF4Linear
-
-    device = _resolve_device(device)
-    config = resolve_config(config_or_shape_name)
-    model = build_meta_model(config, compute_dtype, attn_implementation)
-    materialize_buffers(model, device, persistent=True)
-    params = {k: tuple(p.shape) for k, p in model.named_parameters()}  # shared (tied) parameters appear once
-    if quant == "nf4":
-        add_nf4_placeholders(model, compute_dtype, blocksize)
-    std = getattr(config, "initializer_range", None) or 0.02
-    gen = torch.Generator(device=device).manual_seed(seed)
-    for key, shape in params.items():
-        module = model.get_submodule(key.rpartition(".")[0])
-        t = _random_tensor(key, module, shape, compute_dtype, device, std, gen)
-        _place(model, key, t, device, compute_dtype, double_quant, chunk_elems, owned=True)
-        del t
-    _finish(model)
-    n_nf4 = sum(isinstance(m, NF4Linear) for m in model.modules())
-    name = config_or_shape_name if isinstance(config_or_shape_name, str) else config.model_type
-    model.lorafuse_base = {"name_or_path": f"random:{name}", "folder": None, "random_init": True, "seed": seed,
-                           "compute_dtype": str(compute_dtype).removeprefix("torch."), "quant": quant,
-                           **({"blocksize": blocksize, "double_quant": double_quant, "nf4_linears": n_nf4}
-                              if quant == "nf4" else {})}
     return model

@@ -24,8 +24,8 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from lorafuse.errors import ModelError
 from lorafuse.lora.linear import NF4Linear
 from lorafuse.model.load import _load_dense, load_model, quantize_linears
-from lorafuse.model.stream import (
-    QUANT_CHUNK_ELEMS, StreamUnsupported, load_nf4_streaming, quantize_chunked, random_nf4_model)
+from lorafuse.model.random_init import random_nf4_model
+from lorafuse.model.stream import QUANT_CHUNK_ELEMS, StreamUnsupported, load_nf4_streaming, quantize_chunked
 from lorafuse.quant.nf4 import NF4Weight, quantize_nf4
 
 TINY = {"model_type": "llama", "vocab_size": 512, "hidden_size": 64, "intermediate_size": 128,
@@ -229,7 +229,8 @@ import ctypes, gc, json, sys
 libc = ctypes.CDLL("libc.so.6")
 libc.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD: see test_host_memory_peak's docstring
 import torch
-from lorafuse.model.stream import load_nf4_streaming, random_nf4_model
+from lorafuse.model.random_init import random_nf4_model
+from lorafuse.model.stream import load_nf4_streaming
 
 def status():
     fields = (line.split() for line in open("/proc/self/status"))
@@ -253,7 +254,8 @@ def nbytes(model):
     return dense + sum(m.weight.nbytes() for m in model.modules() if isinstance(getattr(m, "weight", None), NF4Weight))
 
 folder, chunk, config = sys.argv[1], int(sys.argv[2]), json.loads(sys.argv[3])
-from lorafuse.model.stream import build_meta_model, resolve_config
+from lorafuse.model.random_init import resolve_config
+from lorafuse.model.stream import build_meta_model
 build_meta_model(resolve_config(config), torch.bfloat16)  # import the modeling code outside the measurement
 out = {}
 for name, fn in [("stream", lambda: load_nf4_streaming(folder, "cpu", torch.bfloat16, chunk_elems=chunk)),
