@@ -44,7 +44,7 @@ from lorafuse.errors import LorafuseError
 from lorafuse.train import checkpoint as ckpt
 from lorafuse.train import graphs
 from lorafuse.train.distributed import SINGLE
-from lorafuse.train.loss import count_inputs, count_targets, lm_loss_sum, simple_head
+from lorafuse.train.loss import count_inputs, count_targets, evaluate, forward_batch, lm_loss_sum, simple_head
 from lorafuse.train.metrics import MetricsLog, Progress, memory_bytes, peak_memory_bytes
 from lorafuse.train.oom import OomRetry
 from lorafuse.train.optim import LRSchedule, build_optimizer
@@ -103,36 +103,6 @@ def nan_error(state: LoopState, tolerance: int) -> LorafuseError:
         "(Ampere or newer) or float32; (3) bad data rows (empty or very long responses, broken labels): "
         "inspect them with `lorafuse data preview`. Resume from the last checkpoint after the change "
         "(pass --force to resume under a changed config)")
-
-
-def forward_batch(model, batch: dict, precision: Precision) -> dict:
-    """A Batcher batch -> forward kwargs on the device (packed masks in the form the attention wants) + labels."""
-    from lorafuse.data.collate import model_inputs
-
-    attn = getattr(getattr(model, "config", None), "_attn_implementation", None)
-    kwargs = model_inputs(batch, attn, precision.dtype, precision.device)
-    kwargs["labels"] = batch["labels"].to(precision.device, non_blocking=True)
-    return kwargs
-
-
-@torch.no_grad()
-def evaluate(model, batches, precision: Precision, head=None, fused: bool = False,
-             world=SINGLE) -> tuple[float, float]:
-    """(mean loss per target token, perplexity) over one pass of `batches` (epoch 0; rank shares), dropout off."""
-    was_training = model.training
-    model.eval()
-    total, n = 0.0, 0
-    for batch in world.stride(batches.epoch_batches(0)):
-        with precision.autocast():
-            total += float(lm_loss_sum(model, forward_batch(model, batch, precision), head, fused))
-        n += count_targets(batch)
-    model.train(was_training)
-    total, n = world.all_reduce_sum([total, n], torch.float64)
-    if n == 0:
-        raise LorafuseError("the validation split has no target tokens (every label is masked)",
-                            "check data.val_path / data.val_size and data.completion_only")
-    loss = total / n
-    return loss, math.exp(loss) if loss < 700 else math.inf
 
 
 class TrainingLoop:

@@ -13,15 +13,24 @@ linear-cross-entropy kernel later; the pure-PyTorch pass is the reference.
 Dtype policy: the head matmul runs in W's dtype (autocast may lower it to bf16/fp16 on CUDA), logits and
 the loss are fp32, grad_hidden is cast to hidden's dtype, grad_W (only when the head is trainable) is fp32.
 
+`forward_batch` moves a Batcher batch to the device as the model's forward arguments, and `evaluate` is the
+validation pass: the mean loss per target token over a split, and its perplexity.
+
 Heads that are not a bias-free `nn.Linear` (LoRA on lm_head, modules_to_save copies), logit soft-capping or
 scaling, and MoE auxiliary losses fall back to the model's logits + a summed fp32 cross-entropy.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from lorafuse.errors import LorafuseError
+from lorafuse.train.distributed import SINGLE
+from lorafuse.train.runtime import Precision
 
 IGNORE_INDEX = -100
 _LOGIT_ELEMENTS = 2 ** 25  # fp32 logits per chunk: 128 MB (+ the same for the softmax)
@@ -136,3 +145,33 @@ def count_inputs(batch: dict) -> int:
         return int(batch["num_tokens"])
     mask = batch.get("attention_mask")
     return int(mask.sum()) if mask is not None and mask.dim() == 2 else batch["input_ids"].numel()
+
+
+def forward_batch(model, batch: dict, precision: Precision) -> dict:
+    """A Batcher batch -> forward kwargs on the device (packed masks in the form the attention wants) + labels."""
+    from lorafuse.data.collate import model_inputs
+
+    attn = getattr(getattr(model, "config", None), "_attn_implementation", None)
+    kwargs = model_inputs(batch, attn, precision.dtype, precision.device)
+    kwargs["labels"] = batch["labels"].to(precision.device, non_blocking=True)
+    return kwargs
+
+
+@torch.no_grad()
+def evaluate(model, batches, precision: Precision, head=None, fused: bool = False,
+             world=SINGLE) -> tuple[float, float]:
+    """(mean loss per target token, perplexity) over one pass of `batches` (epoch 0; rank shares), dropout off."""
+    was_training = model.training
+    model.eval()
+    total, n = 0.0, 0
+    for batch in world.stride(batches.epoch_batches(0)):
+        with precision.autocast():
+            total += float(lm_loss_sum(model, forward_batch(model, batch, precision), head, fused))
+        n += count_targets(batch)
+    model.train(was_training)
+    total, n = world.all_reduce_sum([total, n], torch.float64)
+    if n == 0:
+        raise LorafuseError("the validation split has no target tokens (every label is masked)",
+                            "check data.val_path / data.val_size and data.completion_only")
+    loss = total / n
+    return loss, math.exp(loss) if loss < 700 else math.inf
