@@ -13,9 +13,12 @@
 #   ab       4 x 512, the q|k|v group on and off (LORAFUSE_QKV_GROUP), each with a profile        ~2 min
 #   lean     4 x 512 with offload + both tables on the host: bench + memory_peak's phase listing   ~2 min
 #   peers    4 x 512: lorafuse, Unsloth, HF in one run, then lorafuse with 18 kept layers         ~5 min
+#   stream   the streamed head's GPU tests; lean 4 x 512: the head streamed, staged whole
+#            (LORAFUSE_HEAD_STREAM=0), a 48 MiB dequantization cap, that and an 8 MiB cuBLAS workspace;
+#            memory_peak with the cap                                                           ~9 min
 # Unsloth needs more than 80 s per runner to load and compile a 7B: keep --timeout at 150 or more.
 set -u
-PART=${1:?tests|dropout|shapes|offload|memory|ab|lean|peers}
+PART=${1:?tests|dropout|shapes|offload|memory|ab|lean|peers|stream}
 OUT=${2:-/tmp/out}
 mkdir -p /tmp/peers /tmp/site "$OUT"
 [ -f .anchors/peers-bundle.tgz ] && tar xzf .anchors/peers-bundle.tgz -C /tmp/peers
@@ -65,5 +68,16 @@ case "$PART" in
       --steps 10 --warmup 3 2>&1 | tail -9
     timeout 80 $B --shape llama2-7b --batch 4 --seq 512 --stacks lorafuse --methods qlora --random-init \
       --steps 10 --warmup 3 --keep-layers 18 2>&1 | tail -1 ;;
+  stream)
+    LORAFUSE_AUTOTUNE=0 timeout 200 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_streamed_head.py \
+      tests/model/test_host_head.py tests/kernels/test_lora_linear.py -k "streamed or stream or head or cap" 2>&1 | tail -8
+    L="--shape llama2-7b --batch 4 --seq 512 --stacks lorafuse --methods qlora --random-init --steps 10 --warmup 3"
+    L="$L --offload --host-embeddings --host-head"
+    timeout 100 $B $L 2>&1 | tail -1
+    LORAFUSE_HEAD_STREAM=0 timeout 100 $B $L 2>&1 | tail -1
+    LORAFUSE_DEQUANT_CAP_MIB=48 timeout 100 $B $L 2>&1 | tail -1
+    LORAFUSE_DEQUANT_CAP_MIB=48 CUBLAS_WORKSPACE_CONFIG=:4096:2 timeout 100 $B $L 2>&1 | tail -1
+    LORAFUSE_DEQUANT_CAP_MIB=48 timeout 120 python3 benchmarks/memory_peak.py --shape llama2-7b --method qlora \
+      --batch 4 --seq 512 --offload --host-embeddings --host-head --out "$OUT" 2>&1 | grep -A12 highest_windows ;;
   *) echo "unknown part $PART"; exit 2 ;;
 esac

@@ -206,6 +206,10 @@ def _row(args, run_id: str, stack: str, method: str, probe: dict, result: dict, 
            "random_init": args.random_init, "budget_gib": args.budget_gib,
            "embeddings_on_host": args.host_embeddings, "head_on_host": args.host_head,
             "uncheckpointed_layers": args.keep_layers}
+    knobs = {k: v for k, v in os.environ.items() if k.startswith("LORAFUSE_") and k != "LORAFUSE_COMMIT"
+             or k == "CUBLAS_WORKSPACE_CONFIG"}
+    if knobs:  # A/B switches this run was made with (LORAFUSE_HEAD_STREAM=0, a cuBLAS workspace size...)
+        row["env"] = knobs
     if stack == "lorafuse" and method != "full":
         row["predicted_peak_alloc_gib"] = round(_predicted(args, method, result), 4)
     row.update(result)

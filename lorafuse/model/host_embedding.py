@@ -26,11 +26,16 @@ step's memory peaks. `head_to_host` keeps it in pinned memory (the Parameter ali
 logits forward still work, reading it in place); `HeadStage` copies it to the device on a side stream from the
 middle decoder layer of each training forward on (vocab x hidden x 2 bytes: 0.24 GiB for Llama-2-7B, about 5 ms
 on PCIe 5, overlapped with the forward's second half) and the loss takes the copy, which is freed when the loss
-returns. The planner counts it in the loss phase (`plan.memory.host_head`). Not moved: a trained head, a head
-tied to the input embedding, a loss that needs the model's own logits (soft-capping, scaling, a LoRA head).
+returns. Where the loss's fp32 (tokens, hidden) state is smaller than the head (4 x 512 tokens: 32 MiB against
+0.24 GiB), the head streams instead, in ~32 MiB vocabulary chunks, three of them in flight
+(kernels/streamed_head.py): the loss and the forward's second half then hold those chunks, not the table. The
+planner counts either (`plan.placement`). Not moved: a trained head, a head tied to the input embedding, a loss
+that needs the model's own logits (soft-capping, scaling, a LoRA head).
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 from torch import nn
@@ -147,27 +152,93 @@ class HeadStage:
     hands it over, so it is freed as soon as the loss drops it, before the backward (where the step's memory
     peaks) begins. Both record into a CUDA graph like any other work: fork and join are stream waits, the copy is
     from pinned memory. Without a prefetch (evaluation, a forward under no_grad), `take()` copies in stream order.
-    The head is frozen, so a copy left by an abandoned forward is still valid and the next loss takes it."""
+    The head is frozen, so a copy left by an abandoned forward is still valid and the next loss takes it.
 
-    def __init__(self, host: torch.Tensor, device: torch.device):
-        self.host, self.device = host, device
+    Streamed (`streams(rows)`, kernels/streamed_head.py): the head comes in vocabulary chunks of about
+    CHUNK_BYTES instead, `ahead` of them copied during the forward and each later one issued as an earlier one is
+    consumed, so at most `ahead` chunks are on the device. The loss then reads the label rows W[y] in place
+    through `alias`, the Parameter's device view of the pinned table. It is chosen when its state, (rows, hidden)
+    fp32, is smaller than the whole head, unless LORAFUSE_HEAD_STREAM=0 (for A/B measurements)."""
+
+    CHUNK_BYTES = 32 << 20
+    AHEAD = 3
+
+    def __init__(self, host: torch.Tensor, device: torch.device, alias: torch.Tensor | None = None):
+        self.host, self.device, self.alias = host, device, alias
         self.pending: torch.Tensor | None = None
+        self.queue: list[tuple[int, torch.Tensor, torch.cuda.Event]] = []  # streamed chunks in flight
         self.armed = False
+        self.streaming = alias is not None and os.environ.get("LORAFUSE_HEAD_STREAM", "1") != "0"
         self._stream: torch.cuda.Stream | None = None
+        vocab, width = host.shape
+        self.chunk_rows = max(1, min(vocab, self.CHUNK_BYTES // (width * host.element_size())))
 
-    def prefetch(self) -> None:
+    def streams(self, rows: int) -> bool:
+        """Does a loss over `rows` tokens stream the head in chunks (its fp32 (rows, hidden) state is smaller
+        than the head)?"""
+        return self.streaming and rows * self.host.shape[1] * 4 < self.host.numel() * self.host.element_size()
+
+    def _side(self) -> torch.cuda.Stream:
+        if self._stream is None:
+            self._stream = torch.cuda.Stream(device=self.device)
+        return self._stream
+
+    def _issue(self, i: int) -> None:
+        """Copy chunk i on the side stream into a buffer allocated on the current stream (freed there), after all
+        work queued there so far (which includes the last reader of any block the allocator hands out again)."""
+        main = torch.cuda.current_stream(self.device)
+        v0 = i * self.chunk_rows
+        src = self.host[v0:v0 + self.chunk_rows]
+        buf = torch.empty(src.shape, dtype=src.dtype, device=self.device)
+        side, done = self._side(), torch.cuda.Event()
+        side.wait_stream(main)
+        with torch.cuda.stream(side):
+            buf.copy_(src, non_blocking=True)
+            done.record(side)
+        self.queue.append((i, buf, done))
+
+    def prefetch(self, rows: int | None = None) -> None:
+        """Start the copies for the next loss over `rows` tokens (unknown: the whole head)."""
+        if rows is not None and self.streams(rows):
+            n = -(-self.host.shape[0] // self.chunk_rows)
+            for i in range(len(self.queue), min(self.AHEAD, n)):
+                self._issue(i)
+            return
         if self.pending is not None:
             return
         main = torch.cuda.current_stream(self.device)
-        if self._stream is None:
-            self._stream = torch.cuda.Stream(device=self.device)
         buf = torch.empty(self.host.shape, dtype=self.host.dtype, device=self.device)  # on main: freed there
-        self._stream.wait_stream(main)
-        with torch.cuda.stream(self._stream):
+        side = self._side()
+        side.wait_stream(main)
+        with torch.cuda.stream(side):
             buf.copy_(self.host, non_blocking=True)
         self.pending = buf
 
+    def chunks(self):
+        """(first row, device chunk) over the vocabulary in order, for one loss. Chunks prefetched by the forward
+        come first; each chunk's buffer is dropped before the one `ahead` of it is issued."""
+        main = torch.cuda.current_stream(self.device)
+        n = -(-self.host.shape[0] // self.chunk_rows)
+        self.pending = None  # a whole copy staged for a loss that streams after all
+        if self.queue and self.queue[0][0] != 0:  # left by a loss that stopped part way
+            self.queue.clear()
+        for i in range(len(self.queue), min(self.AHEAD, n)):
+            self._issue(i)
+        for i in range(n):
+            j, buf, done = self.queue.pop(0)
+            assert j == i, f"head chunk {j} arrived where {i} was expected"
+            main.wait_event(done)
+            yield i * self.chunk_rows, buf
+            del buf
+            if i + self.AHEAD < n:
+                self._issue(i + self.AHEAD)
+
+    def target_rows(self, labels: torch.Tensor) -> torch.Tensor:
+        """W[labels] (rows, hidden), gathered from the pinned table in place."""
+        return torch.nn.functional.embedding(labels, self.alias)
+
     def take(self) -> torch.Tensor:
+        self.queue.clear()  # chunks staged for a loss that takes the whole head after all
         if self.pending is None:
             return self.host.to(self.device, non_blocking=True)
         buf, self.pending = self.pending, None
@@ -183,10 +254,11 @@ def _arm(stage: HeadStage):
 
 
 def _fire(stage: HeadStage):
-    def hook(module, args):
+    def hook(module, args, kwargs=None):
         if stage.armed:  # the stack's own forward, not the checkpoint's recompute inside the backward
             stage.armed = False
-            stage.prefetch()
+            x = args[0] if args else (kwargs or {}).get("hidden_states")
+            stage.prefetch(x.shape[:-1].numel() if torch.is_tensor(x) else None)
     return hook
 
 
@@ -203,11 +275,11 @@ def head_to_host(model: nn.Module) -> tuple[int, str]:
     host, reason = _to_pinned(head.weight)
     if host is None:
         return 0, reason
-    stage = HeadStage(host, head.weight.device)
+    stage = HeadStage(host, head.weight.device, alias=head.weight.data)
     layers = decoder_layers(model)
     hooks = [model.base_model.register_forward_pre_hook(_arm(stage), with_kwargs=True)]
     if layers:
-        hooks.append(layers[len(layers) // 2].register_forward_pre_hook(_fire(stage)))
+        hooks.append(layers[len(layers) // 2].register_forward_pre_hook(_fire(stage), with_kwargs=True))
     head.lorafuse_head_stage, head.lorafuse_head_hooks = stage, hooks  # the stage keeps the pinned block alive
     return host.numel() * host.element_size(), ""
 

@@ -90,6 +90,7 @@ import math
 import os
 from dataclasses import dataclass, field, replace
 
+from lorafuse.plan.placement import host_embedding, host_head, kept_layers, streamed_head  # noqa: F401 (API)
 from lorafuse.plan.shapes import PROJECTIONS, ModelShape
 
 GIB = 1024 ** 3
@@ -248,26 +249,6 @@ def weight_bytes(w: Workload) -> dict:
     return {"weights_nf4": 0, "weights_16bit": small + c * s.linear_params}
 
 
-def host_embedding(w: Workload) -> bool:
-    """Does the input embedding live in host memory (`train.embeddings_on_host`; not when tied to the head, whose
-    GEMM reads all of it, and not when it is trained)?"""
-    return (w.embeddings_on_host and w.method != "full" and w.shape.head_params > 0
-            and "embed_tokens" not in w.modules_to_save)
-
-
-def kept_layers(w: Workload) -> int:
-    """Decoder layers that save their activations although checkpointing is on (`train.uncheckpointed_layers`,
-    the last ones): each skips its recompute in the backward, for its whole saved set held from its forward on."""
-    return 0 if w.checkpointing == "off" else min(w.uncheckpointed, w.shape.num_layers)
-
-
-def host_head(w: Workload) -> bool:
-    """Does the output head wait in host memory between losses (`train.head_on_host`)? Not when tied to the input
-    embedding or trained, and only where the loss reads the head's weight itself (chunked or fused loss)."""
-    return (w.head_on_host and w.method != "full" and w.shape.head_params > 0 and w.loss != "full"
-            and "lm_head" not in w.modules_to_save)
-
-
 def _lora_input_bytes(w: Workload) -> int:
     """Per token per layer: what the LoRA branches save (inputs in the LoRA dtype, masks, x A)."""
     c, lb = w.compute_bytes, w.lora_bytes
@@ -339,7 +320,17 @@ def loss_bytes(w: Workload) -> int:
 def dequant_bytes(w: Workload) -> int:
     if w.method != "qlora":
         return 0
-    largest = max(lin.numel for lin in w.shape.linears())
+    cap = int(os.environ.get("LORAFUSE_DEQUANT_CAP_MIB", "0")) << 20  # kernels/lora_linear.DEQUANT_CAP_BYTES
+
+    def part(lin) -> int:  # the rows dequantized at once under the cap, cut at NF4's row alignment
+        if w.kernels != "fused" or not cap or lin.numel * w.compute_bytes <= cap:
+            return lin.numel
+        unit = w.blocksize * (256 if w.double_quant else 1)
+        step = unit // math.gcd(unit, lin.in_features)
+        rows = -(-lin.out_features // -(-lin.numel * w.compute_bytes // cap))
+        return min(lin.out_features, -(-rows // step) * step) * lin.in_features
+
+    largest = max(part(lin) for lin in w.shape.linears())
     # q|k|v dequantized into one buffer with LORAFUSE_QKV_GROUP=1 (kernels/lora_group.py; off by default)
     if w.kernels == "fused" and os.environ.get("LORAFUSE_QKV_GROUP", "0") == "1":
         largest = max(largest, sum(lin.numel for lin in w.shape.linears() if lin.name in ("q_proj", "k_proj",
@@ -378,11 +369,14 @@ def estimate(w: Workload) -> Estimate:
     # The final norm's saved tensors are freed by its backward, before the top layer's.
     # a head kept in host memory is staged on the device from the middle of the forward to the end of the loss
     staged = c * s.head_params if host_head(w) else 0
+    loss = loss_bytes(w)
+    if streamed_head(w):  # or only a few vocabulary chunks of it, streamed through the loss
+        staged, loss = streamed_head(w)
     # With the head staged, a late layer's forward can top the loss and the backward: the head, the inputs saved
     # so far and one layer's forward buffers (the lean 7B 4 x 512 peak, NOTES.md session 5).
     forward = {"gradients": grads["loss"], "activations": saved - final_norm, "head_staged": staged,
                "forward_workspace": forward_transient_bytes(w) * n + dequant_bytes(w)} if staged else {}
-    phases = (("loss", {"gradients": grads["loss"], "activations": saved, "logits_loss": loss_bytes(w),
+    phases = (("loss", {"gradients": grads["loss"], "activations": saved, "logits_loss": loss,
                         "head_staged": staged}),
               ("forward", forward),
               ("backward", {"gradients": grads["backward"], "activations": saved - final_norm,

@@ -124,6 +124,11 @@ def lm_loss_sum(model, batch: dict, head: nn.Linear | None = None, fused: bool =
     from lorafuse.model.host_embedding import head_weight
 
     hidden = model.base_model(**inputs, use_cache=False).last_hidden_state  # (B, T, D)
+    stage = getattr(head, "lorafuse_head_stage", None)
+    if stage is not None and stage.streams(hidden.shape[:-1].numel()):  # the host head in vocabulary chunks
+        from lorafuse.kernels.streamed_head import streamed_head_cross_entropy
+
+        return streamed_head_cross_entropy(hidden.flatten(0, 1), shifted.flatten(), stage.chunks(), stage.target_rows)
     weight = head_weight(head)  # a head kept in host memory (train.head_on_host) arrives staged for this loss only
     if fused:
         from lorafuse.kernels.cross_entropy import fused_linear_cross_entropy

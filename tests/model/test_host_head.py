@@ -47,14 +47,14 @@ class _CountingStage:
     def __init__(self):
         self.armed, self.prefetches = False, 0
 
-    def prefetch(self):
+    def prefetch(self, rows=None):
         self.prefetches += 1
 
 
 def _hooked(model, stage):
     model.base_model.register_forward_pre_hook(host_embedding._arm(stage), with_kwargs=True)
     layers = host_embedding.decoder_layers(model)
-    layers[len(layers) // 2].register_forward_pre_hook(host_embedding._fire(stage))
+    layers[len(layers) // 2].register_forward_pre_hook(host_embedding._fire(stage), with_kwargs=True)
 
 
 @pytest.mark.parametrize("checkpointing", [False, True])
@@ -179,3 +179,27 @@ def test_a_staged_head_trains_like_the_device_head_and_leaves_the_backward(fused
     head_to_device(base)
     assert not hasattr(head, "lorafuse_head_stage")
     assert torch.equal(head.weight, on_device.get_output_embeddings().weight)
+
+
+@pytest.mark.parametrize("batch,seq", [(4, 512), (1, 4096), (8, 2048)])
+def test_planner_and_stage_agree_on_streaming_the_head(batch, seq):
+    """The planner streams the head exactly where HeadStage does (its fp32 state smaller than the head), and then
+    counts AHEAD of the stage's chunks staged, not the head; 8 x 2048 tokens of a 4096-wide model would need more
+    state than the 0.24 GiB head, so there the whole head is staged."""
+    from lorafuse.model.host_embedding import HeadStage
+    from lorafuse.plan.placement import streamed_head
+
+    s = builtin_shape("llama2-7b")
+    w = Workload(s, micro_batch=batch, seq=seq, kernels="fused", loss="fused", checkpointing="offload",
+                 dropout=0.0, grad_accum=1, cuda_graphs=True, padded=False, head_on_host=True)
+    table = torch.empty(s.vocab_size, s.hidden_size, dtype=torch.bfloat16, device="meta")
+    stage = HeadStage(table, torch.device("cpu"), alias=table)
+    streams = stage.streams(batch * seq)
+    assert (streamed_head(w) is not None) == streams == (batch * seq * s.hidden_size * 4 < table.nbytes)
+    est = estimate(w)
+    if streams:
+        staged = HeadStage.AHEAD * stage.chunk_rows * s.hidden_size * 2
+        assert streamed_head(w)[0] == staged < table.nbytes
+        assert est.components["head_staged"] in (0, staged)
+    else:
+        assert est.components["head_staged"] in (0, table.nbytes)

@@ -217,12 +217,19 @@ def test_cuda_graphs_keep_every_gradient_alive():
     assert not workload_from_config(load_config(None, ["train.fast_path=off"])).cuda_graphs
 
 
-def test_the_staged_head_makes_a_late_layer_forward_the_peak():
-    """Lean 7B 4 x 512 (offload, both tables on the host, fused kernels): the peak is a late layer's forward with
-    the head staged (measured so, NOTES.md session 5), holding gate and up outputs (SwiGLU written over the gate
-    output in a checkpointed layer) and two (N, D) tensors; a kept (uncheckpointed) last layer keeps its product
-    apart."""
+def test_the_staged_head_makes_a_late_layer_forward_the_peak(monkeypatch):
+    """Lean 7B 4 x 512 (offload, both tables on the host, fused kernels) with the whole head staged: the peak is a
+    late layer's forward (measured so, NOTES.md session 5), holding gate and up outputs (SwiGLU written over the
+    gate output in a checkpointed layer) and two (N, D) tensors; a kept (uncheckpointed) last layer keeps its
+    product apart. Streaming the head instead takes the forward and the loss off the peak."""
     from lorafuse.plan.memory import dequant_bytes
+
+    streamed = Workload(load_shape("llama2-7b"), micro_batch=4, seq=512, kernels="fused", loss="fused",
+                        checkpointing="offload", dropout=0.0, grad_accum=1, cuda_graphs=True, padded=False,
+                        embeddings_on_host=True, head_on_host=True)
+    by_chunks = estimate(streamed)
+    monkeypatch.setenv("LORAFUSE_HEAD_STREAM", "0")
+    assert by_chunks.phase == "backward" and by_chunks.peak_alloc < estimate(streamed).peak_alloc
 
     s = load_shape("llama2-7b")
     w = Workload(s, micro_batch=4, seq=512, kernels="fused", loss="fused", checkpointing="offload", dropout=0.0,
@@ -234,3 +241,27 @@ def test_the_staged_head_makes_a_late_layer_forward_the_peak():
     kept = estimate(w.with_(uncheckpointed=1))
     assert kept.components["forward_workspace"] - e.components["forward_workspace"] == c * F * n
     assert estimate(w.with_(head_on_host=False)).phase == "backward"
+
+
+def test_the_dequantization_cap_shrinks_the_planned_buffer_as_the_kernels_cut_it(monkeypatch):
+    """With LORAFUSE_DEQUANT_CAP_MIB the planner's buffer is the largest row part the fused linear dequantizes
+    (kernels/lora_linear.dequant_rows at NF4's own cut alignment), within the cap; without it, the largest weight."""
+    import torch
+
+    from lorafuse.kernels.lora_linear import dequant_rows
+    from lorafuse.plan.memory import dequant_bytes
+    from lorafuse.quant.nf4 import NF4Weight
+
+    for name in ("llama2-7b", "llama3-8b"):
+        w = Workload(load_shape(name), kernels="fused", loss="fused")
+        whole = dequant_bytes(w)
+        monkeypatch.setenv("LORAFUSE_DEQUANT_CAP_MIB", "48")
+        parts = []
+        for lin in w.shape.linears():
+            nf4 = NF4Weight(packed=torch.empty(0, dtype=torch.uint8), absmax=torch.empty(0, dtype=torch.uint8),
+                            shape=(lin.out_features, lin.in_features), dtype=torch.bfloat16,
+                            nested_absmax=torch.empty(0), nested_code=torch.empty(0), offset=0.0)
+            rows = dequant_rows(lin.out_features, lin.numel, nf4.row_alignment(), 2, 48 << 20)
+            parts.append(2 * rows * lin.in_features)
+        assert dequant_bytes(w) == max(parts) <= 48 << 20 < whole == 2 * max(lin.numel for lin in w.shape.linears())
+        monkeypatch.delenv("LORAFUSE_DEQUANT_CAP_MIB")
