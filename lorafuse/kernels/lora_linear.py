@@ -60,6 +60,21 @@ DENSE_FUSED_MAX_M = int(os.environ.get("LORAFUSE_DENSE_FUSED_MAX_M", "0"))
 # the benchmark shows it wins on the card.
 FUSED_DS_DB = os.environ.get("LORAFUSE_FUSED_DS_DB", "0") == "1"
 
+# The dequantization buffer's cap in MiB (0: none). A larger NF4 weight is dequantized and multiplied in row
+# parts that each fit, so QLoRA's one dense weight on the peak shrinks (the MLP's 90 MB at Llama-2-7B: 45 MB
+# with a 48 MiB cap) for a few more, smaller GEMMs. Off by default: a memory-lean option until measured.
+DEQUANT_CAP_BYTES = int(os.environ.get("LORAFUSE_DEQUANT_CAP_MIB", "0")) << 20
+
+
+def dequant_rows(rows: int, numel: int, step: int, elem_bytes: int, cap: int | None = None) -> int:
+    """Rows per part when a (rows, numel / rows) weight is dequantized under the cap (bytes): a multiple of
+    `step` (the NF4 cut alignment), `rows` itself when it fits or there is no cap."""
+    cap = DEQUANT_CAP_BYTES if cap is None else cap
+    if not cap or numel * elem_bytes <= cap:
+        return rows
+    parts = -(-numel * elem_bytes // cap)
+    return min(rows, -(-(-(-rows // parts)) // step) * step)
+
 
 def dispatch(m: int, is_nf4: bool) -> str:
     """"fused" (one Triton GEMM) or "cublas" (dequantize-to-buffer + torch.matmul) for m tokens."""
@@ -114,6 +129,21 @@ class Operands:
         return self.lw.weight.to(self.dtype)
 
 
+    def dense_parts(self):
+        """[(r0, r1, W[r0:r1] dense)] with each part dequantized on demand into the shared buffer (valid until the
+        next part's): one part unless an NF4 weight exceeds DEQUANT_CAP_BYTES. A generator: each part is made
+        after the caller's GEMMs on the previous one were queued (same stream, so the reuse is ordered)."""
+        w = self.lw.weight
+        if not self.lw.is_nf4:
+            yield 0, w.shape[0], self.dense()
+            return
+        rows = dequant_rows(w.shape[0], w.numel, w.row_alignment(), torch.finfo(self.dtype).bits // 8)
+        for r0 in range(0, w.shape[0], rows):
+            part = w.rows(r0, min(w.shape[0], r0 + rows)) if rows < w.shape[0] else w
+            yield r0, r0 + part.shape[0], nf4_dequantize(
+                part, self.dtype, out=dequant_buffer(w.packed.device, self.dtype, part.numel))
+
+
 _BUFFERS: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
 
 
@@ -151,11 +181,12 @@ def lora_forward(x: torch.Tensor, ops: Operands):
         lora = {} if s is None else {"s": s, "rhs": ops.b_scaled.t(), "l_scale": 1.0}
         fused_gemm(y, x, transpose_w=True, bias=ops.bias, **fused, **lora)
         return y, s
-    w = ops.dense()
-    if ops.bias is not None:
-        torch.addmm(ops.bias, x, w.t(), out=y)
-    else:
-        torch.mm(x, w.t(), out=y)
+    for r0, r1, w in ops.dense_parts():  # one part unless the weight exceeds the dequantization cap
+        out = y if r1 - r0 == y.shape[1] else y[:, r0:r1]  # a column block: cuBLAS writes it with ld = N
+        if ops.bias is not None:
+            torch.addmm(ops.bias[r0:r1], x, w.t(), out=out)
+        else:
+            torch.mm(x, w.t(), out=out)
     if s is not None:
         y.addmm_(s, ops.b_scaled.t())
     return y, s
@@ -221,11 +252,12 @@ def lora_input_grad(dy, ds, ops: Operands, dx=None, accumulate: bool = False) ->
     if fused:
         lora = {} if ds is None else {"s": ds, "rhs": ops.a, "drop": ops.drop}
         return fused_gemm(dx, dy, transpose_w=False, accumulate=accumulate, **fused, **lora)
-    w = ops.dense()
-    if accumulate:
-        dx.addmm_(dy, w)
-    else:
-        torch.mm(dy, w, out=dx)
+    for r0, r1, w in ops.dense_parts():  # dY W summed over W's row parts (one unless over the cap)
+        g = dy if r1 - r0 == dy.shape[1] else dy[:, r0:r1]
+        if accumulate or r0 > 0:
+            dx.addmm_(g, w)
+        else:
+            torch.mm(g, w, out=dx)
     return add_lora_input_grad(dx, ds, ops)
 
 

@@ -184,6 +184,29 @@ class NF4Weight:
         out = _expand_blocks(values, self.absmax_fp32(), self.blocksize, self.numel)
         return out.view(self.shape).to(dtype or self.dtype)
 
+    def row_alignment(self) -> int:
+        """The smallest row step at which `rows()` can cut: whole blocks, and whole nested blocks when double
+        quantized (r K must be a multiple of bs, times 256 with double quantization)."""
+        cols, unit = self.shape[-1], self.blocksize * (self.nested_blocksize if self.double_quant else 1)
+        return unit // math.gcd(unit, cols)
+
+    def rows(self, r0: int, r1: int) -> "NF4Weight":
+        """Rows [r0, r1) of a 2-D weight as an NF4Weight viewing this one's storage (no copy). r0 must be a multiple
+        of `row_alignment()`, and so must r1 unless it is the last row."""
+        step, n_rows = self.row_alignment(), self.shape[0]
+        if len(self.shape) != 2 or not 0 <= r0 < r1 <= n_rows or r0 % step or (r1 % step and r1 != n_rows):
+            raise ValueError(f"rows [{r0}, {r1}) of a {tuple(self.shape)} NF4 weight: cuts must be multiples of {step}")
+        cols, bs = self.shape[1], self.blocksize
+        e0, e1 = r0 * cols, r1 * cols
+        nested = None
+        if self.double_quant:
+            nb = self.nested_blocksize
+            nested = self.nested_absmax[e0 // bs // nb:-(-(e1 // bs) // nb)]
+        return NF4Weight(packed=self.packed[e0 // 2:-(-e1 // 2)], absmax=self.absmax[e0 // bs:-(-e1 // bs)],
+                         shape=(r1 - r0, cols), dtype=self.dtype, blocksize=bs, nested_absmax=nested,
+                         nested_code=self.nested_code, offset=self.offset, code=self.code,
+                         nested_blocksize=self.nested_blocksize)
+
     def to(self, device) -> "NF4Weight":
         def move(t):
             return None if t is None else t.to(device)

@@ -219,3 +219,36 @@ def test_weight_grads_come_out_of_the_gemm_in_fp32():
         assert got.dtype == torch.float32
         err, err_rounded = [float((t.double() - exact).norm() / exact.norm()) for t in (got, rounded)]
         assert err < err_rounded / 10, (alpha, err, err_rounded)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_a_dequantization_cap_splits_the_weight_into_row_parts(dtype, device, monkeypatch, parity):
+    """Under LORAFUSE_DEQUANT_CAP_MIB an NF4 weight larger than the cap is dequantized and multiplied in row parts
+    (forward: column blocks of y; backward: dY W summed over the parts): output and gradients match the oracle as
+    the whole-weight path does, and the shared buffer never holds more than one part."""
+    shape = (16, 64, 512, 4)  # 512 rows: two 256-row cuts (double quantization aligns cuts to 256 x 64 elements)
+    x, lw, dy = _problem(shape, "nf4", 0.0, False, device)
+    elem = torch.finfo(dtype).bits // 8
+    cap = 64 * 512 * elem * 2 // 3
+    assert ll.dequant_rows(512, 64 * 512, lw.weight.row_alignment(), elem, cap) == 256
+    monkeypatch.setattr(ll, "NF4_FUSED_MAX_M", 0)
+    monkeypatch.setattr(ll, "DEQUANT_CAP_BYTES", cap)
+    monkeypatch.setattr(ll, "_BUFFERS", {})
+    oracle = _run(lora_linear_reference, x, _oracle_lw(lw), dy, torch.float64)
+    ref = _run(lora_linear_reference, x, _cast(lw, dtype), dy, dtype)
+    got = _run(ll.lora_linear, x, _cast(lw, dtype), dy, dtype)
+    for name in oracle:
+        parity(f"nf4/cap/{dtype}/{name}", got[name], ref[name], oracle[name])
+    (buf,) = ll._BUFFERS.values()
+    assert buf.numel() == 256 * 64 < lw.weight.numel
+
+
+def test_nf4_rows_view_the_weight_and_refuse_misaligned_cuts():
+    w = quantize_nf4(torch.randn(512, 64))
+    step = w.row_alignment()
+    assert step == 256  # 256 nested blocks of 64 elements = 16384 elements = 256 rows of 64
+    full = w.dequantize(torch.float32)
+    assert torch.equal(w.rows(256, 512).dequantize(torch.float32), full[256:])
+    assert w.rows(0, 256).packed.data_ptr() == w.packed.data_ptr()  # a view, no copy
+    with pytest.raises(ValueError, match="multiples of 256"):
+        w.rows(128, 512)
