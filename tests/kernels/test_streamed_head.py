@@ -58,6 +58,20 @@ def test_streamed_loss_and_gradient_match_the_oracle(t, hdim, vocab, dtype, rows
     assert torch.all(got["dh"][labels == -100] == 0), "ignored rows get no gradient"
 
 
+def test_confident_rows_keep_their_small_gradient_in_bf16(parity):
+    """Rows whose label takes nearly all the probability have a gradient far smaller than the head's rows: formed
+    as softmax W - W[y] from a 16-bit product it would drown in that product's rounding; the label's weight kept
+    out of the GEMM leaves it as accurate as the same-dtype reference's (softmax - onehot) W."""
+    hidden, head, labels = _data(24, 64, 300, "cpu", ignored=0.0)
+    hidden[:16] = head[labels[:16]] * 2.0  # z_y = 2 |W_y|^2 ~ 32 against logits of order 4: p_y ~ 1 - 1e-7
+    oracle = _reference(hidden, head, labels, torch.float64)
+    ref = _reference(hidden, head, labels, torch.bfloat16)
+    got = _streamed(hidden, head, labels, torch.bfloat16, 70)
+    assert float(oracle["dh"][:16].abs().max()) < 1e-3 * float(head.abs().max())  # confident rows
+    for rows in (slice(0, 16), slice(16, 24)):
+        parity(f"streamed/confident/dh{rows}", got["dh"][rows], ref["dh"][rows], oracle["dh"][rows])
+
+
 def test_a_large_logit_range_does_not_overflow():
     """The running maximum keeps exp() in range when a later chunk holds far larger logits than the first."""
     hidden = torch.ones(3, 4)
