@@ -16,9 +16,11 @@
 #   stream   the streamed head's GPU tests; lean 4 x 512: the head streamed, staged whole
 #            (LORAFUSE_HEAD_STREAM=0), a 48 MiB dequantization cap, that and an 8 MiB cuBLAS workspace;
 #            memory_peak with the cap                                                           ~9 min
+#   leanpeers the streamed head's GPU tests; the same-run trio at 4 x 512; lean with an 8 MiB cuBLAS
+#            workspace, without and with the 48 MiB dequantization cap                          ~8 min
 # Unsloth needs more than 80 s per runner to load and compile a 7B: keep --timeout at 150 or more.
 set -u
-PART=${1:?tests|dropout|shapes|offload|memory|ab|lean|peers|stream}
+PART=${1:?tests|dropout|shapes|offload|memory|ab|lean|peers|stream|leanpeers}
 OUT=${2:-/tmp/out}
 mkdir -p /tmp/peers /tmp/site "$OUT"
 [ -f .anchors/peers-bundle.tgz ] && tar xzf .anchors/peers-bundle.tgz -C /tmp/peers
@@ -79,5 +81,14 @@ case "$PART" in
     LORAFUSE_DEQUANT_CAP_MIB=48 CUBLAS_WORKSPACE_CONFIG=:4096:2 timeout 100 $B $L 2>&1 | tail -1
     LORAFUSE_DEQUANT_CAP_MIB=48 timeout 120 python3 benchmarks/memory_peak.py --shape llama2-7b --method qlora \
       --batch 4 --seq 512 --offload --host-embeddings --host-head --out "$OUT" 2>&1 | grep -A12 highest_windows ;;
+  leanpeers)
+    LORAFUSE_AUTOTUNE=0 timeout 120 python3 -m pytest -q -p no:cacheprovider -m gpu tests/kernels/test_streamed_head.py \
+      tests/model/test_host_head.py 2>&1 | grep -E "Error|passed|failed" | tail -8
+    timeout 330 $B --shape llama2-7b --batch 4 --seq 512 --stacks lorafuse,unsloth,hf --methods qlora \
+      --steps 10 --warmup 3 2>&1 | tail -9
+    L="--shape llama2-7b --batch 4 --seq 512 --stacks lorafuse --methods qlora --random-init --steps 10 --warmup 3"
+    L="$L --offload --host-embeddings --host-head"
+    CUBLAS_WORKSPACE_CONFIG=:4096:2 timeout 100 $B $L 2>&1 | tail -1
+    LORAFUSE_DEQUANT_CAP_MIB=48 CUBLAS_WORKSPACE_CONFIG=:4096:2 timeout 100 $B $L 2>&1 | tail -1 ;;
   *) echo "unknown part $PART"; exit 2 ;;
 esac
