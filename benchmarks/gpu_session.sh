@@ -18,9 +18,11 @@
 #            memory_peak with the cap                                                           ~9 min
 #   leanpeers the streamed head's GPU tests; the same-run trio at 4 x 512; lean with an 8 MiB cuBLAS
 #            workspace, without and with the 48 MiB dequantization cap                          ~8 min
+#   final    graphs' and the streamed head's GPU tests; lorafuse vs Unsloth at 4 x 512, defaults, then
+#            lorafuse lean (offload, both tables on the host, 48 MiB dequantization cap) vs Unsloth  ~7 min
 # Unsloth needs more than 80 s per runner to load and compile a 7B: keep --timeout at 150 or more.
 set -u
-PART=${1:?tests|dropout|shapes|offload|memory|ab|lean|peers|stream|leanpeers}
+PART=${1:?tests|dropout|shapes|offload|memory|ab|lean|peers|stream|leanpeers|final}
 OUT=${2:-/tmp/out}
 mkdir -p /tmp/peers /tmp/site "$OUT"
 [ -f .anchors/peers-bundle.tgz ] && tar xzf .anchors/peers-bundle.tgz -C /tmp/peers
@@ -90,5 +92,11 @@ case "$PART" in
     L="$L --offload --host-embeddings --host-head"
     CUBLAS_WORKSPACE_CONFIG=:4096:2 timeout 100 $B $L 2>&1 | tail -1
     LORAFUSE_DEQUANT_CAP_MIB=48 CUBLAS_WORKSPACE_CONFIG=:4096:2 timeout 100 $B $L 2>&1 | tail -1 ;;
+  final)
+    LORAFUSE_AUTOTUNE=0 timeout 150 python3 -m pytest -q -p no:cacheprovider -m gpu tests/train/test_graphs.py \
+      tests/kernels/test_streamed_head.py 2>&1 | grep -E "Error|assert|passed|failed" | tail -12
+    P="--shape llama2-7b --batch 4 --seq 512 --stacks lorafuse,unsloth --methods qlora --steps 10 --warmup 3"
+    timeout 200 $B $P 2>&1 | tail -6
+    LORAFUSE_DEQUANT_CAP_MIB=48 timeout 200 $B $P --offload --host-embeddings --host-head 2>&1 | tail -6 ;;
   *) echo "unknown part $PART"; exit 2 ;;
 esac

@@ -135,16 +135,24 @@ def _spec(args, stack: str, method: str, folder: Path) -> dict:
             "vocab_size": builtin_shape(args.shape).vocab_size, "batch": args.batch, "seq": args.seq,
             "steps": args.steps, "warmup": args.warmup, "device": args.device, "dtype": args.dtype, "r": args.r,
             "alpha": args.alpha, "dropout": args.dropout, "optimizer": args.optimizer,
-            "full_optimizer": args.full_optimizer, "gc": _gc(args),
+            "full_optimizer": args.full_optimizer,
             "fast_path": "off" if args.no_fast_path else "auto", "seed": args.seed,
             "cuda_graphs": not args.no_graphs, "random_init": args.random_init, "budget_gib": args.budget_gib,
-            "profile_dir": args.profile, "embeddings_on_host": args.host_embeddings, "head_on_host": args.host_head,
-            "uncheckpointed_layers": args.keep_layers}
+            "profile_dir": args.profile, **_memory_settings(args, stack)}
 
 
 def _gc(args) -> bool | str:
     """The runners' (and the JSON rows') checkpointing value: True, False or "offload"."""
     return "offload" if args.offload else not args.no_gc
+
+
+def _memory_settings(args, stack: str) -> dict:
+    """lorafuse's own memory settings for its runs; the peers run with checkpointing as asked and their defaults
+    for the rest (bench_args: --offload, --host-* and --keep-layers are lorafuse's, recorded on its rows only)."""
+    if stack != "lorafuse":
+        return {"gc": not args.no_gc, "embeddings_on_host": False, "head_on_host": False, "uncheckpointed_layers": 0}
+    return {"gc": _gc(args), "embeddings_on_host": args.host_embeddings, "head_on_host": args.host_head,
+            "uncheckpointed_layers": args.keep_layers}
 
 
 def _workload(args, method: str, kernels: str = "reference", loss: str = "chunked", graphs: bool = False) -> Workload:
@@ -198,14 +206,12 @@ def _row(args, run_id: str, stack: str, method: str, probe: dict, result: dict, 
            "card": probe.get("card", "unknown"), "device": args.device, "stack": stack, "method": method,
            "shape": args.shape, "batch": args.batch, "seq": args.seq, "steps": args.steps, "warmup": args.warmup,
            "r": args.r, "alpha": args.alpha, "dropout": args.dropout,
-           "gc": _gc(args), "dtype": args.dtype,
+           "dtype": args.dtype,
            "optimizer": args.full_optimizer if method == "full" else args.optimizer,
            "commit": commit[0], "dirty": commit[1], "torch": probe.get("torch"),
            "transformers": probe.get("transformers"), "status": "error", "reason": None, "step_s": None,
            "tokens_per_s": None, "peak_alloc_gib": None, "peak_reserved_gib": None,
-           "random_init": args.random_init, "budget_gib": args.budget_gib,
-           "embeddings_on_host": args.host_embeddings, "head_on_host": args.host_head,
-            "uncheckpointed_layers": args.keep_layers}
+           "random_init": args.random_init, "budget_gib": args.budget_gib, **_memory_settings(args, stack)}
     knobs = {k: v for k, v in os.environ.items() if k.startswith("LORAFUSE_") and k != "LORAFUSE_COMMIT"
              or k == "CUBLAS_WORKSPACE_CONFIG"}
     if knobs:  # A/B switches this run was made with (LORAFUSE_HEAD_STREAM=0, a cuBLAS workspace size...)

@@ -71,15 +71,12 @@ def _checked(args):
     if args.shape not in builtin_names():
         raise LorafuseError(f"unknown --shape {args.shape!r}", f"use one of {', '.join(builtin_names())}")
     args.dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
-    # lorafuse's own settings: the peers load a checkpoint folder, keep their embedding on the GPU and have their
-    # own checkpointing policy, so a run with any of these compares nothing
-    own = [flag for flag, on in (("--random-init", args.random_init), ("--offload", args.offload),
-                                 ("--host-embeddings", args.host_embeddings), ("--host-head", args.host_head),
-                                 ("--keep-layers", args.keep_layers))
-           if on]
-    if own and (args.table or _split(args.stacks, STACKS, "--stacks") != ["lorafuse"]):
-        raise LorafuseError(f"{' and '.join(own)} apply to lorafuse only (the peers have their own settings)",
-                            "add --stacks lorafuse, and drop --table")
+    # --random-init builds lorafuse's model on the GPU instead of loading the checkpoint folder the peers load, so
+    # a run with peers would not compare one model. The memory settings (--offload, --host-*, --keep-layers) are
+    # lorafuse's own: with peers they apply to lorafuse's rows only, and the peers run their defaults
+    if args.random_init and (args.table or _split(args.stacks, STACKS, "--stacks") != ["lorafuse"]):
+        raise LorafuseError("--random-init applies to lorafuse only (the peers load the checkpoint folder)",
+                            "add --stacks lorafuse, or drop --random-init")
     if args.offload and args.no_gc:
         raise LorafuseError("--offload is a checkpointing policy, and --no-gc turns checkpointing off",
                             "drop one of them")

@@ -99,8 +99,9 @@ FUSED_LOSS_BLOCK_BYTES = 256 << 20  # lorafuse.kernels.cross_entropy.LOGITS_BUDG
 CUDA_CONTEXT_BYTES = int(0.5 * GIB)  # H100/A100, CUDA 12, lazy module loading; T4 ~0.3 GiB
 ALLOCATOR_SLACK = 0.05  # reserved-but-free fraction of the caching allocator at the peak
 MIN_8BIT_SIZE = 4096
-# cuBLAS workspaces come from the caching allocator, one per handle: the main thread's and the autograd backward
-# thread's, 32 MiB each on Hopper with torch 2.11 (measured: two 32 MiB blocks alive between steps on an H200).
+# cuBLAS workspaces come from the caching allocator, one per handle and stream: the main thread's and the autograd
+# backward thread's, 32 MiB each on Hopper with torch 2.11 (measured: two 32 MiB blocks alive between steps on an
+# H200). CUDA graphs warm up and capture on one stream (train/graphs.py), so they add none.
 CUBLAS_WORKSPACE_BYTES = 2 * (32 << 20)
 STATE_BLOCK = 256
 

@@ -7,7 +7,9 @@ launches the whole recorded forward + backward at once, so the step becomes GPU-
 
 How (`GraphedMicroStep`):
   1. Each shape's first `warmup` micro-batches run eagerly (they are real training steps): Triton autotuning,
-     cuBLAS workspaces and lazily sized buffers (the NF4 dequantize buffer) settle in those steps.
+     cuBLAS workspaces and lazily sized buffers (the NF4 dequantize buffer) settle in those steps. They run on
+     the stream the captures use, so the captured GEMMs reuse their cuBLAS workspaces (cuBLAS keeps one per
+     handle and stream: a capture on a stream of its own kept a second set, 64 MiB on an H200).
   2. Its next micro-batch is captured (up to MAX_GRAPHS shapes; all graphs share ONE memory pool, which is safe
      because nothing but the loss outlives a replay, and the loss is copied out at once): static input tensors,
      `loss_sum = loss_fn(batch)` under autocast (its cast cache off, as capture requires), backward of
@@ -100,6 +102,7 @@ class GraphedMicroStep:
         self.seen = 0
         self.noted: set = set()
         self.pool = None
+        self.stream: torch.cuda.Stream | None = None  # warm-up, eager steps and captures (`eager`)
         self.disabled: str | None = None
         self.inv_n: torch.Tensor | None = None
         self.replays = 0
@@ -110,14 +113,32 @@ class GraphedMicroStep:
     def _autocast(self, cache: bool = True):
         return torch.autocast("cuda", dtype=self.dtype, enabled=self.dtype != torch.float32, cache_enabled=cache)
 
+    def _stream(self) -> torch.cuda.Stream:
+        if self.stream is None:
+            self.stream = torch.cuda.Stream(device=self.params[0].device)
+        return self.stream
+
     def eager(self, batch: dict, inv_n: float, fixed: bool = True) -> torch.Tensor:
-        """One micro-batch without a graph; `fixed`: the loss's fixed-shape pass, as a capture records it."""
+        """One micro-batch without a graph; `fixed`: the loss's fixed-shape pass, as a capture records it.
+
+        It runs on the stream the captures use (joined both ways with the caller's), so the cuBLAS workspaces the
+        warm-up makes, one per (thread's handle, stream), are the ones the captured GEMMs use: a capture on a
+        stream of its own would add a second set that the replays hold for good (64 MiB on Hopper)."""
         from lorafuse.kernels.cross_entropy import fixed_shape
 
-        with self._autocast(), fixed_shape(fixed):
-            loss_sum = self.loss_fn(batch)
-        self.backward(loss_sum * inv_n)
-        return loss_sum.detach()
+        for p in self.params:  # made on the caller's stream: the optimizer reads them there
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        main, side = torch.cuda.current_stream(), self._stream()
+        side.wait_stream(main)
+        with torch.cuda.stream(side):
+            with self._autocast(), fixed_shape(fixed):
+                loss_sum = self.loss_fn(batch)
+            self.backward(loss_sum * inv_n)
+            loss_sum = loss_sum.detach()
+        main.wait_stream(side)
+        loss_sum.record_stream(main)  # read on the caller's stream: its block is not reused under that read
+        return loss_sum
 
     def prepare(self, batch: dict) -> dict:
         """A padded batch's (B, T) attention mask as the (B, 1, T, T) bool mask SDPA takes as given: the 2-D mask
@@ -180,7 +201,7 @@ class GraphedMicroStep:
             self.pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
         try:
-            with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
+            with torch.cuda.graph(graph, pool=self.pool, stream=self._stream(), capture_error_mode="thread_local"):
                 with self._autocast(cache=False), fixed_shape():
                     loss = self.loss_fn(static)
                 self.backward(loss * self.inv_n)

@@ -112,9 +112,26 @@ def test_random_init_run_with_a_profile(tmp_path, capsys):
     assert "aten::mm" in table and "by input shape" in table
 
 
+def test_memory_settings_with_peers_apply_to_lorafuse_rows_only():
+    """--offload, --host-* and --keep-layers are lorafuse's: in a run with peers, the peers' runners get (and
+    their rows record) checkpointing on and their own defaults, so one run compares lorafuse's lean setting with
+    the peers' defaults and each row says what it ran."""
+    args = bench.parse_args(["--offload", "--host-embeddings", "--host-head", "--keep-layers", "2",
+                             "--stacks", "lorafuse,unsloth,hf", "--shape", "llama2-7b"])
+    own = bench._spec(args, "lorafuse", "qlora", None)
+    assert (own["gc"], own["embeddings_on_host"], own["head_on_host"], own["uncheckpointed_layers"]) == (
+        "offload", True, True, 2)
+    for stack in ("unsloth", "hf"):
+        spec = bench._spec(args, stack, "qlora", None)
+        row = bench._row(args, "r", stack, "qlora", {}, {}, ("c", None))
+        for got in (spec, row):
+            assert (got["gc"], got["embeddings_on_host"], got["head_on_host"], got["uncheckpointed_layers"]) == (
+                True, False, False, 0)
+    no_gc = bench.parse_args(["--no-gc", "--stacks", "lorafuse,hf"])
+    assert bench._spec(no_gc, "hf", "qlora", None)["gc"] is False
+
+
 def test_offload_flag_is_lorafuse_checkpointing():
-    with pytest.raises(bench.LorafuseError, match="--stacks lorafuse"):
-        bench.parse_args(["--offload"])
     with pytest.raises(bench.LorafuseError, match="--no-gc"):
         bench.parse_args(["--offload", "--no-gc", "--stacks", "lorafuse"])
     args = bench.parse_args(["--offload", "--stacks", "lorafuse"])
@@ -123,8 +140,6 @@ def test_offload_flag_is_lorafuse_checkpointing():
 
 
 def test_host_embeddings_flag_is_a_lorafuse_setting():
-    with pytest.raises(bench.LorafuseError, match="--stacks lorafuse"):
-        bench.parse_args(["--host-embeddings"])
     args = bench.parse_args(["--host-embeddings", "--stacks", "lorafuse", "--shape", "llama2-7b"])
     assert bench._spec(args, "lorafuse", "qlora", None)["embeddings_on_host"] is True
     on_host = bench._lorafuse_workload(args, "qlora", {})
@@ -135,8 +150,6 @@ def test_host_embeddings_flag_is_a_lorafuse_setting():
 
 
 def test_host_head_flag_is_a_lorafuse_setting():
-    with pytest.raises(bench.LorafuseError, match="--stacks lorafuse"):
-        bench.parse_args(["--host-head"])
     args = bench.parse_args(["--host-head", "--offload", "--stacks", "lorafuse", "--shape", "llama2-7b"])
     assert bench._spec(args, "lorafuse", "qlora", None)["head_on_host"] is True
     on_host = bench._lorafuse_workload(args, "qlora", {})

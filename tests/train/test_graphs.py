@@ -206,3 +206,41 @@ def test_two_shapes_share_one_pool_and_train_exactly_as_eager(tiny_model_dir):
     assert step.disabled is None and len(step.graphs) == 2 and step.replays == 8, notes
     assert graph_losses == eager_losses and moved
     assert all(torch.equal(x, y) for x, y in zip(graph_params, eager_params))
+
+
+@pytest.mark.gpu
+def test_the_capture_reuses_the_warm_up_cublas_workspaces(tiny_model_dir):
+    """Warm-up and capture run on one stream, so the captured GEMMs use the cuBLAS workspaces (one per handle and
+    stream) the warm-up made: the capture keeps only the graph's outputs and static inputs alive. Captured on a
+    stream of its own after the same warm-up, it holds a new workspace per handle for as long as the graph lives."""
+    from lorafuse.kernels.fast_path import apply_fast_path
+    from lorafuse.train.loss import lm_loss_sum, simple_head
+    from lorafuse.train.runtime import Precision, prepare_model
+
+    grown = []
+    for own_stream in (False, True):
+        torch.manual_seed(0)
+        model = _lora_model(tiny_model_dir, 0.0, quant="nf4", device="cuda", dtype="bfloat16")
+        assert apply_fast_path(model)[0]
+        params = prepare_model(model, True, note=lambda s: None)
+        head = simple_head(model)
+        step = GraphedMicroStep(model, params, lambda b, model=model: lm_loss_sum(model, b, head, True),
+                                Precision(torch.device("cuda"), torch.bfloat16).backward, torch.bfloat16,
+                                note=lambda s: None)
+        model.train()
+        batches = _batches(512, 3)
+        for b in batches[:2]:
+            step(b, 1e-3)  # the warm-ups
+        if own_stream:
+            step.stream = torch.cuda.Stream()
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        step(batches[2], 1e-3)  # capture, then replay
+        torch.cuda.synchronize()
+        assert step.disabled is None and step.replays == 1
+        grown.append(torch.cuda.memory_allocated() - before)
+        del step, model, params
+        torch.cuda.empty_cache()
+    shared, separate = grown
+    assert shared < 1 << 20, f"the capture kept {shared / 2**20:.1f} MiB"
+    assert separate > shared + (4 << 20), "a capture on its own stream made workspaces of its own"
