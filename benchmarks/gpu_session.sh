@@ -97,6 +97,6 @@ case "$PART" in
       tests/kernels/test_streamed_head.py 2>&1 | grep -E "Error|assert|passed|failed" | tail -12
     P="--shape llama2-7b --batch 4 --seq 512 --stacks lorafuse,unsloth --methods qlora --steps 10 --warmup 3"
     timeout 200 $B $P 2>&1 | tail -6
-    LORAFUSE_DEQUANT_CAP_MIB=48 timeout 200 $B $P --offload --host-embeddings --host-head 2>&1 | tail -6 ;;
+    timeout 200 $B $P --offload --host-embeddings --host-head --dequant-cap-mib 48 2>&1 | tail -6 ;;
   *) echo "unknown part $PART"; exit 2 ;;
 esac

@@ -150,9 +150,10 @@ def _memory_settings(args, stack: str) -> dict:
     """lorafuse's own memory settings for its runs; the peers run with checkpointing as asked and their defaults
     for the rest (bench_args: --offload, --host-* and --keep-layers are lorafuse's, recorded on its rows only)."""
     if stack != "lorafuse":
-        return {"gc": not args.no_gc, "embeddings_on_host": False, "head_on_host": False, "uncheckpointed_layers": 0}
+        return {"gc": not args.no_gc, "embeddings_on_host": False, "head_on_host": False, "uncheckpointed_layers": 0,
+                "dequant_cap_mib": 0}
     return {"gc": _gc(args), "embeddings_on_host": args.host_embeddings, "head_on_host": args.host_head,
-            "uncheckpointed_layers": args.keep_layers}
+            "uncheckpointed_layers": args.keep_layers, "dequant_cap_mib": args.dequant_cap_mib}
 
 
 def _workload(args, method: str, kernels: str = "reference", loss: str = "chunked", graphs: bool = False) -> Workload:
@@ -165,7 +166,7 @@ def _workload(args, method: str, kernels: str = "reference", loss: str = "chunke
                     kernels=kernels, padded=False, autocast=args.device == "cuda",
                     embeddings_on_host=args.host_embeddings and method != "full",
                     head_on_host=args.host_head and method != "full", cuda_graphs=graphs,
-                    uncheckpointed=args.keep_layers if method != "full" else 0)
+                    uncheckpointed=args.keep_layers if method != "full" else 0, dequant_cap_mib=args.dequant_cap_mib)
 
 
 def _precheck(args, stack: str, method: str, probe: dict) -> str | None:

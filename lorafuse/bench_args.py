@@ -57,6 +57,8 @@ def parse_args(argv):
                    "their activations instead of recomputing them (train.uncheckpointed_layers)")
     p.add_argument("--host-head", action="store_true", help="lorafuse only: the frozen output head in pinned CPU "
                    "memory between losses, staged for each (train.head_on_host)")
+    p.add_argument("--dequant-cap-mib", type=int, default=0, metavar="MIB", help="lorafuse only: NF4 weights over "
+                   "MIB (16-bit) dequantized in row parts (train.dequant_cap_mib)")
     p.add_argument("--no-fast-path", action="store_true", help="lorafuse without its fused kernels")
     p.add_argument("--no-graphs", action="store_true", help="lorafuse without CUDA graphs (eager launches)")
     p.add_argument("--model-dir", default=os.environ.get("LORAFUSE_BENCH_DIR", "/tmp/lorafuse-bench"),

@@ -198,7 +198,13 @@ class TrainConfig(_Section):
         False, description="Keep the frozen output head in pinned CPU memory between losses: a device copy is "
         "staged during each forward (a PCIe copy of vocab x hidden x 2 bytes, overlapped with the forward's "
         "second half) and freed after the loss, so the backward, where the step peaks, runs without it (0.24 GiB "
-        "for Llama-2-7B, 0.98 GiB for Llama-3-8B). CUDA only; not for a head tied to the input embedding.")
+        "for Llama-2-7B, 0.98 GiB for Llama-3-8B). Where that takes less memory (short micro-batches), the copy "
+        "streams through the loss in ~32 MiB vocabulary chunks instead. CUDA only; not for a head tied to the input "
+        "embedding.")
+    dequant_cap_mib: int = Field(
+        0, ge=0, description="QLoRA on the fast path: an NF4 weight whose 16-bit copy exceeds this many MiB is "
+        "dequantized and multiplied in row parts, so the one dense weight on the peak shrinks (Llama-2-7B's MLP "
+        "weights: 86 MiB -> 43 MiB at 48) for ~1% of step time. 0: whole weights. `lorafuse plan` counts it.")
     save_every: int | None = Field(None, ge=1, description="Checkpoint every N optimizer steps; "
                                    "null: at the end of each epoch (always at the end of training).")
     save_total_limit: int = Field(3, ge=1, description="Checkpoints kept on disk; older ones are deleted.")

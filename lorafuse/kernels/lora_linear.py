@@ -63,7 +63,8 @@ FUSED_DS_DB = os.environ.get("LORAFUSE_FUSED_DS_DB", "0") == "1"
 # The dequantization buffer's cap in MiB (0: none). A larger NF4 weight is dequantized and multiplied in row
 # parts that each fit, so QLoRA's one dense weight on the peak shrinks (the MLP's 90 MB at Llama-2-7B: 45 MB
 # with a 48 MiB cap) for a few more, smaller GEMMs. Off by default: a memory-lean option until measured.
-DEQUANT_CAP_BYTES = int(os.environ.get("LORAFUSE_DEQUANT_CAP_MIB", "0")) << 20
+ENV_DEQUANT_CAP_BYTES = int(os.environ.get("LORAFUSE_DEQUANT_CAP_MIB", "0")) << 20
+DEQUANT_CAP_BYTES = ENV_DEQUANT_CAP_BYTES  # train.dequant_cap_mib sets it (train/runtime.prepare_model)
 
 
 def dequant_rows(rows: int, numel: int, step: int, elem_bytes: int, cap: int | None = None) -> int:

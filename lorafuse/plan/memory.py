@@ -135,6 +135,7 @@ class Workload:
     head_on_host: bool = False
     cuda_graphs: bool = False
     uncheckpointed: int = 0  # the last decoder layers keep their activations (train.uncheckpointed_layers)
+    dequant_cap_mib: int = 0  # train.dequant_cap_mib (0: LORAFUSE_DEQUANT_CAP_MIB, the kernels' default)
 
     @property
     def tokens(self) -> int:
@@ -321,7 +322,7 @@ def loss_bytes(w: Workload) -> int:
 def dequant_bytes(w: Workload) -> int:
     if w.method != "qlora":
         return 0
-    cap = int(os.environ.get("LORAFUSE_DEQUANT_CAP_MIB", "0")) << 20  # kernels/lora_linear.DEQUANT_CAP_BYTES
+    cap = (w.dequant_cap_mib or int(os.environ.get("LORAFUSE_DEQUANT_CAP_MIB", "0"))) << 20  # lora_linear's cap
 
     def part(lin) -> int:  # the rows dequantized at once under the cap, cut at NF4's row alignment
         if w.kernels != "fused" or not cap or lin.numel * w.compute_bytes <= cap:

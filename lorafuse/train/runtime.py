@@ -43,7 +43,7 @@ class Precision:
 
 def prepare_model(model, gradient_checkpointing: bool | str, note=print,
                   embeddings_on_host: bool = False, head_on_host: bool = False,
-                  uncheckpointed_layers: int = 0) -> list[nn.Parameter]:
+                  uncheckpointed_layers: int = 0, dequant_cap_mib: int = 0) -> list[nn.Parameter]:
     """Checkpointing on (non-reentrant; "offload": layer inputs in pinned CPU memory, train/offload.py), cache
     off, trainable tensors in fp32, optionally the input embedding in pinned host memory
     (model/host_embedding.py) and the output head there between losses; returns the trainable params."""
@@ -80,6 +80,12 @@ def prepare_model(model, gradient_checkpointing: bool | str, note=print,
         moved, reason = embeddings_to_host(model)
         note(f"input embedding in pinned host memory, read in place: {moved / 2**30:.2f} GiB of GPU memory freed"
              if moved else f"input embedding stays on the device: {reason}")
+    from lorafuse.kernels import lora_linear
+
+    # read by every fused linear from now on; 0 restores the default (LORAFUSE_DEQUANT_CAP_MIB, else none)
+    lora_linear.DEQUANT_CAP_BYTES = (dequant_cap_mib << 20) or lora_linear.ENV_DEQUANT_CAP_BYTES
+    if dequant_cap_mib:
+        note(f"NF4 weights over {dequant_cap_mib} MiB in 16 bits are dequantized and multiplied in row parts")
     if head_on_host:
         from lorafuse.model.host_embedding import head_to_host
 
