@@ -83,7 +83,8 @@ def _render_suggestion(p: Plan) -> str:
             f"{sg['grad_accum']}, gradient checkpointing {sg['gradient_checkpointing']}, max_length "
             f"{sg['max_length']}{', embedding in host memory' if sg.get('embeddings_on_host') else ''}"
             f"{', head in host memory' if sg.get('head_on_host') else ''}"
-            f"{f', last {k} layers keep activations' if (k := sg.get('uncheckpointed_layers')) else ''} -> "
+            f"{f', last {k} layers keep activations' if (k := sg.get('uncheckpointed_layers')) else ''}"
+            f"{f', NF4 weights dequantized in parts of <= {c} MiB' if (c := sg.get('dequant_cap_mib')) else ''} -> "
             f"{sg['peak_gib']:.2f} GiB, {sg['tokens_per_s']:,.0f} tokens/s{speedup}\n"
             f"    lorafuse train CONFIG {args}")
 

@@ -114,6 +114,24 @@ def test_host_embedding_then_head_then_offload_then_max_length_only_when_nothing
     assert plan(cfg, gpu_memory=budget).suggestion["overrides"]["data.max_length"] == 256
 
 
+def test_on_the_fused_kernels_the_last_tier_before_max_length_halves_the_dequantized_weight():
+    """QLoRA on the fused kernels: after offload, the largest NF4 weights dequantized in halves (43 MiB at
+    Llama-2-7B width: 11008 x 4096 x 2 bytes / 2), still at max_length 512; below that, max_length halves."""
+    cfg = recipe("train.fast_path=on")
+    w = workload_from_config(cfg)
+    assert w.kernels == "fused" and w.method == "qlora"
+    offload = w.with_(micro_batch=1, grad_accum=16, checkpointing="offload", embeddings_on_host=True,
+                      head_on_host=True)
+    capped = offload.with_(dequant_cap_mib=43)
+    assert estimate(capped).peak < estimate(offload).peak
+    p = plan(cfg, gpu_memory=(estimate(capped).peak + estimate(offload).peak) // 2)
+    assert p.suggestion["overrides"]["train.dequant_cap_mib"] == 43 and p.suggestion["max_length"] == 512
+    assert p.suggestion["gradient_checkpointing"] == "offload"
+    assert any("dequant_cap_mib" in n for n in p.notes)
+    p = plan(cfg, gpu_memory=(estimate(capped).peak + estimate(capped.with_(seq=256)).peak) // 2)
+    assert p.suggestion["max_length"] == 256
+
+
 def test_a_tied_embedding_is_never_sent_to_the_host():
     cfg = recipe("model.path=meta-llama/Llama-3.2-1B")  # ties its embedding to the head
     w = workload_from_config(cfg).with_(micro_batch=1, grad_accum=16, checkpointing="on")
