@@ -36,11 +36,11 @@ def streamed_head(w: Workload) -> tuple[int, int] | None:
     """(head bytes staged, loss workspace) when the host head streams in vocabulary chunks (model/host_embedding.py
     HeadStage: its fp32 (tokens, hidden) state is smaller than the head), else None. Staged: AHEAD chunks of
     ~32 MiB. Loss (kernels/streamed_head.py): the fp32 state o (4 D n), the gradient (c D n) and, per chunk, one
-    fp32 logits block of <= 64 MiB, its 16-bit copy and one (rows, D) product."""
+    fp32 logits block of <= 64 MiB, its 16-bit copy and their (rows, D) product, fp32."""
     D, c, n = w.shape.hidden_size, w.compute_bytes, w.tokens
     head = c * w.shape.head_params
     if not host_head(w) or 4 * D * n >= head or os.environ.get("LORAFUSE_HEAD_STREAM", "1") == "0":
         return None
     chunk = max(1, min(w.shape.vocab_size, HEAD_CHUNK_BYTES // (D * c)))
     rows = min(n, max(1, (64 << 20) // (4 * chunk)))
-    return min(head, HEAD_AHEAD * chunk * D * c), 4 * D * n + c * D * n + (4 + c) * rows * chunk + c * rows * D
+    return min(head, HEAD_AHEAD * chunk * D * c), 4 * D * n + c * D * n + (4 + c) * rows * chunk + 4 * rows * D

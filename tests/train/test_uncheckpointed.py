@@ -82,10 +82,9 @@ def test_config_key_and_bench_flag():
 
     assert load_config(None).train.uncheckpointed_layers == 0
     assert load_config(None, ["train.uncheckpointed_layers=6"]).train.uncheckpointed_layers == 6
-    with pytest.raises(bench.LorafuseError, match="--stacks lorafuse"):
-        bench.parse_args(["--keep-layers", "4"])
-    args = bench.parse_args(["--keep-layers", "4", "--stacks", "lorafuse", "--shape", "llama2-7b"])
+    args = bench.parse_args(["--keep-layers", "4", "--shape", "llama2-7b"])  # with the peers: lorafuse's rows only
     assert bench._spec(args, "lorafuse", "qlora", None)["uncheckpointed_layers"] == 4
+    assert bench._spec(args, "unsloth", "qlora", None)["uncheckpointed_layers"] == 0
     assert bench._lorafuse_workload(args, "qlora", {}).uncheckpointed == 4
 
 
