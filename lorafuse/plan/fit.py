@@ -10,8 +10,8 @@ settings with the input embedding in pinned host memory are tried (`train.embedd
 embedding), then with the output head there too between losses (`train.head_on_host`), then activation offload
 (layer inputs in pinned CPU memory) with them, then (QLoRA on the fused kernels) the largest NF4 weights
 dequantized in halves (`train.dequant_cap_mib`): all cost host memory, PCIe traffic or a little time the speed
-model prices only roughly, so they never displace a setting before them. Only when nothing fits is max_length halved (down to 64),
-since that changes what the model sees.
+model prices only roughly, so they never displace a setting before them. Only when nothing fits is max_length
+halved (down to 64), since that changes what the model sees.
 
 `suggest(cfg, gpu_memory)` returns that setting as config overrides ({"train.micro_batch_size": 2, ...},
 keys as `lorafuse train ... key=value` takes them); `next_smaller(cfg)` is the training loop's hook after a
