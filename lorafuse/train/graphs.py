@@ -37,6 +37,8 @@ because nothing in them draws from torch's generators (the dropout masks come fr
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 
@@ -118,6 +120,18 @@ class GraphedMicroStep:
             self.stream = torch.cuda.Stream(device=self.params[0].device)
         return self.stream
 
+    @contextlib.contextmanager
+    def on_stream(self):
+        """Run the block on the captures' stream, joined both ways with the caller's: eager work there (the
+        warm-up, an evaluation between steps) uses the cuBLAS workspaces the graphs use, instead of making a set
+        on the default stream that stays allocated for the rest of the run. Tensors that leave the block must be
+        marked for the caller's stream (`record_stream`) or be plain numbers."""
+        main, side = torch.cuda.current_stream(), self._stream()
+        side.wait_stream(main)
+        with torch.cuda.stream(side):
+            yield
+        main.wait_stream(side)
+
     def eager(self, batch: dict, inv_n: float, fixed: bool = True) -> torch.Tensor:
         """One micro-batch without a graph; `fixed`: the loss's fixed-shape pass, as a capture records it.
 
@@ -129,15 +143,12 @@ class GraphedMicroStep:
         for p in self.params:  # made on the caller's stream: the optimizer reads them there
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-        main, side = torch.cuda.current_stream(), self._stream()
-        side.wait_stream(main)
-        with torch.cuda.stream(side):
+        with self.on_stream():
             with self._autocast(), fixed_shape(fixed):
                 loss_sum = self.loss_fn(batch)
             self.backward(loss_sum * inv_n)
             loss_sum = loss_sum.detach()
-        main.wait_stream(side)
-        loss_sum.record_stream(main)  # read on the caller's stream: its block is not reused under that read
+        loss_sum.record_stream(torch.cuda.current_stream())  # read on the caller's stream: not reused under it
         return loss_sum
 
     def prepare(self, batch: dict) -> dict:

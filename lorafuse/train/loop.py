@@ -33,6 +33,7 @@ the same rows and the same N_s); a second OOM stops the run with the settings tr
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -325,7 +326,9 @@ class TrainingLoop:
 
     def _evaluate(self) -> bool:
         st = self.state
-        loss, ppl = evaluate(self.model, self.val_batches, self.precision, self.head, self.fused, self.world)
+        # with graphs, on their stream: an eager pass elsewhere would leave a cuBLAS workspace for the run's rest
+        with self.graphed.on_stream() if self.graphed is not None else contextlib.nullcontext():
+            loss, ppl = evaluate(self.model, self.val_batches, self.precision, self.head, self.fused, self.world)
         row = {"step": st.step, "epoch": self._epoch_float(), "eval_loss": loss, "eval_ppl": ppl}
         self.metrics.append(row)
         self._note(f"step {st.step}: eval_loss {loss:.4f} | eval_ppl {ppl:.2f}")

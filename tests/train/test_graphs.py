@@ -3,6 +3,8 @@ exactly as the eager step does (GPU)."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -244,3 +246,46 @@ def test_the_capture_reuses_the_warm_up_cublas_workspaces(tiny_model_dir):
     shared, separate = grown
     assert shared < 1 << 20, f"the capture kept {shared / 2**20:.1f} MiB"
     assert separate > shared + (4 << 20), "a capture on its own stream made workspaces of its own"
+
+
+@pytest.mark.gpu
+def test_an_evaluation_on_the_graphs_stream_leaves_no_workspace_behind(tiny_model_dir):
+    """A no-grad pass between graphed steps (the loop's evaluation) run through `on_stream` uses the workspaces the
+    warm-up made for the graphs' stream; the same pass on any other stream leaves a cuBLAS workspace allocated
+    (checked on a fresh stream: the default one may hold a workspace from earlier tests in this process)."""
+    from lorafuse.kernels.fast_path import apply_fast_path
+    from lorafuse.train.loss import lm_loss_sum, simple_head
+    from lorafuse.train.runtime import Precision, prepare_model
+
+    torch.manual_seed(0)
+    model = _lora_model(tiny_model_dir, 0.0, quant="nf4", device="cuda", dtype="bfloat16")
+    assert apply_fast_path(model)[0]
+    params = prepare_model(model, True, note=lambda s: None)
+    head = simple_head(model)
+    step = GraphedMicroStep(model, params, lambda b: lm_loss_sum(model, b, head, True),
+                            Precision(torch.device("cuda"), torch.bfloat16).backward, torch.bfloat16,
+                            note=lambda s: None)
+    model.train()
+    batches = _batches(512, 4)
+    for b in batches[:3]:
+        step(b, 1e-3)  # two warm-ups and the capture
+    assert step.replays == 1
+
+    def evaluation():
+        model.eval()
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = float(lm_loss_sum(model, batches[3], head, True))
+        model.train()
+        return loss
+
+    grown = []
+    for on_stream in (True, False):
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        with step.on_stream() if on_stream else torch.cuda.stream(torch.cuda.Stream()):
+            loss = evaluation()
+        torch.cuda.synchronize()
+        grown.append(torch.cuda.memory_allocated() - before)
+        assert math.isfinite(loss)
+    assert grown[0] < 1 << 20, f"the evaluation on the graphs' stream kept {grown[0] / 2**20:.1f} MiB"
+    assert grown[1] > grown[0] + (4 << 20), "on another stream it made a workspace of its own"
