@@ -11,6 +11,7 @@ import sys
 
 from lorafuse.plan.fit import Plan, plan
 from lorafuse.plan.memory import GIB, host_embedding
+from lorafuse.plan.placement import streamed_head
 from lorafuse.plan.speed import efficiency
 
 _LABELS = {
@@ -24,7 +25,7 @@ _LABELS = {
     "backward_workspace": "backward buffers (+ NF4 dequant)",
     "forward_workspace": "one layer's forward buffers (+ NF4 dequant)",
     "logits_loss": "logits / loss workspace ({loss})",
-    "head_staged": "output head, staged from host memory",
+    "head_staged": "output head{chunks}, staged from host memory",
     "cublas_workspace": "cuBLAS workspaces",
     "allocator_slack": "caching-allocator slack (estimate)",
     "cuda_context": "CUDA context (estimate)",
@@ -54,7 +55,9 @@ def render(p: Plan) -> str:
             + ("; so far this step" if w.grad_accum == 1 and not w.cuda_graphs and e.phase != "optimizer step"
                else ""),
             "opt": w.optimizer, "ck": w.checkpointing,
-            "loss": {"full": "full logits", "chunked": "chunked", "fused": "fused kernel"}[w.loss]}
+            "loss": "head streamed in chunks" if streamed_head(w) else
+            {"full": "full logits", "chunked": "chunked", "fused": "fused kernel"}[w.loss],
+            "chunks": ": the chunks in flight" if streamed_head(w) else ""}
     for key, value in e.components.items():
         if value:
             lines.append(f"  {_LABELS.get(key, key).format(**fill):<52} {value / GIB:8.2f} GiB")
