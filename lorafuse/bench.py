@@ -244,7 +244,8 @@ def _memory_record(args, row: dict) -> dict:
             "run": row["run"], "stack": "lorafuse", "workload": workload_to_record(w),
             "measured_peak_alloc_gib": round(row["peak_alloc_gib"], 4),
             "measured_peak_reserved_gib": round(row["peak_reserved_gib"], 4),
-            "predicted_peak_alloc_gib": round(estimate(w).peak_alloc / GIB, 4)}
+            "predicted_peak_alloc_gib": round(estimate(w).peak_alloc / GIB, 4),
+            **({"env": row["env"]} if row.get("env") else {})}  # A/B switches the workload does not describe
 
 
 def _append(path: Path, rows: list[dict]) -> None:
