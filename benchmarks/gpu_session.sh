@@ -20,9 +20,11 @@
 #            workspace, without and with the 48 MiB dequantization cap                          ~8 min
 #   final    graphs' and the streamed head's GPU tests; lorafuse vs Unsloth at 4 x 512, defaults, then
 #            lorafuse lean (offload, both tables on the host, 48 MiB dequantization cap) vs Unsloth  ~7 min
+#   llama3   the graphs' stream GPU tests; Llama-3-8B 2 x 2048 lean with the head streamed and staged whole
+#            (predicted 4.58 against 5.44 GiB), then lorafuse vs Unsloth at its defaults            ~9 min
 # Unsloth needs more than 80 s per runner to load and compile a 7B: keep --timeout at 150 or more.
 set -u
-PART=${1:?tests|dropout|shapes|offload|memory|ab|lean|peers|stream|leanpeers|final}
+PART=${1:?tests|dropout|shapes|offload|memory|ab|lean|peers|stream|leanpeers|final|llama3}
 OUT=${2:-/tmp/out}
 mkdir -p /tmp/peers /tmp/site "$OUT"
 [ -f .anchors/peers-bundle.tgz ] && tar xzf .anchors/peers-bundle.tgz -C /tmp/peers
@@ -98,5 +100,14 @@ case "$PART" in
     P="--shape llama2-7b --batch 4 --seq 512 --stacks lorafuse,unsloth --methods qlora --steps 10 --warmup 3"
     timeout 200 $B $P 2>&1 | tail -6
     timeout 200 $B $P --offload --host-embeddings --host-head --dequant-cap-mib 48 2>&1 | tail -6 ;;
+  llama3)
+    LORAFUSE_AUTOTUNE=0 timeout 120 python3 -m pytest -q -p no:cacheprovider -m gpu tests/train/test_graphs.py \
+      -k "evaluation or workspace" 2>&1 | grep -E "Error|assert|passed|failed" | tail -6
+    L="--shape llama3-8b --batch 2 --seq 2048 --stacks lorafuse --methods qlora --random-init --steps 6 --warmup 3"
+    L="$L --offload --host-embeddings --host-head"
+    timeout 150 $B $L 2>&1 | tail -1
+    LORAFUSE_HEAD_STREAM=0 timeout 150 $B $L 2>&1 | tail -1
+    timeout 280 $B --shape llama3-8b --batch 2 --seq 2048 --stacks lorafuse,unsloth --methods qlora --steps 6 \
+      --warmup 3 2>&1 | tail -5 ;;
   *) echo "unknown part $PART"; exit 2 ;;
 esac
