@@ -123,3 +123,14 @@ def test_without_a_graph_the_product_overwrites_the_gate_output(device, monkeypa
         without = swiglu_mlp(x, *projs)
     assert outs == [False, True]
     assert torch.equal(with_graph.detach(), without)
+
+
+def test_the_fused_mlp_under_a_dequantization_cap(device, monkeypatch, parity):
+    """With gate, up and down over the cap, each is dequantized and multiplied in two row parts (gate/up: 256 rows
+    of 64; down: 32 rows of 512, both cuts at NF4's nested-block alignment): outputs and gradients match the oracle
+    as the whole-weight path does, and the shared buffer holds one part at a time."""
+    monkeypatch.setattr(ll, "DEQUANT_CAP_BYTES", 48 << 10)  # each weight is 64 KiB in fp16
+    monkeypatch.setattr(ll, "_BUFFERS", {})
+    _check("nf4", "cublas", 0.0, torch.float16, (16, 64, 512, 4), device, monkeypatch, parity)
+    (buf,) = ll._BUFFERS.values()
+    assert buf.numel() == 256 * 64 == 32 * 512
