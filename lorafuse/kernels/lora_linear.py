@@ -73,8 +73,9 @@ def dequant_rows(rows: int, numel: int, step: int, elem_bytes: int, cap: int | N
     cap = DEQUANT_CAP_BYTES if cap is None else cap
     if not cap or numel * elem_bytes <= cap:
         return rows
-    parts = -(-numel * elem_bytes // cap)
-    return min(rows, -(-(-(-rows // parts)) // step) * step)
+    parts = -(-numel * elem_bytes // cap)  # ceil
+    per_part = -(-rows // parts)
+    return min(rows, -(-per_part // step) * step)  # rounded up to the cut alignment
 
 
 def dispatch(m: int, is_nf4: bool) -> str:
@@ -128,7 +129,6 @@ class Operands:
             w = self.lw.weight
             return nf4_dequantize(w, self.dtype, out=dequant_buffer(w.packed.device, self.dtype, w.shape.numel()))
         return self.lw.weight.to(self.dtype)
-
 
     def dense_parts(self):
         """[(r0, r1, W[r0:r1] dense)] with each part dequantized on demand into the shared buffer (valid until the

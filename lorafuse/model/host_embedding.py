@@ -172,6 +172,7 @@ class HeadStage:
         self._stream: torch.cuda.Stream | None = None
         vocab, width = host.shape
         self.chunk_rows = max(1, min(vocab, self.CHUNK_BYTES // (width * host.element_size())))
+        self.n_chunks = -(-vocab // self.chunk_rows)
 
     def streams(self, rows: int) -> bool:
         """Does a loss over `rows` tokens stream the head in chunks (its fp32 (rows, hidden) state is smaller
@@ -197,12 +198,15 @@ class HeadStage:
             done.record(side)
         self.queue.append((i, buf, done))
 
+    def _issue_first(self) -> None:
+        """The first AHEAD chunks, those not already in flight."""
+        for i in range(len(self.queue), min(self.AHEAD, self.n_chunks)):
+            self._issue(i)
+
     def prefetch(self, rows: int | None = None) -> None:
         """Start the copies for the next loss over `rows` tokens (unknown: the whole head)."""
         if rows is not None and self.streams(rows):
-            n = -(-self.host.shape[0] // self.chunk_rows)
-            for i in range(len(self.queue), min(self.AHEAD, n)):
-                self._issue(i)
+            self._issue_first()
             return
         if self.pending is not None:
             return
@@ -218,19 +222,17 @@ class HeadStage:
         """(first row, device chunk) over the vocabulary in order, for one loss. Chunks prefetched by the forward
         come first; each chunk's buffer is dropped before the one `ahead` of it is issued."""
         main = torch.cuda.current_stream(self.device)
-        n = -(-self.host.shape[0] // self.chunk_rows)
         self.pending = None  # a whole copy staged for a loss that streams after all
         if self.queue and self.queue[0][0] != 0:  # left by a loss that stopped part way
             self.queue.clear()
-        for i in range(len(self.queue), min(self.AHEAD, n)):
-            self._issue(i)
-        for i in range(n):
+        self._issue_first()
+        for i in range(self.n_chunks):
             j, buf, done = self.queue.pop(0)
             assert j == i, f"head chunk {j} arrived where {i} was expected"
             main.wait_event(done)
             yield i * self.chunk_rows, buf
             del buf
-            if i + self.AHEAD < n:
+            if i + self.AHEAD < self.n_chunks:
                 self._issue(i + self.AHEAD)
 
     def target_rows(self, labels: torch.Tensor) -> torch.Tensor:

@@ -370,10 +370,8 @@ def estimate(w: Workload) -> Estimate:
     transient = layer_transient_bytes(w) * n + dequant_bytes(w)
     # The final norm's saved tensors are freed by its backward, before the top layer's.
     # a head kept in host memory is staged on the device from the middle of the forward to the end of the loss
-    staged = c * s.head_params if host_head(w) else 0
-    loss = loss_bytes(w)
-    if streamed_head(w):  # or only a few vocabulary chunks of it, streamed through the loss
-        staged, loss = streamed_head(w)
+    # or only a few vocabulary chunks of it, streamed through the loss
+    staged, loss = streamed_head(w) or (c * s.head_params if host_head(w) else 0, loss_bytes(w))
     # With the head staged, a late layer's forward can top the loss and the backward: the head, the inputs saved
     # so far and one layer's forward buffers (the lean 7B 4 x 512 peak, NOTES.md session 5).
     forward = {"gradients": grads["loss"], "activations": saved - final_norm, "head_staged": staged,

@@ -132,17 +132,19 @@ class GraphedMicroStep:
             yield
         main.wait_stream(side)
 
-    def eager(self, batch: dict, inv_n: float, fixed: bool = True) -> torch.Tensor:
-        """One micro-batch without a graph; `fixed`: the loss's fixed-shape pass, as a capture records it.
-
-        It runs on the stream the captures use (joined both ways with the caller's), so the cuBLAS workspaces the
-        warm-up makes, one per (thread's handle, stream), are the ones the captured GEMMs use: a capture on a
-        stream of its own would add a second set that the replays hold for good (64 MiB on Hopper)."""
-        from lorafuse.kernels.cross_entropy import fixed_shape
-
-        for p in self.params:  # made on the caller's stream: the optimizer reads them there
+    def _zero_grads_where_missing(self) -> None:
+        """Every parameter gets a .grad (zeros), made on the caller's stream, where the optimizer reads it: the
+        steps accumulate into these tensors, and a capture records their addresses."""
+        for p in self.params:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
+
+    def eager(self, batch: dict, inv_n: float, fixed: bool = True) -> torch.Tensor:
+        """One micro-batch without a graph; `fixed`: the loss's fixed-shape pass, as a capture records it. On the
+        captures' stream (`on_stream`), so the warm-up makes the cuBLAS workspaces the captured GEMMs reuse."""
+        from lorafuse.kernels.cross_entropy import fixed_shape
+
+        self._zero_grads_where_missing()
         with self.on_stream():
             with self._autocast(), fixed_shape(fixed):
                 loss_sum = self.loss_fn(batch)
@@ -198,9 +200,7 @@ class GraphedMicroStep:
     def _capture(self, batch: dict, key: tuple):
         from lorafuse.kernels.cross_entropy import fixed_shape
 
-        for p in self.params:  # the recorded backward must accumulate into these, never rebind .grad
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
+        self._zero_grads_where_missing()  # the recorded backward must accumulate into these, never rebind .grad
         _checkpoint_without_rng(self.model)
         static = {k: v.clone() if torch.is_tensor(v) else v for k, v in batch.items()}
         if self.inv_n is None:
