@@ -22,9 +22,11 @@
 #            lorafuse lean (offload, both tables on the host, 48 MiB dequantization cap) vs Unsloth  ~7 min
 #   llama3   the graphs' stream GPU tests; Llama-3-8B 2 x 2048 lean with the head streamed and staged whole
 #            (predicted 4.58 against 5.44 GiB), then lorafuse vs Unsloth at its defaults            ~9 min
+#   verify   the graphs', host head's and streamed head's GPU tests in full; the FP8 probe (fp8_probe.py);
+#            Llama-3-8B 2 x 2048 lean, the head streamed and staged whole                           ~8 min
 # Unsloth needs more than 80 s per runner to load and compile a 7B: keep --timeout at 150 or more.
 set -u
-PART=${1:?tests|dropout|shapes|offload|memory|ab|lean|peers|stream|leanpeers|final|llama3}
+PART=${1:?tests|dropout|shapes|offload|memory|ab|lean|peers|stream|leanpeers|final|llama3|verify}
 OUT=${2:-/tmp/out}
 mkdir -p /tmp/peers /tmp/site "$OUT"
 [ -f .anchors/peers-bundle.tgz ] && tar xzf .anchors/peers-bundle.tgz -C /tmp/peers
@@ -109,5 +111,13 @@ case "$PART" in
     LORAFUSE_HEAD_STREAM=0 timeout 150 $B $L 2>&1 | tail -1
     timeout 280 $B --shape llama3-8b --batch 2 --seq 2048 --stacks lorafuse,unsloth --methods qlora --steps 6 \
       --warmup 3 2>&1 | tail -5 ;;
+  verify)
+    LORAFUSE_AUTOTUNE=0 timeout 200 python3 -m pytest -q -p no:cacheprovider -m gpu tests/train/test_graphs.py \
+      tests/kernels/test_streamed_head.py tests/model/test_host_head.py 2>&1 | grep -E "Error|assert|passed|failed" | tail -12
+    timeout 90 python3 benchmarks/fp8_probe.py --out "$OUT" 2>&1 | tail -12
+    L="--shape llama3-8b --batch 2 --seq 2048 --stacks lorafuse --methods qlora --random-init --steps 6 --warmup 3"
+    L="$L --offload --host-embeddings --host-head"
+    timeout 140 $B $L 2>&1 | tail -1
+    LORAFUSE_HEAD_STREAM=0 timeout 140 $B $L 2>&1 | tail -1 ;;
   *) echo "unknown part $PART"; exit 2 ;;
 esac
