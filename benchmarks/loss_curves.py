@@ -9,6 +9,8 @@ into fixed-length rows) with `lorafuse.train.api.run` four times and compares th
     reference-bf16   PyTorch reference path in bf16
     fast-bf16        fused Triton kernels, eager launches     (CUDA only)
     fast-bf16-graphs fused Triton kernels + CUDA graphs       (CUDA only)
+    fast-fp8-graphs  the same with train.fp8: FP8 forward base GEMMs (compute capability 8.9+ only; opt-in, so it
+                     is measured against the bf16 noise, not held to it)
 
 "bf16 noise" is how far the bf16 reference drifts from the fp32 one; each fast variant's distance from the
 bf16 reference is reported next to it, as max and mean |difference| over the steps. A table is printed and
@@ -31,22 +33,35 @@ import torch  # noqa: E402
 from lorafuse.config import load_config  # noqa: E402
 from lorafuse.train.api import run  # noqa: E402
 
-VARIANTS = {  # name: (fast_path, compute dtype, cuda_graphs)
-    "reference-fp32": ("off", "float32", "off"),
-    "reference-bf16": ("off", "bfloat16", "off"),
-    "fast-bf16": ("on", "bfloat16", "off"),
-    "fast-bf16-graphs": ("on", "bfloat16", "auto"),
+VARIANTS = {  # name: (fast_path, compute dtype, cuda_graphs, train.fp8)
+    "reference-fp32": ("off", "float32", "off", False),
+    "reference-bf16": ("off", "bfloat16", "off", False),
+    "fast-bf16": ("on", "bfloat16", "off", False),
+    "fast-bf16-graphs": ("on", "bfloat16", "auto", False),
+    "fast-fp8-graphs": ("on", "bfloat16", "auto", True),
 }
 
 
+def _runs(name: str, device: str) -> bool:
+    fast, _, _, fp8 = VARIANTS[name]
+    if fast == "off":
+        return True
+    if device != "cuda":
+        return False
+    from lorafuse.kernels.fp8 import supported
+
+    return not fp8 or not supported(torch.device("cuda"))
+
+
 def train_losses(name: str, steps: int, device: str, seed: int) -> tuple[list[float], list[str]]:
-    fast, dtype, graphs = VARIANTS[name]
+    fast, dtype, graphs, fp8 = VARIANTS[name]
     with tempfile.TemporaryDirectory(prefix=f"lorafuse-curve-{name}-") as out:
         cfg = load_config(None, [
             f"output.dir={out}", "model.quant=nf4", f"model.compute_dtype={dtype}", "lora.dropout=0",
             "lora.modules_to_save=[]", "data.packing=true", "data.max_length=256", f"train.max_steps={steps}",
             "train.log_every=1", f"train.eval_every={steps}", f"train.save_every={steps}", f"train.fast_path={fast}",
             f"train.cuda_graphs={graphs}", f"train.device={device}", f"train.seed={seed}", "train.optimizer=adamw",
+            f"train.fp8={str(fp8).lower()}",
             "train.gradient_checkpointing=true"])
         result = run(cfg, resume=None)
         rows = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
@@ -66,7 +81,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     args = p.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    names = [n for n in VARIANTS if device == "cuda" or VARIANTS[n][0] == "off"]
+    names = [n for n in VARIANTS if _runs(n, device)]
     curves = {}
     for name in names:
         curves[name], _ = train_losses(name, args.steps, device, args.seed)

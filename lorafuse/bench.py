@@ -151,9 +151,9 @@ def _memory_settings(args, stack: str) -> dict:
     for the rest (bench_args: --offload, --host-* and --keep-layers are lorafuse's, recorded on its rows only)."""
     if stack != "lorafuse":
         return {"gc": not args.no_gc, "embeddings_on_host": False, "head_on_host": False, "uncheckpointed_layers": 0,
-                "dequant_cap_mib": 0}
+                "dequant_cap_mib": 0, "fp8": False}
     return {"gc": _gc(args), "embeddings_on_host": args.host_embeddings, "head_on_host": args.host_head,
-            "uncheckpointed_layers": args.keep_layers, "dequant_cap_mib": args.dequant_cap_mib}
+            "uncheckpointed_layers": args.keep_layers, "dequant_cap_mib": args.dequant_cap_mib, "fp8": args.fp8}
 
 
 def _workload(args, method: str, kernels: str = "reference", loss: str = "chunked", graphs: bool = False) -> Workload:

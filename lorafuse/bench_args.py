@@ -59,6 +59,8 @@ def parse_args(argv):
                    "memory between losses, staged for each (train.head_on_host)")
     p.add_argument("--dequant-cap-mib", type=int, default=0, metavar="MIB", help="lorafuse only: NF4 weights over "
                    "MIB (16-bit) dequantized in row parts (train.dequant_cap_mib)")
+    p.add_argument("--fp8", action="store_true", help="lorafuse only: FP8 base-weight GEMMs in the forward and "
+                   "the recompute (train.fp8; compute capability 8.9+)")
     p.add_argument("--no-fast-path", action="store_true", help="lorafuse without its fused kernels")
     p.add_argument("--no-graphs", action="store_true", help="lorafuse without CUDA graphs (eager launches)")
     p.add_argument("--model-dir", default=os.environ.get("LORAFUSE_BENCH_DIR", "/tmp/lorafuse-bench"),

@@ -57,7 +57,7 @@ def build(spec: dict, device):
     params = prepare_model(model, spec["gc"], note=notes.append, embeddings_on_host=spec.get("embeddings_on_host"),
                            head_on_host=spec.get("head_on_host"),
                            uncheckpointed_layers=spec.get("uncheckpointed_layers") or 0,
-                           dequant_cap_mib=spec.get("dequant_cap_mib") or 0)
+                           dequant_cap_mib=spec.get("dequant_cap_mib") or 0, fp8=bool(spec.get("fp8")))
     head = simple_head(model)
     fused = _fused_loss(spec, head)
     precision = Precision(device, dtype)

@@ -52,8 +52,8 @@ import os
 
 import torch
 
-from . import _runtime
-from .lora_linear import (Operands, add_lora_input_grad, bias_grad, dequant_buffer, dispatch, lora_down,
+from . import _runtime, fp8
+from .lora_linear import (Operands, add_lora_input_grad, bias_grad, dequant_buffer, dispatch, fp8_input, lora_down,
                           lora_grad_a, lora_grad_s_b, lora_linear, with_seed)
 from .nf4_dequant import nf4_dequantize
 from .reference import LoRAWeights
@@ -167,7 +167,7 @@ class LoRAGroupFunction(torch.autograd.Function):
 
 def groupable(x: torch.Tensor, specs: tuple[LoRAWeights, ...]) -> bool:
     """True when `specs` (on input x) run as one group; else each runs lora_linear (same results)."""
-    if not GROUP or len(specs) < 2 or not _runtime.use_triton(x):
+    if not GROUP or len(specs) < 2 or not _runtime.use_triton(x) or fp8.ENABLED:  # FP8: single projections
         return False
     if any(isinstance(lw.weight, torch.Tensor) and lw.weight.requires_grad for lw in specs):
         return False
@@ -183,7 +183,8 @@ def lora_linear_group(x: torch.Tensor, specs) -> tuple[torch.Tensor, ...]:
     """
     specs = tuple(with_seed(lw) for lw in specs)
     if not groupable(x, specs):
-        return tuple(lora_linear(x, lw) for lw in specs)
+        xq = fp8_input(x.reshape(-1, x.shape[-1]), specs[0]) if _runtime.use_triton(x) else None  # once for all
+        return tuple(lora_linear(x, lw, xq) for lw in specs)
     x2 = x.reshape(-1, x.shape[-1])
     if not x2.is_contiguous():
         x2 = x2.contiguous()

@@ -41,7 +41,7 @@ import os
 
 import torch
 
-from . import _runtime
+from . import _runtime, fp8
 from .nf4_dequant import nf4_absmax, nf4_dequantize
 from .reference import LoRAWeights, lora_linear_reference
 
@@ -144,23 +144,52 @@ class Operands:
             yield r0, r0 + part.shape[0], nf4_dequantize(
                 part, self.dtype, out=dequant_buffer(w.packed.device, self.dtype, part.numel))
 
+    def fp8_parts(self):
+        """[(r0, r1, W8[r0:r1] (e4m3), s_w[r0:r1] (fp32))] for the FP8 forward (fp8.py), each part made on demand
+        into the shared buffer as in `dense_parts` (1 byte a weight, so the cap allows twice the rows)."""
+        w = self.lw.weight
+        rows_total = w.shape[0]
+        if not self.lw.is_nf4:  # a 16-bit weight: quantized row by row on each use
+            dense = self.dense()
+            w8, sw = fp8.quantize_rows(dense, out=dequant_buffer(dense.device, fp8.E4M3, dense.numel()).view(
+                dense.shape))
+            yield 0, rows_total, w8, sw.view(-1)
+            return
+        scales = fp8.nf4_row_scales(w)
+        rows = dequant_rows(rows_total, w.numel, w.row_alignment(), 1)
+        for r0 in range(0, rows_total, rows):
+            r1 = min(rows_total, r0 + rows)
+            part = w.rows(r0, r1) if rows < rows_total else w
+            yield r0, r1, fp8.nf4_to_fp8(part, dequant_buffer(w.packed.device, fp8.E4M3, part.numel),
+                                         scales[r0:r1]), scales[r0:r1]
 
-_BUFFERS: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+
+def fp8_input(x: torch.Tensor, lw: LoRAWeights):
+    """(x8, s_x) for x (M, K) when lw's forward takes FP8 GEMMs (fp8.applies, cuBLAS dispatch), else None. Callers
+    whose projections share x (q, k, v; gate, up) quantize it once and pass it to each `lora_forward`."""
+    if fp8.applies(x, lw.out_features) and dispatch(x.shape[0], lw.is_nf4) == "cublas":
+        return fp8.quantize_rows(x)
+    return None
+
+
+_BUFFERS: dict[torch.device, torch.Tensor] = {}  # bytes
 
 
 def dequant_buffer(device: torch.device, dtype: torch.dtype, numel: int) -> torch.Tensor:
-    """The one per-(device, dtype) dequantization buffer, grown to `numel` elements if smaller (flat).
+    """The one per-device dequantization buffer as `numel` elements of `dtype` (flat), grown if smaller.
 
-    Shared by every NF4 projection here and by the q|k|v group (lora_group.py), so QLoRA adds one dense
-    weight (or one group) to peak memory. Reused in stream order: a caller finishes its GEMMs on one
-    dequantized weight before the next dequantize (every user does: dequantize, matmul, next).
+    Shared by every NF4 projection here, by the q|k|v group (lora_group.py) and by the FP8 forward's 1-byte
+    weights (fp8.py), so QLoRA adds one dense weight (or one group) to peak memory: the largest request in bytes.
+    Reused in stream order: a caller finishes its GEMMs on one dequantized weight before the next dequantize
+    (every user does: dequantize, matmul, next).
     """
-    buf = _BUFFERS.get((device, dtype))
-    if buf is None or buf.numel() < numel:
-        _BUFFERS.pop((device, dtype), None)  # free the old one before allocating the larger one
-        buf = torch.empty(numel, dtype=dtype, device=device)
-        _BUFFERS[(device, dtype)] = buf
-    return buf
+    nbytes = numel * dtype.itemsize
+    buf = _BUFFERS.get(device)
+    if buf is None or buf.numel() < nbytes:
+        _BUFFERS.pop(device, None)  # free the old one before allocating the larger one
+        buf = torch.empty(nbytes, dtype=torch.uint8, device=device)
+        _BUFFERS[device] = buf
+    return buf[:nbytes].view(dtype)
 
 
 def lora_down(x: torch.Tensor, ops: Operands) -> torch.Tensor | None:
@@ -172,8 +201,8 @@ def lora_down(x: torch.Tensor, ops: Operands) -> torch.Tensor | None:
     return torch.mm(x, ops.a.t())
 
 
-def lora_forward(x: torch.Tensor, ops: Operands):
-    """(y, S) for x (M, K) contiguous in the compute dtype."""
+def lora_forward(x: torch.Tensor, ops: Operands, xq: tuple | None = None):
+    """(y, S) for x (M, K) contiguous in the compute dtype; `xq`: x already quantized for FP8 (`fp8_input`)."""
     lw = ops.lw
     s = lora_down(x, ops)
     y = torch.empty(x.shape[0], lw.out_features, dtype=ops.dtype, device=x.device)
@@ -182,9 +211,17 @@ def lora_forward(x: torch.Tensor, ops: Operands):
         lora = {} if s is None else {"s": s, "rhs": ops.b_scaled.t(), "l_scale": 1.0}
         fused_gemm(y, x, transpose_w=True, bias=ops.bias, **fused, **lora)
         return y, s
-    for r0, r1, w in ops.dense_parts():  # one part unless the weight exceeds the dequantization cap
+    xq = (xq or fp8.quantize_rows(x)) if fp8.applies(x, lw.out_features) else None
+    parts = ops.dense_parts() if xq is None else ops.fp8_parts()
+    for r0, r1, w, *sw in parts:  # one part unless the weight exceeds the dequantization cap
         out = y if r1 - r0 == y.shape[1] else y[:, r0:r1]  # a column block: cuBLAS writes it with ld = N
-        if ops.bias is not None:
+        if sw:  # FP8: (x8 W8^T) s_x s_w^T (+ b) in bf16; a column block via a copy (_scaled_mm writes whole tensors)
+            bias = None if ops.bias is None else ops.bias[r0:r1]
+            if out is y:
+                fp8.scaled_mm(*xq, w, sw[0], bias, out=y)
+            else:
+                out.copy_(fp8.scaled_mm(*xq, w, sw[0], bias))
+        elif ops.bias is not None:
             torch.addmm(ops.bias[r0:r1], x, w.t(), out=out)
         else:
             torch.mm(x, w.t(), out=out)
@@ -282,9 +319,9 @@ class LoRALinearFunction(torch.autograd.Function):
 
     @staticmethod
     @_runtime.autocast_off
-    def forward(ctx, x, weight, bias, lora_A, lora_B, lw):
+    def forward(ctx, x, weight, bias, lora_A, lora_B, lw, xq=None):
         ops = Operands(lw, x.dtype)
-        y, s = lora_forward(x, ops)
+        y, s = lora_forward(x, ops, xq)
         ctx.lw = lw
         ctx.save_for_backward(x, s, *ops.casts())
         return y
@@ -295,7 +332,7 @@ class LoRALinearFunction(torch.autograd.Function):
         x, s, *casts = ctx.saved_tensors
         ops = Operands(ctx.lw, x.dtype, casts)
         dx, d_a, d_b, d_bias = lora_backward(dy.contiguous(), x, s, ops, ctx.needs_input_grad[0])
-        return dx, None, d_bias, d_a, d_b, None
+        return dx, None, d_bias, d_a, d_b, None, None
 
 
 def with_seed(lw: LoRAWeights) -> LoRAWeights:
@@ -305,8 +342,9 @@ def with_seed(lw: LoRAWeights) -> LoRAWeights:
     return lw
 
 
-def lora_linear(x: torch.Tensor, lw: LoRAWeights) -> torch.Tensor:
-    """y (..., out) = x W^T + b + s * (drop(x) A^T) B^T; the reference on CPU or for a trainable W."""
+def lora_linear(x: torch.Tensor, lw: LoRAWeights, xq: tuple | None = None) -> torch.Tensor:
+    """y (..., out) = x W^T + b + s * (drop(x) A^T) B^T; the reference on CPU or for a trainable W. `xq`: the
+    rows of x quantized for the FP8 forward (`fp8_input`), when the caller shares them between projections."""
     lw = with_seed(lw)
     trainable_w = isinstance(lw.weight, torch.Tensor) and lw.weight.requires_grad
     if not _runtime.use_triton(x) or trainable_w:
@@ -315,5 +353,5 @@ def lora_linear(x: torch.Tensor, lw: LoRAWeights) -> torch.Tensor:
     if not x2.is_contiguous():
         x2 = x2.contiguous()
     dense = lw.weight if isinstance(lw.weight, torch.Tensor) else None
-    y = LoRALinearFunction.apply(x2, dense, lw.bias, lw.lora_A, lw.lora_B, lw)
+    y = LoRALinearFunction.apply(x2, dense, lw.bias, lw.lora_A, lw.lora_B, lw, xq)
     return y.view(*x.shape[:-1], y.shape[-1])

@@ -63,10 +63,10 @@ if _runtime.HAS_TRITON:
 
     @triton.jit
     def _nf4_dequant_kernel(packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, code_ptr, out_ptr,
-                            n, n_bytes, offset,
+                            n, n_bytes, offset, row_scale_ptr, blocks_per_row,
                             BYTE_BLOCK_LOG2: tl.constexpr, NESTED_LOG2: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
                             ROWS: tl.constexpr, COLS: tl.constexpr, VEC: tl.constexpr, SHARED_CODE: tl.constexpr,
-                            MASKED: tl.constexpr):
+                            MASKED: tl.constexpr, ROW_SCALE: tl.constexpr = False, OUT_MAX: tl.constexpr = 0.0):
         # Tile (ROWS, COLS // VEC, VEC) bytes -> (ROWS, COLS // VEC, 2 * VEC) weights: the innermost VEC bytes
         # are what one thread loads at once, so VEC = 4 gives each thread the 8 weights of one 16-byte bf16
         # store (load and store layouts agree); a wider VEC loads more per instruction but makes the compiler
@@ -92,10 +92,16 @@ if _runtime.HAS_TRITON:
             scale = scale + offset
         else:
             scale = tl.load(absmax_ptr + first_blk + blk, mask=row_ok)
+        if ROW_SCALE:  # FP8 output: w / row_scale[w's row], clamped into the format's range (fp8.py)
+            scale = tl.math.div_rn(scale, tl.load(row_scale_ptr + (first_blk + blk) // blocks_per_row, mask=row_ok,
+                                                  other=1.0))  # IEEE division, as fp8.nf4_to_fp8's reference
         scale = scale[:, None, None]
         hi = _code_lookup(code_ptr, packed >> 4, SHARED_CODE) * scale
         lo = _code_lookup(code_ptr, packed & 15, SHARED_CODE) * scale
-        vals = tl.interleave(hi, lo).to(out_ptr.dtype.element_ty)
+        vals = tl.interleave(hi, lo)
+        if ROW_SCALE:
+            vals = tl.minimum(tl.maximum(vals, -OUT_MAX), OUT_MAX)
+        vals = vals.to(out_ptr.dtype.element_ty)
         tl.store(out_ptr + 2 * start + elem, vals, mask=elem_ok)
 
     @triton.jit
@@ -179,9 +185,15 @@ SWEEP = (
 _ABSMAX_BLOCK = 1024
 
 
-def _launch(w, out_flat: torch.Tensor, *, config: LaunchConfig | None = None) -> None:
-    """Decode `w` into the contiguous (n,) `out_flat` with `config` (default: DEFAULT)."""
+def _launch(w, out_flat: torch.Tensor, *, config: LaunchConfig | None = None,
+            row_scale: torch.Tensor | None = None) -> None:
+    """Decode `w` into the contiguous (n,) `out_flat` with `config` (default: DEFAULT). With `row_scale` (fp32, one
+    per row of the 2-D weight; rows a whole number of blocks) each weight is divided by its row's scale and clamped
+    to the output format's largest finite value (the FP8 path, fp8.py)."""
     config = config or DEFAULT
+    if row_scale is not None and (config.bytewise or w.shape[-1] % w.blocksize):
+        raise ValueError(f"row scales need the tiled kernel and rows of whole blocks, not {tuple(w.shape)} / "
+                         f"{w.blocksize}")
     n = w.shape.numel()
     packed = w.packed.reshape(-1)
     if not packed.is_contiguous():
@@ -201,8 +213,10 @@ def _launch(w, out_flat: torch.Tensor, *, config: LaunchConfig | None = None) ->
         return
     cols = min(1 << byte_block_log2, config.block)  # a row never crosses a quantization block
     masked = n_bytes % config.block != 0 or n % 2 != 0
-    _nf4_dequant_kernel[grid](*args, ROWS=config.block // cols, COLS=cols, VEC=min(config.vec, cols),
-                              SHARED_CODE=config.shared_code, MASKED=masked, **meta)
+    rows_args = (code, 1) if row_scale is None else (row_scale, w.shape[-1] // w.blocksize)
+    extra = {} if row_scale is None else {"ROW_SCALE": True, "OUT_MAX": float(torch.finfo(out_flat.dtype).max)}
+    _nf4_dequant_kernel[grid](*args, *rows_args, ROWS=config.block // cols, COLS=cols, VEC=min(config.vec, cols),
+                              SHARED_CODE=config.shared_code, MASKED=masked, **extra, **meta)
 
 
 def nf4_dequantize(w, dtype: torch.dtype | None = None, out: torch.Tensor | None = None) -> torch.Tensor:

@@ -40,7 +40,7 @@ from __future__ import annotations
 import torch
 
 from . import _runtime
-from .lora_linear import (Operands, bias_grad, lora_down, lora_forward, lora_grad_a, lora_grad_s_b,
+from .lora_linear import (Operands, bias_grad, fp8_input, lora_down, lora_forward, lora_grad_a, lora_grad_s_b,
                           lora_input_grad, with_seed)
 from .reference import LoRAWeights, swiglu_mlp_reference, swiglu_reference
 
@@ -134,8 +134,9 @@ class SwiGLUMLPFunction(torch.autograd.Function):
     @_runtime.autocast_off
     def forward(ctx, x, ga, gb, gbias, ua, ub, ubias, da, db, dbias, specs, disposable):
         gate, up, down = (Operands(lw, x.dtype) for lw in specs)
-        e, s_g = lora_forward(x, gate)
-        g, s_u = lora_forward(x, up)
+        xq = fp8_input(x, gate.lw)  # the FP8 forward's codes of x, shared by gate and up (fp8.py; None: bf16)
+        e, s_g = lora_forward(x, gate, xq)
+        g, s_u = lora_forward(x, up, xq)
         h = swiglu_forward(e, g, out=e if disposable else None)  # disposable: e is never read again (docstring)
         if _runtime.in_recompute():  # the backward reads S_d, never y: no down GEMM, no dequantize (docstring)
             y, s_d = x.new_empty(x.shape[0], down.lw.out_features), lora_down(h, down)

@@ -126,7 +126,7 @@ class TrainingLoop:
         self.params = prepare_model(model, tc.gradient_checkpointing, note=self._note,
                                     embeddings_on_host=tc.embeddings_on_host, head_on_host=tc.head_on_host,
                                     uncheckpointed_layers=tc.uncheckpointed_layers,
-                                    dequant_cap_mib=tc.dequant_cap_mib)
+                                    dequant_cap_mib=tc.dequant_cap_mib, fp8=tc.fp8)
         self.head = simple_head(model)
         self.fused = self.head is not None and self._fast_path(tc.fast_path)
         self.optimizer = build_optimizer(tc.optimizer, self.params, tc.lr, tc.weight_decay)

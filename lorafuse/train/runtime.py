@@ -43,7 +43,7 @@ class Precision:
 
 def prepare_model(model, gradient_checkpointing: bool | str, note=print,
                   embeddings_on_host: bool = False, head_on_host: bool = False,
-                  uncheckpointed_layers: int = 0, dequant_cap_mib: int = 0) -> list[nn.Parameter]:
+                  uncheckpointed_layers: int = 0, dequant_cap_mib: int = 0, fp8: bool = False) -> list[nn.Parameter]:
     """Checkpointing on (non-reentrant; "offload": layer inputs in pinned CPU memory, train/offload.py), cache
     off, trainable tensors in fp32, optionally the input embedding in pinned host memory
     (model/host_embedding.py) and the output head there between losses; returns the trainable params."""
@@ -86,6 +86,7 @@ def prepare_model(model, gradient_checkpointing: bool | str, note=print,
     lora_linear.DEQUANT_CAP_BYTES = (dequant_cap_mib << 20) or lora_linear.ENV_DEQUANT_CAP_BYTES
     if dequant_cap_mib:
         note(f"NF4 weights over {dequant_cap_mib} MiB in 16 bits are dequantized and multiplied in row parts")
+    _set_fp8(model, fp8, note)
     if head_on_host:
         from lorafuse.model.host_embedding import head_to_host
 
@@ -94,6 +95,28 @@ def prepare_model(model, gradient_checkpointing: bool | str, note=print,
              f"takes less memory than staging it whole: {moved / 2**30:.2f} GiB off the backward's peak"
              if moved else f"output head stays on the device: {reason}")
     return params
+
+
+def _set_fp8(model, wanted: bool, note) -> None:
+    """train.fp8: the fused linears' forward base GEMMs in FP8 from now on (kernels/fp8.py), where the card and the
+    compute dtype allow; a clear error where they do not. Off restores the default (LORAFUSE_FP8, else off)."""
+    from lorafuse.kernels import fp8
+
+    fp8.ENABLED = fp8.ENV_ENABLED
+    if not wanted:
+        return
+    frozen = next((p for p in model.parameters() if not p.requires_grad and p.is_floating_point()), None)
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    ref = emb.weight if emb is not None else frozen  # the compute dtype is the embedding's
+    device = frozen.device if frozen is not None else next(model.parameters()).device
+    dtype = ref.dtype if ref is not None else None
+    if reason := fp8.supported(device):
+        raise LorafuseError(f"train.fp8 is on, but {reason}", "set train.fp8: false (the bf16 GEMMs are the default)")
+    if dtype != torch.bfloat16:
+        raise LorafuseError(f"train.fp8 needs bf16 compute, the model computes in {dtype}",
+                            "set model.compute_dtype: bfloat16, or train.fp8: false")
+    fp8.ENABLED = True
+    note("FP8 (e4m3) base-weight GEMMs in the forward and the recompute; backward and LoRA in bf16")
 
 
 def recompute_contexts():

@@ -310,7 +310,8 @@ def test_recompute_skips_the_down_projection_and_keeps_every_gradient(device, mo
 
     full, down_only, in_place = [], [], []
     forward, down, act = swiglu_mlp.lora_forward, swiglu_mlp.lora_down, swiglu_mlp.swiglu_forward
-    monkeypatch.setattr(swiglu_mlp, "lora_forward", lambda x, ops: full.append(ops.lw.out_features) or forward(x, ops))
+    monkeypatch.setattr(swiglu_mlp, "lora_forward", lambda x, ops, xq=None: full.append(ops.lw.out_features) or
+                        forward(x, ops, xq))
     monkeypatch.setattr(swiglu_mlp, "lora_down", lambda x, ops: down_only.append(ops.lw.out_features) or down(x, ops))
     monkeypatch.setattr(swiglu_mlp, "swiglu_forward", lambda e, g, out=None: in_place.append(out is e) or
                         act(e, g, out=out))

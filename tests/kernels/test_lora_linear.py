@@ -240,7 +240,7 @@ def test_a_dequantization_cap_splits_the_weight_into_row_parts(dtype, device, mo
     for name in oracle:
         parity(f"nf4/cap/{dtype}/{name}", got[name], ref[name], oracle[name])
     (buf,) = ll._BUFFERS.values()
-    assert buf.numel() == 256 * 64 < lw.weight.numel
+    assert buf.numel() == 256 * 64 * elem < lw.weight.numel * elem  # bytes
 
 
 def test_nf4_rows_view_the_weight_and_refuse_misaligned_cuts():

@@ -1,0 +1,153 @@
+"""FP8 (e4m3) base-weight GEMMs for the forward and the checkpoint recompute: `train.fp8`, opt-in.
+
+Math, for a projection y = x W^T + b with x (M, K) in bf16 and W (N, K) frozen (NF4 or bf16):
+    s_x[m] = max_k |x[m, k]| / 448,  x8 = e4m3(x / s_x)       one scale per token (row), a Triton pass over x
+    s_w[n] = max_k |W[n, k]| / 448,  W8 = e4m3(W / s_w)       one scale per output row
+    y ~= (x8 W8^T) * s_x s_w^T + b                            torch._scaled_mm, fp32 accumulation, bf16 out
+For NF4, max_k |W[n, k]| is at most the largest block scale of row n (the NF4 code's largest magnitude is 1), so
+s_w comes from the block scales alone, once per weight (cached on the NF4Weight: 4 bytes a row), and the
+dequantization kernel writes W8 directly (nf4_dequant.py, ROW_SCALE): 1 byte a weight instead of 2. A bf16
+weight is quantized like x, row by row, on each use.
+
+What stays in bf16: the backward's dx = dY W (its GEMMs read the bf16 dequantization, as without FP8), every LoRA
+product and gradient, attention, the loss. So the LoRA gradients see FP8 only through the forward's activations.
+
+Why: on an H200 (benchmarks/fp8_probe.py, 2048 tokens, the 7B projection shapes) _scaled_mm with row-wise scales
+took 0.48-0.62x the bf16 GEMM's time; the forward and the recompute hold ~60% of a QLoRA step's base-GEMM FLOPs.
+Cost: each output carries ~3.7% relative error against the exact product (bf16: ~0.17%), measured there on random
+data; e4m3 keeps 3 mantissa bits. For QLoRA that is small beside NF4's own rounding of the weights. The training
+loss is compared against the bf16 path by benchmarks/loss_curves.py --fp8.
+
+Needs: an NVIDIA GPU of compute capability 8.9 or newer (Ada, Hopper, Blackwell), bf16 compute, K and N multiples
+of 16 (else that projection stays bf16). `ENABLED` is what train.fp8 sets (train/runtime.prepare_model); the env
+LORAFUSE_FP8=1 is its default. On CPU tensors the reference (`quantize_rows_reference`, and `torch._scaled_mm`,
+which PyTorch also runs on the CPU) gives the same math, so the dispatch is tested without a GPU.
+
+The Triton interpreter rounds to fp8 wrongly where a value rounds up across a power of two (31.7 -> 16, seen with
+triton 3.6), so the kernels' fp8 stores are checked on the GPU only (tests marked gpu).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import torch
+
+from . import _runtime
+
+E4M3 = torch.float8_e4m3fn
+E4M3_MAX = float(torch.finfo(E4M3).max)  # 448
+ENV_ENABLED = os.environ.get("LORAFUSE_FP8", "0") == "1"
+ENABLED = ENV_ENABLED  # train.fp8 sets it (train/runtime.prepare_model)
+_TINY = 1e-12  # a zero row gets this amax: scale > 0, codes 0
+
+if _runtime.HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _quant_rows_kernel(x_ptr, q_ptr, scale_ptr, K, x_stride, q_stride, TINY: tl.constexpr,
+                           OUT_MAX: tl.constexpr, BLOCK: tl.constexpr):
+        # one program per row: pass 1 the row's absolute max, pass 2 (the row again, mostly from L2) the codes
+        row = tl.program_id(0).to(tl.int64)
+        x_row = x_ptr + row * x_stride
+        q_row = q_ptr + row * q_stride
+        amax = tl.zeros((BLOCK,), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK):
+            offs = k0 + tl.arange(0, BLOCK)
+            v = tl.load(x_row + offs, mask=offs < K, other=0.0).to(tl.float32)
+            amax = tl.maximum(amax, tl.abs(v))
+        m = tl.maximum(tl.max(amax, axis=0), TINY)
+        tl.store(scale_ptr + row, tl.math.div_rn(m, OUT_MAX))  # IEEE divisions: bit for bit the reference
+        inv = tl.math.div_rn(OUT_MAX + tl.zeros_like(m), m)
+        for k0 in range(0, K, BLOCK):
+            offs = k0 + tl.arange(0, BLOCK)
+            v = tl.load(x_row + offs, mask=offs < K, other=0.0).to(tl.float32) * inv
+            v = tl.minimum(tl.maximum(v, -OUT_MAX), OUT_MAX)
+            tl.store(q_row + offs, v.to(q_ptr.dtype.element_ty), mask=offs < K)
+
+
+def supported(device: torch.device) -> str:
+    """'' when FP8 GEMMs run on `device`, else the reason they do not."""
+    if device.type != "cuda":
+        return f"FP8 GEMMs need an NVIDIA GPU, not {device.type}"
+    major, minor = torch.cuda.get_device_capability(device)
+    if (major, minor) < (8, 9):
+        return (f"FP8 GEMMs need compute capability 8.9 or newer (Ada, Hopper, Blackwell); "
+                f"{torch.cuda.get_device_name(device)} is {major}.{minor}")
+    return ""
+
+
+def applies(x: torch.Tensor, out_features: int) -> bool:
+    """True when a projection of x (M, K) to out_features takes the FP8 forward (_scaled_mm wants K and N in
+    multiples of 16, and writes bf16 with row-wise scales)."""
+    return ENABLED and x.dtype == torch.bfloat16 and x.shape[-1] % 16 == 0 and out_features % 16 == 0
+
+
+def quantize_rows_reference(x: torch.Tensor, out: torch.Tensor | None = None):
+    """(x8 (M, K) e4m3, s (M, 1) fp32) with x ~= x8 * s, row by row, in PyTorch (the CPU path)."""
+    amax = x.abs().amax(dim=1, keepdim=True).float().clamp_min(_TINY)
+    codes = (x.float() * (E4M3_MAX / amax)).clamp(-E4M3_MAX, E4M3_MAX)
+    if out is None:
+        return codes.to(E4M3), amax / E4M3_MAX
+    out.copy_(codes)
+    return out, amax / E4M3_MAX
+
+
+def quantize_rows(x: torch.Tensor, out: torch.Tensor | None = None):
+    """(x8, s): x (M, K) 16-bit, unit stride along K -> e4m3 codes (into `out` if given) and fp32 row scales."""
+    if x.dim() != 2 or x.stride(1) != 1:
+        raise ValueError(f"quantize_rows takes a 2-D tensor with unit stride along its rows, got {tuple(x.shape)} "
+                         f"strides {x.stride()}")
+    if not x.is_cuda or not _runtime.HAS_TRITON:
+        return quantize_rows_reference(x, out)
+    m, k = x.shape
+    q = torch.empty(m, k, dtype=E4M3, device=x.device) if out is None else out
+    scale = torch.empty(m, 1, dtype=torch.float32, device=x.device)
+    block = min(2048, triton.next_power_of_2(k))
+    _quant_rows_kernel[(m,)](x, q, scale, k, x.stride(0), q.stride(0), TINY=_TINY, OUT_MAX=E4M3_MAX, BLOCK=block,
+                             num_warps=4 if block <= 1024 else 8)
+    return q, scale
+
+
+def nf4_row_scales(w) -> torch.Tensor:
+    """s_w (N,) fp32 of a 2-D NF4Weight: its rows' largest block scale / 448, cached on the weight (frozen)."""
+    cached = getattr(w, "_fp8_row_scales", None)
+    if cached is not None and cached.device == w.packed.device:
+        return cached
+    from .nf4_dequant import nf4_absmax
+
+    rows, cols = int(w.shape[0]), int(w.shape[1])
+    if cols % w.blocksize:
+        raise ValueError(f"FP8 row scales need rows of whole NF4 blocks: {cols} columns, blocksize {w.blocksize}")
+    absmax = nf4_absmax(w).view(rows, cols // w.blocksize)
+    scales = (absmax.abs().amax(dim=1).clamp_min(_TINY) / E4M3_MAX).contiguous()
+    w._fp8_row_scales = scales
+    return scales
+
+
+def nf4_to_fp8(w, out: torch.Tensor, row_scales: torch.Tensor) -> torch.Tensor:
+    """W8 (N, K) e4m3 = W / s_w (row by row) from an NF4Weight into the flat e4m3 buffer `out`."""
+    n = w.numel
+    flat = out.reshape(-1)[:n]
+    if w.packed.is_cuda and _runtime.HAS_TRITON:
+        from .nf4_dequant import _launch
+
+        _launch(w, flat, row_scale=row_scales)
+    else:  # the kernel's order: each block scale divided by its row's, then code * that (fp32), clamped, rounded
+        from .reference import nf4_absmax_reference
+
+        per_row = w.shape[1] // w.blocksize
+        scaled = nf4_absmax_reference(w) / row_scales.repeat_interleave(per_row)
+        plain = dataclasses.replace(w, absmax=scaled, nested_absmax=None, nested_code=None, offset=None)
+        flat.copy_(plain.dequantize(torch.float32).clamp(-E4M3_MAX, E4M3_MAX).reshape(-1))
+    return flat.view(w.shape)
+
+
+def scaled_mm(x8: torch.Tensor, sx: torch.Tensor, w8: torch.Tensor, sw: torch.Tensor, bias: torch.Tensor | None,
+              out: torch.Tensor | None = None) -> torch.Tensor:
+    """(x8 W8^T) s_x s_w^T + b in bf16: x8 (M, K), w8 (N, K) e4m3 row-major, sx (M, 1), sw (N,) fp32."""
+    kw = {} if out is None else {"out": out}
+    return torch._scaled_mm(x8, w8.t(), scale_a=sx, scale_b=sw.view(1, -1), bias=bias, out_dtype=torch.bfloat16,
+                            **kw)

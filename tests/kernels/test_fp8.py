@@ -1,0 +1,245 @@
+"""The FP8 forward (kernels/fp8.py, train.fp8): quantization within e4m3's bounds, the projections' assembly against
+an emulation, the backward left in bf16, the shared quantization of q|k|v and gate|up, and the GPU kernels bit for bit
+against their references."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from lorafuse.kernels import _runtime, fp8
+from lorafuse.kernels import lora_linear as ll
+from lorafuse.kernels.lora_group import lora_linear_group
+from lorafuse.kernels.reference import LoRAWeights
+from lorafuse.kernels.swiglu_mlp import swiglu_mlp
+from lorafuse.quant.nf4 import quantize_nf4
+
+ULP_E4M3 = 2.0**-3  # e4m3 keeps 3 mantissa bits: a normal value rounds within half of 2^-3 of itself, relatively
+SUBNORMAL_STEP = 2.0**-9  # e4m3's smallest step (subnormals), in units of the scale (448 = 2^8 * 1.75)
+
+
+@pytest.fixture
+def fp8_on(monkeypatch):
+    monkeypatch.setattr(fp8, "ENABLED", True)
+    monkeypatch.setattr(ll, "NF4_FUSED_MAX_M", 0)
+    monkeypatch.setattr(ll, "DENSE_FUSED_MAX_M", 0)
+
+
+def _within_e4m3(approx: torch.Tensor, exact: torch.Tensor, scale: torch.Tensor) -> None:
+    """Element by element: |approx - exact| <= half an e4m3 step (relative for normals, absolute for subnormals)."""
+    err = (approx.double() - exact.double()).abs()
+    bound = exact.double().abs() * ULP_E4M3 / 2 + scale.double() * SUBNORMAL_STEP / 2
+    assert bool((err <= bound).all()), f"worst excess {float((err - bound).max()):.3g}"
+
+
+def test_rows_quantize_within_half_an_e4m3_step_and_keep_their_largest_value():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(33, 96, generator=g)
+    x[:, ::17] *= 60  # outlier channels, as LLM activations have
+    x[5] = 0  # a zero row: codes 0, a positive scale
+    x = x.to(torch.bfloat16)
+    q, s = fp8.quantize_rows(x)
+    assert q.dtype == fp8.E4M3 and s.shape == (33, 1) and bool((s > 0).all())
+    amax = x.float().abs().amax(dim=1, keepdim=True)
+    assert torch.equal(s[amax > 0], (amax / 448)[amax > 0]), "the scale maps each row's largest value to 448"
+    _within_e4m3(q.double() * s.double(), x, s)
+    big = x.float().abs().argmax(dim=1)
+    rows = torch.arange(33)
+    nonzero = rows != 5
+    assert torch.equal(q.float()[rows, big].abs()[nonzero], torch.full((32,), 448.0))
+    assert bool((q[5].float() == 0).all())
+
+
+def test_nf4_row_scales_are_each_rows_largest_weight_over_448():
+    w = quantize_nf4(torch.randn(48, 256, generator=torch.Generator().manual_seed(1)))
+    dense = w.dequantize(torch.float32)
+    assert torch.equal(fp8.nf4_row_scales(w), dense.abs().amax(dim=1) / 448)
+    assert fp8.nf4_row_scales(w) is fp8.nf4_row_scales(w), "cached on the frozen weight"
+
+
+def test_nf4_decodes_to_e4m3_within_half_a_step_of_the_dequantized_weight():
+    w = quantize_nf4(torch.randn(48, 256, generator=torch.Generator().manual_seed(2)))
+    sw = fp8.nf4_row_scales(w)
+    out = torch.empty(w.numel, dtype=fp8.E4M3)
+    w8 = fp8.nf4_to_fp8(w, out, sw)
+    assert w8.shape == (48, 256) and w8.data_ptr() == out.data_ptr()
+    _within_e4m3(w8.double() * sw.double()[:, None], w.dequantize(torch.float32), sw[:, None])
+
+
+def _lw(base: str, n: int, k: int, device, r: int = 8, bias: bool = True, seed: int = 0) -> LoRAWeights:
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=g) / k**0.5
+    return LoRAWeights(
+        weight=quantize_nf4(w).to(device) if base == "nf4" else w.to(device, torch.bfloat16),
+        bias=(torch.randn(n, generator=g) * 0.1).to(device, torch.bfloat16) if bias else None,
+        lora_A=(torch.randn(r, k, generator=g) / k**0.5).to(device).requires_grad_(),
+        lora_B=(torch.randn(n, r, generator=g) / r**0.5).to(device).requires_grad_(), scaling=2.0)
+
+
+def _move(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.detach().cpu()
+
+
+def _cpu(lw: LoRAWeights) -> LoRAWeights:
+    move = _move
+    return dataclasses.replace(lw, weight=lw.weight.to("cpu") if lw.is_nf4 else move(lw.weight), bias=move(lw.bias),
+                               lora_A=move(lw.lora_A), lora_B=move(lw.lora_B))
+
+
+def _rel(got: torch.Tensor, want: torch.Tensor) -> float:
+    return float((got.detach().double().cpu() - want).norm() / want.norm())
+
+
+def _emulated(x: torch.Tensor, lw: LoRAWeights) -> torch.Tensor:
+    """fp64 on the CPU: (x8 W8^T) s_x s_w^T + b + s (x A^T) B^T, with the codes of fp8's quantizers (tested above)."""
+    x, lw = x.detach().cpu(), _cpu(lw)
+    x8, sx = fp8.quantize_rows_reference(x)
+    if lw.is_nf4:
+        sw = fp8.nf4_row_scales(lw.weight)
+        w8 = fp8.nf4_to_fp8(lw.weight, torch.empty(lw.weight.numel, dtype=fp8.E4M3), sw)
+    else:
+        w8, sw = fp8.quantize_rows_reference(lw.weight)
+    y = (x8.double() @ w8.double().t()) * sx.double() * sw.double().view(1, -1)
+    if lw.bias is not None:
+        y = y + lw.bias.double()
+    return y + lw.scaling * (x.double() @ lw.lora_A.detach().double().t()) @ lw.lora_B.detach().double().t()
+
+
+@pytest.mark.parametrize("base", ["nf4", "dense"])
+def test_the_fp8_forward_is_the_scaled_product_of_the_codes(base, device, fp8_on, monkeypatch):
+    """y = lora_linear(x) with train.fp8 equals the fp64 emulation of the codes' product within bf16 output rounding
+    (the base GEMM's result and the LoRA addmm_ each round once: 2 x 2^-9), through one FP8 GEMM."""
+    calls = []
+    scaled_mm = fp8.scaled_mm
+    monkeypatch.setattr(fp8, "scaled_mm", lambda *a, **k: calls.append(1) or scaled_mm(*a, **k))
+    lw = _lw(base, 48, 128, device)
+    x = torch.randn(40, 128, generator=torch.Generator().manual_seed(3)).to(device, torch.bfloat16)
+    y = ll.lora_linear(x, lw)
+    assert len(calls) == 1
+    assert _rel(y, _emulated(x, lw)) <= 2 * 2.0**-9
+    # against the exact product of the bf16 inputs: two independent e4m3 roundings, each <= 2^-4 and ~2^-4 / sqrt(3)
+    # in RMS, so ~5% together
+    w = lw.weight.dequantize(torch.float32) if lw.is_nf4 else lw.weight
+    exact = _cpu(dataclasses.replace(lw, weight=w))
+    exact = (x.double().cpu() @ exact.weight.double().t() + exact.bias.double()
+             + 2.0 * (x.double().cpu() @ exact.lora_A.double().t()) @ exact.lora_B.double().t())
+    assert 2.0**-8 < _rel(y, exact) < 0.06
+
+
+def test_the_backward_stays_bf16_gradients_bit_equal_with_fp8_on_and_off(device, monkeypatch):
+    """FP8 changes the forward's base product only: S = x A^T and every gradient for a given dY are the bf16 path's."""
+    monkeypatch.setattr(ll, "NF4_FUSED_MAX_M", 0)
+    lw = _lw("nf4", 48, 128, device)
+    x = torch.randn(40, 128, generator=torch.Generator().manual_seed(4)).to(device, torch.bfloat16)
+    dy = torch.randn(40, 48, generator=torch.Generator().manual_seed(5)).to(device, torch.bfloat16)
+    runs = {}
+    for on in (False, True):
+        monkeypatch.setattr(fp8, "ENABLED", on)
+        a = lw.lora_A.detach().clone().requires_grad_()
+        b = lw.lora_B.detach().clone().requires_grad_()
+        xi = x.clone().requires_grad_()
+        y = ll.lora_linear(xi, dataclasses.replace(lw, lora_A=a, lora_B=b))
+        y.backward(dy)
+        runs[on] = (y.detach(), xi.grad, a.grad, b.grad)
+    assert not torch.equal(runs[True][0], runs[False][0]), "the forward did change"
+    for name, g_on, g_off in zip(("dx", "dA", "dB"), runs[True][1:], runs[False][1:]):
+        assert torch.equal(g_on, g_off), name
+
+
+def test_q_k_v_share_one_quantization_of_their_input(device, fp8_on, monkeypatch):
+    quantized = []
+    quantize = fp8.quantize_rows
+    monkeypatch.setattr(fp8, "quantize_rows", lambda x, *a: quantized.append(x.shape) or quantize(x, *a))
+    specs = [_lw("nf4", n, 64, device, seed=i) for i, n in enumerate((64, 32, 32))]
+    x = torch.randn(2, 8, 64, generator=torch.Generator().manual_seed(6)).to(device, torch.bfloat16)
+    ys = lora_linear_group(x, specs)
+    assert quantized == [(16, 64)]
+    for y, lw in zip(ys, specs):
+        assert _rel(y.reshape(16, -1), _emulated(x.reshape(16, 64), lw)) <= 2 * 2.0**-9
+
+
+def test_the_mlp_quantizes_x_once_for_gate_and_up_and_skips_down_in_the_recompute(device, fp8_on, monkeypatch):
+    quantized, gemms = [], []
+    quantize, scaled_mm = fp8.quantize_rows, fp8.scaled_mm
+    monkeypatch.setattr(fp8, "quantize_rows", lambda x, *a: quantized.append(tuple(x.shape)) or quantize(x, *a))
+    monkeypatch.setattr(fp8, "scaled_mm", lambda *a, **k: gemms.append(tuple(a[2].shape)) or scaled_mm(*a, **k))
+    gate, up, down = (_lw("nf4", n, k, device, seed=i) for n, k, i in ((128, 64, 7), (128, 64, 8), (64, 128, 9)))
+    x = torch.randn(24, 64, generator=torch.Generator().manual_seed(10)).to(device, torch.bfloat16)
+    y = swiglu_mlp(x, gate, up, down)
+    assert quantized == [(24, 64), (24, 128)] and gemms == [(128, 64), (128, 64), (64, 128)]
+    # the emulation composed from single projections; the interpreter truncates bf16 stores (<= 2^-7 each)
+    e, g = _emulated(x, gate), _emulated(x, up)
+    h = (torch.nn.functional.silu(e) * g).to(torch.bfloat16)
+    want = _emulated(h, down)
+    tol = 2.0**-6 if _runtime.INTERPRET else 4 * 2.0**-9
+    assert _rel(y, want) <= tol
+    quantized.clear(), gemms.clear()
+    with _runtime.recomputing():
+        swiglu_mlp(x, gate, up, down)
+    assert quantized == [(24, 64)] and gemms == [(128, 64), (128, 64)]
+
+
+def test_under_a_dequantization_cap_the_fp8_rows_come_in_parts_with_the_same_result(device, fp8_on, monkeypatch):
+    lw = _lw("nf4", 512, 64, device)
+    x = torch.randn(16, 64, generator=torch.Generator().manual_seed(11)).to(device, torch.bfloat16)
+    whole = ll.lora_linear(x, lw)
+    parts = []
+    to_fp8 = fp8.nf4_to_fp8
+    monkeypatch.setattr(fp8, "nf4_to_fp8", lambda w, out, s: parts.append(w.shape[0]) or to_fp8(w, out, s))
+    monkeypatch.setattr(ll, "DEQUANT_CAP_BYTES", 64 * 512 * 2 // 3)  # 2/3 of the e4m3 weight: two 256-row parts
+    assert torch.equal(ll.lora_linear(x, lw), whole)
+    assert parts == [256, 256]
+
+
+def test_fp8_is_off_where_the_shapes_or_dtype_do_not_allow_it(device, fp8_on):
+    assert fp8.applies(torch.empty(4, 64, dtype=torch.bfloat16), 48)
+    assert not fp8.applies(torch.empty(4, 60, dtype=torch.bfloat16), 48), "K not a multiple of 16"
+    assert not fp8.applies(torch.empty(4, 64, dtype=torch.bfloat16), 40), "N not a multiple of 16"
+    assert not fp8.applies(torch.empty(4, 64, dtype=torch.float16), 48), "row-wise scales write bf16 only"
+
+
+def test_fp8_needs_a_card_with_fp8_tensor_cores():
+    assert "NVIDIA GPU" in fp8.supported(torch.device("cpu"))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("shape", [(2048, 4096), (37, 11008), (5, 80)])
+def test_gpu_row_quantization_is_the_reference_bit_for_bit(shape):
+    x = torch.randn(*shape, device="cuda", dtype=torch.bfloat16) * 3
+    x[:, 1] *= 100
+    q, s = fp8.quantize_rows(x)
+    q_ref, s_ref = fp8.quantize_rows_reference(x)
+    assert torch.equal(s, s_ref)
+    assert torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("shape", [(4096, 4096), (11008, 4096), (64, 11008)])
+def test_gpu_nf4_to_e4m3_is_the_reference_bit_for_bit(shape):
+    w = quantize_nf4(torch.randn(*shape, device="cuda") * 0.02)
+    sw = fp8.nf4_row_scales(w)
+    got = fp8.nf4_to_fp8(w, torch.empty(w.numel, dtype=fp8.E4M3, device="cuda"), sw)
+    want = fp8.nf4_to_fp8(w.to("cpu"), torch.empty(w.numel, dtype=fp8.E4M3), sw.cpu())
+    assert torch.equal(got.cpu().view(torch.uint8), want.view(torch.uint8))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_fp8_linear_at_a_7b_shape_is_the_codes_product_and_near_the_exact_one(monkeypatch):
+    """2048 x 4096 -> 11008 (Llama-2-7B's gate): within bf16 rounding of the emulation, and its error against the
+    exact bf16-input product within e4m3's: ~2^-4 per operand, accumulated as independent roundings (< 6%)."""
+    monkeypatch.setattr(fp8, "ENABLED", True)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    w = torch.randn(11008, 4096, device="cuda", generator=g) * 0.02
+    lw = LoRAWeights(quantize_nf4(w), None, torch.randn(16, 4096, device="cuda", generator=g) * 0.01,
+                     torch.randn(11008, 16, device="cuda", generator=g) * 0.01, 2.0)
+    x = torch.randn(2048, 4096, device="cuda", generator=g).to(torch.bfloat16)
+    y = ll.lora_linear(x, lw)
+    assert _rel(y, _emulated(x, lw)) <= 2 * 2.0**-9
+    exact = (x.double() @ lw.weight.dequantize(torch.float32).double().t()
+             + 2.0 * (x.double() @ lw.lora_A.double().t()) @ lw.lora_B.double().t())
+    assert _rel(y, exact.cpu()) < 0.06
