@@ -24,10 +24,11 @@
 #            (predicted 4.58 against 5.44 GiB), then lorafuse vs Unsloth at its defaults            ~9 min
 #   verify   the graphs', host head's and streamed head's GPU tests in full; the FP8 probe (fp8_probe.py);
 #            Llama-3-8B 2 x 2048 lean, the head streamed and staged whole                           ~8 min
-#   fp8      FP8 and NF4 kernels' GPU tests; 7B 4 x 512: bf16, --fp8, --fp8 lean, LoRA --fp8; loss curves   ~8 min
+#   fp8      FP8 and NF4 kernels' GPU tests; 7B 4 x 512: bf16, --fp8, --fp8 lean, LoRA --fp8; loss curves   ~5 min
+#   fp8peers 7B 4 x 512: lorafuse --fp8 lean (offload, both tables on the host) against Unsloth at its defaults ~4 min
 # Unsloth needs more than 80 s per runner to load and compile a 7B: keep --timeout at 150 or more.
 set -u
-PART=${1:?tests|dropout|shapes|offload|memory|ab|lean|peers|stream|leanpeers|final|llama3|verify|fp8}
+PART=${1:?tests|dropout|shapes|offload|memory|ab|lean|peers|stream|leanpeers|final|llama3|verify|fp8|fp8peers}
 OUT=${2:-/tmp/out}
 mkdir -p /tmp/peers /tmp/site "$OUT"
 [ -f .anchors/peers-bundle.tgz ] && tar xzf .anchors/peers-bundle.tgz -C /tmp/peers
@@ -129,5 +130,8 @@ case "$PART" in
     timeout 90 $B $L --methods qlora --fp8 --offload --host-embeddings --host-head 2>&1 | tail -1
     timeout 90 $B $L --methods lora --fp8 2>&1 | tail -1
     timeout 150 python3 benchmarks/loss_curves.py --steps 50 --out "$OUT" 2>&1 | tail -9 ;;
+  fp8peers)
+    timeout 250 $B --shape llama2-7b --batch 4 --seq 512 --stacks lorafuse,unsloth --methods qlora --steps 10 \
+      --warmup 3 --fp8 --offload --host-embeddings --host-head 2>&1 | tail -6 ;;
   *) echo "unknown part $PART"; exit 2 ;;
 esac

@@ -88,7 +88,8 @@ def applies(x: torch.Tensor, out_features: int) -> bool:
 def quantize_rows_reference(x: torch.Tensor, out: torch.Tensor | None = None):
     """(x8 (M, K) e4m3, s (M, 1) fp32) with x ~= x8 * s, row by row, in PyTorch (the CPU path)."""
     amax = x.abs().amax(dim=1, keepdim=True).float().clamp_min(_TINY)
-    codes = (x.float() * (E4M3_MAX / amax)).clamp(-E4M3_MAX, E4M3_MAX)
+    inv = torch.full_like(amax, E4M3_MAX) / amax  # a true division (a scalar / tensor is a reciprocal times it)
+    codes = (x.float() * inv).clamp(-E4M3_MAX, E4M3_MAX)
     if out is None:
         return codes.to(E4M3), amax / E4M3_MAX
     out.copy_(codes)
@@ -102,6 +103,11 @@ def quantize_rows(x: torch.Tensor, out: torch.Tensor | None = None):
                          f"strides {x.stride()}")
     if not x.is_cuda or not _runtime.HAS_TRITON:
         return quantize_rows_reference(x, out)
+    return _quantize_rows_kernel(x, out)
+
+
+def _quantize_rows_kernel(x: torch.Tensor, out: torch.Tensor | None = None):
+    """The Triton launch of `quantize_rows` (on CPU tensors under the interpreter, into an fp32 `out` in tests)."""
     m, k = x.shape
     q = torch.empty(m, k, dtype=E4M3, device=x.device) if out is None else out
     scale = torch.empty(m, 1, dtype=torch.float32, device=x.device)
@@ -135,14 +141,20 @@ def nf4_to_fp8(w, out: torch.Tensor, row_scales: torch.Tensor) -> torch.Tensor:
         from .nf4_dequant import _launch
 
         _launch(w, flat, row_scale=row_scales)
-    else:  # the kernel's order: each block scale divided by its row's, then code * that (fp32), clamped, rounded
-        from .reference import nf4_absmax_reference
-
-        per_row = w.shape[1] // w.blocksize
-        scaled = nf4_absmax_reference(w) / row_scales.repeat_interleave(per_row)
-        plain = dataclasses.replace(w, absmax=scaled, nested_absmax=None, nested_code=None, offset=None)
-        flat.copy_(plain.dequantize(torch.float32).clamp(-E4M3_MAX, E4M3_MAX).reshape(-1))
+    else:
+        flat.copy_(nf4_scaled_reference(w, row_scales, E4M3_MAX).reshape(-1))
     return flat.view(w.shape)
+
+
+def nf4_scaled_reference(w, row_scales: torch.Tensor, limit: float) -> torch.Tensor:
+    """fp32 (N, K): W / s_w in the kernel's order (each block scale divided by its row's, then code * that),
+    clamped to +-limit: what the dequantization kernel rounds to its output dtype under ROW_SCALE."""
+    from .reference import nf4_absmax_reference
+
+    per_row = w.shape[1] // w.blocksize
+    scaled = nf4_absmax_reference(w) / row_scales.repeat_interleave(per_row)
+    plain = dataclasses.replace(w, absmax=scaled, nested_absmax=None, nested_code=None, offset=None)
+    return plain.dequantize(torch.float32).clamp(-limit, limit)
 
 
 def scaled_mm(x8: torch.Tensor, sx: torch.Tensor, w8: torch.Tensor, sw: torch.Tensor, bias: torch.Tensor | None,

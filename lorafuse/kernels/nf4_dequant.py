@@ -93,8 +93,8 @@ if _runtime.HAS_TRITON:
         else:
             scale = tl.load(absmax_ptr + first_blk + blk, mask=row_ok)
         if ROW_SCALE:  # FP8 output: w / row_scale[w's row], clamped into the format's range (fp8.py)
-            scale = tl.math.div_rn(scale, tl.load(row_scale_ptr + (first_blk + blk) // blocks_per_row, mask=row_ok,
-                                                  other=1.0))  # IEEE division, as fp8.nf4_to_fp8's reference
+            scale = tl.math.div_rn(scale, tl.load(row_scale_ptr + (first_blk + blk) // blocks_per_row,
+                                                  mask=row_ok))  # IEEE division, as fp8.nf4_to_fp8's reference
         scale = scale[:, None, None]
         hi = _code_lookup(code_ptr, packed >> 4, SHARED_CODE) * scale
         lo = _code_lookup(code_ptr, packed & 15, SHARED_CODE) * scale

@@ -52,6 +52,18 @@ def test_rows_quantize_within_half_an_e4m3_step_and_keep_their_largest_value():
     assert bool((q[5].float() == 0).all())
 
 
+@pytest.mark.parametrize("shape", [(7, 100), (3, 4500)])  # one block per row, and rows over several blocks
+def test_the_row_quantization_kernel_computes_the_reference_codes(shape, device):
+    """Into an fp32 output, where the interpreter rounds right: the unrounded codes and the scales bit for bit."""
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(13)) * 5
+    x[1] = 0
+    x = x.to(device)
+    codes, scale = fp8._quantize_rows_kernel(x, out=torch.empty(shape, device=device))
+    amax = x.abs().amax(dim=1, keepdim=True).clamp_min(1e-12)
+    assert torch.equal(scale, amax / 448)
+    assert torch.equal(codes, (x * (torch.full_like(amax, 448) / amax)).clamp(-448, 448))
+
+
 def test_nf4_row_scales_are_each_rows_largest_weight_over_448():
     w = quantize_nf4(torch.randn(48, 256, generator=torch.Generator().manual_seed(1)))
     dense = w.dequantize(torch.float32)
@@ -66,6 +78,23 @@ def test_nf4_decodes_to_e4m3_within_half_a_step_of_the_dequantized_weight():
     w8 = fp8.nf4_to_fp8(w, out, sw)
     assert w8.shape == (48, 256) and w8.data_ptr() == out.data_ptr()
     _within_e4m3(w8.double() * sw.double()[:, None], w.dequantize(torch.float32), sw[:, None])
+
+
+@pytest.mark.parametrize("shape", [(64, 256), (24, 192)])  # whole programs (unmasked), and a masked tail
+def test_the_dequantization_kernel_divides_by_row_scales_in_the_reference_order(shape, device):
+    """The ROW_SCALE launch (what writes e4m3 on a GPU) into an fp32 output, where the interpreter rounds right:
+    bit for bit the reference's W / s_w, and clamped where a row scale is made too small."""
+    from lorafuse.kernels.nf4_dequant import _launch
+
+    w = quantize_nf4(torch.randn(*shape, generator=torch.Generator().manual_seed(12))).to(device)
+    sw = fp8.nf4_row_scales(w).clone()
+    sw[3] /= 2  # this row's largest weights now exceed the limit: clamped
+    out = torch.empty(w.numel, dtype=torch.float32, device=device)
+    _launch(w, out, row_scale=sw)
+    want = fp8.nf4_scaled_reference(w.to("cpu"), sw.cpu(), float(torch.finfo(torch.float32).max))
+    limit = fp8.nf4_scaled_reference(w.to("cpu"), sw.cpu(), 448.0)
+    assert torch.equal(out.view(shape).cpu(), want)
+    assert float(want[3].abs().max()) > 448 and float(limit[3].abs().max()) == 448
 
 
 def _lw(base: str, n: int, k: int, device, r: int = 8, bias: bool = True, seed: int = 0) -> LoRAWeights:
