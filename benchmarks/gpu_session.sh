@@ -25,10 +25,11 @@
 #   verify   the graphs', host head's and streamed head's GPU tests in full; the FP8 probe (fp8_probe.py);
 #            Llama-3-8B 2 x 2048 lean, the head streamed and staged whole                           ~8 min
 #   fp8      FP8 and NF4 kernels' GPU tests; 7B 4 x 512: bf16, --fp8, --fp8 lean, LoRA --fp8; loss curves   ~5 min
+#   fp8cap   FP8 GPU tests; fp8peers with a 48 MiB dequantization cap; 1 x 4096 and 8 x 2048 with --fp8       ~6 min
 #   fp8peers 7B 4 x 512: lorafuse --fp8 lean (offload, both tables on the host) against Unsloth at its defaults ~4 min
 # Unsloth needs more than 80 s per runner to load and compile a 7B: keep --timeout at 150 or more.
 set -u
-PART=${1:?tests|dropout|shapes|offload|memory|ab|lean|peers|stream|leanpeers|final|llama3|verify|fp8|fp8peers}
+PART=${1:?tests|dropout|shapes|offload|memory|ab|lean|peers|stream|leanpeers|final|llama3|verify|fp8|fp8peers|fp8cap}
 OUT=${2:-/tmp/out}
 mkdir -p /tmp/peers /tmp/site "$OUT"
 [ -f .anchors/peers-bundle.tgz ] && tar xzf .anchors/peers-bundle.tgz -C /tmp/peers
@@ -133,5 +134,14 @@ case "$PART" in
   fp8peers)
     timeout 250 $B --shape llama2-7b --batch 4 --seq 512 --stacks lorafuse,unsloth --methods qlora --steps 10 \
       --warmup 3 --fp8 --offload --host-embeddings --host-head 2>&1 | tail -6 ;;
+  fp8cap)
+    LORAFUSE_AUTOTUNE=0 timeout 90 python3 -m pytest -q -p no:cacheprovider -m gpu tests/kernels/test_fp8.py 2>&1 \
+      | grep -E "Error|assert|passed|failed" | tail -6
+    timeout 250 $B --shape llama2-7b --batch 4 --seq 512 --stacks lorafuse,unsloth --methods qlora --steps 10 \
+      --warmup 3 --fp8 --offload --host-embeddings --host-head --dequant-cap-mib 48 2>&1 | tail -6
+    for s in "1 4096" "8 2048"; do set -- $s
+      timeout 100 $B --shape llama2-7b --batch $1 --seq $2 --stacks lorafuse --methods qlora --random-init --steps 4 \
+        --warmup 2 --fp8 2>&1 | tail -1
+    done ;;
   *) echo "unknown part $PART"; exit 2 ;;
 esac

@@ -90,10 +90,11 @@ def quantize_rows_reference(x: torch.Tensor, out: torch.Tensor | None = None):
     amax = x.abs().amax(dim=1, keepdim=True).float().clamp_min(_TINY)
     inv = torch.full_like(amax, E4M3_MAX) / amax  # a true division (a scalar / tensor is a reciprocal times it)
     codes = (x.float() * inv).clamp(-E4M3_MAX, E4M3_MAX)
-    if out is None:
-        return codes.to(E4M3), amax / E4M3_MAX
+    scale = amax / torch.full_like(amax, E4M3_MAX)  # true divisions on CUDA too (there tensor / scalar multiplies by
+    if out is None:                                  # the reciprocal), as the kernel's div_rn
+        return codes.to(E4M3), scale
     out.copy_(codes)
-    return out, amax / E4M3_MAX
+    return out, scale
 
 
 def quantize_rows(x: torch.Tensor, out: torch.Tensor | None = None):
