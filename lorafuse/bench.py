@@ -166,7 +166,8 @@ def _workload(args, method: str, kernels: str = "reference", loss: str = "chunke
                     kernels=kernels, padded=False, autocast=args.device == "cuda",
                     embeddings_on_host=args.host_embeddings and method != "full",
                     head_on_host=args.host_head and method != "full", cuda_graphs=graphs,
-                    uncheckpointed=args.keep_layers if method != "full" else 0, dequant_cap_mib=args.dequant_cap_mib)
+                    uncheckpointed=args.keep_layers if method != "full" else 0, dequant_cap_mib=args.dequant_cap_mib,
+                    fp8=args.fp8 and method != "full")
 
 
 def _precheck(args, stack: str, method: str, probe: dict) -> str | None:

@@ -126,7 +126,7 @@ def workload_from_config(cfg, shape: ModelShape | None = None) -> Workload:
         padded=not cfg.data.packing, blocksize=cfg.model.blocksize, double_quant=cfg.model.double_quant,
         embeddings_on_host=cfg.train.embeddings_on_host, head_on_host=getattr(cfg.train, "head_on_host", False),
         uncheckpointed=getattr(cfg.train, "uncheckpointed_layers", 0),
-        dequant_cap_mib=getattr(cfg.train, "dequant_cap_mib", 0),
+        dequant_cap_mib=getattr(cfg.train, "dequant_cap_mib", 0), fp8=getattr(cfg.train, "fp8", False),
         cuda_graphs=kernels == "fused" and cfg.train.cuda_graphs == "auto")
 
 

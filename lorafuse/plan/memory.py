@@ -136,6 +136,7 @@ class Workload:
     cuda_graphs: bool = False
     uncheckpointed: int = 0  # the last decoder layers keep their activations (train.uncheckpointed_layers)
     dequant_cap_mib: int = 0  # train.dequant_cap_mib (0: LORAFUSE_DEQUANT_CAP_MIB, the kernels' default)
+    fp8: bool = False  # train.fp8: forward base GEMMs in e4m3 (speed only: the byte buffer is shared, no new peak)
 
     @property
     def tokens(self) -> int:

@@ -26,6 +26,12 @@ section 7); EFFICIENCY_FUSED = 0.66 is measured: the fused kernels replaying CUD
 session 5, the runs in CALIBRATION_RUNS) implied 0.63-0.68 over six Llama-2-7B configurations (4 x 512 with 0,
 10 and 18 kept layers, with offload and both tables on the host, with dropout 0.05; 1 x 4096), with the
 dequantization and the per-layer term counted apart. Cards other than the H100/H200 are not calibrated.
+
+train.fp8 runs the forward's and the recompute's base GEMMs in e4m3 (kernels/fp8.py); the backward's stay bf16. Those
+FLOPs, 2 (P_pass - P) N, take 1 / FP8_SPEEDUP of their bf16 time. FP8_SPEEDUP = 1.4 is measured, not the ~1.8 of the
+GEMMs alone (benchmarks/fp8_probe.py): it covers the activations' quantization and the smaller dequantization writes
+too. It comes from one pair of runs on one H200 (NOTES.md session 7: 4 x 512, 0.1613 s bf16 -> 0.1356 s FP8, runs
+FP8_CALIBRATION); the other FP8 runs of that session check it.
 """
 
 from __future__ import annotations
@@ -44,6 +50,8 @@ LAYER_OVERHEAD_S = 1e-4  # kernel launches per layer per pass in eager mode (~20
 DEQUANT_BYTES_REFERENCE = 12.5  # 0.5 read + fp32 write/read (8) + c-byte write (2) + index/scale traffic
 DEQUANT_BYTES_FUSED = 2.5
 PCIE_BYTES_S = 20e9  # pinned host <-> GPU, PCIe 4 x16 in practice
+FP8_SPEEDUP = 1.4
+FP8_CALIBRATION = ("20261128T225856-0a23d0", "20261128T225933-79bf02")  # (bf16, FP8), one machine
 
 
 @dataclass(frozen=True)
@@ -161,6 +169,13 @@ def step_flops(w: Workload) -> float:
     return flops + attn_fwd * (passes - 1 + 2.5)
 
 
+def fp8_flops(w: Workload) -> float:
+    """The FLOPs of one micro-step that train.fp8 runs in e4m3: the base GEMMs of the forward and the recompute."""
+    if not w.fp8 or w.kernels != "fused" or w.method == "full" or w.compute_bytes != 2:
+        return 0.0
+    return 2 * (weight_passes(w) - w.shape.linear_params) * w.tokens
+
+
 def efficiency(w: Workload) -> float:
     """The fraction of the card's rate the step's FLOPs run at (module docstring)."""
     return EFFICIENCY_FUSED if w.kernels == "fused" else EFFICIENCY
@@ -169,7 +184,8 @@ def efficiency(w: Workload) -> float:
 def micro_step_seconds(w: Workload, card: Card) -> float:
     s = w.shape
     passes = _passes(w)
-    compute = step_flops(w) / (card.tflops * 1e12 * efficiency(w))
+    rate = card.tflops * 1e12 * efficiency(w)
+    compute = (step_flops(w) - fp8_flops(w) * (1 - 1 / FP8_SPEEDUP)) / rate
     if w.method == "qlora":
         per_weight = DEQUANT_BYTES_FUSED if w.kernels == "fused" else DEQUANT_BYTES_REFERENCE
         compute += per_weight * weight_passes(w) / (card.bandwidth_gbs * 1e9)

@@ -13,14 +13,17 @@ from lorafuse.plan.shapes import load_shape
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_predictions_within_10_percent_of_measurements():
+def test_predictions_within_10_percent_of_measurements(monkeypatch):
     rows = read_measured(ROOT / MEASURED_FILE)
     if not rows:
         pytest.skip(f"{MEASURED_FILE} holds no GPU measurements yet: run `lorafuse bench` on a GPU (it appends "
                     "one row per lorafuse run) and commit the file")
     misses = []
     for row in rows:
-        predicted = estimate(workload_from_record(row["workload"])).peak_alloc / GIB
+        with monkeypatch.context() as env:  # the A/B switches the run was made with (the planner reads them too)
+            for key, value in (row.get("env") or {}).items():
+                env.setenv(key, value)
+            predicted = estimate(workload_from_record(row["workload"])).peak_alloc / GIB
         measured = row["measured_peak_alloc_gib"]
         if abs(predicted - measured) > 0.10 * measured:
             misses.append(f"{row['workload']['shape']} {row['workload']['method']} mb={row['workload']['micro_batch']} "
@@ -60,4 +63,31 @@ def test_step_time_model_against_the_calibration_runs():
         predicted = speed.step_seconds(w, speed.card_by_name(card))
         if abs(predicted - measured) > 0.05 * measured:
             misses.append(f"{run}: predicted {predicted:.4f} s, measured {measured:.4f} s")
+    assert not misses, "\n".join(misses)
+
+
+def test_fp8_step_times_against_the_measured_runs():
+    """speed.FP8_SPEEDUP is fitted on one pair of runs (speed.FP8_CALIBRATION); every other FP8 run (offload, both
+    tables on the host, a dequantization cap, LoRA on a bf16 base, 1 x 4096, 8 x 2048) must be predicted within 5%,
+    and the calibration pair's ratio within 3%."""
+    import json
+
+    from lorafuse.plan import speed
+
+    rows = {}
+    for line in (ROOT / "benchmarks" / "results" / "2026-11-28-h200.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        if row.get("stack") == "lorafuse" and row.get("status") == "ok" and (
+                row.get("fp8") or row["run"] in speed.FP8_CALIBRATION):
+            rows[row["run"]] = row
+    records = {r["run"]: r for r in read_measured(ROOT / MEASURED_FILE) if r.get("run") in rows}
+    assert len(records) == len(rows) >= 7
+    predicted = {run: speed.step_seconds(workload_from_record(records[run]["workload"]),
+                                         speed.card_by_name(rows[run]["card"])) for run in rows}
+    bf16, fp8 = speed.FP8_CALIBRATION
+    assert records[fp8]["workload"]["fp8"] and not records[bf16]["workload"].get("fp8")
+    ratio_measured = rows[fp8]["step_s"] / rows[bf16]["step_s"]
+    assert abs(predicted[fp8] / predicted[bf16] / ratio_measured - 1) < 0.03
+    misses = [f"{run}: predicted {predicted[run]:.4f} s, measured {rows[run]['step_s']:.4f} s" for run in rows
+              if abs(predicted[run] / rows[run]["step_s"] - 1) > 0.05]
     assert not misses, "\n".join(misses)
