@@ -26,10 +26,11 @@
 #            Llama-3-8B 2 x 2048 lean, the head streamed and staged whole                           ~8 min
 #   fp8      FP8 and NF4 kernels' GPU tests; 7B 4 x 512: bf16, --fp8, --fp8 lean, LoRA --fp8; loss curves   ~5 min
 #   fp8cap   FP8 GPU tests; fp8peers with a 48 MiB dequantization cap; 1 x 4096 and 8 x 2048 with --fp8       ~6 min
+#   last     every kernel GPU test; FP8 4 x 512 with and without fast accumulation at K <= 4096      ~5 min
 #   fp8peers 7B 4 x 512: lorafuse --fp8 lean (offload, both tables on the host) against Unsloth at its defaults ~4 min
 # Unsloth needs more than 80 s per runner to load and compile a 7B: keep --timeout at 150 or more.
 set -u
-PART=${1:?tests|dropout|shapes|offload|memory|ab|lean|peers|stream|leanpeers|final|llama3|verify|fp8|fp8peers|fp8cap}
+PART=${1:?tests|dropout|shapes|offload|memory|ab|lean|peers|stream|leanpeers|final|llama3|verify|fp8|fp8peers|fp8cap|last}
 OUT=${2:-/tmp/out}
 mkdir -p /tmp/peers /tmp/site "$OUT"
 [ -f .anchors/peers-bundle.tgz ] && tar xzf .anchors/peers-bundle.tgz -C /tmp/peers
@@ -143,5 +144,10 @@ case "$PART" in
       timeout 100 $B --shape llama2-7b --batch $1 --seq $2 --stacks lorafuse --methods qlora --random-init --steps 4 \
         --warmup 2 --fp8 2>&1 | tail -1
     done ;;
+  last)
+    LORAFUSE_AUTOTUNE=0 timeout 240 python3 -m pytest -q -p no:cacheprovider -m gpu tests/kernels 2>&1 \
+      | grep -E "Error|assert|passed|failed" | tail -8
+    L="--shape llama2-7b --batch 4 --seq 512 --stacks lorafuse --methods qlora --random-init --steps 10 --warmup 3 --fp8"
+    for k in 4096 0; do LORAFUSE_FP8_FAST_ACCUM_MAX_K=$k timeout 80 $B $L 2>&1 | tail -1; done ;;
   *) echo "unknown part $PART"; exit 2 ;;
 esac
