@@ -43,9 +43,9 @@ ENV_ENABLED = os.environ.get("LORAFUSE_FP8", "0") == "1"
 ENABLED = ENV_ENABLED  # train.fp8 sets it (train/runtime.prepare_model)
 _TINY = 1e-12  # a zero row gets this amax: scale > 0, codes 0
 # cuBLAS's fast FP8 accumulation (use_fast_accum) for GEMMs whose K is at most this (0: never). fp8_probe.py on an
-# H200: 8-11% faster at K = 4096, 6% slower at K = 11008, the same error on random data (0.0375 either way). Off until
-# a step measures it (LORAFUSE_FP8_FAST_ACCUM_MAX_K=4096 for the A/B).
-FAST_ACCUM_MAX_K = int(os.environ.get("LORAFUSE_FP8_FAST_ACCUM_MAX_K", "0"))
+# H200: 8-11% faster at K = 4096, 6% slower at K = 11008, the same error on random data (0.0375 either way). A/B on
+# one machine (NOTES.md session 7, 7B QLoRA 4 x 512): 0.1319 s with it at K <= 4096, 0.1348 s without (-2.1%).
+FAST_ACCUM_MAX_K = int(os.environ.get("LORAFUSE_FP8_FAST_ACCUM_MAX_K", "4096"))
 
 if _runtime.HAS_TRITON:
     import triton

@@ -28,7 +28,8 @@ session 5, the runs in CALIBRATION_RUNS) implied 0.63-0.68 over six Llama-2-7B c
 dequantization and the per-layer term counted apart. Cards other than the H100/H200 are not calibrated.
 
 train.fp8 runs the forward's and the recompute's base GEMMs in e4m3 (kernels/fp8.py); the backward's stay bf16. Those
-FLOPs, 2 (P_pass - P) N, take 1 / FP8_SPEEDUP of their bf16 time. FP8_SPEEDUP = 1.4 is measured, not the ~1.8 of the
+FLOPs, 2 (P_pass - P) N, take 1 / FP8_SPEEDUP of their bf16 time, and those with K <= 4096 a further
+1 / FAST_ACCUM_SPEEDUP (cuBLAS's fast FP8 accumulation there: 2.1% of the 4 x 512 step, FAST_ACCUM_CALIBRATION). FP8_SPEEDUP = 1.4 is measured, not the ~1.8 of the
 GEMMs alone (benchmarks/fp8_probe.py): it covers the activations' quantization and the smaller dequantization writes
 too. It comes from one pair of runs on one H200 (NOTES.md session 7: 4 x 512, 0.1613 s bf16 -> 0.1356 s FP8, runs
 FP8_CALIBRATION); the other FP8 runs of that session check it.
@@ -36,6 +37,7 @@ FP8_CALIBRATION); the other FP8 runs of that session check it.
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 
@@ -52,6 +54,8 @@ DEQUANT_BYTES_FUSED = 2.5
 PCIE_BYTES_S = 20e9  # pinned host <-> GPU, PCIe 4 x16 in practice
 FP8_SPEEDUP = 1.4
 FP8_CALIBRATION = ("20261128T225856-0a23d0", "20261128T225933-79bf02")  # (bf16, FP8), one machine
+FAST_ACCUM_SPEEDUP = 1.055  # FP8 GEMMs with K <= LORAFUSE_FP8_FAST_ACCUM_MAX_K (fp8.py; 4096 by default)
+FAST_ACCUM_CALIBRATION = ("20261128T232956-1f06ae", "20261128T232929-bf89a8")  # (off, on), one machine
 
 
 @dataclass(frozen=True)
@@ -169,11 +173,21 @@ def step_flops(w: Workload) -> float:
     return flops + attn_fwd * (passes - 1 + 2.5)
 
 
-def fp8_flops(w: Workload) -> float:
-    """The FLOPs of one micro-step that train.fp8 runs in e4m3: the base GEMMs of the forward and the recompute."""
+def fp8_flops(w: Workload) -> tuple[float, float]:
+    """(all, fast): the FLOPs of one micro-step that train.fp8 runs in e4m3 (the base GEMMs of the forward and the
+    recompute), and those of them with K <= fp8.FAST_ACCUM_MAX_K, which use cuBLAS's fast accumulation."""
     if not w.fp8 or w.kernels != "fused" or w.method == "full" or w.compute_bytes != 2:
-        return 0.0
-    return 2 * (weight_passes(w) - w.shape.linear_params) * w.tokens
+        return 0.0, 0.0
+    s = w.shape
+    recompute = 0.0 if w.checkpointing == "off" else 1 - kept_layers(w) / s.num_layers
+    max_k = int(os.environ.get("LORAFUSE_FP8_FAST_ACCUM_MAX_K", "4096"))  # fp8.py's switch
+    total = fast = 0.0
+    for lin in s.linears():
+        passes = 1 + (0.0 if lin.name == "down_proj" else recompute)  # the fused recompute skips down_proj
+        flops = 2 * lin.numel * s.num_layers * passes * w.tokens
+        total += flops
+        fast += flops if lin.in_features <= max_k else 0.0
+    return total, fast
 
 
 def efficiency(w: Workload) -> float:
@@ -185,7 +199,8 @@ def micro_step_seconds(w: Workload, card: Card) -> float:
     s = w.shape
     passes = _passes(w)
     rate = card.tflops * 1e12 * efficiency(w)
-    compute = (step_flops(w) - fp8_flops(w) * (1 - 1 / FP8_SPEEDUP)) / rate
+    fp8, fast = fp8_flops(w)
+    compute = (step_flops(w) - fp8 * (1 - 1 / FP8_SPEEDUP) - fast / FP8_SPEEDUP * (1 - 1 / FAST_ACCUM_SPEEDUP)) / rate
     if w.method == "qlora":
         per_weight = DEQUANT_BYTES_FUSED if w.kernels == "fused" else DEQUANT_BYTES_REFERENCE
         compute += per_weight * weight_passes(w) / (card.bandwidth_gbs * 1e9)
