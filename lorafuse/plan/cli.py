@@ -45,7 +45,8 @@ def render(p: Plan) -> str:
              f"hidden {s.hidden_size}, vocab {s.vocab_size})",
              f"  {w.method} r={w.r} on {', '.join(w.targets)}: {e.trainable:,} trainable params; micro-batch "
              f"{w.micro_batch} x {w.seq} tokens, grad_accum {w.grad_accum}; {w.optimizer}; "
-             f"{'fp32' if w.compute_bytes == 4 else '16-bit'} compute; {w.kernels} kernels", ""]
+             f"{'fp32' if w.compute_bytes == 4 else '16-bit'} compute; {w.kernels} kernels"
+             f"{'; FP8 forward GEMMs' if w.fp8 and w.kernels == 'fused' else ''}", ""]
     copy = w.autocast and w.lora_bytes > w.compute_bytes and w.kernels != "fused"  # memory.estimate's rule
     fill = {"copy": " + autocast 16-bit copy" if copy else "",
             "dtype": "fp32" if w.compute_bytes == 4 else "16-bit",

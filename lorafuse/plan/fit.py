@@ -262,6 +262,9 @@ def plan(cfg, gpu_memory=None, gpu: str | None = None) -> Plan:
         if not card.bf16 and str(cfg.model.compute_dtype) == "bfloat16":
             p.notes.append(f"the {card.name} has no bfloat16 arithmetic: set model.compute_dtype: float16 (or auto), "
                            "which trains with a GradScaler at the same memory")
+        if w.fp8 and not card.fp8:
+            p.notes.append(f"train.fp8 needs FP8 tensor cores (compute capability 8.9+: Ada, Hopper); the {card.name} "
+                           "has none, so the run would stop at start-up: set train.fp8: false")
     if budget is None:
         p.notes.append("no GPU visible and no --gpu-memory given: pass --gpu-memory 15GiB (or a card name) "
                        "to check the fit and get a suggestion")

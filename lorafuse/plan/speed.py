@@ -65,20 +65,21 @@ class Card:
     tflops: float  # dense 16-bit tensor TFLOP/s we plan with
     bandwidth_gbs: float  # memory bandwidth GB/s
     bf16: bool = True
+    fp8: bool = False  # FP8 tensor cores (compute capability 8.9+): train.fp8 runs there
 
 
 CARDS = [
     Card("T4", 14.7, 65, 320, bf16=False),
     Card("A10G", 22.0, 70, 600),
-    Card("L4", 22.0, 121, 300),
+    Card("L4", 22.0, 121, 300, fp8=True),
     Card("RTX 3090", 23.6, 71, 936),
-    Card("RTX 4090", 23.6, 165, 1008),
+    Card("RTX 4090", 23.6, 165, 1008, fp8=True),
     Card("A100-40GB", 39.4, 312, 1555),
-    Card("L40S", 44.4, 362, 864),
+    Card("L40S", 44.4, 362, 864, fp8=True),
     Card("A100-80GB", 79.2, 312, 2039),
-    Card("H100 PCIe", 79.1, 600, 2000),
-    Card("H100 SXM", 79.1, 800, 3350),
-    Card("H200", 139.8, 800, 4800),
+    Card("H100 PCIe", 79.1, 600, 2000, fp8=True),
+    Card("H100 SXM", 79.1, 800, 3350, fp8=True),
+    Card("H200", 139.8, 800, 4800, fp8=True),
 ]
 
 
@@ -177,7 +178,7 @@ def fp8_flops(w: Workload) -> tuple[float, float]:
     """(all, fast): the FLOPs of one micro-step that train.fp8 runs in e4m3 (the base GEMMs of the forward and the
     recompute), and those of them with K <= fp8.FAST_ACCUM_MAX_K, which use cuBLAS's fast accumulation."""
     if not w.fp8 or w.kernels != "fused" or w.method == "full" or w.compute_bytes != 2:
-        return 0.0, 0.0
+        return 0.0, 0.0  # (on a card without FP8 the run stops at start-up: the plan says so, fit.plan)
     s = w.shape
     recompute = 0.0 if w.checkpointing == "off" else 1 - kept_layers(w) / s.num_layers
     max_k = int(os.environ.get("LORAFUSE_FP8_FAST_ACCUM_MAX_K", "4096"))  # fp8.py's switch

@@ -225,3 +225,19 @@ def test_the_fused_recompute_without_down_proj_is_priced():
         pytest.approx(2 * down * n * (s.num_layers - 8))
     off = w.with_(checkpointing="off")
     assert speed.step_flops(off) == speed.step_flops(off.with_(kernels="reference"))
+
+
+def test_fp8_shortens_the_planned_step_on_hopper_and_is_flagged_on_a_t4(capsys):
+    """train.fp8 on the fused kernels: the forward's and recompute's base GEMMs priced at FP8 rates on an H100 (the
+    same peak: the byte buffer is shared), and on a T4, which has no FP8 tensor cores, a note that the run would stop."""
+    fused = ['train.fast_path="auto"']
+    bf16 = plan(recipe(*fused), gpu_memory="80GiB", gpu="H100")
+    fp8 = plan(recipe(*fused, "train.fp8=true"), gpu_memory="80GiB", gpu="H100")
+    assert fp8.workload.fp8 and fp8.workload.kernels == "fused"
+    assert 0.75 < fp8.step_s / bf16.step_s < 0.9
+    assert fp8.estimate.peak == bf16.estimate.peak
+    assert not any("train.fp8" in n for n in fp8.notes)
+    t4 = plan(recipe(*fused, "train.fp8=true", "model.compute_dtype=float16"), gpu_memory="15GiB", gpu="T4")
+    assert any("train.fp8 needs FP8 tensor cores" in n and "T4" in n for n in t4.notes)
+    plan_command(recipe(*fused, "train.fp8=true"), gpu_memory="80GiB", gpu="H100")
+    assert "FP8 forward GEMMs" in capsys.readouterr().out
