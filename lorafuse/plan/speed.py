@@ -29,10 +29,10 @@ dequantization and the per-layer term counted apart. Cards other than the H100/H
 
 train.fp8 runs the forward's and the recompute's base GEMMs in e4m3 (kernels/fp8.py); the backward's stay bf16. Those
 FLOPs, 2 (P_pass - P) N, take 1 / FP8_SPEEDUP of their bf16 time, and those with K <= 4096 a further
-1 / FAST_ACCUM_SPEEDUP (cuBLAS's fast FP8 accumulation there: 2.1% of the 4 x 512 step, FAST_ACCUM_CALIBRATION). FP8_SPEEDUP = 1.4 is measured, not the ~1.8 of the
-GEMMs alone (benchmarks/fp8_probe.py): it covers the activations' quantization and the smaller dequantization writes
-too. It comes from one pair of runs on one H200 (NOTES.md session 7: 4 x 512, 0.1613 s bf16 -> 0.1356 s FP8, runs
-FP8_CALIBRATION); the other FP8 runs of that session check it.
+1 / FAST_ACCUM_SPEEDUP (cuBLAS's fast FP8 accumulation there: 2.1% of the 4 x 512 step, FAST_ACCUM_CALIBRATION).
+FP8_SPEEDUP = 1.4 is measured, not the ~1.8 of the GEMMs alone (benchmarks/fp8_probe.py): it covers the activations'
+quantization and the smaller dequantization writes too. It comes from one pair of runs on one H200 (NOTES.md
+session 7: 4 x 512, 0.1613 s bf16 -> 0.1356 s FP8, runs FP8_CALIBRATION); the other FP8 runs of that session check it.
 """
 
 from __future__ import annotations

@@ -228,8 +228,9 @@ def test_the_fused_recompute_without_down_proj_is_priced():
 
 
 def test_fp8_shortens_the_planned_step_on_hopper_and_is_flagged_on_a_t4(capsys):
-    """train.fp8 on the fused kernels: the forward's and recompute's base GEMMs priced at FP8 rates on an H100 (the
-    same peak: the byte buffer is shared), and on a T4, which has no FP8 tensor cores, a note that the run would stop."""
+    """train.fp8 on the fused kernels: the forward's and recompute's base GEMMs priced at FP8 rates on an H100
+    (the same peak: the byte buffer is shared), and on a T4, which has no FP8 tensor cores, a note that the run would
+    stop."""
     fused = ['train.fast_path="auto"']
     bf16 = plan(recipe(*fused), gpu_memory="80GiB", gpu="H100")
     fp8 = plan(recipe(*fused, "train.fp8=true"), gpu_memory="80GiB", gpu="H100")
