@@ -27,10 +27,12 @@
 #   fp8      FP8 and NF4 kernels' GPU tests; 7B 4 x 512: bf16, --fp8, --fp8 lean, LoRA --fp8; loss curves   ~5 min
 #   fp8cap   FP8 GPU tests; fp8peers with a 48 MiB dequantization cap; 1 x 4096 and 8 x 2048 with --fp8       ~6 min
 #   last     every kernel GPU test; FP8 4 x 512 with and without fast accumulation at K <= 4096      ~5 min
+#   fp8bwd   FP8 GPU tests (incl. the backward's); every kernel GPU test; 4 x 512 --fp8 with the backward's dX in FP8
+#            and without (LORAFUSE_FP8_BACKWARD), lean too; loss curves                         ~9 min
 #   fp8peers 7B 4 x 512: lorafuse --fp8 lean (offload, both tables on the host) against Unsloth at its defaults ~4 min
 # Unsloth needs more than 80 s per runner to load and compile a 7B: keep --timeout at 150 or more.
 set -u
-PART=${1:?tests|dropout|shapes|offload|memory|ab|lean|peers|stream|leanpeers|final|llama3|verify|fp8|fp8peers|fp8cap|last}
+PART=${1:?tests|dropout|shapes|offload|memory|ab|lean|peers|stream|leanpeers|final|llama3|verify|fp8|fp8peers|fp8cap|last|fp8bwd}
 OUT=${2:-/tmp/out}
 mkdir -p /tmp/peers /tmp/site "$OUT"
 [ -f .anchors/peers-bundle.tgz ] && tar xzf .anchors/peers-bundle.tgz -C /tmp/peers
@@ -149,5 +151,12 @@ case "$PART" in
       | grep -E "Error|assert|passed|failed" | tail -8
     L="--shape llama2-7b --batch 4 --seq 512 --stacks lorafuse --methods qlora --random-init --steps 10 --warmup 3 --fp8"
     for k in 4096 0; do LORAFUSE_FP8_FAST_ACCUM_MAX_K=$k timeout 80 $B $L 2>&1 | tail -1; done ;;
+  fp8bwd)
+    LORAFUSE_AUTOTUNE=0 timeout 300 python3 -m pytest -q -p no:cacheprovider -m gpu tests/kernels 2>&1 \
+      | grep -E "Error|assert|passed|failed" | tail -8
+    L="--shape llama2-7b --batch 4 --seq 512 --stacks lorafuse --methods qlora --random-init --steps 10 --warmup 3 --fp8"
+    for b in 1 0; do LORAFUSE_FP8_BACKWARD=$b timeout 70 $B $L 2>&1 | tail -1; done
+    LORAFUSE_FP8_BACKWARD=1 timeout 70 $B $L --offload --host-embeddings --host-head --dequant-cap-mib 48 2>&1 | tail -1
+    timeout 170 python3 benchmarks/loss_curves.py --steps 50 --out "$OUT" 2>&1 | tail -7 ;;
   *) echo "unknown part $PART"; exit 2 ;;
 esac

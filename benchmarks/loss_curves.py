@@ -11,6 +11,7 @@ into fixed-length rows) with `lorafuse.train.api.run` four times and compares th
     fast-bf16-graphs fused Triton kernels + CUDA graphs       (CUDA only)
     fast-fp8-graphs  the same with train.fp8: FP8 forward base GEMMs (compute capability 8.9+ only; opt-in, so it
                      is measured against the bf16 noise, not held to it)
+    fast-fp8bwd-graphs  and the backward's dX GEMMs in FP8 too (LORAFUSE_FP8_BACKWARD's switch, off by default)
 
 "bf16 noise" is how far the bf16 reference drifts from the fp32 one; each fast variant's distance from the
 bf16 reference is reported next to it, as max and mean |difference| over the steps. A table is printed and
@@ -39,6 +40,7 @@ VARIANTS = {  # name: (fast_path, compute dtype, cuda_graphs, train.fp8)
     "fast-bf16": ("on", "bfloat16", "off", False),
     "fast-bf16-graphs": ("on", "bfloat16", "auto", False),
     "fast-fp8-graphs": ("on", "bfloat16", "auto", True),
+    "fast-fp8bwd-graphs": ("on", "bfloat16", "auto", "backward"),
 }
 
 
@@ -55,6 +57,16 @@ def _runs(name: str, device: str) -> bool:
 
 def train_losses(name: str, steps: int, device: str, seed: int) -> tuple[list[float], list[str]]:
     fast, dtype, graphs, fp8 = VARIANTS[name]
+    from lorafuse.kernels import fp8 as fp8_kernels
+
+    backward, fp8_kernels.BACKWARD = fp8_kernels.BACKWARD, fp8 == "backward"
+    try:
+        return _train_losses(name, steps, device, seed, fast, dtype, graphs, bool(fp8))
+    finally:
+        fp8_kernels.BACKWARD = backward
+
+
+def _train_losses(name, steps, device, seed, fast, dtype, graphs, fp8) -> tuple[list[float], list[str]]:
     with tempfile.TemporaryDirectory(prefix=f"lorafuse-curve-{name}-") as out:
         cfg = load_config(None, [
             f"output.dir={out}", "model.quant=nf4", f"model.compute_dtype={dtype}", "lora.dropout=0",

@@ -11,6 +11,9 @@ weight is quantized like x, row by row, on each use.
 
 What stays in bf16: the backward's dx = dY W (its GEMMs read the bf16 dequantization, as without FP8), every LoRA
 product and gradient, attention, the loss. So the LoRA gradients see FP8 only through the forward's activations.
+BACKWARD (LORAFUSE_FP8_BACKWARD=1, off by default, not measured yet) moves dx = dY W to FP8 too, for NF4 weights:
+    dx ~= q(dY diag(s_w)) W8 * s_dY      W's row scales ride on dY's columns (dY s_w quantized row by row), and W8
+                                         is decoded transposed, (K, N) row-major (`nf4_to_fp8_t`), as the GEMM needs
 
 Why: on an H200 (benchmarks/fp8_probe.py, 2048 tokens, the 7B projection shapes) _scaled_mm with row-wise scales
 took 0.48-0.62x the bf16 GEMM's time; the forward and the recompute hold ~60% of a QLoRA step's base-GEMM FLOPs.
@@ -46,15 +49,21 @@ _TINY = 1e-12  # a zero row gets this amax: scale > 0, codes 0
 # H200: 8-11% faster at K = 4096, 6% slower at K = 11008, the same error on random data (0.0375 either way). A/B on
 # one machine (NOTES.md session 7, 7B QLoRA 4 x 512): 0.1319 s with it at K <= 4096, 0.1348 s without (-2.1%).
 FAST_ACCUM_MAX_K = int(os.environ.get("LORAFUSE_FP8_FAST_ACCUM_MAX_K", "4096"))
+# The backward's dX = dY W in FP8 as well, for NF4 weights (LORAFUSE_FP8_BACKWARD=1): W's row scales folded into dY's
+# columns, dY (M, N) quantized row by row, W decoded to e4m3 in the transposed (K, N) layout the FP8 GEMM needs
+# (`nf4_to_fp8_t`). It puts FP8 error into every LoRA gradient below the layer, so it is an A/B switch, off until a
+# step time and a loss curve on a GPU say it should be on (not measured yet: NOTES.md session 7).
+BACKWARD = os.environ.get("LORAFUSE_FP8_BACKWARD", "0") == "1"
 
 if _runtime.HAS_TRITON:
     import triton
     import triton.language as tl
 
     @triton.jit
-    def _quant_rows_kernel(x_ptr, q_ptr, scale_ptr, K, x_stride, q_stride, TINY: tl.constexpr,
-                           OUT_MAX: tl.constexpr, BLOCK: tl.constexpr):
-        # one program per row: pass 1 the row's absolute max, pass 2 (the row again, mostly from L2) the codes
+    def _quant_rows_kernel(x_ptr, q_ptr, scale_ptr, col_scale_ptr, K, x_stride, q_stride, TINY: tl.constexpr,
+                           OUT_MAX: tl.constexpr, BLOCK: tl.constexpr, COL_SCALE: tl.constexpr = False):
+        # one program per row: pass 1 the row's absolute max, pass 2 (the row again, mostly from L2) the codes;
+        # COL_SCALE: the row times col_scale (fp32, per column) first
         row = tl.program_id(0).to(tl.int64)
         x_row = x_ptr + row * x_stride
         q_row = q_ptr + row * q_stride
@@ -62,15 +71,45 @@ if _runtime.HAS_TRITON:
         for k0 in range(0, K, BLOCK):
             offs = k0 + tl.arange(0, BLOCK)
             v = tl.load(x_row + offs, mask=offs < K, other=0.0).to(tl.float32)
+            if COL_SCALE:
+                v = v * tl.load(col_scale_ptr + offs, mask=offs < K, other=0.0)
             amax = tl.maximum(amax, tl.abs(v))
         m = tl.maximum(tl.max(amax, axis=0), TINY)
         tl.store(scale_ptr + row, tl.math.div_rn(m, OUT_MAX))  # IEEE divisions: bit for bit the reference
         inv = tl.math.div_rn(OUT_MAX + tl.zeros_like(m), m)
         for k0 in range(0, K, BLOCK):
             offs = k0 + tl.arange(0, BLOCK)
-            v = tl.load(x_row + offs, mask=offs < K, other=0.0).to(tl.float32) * inv
-            v = tl.minimum(tl.maximum(v, -OUT_MAX), OUT_MAX)
+            v = tl.load(x_row + offs, mask=offs < K, other=0.0).to(tl.float32)
+            if COL_SCALE:
+                v = v * tl.load(col_scale_ptr + offs, mask=offs < K, other=0.0)
+            v = tl.minimum(tl.maximum(v * inv, -OUT_MAX), OUT_MAX)
             tl.store(q_row + offs, v.to(q_ptr.dtype.element_ty), mask=offs < K)
+
+    @triton.jit
+    def _nf4_t_kernel(packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, code_ptr, row_scale_ptr, out_ptr,
+                      rows, cols, offset, BLOCK_LOG2: tl.constexpr, NESTED_LOG2: tl.constexpr,
+                      DOUBLE_QUANT: tl.constexpr, OUT_MAX: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr):
+        # a (BR, BC) tile of W (rows n, columns k), decoded as nf4_dequant's ROW_SCALE launch does (the same fp32
+        # operations in the same order), stored transposed into out (cols, rows): out[k, n] = W[n, k] / s_w[n]
+        r = tl.program_id(0) * BR + tl.arange(0, BR)
+        c = tl.program_id(1) * BC + tl.arange(0, BC)
+        ok = (r < rows)[:, None] & (c < cols)[None, :]
+        elem = r[:, None].to(tl.int64) * cols + c[None, :]
+        packed = tl.load(packed_ptr + (elem >> 1), mask=ok, other=0).to(tl.int32)
+        nibble = tl.where((elem & 1) == 0, packed >> 4, packed & 15)
+        blk = elem >> BLOCK_LOG2
+        if DOUBLE_QUANT:
+            q = tl.load(absmax_ptr + blk, mask=ok, other=0).to(tl.int32)
+            scale = tl.load(nested_code_ptr + q) * tl.load(nested_absmax_ptr + (blk >> NESTED_LOG2), mask=ok, other=0.0)
+            scale = scale + offset
+        else:
+            scale = tl.load(absmax_ptr + blk, mask=ok, other=0.0)
+        row_scale = tl.load(row_scale_ptr + r, mask=r < rows, other=1.0)
+        scale = tl.math.div_rn(scale, row_scale[:, None])
+        v = tl.load(code_ptr + nibble) * scale
+        v = tl.minimum(tl.maximum(v, -OUT_MAX), OUT_MAX)
+        out = out_ptr + c[:, None].to(tl.int64) * rows + r[None, :]
+        tl.store(out, tl.trans(v).to(out_ptr.dtype.element_ty), mask=tl.trans(ok))
 
 
 def supported(device: torch.device) -> str:
@@ -90,11 +129,13 @@ def applies(x: torch.Tensor, out_features: int) -> bool:
     return ENABLED and x.dtype == torch.bfloat16 and x.shape[-1] % 16 == 0 and out_features % 16 == 0
 
 
-def quantize_rows_reference(x: torch.Tensor, out: torch.Tensor | None = None):
-    """(x8 (M, K) e4m3, s (M, 1) fp32) with x ~= x8 * s, row by row, in PyTorch (the CPU path)."""
-    amax = x.abs().amax(dim=1, keepdim=True).float().clamp_min(_TINY)
+def quantize_rows_reference(x: torch.Tensor, out: torch.Tensor | None = None, col_scale: torch.Tensor | None = None):
+    """(x8 (M, K) e4m3, s (M, 1) fp32) with x ~= x8 * s (x times `col_scale` per column first, if given), row by row,
+    in PyTorch (the CPU path)."""
+    xf = x.float() if col_scale is None else x.float() * col_scale.view(1, -1)
+    amax = xf.abs().amax(dim=1, keepdim=True).clamp_min(_TINY)
     inv = torch.full_like(amax, E4M3_MAX) / amax  # a true division (a scalar / tensor is a reciprocal times it)
-    codes = (x.float() * inv).clamp(-E4M3_MAX, E4M3_MAX)
+    codes = (xf * inv).clamp(-E4M3_MAX, E4M3_MAX)
     scale = amax / torch.full_like(amax, E4M3_MAX)  # true divisions on CUDA too (there tensor / scalar multiplies by
     if out is None:                                  # the reciprocal), as the kernel's div_rn
         return codes.to(E4M3), scale
@@ -102,24 +143,26 @@ def quantize_rows_reference(x: torch.Tensor, out: torch.Tensor | None = None):
     return out, scale
 
 
-def quantize_rows(x: torch.Tensor, out: torch.Tensor | None = None):
-    """(x8, s): x (M, K) 16-bit, unit stride along K -> e4m3 codes (into `out` if given) and fp32 row scales."""
+def quantize_rows(x: torch.Tensor, out: torch.Tensor | None = None, col_scale: torch.Tensor | None = None):
+    """(x8, s): x (M, K) 16-bit, unit stride along K (times `col_scale` (K,) fp32 per column, if given) -> e4m3 codes
+    (into `out` if given) and fp32 row scales."""
     if x.dim() != 2 or x.stride(1) != 1:
         raise ValueError(f"quantize_rows takes a 2-D tensor with unit stride along its rows, got {tuple(x.shape)} "
                          f"strides {x.stride()}")
     if not x.is_cuda or not _runtime.HAS_TRITON:
-        return quantize_rows_reference(x, out)
-    return _quantize_rows_kernel(x, out)
+        return quantize_rows_reference(x, out, col_scale)
+    return _quantize_rows_kernel(x, out, col_scale)
 
 
-def _quantize_rows_kernel(x: torch.Tensor, out: torch.Tensor | None = None):
+def _quantize_rows_kernel(x: torch.Tensor, out: torch.Tensor | None = None, col_scale: torch.Tensor | None = None):
     """The Triton launch of `quantize_rows` (on CPU tensors under the interpreter, into an fp32 `out` in tests)."""
     m, k = x.shape
     q = torch.empty(m, k, dtype=E4M3, device=x.device) if out is None else out
     scale = torch.empty(m, 1, dtype=torch.float32, device=x.device)
     block = min(2048, triton.next_power_of_2(k))
-    _quant_rows_kernel[(m,)](x, q, scale, k, x.stride(0), q.stride(0), TINY=_TINY, OUT_MAX=E4M3_MAX, BLOCK=block,
-                             num_warps=4 if block <= 1024 else 8)
+    cs = scale if col_scale is None else col_scale.contiguous()  # unused pointer without COL_SCALE
+    _quant_rows_kernel[(m,)](x, q, scale, cs, k, x.stride(0), q.stride(0), TINY=_TINY, OUT_MAX=E4M3_MAX, BLOCK=block,
+                             COL_SCALE=col_scale is not None, num_warps=4 if block <= 1024 else 8)
     return q, scale
 
 
@@ -161,6 +204,59 @@ def nf4_scaled_reference(w, row_scales: torch.Tensor, limit: float) -> torch.Ten
     scaled = nf4_absmax_reference(w) / row_scales.repeat_interleave(per_row)
     plain = dataclasses.replace(w, absmax=scaled, nested_absmax=None, nested_code=None, offset=None)
     return plain.dequantize(torch.float32).clamp(-limit, limit)
+
+
+def nf4_to_fp8_t(w, out: torch.Tensor, row_scales: torch.Tensor) -> torch.Tensor:
+    """W8^T (K, N) e4m3 row-major = (W / s_w)^T from an NF4Weight (N, K) into the flat buffer `out` (the layout the
+    backward's FP8 GEMM reads as its column-major (N, K) operand). The same codes as `nf4_to_fp8`, transposed."""
+    rows, cols = int(w.shape[0]), int(w.shape[1])
+    flat = out.reshape(-1)[:rows * cols]
+    if w.packed.is_cuda and _runtime.HAS_TRITON:
+        _nf4_t_launch(w, flat, row_scales)
+    else:
+        flat.copy_(nf4_scaled_reference(w, row_scales, float(torch.finfo(out.dtype).max)).t().reshape(-1))
+    return flat.view(cols, rows)
+
+
+def _nf4_t_launch(w, flat: torch.Tensor, row_scales: torch.Tensor) -> None:
+    """The Triton launch of `nf4_to_fp8_t` (on CPU tensors under the interpreter, into an fp32 `flat` in tests)."""
+    from .nf4_dequant import _log2
+
+    rows, cols = int(w.shape[0]), int(w.shape[1])
+    limit = float(torch.finfo(flat.dtype).max)
+
+    packed = w.packed.reshape(-1)
+    dq = w.nested_absmax is not None
+    code = w.code.to(device=packed.device, dtype=torch.float32)
+    br, bc = 64, 64
+    _nf4_t_kernel[(triton.cdiv(rows, br), triton.cdiv(cols, bc))](
+        packed, w.absmax, w.nested_absmax if dq else code, w.nested_code if dq else code, code, row_scales, flat,
+        rows, cols, float(w.offset) if dq else 0.0, BLOCK_LOG2=_log2(w.blocksize, "blocksize"),
+        NESTED_LOG2=_log2(w.nested_blocksize, "nested_blocksize") if dq else 0, DOUBLE_QUANT=dq, OUT_MAX=limit,
+        BR=br, BC=bc, num_warps=4, enable_fp_fusion=False)
+
+
+_ONES: dict[tuple[torch.device, int], torch.Tensor] = {}
+
+
+def grad_input(dy: torch.Tensor, w8t: torch.Tensor, sw: torch.Tensor, out: torch.Tensor | None = None):
+    """dX (M, K) bf16 = dY W for dy (M, N) (unit stride along N), w8t = W8^T (K, N) e4m3 and sw (N,) W's row scales:
+    the scales ride on dY's columns, so dY s_w is quantized row by row and the GEMM needs no scale along K."""
+    d8, sd = quantize_rows(dy, col_scale=sw)
+    k = w8t.shape[0]
+    ones = _ONES.get((dy.device, k))
+    if ones is None:
+        ones = _ONES[(dy.device, k)] = torch.ones(1, k, dtype=torch.float32, device=dy.device)
+    fast = d8.is_cuda and d8.shape[1] <= FAST_ACCUM_MAX_K
+    kw = {} if out is None else {"out": out}
+    return torch._scaled_mm(d8, w8t.t(), scale_a=sd, scale_b=ones, out_dtype=torch.bfloat16, use_fast_accum=fast,
+                            **kw)
+
+
+def backward_applies(dy: torch.Tensor, lw) -> bool:
+    """True when lw's backward dX takes the FP8 GEMM (BACKWARD on, an NF4 base, bf16, K and N multiples of 16)."""
+    return (ENABLED and BACKWARD and lw.is_nf4 and dy.dtype == torch.bfloat16 and int(lw.weight.shape[1]) % 16 == 0
+            and lw.out_features % 16 == 0)
 
 
 def scaled_mm(x8: torch.Tensor, sx: torch.Tensor, w8: torch.Tensor, sw: torch.Tensor, bias: torch.Tensor | None,

@@ -144,11 +144,14 @@ class Operands:
             yield r0, r0 + part.shape[0], nf4_dequantize(
                 part, self.dtype, out=dequant_buffer(w.packed.device, self.dtype, part.numel))
 
-    def fp8_parts(self):
+    def fp8_parts(self, transposed: bool = False):
         """[(r0, r1, W8[r0:r1] (e4m3), s_w[r0:r1] (fp32))] for the FP8 forward (fp8.py), each part made on demand
-        into the shared buffer as in `dense_parts` (1 byte a weight, so the cap allows twice the rows)."""
+        into the shared buffer as in `dense_parts` (1 byte a weight, so the cap allows twice the rows). `transposed`
+        (NF4 only, the FP8 backward): each part as W8[r0:r1]^T, (K, r1 - r0) row-major."""
         w = self.lw.weight
         rows_total = w.shape[0]
+        if transposed and not self.lw.is_nf4:
+            raise ValueError("the FP8 backward decodes NF4 weights only")
         if not self.lw.is_nf4:  # a 16-bit weight: quantized row by row on each use
             dense = self.dense()
             w8, sw = fp8.quantize_rows(dense, out=dequant_buffer(dense.device, fp8.E4M3, dense.numel()).view(
@@ -160,8 +163,9 @@ class Operands:
         for r0 in range(0, rows_total, rows):
             r1 = min(rows_total, r0 + rows)
             part = w.rows(r0, r1) if rows < rows_total else w
-            yield r0, r1, fp8.nf4_to_fp8(part, dequant_buffer(w.packed.device, fp8.E4M3, part.numel),
-                                         scales[r0:r1]), scales[r0:r1]
+            decode = fp8.nf4_to_fp8_t if transposed else fp8.nf4_to_fp8
+            yield r0, r1, decode(part, dequant_buffer(w.packed.device, fp8.E4M3, part.numel), scales[r0:r1]), \
+                scales[r0:r1]
 
 
 def fp8_input(x: torch.Tensor, lw: LoRAWeights):
@@ -290,6 +294,15 @@ def lora_input_grad(dy, ds, ops: Operands, dx=None, accumulate: bool = False) ->
     if fused:
         lora = {} if ds is None else {"s": ds, "rhs": ops.a, "drop": ops.drop}
         return fused_gemm(dx, dy, transpose_w=False, accumulate=accumulate, **fused, **lora)
+    if fp8.backward_applies(dy, ops.lw):  # dY W in FP8 (fp8.BACKWARD), summed over W's row parts the same way
+        for r0, r1, w8t, sw in ops.fp8_parts(transposed=True):
+            if r1 - r0 == dy.shape[1] and not accumulate:
+                fp8.grad_input(dy, w8t, sw, out=dx)
+            elif accumulate or r0 > 0:  # _scaled_mm cannot accumulate: an add of the part
+                dx.add_(fp8.grad_input(dy[:, r0:r1], w8t, sw))
+            else:
+                fp8.grad_input(dy[:, r0:r1], w8t, sw, out=dx)
+        return add_lora_input_grad(dx, ds, ops)
     for r0, r1, w in ops.dense_parts():  # dY W summed over W's row parts (one unless over the cap)
         g = dy if r1 - r0 == dy.shape[1] else dy[:, r0:r1]
         if accumulate or r0 > 0:

@@ -272,3 +272,122 @@ def test_gpu_fp8_linear_at_a_7b_shape_is_the_codes_product_and_near_the_exact_on
     exact = (x.double() @ lw.weight.dequantize(torch.float32).double().t()
              + 2.0 * (x.double() @ lw.lora_A.double().t()) @ lw.lora_B.double().t())
     assert _rel(y, exact.cpu()) < 0.06
+
+
+# --- the FP8 backward (fp8.BACKWARD, LORAFUSE_FP8_BACKWARD=1): an A/B switch, off by default -------------------------
+
+
+@pytest.mark.parametrize("shape", [(128, 128), (80, 192), (512, 64)])  # whole tiles; masked edges; cut in two
+def test_the_transposed_decode_writes_the_forward_codes_transposed(shape, device):
+    """Into an fp32 output, where the interpreter rounds right: bit for bit the reference's (W / s_w)^T, the values the
+    forward's ROW_SCALE launch writes untransposed; also for a row part of a weight (the dequantization cap's cut)."""
+    w = quantize_nf4(torch.randn(*shape, generator=torch.Generator().manual_seed(14))).to(device)
+    sw = fp8.nf4_row_scales(w)
+    big = float(torch.finfo(torch.float32).max)
+    step = w.row_alignment()
+    cuts = [(w, sw)] + ([(w.rows(step, shape[0]), sw[step:])] if step < shape[0] else [])
+    assert len(cuts) == (2 if shape == (512, 64) else 1)
+    for part, scales in cuts:
+        out = torch.empty(part.numel, dtype=torch.float32, device=device)
+        fp8._nf4_t_launch(part, out, scales)
+        want = fp8.nf4_scaled_reference(part.to("cpu"), scales.cpu(), big).t()
+        assert torch.equal(out.view(part.shape[1], part.shape[0]).cpu(), want)
+
+
+def test_the_row_quantization_kernel_scales_columns_first(device):
+    x = (torch.randn(5, 300, generator=torch.Generator().manual_seed(15)) * 3).to(device)
+    cs = (torch.rand(300, generator=torch.Generator().manual_seed(16)) + 0.1).to(device)
+    codes, scale = fp8._quantize_rows_kernel(x, out=torch.empty(5, 300, device=device), col_scale=cs)
+    xs = x * cs
+    amax = xs.abs().amax(dim=1, keepdim=True)
+    assert torch.equal(scale, amax / 448)
+    assert torch.equal(codes, (xs * (torch.full_like(amax, 448) / amax)).clamp(-448, 448))
+
+
+def _grads(lw: LoRAWeights, x: torch.Tensor, dy: torch.Tensor):
+    a = lw.lora_A.detach().clone().requires_grad_()
+    b = lw.lora_B.detach().clone().requires_grad_()
+    xi = x.clone().requires_grad_()
+    ll.lora_linear(xi, dataclasses.replace(lw, lora_A=a, lora_B=b)).backward(dy)
+    return xi.grad, a.grad, b.grad
+
+
+def test_the_fp8_backward_is_the_scaled_product_of_the_codes_and_leaves_da_db_alone(device, fp8_on, monkeypatch):
+    """dX = q(dY s_w) W8 s_dY + drop'(dS A) against its fp64 emulation, within bf16 rounding (the FP8 GEMM's output
+    and the LoRA addmm_ each round once), and within e4m3's error of the exact dY W; dA and dB are the bf16 path's
+    (they read dY and S, not dX)."""
+    lw = _lw("nf4", 48, 128, device, bias=False)
+    x = torch.randn(40, 128, generator=torch.Generator().manual_seed(17)).to(device, torch.bfloat16)
+    dy = torch.randn(40, 48, generator=torch.Generator().manual_seed(18)).to(device, torch.bfloat16)
+    off = _grads(lw, x, dy)
+    monkeypatch.setattr(fp8, "BACKWARD", True)
+    calls = []
+    grad_input = fp8.grad_input
+    monkeypatch.setattr(fp8, "grad_input", lambda *a, **k: calls.append(1) or grad_input(*a, **k))
+    on = _grads(lw, x, dy)
+    assert len(calls) == 1
+    assert torch.equal(on[1], off[1]) and torch.equal(on[2], off[2])
+    cpu = _cpu(lw)
+    sw = fp8.nf4_row_scales(cpu.weight)
+    w8 = fp8.nf4_to_fp8(cpu.weight, torch.empty(cpu.weight.numel, dtype=fp8.E4M3), sw)
+    d8, sd = fp8.quantize_rows_reference(dy.cpu(), col_scale=sw)
+    a_c = cpu.lora_A.to(torch.bfloat16).double()
+    b_s = (cpu.lora_B * cpu.scaling).to(torch.bfloat16).double()
+    lora = (dy.cpu().double() @ b_s) @ a_c
+    want = (d8.double() @ w8.double()) * sd.double() + lora
+    assert _rel(on[0], want) <= 2 * 2.0**-9
+    exact = dy.cpu().double() @ cpu.weight.dequantize(torch.float32).double() + lora
+    assert 2.0**-8 < _rel(on[0], exact) < 0.06
+
+
+def test_the_fp8_backward_through_the_mlp_and_a_dequantization_cap(device, fp8_on, monkeypatch):
+    """gate and up accumulate into one dX, down's dX feeds SwiGLU's backward, and under a cap every weight is
+    decoded in two transposed row parts: dX within e4m3's error of the bf16 backward's, one FP8 GEMM per part."""
+    gate, up, down = (_lw("nf4", n, k, device, seed=i) for n, k, i in ((512, 64, 19), (512, 64, 20), (64, 512, 21)))
+    x = torch.randn(24, 64, generator=torch.Generator().manual_seed(22)).to(device, torch.bfloat16)
+
+    def dx(backward: bool):
+        monkeypatch.setattr(fp8, "BACKWARD", backward)
+        xi = x.clone().requires_grad_()
+        swiglu_mlp(xi, gate, up, down).float().square().sum().backward()
+        return xi.grad
+
+    ref = dx(False)
+    parts = []
+    decode = fp8.nf4_to_fp8_t
+    monkeypatch.setattr(fp8, "nf4_to_fp8_t", lambda w, out, s: parts.append(tuple(w.shape)) or decode(w, out, s))
+    monkeypatch.setattr(ll, "DEQUANT_CAP_BYTES", 64 * 512 * 2 // 3)  # 2/3 of each e4m3 weight: two parts each
+    got = dx(True)
+    assert parts == [(32, 512), (32, 512), (256, 64), (256, 64), (256, 64), (256, 64)]  # down, gate, up
+    assert 2.0**-8 < _rel(got, ref.double().cpu()) < 0.06
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("shape", [(4096, 4096), (4096, 11008), (80, 192)])
+def test_gpu_transposed_decode_is_the_reference_bit_for_bit(shape):
+    w = quantize_nf4(torch.randn(*shape, device="cuda") * 0.02)
+    sw = fp8.nf4_row_scales(w)
+    got = fp8.nf4_to_fp8_t(w, torch.empty(w.numel, dtype=fp8.E4M3, device="cuda"), sw)
+    want = fp8.nf4_to_fp8_t(w.to("cpu"), torch.empty(w.numel, dtype=fp8.E4M3), sw.cpu())
+    assert got.shape == (shape[1], shape[0])
+    assert torch.equal(got.cpu().view(torch.uint8), want.view(torch.uint8))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_fp8_grad_input_at_a_7b_shape(monkeypatch):
+    """dY (2048 x 11008) W (11008 x 4096, NF4), Llama-2-7B's down_proj backward: within bf16 rounding of the codes'
+    product, and within e4m3's error of the exact one."""
+    monkeypatch.setattr(fp8, "FAST_ACCUM_MAX_K", 0)
+    g = torch.Generator(device="cuda").manual_seed(1)
+    w = quantize_nf4(torch.randn(4096, 11008, device="cuda", generator=g) * 0.02)
+    dy = torch.randn(2048, 4096, device="cuda", generator=g).to(torch.bfloat16)
+    sw = fp8.nf4_row_scales(w)
+    w8t = fp8.nf4_to_fp8_t(w, torch.empty(w.numel, dtype=fp8.E4M3, device="cuda"), sw)
+    got = fp8.grad_input(dy, w8t, sw)
+    d8, sd = fp8.quantize_rows_reference(dy, col_scale=sw)
+    want = (d8.double() @ w8t.double().t()) * sd.double()
+    assert _rel(got, want.cpu()) <= 2.0**-9 * 2
+    exact = dy.double() @ w.dequantize(torch.float32).double()
+    assert _rel(got, exact.cpu()) < 0.06
