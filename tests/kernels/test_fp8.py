@@ -247,12 +247,15 @@ def test_gpu_row_quantization_is_the_reference_bit_for_bit(shape):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("shape", [(4096, 4096), (11008, 4096), (64, 11008)])
-def test_gpu_nf4_to_e4m3_is_the_reference_bit_for_bit(shape):
+@pytest.mark.parametrize("transposed", [False, True])  # the forward's layout, the backward's (K, N)
+@pytest.mark.parametrize("shape", [(4096, 4096), (11008, 4096), (4096, 11008), (64, 11008), (80, 192)])
+def test_gpu_nf4_decodes_to_e4m3_as_the_reference_bit_for_bit(shape, transposed):
+    decode = fp8.nf4_to_fp8_t if transposed else fp8.nf4_to_fp8
     w = quantize_nf4(torch.randn(*shape, device="cuda") * 0.02)
     sw = fp8.nf4_row_scales(w)
-    got = fp8.nf4_to_fp8(w, torch.empty(w.numel, dtype=fp8.E4M3, device="cuda"), sw)
-    want = fp8.nf4_to_fp8(w.to("cpu"), torch.empty(w.numel, dtype=fp8.E4M3), sw.cpu())
+    got = decode(w, torch.empty(w.numel, dtype=fp8.E4M3, device="cuda"), sw)
+    want = decode(w.to("cpu"), torch.empty(w.numel, dtype=fp8.E4M3), sw.cpu())
+    assert got.shape == (shape[::-1] if transposed else shape)
     assert torch.equal(got.cpu().view(torch.uint8), want.view(torch.uint8))
 
 
@@ -360,18 +363,6 @@ def test_the_fp8_backward_through_the_mlp_and_a_dequantization_cap(device, fp8_o
     got = dx(True)
     assert parts == [(32, 512), (32, 512), (256, 64), (256, 64), (256, 64), (256, 64)]  # down, gate, up
     assert 2.0**-8 < _rel(got, ref.double().cpu()) < 0.06
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("shape", [(4096, 4096), (4096, 11008), (80, 192)])
-def test_gpu_transposed_decode_is_the_reference_bit_for_bit(shape):
-    w = quantize_nf4(torch.randn(*shape, device="cuda") * 0.02)
-    sw = fp8.nf4_row_scales(w)
-    got = fp8.nf4_to_fp8_t(w, torch.empty(w.numel, dtype=fp8.E4M3, device="cuda"), sw)
-    want = fp8.nf4_to_fp8_t(w.to("cpu"), torch.empty(w.numel, dtype=fp8.E4M3), sw.cpu())
-    assert got.shape == (shape[1], shape[0])
-    assert torch.equal(got.cpu().view(torch.uint8), want.view(torch.uint8))
 
 
 @pytest.mark.gpu
