@@ -9,6 +9,8 @@ Forward, per shape (see `dispatch`):
                                     W NF4 -> dequantized into the shared buffer first (`dequant_buffer`)
     or y = fused_gemm(...)          one Triton GEMM, the rank-r product added in the same fp32
                                     accumulator; NF4 decoded inside the tiles (never written to memory)
+    train.fp8 (fp8.py): x W^T in e4m3 with row-wise scales (NF4 decoded straight to e4m3, the same shared
+                                    buffer); with fp8.BACKWARD the backward's dY W too; the rank-r terms stay bf16
 Bs = s B (N x r) in the compute dtype (one kernel: fp32 product, one rounding). Backward (dY (M, N)):
     dS = dY Bs                      (M, r)
     dB = s dY^T S                   (N, r)   from the saved S, no recompute; s applied in the GEMM (alpha)
