@@ -261,13 +261,24 @@ def _fmt(x, spec: str) -> str:
     return f"{'-':>{width}}" if x is None else format(x, spec)
 
 
+def _settings(r: dict) -> str:
+    """lorafuse's non-default settings of a row, as the table shows them ("" for none)."""
+    parts = ["offload" if r.get("gc") == "offload" else "", "host embedding" if r.get("embeddings_on_host") else "",
+             "host head" if r.get("head_on_host") else "",
+             f"{k} kept layers" if (k := r.get("uncheckpointed_layers")) else "",
+             f"cap {c} MiB" if (c := r.get("dequant_cap_mib")) else "", "FP8" if r.get("fp8") else ""]
+    return ", ".join(p for p in parts if p)
+
+
 def render(rows: list[dict]) -> str:
     lines = [f"{'method':<7} {'stack':<9} {'step s':>8} {'tokens/s':>10} {'peak GiB':>9}  status"]
     for r in rows:
         status = "ok" if r["status"] == "ok" else f"{r['status']}: {r.get('reason') or ''}".strip()
         if r["stack"] == "lorafuse" and r["status"] == "ok" and r["device"] == "cuda":
+            extra = _settings(r)
             status += (f" (fast path {'on' if (r.get('fast_path') or {}).get('applied') else 'off'}, "
-                       f"graphs {'on' if (r.get('cuda_graphs') or {}).get('applied') else 'off'})")
+                       f"graphs {'on' if (r.get('cuda_graphs') or {}).get('applied') else 'off'}"
+                       f"{', ' + extra if extra else ''})")
         lines.append(f"{r['method']:<7} {r['stack']:<9} {_fmt(r['step_s'], '8.3f')} {_fmt(r['tokens_per_s'], '10,.0f')}"
                      f" {_fmt(r['peak_alloc_gib'], '9.2f')}  {status}")
     ratios = []

@@ -68,6 +68,10 @@ def test_seed_table_and_ratios():
     assert "25%" in table and "10%" in table and "30%" in table and "28 GB+" in table
     text = bench.render(rows + [row("hf", "qlora", 1.2, 9.0)])
     assert "qlora: lorafuse vs hf: speed 2.00x, memory 0.67x" in text
+    lean = {**row("lorafuse", "qlora", 0.14, 3.99), "gc": "offload", "embeddings_on_host": True, "head_on_host": True,
+            "dequant_cap_mib": 48, "fp8": True, "fast_path": {"applied": True}, "cuda_graphs": {"applied": True}}
+    assert ("(fast path on, graphs on, offload, host embedding, host head, cap 48 MiB, FP8)"
+            in bench.render([lean]))
 
 
 def test_card_slug_and_bad_flags():
