@@ -342,7 +342,12 @@ def _train(cfg, model, tokenizer, out: Path, start_from: Path | None, dtype, con
                         compute_dtype=dtype, console=console, adapter_writer=write_adapter, world=world)
     if start_from is not None:
         loop.resume(start_from)
-    res = loop.run()
+    try:
+        res = loop.run()
+    finally:  # train.fp8 is for training: the demo generation and later calls in this process run bf16 GEMMs
+        from lorafuse.kernels import fp8
+
+        fp8.ENABLED = fp8.ENV_ENABLED
     adapter_dir = None
     if res.stop_reason != "signal":
         adapter_dir = out / "adapter"

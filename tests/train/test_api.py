@@ -100,3 +100,21 @@ def test_compute_dtype_choice_is_said_and_bf16_on_a_t4_is_refused(monkeypatch):
     with pytest.raises(LorafuseError, match="Tesla T4") as err:
         _announce_dtype("bfloat16", torch.device("cuda"), console)
     assert "float16" in err.value.fix
+
+
+def test_fp8_is_on_for_the_training_loop_only(tmp_path, tiny_model_dir, monkeypatch):
+    """train.fp8 turns the FP8 GEMMs on for the loop (here on a CPU pretending to be an FP8 card, where the reference
+    ops ignore it) and off again before the adapter is written and anything else in the process runs."""
+    from lorafuse.kernels import fp8
+    from lorafuse.train.loop import TrainingLoop
+
+    monkeypatch.setattr(fp8, "supported", lambda device: "")
+    monkeypatch.setattr(fp8, "ENABLED", False)
+    seen = []
+    loop_run = TrainingLoop.run
+    monkeypatch.setattr(TrainingLoop, "run", lambda self: seen.append(fp8.ENABLED) or loop_run(self))
+    cfg = _cfg(tiny_model_dir, tmp_path / "run", fp8=True)
+    cfg.model.compute_dtype = "bfloat16"
+    console, _ = _console()
+    assert run(cfg, console=console).stop_reason == "finished"
+    assert seen == [True] and fp8.ENABLED is False
