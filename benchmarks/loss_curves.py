@@ -59,24 +59,20 @@ def train_losses(name: str, steps: int, device: str, seed: int) -> tuple[list[fl
     fast, dtype, graphs, fp8 = VARIANTS[name]
     from lorafuse.kernels import fp8 as fp8_kernels
 
-    backward, fp8_kernels.BACKWARD = fp8_kernels.BACKWARD, fp8 == "backward"
+    saved, fp8_kernels.BACKWARD = fp8_kernels.BACKWARD, fp8 == "backward"  # the A/B switch, for this run only
     try:
-        return _train_losses(name, steps, device, seed, fast, dtype, graphs, bool(fp8))
+        with tempfile.TemporaryDirectory(prefix=f"lorafuse-curve-{name}-") as out:
+            cfg = load_config(None, [
+                f"output.dir={out}", "model.quant=nf4", f"model.compute_dtype={dtype}", "lora.dropout=0",
+                "lora.modules_to_save=[]", "data.packing=true", "data.max_length=256", f"train.max_steps={steps}",
+                "train.log_every=1", f"train.eval_every={steps}", f"train.save_every={steps}",
+                f"train.fast_path={fast}", f"train.cuda_graphs={graphs}", f"train.device={device}",
+                f"train.seed={seed}", "train.optimizer=adamw", f"train.fp8={str(bool(fp8)).lower()}",
+                "train.gradient_checkpointing=true"])
+            result = run(cfg, resume=None)
+            rows = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
     finally:
-        fp8_kernels.BACKWARD = backward
-
-
-def _train_losses(name, steps, device, seed, fast, dtype, graphs, fp8) -> tuple[list[float], list[str]]:
-    with tempfile.TemporaryDirectory(prefix=f"lorafuse-curve-{name}-") as out:
-        cfg = load_config(None, [
-            f"output.dir={out}", "model.quant=nf4", f"model.compute_dtype={dtype}", "lora.dropout=0",
-            "lora.modules_to_save=[]", "data.packing=true", "data.max_length=256", f"train.max_steps={steps}",
-            "train.log_every=1", f"train.eval_every={steps}", f"train.save_every={steps}", f"train.fast_path={fast}",
-            f"train.cuda_graphs={graphs}", f"train.device={device}", f"train.seed={seed}", "train.optimizer=adamw",
-            f"train.fp8={str(fp8).lower()}",
-            "train.gradient_checkpointing=true"])
-        result = run(cfg, resume=None)
-        rows = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+        fp8_kernels.BACKWARD = saved
     losses = [r["loss"] for r in rows if r.get("loss") is not None and "step" in r and "eval_loss" not in r]
     return losses[:steps], list(getattr(result, "notes", []) or [])
 

@@ -208,10 +208,10 @@ class TrainConfig(_Section):
     fp8: bool = Field(
         False, description="Run the frozen base weights' GEMMs of the forward and the checkpoint recompute in FP8 "
         "(e4m3, one scale per token and per weight row; NF4 weights are dequantized straight to 8 bits): a 7B "
-        "QLoRA step 1.19x faster on an H200, for ~3.7% relative error per projection output (bf16: ~0.2%). The "
+        "QLoRA step 1.22x faster on an H200, for ~3.7% relative error per projection output (bf16: ~0.2%). The "
         "backward, the LoRA products and the loss stay bf16; generation after training runs bf16. Needs compute "
-        "capability 8.9+ (Ada, Hopper) and bf16 "
-        "compute; compare your loss curve with it off (benchmarks/loss_curves.py runs both).")
+        "capability 8.9+ (Ada, Hopper) and bf16 compute; compare your loss curve with it off "
+        "(benchmarks/loss_curves.py runs both).")
     save_every: int | None = Field(None, ge=1, description="Checkpoint every N optimizer steps; "
                                    "null: at the end of each epoch (always at the end of training).")
     save_total_limit: int = Field(3, ge=1, description="Checkpoints kept on disk; older ones are deleted.")

@@ -48,7 +48,8 @@ _TINY = 1e-12  # a zero row gets this amax: scale > 0, codes 0
 # cuBLAS's fast FP8 accumulation (use_fast_accum) for GEMMs whose K is at most this (0: never). fp8_probe.py on an
 # H200: 8-11% faster at K = 4096, 6% slower at K = 11008, the same error on random data (0.0375 either way). A/B on
 # one machine (NOTES.md session 7, 7B QLoRA 4 x 512): 0.1319 s with it at K <= 4096, 0.1348 s without (-2.1%).
-FAST_ACCUM_MAX_K = int(os.environ.get("LORAFUSE_FP8_FAST_ACCUM_MAX_K", "4096"))
+FAST_ACCUM_MAX_K_DEFAULT = 4096  # plan/speed.py mirrors it (torch-free); tests/plan/test_measured.py keeps them equal
+FAST_ACCUM_MAX_K = int(os.environ.get("LORAFUSE_FP8_FAST_ACCUM_MAX_K", str(FAST_ACCUM_MAX_K_DEFAULT)))
 # The backward's dX = dY W in FP8 as well, for NF4 weights (LORAFUSE_FP8_BACKWARD=1): W's row scales folded into dY's
 # columns, dY (M, N) quantized row by row, W decoded to e4m3 in the transposed (K, N) layout the FP8 GEMM needs
 # (`nf4_to_fp8_t`). It puts FP8 error into every LoRA gradient below the layer, so it is an A/B switch, off until a
@@ -247,10 +248,7 @@ def grad_input(dy: torch.Tensor, w8t: torch.Tensor, sw: torch.Tensor, out: torch
     ones = _ONES.get((dy.device, k))
     if ones is None:
         ones = _ONES[(dy.device, k)] = torch.ones(1, k, dtype=torch.float32, device=dy.device)
-    fast = d8.is_cuda and d8.shape[1] <= FAST_ACCUM_MAX_K
-    kw = {} if out is None else {"out": out}
-    return torch._scaled_mm(d8, w8t.t(), scale_a=sd, scale_b=ones, out_dtype=torch.bfloat16, use_fast_accum=fast,
-                            **kw)
+    return scaled_mm(d8, sd, w8t, ones, None, out)  # w8t as scaled_mm's "w8": its transpose is the (N, K) operand
 
 
 def backward_applies(dy: torch.Tensor, lw) -> bool:
@@ -261,7 +259,7 @@ def backward_applies(dy: torch.Tensor, lw) -> bool:
 
 def scaled_mm(x8: torch.Tensor, sx: torch.Tensor, w8: torch.Tensor, sw: torch.Tensor, bias: torch.Tensor | None,
               out: torch.Tensor | None = None) -> torch.Tensor:
-    """(x8 W8^T) s_x s_w^T + b in bf16: x8 (M, K), w8 (N, K) e4m3 row-major, sx (M, 1), sw (N,) fp32."""
+    """(x8 W8^T) s_x s_w^T + b in bf16: x8 (M, K), w8 (N, K) e4m3 row-major, sx (M, 1), sw (N,) or (1, N) fp32."""
     kw = {} if out is None else {"out": out}
     fast = x8.is_cuda and x8.shape[1] <= FAST_ACCUM_MAX_K
     return torch._scaled_mm(x8, w8.t(), scale_a=sx, scale_b=sw.view(1, -1), bias=bias, out_dtype=torch.bfloat16,

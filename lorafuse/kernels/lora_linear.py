@@ -298,12 +298,11 @@ def lora_input_grad(dy, ds, ops: Operands, dx=None, accumulate: bool = False) ->
         return fused_gemm(dx, dy, transpose_w=False, accumulate=accumulate, **fused, **lora)
     if fp8.backward_applies(dy, ops.lw):  # dY W in FP8 (fp8.BACKWARD), summed over W's row parts the same way
         for r0, r1, w8t, sw in ops.fp8_parts(transposed=True):
-            if r1 - r0 == dy.shape[1] and not accumulate:
-                fp8.grad_input(dy, w8t, sw, out=dx)
-            elif accumulate or r0 > 0:  # _scaled_mm cannot accumulate: an add of the part
-                dx.add_(fp8.grad_input(dy[:, r0:r1], w8t, sw))
+            g = dy if r1 - r0 == dy.shape[1] else dy[:, r0:r1]
+            if accumulate or r0 > 0:  # _scaled_mm cannot accumulate: an add of the part
+                dx.add_(fp8.grad_input(g, w8t, sw))
             else:
-                fp8.grad_input(dy[:, r0:r1], w8t, sw, out=dx)
+                fp8.grad_input(g, w8t, sw, out=dx)
         return add_lora_input_grad(dx, ds, ops)
     for r0, r1, w in ops.dense_parts():  # dY W summed over W's row parts (one unless over the cap)
         g = dy if r1 - r0 == dy.shape[1] else dy[:, r0:r1]

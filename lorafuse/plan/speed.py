@@ -55,6 +55,7 @@ PCIE_BYTES_S = 20e9  # pinned host <-> GPU, PCIe 4 x16 in practice
 FP8_SPEEDUP = 1.4
 FP8_CALIBRATION = ("20261128T225856-0a23d0", "20261128T225933-79bf02")  # (bf16, FP8), one machine
 FAST_ACCUM_SPEEDUP = 1.055  # FP8 GEMMs with K <= LORAFUSE_FP8_FAST_ACCUM_MAX_K (fp8.py; 4096 by default)
+FP8_FAST_ACCUM_MAX_K = 4096  # kernels/fp8.py's FAST_ACCUM_MAX_K_DEFAULT (the planner stays torch-free)
 FAST_ACCUM_CALIBRATION = ("20261128T232956-1f06ae", "20261128T232929-bf89a8")  # (off, on), one machine
 
 
@@ -181,7 +182,7 @@ def fp8_flops(w: Workload) -> tuple[float, float]:
         return 0.0, 0.0  # (on a card without FP8 the run stops at start-up: the plan says so, fit.plan)
     s = w.shape
     recompute = 0.0 if w.checkpointing == "off" else 1 - kept_layers(w) / s.num_layers
-    max_k = int(os.environ.get("LORAFUSE_FP8_FAST_ACCUM_MAX_K", "4096"))  # fp8.py's switch
+    max_k = int(os.environ.get("LORAFUSE_FP8_FAST_ACCUM_MAX_K", str(FP8_FAST_ACCUM_MAX_K)))  # fp8.py's switch
     total = fast = 0.0
     for lin in s.linears():
         passes = 1 + (0.0 if lin.name == "down_proj" else recompute)  # the fused recompute skips down_proj

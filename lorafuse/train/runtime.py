@@ -86,7 +86,7 @@ def prepare_model(model, gradient_checkpointing: bool | str, note=print,
     lora_linear.DEQUANT_CAP_BYTES = (dequant_cap_mib << 20) or lora_linear.ENV_DEQUANT_CAP_BYTES
     if dequant_cap_mib:
         note(f"NF4 weights over {dequant_cap_mib} MiB in 16 bits are dequantized and multiplied in row parts")
-    _set_fp8(model, fp8, note)
+    _set_fp8(model, params[0].device, fp8, note)  # trainable tensors live on the compute device
     if head_on_host:
         from lorafuse.model.host_embedding import head_to_host
 
@@ -97,7 +97,7 @@ def prepare_model(model, gradient_checkpointing: bool | str, note=print,
     return params
 
 
-def _set_fp8(model, wanted: bool, note) -> None:
+def _set_fp8(model, device: torch.device, wanted: bool, note) -> None:
     """train.fp8: the fused linears' forward base GEMMs in FP8 from now on (kernels/fp8.py), where the card and the
     compute dtype allow; a clear error where they do not. Off restores the default (LORAFUSE_FP8, else off)."""
     from lorafuse.kernels import fp8
@@ -105,11 +105,10 @@ def _set_fp8(model, wanted: bool, note) -> None:
     fp8.ENABLED = fp8.ENV_ENABLED
     if not wanted:
         return
-    frozen = next((p for p in model.parameters() if not p.requires_grad and p.is_floating_point()), None)
     emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    ref = emb.weight if emb is not None else frozen  # the compute dtype is the embedding's
-    device = frozen.device if frozen is not None else next(model.parameters()).device
-    dtype = ref.dtype if ref is not None else None
+    ref = emb.weight if emb is not None else next((p for p in model.parameters() if not p.requires_grad
+                                                    and p.is_floating_point()), None)
+    dtype = ref.dtype if ref is not None else None  # the compute dtype is the embedding's
     if reason := fp8.supported(device):
         raise LorafuseError(f"train.fp8 is on, but {reason}", "set train.fp8: false (the bf16 GEMMs are the default)")
     if dtype != torch.bfloat16:

@@ -112,9 +112,8 @@ def _move(t: torch.Tensor | None) -> torch.Tensor | None:
 
 
 def _cpu(lw: LoRAWeights) -> LoRAWeights:
-    move = _move
-    return dataclasses.replace(lw, weight=lw.weight.to("cpu") if lw.is_nf4 else move(lw.weight), bias=move(lw.bias),
-                               lora_A=move(lw.lora_A), lora_B=move(lw.lora_B))
+    return dataclasses.replace(lw, weight=lw.weight.to("cpu") if lw.is_nf4 else _move(lw.weight), bias=_move(lw.bias),
+                               lora_A=_move(lw.lora_A), lora_B=_move(lw.lora_B))
 
 
 def _rel(got: torch.Tensor, want: torch.Tensor) -> float:

@@ -90,6 +90,9 @@ def test_fp8_step_times_against_the_measured_runs(monkeypatch):
                 env.setenv(key, value)
             predicted[run] = speed.step_seconds(workload_from_record(records[run]["workload"]),
                                                 speed.card_by_name(rows[run]["card"]))
+    from lorafuse.kernels.fp8 import FAST_ACCUM_MAX_K_DEFAULT
+
+    assert speed.FP8_FAST_ACCUM_MAX_K == FAST_ACCUM_MAX_K_DEFAULT, "the planner mirrors the kernels' default"
     bf16, fp8 = speed.FP8_CALIBRATION
     assert records[fp8]["workload"]["fp8"] and not records[bf16]["workload"].get("fp8")
     for slow, fast in (speed.FP8_CALIBRATION, speed.FAST_ACCUM_CALIBRATION):
