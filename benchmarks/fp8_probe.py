@@ -4,7 +4,11 @@ Question it answers before any FP8 path is built: how much faster is torch._scal
 the bf16 cuBLAS GEMM at M = 2048 tokens, what does quantizing the activation cost, and how far is each from the
 exact product. Prints a table and writes JSON lines to OUT/fp8_probe.jsonl.
 
-    python benchmarks/fp8_probe.py --out OUT [--m 2048]
+    python benchmarks/fp8_probe.py --out OUT [--m 2048] [--decode]
+
+--decode times lorafuse's own pieces of the FP8 backward instead, per 7B weight shape: the NF4 decode to bf16 (what
+the bf16 backward reads), to e4m3, to e4m3 transposed (what the FP8 backward reads), dY's quantization, and the dX
+GEMM in bf16 against fp8.grad_input.
 """
 
 from __future__ import annotations
@@ -82,12 +86,49 @@ def probe(m: int, k: int, n: int, outliers: bool) -> dict:
     return row
 
 
+def decode_probe(m: int, n: int, k: int) -> dict:
+    """W (n, k) NF4: decode times and the backward's dX = dY W both ways (lorafuse.kernels)."""
+    from lorafuse.kernels import fp8
+    from lorafuse.kernels.nf4_dequant import nf4_dequantize
+    from lorafuse.quant.nf4 import quantize_nf4
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    w = quantize_nf4(torch.randn(n, k, device="cuda", generator=g) * 0.02)
+    sw = fp8.nf4_row_scales(w)
+    buf16 = torch.empty(n * k, dtype=torch.bfloat16, device="cuda")
+    buf8 = torch.empty(n * k, dtype=fp8.E4M3, device="cuda")
+    dy = torch.randn(m, n, device="cuda", generator=g).to(torch.bfloat16)
+    dense = nf4_dequantize(w, torch.bfloat16, out=buf16).view(n, k)
+    w8t = fp8.nf4_to_fp8_t(w, buf8, sw)
+    row = {"kind": "decode", "m": m, "n": n, "k": k,
+           "us_decode_bf16": timed(lambda: nf4_dequantize(w, torch.bfloat16, out=buf16)),
+           "us_decode_fp8": timed(lambda: fp8.nf4_to_fp8(w, buf8, sw)),
+           "us_decode_fp8_t": timed(lambda: fp8.nf4_to_fp8_t(w, buf8, sw)),
+           "us_quant_dy": timed(lambda: fp8.quantize_rows(dy, col_scale=sw)),
+           "us_dx_bf16": timed(lambda: torch.mm(dy, dense)),
+           "us_dx_fp8": timed(lambda: fp8.grad_input(dy, w8t, sw))}
+    row["floor_us_fp8"] = (n * k * 1.5) / 4.8e6  # bytes moved (0.5 read + 1 written) at the H200's 4.8 TB/s
+    return row
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="/tmp/out")
     ap.add_argument("--m", type=int, default=2048)
+    ap.add_argument("--decode", action="store_true", help="time lorafuse's FP8 backward pieces (see the docstring)")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
+    if args.decode:
+        rows = [decode_probe(args.m, n, k) for n, k in [(4096, 4096), (11008, 4096), (4096, 11008), (12288, 4096)]]
+        cols = ["n", "k", "us_decode_bf16", "us_decode_fp8", "us_decode_fp8_t", "floor_us_fp8", "us_quant_dy",
+                "us_dx_bf16", "us_dx_fp8"]
+        with open(os.path.join(args.out, "fp8_probe.jsonl"), "a") as f:
+            for r in rows:
+                f.write(json.dumps({**r, "card": torch.cuda.get_device_name()}) + "\n")
+        print(" | ".join(cols))
+        for r in rows:
+            print(" | ".join(f"{r[c]:.4g}" if isinstance(r[c], float) else str(r[c]) for c in cols))
+        return
     shapes = [(4096, 4096), (4096, 11008), (11008, 4096), (4096, 12288)]
     rows = [probe(args.m, k, n, o) for k, n in shapes for o in (False, True)]
     with open(os.path.join(args.out, "fp8_probe.jsonl"), "a") as f:

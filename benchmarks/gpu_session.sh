@@ -31,10 +31,12 @@
 #            and without (LORAFUSE_FP8_BACKWARD), lean too; loss curves                         ~9 min
 #   trio     7B 4 x 512 in one run: lorafuse --fp8 lean with the 48 MiB cap, Unsloth and the seed's recipe at their
 #            defaults                                                                          ~8 min
+#   fp8t     FP8 GPU tests; fp8_probe.py --decode (the transposed decode's new tile); 4 x 512 --fp8 with the
+#            backward's dX in FP8 and without, then lean + 48 MiB cap with it                    ~6 min
 #   fp8peers 7B 4 x 512: lorafuse --fp8 lean (offload, both tables on the host) against Unsloth at its defaults ~4 min
 # Unsloth needs more than 80 s per runner to load and compile a 7B: keep --timeout at 150 or more.
 set -u
-PART=${1:?tests|dropout|shapes|offload|memory|ab|lean|peers|stream|leanpeers|final|llama3|verify|fp8|fp8peers|fp8cap|last|fp8bwd|trio}
+PART=${1:?tests|dropout|shapes|offload|memory|ab|lean|peers|stream|leanpeers|final|llama3|verify|fp8|fp8peers|fp8cap|last|fp8bwd|trio|fp8t}
 OUT=${2:-/tmp/out}
 mkdir -p /tmp/peers /tmp/site "$OUT"
 [ -f .anchors/peers-bundle.tgz ] && tar xzf .anchors/peers-bundle.tgz -C /tmp/peers
@@ -160,6 +162,14 @@ case "$PART" in
     for b in 1 0; do LORAFUSE_FP8_BACKWARD=$b timeout 70 $B $L 2>&1 | tail -1; done
     LORAFUSE_FP8_BACKWARD=1 timeout 70 $B $L --offload --host-embeddings --host-head --dequant-cap-mib 48 2>&1 | tail -1
     timeout 170 python3 benchmarks/loss_curves.py --steps 50 --out "$OUT" 2>&1 | tail -7 ;;
+  fp8t)
+    LORAFUSE_AUTOTUNE=0 timeout 120 python3 -m pytest -q -p no:cacheprovider -m gpu tests/kernels/test_fp8.py 2>&1 \
+      | grep -E "Error|assert|passed|failed" | tail -6
+    timeout 60 python3 benchmarks/fp8_probe.py --decode --out "$OUT" 2>&1 | tail -6
+    L="--shape llama2-7b --batch 4 --seq 512 --stacks lorafuse --methods qlora --random-init --steps 10 --warmup 3 --fp8"
+    for b in 1 0; do LORAFUSE_FP8_BACKWARD=$b timeout 70 $B $L 2>&1 | grep -E "^qlora|Error" | tail -2; done
+    LORAFUSE_FP8_BACKWARD=1 timeout 70 $B $L --offload --host-embeddings --host-head --dequant-cap-mib 48 2>&1 \
+      | grep -E "^qlora|Error" | tail -2 ;;
   trio)
     timeout 560 $B --shape llama2-7b --batch 4 --seq 512 --stacks lorafuse,unsloth,hf --methods qlora --steps 10 \
       --warmup 3 --fp8 --offload --host-embeddings --host-head --dequant-cap-mib 48 2>&1 | tail -8 ;;

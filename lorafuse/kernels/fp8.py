@@ -55,6 +55,10 @@ FAST_ACCUM_MAX_K = int(os.environ.get("LORAFUSE_FP8_FAST_ACCUM_MAX_K", str(FAST_
 # (`nf4_to_fp8_t`). It puts FP8 error into every LoRA gradient below the layer, so it is an A/B switch, off until a
 # step time and a loss curve on a GPU say it should be on (not measured yet: NOTES.md session 7).
 BACKWARD = os.environ.get("LORAFUSE_FP8_BACKWARD", "0") == "1"
+# The transposed decode's tile: 128 rows of W x 128 weights along K (whole quantization blocks), so each k's store is
+# 128 contiguous bytes. Session 7's tile gathered every weight's byte and scale on its own (64 x 64, one load per
+# weight) and made the step 21% slower (NOTES.md session 8).
+T_TILE_ROWS, T_TILE_COLS, T_WARPS = 128, 128, 4
 
 if _runtime.HAS_TRITON:
     import triton
@@ -88,29 +92,36 @@ if _runtime.HAS_TRITON:
 
     @triton.jit
     def _nf4_t_kernel(packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, code_ptr, row_scale_ptr, out_ptr,
-                      rows, cols, offset, BLOCK_LOG2: tl.constexpr, NESTED_LOG2: tl.constexpr,
-                      DOUBLE_QUANT: tl.constexpr, OUT_MAX: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr):
-        # a (BR, BC) tile of W (rows n, columns k), decoded as nf4_dequant's ROW_SCALE launch does (the same fp32
-        # operations in the same order), stored transposed into out (cols, rows): out[k, n] = W[n, k] / s_w[n]
+                      rows, blocks_per_row, offset, BLOCKSIZE: tl.constexpr, NESTED_LOG2: tl.constexpr,
+                      DOUBLE_QUANT: tl.constexpr, OUT_MAX: tl.constexpr, BR: tl.constexpr, NB: tl.constexpr):
+        # A tile of W: BR rows n x NB quantization blocks along k, read as (BR, NB, BLOCKSIZE / 2) packed bytes
+        # (each block's bytes contiguous: coalesced loads, one scale per (row, block)), decoded as nf4_dequant's
+        # ROW_SCALE launch does (the same fp32 operations in the same order), stored transposed into out (K, N):
+        # out[k, n] = W[n, k] / s_w[n], each k's BR bytes contiguous.
+        BC: tl.constexpr = NB * BLOCKSIZE
         r = tl.program_id(0) * BR + tl.arange(0, BR)
-        c = tl.program_id(1) * BC + tl.arange(0, BC)
-        ok = (r < rows)[:, None] & (c < cols)[None, :]
-        elem = r[:, None].to(tl.int64) * cols + c[None, :]
-        packed = tl.load(packed_ptr + (elem >> 1), mask=ok, other=0).to(tl.int32)
-        nibble = tl.where((elem & 1) == 0, packed >> 4, packed & 15)
-        blk = elem >> BLOCK_LOG2
+        b = tl.program_id(1) * NB + tl.arange(0, NB)
+        r_ok = r < rows
+        ok = r_ok[:, None] & (b < blocks_per_row)[None, :]
+        blk = r[:, None].to(tl.int64) * blocks_per_row + b[None, :]
+        byte = blk[:, :, None] * (BLOCKSIZE // 2) + tl.arange(0, BLOCKSIZE // 2)[None, None, :]
+        packed = tl.load(packed_ptr + byte, mask=ok[:, :, None], other=0).to(tl.int32)
         if DOUBLE_QUANT:
             q = tl.load(absmax_ptr + blk, mask=ok, other=0).to(tl.int32)
             scale = tl.load(nested_code_ptr + q) * tl.load(nested_absmax_ptr + (blk >> NESTED_LOG2), mask=ok, other=0.0)
             scale = scale + offset
         else:
             scale = tl.load(absmax_ptr + blk, mask=ok, other=0.0)
-        row_scale = tl.load(row_scale_ptr + r, mask=r < rows, other=1.0)
-        scale = tl.math.div_rn(scale, row_scale[:, None])
-        v = tl.load(code_ptr + nibble) * scale
+        row_scale = tl.load(row_scale_ptr + r, mask=r_ok, other=1.0)
+        scale = tl.math.div_rn(scale, row_scale[:, None])[:, :, None]
+        hi = tl.load(code_ptr + (packed >> 4)) * scale
+        lo = tl.load(code_ptr + (packed & 15)) * scale
+        v = tl.reshape(tl.interleave(hi, lo), (BR, BC))
         v = tl.minimum(tl.maximum(v, -OUT_MAX), OUT_MAX)
+        c = tl.program_id(1) * BC + tl.arange(0, BC)
+        c_ok = c < blocks_per_row * BLOCKSIZE
         out = out_ptr + c[:, None].to(tl.int64) * rows + r[None, :]
-        tl.store(out, tl.trans(v).to(out_ptr.dtype.element_ty), mask=tl.trans(ok))
+        tl.store(out, tl.trans(v.to(out_ptr.dtype.element_ty)), mask=c_ok[:, None] & r_ok[None, :])
 
 
 def supported(device: torch.device) -> str:
@@ -229,12 +240,16 @@ def _nf4_t_launch(w, flat: torch.Tensor, row_scales: torch.Tensor) -> None:
     packed = w.packed.reshape(-1)
     dq = w.nested_absmax is not None
     code = w.code.to(device=packed.device, dtype=torch.float32)
-    br, bc = 64, 64
-    _nf4_t_kernel[(triton.cdiv(rows, br), triton.cdiv(cols, bc))](
+    _log2(w.blocksize, "blocksize")
+    if cols % w.blocksize:
+        raise ValueError(f"the transposed decode needs rows of whole blocks, not {tuple(w.shape)} / {w.blocksize}")
+    br, nb = T_TILE_ROWS, max(1, T_TILE_COLS // w.blocksize)
+    blocks_per_row = cols // w.blocksize
+    _nf4_t_kernel[(triton.cdiv(rows, br), triton.cdiv(blocks_per_row, nb))](
         packed, w.absmax, w.nested_absmax if dq else code, w.nested_code if dq else code, code, row_scales, flat,
-        rows, cols, float(w.offset) if dq else 0.0, BLOCK_LOG2=_log2(w.blocksize, "blocksize"),
+        rows, blocks_per_row, float(w.offset) if dq else 0.0, BLOCKSIZE=w.blocksize,
         NESTED_LOG2=_log2(w.nested_blocksize, "nested_blocksize") if dq else 0, DOUBLE_QUANT=dq, OUT_MAX=limit,
-        BR=br, BC=bc, num_warps=4, enable_fp_fusion=False)
+        BR=br, NB=nb, num_warps=T_WARPS, enable_fp_fusion=False)
 
 
 _ONES: dict[tuple[torch.device, int], torch.Tensor] = {}
