@@ -33,10 +33,12 @@
 #            defaults                                                                          ~8 min
 #   fp8t     FP8 GPU tests; fp8_probe.py --decode (the transposed decode's new tile); 4 x 512 --fp8 with the
 #            backward's dX in FP8 and without, then lean + 48 MiB cap with it                    ~6 min
+#   final8   fp8_grads.py (7B 4 x 512: LoRA gradients' error, bf16 / FP8 forward / FP8 forward + backward); the trio
+#            with the FP8 backward on; 1 x 4096 and 8 x 2048 with it                            ~7 min
 #   fp8peers 7B 4 x 512: lorafuse --fp8 lean (offload, both tables on the host) against Unsloth at its defaults ~4 min
 # Unsloth needs more than 80 s per runner to load and compile a 7B: keep --timeout at 150 or more.
 set -u
-PART=${1:?tests|dropout|shapes|offload|memory|ab|lean|peers|stream|leanpeers|final|llama3|verify|fp8|fp8peers|fp8cap|last|fp8bwd|trio|fp8t}
+PART=${1:?tests|dropout|shapes|offload|memory|ab|lean|peers|stream|leanpeers|final|llama3|verify|fp8|fp8peers|fp8cap|last|fp8bwd|trio|fp8t|final8}
 OUT=${2:-/tmp/out}
 mkdir -p /tmp/peers /tmp/site "$OUT"
 [ -f .anchors/peers-bundle.tgz ] && tar xzf .anchors/peers-bundle.tgz -C /tmp/peers
@@ -170,6 +172,15 @@ case "$PART" in
     for b in 1 0; do LORAFUSE_FP8_BACKWARD=$b timeout 70 $B $L 2>&1 | grep -E "^qlora|Error" | tail -2; done
     LORAFUSE_FP8_BACKWARD=1 timeout 70 $B $L --offload --host-embeddings --host-head --dequant-cap-mib 48 2>&1 \
       | grep -E "^qlora|Error" | tail -2 ;;
+  final8)
+    timeout 200 python3 benchmarks/fp8_grads.py --out "$OUT" 2>&1 | tail -6
+    LORAFUSE_FP8_BACKWARD=1 timeout 250 $B --shape llama2-7b --batch 4 --seq 512 --stacks lorafuse,unsloth,hf \
+      --methods qlora --steps 10 --warmup 3 --fp8 --offload --host-embeddings --host-head --dequant-cap-mib 48 2>&1 \
+      | tail -8
+    for s in "1 4096" "8 2048"; do set -- $s
+      LORAFUSE_FP8_BACKWARD=1 timeout 60 $B --shape llama2-7b --batch $1 --seq $2 --stacks lorafuse --methods qlora \
+        --random-init --steps 4 --warmup 2 --fp8 2>&1 | grep -E "^qlora|Error" | tail -2
+    done ;;
   trio)
     timeout 560 $B --shape llama2-7b --batch 4 --seq 512 --stacks lorafuse,unsloth,hf --methods qlora --steps 10 \
       --warmup 3 --fp8 --offload --host-embeddings --host-head --dequant-cap-mib 48 2>&1 | tail -8 ;;
