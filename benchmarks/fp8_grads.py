@@ -1,6 +1,6 @@
 """How far train.fp8 moves the LoRA gradients of a deep model, against an fp32 reference and next to bf16's own error.
 
-    python benchmarks/fp8_grads.py --out OUT [--shape llama2-7b] [--batch 4] [--seq 512]
+    python benchmarks/fp8_grads.py --out OUT [--shape llama2-7b] [--batch 4] [--seq 512] [--layers N] [--init-range S]
 
 One random-init NF4 model of the shape (LoRA r16/alpha32 on the seven projections, B drawn too so that every
 gradient and the adapters' share of dX are non-zero), one batch of random tokens, one forward + backward with
@@ -14,6 +14,8 @@ gradient checkpointing, in these modes:
 For each mode and each of the first, middle and last layers: ||g - g_fp32|| / ||g_fp32|| over that layer's LoRA
 gradients (A and B of the seven projections). The deep layers' error is the question: the FP8 backward puts its
 rounding into dX, which every layer below sees. Prints a table and appends JSON lines to OUT/fp8_grads.jsonl.
+A random-init model is no trained one: at the default init the 7B's forward amplifies rounding (bf16 alone moves its
+LoRA gradients by ~12%, NOTES.md session 8); --layers and --init-range show how that depends on depth and scale.
 --device cpu runs the fp32 and bf16 modes only (a smoke run of the script; FP8 needs an FP8 GPU).
 """
 
@@ -33,7 +35,7 @@ import torch  # noqa: E402
 PROJ7 = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def build(shape: str, device: str, fast: bool):
+def build(shape, device: str, fast: bool):
     """(model, ref): the bf16 model (fused kernels when `fast`) and its fp32 copy on the reference path: the same NF4
     codes and adapters, every float tensor in fp32 and each NF4 weight decoded to fp32."""
     import lorafuse
@@ -94,12 +96,22 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=512)
     ap.add_argument("--device", default="cuda")
+    ap.add_argument("--layers", type=int, default=0, help="keep only the first N decoder layers (0: all)")
+    ap.add_argument("--init-range", type=float, default=0.0,
+                    help="the weights' init std (0: the shape's initializer_range, 0.02 for Llama)")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     from lorafuse.kernels import fp8 as fp8_kernels
 
     cuda = args.device == "cuda"
-    model, ref_model = build(args.shape, args.device, fast=cuda)
+    from lorafuse.model.random_init import resolve_config
+
+    config = resolve_config(args.shape)
+    if args.layers:
+        config.num_hidden_layers = args.layers
+    if args.init_range:
+        config.initializer_range = args.init_range
+    model, ref_model = build(config, args.device, fast=cuda)
     g = torch.Generator().manual_seed(2)
     ids = torch.randint(0, model.config.vocab_size, (args.batch, args.seq), generator=g).to(args.device)
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
@@ -116,7 +128,8 @@ def main() -> None:
         for mode, (on, backward) in modes.items():
             fp8_kernels.ENABLED, fp8_kernels.BACKWARD = on, backward
             errs = layer_errors(grads(model, batch, torch.bfloat16, fused=cuda), ref, layers)
-            rows.append({"mode": mode, "shape": args.shape, "batch": args.batch, "seq": args.seq,
+            rows.append({"mode": mode, "shape": args.shape, "layers": layers_n,
+                         "init_range": config.initializer_range, "batch": args.batch, "seq": args.seq,
                          "rel_err": {str(k): v for k, v in errs.items()},
                          "card": torch.cuda.get_device_name() if cuda else "cpu"})
     finally:
@@ -124,6 +137,7 @@ def main() -> None:
     with open(os.path.join(args.out, "fp8_grads.jsonl"), "a") as f:
         for r in rows:
             f.write(json.dumps(r) + "\n")
+    print(f"{args.shape}, {layers_n} layers, init std {config.initializer_range}, {args.batch} x {args.seq}")
     print("mode | " + " | ".join(f"layer {i}" for i in layers) + "   (||g - g_fp32|| / ||g_fp32||, LoRA A and B)")
     for r in rows:
         print(f"{r['mode']} | " + " | ".join(f"{r['rel_err'][str(i)]:.4f}" for i in layers))
