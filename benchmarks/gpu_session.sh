@@ -36,10 +36,11 @@
 #   final8   fp8_grads.py (7B 4 x 512: LoRA gradients' error, bf16 / FP8 forward / FP8 forward + backward); the trio
 #            with the FP8 backward on; 1 x 4096 and 8 x 2048 with it                            ~7 min
 #   grads    fp8_grads.py at 7B 4 x 512 with 4 layers, then all 32 at init std 0.01 and 0.005      ~5 min
+#   bwdab    1 x 4096 and 8 x 2048 --fp8, the backward's dX in FP8 off and on (LORAFUSE_FP8_BACKWARD), one machine ~5 min
 #   fp8peers 7B 4 x 512: lorafuse --fp8 lean (offload, both tables on the host) against Unsloth at its defaults ~4 min
 # Unsloth needs more than 80 s per runner to load and compile a 7B: keep --timeout at 150 or more.
 set -u
-PART=${1:?tests|dropout|shapes|offload|memory|ab|lean|peers|stream|leanpeers|final|llama3|verify|fp8|fp8peers|fp8cap|last|fp8bwd|trio|fp8t|final8|grads}
+PART=${1:?tests|dropout|shapes|offload|memory|ab|lean|peers|stream|leanpeers|final|llama3|verify|fp8|fp8peers|fp8cap|last|fp8bwd|trio|fp8t|final8|grads|bwdab}
 OUT=${2:-/tmp/out}
 mkdir -p /tmp/peers /tmp/site "$OUT"
 [ -f .anchors/peers-bundle.tgz ] && tar xzf .anchors/peers-bundle.tgz -C /tmp/peers
@@ -185,6 +186,13 @@ case "$PART" in
   grads)
     for a in "--layers 4" "--init-range 0.01" "--init-range 0.005"; do
       timeout 150 python3 benchmarks/fp8_grads.py --out "$OUT" $a 2>&1 | tail -5
+    done ;;
+  bwdab)
+    for s in "1 4096" "8 2048"; do set -- $s
+      for b in 0 1; do
+        LORAFUSE_FP8_BACKWARD=$b timeout 60 $B --shape llama2-7b --batch $1 --seq $2 --stacks lorafuse --methods qlora \
+          --random-init --steps 4 --warmup 2 --fp8 2>&1 | grep -E "^qlora|Error" | tail -2
+      done
     done ;;
   trio)
     timeout 560 $B --shape llama2-7b --batch 4 --seq 512 --stacks lorafuse,unsloth,hf --methods qlora --steps 10 \
