@@ -9,9 +9,10 @@ into fixed-length rows) with `lorafuse.train.api.run` four times and compares th
     reference-bf16   PyTorch reference path in bf16
     fast-bf16        fused Triton kernels, eager launches     (CUDA only)
     fast-bf16-graphs fused Triton kernels + CUDA graphs       (CUDA only)
-    fast-fp8-graphs  the same with train.fp8: FP8 forward base GEMMs (compute capability 8.9+ only; opt-in, so it
-                     is measured against the bf16 noise, not held to it)
-    fast-fp8bwd-graphs  and the backward's dX GEMMs in FP8 too (LORAFUSE_FP8_BACKWARD's switch, off by default)
+    fast-fp8fwd-graphs  the same with train.fp8 and LORAFUSE_FP8_BACKWARD=0: the forward's and recompute's base GEMMs
+                     in FP8 (compute capability 8.9+ only; opt-in, so it is measured against the bf16 noise, not held
+                     to it). Results files before 2026-11-29 call it fast-fp8-graphs.
+    fast-fp8bwd-graphs  train.fp8 as it runs by default: the backward's dX GEMMs in FP8 too
 
 "bf16 noise" is how far the bf16 reference drifts from the fp32 one; each fast variant's distance from the
 bf16 reference is reported next to it, as max and mean |difference| over the steps. A table is printed and
@@ -39,7 +40,7 @@ VARIANTS = {  # name: (fast_path, compute dtype, cuda_graphs, train.fp8)
     "reference-bf16": ("off", "bfloat16", "off", False),
     "fast-bf16": ("on", "bfloat16", "off", False),
     "fast-bf16-graphs": ("on", "bfloat16", "auto", False),
-    "fast-fp8-graphs": ("on", "bfloat16", "auto", True),
+    "fast-fp8fwd-graphs": ("on", "bfloat16", "auto", True),
     "fast-fp8bwd-graphs": ("on", "bfloat16", "auto", "backward"),
 }
 
@@ -59,7 +60,7 @@ def train_losses(name: str, steps: int, device: str, seed: int) -> tuple[list[fl
     fast, dtype, graphs, fp8 = VARIANTS[name]
     from lorafuse.kernels import fp8 as fp8_kernels
 
-    saved, fp8_kernels.BACKWARD = fp8_kernels.BACKWARD, fp8 == "backward"  # the A/B switch, for this run only
+    saved, fp8_kernels.BACKWARD = fp8_kernels.BACKWARD, fp8 == "backward"  # LORAFUSE_FP8_BACKWARD, for this run only
     try:
         with tempfile.TemporaryDirectory(prefix=f"lorafuse-curve-{name}-") as out:
             cfg = load_config(None, [

@@ -206,12 +206,12 @@ class TrainConfig(_Section):
         "dequantized and multiplied in row parts, so the one dense weight on the peak shrinks (Llama-2-7B's MLP "
         "weights: 86 MiB -> 43 MiB at 48) for ~1% of step time. 0: whole weights. `lorafuse plan` counts it.")
     fp8: bool = Field(
-        False, description="Run the frozen base weights' GEMMs of the forward and the checkpoint recompute in FP8 "
-        "(e4m3, one scale per token and per weight row; NF4 weights are dequantized straight to 8 bits): a 7B "
-        "QLoRA step 1.22x faster on an H200, for ~3.7% relative error per projection output (bf16: ~0.2%). The "
-        "backward, the LoRA products and the loss stay bf16; generation after training runs bf16. Needs compute "
-        "capability 8.9+ (Ada, Hopper) and bf16 compute; compare your loss curve with it off "
-        "(benchmarks/loss_curves.py runs both).")
+        False, description="Run the frozen base weights' GEMMs in FP8 (e4m3, one scale per token and per weight "
+        "row; NF4 weights are decoded straight to 8 bits): the forward's, the checkpoint recompute's and, for NF4 "
+        "weights, the backward's input gradient (LORAFUSE_FP8_BACKWARD=0 keeps that one bf16). A 7B QLoRA step ~1.35x "
+        "faster on an H200, for ~3.7% relative error per projection output (bf16: ~0.2%). The LoRA products and "
+        "gradients and the loss stay bf16; generation after training runs bf16. Needs compute capability 8.9+ (Ada, "
+        "Hopper) and bf16 compute; compare your loss curve with it off (benchmarks/loss_curves.py runs both).")
     save_every: int | None = Field(None, ge=1, description="Checkpoint every N optimizer steps; "
                                    "null: at the end of each epoch (always at the end of training).")
     save_total_limit: int = Field(3, ge=1, description="Checkpoints kept on disk; older ones are deleted.")

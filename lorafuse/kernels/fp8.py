@@ -1,4 +1,4 @@
-"""FP8 (e4m3) base-weight GEMMs for the forward and the checkpoint recompute: `train.fp8`, opt-in.
+"""FP8 (e4m3) base-weight GEMMs for the forward, the checkpoint recompute and the backward's dX: `train.fp8`, opt-in.
 
 Math, for a projection y = x W^T + b with x (M, K) in bf16 and W (N, K) frozen (NF4 or bf16):
     s_x[m] = max_k |x[m, k]| / 448,  x8 = e4m3(x / s_x)       one scale per token (row), a Triton pass over x
@@ -9,18 +9,20 @@ s_w comes from the block scales alone, once per weight (cached on the NF4Weight:
 dequantization kernel writes W8 directly (nf4_dequant.py, ROW_SCALE): 1 byte a weight instead of 2. A bf16
 weight is quantized like x, row by row, on each use.
 
-What stays in bf16: the backward's dx = dY W (its GEMMs read the bf16 dequantization, as without FP8), every LoRA
-product and gradient, attention, the loss. So the LoRA gradients see FP8 only through the forward's activations.
-BACKWARD (LORAFUSE_FP8_BACKWARD=1, off by default, not measured yet) moves dx = dY W to FP8 too, for NF4 weights:
+The backward's dx = dY W, for NF4 weights (BACKWARD; LORAFUSE_FP8_BACKWARD=0 keeps it bf16):
     dx ~= q(dY diag(s_w)) W8 * s_dY      W's row scales ride on dY's columns (dY s_w quantized row by row), and W8
                                          is decoded transposed, (K, N) row-major (`nf4_to_fp8_t`), as the GEMM needs
+What stays in bf16: every LoRA product and gradient (dA and dB read dY and S, not dx), a bf16 base's dx, attention,
+the loss. The LoRA gradients see FP8 through the forward's activations and the dx of the layers above.
 
 Why: on an H200 (benchmarks/fp8_probe.py, 2048 tokens, the 7B projection shapes) _scaled_mm with row-wise scales
-took 0.48-0.62x the bf16 GEMM's time; the forward and the recompute hold ~60% of a QLoRA step's base-GEMM FLOPs.
-Measured (NOTES.md session 7): a Llama-2-7B QLoRA step at 4 x 512 tokens 0.1613 -> 0.1356 s on one machine.
+took 0.48-0.62x the bf16 GEMM's time; the forward and the recompute hold ~60% of a QLoRA step's base-GEMM FLOPs, dx
+the rest. Measured (NOTES.md sessions 7-8): a Llama-2-7B QLoRA step at 4 x 512 tokens 0.1613 s bf16 -> 0.1356 s with
+the forward in FP8 (one machine), 0.1304 -> 0.1193 s with dx too (another).
 Cost: each output carries ~3.7% relative error against the exact product (bf16: ~0.17%), measured there on random
 data; e4m3 keeps 3 mantissa bits. For QLoRA that is small beside NF4's own rounding of the weights. The training
-loss is compared against the bf16 path by benchmarks/loss_curves.py (its fast-fp8-graphs variant).
+loss is compared against the bf16 path by benchmarks/loss_curves.py (its fast-fp8fwd-graphs and fast-fp8bwd-graphs
+variants), the LoRA gradients against fp32 by benchmarks/fp8_grads.py.
 
 Needs: an NVIDIA GPU of compute capability 8.9 or newer (Ada, Hopper, Blackwell), bf16 compute, K and N multiples
 of 16 (else that projection stays bf16). `ENABLED` is what train.fp8 sets (train/runtime.prepare_model); the env
@@ -50,11 +52,13 @@ _TINY = 1e-12  # a zero row gets this amax: scale > 0, codes 0
 # one machine (NOTES.md session 7, 7B QLoRA 4 x 512): 0.1319 s with it at K <= 4096, 0.1348 s without (-2.1%).
 FAST_ACCUM_MAX_K_DEFAULT = 4096  # plan/speed.py mirrors it (torch-free); tests/plan/test_measured.py keeps them equal
 FAST_ACCUM_MAX_K = int(os.environ.get("LORAFUSE_FP8_FAST_ACCUM_MAX_K", str(FAST_ACCUM_MAX_K_DEFAULT)))
-# The backward's dX = dY W in FP8 as well, for NF4 weights (LORAFUSE_FP8_BACKWARD=1): W's row scales folded into dY's
-# columns, dY (M, N) quantized row by row, W decoded to e4m3 in the transposed (K, N) layout the FP8 GEMM needs
-# (`nf4_to_fp8_t`). It puts FP8 error into every LoRA gradient below the layer, so it is an A/B switch, off until a
-# step time and a loss curve on a GPU say it should be on (not measured yet: NOTES.md session 7).
-BACKWARD = os.environ.get("LORAFUSE_FP8_BACKWARD", "0") == "1"
+# The backward's dX = dY W in FP8 as well, for NF4 weights: W's row scales folded into dY's columns, dY (M, N) quantized
+# row by row, W decoded to e4m3 in the transposed (K, N) layout the FP8 GEMM needs (`nf4_to_fp8_t`). On with train.fp8;
+# LORAFUSE_FP8_BACKWARD=0 keeps dX in bf16. Measured on one H200 (NOTES.md session 8, 7B QLoRA): the step -8.5% at
+# 4 x 512, -11% at 1 x 4096, -12% at 8 x 2048; the 50-step loss curve within the bf16 noise; on random-init 7B
+# models the LoRA gradients move by 0-30% more (relative) than with the forward in FP8 alone.
+BACKWARD_DEFAULT = True  # plan/memory.py mirrors it (torch-free); tests/plan/test_measured.py keeps them equal
+BACKWARD = os.environ.get("LORAFUSE_FP8_BACKWARD", "1" if BACKWARD_DEFAULT else "0") == "1"
 # The transposed decode's tile: 128 rows of W x 128 weights along K (whole quantization blocks), so each k's store is
 # 128 contiguous bytes. Session 7's tile gathered every weight's byte and scale on its own (64 x 64, one load per
 # weight) and made the step 21% slower (NOTES.md session 8).

@@ -10,7 +10,7 @@ import json
 import sys
 
 from lorafuse.plan.fit import Plan, plan
-from lorafuse.plan.memory import GIB, host_embedding
+from lorafuse.plan.memory import GIB, fp8_backward, host_embedding
 from lorafuse.plan.placement import streamed_head
 from lorafuse.plan.speed import efficiency
 
@@ -46,7 +46,8 @@ def render(p: Plan) -> str:
              f"  {w.method} r={w.r} on {', '.join(w.targets)}: {e.trainable:,} trainable params; micro-batch "
              f"{w.micro_batch} x {w.seq} tokens, grad_accum {w.grad_accum}; {w.optimizer}; "
              f"{'fp32' if w.compute_bytes == 4 else '16-bit'} compute; {w.kernels} kernels"
-             f"{'; FP8 forward GEMMs' if w.fp8 and w.kernels == 'fused' else ''}", ""]
+             f"{'; FP8 GEMMs' if w.fp8 and w.kernels == 'fused' else ''}"
+             f"{' (backward dX too)' if fp8_backward(w) else ''}", ""]
     copy = w.autocast and w.lora_bytes > w.compute_bytes and w.kernels != "fused"  # memory.estimate's rule
     fill = {"copy": " + autocast 16-bit copy" if copy else "",
             "dtype": "fp32" if w.compute_bytes == 4 else "16-bit",

@@ -29,7 +29,8 @@ from dataclasses import dataclass, field
 
 from lorafuse.errors import ConfigError, LorafuseError
 from lorafuse.plan import speed
-from lorafuse.plan.memory import GIB, Estimate, Workload, estimate, host_embedding, host_head, kept_layers
+from lorafuse.plan.memory import (GIB, Estimate, Workload, estimate, fp8_backward, host_embedding, host_head,
+                                  kept_layers)
 from lorafuse.plan.shapes import PROJECTIONS, ModelShape, load_shape
 
 MIN_MAX_LENGTH = 64
@@ -266,10 +267,13 @@ def plan(cfg, gpu_memory=None, gpu: str | None = None) -> Plan:
             p.notes.append(f"train.fp8 needs FP8 tensor cores (compute capability 8.9+: Ada, Hopper); the {card.name} "
                            "has none, so the run would stop at start-up: set train.fp8: false")
         elif card.fp8 and not w.fp8 and w.kernels == "fused" and w.method != "full" and w.compute_bytes == 2:
-            faster = speed.step_seconds(w.with_(fp8=True), card)
-            p.notes.append(f"opt-in: train.fp8: true runs the forward's base GEMMs in FP8 on the {card.name}: "
-                           f"~{faster:.2f} s per step instead of {p.step_s:.2f} s, same memory; the numbers change "
-                           "(~3.7% error per projection output), so compare the loss curve")
+            on = w.with_(fp8=True)
+            faster, more = speed.step_seconds(on, card), estimate(on).peak - p.estimate.peak
+            memory = f"+{more / GIB:.2f} GiB at the peak" if more >= 0.005 * GIB else "same memory"
+            p.notes.append(f"opt-in: train.fp8: true runs the base GEMMs in FP8 on the {card.name} (forward, "
+                           f"recompute{', the backward dX' if fp8_backward(on) else ''}): ~{faster:.2f} s per step "
+                           f"instead of {p.step_s:.2f} s, {memory}; the numbers change (~3.7% error per projection "
+                           "output), so compare the loss curve")
     if budget is None:
         p.notes.append("no GPU visible and no --gpu-memory given: pass --gpu-memory 15GiB (or a card name) "
                        "to check the fit and get a suggestion")

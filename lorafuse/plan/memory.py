@@ -61,8 +61,8 @@ Transient buffers at the peak
     gradients (2 c D): (l + 3c) F + 2 c D per token. Fused path (swiglu_mlp.py): the top of a layer's backward
     is the MLP's, with all of the layer's recomputed set alive: the incoming gradient (c D), down's input
     gradient dh (c F; SwiGLU's backward then writes h, de, dg over dh, e, g in place) and the (M, D) input
-    gradient of gate + up: c F + 2 c D. (Recompute's own top, h (c F) and down's output (c D) next to the
-    incoming gradient, is the same size.)
+    gradient of gate + up: c F + 2 c D, and F more with train.fp8's backward (dY's e4m3 codes for gate's dX).
+    (Recompute's own top, h (c F) and down's output (c D) next to the incoming gradient, is the same size.)
   * NF4 dequantization: the largest weight dequantized, fp32 values then the c-byte copy ((4 + c) n); the
     fused Triton dequant writes only the c-byte copy.
   * loss, reference path (model(labels=...)): the c-byte logits (the output holds them), log_softmax's fp32
@@ -104,6 +104,12 @@ MIN_8BIT_SIZE = 4096
 # H200). CUDA graphs warm up and capture on one stream (train/graphs.py), so they add none.
 CUBLAS_WORKSPACE_BYTES = 2 * (32 << 20)
 STATE_BLOCK = 256
+FP8_BACKWARD_DEFAULT = True  # kernels/fp8.py's BACKWARD without LORAFUSE_FP8_BACKWARD (tests keep them equal)
+
+
+def fp8_backward(w) -> bool:  # train.fp8's dX in e4m3 (NF4 base, fused kernels; fp8.BACKWARD: LORAFUSE_FP8_BACKWARD)
+    env = os.environ.get("LORAFUSE_FP8_BACKWARD", "1" if FP8_BACKWARD_DEFAULT else "0")
+    return w.fp8 and w.method == "qlora" and w.kernels == "fused" and w.compute_bytes == 2 and env == "1"
 
 
 @dataclass(frozen=True)
@@ -136,7 +142,7 @@ class Workload:
     cuda_graphs: bool = False
     uncheckpointed: int = 0  # the last decoder layers keep their activations (train.uncheckpointed_layers)
     dequant_cap_mib: int = 0  # train.dequant_cap_mib (0: LORAFUSE_DEQUANT_CAP_MIB, the kernels' default)
-    fp8: bool = False  # train.fp8: forward base GEMMs in e4m3 (speed only: the byte buffer is shared, no new peak)
+    fp8: bool = False  # train.fp8: base GEMMs in e4m3 (the byte buffer is shared; the FP8 backward adds dY's codes)
 
     @property
     def tokens(self) -> int:
@@ -294,8 +300,8 @@ def layer_saved_constant_bytes(w: Workload) -> int:
 
 def layer_transient_bytes(w: Workload) -> int:
     """Bytes per token of the buffers one layer's backward allocates (estimate, module docstring)."""
-    c, F, D = w.compute_bytes, w.shape.intermediate_size, w.shape.hidden_size
-    return (c if w.kernels == "fused" else w.lora_bytes + 3 * c) * F + 2 * c * D
+    c, F, D = w.compute_bytes, w.shape.intermediate_size, w.shape.hidden_size  # the FP8 backward: gate's dY codes
+    return (c + fp8_backward(w) if w.kernels == "fused" else w.lora_bytes + 3 * c) * F + 2 * c * D
 
 
 def forward_transient_bytes(w: Workload) -> int:

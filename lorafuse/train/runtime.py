@@ -98,7 +98,7 @@ def prepare_model(model, gradient_checkpointing: bool | str, note=print,
 
 
 def _set_fp8(model, device: torch.device, wanted: bool, note) -> None:
-    """train.fp8: the fused linears' forward base GEMMs in FP8 from now on (kernels/fp8.py), where the card and the
+    """train.fp8: the fused linears' base GEMMs in FP8 from now on (kernels/fp8.py), where the card and the
     compute dtype allow; a clear error where they do not. Off restores the default (LORAFUSE_FP8, else off)."""
     from lorafuse.kernels import fp8
 
@@ -115,7 +115,9 @@ def _set_fp8(model, device: torch.device, wanted: bool, note) -> None:
         raise LorafuseError(f"train.fp8 needs bf16 compute, the model computes in {dtype}",
                             "set model.compute_dtype: bfloat16, or train.fp8: false")
     fp8.ENABLED = True
-    note("FP8 (e4m3) base-weight GEMMs in the forward and the recompute; backward and LoRA in bf16")
+    note("FP8 (e4m3) base-weight GEMMs in the forward and the recompute"
+         + ("" if not fp8.BACKWARD else ", and the backward's input gradient of NF4 weights")
+         + "; LoRA and the loss in bf16")
 
 
 def recompute_contexts():

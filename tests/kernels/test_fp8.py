@@ -1,6 +1,6 @@
-"""The FP8 forward (kernels/fp8.py, train.fp8): quantization within e4m3's bounds, the projections' assembly against
-an emulation, the backward left in bf16, the shared quantization of q|k|v and gate|up, and the GPU kernels bit for bit
-against their references."""
+"""FP8 GEMMs (kernels/fp8.py, train.fp8): quantization within e4m3's bounds, the projections' assembly against an
+emulation, the backward's dX in FP8 (and left in bf16 when switched off), the shared quantization of q|k|v and
+gate|up, and the GPU kernels bit for bit against their references."""
 
 from __future__ import annotations
 
@@ -156,9 +156,11 @@ def test_the_fp8_forward_is_the_scaled_product_of_the_codes(base, device, fp8_on
     assert 2.0**-8 < _rel(y, exact) < 0.06
 
 
-def test_the_backward_stays_bf16_gradients_bit_equal_with_fp8_on_and_off(device, monkeypatch):
-    """FP8 changes the forward's base product only: S = x A^T and every gradient for a given dY are the bf16 path's."""
+def test_with_the_fp8_backward_off_gradients_are_bit_equal_with_fp8_on_and_off(device, monkeypatch):
+    """LORAFUSE_FP8_BACKWARD=0: FP8 changes the forward's base product only, so S = x A^T and every gradient for a
+    given dY are the bf16 path's."""
     monkeypatch.setattr(ll, "NF4_FUSED_MAX_M", 0)
+    monkeypatch.setattr(fp8, "BACKWARD", False)
     lw = _lw("nf4", 48, 128, device)
     x = torch.randn(40, 128, generator=torch.Generator().manual_seed(4)).to(device, torch.bfloat16)
     dy = torch.randn(40, 48, generator=torch.Generator().manual_seed(5)).to(device, torch.bfloat16)
@@ -276,7 +278,21 @@ def test_gpu_fp8_linear_at_a_7b_shape_is_the_codes_product_and_near_the_exact_on
     assert _rel(y, exact.cpu()) < 0.06
 
 
-# --- the FP8 backward (fp8.BACKWARD, LORAFUSE_FP8_BACKWARD=1): an A/B switch, off by default -------------------------
+# --- the FP8 backward (fp8.BACKWARD: on with train.fp8 unless LORAFUSE_FP8_BACKWARD=0) -------------------------------
+
+
+@pytest.mark.parametrize("env, want", [(None, True), ("0", False), ("1", True)])
+def test_the_fp8_backward_is_on_unless_the_environment_turns_it_off(env, want):
+    import os
+    import subprocess
+    import sys
+
+    environ = {k: v for k, v in os.environ.items() if k != "LORAFUSE_FP8_BACKWARD"}
+    if env is not None:
+        environ["LORAFUSE_FP8_BACKWARD"] = env
+    out = subprocess.run([sys.executable, "-c", "from lorafuse.kernels import fp8; print(fp8.BACKWARD)"],
+                         env=environ, capture_output=True, text=True, check=True).stdout.strip()
+    assert out == str(want)
 
 
 @pytest.mark.parametrize("shape", [(128, 128), (80, 192), (512, 64)])  # whole tiles; masked edges; cut in two
@@ -321,6 +337,7 @@ def test_the_fp8_backward_is_the_scaled_product_of_the_codes_and_leaves_da_db_al
     lw = _lw("nf4", 48, 128, device, bias=False)
     x = torch.randn(40, 128, generator=torch.Generator().manual_seed(17)).to(device, torch.bfloat16)
     dy = torch.randn(40, 48, generator=torch.Generator().manual_seed(18)).to(device, torch.bfloat16)
+    monkeypatch.setattr(fp8, "BACKWARD", False)
     off = _grads(lw, x, dy)
     monkeypatch.setattr(fp8, "BACKWARD", True)
     calls = []
