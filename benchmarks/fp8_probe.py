@@ -8,7 +8,8 @@ exact product. Prints a table and writes JSON lines to OUT/fp8_probe.jsonl.
 
 --decode times lorafuse's own pieces of the FP8 backward instead, per 7B weight shape: the NF4 decode to bf16 (what
 the bf16 backward reads), to e4m3, to e4m3 transposed (what the FP8 backward reads), dY's quantization, and the dX
-GEMM in bf16 against fp8.grad_input.
+GEMM in bf16 against fp8.grad_input; each from eager calls (us_*, bound by the host's launch overhead for the short
+kernels) and replayed from a CUDA graph (graph_us_*, the kernels alone, as training runs them).
 """
 
 from __future__ import annotations
@@ -86,6 +87,22 @@ def probe(m: int, k: int, n: int, outliers: bool) -> dict:
     return row
 
 
+def graph_timed(fn, calls: int = 20, replays: int = 10) -> float:
+    """Microseconds per call of fn with `calls` calls captured in one CUDA graph: the kernels' time without the
+    host's launch overhead (which bounds `timed` for these short kernels)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    return timed(graph.replay, replays) / calls
+
+
 def decode_probe(m: int, n: int, k: int) -> dict:
     """W (n, k) NF4: decode times and the backward's dX = dY W both ways (lorafuse.kernels)."""
     from lorafuse.kernels import fp8
@@ -100,13 +117,16 @@ def decode_probe(m: int, n: int, k: int) -> dict:
     dy = torch.randn(m, n, device="cuda", generator=g).to(torch.bfloat16)
     dense = nf4_dequantize(w, torch.bfloat16, out=buf16).view(n, k)
     w8t = fp8.nf4_to_fp8_t(w, buf8, sw)
-    row = {"kind": "decode", "m": m, "n": n, "k": k,
-           "us_decode_bf16": timed(lambda: nf4_dequantize(w, torch.bfloat16, out=buf16)),
-           "us_decode_fp8": timed(lambda: fp8.nf4_to_fp8(w, buf8, sw)),
-           "us_decode_fp8_t": timed(lambda: fp8.nf4_to_fp8_t(w, buf8, sw)),
-           "us_quant_dy": timed(lambda: fp8.quantize_rows(dy, col_scale=sw)),
-           "us_dx_bf16": timed(lambda: torch.mm(dy, dense)),
-           "us_dx_fp8": timed(lambda: fp8.grad_input(dy, w8t, sw))}
+    cases = {"decode_bf16": lambda: nf4_dequantize(w, torch.bfloat16, out=buf16),
+             "decode_fp8": lambda: fp8.nf4_to_fp8(w, buf8, sw),
+             "decode_fp8_t": lambda: fp8.nf4_to_fp8_t(w, buf8, sw),
+             "quant_dy": lambda: fp8.quantize_rows(dy, col_scale=sw),
+             "dx_bf16": lambda: torch.mm(dy, dense),
+             "dx_fp8": lambda: fp8.grad_input(dy, w8t, sw)}
+    row = {"kind": "decode", "m": m, "n": n, "k": k}
+    for name, fn in cases.items():
+        row[f"us_{name}"] = timed(fn)  # with the host's launch overhead
+        row[f"graph_us_{name}"] = graph_timed(fn)  # the kernels alone
     row["floor_us_fp8"] = (n * k * 1.5) / 4.8e6  # bytes moved (0.5 read + 1 written) at the H200's 4.8 TB/s
     return row
 
@@ -120,8 +140,8 @@ def main() -> None:
     os.makedirs(args.out, exist_ok=True)
     if args.decode:
         rows = [decode_probe(args.m, n, k) for n, k in [(4096, 4096), (11008, 4096), (4096, 11008), (12288, 4096)]]
-        cols = ["n", "k", "us_decode_bf16", "us_decode_fp8", "us_decode_fp8_t", "floor_us_fp8", "us_quant_dy",
-                "us_dx_bf16", "us_dx_fp8"]
+        cols = ["n", "k", "graph_us_decode_bf16", "graph_us_decode_fp8", "graph_us_decode_fp8_t", "floor_us_fp8",
+                "graph_us_quant_dy", "graph_us_dx_bf16", "graph_us_dx_fp8", "us_decode_fp8_t"]
         with open(os.path.join(args.out, "fp8_probe.jsonl"), "a") as f:
             for r in rows:
                 f.write(json.dumps({**r, "card": torch.cuda.get_device_name()}) + "\n")

@@ -37,10 +37,11 @@
 #            with the FP8 backward on; 1 x 4096 and 8 x 2048 with it                            ~7 min
 #   grads    fp8_grads.py at 7B 4 x 512 with 4 layers, then all 32 at init std 0.01 and 0.005      ~5 min
 #   bwdab    1 x 4096 and 8 x 2048 --fp8, the backward's dX in FP8 off and on (LORAFUSE_FP8_BACKWARD), one machine ~5 min
+#   decode   fp8_probe.py --decode: the decodes, dY's quantization and dX, eager and from a CUDA graph    ~2 min
 #   fp8peers 7B 4 x 512: lorafuse --fp8 lean (offload, both tables on the host) against Unsloth at its defaults ~4 min
 # Unsloth needs more than 80 s per runner to load and compile a 7B: keep --timeout at 150 or more.
 set -u
-PART=${1:?tests|dropout|shapes|offload|memory|ab|lean|peers|stream|leanpeers|final|llama3|verify|fp8|fp8peers|fp8cap|last|fp8bwd|trio|fp8t|final8|grads|bwdab}
+PART=${1:?tests|dropout|shapes|offload|memory|ab|lean|peers|stream|leanpeers|final|llama3|verify|fp8|fp8peers|fp8cap|last|fp8bwd|trio|fp8t|final8|grads|bwdab|decode}
 OUT=${2:-/tmp/out}
 mkdir -p /tmp/peers /tmp/site "$OUT"
 [ -f .anchors/peers-bundle.tgz ] && tar xzf .anchors/peers-bundle.tgz -C /tmp/peers
@@ -194,6 +195,8 @@ case "$PART" in
           --random-init --steps 4 --warmup 2 --fp8 2>&1 | grep -E "^qlora|Error" | tail -2
       done
     done ;;
+  decode)
+    timeout 150 python3 benchmarks/fp8_probe.py --decode --out "$OUT" 2>&1 | tail -6 ;;
   trio)
     timeout 560 $B --shape llama2-7b --batch 4 --seq 512 --stacks lorafuse,unsloth,hf --methods qlora --steps 10 \
       --warmup 3 --fp8 --offload --host-embeddings --host-head --dequant-cap-mib 48 2>&1 | tail -8 ;;
