@@ -211,7 +211,8 @@ class TrainConfig(_Section):
         "weights, the backward's input gradient (LORAFUSE_FP8_BACKWARD=0 keeps that one bf16). A 7B QLoRA step ~1.35x "
         "faster on an H200, for ~3.7% relative error per projection output (bf16: ~0.2%). The LoRA products and "
         "gradients and the loss stay bf16; generation after training runs bf16. Needs compute capability 8.9+ (Ada, "
-        "Hopper) and bf16 compute; compare your loss curve with it off (benchmarks/loss_curves.py runs both).")
+        "Hopper), bf16 compute and the fast path (train.fast_path auto or on, no DoRA); else the run stops at start-up "
+        "with the reason. Compare your loss curve with it off (benchmarks/loss_curves.py runs both).")
     save_every: int | None = Field(None, ge=1, description="Checkpoint every N optimizer steps; "
                                    "null: at the end of each epoch (always at the end of training).")
     save_total_limit: int = Field(3, ge=1, description="Checkpoints kept on disk; older ones are deleted.")

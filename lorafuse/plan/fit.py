@@ -263,7 +263,10 @@ def plan(cfg, gpu_memory=None, gpu: str | None = None) -> Plan:
         if not card.bf16 and str(cfg.model.compute_dtype) == "bfloat16":
             p.notes.append(f"the {card.name} has no bfloat16 arithmetic: set model.compute_dtype: float16 (or auto), "
                            "which trains with a GradScaler at the same memory")
-        if w.fp8 and not card.fp8:
+        if w.fp8 and w.kernels != "fused":
+            p.notes.append("train.fp8 runs inside the fused kernels, which this run would not use (train.fast_path "
+                           "off, or DoRA), so it would stop at start-up: set train.fp8: false or train.fast_path: auto")
+        elif w.fp8 and not card.fp8:
             p.notes.append(f"train.fp8 needs FP8 tensor cores (compute capability 8.9+: Ada, Hopper); the {card.name} "
                            "has none, so the run would stop at start-up: set train.fp8: false")
         elif card.fp8 and not w.fp8 and w.kernels == "fused" and w.method != "full" and w.compute_bytes == 2:

@@ -49,7 +49,7 @@ from lorafuse.train.loss import count_inputs, count_targets, evaluate, forward_b
 from lorafuse.train.metrics import MetricsLog, Progress, memory_bytes, peak_memory_bytes
 from lorafuse.train.oom import OomRetry
 from lorafuse.train.optim import LRSchedule, build_optimizer
-from lorafuse.train.runtime import Precision, StopSignals, prepare_model
+from lorafuse.train.runtime import Precision, StopSignals, fp8_needs_fast_path, prepare_model
 
 
 # --------------------------------------------------------------------------------------------- setup
@@ -129,6 +129,8 @@ class TrainingLoop:
                                     dequant_cap_mib=tc.dequant_cap_mib, fp8=tc.fp8)
         self.head = simple_head(model)
         self.fused = self.head is not None and self._fast_path(tc.fast_path)
+        if tc.fp8:
+            fp8_needs_fast_path(model, tc.fast_path)
         self.optimizer = build_optimizer(tc.optimizer, self.params, tc.lr, tc.weight_decay)
         self.graphed = graphs.for_loop(self, tc.cuda_graphs)
         micro = len(train_batches)

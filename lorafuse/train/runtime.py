@@ -120,6 +120,22 @@ def _set_fp8(model, device: torch.device, wanted: bool, note) -> None:
          + "; LoRA and the loss in bf16")
 
 
+def fp8_needs_fast_path(model, fast_path: str) -> None:
+    """train.fp8 runs inside the fused kernels only: without the fast path it would change nothing, so it stops (FP8
+    switched back off) instead of letting the run look faster than it is."""
+    if getattr(model, "lorafuse_fast_path", None):
+        return
+    from lorafuse.kernels import fp8
+    from lorafuse.kernels.fast_path import fast_path_blocker
+
+    fp8.ENABLED = fp8.ENV_ENABLED
+    why = "train.fast_path is off" if fast_path == "off" else \
+        f"the fast path did not apply ({fast_path_blocker(model) or 'it runs on CUDA only'})"
+    raise LorafuseError(f"train.fp8 is on, but {why}; FP8 runs inside the fused kernels only",
+                        "set train.fast_path: auto (a Llama, Mistral or Qwen2/3 model on an NVIDIA GPU), or "
+                        "train.fp8: false")
+
+
 def recompute_contexts():
     """torch.utils.checkpoint's `context_fn`: `checkpointed_forward()` around the forward, whose saved tensors the
     checkpoint drops, and `recomputing()` around the recompute (kernels/_runtime.py)."""

@@ -247,6 +247,10 @@ def test_fp8_shortens_the_planned_step_on_hopper_and_is_flagged_on_a_t4(capsys, 
     assert not any("train.fp8" in n for n in fp8.notes)
     (offer,) = [n for n in bf16.notes if "train.fp8: true" in n]
     assert f"~{fp8.step_s:.2f} s per step instead of {bf16.step_s:.2f} s" in offer and "the backward dX" in offer
+    for off in (['train.fast_path="off"'], [*fused, "lora.dora=true"]):  # FP8 lives in the fused kernels only
+        reference = plan(recipe(*off, "train.fp8=true"), gpu_memory="80GiB", gpu="H100")
+        assert reference.step_s == plan(recipe(*off), gpu_memory="80GiB", gpu="H100").step_s
+        assert any("train.fp8 runs inside the fused kernels" in n and "stop at start-up" in n for n in reference.notes)
     t4 = plan(recipe(*fused, "train.fp8=true", "model.compute_dtype=float16"), gpu_memory="15GiB", gpu="T4")
     assert any("train.fp8 needs FP8 tensor cores" in n and "T4" in n for n in t4.notes)
     plan_command(recipe(*fused, "train.fp8=true"), gpu_memory="80GiB", gpu="H100")

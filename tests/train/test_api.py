@@ -103,12 +103,15 @@ def test_compute_dtype_choice_is_said_and_bf16_on_a_t4_is_refused(monkeypatch):
 
 
 def test_fp8_is_on_for_the_training_loop_only(tmp_path, tiny_model_dir, monkeypatch):
-    """train.fp8 turns the FP8 GEMMs on for the loop (here on a CPU pretending to be an FP8 card, where the reference
-    ops ignore it) and off again before the adapter is written and anything else in the process runs."""
+    """train.fp8 turns the FP8 GEMMs on for the loop (here on a CPU pretending to be an FP8 card with the fast path
+    on, where the reference ops ignore it) and off again before the adapter is written and anything else in the
+    process runs."""
     from lorafuse.kernels import fp8
+    from lorafuse.train import loop
     from lorafuse.train.loop import TrainingLoop
 
     monkeypatch.setattr(fp8, "supported", lambda device: "")
+    monkeypatch.setattr(loop, "fp8_needs_fast_path", lambda model, mode: None)
     monkeypatch.setattr(fp8, "ENABLED", False)
     seen = []
     loop_run = TrainingLoop.run
@@ -118,3 +121,24 @@ def test_fp8_is_on_for_the_training_loop_only(tmp_path, tiny_model_dir, monkeypa
     console, _ = _console()
     assert run(cfg, console=console).stop_reason == "finished"
     assert seen == [True] and fp8.ENABLED is False
+
+
+@pytest.mark.parametrize("fast_path, why", [("off", "train.fast_path is off"), ("auto", "the fast path did not apply")])
+def test_fp8_without_the_fast_path_stops_with_the_reason_and_the_fix(tmp_path, tiny_model_dir, monkeypatch,
+                                                                     fast_path, why):
+    """FP8 lives in the fused kernels: a run where they are not in place (switched off, or a CPU model here, on a
+    card that could run FP8) would change nothing and look like FP8, so it stops before the first step."""
+    from lorafuse.errors import LorafuseError
+    from lorafuse.kernels import fp8
+
+    monkeypatch.setattr(fp8, "supported", lambda device: "")
+    monkeypatch.setattr(fp8, "ENABLED", False)
+    cfg = _cfg(tiny_model_dir, tmp_path / "run", fp8=True)
+    cfg.model.compute_dtype = "bfloat16"
+    cfg.train.fast_path = fast_path
+    console, _ = _console()
+    with pytest.raises(LorafuseError) as err:
+        run(cfg, console=console)
+    assert why in str(err.value) and "FP8 runs inside the fused kernels" in str(err.value)
+    assert "train.fp8: false" in err.value.fix and "train.fast_path: auto" in err.value.fix
+    assert fp8.ENABLED is False and not (tmp_path / "run" / "adapter").exists()
