@@ -162,10 +162,10 @@ class Operands:
             return
         scales = fp8.nf4_row_scales(w)
         rows = dequant_rows(rows_total, w.numel, w.row_alignment(), 1)
+        decode = fp8.nf4_to_fp8_t if transposed else fp8.nf4_to_fp8
         for r0 in range(0, rows_total, rows):
             r1 = min(rows_total, r0 + rows)
             part = w.rows(r0, r1) if rows < rows_total else w
-            decode = fp8.nf4_to_fp8_t if transposed else fp8.nf4_to_fp8
             yield r0, r1, decode(part, dequant_buffer(w.packed.device, fp8.E4M3, part.numel), scales[r0:r1]), \
                 scales[r0:r1]
 
@@ -296,17 +296,15 @@ def lora_input_grad(dy, ds, ops: Operands, dx=None, accumulate: bool = False) ->
     if fused:
         lora = {} if ds is None else {"s": ds, "rhs": ops.a, "drop": ops.drop}
         return fused_gemm(dx, dy, transpose_w=False, accumulate=accumulate, **fused, **lora)
-    if fp8.backward_applies(dy, ops.lw):  # dY W in FP8 (fp8.BACKWARD), summed over W's row parts the same way
-        for r0, r1, w8t, sw in ops.fp8_parts(transposed=True):
-            g = dy if r1 - r0 == dy.shape[1] else dy[:, r0:r1]
-            if accumulate or r0 > 0:  # _scaled_mm cannot accumulate: an add of the part
-                dx.add_(fp8.grad_input(g, w8t, sw))
-            else:
-                fp8.grad_input(g, w8t, sw, out=dx)
-        return add_lora_input_grad(dx, ds, ops)
-    for r0, r1, w in ops.dense_parts():  # dY W summed over W's row parts (one unless over the cap)
+    # dY W summed over W's row parts (one unless over the cap); in FP8 (fp8.BACKWARD) from W8^T and s_w
+    parts = ops.fp8_parts(transposed=True) if fp8.backward_applies(dy, ops.lw) else ops.dense_parts()
+    for r0, r1, w, *sw in parts:
         g = dy if r1 - r0 == dy.shape[1] else dy[:, r0:r1]
-        if accumulate or r0 > 0:
+        if sw and (accumulate or r0 > 0):  # _scaled_mm cannot accumulate: an add of the part
+            dx.add_(fp8.grad_input(g, w, sw[0]))
+        elif sw:
+            fp8.grad_input(g, w, sw[0], out=dx)
+        elif accumulate or r0 > 0:
             dx.addmm_(g, w)
         else:
             torch.mm(g, w, out=dx)

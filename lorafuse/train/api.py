@@ -338,11 +338,11 @@ def _train(cfg, model, tokenizer, out: Path, start_from: Path | None, dtype, con
     def write_adapter(m, folder):
         save_adapter(m, folder, base_model_name_or_path=cfg.model.path, tokenizer=tokenizer)
 
-    loop = TrainingLoop(model, train_b, cfg.train, val_batches=val_b, out_dir=out, config=cfg,
-                        compute_dtype=dtype, console=console, adapter_writer=write_adapter, world=world)
-    if start_from is not None:
-        loop.resume(start_from)
-    try:
+    try:  # the loop turns train.fp8 on (prepare_model), also when it then stops before the first step
+        loop = TrainingLoop(model, train_b, cfg.train, val_batches=val_b, out_dir=out, config=cfg,
+                            compute_dtype=dtype, console=console, adapter_writer=write_adapter, world=world)
+        if start_from is not None:
+            loop.resume(start_from)
         res = loop.run()
     finally:  # train.fp8 is for training: the demo generation and later calls in this process run bf16 GEMMs
         from lorafuse.kernels import fp8

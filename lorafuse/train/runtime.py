@@ -121,14 +121,12 @@ def _set_fp8(model, device: torch.device, wanted: bool, note) -> None:
 
 
 def fp8_needs_fast_path(model, fast_path: str) -> None:
-    """train.fp8 runs inside the fused kernels only: without the fast path it would change nothing, so it stops (FP8
-    switched back off) instead of letting the run look faster than it is."""
+    """train.fp8 runs inside the fused kernels only: without the fast path it would change nothing, so it stops
+    instead of letting the run look faster than it is (train/api.py turns FP8 back off after the loop, either way)."""
     if getattr(model, "lorafuse_fast_path", None):
         return
-    from lorafuse.kernels import fp8
     from lorafuse.kernels.fast_path import fast_path_blocker
 
-    fp8.ENABLED = fp8.ENV_ENABLED
     why = "train.fast_path is off" if fast_path == "off" else \
         f"the fast path did not apply ({fast_path_blocker(model) or 'it runs on CUDA only'})"
     raise LorafuseError(f"train.fp8 is on, but {why}; FP8 runs inside the fused kernels only",
