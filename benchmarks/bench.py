@@ -1,6 +1,6 @@
 """End-to-end benchmark: lorafuse vs transformers+peft+bitsandbytes vs Unsloth (see lorafuse/bench.py).
 
-    python benchmarks/bench.py --shape llama2-7b --batch 4 --seq 512      # same as `lorafuse bench ...`
+python benchmarks/bench.py --shape llama2-7b --batch 4 --seq 512      # same as `lorafuse bench ...`
 """
 
 import sys

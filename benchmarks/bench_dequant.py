@@ -75,8 +75,9 @@ class Timer:
                 fn()
                 us.append((time.perf_counter() - t0) * 1e6)
         else:
-            events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-                      for _ in range(self.iters)]
+            events = [
+                (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(self.iters)
+            ]
             torch.cuda.synchronize()
             if hasattr(torch.cuda, "_sleep"):
                 torch.cuda._sleep(50_000_000)  # ~25 ms of GPU time while the host queues every call below
@@ -115,12 +116,27 @@ def _shape_rows(timer, shape_name, shape, dtype, configs, device):
     copy_bytes = 2 * n * src.element_size()
     copy_gbps = copy_bytes / copy_us / 1e3
     moved = w.nbytes() + n * buf.element_size()
-    base = dict(shape=shape_name, numel=n, dtype=str(dtype).removeprefix("torch."), bytes=moved,
-                copy_us=round(copy_us, 2), copy_gbps=round(copy_gbps, 1), floor_us=round(moved / copy_gbps / 1e3, 2))
+    base = dict(
+        shape=shape_name,
+        numel=n,
+        dtype=str(dtype).removeprefix("torch."),
+        bytes=moved,
+        copy_us=round(copy_us, 2),
+        copy_gbps=round(copy_gbps, 1),
+        floor_us=round(moved / copy_gbps / 1e3, 2),
+    )
     rows = []
     for cfg in configs:
-        r = dict(config=str(cfg), block=cfg.block, num_warps=cfg.num_warps, vec=cfg.vec, shared_code=cfg.shared_code,
-                 bytewise=cfg.bytewise, **base, **_config_row(timer, cfg, w, want, buf))
+        r = dict(
+            config=str(cfg),
+            block=cfg.block,
+            num_warps=cfg.num_warps,
+            vec=cfg.vec,
+            shared_code=cfg.shared_code,
+            bytewise=cfg.bytewise,
+            **base,
+            **_config_row(timer, cfg, w, want, buf),
+        )
         if "us" in r:
             r["gbps"] = round(moved / r["us"] / 1e3, 1)
             r["frac_copy"] = round(r["gbps"] / copy_gbps, 3)
@@ -137,8 +153,10 @@ def _print_row(r):
         print(f"{r['config']:<28} {r['shape']:<11} ERROR {r['error']}")
         return
     flag = "" if r["exact"] else "  NOT EXACT"
-    print(f"{r['config']:<28} {r['shape']:<11} {r['us']:>8.2f} {r['floor_us']:>8.2f} {r['gbps']:>8.0f} "
-          f"{r['frac_copy']:>7.3f} {r.get('vs_bytewise', float('nan')):>8.3f}{flag}")
+    print(
+        f"{r['config']:<28} {r['shape']:<11} {r['us']:>8.2f} {r['floor_us']:>8.2f} {r['gbps']:>8.0f} "
+        f"{r['frac_copy']:>7.3f} {r.get('vs_bytewise', float('nan')):>8.3f}{flag}"
+    )
 
 
 def _step_summary(rows, configs) -> list[dict]:
@@ -151,15 +169,28 @@ def _step_summary(rows, configs) -> list[dict]:
         step_ms = LAYERS * sum(k * mine[s]["us"] for s, k in CALLS_PER_LAYER.items()) / 1e3
         floor_ms = LAYERS * sum(k * mine[s]["floor_us"] for s, k in CALLS_PER_LAYER.items()) / 1e3
         calls = LAYERS * sum(CALLS_PER_LAYER.values())
-        out.append(dict(summary="llama2-7b-step", config=str(cfg), calls=calls, step_ms=round(step_ms, 3),
-                        mean_us=round(step_ms * 1e3 / calls, 2), floor_ms=round(floor_ms, 3),
-                        x_floor=round(step_ms / floor_ms, 3), exact=all(r["exact"] for r in mine.values())))
+        out.append(
+            dict(
+                summary="llama2-7b-step",
+                config=str(cfg),
+                calls=calls,
+                step_ms=round(step_ms, 3),
+                mean_us=round(step_ms * 1e3 / calls, 2),
+                floor_ms=round(floor_ms, 3),
+                x_floor=round(step_ms / floor_ms, 3),
+                exact=all(r["exact"] for r in mine.values()),
+            )
+        )
     if out:
-        print(f"\n{'config':<28} {'ms/step':>8} {'us/call':>8} {'floor ms':>9} {'x floor':>8}   "
-              f"({out[0]['calls']} calls: {LAYERS} layers x 7 projections x 3)")
+        print(
+            f"\n{'config':<28} {'ms/step':>8} {'us/call':>8} {'floor ms':>9} {'x floor':>8}   "
+            f"({out[0]['calls']} calls: {LAYERS} layers x 7 projections x 3)"
+        )
         for s in sorted(out, key=lambda s: s["step_ms"]):
-            print(f"{s['config']:<28} {s['step_ms']:>8.3f} {s['mean_us']:>8.2f} {s['floor_ms']:>9.3f} "
-                  f"{s['x_floor']:>8.3f}{'' if s['exact'] else '  NOT EXACT'}")
+            print(
+                f"{s['config']:<28} {s['step_ms']:>8.3f} {s['mean_us']:>8.2f} {s['floor_ms']:>9.3f} "
+                f"{s['x_floor']:>8.3f}{'' if s['exact'] else '  NOT EXACT'}"
+            )
     return out
 
 
@@ -188,9 +219,12 @@ def main(argv=None) -> int:
         device, shapes, args.warmup, args.iters, args.dtype = "cpu", SMOKE_SHAPES, 1, 3, "float32"
         ctx = _runtime.cpu_kernels()
     elif not (torch.cuda.is_available() and _runtime.HAS_TRITON):
-        print("bench_dequant.py times the Triton NF4 kernel and needs a CUDA GPU with triton installed; "
-              "on a CPU run `python benchmarks/bench_dequant.py --smoke` (checks the script) or "
-              "`python -m pytest tests/kernels/test_nf4_dequant.py` (checks the kernel).", file=sys.stderr)
+        print(
+            "bench_dequant.py times the Triton NF4 kernel and needs a CUDA GPU with triton installed; "
+            "on a CPU run `python benchmarks/bench_dequant.py --smoke` (checks the script) or "
+            "`python -m pytest tests/kernels/test_nf4_dequant.py` (checks the kernel).",
+            file=sys.stderr,
+        )
         return 2
     else:
         device, shapes = "cuda", SHAPES
@@ -198,18 +232,28 @@ def main(argv=None) -> int:
     configs = _pick_configs(args.configs)
     torch.manual_seed(0)
     timer = Timer(args.warmup, args.iters, flush=not args.no_flush and device == "cuda", device=device)
-    meta = dict(bench="nf4_dequant", card=torch.cuda.get_device_name() if device == "cuda" else "cpu-smoke",
-                torch=torch.__version__, triton=_runtime.TRITON_VERSION, flush_l2=timer.flush_buf is not None,
-                iters=args.iters, date=datetime.datetime.now().isoformat(timespec="seconds"))
-    print(f"{meta['card']}, torch {meta['torch']}, triton {meta['triton']}, {args.dtype} output, "
-          f"{'cold' if meta['flush_l2'] else 'warm'} L2, median of {args.iters}")
+    meta = dict(
+        bench="nf4_dequant",
+        card=torch.cuda.get_device_name() if device == "cuda" else "cpu-smoke",
+        torch=torch.__version__,
+        triton=_runtime.TRITON_VERSION,
+        flush_l2=timer.flush_buf is not None,
+        iters=args.iters,
+        date=datetime.datetime.now().isoformat(timespec="seconds"),
+    )
+    print(
+        f"{meta['card']}, torch {meta['torch']}, triton {meta['triton']}, {args.dtype} output, "
+        f"{'cold' if meta['flush_l2'] else 'warm'} L2, median of {args.iters}"
+    )
     print(f"{'config':<28} {'shape':<11} {'us':>8} {'floor':>8} {'GB/s':>8} {'x copy':>7} {'speedup':>8}")
     rows = []
     with ctx:
         for name, shape in shapes.items():
             shape_rows = _shape_rows(timer, name, shape, DTYPES[args.dtype], configs, device)
-            print(f"{'torch copy_ (peer)':<28} {name:<11} {shape_rows[0]['copy_us']:>8.2f} {'':>8} "
-                  f"{shape_rows[0]['copy_gbps']:>8.0f} {1.0:>7.3f}")
+            print(
+                f"{'torch copy_ (peer)':<28} {name:<11} {shape_rows[0]['copy_us']:>8.2f} {'':>8} "
+                f"{shape_rows[0]['copy_gbps']:>8.0f} {1.0:>7.3f}"
+            )
             for r in shape_rows:
                 _print_row(r)
             rows += shape_rows

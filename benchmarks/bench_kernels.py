@@ -41,9 +41,14 @@ from lorafuse.kernels import _runtime  # noqa: E402
 from lorafuse.kernels import lora_linear as ll  # noqa: E402
 from lorafuse.kernels.cross_entropy import fused_linear_cross_entropy  # noqa: E402
 from lorafuse.kernels.nf4_dequant import nf4_dequantize  # noqa: E402
-from lorafuse.kernels.reference import (LoRAWeights, fused_linear_cross_entropy_reference,  # noqa: E402
-                                        lora_linear_reference, rms_norm_reference, rope_reference,
-                                        swiglu_mlp_reference)
+from lorafuse.kernels.reference import (
+    LoRAWeights,
+    fused_linear_cross_entropy_reference,  # noqa: E402
+    lora_linear_reference,
+    rms_norm_reference,
+    rope_reference,
+    swiglu_mlp_reference,
+)
 from lorafuse.kernels.rmsnorm import rms_norm  # noqa: E402
 from lorafuse.kernels.rope import apply_rope  # noqa: E402
 from lorafuse.kernels.swiglu_mlp import swiglu_mlp  # noqa: E402
@@ -81,8 +86,9 @@ class Bench:
             ms.sort()
             return statistics.median(ms), ms[len(ms) // 10], ms[(len(ms) * 9) // 10]
         torch.cuda.synchronize()
-        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-                  for _ in range(self.iters)]
+        events = [
+            (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(self.iters)
+        ]
         for start, end in events:
             start.record()
             fn()
@@ -122,9 +128,11 @@ def measure_floors(b: Bench) -> None:
 
 def train_step(fn, inputs, grad_out):
     """forward + backward w.r.t. `inputs` (torch.autograd.grad: nothing accumulates between calls)."""
+
     def run():
         out = fn()
         torch.autograd.grad(out, inputs, grad_out if out.dim() else None)
+
     return run
 
 
@@ -139,12 +147,22 @@ def row(b, op, variant, shape, fn, flops, nbytes):
     except Exception as e:  # noqa: BLE001  (a peer's API change or an OOM must not end the run)
         return peer_error(op, variant, shape, e)
     floor = b.floor_ms(flops, nbytes)
-    return dict(op=op, variant=variant, shape=shape, ms=round(ms, 4), p10=round(p10, 4), p90=round(p90, 4),
-                floor_ms=round(floor, 4), x_floor=round(ms / floor, 2), tflops=round(flops / ms / 1e9, 1),
-                peak_mb=round(mem, 1))
+    return dict(
+        op=op,
+        variant=variant,
+        shape=shape,
+        ms=round(ms, 4),
+        p10=round(p10, 4),
+        p90=round(p90, 4),
+        floor_ms=round(floor, 4),
+        x_floor=round(ms / floor, 2),
+        tflops=round(flops / ms / 1e9, 1),
+        peak_mb=round(mem, 1),
+    )
 
 
 # --- ops -----------------------------------------------------------------------------------------
+
 
 def bench_nf4_dequant(b, cfg):
     h, f = cfg["hidden"], cfg["inter"]
@@ -158,8 +176,9 @@ def bench_nf4_dequant(b, cfg):
         try:
             import bitsandbytes.functional as bnbf
 
-            packed, state = bnbf.quantize_4bit(torch.randn(shape, device=DEV, dtype=DT), quant_type="nf4",
-                                               compress_statistics=True)
+            packed, state = bnbf.quantize_4bit(
+                torch.randn(shape, device=DEV, dtype=DT), quant_type="nf4", compress_statistics=True
+            )
             yield row(b, "nf4_dequant", "bitsandbytes", name, lambda: bnbf.dequantize_4bit(packed, state), 0, nbytes)
         except ImportError:
             pass
@@ -169,9 +188,15 @@ def bench_nf4_dequant(b, cfg):
 
 def _lora_weights(k, n, base, dropout=0.0):
     w = torch.randn(n, k, device=DEV, dtype=DT) / k**0.5
-    return LoRAWeights(quantize_nf4(w) if base == "nf4" else w, None,
-                       (torch.randn(RANK, k, device=DEV) / k**0.5).requires_grad_(),
-                       (torch.randn(n, RANK, device=DEV) * 0.01).requires_grad_(), 2.0, dropout, 1 if dropout else None)
+    return LoRAWeights(
+        quantize_nf4(w) if base == "nf4" else w,
+        None,
+        (torch.randn(RANK, k, device=DEV) / k**0.5).requires_grad_(),
+        (torch.randn(n, RANK, device=DEV) * 0.01).requires_grad_(),
+        2.0,
+        dropout,
+        1 if dropout else None,
+    )
 
 
 def _lora_cost(m, k, n, base):
@@ -213,8 +238,9 @@ def bench_lora_linear(b, cfg):
         x = torch.randn(m, k, device=DEV, dtype=DT, requires_grad=True)
         dy = torch.randn(m, n, device=DEV, dtype=DT)
         fn = train_step(lambda: torch.nn.functional.linear(x, w), [x], dy)
-        yield row(b, "lora_linear", "base-gemm-only (cuBLAS floor)", tag, fn, 4 * m * n * k,
-                  2 * (n * k * 2 + 2 * m * k))
+        yield row(
+            b, "lora_linear", "base-gemm-only (cuBLAS floor)", tag, fn, 4 * m * n * k, 2 * (n * k * 2 + 2 * m * k)
+        )
 
 
 def bench_lora_nf4_sweep(b, cfg):
@@ -229,14 +255,16 @@ def bench_lora_nf4_sweep(b, cfg):
         if "ms" in r:
             by_m.setdefault(int(r["shape"].split()[0][1:]), {})[r["variant"]] = r["ms"]
     wins = [m for m, t in sorted(by_m.items()) if t.get("nf4-fused", 1e9) < t.get("nf4-cublas", 0)]
-    print(f"lora_nf4_sweep: fused NF4 GEMM faster at M = {wins or 'none'} -> LORAFUSE_NF4_FUSED_MAX_M="
-          f"{max(wins) if wins else 0}")
+    print(
+        f"lora_nf4_sweep: fused NF4 GEMM faster at M = {wins or 'none'} -> LORAFUSE_NF4_FUSED_MAX_M="
+        f"{max(wins) if wins else 0}"
+    )
 
 
 def bench_rmsnorm(b, cfg):
     m, h = cfg["tokens"][0] * cfg["tokens"][1], cfg["hidden"]
     x = torch.randn(m, h, device=DEV, dtype=DT, requires_grad=True)
-    w = (1 + 0.1 * torch.randn(h, device=DEV, dtype=DT))
+    w = 1 + 0.1 * torch.randn(h, device=DEV, dtype=DT)
     dy = torch.randn(m, h, device=DEV, dtype=DT)
     tag, nbytes = f"M{m} H{h}", 5 * m * h * 2
     yield row(b, "rmsnorm", "triton", tag, train_step(lambda: rms_norm(x, w), [x], dy), 0, nbytes)
@@ -266,6 +294,7 @@ def bench_rope(b, cfg):
         def run():
             q, k = fn(q0 * 1, k0 * 1)  # the projection outputs the attention would rotate
             torch.autograd.grad([q, k], [q0, k0], [dq, dk])
+
         return run
 
     yield row(b, "rope", "triton", tag, step(lambda q, k: apply_rope(q, k, cos, sin)), 0, nbytes)
@@ -292,10 +321,18 @@ def bench_swiglu_mlp(b, cfg):
         inputs = [x] + [t for p in projs for t in (p.lora_A, p.lora_B)]
         flops = sum(_lora_cost(m, k, n, base)[0] for k, n in ((h, f), (h, f), (f, h)))
         tag = f"M{m} D{h} F{f}"
-        yield row(b, "swiglu_mlp", f"{base}-triton", tag, train_step(lambda: swiglu_mlp(x, *projs), inputs, dy),
-                  flops, 0)
-        yield row(b, "swiglu_mlp", f"{base}-reference", tag,
-                  train_step(lambda: swiglu_mlp_reference(x, *projs), inputs, dy), flops, 0)
+        yield row(
+            b, "swiglu_mlp", f"{base}-triton", tag, train_step(lambda: swiglu_mlp(x, *projs), inputs, dy), flops, 0
+        )
+        yield row(
+            b,
+            "swiglu_mlp",
+            f"{base}-reference",
+            tag,
+            train_step(lambda: swiglu_mlp_reference(x, *projs), inputs, dy),
+            flops,
+            0,
+        )
 
 
 def bench_ce(b, cfg):
@@ -309,10 +346,18 @@ def bench_ce(b, cfg):
     def step(fn):
         return lambda: torch.autograd.grad(fn(), [hidden])
 
-    yield row(b, "ce", "triton-chunked", tag, step(lambda: fused_linear_cross_entropy(hidden, head, labels)), flops,
-              nbytes)
-    yield row(b, "ce", "reference-full-logits", tag,
-              step(lambda: fused_linear_cross_entropy_reference(hidden, head, labels)), flops, nbytes)
+    yield row(
+        b, "ce", "triton-chunked", tag, step(lambda: fused_linear_cross_entropy(hidden, head, labels)), flops, nbytes
+    )
+    yield row(
+        b,
+        "ce",
+        "reference-full-logits",
+        tag,
+        step(lambda: fused_linear_cross_entropy_reference(hidden, head, labels)),
+        flops,
+        nbytes,
+    )
     try:
         from liger_kernel.transformers.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyLoss
 
@@ -326,6 +371,7 @@ def bench_ce(b, cfg):
 
 # --- driver --------------------------------------------------------------------------------------
 
+
 def _card() -> str:
     if DEV == "cpu":
         return "cpu-smoke"
@@ -334,8 +380,9 @@ def _card() -> str:
 
 def _commit() -> str:
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                              text=True).stdout.strip()
+        return subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
+        ).stdout.strip()
     except OSError:
         return ""
 
@@ -367,14 +414,20 @@ def main(argv=None) -> int:
     measure_floors(b)
     out = Path(args.out or ROOT / "benchmarks" / "results" / f"{datetime.date.today()}-{_card()}-kernels.jsonl")
     out.parent.mkdir(parents=True, exist_ok=True)
-    meta = dict(card=torch.cuda.get_device_name() if DEV == "cuda" else "cpu", torch=torch.__version__,
-                triton=_runtime.TRITON_VERSION, commit=_commit(),
-                date=datetime.datetime.now().isoformat(timespec="seconds"),
-                gemm_tflops=round(b.flops_per_s / 1e12, 1), copy_gbps=round(b.bytes_per_s / 1e9, 1))
-    print(f"{'op':<12} {'variant':<30} {'shape':<32} {'ms':>9} {'floor':>8} {'x floor':>8} {'TFLOP/s':>8} "
-          f"{'peak MB':>9}")
+    meta = dict(
+        card=torch.cuda.get_device_name() if DEV == "cuda" else "cpu",
+        torch=torch.__version__,
+        triton=_runtime.TRITON_VERSION,
+        commit=_commit(),
+        date=datetime.datetime.now().isoformat(timespec="seconds"),
+        gemm_tflops=round(b.flops_per_s / 1e12, 1),
+        copy_gbps=round(b.bytes_per_s / 1e9, 1),
+    )
+    print(
+        f"{'op':<12} {'variant':<30} {'shape':<32} {'ms':>9} {'floor':>8} {'x floor':>8} {'TFLOP/s':>8} {'peak MB':>9}"
+    )
     with out.open("a") as fh:
-        for model in (MODELS if args.model == "all" else [args.model]):
+        for model in MODELS if args.model == "all" else [args.model]:
             for op in ops:
                 for r in globals()[f"bench_{op}"](b, MODELS[model]):
                     r = dict(model=model, **r, **meta)
@@ -391,8 +444,10 @@ def _print(r: dict) -> None:
     if "error" in r:
         print(f"{r['op']:<12} {r['variant']:<30} {r['shape']:<32} error: {r['error']}")
         return
-    print(f"{r['op']:<12} {r['variant']:<30} {r['shape']:<32} {r['ms']:>9.3f} {r['floor_ms']:>8.3f} "
-          f"{r['x_floor']:>8.2f} {r['tflops']:>8.1f} {r['peak_mb']:>9.1f}")
+    print(
+        f"{r['op']:<12} {r['variant']:<30} {r['shape']:<32} {r['ms']:>9.3f} {r['floor_ms']:>8.3f} "
+        f"{r['x_floor']:>8.2f} {r['tflops']:>8.1f} {r['peak_mb']:>9.1f}"
+    )
 
 
 if __name__ == "__main__":

@@ -97,8 +97,12 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=512)
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--layers", type=int, default=0, help="keep only the first N decoder layers (0: all)")
-    ap.add_argument("--init-range", type=float, default=0.0,
-                    help="the weights' init std (0: the shape's initializer_range, 0.02 for Llama)")
+    ap.add_argument(
+        "--init-range",
+        type=float,
+        default=0.0,
+        help="the weights' init std (0: the shape's initializer_range, 0.02 for Llama)",
+    )
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     from lorafuse.kernels import fp8 as fp8_kernels
@@ -128,10 +132,18 @@ def main() -> None:
         for mode, (on, backward) in modes.items():
             fp8_kernels.ENABLED, fp8_kernels.BACKWARD = on, backward
             errs = layer_errors(grads(model, batch, torch.bfloat16, fused=cuda), ref, layers)
-            rows.append({"mode": mode, "shape": args.shape, "layers": layers_n,
-                         "init_range": config.initializer_range, "batch": args.batch, "seq": args.seq,
-                         "rel_err": {str(k): v for k, v in errs.items()},
-                         "card": torch.cuda.get_device_name() if cuda else "cpu"})
+            rows.append(
+                {
+                    "mode": mode,
+                    "shape": args.shape,
+                    "layers": layers_n,
+                    "init_range": config.initializer_range,
+                    "batch": args.batch,
+                    "seq": args.seq,
+                    "rel_err": {str(k): v for k, v in errs.items()},
+                    "card": torch.cuda.get_device_name() if cuda else "cpu",
+                }
+            )
     finally:
         fp8_kernels.ENABLED, fp8_kernels.BACKWARD = saved
     with open(os.path.join(args.out, "fp8_grads.jsonl"), "a") as f:

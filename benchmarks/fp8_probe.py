@@ -67,8 +67,10 @@ def probe(m: int, k: int, n: int, outliers: bool) -> dict:
         y8 = torch._scaled_mm(x8, w8.t(), scale_a=sx, scale_b=sw.t(), out_dtype=torch.bfloat16, use_fast_accum=fast)
         row[f"err_fp8{'_fast' if fast else ''}"] = rel_err(y8, exact)
         row[f"us_fp8{'_fast' if fast else ''}"] = timed(
-            lambda: torch._scaled_mm(x8, w8.t(), scale_a=sx, scale_b=sw.t(), out_dtype=torch.bfloat16,
-                                     use_fast_accum=fast))
+            lambda: torch._scaled_mm(
+                x8, w8.t(), scale_a=sx, scale_b=sw.t(), out_dtype=torch.bfloat16, use_fast_accum=fast
+            )
+        )
     row["err_bf16"] = rel_err(bf16, exact)
     row["us_bf16"] = timed(lambda: torch.mm(x, w.t()))
     row["us_quant_x_eager"] = timed(lambda: rowwise(x))
@@ -82,8 +84,7 @@ def probe(m: int, k: int, n: int, outliers: bool) -> dict:
     row["err_dx_bf16"] = rel_err(torch.mm(dy, w), exact_dx)
     row["err_dx_fp8"] = rel_err(dx8, exact_dx)
     row["us_dx_bf16"] = timed(lambda: torch.mm(dy, w))
-    row["us_dx_fp8"] = timed(lambda: torch._scaled_mm(d8, w8t.t(), scale_a=sd, scale_b=ones,
-                                                      out_dtype=torch.bfloat16))
+    row["us_dx_fp8"] = timed(lambda: torch._scaled_mm(d8, w8t.t(), scale_a=sd, scale_b=ones, out_dtype=torch.bfloat16))
     return row
 
 
@@ -117,12 +118,14 @@ def decode_probe(m: int, n: int, k: int) -> dict:
     dy = torch.randn(m, n, device="cuda", generator=g).to(torch.bfloat16)
     dense = nf4_dequantize(w, torch.bfloat16, out=buf16).view(n, k)
     w8t = fp8.nf4_to_fp8_t(w, buf8, sw)
-    cases = {"decode_bf16": lambda: nf4_dequantize(w, torch.bfloat16, out=buf16),
-             "decode_fp8": lambda: fp8.nf4_to_fp8(w, buf8, sw),
-             "decode_fp8_t": lambda: fp8.nf4_to_fp8_t(w, buf8, sw),
-             "quant_dy": lambda: fp8.quantize_rows(dy, col_scale=sw),
-             "dx_bf16": lambda: torch.mm(dy, dense),
-             "dx_fp8": lambda: fp8.grad_input(dy, w8t, sw)}
+    cases = {
+        "decode_bf16": lambda: nf4_dequantize(w, torch.bfloat16, out=buf16),
+        "decode_fp8": lambda: fp8.nf4_to_fp8(w, buf8, sw),
+        "decode_fp8_t": lambda: fp8.nf4_to_fp8_t(w, buf8, sw),
+        "quant_dy": lambda: fp8.quantize_rows(dy, col_scale=sw),
+        "dx_bf16": lambda: torch.mm(dy, dense),
+        "dx_fp8": lambda: fp8.grad_input(dy, w8t, sw),
+    }
     row = {"kind": "decode", "m": m, "n": n, "k": k}
     for name, fn in cases.items():
         row[f"us_{name}"] = timed(fn)  # with the host's launch overhead
@@ -140,8 +143,18 @@ def main() -> None:
     os.makedirs(args.out, exist_ok=True)
     if args.decode:
         rows = [decode_probe(args.m, n, k) for n, k in [(4096, 4096), (11008, 4096), (4096, 11008), (12288, 4096)]]
-        cols = ["n", "k", "graph_us_decode_bf16", "graph_us_decode_fp8", "graph_us_decode_fp8_t", "floor_us_fp8",
-                "graph_us_quant_dy", "graph_us_dx_bf16", "graph_us_dx_fp8", "us_decode_fp8_t"]
+        cols = [
+            "n",
+            "k",
+            "graph_us_decode_bf16",
+            "graph_us_decode_fp8",
+            "graph_us_decode_fp8_t",
+            "floor_us_fp8",
+            "graph_us_quant_dy",
+            "graph_us_dx_bf16",
+            "graph_us_dx_fp8",
+            "us_decode_fp8_t",
+        ]
         with open(os.path.join(args.out, "fp8_probe.jsonl"), "a") as f:
             for r in rows:
                 f.write(json.dumps({**r, "card": torch.cuda.get_device_name()}) + "\n")
@@ -155,8 +168,22 @@ def main() -> None:
         for r in rows:
             r["card"] = torch.cuda.get_device_name()
             f.write(json.dumps(r) + "\n")
-    cols = ["k", "n", "outliers", "us_bf16", "us_fp8", "us_fp8_fast", "us_quant_x_eager", "us_dx_bf16", "us_dx_fp8",
-            "err_bf16", "err_fp8", "err_fp8_fast", "err_dx_bf16", "err_dx_fp8"]
+    cols = [
+        "k",
+        "n",
+        "outliers",
+        "us_bf16",
+        "us_fp8",
+        "us_fp8_fast",
+        "us_quant_x_eager",
+        "us_dx_bf16",
+        "us_dx_fp8",
+        "err_bf16",
+        "err_fp8",
+        "err_fp8_fast",
+        "err_dx_bf16",
+        "err_dx_fp8",
+    ]
     print(" | ".join(cols))
     for r in rows:
         print(" | ".join(f"{r[c]:.4g}" if isinstance(r[c], float) else str(r[c]) for c in cols))

@@ -63,13 +63,29 @@ def train_losses(name: str, steps: int, device: str, seed: int) -> tuple[list[fl
     saved, fp8_kernels.BACKWARD = fp8_kernels.BACKWARD, fp8 == "backward"  # LORAFUSE_FP8_BACKWARD, for this run only
     try:
         with tempfile.TemporaryDirectory(prefix=f"lorafuse-curve-{name}-") as out:
-            cfg = load_config(None, [
-                f"output.dir={out}", "model.quant=nf4", f"model.compute_dtype={dtype}", "lora.dropout=0",
-                "lora.modules_to_save=[]", "data.packing=true", "data.max_length=256", f"train.max_steps={steps}",
-                "train.log_every=1", f"train.eval_every={steps}", f"train.save_every={steps}",
-                f"train.fast_path={fast}", f"train.cuda_graphs={graphs}", f"train.device={device}",
-                f"train.seed={seed}", "train.optimizer=adamw", f"train.fp8={str(bool(fp8)).lower()}",
-                "train.gradient_checkpointing=true"])
+            cfg = load_config(
+                None,
+                [
+                    f"output.dir={out}",
+                    "model.quant=nf4",
+                    f"model.compute_dtype={dtype}",
+                    "lora.dropout=0",
+                    "lora.modules_to_save=[]",
+                    "data.packing=true",
+                    "data.max_length=256",
+                    f"train.max_steps={steps}",
+                    "train.log_every=1",
+                    f"train.eval_every={steps}",
+                    f"train.save_every={steps}",
+                    f"train.fast_path={fast}",
+                    f"train.cuda_graphs={graphs}",
+                    f"train.device={device}",
+                    f"train.seed={seed}",
+                    "train.optimizer=adamw",
+                    f"train.fp8={str(bool(fp8)).lower()}",
+                    "train.gradient_checkpointing=true",
+                ],
+            )
             result = run(cfg, resume=None)
             rows = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
     finally:
@@ -105,12 +121,25 @@ def main(argv=None) -> int:
     for name in names:
         vs = compare(curves[name], ref)
         if name.startswith("fast"):
-            print(f"{name} vs reference-bf16: max {vs['max_abs']:.4f}, mean {vs['mean_abs']:.4f} "
-                  f"({vs['max_abs'] / max(noise['max_abs'], 1e-12):.2f}x the bf16 noise's max)")
-        rows.append({"date": dt.date.today().isoformat(), "card": card, "variant": name, "steps": args.steps,
-                     "losses": curves[name], "vs_reference_bf16": vs, "bf16_noise": noise})
-    out = Path(args.out) / f"{dt.date.today().isoformat()}-{card.lower().replace('nvidia ', '').replace(' ', '-')}" \
+            print(
+                f"{name} vs reference-bf16: max {vs['max_abs']:.4f}, mean {vs['mean_abs']:.4f} "
+                f"({vs['max_abs'] / max(noise['max_abs'], 1e-12):.2f}x the bf16 noise's max)"
+            )
+        rows.append(
+            {
+                "date": dt.date.today().isoformat(),
+                "card": card,
+                "variant": name,
+                "steps": args.steps,
+                "losses": curves[name],
+                "vs_reference_bf16": vs,
+                "bf16_noise": noise,
+            }
+        )
+    out = (
+        Path(args.out) / f"{dt.date.today().isoformat()}-{card.lower().replace('nvidia ', '').replace(' ', '-')}"
         "-loss-curves.jsonl"
+    )
     out.parent.mkdir(parents=True, exist_ok=True)
     with out.open("a", encoding="utf-8") as f:
         for row in rows:

@@ -18,7 +18,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks" / "peers")]
 
-GIB = 1024 ** 3
+GIB = 1024**3
 
 
 class PhaseMarks:
@@ -35,7 +35,9 @@ class PhaseMarks:
         self.torch, self.marks, self.in_backward = torch, [], False
         layers = list(model.model.layers)
         for i, layer in enumerate(layers):
-            layer.register_forward_pre_hook(lambda m, a, i=i: self.mark(("re" if self.in_backward else "") + f"fwd{i}<"))
+            layer.register_forward_pre_hook(
+                lambda m, a, i=i: self.mark(("re" if self.in_backward else "") + f"fwd{i}<")
+            )
             layer.register_forward_hook(lambda m, a, out, i=i: self._out(out, i))
         model.model.norm.register_forward_hook(lambda m, a, out: self._out(out, "norm"))
 
@@ -69,17 +71,18 @@ def _live_blocks(top: int = 16) -> list:
 
     import torch
 
-    sizes = collections.Counter(b["size"] for seg in torch.cuda.memory_snapshot() for b in seg["blocks"]
-                                if b["state"] == "active_allocated")
+    sizes = collections.Counter(
+        b["size"] for seg in torch.cuda.memory_snapshot() for b in seg["blocks"] if b["state"] == "active_allocated"
+    )
     rows = sorted(sizes.items(), key=lambda kv: -kv[0] * kv[1])[:top]
     return [[round(size / 2**20, 3), count, round(size * count / GIB, 4)] for size, count in rows]
 
 
 def main(argv=None) -> int:
-    import torch
-
     import lorafuse_stack
+    import torch
     from bench_common import make_batches
+
     from lorafuse.bench import _lorafuse_workload, _spec, parse_args
     from lorafuse.plan.memory import estimate
 
@@ -90,18 +93,40 @@ def main(argv=None) -> int:
     p.add_argument("--seq", type=int, default=2048)
     p.add_argument("--no-graphs", action="store_true")
     p.add_argument("--offload", action="store_true", help="offload checkpointed layer inputs (bench --offload)")
-    p.add_argument("--host-embeddings", action="store_true",
-                   help="input table in host memory (bench --host-embeddings)")
-    p.add_argument("--host-head", action="store_true",
-                   help="output head in host memory between losses (bench --host-head)")
+    p.add_argument(
+        "--host-embeddings", action="store_true", help="input table in host memory (bench --host-embeddings)"
+    )
+    p.add_argument(
+        "--host-head", action="store_true", help="output head in host memory between losses (bench --host-head)"
+    )
     p.add_argument("--out", default=None)
     a = p.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    args = parse_args(["--shape", a.shape, "--batch", str(a.batch), "--seq", str(a.seq), "--stacks", "lorafuse",
-                       "--random-init", "--device", device.type]
-                      + [f for f, on in (("--no-graphs", a.no_graphs), ("--offload", a.offload),
-                                         ("--host-embeddings", a.host_embeddings), ("--host-head", a.host_head))
-                         if on])
+    args = parse_args(
+        [
+            "--shape",
+            a.shape,
+            "--batch",
+            str(a.batch),
+            "--seq",
+            str(a.seq),
+            "--stacks",
+            "lorafuse",
+            "--random-init",
+            "--device",
+            device.type,
+        ]
+        + [
+            f
+            for f, on in (
+                ("--no-graphs", a.no_graphs),
+                ("--offload", a.offload),
+                ("--host-embeddings", a.host_embeddings),
+                ("--host-head", a.host_head),
+            )
+            if on
+        ]
+    )
     spec = _spec(args, "lorafuse", a.method, folder=None)  # as `lorafuse bench --random-init` runs it
     step, info = lorafuse_stack.build(spec, device)
     batches = make_batches(spec, device, 4)
@@ -118,20 +143,36 @@ def main(argv=None) -> int:
         torch.cuda.synchronize()
     live = _live_blocks() if device.type == "cuda" else []
     top = sorted(range(len(marks.marks)), key=lambda k: -marks.marks[k][2])[:8]
-    windows = [{"after": marks.marks[k - 1][0] if k else "-", "until": marks.marks[k][0],
-                "peak_gib": round(marks.marks[k][2], 4), "allocated_at_end_gib": round(marks.marks[k][1], 4)}
-               for k in sorted(top)]
+    windows = [
+        {
+            "after": marks.marks[k - 1][0] if k else "-",
+            "until": marks.marks[k][0],
+            "peak_gib": round(marks.marks[k][2], 4),
+            "allocated_at_end_gib": round(marks.marks[k][1], 4),
+        }
+        for k in sorted(top)
+    ]
     est = estimate(_lorafuse_workload(args, a.method, info))
-    report = {"shape": a.shape, "method": a.method, "batch": a.batch, "seq": a.seq, "graphs": info.get("cuda_graphs"),
-              "max_allocated_gib": max(m[2] for m in marks.marks), "predicted_peak_alloc_gib": est.peak_alloc / GIB,
-              "predicted_phase": est.phase,
-              "predicted_components_gib": {k: round(v / GIB, 4) for k, v in est.components.items()},
-              "highest_windows": windows, "live_at_step_end": live,
-              "timeline": [[t, round(x, 4), round(y, 4)] for t, x, y in marks.marks]}
+    report = {
+        "shape": a.shape,
+        "method": a.method,
+        "batch": a.batch,
+        "seq": a.seq,
+        "graphs": info.get("cuda_graphs"),
+        "max_allocated_gib": max(m[2] for m in marks.marks),
+        "predicted_peak_alloc_gib": est.peak_alloc / GIB,
+        "predicted_phase": est.phase,
+        "predicted_components_gib": {k: round(v / GIB, 4) for k, v in est.components.items()},
+        "highest_windows": windows,
+        "live_at_step_end": live,
+        "timeline": [[t, round(x, 4), round(y, 4)] for t, x, y in marks.marks],
+    }
     print(json.dumps({k: v for k, v in report.items() if k != "timeline"}, indent=1))
     if a.out:
         Path(a.out).mkdir(parents=True, exist_ok=True)
-        (Path(a.out) / f"memory-peak-{a.shape}-{a.method}-{a.batch}x{a.seq}.json").write_text(json.dumps(report, indent=1))
+        (Path(a.out) / f"memory-peak-{a.shape}-{a.method}-{a.batch}x{a.seq}.json").write_text(
+            json.dumps(report, indent=1)
+        )
     return 0
 
 

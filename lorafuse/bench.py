@@ -35,17 +35,41 @@ from lorafuse.plan.shapes import PROJECTIONS, builtin_shape
 ROOT = Path(__file__).resolve().parents[1]
 PEERS = ROOT / "benchmarks" / "peers"
 SEED = {"full": ("28 GB+", "100%"), "lora": ("8 GB", "30%"), "qlora": ("6 GB", "42%")}  # SEED.md section 8
-REQUIRED_KEYS = ("run", "card", "stack", "method", "shape", "batch", "seq", "step_s", "tokens_per_s",
-                 "peak_alloc_gib", "commit", "torch", "transformers", "status")
-NEEDS_CUDA = {("hf", "qlora"): "bitsandbytes QLoRA (the seed's recipe) needs CUDA",
-              ("unsloth", "qlora"): "Unsloth needs CUDA", ("unsloth", "lora"): "Unsloth needs CUDA"}
-UNSUPPORTED = {("lorafuse", "full"): "lorafuse trains adapters (qlora, lora), not full fine-tuning",
-               ("unsloth", "full"): "this runner benchmarks Unsloth's qlora and lora only"}
+REQUIRED_KEYS = (
+    "run",
+    "card",
+    "stack",
+    "method",
+    "shape",
+    "batch",
+    "seq",
+    "step_s",
+    "tokens_per_s",
+    "peak_alloc_gib",
+    "commit",
+    "torch",
+    "transformers",
+    "status",
+)
+NEEDS_CUDA = {
+    ("hf", "qlora"): "bitsandbytes QLoRA (the seed's recipe) needs CUDA",
+    ("unsloth", "qlora"): "Unsloth needs CUDA",
+    ("unsloth", "lora"): "Unsloth needs CUDA",
+}
+UNSUPPORTED = {
+    ("lorafuse", "full"): "lorafuse trains adapters (qlora, lora), not full fine-tuning",
+    ("unsloth", "full"): "this runner benchmarks Unsloth's qlora and lora only",
+}
 
 
 def _child_env() -> dict:
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1",
-               TRANSFORMERS_VERBOSITY="error")
+    env = dict(
+        os.environ,
+        HF_HUB_OFFLINE="1",
+        TOKENIZERS_PARALLELISM="false",
+        PYTHONUNBUFFERED="1",
+        TRANSFORMERS_VERBOSITY="error",
+    )
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [x for x in [env.get("PYTHONPATH")] if x])
     return env
 
@@ -77,8 +101,13 @@ def build_checkpoint(shape_name: str, folder: str, device: str, dtype: str) -> d
 
     from lorafuse.model.tiny import build_tiny_tokenizer
 
-    info = {"torch": torch.__version__, "transformers": transformers.__version__,
-            "python": sys.version.split()[0], "card": "cpu", "memory_gib": None}
+    info = {
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": sys.version.split()[0],
+        "card": "cpu",
+        "memory_gib": None,
+    }
     if device == "cuda":
         free, total = torch.cuda.mem_get_info()
         info.update(card=torch.cuda.get_device_name(), memory_gib=total / GIB)
@@ -107,8 +136,14 @@ def probe_device(device: str) -> dict:
     import torch
     import transformers
 
-    info = {"torch": torch.__version__, "transformers": transformers.__version__,
-            "python": sys.version.split()[0], "card": "cpu", "memory_gib": None, "built": False}
+    info = {
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": sys.version.split()[0],
+        "card": "cpu",
+        "memory_gib": None,
+        "built": False,
+    }
     if device == "cuda":
         free, total = torch.cuda.mem_get_info()
         info.update(card=torch.cuda.get_device_name(), memory_gib=total / GIB)
@@ -117,28 +152,51 @@ def probe_device(device: str) -> dict:
 
 def _build_in_child(args, folder: Path) -> dict:
     spec = json.dumps([args.shape, str(folder), args.device, args.dtype])
-    code = ("import json, sys; from lorafuse.bench import build_checkpoint; "
-            "print('BENCH_PROBE', json.dumps(build_checkpoint(*json.loads(sys.argv[1]))))")
+    code = (
+        "import json, sys; from lorafuse.bench import build_checkpoint; "
+        "print('BENCH_PROBE', json.dumps(build_checkpoint(*json.loads(sys.argv[1]))))"
+    )
     if args.random_init:
         spec = json.dumps([args.device])
-        code = ("import json, sys; from lorafuse.bench import probe_device; "
-                "print('BENCH_PROBE', json.dumps(probe_device(*json.loads(sys.argv[1]))))")
+        code = (
+            "import json, sys; from lorafuse.bench import probe_device; "
+            "print('BENCH_PROBE', json.dumps(probe_device(*json.loads(sys.argv[1]))))"
+        )
     probe, tail = _child([sys.executable, "-c", code, spec], timeout=args.timeout)
     if "torch" not in probe:
-        raise LorafuseError(f"building the {args.shape} checkpoint failed: {probe.get('reason')}\n{tail}",
-                            "check that torch and transformers work on this machine (python -c 'import torch')")
+        raise LorafuseError(
+            f"building the {args.shape} checkpoint failed: {probe.get('reason')}\n{tail}",
+            "check that torch and transformers work on this machine (python -c 'import torch')",
+        )
     return probe
 
 
 def _spec(args, stack: str, method: str, folder: Path) -> dict:
-    return {"stack": stack, "method": method, "shape": args.shape, "folder": str(folder),
-            "vocab_size": builtin_shape(args.shape).vocab_size, "batch": args.batch, "seq": args.seq,
-            "steps": args.steps, "warmup": args.warmup, "device": args.device, "dtype": args.dtype, "r": args.r,
-            "alpha": args.alpha, "dropout": args.dropout, "optimizer": args.optimizer,
-            "full_optimizer": args.full_optimizer,
-            "fast_path": "off" if args.no_fast_path else "auto", "seed": args.seed,
-            "cuda_graphs": not args.no_graphs, "random_init": args.random_init, "budget_gib": args.budget_gib,
-            "profile_dir": args.profile, **_memory_settings(args, stack)}
+    return {
+        "stack": stack,
+        "method": method,
+        "shape": args.shape,
+        "folder": str(folder),
+        "vocab_size": builtin_shape(args.shape).vocab_size,
+        "batch": args.batch,
+        "seq": args.seq,
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "device": args.device,
+        "dtype": args.dtype,
+        "r": args.r,
+        "alpha": args.alpha,
+        "dropout": args.dropout,
+        "optimizer": args.optimizer,
+        "full_optimizer": args.full_optimizer,
+        "fast_path": "off" if args.no_fast_path else "auto",
+        "seed": args.seed,
+        "cuda_graphs": not args.no_graphs,
+        "random_init": args.random_init,
+        "budget_gib": args.budget_gib,
+        "profile_dir": args.profile,
+        **_memory_settings(args, stack),
+    }
 
 
 def _gc(args) -> bool | str:
@@ -150,24 +208,49 @@ def _memory_settings(args, stack: str) -> dict:
     """lorafuse's own memory settings for its runs; the peers run with checkpointing as asked and their defaults
     for the rest (bench_args: --offload, --host-* and --keep-layers are lorafuse's, recorded on its rows only)."""
     if stack != "lorafuse":
-        return {"gc": not args.no_gc, "embeddings_on_host": False, "head_on_host": False, "uncheckpointed_layers": 0,
-                "dequant_cap_mib": 0, "fp8": False}
-    return {"gc": _gc(args), "embeddings_on_host": args.host_embeddings, "head_on_host": args.host_head,
-            "uncheckpointed_layers": args.keep_layers, "dequant_cap_mib": args.dequant_cap_mib, "fp8": args.fp8}
+        return {
+            "gc": not args.no_gc,
+            "embeddings_on_host": False,
+            "head_on_host": False,
+            "uncheckpointed_layers": 0,
+            "dequant_cap_mib": 0,
+            "fp8": False,
+        }
+    return {
+        "gc": _gc(args),
+        "embeddings_on_host": args.host_embeddings,
+        "head_on_host": args.host_head,
+        "uncheckpointed_layers": args.keep_layers,
+        "dequant_cap_mib": args.dequant_cap_mib,
+        "fp8": args.fp8,
+    }
 
 
 def _workload(args, method: str, kernels: str = "reference", loss: str = "chunked", graphs: bool = False) -> Workload:
     full = method == "full"
-    return Workload(builtin_shape(args.shape), method=method, micro_batch=args.batch, seq=args.seq, grad_accum=1,
-                    r=args.r, targets=PROJECTIONS, dropout=args.dropout,
-                    compute_bytes=4 if args.dtype == "float32" else 2,
-                    optimizer=args.full_optimizer if full else args.optimizer,
-                    checkpointing="off" if args.no_gc else "offload" if args.offload else "on", loss=loss,
-                    kernels=kernels, padded=False, autocast=args.device == "cuda",
-                    embeddings_on_host=args.host_embeddings and method != "full",
-                    head_on_host=args.host_head and method != "full", cuda_graphs=graphs,
-                    uncheckpointed=args.keep_layers if method != "full" else 0, dequant_cap_mib=args.dequant_cap_mib,
-                    fp8=args.fp8 and method != "full")
+    return Workload(
+        builtin_shape(args.shape),
+        method=method,
+        micro_batch=args.batch,
+        seq=args.seq,
+        grad_accum=1,
+        r=args.r,
+        targets=PROJECTIONS,
+        dropout=args.dropout,
+        compute_bytes=4 if args.dtype == "float32" else 2,
+        optimizer=args.full_optimizer if full else args.optimizer,
+        checkpointing="off" if args.no_gc else "offload" if args.offload else "on",
+        loss=loss,
+        kernels=kernels,
+        padded=False,
+        autocast=args.device == "cuda",
+        embeddings_on_host=args.host_embeddings and method != "full",
+        head_on_host=args.host_head and method != "full",
+        cuda_graphs=graphs,
+        uncheckpointed=args.keep_layers if method != "full" else 0,
+        dequant_cap_mib=args.dequant_cap_mib,
+        fp8=args.fp8 and method != "full",
+    )
 
 
 def _precheck(args, stack: str, method: str, probe: dict) -> str | None:
@@ -188,10 +271,13 @@ def _commit() -> tuple[str, bool | None]:
     if os.environ.get("LORAFUSE_COMMIT"):
         return os.environ["LORAFUSE_COMMIT"], None
     try:
-        head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True,
-                              timeout=10)
-        dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10)
+        head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(
+            ["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
     except (OSError, subprocess.TimeoutExpired):
         return "unknown", None
     if head.returncode != 0:
@@ -204,18 +290,42 @@ def card_slug(card: str) -> str:
 
 
 def _row(args, run_id: str, stack: str, method: str, probe: dict, result: dict, commit) -> dict:
-    row = {"run": run_id, "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-           "card": probe.get("card", "unknown"), "device": args.device, "stack": stack, "method": method,
-           "shape": args.shape, "batch": args.batch, "seq": args.seq, "steps": args.steps, "warmup": args.warmup,
-           "r": args.r, "alpha": args.alpha, "dropout": args.dropout,
-           "dtype": args.dtype,
-           "optimizer": args.full_optimizer if method == "full" else args.optimizer,
-           "commit": commit[0], "dirty": commit[1], "torch": probe.get("torch"),
-           "transformers": probe.get("transformers"), "status": "error", "reason": None, "step_s": None,
-           "tokens_per_s": None, "peak_alloc_gib": None, "peak_reserved_gib": None,
-           "random_init": args.random_init, "budget_gib": args.budget_gib, **_memory_settings(args, stack)}
-    knobs = {k: v for k, v in os.environ.items() if k.startswith("LORAFUSE_") and k != "LORAFUSE_COMMIT"
-             or k == "CUBLAS_WORKSPACE_CONFIG"}
+    row = {
+        "run": run_id,
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "card": probe.get("card", "unknown"),
+        "device": args.device,
+        "stack": stack,
+        "method": method,
+        "shape": args.shape,
+        "batch": args.batch,
+        "seq": args.seq,
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "r": args.r,
+        "alpha": args.alpha,
+        "dropout": args.dropout,
+        "dtype": args.dtype,
+        "optimizer": args.full_optimizer if method == "full" else args.optimizer,
+        "commit": commit[0],
+        "dirty": commit[1],
+        "torch": probe.get("torch"),
+        "transformers": probe.get("transformers"),
+        "status": "error",
+        "reason": None,
+        "step_s": None,
+        "tokens_per_s": None,
+        "peak_alloc_gib": None,
+        "peak_reserved_gib": None,
+        "random_init": args.random_init,
+        "budget_gib": args.budget_gib,
+        **_memory_settings(args, stack),
+    }
+    knobs = {
+        k: v
+        for k, v in os.environ.items()
+        if k.startswith("LORAFUSE_") and k != "LORAFUSE_COMMIT" or k == "CUBLAS_WORKSPACE_CONFIG"
+    }
     if knobs:  # A/B switches this run was made with (LORAFUSE_HEAD_STREAM=0, a cuBLAS workspace size...)
         row["env"] = knobs
     if stack == "lorafuse" and method != "full":
@@ -241,12 +351,19 @@ def _memory_record(args, row: dict) -> dict:
     from lorafuse.plan.measured import workload_to_record
 
     w = _lorafuse_workload(args, row["method"], row)
-    return {"date": row["date"][:10], "card": row["card"], "commit": row["commit"], "torch": row["torch"],
-            "run": row["run"], "stack": "lorafuse", "workload": workload_to_record(w),
-            "measured_peak_alloc_gib": round(row["peak_alloc_gib"], 4),
-            "measured_peak_reserved_gib": round(row["peak_reserved_gib"], 4),
-            "predicted_peak_alloc_gib": round(estimate(w).peak_alloc / GIB, 4),
-            **({"env": row["env"]} if row.get("env") else {})}  # A/B switches the workload does not describe
+    return {
+        "date": row["date"][:10],
+        "card": row["card"],
+        "commit": row["commit"],
+        "torch": row["torch"],
+        "run": row["run"],
+        "stack": "lorafuse",
+        "workload": workload_to_record(w),
+        "measured_peak_alloc_gib": round(row["peak_alloc_gib"], 4),
+        "measured_peak_reserved_gib": round(row["peak_reserved_gib"], 4),
+        "predicted_peak_alloc_gib": round(estimate(w).peak_alloc / GIB, 4),
+        **({"env": row["env"]} if row.get("env") else {}),
+    }  # A/B switches the workload does not describe
 
 
 def _append(path: Path, rows: list[dict]) -> None:
@@ -263,10 +380,14 @@ def _fmt(x, spec: str) -> str:
 
 def _settings(r: dict) -> str:
     """lorafuse's non-default settings of a row, as the table shows them ("" for none)."""
-    parts = ["offload" if r.get("gc") == "offload" else "", "host embedding" if r.get("embeddings_on_host") else "",
-             "host head" if r.get("head_on_host") else "",
-             f"{k} kept layers" if (k := r.get("uncheckpointed_layers")) else "",
-             f"cap {c} MiB" if (c := r.get("dequant_cap_mib")) else "", "FP8" if r.get("fp8") else ""]
+    parts = [
+        "offload" if r.get("gc") == "offload" else "",
+        "host embedding" if r.get("embeddings_on_host") else "",
+        "host head" if r.get("head_on_host") else "",
+        f"{k} kept layers" if (k := r.get("uncheckpointed_layers")) else "",
+        f"cap {c} MiB" if (c := r.get("dequant_cap_mib")) else "",
+        "FP8" if r.get("fp8") else "",
+    ]
     return ", ".join(p for p in parts if p)
 
 
@@ -276,20 +397,27 @@ def render(rows: list[dict]) -> str:
         status = "ok" if r["status"] == "ok" else f"{r['status']}: {r.get('reason') or ''}".strip()
         if r["stack"] == "lorafuse" and r["status"] == "ok" and r["device"] == "cuda":
             extra = _settings(r)
-            status += (f" (fast path {'on' if (r.get('fast_path') or {}).get('applied') else 'off'}, "
-                       f"graphs {'on' if (r.get('cuda_graphs') or {}).get('applied') else 'off'}"
-                       f"{', ' + extra if extra else ''})")
-        lines.append(f"{r['method']:<7} {r['stack']:<9} {_fmt(r['step_s'], '8.3f')} {_fmt(r['tokens_per_s'], '10,.0f')}"
-                     f" {_fmt(r['peak_alloc_gib'], '9.2f')}  {status}")
+            status += (
+                f" (fast path {'on' if (r.get('fast_path') or {}).get('applied') else 'off'}, "
+                f"graphs {'on' if (r.get('cuda_graphs') or {}).get('applied') else 'off'}"
+                f"{', ' + extra if extra else ''})"
+            )
+        lines.append(
+            f"{r['method']:<7} {r['stack']:<9} {_fmt(r['step_s'], '8.3f')} {_fmt(r['tokens_per_s'], '10,.0f')}"
+            f" {_fmt(r['peak_alloc_gib'], '9.2f')}  {status}"
+        )
     ratios = []
     for ours in (r for r in rows if r["stack"] == "lorafuse" and r["status"] == "ok"):
         for peer in (r for r in rows if r["stack"] != "lorafuse" and r["method"] == ours["method"]):
             if peer["status"] != "ok":
                 continue
-            mem = ("" if not peer["peak_alloc_gib"] else
-                   f", memory {ours['peak_alloc_gib'] / peer['peak_alloc_gib']:.2f}x")
-            ratios.append(f"  {ours['method']}: lorafuse vs {peer['stack']}: speed "
-                          f"{ours['tokens_per_s'] / peer['tokens_per_s']:.2f}x{mem}")
+            mem = (
+                "" if not peer["peak_alloc_gib"] else f", memory {ours['peak_alloc_gib'] / peer['peak_alloc_gib']:.2f}x"
+            )
+            ratios.append(
+                f"  {ours['method']}: lorafuse vs {peer['stack']}: speed "
+                f"{ours['tokens_per_s'] / peer['tokens_per_s']:.2f}x{mem}"
+            )
     return "\n".join(lines + (["ratios (tokens/s: >1 is faster; memory: <1 is smaller)"] + ratios if ratios else []))
 
 
@@ -312,21 +440,31 @@ def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     runs = plan_runs(args)
     folder = Path(args.model_dir) / f"{args.shape}-{args.device}-{args.dtype}"
-    print(f"probing the device (the {args.shape} model is generated in each runner) ..." if args.random_init else
-          f"building / checking the {args.shape} checkpoint in {folder} ...", flush=True)
+    print(
+        f"probing the device (the {args.shape} model is generated in each runner) ..."
+        if args.random_init
+        else f"building / checking the {args.shape} checkpoint in {folder} ...",
+        flush=True,
+    )
     probe = _build_in_child(args, folder)
     run_id = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
     commit, rows = _commit(), []
-    print(f"run {run_id} on {probe['card']}: {args.shape}, batch {args.batch} x {args.seq}, torch {probe['torch']}, "
-          f"transformers {probe['transformers']}", flush=True)
+    print(
+        f"run {run_id} on {probe['card']}: {args.shape}, batch {args.batch} x {args.seq}, torch {probe['torch']}, "
+        f"transformers {probe['transformers']}",
+        flush=True,
+    )
     for i, (stack, method) in enumerate(runs, 1):
         skip = _precheck(args, stack, method, probe)
         if skip:
             status, _, reason = skip.partition(": ")
             result, tail = {"status": status, "reason": reason}, ""
         else:
-            said = (f" (the planner predicts a peak of {_predicted(args, method, {}):.2f} GiB allocated)"
-                    if stack == "lorafuse" else "")
+            said = (
+                f" (the planner predicts a peak of {_predicted(args, method, {}):.2f} GiB allocated)"
+                if stack == "lorafuse"
+                else ""
+            )
             print(f"[{i}/{len(runs)}] {stack} {method}{said} ...", flush=True)
             spec = _spec(args, stack, method, folder)
             result, tail = _child([sys.executable, str(PEERS / f"{stack}_stack.py"), json.dumps(spec)], args.timeout)
@@ -339,8 +477,11 @@ def main(argv=None) -> int:
     out = Path(args.out) / f"{run_id[:4]}-{run_id[4:6]}-{run_id[6:8]}-{card_slug(probe['card'])}.jsonl"
     _append(out, rows)
     print(f"\n{len(rows)} rows appended to {out}")
-    measured = [_memory_record(args, r) for r in rows if r["stack"] == "lorafuse" and r["status"] == "ok"
-                and r.get("peak_alloc_gib") is not None]
+    measured = [
+        _memory_record(args, r)
+        for r in rows
+        if r["stack"] == "lorafuse" and r["status"] == "ok" and r.get("peak_alloc_gib") is not None
+    ]
     if measured and args.memory_log:
         _append(Path(args.memory_log), measured)
         print(f"{len(measured)} measured peaks appended to {args.memory_log}")

@@ -28,43 +28,95 @@ def parse_args(argv):
     p.add_argument("--steps", type=int, default=10, help="timed steps (the median is reported)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"), help="folder of the JSONL results")
-    p.add_argument("--memory-log", default=str(ROOT / "benchmarks" / "measured_memory.jsonl"),
-                   help="where lorafuse GPU runs append measured peaks (empty string: nowhere)")
+    p.add_argument(
+        "--memory-log",
+        default=str(ROOT / "benchmarks" / "measured_memory.jsonl"),
+        help="where lorafuse GPU runs append measured peaks (empty string: nowhere)",
+    )
     p.add_argument("--table", action="store_true", help="full / LoRA / QLoRA of one model vs the seed's table")
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
-    p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default=None,
-                   help="compute dtype; default: bf16 on CUDA, fp32 on CPU (float16: the T4 path, with a GradScaler)")
-    p.add_argument("--random-init", action="store_true",
-                   help="lorafuse only: generate the model on the device layer by layer (NF4 straight away for "
-                        "qlora), no checkpoint on disk; for shapes too large to save, such as llama-65b")
-    p.add_argument("--budget-gib", type=float, default=None,
-                   help="cap each runner's GPU memory (torch.cuda.set_per_process_memory_fraction) to this many GiB")
-    p.add_argument("--profile", default=None, metavar="DIR",
-                   help="after timing, profile 2 more steps with torch.profiler; tables go to DIR/<stack>-<method>.txt")
+    p.add_argument(
+        "--dtype",
+        choices=("bfloat16", "float16", "float32"),
+        default=None,
+        help="compute dtype; default: bf16 on CUDA, fp32 on CPU (float16: the T4 path, with a GradScaler)",
+    )
+    p.add_argument(
+        "--random-init",
+        action="store_true",
+        help="lorafuse only: generate the model on the device layer by layer (NF4 straight away for "
+        "qlora), no checkpoint on disk; for shapes too large to save, such as llama-65b",
+    )
+    p.add_argument(
+        "--budget-gib",
+        type=float,
+        default=None,
+        help="cap each runner's GPU memory (torch.cuda.set_per_process_memory_fraction) to this many GiB",
+    )
+    p.add_argument(
+        "--profile",
+        default=None,
+        metavar="DIR",
+        help="after timing, profile 2 more steps with torch.profiler; tables go to DIR/<stack>-<method>.txt",
+    )
     p.add_argument("--r", type=int, default=16)
     p.add_argument("--alpha", type=float, default=32.0)
-    p.add_argument("--dropout", type=float, default=0.0, help="LoRA dropout for every stack (Unsloth's fast "
-                   "path needs 0)")
+    p.add_argument(
+        "--dropout", type=float, default=0.0, help="LoRA dropout for every stack (Unsloth's fast path needs 0)"
+    )
     p.add_argument("--optimizer", default="paged_adamw_8bit", choices=("paged_adamw_8bit", "adamw_8bit", "adamw"))
-    p.add_argument("--full-optimizer", default="adamw", choices=("adamw", "paged_adamw_8bit", "adamw_8bit"),
-                   help="optimizer of the full fine-tuning row (torch AdamW: states counted on the GPU)")
+    p.add_argument(
+        "--full-optimizer",
+        default="adamw",
+        choices=("adamw", "paged_adamw_8bit", "adamw_8bit"),
+        help="optimizer of the full fine-tuning row (torch AdamW: states counted on the GPU)",
+    )
     p.add_argument("--no-gc", action="store_true", help="no gradient checkpointing (default: on, as the seed)")
-    p.add_argument("--offload", action="store_true", help="lorafuse only: checkpointing with the layer inputs in "
-                   "pinned CPU memory (train.gradient_checkpointing: offload)")
-    p.add_argument("--host-embeddings", action="store_true", help="lorafuse only: the frozen input embedding in "
-                   "pinned CPU memory, read in place (train.embeddings_on_host)")
-    p.add_argument("--keep-layers", type=int, default=0, metavar="N", help="lorafuse only: the last N layers save "
-                   "their activations instead of recomputing them (train.uncheckpointed_layers)")
-    p.add_argument("--host-head", action="store_true", help="lorafuse only: the frozen output head in pinned CPU "
-                   "memory between losses, staged for each (train.head_on_host)")
-    p.add_argument("--dequant-cap-mib", type=int, default=0, metavar="MIB", help="lorafuse only: NF4 weights over "
-                   "MIB (16-bit) dequantized in row parts (train.dequant_cap_mib)")
-    p.add_argument("--fp8", action="store_true", help="lorafuse only: FP8 base-weight GEMMs in the forward and "
-                   "the recompute (train.fp8; compute capability 8.9+)")
+    p.add_argument(
+        "--offload",
+        action="store_true",
+        help="lorafuse only: checkpointing with the layer inputs in "
+        "pinned CPU memory (train.gradient_checkpointing: offload)",
+    )
+    p.add_argument(
+        "--host-embeddings",
+        action="store_true",
+        help="lorafuse only: the frozen input embedding in pinned CPU memory, read in place (train.embeddings_on_host)",
+    )
+    p.add_argument(
+        "--keep-layers",
+        type=int,
+        default=0,
+        metavar="N",
+        help="lorafuse only: the last N layers save "
+        "their activations instead of recomputing them (train.uncheckpointed_layers)",
+    )
+    p.add_argument(
+        "--host-head",
+        action="store_true",
+        help="lorafuse only: the frozen output head in pinned CPU "
+        "memory between losses, staged for each (train.head_on_host)",
+    )
+    p.add_argument(
+        "--dequant-cap-mib",
+        type=int,
+        default=0,
+        metavar="MIB",
+        help="lorafuse only: NF4 weights over MIB (16-bit) dequantized in row parts (train.dequant_cap_mib)",
+    )
+    p.add_argument(
+        "--fp8",
+        action="store_true",
+        help="lorafuse only: FP8 base-weight GEMMs in the forward and "
+        "the recompute (train.fp8; compute capability 8.9+)",
+    )
     p.add_argument("--no-fast-path", action="store_true", help="lorafuse without its fused kernels")
     p.add_argument("--no-graphs", action="store_true", help="lorafuse without CUDA graphs (eager launches)")
-    p.add_argument("--model-dir", default=os.environ.get("LORAFUSE_BENCH_DIR", "/tmp/lorafuse-bench"),
-                   help="cache of the random-init checkpoint folders")
+    p.add_argument(
+        "--model-dir",
+        default=os.environ.get("LORAFUSE_BENCH_DIR", "/tmp/lorafuse-bench"),
+        help="cache of the random-init checkpoint folders",
+    )
     p.add_argument("--timeout", type=int, default=900, help="seconds per runner process")
     p.add_argument("--seed", type=int, default=0)
     return _checked(p.parse_args(argv))
@@ -79,11 +131,14 @@ def _checked(args):
     # a run with peers would not compare one model. The memory settings (--offload, --host-*, --keep-layers) are
     # lorafuse's own: with peers they apply to lorafuse's rows only, and the peers run their defaults
     if args.random_init and (args.table or _split(args.stacks, STACKS, "--stacks") != ["lorafuse"]):
-        raise LorafuseError("--random-init applies to lorafuse only (the peers load the checkpoint folder)",
-                            "add --stacks lorafuse, or drop --random-init")
+        raise LorafuseError(
+            "--random-init applies to lorafuse only (the peers load the checkpoint folder)",
+            "add --stacks lorafuse, or drop --random-init",
+        )
     if args.offload and args.no_gc:
-        raise LorafuseError("--offload is a checkpointing policy, and --no-gc turns checkpointing off",
-                            "drop one of them")
+        raise LorafuseError(
+            "--offload is a checkpointing policy, and --no-gc turns checkpointing off", "drop one of them"
+        )
     return args
 
 

@@ -57,14 +57,16 @@ def _split_items(items: list[str]) -> tuple[str | None, list[str]]:
         config, items = items[0], items[1:]
     for item in items:
         if "=" not in item:
-            raise ConfigError(f"argument {item!r} is not a key=value override",
-                              "only the first argument may be a config file; write overrides as key=value, "
-                              "e.g. lora.r=32")
+            raise ConfigError(
+                f"argument {item!r} is not a key=value override",
+                "only the first argument may be a config file; write overrides as key=value, e.g. lora.r=32",
+            )
     return config, items
 
 
 def _load(args):
     from lorafuse.config import load_config
+
     config, overrides = _split_items(args.items)
     return load_config(config, overrides)
 
@@ -72,6 +74,7 @@ def _load(args):
 def cmd_train(args) -> int:
     cfg = _load(args)  # config errors first, before any heavy import
     from lorafuse.train.api import run
+
     resume = None if args.no_resume else (args.resume or "auto")
     run(cfg, resume=resume, force=args.force)
     return 0
@@ -80,12 +83,14 @@ def cmd_train(args) -> int:
 def cmd_preview(args) -> int:
     cfg = _load(args)
     from lorafuse.data.preview import preview
+
     preview(cfg, n=args.n)
     return 0
 
 
 def _load_for_inference(args):
     import lorafuse
+
     model, tokenizer = lorafuse.load_model(args.model, quant=args.quant, compute_dtype=args.compute_dtype)
     if args.adapter:
         model = lorafuse.load_adapter(model, args.adapter)
@@ -94,33 +99,53 @@ def _load_for_inference(args):
 
 def cmd_generate(args) -> int:
     import lorafuse
+
     model, tokenizer = _load_for_inference(args)
-    text = lorafuse.generate(model, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens,
-                             temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+    text = lorafuse.generate(
+        model,
+        tokenizer,
+        args.prompt,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        seed=args.seed,
+    )
     print(text)
     return 0
 
 
 def cmd_chat(args) -> int:
     from lorafuse.infer.chat import chat_loop
+
     model, tokenizer = _load_for_inference(args)
-    chat_loop(model, tokenizer, system_prompt=args.system, max_new_tokens=args.max_new_tokens,
-              temperature=args.temperature, top_p=args.top_p)
+    chat_loop(
+        model,
+        tokenizer,
+        system_prompt=args.system,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+    )
     return 0
 
 
 def cmd_merge(args) -> int:
     import lorafuse
-    out = lorafuse.merge(args.model, args.adapter, args.out, dtype=args.dtype, from_16bit=args.from_16bit,
-                         check=not args.no_check)
+
+    out = lorafuse.merge(
+        args.model, args.adapter, args.out, dtype=args.dtype, from_16bit=args.from_16bit, check=not args.no_check
+    )
     diff = getattr(out, "max_logit_diff", None)
-    print(f"merged model written to {out}" + (f" (max logit difference vs base+adapter: {diff:.3g})"
-                                               if diff is not None else ""))
+    print(
+        f"merged model written to {out}"
+        + (f" (max logit difference vs base+adapter: {diff:.3g})" if diff is not None else "")
+    )
     return 0
 
 
 def cmd_env(args) -> int:
     from lorafuse.env import print_env
+
     print_env()
     return 0
 
@@ -128,6 +153,7 @@ def cmd_env(args) -> int:
 def cmd_plan(args) -> int:
     cfg = _load(args)
     from lorafuse.plan.cli import plan_command
+
     extra = {"gpu": args.gpu} if args.gpu else {}
     rc = plan_command(cfg, gpu_memory=args.gpu_memory, as_json=args.json, **extra)
     return rc if isinstance(rc, int) else 0
@@ -135,18 +161,26 @@ def cmd_plan(args) -> int:
 
 def cmd_bench(argv: list[str]) -> int:
     from lorafuse.bench import main as bench_main
+
     rc = bench_main(argv)
     return rc if isinstance(rc, int) else 0
 
 
 def _add_inference_args(p: argparse.ArgumentParser, temperature: float, top_p: float) -> None:
-    p.add_argument("--model", required=True, help="base model: hub id or folder (the one the adapter was "
-                   "trained on)")
+    p.add_argument("--model", required=True, help="base model: hub id or folder (the one the adapter was trained on)")
     p.add_argument("--adapter", help="adapter folder written by `lorafuse train` (or peft)")
-    p.add_argument("--quant", choices=["nf4", "none"], default="nf4", help="load the base in NF4 "
-                   "(as QLoRA trained it) or unquantized (default: nf4)")
-    p.add_argument("--compute-dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
-                   help="matmul dtype (default: auto)")
+    p.add_argument(
+        "--quant",
+        choices=["nf4", "none"],
+        default="nf4",
+        help="load the base in NF4 (as QLoRA trained it) or unquantized (default: nf4)",
+    )
+    p.add_argument(
+        "--compute-dtype",
+        default="auto",
+        choices=["auto", "bfloat16", "float16", "float32"],
+        help="matmul dtype (default: auto)",
+    )
     p.add_argument("--max-new-tokens", type=int, default=256, help="default: 256")
     p.add_argument("--temperature", type=float, default=temperature, help=f"0 = greedy (default: {temperature})")
     p.add_argument("--top-p", type=float, default=top_p, help=f"nucleus sampling threshold (default: {top_p})")
@@ -157,44 +191,75 @@ _FMT = argparse.RawDescriptionHelpFormatter
 
 def _add(parent, name: str, func, help_text: str, usage: str | None = None) -> argparse.ArgumentParser:
     """A subcommand parser with its example epilog and the --debug flag (also accepted after the command)."""
-    p = parent.add_parser(name, help=help_text, description=help_text, usage=usage,
-                          epilog=_EPILOG.get(name), formatter_class=_FMT)
-    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
-                   help="show the full traceback on errors")
+    p = parent.add_parser(
+        name, help=help_text, description=help_text, usage=usage, epilog=_EPILOG.get(name), formatter_class=_FMT
+    )
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show the full traceback on errors")
     p.set_defaults(func=func)
     return p
 
 
 def _add_items(p: argparse.ArgumentParser) -> None:
-    p.add_argument("items", nargs="*", metavar="CONFIG key=value",
-                   help="a YAML config (default: the built-in demo), then dotted-key overrides")
+    p.add_argument(
+        "items",
+        nargs="*",
+        metavar="CONFIG key=value",
+        help="a YAML config (default: the built-in demo), then dotted-key overrides",
+    )
 
 
 def _add_config_commands(sub) -> None:
     """Commands that take a run config: train, data preview, plan."""
-    p = _add(sub, "train", cmd_train, "train an adapter from a YAML config", usage="lorafuse train [CONFIG] "
-             "[key=value ...] [--resume PATH | --no-resume] [--force] [--debug]")
+    p = _add(
+        sub,
+        "train",
+        cmd_train,
+        "train an adapter from a YAML config",
+        usage="lorafuse train [CONFIG] [key=value ...] [--resume PATH | --no-resume] [--force] [--debug]",
+    )
     _add_items(p)
     group = p.add_mutually_exclusive_group()
-    group.add_argument("--resume", metavar="PATH", help="resume from this checkpoint folder "
-                       "(default: the latest checkpoint in output.dir, if any)")
+    group.add_argument(
+        "--resume",
+        metavar="PATH",
+        help="resume from this checkpoint folder (default: the latest checkpoint in output.dir, if any)",
+    )
     group.add_argument("--no-resume", action="store_true", help="start from scratch even if checkpoints exist")
-    p.add_argument("--force", action="store_true", help="go ahead even when a checkpoint's config differs "
-                   "from this one or the output folder holds another run")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="go ahead even when a checkpoint's config differs from this one or the output folder holds another run",
+    )
 
-    data = sub.add_parser("data", help="inspect training data", description="inspect training data",
-                          epilog=_EPILOG["preview"], formatter_class=_FMT)
+    data = sub.add_parser(
+        "data",
+        help="inspect training data",
+        description="inspect training data",
+        epilog=_EPILOG["preview"],
+        formatter_class=_FMT,
+    )
     data_sub = data.add_subparsers(dest="data_command", metavar="COMMAND", required=True)
-    p = _add(data_sub, "preview", cmd_preview, "show rendered rows, masks and length statistics",
-             usage="lorafuse data preview [CONFIG] [key=value ...] [-n N] [--debug]")
+    p = _add(
+        data_sub,
+        "preview",
+        cmd_preview,
+        "show rendered rows, masks and length statistics",
+        usage="lorafuse data preview [CONFIG] [key=value ...] [-n N] [--debug]",
+    )
     _add_items(p)
     p.add_argument("-n", type=int, default=5, help="rows to show (default: 5)")
 
-    p = _add(sub, "plan", cmd_plan, "estimate memory and check that a run fits before using a GPU",
-             usage="lorafuse plan [CONFIG] [key=value ...] [--gpu-memory SIZE] [--gpu NAME] [--json] [--debug]")
+    p = _add(
+        sub,
+        "plan",
+        cmd_plan,
+        "estimate memory and check that a run fits before using a GPU",
+        usage="lorafuse plan [CONFIG] [key=value ...] [--gpu-memory SIZE] [--gpu NAME] [--json] [--debug]",
+    )
     _add_items(p)
-    p.add_argument("--gpu-memory", metavar="SIZE", help="plan for this much GPU memory, e.g. 15GiB "
-                   "(default: the visible GPU)")
+    p.add_argument(
+        "--gpu-memory", metavar="SIZE", help="plan for this much GPU memory, e.g. 15GiB (default: the visible GPU)"
+    )
     p.add_argument("--gpu", metavar="NAME", help="the card, for the speed estimate, e.g. T4 or A100-80GB")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
 
@@ -214,29 +279,44 @@ def _add_model_commands(sub) -> None:
     p.add_argument("--model", required=True, help="base model: hub id or folder")
     p.add_argument("--adapter", required=True, help="adapter folder")
     p.add_argument("--out", required=True, help="output folder for the merged model")
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
-                   help="dtype of the saved model (default: bfloat16)")
-    p.add_argument("--from-16bit", action="store_true", help="add the adapter to the original 16-bit base "
-                   "weights instead of the dequantized NF4 weights it was trained against")
+    p.add_argument(
+        "--dtype",
+        default="bfloat16",
+        choices=["bfloat16", "float16", "float32"],
+        help="dtype of the saved model (default: bfloat16)",
+    )
+    p.add_argument(
+        "--from-16bit",
+        action="store_true",
+        help="add the adapter to the original 16-bit base "
+        "weights instead of the dequantized NF4 weights it was trained against",
+    )
     p.add_argument("--no-check", action="store_true", help="skip the logit check of the merged model")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lorafuse", description="Fast LoRA and QLoRA fine-tuning.",
-                                     epilog=_EPILOG["main"], formatter_class=_FMT)
+    parser = argparse.ArgumentParser(
+        prog="lorafuse", description="Fast LoRA and QLoRA fine-tuning.", epilog=_EPILOG["main"], formatter_class=_FMT
+    )
     parser.add_argument("--debug", action="store_true", help="show the full traceback on errors")
     parser.add_argument("--version", action="version", version=f"lorafuse {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_config_commands(sub)
     _add_model_commands(sub)
     _add(sub, "env", cmd_env, "print versions, GPUs and the dtype `auto` picks")
-    _add(sub, "bench", None, "run benchmarks (arguments pass through to the benchmark runner)",
-         usage="lorafuse bench [ARGS ...]")
+    _add(
+        sub,
+        "bench",
+        None,
+        "run benchmarks (arguments pass through to the benchmark runner)",
+        usage="lorafuse bench [ARGS ...]",
+    )
     return parser
 
 
 def _version() -> str:
     from lorafuse import __version__
+
     return __version__
 
 
@@ -245,6 +325,7 @@ def _report(err: LorafuseError) -> None:
         return
     from rich.console import Console
     from rich.text import Text
+
     text = Text(f"error: {err.problem}", style="bold red")
     if err.fix:
         text.append(f"\n  fix: {err.fix}", style="red")
@@ -280,6 +361,7 @@ def main(argv: list[str] | None = None) -> int:
     except LorafuseError as err:
         if debug:
             import traceback
+
             traceback.print_exc()
         _report(err)
         return 2

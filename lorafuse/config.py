@@ -38,11 +38,22 @@ LLAMA_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_pr
 SECTIONS = ("model", "lora", "data", "train", "output")
 
 # Keys that may differ between a run and its resume without changing the optimisation math.
-RESUME_MUTABLE_KEYS = frozenset({
-    "train.epochs", "train.max_steps", "train.save_every", "train.save_total_limit", "train.eval_every",
-    "train.eval_batch_size", "train.log_every", "train.early_stopping_patience", "train.nan_tolerance",
-    "train.fast_path", "output.dir", "data.cache_dir",
-})
+RESUME_MUTABLE_KEYS = frozenset(
+    {
+        "train.epochs",
+        "train.max_steps",
+        "train.save_every",
+        "train.save_total_limit",
+        "train.eval_every",
+        "train.eval_batch_size",
+        "train.log_every",
+        "train.early_stopping_patience",
+        "train.nan_tolerance",
+        "train.fast_path",
+        "output.dir",
+        "data.cache_dir",
+    }
+)
 
 
 class _Section(BaseModel):
@@ -61,18 +72,26 @@ class _Section(BaseModel):
 class ModelConfig(_Section):
     """The base model and how it is loaded."""
 
-    path: str = Field(description="Hugging Face hub id or local folder of the base model "
-                      f"(`{BUILTIN_MODEL}` builds a tiny random model for trying lorafuse on a CPU).")
-    quant: Literal["nf4", "none"] = Field("nf4", description="`nf4`: QLoRA, base linears stored in 4-bit "
-                                          "NormalFloat; `none`: LoRA on a 16/32-bit base.")
+    path: str = Field(
+        description="Hugging Face hub id or local folder of the base model "
+        f"(`{BUILTIN_MODEL}` builds a tiny random model for trying lorafuse on a CPU)."
+    )
+    quant: Literal["nf4", "none"] = Field(
+        "nf4", description="`nf4`: QLoRA, base linears stored in 4-bit NormalFloat; `none`: LoRA on a 16/32-bit base."
+    )
     compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
-        "auto", description="Dtype of matmuls and activations. `auto`: bfloat16 where the GPU supports it, "
-        "float16 on older GPUs (T4, V100), float32 on a CPU.")
+        "auto",
+        description="Dtype of matmuls and activations. `auto`: bfloat16 where the GPU supports it, "
+        "float16 on older GPUs (T4, V100), float32 on a CPU.",
+    )
     double_quant: bool = Field(True, description="Quantize the NF4 block scales too (saves ~0.37 bit/param).")
     blocksize: int = Field(64, description="NF4 block size (weights per scale): a power of two, 32 to 4096.")
     trust_remote_code: bool = Field(False, description="Allow model code from the hub repository to run.")
-    attn_implementation: str | None = Field(None, description="transformers attention backend "
-                                            "(`sdpa`, `eager`, `flash_attention_2`); null: transformers' default.")
+    attn_implementation: str | None = Field(
+        None,
+        description="transformers attention backend "
+        "(`sdpa`, `eager`, `flash_attention_2`); null: transformers' default.",
+    )
 
     @field_validator("blocksize")
     @classmethod
@@ -85,21 +104,35 @@ class ModelConfig(_Section):
 class LoraConfig(_Section):
     """The adapter: W' = W + (alpha/r) B A on each targeted linear layer."""
 
-    r: int = Field(16, ge=1, description="LoRA rank (A is r x in, B is out x r). 8 general, 16 recommended, "
-                   "32-64 for large changes.")
-    alpha: float = Field(32.0, gt=0, description="Scale numerator: updates are scaled by alpha/r "
-                         "(alpha/sqrt(r) with rslora). Rule of thumb: 2 x r.")
+    r: int = Field(
+        16,
+        ge=1,
+        description="LoRA rank (A is r x in, B is out x r). 8 general, 16 recommended, 32-64 for large changes.",
+    )
+    alpha: float = Field(
+        32.0,
+        gt=0,
+        description="Scale numerator: updates are scaled by alpha/r (alpha/sqrt(r) with rslora). Rule of thumb: 2 x r.",
+    )
     dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the adapter's input; 0.1 against overfitting.")
-    targets: str | list[str] = Field(default_factory=lambda: list(LLAMA_PROJECTIONS), description=(
-        "Which linear layers get adapters: a list of module names (each matching the end of a full module "
-        "name, as in peft), `all-linear` (every linear except the output head), or one regex that must match "
-        "a full module name."))
+    targets: str | list[str] = Field(
+        default_factory=lambda: list(LLAMA_PROJECTIONS),
+        description=(
+            "Which linear layers get adapters: a list of module names (each matching the end of a full module "
+            "name, as in peft), `all-linear` (every linear except the output head), or one regex that must match "
+            "a full module name."
+        ),
+    )
     rslora: bool = Field(False, description="Rank-stabilised scaling alpha/sqrt(r) instead of alpha/r.")
     dora: bool = Field(False, description="DoRA: learn a per-output magnitude vector as well.")
-    modules_to_save: list[str] | None = Field(None, description="Modules trained in full and saved with the "
-                                              "adapter (e.g. `[lm_head]`); this makes the adapter much larger.")
-    init: Literal["kaiming", "gaussian"] = Field("kaiming", description="Initialisation of A "
-                                                 "(B starts at zero, so training starts from the base model).")
+    modules_to_save: list[str] | None = Field(
+        None,
+        description="Modules trained in full and saved with the "
+        "adapter (e.g. `[lm_head]`); this makes the adapter much larger.",
+    )
+    init: Literal["kaiming", "gaussian"] = Field(
+        "kaiming", description="Initialisation of A (B starts at zero, so training starts from the base model)."
+    )
 
     @field_validator("targets", mode="before")
     @classmethod
@@ -109,6 +142,7 @@ class LoraConfig(_Section):
                 raise ValueError("must not be empty; use `all-linear` or a list such as [q_proj, v_proj]")
             if value != "all-linear":
                 import re
+
                 try:
                     re.compile(value)
                 except re.error as exc:
@@ -124,24 +158,41 @@ class LoraConfig(_Section):
 class DataConfig(_Section):
     """The training data and how rows become token sequences."""
 
-    path: str = Field(description="JSONL/JSON/CSV/Parquet file, folder, or hub data set id "
-                      f"(`{BUILTIN_DATA}`: the bundled sample rows).")
+    path: str = Field(
+        description="JSONL/JSON/CSV/Parquet file, folder, or hub data set id "
+        f"(`{BUILTIN_DATA}`: the bundled sample rows)."
+    )
     format: Literal["alpaca", "dolly", "dolly-ja", "sharegpt", "messages", "prompt-completion", "text"] = Field(
-        "alpaca", description="Row layout: alpaca (instruction/input/output), dolly (instruction/context/"
+        "alpaca",
+        description="Row layout: alpaca (instruction/input/output), dolly (instruction/context/"
         "response), dolly-ja (instruction/input/output with the seed's Japanese headings), sharegpt "
-        "(conversations), messages (OpenAI role/content), prompt-completion, text (raw text).")
-    fields: dict[str, str] = Field(default_factory=dict, description="Rename columns: our field name -> "
-                                   "the file's column name, e.g. `{instruction: question, output: answer}`.")
-    max_length: int = Field(512, ge=16, description="Tokens per sequence; longer rows are truncated "
-                            "(`lorafuse data preview` shows the length statistics).")
-    val_size: float = Field(0.0, ge=0, description="Validation split held out of `path`: a fraction "
-                            "(< 1) or a row count (>= 1). 0: no split.")
+        "(conversations), messages (OpenAI role/content), prompt-completion, text (raw text).",
+    )
+    fields: dict[str, str] = Field(
+        default_factory=dict,
+        description="Rename columns: our field name -> "
+        "the file's column name, e.g. `{instruction: question, output: answer}`.",
+    )
+    max_length: int = Field(
+        512,
+        ge=16,
+        description="Tokens per sequence; longer rows are truncated "
+        "(`lorafuse data preview` shows the length statistics).",
+    )
+    val_size: float = Field(
+        0.0,
+        ge=0,
+        description="Validation split held out of `path`: a fraction (< 1) or a row count (>= 1). 0: no split.",
+    )
     val_path: str | None = Field(None, description="A separate validation file (instead of val_size).")
     completion_only: bool = Field(True, description="Train only on the response tokens (prompt tokens masked).")
     packing: bool = Field(False, description="Pack several rows per sequence (no cross-row attention).")
-    template: Literal["auto", "chat", "plain"] = Field("auto", description="Prompt rendering: the tokenizer's "
-                                                      "chat template, the format's plain template, or auto "
-                                                      "(chat when the tokenizer has a template).")
+    template: Literal["auto", "chat", "plain"] = Field(
+        "auto",
+        description="Prompt rendering: the tokenizer's "
+        "chat template, the format's plain template, or auto "
+        "(chat when the tokenizer has a template).",
+    )
     system_prompt: str | None = Field(None, description="System message prepended to every conversation.")
     split: str = Field("train", description="Split to read from a hub data set.")
     num_rows: int | None = Field(None, ge=1, description="Use only the first N rows (quick trials).")
@@ -158,8 +209,9 @@ class DataConfig(_Section):
     @model_validator(mode="after")
     def _one_validation_source(self) -> DataConfig:
         if self.val_path and self.val_size:
-            raise ValueError("data.val_path and data.val_size are both set: set one of them "
-                             "(data.val_size=0 to use the file)")
+            raise ValueError(
+                "data.val_path and data.val_size are both set: set one of them (data.val_size=0 to use the file)"
+            )
         return self
 
 
@@ -167,75 +219,112 @@ class TrainConfig(_Section):
     """The optimisation: schedule, batch, optimizer, checkpoints."""
 
     epochs: float = Field(1.0, gt=0, description="Passes over the training data (fractions allowed).")
-    max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps "
-                                  "(overrides epochs); null: run all epochs.")
-    micro_batch_size: int = Field(4, ge=1, description="Sequences per forward/backward pass "
-                                  "(lower it first on out-of-memory).")
-    grad_accum: int = Field(4, ge=1, description="Micro-batches per optimizer step; the effective batch is "
-                            "micro_batch_size x grad_accum (x GPUs). The loss is normalised by tokens.")
+    max_steps: int | None = Field(
+        None, ge=1, description="Stop after this many optimizer steps (overrides epochs); null: run all epochs."
+    )
+    micro_batch_size: int = Field(
+        4, ge=1, description="Sequences per forward/backward pass (lower it first on out-of-memory)."
+    )
+    grad_accum: int = Field(
+        4,
+        ge=1,
+        description="Micro-batches per optimizer step; the effective batch is "
+        "micro_batch_size x grad_accum (x GPUs). The loss is normalised by tokens.",
+    )
     lr: float = Field(2e-4, gt=0, description="Peak learning rate.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay on the adapter weights.")
-    warmup_steps: float = Field(0.03, ge=0, description="Linear warmup: a fraction of all steps (< 1) "
-                                "or a step count (>= 1).")
+    warmup_steps: float = Field(
+        0.03, ge=0, description="Linear warmup: a fraction of all steps (< 1) or a step count (>= 1)."
+    )
     scheduler: Literal["cosine", "linear", "constant"] = Field("cosine", description="LR decay after warmup.")
     max_grad_norm: float | None = Field(1.0, gt=0, description="Clip the gradient norm; null: no clipping.")
     optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit"] = Field(
-        "paged_adamw_8bit", description="AdamW with fp32 states, 8-bit states, or 8-bit paged states "
-        "(no memory spikes; CUDA only).")
+        "paged_adamw_8bit",
+        description="AdamW with fp32 states, 8-bit states, or 8-bit paged states (no memory spikes; CUDA only).",
+    )
     gradient_checkpointing: bool | Literal["offload"] = Field(
-        True, description="Recompute each layer's activations in backward: much less memory, for a second forward "
+        True,
+        description="Recompute each layer's activations in backward: much less memory, for a second forward "
         "pass of compute. offload: also keep each layer's input in pinned CPU memory until its backward (long "
-        "sequences on small GPUs; costs PCIe traffic and host memory).")
+        "sequences on small GPUs; costs PCIe traffic and host memory).",
+    )
     uncheckpointed_layers: int = Field(
-        0, ge=0, description="With gradient checkpointing, the last N decoder layers save their activations instead "
+        0,
+        ge=0,
+        description="With gradient checkpointing, the last N decoder layers save their activations instead "
         "of recomputing them in the backward: each saves about a third of its compute for its saved activations "
-        "(~0.2 GiB per layer of a 7B at 2048 tokens a micro-batch). `lorafuse plan` shows the memory.")
+        "(~0.2 GiB per layer of a 7B at 2048 tokens a micro-batch). `lorafuse plan` shows the memory.",
+    )
     embeddings_on_host: bool = Field(
-        False, description="Keep the frozen input embedding in pinned CPU memory, read by the GPU in place: frees "
+        False,
+        description="Keep the frozen input embedding in pinned CPU memory, read by the GPU in place: frees "
         "vocab x hidden x 2 bytes of GPU memory (0.24 GiB for Llama-2-7B, 0.98 GiB for Llama-3-8B) for a little "
-        "PCIe traffic per step. CUDA only; not for an embedding tied to the output head.")
+        "PCIe traffic per step. CUDA only; not for an embedding tied to the output head.",
+    )
     head_on_host: bool = Field(
-        False, description="Keep the frozen output head in pinned CPU memory between losses: a device copy is "
+        False,
+        description="Keep the frozen output head in pinned CPU memory between losses: a device copy is "
         "staged during each forward (a PCIe copy of vocab x hidden x 2 bytes, overlapped with the forward's "
         "second half) and freed after the loss, so the backward, where the step peaks, runs without it (0.24 GiB "
         "for Llama-2-7B, 0.98 GiB for Llama-3-8B). Where that takes less memory (short micro-batches), the copy "
         "streams through the loss in ~32 MiB vocabulary chunks instead. CUDA only; not for a head tied to the input "
-        "embedding.")
+        "embedding.",
+    )
     dequant_cap_mib: int = Field(
-        0, ge=0, description="QLoRA on the fast path: an NF4 weight whose 16-bit copy exceeds this many MiB is "
+        0,
+        ge=0,
+        description="QLoRA on the fast path: an NF4 weight whose 16-bit copy exceeds this many MiB is "
         "dequantized and multiplied in row parts, so the one dense weight on the peak shrinks (Llama-2-7B's MLP "
-        "weights: 86 MiB -> 43 MiB at 48) for ~1% of step time. 0: whole weights. `lorafuse plan` counts it.")
+        "weights: 86 MiB -> 43 MiB at 48) for ~1% of step time. 0: whole weights. `lorafuse plan` counts it.",
+    )
     fp8: bool = Field(
-        False, description="Run the frozen base weights' GEMMs in FP8 (e4m3, one scale per token and per weight "
+        False,
+        description="Run the frozen base weights' GEMMs in FP8 (e4m3, one scale per token and per weight "
         "row; NF4 weights are decoded straight to 8 bits): the forward's, the checkpoint recompute's and, for NF4 "
         "weights, the backward's input gradient (LORAFUSE_FP8_BACKWARD=0 keeps that one bf16). A 7B QLoRA step ~1.35x "
         "faster on an H200, for ~3.7% relative error per projection output (bf16: ~0.2%). The LoRA products and "
         "gradients and the loss stay bf16; generation after training runs bf16. Needs compute capability 8.9+ (Ada, "
         "Hopper), bf16 compute and the fast path (train.fast_path auto or on, no DoRA); else the run stops at start-up "
-        "with the reason. Compare your loss curve with it off (benchmarks/loss_curves.py runs both).")
-    save_every: int | None = Field(None, ge=1, description="Checkpoint every N optimizer steps; "
-                                   "null: at the end of each epoch (always at the end of training).")
+        "with the reason. Compare your loss curve with it off (benchmarks/loss_curves.py runs both).",
+    )
+    save_every: int | None = Field(
+        None,
+        ge=1,
+        description="Checkpoint every N optimizer steps; "
+        "null: at the end of each epoch (always at the end of training).",
+    )
     save_total_limit: int = Field(3, ge=1, description="Checkpoints kept on disk; older ones are deleted.")
-    eval_every: int | None = Field(None, ge=1, description="Evaluate every N optimizer steps; null: at the "
-                                   "end of each epoch when there is validation data.")
-    eval_batch_size: int | None = Field(None, ge=1, description="Sequences per eval batch; "
-                                        "null: micro_batch_size.")
-    early_stopping_patience: int | None = Field(None, ge=1, description="Stop after this many evaluations "
-                                                "without a better validation loss; null: never.")
+    eval_every: int | None = Field(
+        None,
+        ge=1,
+        description="Evaluate every N optimizer steps; null: at the end of each epoch when there is validation data.",
+    )
+    eval_batch_size: int | None = Field(None, ge=1, description="Sequences per eval batch; null: micro_batch_size.")
+    early_stopping_patience: int | None = Field(
+        None, ge=1, description="Stop after this many evaluations without a better validation loss; null: never."
+    )
     log_every: int = Field(1, ge=1, description="Log loss/LR every N optimizer steps.")
     seed: int = Field(42, ge=0, description="Seed for adapter init, shuffling and dropout.")
-    nan_tolerance: int = Field(5, ge=0, description="Skipped steps with NaN/inf loss allowed before "
-                               "the run stops with an error.")
-    auto_fit: bool = Field(False, description="Before training, apply `lorafuse plan`'s fastest setting that fits "
-                           "the GPU (micro-batch and accumulation with the effective batch kept, checkpointing, "
-                           "max_length as a last resort). An out-of-memory step is retried once smaller either way.")
+    nan_tolerance: int = Field(
+        5, ge=0, description="Skipped steps with NaN/inf loss allowed before the run stops with an error."
+    )
+    auto_fit: bool = Field(
+        False,
+        description="Before training, apply `lorafuse plan`'s fastest setting that fits "
+        "the GPU (micro-batch and accumulation with the effective batch kept, checkpointing, "
+        "max_length as a last resort). An out-of-memory step is retried once smaller either way.",
+    )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when available, else CPU.")
-    fast_path: Literal["auto", "on", "off"] = Field("auto", description="Fused Triton kernels: auto (on a CUDA "
-                                                    "GPU with triton), on (error if unavailable), off.")
-    cuda_graphs: Literal["auto", "off"] = Field("auto", description="auto: with the fast path on one GPU, each "
-                                                "micro-batch's forward + backward replays as one CUDA graph once its "
-                                                "shape repeats (packed rows; padded rows are rounded to a multiple of "
-                                                "64 on CUDA, so a few shapes); the reason is printed when it cannot.")
+    fast_path: Literal["auto", "on", "off"] = Field(
+        "auto", description="Fused Triton kernels: auto (on a CUDA GPU with triton), on (error if unavailable), off."
+    )
+    cuda_graphs: Literal["auto", "off"] = Field(
+        "auto",
+        description="auto: with the fast path on one GPU, each "
+        "micro-batch's forward + backward replays as one CUDA graph once its "
+        "shape repeats (packed rows; padded rows are rounded to a multiple of "
+        "64 on CUDA, so a few shapes); the reason is printed when it cannot.",
+    )
 
     @field_validator("fast_path", "cuda_graphs", mode="before")
     @classmethod
@@ -270,11 +359,14 @@ class RunConfig(_Section):
     def _needs_validation_data(self) -> RunConfig:
         has_val = bool(self.data.val_size or self.data.val_path)
         if self.train.early_stopping_patience and not has_val:
-            raise ValueError("train.early_stopping_patience needs validation data: set data.val_size "
-                             "(e.g. 0.05) or data.val_path")
+            raise ValueError(
+                "train.early_stopping_patience needs validation data: set data.val_size (e.g. 0.05) or data.val_path"
+            )
         if self.train.eval_every and not has_val:
-            raise ValueError("train.eval_every is set but there is no validation data: set data.val_size "
-                             "(e.g. 0.05) or data.val_path, or train.eval_every=null")
+            raise ValueError(
+                "train.eval_every is set but there is no validation data: set data.val_size "
+                "(e.g. 0.05) or data.val_path, or train.eval_every=null"
+            )
         return self
 
 
@@ -288,9 +380,19 @@ def demo_config() -> RunConfig:
         # to come out as a sentence of the data's style ending at EOS. A pretrained model needs no such thing.
         lora=LoraConfig(r=8, alpha=16, dropout=0.0, modules_to_save=["lm_head"]),
         data=DataConfig(path=BUILTIN_DATA, format="alpaca", max_length=256, val_size=0.1),
-        train=TrainConfig(max_steps=300, micro_batch_size=8, grad_accum=1, lr=3e-3, warmup_steps=5,
-                          optimizer="adamw", gradient_checkpointing=False, eval_every=100, save_every=100,
-                          log_every=10, device="auto"),
+        train=TrainConfig(
+            max_steps=300,
+            micro_batch_size=8,
+            grad_accum=1,
+            lr=3e-3,
+            warmup_steps=5,
+            optimizer="adamw",
+            gradient_checkpointing=False,
+            eval_every=100,
+            save_every=100,
+            log_every=10,
+            device="auto",
+        ),
         output=OutputConfig(dir="runs/demo"),
     )
 
@@ -318,6 +420,7 @@ def validate_config(raw: dict, source: str = "config", from_cli: typing.Iterable
         return RunConfig.model_validate(raw)
     except ValidationError as exc:
         from lorafuse.config_errors import validation_error_to_config_error
+
         raise validation_error_to_config_error(exc, source, set(from_cli)) from None
 
 
@@ -325,9 +428,12 @@ def _split_override(item: str) -> tuple[str, Any]:
     key, sep, text = item.partition("=")
     key = key.strip()
     if not sep or not key or any(not part for part in key.split(".")):
-        raise ConfigError(f"override {item!r} is not of the form key=value",
-                          "write dotted keys with a value, e.g. lora.r=32 or train.max_steps=null")
+        raise ConfigError(
+            f"override {item!r} is not of the form key=value",
+            "write dotted keys with a value, e.g. lora.r=32 or train.max_steps=null",
+        )
     from lorafuse.config_errors import check_key_path
+
     check_key_path(key, origin=f"override {item!r}")
     return key, parse_override_value(text)
 

@@ -24,39 +24,78 @@ from pydantic import BaseModel, ValidationError
 from lorafuse.errors import ConfigError
 
 ALIASES = {
-    "rank": "lora.r", "lora_r": "lora.r", "lora_rank": "lora.r",
-    "lora_alpha": "lora.alpha", "scale": "lora.alpha",
+    "rank": "lora.r",
+    "lora_r": "lora.r",
+    "lora_rank": "lora.r",
+    "lora_alpha": "lora.alpha",
+    "scale": "lora.alpha",
     "lora_dropout": "lora.dropout",
-    "target_modules": "lora.targets", "lora_target_modules": "lora.targets", "target": "lora.targets",
-    "lora_target": "lora.targets", "modules": "lora.targets",
-    "use_rslora": "lora.rslora", "use_dora": "lora.dora", "init_lora_weights": "lora.init",
+    "target_modules": "lora.targets",
+    "lora_target_modules": "lora.targets",
+    "target": "lora.targets",
+    "lora_target": "lora.targets",
+    "modules": "lora.targets",
+    "use_rslora": "lora.rslora",
+    "use_dora": "lora.dora",
+    "init_lora_weights": "lora.init",
     "learning_rate": "train.lr",
-    "num_train_epochs": "train.epochs", "num_epochs": "train.epochs", "epoch": "train.epochs",
-    "per_device_train_batch_size": "train.micro_batch_size", "batch_size": "train.micro_batch_size",
-    "micro_batch": "train.micro_batch_size", "train_batch_size": "train.micro_batch_size",
-    "gradient_accumulation_steps": "train.grad_accum", "gradient_accumulation": "train.grad_accum",
-    "accumulation_steps": "train.grad_accum", "grad_accumulation": "train.grad_accum",
-    "optim": "train.optimizer", "lr_scheduler_type": "train.scheduler", "lr_scheduler": "train.scheduler",
-    "warmup_ratio": "train.warmup_steps", "warmup": "train.warmup_steps",
-    "logging_steps": "train.log_every", "save_steps": "train.save_every", "eval_steps": "train.eval_every",
+    "num_train_epochs": "train.epochs",
+    "num_epochs": "train.epochs",
+    "epoch": "train.epochs",
+    "per_device_train_batch_size": "train.micro_batch_size",
+    "batch_size": "train.micro_batch_size",
+    "micro_batch": "train.micro_batch_size",
+    "train_batch_size": "train.micro_batch_size",
+    "gradient_accumulation_steps": "train.grad_accum",
+    "gradient_accumulation": "train.grad_accum",
+    "accumulation_steps": "train.grad_accum",
+    "grad_accumulation": "train.grad_accum",
+    "optim": "train.optimizer",
+    "lr_scheduler_type": "train.scheduler",
+    "lr_scheduler": "train.scheduler",
+    "warmup_ratio": "train.warmup_steps",
+    "warmup": "train.warmup_steps",
+    "logging_steps": "train.log_every",
+    "save_steps": "train.save_every",
+    "eval_steps": "train.eval_every",
     "per_device_eval_batch_size": "train.eval_batch_size",
-    "max_seq_length": "data.max_length", "max_seq_len": "data.max_length", "sequence_len": "data.max_length",
-    "seq_len": "data.max_length", "cutoff_len": "data.max_length", "max_len": "data.max_length",
-    "dataset": "data.path", "dataset_name": "data.path", "data_path": "data.path", "train_file": "data.path",
-    "val_set_size": "data.val_size", "eval_size": "data.val_size", "validation_split": "data.val_size",
-    "test_size": "data.val_size", "val_split": "data.val_size",
+    "max_seq_length": "data.max_length",
+    "max_seq_len": "data.max_length",
+    "sequence_len": "data.max_length",
+    "seq_len": "data.max_length",
+    "cutoff_len": "data.max_length",
+    "max_len": "data.max_length",
+    "dataset": "data.path",
+    "dataset_name": "data.path",
+    "data_path": "data.path",
+    "train_file": "data.path",
+    "val_set_size": "data.val_size",
+    "eval_size": "data.val_size",
+    "validation_split": "data.val_size",
+    "test_size": "data.val_size",
+    "val_split": "data.val_size",
     "output_dir": "output.dir",
-    "model_name_or_path": "model.path", "base_model": "model.path", "model_name": "model.path",
-    "model_id": "model.path", "name": "model.path",
-    "load_in_4bit": "model.quant", "quantization": "model.quant", "bnb_4bit_quant_type": "model.quant",
-    "bnb_4bit_compute_dtype": "model.compute_dtype", "torch_dtype": "model.compute_dtype",
-    "dtype": "model.compute_dtype", "bf16": "model.compute_dtype", "fp16": "model.compute_dtype",
-    "bnb_4bit_use_double_quant": "model.double_quant", "bnb_4bit_blocksize": "model.blocksize",
+    "model_name_or_path": "model.path",
+    "base_model": "model.path",
+    "model_name": "model.path",
+    "model_id": "model.path",
+    "name": "model.path",
+    "load_in_4bit": "model.quant",
+    "quantization": "model.quant",
+    "bnb_4bit_quant_type": "model.quant",
+    "bnb_4bit_compute_dtype": "model.compute_dtype",
+    "torch_dtype": "model.compute_dtype",
+    "dtype": "model.compute_dtype",
+    "bf16": "model.compute_dtype",
+    "fp16": "model.compute_dtype",
+    "bnb_4bit_use_double_quant": "model.double_quant",
+    "bnb_4bit_blocksize": "model.blocksize",
 }
 
 
 def _run_config() -> type[BaseModel]:
     from lorafuse.config import RunConfig
+
     return RunConfig
 
 
@@ -103,12 +142,16 @@ def check_key_path(key: str, origin: str) -> None:
         if not (isinstance(model, type) and issubclass(model, BaseModel)):
             if typing.get_origin(model) is dict:
                 return
-            raise ConfigError(f"{origin}: '{prefix}' is a value, not a section, so '{key}' does not exist",
-                              f"set '{prefix}' itself, e.g. {prefix}=...")
+            raise ConfigError(
+                f"{origin}: '{prefix}' is a value, not a section, so '{key}' does not exist",
+                f"set '{prefix}' itself, e.g. {prefix}=...",
+            )
         if part not in model.model_fields:
             line, guess = _unknown_key_line(model, prefix, part)
-            raise ConfigError(f"{origin}: {line}", f"write {guess}=..." if guess else
-                              "use a key from the config reference (README), e.g. lora.r=32")
+            raise ConfigError(
+                f"{origin}: {line}",
+                f"write {guess}=..." if guess else "use a key from the config reference (README), e.g. lora.r=32",
+            )
         model = model.model_fields[part].annotation
 
 
@@ -141,8 +184,13 @@ def _allowed_range(info) -> str:
 
 
 _TYPE_WORDS = {
-    "int": "a whole number", "float": "a number", "bool": "true or false", "string": "a text string",
-    "list": "a list, e.g. [a, b]", "dict": "a mapping", "model": "a section (a mapping of keys)",
+    "int": "a whole number",
+    "float": "a number",
+    "bool": "true or false",
+    "string": "a text string",
+    "list": "a list, e.g. [a, b]",
+    "dict": "a mapping",
+    "model": "a section (a mapping of keys)",
 }
 
 
@@ -154,7 +202,7 @@ def _problem_line(err: dict) -> str:
     if kind == "missing":
         return f"'{path}' is required but missing"
     if msg.startswith("Value error, "):
-        msg = msg[len("Value error, "):]
+        msg = msg[len("Value error, ") :]
     section_level = info is None or (isinstance(info.annotation, type) and issubclass(info.annotation, BaseModel))
     if kind == "value_error" and section_level:
         return msg  # a cross-key check: its message names the keys itself
@@ -187,8 +235,9 @@ def validation_error_to_config_error(exc: ValidationError, source: str, from_cli
         problem = f"invalid config ({source}): {lines[0]}"
     else:
         problem = f"invalid config ({source}), {len(lines)} problems:\n" + "\n".join(f"  - {x}" for x in lines)
-    fix = ("correct the key(s) above; every key, its type, default and allowed values are in the README's "
-           "config reference")
+    fix = (
+        "correct the key(s) above; every key, its type, default and allowed values are in the README's config reference"
+    )
     error = ConfigError(problem, fix)
     error.problems = lines
     return error

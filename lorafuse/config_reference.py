@@ -34,8 +34,14 @@ def config_reference_markdown() -> str:
     lines: list[str] = []
     for section, field in RunConfig.model_fields.items():
         model = field.annotation
-        lines += [f"### `{section}`", "", model.__doc__.strip(), "",
-                  "| key | type | default | description |", "|---|---|---|---|"]
+        lines += [
+            f"### `{section}`",
+            "",
+            model.__doc__.strip(),
+            "",
+            "| key | type | default | description |",
+            "|---|---|---|---|",
+        ]
         for name, info in model.model_fields.items():
             if info.is_required():
                 default = "required"

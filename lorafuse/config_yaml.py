@@ -18,12 +18,15 @@ import yaml
 
 from lorafuse.errors import ConfigError
 
-_YAML12_FLOAT = re.compile(r"""^[-+]?(?:
+_YAML12_FLOAT = re.compile(
+    r"""^[-+]?(?:
       [0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?
     | [0-9][0-9_]*[eE][-+]?[0-9]+
     | \.[0-9_]+(?:[eE][-+]?[0-9]+)?
     | \.(?:inf|Inf|INF)
-    )$|^\.(?:nan|NaN|NAN)$""", re.X)
+    )$|^\.(?:nan|NaN|NAN)$""",
+    re.X,
+)
 
 
 class _ConfigLoader(yaml.SafeLoader):
@@ -42,7 +45,8 @@ class _ConfigLoader(yaml.SafeLoader):
                 continue
             if first != line:
                 raise yaml.constructor.ConstructorError(
-                    None, None, f"duplicate key {key!r} (first set at line {first})", key_node.start_mark)
+                    None, None, f"duplicate key {key!r} (first set at line {first})", key_node.start_mark
+                )
         return super().construct_mapping(node, deep=deep)
 
 
@@ -57,40 +61,50 @@ def _syntax_error(path: Path, text: str, exc: yaml.YAMLError) -> ConfigError:
     line_no, col = mark.line + 1, mark.column + 1
     lines = text.splitlines()
     shown = f"\n    {line_no} | {lines[mark.line]}" if mark.line < len(lines) else ""
-    fix = ("indent with spaces, not tabs" if "\t" in what or "'\\t'" in what else
-           "check the indentation and the ':' after each key; quote values that contain ': ' or start with "
-           "'*', '&', '!', '{', '[' or '%'")
+    fix = (
+        "indent with spaces, not tabs"
+        if "\t" in what or "'\\t'" in what
+        else "check the indentation and the ':' after each key; quote values that contain ': ' or start with "
+        "'*', '&', '!', '{', '[' or '%'"
+    )
     if "duplicate key" in what:
         fix = "keep one of the two entries"
-    return ConfigError(f"YAML error in {path} at line {line_no}, column {col}: {what}{shown}", f"{fix} "
-                       f"(line {line_no}).")
+    return ConfigError(
+        f"YAML error in {path} at line {line_no}, column {col}: {what}{shown}", f"{fix} (line {line_no})."
+    )
 
 
 def read_yaml_mapping(path: Path) -> dict:
     """Parse a config file into a dict; every problem (missing, unreadable, bad YAML, not a mapping) is a
     ConfigError that says what to do."""
     if not path.exists():
-        raise ConfigError(f"config file {path} does not exist",
-                          "check the path (examples/ has ready configs); `lorafuse train` with no config "
-                          "runs the built-in demo")
+        raise ConfigError(
+            f"config file {path} does not exist",
+            "check the path (examples/ has ready configs); `lorafuse train` with no config runs the built-in demo",
+        )
     if path.is_dir():
-        raise ConfigError(f"config path {path} is a folder, not a YAML file",
-                          "pass the YAML file itself, e.g. examples/tiny-cpu.yaml")
+        raise ConfigError(
+            f"config path {path} is a folder, not a YAML file", "pass the YAML file itself, e.g. examples/tiny-cpu.yaml"
+        )
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"cannot read config file {path}: {exc}", "check the file's permissions and "
-                          "that it is UTF-8 text") from None
+        raise ConfigError(
+            f"cannot read config file {path}: {exc}", "check the file's permissions and that it is UTF-8 text"
+        ) from None
     try:
         raw = yaml.load(text, Loader=_ConfigLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as exc:
         raise _syntax_error(path, text, exc) from None
     if raw is None:
-        raise ConfigError(f"config file {path} is empty",
-                          "write at least `model: {path: ...}` and `data: {path: ...}`; see examples/")
+        raise ConfigError(
+            f"config file {path} is empty", "write at least `model: {path: ...}` and `data: {path: ...}`; see examples/"
+        )
     if not isinstance(raw, dict):
-        raise ConfigError(f"config file {path} holds a {type(raw).__name__}, not a mapping of sections",
-                          "the top level must be sections: model, lora, data, train, output (see examples/)")
+        raise ConfigError(
+            f"config file {path} holds a {type(raw).__name__}, not a mapping of sections",
+            "the top level must be sections: model, lora, data, train, output (see examples/)",
+        )
     return raw
 
 

@@ -12,8 +12,19 @@ import importlib.metadata
 import platform
 import sys
 
-PACKAGES = ("lorafuse", "torch", "transformers", "peft", "bitsandbytes", "triton", "safetensors",
-            "tokenizers", "datasets", "pydantic", "accelerate")
+PACKAGES = (
+    "lorafuse",
+    "torch",
+    "transformers",
+    "peft",
+    "bitsandbytes",
+    "triton",
+    "safetensors",
+    "tokenizers",
+    "datasets",
+    "pydantic",
+    "accelerate",
+)
 
 
 def _version(name: str) -> str:
@@ -35,14 +46,17 @@ def _devices() -> tuple[list[str], str]:
     for i in range(torch.cuda.device_count()):
         p = torch.cuda.get_device_properties(i)
         bf16 = "yes" if p.major >= 8 else "no (use float16)"
-        lines.append(f"cuda:{i}  {p.name}  {p.total_memory / 2**30:.1f} GiB  compute capability "
-                     f"{p.major}.{p.minor}  bf16: {bf16}")
+        lines.append(
+            f"cuda:{i}  {p.name}  {p.total_memory / 2**30:.1f} GiB  compute capability "
+            f"{p.major}.{p.minor}  bf16: {bf16}"
+        )
     return lines, f"available, torch built with CUDA {torch.version.cuda}"
 
 
 def _auto_dtype() -> str:
     try:
         from lorafuse.model.load import resolve_compute_dtype
+
         return str(resolve_compute_dtype("auto")).replace("torch.", "")
     except Exception as exc:  # report, don't crash: env must work on a half-broken install
         return f"unknown ({type(exc).__name__}: {exc})"

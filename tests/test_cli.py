@@ -14,8 +14,17 @@ import lorafuse
 from lorafuse.cli import main
 from lorafuse.errors import DataError, ModelError
 
-HELP_COMMANDS = [["train"], ["data"], ["data", "preview"], ["generate"], ["chat"], ["merge"], ["env"], ["plan"],
-                 ["bench"]]
+HELP_COMMANDS = [
+    ["train"],
+    ["data"],
+    ["data", "preview"],
+    ["generate"],
+    ["chat"],
+    ["merge"],
+    ["env"],
+    ["plan"],
+    ["bench"],
+]
 
 
 @pytest.mark.parametrize("command", HELP_COMMANDS, ids=" ".join)
@@ -48,7 +57,9 @@ def record():
         def fn(*args, **kwargs):
             calls.append((args, kwargs))
             return result
+
         return fn
+
     make.calls = calls
     return make
 
@@ -59,11 +70,14 @@ def write_cfg(tmp_path):
     return path
 
 
-@pytest.mark.parametrize("flags, resume, force", [
-    ([], "auto", False),
-    (["--resume", "runs/x/checkpoint-10"], "runs/x/checkpoint-10", False),
-    (["--no-resume", "--force"], None, True),
-])
+@pytest.mark.parametrize(
+    "flags, resume, force",
+    [
+        ([], "auto", False),
+        (["--resume", "runs/x/checkpoint-10"], "runs/x/checkpoint-10", False),
+        (["--no-resume", "--force"], None, True),
+    ],
+)
 def test_train_calls_run_with_config_and_resume(tmp_path, monkeypatch, record, flags, resume, force):
     fake_module(monkeypatch, "lorafuse.train.api", run=record())
     cfg_path = write_cfg(tmp_path)
@@ -106,8 +120,26 @@ def test_generate_and_merge_are_wired(monkeypatch, record, capsys):
     monkeypatch.setitem(vars(lorafuse), "load_adapter", record(result="MODEL+A"))
     monkeypatch.setitem(vars(lorafuse), "generate", record(result="こんにちは"))
     monkeypatch.setitem(vars(lorafuse), "merge", record(result="out/merged"))
-    assert main(["generate", "--model", "m", "--adapter", "a", "--prompt", "hi", "--quant", "none",
-                 "--max-new-tokens", "7", "--temperature", "0.5"]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "--model",
+                "m",
+                "--adapter",
+                "a",
+                "--prompt",
+                "hi",
+                "--quant",
+                "none",
+                "--max-new-tokens",
+                "7",
+                "--temperature",
+                "0.5",
+            ]
+        )
+        == 0
+    )
     assert "こんにちは" in capsys.readouterr().out
     load, adapter, gen = record.calls[:3]
     assert load == (("m",), {"quant": "none", "compute_dtype": "auto"})
@@ -137,6 +169,7 @@ def test_bench_passes_arguments_through(monkeypatch, record):
 def failing(exc):
     def fn(*args, **kwargs):
         raise exc
+
     return fn
 
 
@@ -176,6 +209,7 @@ def test_env_prints_versions_and_auto_dtype(capsys):
     assert main(["env"]) == 0
     out = capsys.readouterr().out
     import torch
+
     assert f"torch: {torch.__version__}" in out
     assert f"python: {sys.version.split()[0]}" in out
     for name in ("transformers:", "peft:", "bitsandbytes:", "triton:", "cuda:", "compute_dtype auto ->"):
@@ -186,14 +220,17 @@ def test_env_prints_versions_and_auto_dtype(capsys):
 
 def _python(code_or_args, **kwargs):
     env = dict(os.environ, PYTHONPATH=os.getcwd())
-    return subprocess.run([sys.executable, *code_or_args], capture_output=True, text=True, env=env, timeout=60,
-                          **kwargs)
+    return subprocess.run(
+        [sys.executable, *code_or_args], capture_output=True, text=True, env=env, timeout=60, **kwargs
+    )
 
 
 def test_help_is_fast_and_imports_nothing_heavy():
-    code = ("import sys; from lorafuse.cli import main; main(['--help']); main(['train', '--help']); "
-            "print('HEAVY', sorted(m for m in ('torch', 'transformers', 'pydantic', 'yaml', 'rich') "
-            "if m in sys.modules))")
+    code = (
+        "import sys; from lorafuse.cli import main; main(['--help']); main(['train', '--help']); "
+        "print('HEAVY', sorted(m for m in ('torch', 'transformers', 'pydantic', 'yaml', 'rich') "
+        "if m in sys.modules))"
+    )
     proc = _python(["-c", code])
     assert proc.returncode == 0, proc.stderr
     assert "HEAVY []" in proc.stdout

@@ -50,15 +50,18 @@ def test_demo_config_is_builtin_and_loaded_without_a_path():
     assert load_config(None) == cfg
 
 
-@pytest.mark.parametrize("yaml_text, expected", [
-    ("lora:\n  rank: 8\n", "did you mean 'lora.r'?"),
-    ("train:\n  learning_rate: 1.0e-4\n", "did you mean 'train.lr'?"),
-    ("train:\n  micro_bach_size: 2\n", "did you mean 'train.micro_batch_size'?"),
-    ("lora:\n  lr: 1.0e-4\n", "did you mean 'train.lr'?"),          # right name, wrong section
-    ("epochs: 3\n", "did you mean 'train.epochs'?"),                 # top level
-    ("loar:\n  r: 8\n", "did you mean 'lora'?"),                     # misspelt section
-    ("data:\n  path: d.jsonl\n  max_seq_length: 1024\n", "did you mean 'data.max_length'?"),
-])
+@pytest.mark.parametrize(
+    "yaml_text, expected",
+    [
+        ("lora:\n  rank: 8\n", "did you mean 'lora.r'?"),
+        ("train:\n  learning_rate: 1.0e-4\n", "did you mean 'train.lr'?"),
+        ("train:\n  micro_bach_size: 2\n", "did you mean 'train.micro_batch_size'?"),
+        ("lora:\n  lr: 1.0e-4\n", "did you mean 'train.lr'?"),  # right name, wrong section
+        ("epochs: 3\n", "did you mean 'train.epochs'?"),  # top level
+        ("loar:\n  r: 8\n", "did you mean 'lora'?"),  # misspelt section
+        ("data:\n  path: d.jsonl\n  max_seq_length: 1024\n", "did you mean 'data.max_length'?"),
+    ],
+)
 def test_unknown_key_in_yaml_suggests_nearest(tmp_path, yaml_text, expected):
     base = "model:\n  path: some/model\n" if yaml_text.startswith("data:") else MINIMAL
     path = write(tmp_path, base + yaml_text)
@@ -85,23 +88,26 @@ def test_override_into_a_scalar_and_malformed_override_are_errors(tmp_path):
         load_config(path, ["lora.r"])
 
 
-@pytest.mark.parametrize("override, allowed", [
-    ("lora.r=0", ">= 1"),
-    ("lora.alpha=0", "> 0"),
-    ("lora.dropout=1.0", ">= 0 and < 1"),
-    ("lora.dropout=-0.1", ">= 0 and < 1"),
-    ("train.lr=0", "> 0"),
-    ("train.micro_batch_size=0", ">= 1"),
-    ("train.grad_accum=0", ">= 1"),
-    ("train.epochs=0", "> 0"),
-    ("train.save_total_limit=0", ">= 1"),
-    ("data.max_length=8", ">= 16"),
-    ("data.val_size=-1", ">= 0"),
-    ("model.blocksize=48", "power of two from 32 to 4096"),
-    ("model.blocksize=8192", "power of two from 32 to 4096"),
-    ("data.val_size=2.5", "whole number"),
-    ("train.warmup_steps=10.5", "whole number"),
-])
+@pytest.mark.parametrize(
+    "override, allowed",
+    [
+        ("lora.r=0", ">= 1"),
+        ("lora.alpha=0", "> 0"),
+        ("lora.dropout=1.0", ">= 0 and < 1"),
+        ("lora.dropout=-0.1", ">= 0 and < 1"),
+        ("train.lr=0", "> 0"),
+        ("train.micro_batch_size=0", ">= 1"),
+        ("train.grad_accum=0", ">= 1"),
+        ("train.epochs=0", "> 0"),
+        ("train.save_total_limit=0", ">= 1"),
+        ("data.max_length=8", ">= 16"),
+        ("data.val_size=-1", ">= 0"),
+        ("model.blocksize=48", "power of two from 32 to 4096"),
+        ("model.blocksize=8192", "power of two from 32 to 4096"),
+        ("data.val_size=2.5", "whole number"),
+        ("train.warmup_steps=10.5", "whole number"),
+    ],
+)
 def test_out_of_range_names_key_value_and_allowed(tmp_path, override, allowed):
     key, value = override.split("=")
     with pytest.raises(ConfigError) as info:
@@ -112,22 +118,34 @@ def test_out_of_range_names_key_value_and_allowed(tmp_path, override, allowed):
 
 
 def test_boundary_values_are_accepted(tmp_path):
-    cfg = load_config(write(tmp_path, MINIMAL), ["lora.dropout=0", "model.blocksize=32", "data.max_length=16",
-                                                 "lora.r=1", "data.val_size=0.999", "data.val_size=100"])
+    cfg = load_config(
+        write(tmp_path, MINIMAL),
+        [
+            "lora.dropout=0",
+            "model.blocksize=32",
+            "data.max_length=16",
+            "lora.r=1",
+            "data.val_size=0.999",
+            "data.val_size=100",
+        ],
+    )
     assert (cfg.lora.dropout, cfg.model.blocksize, cfg.data.max_length, cfg.data.val_size) == (0, 32, 16, 100)
     assert load_config(write(tmp_path, MINIMAL), ["model.blocksize=4096"]).model.blocksize == 4096
 
 
-@pytest.mark.parametrize("override, message", [
-    ("lora.r=abc", "must be a whole number"),
-    ("lora.r=2.5", "must be a whole number"),
-    ("lora.r=true", "not true/false"),
-    ("train.gradient_checkpointing=maybe", "must be true or false"),
-    ("train.optimizer=adam", "did you mean 'adamw'?"),
-    ("model.quant=int4", "allowed values are 'nf4' or 'none'"),
-    ("lora.targets=[]", "non-empty list"),
-    ("lora.targets=q_proj(", "not a valid regex"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("lora.r=abc", "must be a whole number"),
+        ("lora.r=2.5", "must be a whole number"),
+        ("lora.r=true", "not true/false"),
+        ("train.gradient_checkpointing=maybe", "must be true or false"),
+        ("train.optimizer=adam", "did you mean 'adamw'?"),
+        ("model.quant=int4", "allowed values are 'nf4' or 'none'"),
+        ("lora.targets=[]", "non-empty list"),
+        ("lora.targets=q_proj(", "not a valid regex"),
+    ],
+)
 def test_wrong_types_and_choices(tmp_path, override, message):
     with pytest.raises(ConfigError) as info:
         load_config(write(tmp_path, MINIMAL), [override])
@@ -162,14 +180,17 @@ def test_cross_key_checks(tmp_path):
 
 
 def test_yaml_syntax_error_names_the_line(tmp_path):
-    path = write(tmp_path, """
+    path = write(
+        tmp_path,
+        """
         model:
           path: some/model
         lora:
           r: [8, 16
         data:
           path: d.jsonl
-        """)
+        """,
+    )
     with pytest.raises(ConfigError) as info:
         load_config(path)
     assert str(path) in info.value.problem
@@ -192,11 +213,14 @@ def test_duplicate_key_is_refused_with_both_lines(tmp_path):
     assert "line 8" in info.value.problem and "first set at line 6" in info.value.problem
 
 
-@pytest.mark.parametrize("text, message", [
-    (None, "does not exist"),
-    ("", "is empty"),
-    ("- a\n- b\n", "not a mapping"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        (None, "does not exist"),
+        ("", "is empty"),
+        ("- a\n- b\n", "not a mapping"),
+    ],
+)
 def test_unusable_files(tmp_path, text, message):
     path = tmp_path / "c.yaml"
     if text is not None:
@@ -213,9 +237,18 @@ def test_exponent_floats_and_empty_sections(tmp_path):
 
 def test_overrides_are_parsed_as_yaml(tmp_path):
     path = write(tmp_path, MINIMAL + "train:\n  max_steps: 100\n")
-    cfg = load_config(path, ["lora.r=32", "lora.targets=[q_proj,v_proj]", "train.max_steps=null",
-                             "train.lr=1e-4", "data.system_prompt=You are: helpful", "model.path=org/name",
-                             "data.fields.instruction=question"])
+    cfg = load_config(
+        path,
+        [
+            "lora.r=32",
+            "lora.targets=[q_proj,v_proj]",
+            "train.max_steps=null",
+            "train.lr=1e-4",
+            "data.system_prompt=You are: helpful",
+            "model.path=org/name",
+            "data.fields.instruction=question",
+        ],
+    )
     assert cfg.lora.r == 32 and isinstance(cfg.lora.r, int)
     assert cfg.lora.targets == ["q_proj", "v_proj"]
     assert cfg.train.max_steps is None
@@ -236,10 +269,12 @@ def test_config_diff_lines_and_resume_mutable_keys():
     b = a.model_copy(deep=True)
     b.train.lr = 3e-3 * 2
     b.lora.targets = ["q_proj"]
-    b.train.max_steps = 500          # extending a run is allowed on resume
+    b.train.max_steps = 500  # extending a run is allowed on resume
     b.output.dir = "elsewhere"
-    assert config_diff(a, b) == ['lora.targets: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", '
-                                 '"up_proj", "down_proj"] -> ["q_proj"]', "train.lr: 0.003 -> 0.006"]
+    assert config_diff(a, b) == [
+        'lora.targets: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"] -> ["q_proj"]',
+        "train.lr: 0.003 -> 0.006",
+    ]
     full = config_diff(a, b, ignore=())
     assert "train.max_steps: 80 -> 500" in full and 'output.dir: "runs/demo" -> "elsewhere"' in full
     assert config_diff(a, a.model_copy(deep=True)) == []

@@ -12,8 +12,9 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_config_reference_is_generated_from_the_models():
     text = (ROOT / "README.md").read_text(encoding="utf-8")
     block = text.split("<!-- config-reference:start -->")[1].split("<!-- config-reference:end -->")[0]
-    assert block.strip() == config_reference_markdown().strip(), \
+    assert block.strip() == config_reference_markdown().strip(), (
         "README config reference is stale: run `python -m lorafuse.config --reference`"
+    )
 
 
 def test_ci_runs_the_readme_test_command():

@@ -32,7 +32,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))  # lorafuse from this checkout, also where it is not installed
 
 PROJ7 = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-GIB = 1024 ** 3
+GIB = 1024**3
 
 
 def emit(kind: str, payload) -> None:
@@ -111,8 +111,8 @@ def measure(spec: dict, step, device) -> dict:
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    _, warm_losses = _timed(step, batches[:spec["warmup"]], cuda)
-    times, losses = _timed(step, batches[spec["warmup"]:], cuda)
+    _, warm_losses = _timed(step, batches[: spec["warmup"]], cuda)
+    times, losses = _timed(step, batches[spec["warmup"] :], cuda)
     losses = [float(x) for x in warm_losses + losses]
     if not all(math.isfinite(x) for x in losses):
         raise RuntimeError(f"non-finite loss in the benchmark steps: {losses}")
@@ -120,8 +120,12 @@ def measure(spec: dict, step, device) -> dict:
         profile(spec, step, batches[-2:], cuda)
     step_s = statistics.median(times)
     return {
-        "status": "ok", "step_s": step_s, "tokens_per_s": spec["batch"] * spec["seq"] / step_s,
-        "step_times": times, "loss_first": losses[0], "loss_last": losses[-1],
+        "status": "ok",
+        "step_s": step_s,
+        "tokens_per_s": spec["batch"] * spec["seq"] / step_s,
+        "step_times": times,
+        "loss_first": losses[0],
+        "loss_last": losses[-1],
         "peak_alloc_gib": torch.cuda.max_memory_allocated() / GIB if cuda else None,
         "peak_reserved_gib": torch.cuda.max_memory_reserved() / GIB if cuda else None,
         "device_name": torch.cuda.get_device_name() if cuda else "cpu",
@@ -131,7 +135,8 @@ def measure(spec: dict, step, device) -> dict:
 def profile(spec: dict, step, batches: list, cuda: bool) -> None:
     """Profile len(batches) more steps; write the kernel table (by device time) to <dir>/<stack>-<method>.txt."""
     import torch
-    from torch.profiler import ProfilerActivity, profile as torch_profile
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with torch_profile(activities=activities, record_shapes=True) as prof:
@@ -144,10 +149,14 @@ def profile(spec: dict, step, batches: list, cuda: bool) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     events = prof.key_averages()
     sort = "self_cuda_time_total" if cuda else "self_cpu_time_total"
-    text = (f"{len(batches)} steps, sorted by {sort}\n"
-            + events.table(sort_by=sort, row_limit=60, max_name_column_width=70)
-            + "\n\nby input shape:\n" + prof.key_averages(group_by_input_shape=True).table(
-                sort_by=sort, row_limit=60, max_name_column_width=50, max_shapes_column_width=60))
+    text = (
+        f"{len(batches)} steps, sorted by {sort}\n"
+        + events.table(sort_by=sort, row_limit=60, max_name_column_width=70)
+        + "\n\nby input shape:\n"
+        + prof.key_averages(group_by_input_shape=True).table(
+            sort_by=sort, row_limit=60, max_name_column_width=50, max_shapes_column_width=60
+        )
+    )
     if cuda:
         text += "\n\n" + kernel_timeline(prof, len(batches))
     out.with_suffix(".txt").write_text(text)
@@ -159,8 +168,9 @@ def kernel_timeline(prof, steps: int, top: int = 15) -> str:
     overlapping on a side stream count once)."""
     from torch.autograd import DeviceType
 
-    kernels = sorted((e.time_range.start, e.time_range.end, e.name) for e in prof.events()
-                     if e.device_type == DeviceType.CUDA)
+    kernels = sorted(
+        (e.time_range.start, e.time_range.end, e.name) for e in prof.events() if e.device_type == DeviceType.CUDA
+    )
     if not kernels:
         return "no CUDA kernels recorded"
     busy, gaps, end, last = 0.0, [], kernels[0][0], kernels[0][2]
@@ -173,9 +183,12 @@ def kernel_timeline(prof, steps: int, top: int = 15) -> str:
     span = end - kernels[0][0]
     idle = sum(g for g, _, _ in gaps)
     small = sum(g for g, _, _ in gaps if g < 10)
-    lines = [f"kernel timeline over {steps} steps: {len(kernels)} kernels, span {span / 1e3:.1f} ms, busy "
-             f"{busy / 1e3:.1f} ms, idle {idle / 1e3:.1f} ms in {len(gaps)} gaps ({small / 1e3:.1f} ms in gaps under "
-             f"10 us)", f"widest {top} gaps (us, kernel before -> kernel after):"]
+    lines = [
+        f"kernel timeline over {steps} steps: {len(kernels)} kernels, span {span / 1e3:.1f} ms, busy "
+        f"{busy / 1e3:.1f} ms, idle {idle / 1e3:.1f} ms in {len(gaps)} gaps ({small / 1e3:.1f} ms in gaps under "
+        f"10 us)",
+        f"widest {top} gaps (us, kernel before -> kernel after):",
+    ]
     for g, before, after in sorted(gaps, reverse=True)[:top]:
         lines.append(f"  {g:9.1f}  {before[:60]} -> {after[:60]}")
     return "\n".join(lines)

@@ -26,8 +26,8 @@ def _load(spec: dict, device):
         from transformers import BitsAndBytesConfig
 
         kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_use_double_quant=True, bnb_4bit_quant_type="nf4",
-            bnb_4bit_compute_dtype=dtype)
+            load_in_4bit=True, bnb_4bit_use_double_quant=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype
+        )
         kwargs["device_map"] = {"": device.index or 0}
     model = AutoModelForCausalLM.from_pretrained(spec["folder"], **kwargs)
     if spec["method"] != "qlora":
@@ -47,8 +47,9 @@ def build(spec: dict, device):
     if spec["method"] == "qlora":
         from peft import prepare_model_for_kbit_training
 
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=spec["gc"],
-                                                gradient_checkpointing_kwargs=gc_kwargs)
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=spec["gc"], gradient_checkpointing_kwargs=gc_kwargs
+        )
     elif spec["gc"]:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
     if spec["method"] == "full":
@@ -58,8 +59,17 @@ def build(spec: dict, device):
     else:
         from peft import LoraConfig, get_peft_model
 
-        model = get_peft_model(model, LoraConfig(r=spec["r"], lora_alpha=spec["alpha"], lora_dropout=spec["dropout"],
-                                                 target_modules=PROJ7, bias="none", task_type="CAUSAL_LM"))
+        model = get_peft_model(
+            model,
+            LoraConfig(
+                r=spec["r"],
+                lora_alpha=spec["alpha"],
+                lora_dropout=spec["dropout"],
+                target_modules=PROJ7,
+                bias="none",
+                task_type="CAUSAL_LM",
+            ),
+        )
         optimizer_name = spec["optimizer"]
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = peer_optimizer(optimizer_name, params)

@@ -39,8 +39,13 @@ def _fused_loss(spec: dict, head) -> bool:
 def build(spec: dict, device):
     if spec["method"] not in ("qlora", "lora"):
         unavailable(f"lorafuse trains adapters (qlora, lora), not {spec['method']}")
-    for module in ("lorafuse.model.load", "lorafuse.model.inject", "lorafuse.train.loop", "lorafuse.train.loss",
-                   "lorafuse.train.optim"):
+    for module in (
+        "lorafuse.model.load",
+        "lorafuse.model.inject",
+        "lorafuse.train.loop",
+        "lorafuse.train.loss",
+        "lorafuse.train.optim",
+    ):
         require(module)
     import torch
 
@@ -54,18 +59,23 @@ def build(spec: dict, device):
     lorafuse.apply_lora(model, r=spec["r"], alpha=spec["alpha"], dropout=spec["dropout"], targets=PROJ7)
     fast = _fast_path(model, spec)
     notes = []
-    params = prepare_model(model, spec["gc"], note=notes.append, embeddings_on_host=spec.get("embeddings_on_host"),
-                           head_on_host=spec.get("head_on_host"),
-                           uncheckpointed_layers=spec.get("uncheckpointed_layers") or 0,
-                           dequant_cap_mib=spec.get("dequant_cap_mib") or 0, fp8=bool(spec.get("fp8")))
+    params = prepare_model(
+        model,
+        spec["gc"],
+        note=notes.append,
+        embeddings_on_host=spec.get("embeddings_on_host"),
+        head_on_host=spec.get("head_on_host"),
+        uncheckpointed_layers=spec.get("uncheckpointed_layers") or 0,
+        dequant_cap_mib=spec.get("dequant_cap_mib") or 0,
+        fp8=bool(spec.get("fp8")),
+    )
     head = simple_head(model)
     fused = _fused_loss(spec, head)
     precision = Precision(device, dtype)
     optimizer = build_optimizer(spec["optimizer"], params, lr=2e-4, weight_decay=0.0)
     loss_kw = {"fused": fused} if "fused" in inspect.signature(lm_loss_sum).parameters else {}
     model.train()
-    graphed, graphs = _graphed(spec, model, params, lambda b: lm_loss_sum(model, b, head, **loss_kw), precision,
-                               notes)
+    graphed, graphs = _graphed(spec, model, params, lambda b: lm_loss_sum(model, b, head, **loss_kw), precision, notes)
 
     def step(batch):
         n_target = batch["labels"][:, 1:].numel()
@@ -91,8 +101,14 @@ def build(spec: dict, device):
         return loss_sum.detach() / n_target
 
     step.model = model  # for benchmarks/memory_peak.py's layer hooks
-    info = {"fast_path": fast, "fused_loss": fused, "chunked_loss": head is not None, "notes": notes,
-            "cuda_graphs": graphs, "trainable_params": sum(p.numel() for p in params)}
+    info = {
+        "fast_path": fast,
+        "fused_loss": fused,
+        "chunked_loss": head is not None,
+        "notes": notes,
+        "cuda_graphs": graphs,
+        "trainable_params": sum(p.numel() for p in params),
+    }
     return step, info
 
 

@@ -26,11 +26,21 @@ def build(spec: dict, device):
     from unsloth import FastLanguageModel
 
     model, _ = FastLanguageModel.from_pretrained(
-        model_name=spec["folder"], max_seq_length=spec["seq"], dtype=getattr(torch, spec["dtype"]),
-        load_in_4bit=spec["method"] == "qlora")
+        model_name=spec["folder"],
+        max_seq_length=spec["seq"],
+        dtype=getattr(torch, spec["dtype"]),
+        load_in_4bit=spec["method"] == "qlora",
+    )
     model = FastLanguageModel.get_peft_model(
-        model, r=spec["r"], lora_alpha=spec["alpha"], lora_dropout=spec["dropout"], target_modules=PROJ7,
-        bias="none", use_gradient_checkpointing="unsloth" if spec["gc"] else False, random_state=spec["seed"])
+        model,
+        r=spec["r"],
+        lora_alpha=spec["alpha"],
+        lora_dropout=spec["dropout"],
+        target_modules=PROJ7,
+        bias="none",
+        use_gradient_checkpointing="unsloth" if spec["gc"] else False,
+        random_state=spec["seed"],
+    )
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = peer_optimizer(spec["optimizer"], params)
     model.train()

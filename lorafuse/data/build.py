@@ -34,7 +34,7 @@ class TokenizedDataset:
         self.input_ids, self.labels, self.offsets, self.rows = input_ids, labels, offsets, rows
 
     @classmethod
-    def from_arrays(cls, a: dict[str, np.ndarray]) -> "TokenizedDataset":
+    def from_arrays(cls, a: dict[str, np.ndarray]) -> TokenizedDataset:
         return cls(a["input_ids"], a["labels"], a["offsets"], a["rows"])
 
     def as_arrays(self) -> dict[str, np.ndarray]:
@@ -63,18 +63,21 @@ class TokenizedDataset:
     def num_target_tokens(self) -> int:
         return int((self.labels != -100).sum())
 
-    def subset(self, indices) -> "TokenizedDataset":
+    def subset(self, indices) -> TokenizedDataset:
         indices = np.asarray(indices, dtype=np.int64)
         lengths = self.lengths[indices]
         offsets = np.zeros(len(indices) + 1, dtype=np.int64)
         np.cumsum(lengths, out=offsets[1:])
-        take = np.concatenate([np.arange(self.offsets[i], self.offsets[i + 1]) for i in indices]) if len(indices) \
+        take = (
+            np.concatenate([np.arange(self.offsets[i], self.offsets[i + 1]) for i in indices])
+            if len(indices)
             else np.zeros(0, dtype=np.int64)
+        )
         return TokenizedDataset(self.input_ids[take], self.labels[take], offsets, self.rows[indices])
 
 
 def resolve_template(data_cfg, tokenizer) -> str:
-    """"plain" or "chat". auto: chat for sharegpt/messages when the tokenizer has a chat template, else plain."""
+    """ "plain" or "chat". auto: chat for sharegpt/messages when the tokenizer has a chat template, else plain."""
     template = data_cfg.template
     if template not in ("auto", "chat", "plain"):
         raise DataError(f"unknown data.template '{template}'.", "set data.template to auto, chat or plain.")
@@ -100,10 +103,14 @@ def build_datasets(data_cfg, tokenizer, seed: int = 42, cache_dir: str | Path | 
     metas = [meta]
     if data_cfg.val_path:
         if data_cfg.val_size:
-            raise DataError("both data.val_path and data.val_size are set.",
-                            "keep one: data.val_path for a separate file, or data.val_size to split off rows.")
-        train, (val, val_meta) = full, _tokenized(data_cfg.val_path, data_cfg, tokenizer, template, cache_dir,
-                                                  DataStats())
+            raise DataError(
+                "both data.val_path and data.val_size are set.",
+                "keep one: data.val_path for a separate file, or data.val_size to split off rows.",
+            )
+        train, (val, val_meta) = (
+            full,
+            _tokenized(data_cfg.val_path, data_cfg, tokenizer, template, cache_dir, DataStats()),
+        )
         metas.append(val_meta)
     else:
         train, val = split_validation(full, data_cfg.val_size, seed)
@@ -136,8 +143,10 @@ def split_validation(full: TokenizedDataset, val_size: float, seed: int):
     n = len(full)
     n_val = max(1, int(round(val_size * n))) if val_size < 1 else int(val_size)
     if n_val >= n:
-        raise DataError(f"data.val_size={val_size} takes {n_val} of the {n} usable rows, leaving none to train on.",
-                        "use a smaller data.val_size (a fraction like 0.05, or a row count below the row count).")
+        raise DataError(
+            f"data.val_size={val_size} takes {n_val} of the {n} usable rows, leaving none to train on.",
+            "use a smaller data.val_size (a fraction like 0.05, or a row count below the row count).",
+        )
     perm = np.random.default_rng(seed).permutation(n)
     return full.subset(np.sort(perm[n_val:])), full.subset(np.sort(perm[:n_val]))
 
@@ -159,10 +168,16 @@ def _tokenized(path, data_cfg, tokenizer, template, cache_dir, stats: DataStats)
     samples = format_rows(src, data_cfg.format, data_cfg.fields, template, data_cfg.system_prompt)
     out = tokenize_samples(samples, tokenizer, template, data_cfg.max_length, data_cfg.completion_only, src.where)
     _check_usable(out, len(src.rows), data_cfg.max_length, src.name)
-    meta = {"source": src.name, "rows_read": len(src.rows), "truncated": out.truncated,
-            "longest_prompt": out.longest_prompt, "longest_row": out.longest_row,
-            "boundary_fixes": out.boundary_fixes, "dropped": {k: len(v) for k, v in out.dropped.items()},
-            "dropped_examples": {k: [src.where(i) for i in v[:5]] for k, v in out.dropped.items()}}
+    meta = {
+        "source": src.name,
+        "rows_read": len(src.rows),
+        "truncated": out.truncated,
+        "longest_prompt": out.longest_prompt,
+        "longest_row": out.longest_row,
+        "boundary_fixes": out.boundary_fixes,
+        "dropped": {k: len(v) for k, v in out.dropped.items()},
+        "dropped_examples": {k: [src.where(i) for i in v[:5]] for k, v in out.dropped.items()},
+    }
     ds = _from_lists(out.input_ids, out.labels, out.rows)
     if target is not None:
         cache.save(target, ds.as_arrays(), meta)
@@ -176,9 +191,12 @@ def _from_lists(input_ids, labels, rows) -> TokenizedDataset:
     np.cumsum(lengths, out=offsets[1:])
     n = int(offsets[-1])
     flat = itertools.chain.from_iterable
-    return TokenizedDataset(np.fromiter(flat(input_ids), dtype=np.int32, count=n),
-                            np.fromiter(flat(labels), dtype=np.int32, count=n),
-                            offsets, np.asarray(rows, dtype=np.int64))
+    return TokenizedDataset(
+        np.fromiter(flat(input_ids), dtype=np.int32, count=n),
+        np.fromiter(flat(labels), dtype=np.int32, count=n),
+        offsets,
+        np.asarray(rows, dtype=np.int64),
+    )
 
 
 def _check_usable(out, n_rows: int, max_length: int, name: str) -> None:
@@ -187,10 +205,14 @@ def _check_usable(out, n_rows: int, max_length: int, name: str) -> None:
         cut = DROP_TRUNCATED in out.dropped
         raise DataError(
             f"every target is masked: all {n_rows} rows of {name} were dropped ({reasons}).",
-            (f"increase data.max_length (now {max_length}; the longest prompt is {out.longest_prompt} tokens) "
-             "or shorten the prompts" if cut else
-             "check data.format and data.fields (each row needs a target: an output/response/completion or an "
-             "assistant turn)") + ", or set data.completion_only=false to train on every token.",
+            (
+                f"increase data.max_length (now {max_length}; the longest prompt is {out.longest_prompt} tokens) "
+                "or shorten the prompts"
+                if cut
+                else "check data.format and data.fields (each row needs a target: an output/response/completion or an "
+                "assistant turn)"
+            )
+            + ", or set data.completion_only=false to train on every token.",
         )
     if out.shortest_row > max_length:
         raise DataError(

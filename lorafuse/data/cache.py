@@ -31,8 +31,12 @@ def tokenizer_fingerprint(tokenizer) -> str:
         h.update(backend.to_str().encode())
     else:
         h.update(json.dumps(sorted(tokenizer.get_vocab().items()), ensure_ascii=False).encode())
-    extra = (type(tokenizer).__name__, getattr(tokenizer, "chat_template", None), tokenizer.bos_token_id,
-             tokenizer.eos_token_id)
+    extra = (
+        type(tokenizer).__name__,
+        getattr(tokenizer, "chat_template", None),
+        tokenizer.bos_token_id,
+        tokenizer.eos_token_id,
+    )
     h.update(repr(extra).encode())
     return h.hexdigest()
 
@@ -40,8 +44,9 @@ def tokenizer_fingerprint(tokenizer) -> str:
 def cache_key(source_fingerprint: str, data_cfg, template: str, tokenizer_fp: str) -> str:
     settings = {k: getattr(data_cfg, k, None) for k in _KEY_FIELDS}
     settings["template"] = template  # the resolved one ("auto" may mean either)
-    blob = json.dumps([CACHE_VERSION, source_fingerprint, settings, tokenizer_fp], sort_keys=True,
-                      ensure_ascii=False, default=str)
+    blob = json.dumps(
+        [CACHE_VERSION, source_fingerprint, settings, tokenizer_fp], sort_keys=True, ensure_ascii=False, default=str
+    )
     return hashlib.sha256(blob.encode()).hexdigest()
 
 

@@ -38,7 +38,7 @@ the tail is cut so all ranks get the same number of batches.
 from __future__ import annotations
 
 import bisect
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -52,13 +52,15 @@ def pack_best_fit(lengths: np.ndarray, capacity: int) -> list[list[int]]:
     """Indices grouped into bins of total length <= capacity (best-fit decreasing; deterministic)."""
     order = sorted(range(len(lengths)), key=lambda i: (-int(lengths[i]), i))
     bins: list[list[int]] = []
-    free_keys: list[int] = []            # sorted distinct free capacities of open bins
-    by_free: dict[int, list[int]] = {}   # free capacity -> bin ids (stack)
+    free_keys: list[int] = []  # sorted distinct free capacities of open bins
+    by_free: dict[int, list[int]] = {}  # free capacity -> bin ids (stack)
     for i in order:
         n = int(lengths[i])
         if n > capacity:
-            raise DataError(f"a sequence of {n} tokens does not fit a packed row of {capacity} tokens.",
-                            "pack with max_length >= data.max_length (the batcher's max_length).")
+            raise DataError(
+                f"a sequence of {n} tokens does not fit a packed row of {capacity} tokens.",
+                "pack with max_length >= data.max_length (the batcher's max_length).",
+            )
         k = bisect.bisect_left(free_keys, n)
         if k < len(free_keys):
             free = free_keys[k]
@@ -79,25 +81,42 @@ def pack_best_fit(lengths: np.ndarray, capacity: int) -> list[list[int]]:
 
 
 class Batcher:
-    def __init__(self, dataset, micro_batch_size: int, pad_id: int | None, packing: bool = False,
-                 max_length: int | None = None, seed: int = 42, shuffle: bool = True, *,
-                 pad_to_multiple_of: int = 1, num_shards: int = 1, shard: int = 0):
+    def __init__(
+        self,
+        dataset,
+        micro_batch_size: int,
+        pad_id: int | None,
+        packing: bool = False,
+        max_length: int | None = None,
+        seed: int = 42,
+        shuffle: bool = True,
+        *,
+        pad_to_multiple_of: int = 1,
+        num_shards: int = 1,
+        shard: int = 0,
+    ):
         if len(dataset) == 0:
             raise DataError("the data set is empty, so there is nothing to batch.", "check data.path.")
         self.dataset, self.micro_batch_size = dataset, int(micro_batch_size)
         self.pad_id = 0 if pad_id is None else int(pad_id)  # any id works: pads are masked and labelled -100
         self.packing, self.seed, self.shuffle = packing, seed, shuffle
         self.pad_to_multiple_of, self.num_shards, self.shard = pad_to_multiple_of, num_shards, shard
-        lengths = np.asarray([len(dataset[i]["input_ids"]) for i in range(len(dataset))]) \
-            if not hasattr(dataset, "lengths") else dataset.lengths
+        lengths = (
+            np.asarray([len(dataset[i]["input_ids"]) for i in range(len(dataset))])
+            if not hasattr(dataset, "lengths")
+            else dataset.lengths
+        )
         self.max_length = int(max_length or lengths.max())
         # units: what one batch row holds (one example, or one packed bin of examples)
         self.units = pack_best_fit(lengths, self.max_length) if packing else [[i] for i in range(len(dataset))]
         n_global = -(-len(self.units) // self.micro_batch_size)
         self._len = n_global // num_shards
         if self._len == 0:
-            raise DataError(f"{len(self.units)} rows make {n_global} micro-batches, fewer than the {num_shards} "
-                            "processes that need one each.", "use more data or a smaller micro_batch_size.")
+            raise DataError(
+                f"{len(self.units)} rows make {n_global} micro-batches, fewer than the {num_shards} "
+                "processes that need one each.",
+                "use more data or a smaller micro_batch_size.",
+            )
 
     def __len__(self) -> int:
         return self._len
@@ -113,12 +132,14 @@ class Batcher:
         mb = self.micro_batch_size
         for k in range(start, self._len):
             g = k * self.num_shards + self.shard
-            units = [self.units[u] for u in order[g * mb:(g + 1) * mb]]
+            units = [self.units[u] for u in order[g * mb : (g + 1) * mb]]
             yield self._collate(units)
 
     def _collate(self, units: list[list[int]]) -> dict:
-        rows = [[self.dataset.arrays(i) if hasattr(self.dataset, "arrays") else _as_arrays(self.dataset[i])
-                 for i in unit] for unit in units]
+        rows = [
+            [self.dataset.arrays(i) if hasattr(self.dataset, "arrays") else _as_arrays(self.dataset[i]) for i in unit]
+            for unit in units
+        ]
         width = max(sum(len(ids) for ids, _ in row) for row in rows)
         m = self.pad_to_multiple_of
         width = max(width, min(-(-width // m) * m, self.max_length))  # rounded up, never past max_length
@@ -129,13 +150,18 @@ class Batcher:
         for b, row in enumerate(rows):
             pos = 0
             for ids, lab in row:
-                input_ids[b, pos:pos + len(ids)] = torch.from_numpy(np.asarray(ids, dtype=np.int64))
-                labels[b, pos:pos + len(ids)] = torch.from_numpy(np.asarray(lab, dtype=np.int64))
+                input_ids[b, pos : pos + len(ids)] = torch.from_numpy(np.asarray(ids, dtype=np.int64))
+                labels[b, pos : pos + len(ids)] = torch.from_numpy(np.asarray(lab, dtype=np.int64))
                 pos += len(ids)
             seq_lens.append([len(ids) for ids, _ in row])
-        batch = {"input_ids": input_ids, "labels": labels, "seq_lens": seq_lens,
-                 "num_target_tokens": int((labels[:, 1:] != IGNORE).sum()),
-                 "num_tokens": sum(map(sum, seq_lens)), "num_sequences": sum(map(len, seq_lens))}
+        batch = {
+            "input_ids": input_ids,
+            "labels": labels,
+            "seq_lens": seq_lens,
+            "num_target_tokens": int((labels[:, 1:] != IGNORE).sum()),
+            "num_tokens": sum(map(sum, seq_lens)),
+            "num_sequences": sum(map(len, seq_lens)),
+        }
         if self.packing:
             batch.update(_packed_fields(seq_lens, width))
         else:
@@ -168,14 +194,15 @@ def block_causal_mask(position_ids: torch.Tensor) -> torch.Tensor:
     Sequences are delimited by position_ids restarting at 0. Built wherever position_ids live (on the GPU it
     costs microseconds; on the CPU a (4, 1, 2048, 2048) mask is ~16 M compares, which is why batches don't carry it).
     """
-    seg = (position_ids == 0).cumsum(-1)                                      # (B, T) sequence index
+    seg = (position_ids == 0).cumsum(-1)  # (B, T) sequence index
     T = position_ids.shape[-1]
     causal = torch.ones(T, T, dtype=torch.bool, device=position_ids.device).tril_()
     return ((seg[:, :, None] == seg[:, None, :]) & causal)[:, None]
 
 
-def model_inputs(batch: dict, attn_implementation: str | None = "sdpa", dtype: torch.dtype = torch.float32,
-                 device=None) -> dict:
+def model_inputs(
+    batch: dict, attn_implementation: str | None = "sdpa", dtype: torch.dtype = torch.float32, device=None
+) -> dict:
     """The keyword arguments for a transformers causal LM's forward (labels excluded: the loop owns the loss).
 
     Padded batches: input_ids and the (B, T) attention_mask (without it for right-padded rows under SDPA or eager

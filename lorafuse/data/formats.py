@@ -43,9 +43,19 @@ _SPECS = {
     "text": (("text",), (), None),
 }
 FORMAT_NAMES = tuple(_SPECS)
-_SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
-                   "chatgpt": "assistant", "model": "assistant", "bard": "assistant", "system": "system",
-                   "tool": "tool", "function": "tool", "observation": "tool"}
+_SHAREGPT_ROLES = {
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "chatgpt": "assistant",
+    "model": "assistant",
+    "bard": "assistant",
+    "system": "system",
+    "tool": "tool",
+    "function": "tool",
+    "observation": "tool",
+}
 _ROLES = ("system", "user", "assistant", "tool")
 
 
@@ -60,9 +70,12 @@ class Sample:
 def check_format(fmt: str) -> None:
     if fmt not in _SPECS:
         near = difflib.get_close_matches(str(fmt), FORMAT_NAMES, n=1)
-        raise DataError(f"unknown data format '{fmt}'.",
-                        f"set data.format to one of {', '.join(FORMAT_NAMES)}"
-                        + (f" (did you mean '{near[0]}'?)" if near else "") + ".")
+        raise DataError(
+            f"unknown data format '{fmt}'.",
+            f"set data.format to one of {', '.join(FORMAT_NAMES)}"
+            + (f" (did you mean '{near[0]}'?)" if near else "")
+            + ".",
+        )
 
 
 def default_template(fmt: str) -> str:
@@ -81,21 +94,26 @@ def plain_prompt(fmt: str, instruction: str, input: str = "", system_prompt: str
     return (system_prompt + "\n\n" + text) if system_prompt else text
 
 
-def format_rows(src: RowSource, fmt: str, fields: dict | None, template: str,
-                system_prompt: str | None = None) -> list[Sample]:
+def format_rows(
+    src: RowSource, fmt: str, fields: dict | None, template: str, system_prompt: str | None = None
+) -> list[Sample]:
     """Samples for every row of `src`; DataError naming the row and its fields when one does not fit `fmt`."""
     check_format(fmt)
     required, optional, _ = _SPECS[fmt]
     cols = {**{k: k for k in required + optional}, **(fields or {})}
     unknown = sorted(set(fields or {}) - set(required + optional))
     if unknown:
-        raise DataError(f"data.fields names {unknown}, which format '{fmt}' does not use.",
-                        f"format '{fmt}' reads the fields {list(required + optional)}; map those "
-                        f"(e.g. data.fields.{required[0]}=your_column).")
+        raise DataError(
+            f"data.fields names {unknown}, which format '{fmt}' does not use.",
+            f"format '{fmt}' reads the fields {list(required + optional)}; map those "
+            f"(e.g. data.fields.{required[0]}=your_column).",
+        )
     _check_required(src, fmt, required, cols)
     if template == "chat" and fmt == "text":
-        raise DataError("data.template=chat needs turns, but format 'text' has only plain text.",
-                        "set data.template=plain (or auto) for format 'text'.")
+        raise DataError(
+            "data.template=chat needs turns, but format 'text' has only plain text.",
+            "set data.template=plain (or auto) for format 'text'.",
+        )
     build = _chat_sample if template == "chat" else _plain_sample
     return [build(fmt, row, cols, system_prompt, lambda i=i: src.where(i)) for i, row in enumerate(src.rows)]
 
@@ -115,7 +133,8 @@ def _check_required(src: RowSource, fmt: str, required: tuple, cols: dict) -> No
         f"{src.where(bad[0])} has no {', '.join(repr(cols[m]) for m in missing)} field needed by data format "
         f"'{fmt}'{more}; the row has the fields {have}.",
         f"map your columns with data.fields, e.g. {example}"
-        + (f"; or this looks like format '{guess}': data.format={guess}" if guess and guess != fmt else "") + ".",
+        + (f"; or this looks like format '{guess}': data.format={guess}" if guess and guess != fmt else "")
+        + ".",
     )
 
 
@@ -160,18 +179,28 @@ def _text(row: dict, col: str, where) -> str:
         return ""
     if isinstance(value, (str, int, float, bool)):
         return str(value)
-    raise DataError(f"{where()}: field '{col}' should be text but is a {type(value).__name__}: {str(value)[:60]!r}",
-                    "store plain strings in that column, or map another column with data.fields.")
+    raise DataError(
+        f"{where()}: field '{col}' should be text but is a {type(value).__name__}: {str(value)[:60]!r}",
+        "store plain strings in that column, or map another column with data.fields.",
+    )
 
 
 def _single_turn(fmt: str, row: dict, cols: dict, where) -> tuple[str, str, str, str]:
     """(system, instruction, input, output) of an alpaca-like or prompt-completion row."""
     if fmt == "prompt-completion":
-        return (_text(row, cols["system"], where), _text(row, cols["prompt"], where), "",
-                _text(row, cols["completion"], where))
+        return (
+            _text(row, cols["system"], where),
+            _text(row, cols["prompt"], where),
+            "",
+            _text(row, cols["completion"], where),
+        )
     inp, out = ("context", "response") if fmt == "dolly" else ("input", "output")
-    return (_text(row, cols["system"], where), _text(row, cols["instruction"], where), _text(row, cols[inp], where),
-            _text(row, cols[out], where))
+    return (
+        _text(row, cols["system"], where),
+        _text(row, cols["instruction"], where),
+        _text(row, cols[inp], where),
+        _text(row, cols[out], where),
+    )
 
 
 def _plain_sample(fmt, row, cols, system_prompt, where) -> Sample:
@@ -210,8 +239,10 @@ def _chat_sample(fmt, row, cols, system_prompt, where) -> Sample:
         messages = _turns(fmt, row, cols, where)
     else:
         system, instruction, inp, output = _single_turn(fmt, row, cols, where)
-        messages = [{"role": "user", "content": instruction + (f"\n\n{inp}" if inp else "")},
-                    {"role": "assistant", "content": output}]
+        messages = [
+            {"role": "user", "content": instruction + (f"\n\n{inp}" if inp else "")},
+            {"role": "assistant", "content": output},
+        ]
         if system:
             messages.insert(0, {"role": "system", "content": system})
     if system_prompt and not any(m["role"] == "system" for m in messages):
@@ -229,21 +260,27 @@ def _turns(fmt: str, row: dict, cols: dict, where) -> list[dict]:
         except json.JSONDecodeError:
             pass
     if not isinstance(turns, list) or not all(isinstance(t, dict) for t in turns):
-        raise DataError(f"{where()}: field '{key}' should be a list of turn objects, got {str(turns)[:80]!r}",
-                        "store each conversation as a JSON list of {\"from\": ..., \"value\": ...} (sharegpt) or "
-                        "{\"role\": ..., \"content\": ...} (messages) objects.")
+        raise DataError(
+            f"{where()}: field '{key}' should be a list of turn objects, got {str(turns)[:80]!r}",
+            'store each conversation as a JSON list of {"from": ..., "value": ...} (sharegpt) or '
+            '{"role": ..., "content": ...} (messages) objects.',
+        )
     role_key, text_key = (cols["from"], cols["value"]) if fmt == "sharegpt" else (cols["role"], cols["content"])
     names = _SHAREGPT_ROLES if fmt == "sharegpt" else {r: r for r in _ROLES}
     messages = []
     for n, t in enumerate(turns, start=1):
         if role_key not in t:
-            raise DataError(f"{where()}: turn {n} has no '{role_key}' key; it has {list(t)}.",
-                            f"map the key with data.fields.{'from' if fmt == 'sharegpt' else 'role'}=<key>, or "
-                            f"use data.format={'messages' if fmt == 'sharegpt' else 'sharegpt'} if that matches.")
+            raise DataError(
+                f"{where()}: turn {n} has no '{role_key}' key; it has {list(t)}.",
+                f"map the key with data.fields.{'from' if fmt == 'sharegpt' else 'role'}=<key>, or "
+                f"use data.format={'messages' if fmt == 'sharegpt' else 'sharegpt'} if that matches.",
+            )
         role = names.get(str(t[role_key]).lower())
         if role is None:
-            raise DataError(f"{where()}: turn {n} has the unknown role '{t[role_key]}'.",
-                            f"use one of {sorted(names)} for '{role_key}', or fix the data.")
+            raise DataError(
+                f"{where()}: turn {n} has the unknown role '{t[role_key]}'.",
+                f"use one of {sorted(names)} for '{role_key}', or fix the data.",
+            )
         content = t.get(text_key)
         messages.append({"role": role, "content": "" if content is None else _text(t, text_key, where)})
     system = _text(row, cols["system"], where) if "system" in cols else ""

@@ -27,8 +27,9 @@ def preview(cfg, n: int = 5, console=None, tokenizer=None) -> DataStats:
     train, _, stats = build_datasets(cfg.data, tokenizer, seed=cfg.train.seed, cache_dir=cache_dir_for(cfg))
     for i in range(min(n, len(train))):
         ex = train[i]
-        console.rule(f"example {i + 1} of {len(train)} (source row {int(train.rows[i]) + 1}, "
-                     f"{len(ex['input_ids'])} tokens)")
+        console.rule(
+            f"example {i + 1} of {len(train)} (source row {int(train.rows[i]) + 1}, {len(ex['input_ids'])} tokens)"
+        )
         console.print(render_example(ex["input_ids"], ex["labels"], tokenizer))
     console.rule("legend")
     console.print(_legend())
@@ -78,8 +79,11 @@ def render_example(input_ids: list[int], labels: list[int], tokenizer):
         if tok in special or tok in all_special:
             flush()
             name = special.get(tok) or tokenizer.convert_ids_to_tokens(tok)
-            style = ("bold black on green" if trained else "bold white on red") if name == "EOS" else \
-                ("bold green" if trained else "dim")
+            style = (
+                ("bold black on green" if trained else "bold white on red")
+                if name == "EOS"
+                else ("bold green" if trained else "dim")
+            )
             text.append(f"[{name}]", style=style)
             continue
         if trained != run_trained:
@@ -96,5 +100,4 @@ def histogram_lines(histogram: list[tuple[int, int, int]]) -> list[str]:
         return []
     top = max(c for _, _, c in histogram) or 1
     width = len(str(histogram[-1][1] - 1))
-    return [f"  {lo:>{width}}-{hi - 1:<{width}} {'█' * round(c / top * _BAR):<{_BAR}} {c}"
-            for lo, hi, c in histogram]
+    return [f"  {lo:>{width}}-{hi - 1:<{width}} {'█' * round(c / top * _BAR):<{_BAR}} {c}" for lo, hi, c in histogram]

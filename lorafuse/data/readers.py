@@ -89,8 +89,9 @@ def _file_sha256(p: Path) -> str:
 
 
 def _folder_fingerprint(p: Path) -> str:
-    listing = sorted((str(f.relative_to(p)), f.stat().st_size, f.stat().st_mtime_ns) for f in p.rglob("*")
-                     if f.is_file())
+    listing = sorted(
+        (str(f.relative_to(p)), f.stat().st_size, f.stat().st_mtime_ns) for f in p.rglob("*") if f.is_file()
+    )
     return "folder:" + hashlib.sha256(repr(listing).encode()).hexdigest()
 
 
@@ -140,11 +141,11 @@ def _decode(raw: bytes, p: Path) -> str:
         line = raw[: e.start].count(b"\n") + 1
         lo = raw.rfind(b"\n", 0, e.start) + 1
         hi = raw.find(b"\n", e.start)
-        bad_line = raw[lo: hi if hi >= 0 else len(raw)]  # guess the encoding from the offending line only
+        bad_line = raw[lo : hi if hi >= 0 else len(raw)]  # guess the encoding from the offending line only
         enc = next((enc for enc in ("cp932", "euc_jp") if _decodes(bad_line, enc)), None)
         guess = f" It decodes as {enc}, so it was probably saved in that encoding." if enc else ""
         raise DataError(
-            f"{p} is not UTF-8 text: byte offset {e.start} (line {line}) holds {raw[e.start:e.start + 4]!r}.{guess}",
+            f"{p} is not UTF-8 text: byte offset {e.start} (line {line}) holds {raw[e.start : e.start + 4]!r}.{guess}",
             f"re-encode the file as UTF-8, e.g. `iconv -f {enc or 'SHIFT_JIS'} -t UTF-8 {p.name} > "
             f"{p.stem}.utf8{p.suffix}`, or save it as 'UTF-8' in your editor.",
         ) from None
@@ -203,12 +204,16 @@ def _json_rows(text: str, p: Path, split: str) -> list[dict] | None:
             )
         data = data[key]
     if not isinstance(data, list):
-        raise DataError(f"{p} holds a JSON {type(data).__name__}, not a list of rows.",
-                        "write a JSON list of row objects, or one object per line as .jsonl.")
+        raise DataError(
+            f"{p} holds a JSON {type(data).__name__}, not a list of rows.",
+            "write a JSON list of row objects, or one object per line as .jsonl.",
+        )
     for i, row in enumerate(data):
         if not isinstance(row, dict):
-            raise DataError(f"row {i + 1} of {p} is a JSON {type(row).__name__}, not an object: {str(row)[:80]!r}",
-                            "every row must be a JSON object with the fields of your data.format.")
+            raise DataError(
+                f"row {i + 1} of {p} is a JSON {type(row).__name__}, not an object: {str(row)[:80]!r}",
+                "every row must be a JSON object with the fields of your data.format.",
+            )
     return data
 
 
@@ -226,17 +231,21 @@ def _parquet_rows(p: Path, raw: bytes) -> list[dict]:
     try:
         return pq.read_table(pa.BufferReader(raw)).to_pylist()
     except (pa.ArrowInvalid, OSError) as e:
-        raise DataError(f"{p} is not a readable Parquet file: {e}",
-                        "write it again with pandas/pyarrow `to_parquet`, or convert it to .jsonl.") from None
+        raise DataError(
+            f"{p} is not a readable Parquet file: {e}",
+            "write it again with pandas/pyarrow `to_parquet`, or convert it to .jsonl.",
+        ) from None
 
 
 def _import_datasets(what: str):
     try:
         import datasets
     except ImportError:
-        raise DataError(f"reading {what} needs the `datasets` package, which is not installed.",
-                        "pip install 'lorafuse[hub]' (or pip install datasets), or pass a .jsonl/.json/.csv/.parquet "
-                        "file as data.path.") from None
+        raise DataError(
+            f"reading {what} needs the `datasets` package, which is not installed.",
+            "pip install 'lorafuse[hub]' (or pip install datasets), or pass a .jsonl/.json/.csv/.parquet "
+            "file as data.path.",
+        ) from None
     return datasets
 
 
@@ -269,6 +278,8 @@ def _read_hub(name: str, split: str) -> RowSource:
             "folder), or run once with network access so the data set is in the local cache.",
         ) from None
     except (FileNotFoundError, ValueError) as e:
-        raise DataError(f"cannot load '{name}' (not a local file; as a hub data set: {e})",
-                        "check the spelling of data.path and data.split, or pass a local file.") from None
+        raise DataError(
+            f"cannot load '{name}' (not a local file; as a hub data set: {e})",
+            "check the spelling of data.path and data.split, or pass a local file.",
+        ) from None
     return RowSource(ds.to_list(), f"hub:{name}[{split}]", "hub:" + ds._fingerprint)

@@ -19,7 +19,7 @@ class DataStats:
     rows_used: int = 0
     rows_train: int = 0
     rows_val: int = 0
-    dropped: dict[str, int] = field(default_factory=dict)   # reason -> rows
+    dropped: dict[str, int] = field(default_factory=dict)  # reason -> rows
     dropped_where: dict[str, list[str]] = field(default_factory=dict)  # reason -> first few rows ("line 4 of a.jsonl")
     truncated: int = 0
     max_length: int = 0
@@ -55,16 +55,22 @@ class DataStats:
         for reason, n in self.dropped.items():
             where = self.dropped_where.get(reason, [])
             lines.append(f"  dropped {n}: {reason}" + (f" (e.g. {', '.join(where[:3])})" if where else ""))
-        lines.append(f"tokens: {self.tokens_total:,} total, {self.target_tokens:,} trained "
-                     f"({self.masked_share:.1%} masked), longest row {self.longest_row}, "
-                     f"longest prompt {self.longest_prompt}")
+        lines.append(
+            f"tokens: {self.tokens_total:,} total, {self.target_tokens:,} trained "
+            f"({self.masked_share:.1%} masked), longest row {self.longest_row}, "
+            f"longest prompt {self.longest_prompt}"
+        )
         if self.truncated:
-            lines.append(f"truncated: {self.truncated} rows longer than max_length={self.max_length} "
-                         "lost their end (raise data.max_length to keep it)")
+            lines.append(
+                f"truncated: {self.truncated} rows longer than max_length={self.max_length} "
+                "lost their end (raise data.max_length to keep it)"
+            )
         if self.boundary_fixes:
             lines.append(f"prompt/target boundary re-tokenized separately in {self.boundary_fixes} chunks")
-        lines.append(f"cache: {'hit' if self.cache_hit else 'miss'}" + (f" ({self.cache_path})" if self.cache_path
-                                                                         else " (no cache_dir)"))
+        lines.append(
+            f"cache: {'hit' if self.cache_hit else 'miss'}"
+            + (f" ({self.cache_path})" if self.cache_path else " (no cache_dir)")
+        )
         return lines
 
 

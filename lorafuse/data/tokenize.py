@@ -48,11 +48,11 @@ class TokenizedRows:
 
     input_ids: list[list[int]] = field(default_factory=list)
     labels: list[list[int]] = field(default_factory=list)
-    rows: list[int] = field(default_factory=list)          # source row index of each kept example
+    rows: list[int] = field(default_factory=list)  # source row index of each kept example
     dropped: dict[str, list[int]] = field(default_factory=dict)  # reason -> source row indices
     truncated: int = 0
-    longest_prompt: int = 0       # most leading untrained tokens of any row (before truncation)
-    shortest_row: int = 0         # fewest tokens of any row (before truncation)
+    longest_prompt: int = 0  # most leading untrained tokens of any row (before truncation)
+    shortest_row: int = 0  # fewest tokens of any row (before truncation)
     longest_row: int = 0
     boundary_fixes: int = 0
     template: str = "plain"
@@ -64,7 +64,7 @@ def bos_prefix(tokenizer) -> list[int]:
     with_special = tokenizer(probe)["input_ids"]
     without = tokenizer(probe, add_special_tokens=False)["input_ids"]
     for start in range(len(with_special) - len(without) + 1):
-        if with_special[start:start + len(without)] == without:
+        if with_special[start : start + len(without)] == without:
             return list(with_special[:start])
     return []
 
@@ -74,13 +74,21 @@ def has_generation_tags(tokenizer) -> bool:
     return isinstance(template, str) and bool(_GENERATION_TAG.search(template))
 
 
-def tokenize_samples(samples: list[Sample], tokenizer, template: str, max_length: int,
-                     completion_only: bool = True, where=lambda i: f"row {i + 1}") -> TokenizedRows:
+def tokenize_samples(
+    samples: list[Sample],
+    tokenizer,
+    template: str,
+    max_length: int,
+    completion_only: bool = True,
+    where=lambda i: f"row {i + 1}",
+) -> TokenizedRows:
     """Token ids and labels for `samples` (all plain or all chat, per `template`)."""
     eos = tokenizer.eos_token_id
     if eos is None:
-        raise DataError("the tokenizer has no EOS token, so the model could not learn to stop.",
-                        "use a tokenizer with an eos_token (set tokenizer.eos_token before building the data).")
+        raise DataError(
+            "the tokenizer has no EOS token, so the model could not learn to stop.",
+            "use a tokenizer with an eos_token (set tokenizer.eos_token before building the data).",
+        )
     out = TokenizedRows(template=template)
     if template == "chat":
         encoded = _chat_encode(samples, tokenizer, eos, where)
@@ -153,21 +161,24 @@ def _render(tokenizer, conversations, where, first: int, **kw):
     try:
         return tokenizer.apply_chat_template(conversations, tokenize=True, return_dict=True, **kw)
     except Exception as e:  # jinja raises its own errors (e.g. "System role not supported")
-        raise DataError(f"the tokenizer's chat template failed on {where(first)} (or a row after it): "
-                        f"{type(e).__name__}: {e}",
-                        "fix the row's roles/turns for this model's template, drop data.system_prompt if the "
-                        "template rejects system messages, or set data.template=plain.") from None
+        raise DataError(
+            f"the tokenizer's chat template failed on {where(first)} (or a row after it): {type(e).__name__}: {e}",
+            "fix the row's roles/turns for this model's template, drop data.system_prompt if the "
+            "template rejects system messages, or set data.template=plain.",
+        ) from None
 
 
 def _chat_encode(samples: list[Sample], tokenizer, eos: int, where) -> list:
     if getattr(tokenizer, "chat_template", None) is None:
-        raise DataError("data.template=chat, but the tokenizer has no chat template.",
-                        "set data.template=plain (or auto), or use a tokenizer that ships a chat template.")
+        raise DataError(
+            "data.template=chat, but the tokenizer has no chat template.",
+            "set data.template=plain (or auto), or use a tokenizer that ships a chat template.",
+        )
     encoded = []
     if has_generation_tags(tokenizer):
         step = 256
         for lo in range(0, len(samples), step):
-            convs = [s.messages for s in samples[lo:lo + step]]
+            convs = [s.messages for s in samples[lo : lo + step]]
             r = _render(tokenizer, convs, where, lo, return_assistant_tokens_mask=True)
             encoded += [(list(ids), [bool(m) for m in mask]) for ids, mask in zip(r["input_ids"], r["assistant_masks"])]
     else:

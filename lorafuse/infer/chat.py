@@ -11,8 +11,16 @@ import sys
 from lorafuse.infer.generate import generate
 
 
-def chat_loop(model, tokenizer, system_prompt: str | None = None, max_new_tokens: int = 256,
-              temperature: float = 0.7, top_p: float = 0.9, input_fn=input, output=sys.stdout) -> list[dict]:
+def chat_loop(
+    model,
+    tokenizer,
+    system_prompt: str | None = None,
+    max_new_tokens: int = 256,
+    temperature: float = 0.7,
+    top_p: float = 0.9,
+    input_fn=input,
+    output=sys.stdout,
+) -> list[dict]:
     """Run the REPL until /exit or EOF; returns the final message history."""
     messages: list[dict] = [{"role": "system", "content": system_prompt}] if system_prompt else []
     print("chat: type a message; /reset clears the history, /exit quits", file=output)
@@ -31,8 +39,9 @@ def chat_loop(model, tokenizer, system_prompt: str | None = None, max_new_tokens
         if not text:
             continue
         messages.append({"role": "user", "content": text})
-        reply = generate(model, tokenizer, messages, max_new_tokens=max_new_tokens, temperature=temperature,
-                         top_p=top_p)
+        reply = generate(
+            model, tokenizer, messages, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p
+        )
         print(f"assistant> {reply}", file=output)
         messages.append({"role": "assistant", "content": reply})
     return messages

@@ -34,26 +34,44 @@ def encode_prompt(tokenizer, prompt_or_messages) -> list[int]:
     if isinstance(prompt_or_messages, str):
         return tokenizer(prompt_or_messages)["input_ids"]
     if not getattr(tokenizer, "chat_template", None):
-        raise LorafuseError("messages were given but the tokenizer has no chat template",
-                            "pass a plain string prompt, or use a model whose tokenizer defines a chat template")
-    out = tokenizer.apply_chat_template(list(prompt_or_messages), add_generation_prompt=True, tokenize=True,
-                                        return_dict=True)
+        raise LorafuseError(
+            "messages were given but the tokenizer has no chat template",
+            "pass a plain string prompt, or use a model whose tokenizer defines a chat template",
+        )
+    out = tokenizer.apply_chat_template(
+        list(prompt_or_messages), add_generation_prompt=True, tokenize=True, return_dict=True
+    )
     return list(out["input_ids"])
 
 
 @torch.no_grad()
-def generate(model, tokenizer, prompt_or_messages, max_new_tokens: int = 128, temperature: float = 0.0,
-             top_p: float = 1.0, top_k: int = 0, seed: int | None = None, stream: bool = False) -> str:
+def generate(
+    model,
+    tokenizer,
+    prompt_or_messages,
+    max_new_tokens: int = 128,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    seed: int | None = None,
+    stream: bool = False,
+) -> str:
     """Generate a completion and return only the new text (special tokens removed)."""
     if temperature < 0 or not 0 < top_p <= 1:
-        raise LorafuseError(f"invalid sampling settings temperature={temperature}, top_p={top_p}",
-                            "use temperature >= 0 (0 = greedy) and 0 < top_p <= 1")
+        raise LorafuseError(
+            f"invalid sampling settings temperature={temperature}, top_p={top_p}",
+            "use temperature >= 0 (0 = greedy) and 0 < top_p <= 1",
+        )
     ids = encode_prompt(tokenizer, prompt_or_messages)
     device = next(model.parameters()).device
     input_ids = torch.tensor([ids], device=device)
     sampling = temperature > 0
-    kwargs = dict(max_new_tokens=max_new_tokens, do_sample=sampling, eos_token_id=stop_token_ids(model, tokenizer),
-                  pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id)
+    kwargs = dict(
+        max_new_tokens=max_new_tokens,
+        do_sample=sampling,
+        eos_token_id=stop_token_ids(model, tokenizer),
+        pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+    )
     if sampling:
         kwargs.update(temperature=temperature, top_p=top_p, top_k=top_k or None)
     else:
@@ -70,4 +88,4 @@ def generate(model, tokenizer, prompt_or_messages, max_new_tokens: int = 128, te
         out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), **kwargs)
     finally:
         model.train(was_training)
-    return tokenizer.decode(out[0, len(ids):], skip_special_tokens=True)
+    return tokenizer.decode(out[0, len(ids) :], skip_special_tokens=True)

@@ -139,8 +139,11 @@ def gemm_fp32_out(device: torch.device) -> bool:
                 got = torch.mm(a16, b16, out_dtype=torch.float32)
                 out = torch.full_like(want, float("nan"))  # beta = 0 must not read it
                 torch.addmm(out, a16, b16, out_dtype=torch.float32, beta=0, alpha=2.0, out=out)
-                ok = got.dtype == out.dtype == torch.float32 and torch.allclose(got, want, rtol=1e-5, atol=1e-5) \
+                ok = (
+                    got.dtype == out.dtype == torch.float32
+                    and torch.allclose(got, want, rtol=1e-5, atol=1e-5)
                     and torch.allclose(out, 2 * want, rtol=1e-5, atol=1e-5)
+                )
             except (RuntimeError, TypeError):
                 ok = False
         _FP32_OUT[key] = ok

@@ -65,8 +65,28 @@ if HAS_TRITON:
         return idx
 
     @triton.jit
-    def _adamw8bit_block(p_ptr, g_ptr, mq_ptr, ma_ptr, vq_ptr, va_ptr, smap_ptr, umap_ptr, sb_ptr, ub_ptr,
-                         n, blk, lr, b1, b2, eps, wd, bias1, bias2_sqrt, BLOCK_SIZE: tl.constexpr):
+    def _adamw8bit_block(
+        p_ptr,
+        g_ptr,
+        mq_ptr,
+        ma_ptr,
+        vq_ptr,
+        va_ptr,
+        smap_ptr,
+        umap_ptr,
+        sb_ptr,
+        ub_ptr,
+        n,
+        blk,
+        lr,
+        b1,
+        b2,
+        eps,
+        wd,
+        bias1,
+        bias2_sqrt,
+        BLOCK_SIZE: tl.constexpr,
+    ):
         offs = blk.to(tl.int64) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
         mask = offs < n
         g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -95,25 +115,94 @@ if HAS_TRITON:
         tl.store(va_ptr + blk, v_abs)
 
     @triton.jit
-    def _adamw8bit_kernel(p_ptr, g_ptr, mq_ptr, ma_ptr, vq_ptr, va_ptr, smap_ptr, umap_ptr, sb_ptr, ub_ptr,
-                          n, lr, b1, b2, eps, wd, bias1, bias2_sqrt, BLOCK_SIZE: tl.constexpr):
-        _adamw8bit_block(p_ptr, g_ptr, mq_ptr, ma_ptr, vq_ptr, va_ptr, smap_ptr, umap_ptr, sb_ptr, ub_ptr,
-                         n, tl.program_id(0), lr, b1, b2, eps, wd, bias1, bias2_sqrt, BLOCK_SIZE)
+    def _adamw8bit_kernel(
+        p_ptr,
+        g_ptr,
+        mq_ptr,
+        ma_ptr,
+        vq_ptr,
+        va_ptr,
+        smap_ptr,
+        umap_ptr,
+        sb_ptr,
+        ub_ptr,
+        n,
+        lr,
+        b1,
+        b2,
+        eps,
+        wd,
+        bias1,
+        bias2_sqrt,
+        BLOCK_SIZE: tl.constexpr,
+    ):
+        _adamw8bit_block(
+            p_ptr,
+            g_ptr,
+            mq_ptr,
+            ma_ptr,
+            vq_ptr,
+            va_ptr,
+            smap_ptr,
+            umap_ptr,
+            sb_ptr,
+            ub_ptr,
+            n,
+            tl.program_id(0),
+            lr,
+            b1,
+            b2,
+            eps,
+            wd,
+            bias1,
+            bias2_sqrt,
+            BLOCK_SIZE,
+        )
 
     @triton.jit
-    def _adamw8bit_multi_kernel(ptrs_ptr, blocks_ptr, smap_ptr, umap_ptr, sb_ptr, ub_ptr, lr, b1, b2, eps, wd,
-                                bias1, bias2_sqrt, P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr,
-                                BLOCK_SIZE: tl.constexpr):
+    def _adamw8bit_multi_kernel(
+        ptrs_ptr,
+        blocks_ptr,
+        smap_ptr,
+        umap_ptr,
+        sb_ptr,
+        ub_ptr,
+        lr,
+        b1,
+        b2,
+        eps,
+        wd,
+        bias1,
+        bias2_sqrt,
+        P_DTYPE: tl.constexpr,
+        G_DTYPE: tl.constexpr,
+        BLOCK_SIZE: tl.constexpr,
+    ):
         pid = tl.program_id(0).to(tl.int64)
         row = ptrs_ptr + tl.load(blocks_ptr + 2 * pid).to(tl.int64) * 8
         blk = tl.load(blocks_ptr + 2 * pid + 1)
-        _adamw8bit_block(tl.load(row).to(tl.pointer_type(P_DTYPE)), tl.load(row + 1).to(tl.pointer_type(G_DTYPE)),
-                         tl.load(row + 2).to(tl.pointer_type(tl.uint8)),
-                         tl.load(row + 3).to(tl.pointer_type(tl.float32)),
-                         tl.load(row + 4).to(tl.pointer_type(tl.uint8)),
-                         tl.load(row + 5).to(tl.pointer_type(tl.float32)),
-                         smap_ptr, umap_ptr, sb_ptr, ub_ptr, tl.load(row + 6), blk,
-                         lr, b1, b2, eps, wd, bias1, bias2_sqrt, BLOCK_SIZE)
+        _adamw8bit_block(
+            tl.load(row).to(tl.pointer_type(P_DTYPE)),
+            tl.load(row + 1).to(tl.pointer_type(G_DTYPE)),
+            tl.load(row + 2).to(tl.pointer_type(tl.uint8)),
+            tl.load(row + 3).to(tl.pointer_type(tl.float32)),
+            tl.load(row + 4).to(tl.pointer_type(tl.uint8)),
+            tl.load(row + 5).to(tl.pointer_type(tl.float32)),
+            smap_ptr,
+            umap_ptr,
+            sb_ptr,
+            ub_ptr,
+            tl.load(row + 6),
+            blk,
+            lr,
+            b1,
+            b2,
+            eps,
+            wd,
+            bias1,
+            bias2_sqrt,
+            BLOCK_SIZE,
+        )
 
 
 def midpoints(code: torch.Tensor) -> torch.Tensor:
@@ -122,8 +211,7 @@ def midpoints(code: torch.Tensor) -> torch.Tensor:
 
 
 def _scalars(step, lr, b1, b2, eps, wd) -> tuple:
-    return (float(lr), float(b1), float(b2), float(eps), float(wd), float(1 - b1 ** step),
-            float(math.sqrt(1 - b2 ** step)))
+    return (float(lr), float(b1), float(b2), float(eps), float(wd), float(1 - b1**step), float(math.sqrt(1 - b2**step)))
 
 
 def adamw8bit_update(flat_p, flat_g, state: dict, smap, umap, sbounds, ubounds, step, lr, b1, b2, eps, wd) -> bool:
@@ -131,13 +219,29 @@ def adamw8bit_update(flat_p, flat_g, state: dict, smap, umap, sbounds, ubounds, 
 
     `state` holds m_q, m_absmax, v_q, v_absmax on flat_p's device; blocks of 256 (the kernel's one block size).
     """
-    if not use_triton(flat_p) or not flat_p.is_contiguous() or state["m_absmax"].numel() != triton.cdiv(
-            flat_p.numel(), BLOCK):
+    if (
+        not use_triton(flat_p)
+        or not flat_p.is_contiguous()
+        or state["m_absmax"].numel() != triton.cdiv(flat_p.numel(), BLOCK)
+    ):
         return False
     n = flat_p.numel()
     _adamw8bit_kernel[(triton.cdiv(n, BLOCK),)](
-        flat_p, flat_g.contiguous(), state["m_q"], state["m_absmax"], state["v_q"], state["v_absmax"],
-        smap, umap, sbounds, ubounds, n, *_scalars(step, lr, b1, b2, eps, wd), BLOCK_SIZE=BLOCK, num_warps=2)
+        flat_p,
+        flat_g.contiguous(),
+        state["m_q"],
+        state["m_absmax"],
+        state["v_q"],
+        state["v_absmax"],
+        smap,
+        umap,
+        sbounds,
+        ubounds,
+        n,
+        *_scalars(step, lr, b1, b2, eps, wd),
+        BLOCK_SIZE=BLOCK,
+        num_warps=2,
+    )
     return True
 
 
@@ -145,8 +249,15 @@ def multi_tensor_ok(p: torch.Tensor, g: torch.Tensor, state: dict) -> bool:
     """Whether (p, g, state) may join a multi-tensor launch: contiguous, fp32/fp16/bf16, states in 256-blocks.
     (The device is checked once per launch, by `adamw8bit_multi_update`.)"""
     n = p.numel()
-    return (HAS_TRITON and p.dtype in _TL_DTYPES and g.dtype in _TL_DTYPES and p.is_contiguous() and g.is_contiguous()
-            and g.numel() == n and state["m_absmax"].numel() == -(-n // BLOCK))
+    return (
+        HAS_TRITON
+        and p.dtype in _TL_DTYPES
+        and g.dtype in _TL_DTYPES
+        and p.is_contiguous()
+        and g.is_contiguous()
+        and g.numel() == n
+        and state["m_absmax"].numel() == -(-n // BLOCK)
+    )
 
 
 def _to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -168,8 +279,16 @@ class LaunchTables:
         """(ptrs int64 (P, 8), blocks int32 (B, 2), B) for these tensors, from the cache when nothing moved."""
         key = []
         for p, g, s in zip(params, grads, states):
-            key += (p.data_ptr(), g.data_ptr(), s["m_q"].data_ptr(), s["m_absmax"].data_ptr(), s["v_q"].data_ptr(),
-                    s["v_absmax"].data_ptr(), p.numel(), 0)
+            key += (
+                p.data_ptr(),
+                g.data_ptr(),
+                s["m_q"].data_ptr(),
+                s["m_absmax"].data_ptr(),
+                s["v_q"].data_ptr(),
+                s["v_absmax"].data_ptr(),
+                p.numel(),
+                0,
+            )
         key = (device, *key)
         sizes = (device, *key[7::8])
         if key not in self._ptrs:
@@ -195,8 +314,9 @@ class LaunchTables:
         self._used_ptrs, self._used_blocks = set(), set()
 
 
-def adamw8bit_multi_update(params, grads, states, smap, umap, sbounds, ubounds, step, lr, b1, b2, eps, wd,
-                           tables: LaunchTables) -> bool:
+def adamw8bit_multi_update(
+    params, grads, states, smap, umap, sbounds, ubounds, step, lr, b1, b2, eps, wd, tables: LaunchTables
+) -> bool:
     """Update every `params[i]` in place in one launch; False when the kernel cannot run on their device (the
     caller updates them one by one). Each (params[i], grads[i], states[i]) passed `multi_tensor_ok`; the states'
     step counters are the caller's, `step` is theirs after this update."""
@@ -209,6 +329,16 @@ def adamw8bit_multi_update(params, grads, states, smap, umap, sbounds, ubounds, 
     ptrs, blocks, nblocks = tables.get(params, grads, states, p0.device)
     if nblocks:
         _adamw8bit_multi_kernel[(nblocks,)](
-            ptrs, blocks, smap, umap, sbounds, ubounds, *_scalars(step, lr, b1, b2, eps, wd),
-            P_DTYPE=_TL_DTYPES[p0.dtype], G_DTYPE=_TL_DTYPES[g0.dtype], BLOCK_SIZE=BLOCK, num_warps=2)
+            ptrs,
+            blocks,
+            smap,
+            umap,
+            sbounds,
+            ubounds,
+            *_scalars(step, lr, b1, b2, eps, wd),
+            P_DTYPE=_TL_DTYPES[p0.dtype],
+            G_DTYPE=_TL_DTYPES[g0.dtype],
+            BLOCK_SIZE=BLOCK,
+            num_warps=2,
+        )
     return True

@@ -33,8 +33,17 @@ if _runtime.HAS_TRITON:
     import triton.language as tl
 
     @triton.jit
-    def _ce_rows_kernel(logits_ptr, labels_ptr, loss_ptr, V, stride_row, scale, ignore_index,
-                        WANT_GRAD: tl.constexpr, BLOCK_V: tl.constexpr):
+    def _ce_rows_kernel(
+        logits_ptr,
+        labels_ptr,
+        loss_ptr,
+        V,
+        stride_row,
+        scale,
+        ignore_index,
+        WANT_GRAD: tl.constexpr,
+        BLOCK_V: tl.constexpr,
+    ):
         row = tl.program_id(0).to(tl.int64)
         base = logits_ptr + row * stride_row
         raw = tl.load(labels_ptr + row)
@@ -82,15 +91,26 @@ def default_chunk(vocab: int, dtype: torch.dtype) -> int:
     return max(16, LOGITS_BUDGET_BYTES // (vocab * torch.finfo(dtype).bits // 8))
 
 
-def _ce_rows(logits: torch.Tensor, labels: torch.Tensor, scale: float, want_grad: bool,
-             ignore_index: int = -100) -> torch.Tensor:
+def _ce_rows(
+    logits: torch.Tensor, labels: torch.Tensor, scale: float, want_grad: bool, ignore_index: int = -100
+) -> torch.Tensor:
     """Per-row loss (fp32); with want_grad, logits are overwritten by scale * (softmax - onehot).
     Rows labelled ignore_index get loss 0 and gradient 0."""
     rows, vocab = logits.shape
     loss = torch.empty(rows, dtype=torch.float32, device=logits.device)
     block_v = min(triton.next_power_of_2(vocab), 128 if _runtime.INTERPRET else 4096)
-    _ce_rows_kernel[(rows,)](logits, labels, loss, vocab, logits.stride(0), scale, ignore_index,
-                             WANT_GRAD=want_grad, BLOCK_V=block_v, num_warps=8)
+    _ce_rows_kernel[(rows,)](
+        logits,
+        labels,
+        loss,
+        vocab,
+        logits.stride(0),
+        scale,
+        ignore_index,
+        WANT_GRAD=want_grad,
+        BLOCK_V=block_v,
+        num_warps=8,
+    )
     return loss
 
 
@@ -100,11 +120,11 @@ def _fixed_shape_pass(hidden, w, b, labels, ignore_index, chunk, dh, dw, db, wan
     the rows it computes for nothing are the ignored ones (none in packed or full-length batches)."""
     total = torch.zeros((), dtype=torch.float32, device=hidden.device)
     for start in range(0, hidden.shape[0], chunk):
-        h = hidden[start:start + chunk]
+        h = hidden[start : start + chunk]
         logits = torch.addmm(b, h, w.t()) if b is not None else torch.mm(h, w.t())
-        total += _ce_rows(logits, labels[start:start + chunk], 1.0, want_grad, ignore_index).sum()
+        total += _ce_rows(logits, labels[start : start + chunk], 1.0, want_grad, ignore_index).sum()
         if dh is not None:
-            torch.mm(logits, w, out=dh[start:start + chunk])
+            torch.mm(logits, w, out=dh[start : start + chunk])
         if dw is not None:
             dw.addmm_(logits.t(), h)
         if db is not None:
@@ -143,7 +163,7 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
         scale = 1.0 / n if (reduction == "mean" and n > 0) else 1.0
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for start in range(0, n, chunk):
-            idx = rows[start:start + chunk]
+            idx = rows[start : start + chunk]
             h = hidden.index_select(0, idx)
             logits = torch.addmm(b, h, w.t()) if b is not None else torch.mm(h, w.t())
             total += _ce_rows(logits, labels.index_select(0, idx), scale, want_grad, ignore_index).sum()
@@ -170,9 +190,15 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
         return scaled(dh), dw, scaled(db), None, None, None, None
 
 
-def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                               bias: torch.Tensor | None = None, ignore_index: int = -100,
-                               reduction: str = "mean", chunk_size: int | None = None) -> torch.Tensor:
+def fused_linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    chunk_size: int | None = None,
+) -> torch.Tensor:
     """CE(hidden W^T + b, labels) for hidden (T, H) (or (..., H) with labels (...)), fp32 scalar.
 
     reduction "mean" (over labels != ignore_index; NaN when there are none, as torch) or "sum".

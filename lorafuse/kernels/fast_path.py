@@ -38,8 +38,14 @@ from . import _runtime
 from .cross_entropy import fused_linear_cross_entropy  # noqa: F401  (re-exported for the training loop)
 from .lora_group import lora_linear_group
 from .lora_linear import lora_linear, with_seed
-from .reference import (DropoutSeed, LoRAWeights, lora_linear_reference, rms_norm_reference, rope_reference,
-                        swiglu_mlp_reference)
+from .reference import (
+    DropoutSeed,
+    LoRAWeights,
+    lora_linear_reference,
+    rms_norm_reference,
+    rope_reference,
+    swiglu_mlp_reference,
+)
 from .rmsnorm import rms_norm
 from .rope import apply_rope
 from .swiglu_mlp import swiglu_mlp
@@ -58,9 +64,14 @@ class Ops:
 
 
 KERNEL_OPS = Ops("triton", rms_norm, lora_linear, swiglu_mlp, apply_rope, lora_linear_group)
-REFERENCE_OPS = Ops("reference", rms_norm_reference, lambda x, lw: lora_linear_reference(x, with_seed(lw)),
-                    lambda x, *lws: swiglu_mlp_reference(x, *(with_seed(lw) for lw in lws)), rope_reference,
-                    lambda x, lws: tuple(lora_linear_reference(x, with_seed(lw)) for lw in lws))
+REFERENCE_OPS = Ops(
+    "reference",
+    rms_norm_reference,
+    lambda x, lw: lora_linear_reference(x, with_seed(lw)),
+    lambda x, *lws: swiglu_mlp_reference(x, *(with_seed(lw) for lw in lws)),
+    rope_reference,
+    lambda x, lws: tuple(lora_linear_reference(x, with_seed(lw)) for lw in lws),
+)
 
 
 def _is_lora(mod: nn.Module) -> bool:
@@ -168,8 +179,10 @@ def fast_path_blocker(model: nn.Module, use_reference: bool = False) -> str:
     for i, layer in enumerate(model.model.layers):
         if hasattr(layer, "lorafuse_fast"):
             continue
-        for part, names in (("mlp", ("gate_proj", "up_proj", "down_proj")),
-                            ("self_attn", ("q_proj", "k_proj", "v_proj", "o_proj"))):
+        for part, names in (
+            ("mlp", ("gate_proj", "up_proj", "down_proj")),
+            ("self_attn", ("q_proj", "k_proj", "v_proj", "o_proj")),
+        ):
             for n in names:
                 mod = getattr(getattr(layer, part, None), n, None)
                 if mod is None:
@@ -238,8 +251,17 @@ def _attention_forward(self, hidden_states, position_embeddings=None, attention_
     if attention_mask is not None and _plain_causal(self, impl, q.shape[-2], k.shape[-2]):
         attention_mask = None  # SDPA's is_causal (the module's is_causal) is the same mask, without reading one
     extra = {"sliding_window": self.lorafuse_sliding_window} if self.lorafuse_passes_sliding_window else {}
-    out, weights = attention(self, q, k, v, attention_mask, dropout=self.attention_dropout if training else 0.0,
-                             scaling=self.scaling, **extra, **kwargs)
+    out, weights = attention(
+        self,
+        q,
+        k,
+        v,
+        attention_mask,
+        dropout=self.attention_dropout if training else 0.0,
+        scaling=self.scaling,
+        **extra,
+        **kwargs,
+    )
     out = out.reshape(*input_shape, -1).contiguous()
     return ops.linear(out, linear_spec(self.o_proj, training)), weights
 
@@ -248,8 +270,14 @@ def _plain_causal(attn: nn.Module, impl: str | None, q_len: int, kv_len: int) ->
     """The stack was called without a mask (`_note_causal_only`), so the mask transformers built is the plain
     causal one: true for SDPA with as many queries as keys (no cache offset) and no sliding window that cuts in."""
     window = attn.lorafuse_sliding_window
-    return (attn.lorafuse_causal_only[0] and (impl or "sdpa") == "sdpa" and q_len == kv_len and q_len > 1
-            and getattr(attn, "is_causal", True) and (window is None or kv_len <= window))
+    return (
+        attn.lorafuse_causal_only[0]
+        and (impl or "sdpa") == "sdpa"
+        and q_len == kv_len
+        and q_len > 1
+        and getattr(attn, "is_causal", True)
+        and (window is None or kv_len <= window)
+    )
 
 
 def _patch_attention(attn: nn.Module, ops: Ops, arch: str) -> None:
@@ -258,8 +286,9 @@ def _patch_attention(attn: nn.Module, ops: Ops, arch: str) -> None:
     attn.lorafuse_ops = ops
     # as each model's own forward: Qwen2/3 pass their per-layer window, Mistral the config's, Llama none
     attn.lorafuse_passes_sliding_window = arch != "LlamaForCausalLM"
-    attn.lorafuse_sliding_window = (attn.sliding_window if hasattr(attn, "sliding_window")
-                                    else getattr(attn.config, "sliding_window", None))
+    attn.lorafuse_sliding_window = (
+        attn.sliding_window if hasattr(attn, "sliding_window") else getattr(attn.config, "sliding_window", None)
+    )
     attn.forward = types.MethodType(_attention_forward, attn)
 
 
@@ -315,7 +344,9 @@ def maybe_apply_fast_path(model: nn.Module, mode: str = "auto", log=print) -> bo
     if mode == "on":
         from lorafuse.errors import LorafuseError
 
-        raise LorafuseError(f"train.fast_path is 'on' but the fast path cannot apply: {reason}",
-                            "set train.fast_path=auto (falls back to the PyTorch path) or fix the cause above")
+        raise LorafuseError(
+            f"train.fast_path is 'on' but the fast path cannot apply: {reason}",
+            "set train.fast_path=auto (falls back to the PyTorch path) or fix the cause above",
+        )
     log(f"fast path off: {reason}")
     return False

@@ -69,8 +69,19 @@ if _runtime.HAS_TRITON:
     import triton.language as tl
 
     @triton.jit
-    def _quant_rows_kernel(x_ptr, q_ptr, scale_ptr, col_scale_ptr, K, x_stride, q_stride, TINY: tl.constexpr,
-                           OUT_MAX: tl.constexpr, BLOCK: tl.constexpr, COL_SCALE: tl.constexpr = False):
+    def _quant_rows_kernel(
+        x_ptr,
+        q_ptr,
+        scale_ptr,
+        col_scale_ptr,
+        K,
+        x_stride,
+        q_stride,
+        TINY: tl.constexpr,
+        OUT_MAX: tl.constexpr,
+        BLOCK: tl.constexpr,
+        COL_SCALE: tl.constexpr = False,
+    ):
         # one program per row: pass 1 the row's absolute max, pass 2 (the row again, mostly from L2) the codes;
         # COL_SCALE: the row times col_scale (fp32, per column) first
         row = tl.program_id(0).to(tl.int64)
@@ -95,9 +106,24 @@ if _runtime.HAS_TRITON:
             tl.store(q_row + offs, v.to(q_ptr.dtype.element_ty), mask=offs < K)
 
     @triton.jit
-    def _nf4_t_kernel(packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, code_ptr, row_scale_ptr, out_ptr,
-                      rows, blocks_per_row, offset, BLOCKSIZE: tl.constexpr, NESTED_LOG2: tl.constexpr,
-                      DOUBLE_QUANT: tl.constexpr, OUT_MAX: tl.constexpr, BR: tl.constexpr, NB: tl.constexpr):
+    def _nf4_t_kernel(
+        packed_ptr,
+        absmax_ptr,
+        nested_absmax_ptr,
+        nested_code_ptr,
+        code_ptr,
+        row_scale_ptr,
+        out_ptr,
+        rows,
+        blocks_per_row,
+        offset,
+        BLOCKSIZE: tl.constexpr,
+        NESTED_LOG2: tl.constexpr,
+        DOUBLE_QUANT: tl.constexpr,
+        OUT_MAX: tl.constexpr,
+        BR: tl.constexpr,
+        NB: tl.constexpr,
+    ):
         # A tile of W: BR rows n x NB quantization blocks along k, read as (BR, NB, BLOCKSIZE / 2) packed bytes
         # (each block's bytes contiguous: coalesced loads, one scale per (row, block)), decoded as nf4_dequant's
         # ROW_SCALE launch does (the same fp32 operations in the same order), stored transposed into out (K, N):
@@ -134,8 +160,10 @@ def supported(device: torch.device) -> str:
         return f"FP8 GEMMs need an NVIDIA GPU, not {device.type}"
     major, minor = torch.cuda.get_device_capability(device)
     if (major, minor) < (8, 9):
-        return (f"FP8 GEMMs need compute capability 8.9 or newer (Ada, Hopper, Blackwell); "
-                f"{torch.cuda.get_device_name(device)} is {major}.{minor}")
+        return (
+            f"FP8 GEMMs need compute capability 8.9 or newer (Ada, Hopper, Blackwell); "
+            f"{torch.cuda.get_device_name(device)} is {major}.{minor}"
+        )
     return ""
 
 
@@ -153,7 +181,7 @@ def quantize_rows_reference(x: torch.Tensor, out: torch.Tensor | None = None, co
     inv = torch.full_like(amax, E4M3_MAX) / amax  # a true division (a scalar / tensor is a reciprocal times it)
     codes = (xf * inv).clamp(-E4M3_MAX, E4M3_MAX)
     scale = amax / torch.full_like(amax, E4M3_MAX)  # true divisions on CUDA too (there tensor / scalar multiplies by
-    if out is None:                                  # the reciprocal), as the kernel's div_rn
+    if out is None:  # the reciprocal), as the kernel's div_rn
         return codes.to(E4M3), scale
     out.copy_(codes)
     return out, scale
@@ -163,8 +191,10 @@ def quantize_rows(x: torch.Tensor, out: torch.Tensor | None = None, col_scale: t
     """(x8, s): x (M, K) 16-bit, unit stride along K (times `col_scale` (K,) fp32 per column, if given) -> e4m3 codes
     (into `out` if given) and fp32 row scales."""
     if x.dim() != 2 or x.stride(1) != 1:
-        raise ValueError(f"quantize_rows takes a 2-D tensor with unit stride along its rows, got {tuple(x.shape)} "
-                         f"strides {x.stride()}")
+        raise ValueError(
+            f"quantize_rows takes a 2-D tensor with unit stride along its rows, got {tuple(x.shape)} "
+            f"strides {x.stride()}"
+        )
     if not x.is_cuda or not _runtime.HAS_TRITON:
         return quantize_rows_reference(x, out, col_scale)
     return _quantize_rows_kernel(x, out, col_scale)
@@ -177,8 +207,20 @@ def _quantize_rows_kernel(x: torch.Tensor, out: torch.Tensor | None = None, col_
     scale = torch.empty(m, 1, dtype=torch.float32, device=x.device)
     block = min(2048, triton.next_power_of_2(k))
     cs = scale if col_scale is None else col_scale.contiguous()  # unused pointer without COL_SCALE
-    _quant_rows_kernel[(m,)](x, q, scale, cs, k, x.stride(0), q.stride(0), TINY=_TINY, OUT_MAX=E4M3_MAX, BLOCK=block,
-                             COL_SCALE=col_scale is not None, num_warps=4 if block <= 1024 else 8)
+    _quant_rows_kernel[(m,)](
+        x,
+        q,
+        scale,
+        cs,
+        k,
+        x.stride(0),
+        q.stride(0),
+        TINY=_TINY,
+        OUT_MAX=E4M3_MAX,
+        BLOCK=block,
+        COL_SCALE=col_scale is not None,
+        num_warps=4 if block <= 1024 else 8,
+    )
     return q, scale
 
 
@@ -226,7 +268,7 @@ def nf4_to_fp8_t(w, out: torch.Tensor, row_scales: torch.Tensor) -> torch.Tensor
     """W8^T (K, N) e4m3 row-major = (W / s_w)^T from an NF4Weight (N, K) into the flat buffer `out` (the layout the
     backward's FP8 GEMM reads as its column-major (N, K) operand). The same codes as `nf4_to_fp8`, transposed."""
     rows, cols = int(w.shape[0]), int(w.shape[1])
-    flat = out.reshape(-1)[:rows * cols]
+    flat = out.reshape(-1)[: rows * cols]
     if w.packed.is_cuda and _runtime.HAS_TRITON:
         _nf4_t_launch(w, flat, row_scales)
     else:
@@ -250,10 +292,25 @@ def _nf4_t_launch(w, flat: torch.Tensor, row_scales: torch.Tensor) -> None:
     br, nb = T_TILE_ROWS, max(1, T_TILE_COLS // w.blocksize)
     blocks_per_row = cols // w.blocksize
     _nf4_t_kernel[(triton.cdiv(rows, br), triton.cdiv(blocks_per_row, nb))](
-        packed, w.absmax, w.nested_absmax if dq else code, w.nested_code if dq else code, code, row_scales, flat,
-        rows, blocks_per_row, float(w.offset) if dq else 0.0, BLOCKSIZE=w.blocksize,
-        NESTED_LOG2=_log2(w.nested_blocksize, "nested_blocksize") if dq else 0, DOUBLE_QUANT=dq, OUT_MAX=limit,
-        BR=br, NB=nb, num_warps=T_WARPS, enable_fp_fusion=False)
+        packed,
+        w.absmax,
+        w.nested_absmax if dq else code,
+        w.nested_code if dq else code,
+        code,
+        row_scales,
+        flat,
+        rows,
+        blocks_per_row,
+        float(w.offset) if dq else 0.0,
+        BLOCKSIZE=w.blocksize,
+        NESTED_LOG2=_log2(w.nested_blocksize, "nested_blocksize") if dq else 0,
+        DOUBLE_QUANT=dq,
+        OUT_MAX=limit,
+        BR=br,
+        NB=nb,
+        num_warps=T_WARPS,
+        enable_fp_fusion=False,
+    )
 
 
 _ONES: dict[tuple[torch.device, int], torch.Tensor] = {}
@@ -272,14 +329,27 @@ def grad_input(dy: torch.Tensor, w8t: torch.Tensor, sw: torch.Tensor, out: torch
 
 def backward_applies(dy: torch.Tensor, lw) -> bool:
     """True when lw's backward dX takes the FP8 GEMM (BACKWARD on, an NF4 base, bf16, K and N multiples of 16)."""
-    return (ENABLED and BACKWARD and lw.is_nf4 and dy.dtype == torch.bfloat16 and int(lw.weight.shape[1]) % 16 == 0
-            and lw.out_features % 16 == 0)
+    return (
+        ENABLED
+        and BACKWARD
+        and lw.is_nf4
+        and dy.dtype == torch.bfloat16
+        and int(lw.weight.shape[1]) % 16 == 0
+        and lw.out_features % 16 == 0
+    )
 
 
-def scaled_mm(x8: torch.Tensor, sx: torch.Tensor, w8: torch.Tensor, sw: torch.Tensor, bias: torch.Tensor | None,
-              out: torch.Tensor | None = None) -> torch.Tensor:
+def scaled_mm(
+    x8: torch.Tensor,
+    sx: torch.Tensor,
+    w8: torch.Tensor,
+    sw: torch.Tensor,
+    bias: torch.Tensor | None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
     """(x8 W8^T) s_x s_w^T + b in bf16: x8 (M, K), w8 (N, K) e4m3 row-major, sx (M, 1), sw (N,) or (1, N) fp32."""
     kw = {} if out is None else {"out": out}
     fast = x8.is_cuda and x8.shape[1] <= FAST_ACCUM_MAX_K
-    return torch._scaled_mm(x8, w8.t(), scale_a=sx, scale_b=sw.view(1, -1), bias=bias, out_dtype=torch.bfloat16,
-                            use_fast_accum=fast, **kw)
+    return torch._scaled_mm(
+        x8, w8.t(), scale_a=sx, scale_b=sw.view(1, -1), bias=bias, out_dtype=torch.bfloat16, use_fast_accum=fast, **kw
+    )

@@ -64,20 +64,56 @@ if _runtime.HAS_TRITON:
         for bm, bn, w, s in [(128, 256, 8, 3), (128, 128, 8, 3), (64, 128, 4, 4), (64, 64, 4, 4), (32, 64, 4, 4)]
     ]
 
-    @_runtime.tuned(_GEMM_CONFIGS, key=["M_BUCKET", "N", "K", "HAS_BASE", "W_NF4", "HAS_LORA", "DROP_LORA"],
-                    interpret_meta={"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 2},
-                    restore_value=["c_ptr"])
+    @_runtime.tuned(
+        _GEMM_CONFIGS,
+        key=["M_BUCKET", "N", "K", "HAS_BASE", "W_NF4", "HAS_LORA", "DROP_LORA"],
+        interpret_meta={"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 2},
+        restore_value=["c_ptr"],
+    )
     @triton.jit
-    def _lora_gemm_kernel(x_ptr, w_ptr, absmax_ptr, code_ptr, s_ptr, l_ptr, bias_ptr, c_ptr,
-                          M, N, K, R, M_BUCKET,
-                          stride_xm, stride_xk, stride_wk, stride_wn, stride_sm, stride_sr,
-                          stride_lr, stride_ln, stride_cm, stride_cn,
-                          l_scale, drop_seed_ptr, drop_seed_off, drop_thresh, drop_scale,
-                          NF4_LOG2: tl.constexpr, HAS_BASE: tl.constexpr, W_NF4: tl.constexpr,
-                          HAS_LORA: tl.constexpr, DROP_LORA: tl.constexpr, HAS_BIAS: tl.constexpr,
-                          ACCUMULATE: tl.constexpr, PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
-                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                          GROUP_M: tl.constexpr):
+    def _lora_gemm_kernel(
+        x_ptr,
+        w_ptr,
+        absmax_ptr,
+        code_ptr,
+        s_ptr,
+        l_ptr,
+        bias_ptr,
+        c_ptr,
+        M,
+        N,
+        K,
+        R,
+        M_BUCKET,
+        stride_xm,
+        stride_xk,
+        stride_wk,
+        stride_wn,
+        stride_sm,
+        stride_sr,
+        stride_lr,
+        stride_ln,
+        stride_cm,
+        stride_cn,
+        l_scale,
+        drop_seed_ptr,
+        drop_seed_off,
+        drop_thresh,
+        drop_scale,
+        NF4_LOG2: tl.constexpr,
+        HAS_BASE: tl.constexpr,
+        W_NF4: tl.constexpr,
+        HAS_LORA: tl.constexpr,
+        DROP_LORA: tl.constexpr,
+        HAS_BIAS: tl.constexpr,
+        ACCUMULATE: tl.constexpr,
+        PRECISION: tl.constexpr,
+        BLOCK_R: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        GROUP_M: tl.constexpr,
+    ):
         # grouped ordering: GROUP_M row tiles sweep the column tiles together, so W tiles stay in L2
         pid = tl.program_id(0)
         num_m, num_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
@@ -91,8 +127,11 @@ if _runtime.HAS_TRITON:
         if HAS_BASE:
             for k0 in range(0, K, BLOCK_K):
                 kk = k0 + tl.arange(0, BLOCK_K)
-                a = tl.load(x_ptr + rm[:, None].to(tl.int64) * stride_xm + kk[None, :] * stride_xk,
-                            mask=(rm[:, None] < M) & (kk[None, :] < K), other=0.0)
+                a = tl.load(
+                    x_ptr + rm[:, None].to(tl.int64) * stride_xm + kk[None, :] * stride_xk,
+                    mask=(rm[:, None] < M) & (kk[None, :] < K),
+                    other=0.0,
+                )
                 w_mask = (kk[:, None] < K) & (rn[None, :] < N)
                 w_idx = kk[:, None] * stride_wk + rn[None, :] * stride_wn
                 if W_NF4:
@@ -105,10 +144,16 @@ if _runtime.HAS_TRITON:
                 acc = tl.dot(a, w, acc, input_precision=PRECISION)
         if HAS_LORA:
             rr = tl.arange(0, BLOCK_R)
-            s = tl.load(s_ptr + rm[:, None] * stride_sm + rr[None, :] * stride_sr,
-                        mask=(rm[:, None] < M) & (rr[None, :] < R), other=0.0)
-            lw = tl.load(l_ptr + rr[:, None] * stride_lr + rn[None, :] * stride_ln,
-                         mask=(rr[:, None] < R) & (rn[None, :] < N), other=0.0)
+            s = tl.load(
+                s_ptr + rm[:, None] * stride_sm + rr[None, :] * stride_sr,
+                mask=(rm[:, None] < M) & (rr[None, :] < R),
+                other=0.0,
+            )
+            lw = tl.load(
+                l_ptr + rr[:, None] * stride_lr + rn[None, :] * stride_ln,
+                mask=(rr[:, None] < R) & (rn[None, :] < N),
+                other=0.0,
+            )
             lora = tl.dot(s, lw, input_precision=PRECISION) * l_scale
             if DROP_LORA:
                 keep = _keep(_seed_key(drop_seed_ptr, drop_seed_off), rm[:, None] * N + rn[None, :], drop_thresh)
@@ -129,32 +174,76 @@ if _runtime.HAS_TRITON:
 
     @_runtime.tuned(_SKINNY_CONFIGS, key=["M_BUCKET", "K", "R"], interpret_meta={"BLOCK_M": 16, "BLOCK_K": 32})
     @triton.jit
-    def _dropout_down_kernel(x_ptr, a_ptr, s_ptr, M, K, R, M_BUCKET, stride_xm, stride_xk, stride_ar, stride_ak,
-                             drop_seed_ptr, drop_seed_off, drop_thresh, drop_scale, PRECISION: tl.constexpr,
-                             BLOCK_R: tl.constexpr,
-                             BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    def _dropout_down_kernel(
+        x_ptr,
+        a_ptr,
+        s_ptr,
+        M,
+        K,
+        R,
+        M_BUCKET,
+        stride_xm,
+        stride_xk,
+        stride_ar,
+        stride_ak,
+        drop_seed_ptr,
+        drop_seed_off,
+        drop_thresh,
+        drop_scale,
+        PRECISION: tl.constexpr,
+        BLOCK_R: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+    ):
         rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         rr = tl.arange(0, BLOCK_R)
         acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
         drop_key = _seed_key(drop_seed_ptr, drop_seed_off)
         for k0 in range(0, K, BLOCK_K):
             kk = k0 + tl.arange(0, BLOCK_K)
-            x = tl.load(x_ptr + rm[:, None].to(tl.int64) * stride_xm + kk[None, :] * stride_xk,
-                        mask=(rm[:, None] < M) & (kk[None, :] < K), other=0.0)
+            x = tl.load(
+                x_ptr + rm[:, None].to(tl.int64) * stride_xm + kk[None, :] * stride_xk,
+                mask=(rm[:, None] < M) & (kk[None, :] < K),
+                other=0.0,
+            )
             x = tl.where(_keep(drop_key, rm[:, None] * K + kk[None, :], drop_thresh), x, 0.0)
-            a = tl.load(a_ptr + kk[:, None] * stride_ak + rr[None, :] * stride_ar,
-                        mask=(kk[:, None] < K) & (rr[None, :] < R), other=0.0)
+            a = tl.load(
+                a_ptr + kk[:, None] * stride_ak + rr[None, :] * stride_ar,
+                mask=(kk[:, None] < K) & (rr[None, :] < R),
+                other=0.0,
+            )
             acc = tl.dot(x, a, acc, input_precision=PRECISION)
         acc = acc * drop_scale
-        tl.store(s_ptr + rm[:, None] * R + rr[None, :], acc.to(s_ptr.dtype.element_ty),
-                 mask=(rm[:, None] < M) & (rr[None, :] < R))
+        tl.store(
+            s_ptr + rm[:, None] * R + rr[None, :],
+            acc.to(s_ptr.dtype.element_ty),
+            mask=(rm[:, None] < M) & (rr[None, :] < R),
+        )
 
     @_runtime.tuned(_SKINNY_CONFIGS, key=["M_BUCKET", "K", "R"], interpret_meta={"BLOCK_M": 16, "BLOCK_K": 32})
     @triton.jit
-    def _dropout_grad_a_kernel(ds_ptr, x_ptr, part_ptr, M, K, R, M_BUCKET, rows_per_split,
-                               stride_dsm, stride_dsr, stride_xm, stride_xk,
-                               drop_seed_ptr, drop_seed_off, drop_thresh, drop_scale, PRECISION: tl.constexpr,
-                               BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    def _dropout_grad_a_kernel(
+        ds_ptr,
+        x_ptr,
+        part_ptr,
+        M,
+        K,
+        R,
+        M_BUCKET,
+        rows_per_split,
+        stride_dsm,
+        stride_dsr,
+        stride_xm,
+        stride_xk,
+        drop_seed_ptr,
+        drop_seed_off,
+        drop_thresh,
+        drop_scale,
+        PRECISION: tl.constexpr,
+        BLOCK_R: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+    ):
         # program (k tile, split): partial dA over rows [split * rows_per_split, ...) -> part[split]
         pid_k, split = tl.program_id(0), tl.program_id(1)
         kk = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -165,46 +254,86 @@ if _runtime.HAS_TRITON:
         drop_key = _seed_key(drop_seed_ptr, drop_seed_off)
         for m0 in range(m_start, m_end, BLOCK_M):
             rm = m0 + tl.arange(0, BLOCK_M)
-            ds_t = tl.load(ds_ptr + rm[None, :] * stride_dsm + rr[:, None] * stride_dsr,
-                           mask=(rm[None, :] < m_end) & (rr[:, None] < R), other=0.0)
-            x = tl.load(x_ptr + rm[:, None].to(tl.int64) * stride_xm + kk[None, :] * stride_xk,
-                        mask=(rm[:, None] < m_end) & (kk[None, :] < K), other=0.0)
+            ds_t = tl.load(
+                ds_ptr + rm[None, :] * stride_dsm + rr[:, None] * stride_dsr,
+                mask=(rm[None, :] < m_end) & (rr[:, None] < R),
+                other=0.0,
+            )
+            x = tl.load(
+                x_ptr + rm[:, None].to(tl.int64) * stride_xm + kk[None, :] * stride_xk,
+                mask=(rm[:, None] < m_end) & (kk[None, :] < K),
+                other=0.0,
+            )
             x = tl.where(_keep(drop_key, rm[:, None] * K + kk[None, :], drop_thresh), x, 0.0)
             acc = tl.dot(ds_t, x, acc, input_precision=PRECISION)
         acc = acc * drop_scale
-        tl.store(part_ptr + split * R * K + rr[:, None] * K + kk[None, :], acc,
-                 mask=(rr[:, None] < R) & (kk[None, :] < K))
+        tl.store(
+            part_ptr + split * R * K + rr[:, None] * K + kk[None, :], acc, mask=(rr[:, None] < R) & (kk[None, :] < K)
+        )
 
-    @_runtime.tuned([triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=3) for bn, w in [(64, 4), (128, 8)]],
-                    key=["M_BUCKET", "N", "R"], interpret_meta={"BLOCK_N": 32}, fixed=0)
+    @_runtime.tuned(
+        [triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=3) for bn, w in [(64, 4), (128, 8)]],
+        key=["M_BUCKET", "N", "R"],
+        interpret_meta={"BLOCK_N": 32},
+        fixed=0,
+    )
     @triton.jit
-    def _grad_s_b_kernel(dy_ptr, bs_ptr, s_ptr, ds_part_ptr, db_part_ptr, M, N, R, M_BUCKET, cols_per_split,
-                         stride_dym, stride_dyn, stride_bn, stride_br, stride_sm, stride_sr,
-                         PRECISION: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr,
-                         BLOCK_N: tl.constexpr):
+    def _grad_s_b_kernel(
+        dy_ptr,
+        bs_ptr,
+        s_ptr,
+        ds_part_ptr,
+        db_part_ptr,
+        M,
+        N,
+        R,
+        M_BUCKET,
+        cols_per_split,
+        stride_dym,
+        stride_dyn,
+        stride_bn,
+        stride_br,
+        stride_sm,
+        stride_sr,
+        PRECISION: tl.constexpr,
+        BLOCK_R: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+    ):
         # program (row tile pm, column split pn): dS rows over its columns -> ds_part[pn];
         # dB rows of each column tile over its rows -> db_part[pm]; each dY tile is read once
         pm, pn = tl.program_id(0), tl.program_id(1)
         rm = pm * BLOCK_M + tl.arange(0, BLOCK_M)
         rr = tl.arange(0, BLOCK_R)
         r_mask = rr[None, :] < R
-        s = tl.load(s_ptr + rm[:, None] * stride_sm + rr[None, :] * stride_sr, mask=(rm[:, None] < M) & r_mask,
-                    other=0.0)
+        s = tl.load(
+            s_ptr + rm[:, None] * stride_sm + rr[None, :] * stride_sr, mask=(rm[:, None] < M) & r_mask, other=0.0
+        )
         ds = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
         n_start = pn * cols_per_split
         n_end = tl.minimum(n_start + cols_per_split, N)
         for n0 in range(n_start, n_end, BLOCK_N):
             rn = n0 + tl.arange(0, BLOCK_N)
-            dy = tl.load(dy_ptr + rm[:, None].to(tl.int64) * stride_dym + rn[None, :] * stride_dyn,
-                         mask=(rm[:, None] < M) & (rn[None, :] < n_end), other=0.0)
-            bs = tl.load(bs_ptr + rn[:, None] * stride_bn + rr[None, :] * stride_br,
-                         mask=(rn[:, None] < n_end) & r_mask, other=0.0)
+            dy = tl.load(
+                dy_ptr + rm[:, None].to(tl.int64) * stride_dym + rn[None, :] * stride_dyn,
+                mask=(rm[:, None] < M) & (rn[None, :] < n_end),
+                other=0.0,
+            )
+            bs = tl.load(
+                bs_ptr + rn[:, None] * stride_bn + rr[None, :] * stride_br,
+                mask=(rn[:, None] < n_end) & r_mask,
+                other=0.0,
+            )
             ds = tl.dot(dy, bs, ds, input_precision=PRECISION)
             db = tl.dot(tl.trans(dy), s, input_precision=PRECISION)
-            tl.store(db_part_ptr + (pm * N + rn[:, None]).to(tl.int64) * R + rr[None, :], db,
-                     mask=(rn[:, None] < n_end) & r_mask)
-        tl.store(ds_part_ptr + (pn * M + rm[:, None]).to(tl.int64) * R + rr[None, :], ds,
-                 mask=(rm[:, None] < M) & r_mask)
+            tl.store(
+                db_part_ptr + (pm * N + rn[:, None]).to(tl.int64) * R + rr[None, :],
+                db,
+                mask=(rn[:, None] < n_end) & r_mask,
+            )
+        tl.store(
+            ds_part_ptr + (pn * M + rm[:, None]).to(tl.int64) * R + rr[None, :], ds, mask=(rm[:, None] < M) & r_mask
+        )
 
 
 _ZERO_BASE: dict = {}
@@ -247,14 +376,25 @@ def keep_mask(seed, rows: int, cols: int, p: float, device) -> torch.Tensor:
     _check_counters(rows, cols)
     out = torch.empty(rows * cols, dtype=torch.int8, device=device)
     base, off = Dropout(p, seed).seed_args(device)
-    _keep_mask_kernel[(triton.cdiv(rows * cols, 1024),)](out, rows * cols, base, off, dropout_threshold(p),
-                                                          BLOCK=1024)
+    _keep_mask_kernel[(triton.cdiv(rows * cols, 1024),)](out, rows * cols, base, off, dropout_threshold(p), BLOCK=1024)
     return out.view(rows, cols).bool()
 
 
-def fused_gemm(out: torch.Tensor, x: torch.Tensor | None = None, *, w=None, w_nf4=None, nf4_absmax=None,
-               transpose_w: bool = True, s=None, rhs=None, l_scale: float = 1.0, bias=None,
-               drop: Dropout | None = None, accumulate: bool = False) -> torch.Tensor:
+def fused_gemm(
+    out: torch.Tensor,
+    x: torch.Tensor | None = None,
+    *,
+    w=None,
+    w_nf4=None,
+    nf4_absmax=None,
+    transpose_w: bool = True,
+    s=None,
+    rhs=None,
+    l_scale: float = 1.0,
+    bias=None,
+    drop: Dropout | None = None,
+    accumulate: bool = False,
+) -> torch.Tensor:
     """out (M, N) (+)= x @ op(W) + l_scale * drop(s @ rhs) + bias; op(W) = W^T if transpose_w else W.
 
     W is `w` (dense, any strides) or `w_nf4` (an NF4Weight with its fp32 `nf4_absmax`); neither means
@@ -280,18 +420,41 @@ def fused_gemm(out: torch.Tensor, x: torch.Tensor | None = None, *, w=None, w_nf
     r = 0 if s is None else s.shape[1]
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
     _lora_gemm_kernel[grid](
-        x if has_base else dummy, w_arg, nf4_absmax if nf4_absmax is not None else dummy, code,
-        s if s is not None else dummy, rhs if rhs is not None else dummy, bias if bias is not None else dummy, out,
-        M, N, K, r, _bucket(M),
-        x.stride(0) if has_base else 0, x.stride(1) if has_base else 0, stride_wk, stride_wn,
-        s.stride(0) if s is not None else 0, s.stride(1) if s is not None else 0,
-        rhs.stride(0) if rhs is not None else 0, rhs.stride(1) if rhs is not None else 0,
-        out.stride(0), out.stride(1),
-        float(l_scale), *(drop.seed_args(out.device) if drop else (dummy, 0)), drop.thresh if drop else 0,
+        x if has_base else dummy,
+        w_arg,
+        nf4_absmax if nf4_absmax is not None else dummy,
+        code,
+        s if s is not None else dummy,
+        rhs if rhs is not None else dummy,
+        bias if bias is not None else dummy,
+        out,
+        M,
+        N,
+        K,
+        r,
+        _bucket(M),
+        x.stride(0) if has_base else 0,
+        x.stride(1) if has_base else 0,
+        stride_wk,
+        stride_wn,
+        s.stride(0) if s is not None else 0,
+        s.stride(1) if s is not None else 0,
+        rhs.stride(0) if rhs is not None else 0,
+        rhs.stride(1) if rhs is not None else 0,
+        out.stride(0),
+        out.stride(1),
+        float(l_scale),
+        *(drop.seed_args(out.device) if drop else (dummy, 0)),
+        drop.thresh if drop else 0,
         drop.scale if drop else 1.0,
         NF4_LOG2=(w_nf4.blocksize.bit_length() - 1) if w_nf4 is not None else 0,
-        HAS_BASE=has_base, W_NF4=w_nf4 is not None, HAS_LORA=s is not None, DROP_LORA=drop is not None,
-        HAS_BIAS=bias is not None, ACCUMULATE=accumulate, PRECISION=_runtime.dot_precision(out.dtype),
+        HAS_BASE=has_base,
+        W_NF4=w_nf4 is not None,
+        HAS_LORA=s is not None,
+        DROP_LORA=drop is not None,
+        HAS_BIAS=bias is not None,
+        ACCUMULATE=accumulate,
+        PRECISION=_runtime.dot_precision(out.dtype),
         BLOCK_R=_block_r(r),
     )
     return out
@@ -304,10 +467,24 @@ def dropout_down(x: torch.Tensor, a: torch.Tensor, drop: Dropout) -> torch.Tenso
     _check_counters(M, K)
     s = torch.empty(M, r, dtype=x.dtype, device=x.device)
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]),)  # noqa: E731
-    _dropout_down_kernel[grid](x, a, s, M, K, r, _bucket(M), x.stride(0), x.stride(1), a.stride(0), a.stride(1),
-                               *drop.seed_args(x.device), drop.thresh, drop.scale,
-                               PRECISION=_runtime.dot_precision(x.dtype),
-                               BLOCK_R=_block_r(r))
+    _dropout_down_kernel[grid](
+        x,
+        a,
+        s,
+        M,
+        K,
+        r,
+        _bucket(M),
+        x.stride(0),
+        x.stride(1),
+        a.stride(0),
+        a.stride(1),
+        *drop.seed_args(x.device),
+        drop.thresh,
+        drop.scale,
+        PRECISION=_runtime.dot_precision(x.dtype),
+        BLOCK_R=_block_r(r),
+    )
     return s
 
 
@@ -322,9 +499,25 @@ def dropout_grad_a(ds: torch.Tensor, x: torch.Tensor, drop: Dropout, splits: int
     splits = triton.cdiv(M, rows_per_split)
     part = torch.empty(splits, r, K, dtype=torch.float32, device=x.device)
     grid = lambda meta: (triton.cdiv(K, meta["BLOCK_K"]), splits)  # noqa: E731
-    _dropout_grad_a_kernel[grid](ds, x, part, M, K, r, _bucket(M), rows_per_split, ds.stride(0), ds.stride(1),
-                                 x.stride(0), x.stride(1), *drop.seed_args(x.device), drop.thresh, drop.scale,
-                                 PRECISION=_runtime.dot_precision(x.dtype), BLOCK_R=_block_r(r))
+    _dropout_grad_a_kernel[grid](
+        ds,
+        x,
+        part,
+        M,
+        K,
+        r,
+        _bucket(M),
+        rows_per_split,
+        ds.stride(0),
+        ds.stride(1),
+        x.stride(0),
+        x.stride(1),
+        *drop.seed_args(x.device),
+        drop.thresh,
+        drop.scale,
+        PRECISION=_runtime.dot_precision(x.dtype),
+        BLOCK_R=_block_r(r),
+    )
     return part.sum(0)  # a fixed-order sum: deterministic, unlike atomics
 
 
@@ -345,7 +538,24 @@ def grad_s_b(dy: torch.Tensor, s: torch.Tensor, b_scaled: torch.Tensor, scaling:
     ds_part = torch.empty(splits, M, r, dtype=torch.float32, device=dy.device)
     db_part = torch.empty(m_tiles, N, r, dtype=torch.float32, device=dy.device)
     _grad_s_b_kernel[(m_tiles, splits)](
-        dy, b_scaled, s, ds_part, db_part, M, N, r, _bucket(M), cols_per_split,
-        dy.stride(0), dy.stride(1), b_scaled.stride(0), b_scaled.stride(1), s.stride(0), s.stride(1),
-        PRECISION=_runtime.dot_precision(dy.dtype), BLOCK_R=_block_r(r), BLOCK_M=block_m)
+        dy,
+        b_scaled,
+        s,
+        ds_part,
+        db_part,
+        M,
+        N,
+        r,
+        _bucket(M),
+        cols_per_split,
+        dy.stride(0),
+        dy.stride(1),
+        b_scaled.stride(0),
+        b_scaled.stride(1),
+        s.stride(0),
+        s.stride(1),
+        PRECISION=_runtime.dot_precision(dy.dtype),
+        BLOCK_R=_block_r(r),
+        BLOCK_M=block_m,
+    )
     return ds_part.sum(0).to(dy.dtype), db_part.sum(0).mul_(scaling)

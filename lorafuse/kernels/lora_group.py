@@ -53,8 +53,19 @@ import os
 import torch
 
 from . import _runtime, fp8
-from .lora_linear import (Operands, add_lora_input_grad, bias_grad, dequant_buffer, dispatch, fp8_input, lora_down,
-                          lora_grad_a, lora_grad_s_b, lora_linear, with_seed)
+from .lora_linear import (
+    Operands,
+    add_lora_input_grad,
+    bias_grad,
+    dequant_buffer,
+    dispatch,
+    fp8_input,
+    lora_down,
+    lora_grad_a,
+    lora_grad_s_b,
+    lora_linear,
+    with_seed,
+)
 from .nf4_dequant import nf4_dequantize
 from .reference import LoRAWeights
 
@@ -77,7 +88,7 @@ def group_weight(opss: list[Operands]) -> torch.Tensor:
     (valid until the next dequantize on this device and dtype)."""
     w0, dtype = opss[0].lw.weight, opss[0].dtype
     n, k = sum(o.lw.out_features for o in opss), int(w0.shape[1])
-    buf = dequant_buffer(w0.packed.device, dtype, n * k)[:n * k].view(n, k)
+    buf = dequant_buffer(w0.packed.device, dtype, n * k)[: n * k].view(n, k)
     for o, rows in zip(opss, _slices(opss)):
         nf4_dequantize(o.lw.weight, dtype, out=buf[rows])
     return buf
@@ -86,8 +97,9 @@ def group_weight(opss: list[Operands]) -> torch.Tensor:
 def _group_bias(opss: list[Operands], device) -> torch.Tensor | None:
     if all(o.bias is None for o in opss):
         return None
-    return torch.cat([o.bias if o.bias is not None else torch.zeros(o.lw.out_features, dtype=o.dtype, device=device)
-                      for o in opss])
+    return torch.cat(
+        [o.bias if o.bias is not None else torch.zeros(o.lw.out_features, dtype=o.dtype, device=device) for o in opss]
+    )
 
 
 def group_forward(x: torch.Tensor, opss: list[Operands]):
@@ -116,8 +128,9 @@ def group_input_grad(dys: list[torch.Tensor], dss: list, opss: list[Operands]) -
     dx = torch.empty(m, k, dtype=dys[0].dtype, device=dys[0].device)
     if opss[0].lw.is_nf4:
         w = group_weight(opss)
-        gemms = [(torch.cat(dys, dim=1), w)] if GROUP_DX_CAT else [(dy, w[rows]) for dy, rows in
-                                                                    zip(dys, _slices(opss))]
+        gemms = (
+            [(torch.cat(dys, dim=1), w)] if GROUP_DX_CAT else [(dy, w[rows]) for dy, rows in zip(dys, _slices(opss))]
+        )
     else:
         gemms = ((dy, o.dense()) for dy, o in zip(dys, opss))  # lazily: one cast weight alive at a time
     for i, (dy, w_i) in enumerate(gemms):
@@ -154,7 +167,7 @@ class LoRAGroupFunction(torch.autograd.Function):
         x, *rest = ctx.saved_tensors
         n = len(ctx.specs)
         ss, casts = rest[:n], rest[n:]
-        opss = [Operands(lw, x.dtype, casts[2 * i:2 * i + 2]) for i, lw in enumerate(ctx.specs)]
+        opss = [Operands(lw, x.dtype, casts[2 * i : 2 * i + 2]) for i, lw in enumerate(ctx.specs)]
         dys = [dy.contiguous() for dy in dys]
         grads, dss = [], []
         for dy, s, o in zip(dys, ss, opss):

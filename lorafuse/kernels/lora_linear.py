@@ -81,7 +81,7 @@ def dequant_rows(rows: int, numel: int, step: int, elem_bytes: int, cap: int | N
 
 
 def dispatch(m: int, is_nf4: bool) -> str:
-    """"fused" (one Triton GEMM) or "cublas" (dequantize-to-buffer + torch.matmul) for m tokens."""
+    """ "fused" (one Triton GEMM) or "cublas" (dequantize-to-buffer + torch.matmul) for m tokens."""
     return "fused" if m <= (NF4_FUSED_MAX_M if is_nf4 else DENSE_FUSED_MAX_M) else "cublas"
 
 
@@ -110,8 +110,9 @@ class Operands:
         lw = self.lw
         if not lw.has_lora:
             return None
-        return torch.mul(lw.lora_B, lw.scaling, out=torch.empty(lw.lora_B.shape, dtype=self.dtype,
-                                                               device=lw.lora_B.device))
+        return torch.mul(
+            lw.lora_B, lw.scaling, out=torch.empty(lw.lora_B.shape, dtype=self.dtype, device=lw.lora_B.device)
+        )
 
     def casts(self) -> tuple:
         """(A, s B) in the compute dtype, for save_for_backward (None, None without LoRA)."""
@@ -143,8 +144,11 @@ class Operands:
         rows = dequant_rows(w.shape[0], w.numel, w.row_alignment(), torch.finfo(self.dtype).bits // 8)
         for r0 in range(0, w.shape[0], rows):
             part = w.rows(r0, min(w.shape[0], r0 + rows)) if rows < w.shape[0] else w
-            yield r0, r0 + part.shape[0], nf4_dequantize(
-                part, self.dtype, out=dequant_buffer(w.packed.device, self.dtype, part.numel))
+            yield (
+                r0,
+                r0 + part.shape[0],
+                nf4_dequantize(part, self.dtype, out=dequant_buffer(w.packed.device, self.dtype, part.numel)),
+            )
 
     def fp8_parts(self, transposed: bool = False):
         """[(r0, r1, W8[r0:r1] (e4m3), s_w[r0:r1] (fp32))] for the FP8 forward (fp8.py), each part made on demand
@@ -156,8 +160,9 @@ class Operands:
             raise ValueError("the FP8 backward decodes NF4 weights only")
         if not self.lw.is_nf4:  # a 16-bit weight: quantized row by row on each use
             dense = self.dense()
-            w8, sw = fp8.quantize_rows(dense, out=dequant_buffer(dense.device, fp8.E4M3, dense.numel()).view(
-                dense.shape))
+            w8, sw = fp8.quantize_rows(
+                dense, out=dequant_buffer(dense.device, fp8.E4M3, dense.numel()).view(dense.shape)
+            )
             yield 0, rows_total, w8, sw.view(-1)
             return
         scales = fp8.nf4_row_scales(w)
@@ -166,8 +171,12 @@ class Operands:
         for r0 in range(0, rows_total, rows):
             r1 = min(rows_total, r0 + rows)
             part = w.rows(r0, r1) if rows < rows_total else w
-            yield r0, r1, decode(part, dequant_buffer(w.packed.device, fp8.E4M3, part.numel), scales[r0:r1]), \
-                scales[r0:r1]
+            yield (
+                r0,
+                r1,
+                decode(part, dequant_buffer(w.packed.device, fp8.E4M3, part.numel), scales[r0:r1]),
+                scales[r0:r1],
+            )
 
 
 def fp8_input(x: torch.Tensor, lw: LoRAWeights):
@@ -236,8 +245,15 @@ def lora_forward(x: torch.Tensor, ops: Operands, xq: tuple | None = None):
     return y, s
 
 
-def lora_backward(dy: torch.Tensor, x: torch.Tensor, s: torch.Tensor | None, ops: Operands,
-                  need_dx: bool = True, dx: torch.Tensor | None = None, accumulate: bool = False):
+def lora_backward(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    s: torch.Tensor | None,
+    ops: Operands,
+    need_dx: bool = True,
+    dx: torch.Tensor | None = None,
+    accumulate: bool = False,
+):
     """(dx, dA, dB, dbias) for dy (M, N); dx is written into `dx` (added to it if `accumulate`)."""
     ds, d_b = lora_grad_s_b(dy, s, ops)
     if need_dx:

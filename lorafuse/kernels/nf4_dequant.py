@@ -62,11 +62,29 @@ if _runtime.HAS_TRITON:
         return tl.load(code_ptr + nibbles)
 
     @triton.jit
-    def _nf4_dequant_kernel(packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, code_ptr, out_ptr,
-                            n, n_bytes, offset, row_scale_ptr, blocks_per_row,
-                            BYTE_BLOCK_LOG2: tl.constexpr, NESTED_LOG2: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
-                            ROWS: tl.constexpr, COLS: tl.constexpr, VEC: tl.constexpr, SHARED_CODE: tl.constexpr,
-                            MASKED: tl.constexpr, ROW_SCALE: tl.constexpr = False, OUT_MAX: tl.constexpr = 0.0):
+    def _nf4_dequant_kernel(
+        packed_ptr,
+        absmax_ptr,
+        nested_absmax_ptr,
+        nested_code_ptr,
+        code_ptr,
+        out_ptr,
+        n,
+        n_bytes,
+        offset,
+        row_scale_ptr,
+        blocks_per_row,
+        BYTE_BLOCK_LOG2: tl.constexpr,
+        NESTED_LOG2: tl.constexpr,
+        DOUBLE_QUANT: tl.constexpr,
+        ROWS: tl.constexpr,
+        COLS: tl.constexpr,
+        VEC: tl.constexpr,
+        SHARED_CODE: tl.constexpr,
+        MASKED: tl.constexpr,
+        ROW_SCALE: tl.constexpr = False,
+        OUT_MAX: tl.constexpr = 0.0,
+    ):
         # Tile (ROWS, COLS // VEC, VEC) bytes -> (ROWS, COLS // VEC, 2 * VEC) weights: the innermost VEC bytes
         # are what one thread loads at once, so VEC = 4 gives each thread the 8 weights of one 16-byte bf16
         # store (load and store layouts agree); a wider VEC loads more per instruction but makes the compiler
@@ -93,8 +111,9 @@ if _runtime.HAS_TRITON:
         else:
             scale = tl.load(absmax_ptr + first_blk + blk, mask=row_ok)
         if ROW_SCALE:  # FP8 output: w / row_scale[w's row], clamped into the format's range (fp8.py)
-            scale = tl.math.div_rn(scale, tl.load(row_scale_ptr + (first_blk + blk) // blocks_per_row,
-                                                  mask=row_ok))  # IEEE division, as fp8.nf4_to_fp8's reference
+            scale = tl.math.div_rn(
+                scale, tl.load(row_scale_ptr + (first_blk + blk) // blocks_per_row, mask=row_ok)
+            )  # IEEE division, as fp8.nf4_to_fp8's reference
         scale = scale[:, None, None]
         hi = _code_lookup(code_ptr, packed >> 4, SHARED_CODE) * scale
         lo = _code_lookup(code_ptr, packed & 15, SHARED_CODE) * scale
@@ -105,10 +124,21 @@ if _runtime.HAS_TRITON:
         tl.store(out_ptr + 2 * start + elem, vals, mask=elem_ok)
 
     @triton.jit
-    def _nf4_dequant_kernel_bytewise(packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, code_ptr, out_ptr,
-                                     n, n_bytes, offset,
-                                     BYTE_BLOCK_LOG2: tl.constexpr, NESTED_LOG2: tl.constexpr,
-                                     DOUBLE_QUANT: tl.constexpr, BLOCK: tl.constexpr):
+    def _nf4_dequant_kernel_bytewise(
+        packed_ptr,
+        absmax_ptr,
+        nested_absmax_ptr,
+        nested_code_ptr,
+        code_ptr,
+        out_ptr,
+        n,
+        n_bytes,
+        offset,
+        BYTE_BLOCK_LOG2: tl.constexpr,
+        NESTED_LOG2: tl.constexpr,
+        DOUBLE_QUANT: tl.constexpr,
+        BLOCK: tl.constexpr,
+    ):
         # The previous kernel, the benchmark's baseline: every byte gathers its own scale.
         pid = tl.program_id(0).to(tl.int64)
         byte = pid * BLOCK + tl.arange(0, BLOCK)
@@ -117,8 +147,9 @@ if _runtime.HAS_TRITON:
         blk = byte >> BYTE_BLOCK_LOG2  # weights 2k and 2k+1 share block (2k) // blocksize
         if DOUBLE_QUANT:
             q = tl.load(absmax_ptr + blk, mask=in_range, other=0).to(tl.int32)
-            scale = tl.load(nested_code_ptr + q) * tl.load(nested_absmax_ptr + (blk >> NESTED_LOG2), mask=in_range,
-                                                           other=0.0)
+            scale = tl.load(nested_code_ptr + q) * tl.load(
+                nested_absmax_ptr + (blk >> NESTED_LOG2), mask=in_range, other=0.0
+            )
             scale = scale + offset
         else:
             scale = tl.load(absmax_ptr + blk, mask=in_range, other=0.0)
@@ -129,13 +160,22 @@ if _runtime.HAS_TRITON:
         tl.store(out_ptr + elem, vals, mask=elem < n)
 
     @triton.jit
-    def _nf4_absmax_kernel(absmax_ptr, nested_absmax_ptr, nested_code_ptr, out_ptr, n_blocks, offset,
-                           NESTED_LOG2: tl.constexpr, BLOCK: tl.constexpr):
+    def _nf4_absmax_kernel(
+        absmax_ptr,
+        nested_absmax_ptr,
+        nested_code_ptr,
+        out_ptr,
+        n_blocks,
+        offset,
+        NESTED_LOG2: tl.constexpr,
+        BLOCK: tl.constexpr,
+    ):
         blk = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         in_range = blk < n_blocks
         q = tl.load(absmax_ptr + blk, mask=in_range, other=0).to(tl.int32)
-        scale = tl.load(nested_code_ptr + q) * tl.load(nested_absmax_ptr + (blk >> NESTED_LOG2), mask=in_range,
-                                                       other=0.0)
+        scale = tl.load(nested_code_ptr + q) * tl.load(
+            nested_absmax_ptr + (blk >> NESTED_LOG2), mask=in_range, other=0.0
+        )
         tl.store(out_ptr + blk, scale + offset, mask=in_range)
 
 
@@ -177,23 +217,32 @@ DEFAULT = LaunchConfig(block=2048, num_warps=4, vec=16)
 # (tl.gather: 32-bit addresses, fewer instructions, but barriers per program).
 SWEEP = (
     BYTEWISE,
-    LaunchConfig(1024, 4), LaunchConfig(2048, 4), LaunchConfig(2048, 8), LaunchConfig(4096, 4), LaunchConfig(4096, 8),
-    LaunchConfig(8192, 8), LaunchConfig(2048, 4, vec=16), LaunchConfig(4096, 8, vec=16),
-    LaunchConfig(2048, 4, shared_code=True), LaunchConfig(4096, 4, shared_code=True),
+    LaunchConfig(1024, 4),
+    LaunchConfig(2048, 4),
+    LaunchConfig(2048, 8),
+    LaunchConfig(4096, 4),
+    LaunchConfig(4096, 8),
+    LaunchConfig(8192, 8),
+    LaunchConfig(2048, 4, vec=16),
+    LaunchConfig(4096, 8, vec=16),
+    LaunchConfig(2048, 4, shared_code=True),
+    LaunchConfig(4096, 4, shared_code=True),
     LaunchConfig(4096, 8, shared_code=True),
 )
 _ABSMAX_BLOCK = 1024
 
 
-def _launch(w, out_flat: torch.Tensor, *, config: LaunchConfig | None = None,
-            row_scale: torch.Tensor | None = None) -> None:
+def _launch(
+    w, out_flat: torch.Tensor, *, config: LaunchConfig | None = None, row_scale: torch.Tensor | None = None
+) -> None:
     """Decode `w` into the contiguous (n,) `out_flat` with `config` (default: DEFAULT). With `row_scale` (fp32, one
     per row of the 2-D weight; rows a whole number of blocks) each weight is divided by its row's scale and clamped
     to the output format's largest finite value (the FP8 path, fp8.py)."""
     config = config or DEFAULT
     if row_scale is not None and (config.bytewise or w.shape[-1] % w.blocksize):
-        raise ValueError(f"row scales need the tiled kernel and rows of whole blocks, not {tuple(w.shape)} / "
-                         f"{w.blocksize}")
+        raise ValueError(
+            f"row scales need the tiled kernel and rows of whole blocks, not {tuple(w.shape)} / {w.blocksize}"
+        )
     n = w.shape.numel()
     packed = w.packed.reshape(-1)
     if not packed.is_contiguous():
@@ -205,8 +254,13 @@ def _launch(w, out_flat: torch.Tensor, *, config: LaunchConfig | None = None,
     nested_code = w.nested_code if dq else code
     byte_block_log2 = _log2(w.blocksize, "blocksize") - 1
     args = (packed, w.absmax, nested_absmax, nested_code, code, out_flat, n, n_bytes, float(w.offset) if dq else 0.0)
-    meta = dict(BYTE_BLOCK_LOG2=byte_block_log2, NESTED_LOG2=_log2(w.nested_blocksize, "nested_blocksize") if dq else 0,
-                DOUBLE_QUANT=dq, num_warps=config.num_warps, enable_fp_fusion=False)
+    meta = dict(
+        BYTE_BLOCK_LOG2=byte_block_log2,
+        NESTED_LOG2=_log2(w.nested_blocksize, "nested_blocksize") if dq else 0,
+        DOUBLE_QUANT=dq,
+        num_warps=config.num_warps,
+        enable_fp_fusion=False,
+    )
     grid = (triton.cdiv(n_bytes, config.block),)
     if config.bytewise:
         _nf4_dequant_kernel_bytewise[grid](*args, BLOCK=config.block, **meta)
@@ -215,8 +269,17 @@ def _launch(w, out_flat: torch.Tensor, *, config: LaunchConfig | None = None,
     masked = n_bytes % config.block != 0 or n % 2 != 0
     rows_args = (code, 1) if row_scale is None else (row_scale, w.shape[-1] // w.blocksize)
     extra = {} if row_scale is None else {"ROW_SCALE": True, "OUT_MAX": float(torch.finfo(out_flat.dtype).max)}
-    _nf4_dequant_kernel[grid](*args, *rows_args, ROWS=config.block // cols, COLS=cols, VEC=min(config.vec, cols),
-                              SHARED_CODE=config.shared_code, MASKED=masked, **extra, **meta)
+    _nf4_dequant_kernel[grid](
+        *args,
+        *rows_args,
+        ROWS=config.block // cols,
+        COLS=cols,
+        VEC=min(config.vec, cols),
+        SHARED_CODE=config.shared_code,
+        MASKED=masked,
+        **extra,
+        **meta,
+    )
 
 
 def nf4_dequantize(w, dtype: torch.dtype | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -243,8 +306,15 @@ def nf4_absmax(w) -> torch.Tensor:
     n_blocks = w.absmax.numel()
     out = torch.empty(n_blocks, dtype=torch.float32, device=w.absmax.device)
     _nf4_absmax_kernel[(triton.cdiv(n_blocks, _ABSMAX_BLOCK),)](
-        w.absmax, w.nested_absmax, w.nested_code, out, n_blocks, float(w.offset),
-        NESTED_LOG2=_log2(w.nested_blocksize, "nested_blocksize"), BLOCK=_ABSMAX_BLOCK, num_warps=4,
+        w.absmax,
+        w.nested_absmax,
+        w.nested_code,
+        out,
+        n_blocks,
+        float(w.offset),
+        NESTED_LOG2=_log2(w.nested_blocksize, "nested_blocksize"),
+        BLOCK=_ABSMAX_BLOCK,
+        num_warps=4,
         enable_fp_fusion=False,
     )
     return out

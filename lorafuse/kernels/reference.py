@@ -57,6 +57,7 @@ class DropoutSeed:
     same module in the same micro-step regenerates the same mask, and every module gets its own. The kernels
     read `base` through a pointer; `value()` reads it on the host (references and tests; a sync on CUDA).
     """
+
     base: torch.Tensor
     offset: int
 
@@ -101,7 +102,7 @@ class LoRAWeights:
     lora_B: torch.Tensor | None = None
     scaling: float = 1.0
     dropout_p: float = 0.0
-    seed: "int | DropoutSeed | None" = None
+    seed: int | DropoutSeed | None = None
 
     @property
     def is_nf4(self) -> bool:
@@ -197,8 +198,9 @@ def swiglu_mlp_reference(x: torch.Tensor, gate: LoRAWeights, up: LoRAWeights, do
     return lora_linear_reference(h, down)
 
 
-def fused_linear_cross_entropy_reference(hidden, weight, labels, bias=None, ignore_index: int = -100,
-                                         reduction: str = "mean", chunk_size: int | None = None):
+def fused_linear_cross_entropy_reference(
+    hidden, weight, labels, bias=None, ignore_index: int = -100, reduction: str = "mean", chunk_size: int | None = None
+):
     """CE(hidden W^T + b, labels) with logits in hidden.dtype upcast to fp32 (HF's order).
 
     hidden (T, H), weight (V, H), labels (T,) int64; reduction "mean" (over labels != ignore_index)

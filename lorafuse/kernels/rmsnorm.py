@@ -39,9 +39,22 @@ if _runtime.HAS_TRITON:
         tl.store(rstd_ptr + row, rstd)
 
     @triton.jit
-    def _rms_norm_bwd_kernel(dy_ptr, x_ptr, w_ptr, rstd_ptr, dx_ptr, dw_part_ptr, M, H,
-                             stride_dy, stride_x, stride_dx, rows_per_prog,
-                             WANT_DW: tl.constexpr, BLOCK_H: tl.constexpr):
+    def _rms_norm_bwd_kernel(
+        dy_ptr,
+        x_ptr,
+        w_ptr,
+        rstd_ptr,
+        dx_ptr,
+        dw_part_ptr,
+        M,
+        H,
+        stride_dy,
+        stride_x,
+        stride_dx,
+        rows_per_prog,
+        WANT_DW: tl.constexpr,
+        BLOCK_H: tl.constexpr,
+    ):
         pid = tl.program_id(0)
         cols = tl.arange(0, BLOCK_H)
         mask = cols < H
@@ -88,8 +101,9 @@ class RMSNormFunction(torch.autograd.Function):
         y = torch.empty(m, h, dtype=torch.promote_types(weight.dtype, x.dtype), device=x.device)
         rstd = torch.empty(m, dtype=torch.float32, device=x.device)
         block_h = triton.next_power_of_2(h)
-        _rms_norm_fwd_kernel[(m,)](x, weight, y, rstd, h, x.stride(0), y.stride(0), eps, BLOCK_H=block_h,
-                                   num_warps=_warps(block_h))
+        _rms_norm_fwd_kernel[(m,)](
+            x, weight, y, rstd, h, x.stride(0), y.stride(0), eps, BLOCK_H=block_h, num_warps=_warps(block_h)
+        )
         ctx.save_for_backward(x, weight, rstd)
         return y
 
@@ -105,8 +119,23 @@ class RMSNormFunction(torch.autograd.Function):
         dx = torch.empty_like(x)
         part = torch.empty(progs if want_dw else 1, h, dtype=torch.float32, device=x.device)
         block_h = triton.next_power_of_2(h)
-        _rms_norm_bwd_kernel[(progs,)](dy, x, weight, rstd, dx, part, m, h, dy.stride(0), x.stride(0), dx.stride(0),
-                                       rows_per_prog, WANT_DW=want_dw, BLOCK_H=block_h, num_warps=_warps(block_h))
+        _rms_norm_bwd_kernel[(progs,)](
+            dy,
+            x,
+            weight,
+            rstd,
+            dx,
+            part,
+            m,
+            h,
+            dy.stride(0),
+            x.stride(0),
+            dx.stride(0),
+            rows_per_prog,
+            WANT_DW=want_dw,
+            BLOCK_H=block_h,
+            num_warps=_warps(block_h),
+        )
         dw = part.sum(0).to(weight.dtype) if want_dw else None
         return dx, dw, None
 

@@ -33,9 +33,27 @@ if _runtime.HAS_TRITON:
     import triton.language as tl
 
     @triton.jit
-    def _rotate_heads(src_ptr, dst_ptr, b, t, n_heads, half, c1, c2, s1, s2,
-                      s_b, s_t, s_h, d_b, d_t, d_h, BACKWARD: tl.constexpr,
-                      BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
+    def _rotate_heads(
+        src_ptr,
+        dst_ptr,
+        b,
+        t,
+        n_heads,
+        half,
+        c1,
+        c2,
+        s1,
+        s2,
+        s_b,
+        s_t,
+        s_h,
+        d_b,
+        d_t,
+        d_h,
+        BACKWARD: tl.constexpr,
+        BLOCK_H: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+    ):
         heads = tl.arange(0, BLOCK_H)[:, None]
         cols = tl.arange(0, BLOCK_D)[None, :]
         mask = (heads < n_heads) & (cols < half)
@@ -53,10 +71,36 @@ if _runtime.HAS_TRITON:
         tl.store(dst + half, y2.to(dst_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _rope_kernel(q_ptr, k_ptr, qo_ptr, ko_ptr, cos_ptr, sin_ptr, T, HQ, HK, half,
-                     sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, oq_b, oq_t, oq_h, ok_b, ok_t, ok_h,
-                     sc_b, sc_t, BACKWARD: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr,
-                     BLOCK_D: tl.constexpr):
+    def _rope_kernel(
+        q_ptr,
+        k_ptr,
+        qo_ptr,
+        ko_ptr,
+        cos_ptr,
+        sin_ptr,
+        T,
+        HQ,
+        HK,
+        half,
+        sq_b,
+        sq_t,
+        sq_h,
+        sk_b,
+        sk_t,
+        sk_h,
+        oq_b,
+        oq_t,
+        oq_h,
+        ok_b,
+        ok_t,
+        ok_h,
+        sc_b,
+        sc_t,
+        BACKWARD: tl.constexpr,
+        BLOCK_HQ: tl.constexpr,
+        BLOCK_HK: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+    ):
         tok = tl.program_id(0).to(tl.int64)
         b, t = tok // T, tok % T
         cols = tl.arange(0, BLOCK_D)[None, :]
@@ -66,10 +110,48 @@ if _runtime.HAS_TRITON:
         c2 = tl.load(cos_ptr + trig + half, mask=cmask, other=0.0).to(tl.float32)
         s1 = tl.load(sin_ptr + trig, mask=cmask, other=0.0).to(tl.float32)
         s2 = tl.load(sin_ptr + trig + half, mask=cmask, other=0.0).to(tl.float32)
-        _rotate_heads(q_ptr, qo_ptr, b, t, HQ, half, c1, c2, s1, s2, sq_b, sq_t, sq_h, oq_b, oq_t, oq_h,
-                      BACKWARD, BLOCK_HQ, BLOCK_D)
-        _rotate_heads(k_ptr, ko_ptr, b, t, HK, half, c1, c2, s1, s2, sk_b, sk_t, sk_h, ok_b, ok_t, ok_h,
-                      BACKWARD, BLOCK_HK, BLOCK_D)
+        _rotate_heads(
+            q_ptr,
+            qo_ptr,
+            b,
+            t,
+            HQ,
+            half,
+            c1,
+            c2,
+            s1,
+            s2,
+            sq_b,
+            sq_t,
+            sq_h,
+            oq_b,
+            oq_t,
+            oq_h,
+            BACKWARD,
+            BLOCK_HQ,
+            BLOCK_D,
+        )
+        _rotate_heads(
+            k_ptr,
+            ko_ptr,
+            b,
+            t,
+            HK,
+            half,
+            c1,
+            c2,
+            s1,
+            s2,
+            sk_b,
+            sk_t,
+            sk_h,
+            ok_b,
+            ok_t,
+            ok_h,
+            BACKWARD,
+            BLOCK_HK,
+            BLOCK_D,
+        )
 
 
 def _launch(q, k, q_out, k_out, cos, sin, backward: bool) -> None:
@@ -86,9 +168,26 @@ def _launch(q, k, q_out, k_out, cos, sin, backward: bool) -> None:
     block_hq, block_hk = triton.next_power_of_2(hq), triton.next_power_of_2(hk)
     block_d = triton.next_power_of_2(d // 2)
     _rope_kernel[(bsz * t,)](
-        q, k, q_out, k_out, cos, sin, t, hq, hk, d // 2,
-        *q.stride()[:3], *k.stride()[:3], *q_out.stride()[:3], *k_out.stride()[:3], sc_b, cos.stride(1),
-        BACKWARD=backward, BLOCK_HQ=block_hq, BLOCK_HK=block_hk, BLOCK_D=block_d,
+        q,
+        k,
+        q_out,
+        k_out,
+        cos,
+        sin,
+        t,
+        hq,
+        hk,
+        d // 2,
+        *q.stride()[:3],
+        *k.stride()[:3],
+        *q_out.stride()[:3],
+        *k_out.stride()[:3],
+        sc_b,
+        cos.stride(1),
+        BACKWARD=backward,
+        BLOCK_HQ=block_hq,
+        BLOCK_HK=block_hk,
+        BLOCK_D=block_d,
         num_warps=4 if block_hq * block_d <= 4096 else 8,
     )
 

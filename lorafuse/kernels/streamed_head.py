@@ -44,9 +44,14 @@ def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.mm(a, b).float()
 
 
-def streamed_pass(hidden: torch.Tensor, labels: torch.Tensor, chunks: Iterable[tuple[int, torch.Tensor]],
-                  target_rows: Callable[[torch.Tensor], torch.Tensor], ignore_index: int = -100,
-                  want_grad: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+def streamed_pass(
+    hidden: torch.Tensor,
+    labels: torch.Tensor,
+    chunks: Iterable[tuple[int, torch.Tensor]],
+    target_rows: Callable[[torch.Tensor], torch.Tensor],
+    ignore_index: int = -100,
+    want_grad: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(sum over kept rows of CE(h W^T, y) as an fp32 scalar, dL/dh in hidden's dtype or None).
 
     hidden (T, H); labels (T,); chunks yields (first vocabulary row, W_c (rows, H) in hidden's dtype) covering the
@@ -114,10 +119,13 @@ class StreamedHeadCrossEntropy(torch.autograd.Function):
         return (None if dh is None else dh * grad_loss.to(dh.dtype)), None, None, None, None
 
 
-def streamed_head_cross_entropy(hidden: torch.Tensor, labels: torch.Tensor,
-                                chunks: Iterable[tuple[int, torch.Tensor]],
-                                target_rows: Callable[[torch.Tensor], torch.Tensor],
-                                ignore_index: int = -100) -> torch.Tensor:
+def streamed_head_cross_entropy(
+    hidden: torch.Tensor,
+    labels: torch.Tensor,
+    chunks: Iterable[tuple[int, torch.Tensor]],
+    target_rows: Callable[[torch.Tensor], torch.Tensor],
+    ignore_index: int = -100,
+) -> torch.Tensor:
     """Summed CE(hidden W^T, labels) over labels != ignore_index for hidden (..., H), labels (...), with the
     frozen head W given as vocabulary chunks (`streamed_pass`). Differentiable with respect to hidden."""
     hidden2 = hidden.reshape(-1, hidden.shape[-1])

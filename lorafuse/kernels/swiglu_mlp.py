@@ -40,8 +40,17 @@ from __future__ import annotations
 import torch
 
 from . import _runtime
-from .lora_linear import (Operands, bias_grad, fp8_input, lora_down, lora_forward, lora_grad_a, lora_grad_s_b,
-                          lora_input_grad, with_seed)
+from .lora_linear import (
+    Operands,
+    bias_grad,
+    fp8_input,
+    lora_down,
+    lora_forward,
+    lora_grad_a,
+    lora_grad_s_b,
+    lora_input_grad,
+    with_seed,
+)
 from .reference import LoRAWeights, swiglu_mlp_reference, swiglu_reference
 
 if _runtime.HAS_TRITON:
@@ -58,8 +67,9 @@ if _runtime.HAS_TRITON:
         tl.store(h_ptr + offs, h.to(h_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _swiglu_bwd_kernel(dh_ptr, e_ptr, g_ptr, h_out_ptr, de_out_ptr, dg_out_ptr, n,
-                           WANT_H: tl.constexpr, BLOCK: tl.constexpr):
+    def _swiglu_bwd_kernel(
+        dh_ptr, e_ptr, g_ptr, h_out_ptr, de_out_ptr, dg_out_ptr, n, WANT_H: tl.constexpr, BLOCK: tl.constexpr
+    ):
         # outputs may alias the inputs: every element is read before the same thread writes it
         offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < n
@@ -70,8 +80,7 @@ if _runtime.HAS_TRITON:
         silu = e * sig
         if WANT_H:
             tl.store(h_out_ptr + offs, (silu * g).to(h_out_ptr.dtype.element_ty), mask=mask)
-        tl.store(de_out_ptr + offs, (dh * g * sig * (1.0 + e * (1.0 - sig))).to(de_out_ptr.dtype.element_ty),
-                 mask=mask)
+        tl.store(de_out_ptr + offs, (dh * g * sig * (1.0 + e * (1.0 - sig))).to(de_out_ptr.dtype.element_ty), mask=mask)
         tl.store(dg_out_ptr + offs, (dh * silu).to(dg_out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -109,8 +118,9 @@ class SwiGLUFunction(torch.autograd.Function):
     def backward(ctx, dh):
         e, g = ctx.saved_tensors
         de, dg = torch.empty_like(e), torch.empty_like(g)
-        _swiglu_bwd_kernel[_grid(e.numel())](dh.contiguous(), e, g, dh, de, dg, e.numel(), WANT_H=False,
-                                            BLOCK=_BLOCK, num_warps=4)
+        _swiglu_bwd_kernel[_grid(e.numel())](
+            dh.contiguous(), e, g, dh, de, dg, e.numel(), WANT_H=False, BLOCK=_BLOCK, num_warps=4
+        )
         return de, dg
 
 
@@ -150,11 +160,13 @@ class SwiGLUMLPFunction(torch.autograd.Function):
     @_runtime.autocast_off
     def backward(ctx, dy):
         if ctx.consumed:
-            raise RuntimeError("the fused LoRA MLP reuses its saved activations in backward and cannot run "
-                               "backward twice; do not pass retain_graph=True through it (or turn the fast path off)")
+            raise RuntimeError(
+                "the fused LoRA MLP reuses its saved activations in backward and cannot run "
+                "backward twice; do not pass retain_graph=True through it (or turn the fast path off)"
+            )
         ctx.consumed = True
         x, e, g, s_g, s_u, s_d, *casts = ctx.saved_tensors
-        gate, up, down = (Operands(lw, x.dtype, casts[2 * i:2 * i + 2]) for i, lw in enumerate(ctx.specs))
+        gate, up, down = (Operands(lw, x.dtype, casts[2 * i : 2 * i + 2]) for i, lw in enumerate(ctx.specs))
         dy = dy.contiguous()
         ds_d, db_d = lora_grad_s_b(dy, s_d, down)
         dh = lora_input_grad(dy, ds_d, down)
@@ -167,9 +179,20 @@ class SwiGLUMLPFunction(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             dx = lora_input_grad(de, ds_g, gate)
             lora_input_grad(dg, ds_u, up, dx, accumulate=True)
-        return (dx, lora_grad_a(ds_g, x, gate), db_g, bias_grad(de, gate),
-                lora_grad_a(ds_u, x, up), db_u, bias_grad(dg, up),
-                da_d, db_d, bias_grad(dy, down), None, None)
+        return (
+            dx,
+            lora_grad_a(ds_g, x, gate),
+            db_g,
+            bias_grad(de, gate),
+            lora_grad_a(ds_u, x, up),
+            db_u,
+            bias_grad(dg, up),
+            da_d,
+            db_d,
+            bias_grad(dy, down),
+            None,
+            None,
+        )
 
 
 def swiglu_mlp(x: torch.Tensor, gate: LoRAWeights, up: LoRAWeights, down: LoRAWeights) -> torch.Tensor:

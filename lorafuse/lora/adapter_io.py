@@ -42,21 +42,53 @@ PEFT_FORMAT_VERSION = "0.21.2"  # the peft release whose LoraConfig field set we
 # peft 0.21.2's LoraConfig fields at their defaults (VERIFIED against LoraConfig().to_dict()); save_adapter fills in
 # the ones that describe our adapter. Writing the full set means peft warns about nothing and defaults nothing.
 _PEFT_DEFAULTS = {
-    "alora_invocation_tokens": None, "alpha_pattern": {}, "arrow_config": None, "auto_mapping": None,
-    "base_model_name_or_path": None, "bias": "none", "corda_config": None, "ensure_weight_tying": False,
-    "eva_config": None, "exclude_modules": None, "fan_in_fan_out": False, "inference_mode": True,
-    "init_lora_weights": True, "kasa_config": None, "layer_replication": None, "layers_pattern": None,
-    "layers_to_transform": None, "loftq_config": {}, "lora_alpha": 8, "lora_bias": False, "lora_dropout": 0.0,
-    "lora_ga_config": None, "megatron_config": None, "megatron_core": "megatron.core", "modules_to_save": None,
-    "monteclora_config": None, "peft_type": "LORA", "peft_version": PEFT_FORMAT_VERSION, "qalora_group_size": 16,
-    "r": 8, "rank_pattern": {}, "revision": None, "target_modules": None, "target_parameters": None,
-    "task_type": "CAUSAL_LM", "trainable_token_indices": None, "use_bdlora": None, "use_dora": False,
-    "use_qalora": False, "use_rslora": False, "velora_config": None,
+    "alora_invocation_tokens": None,
+    "alpha_pattern": {},
+    "arrow_config": None,
+    "auto_mapping": None,
+    "base_model_name_or_path": None,
+    "bias": "none",
+    "corda_config": None,
+    "ensure_weight_tying": False,
+    "eva_config": None,
+    "exclude_modules": None,
+    "fan_in_fan_out": False,
+    "inference_mode": True,
+    "init_lora_weights": True,
+    "kasa_config": None,
+    "layer_replication": None,
+    "layers_pattern": None,
+    "layers_to_transform": None,
+    "loftq_config": {},
+    "lora_alpha": 8,
+    "lora_bias": False,
+    "lora_dropout": 0.0,
+    "lora_ga_config": None,
+    "megatron_config": None,
+    "megatron_core": "megatron.core",
+    "modules_to_save": None,
+    "monteclora_config": None,
+    "peft_type": "LORA",
+    "peft_version": PEFT_FORMAT_VERSION,
+    "qalora_group_size": 16,
+    "r": 8,
+    "rank_pattern": {},
+    "revision": None,
+    "target_modules": None,
+    "target_parameters": None,
+    "task_type": "CAUSAL_LM",
+    "trainable_token_indices": None,
+    "use_bdlora": None,
+    "use_dora": False,
+    "use_qalora": False,
+    "use_rslora": False,
+    "velora_config": None,
 }
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # save
+
 
 def save_adapter(model, out_dir, base_model_name_or_path=None, dtype=None, tokenizer=None) -> Path:
     """Write `model`'s LoRA adapter to `out_dir` in peft's format (see module docstring), atomically.
@@ -69,8 +101,10 @@ def save_adapter(model, out_dir, base_model_name_or_path=None, dtype=None, token
 
     layers = lora_layers(model)
     if not layers:
-        raise ModelError("the model has no LoRA layers, so there is no adapter to save",
-                         "call lorafuse.apply_lora(model, ...) (or load_adapter) before save_adapter")
+        raise ModelError(
+            "the model has no LoRA layers, so there is no adapter to save",
+            "call lorafuse.apply_lora(model, ...) (or load_adapter) before save_adapter",
+        )
     base_name = base_model_name_or_path or _base_name(model)
     config = adapter_config_for(model, layers, base_name)
     tensors = adapter_state_dict(model, layers, saved_module_names(model), dtype)
@@ -127,8 +161,9 @@ def _plain_number(x):
 def _target_modules_entry(model, targeted: set[str], save_names: list[str]) -> list[str]:
     """Short names (q_proj, ...) when, under peft's list rule, they select exactly the LoRA layers; else full paths."""
     short = sorted({n.rpartition(".")[2] for n in targeted})
-    hits = {n for n, _ in model.named_modules()
-            if _matches_list(n, short) and not _under_modules_to_save(n, save_names)}
+    hits = {
+        n for n, _ in model.named_modules() if _matches_list(n, short) and not _under_modules_to_save(n, save_names)
+    }
     return short if hits == targeted else sorted(targeted)
 
 
@@ -147,8 +182,11 @@ def resolve_modules_to_save(model, entries) -> list[str]:
         return []
     names = [n for n, _ in model.named_modules(remove_duplicate=False) if n and any(n.endswith(t) for t in entries)]
     chosen = {id(p) for n in names for p in model.get_submodule(n).parameters()}
-    partners = [n for n, m in model.named_modules(remove_duplicate=False) if n and n not in names
-                and any(id(p) in chosen for p in m.parameters(recurse=False))]
+    partners = [
+        n
+        for n, m in model.named_modules(remove_duplicate=False)
+        if n and n not in names and any(id(p) in chosen for p in m.parameters(recurse=False))
+    ]
     return sorted(set(names + partners))
 
 
@@ -164,8 +202,10 @@ def adapter_state_dict(model, layers: dict, save_names, dtype=None) -> dict[str,
         for pname, p in model.get_submodule(name).named_parameters(remove_duplicate=False):
             out[f"{PREFIX}{name}.{pname}"] = p
     # clone: tied tensors (embed/lm_head) must not share storage in safetensors
-    return {k: v.detach().to("cpu", dtype if dtype is not None and v.is_floating_point() else v.dtype)
-            .contiguous().clone() for k, v in sorted(out.items())}
+    return {
+        k: v.detach().to("cpu", dtype if dtype is not None and v.is_floating_point() else v.dtype).contiguous().clone()
+        for k, v in sorted(out.items())
+    }
 
 
 def _base_name(model) -> str | None:
@@ -203,8 +243,11 @@ def _lorafuse_facts(model, tensors) -> dict:
     return {
         "format": 1,
         "lorafuse_version": lorafuse.__version__,
-        "base": {k: base.get(k) for k in ("name_or_path", "quant", "blocksize", "double_quant", "compute_dtype",
-                                           "prequantized") if k in base},
+        "base": {
+            k: base.get(k)
+            for k in ("name_or_path", "quant", "blocksize", "double_quant", "compute_dtype", "prequantized")
+            if k in base
+        },
         "adapter_dtype": sorted({str(t.dtype).removeprefix("torch.") for t in tensors.values()}),
     }
 
@@ -220,16 +263,16 @@ def _model_card(base_name: str | None, config: dict) -> str:
         front.append(f"- {json.dumps('base_model:adapter:' + base_name)}")
     front += ["- lora", "- transformers", "- lorafuse", "---", ""]
     variant = ", ".join(k for k, on in (("rsLoRA", config["use_rslora"]), ("DoRA", config["use_dora"])) if on)
-    body = f"""# LoRA adapter{f' for {base_name}' if base_name else ''}
+    body = f"""# LoRA adapter{f" for {base_name}" if base_name else ""}
 
-Trained with lorafuse: r={config['r']}, lora_alpha={config['lora_alpha']}{f', {variant}' if variant else ''}.
+Trained with lorafuse: r={config["r"]}, lora_alpha={config["lora_alpha"]}{f", {variant}" if variant else ""}.
 Loads with peft; the tokenizer and chat template used in training are in this folder.
 
 ```python
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-base = AutoModelForCausalLM.from_pretrained({json.dumps(base_name or '<base model>')})
+base = AutoModelForCausalLM.from_pretrained({json.dumps(base_name or "<base model>")})
 model = PeftModel.from_pretrained(base, "<this folder>")
 tokenizer = AutoTokenizer.from_pretrained("<this folder>")
 ```

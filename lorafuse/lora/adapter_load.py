@@ -32,9 +32,16 @@ from lorafuse.lora.adapter_io import (
 
 # Config values that change the function in ways lorafuse does not implement: key -> value(s) we accept.
 _UNSUPPORTED = {
-    "bias": ("none",), "lora_bias": (False,), "fan_in_fan_out": (False,), "use_qalora": (False,),
-    "layer_replication": (None,), "target_parameters": (None, []), "trainable_token_indices": (None,),
-    "alora_invocation_tokens": (None,), "arrow_config": (None,), "use_bdlora": (None, False),
+    "bias": ("none",),
+    "lora_bias": (False,),
+    "fan_in_fan_out": (False,),
+    "use_qalora": (False,),
+    "layer_replication": (None,),
+    "target_parameters": (None, []),
+    "trainable_token_indices": (None,),
+    "alora_invocation_tokens": (None,),
+    "arrow_config": (None,),
+    "use_bdlora": (None, False),
 }
 
 
@@ -42,24 +49,31 @@ def read_adapter_config(adapter_dir) -> dict:
     """adapter_config.json (ours or peft's) with peft's defaults filled in for absent keys; checked for LoRA."""
     folder = Path(adapter_dir).expanduser()
     if not folder.is_dir():
-        raise ModelError(f"adapter folder not found: {folder}",
-                         "pass the folder that save_adapter (or peft's save_pretrained) wrote")
+        raise ModelError(
+            f"adapter folder not found: {folder}", "pass the folder that save_adapter (or peft's save_pretrained) wrote"
+        )
     path = folder / CONFIG_NAME
     if not path.is_file():
-        hint = ("it holds config.json, so it looks like a full (merged) model: load it with load_model instead"
-                if (folder / "config.json").is_file() else
-                "pass the folder that holds adapter_config.json and adapter_model.safetensors")
+        hint = (
+            "it holds config.json, so it looks like a full (merged) model: load it with load_model instead"
+            if (folder / "config.json").is_file()
+            else "pass the folder that holds adapter_config.json and adapter_model.safetensors"
+        )
         raise ModelError(f"{folder} has no {CONFIG_NAME}, so it is not a LoRA adapter folder", hint)
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ModelError(f"{path} is not valid JSON ({exc})", "re-save the adapter") from None
     if raw.get("peft_type") != "LORA":
-        raise ModelError(f"{path} has peft_type {raw.get('peft_type')!r}; lorafuse loads LoRA adapters only",
-                         "use peft to load this adapter type")
+        raise ModelError(
+            f"{path} has peft_type {raw.get('peft_type')!r}; lorafuse loads LoRA adapters only",
+            "use peft to load this adapter type",
+        )
     if raw.get("target_modules") is None:
-        raise ModelError(f"{path} has no target_modules (peft would guess from the architecture)",
-                         'add "target_modules": ["q_proj", "v_proj", ...] naming the layers the adapter trained')
+        raise ModelError(
+            f"{path} has no target_modules (peft would guess from the architecture)",
+            'add "target_modules": ["q_proj", "v_proj", ...] naming the layers the adapter trained',
+        )
     return {**_PEFT_DEFAULTS, **raw}
 
 
@@ -88,7 +102,7 @@ def load_adapter(model, adapter_dir, is_trainable=False):
     _apply(model, cfg, targets)
     with torch.no_grad():
         for key, value in tensors.items():
-            param = model.get_parameter(key[len(PREFIX):])
+            param = model.get_parameter(key[len(PREFIX) :])
             param.copy_(value.to(param.dtype))
     if not is_trainable:
         for p in model.parameters():
@@ -100,14 +114,18 @@ def load_adapter(model, adapter_dir, is_trainable=False):
 def _check_supported(cfg: dict, path: Path) -> None:
     for key, allowed in _UNSUPPORTED.items():
         if cfg.get(key) not in allowed:
-            raise ModelError(f"{path}: {key}={cfg[key]!r} is a peft feature lorafuse does not implement",
-                             f"load this adapter with peft, or retrain with {key}={allowed[0]!r}")
+            raise ModelError(
+                f"{path}: {key}={cfg[key]!r} is a peft feature lorafuse does not implement",
+                f"load this adapter with peft, or retrain with {key}={allowed[0]!r}",
+            )
     init = str(cfg.get("init_lora_weights")).lower()
     if any(init.startswith(p) for p in ("pissa", "olora", "corda", "loftq", "lora_ga")):  # these rewrite W at init
-        raise ModelError(f"{path}: init_lora_weights={cfg['init_lora_weights']!r} adapters change the base weights "
-                         "at init, so the saved tensors alone do not define the function",
-                         "convert it with peft (save_pretrained(..., path_initial_model_for_weight_conversion=...)) "
-                         'and set "init_lora_weights": true')
+        raise ModelError(
+            f"{path}: init_lora_weights={cfg['init_lora_weights']!r} adapters change the base weights "
+            "at init, so the saved tensors alone do not define the function",
+            "convert it with peft (save_pretrained(..., path_initial_model_for_weight_conversion=...)) "
+            'and set "init_lora_weights": true',
+        )
 
 
 def _read_tensors(folder: Path) -> dict[str, torch.Tensor]:
@@ -117,8 +135,10 @@ def _read_tensors(folder: Path) -> dict[str, torch.Tensor]:
         return load_file(str(folder / WEIGHTS_NAME))
     if (folder / LEGACY_WEIGHTS_NAME).is_file():
         return torch.load(folder / LEGACY_WEIGHTS_NAME, map_location="cpu", weights_only=True)
-    raise ModelError(f"{folder} has {CONFIG_NAME} but no {WEIGHTS_NAME}",
-                     "the adapter save was interrupted or files were lost: save it again")
+    raise ModelError(
+        f"{folder} has {CONFIG_NAME} but no {WEIGHTS_NAME}",
+        "the adapter save was interrupted or files were lost: save it again",
+    )
 
 
 def _is_linear(module) -> bool:
@@ -167,14 +187,23 @@ def resolve_targets(model, cfg: dict, save_names) -> dict[str, tuple[int, float]
     names = [n for n, _ in model.named_modules() if n and _peft_target_match(cfg, n, targets, save_names)]
     bad = [f"{n} ({type(model.get_submodule(n)).__name__})" for n in names if not _is_linear(model.get_submodule(n))]
     if bad:
-        raise ModelError(f"the adapter targets modules that are not linear layers: {', '.join(bad[:4])}",
-                         "lorafuse puts LoRA on linear layers only; load this adapter with peft")
+        raise ModelError(
+            f"the adapter targets modules that are not linear layers: {', '.join(bad[:4])}",
+            "lorafuse puts LoRA on linear layers only; load this adapter with peft",
+        )
     if not names:
-        raise ModelError(f"target_modules {cfg['target_modules']!r} matches no module of this model "
-                         f"({_model_name(model)}); the adapter was trained on {cfg.get('base_model_name_or_path')}",
-                         "load the base model the adapter was trained on")
-    return {n: (_pattern_value(cfg["rank_pattern"], n, cfg["r"]),
-                _pattern_value(cfg["alpha_pattern"], n, cfg["lora_alpha"])) for n in names}
+        raise ModelError(
+            f"target_modules {cfg['target_modules']!r} matches no module of this model "
+            f"({_model_name(model)}); the adapter was trained on {cfg.get('base_model_name_or_path')}",
+            "load the base model the adapter was trained on",
+        )
+    return {
+        n: (
+            _pattern_value(cfg["rank_pattern"], n, cfg["r"]),
+            _pattern_value(cfg["alpha_pattern"], n, cfg["lora_alpha"]),
+        )
+        for n in names
+    }
 
 
 def _pattern_value(pattern: dict, name: str, default):
@@ -217,19 +246,25 @@ def _check_fits(model, cfg, tensors, targets, save_names) -> None:
         clash = rank_clash if rdim is not None and same_model_dims else base_clash
         clash.append(f"{key}: adapter {got}, model {want}")
     if base_clash:
-        raise ModelError(f"this adapter was trained on {trained_on!r}, but the model given is {_model_name(model)!r} "
-                         f"and its layer shapes differ: {_few(base_clash)}",
-                         f"load the base model the adapter was trained on ({trained_on}) and pass it to load_adapter")
+        raise ModelError(
+            f"this adapter was trained on {trained_on!r}, but the model given is {_model_name(model)!r} "
+            f"and its layer shapes differ: {_few(base_clash)}",
+            f"load the base model the adapter was trained on ({trained_on}) and pass it to load_adapter",
+        )
     if rank_clash:
-        raise ModelError(f"the tensors' rank differs from adapter_config.json (r={cfg['r']}, rank_pattern="
-                         f"{cfg['rank_pattern']}): {_few(rank_clash)}",
-                         "fix r / rank_pattern in adapter_config.json to the rank the tensors have")
+        raise ModelError(
+            f"the tensors' rank differs from adapter_config.json (r={cfg['r']}, rank_pattern="
+            f"{cfg['rank_pattern']}): {_few(rank_clash)}",
+            "fix r / rank_pattern in adapter_config.json to the rank the tensors have",
+        )
     missing, unexpected = sorted(set(expected) - set(tensors) - optional), sorted(set(tensors) - set(expected))
     if missing or unexpected:
-        raise ModelError(f"the adapter's tensors do not match its config on this model ({_model_name(model)}, "
-                         f"adapter trained on {trained_on!r}): missing {_few(missing)}; unexpected {_few(unexpected)}",
-                         "check that target_modules/modules_to_save in adapter_config.json describe the saved tensors "
-                         f"(keys start with {PREFIX!r}) and that this is the base it was trained on")
+        raise ModelError(
+            f"the adapter's tensors do not match its config on this model ({_model_name(model)}, "
+            f"adapter trained on {trained_on!r}): missing {_few(missing)}; unexpected {_few(unexpected)}",
+            "check that target_modules/modules_to_save in adapter_config.json describe the saved tensors "
+            f"(keys start with {PREFIX!r}) and that this is the base it was trained on",
+        )
 
 
 def _few(items, n=6) -> str:
@@ -248,8 +283,9 @@ def _apply(model, cfg: dict, targets: dict) -> None:
     common = dict(dropout=float(cfg["lora_dropout"]), rslora=bool(cfg["use_rslora"]), dora=bool(cfg["use_dora"]))
     init = "gaussian" if cfg.get("init_lora_weights") == "gaussian" else "kaiming"
     # full names: under the list rule (name == t or name ends with "." + t) each selects exactly itself
-    apply_lora(model, r=r, alpha=alpha, targets=names, modules_to_save=cfg["modules_to_save"] or None,
-               init=init, **common)
+    apply_lora(
+        model, r=r, alpha=alpha, targets=names, modules_to_save=cfg["modules_to_save"] or None, init=init, **common
+    )
     for (r, alpha), names in groups.items():
         for name in names:
             module = model.get_submodule(name)
@@ -258,4 +294,3 @@ def _apply(model, cfg: dict, targets: dict) -> None:
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
             setattr(parent, child, LoRALinear.from_linear(module, r=r, alpha=alpha, init=init, **common))
-

@@ -24,7 +24,7 @@ Dtype policy: norms and merge math run in fp32 (or the LoRA dtype if wider); cal
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn

@@ -105,16 +105,17 @@ class _NF4Holder:
         if isinstance(self.weight, NF4Weight):
             destination.update(self.weight.bnb_state_dict(prefix))
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                              error_msgs):
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
         if not isinstance(self.weight, NF4Weight):
-            return super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
-                                                 unexpected_keys, error_msgs)
+            return super()._load_from_state_dict(
+                state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+            )
         key = prefix + "weight"
         own = {k: v for k, v in state_dict.items() if k == key or k.startswith(key + ".")}
         rest = {k: v for k, v in state_dict.items() if k not in own}
-        super()._load_from_state_dict(rest, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                                      error_msgs)
+        super()._load_from_state_dict(rest, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
         if key not in own:
             if strict:
                 missing_keys.append(key)
@@ -159,8 +160,9 @@ class NF4Linear(_NF4Holder, nn.Module):
         self.bias = _frozen(bias, self._compute_dtype)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, blocksize: int = 64, double_quant: bool = True,
-                    compute_dtype: torch.dtype | None = None) -> "NF4Linear":
+    def from_linear(
+        cls, linear: nn.Linear, blocksize: int = 64, double_quant: bool = True, compute_dtype: torch.dtype | None = None
+    ) -> NF4Linear:
         w = quantize_nf4(linear.weight.detach(), blocksize=blocksize, double_quant=double_quant)
         return cls(w, linear.bias, compute_dtype or linear.weight.dtype)
 
@@ -168,17 +170,29 @@ class NF4Linear(_NF4Holder, nn.Module):
         return nf4_linear(x.to(self.compute_dtype), self.weight, self.bias).to(x.dtype)
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                f"nf4(blocksize={self.weight.blocksize}, double_quant={self.weight.double_quant}), "
-                f"compute_dtype={self.compute_dtype}")
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"nf4(blocksize={self.weight.blocksize}, double_quant={self.weight.double_quant}), "
+            f"compute_dtype={self.compute_dtype}"
+        )
 
 
 class LoRALinear(_NF4Holder, nn.Module):
     """A frozen base linear (dense Parameter or NF4Weight) plus a trainable low-rank update (see module docstring)."""
 
-    def __init__(self, weight: Tensor | NF4Weight, bias: Tensor | None, r: int, alpha: float, dropout: float = 0.0,
-                 rslora: bool = False, dora: bool = False, init: str = "kaiming",
-                 lora_dtype: torch.dtype = torch.float32, compute_dtype: torch.dtype | None = None):
+    def __init__(
+        self,
+        weight: Tensor | NF4Weight,
+        bias: Tensor | None,
+        r: int,
+        alpha: float,
+        dropout: float = 0.0,
+        rslora: bool = False,
+        dora: bool = False,
+        init: str = "kaiming",
+        lora_dtype: torch.dtype = torch.float32,
+        compute_dtype: torch.dtype | None = None,
+    ):
         super().__init__()
         if r < 1:
             raise ValueError(f"r must be a positive integer, got {r}")
@@ -197,15 +211,24 @@ class LoRALinear(_NF4Holder, nn.Module):
         self.lora_B = nn.Linear(r, self.out_features, bias=False, device=device, dtype=lora_dtype)
         self.reset_lora_parameters(init)
         if self.use_dora:
-            self.lora_magnitude_vector = nn.Parameter(_dora.init_magnitude(
-                self.base_weight(), self.lora_A.weight, self.lora_B.weight, self.scaling))
+            self.lora_magnitude_vector = nn.Parameter(
+                _dora.init_magnitude(self.base_weight(), self.lora_A.weight, self.lora_B.weight, self.scaling)
+            )
         self.merged = False
         self._merged_norm: Tensor | None = None  # DoRA row norms at merge time, needed to unmerge (as peft)
 
     @classmethod
-    def from_linear(cls, base: nn.Linear | NF4Linear, r: int, alpha: float, dropout: float = 0.0,
-                    rslora: bool = False, dora: bool = False, init: str = "kaiming",
-                    lora_dtype: torch.dtype = torch.float32) -> "LoRALinear":
+    def from_linear(
+        cls,
+        base: nn.Linear | NF4Linear,
+        r: int,
+        alpha: float,
+        dropout: float = 0.0,
+        rslora: bool = False,
+        dora: bool = False,
+        init: str = "kaiming",
+        lora_dtype: torch.dtype = torch.float32,
+    ) -> LoRALinear:
         if isinstance(base, NF4Linear):
             return cls(base.weight, base.bias, r, alpha, dropout, rslora, dora, init, lora_dtype, base.compute_dtype)
         if isinstance(base, nn.Linear):
@@ -256,9 +279,18 @@ class LoRALinear(_NF4Holder, nn.Module):
             result = result + self.lora_B(self.lora_A(self.dropout(xl))) * self.scaling
         else:
             result = _dora.dora_forward(
-                xl, result, bias=self.bias, magnitude=self.lora_magnitude_vector, lora_A=self.lora_A,
-                lora_B=self.lora_B, scaling=self.scaling, dropout=self.dropout, training=self.training,
-                base_weight=self.base_weight, base_linear=self._base_linear_nobias)
+                xl,
+                result,
+                bias=self.bias,
+                magnitude=self.lora_magnitude_vector,
+                lora_A=self.lora_A,
+                lora_B=self.lora_B,
+                scaling=self.scaling,
+                dropout=self.dropout,
+                training=self.training,
+                base_weight=self.base_weight,
+                base_linear=self._base_linear_nobias,
+            )
         return result.to(out_dtype)
 
     def _check_mergeable(self) -> None:
@@ -267,7 +299,8 @@ class LoRALinear(_NF4Holder, nn.Module):
                 "cannot merge a LoRA update into a 4-bit (NF4) base weight in place: re-quantizing would lose "
                 "the update's precision",
                 "use lorafuse.merge(base_path, adapter_dir, out_dir), which dequantizes the base, adds the "
-                "update in fp32 and saves a 16-bit model (CLI: `lorafuse merge`)")
+                "update in fp32 and saves a 16-bit model (CLI: `lorafuse merge`)",
+            )
 
     @torch.no_grad()
     def merge(self) -> None:
@@ -299,8 +332,13 @@ class LoRALinear(_NF4Holder, nn.Module):
         self.merged = False
 
     def extra_repr(self) -> str:
-        base = (f"nf4(blocksize={self.weight.blocksize}, compute_dtype={self.compute_dtype})" if self.is_nf4
-                else f"dense({self.weight.dtype})")
-        return (f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
-                f"alpha={self.alpha:g}, scaling={self.scaling:.6g}, base={base}, bias={self.bias is not None}, "
-                f"rslora={self.use_rslora}, dora={self.use_dora}, merged={self.merged}")
+        base = (
+            f"nf4(blocksize={self.weight.blocksize}, compute_dtype={self.compute_dtype})"
+            if self.is_nf4
+            else f"dense({self.weight.dtype})"
+        )
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
+            f"alpha={self.alpha:g}, scaling={self.scaling:.6g}, base={base}, bias={self.bias is not None}, "
+            f"rslora={self.use_rslora}, dora={self.use_dora}, merged={self.merged}"
+        )

@@ -65,7 +65,7 @@ class MergeResult:
     """Where the merged model went and what the check measured (path-like: os.fspath / Path() work on it)."""
 
     path: Path
-    max_logit_diff: float | None      # merged (as stored) vs the function merged into; None with check=False
+    max_logit_diff: float | None  # merged (as stored) vs the function merged into; None with check=False
     tolerance: float | None
     max_diff_vs_trained: float | None  # vs the adapter on the NF4 base it was trained on (differs with from_16bit)
 
@@ -76,8 +76,9 @@ class MergeResult:
         return str(self.path)
 
 
-def merge(base_path, adapter_dir, out_dir, dtype="bfloat16", from_16bit=False, check=True,
-          max_check_tokens: int = 64) -> MergeResult:
+def merge(
+    base_path, adapter_dir, out_dir, dtype="bfloat16", from_16bit=False, check=True, max_check_tokens: int = 64
+) -> MergeResult:
     """Merge `adapter_dir` into the base at `base_path`; write a plain HF model folder to `out_dir` atomically.
 
     dtype: "bfloat16" | "float16" | "float32" (or the torch dtype) of the saved weights.
@@ -88,12 +89,17 @@ def merge(base_path, adapter_dir, out_dir, dtype="bfloat16", from_16bit=False, c
     read_adapter_config(adapter_dir)  # fail on a bad adapter folder before loading any model
     for name, path in (("adapter", adapter_dir), ("base model", base_path)):
         if Path(out_dir).expanduser().resolve() == Path(path).expanduser().resolve():
-            raise ModelError(f"out_dir {out_dir} is the {name} folder; merging would replace it",
-                             "write the merged model to a new folder")
+            raise ModelError(
+                f"out_dir {out_dir} is the {name} folder; merging would replace it",
+                "write the merged model to a new folder",
+            )
     trained = (read_lorafuse_facts(adapter_dir) or {}).get("base")
     if trained is None:
-        warnings.warn(f"{adapter_dir} has no lorafuse.json (not saved by lorafuse), so how the base was quantized in "
-                      "training is unknown: merging into the base weights as stored", stacklevel=2)
+        warnings.warn(
+            f"{adapter_dir} has no lorafuse.json (not saved by lorafuse), so how the base was quantized in "
+            "training is unknown: merging into the base weights as stored",
+            stacklevel=2,
+        )
         trained = {"quant": "none"}
     trained_nf4 = trained.get("quant") == "nf4"
     model, tokenizer = _adapter_model(base_path, adapter_dir, trained, nf4=trained_nf4)
@@ -101,15 +107,20 @@ def merge(base_path, adapter_dir, out_dir, dtype="bfloat16", from_16bit=False, c
     trained_logits = _logits(model, inputs)
     target_logits = trained_logits
     if from_16bit and trained_nf4:
-        warnings.warn("from_16bit=True: merging into the original 16-bit weights, but the adapter was trained on "
-                      "their NF4 4-bit version, so the merged model differs from what was trained (the check "
-                      "reports by how much)", stacklevel=2)
+        warnings.warn(
+            "from_16bit=True: merging into the original 16-bit weights, but the adapter was trained on "
+            "their NF4 4-bit version, so the merged model differs from what was trained (the check "
+            "reports by how much)",
+            stacklevel=2,
+        )
         del model
         gc.collect()
         model, tokenizer = _adapter_model(base_path, adapter_dir, trained, nf4=False)
         if model.lorafuse_base.get("quant") == "nf4":
-            raise ModelError(f"from_16bit=True, but {base_path} holds only 4-bit weights",
-                             "pass the original 16-bit base model folder, or drop from_16bit")
+            raise ModelError(
+                f"from_16bit=True, but {base_path} holds only 4-bit weights",
+                "pass the original 16-bit base model folder, or drop from_16bit",
+            )
         target_logits = _logits(model, inputs)
     merge_into_dense(model, out_dtype)
     tokenizer = _training_tokenizer(adapter_dir, tokenizer)
@@ -130,13 +141,17 @@ def _verify(folder: Path, inputs, dtype, target_logits, trained_logits) -> tuple
     tol = CHECK_FACTOR * rounding_noise(merged, inputs, dtype, got)
     del merged
     diff, vs_trained = _max_diff(got, target_logits), _max_diff(got, trained_logits)
-    print(f"merge check: max |logit diff| {diff:.3g} (bound {tol:.3g} = {CHECK_FACTOR}x {_name(dtype)} rounding noise)"
-          + (f"; vs the NF4-trained function {vs_trained:.3g}" if target_logits is not trained_logits else ""))
+    print(
+        f"merge check: max |logit diff| {diff:.3g} (bound {tol:.3g} = {CHECK_FACTOR}x {_name(dtype)} rounding noise)"
+        + (f"; vs the NF4-trained function {vs_trained:.3g}" if target_logits is not trained_logits else "")
+    )
     if not diff <= tol:
-        raise ModelError(f"the merged model's logits differ from the adapter's by {diff:.3g} (bound {tol:.3g}), so "
-                         "the merge did not reproduce the adapter; nothing was written",
-                         "report this with the numbers above (a lorafuse bug, or a model whose forward is not "
-                         "deterministic); check=False writes the folder anyway")
+        raise ModelError(
+            f"the merged model's logits differ from the adapter's by {diff:.3g} (bound {tol:.3g}), so "
+            "the merge did not reproduce the adapter; nothing was written",
+            "report this with the numbers above (a lorafuse bug, or a model whose forward is not "
+            "deterministic); check=False writes the folder anyway",
+        )
     return diff, tol, vs_trained
 
 
@@ -158,9 +173,14 @@ def _adapter_model(base_path, adapter_dir, trained: dict, nf4: bool):
     from lorafuse.model.load import load_model
 
     if nf4:
-        model, tok = load_model(base_path, quant="nf4", compute_dtype=trained.get("compute_dtype") or "float32",
-                                device="cpu", blocksize=int(trained.get("blocksize") or 64),
-                                double_quant=bool(trained.get("double_quant", True)))
+        model, tok = load_model(
+            base_path,
+            quant="nf4",
+            compute_dtype=trained.get("compute_dtype") or "float32",
+            device="cpu",
+            blocksize=int(trained.get("blocksize") or 64),
+            double_quant=bool(trained.get("double_quant", True)),
+        )
     else:
         model, tok = load_model(base_path, quant="none", compute_dtype=torch.float32, device="cpu")
     model.float()
@@ -184,8 +204,9 @@ def merge_into_dense(model: nn.Module, dtype: torch.dtype) -> nn.Module:
             w = module.weight.dequantize(torch.float32)
         else:
             continue
-        linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
-                           device="meta", dtype=dtype)
+        linear = nn.Linear(
+            module.in_features, module.out_features, bias=module.bias is not None, device="meta", dtype=dtype
+        )
         linear.weight = nn.Parameter(w.to(dtype), requires_grad=False)
         if module.bias is not None:
             linear.bias = nn.Parameter(module.bias.detach().to(dtype), requires_grad=False)
@@ -209,8 +230,9 @@ def end_of_turn_id(tokenizer) -> int | None:
         return None
     probe = "lorafuse-end-of-turn-probe"
     try:
-        text = tokenizer.apply_chat_template([{"role": "user", "content": "hi"},
-                                              {"role": "assistant", "content": probe}], tokenize=False)
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": "hi"}, {"role": "assistant", "content": probe}], tokenize=False
+        )
     except Exception:  # templates may reject this conversation shape; then there is nothing to learn from it
         return None
     after = text.partition(probe)[2]
@@ -227,8 +249,11 @@ def _save_merged(model, tokenizer, folder: Path) -> None:
     if hasattr(model.config, "quantization_config"):  # a 4-bit base's; the merged weights are plain dtype
         delattr(model.config, "quantization_config")
     gen = model.generation_config or GenerationConfig.from_model_config(model.config)
-    eos = [tokenizer.eos_token_id, *(gen.eos_token_id if isinstance(gen.eos_token_id, list) else [gen.eos_token_id]),
-           end_of_turn_id(tokenizer)]
+    eos = [
+        tokenizer.eos_token_id,
+        *(gen.eos_token_id if isinstance(gen.eos_token_id, list) else [gen.eos_token_id]),
+        end_of_turn_id(tokenizer),
+    ]
     eos = list(dict.fromkeys(i for i in eos if i is not None))
     gen.eos_token_id = eos[0] if len(eos) == 1 else eos
     if tokenizer.pad_token_id is not None:
@@ -250,9 +275,15 @@ def _check_inputs(tokenizer, max_tokens: int) -> list[torch.Tensor]:
     texts = list(_CHECK_TEXTS)
     if getattr(tokenizer, "chat_template", None):
         try:
-            texts.append(tokenizer.apply_chat_template(
-                [{"role": "user", "content": "Name three primary colors."},
-                 {"role": "assistant", "content": "Red, blue and yellow."}], tokenize=False))
+            texts.append(
+                tokenizer.apply_chat_template(
+                    [
+                        {"role": "user", "content": "Name three primary colors."},
+                        {"role": "assistant", "content": "Red, blue and yellow."},
+                    ],
+                    tokenize=False,
+                )
+            )
         except Exception:  # a template that rejects this conversation: the plain prompts still check the merge
             pass
     return [torch.tensor([tokenizer(t)["input_ids"][:max_tokens]]) for t in texts]
@@ -276,7 +307,7 @@ def rounding_noise(model, inputs, dtype: torch.dtype, logits, seed: int = 0) -> 
     That is the size of perturbation rounding to `dtype` causes, measured on this model and these prompts. The
     model is perturbed in place (the caller is done with it).
     """
-    eps = max(torch.finfo(dtype).eps, 2.0 ** -16)
+    eps = max(torch.finfo(dtype).eps, 2.0**-16)
     g = torch.Generator().manual_seed(seed)
     for p in model.parameters():
         _, exponent = torch.frexp(p)  # |p| in [2^(e-1), 2^e): the dtype spacing there is eps * 2^(e-1)

@@ -48,8 +48,13 @@ class _DeviceView:
 
     def __init__(self, host: torch.Tensor):
         self.host = host
-        self.__cuda_array_interface__ = {"shape": tuple(host.shape), "typestr": _INT_VIEW[host.element_size()][1],
-                                         "data": (host.data_ptr(), False), "version": 2, "strides": None}
+        self.__cuda_array_interface__ = {
+            "shape": tuple(host.shape),
+            "typestr": _INT_VIEW[host.element_size()][1],
+            "data": (host.data_ptr(), False),
+            "version": 2,
+            "strides": None,
+        }
 
 
 def device_alias(host: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -189,7 +194,7 @@ class HeadStage:
         work queued there so far (which includes the last reader of any block the allocator hands out again)."""
         main = torch.cuda.current_stream(self.device)
         v0 = i * self.chunk_rows
-        src = self.host[v0:v0 + self.chunk_rows]
+        src = self.host[v0 : v0 + self.chunk_rows]
         buf = torch.empty(src.shape, dtype=src.dtype, device=self.device)
         side, done = self._side(), torch.cuda.Event()
         side.wait_stream(main)
@@ -252,6 +257,7 @@ class HeadStage:
 def _arm(stage: HeadStage):
     def hook(module, args, kwargs):
         stage.armed = module.training and torch.is_grad_enabled()  # not generation, not evaluation
+
     return hook
 
 
@@ -261,6 +267,7 @@ def _fire(stage: HeadStage):
             stage.armed = False
             x = args[0] if args else (kwargs or {}).get("hidden_states")
             stage.prefetch(x.shape[:-1].numel() if torch.is_tensor(x) else None)
+
     return hook
 
 

@@ -45,8 +45,13 @@ def find_linear_names(model: nn.Module) -> list[str]:
     """Sorted short names ("q_proj", "down_proj", ...) of the linear layers "all-linear" would target."""
     head = _output_head_name(model)
     inner = {f"{n}.{c}" for n, m in model.named_modules() if isinstance(m, LoRALinear) for c, _ in m.named_children()}
-    return sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
-                   if isinstance(m, _LINEAR_TYPES) and n != head and n not in inner})
+    return sorted(
+        {
+            n.rsplit(".", 1)[-1]
+            for n, m in model.named_modules()
+            if isinstance(m, _LINEAR_TYPES) and n != head and n not in inner
+        }
+    )
 
 
 def _matches(name: str, pattern: str | list[str]) -> bool:
@@ -78,7 +83,8 @@ def _match_targets(model, targets, exclude, modules_to_save) -> list[str]:
         raise ConfigError(
             f"lora.targets={targets!r} matches {len(not_linear)} module(s) that are not linear layers: {kinds}",
             "LoRA applies to linear layers only; name linear layers (e.g. q_proj, v_proj) or use a regex "
-            "that matches only them")
+            "that matches only them",
+        )
     if not matched:
         raise _no_match_error(model, targets, exclude)
     return matched
@@ -87,12 +93,16 @@ def _match_targets(model, targets, exclude, modules_to_save) -> list[str]:
 def _no_match_error(model, targets, exclude) -> LorafuseError:
     linears = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, NF4Linear))]
     short = find_linear_names(model)
-    problem = (f"lora.targets={targets!r}{f' (exclude={exclude!r})' if exclude else ''} matched no module. "
-               f"The model's linear layers are named {short or 'nothing (it has no nn.Linear)'}; "
-               f"full names look like {linears[:3]}")
-    fix = ("set lora.targets to a list of short names (e.g. [q_proj, v_proj]; a name matches itself and any "
-           "module ending in '.<name>'), to a regex matched against the full name (e.g. "
-           "'.*layers\\.\\d+\\.self_attn\\.(q|v)_proj'), or to \"all-linear\"")
+    problem = (
+        f"lora.targets={targets!r}{f' (exclude={exclude!r})' if exclude else ''} matched no module. "
+        f"The model's linear layers are named {short or 'nothing (it has no nn.Linear)'}; "
+        f"full names look like {linears[:3]}"
+    )
+    fix = (
+        "set lora.targets to a list of short names (e.g. [q_proj, v_proj]; a name matches itself and any "
+        "module ending in '.<name>'), to a regex matched against the full name (e.g. "
+        "'.*layers\\.\\d+\\.self_attn\\.(q|v)_proj'), or to \"all-linear\""
+    )
     return ConfigError(problem, fix)
 
 
@@ -110,15 +120,21 @@ def _check_args(r, alpha, dropout, init, targets, modules_to_save, exclude) -> N
             try:
                 re.compile(value)
             except re.error as e:
-                raise ConfigError(f"lora.{key}={value!r} is not a valid regex: {e}",
-                                  "fix the regex, or give a list of module names") from None
+                raise ConfigError(
+                    f"lora.{key}={value!r} is not a valid regex: {e}", "fix the regex, or give a list of module names"
+                ) from None
         elif value is not None and not (isinstance(value, (list, tuple)) and all(isinstance(t, str) for t in value)):
-            raise ConfigError(f"lora.{key}={value!r} must be a list of names or a regex string",
-                              'e.g. lora.targets=[q_proj, v_proj] or lora.targets="all-linear"')
-    if modules_to_save is not None and (isinstance(modules_to_save, str) or
-                                        not all(isinstance(m, str) for m in modules_to_save)):
-        raise ConfigError(f"lora.modules_to_save={modules_to_save!r} must be a list of module names",
-                          "e.g. lora.modules_to_save=[embed_tokens, lm_head]")
+            raise ConfigError(
+                f"lora.{key}={value!r} must be a list of names or a regex string",
+                'e.g. lora.targets=[q_proj, v_proj] or lora.targets="all-linear"',
+            )
+    if modules_to_save is not None and (
+        isinstance(modules_to_save, str) or not all(isinstance(m, str) for m in modules_to_save)
+    ):
+        raise ConfigError(
+            f"lora.modules_to_save={modules_to_save!r} must be a list of module names",
+            "e.g. lora.modules_to_save=[embed_tokens, lm_head]",
+        )
 
 
 def _check_not_applied(model: nn.Module) -> None:
@@ -126,34 +142,51 @@ def _check_not_applied(model: nn.Module) -> None:
         raise LorafuseError(
             "LoRA is already applied to this model (apply_lora was called on it before)",
             "call apply_lora once per model; to change r/targets reload the base model with lorafuse.load_model "
-            "and apply again; to continue training a saved adapter use load_adapter(model, dir, is_trainable=True)")
+            "and apply again; to continue training a saved adapter use load_adapter(model, dir, is_trainable=True)",
+        )
 
 
 def _trainable_modules(model: nn.Module, modules_to_save: list[str]) -> tuple[list[str], bool]:
     """Full names of the modules to train in place (with tied partners) and whether any tie was found."""
-    names = [n for n, _ in model.named_modules(remove_duplicate=False)
-             if n and any(n.endswith(m) for m in modules_to_save)]
+    names = [
+        n for n, _ in model.named_modules(remove_duplicate=False) if n and any(n.endswith(m) for m in modules_to_save)
+    ]
     for m in modules_to_save:
         if not any(n.endswith(m) for n in names):
-            raise ConfigError(f"lora.modules_to_save entry {m!r} matches no module",
-                              f"use module names of this model, e.g. {find_linear_names(model)[:3]} or "
-                              "embed_tokens / lm_head")
+            raise ConfigError(
+                f"lora.modules_to_save entry {m!r} matches no module",
+                f"use module names of this model, e.g. {find_linear_names(model)[:3]} or embed_tokens / lm_head",
+            )
     chosen = {id(p) for n in names for p in model.get_submodule(n).parameters()}
-    partners = [n for n, mod in model.named_modules(remove_duplicate=False) if n and n not in names
-                and any(id(p) in chosen for p in mod.parameters(recurse=False))]
+    partners = [
+        n
+        for n, mod in model.named_modules(remove_duplicate=False)
+        if n and n not in names and any(id(p) in chosen for p in mod.parameters(recurse=False))
+    ]
     for n in names:
-        if any(isinstance(m, NF4Linear) or (isinstance(m, LoRALinear) and m.is_nf4)
-               for m in model.get_submodule(n).modules()):
-            raise ConfigError(f"lora.modules_to_save entry {n!r} is a 4-bit (NF4) layer and cannot be trained",
-                              "load the model so that this module is not quantized, or remove it from "
-                              "modules_to_save")
+        if any(
+            isinstance(m, NF4Linear) or (isinstance(m, LoRALinear) and m.is_nf4)
+            for m in model.get_submodule(n).modules()
+        ):
+            raise ConfigError(
+                f"lora.modules_to_save entry {n!r} is a 4-bit (NF4) layer and cannot be trained",
+                "load the model so that this module is not quantized, or remove it from modules_to_save",
+            )
     return sorted(set(names + partners)), bool(partners)
 
 
-def apply_lora(model: nn.Module, r: int = 16, alpha: float = 32, dropout: float = 0.05,
-               targets: str | list[str] = "all-linear", rslora: bool = False, dora: bool = False,
-               modules_to_save: list[str] | None = None, init: str = "kaiming",
-               exclude: str | list[str] | None = None) -> nn.Module:
+def apply_lora(
+    model: nn.Module,
+    r: int = 16,
+    alpha: float = 32,
+    dropout: float = 0.05,
+    targets: str | list[str] = "all-linear",
+    rslora: bool = False,
+    dora: bool = False,
+    modules_to_save: list[str] | None = None,
+    init: str = "kaiming",
+    exclude: str | list[str] | None = None,
+) -> nn.Module:
     """Freeze `model`, replace every matched nn.Linear / NF4Linear by a LoRALinear, and return the same model.
 
     See the module docstring for matching and modules_to_save. Records the settings in `model.lorafuse_lora`
@@ -173,18 +206,25 @@ def apply_lora(model: nn.Module, r: int = 16, alpha: float = 32, dropout: float 
     for name in names:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
-        layer = LoRALinear.from_linear(getattr(parent, child), r=r, alpha=alpha, dropout=dropout,
-                                       rslora=rslora, dora=dora, init=init)
+        layer = LoRALinear.from_linear(
+            getattr(parent, child), r=r, alpha=alpha, dropout=dropout, rslora=rslora, dora=dora, init=init
+        )
         setattr(parent, child, layer)
     for name in trained:
         model.get_submodule(name).requires_grad_(True)
     all_linear = isinstance(targets, str) and targets.lower() == "all-linear"
     model.lorafuse_lora = {
-        "r": r, "alpha": alpha, "dropout": dropout,
+        "r": r,
+        "alpha": alpha,
+        "dropout": dropout,
         "target_modules": sorted(names) if all_linear else targets,
-        "rslora": rslora, "dora": dora, "init": init,
-        "modules_to_save": save or None, "exclude_modules": exclude,
-        "ensure_weight_tying": tied, "trained_module_names": trained,
+        "rslora": rslora,
+        "dora": dora,
+        "init": init,
+        "modules_to_save": save or None,
+        "exclude_modules": exclude,
+        "ensure_weight_tying": tied,
+        "trained_module_names": trained,
     }
     return model
 

@@ -47,7 +47,7 @@ def resolve_model_path(path_or_id: str) -> str:
     """Turn a builtin name into its (built-on-demand) folder; check local folders; leave hub ids alone."""
     path_or_id = str(path_or_id)
     if path_or_id.startswith(BUILTIN_PREFIX):
-        return str(_builtin_folder(path_or_id[len(BUILTIN_PREFIX):]))
+        return str(_builtin_folder(path_or_id[len(BUILTIN_PREFIX) :]))
     p = Path(path_or_id).expanduser()
     looks_local = p.exists() or path_or_id.startswith((".", "/", "~")) or path_or_id.count("/") != 1
     if not looks_local:
@@ -68,8 +68,10 @@ def resolve_model_path(path_or_id: str) -> str:
 
 def _builtin_folder(name: str) -> Path:
     if name not in _BUILTIN_MODELS:
-        raise ModelError(f"unknown builtin model 'builtin:{name}'",
-                         f"available: {', '.join('builtin:' + n for n in _BUILTIN_MODELS)}")
+        raise ModelError(
+            f"unknown builtin model 'builtin:{name}'",
+            f"available: {', '.join('builtin:' + n for n in _BUILTIN_MODELS)}",
+        )
     corpus = _demo_corpus()
     # The folder name carries a hash of what the tokenizer is trained on, so a changed demo data set or model
     # recipe never reuses a stale cached model.
@@ -97,6 +99,7 @@ def _builtin_folder(name: str) -> Path:
 def _demo_corpus() -> list[str]:
     """Texts of the bundled demo data, so the tiny tokenizer splits them into few tokens."""
     from lorafuse.data import demo_data_path
+
     texts = []
     path = demo_data_path()
     if path.is_file():
@@ -129,8 +132,10 @@ def resolve_compute_dtype(dtype: str | torch.dtype = "auto", device: str | torch
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     if dtype == torch.bfloat16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         name = torch.cuda.get_device_name(device)
-        raise ModelError(f"bfloat16 was asked for, but {name} does not support it",
-                         "set model.compute_dtype: float16 (or auto, which picks float16 on this GPU)")
+        raise ModelError(
+            f"bfloat16 was asked for, but {name} does not support it",
+            "set model.compute_dtype: float16 (or auto, which picks float16 on this GPU)",
+        )
     return dtype
 
 
@@ -161,9 +166,16 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
     return tok
 
 
-def load_model(path_or_hub_id: str, quant: str = "nf4", compute_dtype: str | torch.dtype = torch.bfloat16,
-               device: str | torch.device | None = None, blocksize: int = 64, double_quant: bool = True,
-               attn_implementation: str | None = None, trust_remote_code: bool = False):
+def load_model(
+    path_or_hub_id: str,
+    quant: str = "nf4",
+    compute_dtype: str | torch.dtype = torch.bfloat16,
+    device: str | torch.device | None = None,
+    blocksize: int = 64,
+    double_quant: bool = True,
+    attn_implementation: str | None = None,
+    trust_remote_code: bool = False,
+):
     """Load `(model, tokenizer)`; with quant="nf4" every linear but the output head is NF4 4-bit.
 
     compute_dtype: dtype of the math and of the non-quantized parameters (embeddings, norms, head); "auto" picks per
@@ -182,21 +194,31 @@ def load_model(path_or_hub_id: str, quant: str = "nf4", compute_dtype: str | tor
         model = _load_bnb_4bit(folder, dtype, device, attn_implementation, trust_remote_code)
         quant_info = {"quant": "nf4", "prequantized": True}
     else:
-        model = _load_streaming(folder, device, dtype, blocksize, double_quant, attn_implementation,
-                                trust_remote_code) if quant == "nf4" and Path(folder).is_dir() else None
+        model = (
+            _load_streaming(folder, device, dtype, blocksize, double_quant, attn_implementation, trust_remote_code)
+            if quant == "nf4" and Path(folder).is_dir()
+            else None
+        )
         loader = "from_pretrained" if model is None else "stream"
         if model is None:
             model = _load_dense(folder, dtype, attn_implementation, trust_remote_code)
             if quant == "nf4":
                 quantize_linears(model, device, dtype, blocksize=blocksize, double_quant=double_quant)
             model.to(device)
-        quant_info = {"quant": quant, "blocksize": blocksize, "double_quant": double_quant, "loader": loader} \
-            if quant == "nf4" else {"quant": "none"}
+        quant_info = (
+            {"quant": quant, "blocksize": blocksize, "double_quant": double_quant, "loader": loader}
+            if quant == "nf4"
+            else {"quant": "none"}
+        )
     for p in model.parameters():
         p.requires_grad_(False)
     model.eval()
-    model.lorafuse_base = {"name_or_path": str(path_or_hub_id), "folder": folder,
-                           "compute_dtype": str(dtype).removeprefix("torch."), **quant_info}
+    model.lorafuse_base = {
+        "name_or_path": str(path_or_hub_id),
+        "folder": folder,
+        "compute_dtype": str(dtype).removeprefix("torch."),
+        **quant_info,
+    }
     return model, tokenizer
 
 
@@ -205,8 +227,15 @@ def _load_streaming(folder, device, dtype, blocksize, double_quant, attn_impleme
     from lorafuse.model.stream import StreamUnsupported, load_nf4_streaming
 
     try:
-        return load_nf4_streaming(folder, device, dtype, blocksize=blocksize, double_quant=double_quant,
-                                  attn_implementation=attn_implementation, trust_remote_code=trust_remote_code)
+        return load_nf4_streaming(
+            folder,
+            device,
+            dtype,
+            blocksize=blocksize,
+            double_quant=double_quant,
+            attn_implementation=attn_implementation,
+            trust_remote_code=trust_remote_code,
+        )
     except StreamUnsupported as why:
         # from_pretrained holds the whole dense model in host memory before quantizing: say why we went there.
         logging.getLogger(__name__).info("loading %s through from_pretrained: %s", folder, why)
@@ -250,8 +279,11 @@ def quantize_linears(model, device, dtype, blocksize=64, double_quant=True) -> i
         parent, child = _parent_of(model, name)
         linear = getattr(parent, child)
         linear.to(device)
-        setattr(parent, child, NF4Linear.from_linear(linear, blocksize=blocksize, double_quant=double_quant,
-                                                     compute_dtype=dtype))
+        setattr(
+            parent,
+            child,
+            NF4Linear.from_linear(linear, blocksize=blocksize, double_quant=double_quant, compute_dtype=dtype),
+        )
         linear.to("meta")  # free the dense copy now, not at the end
     return len(names)
 
@@ -278,8 +310,11 @@ def _load_bnb_4bit(folder, dtype, device, attn_implementation, trust_remote_code
     for name, q in quantized.items():
         parent, child = _parent_of(model, name)
         bias = dense_sd.pop(f"{name}.bias", None)
-        setattr(parent, child, NF4Linear(q.to(device), bias=None if bias is None else bias.to(device, dtype),
-                                         compute_dtype=dtype))
+        setattr(
+            parent,
+            child,
+            NF4Linear(q.to(device), bias=None if bias is None else bias.to(device, dtype), compute_dtype=dtype),
+        )
     dense_sd = {k: v.to(device, dtype if v.is_floating_point() else v.dtype) for k, v in dense_sd.items()}
     missing, unexpected = model.load_state_dict(dense_sd, strict=False, assign=True)
     missing = [k for k in missing if not _is_nf4_key(model, k)]
@@ -287,9 +322,11 @@ def _load_bnb_4bit(folder, dtype, device, attn_implementation, trust_remote_code
         model.tie_weights()
         missing = [k for k in missing if "lm_head" not in k]
     if missing or unexpected:
-        raise ModelError(f"the 4-bit checkpoint in {folder} does not match its config: missing {missing[:5]}, "
-                         f"unexpected {unexpected[:5]}", "re-save it with transformers + bitsandbytes, or load the "
-                         "16-bit original with quant=nf4")
+        raise ModelError(
+            f"the 4-bit checkpoint in {folder} does not match its config: missing {missing[:5]}, "
+            f"unexpected {unexpected[:5]}",
+            "re-save it with transformers + bitsandbytes, or load the 16-bit original with quant=nf4",
+        )
     _materialize_buffers(model, device)
     return model
 
@@ -318,8 +355,10 @@ def _materialize_buffers(model, device):
             with torch.device(device):
                 fresh = type(module)(module.config)
         except (AttributeError, TypeError) as exc:
-            raise ModelError(f"cannot rebuild the non-saved buffers {meta} of {type(module).__name__} ({exc})",
-                             "load the 16-bit original with quant=nf4 instead of the 4-bit folder") from None
+            raise ModelError(
+                f"cannot rebuild the non-saved buffers {meta} of {type(module).__name__} ({exc})",
+                "load the 16-bit original with quant=nf4 instead of the 4-bit folder",
+            ) from None
         for name in meta:
             setattr(module, name, getattr(fresh, name))
         for attr in ("attention_scaling",):

@@ -17,8 +17,15 @@ import torch
 from torch import nn
 
 from lorafuse.errors import ConfigError, ModelError
-from lorafuse.model.stream import (QUANT_CHUNK_ELEMS, _finish, _place, _resolve_device, add_nf4_placeholders,
-                                   build_meta_model, materialize_buffers)
+from lorafuse.model.stream import (
+    QUANT_CHUNK_ELEMS,
+    _finish,
+    _place,
+    _resolve_device,
+    add_nf4_placeholders,
+    build_meta_model,
+    materialize_buffers,
+)
 
 
 def resolve_config(spec, trust_remote_code: bool = False):
@@ -30,8 +37,10 @@ def resolve_config(spec, trust_remote_code: bool = False):
     if isinstance(spec, dict):
         fields = dict(spec)
         if "model_type" not in fields:
-            raise ConfigError(f"model shape dict has no model_type (keys: {sorted(fields)})",
-                              "add model_type, e.g. 'llama', so transformers knows the architecture")
+            raise ConfigError(
+                f"model shape dict has no model_type (keys: {sorted(fields)})",
+                "add model_type, e.g. 'llama', so transformers knows the architecture",
+            )
         return AutoConfig.for_model(fields.pop("model_type"), **fields)
     path = Path(str(spec)).expanduser()
     if path.is_dir() or path.name == "config.json":
@@ -42,9 +51,11 @@ def resolve_config(spec, trust_remote_code: bool = False):
         BUILTIN_CONFIGS, match_builtin = {}, (lambda _: None)
     name = match_builtin(str(spec))
     if name is None:
-        raise ModelError(f"unknown model shape {spec!r}",
-                         f"use a built-in shape ({', '.join(BUILTIN_CONFIGS) or 'none available'}), a model "
-                         "folder with config.json, a transformers config object or a dict with model_type")
+        raise ModelError(
+            f"unknown model shape {spec!r}",
+            f"use a built-in shape ({', '.join(BUILTIN_CONFIGS) or 'none available'}), a model "
+            "folder with config.json, a transformers config object or a dict with model_type",
+        )
     return resolve_config(BUILTIN_CONFIGS[name])
 
 
@@ -61,9 +72,17 @@ def _random_tensor(key: str, module, shape, dtype, device, std: float, gen) -> t
     return torch.ones(shape, dtype=dtype, device=device)
 
 
-def random_nf4_model(config_or_shape_name, device=None, compute_dtype: torch.dtype = torch.bfloat16, seed: int = 0,
-                     blocksize: int = 64, double_quant: bool = True, quant: str = "nf4",
-                     attn_implementation=None, chunk_elems: int = QUANT_CHUNK_ELEMS):
+def random_nf4_model(
+    config_or_shape_name,
+    device=None,
+    compute_dtype: torch.dtype = torch.bfloat16,
+    seed: int = 0,
+    blocksize: int = 64,
+    double_quant: bool = True,
+    quant: str = "nf4",
+    attn_implementation=None,
+    chunk_elems: int = QUANT_CHUNK_ELEMS,
+):
     """A random-init model of any shape, built layer by layer on `device` (NF4 linears unless quant="none").
 
     Each linear weight is drawn on the device in `compute_dtype`, quantized, and dropped before the next one, so
@@ -91,8 +110,13 @@ def random_nf4_model(config_or_shape_name, device=None, compute_dtype: torch.dty
     _finish(model)
     n_nf4 = sum(isinstance(m, NF4Linear) for m in model.modules())
     name = config_or_shape_name if isinstance(config_or_shape_name, str) else config.model_type
-    model.lorafuse_base = {"name_or_path": f"random:{name}", "folder": None, "random_init": True, "seed": seed,
-                           "compute_dtype": str(compute_dtype).removeprefix("torch."), "quant": quant,
-                           **({"blocksize": blocksize, "double_quant": double_quant, "nf4_linears": n_nf4}
-                              if quant == "nf4" else {})}
+    model.lorafuse_base = {
+        "name_or_path": f"random:{name}",
+        "folder": None,
+        "random_init": True,
+        "seed": seed,
+        "compute_dtype": str(compute_dtype).removeprefix("torch."),
+        "quant": quant,
+        **({"blocksize": blocksize, "double_quant": double_quant, "nf4_linears": n_nf4} if quant == "nf4" else {}),
+    }
     return model

@@ -91,8 +91,11 @@ def materialize_buffers(model, device, persistent: bool = False) -> None:
     fresh module from its config; failing both raises StreamUnsupported.
     """
     for module in model.modules():
-        names = [n for n, b in module.named_buffers(recurse=False)
-                 if b.is_meta and (persistent or n in module._non_persistent_buffers_set)]
+        names = [
+            n
+            for n, b in module.named_buffers(recurse=False)
+            if b.is_meta and (persistent or n in module._non_persistent_buffers_set)
+        ]
         if not names:
             continue
         for n in names:  # a sentinel survives only where nothing wrote the buffer
@@ -141,12 +144,17 @@ def _finish(model) -> None:
 
     model.tie_weights()
     left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
-    left += [n for n, m in model.named_modules() if isinstance(getattr(m, "weight", None), NF4Weight)
-             and m.weight.packed.is_meta]
+    left += [
+        n
+        for n, m in model.named_modules()
+        if isinstance(getattr(m, "weight", None), NF4Weight) and m.weight.packed.is_meta
+    ]
     if left:
-        raise ModelError(f"after loading, these tensors have no values: {left[:8]}",
-                         "the checkpoint misses them; re-save the model with save_pretrained, or load it with "
-                         "quant='none' to let transformers initialise them")
+        raise ModelError(
+            f"after loading, these tensors have no values: {left[:8]}",
+            "the checkpoint misses them; re-save the model with save_pretrained, or load it with "
+            "quant='none' to let transformers initialise them",
+        )
     for p in model.parameters():
         p.requires_grad_(False)
     model.eval()
@@ -154,8 +162,10 @@ def _finish(model) -> None:
 
 # ------------------------------------------------------------------------------------------------ quantization
 
-def quantize_chunked(w: torch.Tensor, blocksize: int = 64, double_quant: bool = True,
-                     chunk_elems: int = QUANT_CHUNK_ELEMS):
+
+def quantize_chunked(
+    w: torch.Tensor, blocksize: int = 64, double_quant: bool = True, chunk_elems: int = QUANT_CHUNK_ELEMS
+):
     """`quantize_nf4(w)` with bounded temporaries: byte-identical, computed `chunk_elems` elements at a time.
 
     NF4 blocks are independent, so chunks aligned to 2 * blocksize give the same codes and scales as the whole
@@ -173,9 +183,9 @@ def quantize_chunked(w: torch.Tensor, blocksize: int = 64, double_quant: bool = 
     packed = torch.empty((n + 1) // 2, dtype=torch.uint8, device=w.device)
     absmax = torch.empty(-(-n // blocksize), dtype=torch.float32, device=w.device)
     for start in range(0, n, chunk_elems):
-        part = quantize_nf4(flat[start:start + chunk_elems], blocksize=blocksize, double_quant=False)
-        packed[start // 2:start // 2 + part.packed.numel()] = part.packed
-        absmax[start // blocksize:start // blocksize + part.absmax.numel()] = part.absmax
+        part = quantize_nf4(flat[start : start + chunk_elems], blocksize=blocksize, double_quant=False)
+        packed[start // 2 : start // 2 + part.packed.numel()] = part.packed
+        absmax[start // blocksize : start // blocksize + part.absmax.numel()] = part.absmax
         del part
     q = NF4Weight(packed=packed, absmax=absmax, shape=w.shape, dtype=w.dtype, blocksize=blocksize)
     if double_quant:
@@ -192,7 +202,7 @@ def _double_quantize(q) -> None:
     offset = absmax.mean()
     code = DYNAMIC_MAP_SIGNED.to(absmax.device)
     codes, nested_absmax = _blockwise_codes(absmax - offset, code, NESTED_BLOCKSIZE)
-    q.absmax = codes[:absmax.numel()].to(torch.uint8)
+    q.absmax = codes[: absmax.numel()].to(torch.uint8)
     q.nested_absmax, q.nested_code, q.offset = nested_absmax, code, offset.item()
 
 
@@ -211,7 +221,7 @@ def _to_device(t: torch.Tensor, device: torch.device, dtype: torch.dtype) -> tor
     out = torch.empty(t.shape, dtype=dtype, device=device)
     rows = max(1, HOST_STAGING_BYTES // max(1, t[0].numel() * dtype.itemsize))
     for i in range(0, t.shape[0], rows):
-        out[i:i + rows].copy_(t[i:i + rows])
+        out[i : i + rows].copy_(t[i : i + rows])
     return out
 
 
@@ -244,6 +254,7 @@ def _place(model, key: str, value: torch.Tensor, device, dtype, double_quant, ch
 
 # ------------------------------------------------------------------------------------------- checkpoint reading
 
+
 def checkpoint_files(folder: Path) -> list[Path]:
     """The safetensors files of a folder (index order), or StreamUnsupported when it has none."""
     index = folder / "model.safetensors.index.json"
@@ -262,8 +273,10 @@ def _read_headers(files: list[Path]) -> dict[str, tuple[Path, tuple[int, ...]]]:
     keys: dict[str, tuple[Path, tuple[int, ...]]] = {}
     for path in files:
         if not path.is_file():
-            raise ModelError(f"{path.name} is listed in the checkpoint index but missing from {path.parent}",
-                             "download the missing shard (or re-save the model with save_pretrained)")
+            raise ModelError(
+                f"{path.name} is listed in the checkpoint index but missing from {path.parent}",
+                "download the missing shard (or re-save the model with save_pretrained)",
+            )
         with safe_open(str(path), framework="pt", device="cpu") as f:
             fmt = (f.metadata() or {}).get("format", "pt")
             if fmt not in ("pt", None):
@@ -302,8 +315,9 @@ def _plan(model, ckpt: dict, folder: Path) -> set[str]:
     tied = set(getattr(model, "all_tied_weights_keys", None) or {})
     expected = set(meta_sd) - tied
     patterns = [*(model._keys_to_ignore_on_load_unexpected or ()), *_IGNORABLE]
-    unexpected = sorted(k for k in ckpt if k not in expected and k not in tied
-                        and not any(re.search(p, k) for p in patterns))
+    unexpected = sorted(
+        k for k in ckpt if k not in expected and k not in tied and not any(re.search(p, k) for p in patterns)
+    )
     missing = sorted(expected - set(ckpt))
     if missing and any(re.search(p, k) for p in (model._keys_to_ignore_on_load_missing or ()) for k in missing):
         raise StreamUnsupported("the checkpoint omits keys the model initialises itself")
@@ -311,17 +325,27 @@ def _plan(model, ckpt: dict, folder: Path) -> set[str]:
         raise ModelError(
             f"the weights in {folder} do not match its config.json ({type(model).__name__}): "
             f"{len(missing)} missing {missing[:6]}, {len(unexpected)} unexpected {unexpected[:6]}",
-            "make config.json and the *.safetensors files come from the same model (re-download or re-save it)")
+            "make config.json and the *.safetensors files come from the same model (re-download or re-save it)",
+        )
     wrong = [f"{k}: {ckpt[k][1]} vs {meta_sd[k]}" for k in sorted(expected) if ckpt[k][1] != meta_sd[k]]
     if wrong:
-        raise ModelError(f"tensor shapes in {folder} differ from what config.json implies "
-                         f"(checkpoint vs model): {wrong[:6]}", "use the config.json that belongs to these weights")
+        raise ModelError(
+            f"tensor shapes in {folder} differ from what config.json implies (checkpoint vs model): {wrong[:6]}",
+            "use the config.json that belongs to these weights",
+        )
     return expected
 
 
-def load_nf4_streaming(folder, device, compute_dtype: torch.dtype, blocksize: int = 64, double_quant: bool = True,
-                       attn_implementation=None, trust_remote_code: bool = False,
-                       chunk_elems: int = QUANT_CHUNK_ELEMS):
+def load_nf4_streaming(
+    folder,
+    device,
+    compute_dtype: torch.dtype,
+    blocksize: int = 64,
+    double_quant: bool = True,
+    attn_implementation=None,
+    trust_remote_code: bool = False,
+    chunk_elems: int = QUANT_CHUNK_ELEMS,
+):
     """Load a 16-bit safetensors model folder as NF4 on `device`, tensor by tensor (see the module docstring)."""
     from safetensors import safe_open
     from transformers import AutoConfig, GenerationConfig
@@ -332,8 +356,9 @@ def load_nf4_streaming(folder, device, compute_dtype: torch.dtype, blocksize: in
     if getattr(config, "quantization_config", None):
         raise StreamUnsupported("config.json has a quantization_config (a pre-quantized checkpoint)")
     model = build_meta_model(config, compute_dtype, attn_implementation, trust_remote_code)
-    if compute_dtype != torch.float32 and (model._keep_in_fp32_modules or
-                                           getattr(model, "_keep_in_fp32_modules_strict", None)):
+    if compute_dtype != torch.float32 and (
+        model._keep_in_fp32_modules or getattr(model, "_keep_in_fp32_modules_strict", None)
+    ):
         raise StreamUnsupported(f"{type(model).__name__} keeps some modules in fp32")
     to_load = _plan(model, _read_headers(files), folder)
     materialize_buffers(model, device)

@@ -33,7 +33,8 @@ CHAT_TEMPLATE = (
 )
 
 _BUILTIN_CORPUS = [
-    "### 指示:\n次の文を英語に翻訳してください。\n\n### 入力:\n今日は良い天気です。\n\n### 回答:\nThe weather is nice today.",
+    "### 指示:\n次の文を英語に翻訳してください。\n\n### 入力:\n今日は良い天気です。\n\n"
+    "### 回答:\nThe weather is nice today.",
     "### Instruction:\nName three primary colors.\n\n### Response:\nRed, blue and yellow.",
     "日本の首都は東京です。富士山は日本で一番高い山です。",
     "The quick brown fox jumps over the lazy dog. Fine-tuning adapts a pretrained model to a task.",
@@ -107,15 +108,28 @@ def build_tiny_model(
         )
     if arch == "gpt2":
         cfg = AutoConfig.for_model(
-            "gpt2", vocab_size=vocab_size, n_embd=hidden_size, n_layer=num_layers, n_head=num_heads,
-            n_inner=intermediate_size, n_positions=max_position_embeddings,
-            tie_word_embeddings=tie_word_embeddings, **ids,
+            "gpt2",
+            vocab_size=vocab_size,
+            n_embd=hidden_size,
+            n_layer=num_layers,
+            n_head=num_heads,
+            n_inner=intermediate_size,
+            n_positions=max_position_embeddings,
+            tie_word_embeddings=tie_word_embeddings,
+            **ids,
         )
     else:
         cfg = AutoConfig.for_model(
-            arch, vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=intermediate_size,
-            num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,
-            max_position_embeddings=max_position_embeddings, tie_word_embeddings=tie_word_embeddings, **ids,
+            arch,
+            vocab_size=vocab_size,
+            hidden_size=hidden_size,
+            intermediate_size=intermediate_size,
+            num_hidden_layers=num_layers,
+            num_attention_heads=num_heads,
+            num_key_value_heads=num_kv_heads,
+            max_position_embeddings=max_position_embeddings,
+            tie_word_embeddings=tie_word_embeddings,
+            **ids,
         )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -127,8 +141,13 @@ def build_tiny_model(
     return model
 
 
-def save_tiny(folder: str | Path, arch: str = "llama", corpus: list[str] | None = None,
-              dtype: torch.dtype = torch.float32, **model_kwargs) -> Path:
+def save_tiny(
+    folder: str | Path,
+    arch: str = "llama",
+    corpus: list[str] | None = None,
+    dtype: torch.dtype = torch.float32,
+    **model_kwargs,
+) -> Path:
     """Build a tiny tokenizer and model and save both to `folder` (a normal HF model folder)."""
     folder = Path(folder)
     tok = build_tiny_tokenizer(corpus)

@@ -17,8 +17,22 @@ from lorafuse.plan.shapes import ModelShape, builtin_names, builtin_shape, load_
 def plan_cli(cfg, gpu_memory=None, as_json=False) -> int:
     """Alias of `lorafuse.plan.cli.plan_command` (the name the contracts list)."""
     from lorafuse.plan.cli import plan_command
+
     return plan_command(cfg, gpu_memory=gpu_memory, as_json=as_json)
 
 
-__all__ = ["Plan", "Workload", "ModelShape", "plan", "suggest", "next_smaller", "apply_overrides", "estimate",
-           "nf4_bytes", "load_shape", "builtin_shape", "builtin_names", "plan_cli"]
+__all__ = [
+    "Plan",
+    "Workload",
+    "ModelShape",
+    "plan",
+    "suggest",
+    "next_smaller",
+    "apply_overrides",
+    "estimate",
+    "nf4_bytes",
+    "load_shape",
+    "builtin_shape",
+    "builtin_names",
+    "plan_cli",
+]

@@ -29,8 +29,7 @@ from dataclasses import dataclass, field
 
 from lorafuse.errors import ConfigError, LorafuseError
 from lorafuse.plan import speed
-from lorafuse.plan.memory import (GIB, Estimate, Workload, estimate, fp8_backward, host_embedding, host_head,
-                                  kept_layers)
+from lorafuse.plan.memory import GIB, Estimate, Workload, estimate, fp8_backward, host_embedding, host_head, kept_layers
 from lorafuse.plan.shapes import PROJECTIONS, ModelShape, load_shape
 
 MIN_MAX_LENGTH = 64
@@ -60,17 +59,33 @@ class Plan:
     def to_dict(self) -> dict:
         w = self.workload
         return {
-            "peak_gib": _gib(self.estimate.peak), "peak_alloc_gib": _gib(self.estimate.peak_alloc),
-            "fits": self.fits, "gpu_memory_gib": None if self.budget is None else _gib(self.budget),
+            "peak_gib": _gib(self.estimate.peak),
+            "peak_alloc_gib": _gib(self.estimate.peak_alloc),
+            "fits": self.fits,
+            "gpu_memory_gib": None if self.budget is None else _gib(self.budget),
             "components": {k: _gib(v) for k, v in self.estimate.components.items()},
             "suggestion": self.suggestion,
-            "model": self.model, "shape": self.shape.name, "params": self.shape.total_params,
-            "trainable_params": self.estimate.trainable, "peak_phase": self.estimate.phase,
-            "setting": {"method": w.method, "micro_batch_size": w.micro_batch, "grad_accum": w.grad_accum,
-                        "max_length": w.seq, "gradient_checkpointing": w.checkpointing, "optimizer": w.optimizer,
-                        "loss": w.loss, "kernels": w.kernels, "r": w.r, "targets": list(w.targets)},
-            "card": None if self.card is None else self.card.name, "step_s": _r(self.step_s),
-            "tokens_per_s": _r(self.tokens_per_s), "notes": self.notes,
+            "model": self.model,
+            "shape": self.shape.name,
+            "params": self.shape.total_params,
+            "trainable_params": self.estimate.trainable,
+            "peak_phase": self.estimate.phase,
+            "setting": {
+                "method": w.method,
+                "micro_batch_size": w.micro_batch,
+                "grad_accum": w.grad_accum,
+                "max_length": w.seq,
+                "gradient_checkpointing": w.checkpointing,
+                "optimizer": w.optimizer,
+                "loss": w.loss,
+                "kernels": w.kernels,
+                "r": w.r,
+                "targets": list(w.targets),
+            },
+            "card": None if self.card is None else self.card.name,
+            "step_s": _r(self.step_s),
+            "tokens_per_s": _r(self.tokens_per_s),
+            "notes": self.notes,
         }
 
 
@@ -97,8 +112,10 @@ def resolve_targets(shape: ModelShape, targets) -> tuple[str, ...]:
             if ok:
                 hit.add(lin.name)
     if not hit:
-        raise ConfigError(f"lora.targets={targets!r} matches none of the linear layers {list(PROJECTIONS)}",
-                          "use short names (q_proj, v_proj, ...), a regex on the full name, or \"all-linear\"")
+        raise ConfigError(
+            f"lora.targets={targets!r} matches none of the linear layers {list(PROJECTIONS)}",
+            'use short names (q_proj, v_proj, ...), a regex on the full name, or "all-linear"',
+        )
     return tuple(n for n in PROJECTIONS if n in hit)
 
 
@@ -117,18 +134,31 @@ def workload_from_config(cfg, shape: ModelShape | None = None) -> Workload:
     # The fused kernels do not implement DoRA: the loop then runs the PyTorch path.
     kernels = "reference" if cfg.lora.dora else _kernels(getattr(cfg.train, "fast_path", "auto"))
     return Workload(
-        shape=shape, method="qlora" if cfg.model.quant == "nf4" else "lora",
-        micro_batch=cfg.train.micro_batch_size, seq=cfg.data.max_length, grad_accum=cfg.train.grad_accum,
-        r=cfg.lora.r, targets=resolve_targets(shape, cfg.lora.targets), dropout=cfg.lora.dropout,
-        dora=cfg.lora.dora, modules_to_save=save,
+        shape=shape,
+        method="qlora" if cfg.model.quant == "nf4" else "lora",
+        micro_batch=cfg.train.micro_batch_size,
+        seq=cfg.data.max_length,
+        grad_accum=cfg.train.grad_accum,
+        r=cfg.lora.r,
+        targets=resolve_targets(shape, cfg.lora.targets),
+        dropout=cfg.lora.dropout,
+        dora=cfg.lora.dora,
+        modules_to_save=save,
         compute_bytes=4 if cfg.model.compute_dtype == "float32" else 2,
-        optimizer=cfg.train.optimizer, checkpointing=_checkpointing(cfg.train.gradient_checkpointing),
-        loss="fused" if kernels == "fused" else "chunked", kernels=kernels,
-        padded=not cfg.data.packing, blocksize=cfg.model.blocksize, double_quant=cfg.model.double_quant,
-        embeddings_on_host=cfg.train.embeddings_on_host, head_on_host=getattr(cfg.train, "head_on_host", False),
+        optimizer=cfg.train.optimizer,
+        checkpointing=_checkpointing(cfg.train.gradient_checkpointing),
+        loss="fused" if kernels == "fused" else "chunked",
+        kernels=kernels,
+        padded=not cfg.data.packing,
+        blocksize=cfg.model.blocksize,
+        double_quant=cfg.model.double_quant,
+        embeddings_on_host=cfg.train.embeddings_on_host,
+        head_on_host=getattr(cfg.train, "head_on_host", False),
         uncheckpointed=getattr(cfg.train, "uncheckpointed_layers", 0),
-        dequant_cap_mib=getattr(cfg.train, "dequant_cap_mib", 0), fp8=getattr(cfg.train, "fp8", False),
-        cuda_graphs=kernels == "fused" and cfg.train.cuda_graphs == "auto")
+        dequant_cap_mib=getattr(cfg.train, "dequant_cap_mib", 0),
+        fp8=getattr(cfg.train, "fp8", False),
+        cuda_graphs=kernels == "fused" and cfg.train.cuda_graphs == "auto",
+    )
 
 
 def _checkpointing(value) -> str:
@@ -162,8 +192,12 @@ def _budget(gpu_memory) -> tuple[int | None, str, speed.Card | None, str]:
     budget = min(total, free + int(0.5 * GIB))
     card = speed.card_by_name(name)
     source = "detected" if card else "assumed from the memory size of " + name
-    return budget, f"detected {name} ({free / GIB:.1f} of {total / GIB:.1f} GiB free)", \
-        card or speed.card_by_memory(total), source
+    return (
+        budget,
+        f"detected {name} ({free / GIB:.1f} of {total / GIB:.1f} GiB free)",
+        card or speed.card_by_memory(total),
+        source,
+    )
 
 
 def _divisors(n: int) -> list[int]:
@@ -235,12 +269,19 @@ def _overrides(cur: Workload, new: Workload) -> dict:
 
 def describe(w: Workload, card: speed.Card, cur: Workload | None = None) -> dict:
     est = estimate(w)
-    d = {"micro_batch_size": w.micro_batch, "grad_accum": w.grad_accum, "gradient_checkpointing": w.checkpointing,
-         "max_length": w.seq, "embeddings_on_host": host_embedding(w), "head_on_host": host_head(w),
-         "uncheckpointed_layers": kept_layers(w), "dequant_cap_mib": w.dequant_cap_mib,
-         "peak_gib": _gib(est.peak),
-         "step_s": round(speed.step_seconds(w, card), 4),
-         "tokens_per_s": round(speed.tokens_per_second(w, card), 1)}
+    d = {
+        "micro_batch_size": w.micro_batch,
+        "grad_accum": w.grad_accum,
+        "gradient_checkpointing": w.checkpointing,
+        "max_length": w.seq,
+        "embeddings_on_host": host_embedding(w),
+        "head_on_host": host_head(w),
+        "uncheckpointed_layers": kept_layers(w),
+        "dequant_cap_mib": w.dequant_cap_mib,
+        "peak_gib": _gib(est.peak),
+        "step_s": round(speed.step_seconds(w, card), 4),
+        "tokens_per_s": round(speed.tokens_per_second(w, card), 1),
+    }
     if cur is not None:
         d["overrides"] = _overrides(cur, w)
     return d
@@ -256,30 +297,48 @@ def plan(cfg, gpu_memory=None, gpu: str | None = None) -> Plan:
     budget, budget_source, card, card_source = _budget(gpu_memory)
     if gpu:
         card, card_source = speed.card_by_name(gpu) or card, "named"
-    p = Plan(model=str(cfg.model.path), shape=w.shape, workload=w, estimate=estimate(w), budget=budget,
-             budget_source=budget_source, card=card, card_source=card_source)
+    p = Plan(
+        model=str(cfg.model.path),
+        shape=w.shape,
+        workload=w,
+        estimate=estimate(w),
+        budget=budget,
+        budget_source=budget_source,
+        card=card,
+        card_source=card_source,
+    )
     if card is not None:
         p.step_s, p.tokens_per_s = speed.step_seconds(w, card), speed.tokens_per_second(w, card)
         if not card.bf16 and str(cfg.model.compute_dtype) == "bfloat16":
-            p.notes.append(f"the {card.name} has no bfloat16 arithmetic: set model.compute_dtype: float16 (or auto), "
-                           "which trains with a GradScaler at the same memory")
+            p.notes.append(
+                f"the {card.name} has no bfloat16 arithmetic: set model.compute_dtype: float16 (or auto), "
+                "which trains with a GradScaler at the same memory"
+            )
         if w.fp8 and w.kernels != "fused":
-            p.notes.append("train.fp8 runs inside the fused kernels, which this run would not use (train.fast_path "
-                           "off, or DoRA), so it would stop at start-up: set train.fp8: false or train.fast_path: auto")
+            p.notes.append(
+                "train.fp8 runs inside the fused kernels, which this run would not use (train.fast_path "
+                "off, or DoRA), so it would stop at start-up: set train.fp8: false or train.fast_path: auto"
+            )
         elif w.fp8 and not card.fp8:
-            p.notes.append(f"train.fp8 needs FP8 tensor cores (compute capability 8.9+: Ada, Hopper); the {card.name} "
-                           "has none, so the run would stop at start-up: set train.fp8: false")
+            p.notes.append(
+                f"train.fp8 needs FP8 tensor cores (compute capability 8.9+: Ada, Hopper); the {card.name} "
+                "has none, so the run would stop at start-up: set train.fp8: false"
+            )
         elif card.fp8 and not w.fp8 and w.kernels == "fused" and w.method != "full" and w.compute_bytes == 2:
             on = w.with_(fp8=True)
             faster, more = speed.step_seconds(on, card), estimate(on).peak - p.estimate.peak
             memory = f"+{more / GIB:.2f} GiB at the peak" if more >= 0.005 * GIB else "same memory"
-            p.notes.append(f"opt-in: train.fp8: true runs the base GEMMs in FP8 on the {card.name} (forward, "
-                           f"recompute{', the backward dX' if fp8_backward(on) else ''}): ~{faster:.2f} s per step "
-                           f"instead of {p.step_s:.2f} s, {memory}; the numbers change (~3.7% error per projection "
-                           "output), so compare the loss curve")
+            p.notes.append(
+                f"opt-in: train.fp8: true runs the base GEMMs in FP8 on the {card.name} (forward, "
+                f"recompute{', the backward dX' if fp8_backward(on) else ''}): ~{faster:.2f} s per step "
+                f"instead of {p.step_s:.2f} s, {memory}; the numbers change (~3.7% error per projection "
+                "output), so compare the loss curve"
+            )
     if budget is None:
-        p.notes.append("no GPU visible and no --gpu-memory given: pass --gpu-memory 15GiB (or a card name) "
-                       "to check the fit and get a suggestion")
+        p.notes.append(
+            "no GPU visible and no --gpu-memory given: pass --gpu-memory 15GiB (or a card name) "
+            "to check the fit and get a suggestion"
+        )
         return p
     best = fastest_fitting(w, budget, card, offload=_offload_supported(cfg))
     if best is not None and p.fits and speed.tokens_per_second(best, card) < MIN_GAIN * p.tokens_per_s:
@@ -287,20 +346,30 @@ def plan(cfg, gpu_memory=None, gpu: str | None = None) -> Plan:
     if best is not None:
         p.suggestion = describe(best, card, cur=w)
     else:
-        p.notes.append(f"nothing fits in {budget / GIB:.1f} GiB, even micro-batch 1 with max_length "
-                       f"{MIN_MAX_LENGTH}: use a smaller model, quant nf4, or a larger GPU")
+        p.notes.append(
+            f"nothing fits in {budget / GIB:.1f} GiB, even micro-batch 1 with max_length "
+            f"{MIN_MAX_LENGTH}: use a smaller model, quant nf4, or a larger GPU"
+        )
     if best is not None and best.embeddings_on_host and not w.embeddings_on_host:
-        p.notes.append("the input embedding moves to pinned host memory (train.embeddings_on_host), read in place "
-                       "by the GPU: measured at no step-time cost on an H200")
+        p.notes.append(
+            "the input embedding moves to pinned host memory (train.embeddings_on_host), read in place "
+            "by the GPU: measured at no step-time cost on an H200"
+        )
     if best is not None and best.head_on_host and not w.head_on_host:
-        p.notes.append("the output head waits in pinned host memory between losses (train.head_on_host): one PCIe "
-                       "copy of it per forward, overlapped with the forward")
+        p.notes.append(
+            "the output head waits in pinned host memory between losses (train.head_on_host): one PCIe "
+            "copy of it per forward, overlapped with the forward"
+        )
     if best is not None and best.dequant_cap_mib and not w.dequant_cap_mib:
-        p.notes.append(f"the largest NF4 weights are dequantized in halves (train.dequant_cap_mib: "
-                       f"{best.dequant_cap_mib}): about 1% of step time measured on an H200")
+        p.notes.append(
+            f"the largest NF4 weights are dequantized in halves (train.dequant_cap_mib: "
+            f"{best.dequant_cap_mib}): about 1% of step time measured on an H200"
+        )
     if best is not None and best.checkpointing == "offload" and w.checkpointing != "offload":
-        p.notes.append("only activation offload fits at this max_length: the layer inputs wait in pinned CPU "
-                       "memory (host RAM, PCIe traffic each step)")
+        p.notes.append(
+            "only activation offload fits at this max_length: the layer inputs wait in pinned CPU "
+            "memory (host RAM, PCIe traffic each step)"
+        )
     return p
 
 
@@ -310,8 +379,10 @@ def suggest(cfg, gpu_memory=None) -> dict:
     if p.budget is None:
         raise LorafuseError("no GPU is visible to size the run for", "pass gpu_memory, e.g. '15GiB'")
     if p.suggestion is None:
-        raise LorafuseError(f"{p.model} does not fit in {p.budget / GIB:.1f} GiB in any setting the planner "
-                            "tries", "use quant nf4, a smaller model, or a GPU with more memory")
+        raise LorafuseError(
+            f"{p.model} does not fit in {p.budget / GIB:.1f} GiB in any setting the planner tries",
+            "use quant nf4, a smaller model, or a GPU with more memory",
+        )
     return p.suggestion["overrides"]
 
 

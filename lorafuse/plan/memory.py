@@ -93,8 +93,8 @@ from dataclasses import dataclass, field, replace
 from lorafuse.plan.placement import host_embedding, host_head, kept_layers, streamed_head  # noqa: F401 (API)
 from lorafuse.plan.shapes import PROJECTIONS, ModelShape
 
-GIB = 1024 ** 3
-LOSS_CHUNK_ELEMENTS = 2 ** 25  # logits per chunk in lorafuse.train.loss (its _LOGIT_ELEMENTS)
+GIB = 1024**3
+LOSS_CHUNK_ELEMENTS = 2**25  # logits per chunk in lorafuse.train.loss (its _LOGIT_ELEMENTS)
 FUSED_LOSS_BLOCK_BYTES = 256 << 20  # lorafuse.kernels.cross_entropy.LOGITS_BUDGET_BYTES
 CUDA_CONTEXT_BYTES = int(0.5 * GIB)  # H100/A100, CUDA 12, lazy module loading; T4 ~0.3 GiB
 ALLOCATOR_SLACK = 0.05  # reserved-but-free fraction of the caching allocator at the peak
@@ -117,6 +117,7 @@ class Workload:
     """Everything the prediction depends on. `checkpointing`: off | on | offload; `loss`: full | chunked | fused;
     `kernels`: reference | fused; `method`: qlora | lora | full; `cuda_graphs`: the step replays as a CUDA graph
     (its gradients are never freed)."""
+
     shape: ModelShape
     method: str = "qlora"
     micro_batch: int = 4
@@ -148,7 +149,7 @@ class Workload:
     def tokens(self) -> int:
         return self.micro_batch * self.seq
 
-    def with_(self, **kw) -> "Workload":
+    def with_(self, **kw) -> Workload:
         return replace(self, **kw)
 
 
@@ -165,8 +166,12 @@ def nf4_bytes(numel: int, blocksize: int = 64, double_quant: bool = True) -> dic
     """Bytes of one NF4 weight of `numel` elements, by part (bitsandbytes' storage format)."""
     blocks = math.ceil(numel / blocksize)
     if double_quant:
-        return {"packed": math.ceil(numel / 2), "absmax": blocks,
-                "nested_absmax": 4 * math.ceil(blocks / 256), "tables": 64 + 1024 + 4}
+        return {
+            "packed": math.ceil(numel / 2),
+            "absmax": blocks,
+            "nested_absmax": 4 * math.ceil(blocks / 256),
+            "tables": 64 + 1024 + 4,
+        }
     return {"packed": math.ceil(numel / 2), "absmax": 4 * blocks, "nested_absmax": 0, "tables": 64}
 
 
@@ -252,8 +257,10 @@ def weight_bytes(w: Workload) -> dict:
     if host_head(w):
         small -= c * s.head_params
     if w.method == "qlora":
-        per_layer = sum(sum(allocator_block(v) for v in nf4_bytes(lin.numel, w.blocksize, w.double_quant).values())
-                        for lin in s.linears())
+        per_layer = sum(
+            sum(allocator_block(v) for v in nf4_bytes(lin.numel, w.blocksize, w.double_quant).values())
+            for lin in s.linears()
+        )
         return {"weights_nf4": per_layer * s.num_layers, "weights_16bit": small}
     return {"weights_nf4": 0, "weights_16bit": small + c * s.linear_params}
 
@@ -268,8 +275,14 @@ def _lora_input_bytes(w: Workload) -> int:
             return c * sum(lin.in_features for lin in lins) + c * w.r * len(lins)
     xa = lb * w.r * len(lins)
     if lb == c and w.dropout == 0:  # no cast, no dropout: lora_A saves the shared input itself
-        groups = {"qkv" if lin.name in ("q_proj", "k_proj", "v_proj") else
-                  "mlp" if lin.name in ("gate_proj", "up_proj") else lin.name: lin.in_features for lin in lins}
+        groups = {
+            "qkv"
+            if lin.name in ("q_proj", "k_proj", "v_proj")
+            else "mlp"
+            if lin.name in ("gate_proj", "up_proj")
+            else lin.name: lin.in_features
+            for lin in lins
+        }
         return c * sum(groups.values()) + xa
     per_in = lb + (1 if w.dropout > 0 else 0)
     return per_in * sum(lin.in_features for lin in lins) + xa
@@ -342,8 +355,9 @@ def dequant_bytes(w: Workload) -> int:
     largest = max(part(lin) for lin in w.shape.linears())
     # q|k|v dequantized into one buffer with LORAFUSE_QKV_GROUP=1 (kernels/lora_group.py; off by default)
     if w.kernels == "fused" and os.environ.get("LORAFUSE_QKV_GROUP", "0") == "1":
-        largest = max(largest, sum(lin.numel for lin in w.shape.linears() if lin.name in ("q_proj", "k_proj",
-                                                                                          "v_proj")))
+        largest = max(
+            largest, sum(lin.numel for lin in w.shape.linears() if lin.name in ("q_proj", "k_proj", "v_proj"))
+        )
     return (w.compute_bytes if w.kernels == "fused" else 4 + w.compute_bytes) * largest
 
 
@@ -354,9 +368,12 @@ def estimate(w: Workload) -> Estimate:
     trainable = sum(numels)
     # autocast's cached cast of each LoRA weight; the fused kernels run with autocast off (module docstring)
     lora_copy = c if w.autocast and w.lora_bytes > c and w.kernels != "fused" else 0
-    static = {**weight_bytes(w), "lora_params": 0 if w.method == "full" else (w.lora_bytes + lora_copy) * trainable,
-              "optimizer_states": optimizer_bytes(numels, w.optimizer, c if w.method == "full" else w.lora_bytes),
-              "cublas_workspace": CUBLAS_WORKSPACE_BYTES}
+    static = {
+        **weight_bytes(w),
+        "lora_params": 0 if w.method == "full" else (w.lora_bytes + lora_copy) * trainable,
+        "optimizer_states": optimizer_bytes(numels, w.optimizer, c if w.method == "full" else w.lora_bytes),
+        "cublas_workspace": CUBLAS_WORKSPACE_BYTES,
+    }
     grads = gradient_bytes(w)
     per_layer = layer_saved_bytes(w)
     whole_layer = per_layer * n + layer_saved_constant_bytes(w)  # one layer's saved set, outside a checkpoint
@@ -370,7 +387,7 @@ def estimate(w: Workload) -> Estimate:
     else:
         saved = 3 * c * s.hidden_size * n + kept * whole_layer + final_norm
     if w.padded:
-        saved += w.micro_batch * w.seq ** 2
+        saved += w.micro_batch * w.seq**2
     # fused: the recomputed input_layernorm saves the layer input the checkpoint holds (module docstring)
     held = c * s.hidden_size if w.kernels == "fused" else 0
     recompute = 0 if w.checkpointing == "off" else whole_layer - held * n
@@ -381,20 +398,51 @@ def estimate(w: Workload) -> Estimate:
     staged, loss = streamed_head(w) or (c * s.head_params if host_head(w) else 0, loss_bytes(w))
     # With the head staged, a late layer's forward can top the loss and the backward: the head, the inputs saved
     # so far and one layer's forward buffers (the lean 7B 4 x 512 peak, NOTES.md session 5).
-    forward = {"gradients": grads["loss"], "activations": saved - final_norm, "head_staged": staged,
-               "forward_workspace": forward_transient_bytes(w) * n + dequant_bytes(w)} if staged else {}
-    phases = (("loss", {"gradients": grads["loss"], "activations": saved, "logits_loss": loss,
-                        "head_staged": staged}),
-              ("forward", forward),
-              ("backward", {"gradients": grads["backward"], "activations": saved - final_norm,
-                            "recompute": recompute, "backward_workspace": transient}),
-              ("optimizer step", {"gradients": grads["optimizer"]}))
+    forward = (
+        {
+            "gradients": grads["loss"],
+            "activations": saved - final_norm,
+            "head_staged": staged,
+            "forward_workspace": forward_transient_bytes(w) * n + dequant_bytes(w),
+        }
+        if staged
+        else {}
+    )
+    phases = (
+        ("loss", {"gradients": grads["loss"], "activations": saved, "logits_loss": loss, "head_staged": staged}),
+        ("forward", forward),
+        (
+            "backward",
+            {
+                "gradients": grads["backward"],
+                "activations": saved - final_norm,
+                "recompute": recompute,
+                "backward_workspace": transient,
+            },
+        ),
+        ("optimizer step", {"gradients": grads["optimizer"]}),
+    )
     phase, dynamic = max(phases, key=lambda kv: sum(kv[1].values()))
-    dynamic = {k: dynamic.get(k, 0) for k in ("gradients", "activations", "recompute", "backward_workspace",
-                                                "forward_workspace", "logits_loss", "head_staged")}
+    dynamic = {
+        k: dynamic.get(k, 0)
+        for k in (
+            "gradients",
+            "activations",
+            "recompute",
+            "backward_workspace",
+            "forward_workspace",
+            "logits_loss",
+            "head_staged",
+        )
+    }
     components = {**static, **dynamic}
     peak_alloc = sum(components.values())
     slack = int(ALLOCATOR_SLACK * peak_alloc)
     components.update(allocator_slack=slack, cuda_context=CUDA_CONTEXT_BYTES)
-    return Estimate(components=components, peak_alloc=peak_alloc, peak=peak_alloc + slack + CUDA_CONTEXT_BYTES,
-                    phase=phase, trainable=trainable)
+    return Estimate(
+        components=components,
+        peak_alloc=peak_alloc,
+        peak=peak_alloc + slack + CUDA_CONTEXT_BYTES,
+        phase=phase,
+        trainable=trainable,
+    )

@@ -15,8 +15,12 @@ HEAD_CHUNK_BYTES, HEAD_AHEAD = 32 << 20, 3  # model/host_embedding.HeadStage: a 
 def host_embedding(w: Workload) -> bool:
     """Does the input embedding live in host memory (`train.embeddings_on_host`; not when tied to the head, whose
     GEMM reads all of it, and not when it is trained)?"""
-    return (w.embeddings_on_host and w.method != "full" and w.shape.head_params > 0
-            and "embed_tokens" not in w.modules_to_save)
+    return (
+        w.embeddings_on_host
+        and w.method != "full"
+        and w.shape.head_params > 0
+        and "embed_tokens" not in w.modules_to_save
+    )
 
 
 def kept_layers(w: Workload) -> int:
@@ -28,8 +32,13 @@ def kept_layers(w: Workload) -> int:
 def host_head(w: Workload) -> bool:
     """Does the output head wait in host memory between losses (`train.head_on_host`)? Not when tied to the input
     embedding or trained, and only where the loss reads the head's weight itself (chunked or fused loss)."""
-    return (w.head_on_host and w.method != "full" and w.shape.head_params > 0 and w.loss != "full"
-            and "lm_head" not in w.modules_to_save)
+    return (
+        w.head_on_host
+        and w.method != "full"
+        and w.shape.head_params > 0
+        and w.loss != "full"
+        and "lm_head" not in w.modules_to_save
+    )
 
 
 def streamed_head(w: Workload) -> tuple[int, int] | None:

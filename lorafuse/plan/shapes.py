@@ -34,17 +34,39 @@ _ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
 def _llama(V, D, F, L, H, Hkv, max_pos, **extra) -> dict:
-    return {"model_type": "llama", "vocab_size": V, "hidden_size": D, "intermediate_size": F,
-            "num_hidden_layers": L, "num_attention_heads": H, "num_key_value_heads": Hkv,
-            "max_position_embeddings": max_pos, "tie_word_embeddings": False, "rms_norm_eps": 1e-5,
-            "bos_token_id": 1, "eos_token_id": 2, **extra}
+    return {
+        "model_type": "llama",
+        "vocab_size": V,
+        "hidden_size": D,
+        "intermediate_size": F,
+        "num_hidden_layers": L,
+        "num_attention_heads": H,
+        "num_key_value_heads": Hkv,
+        "max_position_embeddings": max_pos,
+        "tie_word_embeddings": False,
+        "rms_norm_eps": 1e-5,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        **extra,
+    }
 
 
 def _qwen25(D, F, L, H, Hkv, V=152064, tied=False) -> dict:
-    return {"model_type": "qwen2", "vocab_size": V, "hidden_size": D, "intermediate_size": F,
-            "num_hidden_layers": L, "num_attention_heads": H, "num_key_value_heads": Hkv,
-            "max_position_embeddings": 32768, "tie_word_embeddings": tied, "rms_norm_eps": 1e-6,
-            "rope_theta": 1000000.0, "bos_token_id": 151643, "eos_token_id": 151643}
+    return {
+        "model_type": "qwen2",
+        "vocab_size": V,
+        "hidden_size": D,
+        "intermediate_size": F,
+        "num_hidden_layers": L,
+        "num_attention_heads": H,
+        "num_key_value_heads": Hkv,
+        "max_position_embeddings": 32768,
+        "tie_word_embeddings": tied,
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 1000000.0,
+        "bos_token_id": 151643,
+        "eos_token_id": 151643,
+    }
 
 
 _L3 = {"rope_theta": 500000.0, "bos_token_id": 128000, "eos_token_id": 128001}
@@ -74,14 +96,28 @@ BUILTIN_CONFIGS: dict[str, dict] = {
 
 # Hub ids (lower case, organisation dropped, variant suffixes removed) -> built-in name.
 _HUB_ALIASES = {
-    "llama-2-7b": "llama2-7b", "llama-2-13b": "llama2-13b", "llama-2-70b": "llama2-70b",
-    "meta-llama-3-8b": "llama3-8b", "llama-3-8b": "llama3-8b", "meta-llama-3.1-8b": "llama3-8b",
-    "llama-3.1-8b": "llama3-8b", "meta-llama-3-70b": "llama3-70b", "llama-3-70b": "llama3-70b",
-    "meta-llama-3.1-70b": "llama3-70b", "llama-3.1-70b": "llama3-70b", "llama-3.3-70b": "llama3-70b",
-    "llama-7b": "llama-7b", "llama-13b": "llama-13b", "llama-65b": "llama-65b",
-    "llama-3.2-1b": "llama3.2-1b", "llama-3.2-3b": "llama3.2-3b", "tinyllama-1.1b-chat-v1.0": "tinyllama-1.1b",
+    "llama-2-7b": "llama2-7b",
+    "llama-2-13b": "llama2-13b",
+    "llama-2-70b": "llama2-70b",
+    "meta-llama-3-8b": "llama3-8b",
+    "llama-3-8b": "llama3-8b",
+    "meta-llama-3.1-8b": "llama3-8b",
+    "llama-3.1-8b": "llama3-8b",
+    "meta-llama-3-70b": "llama3-70b",
+    "llama-3-70b": "llama3-70b",
+    "meta-llama-3.1-70b": "llama3-70b",
+    "llama-3.1-70b": "llama3-70b",
+    "llama-3.3-70b": "llama3-70b",
+    "llama-7b": "llama-7b",
+    "llama-13b": "llama-13b",
+    "llama-65b": "llama-65b",
+    "llama-3.2-1b": "llama3.2-1b",
+    "llama-3.2-3b": "llama3.2-3b",
+    "tinyllama-1.1b-chat-v1.0": "tinyllama-1.1b",
     "tinyllama-1.1b-intermediate-step-1431k-3t": "tinyllama-1.1b",
-    "mistral-7b-v0.1": "mistral-7b", "mistral-7b-v0.3": "mistral-7b", "mistral-7b": "mistral-7b",
+    "mistral-7b-v0.1": "mistral-7b",
+    "mistral-7b-v0.3": "mistral-7b",
+    "mistral-7b": "mistral-7b",
     **{f"qwen2.5-{s}": f"qwen2.5-{s}" for s in ("0.5b", "1.5b", "3b", "7b", "14b", "32b", "72b")},
 }
 _VARIANT = re.compile(r"(-(hf|chat|instruct|it|base|bnb-4bit|unsloth-bnb-4bit))+$")
@@ -90,6 +126,7 @@ _VARIANT = re.compile(r"(-(hf|chat|instruct|it|base|bnb-4bit|unsloth-bnb-4bit))+
 @dataclass(frozen=True)
 class Linear:
     """One linear layer of a decoder layer: W is (out_features, in_features)."""
+
     name: str
     in_features: int
     out_features: int
@@ -117,34 +154,52 @@ class ModelShape:
     config: dict = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
-    def from_config(cls, cfg: dict, name: str = "custom") -> "ModelShape":
+    def from_config(cls, cfg: dict, name: str = "custom") -> ModelShape:
         need = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
         missing = [k for k in need if cfg.get(k) is None]
         if missing:
             raise ModelError(
                 f"config.json of {name} (model_type={cfg.get('model_type')!r}) lacks {missing}: the planner "
                 "handles Llama-style decoders (llama, mistral, qwen2, qwen3)",
-                f"plan with a built-in shape instead: {', '.join(BUILTIN_CONFIGS)}")
+                f"plan with a built-in shape instead: {', '.join(BUILTIN_CONFIGS)}",
+            )
         heads = cfg["num_attention_heads"]
         model_type = cfg.get("model_type", "llama")
         return cls(
-            name=name, model_type=model_type, vocab_size=cfg["vocab_size"], hidden_size=cfg["hidden_size"],
-            intermediate_size=cfg["intermediate_size"], num_layers=cfg["num_hidden_layers"], num_heads=heads,
+            name=name,
+            model_type=model_type,
+            vocab_size=cfg["vocab_size"],
+            hidden_size=cfg["hidden_size"],
+            intermediate_size=cfg["intermediate_size"],
+            num_layers=cfg["num_hidden_layers"],
+            num_heads=heads,
             num_kv_heads=cfg.get("num_key_value_heads") or heads,
             head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             # Qwen2 always has q/k/v biases; Llama-family configs say so with attention_bias.
             qkv_bias=model_type == "qwen2" or bool(cfg.get("attention_bias", False)),
-            qk_norm=model_type == "qwen3", config=dict(cfg))
+            qk_norm=model_type == "qwen3",
+            config=dict(cfg),
+        )
 
     def linears(self) -> list[Linear]:
         """The seven linear layers of one decoder layer."""
-        D, F, q, kv = self.hidden_size, self.intermediate_size, self.num_heads * self.head_dim, \
-            self.num_kv_heads * self.head_dim
+        D, F, q, kv = (
+            self.hidden_size,
+            self.intermediate_size,
+            self.num_heads * self.head_dim,
+            self.num_kv_heads * self.head_dim,
+        )
         b = self.qkv_bias
-        return [Linear("q_proj", D, q, b), Linear("k_proj", D, kv, b), Linear("v_proj", D, kv, b),
-                Linear("o_proj", q, D, False), Linear("gate_proj", D, F, False), Linear("up_proj", D, F, False),
-                Linear("down_proj", F, D, False)]
+        return [
+            Linear("q_proj", D, q, b),
+            Linear("k_proj", D, kv, b),
+            Linear("v_proj", D, kv, b),
+            Linear("o_proj", q, D, False),
+            Linear("gate_proj", D, F, False),
+            Linear("up_proj", D, F, False),
+            Linear("down_proj", F, D, False),
+        ]
 
     def module_name(self, layer: int, linear: str) -> str:
         """The full module name transformers gives this linear ("model.layers.0.self_attn.q_proj")."""
@@ -205,8 +260,9 @@ def _read_config(path: Path, name: str) -> ModelShape:
     try:
         cfg = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
-        raise ModelError(f"cannot read {path}: {exc}", "point model.path at a model folder with a valid "
-                         "config.json") from None
+        raise ModelError(
+            f"cannot read {path}: {exc}", "point model.path at a model folder with a valid config.json"
+        ) from None
     # Multimodal wrappers keep the decoder's shape under text_config.
     return ModelShape.from_config(cfg.get("text_config", cfg), name=name)
 
@@ -216,12 +272,15 @@ def load_shape(name_or_path: str) -> ModelShape:
     name_or_path = str(name_or_path)
     if name_or_path.startswith("builtin:"):
         from lorafuse.model.load import resolve_model_path  # builds the demo model's folder if needed
+
         return _read_config(Path(resolve_model_path(name_or_path)) / "config.json", name_or_path)
     p = Path(name_or_path).expanduser()
     if p.is_dir():
         if not (p / "config.json").is_file():
-            raise ModelError(f"{p} has no config.json", "point model.path at a Hugging Face model folder "
-                             "(config.json + weights) or use a hub id")
+            raise ModelError(
+                f"{p} has no config.json",
+                "point model.path at a Hugging Face model folder (config.json + weights) or use a hub id",
+            )
         return _read_config(p / "config.json", p.name)
     if p.is_file():
         return _read_config(p, p.parent.name)
@@ -233,15 +292,23 @@ def load_shape(name_or_path: str) -> ModelShape:
 
 def _download_shape(repo: str) -> ModelShape:
     known = ", ".join(BUILTIN_CONFIGS)
-    fix = (f"use a built-in shape ({known}) or a hub id of one, a local folder with config.json, or go online "
-           "(unset HF_HUB_OFFLINE) so config.json can be downloaded")
+    fix = (
+        f"use a built-in shape ({known}) or a hub id of one, a local folder with config.json, or go online "
+        "(unset HF_HUB_OFFLINE) so config.json can be downloaded"
+    )
     if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes") or repo.count("/") != 1:
-        raise ModelError(f"unknown model {repo!r}: not a local folder, not a built-in shape, and the hub is "
-                         "not reachable (offline)", fix)
+        raise ModelError(
+            f"unknown model {repo!r}: not a local folder, not a built-in shape, and the hub is not reachable (offline)",
+            fix,
+        )
     try:
         from huggingface_hub import hf_hub_download
+
         path = hf_hub_download(repo, "config.json")
     except Exception as exc:  # network, auth, missing repo: all mean "cannot read the shape"
-        raise ModelError(f"cannot download config.json of {repo!r}: {type(exc).__name__}: "
-                         f"{str(exc).splitlines()[0] if str(exc) else ''}", fix) from None
+        raise ModelError(
+            f"cannot download config.json of {repo!r}: {type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else ''}",
+            fix,
+        ) from None
     return _read_config(Path(path), repo)

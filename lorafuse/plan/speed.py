@@ -51,8 +51,14 @@ from lorafuse.plan.memory import GIB, Workload, fp8_backward, kept_layers, targe
 
 EFFICIENCY = 0.5
 EFFICIENCY_FUSED = 0.66
-CALIBRATION_RUNS = ("20261128T181429-b5abe9", "20261128T181633-931164", "20261128T182202-c418c8",
-                    "20261128T181703-9a8469", "20261128T180809-fb30c9", "20261128T180902-716816")
+CALIBRATION_RUNS = (
+    "20261128T181429-b5abe9",
+    "20261128T181633-931164",
+    "20261128T182202-c418c8",
+    "20261128T181703-9a8469",
+    "20261128T180809-fb30c9",
+    "20261128T180902-716816",
+)
 LAYER_OVERHEAD_S = 1e-4  # kernel launches per layer per pass in eager mode (~20 kernels x 5 us)
 DEQUANT_BYTES_REFERENCE = 12.5  # 0.5 read + fp32 write/read (8) + c-byte write (2) + index/scale traffic
 DEQUANT_BYTES_FUSED = 2.5
@@ -63,9 +69,11 @@ FAST_ACCUM_SPEEDUP = 1.055  # FP8 GEMMs with K <= LORAFUSE_FP8_FAST_ACCUM_MAX_K 
 FP8_FAST_ACCUM_MAX_K = 4096  # kernels/fp8.py's FAST_ACCUM_MAX_K_DEFAULT (the planner stays torch-free)
 FAST_ACCUM_CALIBRATION = ("20261128T232956-1f06ae", "20261128T232929-bf89a8")  # (off, on), one machine
 FP8_BACKWARD_SPEEDUP = 1.35
-FP8_BACKWARD_CALIBRATION = (("20261129T004155-b856d3", "20261129T004126-1cacd1"),  # (off, on) pairs, each on one
-                            ("20261129T005507-7facc6", "20261129T005555-a1819f"),  # machine: 4 x 512, 1 x 4096,
-                            ("20261129T005632-fde728", "20261129T005708-83a381"))  # 8 x 2048; fitted to all three
+FP8_BACKWARD_CALIBRATION = (
+    ("20261129T004155-b856d3", "20261129T004126-1cacd1"),  # (off, on) pairs, each on one
+    ("20261129T005507-7facc6", "20261129T005555-a1819f"),  # machine: 4 x 512, 1 x 4096,
+    ("20261129T005632-fde728", "20261129T005708-83a381"),
+)  # 8 x 2048; fitted to all three
 
 
 @dataclass(frozen=True)
@@ -102,8 +110,14 @@ def card_by_name(name: str) -> Card | None:
         return _card("H100 PCIe" if "pcie" in n else "H100 SXM")
     if "a100" in n:
         return _card("A100-80GB" if "80" in n else "A100-40GB")
-    for key, card in (("a10g", "A10G"), ("l40s", "L40S"), ("4090", "RTX 4090"), ("3090", "RTX 3090"),
-                      ("t4", "T4"), ("l4", "L4")):
+    for key, card in (
+        ("a10g", "A10G"),
+        ("l40s", "L40S"),
+        ("4090", "RTX 4090"),
+        ("3090", "RTX 3090"),
+        ("t4", "T4"),
+        ("l4", "L4"),
+    ):
         if re.search(rf"(^|\W){key}(\W|$)", n):
             return _card(card)
     return None
@@ -118,12 +132,25 @@ def card_by_memory(total_bytes: int) -> Card:
     return min(CARDS, key=lambda c: abs(c.memory_gib * GIB - total_bytes))
 
 
-_UNITS = {"": GIB, "k": 1e3, "kb": 1e3, "m": 2 ** 20, "mb": 1e6, "g": GIB, "gb": 1e9, "t": 2 ** 40, "tb": 1e12,
-          "kib": 2 ** 10, "mib": 2 ** 20, "gib": GIB, "tib": 2 ** 40}
+_UNITS = {
+    "": GIB,
+    "k": 1e3,
+    "kb": 1e3,
+    "m": 2**20,
+    "mb": 1e6,
+    "g": GIB,
+    "gb": 1e9,
+    "t": 2**40,
+    "tb": 1e12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": GIB,
+    "tib": 2**40,
+}
 
 
 def parse_memory(text: str) -> tuple[int, Card | None]:
-    """"15GiB" -> bytes. GiB/G binary, GB decimal, a bare number is GiB; a card name gives its memory."""
+    """ "15GiB" -> bytes. GiB/G binary, GB decimal, a bare number is GiB; a card name gives its memory."""
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
     if m and m.group(2).lower() in _UNITS:
         value = float(m.group(1)) * _UNITS[m.group(2).lower()]
@@ -133,15 +160,18 @@ def parse_memory(text: str) -> tuple[int, Card | None]:
     card = card_by_name(str(text))
     if card is not None:
         return int(card.memory_gib * GIB), card
-    raise ConfigError(f"cannot read the GPU memory size {text!r}",
-                      "write a size such as 15GiB, 16GB or 80G (G/GiB = 2^30 bytes, GB = 10^9), or a card name: "
-                      + ", ".join(c.name for c in CARDS))
+    raise ConfigError(
+        f"cannot read the GPU memory size {text!r}",
+        "write a size such as 15GiB, 16GB or 80G (G/GiB = 2^30 bytes, GB = 10^9), or a card name: "
+        + ", ".join(c.name for c in CARDS),
+    )
 
 
 def detect_gpu() -> tuple[str, int, int] | None:
     """(device name, total bytes, free bytes) of CUDA device 0, or None without a GPU."""
     try:
         import torch
+
         if not torch.cuda.is_available():
             return None
         free, total = torch.cuda.mem_get_info(0)
@@ -180,7 +210,7 @@ def step_flops(w: Workload) -> float:
     else:
         lora_params = s.num_layers * sum(w.r * (lin.in_features + lin.out_features) for lin in targeted(w))
         flops += 2 * lora_params * n * (passes + 1)
-    attn_fwd = 2 * w.micro_batch * w.seq ** 2 * s.num_heads * s.head_dim * s.num_layers
+    attn_fwd = 2 * w.micro_batch * w.seq**2 * s.num_heads * s.head_dim * s.num_layers
     return flops + attn_fwd * (passes - 1 + 2.5)
 
 
@@ -211,8 +241,12 @@ def _fp8_saved_flops(w: Workload) -> float:
     """The bf16-equivalent FLOPs that train.fp8 takes off the step (module docstring)."""
     fwd, fwd_fast, bwd, bwd_fast = fp8_flops(w)
     accum = 1 - 1 / FAST_ACCUM_SPEEDUP
-    return (fwd * (1 - 1 / FP8_SPEEDUP) + fwd_fast / FP8_SPEEDUP * accum
-            + bwd * (1 - 1 / FP8_BACKWARD_SPEEDUP) + bwd_fast / FP8_BACKWARD_SPEEDUP * accum)
+    return (
+        fwd * (1 - 1 / FP8_SPEEDUP)
+        + fwd_fast / FP8_SPEEDUP * accum
+        + bwd * (1 - 1 / FP8_BACKWARD_SPEEDUP)
+        + bwd_fast / FP8_BACKWARD_SPEEDUP * accum
+    )
 
 
 def efficiency(w: Workload) -> float:

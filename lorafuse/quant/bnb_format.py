@@ -78,13 +78,16 @@ def is_bnb_4bit_checkpoint(folder: str | Path) -> bool:
 
 def _check_supported(folder: Path, qc: dict) -> None:
     if qc.get("load_in_8bit") or qc.get("_load_in_8bit"):
-        raise ModelError(f"{folder} is a bitsandbytes 8-bit (LLM.int8) checkpoint; lorafuse reads 4-bit nf4 only",
-                         "load the original 16-bit model instead (lorafuse quantizes it to nf4 on load)")
+        raise ModelError(
+            f"{folder} is a bitsandbytes 8-bit (LLM.int8) checkpoint; lorafuse reads 4-bit nf4 only",
+            "load the original 16-bit model instead (lorafuse quantizes it to nf4 on load)",
+        )
     quant_type = qc.get("bnb_4bit_quant_type", "fp4")  # BitsAndBytesConfig's default is fp4
     if quant_type != "nf4":
-        raise ModelError(f"{folder} is quantized with bitsandbytes {quant_type!r}; lorafuse reads nf4 only",
-                         "load the original 16-bit model instead, or a checkpoint saved with "
-                         "bnb_4bit_quant_type='nf4'")
+        raise ModelError(
+            f"{folder} is quantized with bitsandbytes {quant_type!r}; lorafuse reads nf4 only",
+            "load the original 16-bit model instead, or a checkpoint saved with bnb_4bit_quant_type='nf4'",
+        )
 
 
 def _weight_files(folder: Path) -> list[Path]:
@@ -94,14 +97,18 @@ def _weight_files(folder: Path) -> list[Path]:
         files = [folder / name for name in sorted(set(weight_map.values()))]
         missing = [f.name for f in files if not f.is_file()]
         if missing:
-            raise ModelError(f"{folder}: shards {missing} listed in model.safetensors.index.json are missing",
-                             "download the checkpoint again; every shard in the index must be present")
+            raise ModelError(
+                f"{folder}: shards {missing} listed in model.safetensors.index.json are missing",
+                "download the checkpoint again; every shard in the index must be present",
+            )
         return files
     if (folder / "model.safetensors").is_file():
         return [folder / "model.safetensors"]
-    raise ModelError(f"{folder} has no model.safetensors or model.safetensors.index.json",
-                     "bitsandbytes 4-bit checkpoints are read from safetensors files; re-save the model with "
-                     "save_pretrained (safe_serialization is the default)")
+    raise ModelError(
+        f"{folder} has no model.safetensors or model.safetensors.index.json",
+        "bitsandbytes 4-bit checkpoints are read from safetensors files; re-save the model with "
+        "save_pretrained (safe_serialization is the default)",
+    )
 
 
 def read_bnb_4bit_state(folder: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, NF4Weight], dict]:
@@ -113,8 +120,10 @@ def read_bnb_4bit_state(folder: str | Path) -> tuple[dict[str, torch.Tensor], di
     folder = Path(folder)
     qc = _read_config(folder).get("quantization_config") or {}
     if qc.get("quant_method") != "bitsandbytes":
-        raise ModelError(f"{folder}/config.json has no bitsandbytes quantization_config",
-                         "this is not a bitsandbytes checkpoint; load it as a dense model")
+        raise ModelError(
+            f"{folder}/config.json has no bitsandbytes quantization_config",
+            "this is not a bitsandbytes checkpoint; load it as a dense model",
+        )
     _check_supported(folder, qc)
     state: dict[str, torch.Tensor] = {}
     for path in _weight_files(folder):
@@ -122,8 +131,10 @@ def read_bnb_4bit_state(folder: str | Path) -> tuple[dict[str, torch.Tensor], di
             state.update({key: f.get_tensor(key) for key in f.keys()})
     fp4 = [k for k in state if k.endswith(_FP4_BLOB_SUFFIX)]
     if fp4:
-        raise ModelError(f"{folder}: {len(fp4)} weights are quantized as fp4 (e.g. {fp4[0]}); lorafuse reads nf4 only",
-                         "load the original 16-bit model instead")
+        raise ModelError(
+            f"{folder}: {len(fp4)} weights are quantized as fp4 (e.g. {fp4[0]}); lorafuse reads nf4 only",
+            "load the original 16-bit model instead",
+        )
     quantized: dict[str, NF4Weight] = {}
     for key in [k for k in state if k.endswith(_BLOB_SUFFIX)]:
         module = key[: -len(_BLOB_SUFFIX)]
@@ -134,16 +145,20 @@ def read_bnb_4bit_state(folder: str | Path) -> tuple[dict[str, torch.Tensor], di
             del state[key]
     orphans = [k for k in state if k.endswith((".weight.absmax", ".weight.quant_map", ".weight.nested_absmax"))]
     if orphans:
-        raise ModelError(f"{folder}: quantization tensors without their quant_state entry, e.g. {orphans[0]}",
-                         "the checkpoint is incomplete; download or re-save it")
+        raise ModelError(
+            f"{folder}: quantization tensors without their quant_state entry, e.g. {orphans[0]}",
+            "the checkpoint is incomplete; download or re-save it",
+        )
     return state, quantized, qc
 
 
 def _model_dtype(quantized: dict[str, NF4Weight]) -> torch.dtype | None:
     dtypes = {w.dtype for w in quantized.values()}
     if len(dtypes) > 1:
-        raise ValueError(f"quantized weights have mixed original dtypes {sorted(map(str, dtypes))}; "
-                         "transformers keeps one model dtype")
+        raise ValueError(
+            f"quantized weights have mixed original dtypes {sorted(map(str, dtypes))}; "
+            "transformers keeps one model dtype"
+        )
     return dtypes.pop() if dtypes else None
 
 
@@ -155,12 +170,18 @@ def _config_dict(config, quantized: dict[str, NF4Weight], compute_dtype: torch.d
     if dtype is not None:
         data["dtype"] = str(dtype).removeprefix("torch.")
     data["quantization_config"] = quantization_config(
-        compute_dtype, double_quant=bool(quantized) and all(w.double_quant for w in quantized.values()))
+        compute_dtype, double_quant=bool(quantized) and all(w.double_quant for w in quantized.values())
+    )
     return data
 
 
-def write_bnb_4bit_folder(folder: str | Path, config, dense_state_dict: dict[str, torch.Tensor],
-                          quantized: dict[str, NF4Weight], compute_dtype: torch.dtype = torch.bfloat16) -> Path:
+def write_bnb_4bit_folder(
+    folder: str | Path,
+    config,
+    dense_state_dict: dict[str, torch.Tensor],
+    quantized: dict[str, NF4Weight],
+    compute_dtype: torch.dtype = torch.bfloat16,
+) -> Path:
     """Write a folder transformers+bitsandbytes load as a pre-quantized nf4 model.
 
     config: a transformers PretrainedConfig or a config.json dict. dense_state_dict: every tensor that is not
@@ -169,8 +190,10 @@ def write_bnb_4bit_folder(folder: str | Path, config, dense_state_dict: dict[str
     """
     folder = Path(folder)
     if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
-        raise ModelError(f"{folder} already exists and is not empty; refusing to overwrite it",
-                         "choose a new output folder or delete the existing one")
+        raise ModelError(
+            f"{folder} already exists and is not empty; refusing to overwrite it",
+            "choose a new output folder or delete the existing one",
+        )
     tensors = {k: v.detach().cpu().contiguous() for k, v in dense_state_dict.items()}
     for module, weight in quantized.items():
         for key, value in weight.bnb_state_dict(module + ".").items():

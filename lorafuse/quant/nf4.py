@@ -53,10 +53,22 @@ from lorafuse.errors import ConfigError, ModelError
 # bitsandbytes `get_4bit_type("nf4")`: quantiles of N(0, 1) normalised to [-1, 1], with an exact 0.
 NF4_CODE = torch.tensor(
     [
-        -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
-        -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
-        0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
-        0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
+        -1.0,
+        -0.6961928009986877,
+        -0.5250730514526367,
+        -0.39491748809814453,
+        -0.28444138169288635,
+        -0.18477343022823334,
+        -0.09105003625154495,
+        0.0,
+        0.07958029955625534,
+        0.16093020141124725,
+        0.24611230194568634,
+        0.33791524171829224,
+        0.44070982933044434,
+        0.5626170039176941,
+        0.7229568362236023,
+        1.0,
     ],
     dtype=torch.float32,
 )
@@ -166,8 +178,10 @@ class NF4Weight:
         return math.prod(self.shape)
 
     def __repr__(self) -> str:
-        return (f"NF4Weight(shape={tuple(self.shape)}, dtype={self.dtype}, blocksize={self.blocksize}, "
-                f"double_quant={self.double_quant}, device={self.device})")
+        return (
+            f"NF4Weight(shape={tuple(self.shape)}, dtype={self.dtype}, blocksize={self.blocksize}, "
+            f"double_quant={self.double_quant}, device={self.device})"
+        )
 
     def absmax_fp32(self) -> torch.Tensor:
         """Per-block fp32 scales (n_blocks,), decoded through the double quantization when present."""
@@ -190,7 +204,7 @@ class NF4Weight:
         cols, unit = self.shape[-1], self.blocksize * (self.nested_blocksize if self.double_quant else 1)
         return unit // math.gcd(unit, cols)
 
-    def rows(self, r0: int, r1: int) -> "NF4Weight":
+    def rows(self, r0: int, r1: int) -> NF4Weight:
         """Rows [r0, r1) of a 2-D weight as an NF4Weight viewing this one's storage (no copy). r0 must be a multiple
         of `row_alignment()`, and so must r1 unless it is the last row."""
         step, n_rows = self.row_alignment(), self.shape[0]
@@ -201,20 +215,35 @@ class NF4Weight:
         nested = None
         if self.double_quant:
             nb = self.nested_blocksize
-            nested = self.nested_absmax[e0 // bs // nb:-(-(e1 // bs) // nb)]
-        return NF4Weight(packed=self.packed[e0 // 2:-(-e1 // 2)], absmax=self.absmax[e0 // bs:-(-e1 // bs)],
-                         shape=(r1 - r0, cols), dtype=self.dtype, blocksize=bs, nested_absmax=nested,
-                         nested_code=self.nested_code, offset=self.offset, code=self.code,
-                         nested_blocksize=self.nested_blocksize)
+            nested = self.nested_absmax[e0 // bs // nb : -(-(e1 // bs) // nb)]
+        return NF4Weight(
+            packed=self.packed[e0 // 2 : -(-e1 // 2)],
+            absmax=self.absmax[e0 // bs : -(-e1 // bs)],
+            shape=(r1 - r0, cols),
+            dtype=self.dtype,
+            blocksize=bs,
+            nested_absmax=nested,
+            nested_code=self.nested_code,
+            offset=self.offset,
+            code=self.code,
+            nested_blocksize=self.nested_blocksize,
+        )
 
-    def to(self, device) -> "NF4Weight":
+    def to(self, device) -> NF4Weight:
         def move(t):
             return None if t is None else t.to(device)
 
         return NF4Weight(
-            packed=move(self.packed), absmax=move(self.absmax), shape=self.shape, dtype=self.dtype,
-            blocksize=self.blocksize, nested_absmax=move(self.nested_absmax), nested_code=move(self.nested_code),
-            offset=self.offset, code=move(self.code), nested_blocksize=self.nested_blocksize,
+            packed=move(self.packed),
+            absmax=move(self.absmax),
+            shape=self.shape,
+            dtype=self.dtype,
+            blocksize=self.blocksize,
+            nested_absmax=move(self.nested_absmax),
+            nested_code=move(self.nested_code),
+            offset=self.offset,
+            code=move(self.code),
+            nested_blocksize=self.nested_blocksize,
         )
 
     def nbytes(self) -> int:
@@ -232,8 +261,12 @@ class NF4Weight:
 
     def _quant_state_json(self) -> dict:
         # Key order and value forms of bnb's QuantState.as_dict(packed=True) non-tensor items.
-        state = {"quant_type": "nf4", "blocksize": self.blocksize,
-                 "dtype": str(self.dtype).removeprefix("torch."), "shape": list(self.shape)}
+        state = {
+            "quant_type": "nf4",
+            "blocksize": self.blocksize,
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "shape": list(self.shape),
+        }
         if self.double_quant:
             state.update(nested_blocksize=self.nested_blocksize, nested_dtype="float32", nested_offset=self.offset)
         return state
@@ -252,12 +285,13 @@ class NF4Weight:
         if self.double_quant:
             sd[prefix + "weight.nested_absmax"] = self.nested_absmax
             sd[prefix + "weight.nested_quant_map"] = self.nested_code.clone()
-        sd[prefix + "weight.quant_state.bitsandbytes__nf4"] = torch.tensor(list(blob), dtype=torch.uint8,
-                                                                         device=self.device)
+        sd[prefix + "weight.quant_state.bitsandbytes__nf4"] = torch.tensor(
+            list(blob), dtype=torch.uint8, device=self.device
+        )
         return sd
 
     @classmethod
-    def from_bnb_state_dict(cls, sd: dict[str, torch.Tensor], prefix: str) -> "NF4Weight":
+    def from_bnb_state_dict(cls, sd: dict[str, torch.Tensor], prefix: str) -> NF4Weight:
         """Rebuild from bitsandbytes' keys under `prefix`; `sd` is not modified. Tensors keep their device.
 
         The stored `quant_map` is not read: bitsandbytes itself decodes nf4 with its fixed table (NF4_CODE).
@@ -267,8 +301,10 @@ class NF4Weight:
         n = math.prod(shape)
         blocksize = int(state["blocksize"])
         if blocksize not in VALID_BLOCKSIZES:
-            raise ModelError(f"{prefix}weight has NF4 blocksize {blocksize}, which bitsandbytes cannot produce",
-                             "re-quantize the model from its 16-bit weights")
+            raise ModelError(
+                f"{prefix}weight has NF4 blocksize {blocksize}, which bitsandbytes cannot produce",
+                "re-quantize the model from its 16-bit weights",
+            )
         # Non-uint8 quant_storage (e.g. bf16 for FSDP) holds the same bytes; view them as uint8.
         packed = _require(sd, prefix, "weight").contiguous().view(-1).view(torch.uint8)[: (n + 1) // 2]
         nested = "nested_offset" in state
@@ -291,23 +327,29 @@ def _require(sd: dict, prefix: str, suffix: str) -> torch.Tensor:
     key = prefix + suffix
     if key not in sd:
         found = sorted(k for k in sd if k.startswith(prefix))
-        raise ModelError(f"bitsandbytes 4-bit key {key!r} is missing (keys under {prefix!r}: {found})",
-                         "the checkpoint is incomplete or not a bitsandbytes nf4 checkpoint; re-save it with "
-                         "transformers' save_pretrained or re-quantize from the 16-bit model")
+        raise ModelError(
+            f"bitsandbytes 4-bit key {key!r} is missing (keys under {prefix!r}: {found})",
+            "the checkpoint is incomplete or not a bitsandbytes nf4 checkpoint; re-save it with "
+            "transformers' save_pretrained or re-quantize from the 16-bit model",
+        )
     return sd[key]
 
 
 def _read_quant_state_json(sd: dict, prefix: str) -> dict:
     key = prefix + "weight.quant_state.bitsandbytes__nf4"
     if key not in sd and prefix + "weight.quant_state.bitsandbytes__fp4" in sd:
-        raise ModelError(f"{prefix}weight is quantized as fp4; lorafuse reads nf4 only",
-                         "quantize the 16-bit model with bnb_4bit_quant_type='nf4' (or let lorafuse quantize it)")
+        raise ModelError(
+            f"{prefix}weight is quantized as fp4; lorafuse reads nf4 only",
+            "quantize the 16-bit model with bnb_4bit_quant_type='nf4' (or let lorafuse quantize it)",
+        )
     blob = _require(sd, prefix, "weight.quant_state.bitsandbytes__nf4")
     state = json.loads(bytes(blob.cpu().tolist()).decode("utf-8"))
     if state.get("quant_type") != "nf4" or state.get("dtype") not in _DTYPES:
-        raise ModelError(f"{key} describes quant_type={state.get('quant_type')!r}, dtype={state.get('dtype')!r}; "
-                         f"lorafuse reads nf4 weights of dtype {list(_DTYPES)}",
-                         "re-quantize the model from its 16-bit weights with nf4")
+        raise ModelError(
+            f"{key} describes quant_type={state.get('quant_type')!r}, dtype={state.get('dtype')!r}; "
+            f"lorafuse reads nf4 weights of dtype {list(_DTYPES)}",
+            "re-quantize the model from its 16-bit weights with nf4",
+        )
     return state
 
 
@@ -319,9 +361,10 @@ def _check_sizes(w: NF4Weight, prefix: str) -> None:
         expect["weight.nested_quant_map"] = (256, w.nested_code.numel())
     for key, (want, got) in expect.items():
         if want != got:
-            raise ModelError(f"{prefix}{key} has {got} elements but shape {list(w.shape)} with blocksize "
-                             f"{w.blocksize} needs {want}",
-                             "the checkpoint is corrupt or was written by an incompatible tool; re-save it")
+            raise ModelError(
+                f"{prefix}{key} has {got} elements but shape {list(w.shape)} with blocksize {w.blocksize} needs {want}",
+                "the checkpoint is corrupt or was written by an incompatible tool; re-save it",
+            )
 
 
 def quantize_nf4(w: torch.Tensor, blocksize: int = 64, double_quant: bool = True) -> NF4Weight:
@@ -334,8 +377,10 @@ def quantize_nf4(w: torch.Tensor, blocksize: int = 64, double_quant: bool = True
     flat = w.detach().reshape(-1).float()
     q, absmax = _blockwise_codes(flat, NF4_CODE.to(w.device), blocksize)
     if not bool(torch.isfinite(absmax).all()):
-        raise ModelError(f"a weight of shape {tuple(w.shape)} contains NaN or inf values and cannot be quantized",
-                         "check the checkpoint (a diverged or corrupt save); load it with quant='none' to inspect it")
+        raise ModelError(
+            f"a weight of shape {tuple(w.shape)} contains NaN or inf values and cannot be quantized",
+            "check the checkpoint (a diverged or corrupt save); load it with quant='none' to inspect it",
+        )
     pairs = q.view(-1, 2).to(torch.uint8)
     packed = ((pairs[:, 0] << 4) | pairs[:, 1])[: (w.numel() + 1) // 2]
     weight = NF4Weight(packed=packed, absmax=absmax, shape=w.shape, dtype=w.dtype, blocksize=blocksize)
@@ -355,9 +400,15 @@ def double_quantize(weight: NF4Weight) -> NF4Weight:
     nested_code = DYNAMIC_MAP_SIGNED.to(absmax.device)
     codes, nested_absmax = _blockwise_codes(absmax - offset, nested_code, NESTED_BLOCKSIZE)
     return NF4Weight(
-        packed=weight.packed, absmax=codes[: absmax.numel()].to(torch.uint8), shape=weight.shape,
-        dtype=weight.dtype, blocksize=weight.blocksize, nested_absmax=nested_absmax, nested_code=nested_code,
-        offset=offset.item(), code=weight.code,
+        packed=weight.packed,
+        absmax=codes[: absmax.numel()].to(torch.uint8),
+        shape=weight.shape,
+        dtype=weight.dtype,
+        blocksize=weight.blocksize,
+        nested_absmax=nested_absmax,
+        nested_code=nested_code,
+        offset=offset.item(),
+        code=weight.code,
     )
 
 

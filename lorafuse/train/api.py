@@ -86,29 +86,55 @@ def run(cfg, resume: str | None = "auto", force: bool = False, console=None) -> 
             device = world.device  # cuda:LOCAL_RANK under torchrun
             dtype = _announce_dtype(cfg.model.compute_dtype, device, console)
             ckpt.seed_everything(cfg.train.seed)  # LoRA init below is a function of the seed
-            model, tokenizer = load_model(cfg.model.path, quant=cfg.model.quant, compute_dtype=dtype,
-                                          device=device, blocksize=cfg.model.blocksize,
-                                          double_quant=cfg.model.double_quant,
-                                          attn_implementation=cfg.model.attn_implementation,
-                                          trust_remote_code=cfg.model.trust_remote_code)
+            model, tokenizer = load_model(
+                cfg.model.path,
+                quant=cfg.model.quant,
+                compute_dtype=dtype,
+                device=device,
+                blocksize=cfg.model.blocksize,
+                double_quant=cfg.model.double_quant,
+                attn_implementation=cfg.model.attn_implementation,
+                trust_remote_code=cfg.model.trust_remote_code,
+            )
             lc = cfg.lora
-            apply_lora(model, r=lc.r, alpha=lc.alpha, dropout=lc.dropout, targets=lc.targets, rslora=lc.rslora,
-                       dora=lc.dora, modules_to_save=lc.modules_to_save, init=lc.init)
+            apply_lora(
+                model,
+                r=lc.r,
+                alpha=lc.alpha,
+                dropout=lc.dropout,
+                targets=lc.targets,
+                rslora=lc.rslora,
+                dora=lc.dora,
+                modules_to_save=lc.modules_to_save,
+                init=lc.init,
+            )
             if world.is_main:
                 print_trainable_parameters(model)
             return _train(cfg, model, tokenizer, out, start_from, dtype, console, world)
 
 
-def train(model, tokenizer, data, *, output_dir, format: str = "alpaca", resume: str | None = "auto",
-          force: bool = False, console=None, **overrides) -> TrainResult:
+def train(
+    model,
+    tokenizer,
+    data,
+    *,
+    output_dir,
+    format: str = "alpaca",
+    resume: str | None = "auto",
+    force: bool = False,
+    console=None,
+    **overrides,
+) -> TrainResult:
     """Fine-tune an already loaded, LoRA-applied model on `data` (a path or a list of row dicts)."""
     with launch(next(model.parameters()).device) as world:  # torchrun: the model must be on cuda:LOCAL_RANK
         console = world.console(_console(console))
         out = world.decide(ckpt.ensure_writable_dir, Path(output_dir))
         cfg = world.decide(config_for_model, model, data, out, format, overrides)
         if cfg.train.auto_fit:  # the planner sizes a run before its model is loaded; this one already is
-            console.print("auto_fit: not applied by lorafuse.train(), which gets a model already in GPU memory; "
-                          "use `lorafuse train` (lorafuse.train.api.run) for it. Out-of-memory retries still apply.")
+            console.print(
+                "auto_fit: not applied by lorafuse.train(), which gets a model already in GPU memory; "
+                "use `lorafuse train` (lorafuse.train.api.run) for it. Out-of-memory retries still apply."
+            )
         with world.main_only(ckpt.RunLock(out)):
             start_from = world.decide(_start_point, cfg, out, resume, force, console)
             dtype = _announce_dtype(cfg.model.compute_dtype, world.device, console)
@@ -116,6 +142,7 @@ def train(model, tokenizer, data, *, output_dir, format: str = "alpaca", resume:
 
 
 # ------------------------------------------------------------------------------------------------ setup
+
 
 def _console(console):
     from rich.console import Console
@@ -125,9 +152,11 @@ def _console(console):
 
 def resolve_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
-        raise LorafuseError("train.device is cuda but PyTorch sees no CUDA GPU",
-                            "set train.device=auto (or cpu), or install a CUDA build of PyTorch "
-                            "(`lorafuse env` shows what is installed)")
+        raise LorafuseError(
+            "train.device is cuda but PyTorch sees no CUDA GPU",
+            "set train.device=auto (or cpu), or install a CUDA build of PyTorch "
+            "(`lorafuse env` shows what is installed)",
+        )
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
@@ -141,7 +170,8 @@ def _announce_dtype(requested: str, device: torch.device, console) -> torch.dtyp
     name = str(dtype).removeprefix("torch.")
     if requested == "auto":
         why = {"cpu": "CPU"}.get(device.type) or (
-            "bf16 supported" if dtype == torch.bfloat16 else "this GPU has no bf16: fp16 with loss scaling")
+            "bf16 supported" if dtype == torch.bfloat16 else "this GPU has no bf16: fp16 with loss scaling"
+        )
         console.print(f"compute dtype: {name} (auto: {why}) on {device}")
     else:
         console.print(f"compute dtype: {name} on {device}")
@@ -171,10 +201,14 @@ def auto_fit(cfg, out: Path, resume, console):
     p = plan(fitted)
     was, now = flatten(cfg), flatten(fitted)
     changes = ", ".join(f"{k} {json.dumps(was[k])} -> {json.dumps(now[k])}" for k in FIT_KEYS if was[k] != now[k])
-    where = f"predicted peak {p.estimate.peak / GIB:.1f} GiB of {p.budget / GIB:.1f} GiB" + \
-        (", micro-batches kept from the checkpoint" if kept is not None else "")
-    console.print(f"auto_fit: {changes or 'the config already is the fastest setting that fits'} ({where})",
-                  highlight=False, markup=False)
+    where = f"predicted peak {p.estimate.peak / GIB:.1f} GiB of {p.budget / GIB:.1f} GiB" + (
+        ", micro-batches kept from the checkpoint" if kept is not None else ""
+    )
+    console.print(
+        f"auto_fit: {changes or 'the config already is the fastest setting that fits'} ({where})",
+        highlight=False,
+        markup=False,
+    )
     return fitted
 
 
@@ -191,8 +225,11 @@ def _fitted_setting(cfg, out: Path, resume) -> dict | None:
     saved, tc = load_config(folder / "config.yaml").train, cfg.train
     if not saved.auto_fit or saved.micro_batch_size * saved.grad_accum != tc.micro_batch_size * tc.grad_accum:
         return None
-    return {"train.micro_batch_size": saved.micro_batch_size, "train.grad_accum": saved.grad_accum,
-            "train.gradient_checkpointing": saved.gradient_checkpointing}
+    return {
+        "train.micro_batch_size": saved.micro_batch_size,
+        "train.grad_accum": saved.grad_accum,
+        "train.gradient_checkpointing": saved.gradient_checkpointing,
+    }
 
 
 def _start_point(cfg, out: Path, resume, force: bool, console) -> Path | None:
@@ -229,8 +266,10 @@ def _explicit_checkpoint(path: Path) -> Path:
         if latest is not None:
             return latest
     if not (path / "trainer_state.json").is_file():
-        raise LorafuseError(f"{path} is not a complete lorafuse checkpoint (no trainer_state.json)",
-                            "pass a checkpoint-N folder of an earlier run, or resume=auto / --no-resume")
+        raise LorafuseError(
+            f"{path} is not a complete lorafuse checkpoint (no trainer_state.json)",
+            "pass a checkpoint-N folder of an earlier run, or resume=auto / --no-resume",
+        )
     return path
 
 
@@ -252,7 +291,8 @@ def _check_config(cfg, folder: Path, force: bool, console) -> None:
         raise LorafuseError(
             f"the config differs from the one {folder.name} was trained with (saved -> now):\n{lines}",
             "run with the original values, pass --force (force=True) to resume with the new ones from this "
-            "point on, or --no-resume to start over (the earlier run is archived, not deleted)")
+            "point on, or --no-resume to start over (the earlier run is archived, not deleted)",
+        )
     console.print(f"[yellow]resuming under a changed config (--force):[/yellow]\n{lines}")
 
 
@@ -263,22 +303,33 @@ def config_for_model(model, data, out: Path, format: str, overrides: dict):
     base = getattr(model, "lorafuse_base", {}) or {}
     lora = getattr(model, "lorafuse_lora", None)
     if lora is None:
-        raise LorafuseError("the model has no LoRA adapter to train",
-                            "call lorafuse.apply_lora(model, r=16, alpha=32, ...) before lorafuse.train(...)")
+        raise LorafuseError(
+            "the model has no LoRA adapter to train",
+            "call lorafuse.apply_lora(model, r=16, alpha=32, ...) before lorafuse.train(...)",
+        )
     sections = {"data": {}, "train": {}}
     for key, value in overrides.items():
         section = "data" if key in DataConfig.model_fields else "train" if key in TrainConfig.model_fields else None
         if section is None:
             known = list(DataConfig.model_fields) + list(TrainConfig.model_fields)
             near = difflib.get_close_matches(key, known, n=1)
-            raise ConfigError(f"lorafuse.train() got an unknown setting {key!r}",
-                              f"did you mean {near[0]!r}?" if near else f"valid settings: {', '.join(known)}")
+            raise ConfigError(
+                f"lorafuse.train() got an unknown setting {key!r}",
+                f"did you mean {near[0]!r}?" if near else f"valid settings: {', '.join(known)}",
+            )
         sections[section][key] = value
     raw = {
-        "model": {"path": str(base.get("name_or_path") or getattr(model, "name_or_path", "") or "model"),
-                  "quant": base.get("quant", "none"), "compute_dtype": base.get("compute_dtype", "auto")},
-        "lora": {k: lora[k] for k in ("r", "alpha", "dropout", "rslora", "dora", "modules_to_save", "init")
-                 if lora.get(k) is not None} | {"targets": lora["target_modules"]},
+        "model": {
+            "path": str(base.get("name_or_path") or getattr(model, "name_or_path", "") or "model"),
+            "quant": base.get("quant", "none"),
+            "compute_dtype": base.get("compute_dtype", "auto"),
+        },
+        "lora": {
+            k: lora[k]
+            for k in ("r", "alpha", "dropout", "rslora", "dora", "modules_to_save", "init")
+            if lora.get(k) is not None
+        }
+        | {"targets": lora["target_modules"]},
         "data": {"path": _data_path(data, out), "format": format, **sections["data"]},
         "train": sections["train"],
         "output": {"dir": str(out)},
@@ -292,8 +343,10 @@ def _data_path(data, out: Path) -> str:
         return str(data)
     rows = list(data)
     if not rows or not all(isinstance(r, dict) for r in rows):
-        raise LorafuseError("lorafuse.train() data must be a file path or a non-empty list of row dicts",
-                            'e.g. [{"instruction": "...", "input": "", "output": "..."}, ...]')
+        raise LorafuseError(
+            "lorafuse.train() data must be a file path or a non-empty list of row dicts",
+            'e.g. [{"instruction": "...", "input": "", "output": "..."}, ...]',
+        )
     text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
     path = out / "train_rows.jsonl"
     if not path.is_file() or path.read_text(encoding="utf-8") != text:
@@ -303,25 +356,36 @@ def _data_path(data, out: Path) -> str:
 
 # ------------------------------------------------------------------------------------------------ the run
 
+
 def _batchers(cfg, tokenizer, out: Path, console, world):
     from lorafuse.data import Batcher, build_datasets
 
     dc, tc = cfg.data, cfg.train
     with world.main_first():  # rank 0 tokenizes and writes the cache, then the others read it
-        train_ds, val_ds, stats = build_datasets(dc, tokenizer, seed=tc.seed,
-                                                 cache_dir=dc.cache_dir or str(out / ".cache"))
+        train_ds, val_ds, stats = build_datasets(
+            dc, tokenizer, seed=tc.seed, cache_dir=dc.cache_dir or str(out / ".cache")
+        )
     for line in stats.summary():
         console.print(line, highlight=False)
     # On CUDA, padded rows are padded to a multiple of 64: a few distinct shapes, so CUDA graphs can capture them
     # (train/graphs.py), and tensor-core friendly sizes; the pads carry no loss and no attention.
     multiple = 64 if world.device.type == "cuda" and not dc.packing else 1
-    common = dict(pad_id=tokenizer.pad_token_id, packing=dc.packing, max_length=dc.max_length, seed=tc.seed,
-                  pad_to_multiple_of=multiple)
-    train_b = Batcher(train_ds, tc.micro_batch_size, shuffle=dc.shuffle, num_shards=world.size, shard=world.rank,
-                      **common)  # validation stays whole: evaluate() strides over it, so no batch is dropped
+    common = dict(
+        pad_id=tokenizer.pad_token_id,
+        packing=dc.packing,
+        max_length=dc.max_length,
+        seed=tc.seed,
+        pad_to_multiple_of=multiple,
+    )
+    train_b = Batcher(
+        train_ds, tc.micro_batch_size, shuffle=dc.shuffle, num_shards=world.size, shard=world.rank, **common
+    )  # validation stays whole: evaluate() strides over it, so no batch is dropped
     # Eval batches are never larger than train micro-batches unless asked: eval must not be what OOMs.
-    val_b = Batcher(val_ds, tc.eval_batch_size or tc.micro_batch_size, shuffle=False, **common) \
-        if val_ds is not None and len(val_ds) else None
+    val_b = (
+        Batcher(val_ds, tc.eval_batch_size or tc.micro_batch_size, shuffle=False, **common)
+        if val_ds is not None and len(val_ds)
+        else None
+    )
     return train_b, val_b, stats
 
 
@@ -339,8 +403,18 @@ def _train(cfg, model, tokenizer, out: Path, start_from: Path | None, dtype, con
         save_adapter(m, folder, base_model_name_or_path=cfg.model.path, tokenizer=tokenizer)
 
     try:  # the loop turns train.fp8 on (prepare_model), also when it then stops before the first step
-        loop = TrainingLoop(model, train_b, cfg.train, val_batches=val_b, out_dir=out, config=cfg,
-                            compute_dtype=dtype, console=console, adapter_writer=write_adapter, world=world)
+        loop = TrainingLoop(
+            model,
+            train_b,
+            cfg.train,
+            val_batches=val_b,
+            out_dir=out,
+            config=cfg,
+            compute_dtype=dtype,
+            console=console,
+            adapter_writer=write_adapter,
+            world=world,
+        )
         if start_from is not None:
             loop.resume(start_from)
         res = loop.run()
@@ -354,18 +428,33 @@ def _train(cfg, model, tokenizer, out: Path, start_from: Path | None, dtype, con
         if world.is_main:
             write_adapter(model, adapter_dir)
             loop.metrics.plot(out / "loss.png")
-    sample = _demo_generation(cfg, model, tokenizer, console) \
-        if res.stop_reason != "signal" and world.is_main else None
+    sample = _demo_generation(cfg, model, tokenizer, console) if res.stop_reason != "signal" and world.is_main else None
     st = res.state
     result = TrainResult(
-        output_dir=out, adapter_dir=adapter_dir, stop_reason=res.stop_reason, steps=st.step,
-        total_steps=res.total_steps, first_loss=res.first_loss, last_loss=res.last_loss, best_eval_loss=st.best_eval,
-        best_step=st.best_step, best_checkpoint=res.best_checkpoint, last_checkpoint=res.last_checkpoint,
-        tokens=st.tokens, wall_s=res.wall_s, peak_memory_bytes=res.peak_memory_bytes,
-        compute_dtype=str(dtype).removeprefix("torch."), sample=sample)
+        output_dir=out,
+        adapter_dir=adapter_dir,
+        stop_reason=res.stop_reason,
+        steps=st.step,
+        total_steps=res.total_steps,
+        first_loss=res.first_loss,
+        last_loss=res.last_loss,
+        best_eval_loss=st.best_eval,
+        best_step=st.best_step,
+        best_checkpoint=res.best_checkpoint,
+        last_checkpoint=res.last_checkpoint,
+        tokens=st.tokens,
+        wall_s=res.wall_s,
+        peak_memory_bytes=res.peak_memory_bytes,
+        compute_dtype=str(dtype).removeprefix("torch."),
+        sample=sample,
+    )
     summary = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(result).items()}
-    summary.update(tokens_per_s=st.tokens / res.wall_s if res.wall_s else 0.0, train_seconds=st.train_seconds,
-                   skipped_steps=st.skipped_steps, finished_at=time.strftime("%Y-%m-%d %H:%M:%S"))
+    summary.update(
+        tokens_per_s=st.tokens / res.wall_s if res.wall_s else 0.0,
+        train_seconds=st.train_seconds,
+        skipped_steps=st.skipped_steps,
+        finished_at=time.strftime("%Y-%m-%d %H:%M:%S"),
+    )
     if world.is_main:
         ckpt.write_atomic(out / "summary.json", json.dumps(summary, indent=1, ensure_ascii=False))
         print_summary(console, summary)

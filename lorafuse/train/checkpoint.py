@@ -6,7 +6,7 @@ Layout of `<output.dir>`:
         adapter/                PEFT-format adapter (lorafuse.lora.adapter_io.save_adapter): usable as is
         trainable.safetensors   every trainable tensor, bit-exact, keyed by the model's parameter names
         optimizer.pt            optimizer state_dict + GradScaler state (torch.load(weights_only=True) safe)
-        rng.pt                  python / numpy / torch CPU / CUDA RNG states (+ "per_rank": each process's, under torchrun)
+        rng.pt                  python / numpy / torch CPU / CUDA RNG states (+ "per_rank": each rank's, under torchrun)
         trainer_state.json      step, data position (epoch, micro-batch in epoch), tokens, best eval, ...
         config.yaml             the resolved RunConfig (when the run has one)
         metrics.jsonl           the metric rows up to this step (the resume rewrites <dir>/metrics.jsonl from it)
@@ -47,6 +47,7 @@ _STATE_FILES = ("trainable.safetensors", "optimizer.pt", "rng.pt", "trainer_stat
 
 # ----------------------------------------------------------------------------------------------- file helpers
 
+
 def ensure_writable_dir(out_dir: Path) -> Path:
     """Create `out_dir` and prove it is writable, or raise a LorafuseError (before any model is loaded)."""
     out_dir = Path(out_dir)
@@ -56,8 +57,10 @@ def ensure_writable_dir(out_dir: Path) -> Path:
         probe.write_bytes(b"ok")
         probe.unlink()
     except OSError as exc:
-        raise LorafuseError(f"the output folder {out_dir} is not writable ({exc.strerror or exc})",
-                            "set output.dir to a folder you can write to, e.g. output.dir=runs/my-run") from None
+        raise LorafuseError(
+            f"the output folder {out_dir} is not writable ({exc.strerror or exc})",
+            "set output.dir to a folder you can write to, e.g. output.dir=runs/my-run",
+        ) from None
     return out_dir
 
 
@@ -80,8 +83,10 @@ class RunLock:
             other = os.read(self._fd, 32).decode(errors="replace").strip() or "?"
             os.close(self._fd)
             self._fd = None
-            raise LorafuseError(f"another lorafuse run (pid {other}) is writing to {self.path.parent}",
-                                "wait for it to finish, stop it, or choose another output.dir") from None
+            raise LorafuseError(
+                f"another lorafuse run (pid {other}) is writing to {self.path.parent}",
+                "wait for it to finish, stop it, or choose another output.dir",
+            ) from None
         os.ftruncate(self._fd, 0)
         os.write(self._fd, str(os.getpid()).encode())
         return self
@@ -93,6 +98,7 @@ class RunLock:
 
 
 # ----------------------------------------------------------------------------------------- discovery
+
 
 def list_checkpoints(out_dir: Path) -> list[tuple[int, Path]]:
     """Complete checkpoints as (step, folder), oldest first."""
@@ -164,11 +170,15 @@ def _archive(out_dir: Path, old: list[Path]) -> Path | None:
 
 # ----------------------------------------------------------------------------------------- RNG
 
+
 def rng_state() -> dict:
     version, mt, gauss = random.getstate()
     kind, keys, pos, has_gauss, cached = np.random.get_state()
-    state = {"python": [version, list(mt), gauss], "numpy": [kind, keys.tolist(), pos, has_gauss, cached],
-             "torch": torch.get_rng_state()}
+    state = {
+        "python": [version, list(mt), gauss],
+        "numpy": [kind, keys.tolist(), pos, has_gauss, cached],
+        "torch": torch.get_rng_state(),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -192,12 +202,24 @@ def seed_everything(seed: int) -> None:
 
 # ----------------------------------------------------------------------------------------- save / load
 
+
 def trainable_state(model) -> dict[str, torch.Tensor]:
     return {name: p.detach().contiguous() for name, p in model.named_parameters() if p.requires_grad}
 
 
-def save_checkpoint(out_dir: Path, step: int, *, model, optimizer, trainer_state: dict, scaler=None,
-                    config=None, metrics_jsonl: str = "", adapter_writer=None, rng_states=None) -> Path:
+def save_checkpoint(
+    out_dir: Path,
+    step: int,
+    *,
+    model,
+    optimizer,
+    trainer_state: dict,
+    scaler=None,
+    config=None,
+    metrics_jsonl: str = "",
+    adapter_writer=None,
+    rng_states=None,
+) -> Path:
     """Write `<out_dir>/checkpoint-<step>` atomically. Disk full -> LorafuseError; the tmp folder is removed.
 
     adapter_writer(model, folder) writes the PEFT adapter (None: no adapter folder, e.g. a bare nn.Module).
@@ -215,14 +237,17 @@ def save_checkpoint(out_dir: Path, step: int, *, model, optimizer, trainer_state
         if adapter_writer is not None:
             adapter_writer(model, tmp / "adapter")
         save_file({k: v.cpu() for k, v in trainable_state(model).items()}, str(tmp / "trainable.safetensors"))
-        torch.save({"optimizer": optimizer.state_dict(),
-                    "scaler": scaler.state_dict() if scaler is not None else None}, tmp / "optimizer.pt")
+        torch.save(
+            {"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict() if scaler is not None else None},
+            tmp / "optimizer.pt",
+        )
         states = rng_states or [rng_state()]
         torch.save(states[0] if len(states) == 1 else {**states[0], "per_rank": states}, tmp / "rng.pt")
         (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1), encoding="utf-8")
         (tmp / "metrics.jsonl").write_text(metrics_jsonl, encoding="utf-8")
         if config is not None:
             from lorafuse.config import save_config
+
             save_config(config, tmp / "config.yaml")
         fsync_tree(tmp)
         _install(tmp, final)
@@ -253,9 +278,12 @@ def _write_error(exc: OSError, final: Path, out_dir: Path) -> LorafuseError:
         return LorafuseError(
             f"the disk is full: could not write {final.name} in {out_dir} ({kept})",
             "free disk space (or lower train.save_total_limit, or move output.dir to a bigger disk), "
-            "then run the same command again to resume")
-    return LorafuseError(f"could not write {final.name} in {out_dir}: {exc.strerror or exc} ({kept})",
-                         "check the folder's permissions and free space, then run the same command to resume")
+            "then run the same command again to resume",
+        )
+    return LorafuseError(
+        f"could not write {final.name} in {out_dir}: {exc.strerror or exc} ({kept})",
+        "check the folder's permissions and free space, then run the same command to resume",
+    )
 
 
 def load_checkpoint(folder: Path, *, model, optimizer, scaler=None) -> dict:
@@ -275,7 +303,8 @@ def load_checkpoint(folder: Path, *, model, optimizer, scaler=None) -> dict:
         raise LorafuseError(
             f"{folder} does not match this model's trainable parameters "
             f"(not in the checkpoint: {missing[:3]}; only in the checkpoint: {extra[:3]})",
-            "resume with the LoRA settings the checkpoint was trained with, or start over with --no-resume")
+            "resume with the LoRA settings the checkpoint was trained with, or start over with --no-resume",
+        )
     with torch.no_grad():
         for name, value in saved.items():
             params[name].copy_(value)
@@ -285,11 +314,11 @@ def load_checkpoint(folder: Path, *, model, optimizer, scaler=None) -> dict:
         scaler.load_state_dict(blob["scaler"])
     state = json.loads((folder / "trainer_state.json").read_text(encoding="utf-8"))
     rng = torch.load(folder / "rng.pt", map_location="cpu", weights_only=True)
-    return {"trainer_state": state, "rng": rng,
-            "metrics_jsonl": (folder / "metrics.jsonl").read_text(encoding="utf-8")}
+    return {"trainer_state": state, "rng": rng, "metrics_jsonl": (folder / "metrics.jsonl").read_text(encoding="utf-8")}
 
 
 # ----------------------------------------------------------------------------------------- rotation / best
+
 
 def read_best(out_dir: Path) -> dict | None:
     path = Path(out_dir) / "best.json"
@@ -297,8 +326,10 @@ def read_best(out_dir: Path) -> dict | None:
 
 
 def write_best(out_dir: Path, step: int, eval_loss: float) -> None:
-    write_atomic(Path(out_dir) / "best.json", json.dumps(
-        {"step": step, "eval_loss": eval_loss, "checkpoint": f"checkpoint-{step}"}, indent=1))
+    write_atomic(
+        Path(out_dir) / "best.json",
+        json.dumps({"step": step, "eval_loss": eval_loss, "checkpoint": f"checkpoint-{step}"}, indent=1),
+    )
 
 
 def reset_best(out_dir: Path, step: int | None, eval_loss: float | None) -> None:

@@ -91,8 +91,10 @@ class World:
         """One line for the run log: how many processes and what one optimizer step covers."""
         backend = "nccl" if self.device.type == "cuda" else "gloo"
         per_step = self.size * tc.micro_batch_size * tc.grad_accum
-        return (f"data parallel: {self.size} processes ({backend}) x micro_batch_size {tc.micro_batch_size} x "
-                f"grad_accum {tc.grad_accum} = {per_step} rows per optimizer step")
+        return (
+            f"data parallel: {self.size} processes ({backend}) x micro_batch_size {tc.micro_batch_size} x "
+            f"grad_accum {tc.grad_accum} = {per_step} rows per optimizer step"
+        )
 
     def main_only(self, context):
         """`context` (e.g. the output folder's lock) on rank 0, nothing elsewhere."""
@@ -177,12 +179,16 @@ class World:
         head = torch.cat([loss_sum.detach().reshape(1).float().to(self.device), has])
         for i, group in enumerate(_buckets(params)):
             parts = [head] if i == 0 else []
-            parts += [p.grad.reshape(-1).float() if p.grad is not None
-                      else torch.zeros(p.numel(), dtype=torch.float32, device=p.device) for p in group]
+            parts += [
+                p.grad.reshape(-1).float()
+                if p.grad is not None
+                else torch.zeros(p.numel(), dtype=torch.float32, device=p.device)
+                for p in group
+            ]
             flat = torch.cat(parts)
             torch.distributed.all_reduce(flat)
             if i == 0:
-                head, flat = flat[:head.numel()], flat[head.numel():]
+                head, flat = flat[: head.numel()], flat[head.numel() :]
             for p, g in zip(group, flat.split([p.numel() for p in group])):
                 if p.grad is None:
                     p.grad = g.view_as(p).to(p.dtype, copy=True)
@@ -228,7 +234,8 @@ class World:
                 f"{folder} was trained by {was} process(es) (GPUs), this run has {self.size}: the data shards "
                 "and random streams of a checkpoint belong to its number of processes",
                 f"resume with the same number of processes (torchrun --nproc_per_node {was}, or no torchrun "
-                "for 1), or start over with --no-resume")
+                "for 1), or start over with --no-resume",
+            )
 
 
 def _buckets(params: list) -> list[list]:
@@ -278,11 +285,14 @@ def _rank_device(device: torch.device, local: int) -> torch.device:
         return device
     count = torch.cuda.device_count()
     if local >= count:
-        raise LorafuseError(f"this is local rank {local} but the machine shows {count} GPU(s)",
-                            "start at most one process per GPU: torchrun --nproc_per_node <number of GPUs>")
+        raise LorafuseError(
+            f"this is local rank {local} but the machine shows {count} GPU(s)",
+            "start at most one process per GPU: torchrun --nproc_per_node <number of GPUs>",
+        )
     if device.index is not None and device.index != local:
         raise LorafuseError(
             f"the model is on {device} but this process is local rank {local}: under torchrun each process "
             "trains on its own GPU",
-            "load it on the rank's GPU: lorafuse.load_model(..., device=f\"cuda:{os.environ['LOCAL_RANK']}\")")
+            "load it on the rank's GPU: lorafuse.load_model(..., device=f\"cuda:{os.environ['LOCAL_RANK']}\")",
+        )
     return torch.device("cuda", local)

@@ -53,10 +53,16 @@ def graph_blocker(model: nn.Module, device: torch.device, world_size: int = 1) -
         return "CUDA graphs are single-process for now (multi-GPU runs launch eagerly)"
     for name, mod in model.named_modules():
         drop = getattr(mod, "dropout", None)
-        if hasattr(mod, "lora_A") and isinstance(drop, nn.Dropout) and drop.p > 0 \
-                and getattr(mod, "lorafuse_dropout_seed", None) is None:
-            return (f"LoRA dropout {drop.p} on {name} without a device-side seed: a graph would replay one "
-                    "dropout mask (set lora.dropout: 0 for CUDA graphs)")
+        if (
+            hasattr(mod, "lora_A")
+            and isinstance(drop, nn.Dropout)
+            and drop.p > 0
+            and getattr(mod, "lorafuse_dropout_seed", None) is None
+        ):
+            return (
+                f"LoRA dropout {drop.p} on {name} without a device-side seed: a graph would replay one "
+                "dropout mask (set lora.dropout: 0 for CUDA graphs)"
+            )
     return None
 
 
@@ -95,8 +101,9 @@ class GraphedMicroStep:
 
     MAX_GRAPHS = 8
 
-    def __init__(self, model: nn.Module, params: list, loss_fn, backward, dtype: torch.dtype, warmup: int = 2,
-                 note=print):
+    def __init__(
+        self, model: nn.Module, params: list, loss_fn, backward, dtype: torch.dtype, warmup: int = 2, note=print
+    ):
         self.model, self.params, self.loss_fn, self.backward = model, params, loss_fn, backward
         self.dtype, self.warmup, self.note = dtype, warmup, note
         self.graphs: dict = {}
@@ -175,8 +182,11 @@ class GraphedMicroStep:
             count = self.counts[key] = self.counts.get(key, 0) + 1
             if count <= self.warmup:
                 if self.seen >= 50 and not self.graphs:
-                    self._note_once("waiting", "CUDA graphs waiting: micro-batch shapes keep changing; set "
-                                    "data.packing: true (or fewer distinct lengths) for the graph speed-up")
+                    self._note_once(
+                        "waiting",
+                        "CUDA graphs waiting: micro-batch shapes keep changing; set "
+                        "data.packing: true (or fewer distinct lengths) for the graph speed-up",
+                    )
                 return self.eager(batch, inv_n)  # warms up exactly the path a capture will record
             if len(self.graphs) >= self.MAX_GRAPHS:
                 self._note_once("full", f"CUDA graphs: {self.MAX_GRAPHS} shapes captured; other shapes run eagerly")
@@ -231,8 +241,10 @@ class GraphedMicroStep:
             return None
         entry = self.graphs[key] = _Graph(graph, static, loss)
         shape = tuple(batch["input_ids"].shape) if torch.is_tensor(batch.get("input_ids")) else key[0][1]
-        self.note(f"CUDA graphs on: forward + backward of {shape} micro-batches replayed as one graph"
-                  + (f" ({len(self.graphs)} shapes so far)" if len(self.graphs) > 1 else ""))
+        self.note(
+            f"CUDA graphs on: forward + backward of {shape} micro-batches replayed as one graph"
+            + (f" ({len(self.graphs)} shapes so far)" if len(self.graphs) > 1 else "")
+        )
         return entry
 
 
@@ -247,8 +259,14 @@ def for_loop(loop, mode: str):
         loop._note(f"CUDA graphs off: {blocker}")
         return None
     model, head, fused = loop.model, loop.head, loop.fused
-    return GraphedMicroStep(model, loop.params, lambda b: lm_loss_sum(model, b, head, fused),
-                            loop.precision.backward, loop.precision.dtype, note=loop._note)
+    return GraphedMicroStep(
+        model,
+        loop.params,
+        lambda b: lm_loss_sum(model, b, head, fused),
+        loop.precision.backward,
+        loop.precision.dtype,
+        note=loop._note,
+    )
 
 
 def dropout_seed_base(seed: int, rank: int, grad_accum: int, step: int) -> int:

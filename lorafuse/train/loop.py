@@ -51,8 +51,8 @@ from lorafuse.train.oom import OomRetry
 from lorafuse.train.optim import LRSchedule, build_optimizer
 from lorafuse.train.runtime import Precision, StopSignals, fp8_needs_fast_path, prepare_model
 
-
 # --------------------------------------------------------------------------------------------- setup
+
 
 @dataclass
 class LoopState:
@@ -103,30 +103,50 @@ def nan_error(state: LoopState, tolerance: int) -> LorafuseError:
         "train.warmup_steps; (2) float16 overflow: use model.compute_dtype=bfloat16 on a GPU that supports it "
         "(Ampere or newer) or float32; (3) bad data rows (empty or very long responses, broken labels): "
         "inspect them with `lorafuse data preview`. Resume from the last checkpoint after the change "
-        "(pass --force to resume under a changed config)")
+        "(pass --force to resume under a changed config)",
+    )
 
 
 class TrainingLoop:
     """Optimizer steps over `train_batches` (anything with `epoch_batches(epoch)` and `len`) until the last
     step, early stopping or a signal. `tc` is a TrainConfig; `out_dir` None keeps everything in memory."""
 
-    def __init__(self, model, train_batches, tc, *, val_batches=None, out_dir=None, config=None,
-                 compute_dtype: torch.dtype = torch.float32, console=None, adapter_writer=None, world=SINGLE):
+    def __init__(
+        self,
+        model,
+        train_batches,
+        tc,
+        *,
+        val_batches=None,
+        out_dir=None,
+        config=None,
+        compute_dtype: torch.dtype = torch.float32,
+        console=None,
+        adapter_writer=None,
+        world=SINGLE,
+    ):
         from rich.console import Console
 
         self.model, self.train_batches, self.val_batches, self.tc = model, train_batches, val_batches, tc
         self.world = world  # rank 0 alone writes out_dir
-        self.out_dir = None if out_dir is None else Path(out_dir) if not world.is_main else \
-            ckpt.ensure_writable_dir(Path(out_dir))
+        self.out_dir = (
+            None if out_dir is None else Path(out_dir) if not world.is_main else ckpt.ensure_writable_dir(Path(out_dir))
+        )
         self.config, self.adapter_writer = config, adapter_writer
         self.console = console or Console()
         self.progress: Progress | None = None
         self.device = next(model.parameters()).device
         self.precision = Precision(self.device, compute_dtype)
-        self.params = prepare_model(model, tc.gradient_checkpointing, note=self._note,
-                                    embeddings_on_host=tc.embeddings_on_host, head_on_host=tc.head_on_host,
-                                    uncheckpointed_layers=tc.uncheckpointed_layers,
-                                    dequant_cap_mib=tc.dequant_cap_mib, fp8=tc.fp8)
+        self.params = prepare_model(
+            model,
+            tc.gradient_checkpointing,
+            note=self._note,
+            embeddings_on_host=tc.embeddings_on_host,
+            head_on_host=tc.head_on_host,
+            uncheckpointed_layers=tc.uncheckpointed_layers,
+            dequant_cap_mib=tc.dequant_cap_mib,
+            fp8=tc.fp8,
+        )
         self.head = simple_head(model)
         self.fused = self.head is not None and self._fast_path(tc.fast_path)
         if tc.fp8:
@@ -160,15 +180,17 @@ class TrainingLoop:
     # ------------------------------------------------------------------------------------- resume
     def resume(self, folder: Path) -> None:
         """Restore tensors, optimizer, counters, metrics and (at run start) RNG from a checkpoint folder."""
-        restored = ckpt.load_checkpoint(folder, model=self.model, optimizer=self.optimizer,
-                                        scaler=self.precision.scaler)
+        restored = ckpt.load_checkpoint(
+            folder, model=self.model, optimizer=self.optimizer, scaler=self.precision.scaler
+        )
         saved = restored["trainer_state"]
         self.world.check_resume(saved, folder)
         if saved["micro_per_epoch"] != self.state.micro_per_epoch:
             raise LorafuseError(
                 f"{folder} was trained with {saved['micro_per_epoch']} micro-batches per epoch, the data now "
                 f"gives {self.state.micro_per_epoch}: the data file or its settings changed",
-                "resume with the same data, or start over with --no-resume")
+                "resume with the same data, or start over with --no-resume",
+            )
         names = set(LoopState.__dataclass_fields__)
         self.state = LoopState(**{k: v for k, v in saved.items() if k in names})
         self._rng = self.world.own_rng(restored["rng"])
@@ -202,8 +224,10 @@ class TrainingLoop:
         finally:
             self.progress.close()
         if stop == "signal":
-            self._note(f"stopped by {signals.received} at step {st.step}; checkpoint {self.last_checkpoint}. "
-                       "Run the same command to resume.")
+            self._note(
+                f"stopped by {signals.received} at step {st.step}; checkpoint {self.last_checkpoint}. "
+                "Run the same command to resume."
+            )
         return self._result(stop, time.perf_counter() - t_start)
 
     def _next_window(self) -> tuple[list[dict], bool]:
@@ -224,8 +248,9 @@ class TrainingLoop:
         st = self.state
         lr = self.schedule.apply(self.optimizer, st.step)
         graphs.seed_dropout(self)
-        n_target, n_input = self.world.all_reduce_sum([sum(count_targets(b) for b in batches),
-                                                        sum(count_inputs(b) for b in batches)])
+        n_target, n_input = self.world.all_reduce_sum(
+            [sum(count_targets(b) for b in batches), sum(count_inputs(b) for b in batches)]
+        )
         total = self.oom.accumulate(batches, n_target)  # forward/backward; after an OOM: smaller, retried once
         loss = self.world.sync_gradients(self.params, total) / n_target if n_target else math.nan
         grad_norm, skipped = self._update(loss)
@@ -233,8 +258,14 @@ class TrainingLoop:
         st.step += 1
         st.tokens += n_input
         st.target_tokens += 0 if skipped else n_target
-        return {"loss": loss, "lr": lr, "grad_norm": grad_norm, "n_input": n_input, "n_target": n_target,
-                "skipped": skipped}
+        return {
+            "loss": loss,
+            "lr": lr,
+            "grad_norm": grad_norm,
+            "n_input": n_input,
+            "n_target": n_target,
+            "skipped": skipped,
+        }
 
     def _micro_steps(self, batches: list[dict], n_target: int) -> torch.Tensor:
         """Forward/backward each micro-batch with loss_sum / N_window; returns the summed loss (fp32, on device)."""
@@ -285,8 +316,10 @@ class TrainingLoop:
             improved = self._evaluate()
             patience = tc.early_stopping_patience
             if patience and st.evals_since_best >= patience:
-                self._note(f"early stopping: no better eval loss in {patience} evaluations "
-                           f"(best {st.best_eval:.4f} at step {st.best_step})")
+                self._note(
+                    f"early stopping: no better eval loss in {patience} evaluations "
+                    f"(best {st.best_eval:.4f} at step {st.best_step})"
+                )
                 stop = "early_stopping"
         if self.world.any(signals.received is not None):
             stop = "signal"
@@ -308,8 +341,17 @@ class TrainingLoop:
         st, w = self.state, self._win
         w["inputs"] += row["n_input"]
         if row["skipped"]:
-            self.metrics.append({"step": st.step, "epoch": self._epoch_float(), "loss": None, "lr": row["lr"],
-                                 "grad_norm": row["grad_norm"], "skipped": True, "reason": row["skipped"]})
+            self.metrics.append(
+                {
+                    "step": st.step,
+                    "epoch": self._epoch_float(),
+                    "loss": None,
+                    "lr": row["lr"],
+                    "grad_norm": row["grad_norm"],
+                    "skipped": True,
+                    "reason": row["skipped"],
+                }
+            )
             why = "NaN/inf loss" if row["skipped"] == "nan" else "fp16 overflow (loss scale lowered)"
             self._note(f"step {st.step}: skipped ({why})")
         else:
@@ -318,10 +360,17 @@ class TrainingLoop:
         if not (force or st.step % self.tc.log_every == 0) or not w["targets"]:
             return
         seconds = max(time.perf_counter() - w["t0"], 1e-9)
-        out = {"step": st.step, "epoch": self._epoch_float(), "loss": w["loss_sum"] / w["targets"],
-               "lr": row["lr"], "grad_norm": row["grad_norm"], "tokens": st.tokens,
-               "tokens_per_s": round(w["inputs"] / seconds, 1),
-               "memory_mb": round(memory_bytes(self.device) / 2**20, 1), "time_s": round(st.train_seconds, 3)}
+        out = {
+            "step": st.step,
+            "epoch": self._epoch_float(),
+            "loss": w["loss_sum"] / w["targets"],
+            "lr": row["lr"],
+            "grad_norm": row["grad_norm"],
+            "tokens": st.tokens,
+            "tokens_per_s": round(w["inputs"] / seconds, 1),
+            "memory_mb": round(memory_bytes(self.device) / 2**20, 1),
+            "time_s": round(st.train_seconds, 3),
+        }
         self.metrics.append(out)
         self.progress.update(st.step, out, eta_s=eta)
         self._win = self._new_window()
@@ -346,14 +395,30 @@ class TrainingLoop:
         st, world = self.state, self.world
         if self._saved_step != st.step:
             window = {k: self._win[k] for k in ("loss_sum", "targets", "inputs")}  # a log row may span a save
-            trainer_state = {**asdict(st), "total_steps": self.total, "schedule": self.schedule.state_dict(),
-                             "log_window": window, "world_size": world.size}
+            trainer_state = {
+                **asdict(st),
+                "total_steps": self.total,
+                "schedule": self.schedule.state_dict(),
+                "log_window": window,
+                "world_size": world.size,
+            }
             rng = world.gather_rng()  # a collective: every rank's state, on rank 0
-            self.last_checkpoint = ckpt.save_checkpoint(
-                self.out_dir, st.step, model=self.model, optimizer=self.optimizer, trainer_state=trainer_state,
-                scaler=self.precision.scaler, config=self.config, metrics_jsonl=self.metrics.jsonl(),
-                adapter_writer=self.adapter_writer, rng_states=rng) if world.is_main \
+            self.last_checkpoint = (
+                ckpt.save_checkpoint(
+                    self.out_dir,
+                    st.step,
+                    model=self.model,
+                    optimizer=self.optimizer,
+                    trainer_state=trainer_state,
+                    scaler=self.precision.scaler,
+                    config=self.config,
+                    metrics_jsonl=self.metrics.jsonl(),
+                    adapter_writer=self.adapter_writer,
+                    rng_states=rng,
+                )
+                if world.is_main
                 else self.out_dir / f"checkpoint-{st.step}"
+            )
             self._saved_step = st.step
         if world.is_main:
             if improved:
@@ -370,10 +435,18 @@ class TrainingLoop:
         best = None
         if self.out_dir is not None and self.state.best_step is not None:
             best = self.out_dir / f"checkpoint-{self.state.best_step}"
-        return LoopResult(state=self.state, stop_reason=stop, total_steps=self.total,
-                          first_loss=losses[0] if losses else None, last_loss=losses[-1] if losses else None,
-                          wall_s=wall, peak_memory_bytes=peak_memory_bytes(self.device),
-                          last_checkpoint=self.last_checkpoint, best_checkpoint=best, rows=list(self.metrics.rows))
+        return LoopResult(
+            state=self.state,
+            stop_reason=stop,
+            total_steps=self.total,
+            first_loss=losses[0] if losses else None,
+            last_loss=losses[-1] if losses else None,
+            wall_s=wall,
+            peak_memory_bytes=peak_memory_bytes(self.device),
+            last_checkpoint=self.last_checkpoint,
+            best_checkpoint=best,
+            rows=list(self.metrics.rows),
+        )
 
 
 def train_loop(model, train_batches, tc, *, resume_from: Path | None = None, **kwargs) -> LoopResult:

@@ -33,11 +33,12 @@ from lorafuse.train.distributed import SINGLE
 from lorafuse.train.runtime import Precision
 
 IGNORE_INDEX = -100
-_LOGIT_ELEMENTS = 2 ** 25  # fp32 logits per chunk: 128 MB (+ the same for the softmax)
+_LOGIT_ELEMENTS = 2**25  # fp32 logits per chunk: 128 MB (+ the same for the softmax)
 
 
-def chunked_lm_loss(hidden: torch.Tensor, lm_head_weight: torch.Tensor, labels: torch.Tensor,
-                    chunk: int | None = None) -> torch.Tensor:
+def chunked_lm_loss(
+    hidden: torch.Tensor, lm_head_weight: torch.Tensor, labels: torch.Tensor, chunk: int | None = None
+) -> torch.Tensor:
     """sum over rows with labels != -100 of cross_entropy(hidden @ W^T, labels), fp32 scalar.
 
     hidden (N, D), lm_head_weight (V, D), labels (N,) already aligned with the rows (shifted by the caller).
@@ -56,7 +57,7 @@ def _chunked_pass(hidden, weight, labels, chunk, want_h, want_w):
     grad_h = torch.zeros_like(hidden) if want_h else None
     grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_w else None
     for start in range(0, rows.numel(), chunk):
-        idx = rows[start:start + chunk]
+        idx = rows[start : start + chunk]
         h = hidden.index_select(0, idx).to(weight.dtype)  # (c, D)
         logits = (h @ weight.t()).float()  # (c, V): the only vocabulary-sized tensor, freed each chunk
         y = labels.index_select(0, idx)
@@ -119,8 +120,9 @@ def lm_loss_sum(model, batch: dict, head: nn.Linear | None = None, fused: bool =
     shifted = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)  # (B, T): row t is scored against token t+1
     if head is None:
         logits = model(**inputs, use_cache=False).logits
-        return F.cross_entropy(logits.flatten(0, 1).float(), shifted.flatten(), ignore_index=IGNORE_INDEX,
-                               reduction="sum")
+        return F.cross_entropy(
+            logits.flatten(0, 1).float(), shifted.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+        )
     from lorafuse.model.host_embedding import head_weight
 
     hidden = model.base_model(**inputs, use_cache=False).last_hidden_state  # (B, T, D)
@@ -163,8 +165,7 @@ def forward_batch(model, batch: dict, precision: Precision) -> dict:
 
 
 @torch.no_grad()
-def evaluate(model, batches, precision: Precision, head=None, fused: bool = False,
-             world=SINGLE) -> tuple[float, float]:
+def evaluate(model, batches, precision: Precision, head=None, fused: bool = False, world=SINGLE) -> tuple[float, float]:
     """(mean loss per target token, perplexity) over one pass of `batches` (epoch 0; rank shares), dropout off."""
     was_training = model.training
     model.eval()
@@ -176,7 +177,9 @@ def evaluate(model, batches, precision: Precision, head=None, fused: bool = Fals
     model.train(was_training)
     total, n = world.all_reduce_sum([total, n], torch.float64)
     if n == 0:
-        raise LorafuseError("the validation split has no target tokens (every label is masked)",
-                            "check data.val_path / data.val_size and data.completion_only")
+        raise LorafuseError(
+            "the validation split has no target tokens (every label is masked)",
+            "check data.val_path / data.val_size and data.completion_only",
+        )
     loss = total / n
     return loss, math.exp(loss) if loss < 700 else math.inf

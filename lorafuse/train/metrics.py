@@ -131,11 +131,17 @@ class Progress:
         self.plain = (not self.console.is_terminal) if plain is None else plain
         self._bar = self._task = None
         if not self.plain:
-            from rich.progress import BarColumn, Progress as RichProgress, TextColumn, TimeRemainingColumn
+            from rich.progress import BarColumn, TextColumn, TimeRemainingColumn
+            from rich.progress import Progress as RichProgress
 
-            self._bar = RichProgress(TextColumn("step {task.completed}/{task.total}"), BarColumn(),
-                                     TextColumn("{task.fields[info]}"), TimeRemainingColumn(),
-                                     console=self.console, transient=False)
+            self._bar = RichProgress(
+                TextColumn("step {task.completed}/{task.total}"),
+                BarColumn(),
+                TextColumn("{task.fields[info]}"),
+                TimeRemainingColumn(),
+                console=self.console,
+                transient=False,
+            )
             self._task = self._bar.add_task("train", total=total, completed=initial, info="")
             self._bar.start()
 

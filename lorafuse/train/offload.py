@@ -65,8 +65,10 @@ class PinnedPool:
         if stack:
             return stack.pop()
         if torch.cuda.is_current_stream_capturing():
-            raise RuntimeError("activation offload needs a new host buffer during a CUDA graph capture "
-                               "(the warm-up steps should have made it)")
+            raise RuntimeError(
+                "activation offload needs a new host buffer during a CUDA graph capture "
+                "(the warm-up steps should have made it)"
+            )
         buf = torch.empty(shape, dtype=dtype)
         err = torch.cuda.cudart().cudaHostRegister(buf.data_ptr(), buf.numel() * buf.element_size(), 0)
         if int(err) != 0:
@@ -162,8 +164,7 @@ class _OffloadedLayer(torch.autograd.Function):
     def forward(ctx, run, preserve_rng, anchor, x, *rest):
         ctx.run, ctx.rest = run, rest
         ctx.x_grad = x.requires_grad
-        ctx.autocast = [(dev, torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev))
-                        for dev in ("cuda", "cpu")]
+        ctx.autocast = [(dev, torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev)) for dev in ("cuda", "cpu")]
         ctx.cpu_rng = torch.get_rng_state() if preserve_rng else None
         ctx.cuda_rng = torch.cuda.get_rng_state(x.device) if x.is_cuda and preserve_rng else None
         with torch.no_grad():
@@ -181,8 +182,11 @@ class _OffloadedLayer(torch.autograd.Function):
                 torch.set_rng_state(ctx.cpu_rng)
             if ctx.cuda_rng is not None:
                 torch.cuda.set_rng_state(ctx.cuda_rng, x.device)
-            with torch.autocast("cuda", enabled=ctx.autocast[0][1], dtype=ctx.autocast[0][2]), \
-                    torch.autocast("cpu", enabled=ctx.autocast[1][1], dtype=ctx.autocast[1][2]), recomputing():
+            with (
+                torch.autocast("cuda", enabled=ctx.autocast[0][1], dtype=ctx.autocast[0][2]),
+                torch.autocast("cpu", enabled=ctx.autocast[1][1], dtype=ctx.autocast[1][2]),
+                recomputing(),
+            ):
                 out = ctx.run(x, *ctx.rest)  # recomputing(): the fused MLP skips its down GEMM (output unused)
         outs = out if isinstance(out, tuple) else (out,)
         pairs = [(o, g) for o, g in zip(outs, grads) if torch.is_tensor(o) and o.requires_grad and g is not None]

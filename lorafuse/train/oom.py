@@ -84,6 +84,7 @@ def _piece(batch: dict, lo: int, hi: int, multiple: int) -> dict:
         out["seq_lens"] = lens
     if "cu_seqlens" in batch:  # the varlen layout of the trimmed rows, as the Batcher builds it
         from lorafuse.data.collate import _packed_fields
+
         out.update(_packed_fields(lens, width))
     if "num_target_tokens" in batch:
         out["num_target_tokens"] = int((labels[:, 1:] != -100).sum())
@@ -110,8 +111,10 @@ def _short(setting: dict) -> dict:
 
 
 def _describe(setting: dict) -> str:
-    return (f"micro_batch_size {setting[MB]} x grad_accum {setting[GA]}, gradient checkpointing "
-            f"{'on' if setting[CK] else 'off'}")
+    return (
+        f"micro_batch_size {setting[MB]} x grad_accum {setting[GA]}, gradient checkpointing "
+        f"{'on' if setting[CK] else 'off'}"
+    )
 
 
 def _divisor_rule(setting: dict) -> dict | None:
@@ -142,8 +145,10 @@ class OomRetry:
         if not self._started:
             self._started = True
             if self.loop.state.oom_overrides:  # resumed: say why the setting is not the config's
-                self.loop._note(f"continuing at {_describe(self.setting())} (lowered after an out-of-memory "
-                                "error earlier in this run)")
+                self.loop._note(
+                    f"continuing at {_describe(self.setting())} (lowered after an out-of-memory "
+                    "error earlier in this run)"
+                )
         self._apply()
         rng, before = _rng_state(self.loop.device), self.setting()
         total, error = self._attempt(batches, n_target)
@@ -199,10 +204,20 @@ class OomRetry:
         loop.state.oom_overrides = {**loop.state.oom_overrides, **change}
         self._apply()
         now, step = self.setting(), loop.state.step + 1
-        loop.metrics.append({"step": step, "epoch": loop._epoch_float(), "event": "oom_retry", **_short(now),
-                             "from": _short(before), "error": error})
-        loop._note(f"step {step}: out of GPU memory at {_describe(before)}; retrying the step at {_describe(now)} "
-                   f"(effective batch {now[MB] * now[GA]})")
+        loop.metrics.append(
+            {
+                "step": step,
+                "epoch": loop._epoch_float(),
+                "event": "oom_retry",
+                **_short(now),
+                "from": _short(before),
+                "error": error,
+            }
+        )
+        loop._note(
+            f"step {step}: out of GPU memory at {_describe(before)}; retrying the step at {_describe(now)} "
+            f"(effective batch {now[MB] * now[GA]})"
+        )
 
     def _apply(self) -> None:
         """Make the model match the setting: checkpointing turned on after an OOM (here or before a resume)."""
@@ -215,13 +230,18 @@ class OomRetry:
     def _error(self, tried: list[dict], error: str) -> LorafuseError:
         step = self.loop.state.step + 1
         if len(tried) == 1:
-            problem = (f"out of GPU memory in step {step} at {_describe(tried[0])}, and there is no smaller setting "
-                       "to retry with mid-run (a shorter data.max_length would change the data)")
+            problem = (
+                f"out of GPU memory in step {step} at {_describe(tried[0])}, and there is no smaller setting "
+                "to retry with mid-run (a shorter data.max_length would change the data)"
+            )
         else:
-            problem = (f"out of GPU memory in step {step} at {_describe(tried[0])}, and again on the retry at "
-                       f"{_describe(tried[1])}")
+            problem = (
+                f"out of GPU memory in step {step} at {_describe(tried[0])}, and again on the retry at "
+                f"{_describe(tried[1])}"
+            )
         return LorafuseError(
             f"{problem}. The error: {error}",
             "run `lorafuse plan CONFIG` to see where the memory goes and the fastest setting that fits this GPU, "
             "and train with it (train.auto_fit=true applies it for you); or lower data.max_length, use "
-            "model.quant=nf4, or use a GPU with more memory")
+            "model.quant=nf4, or use a GPU with more memory",
+        )

@@ -69,7 +69,7 @@ def dynamic_map(signed: bool) -> torch.Tensor:
     """
     values = [0.0, 1.0]
     for e in range(7):
-        pieces = 2 ** e if signed else 2 ** (e + 1)
+        pieces = 2**e if signed else 2 ** (e + 1)
         edges = torch.linspace(0.1, 1.0, pieces + 1, dtype=torch.float32)
         mids = ((edges[:-1] + edges[1:]) / 2.0) * (10.0 ** (e - 6))
         values += mids.tolist()
@@ -92,8 +92,9 @@ def quantize_blockwise(x: torch.Tensor, code: torch.Tensor, blocksize: int = BLO
     return q.view(-1)[:n], absmax
 
 
-def dequantize_blockwise(q: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor,
-                         blocksize: int = BLOCKSIZE) -> torch.Tensor:
+def dequantize_blockwise(
+    q: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int = BLOCKSIZE
+) -> torch.Tensor:
     """(q uint8 (n,), absmax (blocks,)) -> fp32 (n,) = code[q] * absmax of the element's block."""
     n = q.numel()
     values = torch.nn.functional.pad(code[q.long()], (0, (-n) % blocksize)).view(-1, blocksize)
@@ -104,10 +105,10 @@ def _adamw_fp32(p, g, m, v, step, lr, b1, b2, eps, wd):
     """One AdamW update in place on fp32 tensors p, m, v (g fp32). Same math as bitsandbytes' kernels."""
     m.mul_(b1).add_(g, alpha=1 - b1)
     v.mul_(b2).addcmul_(g, g, value=1 - b2)
-    denom = (v.sqrt() / math.sqrt(1 - b2 ** step)).add_(eps)
+    denom = (v.sqrt() / math.sqrt(1 - b2**step)).add_(eps)
     if wd:
         p.mul_(1 - lr * wd)
-    p.addcdiv_(m, denom, value=-lr / (1 - b1 ** step))
+    p.addcdiv_(m, denom, value=-lr / (1 - b1**step))
 
 
 def _kernels_may_run(t: torch.Tensor) -> bool:
@@ -119,9 +120,18 @@ def _kernels_may_run(t: torch.Tensor) -> bool:
 class AdamW8bit(torch.optim.Optimizer):
     """AdamW with block-wise 8-bit m and v (module docstring); `paged=True` keeps states in pinned host memory."""
 
-    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
-                 min_8bit_size: int = MIN_8BIT_SIZE, blocksize: int = BLOCKSIZE, paged: bool = False,
-                 host_states: bool | None = None):
+    def __init__(
+        self,
+        params,
+        lr: float = 1e-3,
+        betas=(0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        min_8bit_size: int = MIN_8BIT_SIZE,
+        blocksize: int = BLOCKSIZE,
+        paged: bool = False,
+        host_states: bool | None = None,
+    ):
         if lr < 0 or eps < 0 or not (0 <= betas[0] < 1 and 0 <= betas[1] < 1):
             raise ValueError(f"invalid AdamW8bit arguments lr={lr} betas={betas} eps={eps}")
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
@@ -164,12 +174,20 @@ class AdamW8bit(torch.optim.Optimizer):
         kw = dict(device="cpu", pin_memory=True) if self._paged_on(p) else dict(device=p.device)
         n = p.numel()
         if n < self.min_8bit_size:
-            return {"step": 0, "m": torch.zeros(n, dtype=torch.float32, **kw),
-                    "v": torch.zeros(n, dtype=torch.float32, **kw)}
+            return {
+                "step": 0,
+                "m": torch.zeros(n, dtype=torch.float32, **kw),
+                "v": torch.zeros(n, dtype=torch.float32, **kw),
+            }
         blocks = -(-n // self.blocksize)
         # absmax 0 makes every code decode to 0, so the codes' initial value does not matter.
-        return {"step": 0, "m_q": torch.zeros(n, dtype=torch.uint8, **kw), "m_absmax": torch.zeros(blocks, **kw),
-                "v_q": torch.zeros(n, dtype=torch.uint8, **kw), "v_absmax": torch.zeros(blocks, **kw)}
+        return {
+            "step": 0,
+            "m_q": torch.zeros(n, dtype=torch.uint8, **kw),
+            "m_absmax": torch.zeros(blocks, **kw),
+            "v_q": torch.zeros(n, dtype=torch.uint8, **kw),
+            "v_absmax": torch.zeros(blocks, **kw),
+        }
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -215,8 +233,20 @@ class AdamW8bit(torch.optim.Optimizer):
         for (device, *_, step), items in launches.items():
             ps, gs, states = zip(*items)
             if len(items) == 1 or not adamw8bit_multi_update(
-                    ps, gs, states, self._map(True, device), self._map(False, device), *self._bounds(device),
-                    step + 1, group["lr"], b1, b2, group["eps"], group["weight_decay"], self._tables):
+                ps,
+                gs,
+                states,
+                self._map(True, device),
+                self._map(False, device),
+                *self._bounds(device),
+                step + 1,
+                group["lr"],
+                b1,
+                b2,
+                group["eps"],
+                group["weight_decay"],
+                self._tables,
+            ):
                 rest += ps
                 continue
             for state in states:
@@ -271,8 +301,10 @@ class AdamW8bit(torch.optim.Optimizer):
 
         key = ("bounds", str(device))
         if key not in self._maps:
-            self._maps[key] = (midpoints(self._map(True, device)).contiguous(),
-                               midpoints(self._map(False, device)).contiguous())
+            self._maps[key] = (
+                midpoints(self._map(True, device)).contiguous(),
+                midpoints(self._map(False, device)).contiguous(),
+            )
         return self._maps[key]
 
     def _paged_updates(self, params: list, group: dict) -> None:
@@ -283,8 +315,10 @@ class AdamW8bit(torch.optim.Optimizer):
 
         def fetch(p):
             with torch.cuda.stream(copy):
-                on_gpu = {k: (v.to(p.device, non_blocking=True) if torch.is_tensor(v) else v)
-                          for k, v in self.state[p].items()}
+                on_gpu = {
+                    k: (v.to(p.device, non_blocking=True) if torch.is_tensor(v) else v)
+                    for k, v in self.state[p].items()
+                }
             return on_gpu, copy.record_event()
 
         pending = fetch(params[0])
@@ -365,8 +399,7 @@ def build_optimizer(name: str, params: Iterable, lr: float, weight_decay: float)
 
 def state_bytes(optimizer: torch.optim.Optimizer) -> int:
     """Bytes held by the optimizer's state tensors (host or device)."""
-    return sum(t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values()
-               if torch.is_tensor(t))
+    return sum(t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t))
 
 
 class LRSchedule:

@@ -41,16 +41,24 @@ class Precision:
         (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
 
 
-def prepare_model(model, gradient_checkpointing: bool | str, note=print,
-                  embeddings_on_host: bool = False, head_on_host: bool = False,
-                  uncheckpointed_layers: int = 0, dequant_cap_mib: int = 0, fp8: bool = False) -> list[nn.Parameter]:
+def prepare_model(
+    model,
+    gradient_checkpointing: bool | str,
+    note=print,
+    embeddings_on_host: bool = False,
+    head_on_host: bool = False,
+    uncheckpointed_layers: int = 0,
+    dequant_cap_mib: int = 0,
+    fp8: bool = False,
+) -> list[nn.Parameter]:
     """Checkpointing on (non-reentrant; "offload": layer inputs in pinned CPU memory, train/offload.py), cache
     off, trainable tensors in fp32, optionally the input embedding in pinned host memory
     (model/host_embedding.py) and the output head there between losses; returns the trainable params."""
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
-        raise LorafuseError("the model has no trainable parameters",
-                            "apply LoRA first: lorafuse.apply_lora(model, r=16, ...)")
+        raise LorafuseError(
+            "the model has no trainable parameters", "apply LoRA first: lorafuse.apply_lora(model, r=16, ...)"
+        )
     low = [p for p in params if p.dtype in (torch.float16, torch.bfloat16)]
     for p in low:
         p.data = p.data.float()  # fp32 masters: a 16-bit update rounds small steps away; GradScaler needs fp32
@@ -78,8 +86,11 @@ def prepare_model(model, gradient_checkpointing: bool | str, note=print,
         from lorafuse.model.host_embedding import embeddings_to_host
 
         moved, reason = embeddings_to_host(model)
-        note(f"input embedding in pinned host memory, read in place: {moved / 2**30:.2f} GiB of GPU memory freed"
-             if moved else f"input embedding stays on the device: {reason}")
+        note(
+            f"input embedding in pinned host memory, read in place: {moved / 2**30:.2f} GiB of GPU memory freed"
+            if moved
+            else f"input embedding stays on the device: {reason}"
+        )
     from lorafuse.kernels import lora_linear
 
     # read by every fused linear from now on; 0 restores the default (LORAFUSE_DEQUANT_CAP_MIB, else none)
@@ -91,9 +102,12 @@ def prepare_model(model, gradient_checkpointing: bool | str, note=print,
         from lorafuse.model.host_embedding import head_to_host
 
         moved, reason = head_to_host(model)
-        note(f"output head in pinned host memory, streamed to the loss in ~32 MiB vocabulary chunks where that "
-             f"takes less memory than staging it whole: {moved / 2**30:.2f} GiB off the backward's peak"
-             if moved else f"output head stays on the device: {reason}")
+        note(
+            f"output head in pinned host memory, streamed to the loss in ~32 MiB vocabulary chunks where that "
+            f"takes less memory than staging it whole: {moved / 2**30:.2f} GiB off the backward's peak"
+            if moved
+            else f"output head stays on the device: {reason}"
+        )
     return params
 
 
@@ -106,18 +120,25 @@ def _set_fp8(model, device: torch.device, wanted: bool, note) -> None:
     if not wanted:
         return
     emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    ref = emb.weight if emb is not None else next((p for p in model.parameters() if not p.requires_grad
-                                                    and p.is_floating_point()), None)
+    ref = (
+        emb.weight
+        if emb is not None
+        else next((p for p in model.parameters() if not p.requires_grad and p.is_floating_point()), None)
+    )
     dtype = ref.dtype if ref is not None else None  # the compute dtype is the embedding's
     if reason := fp8.supported(device):
         raise LorafuseError(f"train.fp8 is on, but {reason}", "set train.fp8: false (the bf16 GEMMs are the default)")
     if dtype != torch.bfloat16:
-        raise LorafuseError(f"train.fp8 needs bf16 compute, the model computes in {dtype}",
-                            "set model.compute_dtype: bfloat16, or train.fp8: false")
+        raise LorafuseError(
+            f"train.fp8 needs bf16 compute, the model computes in {dtype}",
+            "set model.compute_dtype: bfloat16, or train.fp8: false",
+        )
     fp8.ENABLED = True
-    note("FP8 (e4m3) base-weight GEMMs in the forward and the recompute"
-         + ("" if not fp8.BACKWARD else ", and the backward's input gradient of NF4 weights")
-         + "; LoRA and the loss in bf16")
+    note(
+        "FP8 (e4m3) base-weight GEMMs in the forward and the recompute"
+        + ("" if not fp8.BACKWARD else ", and the backward's input gradient of NF4 weights")
+        + "; LoRA and the loss in bf16"
+    )
 
 
 def fp8_needs_fast_path(model, fast_path: str) -> None:
@@ -127,11 +148,15 @@ def fp8_needs_fast_path(model, fast_path: str) -> None:
         return
     from lorafuse.kernels.fast_path import fast_path_blocker
 
-    why = "train.fast_path is off" if fast_path == "off" else \
-        f"the fast path did not apply ({fast_path_blocker(model) or 'it runs on CUDA only'})"
-    raise LorafuseError(f"train.fp8 is on, but {why}; FP8 runs inside the fused kernels only",
-                        "set train.fast_path: auto (a Llama, Mistral or Qwen2/3 model on an NVIDIA GPU), or "
-                        "train.fp8: false")
+    why = (
+        "train.fast_path is off"
+        if fast_path == "off"
+        else f"the fast path did not apply ({fast_path_blocker(model) or 'it runs on CUDA only'})"
+    )
+    raise LorafuseError(
+        f"train.fp8 is on, but {why}; FP8 runs inside the fused kernels only",
+        "set train.fast_path: auto (a Llama, Mistral or Qwen2/3 model on an NVIDIA GPU), or train.fp8: false",
+    )
 
 
 def recompute_contexts():
@@ -160,7 +185,7 @@ def keep_activations(model, n: int) -> int:
     from lorafuse.model.host_embedding import decoder_layers
 
     layers = decoder_layers(model)
-    kept = [layer for layer in layers[max(0, len(layers) - n):] if hasattr(layer, "gradient_checkpointing")]
+    kept = [layer for layer in layers[max(0, len(layers) - n) :] if hasattr(layer, "gradient_checkpointing")]
     for layer in kept:
         layer.gradient_checkpointing = False
     return len(kept)

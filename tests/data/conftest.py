@@ -10,9 +10,20 @@ import pytest
 # The contract's DataConfig fields and defaults; used until lorafuse.config exists, and to pass values the
 # pydantic model would reject before they reach the data code (e.g. an unknown format).
 DATA_DEFAULTS = dict(
-    path="builtin:demo", format="alpaca", fields={}, max_length=512, val_size=0.0, val_path=None,
-    completion_only=True, packing=False, template="auto", system_prompt=None, split="train", num_rows=None,
-    shuffle=True, cache_dir=None,
+    path="builtin:demo",
+    format="alpaca",
+    fields={},
+    max_length=512,
+    val_size=0.0,
+    val_path=None,
+    completion_only=True,
+    packing=False,
+    template="auto",
+    system_prompt=None,
+    split="train",
+    num_rows=None,
+    shuffle=True,
+    cache_dir=None,
 )
 
 

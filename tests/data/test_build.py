@@ -48,8 +48,7 @@ def test_val_path(tiny_tokenizer, make_cfg, write_jsonl, tmp_path):
     assert va[0]["input_ids"] != tr[0]["input_ids"]
 
 
-def test_second_build_is_a_cache_hit_with_identical_data(tiny_tokenizer, make_cfg, write_jsonl, tmp_path,
-                                                         monkeypatch):
+def test_second_build_is_a_cache_hit_with_identical_data(tiny_tokenizer, make_cfg, write_jsonl, tmp_path, monkeypatch):
     path = write_jsonl(tmp_path / "d.jsonl", ROWS)
     cfg = make_cfg(path=str(path), val_size=0.1)
     tr1, va1, st1 = build_datasets(cfg, tiny_tokenizer, cache_dir=tmp_path / "cache")
@@ -99,9 +98,13 @@ def test_every_row_too_long_is_an_error(tiny_tokenizer, make_cfg, write_jsonl, t
 
 def test_every_target_masked_is_an_error_with_the_longest_prompt(tiny_tokenizer, make_cfg, write_jsonl, tmp_path):
     rows = [{"instruction": "x", "input": "", "output": "y"}] + [
-        {"instruction": "a very long instruction " * 8, "input": "", "output": "y"} for _ in range(3)]
-    prompt_len = 1 + len(tiny_tokenizer("### Instruction:\n" + rows[1]["instruction"] + "\n\n### Response:\n",
-                                        add_special_tokens=False)["input_ids"])
+        {"instruction": "a very long instruction " * 8, "input": "", "output": "y"} for _ in range(3)
+    ]
+    prompt_len = 1 + len(
+        tiny_tokenizer("### Instruction:\n" + rows[1]["instruction"] + "\n\n### Response:\n", add_special_tokens=False)[
+            "input_ids"
+        ]
+    )
     short_len = len(tiny_tokenizer("### Instruction:\nx\n\n### Response:\ny")["input_ids"]) + 1
     cfg = make_cfg(path=str(write_jsonl(tmp_path / "d.jsonl", rows[1:])), max_length=prompt_len - 1)
     with pytest.raises(DataError, match="every target is masked") as e:
@@ -114,8 +117,9 @@ def test_every_target_masked_is_an_error_with_the_longest_prompt(tiny_tokenizer,
     assert "line 2 of" in "\n".join(st.summary())
 
 
-def test_template_auto_chat_for_messages_and_plain_without_chat_template(tiny_tokenizer, make_cfg,
-                                                                       write_jsonl, tmp_path):
+def test_template_auto_chat_for_messages_and_plain_without_chat_template(
+    tiny_tokenizer, make_cfg, write_jsonl, tmp_path
+):
     rows = [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}] * 3
     cfg = make_cfg(path=str(write_jsonl(tmp_path / "m.jsonl", rows)), format="messages")
     _, _, st = build_datasets(cfg, tiny_tokenizer)

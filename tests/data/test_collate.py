@@ -18,9 +18,22 @@ IGNORE = -100
 def _demo(tok, n=None):
     from types import SimpleNamespace
 
-    cfg = SimpleNamespace(path="builtin:demo", format="alpaca", fields={}, max_length=512, val_size=0.0,
-                          val_path=None, completion_only=True, packing=False, template="auto", system_prompt=None,
-                          split="train", num_rows=n, shuffle=True, cache_dir=None)
+    cfg = SimpleNamespace(
+        path="builtin:demo",
+        format="alpaca",
+        fields={},
+        max_length=512,
+        val_size=0.0,
+        val_path=None,
+        completion_only=True,
+        packing=False,
+        template="auto",
+        system_prompt=None,
+        split="train",
+        num_rows=n,
+        shuffle=True,
+        cache_dir=None,
+    )
     return build_datasets(cfg, tok)[0]
 
 
@@ -46,7 +59,7 @@ def test_pad_equal_to_eos_keeps_eos_trained(pad_eos_tokenizer):
     for r in range(8):
         n = len(ds[r]["input_ids"])
         assert b["input_ids"][r, n - 1] == eos and b["labels"][r, n - 1] == eos  # the real EOS: trained
-        assert (b["labels"][r, n:] == IGNORE).all()                               # the pads (also id eos): not
+        assert (b["labels"][r, n:] == IGNORE).all()  # the pads (also id eos): not
     assert int((b["labels"] == eos).sum()) == 8
     eos_as_pad = int((b["input_ids"] == eos).sum()) - 8
     assert eos_as_pad > 0  # precondition: some rows were padded with the EOS id
@@ -98,15 +111,15 @@ def test_packed_batch_structure(tiny_tokenizer):
             pos = 0
             segments = list(lens) + ([T - sum(lens)] if sum(lens) < T else [])
             for n in segments:
-                assert b["position_ids"][r, pos:pos + n].tolist() == list(range(n))
-                block = mask[r, 0, pos:pos + n, pos:pos + n]
+                assert b["position_ids"][r, pos : pos + n].tolist() == list(range(n))
+                block = mask[r, 0, pos : pos + n, pos : pos + n]
                 assert torch.equal(block, torch.ones(n, n, dtype=torch.bool).tril())
                 pos += n
             m = mask[r, 0]
             assert int(m.sum()) == sum(n * (n + 1) // 2 for n in segments)  # nothing outside the blocks
             off = 0
             for n in lens:
-                examples.append(tuple(b["input_ids"][r, off:off + n].tolist()))
+                examples.append(tuple(b["input_ids"][r, off : off + n].tolist()))
                 assert b["labels"][r, off] == IGNORE  # a sequence's first token is never a target
                 off += n
         cu = b["cu_seqlens"].tolist()
@@ -123,8 +136,14 @@ def _seq_losses(model, batch, kw):
     for r, lens in enumerate(batch["seq_lens"]):
         pos = 0
         for n in lens:
-            out.append(F.cross_entropy(logits[r, pos:pos + n - 1], batch["labels"][r, pos + 1:pos + n],
-                                       ignore_index=IGNORE, reduction="sum").item())
+            out.append(
+                F.cross_entropy(
+                    logits[r, pos : pos + n - 1],
+                    batch["labels"][r, pos + 1 : pos + n],
+                    ignore_index=IGNORE,
+                    reduction="sum",
+                ).item()
+            )
             pos += n
     return out, logits
 
@@ -156,15 +175,17 @@ def test_packed_losses_equal_unpacked_and_need_the_block_mask(tiny_tokenizer, im
     b = next(packer.epoch_batches(0))
     losses, logits = _seq_losses(model, b, model_inputs(b, impl))
     # no mask and no cache (as in training): transformers >= 5 derives the blocks from the position_ids restarts
-    auto = _seq_losses(model, b, {"input_ids": b["input_ids"], "position_ids": b["position_ids"],
-                                  "use_cache": False})[0]
+    auto = _seq_losses(model, b, {"input_ids": b["input_ids"], "position_ids": b["position_ids"], "use_cache": False})[
+        0
+    ]
     unmasked = _seq_losses(model, b, {**model_inputs(b, impl), "attention_mask": torch.ones_like(b["input_ids"])})[0]
     packed, auto, unmasked = (np.array([dict(zip(order, x))[i] for i in range(n)]) for x in (losses, auto, unmasked))
     assert (np.abs(packed - ref) <= bound).all(), np.abs(packed - ref).max()
     assert (np.abs(auto - ref) <= bound).all(), np.abs(auto - ref).max()
     # the loop's way, one shifted CE over whole packed rows: no loss term crosses a sequence boundary
-    total = F.cross_entropy(logits[:, :-1].flatten(0, 1), b["labels"][:, 1:].flatten(), ignore_index=IGNORE,
-                            reduction="sum").item()
+    total = F.cross_entropy(
+        logits[:, :-1].flatten(0, 1), b["labels"][:, 1:].flatten(), ignore_index=IGNORE, reduction="sum"
+    ).item()
     assert abs(total - ref.sum()) <= bound.sum()
     assert np.abs(unmasked - ref).max() > 100 * bound.max()
 
@@ -211,14 +232,16 @@ def test_right_padded_rows_train_the_same_without_the_mask(tiny_tokenizer, impl)
     def run(kw, labels):
         model.zero_grad(set_to_none=True)
         logits = model(**kw).logits.float()
-        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=IGNORE,
-                               reduction="sum")
+        loss = F.cross_entropy(
+            logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=IGNORE, reduction="sum"
+        )
         loss.backward()
         return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}, logits
 
     real = b["attention_mask"].bool()
-    masked, masked_grads, masked_logits = run({"input_ids": b["input_ids"], "attention_mask": b["attention_mask"]},
-                                              b["labels"])
+    masked, masked_grads, masked_logits = run(
+        {"input_ids": b["input_ids"], "attention_mask": b["attention_mask"]}, b["labels"]
+    )
     kw = model_inputs(b, impl)
     assert "attention_mask" not in kw
     loss, grads, logits = run(kw, b["labels"])

@@ -14,15 +14,23 @@ def src(rows, lines=None):
 
 
 def test_alpaca_plain_template_with_and_without_input():
-    rows = [{"instruction": "Translate", "input": "猫", "output": "cat"},
-            {"instruction": "Name a color.", "input": "", "output": "Red."}]
+    rows = [
+        {"instruction": "Translate", "input": "猫", "output": "cat"},
+        {"instruction": "Name a color.", "input": "", "output": "Red."},
+    ]
     s = format_rows(src(rows), "alpaca", {}, "plain")
     assert s[0].chunks == [("### Instruction:\nTranslate\n\n### Input:\n猫\n\n### Response:\n", "cat")]
     assert s[1].chunks == [("### Instruction:\nName a color.\n\n### Response:\n", "Red.")]
 
 
 def test_dolly_ja_template_is_the_seeds_exactly():
-    row = {"instruction": "要約して", "input": "長い文章", "output": "短い文", "category": "summarization", "index": "7"}
+    row = {
+        "instruction": "要約して",
+        "input": "長い文章",
+        "output": "短い文",
+        "category": "summarization",
+        "index": "7",
+    }
     (s,) = format_rows(src([row]), "dolly-ja", {}, "plain")
     prompt, target = s.chunks[0]
     assert prompt + target == "### 指示:\n要約して\n\n### 入力:\n長い文章\n\n### 回答:\n短い文"
@@ -41,8 +49,11 @@ def test_system_prompt_plain_and_chat():
     (p,) = format_rows(src([row]), "alpaca", {}, "plain", system_prompt="Be brief.")
     assert p.chunks[0][0].startswith("Be brief.\n\n### Instruction:\nHi")
     (c,) = format_rows(src([row]), "alpaca", {}, "chat", system_prompt="Be brief.")
-    assert c.messages == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
-                          {"role": "assistant", "content": "Hello"}]
+    assert c.messages == [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello"},
+    ]
 
 
 def test_alpaca_chat_joins_instruction_and_input():
@@ -51,14 +62,23 @@ def test_alpaca_chat_joins_instruction_and_input():
 
 
 def test_sharegpt_roles_and_plain_rendering():
-    row = {"conversations": [{"from": "system", "value": "S"}, {"from": "human", "value": "Q1"},
-                             {"from": "gpt", "value": "A1"}, {"from": "human", "value": "Q2"},
-                             {"from": "gpt", "value": "A2"}, {"from": "human", "value": "trailing"}]}
+    row = {
+        "conversations": [
+            {"from": "system", "value": "S"},
+            {"from": "human", "value": "Q1"},
+            {"from": "gpt", "value": "A1"},
+            {"from": "human", "value": "Q2"},
+            {"from": "gpt", "value": "A2"},
+            {"from": "human", "value": "trailing"},
+        ]
+    }
     (c,) = format_rows(src([row]), "sharegpt", {}, "chat")
     assert [m["role"] for m in c.messages] == ["system", "user", "assistant", "user", "assistant", "user"]
     (p,) = format_rows(src([row]), "sharegpt", {}, "plain")
-    assert p.chunks == [("S\n\n### Instruction:\nQ1\n\n### Response:\n", "A1"),
-                        ("### Instruction:\nQ2\n\n### Response:\n", "A2")]
+    assert p.chunks == [
+        ("S\n\n### Instruction:\nQ1\n\n### Response:\n", "A1"),
+        ("### Instruction:\nQ2\n\n### Response:\n", "A2"),
+    ]
 
 
 def test_messages_format_and_json_string_column():
@@ -81,8 +101,12 @@ def test_prompt_completion_and_text():
 
 
 def test_field_mapping_including_turn_keys():
-    (s,) = format_rows(src([{"question": "Why?", "answer": "Because."}]), "alpaca",
-                       {"instruction": "question", "output": "answer"}, "plain")
+    (s,) = format_rows(
+        src([{"question": "Why?", "answer": "Because."}]),
+        "alpaca",
+        {"instruction": "question", "output": "answer"},
+        "plain",
+    )
     assert s.chunks == [("### Instruction:\nWhy?\n\n### Response:\n", "Because.")]
     row = {"dialog": [{"speaker": "user", "text": "hi"}, {"speaker": "assistant", "text": "hello"}]}
     (c,) = format_rows(src([row]), "sharegpt", {"conversations": "dialog", "from": "speaker", "value": "text"}, "chat")
@@ -90,8 +114,11 @@ def test_field_mapping_including_turn_keys():
 
 
 def test_missing_field_names_row_fields_and_mapping():
-    rows = [{"instruction": "a", "output": "b"}, {"question": "Why?", "answer": "Because."},
-            {"question": "How?", "answer": "So."}]
+    rows = [
+        {"instruction": "a", "output": "b"},
+        {"question": "Why?", "answer": "Because."},
+        {"question": "How?", "answer": "So."},
+    ]
     with pytest.raises(DataError) as e:
         format_rows(src(rows, lines=[1, 2, 4]), "alpaca", {}, "plain")
     msg = str(e.value)

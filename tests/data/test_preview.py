@@ -10,8 +10,12 @@ from lorafuse.data.preview import histogram_lines, preview, render_example
 
 
 def _cfg(make_cfg, tmp_path, model_path="unused", **data):
-    return SimpleNamespace(model=SimpleNamespace(path=str(model_path)), data=make_cfg(**data),
-                           output=SimpleNamespace(dir=str(tmp_path / "run")), train=SimpleNamespace(seed=42))
+    return SimpleNamespace(
+        model=SimpleNamespace(path=str(model_path)),
+        data=make_cfg(**data),
+        output=SimpleNamespace(dir=str(tmp_path / "run")),
+        train=SimpleNamespace(seed=42),
+    )
 
 
 def test_preview_prints_examples_markers_and_stats(tiny_tokenizer, make_cfg, tmp_path):
@@ -39,12 +43,14 @@ def test_render_styles_trained_masked_and_eos(tiny_tokenizer):
     ids = prompt + target
     labels = [-100] * len(prompt) + target
     text = render_example(ids, labels, tok)
-    styled = {(text.plain[s.start:s.end], str(s.style)) for s in text.spans}
+    styled = {(text.plain[s.start : s.end], str(s.style)) for s in text.spans}
     assert ("Red.", "bold green") in styled
     assert ("[EOS]", "bold black on green") in styled
     assert ("### Response:\n", "dim") in styled
     masked_eos = render_example(ids, labels[:-1] + [-100], tok)
-    assert ("[EOS]", "bold white on red") in {(masked_eos.plain[s.start:s.end], str(s.style)) for s in masked_eos.spans}
+    assert ("[EOS]", "bold white on red") in {
+        (masked_eos.plain[s.start : s.end], str(s.style)) for s in masked_eos.spans
+    }
 
 
 def test_histogram_bars_scale_to_the_largest_bin():

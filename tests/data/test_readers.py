@@ -10,14 +10,18 @@ import pytest
 from lorafuse.data.readers import demo_data_path, read_rows, source_fingerprint
 from lorafuse.errors import DataError
 
-ROWS = [{"instruction": "足し算: 2+3", "input": "", "output": "5"},
-        {"instruction": "Translate", "input": "猫", "output": "cat"}]
+ROWS = [
+    {"instruction": "足し算: 2+3", "input": "", "output": "5"},
+    {"instruction": "Translate", "input": "猫", "output": "cat"},
+]
 
 
 def test_jsonl_rows_and_line_numbers(tmp_path):
     p = tmp_path / "d.jsonl"
-    p.write_text(json.dumps(ROWS[0], ensure_ascii=False) + "\n\n" + json.dumps(ROWS[1], ensure_ascii=False) + "\n",
-                 encoding="utf-8")
+    p.write_text(
+        json.dumps(ROWS[0], ensure_ascii=False) + "\n\n" + json.dumps(ROWS[1], ensure_ascii=False) + "\n",
+        encoding="utf-8",
+    )
     src = read_rows(str(p))
     assert src.rows == ROWS
     assert src.where(1) == f"line 3 of {p}"  # the blank line is skipped but line numbers stay the file's
@@ -66,8 +70,9 @@ def test_datasets_save_to_disk_folder_and_split(tmp_path):
     datasets = pytest.importorskip("datasets")
     datasets.Dataset.from_list(ROWS).save_to_disk(str(tmp_path / "ds"))
     assert read_rows(str(tmp_path / "ds")).rows == ROWS
-    datasets.DatasetDict({"train": datasets.Dataset.from_list(ROWS),
-                          "eval": datasets.Dataset.from_list(ROWS[:1])}).save_to_disk(str(tmp_path / "dd"))
+    datasets.DatasetDict(
+        {"train": datasets.Dataset.from_list(ROWS), "eval": datasets.Dataset.from_list(ROWS[:1])}
+    ).save_to_disk(str(tmp_path / "dd"))
     assert read_rows(str(tmp_path / "dd"), split="eval").rows == ROWS[:1]
     with pytest.raises(DataError, match="has splits") as e:
         read_rows(str(tmp_path / "dd"), split="validation")
@@ -78,8 +83,7 @@ def test_builtin_demo_is_bilingual_alpaca_with_short_outputs():
     src = read_rows("builtin:demo")
     assert 150 <= len(src.rows) <= 300
     assert all(set(r) == {"instruction", "input", "output"} for r in src.rows)
-    has_ja = sum(any("\u3040" <= ch <= "\u30ff" or "\u4e00" <= ch <= "\u9fff" for ch in r["output"])
-                 for r in src.rows)
+    has_ja = sum(any("\u3040" <= ch <= "\u30ff" or "\u4e00" <= ch <= "\u9fff" for ch in r["output"]) for r in src.rows)
     assert 0.2 < has_ja / len(src.rows) < 0.8  # a real mix of Japanese and English answers
     assert max(len(r["output"]) for r in src.rows) <= 80
     assert any(r["input"] == "" for r in src.rows) and any(r["input"] for r in src.rows)
@@ -113,8 +117,10 @@ def test_empty_file(tmp_path):
 
 def test_malformed_json_line_names_line_and_shows_its_start(tmp_path):
     p = tmp_path / "d.jsonl"
-    p.write_text(json.dumps(ROWS[0]) + "\n" + json.dumps(ROWS[1]) + "\n" + '{"instruction": "oops", "output": 3,\n',
-                 encoding="utf-8")
+    p.write_text(
+        json.dumps(ROWS[0]) + "\n" + json.dumps(ROWS[1]) + "\n" + '{"instruction": "oops", "output": 3,\n',
+        encoding="utf-8",
+    )
     with pytest.raises(DataError) as e:
         read_rows(str(p))
     assert "line 3" in str(e.value) and '{"instruction": "oops"' in str(e.value)

@@ -7,9 +7,13 @@ import pytest
 from lorafuse.data.formats import Sample
 from lorafuse.data.tokenize import IGNORE, bos_prefix, tokenize_samples
 
-CONV = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"},
-        {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "2+2?"},
-        {"role": "assistant", "content": "4"}]
+CONV = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "Hi there"},
+    {"role": "assistant", "content": "Hello!"},
+    {"role": "user", "content": "2+2?"},
+    {"role": "assistant", "content": "4"},
+]
 
 
 def ids_of(tok, text):
@@ -72,7 +76,8 @@ def test_multi_chunk_plain_has_eos_after_every_target(tiny_tokenizer):
     out = tokenize_samples([Sample(chunks=[("Q1\n", "A1"), ("Q2\n", "A2")])], tok, "plain", 512)
     ids, labels = out.input_ids[0], out.labels[0]
     assert ids == [tok.bos_token_id] + ids_of(tok, "Q1\nA1") + [tok.eos_token_id] + ids_of(tok, "Q2\nA2") + [
-        tok.eos_token_id]
+        tok.eos_token_id
+    ]
     assert tok.decode(trained(tok, ids, labels)) == "A1</s>A2</s>"
 
 

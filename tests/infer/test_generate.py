@@ -39,7 +39,7 @@ def _generated_ids(model, call):
 
     def spy(*args, **kwargs):
         out = original(*args, **kwargs)
-        seen["new"] = out[0, kwargs["input_ids"].shape[1]:].tolist()
+        seen["new"] = out[0, kwargs["input_ids"].shape[1] :].tolist()
         return out
 
     model.generate = spy

@@ -78,9 +78,20 @@ def _raw_config(model_dir: Path, out: Path, grad_accum: int, dropout: float = 0.
         "model": {"path": str(model_dir), "quant": "nf4", "compute_dtype": "float32"},
         "lora": {"r": 4, "alpha": 8, "dropout": dropout, "targets": "all-linear"},
         "data": {"path": "builtin:demo", "format": "alpaca", "max_length": 96, "num_rows": 26, "val_size": 7},
-        "train": {"max_steps": max_steps, "micro_batch_size": 2, "grad_accum": grad_accum, "lr": 3e-3,
-                  "warmup_steps": 0, "scheduler": "constant", "optimizer": "adamw", "gradient_checkpointing": True,
-                  "save_every": 2, "eval_every": 2, "device": "cpu", "seed": 7},
+        "train": {
+            "max_steps": max_steps,
+            "micro_batch_size": 2,
+            "grad_accum": grad_accum,
+            "lr": 3e-3,
+            "warmup_steps": 0,
+            "scheduler": "constant",
+            "optimizer": "adamw",
+            "gradient_checkpointing": True,
+            "save_every": 2,
+            "eval_every": 2,
+            "device": "cpu",
+            "seed": 7,
+        },
         "output": {"dir": str(out)},
     }
 
@@ -97,10 +108,28 @@ def _torchrun(tmp_path: Path, cfg: Path, out: Path, *extra: str, ok: bool = True
     script.write_text(_AUDITED)
     audit = tmp_path / f"audit-{out.name}"
     audit.mkdir(exist_ok=True)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-           "LORAFUSE_CACHE": str(tmp_path / "cache"), "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
-           str(out), str(audit), "train", str(cfg), *extra]
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "HF_HUB_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "LORAFUSE_CACHE": str(tmp_path / "cache"),
+        "PYTHONPATH": str(ROOT),
+    }
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        str(script),
+        str(out),
+        str(audit),
+        "train",
+        str(cfg),
+        *extra,
+    ]
     proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert (proc.returncode == 0) == ok, proc.stdout[-4000:] + proc.stderr[-4000:]
     return proc

@@ -27,9 +27,19 @@ def _config(tmp_path: Path, model_dir: Path, out: Path) -> Path:
         "model": {"path": str(model_dir), "quant": "nf4", "compute_dtype": "float32"},
         "lora": {"r": 4, "alpha": 8, "dropout": 0.1, "targets": "all-linear"},
         "data": {"path": "builtin:demo", "format": "alpaca", "max_length": 96, "num_rows": 56, "val_size": 8},
-        "train": {"max_steps": 8, "micro_batch_size": 4, "grad_accum": 2, "lr": 3e-3, "warmup_steps": 2,
-                  "optimizer": "adamw_8bit", "gradient_checkpointing": True, "save_every": 3, "eval_every": 4,
-                  "device": "cpu", "seed": 7},
+        "train": {
+            "max_steps": 8,
+            "micro_batch_size": 4,
+            "grad_accum": 2,
+            "lr": 3e-3,
+            "warmup_steps": 2,
+            "optimizer": "adamw_8bit",
+            "gradient_checkpointing": True,
+            "save_every": 3,
+            "eval_every": 4,
+            "device": "cpu",
+            "seed": 7,
+        },
         "output": {"dir": str(out)},
     }
     path = tmp_path / f"{out.name}.yaml"
@@ -38,8 +48,14 @@ def _config(tmp_path: Path, model_dir: Path, out: Path) -> Path:
 
 
 def _env(tmp_path: Path) -> dict:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-            "LORAFUSE_CACHE": str(tmp_path / "cache"), "PYTHONPATH": str(ROOT)}
+    return {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "HF_HUB_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "LORAFUSE_CACHE": str(tmp_path / "cache"),
+        "PYTHONPATH": str(ROOT),
+    }
 
 
 def _rows(out: Path) -> list[tuple]:
@@ -71,13 +87,22 @@ def test_sigkill_then_same_command_resumes_bitwise(tmp_path, tiny_model_dir):
     full_cfg, cut_cfg = _config(tmp_path, tiny_model_dir, full_out), _config(tmp_path, tiny_model_dir, cut_out)
     lorafuse = [sys.executable, "-m", "lorafuse", "train"]
 
-    victim = subprocess.Popen([sys.executable, "-c", _PARK_AFTER_STEP_5, str(cut_cfg)], env=env, cwd=tmp_path,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    full = subprocess.run(lorafuse + [str(full_cfg)], env=env, cwd=tmp_path, capture_output=True, text=True,
-                          timeout=300)
+    victim = subprocess.Popen(
+        [sys.executable, "-c", _PARK_AFTER_STEP_5, str(cut_cfg)],
+        env=env,
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    full = subprocess.run(
+        lorafuse + [str(full_cfg)], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300
+    )
     assert full.returncode == 0, full.stdout + full.stderr
     deadline = time.time() + 300
-    while not (cut_out / "metrics.jsonl").is_file() or '"step": 5, "epoch"' not in (cut_out / "metrics.jsonl").read_text():
+    while (
+        not (cut_out / "metrics.jsonl").is_file() or '"step": 5, "epoch"' not in (cut_out / "metrics.jsonl").read_text()
+    ):
         assert victim.poll() is None and time.time() < deadline, victim.stdout.read() if victim.poll() else "timeout"
         time.sleep(0.2)
     victim.send_signal(signal.SIGKILL)
@@ -86,8 +111,9 @@ def test_sigkill_then_same_command_resumes_bitwise(tmp_path, tiny_model_dir):
     assert sorted(p.name for p in cut_out.glob("checkpoint-*")) == ["checkpoint-3", "checkpoint-4"]
     assert not (cut_out / "adapter").exists()
 
-    resumed = subprocess.run(lorafuse + [str(cut_cfg)], env=env, cwd=tmp_path, capture_output=True, text=True,
-                             timeout=300)
+    resumed = subprocess.run(
+        lorafuse + [str(cut_cfg)], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300
+    )
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert "resuming from" in resumed.stdout and "checkpoint-4" in resumed.stdout
 

@@ -50,8 +50,14 @@ def parity():
     return assert_close_to_oracle
 
 
-def assert_close_to_oracle(name: str, kernel: torch.Tensor, ref_same_dtype: torch.Tensor,
-                           oracle: torch.Tensor, factor: float = 2.0, floor: float | None = None) -> None:
+def assert_close_to_oracle(
+    name: str,
+    kernel: torch.Tensor,
+    ref_same_dtype: torch.Tensor,
+    oracle: torch.Tensor,
+    factor: float = 2.0,
+    floor: float | None = None,
+) -> None:
     """DESIGN rule 2: the kernel's error vs the fp32 oracle is at most `factor` times the error of the
     reference computed in the kernel's dtype. `floor` is the dtype's unit roundoff scale, used only when
     the same-dtype reference is exact (e.g. fp32 vs fp32), so a bit-identical reference cannot demand

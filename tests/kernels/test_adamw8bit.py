@@ -41,8 +41,9 @@ def test_fused_update_matches_reference(n, device, monkeypatch):
 
     smap, umap = dynamic_map(True).to(device), dynamic_map(False).to(device)
     step = state_ref["step"]
-    ran = adamw8bit_update(p_k.view(-1), grad, state_k, smap, umap, midpoints(smap), midpoints(umap),
-                           step, 1e-2, 0.9, 0.999, 1e-8, 0.01)
+    ran = adamw8bit_update(
+        p_k.view(-1), grad, state_k, smap, umap, midpoints(smap), midpoints(umap), step, 1e-2, 0.9, 0.999, 1e-8, 0.01
+    )
     assert ran
     # The parameter update: same fp32 formula; rounding may differ by an ulp or two of p.
     err = (p_k - p_ref.detach()).abs().max().item()
@@ -61,11 +62,16 @@ def test_fused_update_matches_reference(n, device, monkeypatch):
 
 def test_fused_update_declines_other_blocksizes(device):
     p = torch.randn(1024, device=device)
-    state = {"m_q": torch.zeros(1024, dtype=torch.uint8, device=device), "m_absmax": torch.zeros(8, device=device),
-             "v_q": torch.zeros(1024, dtype=torch.uint8, device=device), "v_absmax": torch.zeros(8, device=device)}
+    state = {
+        "m_q": torch.zeros(1024, dtype=torch.uint8, device=device),
+        "m_absmax": torch.zeros(8, device=device),
+        "v_q": torch.zeros(1024, dtype=torch.uint8, device=device),
+        "v_absmax": torch.zeros(8, device=device),
+    }
     smap, umap = dynamic_map(True).to(device), dynamic_map(False).to(device)
-    assert not adamw8bit_update(p, p.clone(), state, smap, umap, midpoints(smap), midpoints(umap),
-                                1, 1e-3, 0.9, 0.999, 1e-8, 0.0)
+    assert not adamw8bit_update(
+        p, p.clone(), state, smap, umap, midpoints(smap), midpoints(umap), 1, 1e-3, 0.9, 0.999, 1e-8, 0.0
+    )
 
 
 def _maps(device):
@@ -75,8 +81,12 @@ def _maps(device):
 
 def _zero_states(n, device):
     blocks = -(-n // 256)
-    return {"m_q": torch.zeros(n, dtype=torch.uint8, device=device), "m_absmax": torch.zeros(blocks, device=device),
-            "v_q": torch.zeros(n, dtype=torch.uint8, device=device), "v_absmax": torch.zeros(blocks, device=device)}
+    return {
+        "m_q": torch.zeros(n, dtype=torch.uint8, device=device),
+        "m_absmax": torch.zeros(blocks, device=device),
+        "v_q": torch.zeros(n, dtype=torch.uint8, device=device),
+        "v_absmax": torch.zeros(blocks, device=device),
+    }
 
 
 def _grad(n, dtype, device, gen):
@@ -162,11 +172,20 @@ def _optimizer_run(device, multi: bool, monkeypatch, steps=3):
     """Params that split into several launches: two dtypes, two step counts (d and e get no gradient at step 1),
     a non-contiguous one (per-parameter kernel), a 2-element one (fp32 states: PyTorch)."""
     gen = torch.Generator().manual_seed(2)
-    shapes = {"a": ((300,), torch.float32), "c": ((5,), torch.float32), "d": ((260,), torch.float32),
-              "e": ((3,), torch.float32), "f": ((300,), torch.float16), "h": ((3,), torch.float16),
-              "t": ((10, 20), torch.float32), "s": ((2,), torch.float32)}
-    params = {k: torch.nn.Parameter(torch.randn(shape, generator=gen).to(dtype).to(device))
-              for k, (shape, dtype) in shapes.items()}
+    shapes = {
+        "a": ((300,), torch.float32),
+        "c": ((5,), torch.float32),
+        "d": ((260,), torch.float32),
+        "e": ((3,), torch.float32),
+        "f": ((300,), torch.float16),
+        "h": ((3,), torch.float16),
+        "t": ((10, 20), torch.float32),
+        "s": ((2,), torch.float32),
+    }
+    params = {
+        k: torch.nn.Parameter(torch.randn(shape, generator=gen).to(dtype).to(device))
+        for k, (shape, dtype) in shapes.items()
+    }
     params["t"] = torch.nn.Parameter(params["t"].detach().t())  # non-contiguous
     opt = AdamW8bit(list(params.values()), lr=1e-2, weight_decay=0.01, min_8bit_size=3)
     spies = _Launches(K._adamw8bit_multi_kernel), _Launches(K._adamw8bit_kernel)

@@ -39,10 +39,13 @@ def _check(t, hdim, vocab, dtype, reduction, with_bias, chunk, device, parity):
     assert torch.all(dh[labels == -100] == 0), "ignored rows get no gradient"
 
 
-@pytest.mark.parametrize("t,hdim,vocab,dtype,reduction,with_bias,chunk", [
-    (13, 32, 100, torch.float32, "mean", False, 5),   # 3 chunks, last partial; vocab not a power of two
-    (9, 16, 300, torch.float16, "sum", True, None),   # one chunk; several vocab blocks; bias
-])
+@pytest.mark.parametrize(
+    "t,hdim,vocab,dtype,reduction,with_bias,chunk",
+    [
+        (13, 32, 100, torch.float32, "mean", False, 5),  # 3 chunks, last partial; vocab not a power of two
+        (9, 16, 300, torch.float16, "sum", True, None),  # one chunk; several vocab blocks; bias
+    ],
+)
 def test_fused_linear_ce_parity(t, hdim, vocab, dtype, reduction, with_bias, chunk, device, parity):
     _check(t, hdim, vocab, dtype, reduction, with_bias, chunk, device, parity)
 
@@ -65,10 +68,13 @@ def test_fused_linear_ce_parity_gpu(t, vocab, dtype, parity):
     _check(t, 4096, vocab, dtype, "mean", False, None, torch.device("cuda"), parity)
 
 
-@pytest.mark.parametrize("t,hdim,vocab,dtype,with_bias,chunk", [
-    (13, 32, 100, torch.float32, False, 5),   # 3 contiguous chunks, the last partial; 30% of rows ignored
-    (9, 16, 300, torch.float16, True, None),
-])
+@pytest.mark.parametrize(
+    "t,hdim,vocab,dtype,with_bias,chunk",
+    [
+        (13, 32, 100, torch.float32, False, 5),  # 3 contiguous chunks, the last partial; 30% of rows ignored
+        (9, 16, 300, torch.float16, True, None),
+    ],
+)
 def test_fixed_shape_pass_matches_the_oracle(t, hdim, vocab, dtype, with_bias, chunk, device, parity, monkeypatch):
     """The pass CUDA-graph capture takes (every row, ignored rows weighted 0, no nonzero()) gives the same
     loss and gradients as the row-selecting pass, within the same-dtype reference's error."""

@@ -9,8 +9,13 @@ import torch
 
 from lorafuse.errors import LorafuseError
 from lorafuse.kernels import _runtime
-from lorafuse.kernels.fast_path import (FastLoRAMLP, FastRMSNorm, apply_fast_path, maybe_apply_fast_path,
-                                        remove_fast_path)
+from lorafuse.kernels.fast_path import (
+    FastLoRAMLP,
+    FastRMSNorm,
+    apply_fast_path,
+    maybe_apply_fast_path,
+    remove_fast_path,
+)
 
 
 def _tiny(arch="llama", dropout=0.0, dora=False, nf4=False, seed=0, layers=2):
@@ -18,8 +23,16 @@ def _tiny(arch="llama", dropout=0.0, dora=False, nf4=False, seed=0, layers=2):
     from lorafuse.model.inject import apply_lora
     from lorafuse.model.tiny import build_tiny_model
 
-    model = build_tiny_model(arch, vocab_size=96, hidden_size=64, intermediate_size=96, num_layers=layers,
-                             num_heads=4, num_kv_heads=2, seed=seed)
+    model = build_tiny_model(
+        arch,
+        vocab_size=96,
+        hidden_size=64,
+        intermediate_size=96,
+        num_layers=layers,
+        num_heads=4,
+        num_kv_heads=2,
+        seed=seed,
+    )
     if nf4:  # what load_model(quant="nf4") does to every decoder linear
         for layer in model.model.layers:
             for part in (layer.self_attn, layer.mlp):
@@ -100,8 +113,9 @@ def test_kernel_swap_matches_unswapped(device, parity, monkeypatch):
         return sdpa(q, k, v, *args, **kwargs)
 
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
-    fast = _compare("mistral", use_reference=False, parity=parity, checkpointing=True, layers=1,
-                    tokens=(1, 6))  # the interpreter runs every program in Python: few tokens
+    fast = _compare(
+        "mistral", use_reference=False, parity=parity, checkpointing=True, layers=1, tokens=(1, 6)
+    )  # the interpreter runs every program in Python: few tokens
     assert fast.lorafuse_fast_path["ops"] == "triton"
     assert len(groups) == 2, "q|k|v grouped in the forward and the checkpoint recompute"
     assert v_owns and all(v_owns)
@@ -119,8 +133,11 @@ def test_kernel_swap_qkv_group_with_nf4_bias_and_dropout(device, parity, monkeyp
     base = _tiny("qwen2", dropout=0.2, nf4=True, layers=1).train()
     ids = torch.randint(0, 96, (1, 6), generator=torch.Generator().manual_seed(3))
     res = {}
-    for name, model, use_reference in (("oracle", copy.deepcopy(base).double(), True),
-                                       ("ref", copy.deepcopy(base), True), ("got", copy.deepcopy(base), False)):
+    for name, model, use_reference in (
+        ("oracle", copy.deepcopy(base).double(), True),
+        ("ref", copy.deepcopy(base), True),
+        ("got", copy.deepcopy(base), False),
+    ):
         applied, reason = apply_fast_path(model, use_reference=use_reference)
         assert applied, reason
         set_dropout_seed(model, 9)
@@ -203,8 +220,9 @@ def test_dropout_masks_survive_checkpoint_recompute():
         fast = copy.deepcopy(base)
         apply_fast_path(fast, use_reference=True)
         if checkpointing:
-            fast.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False,
-                                                                                "preserve_rng_state": False})
+            fast.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False, "preserve_rng_state": False}
+            )
         fast.train()
         set_dropout_seed(fast, 11)
         grads.append(_step(fast, ids))
@@ -310,11 +328,13 @@ def test_recompute_skips_the_down_projection_and_keeps_every_gradient(device, mo
 
     full, down_only, in_place = [], [], []
     forward, down, act = swiglu_mlp.lora_forward, swiglu_mlp.lora_down, swiglu_mlp.swiglu_forward
-    monkeypatch.setattr(swiglu_mlp, "lora_forward", lambda x, ops, xq=None: full.append(ops.lw.out_features) or
-                        forward(x, ops, xq))
+    monkeypatch.setattr(
+        swiglu_mlp, "lora_forward", lambda x, ops, xq=None: full.append(ops.lw.out_features) or forward(x, ops, xq)
+    )
     monkeypatch.setattr(swiglu_mlp, "lora_down", lambda x, ops: down_only.append(ops.lw.out_features) or down(x, ops))
-    monkeypatch.setattr(swiglu_mlp, "swiglu_forward", lambda e, g, out=None: in_place.append(out is e) or
-                        act(e, g, out=out))
+    monkeypatch.setattr(
+        swiglu_mlp, "swiglu_forward", lambda e, g, out=None: in_place.append(out is e) or act(e, g, out=out)
+    )
     base = _tiny(dropout=0.1, layers=2, seed=4)  # fp32 in the interpreter; bf16 on a GPU (same kernels both runs)
     base = base.to(device, torch.bfloat16) if device.type == "cuda" else base
     ids = torch.randint(0, 96, (1, 5), generator=torch.Generator().manual_seed(6)).to(device)

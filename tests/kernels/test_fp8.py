@@ -104,7 +104,9 @@ def _lw(base: str, n: int, k: int, device, r: int = 8, bias: bool = True, seed: 
         weight=quantize_nf4(w).to(device) if base == "nf4" else w.to(device, torch.bfloat16),
         bias=(torch.randn(n, generator=g) * 0.1).to(device, torch.bfloat16) if bias else None,
         lora_A=(torch.randn(r, k, generator=g) / k**0.5).to(device).requires_grad_(),
-        lora_B=(torch.randn(n, r, generator=g) / r**0.5).to(device).requires_grad_(), scaling=2.0)
+        lora_B=(torch.randn(n, r, generator=g) / r**0.5).to(device).requires_grad_(),
+        scaling=2.0,
+    )
 
 
 def _move(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -112,8 +114,13 @@ def _move(t: torch.Tensor | None) -> torch.Tensor | None:
 
 
 def _cpu(lw: LoRAWeights) -> LoRAWeights:
-    return dataclasses.replace(lw, weight=lw.weight.to("cpu") if lw.is_nf4 else _move(lw.weight), bias=_move(lw.bias),
-                               lora_A=_move(lw.lora_A), lora_B=_move(lw.lora_B))
+    return dataclasses.replace(
+        lw,
+        weight=lw.weight.to("cpu") if lw.is_nf4 else _move(lw.weight),
+        bias=_move(lw.bias),
+        lora_A=_move(lw.lora_A),
+        lora_B=_move(lw.lora_B),
+    )
 
 
 def _rel(got: torch.Tensor, want: torch.Tensor) -> float:
@@ -151,8 +158,11 @@ def test_the_fp8_forward_is_the_scaled_product_of_the_codes(base, device, fp8_on
     # in RMS, so ~5% together
     w = lw.weight.dequantize(torch.float32) if lw.is_nf4 else lw.weight
     exact = _cpu(dataclasses.replace(lw, weight=w))
-    exact = (x.double().cpu() @ exact.weight.double().t() + exact.bias.double()
-             + 2.0 * (x.double().cpu() @ exact.lora_A.double().t()) @ exact.lora_B.double().t())
+    exact = (
+        x.double().cpu() @ exact.weight.double().t()
+        + exact.bias.double()
+        + 2.0 * (x.double().cpu() @ exact.lora_A.double().t()) @ exact.lora_B.double().t()
+    )
     assert 2.0**-8 < _rel(y, exact) < 0.06
 
 
@@ -268,13 +278,20 @@ def test_gpu_fp8_linear_at_a_7b_shape_is_the_codes_product_and_near_the_exact_on
     monkeypatch.setattr(fp8, "ENABLED", True)
     g = torch.Generator(device="cuda").manual_seed(0)
     w = torch.randn(11008, 4096, device="cuda", generator=g) * 0.02
-    lw = LoRAWeights(quantize_nf4(w), None, torch.randn(16, 4096, device="cuda", generator=g) * 0.01,
-                     torch.randn(11008, 16, device="cuda", generator=g) * 0.01, 2.0)
+    lw = LoRAWeights(
+        quantize_nf4(w),
+        None,
+        torch.randn(16, 4096, device="cuda", generator=g) * 0.01,
+        torch.randn(11008, 16, device="cuda", generator=g) * 0.01,
+        2.0,
+    )
     x = torch.randn(2048, 4096, device="cuda", generator=g).to(torch.bfloat16)
     y = ll.lora_linear(x, lw)
     assert _rel(y, _emulated(x, lw)) <= 2 * 2.0**-9
-    exact = (x.double() @ lw.weight.dequantize(torch.float32).double().t()
-             + 2.0 * (x.double() @ lw.lora_A.double().t()) @ lw.lora_B.double().t())
+    exact = (
+        x.double() @ lw.weight.dequantize(torch.float32).double().t()
+        + 2.0 * (x.double() @ lw.lora_A.double().t()) @ lw.lora_B.double().t()
+    )
     assert _rel(y, exact.cpu()) < 0.06
 
 
@@ -290,8 +307,13 @@ def test_the_fp8_backward_is_on_unless_the_environment_turns_it_off(env, want):
     environ = {k: v for k, v in os.environ.items() if k != "LORAFUSE_FP8_BACKWARD"}
     if env is not None:
         environ["LORAFUSE_FP8_BACKWARD"] = env
-    out = subprocess.run([sys.executable, "-c", "from lorafuse.kernels import fp8; print(fp8.BACKWARD)"],
-                         env=environ, capture_output=True, text=True, check=True).stdout.strip()
+    out = subprocess.run(
+        [sys.executable, "-c", "from lorafuse.kernels import fp8; print(fp8.BACKWARD)"],
+        env=environ,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
     assert out == str(want)
 
 

@@ -35,12 +35,17 @@ def _specs(base, dropout, bias, device, seeds="int", widths=WIDTHS, ranks=RANKS,
     for i, (n, r) in enumerate(zip(widths, ranks)):
         w = torch.randn(n, k, generator=g) / k**0.5
         b = (torch.randn(n, generator=g) * 0.1).to(device).requires_grad_(bias == "grad")
-        specs.append(LoRAWeights(
-            weight=quantize_nf4(w.to(device)) if base == "nf4" else w.to(device),
-            bias=None if bias is None or (bias == "mixed" and i == 1) else b,
-            lora_A=(torch.randn(r, k, generator=g) / k**0.5).to(device).requires_grad_(),
-            lora_B=(torch.randn(n, r, generator=g) / r**0.5).to(device).requires_grad_(),  # a trained-looking B
-            scaling=1.0 + i, dropout_p=dropout * (1 + i) / 2, seed=seed_of[seeds](i) if dropout else None))
+        specs.append(
+            LoRAWeights(
+                weight=quantize_nf4(w.to(device)) if base == "nf4" else w.to(device),
+                bias=None if bias is None or (bias == "mixed" and i == 1) else b,
+                lora_A=(torch.randn(r, k, generator=g) / k**0.5).to(device).requires_grad_(),
+                lora_B=(torch.randn(n, r, generator=g) / r**0.5).to(device).requires_grad_(),  # a trained-looking B
+                scaling=1.0 + i,
+                dropout_p=dropout * (1 + i) / 2,
+                seed=seed_of[seeds](i) if dropout else None,
+            )
+        )
     x = torch.randn(*tokens, k, generator=g).to(device)
     dys = [torch.randn(*tokens, n, generator=g).to(device) for n in widths]
     return x, specs, dys
@@ -52,8 +57,15 @@ def _fresh(specs, dtype):
     for lw in specs:
         w = lw.weight if lw.is_nf4 else lw.weight.to(dtype)
         b = None if lw.bias is None else lw.bias.detach().to(dtype).requires_grad_(lw.bias.requires_grad)
-        out.append(dataclasses.replace(lw, weight=w, bias=b, lora_A=lw.lora_A.detach().clone().requires_grad_(),
-                                       lora_B=lw.lora_B.detach().clone().requires_grad_()))
+        out.append(
+            dataclasses.replace(
+                lw,
+                weight=w,
+                bias=b,
+                lora_A=lw.lora_A.detach().clone().requires_grad_(),
+                lora_B=lw.lora_B.detach().clone().requires_grad_(),
+            )
+        )
     return out
 
 
@@ -137,8 +149,9 @@ def test_group_saves_only_x_and_s_and_dequantizes_once(device, monkeypatch):
     x, specs, dys = _specs("nf4", 0.2, None, device)
     calls = []
     dequantize = lg.nf4_dequantize
-    monkeypatch.setattr(lg, "nf4_dequantize", lambda w, dtype, out: calls.append(out.data_ptr()) or
-                        dequantize(w, dtype, out=out))
+    monkeypatch.setattr(
+        lg, "nf4_dequantize", lambda w, dtype, out: calls.append(out.data_ptr()) or dequantize(w, dtype, out=out)
+    )
     x = x.requires_grad_()
     ys = lg.lora_linear_group(x, specs)
     node = _group_node(ys[0])
@@ -170,8 +183,7 @@ def test_fallback_runs_the_single_path(why, device, monkeypatch):
     if why == "mixed kinds":
         specs[1] = dataclasses.replace(specs[1], weight=specs[1].weight.dequantize(torch.float32))
     if why == "trainable base":
-        specs = [dataclasses.replace(lw, weight=lw.weight.dequantize(torch.float32).requires_grad_())
-                 for lw in specs]
+        specs = [dataclasses.replace(lw, weight=lw.weight.dequantize(torch.float32).requires_grad_()) for lw in specs]
     with _runtime.cpu_kernels(False) if why == "cpu reference" else contextlib.nullcontext():
         got, ys = _run(lg.lora_linear_group, x, specs, dys, torch.float32)
         want, _ = _run(_singles, x, specs, dys, torch.float32)
@@ -195,8 +207,9 @@ def test_checkpoint_recompute_regenerates_the_masks(device, monkeypatch):
     group_forward = lg.group_forward
     monkeypatch.setattr(lg, "group_forward", lambda *a: forwards.append(1) or group_forward(*a))
     plain, _ = _run(lg.lora_linear_group, x, specs, dys, torch.float32)
-    ckpt, _ = _run(lambda x, sp: checkpoint(lg.lora_linear_group, x, sp, use_reentrant=False), x, specs, dys,
-                   torch.float32)
+    ckpt, _ = _run(
+        lambda x, sp: checkpoint(lg.lora_linear_group, x, sp, use_reentrant=False), x, specs, dys, torch.float32
+    )
     assert len(forwards) == 3, "plain forward, checkpointed forward, recompute"
     for name in plain:
         assert torch.equal(plain[name], ckpt[name]), name
@@ -213,14 +226,19 @@ def test_group_equals_single_calls_gpu(widths, dropout, dx_cat, monkeypatch, par
     monkeypatch.setattr(ll, "NF4_FUSED_MAX_M", 0)
     monkeypatch.setattr(lg, "GROUP_DX_CAT", dx_cat)
     device = torch.device("cuda")
-    x, specs, dys = _specs("nf4", dropout, "grad", device, widths=widths, ranks=(16, 16, 16), tokens=(4, 512),
-                           k=4096)
+    x, specs, dys = _specs("nf4", dropout, "grad", device, widths=widths, ranks=(16, 16, 16), tokens=(4, 512), k=4096)
     got, ys = _run(lg.lora_linear_group, x, specs, dys, torch.bfloat16)
     ref, _ = _run(_singles, x, specs, dys, torch.bfloat16)
     assert all(_group_node(y) is not None for y in ys)
-    oracle_specs = [dataclasses.replace(lw, weight=lw.weight.dequantize(torch.float32).double(),
-                                        lora_A=lw.lora_A.detach().double(), lora_B=lw.lora_B.detach().double())
-                    for lw in specs]
+    oracle_specs = [
+        dataclasses.replace(
+            lw,
+            weight=lw.weight.dequantize(torch.float32).double(),
+            lora_A=lw.lora_A.detach().double(),
+            lora_B=lw.lora_B.detach().double(),
+        )
+        for lw in specs
+    ]
     oracle, _ = _run(_references, x, oracle_specs, dys, torch.float64)
     for name in oracle:
         parity(f"group/{widths}/p={dropout}/cat={dx_cat}/{name}", got[name], ref[name], oracle[name])

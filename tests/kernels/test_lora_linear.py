@@ -25,7 +25,9 @@ def _problem(shape, base, dropout, bias_grad, device, seed=0):
         bias=(torch.randn(n, generator=g) * 0.1).to(device).requires_grad_(bias_grad),
         lora_A=(torch.randn(r, k, generator=g) / k**0.5).to(device).requires_grad_(),
         lora_B=(torch.randn(n, r, generator=g) / r**0.5).to(device).requires_grad_(),  # nonzero: a trained B
-        scaling=2.0, dropout_p=dropout, seed=1234 if dropout else None,
+        scaling=2.0,
+        dropout_p=dropout,
+        seed=1234 if dropout else None,
     )
     x = torch.randn(m, k, generator=g).to(device)
     dy = torch.randn(m, n, generator=g).to(device)
@@ -35,9 +37,13 @@ def _problem(shape, base, dropout, bias_grad, device, seed=0):
 def _cast(lw: LoRAWeights, dtype) -> LoRAWeights:
     """The same layer with the base in `dtype` (LoRA masters keep their dtype, as in training)."""
     w = lw.weight if lw.is_nf4 else lw.weight.detach().to(dtype)
-    return dataclasses.replace(lw, weight=w, bias=lw.bias.detach().to(dtype).requires_grad_(lw.bias.requires_grad),
-                               lora_A=lw.lora_A.detach().clone().requires_grad_(),
-                               lora_B=lw.lora_B.detach().clone().requires_grad_())
+    return dataclasses.replace(
+        lw,
+        weight=w,
+        bias=lw.bias.detach().to(dtype).requires_grad_(lw.bias.requires_grad),
+        lora_A=lw.lora_A.detach().clone().requires_grad_(),
+        lora_B=lw.lora_B.detach().clone().requires_grad_(),
+    )
 
 
 def _oracle_lw(lw: LoRAWeights) -> LoRAWeights:
@@ -97,7 +103,7 @@ def test_fused_ds_db_one_pass(device, monkeypatch, parity):
     for dtype in (torch.float32, torch.float16):
         ds, db = grad_s_b(dy.to(dtype), s.to(dtype), (b * 2.0).to(dtype), 2.0)
         want_ds, want_db = dy.double() @ (b.double() * 2.0), 2.0 * dy.double().t() @ s.double()
-        ref_ds = (dy.to(dtype) @ (b * 2.0).to(dtype))
+        ref_ds = dy.to(dtype) @ (b * 2.0).to(dtype)
         ref_db = 2.0 * (dy.to(dtype).t() @ s.to(dtype)).float()
         parity(f"grad_s_b/{dtype}/dS", ds, ref_ds, want_ds)
         parity(f"grad_s_b/{dtype}/dB", db, ref_db, want_db)
@@ -123,8 +129,12 @@ def test_saves_only_x_and_s(device, monkeypatch):
     assert type(fn).__name__ == "LoRALinearFunctionBackward"
     saved = fn.saved_tensors
     r = lw.lora_A.shape[0]
-    assert [tuple(t.shape) for t in saved] == [tuple(x.shape), (x.shape[0], r), tuple(lw.lora_A.shape),
-                                               tuple(lw.lora_B.shape)]
+    assert [tuple(t.shape) for t in saved] == [
+        tuple(x.shape),
+        (x.shape[0], r),
+        tuple(lw.lora_A.shape),
+        tuple(lw.lora_B.shape),
+    ]
     assert saved[0].data_ptr() == x.data_ptr()
     assert torch.equal(saved[2], lw.lora_A.to(x.dtype))
     assert torch.equal(saved[3], (lw.lora_B.float() * lw.scaling).to(x.dtype))
@@ -195,8 +205,13 @@ def test_lora_linear_with_a_device_seed(base, path, device, monkeypatch, parity)
     got = _run(ll.lora_linear, x, _cast(lw, torch.float32), dy, torch.float32)
     for name in oracle:
         parity(f"device-seed/{base}/{path}/{name}", got[name], ref[name], oracle[name])
-    other = _run(ll.lora_linear, x, _cast(dataclasses.replace(lw, seed=DropoutSeed(lw.seed.base, 4)),
-                                            torch.float32), dy, torch.float32)
+    other = _run(
+        ll.lora_linear,
+        x,
+        _cast(dataclasses.replace(lw, seed=DropoutSeed(lw.seed.base, 4)), torch.float32),
+        dy,
+        torch.float32,
+    )
     assert not torch.equal(other["y"], got["y"]), "another module offset, another mask"
 
 

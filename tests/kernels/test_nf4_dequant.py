@@ -66,8 +66,9 @@ def _decode(w, dtype, config):
 
 @pytest.mark.parametrize("config", nf4_dequant.SWEEP, ids=str)
 # blocksize 32: rows of 16 bytes (narrower than vec=16); 4096: one quantization block spans several programs
-@pytest.mark.parametrize(("blocksize", "double_quant"),
-                         [(64, True), (64, False), (128, True), (32, False), (4096, True)])
+@pytest.mark.parametrize(
+    ("blocksize", "double_quant"), [(64, True), (64, False), (128, True), (32, False), (4096, True)]
+)
 def test_every_launch_config_is_bit_exact(device, config, blocksize, double_quant):
     for i, shape in enumerate(_shapes_for(config)):
         w = _weight(shape, device, blocksize, double_quant, seed=i)

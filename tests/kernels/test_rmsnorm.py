@@ -34,11 +34,14 @@ def _check(shape, dtype, w_dtype, device, parity, frozen_w=False):
         assert xf.grad is not None
 
 
-@pytest.mark.parametrize("shape,dtype,w_dtype", [
-    ((7, 64), torch.float32, torch.float32),
-    ((3, 5, 96), torch.float16, torch.float16),      # H not a power of two, 3-D input
-    ((9, 48), torch.float16, torch.float32),        # fp32 weight on fp16 activations -> fp32 output (HF)
-])
+@pytest.mark.parametrize(
+    "shape,dtype,w_dtype",
+    [
+        ((7, 64), torch.float32, torch.float32),
+        ((3, 5, 96), torch.float16, torch.float16),  # H not a power of two, 3-D input
+        ((9, 48), torch.float16, torch.float32),  # fp32 weight on fp16 activations -> fp32 output (HF)
+    ],
+)
 def test_rms_norm_parity(shape, dtype, w_dtype, device, parity):
     _check(shape, dtype, w_dtype, device, parity, frozen_w=True)
 

@@ -38,10 +38,13 @@ def _check(bsz, t, hq, hk, d, dtype, broadcast, device, parity):
         parity(f"rope/{dtype}/{name}", got[name], ref[name], oracle[name])
 
 
-@pytest.mark.parametrize("bsz,t,hq,hk,d,dtype,broadcast", [
-    (2, 5, 4, 2, 16, torch.float32, False),    # GQA 4:2, one table per batch row
-    (1, 7, 3, 1, 32, torch.float16, True),     # MQA, 3 heads (not a power of two), broadcast table
-])
+@pytest.mark.parametrize(
+    "bsz,t,hq,hk,d,dtype,broadcast",
+    [
+        (2, 5, 4, 2, 16, torch.float32, False),  # GQA 4:2, one table per batch row
+        (1, 7, 3, 1, 32, torch.float16, True),  # MQA, 3 heads (not a power of two), broadcast table
+    ],
+)
 def test_rope_parity(bsz, t, hq, hk, d, dtype, broadcast, device, parity):
     _check(bsz, t, hq, hk, d, dtype, broadcast, device, parity)
 

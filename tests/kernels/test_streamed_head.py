@@ -15,14 +15,14 @@ from lorafuse.kernels.streamed_head import streamed_head_cross_entropy
 def _data(t, hdim, vocab, device, ignored=0.3, seed=0):
     g = torch.Generator().manual_seed(seed)
     hidden = torch.randn(t, hdim, generator=g)
-    head = torch.randn(vocab, hdim, generator=g) / hdim ** 0.5 * 4  # peaked softmax
+    head = torch.randn(vocab, hdim, generator=g) / hdim**0.5 * 4  # peaked softmax
     labels = torch.randint(0, vocab, (t,), generator=g)
     labels[torch.rand(t, generator=g) < ignored] = -100
     return hidden.to(device), head.to(device), labels.to(device)
 
 
 def _chunks(head, rows):
-    return ((v0, head[v0:v0 + rows]) for v0 in range(0, head.shape[0], rows))
+    return ((v0, head[v0 : v0 + rows]) for v0 in range(0, head.shape[0], rows))
 
 
 def _streamed(hidden, head, labels, dtype, rows):
@@ -47,11 +47,14 @@ def _reference(hidden, head, labels, dtype):
     return {"loss": loss.detach().reshape(1), "dh": h.grad}
 
 
-@pytest.mark.parametrize("t,hdim,vocab,dtype,rows,block", [
-    (13, 32, 100, torch.float32, 7, None),     # 15 chunks, the last partial; 30% of rows ignored
-    (9, 16, 300, torch.float16, 300, None),    # one chunk, the whole vocabulary
-    (21, 16, 97, torch.float32, 10, 4 * 10 * 4),  # logits blocks of 4 rows: several row blocks per chunk
-])
+@pytest.mark.parametrize(
+    "t,hdim,vocab,dtype,rows,block",
+    [
+        (13, 32, 100, torch.float32, 7, None),  # 15 chunks, the last partial; 30% of rows ignored
+        (9, 16, 300, torch.float16, 300, None),  # one chunk, the whole vocabulary
+        (21, 16, 97, torch.float32, 10, 4 * 10 * 4),  # logits blocks of 4 rows: several row blocks per chunk
+    ],
+)
 def test_streamed_loss_and_gradient_match_the_oracle(t, hdim, vocab, dtype, rows, block, parity, monkeypatch):
     """Loss and d(hidden) within the same-dtype reference's error of the fp64 oracle, whatever the chunking."""
     if block is not None:
@@ -129,7 +132,7 @@ def test_the_host_head_streams_a_few_chunks_at_a_time_and_records_in_a_graph(mon
     host = torch.empty(head.shape, dtype=head.dtype, pin_memory=True)
     host.copy_(head)
     stage = HeadStage(host, hidden.device, alias=device_alias(host, hidden.device))
-    assert stage.chunk_rows == 1000 and stage.streams(64) and not stage.streams(10 ** 6)
+    assert stage.chunk_rows == 1000 and stage.streams(64) and not stage.streams(10**6)
 
     def loss_of(source, rows):
         h = hidden.detach().requires_grad_()

@@ -36,7 +36,10 @@ def _proj(k, n, r, base, dropout, seed, device, lora=True):
         weight=quantize_nf4(w.to(device)) if base == "nf4" else w.to(device),
         lora_A=(torch.randn(r, k, generator=gen) / k**0.5).to(device).requires_grad_() if lora else None,
         lora_B=(torch.randn(n, r, generator=gen) / r**0.5).to(device).requires_grad_() if lora else None,
-        scaling=2.0, dropout_p=dropout, seed=100 + seed if dropout else None)
+        scaling=2.0,
+        dropout_p=dropout,
+        seed=100 + seed if dropout else None,
+    )
 
 
 def _as(lw: LoRAWeights, dtype, oracle=False) -> LoRAWeights:
@@ -68,8 +71,11 @@ def _check(base, path, dropout, dtype, dims, device, monkeypatch, parity, lora_o
     monkeypatch.setattr(ll, "NF4_FUSED_MAX_M", 10**9 if path == "fused" else 0)
     monkeypatch.setattr(ll, "DENSE_FUSED_MAX_M", 10**9 if path == "fused" else 0)
     m, d, f, r = dims
-    projs = (_proj(d, f, r, base, dropout, 1, device), _proj(d, f, r, base, dropout, 2, device, lora_on_up),
-             _proj(f, d, r, base, dropout, 3, device))
+    projs = (
+        _proj(d, f, r, base, dropout, 1, device),
+        _proj(d, f, r, base, dropout, 2, device, lora_on_up),
+        _proj(f, d, r, base, dropout, 3, device),
+    )
     gen = torch.Generator().manual_seed(0)
     x, dy = torch.randn(m, d, generator=gen).to(device), torch.randn(m, d, generator=gen).to(device)
     oracle = _run(swiglu_mlp_reference, x, [_as(p, None, True) for p in projs], dy, torch.float64)
@@ -80,10 +86,13 @@ def _check(base, path, dropout, dtype, dims, device, monkeypatch, parity, lora_o
         parity(f"mlp/{base}/{path}/p={dropout}/{dtype}/{name}", got[name], ref[name], oracle[name])
 
 
-@pytest.mark.parametrize("base,path,dropout,dtype,dims,lora_on_up", [
-    ("dense", "cublas", 0.0, torch.float32, (19, 32, 48, 4), False),   # up_proj without LoRA
-    ("nf4", "fused", 0.1, torch.float16, (16, 32, 40, 8), True),
-])
+@pytest.mark.parametrize(
+    "base,path,dropout,dtype,dims,lora_on_up",
+    [
+        ("dense", "cublas", 0.0, torch.float32, (19, 32, 48, 4), False),  # up_proj without LoRA
+        ("nf4", "fused", 0.1, torch.float16, (16, 32, 40, 8), True),
+    ],
+)
 def test_swiglu_mlp_parity(base, path, dropout, dtype, dims, lora_on_up, device, monkeypatch, parity):
     _check(base, path, dropout, dtype, dims, device, monkeypatch, parity, lora_on_up)
 
@@ -94,8 +103,14 @@ def test_mlp_saves_x_e_g_and_s_only_and_refuses_second_backward(device):
     y = swiglu_mlp(x, *projs)
     fn = y.grad_fn.next_functions[0][0]
     casts = [(4, 32), (48, 4), (4, 32), (48, 4), (4, 48), (32, 4)]  # A and s B of gate, up, down
-    assert [tuple(t.shape) for t in fn.saved_tensors] == [(16, 32), (16, 48), (16, 48), (16, 4), (16, 4), (16, 4)] \
-        + casts
+    assert [tuple(t.shape) for t in fn.saved_tensors] == [
+        (16, 32),
+        (16, 48),
+        (16, 48),
+        (16, 4),
+        (16, 4),
+        (16, 4),
+    ] + casts
     y.sum().backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="backward twice"):
         y.sum().backward()

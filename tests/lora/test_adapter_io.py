@@ -39,6 +39,7 @@ VARIANTS = {
 
 # ---------------------------------------------------------------------------------------------------------- helpers
 
+
 def _ids(tokenizer) -> torch.Tensor:
     texts = ["The quick brown fox jumps over the lazy dog.", "日本の首都は東京です。富士山は高い山です。"]
     rows = [tokenizer(t)["input_ids"] for t in texts]
@@ -82,8 +83,10 @@ def _peft_logits(base, adapter_dir, ids):
 def _assert_same_function(label, ours, peft32, peft64, no_adapter):
     err, ref_err = (ours - peft64).abs().max().item(), (peft32 - peft64).abs().max().item()
     effect = (no_adapter - peft64).abs().max().item()
-    print(f"{label}: max |lorafuse - peft| = {(ours - peft32).abs().max().item():.3e}, err vs fp64 {err:.3e}, "
-          f"peft fp32 err {ref_err:.3e}, adapter effect {effect:.3e}")
+    print(
+        f"{label}: max |lorafuse - peft| = {(ours - peft32).abs().max().item():.3e}, err vs fp64 {err:.3e}, "
+        f"peft fp32 err {ref_err:.3e}, adapter effect {effect:.3e}"
+    )
     assert err <= 2 * ref_err, f"{label}: error {err:.3e} > 2 x peft's fp32 error {ref_err:.3e}"
     assert effect > 1e3 * max(ref_err, 1e-9), "the adapter must change the logits (else the test proves nothing)"
 
@@ -127,20 +130,40 @@ def _load_messages(base_dir, adapter_dir) -> list[str]:
 
 # ------------------------------------------------------------------------------------------------- files and format
 
+
 def test_saved_folder_matches_peft_format(tiny_model_dir, tmp_path):
     out = tmp_path / "adapter"
     model, tok = _lorafuse_adapter(tiny_model_dir, out, r=4, alpha=8, dora=True, modules_to_save=["lm_head"])
     files = sorted(os.listdir(out))
-    assert {"adapter_config.json", "adapter_model.safetensors", "README.md", "lorafuse.json",
-            "tokenizer.json", "tokenizer_config.json"} <= set(files)
+    assert {
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "README.md",
+        "lorafuse.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    } <= set(files)
     cfg = json.loads((out / "adapter_config.json").read_text())
     peft_fields = set(LoraConfig(task_type="CAUSAL_LM").to_dict())
     assert set(cfg) == peft_fields, f"extra {set(cfg) - peft_fields}, missing {peft_fields - set(cfg)}"
-    assert (cfg["r"], cfg["lora_alpha"], cfg["use_dora"], cfg["task_type"], cfg["peft_type"], cfg["bias"]) == \
-        (4, 8, True, "CAUSAL_LM", "LORA", "none")
+    assert (cfg["r"], cfg["lora_alpha"], cfg["use_dora"], cfg["task_type"], cfg["peft_type"], cfg["bias"]) == (
+        4,
+        8,
+        True,
+        "CAUSAL_LM",
+        "LORA",
+        "none",
+    )
     assert cfg["inference_mode"] is True and cfg["modules_to_save"] == ["lm_head"]
-    assert sorted(cfg["target_modules"]) == ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj",
-                                             "v_proj"]
+    assert sorted(cfg["target_modules"]) == [
+        "down_proj",
+        "gate_proj",
+        "k_proj",
+        "o_proj",
+        "q_proj",
+        "up_proj",
+        "v_proj",
+    ]
     with safe_open(str(out / "adapter_model.safetensors"), "pt") as f:
         assert f.metadata() == {"format": "pt"}
         keys = set(f.keys())
@@ -168,6 +191,7 @@ def test_dtype_argument_casts_saved_tensors(tiny_model_dir, tmp_path):
 
 # ------------------------------------------------------------------------------------------------ lorafuse -> peft
 
+
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 @pytest.mark.parametrize("arch_dir", ["tiny_model_dir", "tiny_qwen2_dir"])
 def test_peft_loads_our_adapter(arch_dir, variant, request, tmp_path):
@@ -183,8 +207,13 @@ def test_peft_loads_our_adapter(arch_dir, variant, request, tmp_path):
 def test_seed_reload_code_runs_unchanged(tiny_model_dir, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     model, tok = load_model(str(tiny_model_dir), quant="none", compute_dtype=torch.float32, device="cpu")
-    apply_lora(model, r=16, alpha=32, dropout=0.05,
-               targets=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    apply_lora(
+        model,
+        r=16,
+        alpha=32,
+        dropout=0.05,
+        targets=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    )
     _randomize_lora(model)
     model.eval()
     save_adapter(model, "./my-lora-adapter")
@@ -202,12 +231,20 @@ def test_seed_reload_code_runs_unchanged(tiny_model_dir, tmp_path, monkeypatch):
 # ------------------------------------------------------------------------------------------------ peft -> lorafuse
 
 PEFT_CONFIGS = {
-    "list": dict(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
-                                                     "down_proj"]),
+    "list": dict(
+        r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    ),
     "all-linear": dict(r=4, lora_alpha=8, target_modules="all-linear"),
     "regex+dora": dict(r=4, lora_alpha=8, target_modules=r".*\.(q_proj|v_proj|down_proj)", use_dora=True),
-    "patterns+rslora+mts": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj"], use_rslora=True,
-                                rank_pattern={"q_proj": 2}, alpha_pattern={"up_proj": 3}, modules_to_save=["lm_head"]),
+    "patterns+rslora+mts": dict(
+        r=4,
+        lora_alpha=8,
+        target_modules=["q_proj", "v_proj", "up_proj"],
+        use_rslora=True,
+        rank_pattern={"q_proj": 2},
+        alpha_pattern={"up_proj": 3},
+        modules_to_save=["lm_head"],
+    ),
     "layers_to_transform": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], layers_to_transform=[1]),
 }
 
@@ -216,8 +253,10 @@ PEFT_CONFIGS = {
 @pytest.mark.parametrize("arch_dir", ["tiny_model_dir", "tiny_qwen2_dir"])
 def test_we_load_peft_adapter(arch_dir, kind, request, tmp_path):
     base = str(request.getfixturevalue(arch_dir))
-    peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32),
-                                LoraConfig(task_type="CAUSAL_LM", lora_dropout=0.0, **PEFT_CONFIGS[kind]))
+    peft_model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32),
+        LoraConfig(task_type="CAUSAL_LM", lora_dropout=0.0, **PEFT_CONFIGS[kind]),
+    )
     _randomize_lora(peft_model, seed=1)
     peft_model.save_pretrained(str(tmp_path / "peft"))
     model, tok = load_model(base, quant="none", compute_dtype=torch.float32, device="cpu")
@@ -265,6 +304,7 @@ def test_load_adapter_trainable_flag(tiny_model_dir, tmp_path):
 
 # ---------------------------------------------------------------------------------------------------------- NF4 base
 
+
 def test_nf4_adapter_matches_peft_on_dequantized_base(tiny_model_dir, tmp_path):
     """Our adapter on our NF4 base == peft's adapter on a dense base holding our dequantized NF4 weights."""
     model, tok = _lorafuse_adapter(tiny_model_dir, tmp_path / "adapter", quant="nf4", r=4, alpha=8, dora=True)
@@ -286,18 +326,28 @@ def test_nf4_adapter_matches_peft_on_dequantized_base(tiny_model_dir, tmp_path):
 
 # --------------------------------------------------------------------------------------------------------- warnings
 
+
 @pytest.mark.parametrize("variant", ["plain", "dora", "modules_to_save"])
 def test_peft_loads_ours_without_warnings(tiny_model_dir, tmp_path, variant):
     """No message beyond what peft prints for its own adapter of the same settings (peft 0.21.2 on transformers
     5.24 itself warns that `is_gradient_checkpointing` is deprecated, for any adapter)."""
     lora = VARIANTS[variant]
     _lorafuse_adapter(tiny_model_dir, tmp_path / "ours", **lora)
-    peft_cfg = LoraConfig(task_type="CAUSAL_LM", r=lora["r"], lora_alpha=lora["alpha"], target_modules="all-linear",
-                          use_dora=lora.get("dora", False), modules_to_save=lora.get("modules_to_save"))
+    peft_cfg = LoraConfig(
+        task_type="CAUSAL_LM",
+        r=lora["r"],
+        lora_alpha=lora["alpha"],
+        target_modules="all-linear",
+        use_dora=lora.get("dora", False),
+        modules_to_save=lora.get("modules_to_save"),
+    )
     get_peft_model(AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)), peft_cfg).save_pretrained(
-        str(tmp_path / "theirs"))
-    ours, theirs = _load_messages(tiny_model_dir, tmp_path / "ours"), _load_messages(tiny_model_dir,
-                                                                                    tmp_path / "theirs")
+        str(tmp_path / "theirs")
+    )
+    ours, theirs = (
+        _load_messages(tiny_model_dir, tmp_path / "ours"),
+        _load_messages(tiny_model_dir, tmp_path / "theirs"),
+    )
     print(f"peft messages for our adapter: {ours}; for peft's own: {theirs}")
     assert set(ours) <= set(theirs), f"peft warns about our adapter: {set(ours) - set(theirs)}"
     assert not any("Unexpected keyword" in m or "missing adapter keys" in m for m in ours)
@@ -308,6 +358,7 @@ def test_peft_loads_ours_without_warnings(tiny_model_dir, tmp_path, variant):
 
 
 # ----------------------------------------------------------------------------------------------------------- errors
+
 
 def test_adapter_for_another_base_names_both(tiny_model_dir, tmp_path):
     from lorafuse.model.tiny import save_tiny
@@ -353,6 +404,7 @@ def test_unsupported_and_missing_configs(tiny_model_dir, tmp_path):
 
 
 # -------------------------------------------------------------------------------------------------- atomic writes
+
 
 def test_save_adapter_failure_keeps_previous_adapter(tiny_model_dir, tmp_path):
     model, _ = _lorafuse_adapter(tiny_model_dir, tmp_path / "adapter", r=4, alpha=8)

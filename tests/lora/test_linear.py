@@ -94,6 +94,7 @@ NAMES = ["y", "grad_x", "grad_A", "grad_B", "grad_m"]
 
 # ---------------------------------------------------------------- init, scaling, repr, keys
 
+
 def test_scaling_plain_and_rslora():
     assert _layer(64, 32, r=8, alpha=16).scaling == 2.0
     assert _layer(64, 32, r=8, alpha=16, rslora=True).scaling == pytest.approx(16 / math.sqrt(8), rel=1e-15)
@@ -119,8 +120,13 @@ def test_gaussian_init_std_is_one_over_r():
 def test_state_dict_keys_and_repr():
     model = nn.Sequential()
     model.add_module("proj", _layer(64, 32, dora=True))
-    assert set(model.state_dict()) == {"proj.weight", "proj.bias", "proj.lora_A.weight", "proj.lora_B.weight",
-                                       "proj.lora_magnitude_vector"}
+    assert set(model.state_dict()) == {
+        "proj.weight",
+        "proj.bias",
+        "proj.lora_A.weight",
+        "proj.lora_B.weight",
+        "proj.lora_magnitude_vector",
+    }
     assert model.state_dict()["proj.lora_magnitude_vector"].shape == (32,)
     rep = repr(model.proj)
     for part in ("r=8", "alpha=16", "scaling=2", "dense(torch.float32)", "dora=True"):
@@ -128,6 +134,7 @@ def test_state_dict_keys_and_repr():
 
 
 # ---------------------------------------------------------------- forward / backward vs the formula
+
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("in_f,out_f", SHAPES)
@@ -154,12 +161,16 @@ def test_dropout_applies_to_lora_input_only(dora):
     for name, g, r, d in zip(NAMES, got, ref64, ref32):
         _check(f"dropout dora={dora} {name}", g, r, d)
     layer.eval()  # no dropout in eval mode
-    got, ref64, ref32 = _run(layer, x, gy), _formula_run(layer, x, gy, torch.float64), _formula_run(
-        layer, x, gy, torch.float32)
+    got, ref64, ref32 = (
+        _run(layer, x, gy),
+        _formula_run(layer, x, gy, torch.float64),
+        _formula_run(layer, x, gy, torch.float32),
+    )
     _check(f"eval dora={dora} y", got[0], ref64[0], ref32[0])
 
 
 # ---------------------------------------------------------------- DoRA init, merge
+
 
 def test_dora_magnitude_init_is_row_norm():
     w = torch.randn(48, 64)
@@ -208,6 +219,7 @@ def test_merge_is_w_plus_delta_rounded_once(dtype):
 
 # ---------------------------------------------------------------- parity with peft
 
+
 class _Tiny(nn.Module):
     def __init__(self, bias=True):
         super().__init__()
@@ -223,14 +235,16 @@ def _peft_pair(rslora=False, dora=False, dropout=0.0, bias=True):
 
     torch.manual_seed(0)
     base = _Tiny(bias=bias)
-    ours = LoRALinear.from_linear(nn.Linear(64, 48, bias=bias), r=8, alpha=16, dropout=dropout, rslora=rslora,
-                                  dora=dora)
+    ours = LoRALinear.from_linear(
+        nn.Linear(64, 48, bias=bias), r=8, alpha=16, dropout=dropout, rslora=rslora, dora=dora
+    )
     with torch.no_grad():
         ours.weight.copy_(base.proj.weight)
         if bias:
             ours.bias.copy_(base.proj.bias)
-    cfg = LoraConfig(r=8, lora_alpha=16, target_modules=["proj"], lora_dropout=dropout, use_rslora=rslora,
-                     use_dora=dora)
+    cfg = LoraConfig(
+        r=8, lora_alpha=16, target_modules=["proj"], lora_dropout=dropout, use_rslora=rslora, use_dora=dora
+    )
     pl = get_peft_model(base, cfg).base_model.model.proj
     with torch.no_grad():
         if dora:  # both computed at init from W (B = 0): they must agree before we perturb them
@@ -265,8 +279,9 @@ def test_matches_peft_fp32(variant):
     it must be bit-identical; peft's DoRA forms B@A as B(A(I)).T (another summation order), so there both are
     held to the fp64 formula with the 2x rule. With dropout both draw the mask once, after the same seed."""
     p = 0.3 if "dropout" in variant else 0.0
-    ours, pl = _peft_pair(rslora=variant == "rslora", dora=variant.startswith("dora"),
-                          bias=variant != "dora-nobias", dropout=p)
+    ours, pl = _peft_pair(
+        rslora=variant == "rslora", dora=variant.startswith("dora"), bias=variant != "dora-nobias", dropout=p
+    )
     assert ours.scaling == pl.scaling["default"]
     x, gy = torch.randn(3, 5, 64), torch.randn(3, 5, 48)
     got, theirs = _run(ours, x, gy, seed=11), _peft_run(pl, x, gy, seed=11)
@@ -281,6 +296,7 @@ def test_matches_peft_fp32(variant):
 
 
 # ---------------------------------------------------------------- NF4: nf4_linear, NF4Linear, QLoRA == LoRA
+
 
 def _nf4(out_f, in_f, seed=0):
     from lorafuse.quant.nf4 import quantize_nf4
@@ -382,8 +398,15 @@ def test_nf4linear_forward_apply_and_state_dict():
     layer.half()
     assert layer.compute_dtype == torch.float16 and torch.equal(layer.weight.packed, packed)
     sd = layer.state_dict()
-    assert set(sd) == {"bias", "weight", "weight.absmax", "weight.quant_map", "weight.nested_absmax",
-                       "weight.nested_quant_map", "weight.quant_state.bitsandbytes__nf4"}
+    assert set(sd) == {
+        "bias",
+        "weight",
+        "weight.absmax",
+        "weight.quant_map",
+        "weight.nested_absmax",
+        "weight.nested_quant_map",
+        "weight.quant_state.bitsandbytes__nf4",
+    }
     fresh = NF4Linear.from_linear(nn.Linear(64, 40)).half()
     fresh.load_state_dict(sd)  # strict: no missing or unexpected keys
     assert torch.equal(fresh.weight.packed, packed) and torch.equal(fresh.bias, layer.bias)
@@ -404,12 +427,22 @@ def test_nf4linear_loads_a_dense_weight_by_quantizing():
 def test_lora_nf4_state_dict_apply_and_merge_raises():
     ql, _ = _qlora_pair(torch.bfloat16, 64, 48, dora=True)
     sd = ql.state_dict()
-    assert set(sd) == {"weight", "weight.absmax", "weight.quant_map", "weight.nested_absmax",
-                       "weight.nested_quant_map", "weight.quant_state.bitsandbytes__nf4", "bias", "lora_A.weight",
-                       "lora_B.weight", "lora_magnitude_vector"}
+    assert set(sd) == {
+        "weight",
+        "weight.absmax",
+        "weight.quant_map",
+        "weight.nested_absmax",
+        "weight.nested_quant_map",
+        "weight.quant_state.bitsandbytes__nf4",
+        "bias",
+        "lora_A.weight",
+        "lora_B.weight",
+        "lora_magnitude_vector",
+    }
     assert "nf4" in repr(ql) and "r=8" in repr(ql)
-    fresh = LoRALinear(_nf4(48, 64, seed=9), torch.zeros(48).bfloat16(), r=8, alpha=16, dora=True,
-                       compute_dtype=torch.bfloat16)
+    fresh = LoRALinear(
+        _nf4(48, 64, seed=9), torch.zeros(48).bfloat16(), r=8, alpha=16, dora=True, compute_dtype=torch.bfloat16
+    )
     fresh.load_state_dict(sd)  # strict
     x = torch.randn(3, 64).bfloat16()
     assert torch.equal(fresh(x), ql(x)) and torch.equal(fresh.weight.packed, ql.weight.packed)

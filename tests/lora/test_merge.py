@@ -70,8 +70,11 @@ def _reference_errors(peft64, out_dtype, ids):
 
 
 CASES = [(q, d, v) for q in ("nf4", "none") for d in DTYPES for v in ("plain", "dora")] + [("none", "bfloat16", "mts")]
-VARIANT_KW = {"plain": dict(r=4, alpha=8), "dora": dict(r=4, alpha=8, dora=True),
-              "mts": dict(r=4, alpha=4, rslora=True, modules_to_save=["lm_head"])}
+VARIANT_KW = {
+    "plain": dict(r=4, alpha=8),
+    "dora": dict(r=4, alpha=8, dora=True),
+    "mts": dict(r=4, alpha=4, rslora=True, modules_to_save=["lm_head"]),
+}
 
 
 @pytest.mark.parametrize("quant,dtype,variant", CASES)
@@ -87,8 +90,10 @@ def test_merged_model_computes_the_adapter_function(tiny_model_dir, tmp_path, qu
     merged = AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged"), dtype=torch.float32)  # no lorafuse
     err = (_logits(merged, ids) - truth).abs().max().item()
     effect = (no_adapter - truth).abs().max().item()
-    print(f"merge {quant}/{dtype}/{variant}: max |merged - adapter fn| = {err:.3e} (reference merge {ref_err:.3e}); "
-          f"merge's own check {result.max_logit_diff:.3e} <= {result.tolerance:.3e}; adapter effect {effect:.3e}")
+    print(
+        f"merge {quant}/{dtype}/{variant}: max |merged - adapter fn| = {err:.3e} (reference merge {ref_err:.3e}); "
+        f"merge's own check {result.max_logit_diff:.3e} <= {result.tolerance:.3e}; adapter effect {effect:.3e}"
+    )
     assert err <= 2 * ref_err
     assert result.max_logit_diff <= result.tolerance
     assert effect > 10 * max(ref_err, 1e-9), "the adapter must matter (else the test proves nothing)"
@@ -117,8 +122,10 @@ def test_from_16bit_warns_and_reports_distance_to_trained(tiny_model_dir, tmp_pa
     with pytest.warns(UserWarning, match="differs from what was trained"):
         result = merge(tiny_model_dir, tmp_path / "adapter", tmp_path / "m16", dtype="float32", from_16bit=True)
     nf4 = merge(tiny_model_dir, tmp_path / "adapter", tmp_path / "mnf4", dtype="float32")
-    print(f"from_16bit: vs the merged function {result.max_logit_diff:.3e}, vs the NF4-trained function "
-          f"{result.max_diff_vs_trained:.3e}; default merge vs trained {nf4.max_diff_vs_trained:.3e}")
+    print(
+        f"from_16bit: vs the merged function {result.max_logit_diff:.3e}, vs the NF4-trained function "
+        f"{result.max_diff_vs_trained:.3e}; default merge vs trained {nf4.max_diff_vs_trained:.3e}"
+    )
     assert result.max_logit_diff <= result.tolerance
     assert result.max_diff_vs_trained > 100 * nf4.max_diff_vs_trained
     # it really is the 16-bit weights plus the update: peft's merge over the original base
@@ -154,8 +161,9 @@ def test_failed_check_raises_and_writes_nothing(tiny_model_dir, tmp_path, monkey
     _train_free_adapter(tiny_model_dir, tmp_path / "adapter", "nf4", r=4, alpha=8)
     (tmp_path / "merged").mkdir()
     (tmp_path / "merged" / "keep.txt").write_text("previous")
-    monkeypatch.setattr(LoRALinear, "delta_weight", lambda self: 0 * self.lora_A.weight.new_zeros(
-        self.out_features, self.in_features))  # a merge that forgets the update
+    monkeypatch.setattr(
+        LoRALinear, "delta_weight", lambda self: 0 * self.lora_A.weight.new_zeros(self.out_features, self.in_features)
+    )  # a merge that forgets the update
     with pytest.raises(ModelError, match="differ"):
         merge(tiny_model_dir, tmp_path / "adapter", tmp_path / "merged")
     assert [p.name for p in (tmp_path / "merged").iterdir()] == ["keep.txt"]

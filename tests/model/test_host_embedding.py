@@ -34,8 +34,9 @@ def test_prepare_model_says_why_the_table_stays(capsys):
     weight = model.get_input_embeddings().weight
     prepare_model(model, False, note=notes.append, embeddings_on_host=True)
     assert notes[-1] == "input embedding stays on the device: the model is not on a CUDA device"
-    assert model.get_input_embeddings().weight is weight and not hasattr(model.get_input_embeddings(),
-                                                                          "lorafuse_host_weight")
+    assert model.get_input_embeddings().weight is weight and not hasattr(
+        model.get_input_embeddings(), "lorafuse_host_weight"
+    )
     assert embeddings_to_host(model) == (0, "the model is not on a CUDA device")
 
 
@@ -54,8 +55,9 @@ def test_config_key_defaults_off_and_reads_from_yaml(tmp_path):
     from lorafuse.config import load_config
 
     assert load_config(None).train.embeddings_on_host is False
-    (tmp_path / "c.yaml").write_text('model: {path: "builtin:tiny-llama"}\ndata: {path: "builtin:demo"}\n'
-                                     "train:\n  embeddings_on_host: true\n")
+    (tmp_path / "c.yaml").write_text(
+        'model: {path: "builtin:tiny-llama"}\ndata: {path: "builtin:demo"}\ntrain:\n  embeddings_on_host: true\n'
+    )
     assert load_config(str(tmp_path / "c.yaml")).train.embeddings_on_host is True
     assert load_config(None, ["train.embeddings_on_host=on"]).train.embeddings_on_host is True
 

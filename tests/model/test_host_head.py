@@ -82,15 +82,25 @@ def test_the_copy_is_staged_once_per_training_forward_never_in_the_recompute(che
     assert stage.prefetches == 2
 
 
-@pytest.mark.parametrize("shape,batch,seq,moved", [("llama2-7b", 4, 512, True), ("llama3-8b", 2, 2048, True),
-                                                   ("llama3.2-1b", 4, 512, False)])
+@pytest.mark.parametrize(
+    "shape,batch,seq,moved", [("llama2-7b", 4, 512, True), ("llama3-8b", 2, 2048, True), ("llama3.2-1b", 4, 512, False)]
+)
 def test_planner_takes_the_head_off_the_backward_only(shape, batch, seq, moved):
     """The head's bytes leave the static weights and come back while it is staged (the loss, and the forward of
     the layers after the middle one), so the prediction drops by at most the head when the backward is the peak
     phase; a tied head never moves."""
     s = builtin_shape(shape)
-    kw = dict(micro_batch=batch, seq=seq, kernels="fused", loss="fused", checkpointing="offload", dropout=0.0,
-              grad_accum=1, cuda_graphs=True, padded=False)
+    kw = dict(
+        micro_batch=batch,
+        seq=seq,
+        kernels="fused",
+        loss="fused",
+        checkpointing="offload",
+        dropout=0.0,
+        grad_accum=1,
+        cuda_graphs=True,
+        padded=False,
+    )
     on_gpu, on_host = Workload(s, **kw), Workload(s, head_on_host=True, **kw)
     head = 2 * s.vocab_size * s.hidden_size
     saved = weight_bytes(on_gpu)["weights_16bit"] - weight_bytes(on_host)["weights_16bit"]
@@ -98,7 +108,8 @@ def test_planner_takes_the_head_off_the_backward_only(shape, batch, seq, moved):
     est_gpu, est_host = estimate(on_gpu), estimate(on_host)
     if moved:
         assert est_gpu.phase == "backward" and est_host.components["head_staged"] == (
-            head if est_host.phase in ("loss", "forward") else 0)
+            head if est_host.phase in ("loss", "forward") else 0
+        )
         backward = sum(v for k, v in est_gpu.components.items() if k not in ("allocator_slack", "cuda_context"))
         assert est_host.peak_alloc < backward
         assert est_host.peak_alloc >= backward - head  # the head leaves the backward, nothing more
@@ -112,8 +123,9 @@ def test_config_key_defaults_off_and_reads_from_yaml(tmp_path):
     from lorafuse.config import load_config
 
     assert load_config(None).train.head_on_host is False
-    (tmp_path / "c.yaml").write_text('model: {path: "builtin:tiny-llama"}\ndata: {path: "builtin:demo"}\n'
-                                     "train:\n  head_on_host: true\n")
+    (tmp_path / "c.yaml").write_text(
+        'model: {path: "builtin:tiny-llama"}\ndata: {path: "builtin:demo"}\ntrain:\n  head_on_host: true\n'
+    )
     assert load_config(str(tmp_path / "c.yaml")).train.head_on_host is True
 
 
@@ -190,8 +202,19 @@ def test_planner_and_stage_agree_on_streaming_the_head(batch, seq):
     from lorafuse.plan.placement import streamed_head
 
     s = builtin_shape("llama2-7b")
-    w = Workload(s, micro_batch=batch, seq=seq, kernels="fused", loss="fused", checkpointing="offload",
-                 dropout=0.0, grad_accum=1, cuda_graphs=True, padded=False, head_on_host=True)
+    w = Workload(
+        s,
+        micro_batch=batch,
+        seq=seq,
+        kernels="fused",
+        loss="fused",
+        checkpointing="offload",
+        dropout=0.0,
+        grad_accum=1,
+        cuda_graphs=True,
+        padded=False,
+        head_on_host=True,
+    )
     table = torch.empty(s.vocab_size, s.hidden_size, dtype=torch.bfloat16, device="meta")
     stage = HeadStage(table, torch.device("cpu"), alias=table)
     streams = stage.streams(batch * seq)

@@ -22,8 +22,9 @@ LLAMA_LINEARS = ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_pro
 
 
 def _model(arch="llama", tie=False):
-    return build_tiny_model(arch, vocab_size=128, hidden_size=64, intermediate_size=96, num_layers=2,
-                            tie_word_embeddings=tie).eval()
+    return build_tiny_model(
+        arch, vocab_size=128, hidden_size=64, intermediate_size=96, num_layers=2, tie_word_embeddings=tie
+    ).eval()
 
 
 def _peft(model, **cfg):
@@ -69,8 +70,15 @@ def test_all_linear_matches_peft(arch, variant, capsys):
     base = _model(arch)
     kw = dict(rslora=variant == "rslora", dora=variant == "dora")
     ours = apply_lora(copy.deepcopy(base), r=4, alpha=8, dropout=0.0, targets="all-linear", **kw)
-    pm = _peft(base, r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear", use_rslora=kw["rslora"],
-               use_dora=kw["dora"])
+    pm = _peft(
+        base,
+        r=4,
+        lora_alpha=8,
+        lora_dropout=0.0,
+        target_modules="all-linear",
+        use_rslora=kw["rslora"],
+        use_dora=kw["dora"],
+    )
     wrapped = _ours_targets(ours)
     assert wrapped == _peft_targets(pm) == set(pm.peft_config["default"].target_modules)
     assert len(wrapped) == 2 * 7 and "lm_head" not in wrapped
@@ -96,14 +104,17 @@ def test_all_linear_matches_peft(arch, variant, capsys):
     assert torch.equal(ours_logits, peft_logits)
 
 
-@pytest.mark.parametrize("targets,exclude", [
-    (["q_proj", "v_proj"], None),
-    (["model.layers.0.mlp.down_proj", "k_proj"], None),
-    (r".*\.(q|v)_proj", None),
-    (r"model\.layers\.1\..*_proj", ["o_proj"]),
-    (["q_proj", "up_proj"], r".*layers\.0\..*"),
-    ("all-linear", ["gate_proj", "down_proj"]),
-])
+@pytest.mark.parametrize(
+    "targets,exclude",
+    [
+        (["q_proj", "v_proj"], None),
+        (["model.layers.0.mlp.down_proj", "k_proj"], None),
+        (r".*\.(q|v)_proj", None),
+        (r"model\.layers\.1\..*_proj", ["o_proj"]),
+        (["q_proj", "up_proj"], r".*layers\.0\..*"),
+        ("all-linear", ["gate_proj", "down_proj"]),
+    ],
+)
 def test_list_regex_and_exclude_match_peft(targets, exclude):
     base = _model()
     ours = apply_lora(copy.deepcopy(base), r=4, alpha=8, targets=targets, exclude=exclude)
@@ -127,8 +138,13 @@ def test_zero_matches_lists_the_linear_layers():
 def test_non_linear_match_and_bad_args_raise():
     with pytest.raises(ConfigError, match="not linear"):
         apply_lora(_model(), targets=["mlp"])
-    for kw, word in [({"r": 0}, "lora.r"), ({"dropout": 1.0}, "lora.dropout"), ({"init": "xavier"}, "lora.init"),
-                     ({"targets": "(q_proj"}, "regex"), ({"modules_to_save": "lm_head"}, "modules_to_save")]:
+    for kw, word in [
+        ({"r": 0}, "lora.r"),
+        ({"dropout": 1.0}, "lora.dropout"),
+        ({"init": "xavier"}, "lora.init"),
+        ({"targets": "(q_proj"}, "regex"),
+        ({"modules_to_save": "lm_head"}, "modules_to_save"),
+    ]:
         with pytest.raises(ConfigError, match=word):
             apply_lora(_model(), **kw)
 
@@ -144,10 +160,18 @@ def test_recorded_config_and_find_linear_names():
     assert find_linear_names(model) == LLAMA_LINEARS
     apply_lora(model, r=8, alpha=16, dropout=0.1, targets=["q_proj", "v_proj"], rslora=True, init="gaussian")
     rec = model.lorafuse_lora
-    assert {k: rec[k] for k in ("r", "alpha", "dropout", "target_modules", "rslora", "dora", "modules_to_save",
-                                "init")} == {
-        "r": 8, "alpha": 16, "dropout": 0.1, "target_modules": ["q_proj", "v_proj"], "rslora": True,
-        "dora": False, "modules_to_save": None, "init": "gaussian"}
+    assert {
+        k: rec[k] for k in ("r", "alpha", "dropout", "target_modules", "rslora", "dora", "modules_to_save", "init")
+    } == {
+        "r": 8,
+        "alpha": 16,
+        "dropout": 0.1,
+        "target_modules": ["q_proj", "v_proj"],
+        "rslora": True,
+        "dora": False,
+        "modules_to_save": None,
+        "init": "gaussian",
+    }
     layer = model.model.layers[1].self_attn.q_proj
     assert layer.scaling == 16 / math.sqrt(8) and isinstance(layer.dropout, nn.Dropout)
     assert find_linear_names(model) == LLAMA_LINEARS  # LoRA's own lora_A / lora_B are not listed
@@ -155,13 +179,17 @@ def test_recorded_config_and_find_linear_names():
 
 def test_modules_to_save_untied_trains_in_place():
     base = _model()
-    ours = apply_lora(copy.deepcopy(base), r=4, alpha=8, targets=r".*\.(q_proj|v_proj)|lm_head",
-                      modules_to_save=["lm_head"])
+    ours = apply_lora(
+        copy.deepcopy(base), r=4, alpha=8, targets=r".*\.(q_proj|v_proj)|lm_head", modules_to_save=["lm_head"]
+    )
     pm = _peft(base, r=4, lora_alpha=8, target_modules=r".*\.(q_proj|v_proj)|lm_head", modules_to_save=["lm_head"])
     assert _ours_targets(ours) == _peft_targets(pm)  # lm_head excluded from LoRA in both
     assert type(ours.lm_head) is nn.Linear and ours.lm_head.weight.requires_grad
-    assert ours.lorafuse_lora["modules_to_save"] == ["lm_head"] and ours.lorafuse_lora["trained_module_names"] == [
-        "lm_head"] and ours.lorafuse_lora["ensure_weight_tying"] is False
+    assert (
+        ours.lorafuse_lora["modules_to_save"] == ["lm_head"]
+        and ours.lorafuse_lora["trained_module_names"] == ["lm_head"]
+        and ours.lorafuse_lora["ensure_weight_tying"] is False
+    )
     t, a = trainable_parameters(ours)
     pt, pa = pm.get_nb_trainable_parameters()
     # peft's total counts its trainable copy of lm_head too; we train in place but report peft's numbers
@@ -175,8 +203,9 @@ def test_modules_to_save_tied_pair_stays_tied():
     assert ours.lm_head.weight is ours.model.embed_tokens.weight and ours.lm_head.weight.requires_grad
     rec = ours.lorafuse_lora
     assert rec["ensure_weight_tying"] is True and rec["trained_module_names"] == ["lm_head", "model.embed_tokens"]
-    pm = _peft(base, r=4, lora_alpha=8, target_modules=["q_proj"], modules_to_save=["embed_tokens"],
-               ensure_weight_tying=True)
+    pm = _peft(
+        base, r=4, lora_alpha=8, target_modules=["q_proj"], modules_to_save=["embed_tokens"], ensure_weight_tying=True
+    )
     print("tied:", trainable_parameters(ours), pm.get_nb_trainable_parameters())
     assert trainable_parameters(ours) == pm.get_nb_trainable_parameters()
     # a step on the embedding moves the output head with it (peft's ensure_weight_tying=True behaviour)
@@ -214,9 +243,16 @@ def test_nf4_model_counts_keys_and_equals_dense_lora(arch):
     assert trainable_parameters(qmodel) == (n_lora, expected_all)
 
     sd = qmodel.state_dict()
-    for suffix in ("weight", "weight.absmax", "weight.quant_map", "weight.nested_absmax",
-                   "weight.nested_quant_map", "weight.quant_state.bitsandbytes__nf4", "lora_A.weight",
-                   "lora_B.weight"):
+    for suffix in (
+        "weight",
+        "weight.absmax",
+        "weight.quant_map",
+        "weight.nested_absmax",
+        "weight.nested_quant_map",
+        "weight.quant_state.bitsandbytes__nf4",
+        "lora_A.weight",
+        "lora_B.weight",
+    ):
         assert f"model.layers.0.self_attn.q_proj.{suffix}" in sd
     assert sd["model.layers.0.self_attn.q_proj.weight"].dtype == torch.uint8
 

@@ -28,8 +28,16 @@ from lorafuse.model.random_init import random_nf4_model
 from lorafuse.model.stream import QUANT_CHUNK_ELEMS, StreamUnsupported, load_nf4_streaming, quantize_chunked
 from lorafuse.quant.nf4 import NF4Weight, quantize_nf4
 
-TINY = {"model_type": "llama", "vocab_size": 512, "hidden_size": 64, "intermediate_size": 128,
-        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "initializer_range": 0.02}
+TINY = {
+    "model_type": "llama",
+    "vocab_size": 512,
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "initializer_range": 0.02,
+}
 
 
 def _ids(n=12, vocab=500, seed=0):
@@ -86,7 +94,8 @@ def checkpoints(tmp_path_factory, tiny_tokenizer, tiny_model_dir, tiny_qwen2_dir
         out[f"{name}-sharded"] = dst
     dst = root / "llama-tied-sharded"
     build_tiny_model("llama", tokenizer=tiny_tokenizer, tie_word_embeddings=True, seed=1).save_pretrained(
-        dst, max_shard_size="200KB")
+        dst, max_shard_size="200KB"
+    )
     tiny_tokenizer.save_pretrained(dst)
     out["llama-tied-sharded"] = dst
     for name, folder in out.items():
@@ -95,9 +104,17 @@ def checkpoints(tmp_path_factory, tiny_tokenizer, tiny_model_dir, tiny_qwen2_dir
     return out
 
 
-@pytest.mark.parametrize("name,dtype", [
-    ("llama", torch.float32), ("llama-sharded", torch.float32), ("qwen2", torch.float32),
-    ("qwen2-sharded", torch.float32), ("llama-tied-sharded", torch.float32), ("llama-sharded", torch.bfloat16)])
+@pytest.mark.parametrize(
+    "name,dtype",
+    [
+        ("llama", torch.float32),
+        ("llama-sharded", torch.float32),
+        ("qwen2", torch.float32),
+        ("qwen2-sharded", torch.float32),
+        ("llama-tied-sharded", torch.float32),
+        ("llama-sharded", torch.bfloat16),
+    ],
+)
 def test_streaming_equals_from_pretrained_path(checkpoints, name, dtype):
     folder = checkpoints[name]
     model, _ = load_model(str(folder), quant="nf4", compute_dtype=dtype, device="cpu")
@@ -132,6 +149,7 @@ def test_quantize_chunked_is_byte_identical(dtype, blocksize, double_quant):
 
 # --------------------------------------------------------------------------------------- key checks and fallback
 
+
 def _rewrite(src: Path, dst: Path, edit) -> Path:
     """A copy of a single-file model folder whose state dict went through `edit`."""
     dst.mkdir()
@@ -156,8 +174,11 @@ def test_key_mismatches_raise_before_loading(tiny_model_dir, tmp_path):
         sd["model.layers.0.self_attn.q_proj.weight"] = torch.randn(64, 32)
         return sd
 
-    for edit, words in [(extra, ["1 unexpected", "extra_proj"]), (missing, ["1 missing", "down_proj"]),
-                        (reshaped, ["shapes", "q_proj", "(64, 32) vs (64, 64)"])]:
+    for edit, words in [
+        (extra, ["1 unexpected", "extra_proj"]),
+        (missing, ["1 missing", "down_proj"]),
+        (reshaped, ["shapes", "q_proj", "(64, 32) vs (64, 64)"]),
+    ]:
         folder = _rewrite(tiny_model_dir, tmp_path / edit.__name__, edit)
         with pytest.raises(ModelError) as exc:
             load_nf4_streaming(folder, "cpu", torch.float32)
@@ -172,8 +193,9 @@ def test_known_ignorable_keys_are_skipped(tiny_model_dir, tmp_path):
         return sd
 
     folder = _rewrite(tiny_model_dir, tmp_path / "old", old_rotary)
-    _assert_same_model(load_nf4_streaming(folder, "cpu", torch.float32),
-                       _from_pretrained_nf4(tiny_model_dir, torch.float32))
+    _assert_same_model(
+        load_nf4_streaming(folder, "cpu", torch.float32), _from_pretrained_nf4(tiny_model_dir, torch.float32)
+    )
 
 
 def test_bin_and_renamed_checkpoints_fall_back_to_from_pretrained(checkpoints, tmp_path):
@@ -192,8 +214,11 @@ def test_bin_and_renamed_checkpoints_fall_back_to_from_pretrained(checkpoints, t
     renamed = tmp_path / "renamed"
     shutil.copytree(as_bin, renamed)
     (renamed / "pytorch_model.bin").unlink()
-    save_file({k.removeprefix("model."): v.contiguous() for k, v in dense.items() if k.startswith("model.")},
-              renamed / "model.safetensors", metadata={"format": "pt"})
+    save_file(
+        {k.removeprefix("model."): v.contiguous() for k, v in dense.items() if k.startswith("model.")},
+        renamed / "model.safetensors",
+        metadata={"format": "pt"},
+    )
 
     for alt, why in [(as_bin, "no model.safetensors"), (renamed, "becomes 'model.embed_tokens.weight'")]:
         with pytest.raises(StreamUnsupported, match=why):
@@ -205,6 +230,7 @@ def test_bin_and_renamed_checkpoints_fall_back_to_from_pretrained(checkpoints, t
 
 
 # ----------------------------------------------------------------------------------------------- host memory
+
 
 def _param_sizes(config: dict) -> dict[str, int]:
     with torch.device("meta"):
@@ -221,7 +247,6 @@ def _quantizer_allowance(n: int, chunk: int, blocksize: int = 64) -> int:
     """
     c = min(n, chunk)
     return 16 * c + 4 * math.ceil(n / blocksize) + c // 2 + 4 * math.ceil(c / blocksize)
-
 
 
 _HOST_PROBE = r"""
@@ -293,8 +318,13 @@ def test_host_memory_peak(tmp_path):
     model.save_pretrained(tmp_path, max_shard_size="512KB")
     chunk = 1 << 16
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    run = subprocess.run([sys.executable, "-c", _HOST_PROBE, str(tmp_path), str(chunk), json.dumps(cfg)],
-                         capture_output=True, text=True, env=env, timeout=600)
+    run = subprocess.run(
+        [sys.executable, "-c", _HOST_PROBE, str(tmp_path), str(chunk), json.dumps(cfg)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     got = json.loads(run.stdout.strip().splitlines()[-1])
 
@@ -306,10 +336,12 @@ def test_host_memory_peak(tmp_path):
     mib = 2.0**20
     for name, excess_bound in [("stream", max(shards) + in_flight), ("random", in_flight)]:
         m = got[name]
-        print(f"\nhost, {name}: peak growth {m['peak'] / mib:.2f} MiB, resident after {m['after'] / mib:.2f} MiB "
-              f"(tensors {m['final'] / mib:.2f}), excess {(m['peak'] - m['after']) / mib:.2f} MiB <= bound "
-              f"{excess_bound / mib:.2f}; checkpoint {sum(shards) / mib:.2f} MiB in {len(shards)} shards, "
-              f"dense bf16 {dense / mib:.2f} MiB")
+        print(
+            f"\nhost, {name}: peak growth {m['peak'] / mib:.2f} MiB, resident after {m['after'] / mib:.2f} MiB "
+            f"(tensors {m['final'] / mib:.2f}), excess {(m['peak'] - m['after']) / mib:.2f} MiB <= bound "
+            f"{excess_bound / mib:.2f}; checkpoint {sum(shards) / mib:.2f} MiB in {len(shards)} shards, "
+            f"dense bf16 {dense / mib:.2f} MiB"
+        )
         # The bound would catch a loader that held the checkpoint or the dense model on the way.
         assert excess_bound < dense < sum(shards)
         assert m["peak"] - m["after"] <= excess_bound
@@ -318,6 +350,7 @@ def test_host_memory_peak(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------- random models
+
 
 def test_random_nf4_model_is_nf4_random_and_deterministic():
     from lorafuse.model.tiny import build_tiny_model
@@ -341,8 +374,10 @@ def test_random_nf4_model_is_nf4_random_and_deterministic():
     assert torch.equal(model.model.rotary_emb.inv_freq, ref.model.rotary_emb.inv_freq)
     assert model.lorafuse_base["quant"] == "nf4" and model.lorafuse_base["random_init"]
 
-    again, other = random_nf4_model(TINY, "cpu", torch.float32, seed=0), random_nf4_model(TINY, "cpu", torch.float32,
-                                                                                         seed=1)
+    again, other = (
+        random_nf4_model(TINY, "cpu", torch.float32, seed=0),
+        random_nf4_model(TINY, "cpu", torch.float32, seed=1),
+    )
     for name, w in nf4.items():
         _assert_same_nf4(w, _nf4(again)[name], name)
         assert not torch.equal(w.packed, _nf4(other)[name].packed)
@@ -367,10 +402,18 @@ def test_random_model_from_config_object_shape_name_and_dense():
 
 # ------------------------------------------------------------------------------------------------------- GPU
 
+
 def _gpu_config():
     # Linears dominate (as in real models), so the bound is well below the dense model even with 4M-element chunks.
-    return {**TINY, "vocab_size": 4096, "hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 8,
-            "num_attention_heads": 16, "num_key_value_heads": 4}
+    return {
+        **TINY,
+        "vocab_size": 4096,
+        "hidden_size": 1024,
+        "intermediate_size": 4096,
+        "num_hidden_layers": 8,
+        "num_attention_heads": 16,
+        "num_key_value_heads": 4,
+    }
 
 
 def _device_bound(config: dict, final: int, chunk: int) -> tuple[int, int]:
@@ -401,14 +444,16 @@ def test_gpu_streaming_peak_is_final_plus_one_tensor(tmp_path, chunk):
     cfg = _gpu_config()
     with torch.device("cuda"):
         AutoModelForCausalLM.from_config(AutoConfig.for_model(**cfg), dtype=torch.bfloat16).save_pretrained(
-            tmp_path, max_shard_size="16MB")
+            tmp_path, max_shard_size="16MB"
+        )
     torch.cuda.empty_cache()
     assert len(list(tmp_path.glob("*.safetensors"))) > 1
-    model, peak, final = _peak_on_gpu(lambda: load_nf4_streaming(tmp_path, "cuda", torch.bfloat16,
-                                                                 chunk_elems=chunk))
+    model, peak, final = _peak_on_gpu(lambda: load_nf4_streaming(tmp_path, "cuda", torch.bfloat16, chunk_elems=chunk))
     bound, dense = _device_bound(cfg, final, chunk)
-    print(f"\nGPU streaming load (chunk {chunk}): peak {peak / 2**20:.2f} MiB, final {final / 2**20:.2f} MiB, "
-          f"bound {bound / 2**20:.2f} MiB, dense bf16 model {dense / 2**20:.2f} MiB")
+    print(
+        f"\nGPU streaming load (chunk {chunk}): peak {peak / 2**20:.2f} MiB, final {final / 2**20:.2f} MiB, "
+        f"bound {bound / 2**20:.2f} MiB, dense bf16 model {dense / 2**20:.2f} MiB"
+    )
     assert bound < dense  # a loader that materialised the dense model would fail
     assert peak <= bound
     with torch.no_grad():
@@ -420,8 +465,10 @@ def test_gpu_random_model_peak_and_matches_streamed_layout():
     cfg = _gpu_config()
     model, peak, final = _peak_on_gpu(lambda: random_nf4_model(cfg, "cuda", torch.bfloat16, seed=0))
     bound, dense = _device_bound(cfg, final, QUANT_CHUNK_ELEMS)
-    print(f"\nGPU random NF4 model: peak {peak / 2**20:.2f} MiB, final {final / 2**20:.2f} MiB, "
-          f"bound {bound / 2**20:.2f} MiB, dense bf16 model {dense / 2**20:.2f} MiB")
+    print(
+        f"\nGPU random NF4 model: peak {peak / 2**20:.2f} MiB, final {final / 2**20:.2f} MiB, "
+        f"bound {bound / 2**20:.2f} MiB, dense bf16 model {dense / 2**20:.2f} MiB"
+    )
     assert bound < dense and peak <= bound
     assert len(_nf4(model)) == 7 * cfg["num_hidden_layers"]
     assert all(w.device.type == "cuda" for w in _nf4(model).values())

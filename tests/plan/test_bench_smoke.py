@@ -15,9 +15,32 @@ def smoke(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench-out")
     models = tmp_path_factory.mktemp("bench-models")
     memory_log = out / "measured.jsonl"
-    argv = ["--shape", "tiny", "--device", "cpu", "--batch", "2", "--seq", "32", "--steps", "2", "--warmup", "1",
-            "--stacks", "lorafuse,hf,unsloth", "--methods", "qlora,lora", "--out", str(out),
-            "--model-dir", str(models), "--memory-log", str(memory_log), "--timeout", "600"]
+    argv = [
+        "--shape",
+        "tiny",
+        "--device",
+        "cpu",
+        "--batch",
+        "2",
+        "--seq",
+        "32",
+        "--steps",
+        "2",
+        "--warmup",
+        "1",
+        "--stacks",
+        "lorafuse,hf,unsloth",
+        "--methods",
+        "qlora,lora",
+        "--out",
+        str(out),
+        "--model-dir",
+        str(models),
+        "--memory-log",
+        str(memory_log),
+        "--timeout",
+        "600",
+    ]
     rc = bench.main(argv)
     files = list(out.glob("*-cpu.jsonl"))
     rows = [json.loads(line) for f in files for line in f.read_text().splitlines()]
@@ -60,18 +83,33 @@ def test_precheck_skips_full_fine_tuning_that_cannot_fit():
 
 def test_seed_table_and_ratios():
     def row(stack, method, step, peak):
-        return {"stack": stack, "method": method, "status": "ok", "step_s": step, "tokens_per_s": 2048 / step,
-                "peak_alloc_gib": peak, "device": "cuda", "reason": None}
+        return {
+            "stack": stack,
+            "method": method,
+            "status": "ok",
+            "step_s": step,
+            "tokens_per_s": 2048 / step,
+            "peak_alloc_gib": peak,
+            "device": "cuda",
+            "reason": None,
+        }
 
     rows = [row("hf", "full", 2.0, 60.0), row("lorafuse", "lora", 0.5, 15.0), row("lorafuse", "qlora", 0.6, 6.0)]
     table = bench.render_seed_table(rows)
     assert "25%" in table and "10%" in table and "30%" in table and "28 GB+" in table
     text = bench.render(rows + [row("hf", "qlora", 1.2, 9.0)])
     assert "qlora: lorafuse vs hf: speed 2.00x, memory 0.67x" in text
-    lean = {**row("lorafuse", "qlora", 0.14, 3.99), "gc": "offload", "embeddings_on_host": True, "head_on_host": True,
-            "dequant_cap_mib": 48, "fp8": True, "fast_path": {"applied": True}, "cuda_graphs": {"applied": True}}
-    assert ("(fast path on, graphs on, offload, host embedding, host head, cap 48 MiB, FP8)"
-            in bench.render([lean]))
+    lean = {
+        **row("lorafuse", "qlora", 0.14, 3.99),
+        "gc": "offload",
+        "embeddings_on_host": True,
+        "head_on_host": True,
+        "dequant_cap_mib": 48,
+        "fp8": True,
+        "fast_path": {"applied": True},
+        "cuda_graphs": {"applied": True},
+    }
+    assert "(fast path on, graphs on, offload, host embedding, host head, cap 48 MiB, FP8)" in bench.render([lean])
 
 
 def test_card_slug_and_bad_flags():
@@ -92,8 +130,10 @@ def test_random_init_is_lorafuse_only():
 def test_prediction_before_the_run_assumes_the_fast_path_on_cuda():
     args = bench.parse_args(["--shape", "llama2-7b"])
     assert bench._lorafuse_workload(args, "qlora", {}).kernels == "fused"
-    assert bench._lorafuse_workload(args, "qlora", {"fast_path": {"applied": False}, "fused_loss": False}).kernels \
+    assert (
+        bench._lorafuse_workload(args, "qlora", {"fast_path": {"applied": False}, "fused_loss": False}).kernels
         == "reference"
+    )
     cpu = bench.parse_args(["--shape", "llama2-7b", "--device", "cpu"])
     assert bench._lorafuse_workload(cpu, "qlora", {}).kernels == "reference"
 
@@ -103,9 +143,35 @@ def test_random_init_run_with_a_profile(tmp_path, capsys):
     """--random-init generates the model in the runner (no checkpoint folder is written); --profile writes the
     profiler's table of 2 more steps; the row carries the planner's prediction made before the run."""
     models, prof = tmp_path / "models", tmp_path / "prof"
-    rc = bench.main(["--shape", "tiny", "--device", "cpu", "--batch", "2", "--seq", "32", "--steps", "2",
-                     "--warmup", "1", "--stacks", "lorafuse", "--methods", "qlora", "--random-init",
-                     "--out", str(tmp_path), "--model-dir", str(models), "--memory-log", "", "--profile", str(prof)])
+    rc = bench.main(
+        [
+            "--shape",
+            "tiny",
+            "--device",
+            "cpu",
+            "--batch",
+            "2",
+            "--seq",
+            "32",
+            "--steps",
+            "2",
+            "--warmup",
+            "1",
+            "--stacks",
+            "lorafuse",
+            "--methods",
+            "qlora",
+            "--random-init",
+            "--out",
+            str(tmp_path),
+            "--model-dir",
+            str(models),
+            "--memory-log",
+            "",
+            "--profile",
+            str(prof),
+        ]
+    )
     assert rc == 0
     printed = capsys.readouterr().out
     assert "the planner predicts a peak of" in printed
@@ -120,17 +186,36 @@ def test_memory_settings_with_peers_apply_to_lorafuse_rows_only():
     """--offload, --host-* and --keep-layers are lorafuse's: in a run with peers, the peers' runners get (and
     their rows record) checkpointing on and their own defaults, so one run compares lorafuse's lean setting with
     the peers' defaults and each row says what it ran."""
-    args = bench.parse_args(["--offload", "--host-embeddings", "--host-head", "--keep-layers", "2",
-                             "--stacks", "lorafuse,unsloth,hf", "--shape", "llama2-7b"])
+    args = bench.parse_args(
+        [
+            "--offload",
+            "--host-embeddings",
+            "--host-head",
+            "--keep-layers",
+            "2",
+            "--stacks",
+            "lorafuse,unsloth,hf",
+            "--shape",
+            "llama2-7b",
+        ]
+    )
     own = bench._spec(args, "lorafuse", "qlora", None)
     assert (own["gc"], own["embeddings_on_host"], own["head_on_host"], own["uncheckpointed_layers"]) == (
-        "offload", True, True, 2)
+        "offload",
+        True,
+        True,
+        2,
+    )
     for stack in ("unsloth", "hf"):
         spec = bench._spec(args, stack, "qlora", None)
         row = bench._row(args, "r", stack, "qlora", {}, {}, ("c", None))
         for got in (spec, row):
             assert (got["gc"], got["embeddings_on_host"], got["head_on_host"], got["uncheckpointed_layers"]) == (
-                True, False, False, 0)
+                True,
+                False,
+                False,
+                0,
+            )
     no_gc = bench.parse_args(["--no-gc", "--stacks", "lorafuse,hf"])
     assert bench._spec(no_gc, "hf", "qlora", None)["gc"] is False
 
@@ -157,7 +242,8 @@ def test_host_head_flag_is_a_lorafuse_setting():
     args = bench.parse_args(["--host-head", "--offload", "--stacks", "lorafuse", "--shape", "llama2-7b"])
     assert bench._spec(args, "lorafuse", "qlora", None)["head_on_host"] is True
     on_host = bench._lorafuse_workload(args, "qlora", {})
-    plain = bench._lorafuse_workload(bench.parse_args(["--offload", "--stacks", "lorafuse", "--shape", "llama2-7b"]),
-                                     "qlora", {})
+    plain = bench._lorafuse_workload(
+        bench.parse_args(["--offload", "--stacks", "lorafuse", "--shape", "llama2-7b"]), "qlora", {}
+    )
     assert on_host.head_on_host and not plain.head_on_host
     assert bench.estimate(on_host).peak_alloc < bench.estimate(plain).peak_alloc  # the backward peaks at 4 x 512

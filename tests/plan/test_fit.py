@@ -9,18 +9,25 @@ import pytest
 
 from lorafuse.config import load_config
 from lorafuse.errors import ConfigError
-from lorafuse.plan import apply_overrides, next_smaller, plan, suggest
-from lorafuse.plan import speed
+from lorafuse.plan import apply_overrides, next_smaller, plan, speed, suggest
 from lorafuse.plan.cli import plan_command
 from lorafuse.plan.fit import resolve_targets, workload_from_config
 from lorafuse.plan.memory import GIB, estimate
 from lorafuse.plan.shapes import load_shape
 
 SEED_RECIPE = [  # the seed's QLoRA recipe
-    "model.path=meta-llama/Llama-2-7b-hf", "model.quant=nf4", "model.compute_dtype=bfloat16", "lora.r=16",
-    "lora.dropout=0.05", "lora.targets=[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj]",
-    "data.max_length=512", "train.micro_batch_size=4", "train.grad_accum=4", "train.optimizer=paged_adamw_8bit",
-    "train.gradient_checkpointing=true", 'train.fast_path="off"',
+    "model.path=meta-llama/Llama-2-7b-hf",
+    "model.quant=nf4",
+    "model.compute_dtype=bfloat16",
+    "lora.r=16",
+    "lora.dropout=0.05",
+    "lora.targets=[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj]",
+    "data.max_length=512",
+    "train.micro_batch_size=4",
+    "train.grad_accum=4",
+    "train.optimizer=paged_adamw_8bit",
+    "train.gradient_checkpointing=true",
+    'train.fast_path="off"',
     "lora.modules_to_save=null",  # load_config(None) starts from the demo, which trains its tiny head; the seed not
 ]
 
@@ -35,10 +42,10 @@ def no_gpu(monkeypatch):
 
 
 def test_parse_memory():
-    assert speed.parse_memory("15GiB") == (15 * 2 ** 30, None)
-    assert speed.parse_memory("16GB") == (16 * 10 ** 9, None)
-    assert speed.parse_memory("80G") == (80 * 2 ** 30, None)
-    assert speed.parse_memory("1.5 GiB")[0] == 3 * 2 ** 29
+    assert speed.parse_memory("15GiB") == (15 * 2**30, None)
+    assert speed.parse_memory("16GB") == (16 * 10**9, None)
+    assert speed.parse_memory("80G") == (80 * 2**30, None)
+    assert speed.parse_memory("1.5 GiB")[0] == 3 * 2**29
     size, card = speed.parse_memory("T4")
     assert card.name == "T4" and 14 * GIB < size < 16 * GIB
     assert speed.card_by_name("NVIDIA H100 80GB HBM3").name == "H100 SXM"
@@ -120,8 +127,7 @@ def test_on_the_fused_kernels_the_last_tier_before_max_length_halves_the_dequant
     cfg = recipe("train.fast_path=on")
     w = workload_from_config(cfg)
     assert w.kernels == "fused" and w.method == "qlora"
-    offload = w.with_(micro_batch=1, grad_accum=16, checkpointing="offload", embeddings_on_host=True,
-                      head_on_host=True)
+    offload = w.with_(micro_batch=1, grad_accum=16, checkpointing="offload", embeddings_on_host=True, head_on_host=True)
     capped = offload.with_(dequant_cap_mib=43)
     assert estimate(capped).peak < estimate(offload).peak
     p = plan(cfg, gpu_memory=(estimate(capped).peak + estimate(offload).peak) // 2)
@@ -221,8 +227,9 @@ def test_the_fused_recompute_without_down_proj_is_priced():
     ref = w.with_(kernels="reference")
     assert speed.step_flops(ref) - speed.step_flops(w) == pytest.approx(2 * down * n * s.num_layers)
     kept = w.with_(uncheckpointed=8)
-    assert speed.step_flops(kept.with_(kernels="reference")) - speed.step_flops(kept) == \
-        pytest.approx(2 * down * n * (s.num_layers - 8))
+    assert speed.step_flops(kept.with_(kernels="reference")) - speed.step_flops(kept) == pytest.approx(
+        2 * down * n * (s.num_layers - 8)
+    )
     off = w.with_(checkpointing="off")
     assert speed.step_flops(off) == speed.step_flops(off.with_(kernels="reference"))
 

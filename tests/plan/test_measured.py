@@ -16,8 +16,10 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_predictions_within_10_percent_of_measurements(monkeypatch):
     rows = read_measured(ROOT / MEASURED_FILE)
     if not rows:
-        pytest.skip(f"{MEASURED_FILE} holds no GPU measurements yet: run `lorafuse bench` on a GPU (it appends "
-                    "one row per lorafuse run) and commit the file")
+        pytest.skip(
+            f"{MEASURED_FILE} holds no GPU measurements yet: run `lorafuse bench` on a GPU (it appends "
+            "one row per lorafuse run) and commit the file"
+        )
     misses = []
     for row in rows:
         with monkeypatch.context() as env:  # the A/B switches the run was made with (the planner reads them too)
@@ -26,15 +28,24 @@ def test_predictions_within_10_percent_of_measurements(monkeypatch):
             predicted = estimate(workload_from_record(row["workload"])).peak_alloc / GIB
         measured = row["measured_peak_alloc_gib"]
         if abs(predicted - measured) > 0.10 * measured:
-            misses.append(f"{row['workload']['shape']} {row['workload']['method']} mb={row['workload']['micro_batch']} "
-                          f"seq={row['workload']['seq']} ck={row['workload']['checkpointing']} on {row.get('card')}: "
-                          f"predicted {predicted:.2f} GiB, measured {measured:.2f} GiB")
+            misses.append(
+                f"{row['workload']['shape']} {row['workload']['method']} mb={row['workload']['micro_batch']} "
+                f"seq={row['workload']['seq']} ck={row['workload']['checkpointing']} on {row.get('card')}: "
+                f"predicted {predicted:.2f} GiB, measured {measured:.2f} GiB"
+            )
     assert not misses, "\n".join(misses)
 
 
 def test_record_round_trip():
-    w = Workload(load_shape("llama3-8b"), method="lora", micro_batch=2, seq=1024, targets=("q_proj", "v_proj"),
-                 checkpointing="off", kernels="fused")
+    w = Workload(
+        load_shape("llama3-8b"),
+        method="lora",
+        micro_batch=2,
+        seq=1024,
+        targets=("q_proj", "v_proj"),
+        checkpointing="off",
+        kernels="fused",
+    )
     back = workload_from_record(workload_to_record(w))
     assert back == w and estimate(back).peak == estimate(w).peak
     with pytest.raises(ValueError, match="unknown workload keys"):
@@ -67,7 +78,9 @@ def test_step_time_model_against_the_calibration_runs():
 
 
 SUPERSEDED = {  # FP8-backward runs of session 8's first call: session 7's transposed NF4 decode, since replaced
-    "20261129T003257-6fa6fa", "20261129T003352-c489ed"}
+    "20261129T003257-6fa6fa",
+    "20261129T003352-c489ed",
+}
 
 
 def test_fp8_step_times_against_the_measured_runs(monkeypatch):
@@ -89,8 +102,12 @@ def test_fp8_step_times_against_the_measured_runs(monkeypatch):
     for path in sorted((ROOT / "benchmarks" / "results").glob("*-h200.jsonl")):
         for line in path.read_text().splitlines():
             row = json.loads(line)
-            if (row.get("stack") == "lorafuse" and row.get("status") == "ok" and row["run"] not in SUPERSEDED
-                    and (row.get("fp8") or row["run"] in speed.FP8_CALIBRATION)):
+            if (
+                row.get("stack") == "lorafuse"
+                and row.get("status") == "ok"
+                and row["run"] not in SUPERSEDED
+                and (row.get("fp8") or row["run"] in speed.FP8_CALIBRATION)
+            ):
                 rows[row["run"]] = row
     records = {r["run"]: r for r in read_measured(ROOT / MEASURED_FILE) if r.get("run") in rows}
     assert len(records) == len(rows) >= 20
@@ -99,8 +116,9 @@ def test_fp8_step_times_against_the_measured_runs(monkeypatch):
         with monkeypatch.context() as env:
             for key, value in (records[run].get("env") or {}).items():
                 env.setenv(key, value)
-            predicted[run] = speed.step_seconds(workload_from_record(records[run]["workload"]),
-                                                speed.card_by_name(rows[run]["card"]))
+            predicted[run] = speed.step_seconds(
+                workload_from_record(records[run]["workload"]), speed.card_by_name(rows[run]["card"])
+            )
     bf16, fp8 = speed.FP8_CALIBRATION
     assert records[fp8]["workload"]["fp8"] and not records[bf16]["workload"].get("fp8")
     pairs = (speed.FP8_CALIBRATION, speed.FAST_ACCUM_CALIBRATION, *speed.FP8_BACKWARD_CALIBRATION)
@@ -109,7 +127,9 @@ def test_fp8_step_times_against_the_measured_runs(monkeypatch):
         assert abs(predicted[fast] / predicted[slow] / ratio_measured - 1) < 0.03, (slow, fast)
     calibrated = {(r["batch"], r["seq"]) for r in rows.values()} & {(4, 512), (1, 4096)}
     assert calibrated == {(4, 512), (1, 4096)}
-    misses = [f"{run}: predicted {predicted[run]:.4f} s, measured {rows[run]['step_s']:.4f} s" for run in rows
-              if (rows[run]["batch"], rows[run]["seq"]) in calibrated
-              and abs(predicted[run] / rows[run]["step_s"] - 1) > 0.05]
+    misses = [
+        f"{run}: predicted {predicted[run]:.4f} s, measured {rows[run]['step_s']:.4f} s"
+        for run in rows
+        if (rows[run]["batch"], rows[run]["seq"]) in calibrated and abs(predicted[run] / rows[run]["step_s"] - 1) > 0.05
+    ]
     assert not misses, "\n".join(misses)

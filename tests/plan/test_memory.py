@@ -90,8 +90,15 @@ def test_optimizer_states_match_the_optimizer(name):
     assert state_bytes(opt) - step_counters == optimizer_bytes([p.numel() for p in params], name)
 
 
-def _saved_bytes(num_layers: int, batch: int, seq: int, padded: bool, dropout: float = 0.0,
-                 device: str = "cpu", autocast: bool = False) -> tuple[int, dict]:
+def _saved_bytes(
+    num_layers: int,
+    batch: int,
+    seq: int,
+    padded: bool,
+    dropout: float = 0.0,
+    device: str = "cpu",
+    autocast: bool = False,
+) -> tuple[int, dict]:
     """Bytes of the tensors autograd saves in a bf16 tiny Llama with fp32 LoRA on all linears, optionally
     under bf16 autocast (as lorafuse's training loop runs on a GPU).
 
@@ -136,8 +143,19 @@ def test_saved_activations_per_layer_match_autograd(padded, autocast):
     batch, seq = 2, 24
     three, cfg = _saved_bytes(3, batch, seq, padded, autocast=autocast)
     two, _ = _saved_bytes(2, batch, seq, padded, autocast=autocast)
-    w = Workload(ModelShape.from_config(cfg), method="lora", micro_batch=batch, seq=seq, r=8, dropout=0.0,
-                 compute_bytes=2, lora_bytes=4, padded=padded, checkpointing="off", autocast=autocast)
+    w = Workload(
+        ModelShape.from_config(cfg),
+        method="lora",
+        micro_batch=batch,
+        seq=seq,
+        r=8,
+        dropout=0.0,
+        compute_bytes=2,
+        lora_bytes=4,
+        padded=padded,
+        checkpointing="off",
+        autocast=autocast,
+    )
     copies = _autocast_weight_copies(cfg, 8) if autocast else 0
     assert three - two == layer_saved_bytes(w) * batch * seq + copies
 
@@ -150,8 +168,19 @@ def test_saved_activations_per_layer_match_autograd_on_cuda(dropout, autocast):
     batch, seq = 2, 64
     three, cfg = _saved_bytes(3, batch, seq, False, dropout, "cuda", autocast)
     two, _ = _saved_bytes(2, batch, seq, False, dropout, "cuda", autocast)
-    w = Workload(ModelShape.from_config(cfg), method="lora", micro_batch=batch, seq=seq, r=8, dropout=dropout,
-                 compute_bytes=2, lora_bytes=4, padded=False, checkpointing="off", autocast=autocast)
+    w = Workload(
+        ModelShape.from_config(cfg),
+        method="lora",
+        micro_batch=batch,
+        seq=seq,
+        r=8,
+        dropout=dropout,
+        compute_bytes=2,
+        lora_bytes=4,
+        padded=False,
+        checkpointing="off",
+        autocast=autocast,
+    )
     copies = _autocast_weight_copies(cfg, 8) if autocast else 0
     assert three - two == layer_saved_bytes(w) * batch * seq + copies
 
@@ -164,11 +193,12 @@ def test_checkpointing_and_chunked_loss_shrink_the_peak():
     assert e_offload.peak < e_on.peak < e_off.peak
     # Checkpointed layers keep one bf16 hidden state per token per layer.
     assert e_on.components["activations"] == pytest.approx(
-        shape.num_layers * 2 * shape.hidden_size * base.tokens + 4 * shape.hidden_size * base.tokens)
+        shape.num_layers * 2 * shape.hidden_size * base.tokens + 4 * shape.hidden_size * base.tokens
+    )
     full, chunked = estimate(base.with_(checkpointing="on")), estimate(base.with_(checkpointing="on", loss="chunked"))
     assert full.components["logits_loss"] == (2 + 12) * shape.vocab_size * base.tokens
     # lorafuse.train.loss: 2^25 logits per chunk (fp32 + logsumexp temp + bf16 softmax) + the saved grad_hidden.
-    rows = 2 ** 25 // shape.vocab_size
+    rows = 2**25 // shape.vocab_size
     chunk_bytes = (4 + 4 + 2) * rows * shape.vocab_size
     assert loss_bytes(base.with_(loss="chunked")) == chunk_bytes + 2 * shape.hidden_size * base.tokens
     assert chunked.peak < full.peak
@@ -182,9 +212,9 @@ def test_qlora_is_smaller_than_lora_by_the_linear_weights():
     assert saved == 2 * shape.linear_params
     exact = shape.linear_params * 4.127 / 8  # research/speed-anchors.md s.7: 3.11 GiB of tensor bytes
     mlp_weights = 3 * shape.num_layers  # 21.5 MiB of packed codes each, booked as 22 MiB blocks
-    assert exact * (1 - 1e-3) <= q.components["weights_nf4"] <= exact * (1 + 1e-3) + mlp_weights * 2 ** 19
+    assert exact * (1 - 1e-3) <= q.components["weights_nf4"] <= exact * (1 + 1e-3) + mlp_weights * 2**19
     # measured on an H200 (memory_peak.py's live blocks between steps, 2026-11-28): 3232 MiB of NF4 blocks
-    assert math.isclose(q.components["weights_nf4"] / 2 ** 20, 3232, abs_tol=16)
+    assert math.isclose(q.components["weights_nf4"] / 2**20, 3232, abs_tol=16)
 
 
 def test_allocator_blocks_as_measured():
@@ -224,16 +254,39 @@ def test_the_staged_head_makes_a_late_layer_forward_the_peak(monkeypatch):
     product apart. Streaming the head instead takes the forward and the loss off the peak."""
     from lorafuse.plan.memory import dequant_bytes
 
-    streamed = Workload(load_shape("llama2-7b"), micro_batch=4, seq=512, kernels="fused", loss="fused",
-                        checkpointing="offload", dropout=0.0, grad_accum=1, cuda_graphs=True, padded=False,
-                        embeddings_on_host=True, head_on_host=True)
+    streamed = Workload(
+        load_shape("llama2-7b"),
+        micro_batch=4,
+        seq=512,
+        kernels="fused",
+        loss="fused",
+        checkpointing="offload",
+        dropout=0.0,
+        grad_accum=1,
+        cuda_graphs=True,
+        padded=False,
+        embeddings_on_host=True,
+        head_on_host=True,
+    )
     by_chunks = estimate(streamed)
     monkeypatch.setenv("LORAFUSE_HEAD_STREAM", "0")
     assert by_chunks.phase == "backward" and by_chunks.peak_alloc < estimate(streamed).peak_alloc
 
     s = load_shape("llama2-7b")
-    w = Workload(s, micro_batch=4, seq=512, kernels="fused", loss="fused", checkpointing="offload", dropout=0.0,
-                 grad_accum=1, cuda_graphs=True, padded=False, embeddings_on_host=True, head_on_host=True)
+    w = Workload(
+        s,
+        micro_batch=4,
+        seq=512,
+        kernels="fused",
+        loss="fused",
+        checkpointing="offload",
+        dropout=0.0,
+        grad_accum=1,
+        cuda_graphs=True,
+        padded=False,
+        embeddings_on_host=True,
+        head_on_host=True,
+    )
     e = estimate(w)
     c, F, D, n = 2, s.intermediate_size, s.hidden_size, w.tokens
     assert e.phase == "forward" and e.components["head_staged"] == c * s.vocab_size * D
@@ -258,9 +311,15 @@ def test_the_dequantization_cap_shrinks_the_planned_buffer_as_the_kernels_cut_it
         monkeypatch.setenv("LORAFUSE_DEQUANT_CAP_MIB", "48")
         parts = []
         for lin in w.shape.linears():
-            nf4 = NF4Weight(packed=torch.empty(0, dtype=torch.uint8), absmax=torch.empty(0, dtype=torch.uint8),
-                            shape=(lin.out_features, lin.in_features), dtype=torch.bfloat16,
-                            nested_absmax=torch.empty(0), nested_code=torch.empty(0), offset=0.0)
+            nf4 = NF4Weight(
+                packed=torch.empty(0, dtype=torch.uint8),
+                absmax=torch.empty(0, dtype=torch.uint8),
+                shape=(lin.out_features, lin.in_features),
+                dtype=torch.bfloat16,
+                nested_absmax=torch.empty(0),
+                nested_code=torch.empty(0),
+                offset=0.0,
+            )
             rows = dequant_rows(lin.out_features, lin.numel, nf4.row_alignment(), 2, 48 << 20)
             parts.append(2 * rows * lin.in_features)
         assert dequant_bytes(w) == max(parts) <= 48 << 20 < whole == 2 * max(lin.numel for lin in w.shape.linears())

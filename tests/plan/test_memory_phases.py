@@ -72,12 +72,24 @@ def test_fused_layer_saves_what_the_planner_counts():
     out = subprocess.run([sys.executable, "-c", _FUSED_SAVED], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     got = json.loads(out.stdout.strip().splitlines()[-1])
-    w = Workload(ModelShape.from_config(got["config"]), method="lora", micro_batch=2, seq=8, r=8, dropout=0.0,
-                 compute_bytes=2, lora_bytes=4, checkpointing="off", kernels="fused", loss="fused")
+    w = Workload(
+        ModelShape.from_config(got["config"]),
+        method="lora",
+        micro_batch=2,
+        seq=8,
+        r=8,
+        dropout=0.0,
+        compute_bytes=2,
+        lora_bytes=4,
+        checkpointing="off",
+        kernels="fused",
+        loss="fused",
+    )
     fixed = layer_saved_constant_bytes(w)
     assert fixed > 0
-    assert got["layer_bytes"] == {str(p): layer_saved_bytes(w.with_(padded=p)) * got["tokens"] + fixed
-                                  for p in (False, True)}
+    assert got["layer_bytes"] == {
+        str(p): layer_saved_bytes(w.with_(padded=p)) * got["tokens"] + fixed for p in (False, True)
+    }
 
 
 def _grad_bytes(model) -> int:
@@ -108,7 +120,15 @@ def test_gradients_alive_after_the_top_layer_backward(checkpointing):
     for _ in range(2):  # two micro-steps of one window: gradients accumulate
         model(input_ids=ids).logits.float().logsumexp(-1).sum().backward()
     shape = ModelShape.from_config(model.config.to_dict())
-    w = Workload(shape, method="lora", r=8, targets=tuple(t.name for t in shape.linears()),
-                 modules_to_save=("lm_head",), lora_bytes=4, compute_bytes=4, grad_accum=1)
+    w = Workload(
+        shape,
+        method="lora",
+        r=8,
+        targets=tuple(t.name for t in shape.linears()),
+        modules_to_save=("lm_head",),
+        lora_bytes=4,
+        compute_bytes=4,
+        grad_accum=1,
+    )
     assert seen[0] == gradient_bytes(w)["backward"]
     assert seen[0] < seen[1] == gradient_bytes(w.with_(grad_accum=2))["backward"] == _grad_bytes(model)

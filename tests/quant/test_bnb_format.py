@@ -25,10 +25,19 @@ REF = torch._C.DispatchKeySet(torch._C.DispatchKey.CompositeExplicitAutograd)
 
 # formats.md 2.4: the block transformers 5.24 writes for nf4 + double quant, bf16 compute.
 EXPECTED_QUANTIZATION_CONFIG = {
-    "_load_in_4bit": True, "_load_in_8bit": False, "bnb_4bit_compute_dtype": "bfloat16",
-    "bnb_4bit_quant_storage": "uint8", "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": True,
-    "llm_int8_enable_fp32_cpu_offload": False, "llm_int8_has_fp16_weight": False, "llm_int8_skip_modules": None,
-    "llm_int8_threshold": 6.0, "load_in_4bit": True, "load_in_8bit": False, "quant_method": "bitsandbytes",
+    "_load_in_4bit": True,
+    "_load_in_8bit": False,
+    "bnb_4bit_compute_dtype": "bfloat16",
+    "bnb_4bit_quant_storage": "uint8",
+    "bnb_4bit_quant_type": "nf4",
+    "bnb_4bit_use_double_quant": True,
+    "llm_int8_enable_fp32_cpu_offload": False,
+    "llm_int8_has_fp16_weight": False,
+    "llm_int8_skip_modules": None,
+    "llm_int8_threshold": 6.0,
+    "load_in_4bit": True,
+    "load_in_8bit": False,
+    "quant_method": "bitsandbytes",
 }
 
 
@@ -37,10 +46,15 @@ def bnb_reference_dequantize(packed, qs):
     with torch._dynamo.config.patch(disable=True):
         absmax = qs.absmax
         if qs.nested:
-            absmax = torch.ops.bitsandbytes.dequantize_blockwise.default.redispatch(
-                REF, qs.absmax, qs.state2.absmax, qs.state2.code, qs.state2.blocksize, torch.float32) + qs.offset
+            absmax = (
+                torch.ops.bitsandbytes.dequantize_blockwise.default.redispatch(
+                    REF, qs.absmax, qs.state2.absmax, qs.state2.code, qs.state2.blocksize, torch.float32
+                )
+                + qs.offset
+            )
         return torch.ops.bitsandbytes.dequantize_4bit.default.redispatch(
-            REF, packed, absmax, qs.blocksize, qs.quant_type, list(qs.shape), qs.dtype)
+            REF, packed, absmax, qs.blocksize, qs.quant_type, list(qs.shape), qs.dtype
+        )
 
 
 def dense_part(state_dict, quantized_modules):
@@ -57,18 +71,24 @@ def dense96_dir(tmp_path_factory):
     from lorafuse.model.tiny import build_tiny_model
 
     folder = tmp_path_factory.mktemp("dense96")
-    build_tiny_model("llama", vocab_size=300, hidden_size=96, intermediate_size=160, num_heads=4,
-                     num_kv_heads=2, seed=1).save_pretrained(folder)
+    build_tiny_model(
+        "llama", vocab_size=300, hidden_size=96, intermediate_size=160, num_heads=4, num_kv_heads=2, seed=1
+    ).save_pretrained(folder)
     return folder
 
 
 @pytest.fixture(scope="module")
 def bnb_model(dense96_dir):
     """The recipe's load: nf4, double quant, bf16 compute, on CPU (transformers quantizes with bnb on load)."""
-    config = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                             bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16)
+    config = transformers.BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16,
+    )
     return transformers.AutoModelForCausalLM.from_pretrained(
-        dense96_dir, quantization_config=config, dtype=torch.bfloat16, device_map="cpu")
+        dense96_dir, quantization_config=config, dtype=torch.bfloat16, device_map="cpu"
+    )
 
 
 def test_we_read_what_transformers_bitsandbytes_writes(bnb_model, dense96_dir, tmp_path):
@@ -112,8 +132,11 @@ def test_bnb_state_dict_matches_linear4bit_exactly(bnb_model):
 @pytest.mark.parametrize(("double_quant", "blocksize"), [(True, 64), (False, 128)])
 def test_transformers_bitsandbytes_load_what_we_write(dense96_dir, tmp_path, double_quant, blocksize):
     base = transformers.AutoModelForCausalLM.from_pretrained(dense96_dir, dtype=torch.bfloat16)
-    quantized = {name: quantize_nf4(m.weight.data, blocksize, double_quant)
-                 for name, m in base.named_modules() if isinstance(m, nn.Linear) and name != "lm_head"}
+    quantized = {
+        name: quantize_nf4(m.weight.data, blocksize, double_quant)
+        for name, m in base.named_modules()
+        if isinstance(m, nn.Linear) and name != "lm_head"
+    }
     dense = dense_part(base.state_dict(), quantized)
     folder = write_bnb_4bit_folder(tmp_path / "ours", base.config, dense, quantized, torch.bfloat16)
 
@@ -143,8 +166,11 @@ def test_transformers_bitsandbytes_load_what_we_write(dense96_dir, tmp_path, dou
 
 def test_round_trip_through_our_reader(dense96_dir, tmp_path):
     base = transformers.AutoModelForCausalLM.from_pretrained(dense96_dir, dtype=torch.float16)
-    quantized = {name: quantize_nf4(m.weight.data) for name, m in base.named_modules()
-                 if isinstance(m, nn.Linear) and name != "lm_head"}
+    quantized = {
+        name: quantize_nf4(m.weight.data)
+        for name, m in base.named_modules()
+        if isinstance(m, nn.Linear) and name != "lm_head"
+    }
     dense = dense_part(base.state_dict(), quantized)
     folder = write_bnb_4bit_folder(tmp_path / "rt", base.config.to_dict(), dense, quantized, torch.float16)
     dense2, quantized2, qc = read_bnb_4bit_state(folder)
@@ -158,8 +184,9 @@ def test_round_trip_through_our_reader(dense96_dir, tmp_path):
 def _write_small(folder):
     w = torch.randn(48, 40, generator=torch.Generator().manual_seed(0))
     q = quantize_nf4(w)
-    return write_bnb_4bit_folder(folder, {"model_type": "llama"}, {"norm.weight": torch.rand(40) + 0.5},
-                                 {"proj": q}, torch.bfloat16), q
+    return write_bnb_4bit_folder(
+        folder, {"model_type": "llama"}, {"norm.weight": torch.rand(40) + 0.5}, {"proj": q}, torch.bfloat16
+    ), q
 
 
 def _edit_config(folder, **changes):

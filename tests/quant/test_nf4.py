@@ -44,7 +44,8 @@ def bnb_reference_quantize(w, blocksize, double_quant):
             offset = absmax.mean()
             code = BF.create_dynamic_map().to(w.device)
             codes, nested = torch.ops.bitsandbytes.quantize_blockwise.default.redispatch(
-                REF, absmax - offset, code, 256)
+                REF, absmax - offset, code, 256
+            )
             out.update(absmax=codes, nested_absmax=nested, offset=offset.item())
     return out
 
@@ -54,10 +55,15 @@ def bnb_reference_dequantize(q):
     with torch._dynamo.config.patch(disable=True):
         absmax = q.absmax
         if q.double_quant:
-            absmax = torch.ops.bitsandbytes.dequantize_blockwise.default.redispatch(
-                REF, q.absmax, q.nested_absmax, q.nested_code, 256, torch.float32) + q.offset
+            absmax = (
+                torch.ops.bitsandbytes.dequantize_blockwise.default.redispatch(
+                    REF, q.absmax, q.nested_absmax, q.nested_code, 256, torch.float32
+                )
+                + q.offset
+            )
         return torch.ops.bitsandbytes.dequantize_4bit.default.redispatch(
-            REF, q.packed.view(-1, 1), absmax, q.blocksize, "nf4", list(q.shape), q.dtype)
+            REF, q.packed.view(-1, 1), absmax, q.blocksize, "nf4", list(q.shape), q.dtype
+        )
 
 
 def spec_decode(q):
@@ -114,8 +120,10 @@ def test_quantize_equals_bnb_reference(shape, dtype, double_quant):
     err = (deq.float() - w.float()).abs()
     if dtype == torch.float32 and not double_quant:
         assert bool((err <= half_gap * scale * (1 + 2**-20)).all())
-    print(f"{shape} {dtype} dq={double_quant}: ours vs bnb max diff 0.0; quantization error max |w-deq|/absmax "
-          f"{(err / scale).max():.4f}")
+    print(
+        f"{shape} {dtype} dq={double_quant}: ours vs bnb max diff 0.0; quantization error max |w-deq|/absmax "
+        f"{(err / scale).max():.4f}"
+    )
 
 
 @pytest.mark.parametrize("blocksize", [32, 128, 256, 1024, 4096])
@@ -195,8 +203,13 @@ def test_chunked_quantization_plus_double_quantize_equals_whole():
     whole = quantize_nf4(w, 64, double_quant=True)
     flat, cut = w.reshape(-1), 128 * 100
     parts = [quantize_nf4(flat[:cut], 64, False), quantize_nf4(flat[cut:], 64, False)]
-    joined = NF4Weight(packed=torch.cat([p.packed for p in parts]), absmax=torch.cat([p.absmax for p in parts]),
-                       shape=w.shape, dtype=w.dtype, blocksize=64)
+    joined = NF4Weight(
+        packed=torch.cat([p.packed for p in parts]),
+        absmax=torch.cat([p.absmax for p in parts]),
+        shape=w.shape,
+        dtype=w.dtype,
+        blocksize=64,
+    )
     dq = double_quantize(joined)
     assert torch.equal(dq.packed, whole.packed) and torch.equal(dq.absmax, whole.absmax)
     assert torch.equal(dq.nested_absmax, whole.nested_absmax) and dq.offset == whole.offset

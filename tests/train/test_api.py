@@ -14,14 +14,24 @@ from lorafuse.train.api import run, train
 
 
 def _cfg(model_dir, out, **train):
-    return validate_config({
-        "model": {"path": str(model_dir), "quant": "none", "compute_dtype": "auto"},
-        "lora": {"r": 4, "alpha": 8, "dropout": 0.0, "targets": ["q_proj", "v_proj"]},
-        "data": {"path": "builtin:demo", "format": "alpaca", "max_length": 64, "num_rows": 24},
-        "train": {"max_steps": 2, "micro_batch_size": 4, "grad_accum": 1, "lr": 3e-3, "optimizer": "adamw",
-                  "gradient_checkpointing": False, "device": "cpu", **train},
-        "output": {"dir": str(out)},
-    })
+    return validate_config(
+        {
+            "model": {"path": str(model_dir), "quant": "none", "compute_dtype": "auto"},
+            "lora": {"r": 4, "alpha": 8, "dropout": 0.0, "targets": ["q_proj", "v_proj"]},
+            "data": {"path": "builtin:demo", "format": "alpaca", "max_length": 64, "num_rows": 24},
+            "train": {
+                "max_steps": 2,
+                "micro_batch_size": 4,
+                "grad_accum": 1,
+                "lr": 3e-3,
+                "optimizer": "adamw",
+                "gradient_checkpointing": False,
+                "device": "cpu",
+                **train,
+            },
+            "output": {"dir": str(out)},
+        }
+    )
 
 
 def _console():
@@ -72,12 +82,24 @@ def test_python_api_trains_a_loaded_model_on_rows(tmp_path, tiny_model_dir):
 
     model, tok = lorafuse.load_model(str(tiny_model_dir), quant="nf4", compute_dtype="float32", device="cpu")
     lorafuse.apply_lora(model, r=4, alpha=8, dropout=0.0, targets="all-linear")
-    rows = [{"instruction": f"Count to {n}.", "input": "", "output": " ".join(str(i) for i in range(1, n + 1))}
-            for n in range(2, 18)]
+    rows = [
+        {"instruction": f"Count to {n}.", "input": "", "output": " ".join(str(i) for i in range(1, n + 1))}
+        for n in range(2, 18)
+    ]
     console, _ = _console()
-    result = lorafuse.train(model, tok, rows, output_dir=tmp_path / "out", max_steps=12, lr=1e-2,
-                            micro_batch_size=4, grad_accum=1, max_length=64, optimizer="adamw_8bit",
-                            console=console)
+    result = lorafuse.train(
+        model,
+        tok,
+        rows,
+        output_dir=tmp_path / "out",
+        max_steps=12,
+        lr=1e-2,
+        micro_batch_size=4,
+        grad_accum=1,
+        max_length=64,
+        optimizer="adamw_8bit",
+        console=console,
+    )
     assert result.stop_reason == "finished" and result.steps == 12
     assert result.last_loss < result.first_loss
     cfg = (tmp_path / "out" / "config.yaml").read_text()
@@ -124,8 +146,9 @@ def test_fp8_is_on_for_the_training_loop_only(tmp_path, tiny_model_dir, monkeypa
 
 
 @pytest.mark.parametrize("fast_path, why", [("off", "train.fast_path is off"), ("auto", "the fast path did not apply")])
-def test_fp8_without_the_fast_path_stops_with_the_reason_and_the_fix(tmp_path, tiny_model_dir, monkeypatch,
-                                                                     fast_path, why):
+def test_fp8_without_the_fast_path_stops_with_the_reason_and_the_fix(
+    tmp_path, tiny_model_dir, monkeypatch, fast_path, why
+):
     """FP8 lives in the fused kernels: a run where they are not in place (switched off, or a CPU model here, on a
     card that could run FP8) would change nothing and look like FP8, so it stops before the first step."""
     from lorafuse.errors import LorafuseError

@@ -14,6 +14,7 @@ import math
 import pytest
 import torch
 from rich.console import Console
+from toy import toy_model
 
 from lorafuse.config import TrainConfig, load_config, validate_config
 from lorafuse.data.collate import Batcher
@@ -24,7 +25,6 @@ from lorafuse.train import loop as loop_mod
 from lorafuse.train.api import run
 from lorafuse.train.loop import TrainingLoop
 from lorafuse.train.oom import split_batch
-from toy import toy_model
 
 _REAL_LOSS_SUM = loop_mod.lm_loss_sum
 
@@ -36,13 +36,26 @@ def _rows(n=14, vocab=96, seed=3):
     for _ in range(n):
         length = int(torch.randint(5, 13, (), generator=g))
         ids = ((int(torch.randint(4, vocab, (), generator=g)) + torch.arange(length)) % (vocab - 4) + 4).tolist()
-        rows.append({"input_ids": ids, "labels": [-100] * (length // 2) + ids[length // 2:]})
+        rows.append({"input_ids": ids, "labels": [-100] * (length // 2) + ids[length // 2 :]})
     return rows
 
 
 def _tc(mb, ga, **kw):
-    return TrainConfig(**{**dict(max_steps=4, micro_batch_size=mb, grad_accum=ga, lr=5e-3, warmup_steps=1,
-                                 optimizer="adamw", gradient_checkpointing=False, log_every=1), **kw})
+    return TrainConfig(
+        **{
+            **dict(
+                max_steps=4,
+                micro_batch_size=mb,
+                grad_accum=ga,
+                lr=5e-3,
+                warmup_steps=1,
+                optimizer="adamw",
+                gradient_checkpointing=False,
+                log_every=1,
+            ),
+            **kw,
+        }
+    )
 
 
 def _flaky(monkeypatch, max_rows, from_call=1, seen=None):
@@ -63,8 +76,7 @@ def _flaky(monkeypatch, max_rows, from_call=1, seen=None):
 
 def _run(mb, ga, dropout=0.0, **kw):
     batches = Batcher(_rows(), mb, pad_id=3, seed=1)
-    loop = TrainingLoop(toy_model(dropout=dropout), batches, _tc(mb, ga, **kw),
-                        console=Console(file=io.StringIO()))
+    loop = TrainingLoop(toy_model(dropout=dropout), batches, _tc(mb, ga, **kw), console=Console(file=io.StringIO()))
     return loop, loop.run()
 
 
@@ -139,8 +151,10 @@ def test_split_pieces_are_the_smaller_batchers_micro_batches(packing, multiple):
     pieces = [p for b in Batcher(rows, 4, **common).epoch_batches(1) for p in split_batch(b, 2, multiple)]
     expected = list(Batcher(rows, 2, **common).epoch_batches(1))
     assert len(pieces) == len(expected) > 4
-    assert any(p["input_ids"].shape[1] < b["input_ids"].shape[1]
-               for p, b in zip(pieces[::2], Batcher(rows, 4, **common).epoch_batches(1)))  # trimming happened
+    assert any(
+        p["input_ids"].shape[1] < b["input_ids"].shape[1]
+        for p, b in zip(pieces[::2], Batcher(rows, 4, **common).epoch_batches(1))
+    )  # trimming happened
     for got, want in zip(pieces, expected):
         assert got.keys() == want.keys()
         for key, value in want.items():
@@ -158,15 +172,26 @@ def test_other_errors_are_not_retried(monkeypatch):
 
 # ------------------------------------------------------------------------------------- through api.run
 
+
 def _cfg(model_dir, out, **train):
-    return validate_config({
-        "model": {"path": str(model_dir), "quant": "none", "compute_dtype": "auto"},
-        "lora": {"r": 4, "alpha": 8, "dropout": 0.0, "targets": ["q_proj", "v_proj"]},
-        "data": {"path": "builtin:demo", "format": "alpaca", "max_length": 64, "num_rows": 24},
-        "train": {"max_steps": 3, "micro_batch_size": 8, "grad_accum": 1, "lr": 3e-3, "optimizer": "adamw",
-                  "gradient_checkpointing": True, "save_every": 1, **train},
-        "output": {"dir": str(out)},
-    })
+    return validate_config(
+        {
+            "model": {"path": str(model_dir), "quant": "none", "compute_dtype": "auto"},
+            "lora": {"r": 4, "alpha": 8, "dropout": 0.0, "targets": ["q_proj", "v_proj"]},
+            "data": {"path": "builtin:demo", "format": "alpaca", "max_length": 64, "num_rows": 24},
+            "train": {
+                "max_steps": 3,
+                "micro_batch_size": 8,
+                "grad_accum": 1,
+                "lr": 3e-3,
+                "optimizer": "adamw",
+                "gradient_checkpointing": True,
+                "save_every": 1,
+                **train,
+            },
+            "output": {"dir": str(out)},
+        }
+    )
 
 
 def _console():
@@ -206,8 +231,12 @@ def test_oom_retry_in_a_run_is_logged_saved_and_kept_on_resume(tmp_path, tiny_mo
 def test_auto_fit_applies_the_planner_suggestion_and_saves_it(tmp_path, tiny_model_dir, monkeypatch):
     cfg = _cfg(tiny_model_dir, tmp_path / "run", auto_fit=True, gradient_checkpointing=False, device="auto")
     big = plan(cfg, gpu_memory=16 * GIB).estimate.peak
-    one = plan(apply_overrides(cfg, {"train.micro_batch_size": 1, "train.grad_accum": 8,
-                                     "train.gradient_checkpointing": True}), gpu_memory=16 * GIB).estimate.peak
+    one = plan(
+        apply_overrides(
+            cfg, {"train.micro_batch_size": 1, "train.grad_accum": 8, "train.gradient_checkpointing": True}
+        ),
+        gpu_memory=16 * GIB,
+    ).estimate.peak
     budget = (big + one) // 2  # the config as written does not fit; the smallest setting does
     _fake_gpu(monkeypatch, budget)
     expected = suggest(cfg, gpu_memory=None)
@@ -220,8 +249,10 @@ def test_auto_fit_applies_the_planner_suggestion_and_saves_it(tmp_path, tiny_mod
     assert plan(fitted).estimate.peak <= budget
     line = next(x for x in buf.getvalue().splitlines() if x.startswith("auto_fit: "))
     for key, value in expected.items():
-        assert f"{key} {json.dumps(cfg.model_dump(mode='json')[key.split('.')[0]][key.split('.')[1]])} -> " \
-               f"{json.dumps(value)}" in line
+        assert (
+            f"{key} {json.dumps(cfg.model_dump(mode='json')[key.split('.')[0]][key.split('.')[1]])} -> "
+            f"{json.dumps(value)}" in line
+        )
     assert f"of {budget / GIB:.1f} GiB" in line and "predicted peak" in line
     for saved in (tmp_path / "run" / "config.yaml", res.last_checkpoint / "config.yaml"):
         assert load_config(saved) == fitted

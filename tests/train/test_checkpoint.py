@@ -29,8 +29,15 @@ def _model_and_opt():
 
 
 def _save(out, step, model, opt, **kw):
-    return ckpt.save_checkpoint(out, step, model=model, optimizer=opt, trainer_state={"step": step},
-                                metrics_jsonl=json.dumps({"step": step}) + "\n", **kw)
+    return ckpt.save_checkpoint(
+        out,
+        step,
+        model=model,
+        optimizer=opt,
+        trainer_state={"step": step},
+        metrics_jsonl=json.dumps({"step": step}) + "\n",
+        **kw,
+    )
 
 
 def test_save_then_load_restores_everything(tmp_path):

@@ -16,14 +16,26 @@ pytestmark = pytest.mark.gpu
 
 
 def _cfg(model_dir, out, dtype, **train):
-    return validate_config({
-        "model": {"path": str(model_dir), "quant": "nf4", "compute_dtype": dtype},
-        "lora": {"r": 8, "alpha": 16, "dropout": 0.05, "targets": "all-linear"},
-        "data": {"path": "builtin:demo", "format": "alpaca", "max_length": 96, "num_rows": 96, "val_size": 8},
-        "train": {"max_steps": 16, "micro_batch_size": 4, "grad_accum": 2, "lr": 5e-3, "warmup_steps": 2,
-                  "optimizer": "paged_adamw_8bit", "device": "cuda", "eval_every": 8, "save_every": 8, **train},
-        "output": {"dir": str(out)},
-    })
+    return validate_config(
+        {
+            "model": {"path": str(model_dir), "quant": "nf4", "compute_dtype": dtype},
+            "lora": {"r": 8, "alpha": 16, "dropout": 0.05, "targets": "all-linear"},
+            "data": {"path": "builtin:demo", "format": "alpaca", "max_length": 96, "num_rows": 96, "val_size": 8},
+            "train": {
+                "max_steps": 16,
+                "micro_batch_size": 4,
+                "grad_accum": 2,
+                "lr": 5e-3,
+                "warmup_steps": 2,
+                "optimizer": "paged_adamw_8bit",
+                "device": "cuda",
+                "eval_every": 8,
+                "save_every": 8,
+                **train,
+            },
+            "output": {"dir": str(out)},
+        }
+    )
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
@@ -56,8 +68,9 @@ def test_fused_loss_kernel_matches_the_chunked_pass(tiny_model_dir):
         hf = model(**batch).loss.float() * (labels[:, 1:] != -100).sum()
         hidden = model.base_model(input_ids=ids, attention_mask=batch["attention_mask"]).last_hidden_state
     shifted = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=-100).flatten()
-    exact = torch.nn.functional.cross_entropy(hidden.flatten(0, 1).double() @ head.weight.double().t(), shifted,
-                                              ignore_index=-100, reduction="sum")
+    exact = torch.nn.functional.cross_entropy(
+        hidden.flatten(0, 1).double() @ head.weight.double().t(), shifted, ignore_index=-100, reduction="sum"
+    )
     assert fused.dtype == ours.dtype == torch.float32
     # Against the fp64 loss of the same hidden states: no worse than 2x HF's own bf16 loss.
     for value in (fused, ours):
@@ -66,16 +79,35 @@ def test_fused_loss_kernel_matches_the_chunked_pass(tiny_model_dir):
 
 def _graph_run(model_dir, out, graphs: str, dtype: str = "bfloat16", packing: bool = True, dropout: float = 0.0):
     buf = io.StringIO()
-    cfg = validate_config({
-        "model": {"path": str(model_dir), "quant": "nf4", "compute_dtype": dtype},
-        "lora": {"r": 8, "alpha": 16, "dropout": dropout, "targets": "all-linear"},
-        "data": {"path": "builtin:demo", "format": "alpaca", "max_length": 96, "num_rows": 96, "val_size": 8,
-                 "packing": packing},
-        "train": {"max_steps": 12, "micro_batch_size": 4, "grad_accum": 2, "lr": 5e-3, "warmup_steps": 2,
-                  "optimizer": "paged_adamw_8bit", "device": "cuda", "eval_every": 6, "save_every": 6,
-                  "log_every": 1, "cuda_graphs": graphs, "fast_path": "on"},
-        "output": {"dir": str(out)},
-    })
+    cfg = validate_config(
+        {
+            "model": {"path": str(model_dir), "quant": "nf4", "compute_dtype": dtype},
+            "lora": {"r": 8, "alpha": 16, "dropout": dropout, "targets": "all-linear"},
+            "data": {
+                "path": "builtin:demo",
+                "format": "alpaca",
+                "max_length": 96,
+                "num_rows": 96,
+                "val_size": 8,
+                "packing": packing,
+            },
+            "train": {
+                "max_steps": 12,
+                "micro_batch_size": 4,
+                "grad_accum": 2,
+                "lr": 5e-3,
+                "warmup_steps": 2,
+                "optimizer": "paged_adamw_8bit",
+                "device": "cuda",
+                "eval_every": 6,
+                "save_every": 6,
+                "log_every": 1,
+                "cuda_graphs": graphs,
+                "fast_path": "on",
+            },
+            "output": {"dir": str(out)},
+        }
+    )
     result = run(cfg, console=Console(file=buf, width=200))
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return result, [r["loss"] for r in rows if "eval_loss" not in r and r.get("loss") is not None], buf.getvalue()

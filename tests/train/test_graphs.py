@@ -66,12 +66,18 @@ def _train(model, batches, graphed: bool, accum: int = 2, checkpointing=True):
     precision = Precision(torch.device("cuda"), torch.bfloat16)
     opt = torch.optim.AdamW(params, lr=1e-2)
     notes = []
-    step = GraphedMicroStep(model, params, lambda b: lm_loss_sum(model, b, head, True), precision.backward,
-                            torch.bfloat16, note=notes.append)
+    step = GraphedMicroStep(
+        model,
+        params,
+        lambda b: lm_loss_sum(model, b, head, True),
+        precision.backward,
+        torch.bfloat16,
+        note=notes.append,
+    )
     losses = []
     model.train()
     for i in range(0, len(batches), accum):
-        window = batches[i:i + accum]
+        window = batches[i : i + accum]
         n = sum(int((b["labels"][:, 1:] != -100).sum()) for b in window)
         for b in window:
             losses.append(float(step(b, 1.0 / n) if graphed else step.eager(b, 1.0 / n)))
@@ -82,8 +88,10 @@ def _train(model, batches, graphed: bool, accum: int = 2, checkpointing=True):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("quant,dropout,checkpointing", [("nf4", 0.0, True), ("none", 0.0, True),
-                                                         ("nf4", 0.1, True), ("nf4", 0.1, "offload")])
+@pytest.mark.parametrize(
+    "quant,dropout,checkpointing",
+    [("nf4", 0.0, True), ("none", 0.0, True), ("nf4", 0.1, True), ("nf4", 0.1, "offload")],
+)
 def test_replayed_steps_train_exactly_as_eager_steps(tiny_model_dir, quant, dropout, checkpointing):
     """10 micro-batches, accumulation 2: two eager warm-ups, a capture, then replays. Losses and the trained
     LoRA tensors equal those of the same run done eagerly, bit for bit (the same kernels run in the same order;
@@ -92,12 +100,18 @@ def test_replayed_steps_train_exactly_as_eager_steps(tiny_model_dir, quant, drop
     batches = _batches(512, 10)
     torch.manual_seed(0)
     eager_losses, eager_params, _, _, eager_moved = _train(
-        _lora_model(tiny_model_dir, dropout, quant=quant, device="cuda", dtype="bfloat16"), batches, graphed=False,
-        checkpointing=checkpointing)
+        _lora_model(tiny_model_dir, dropout, quant=quant, device="cuda", dtype="bfloat16"),
+        batches,
+        graphed=False,
+        checkpointing=checkpointing,
+    )
     torch.manual_seed(0)
     graph_losses, graph_params, step, notes, graph_moved = _train(
-        _lora_model(tiny_model_dir, dropout, quant=quant, device="cuda", dtype="bfloat16"), batches, graphed=True,
-        checkpointing=checkpointing)
+        _lora_model(tiny_model_dir, dropout, quant=quant, device="cuda", dtype="bfloat16"),
+        batches,
+        graphed=True,
+        checkpointing=checkpointing,
+    )
     assert step.disabled is None, notes
     assert step.replays == 8  # micro-batches 3..10: 1 and 2 warm up eagerly, 3 is captured, then all replay
     assert graph_losses == eager_losses
@@ -141,8 +155,14 @@ def test_each_shape_is_captured_after_its_warmup():
     rec = _Recorder(warmup=2)
     for shape in [(4, 64), (4, 128), (4, 64), (4, 64), (4, 128)]:
         rec(_ids(*shape), 1.0)
-    assert rec.calls == [("eager", (4, 64), True), ("eager", (4, 128), True), ("eager", (4, 64), True),
-                         ("capture", (4, 64)), ("eager", (4, 64), False), ("eager", (4, 128), True)]
+    assert rec.calls == [
+        ("eager", (4, 64), True),
+        ("eager", (4, 128), True),
+        ("eager", (4, 64), True),
+        ("capture", (4, 64)),
+        ("eager", (4, 64), False),
+        ("eager", (4, 128), True),
+    ]
 
 
 def test_shapes_past_the_limit_run_eagerly_with_one_note():
@@ -172,7 +192,11 @@ def test_padded_mask_becomes_the_4d_mask_sdpa_takes():
     want = torch.tril(torch.ones(4, 4, dtype=torch.bool))[None] & mask.bool()[:, None, :]
     assert torch.equal(out[:, 0], want)
     assert out[:, 0].any(-1).all(), "every query row, pads included, attends to at least one real token"
-    packed = {"input_ids": torch.zeros(2, 4, dtype=torch.long), "position_ids": torch.zeros(2, 4), "attention_mask": mask}
+    packed = {
+        "input_ids": torch.zeros(2, 4, dtype=torch.long),
+        "position_ids": torch.zeros(2, 4),
+        "attention_mask": mask,
+    }
     assert rec.prepare(packed) is packed
 
 
@@ -201,10 +225,12 @@ def test_two_shapes_share_one_pool_and_train_exactly_as_eager(tiny_model_dir):
     batches = [x for pair in zip(a, b) for x in pair]
     torch.manual_seed(0)
     eager_losses, eager_params, _, _, _ = _train(
-        _lora_model(tiny_model_dir, quant="nf4", device="cuda", dtype="bfloat16"), batches, graphed=False)
+        _lora_model(tiny_model_dir, quant="nf4", device="cuda", dtype="bfloat16"), batches, graphed=False
+    )
     torch.manual_seed(0)
     graph_losses, graph_params, step, notes, moved = _train(
-        _lora_model(tiny_model_dir, quant="nf4", device="cuda", dtype="bfloat16"), batches, graphed=True)
+        _lora_model(tiny_model_dir, quant="nf4", device="cuda", dtype="bfloat16"), batches, graphed=True
+    )
     assert step.disabled is None and len(step.graphs) == 2 and step.replays == 8, notes
     assert graph_losses == eager_losses and moved
     assert all(torch.equal(x, y) for x, y in zip(graph_params, eager_params))
@@ -226,9 +252,14 @@ def test_the_capture_reuses_the_warm_up_cublas_workspaces(tiny_model_dir):
         assert apply_fast_path(model)[0]
         params = prepare_model(model, True, note=lambda s: None)
         head = simple_head(model)
-        step = GraphedMicroStep(model, params, lambda b, model=model: lm_loss_sum(model, b, head, True),
-                                Precision(torch.device("cuda"), torch.bfloat16).backward, torch.bfloat16,
-                                note=lambda s: None)
+        step = GraphedMicroStep(
+            model,
+            params,
+            lambda b, model=model: lm_loss_sum(model, b, head, True),
+            Precision(torch.device("cuda"), torch.bfloat16).backward,
+            torch.bfloat16,
+            note=lambda s: None,
+        )
         model.train()
         batches = _batches(512, 3)
         for b in batches[:2]:
@@ -262,9 +293,14 @@ def test_an_evaluation_on_the_graphs_stream_leaves_no_workspace_behind(tiny_mode
     assert apply_fast_path(model)[0]
     params = prepare_model(model, True, note=lambda s: None)
     head = simple_head(model)
-    step = GraphedMicroStep(model, params, lambda b: lm_loss_sum(model, b, head, True),
-                            Precision(torch.device("cuda"), torch.bfloat16).backward, torch.bfloat16,
-                            note=lambda s: None)
+    step = GraphedMicroStep(
+        model,
+        params,
+        lambda b: lm_loss_sum(model, b, head, True),
+        Precision(torch.device("cuda"), torch.bfloat16).backward,
+        torch.bfloat16,
+        note=lambda s: None,
+    )
     model.train()
     batches = _batches(512, 4)
     for b in batches[:3]:

@@ -10,17 +10,25 @@ import warnings
 
 import pytest
 import torch
+from toy import ToyBatches, toy_model
 
 from lorafuse.config import TrainConfig
 from lorafuse.errors import LorafuseError
 from lorafuse.train import loop as loop_mod
 from lorafuse.train.loop import TrainingLoop, total_steps, train_loop
-from toy import ToyBatches, toy_model
 
 
 def _tc(**kw):
-    base = dict(max_steps=6, grad_accum=2, lr=5e-3, warmup_steps=1, optimizer="adamw",
-                gradient_checkpointing=False, log_every=1, save_total_limit=10)
+    base = dict(
+        max_steps=6,
+        grad_accum=2,
+        lr=5e-3,
+        warmup_steps=1,
+        optimizer="adamw",
+        gradient_checkpointing=False,
+        log_every=1,
+        save_total_limit=10,
+    )
     return TrainConfig(**{**base, **kw})
 
 
@@ -69,6 +77,7 @@ def test_accumulation_is_normalised_by_the_tokens_of_the_whole_step():
     # The test can fail: averaging per-micro-batch means (the old HF behaviour) gives other gradients.
     model = toy_model(dropout=0.0)
     from lorafuse.train.loss import lm_loss_sum
+
     mean_of_means = sum(lm_loss_sum(model, b) / c for b, c in zip(micro, counts)) / 3
     mean_of_means.backward()
     wrong = [p.grad for p in model.parameters() if p.requires_grad]
@@ -180,8 +189,9 @@ def test_gradient_checkpointing_same_grads_and_no_reentrant_warning():
     batches = _Fixed([next(ToyBatches().epoch_batches(0))])
     grads = []
     for ckpt in (False, True):
-        loop = TrainingLoop(toy_model(dropout=0.0), batches, _tc(max_steps=1, grad_accum=1,
-                                                                  gradient_checkpointing=ckpt))
+        loop = TrainingLoop(
+            toy_model(dropout=0.0), batches, _tc(max_steps=1, grad_accum=1, gradient_checkpointing=ckpt)
+        )
         grads.append(_capture_grads(loop))
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from toy import ToyBatches, toy_model
 
 from lorafuse.train.loss import chunked_lm_loss, count_targets, lm_loss_sum, simple_head
-from toy import ToyBatches, toy_model
 
 
 def _problem(n=37, d=24, v=53, seed=0):
@@ -35,8 +35,9 @@ def test_chunked_loss_and_grads_match_cross_entropy(chunk):
     hidden, weight, labels = _problem()
     exact = _value_and_grads(_reference, hidden, weight, labels)  # fp64
     ref32 = _value_and_grads(_reference, hidden.float(), weight.float(), labels)
-    ours = _value_and_grads(lambda h, w, y: chunked_lm_loss(h, w, y, chunk=chunk), hidden.float(),
-                            weight.float(), labels)
+    ours = _value_and_grads(
+        lambda h, w, y: chunked_lm_loss(h, w, y, chunk=chunk), hidden.float(), weight.float(), labels
+    )
     for o, r, e in zip(ours, ref32, exact):
         # No worse than 2x the error of PyTorch's own fp32 cross-entropy against the fp64 truth.
         assert (o - e).abs().max() <= 2 * (r - e).abs().max() + 1e-12

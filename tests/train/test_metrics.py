@@ -52,10 +52,31 @@ def test_memory_reading_is_the_process_size():
 
 def test_summary_table():
     buf = io.StringIO()
-    print_summary(Console(file=buf, width=120), {
-        "stop_reason": "finished", "steps": 80, "wall_s": 125.0, "tokens": 40000, "tokens_per_s": 320.0,
-        "peak_memory_bytes": 600 * 2**20, "first_loss": 6.1, "last_loss": 2.3, "best_eval_loss": 3.2,
-        "best_step": 80, "best_checkpoint": "runs/demo/checkpoint-80", "adapter_dir": "runs/demo/adapter"})
+    print_summary(
+        Console(file=buf, width=120),
+        {
+            "stop_reason": "finished",
+            "steps": 80,
+            "wall_s": 125.0,
+            "tokens": 40000,
+            "tokens_per_s": 320.0,
+            "peak_memory_bytes": 600 * 2**20,
+            "first_loss": 6.1,
+            "last_loss": 2.3,
+            "best_eval_loss": 3.2,
+            "best_step": 80,
+            "best_checkpoint": "runs/demo/checkpoint-80",
+            "adapter_dir": "runs/demo/adapter",
+        },
+    )
     out = buf.getvalue()
-    for text in ("finished", "0:02:05", "40,000", "600 MB", "6.1000 / 2.3000", "3.2000 at step 80", "runs/demo/adapter"):
+    for text in (
+        "finished",
+        "0:02:05",
+        "40,000",
+        "600 MB",
+        "6.1000 / 2.3000",
+        "3.2000 at step 80",
+        "runs/demo/adapter",
+    ):
         assert text in out

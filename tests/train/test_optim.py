@@ -7,8 +7,15 @@ import math
 import pytest
 import torch
 
-from lorafuse.train.optim import (AdamW8bit, LRSchedule, PagedAdamW8bit, dequantize_blockwise, dynamic_map,
-                                  quantize_blockwise, state_bytes)
+from lorafuse.train.optim import (
+    AdamW8bit,
+    LRSchedule,
+    PagedAdamW8bit,
+    dequantize_blockwise,
+    dynamic_map,
+    quantize_blockwise,
+    state_bytes,
+)
 
 bnb = pytest.importorskip("bitsandbytes")
 bnbF = pytest.importorskip("bitsandbytes.functional")
@@ -176,7 +183,6 @@ def test_paged_on_cuda_keeps_states_on_host_and_equals_8bit():
     assert reloaded.state[p]["m_q"].device.type == "cpu" and reloaded.state[p]["m_q"].is_pinned()
 
 
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_adamw8bit_on_cuda_one_launch_a_step_equals_per_parameter_launches(dtype, monkeypatch):
@@ -216,6 +222,7 @@ def test_adamw8bit_on_cuda_one_launch_a_step_equals_per_parameter_launches(dtype
     for p, r in zip(ps, ref):
         assert torch.equal(p, r)
         assert all(torch.equal(opt.state[p][k], ref_opt.state[r][k]) for k in opt.state[p] if k != "step")
+
 
 def test_schedules():
     s = LRSchedule(1.0, total_steps=100, warmup_steps=10, kind="cosine")

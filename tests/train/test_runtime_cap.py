@@ -15,8 +15,9 @@ from lorafuse.train.runtime import prepare_model
 def test_the_cap_reaches_the_kernels_and_the_planner(tmp_path, monkeypatch):
     monkeypatch.setattr(lora_linear, "DEQUANT_CAP_BYTES", lora_linear.ENV_DEQUANT_CAP_BYTES)
     assert load_config(None).train.dequant_cap_mib == 0
-    (tmp_path / "c.yaml").write_text('model: {path: "builtin:tiny-llama"}\ndata: {path: "builtin:demo"}\n'
-                                     "train:\n  dequant_cap_mib: 48\n")
+    (tmp_path / "c.yaml").write_text(
+        'model: {path: "builtin:tiny-llama"}\ndata: {path: "builtin:demo"}\ntrain:\n  dequant_cap_mib: 48\n'
+    )
     cfg = load_config(str(tmp_path / "c.yaml"))
     assert cfg.train.dequant_cap_mib == 48
     model = build_tiny_model("llama", vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2)

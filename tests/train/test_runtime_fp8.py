@@ -21,8 +21,9 @@ def _model(dtype=torch.float32):
 
 def test_fp8_is_off_by_default_and_read_from_the_yaml(tmp_path):
     assert load_config(None).train.fp8 is False
-    (tmp_path / "c.yaml").write_text('model: {path: "builtin:tiny-llama"}\ndata: {path: "builtin:demo"}\n'
-                                     "train:\n  fp8: true\n")
+    (tmp_path / "c.yaml").write_text(
+        'model: {path: "builtin:tiny-llama"}\ndata: {path: "builtin:demo"}\ntrain:\n  fp8: true\n'
+    )
     assert load_config(str(tmp_path / "c.yaml")).train.fp8 is True
 
 

@@ -28,9 +28,11 @@ def _step(kept: int):
     prepare_model(model, True, note=notes.append, uncheckpointed_layers=kept)
     calls = [0] * 4
     for i, layer in enumerate(model.base_model.layers):  # counted in forward itself: the recompute runs it again
+
         def counted(*args, forward=layer.mlp.forward, i=i, **kwargs):  # (module hooks do not fire there)
             calls[i] += 1
             return forward(*args, **kwargs)
+
         layer.mlp.forward = counted
     model.train()
     ids = torch.randint(0, 96, (2, 17), generator=torch.Generator().manual_seed(1))
@@ -57,8 +59,18 @@ def test_planner_prices_each_kept_layer():
     """Memory: a kept layer holds its whole saved set (with its LoRA casts) instead of its input; time: one pass
     fewer."""
     s = builtin_shape("llama2-7b")
-    w = Workload(s, micro_batch=4, seq=512, kernels="fused", loss="fused", checkpointing="on", dropout=0.0,
-                 grad_accum=1, cuda_graphs=True, padded=False)
+    w = Workload(
+        s,
+        micro_batch=4,
+        seq=512,
+        kernels="fused",
+        loss="fused",
+        checkpointing="on",
+        dropout=0.0,
+        grad_accum=1,
+        cuda_graphs=True,
+        padded=False,
+    )
     per_layer = layer_saved_bytes(w) * w.tokens + layer_saved_constant_bytes(w)
     card = speed.card_by_name("H100")
     previous = None
@@ -90,5 +102,7 @@ def test_config_key_and_bench_flag():
 def test_offload_counts_only_the_layers_it_checkpoints():
     model, notes = _model(), []
     prepare_model(model, "offload", note=notes.append, uncheckpointed_layers=1)
-    assert notes[-2:] == ["the last 1 decoder layers save their activations (no recompute in backward)",
-                          "activation offload: the inputs of 3 checkpointed layers wait in pinned CPU memory"]
+    assert notes[-2:] == [
+        "the last 1 decoder layers save their activations (no recompute in backward)",
+        "activation offload: the inputs of 3 checkpointed layers wait in pinned CPU memory",
+    ]

@@ -12,8 +12,16 @@ def toy_model(seed: int = 0, dropout: float = 0.1, vocab_size: int = 96, hidden:
 
     Attention dropout is on so that resume tests depend on the restored RNG state.
     """
-    model = build_tiny_model("llama", vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden,
-                             num_layers=2, num_heads=4, num_kv_heads=2, seed=seed)
+    model = build_tiny_model(
+        "llama",
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        seed=seed,
+    )
     model.config.attention_dropout = dropout
     for layer in model.model.layers:
         layer.self_attn.attention_dropout = dropout
@@ -29,9 +37,16 @@ class ToyBatches:
     targets follow a simple rule (next token = token + 1 mod V) so a model can learn them.
     """
 
-    def __init__(self, n_micro: int = 6, micro_batch_size: int = 2, seq_len: int = 12, vocab_size: int = 96,
-                 seed: int = 0):
-        self.n_micro, self.mbs, self.seq_len, self.vocab, self.seed = n_micro, micro_batch_size, seq_len, vocab_size, seed
+    def __init__(
+        self, n_micro: int = 6, micro_batch_size: int = 2, seq_len: int = 12, vocab_size: int = 96, seed: int = 0
+    ):
+        self.n_micro, self.mbs, self.seq_len, self.vocab, self.seed = (
+            n_micro,
+            micro_batch_size,
+            seq_len,
+            vocab_size,
+            seed,
+        )
 
     def __len__(self) -> int:
         return self.n_micro
