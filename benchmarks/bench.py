@@ -156,15 +156,15 @@ def probe_device(device: str) -> dict:
 
 def _build_in_child(args, folder: Path) -> dict:
     spec = json.dumps([args.shape, str(folder), args.device, args.dtype])
-    code = (
-        "import json, sys; from lorafuse.bench import build_checkpoint; "
+    here = f"import json, sys; sys.path[:0] = [{str(Path(__file__).resolve().parent)!r}, {str(ROOT)!r}]; "
+    code = here + (
+        "from bench import build_checkpoint; "
         "print('BENCH_PROBE', json.dumps(build_checkpoint(*json.loads(sys.argv[1]))))"
     )
     if args.random_init:
         spec = json.dumps([args.device])
-        code = (
-            "import json, sys; from lorafuse.bench import probe_device; "
-            "print('BENCH_PROBE', json.dumps(probe_device(*json.loads(sys.argv[1]))))"
+        code = here + (
+            "from bench import probe_device; print('BENCH_PROBE', json.dumps(probe_device(*json.loads(sys.argv[1]))))"
         )
     probe, tail = _child([sys.executable, "-c", code, spec], timeout=args.timeout)
     if "torch" not in probe:

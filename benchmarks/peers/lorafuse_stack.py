@@ -54,7 +54,8 @@ def build(spec: dict, device):
     notes = []
     state = accel.prepare(model, _options(spec), note=notes.append)
     params, head, fused = state.params, state.head, state.fused_loss
-    fast = {"applied": state.fast is not None, "reason": next((n for n in notes if "fast path" in n), "")}
+    on = state.fast is not None and f"fast path on ({state.fast.ops.name} ops, {state.fast.layers} layers)"
+    fast = {"applied": state.fast is not None, "reason": on or next((n for n in notes if "fast path" in n), "")}
     precision = Precision(device, dtype)
     optimizer = build_optimizer(spec["optimizer"], params, lr=2e-4, weight_decay=0.0)
     model.train()
