@@ -7,13 +7,15 @@ import os
 import re
 import shlex
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from lorafuse.bench_args import parse_args, plan_runs
-
 ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from bench_args import parse_args, plan_runs  # noqa: E402  (the harness's parser, beside it in benchmarks/)
+
 SCRIPT = ROOT / "benchmarks" / "reproduce.sh"
 
 
