@@ -92,7 +92,7 @@ def _check_numbers(cfg: dict, path: Path) -> None:
     import math
 
     def bad(key: str, value, kind: str) -> ModelError:
-        return ModelError(f"{path}: {key}={value!r} is not {kind}", f'write {key} as {kind}, e.g. "r": 16')
+        return ModelError(f"{path}: {key}={value!r} is not {kind}", f"write {key} in that file as {kind}, unquoted")
 
     numbers = [
         ("r", cfg["r"], int, 1),

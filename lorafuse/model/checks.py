@@ -1,8 +1,8 @@
 """Checks of a model source before its weights are read, so each fault is named instead of surfacing as the
 first exception transformers raises.
 
-* `check_config_json(folder)`: config.json parses (a corrupt one is named with its JSON error, not reported as
-  "no usable tokenizer").
+* `check_config_json(folder)`, `check_tokenizer_files(folder)`: config.json and the tokenizer's JSON files parse
+  (a corrupt one is named with its JSON error, not reported as "no usable tokenizer").
 * `hub_source(repo_id)`: a hub id, when the hub answers; else (offline, or HF_HUB_OFFLINE set) the id's snapshot
   folder in the local HF cache, so nothing downstream tries the network (transformers retries for ~50 s before it
   gives up); not in the cache: a ModelError at once.
@@ -36,6 +36,15 @@ def check_config_json(folder: Path) -> dict:
             "download the model again, or repair that file",
         )
     return config
+
+
+def check_tokenizer_files(folder) -> None:
+    """The tokenizer's JSON files of a local folder parse (a corrupt one is named, with its JSON error)."""
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        path = Path(folder) / name
+        if path.is_file():
+            with reading(path, "the tokenizer file", ModelError, fix="copy that file from the base model again"):
+                json.loads(path.read_text(encoding="utf-8"))
 
 
 def _offline() -> bool:

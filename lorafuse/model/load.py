@@ -159,6 +159,9 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
     folder = resolve_model_path(path)
+    from lorafuse.model.checks import check_tokenizer_files
+
+    check_tokenizer_files(folder)
     try:
         tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, TypeError) as exc:
