@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lorafuse.errors import DataError
+from lorafuse.io_errors import reading
 
 _SUFFIXES = (".jsonl", ".ndjson", ".json", ".csv", ".tsv", ".parquet")
 _HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
@@ -259,7 +260,8 @@ def _read_saved_dataset(p: Path, split: str) -> RowSource:
             "`Dataset.save_to_disk(folder)`.",
         )
     datasets = _import_datasets(f"the folder {p}")
-    ds = datasets.load_from_disk(str(p))
+    with reading(p, "the saved data set", DataError, fix="save it again with `Dataset.save_to_disk(folder)`"):
+        ds = datasets.load_from_disk(str(p))
     if isinstance(ds, datasets.DatasetDict):
         if split not in ds:
             raise DataError(f"{p} has splits {list(ds)}, not '{split}'.", f"set data.split to one of {list(ds)}.")

@@ -139,6 +139,13 @@ def test_folder_that_is_no_dataset(cli):
     cli.fails(*cli.train(f"data.path={cli.tmp / 'folder'}"), says=["not a `datasets` save_to_disk folder"])
 
 
+def test_corrupt_saved_dataset_folder(cli):
+    folder = cli.tmp / "saved"
+    folder.mkdir()
+    write(folder / "dataset_info.json", "{not json")
+    cli.fails(*cli.train(f"data.path={folder}"), says=["the saved data set", str(folder)])
+
+
 def test_sharegpt_unknown_role(cli):
     path = rows(cli.tmp / "c.jsonl", {"conversations": [{"from": "alien", "value": "hi"}]})
     cli.fails(*cli.train(f"data.path={path}", "data.format=sharegpt"), says=["unknown role 'alien'", "line 1"])
