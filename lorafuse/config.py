@@ -373,10 +373,7 @@ class TrainConfig(_Section):
 class OutputConfig(_Section):
     """Where the run writes checkpoints, the adapter, logs and plots."""
 
-    dir: str = Field(
-        "runs/lorafuse",
-        description="Run folder: checkpoint-N/, adapter/, metrics.jsonl, plots. `~` and $VARIABLES are expanded.",
-    )
+    dir: str = Field("runs/lorafuse", description="Run folder: checkpoint-N/, adapter/, metrics.jsonl, plots.")
 
     @field_validator("dir")
     @classmethod
