@@ -9,6 +9,9 @@ Every pydantic problem is turned into ONE `ConfigError` that lists each bad key 
 given, what is allowed, and for unknown keys the nearest valid key: first from a table of the names other
 tools use (`learning_rate` -> `train.lr`, `target_modules` -> `lora.targets`), then by string similarity.
 
+Paths (model.path when it is a folder, data.path, data.val_path, data.cache_dir, output.dir) have `~` and
+$VARIABLES expanded on validation; an unset variable is an error rather than a literal folder name.
+
 Defaults are the seed's QLoRA recipe: NF4 with double quantization, r=16, alpha=32 (2r), dropout 0.05 on
 the seven Llama projections, lr 2e-4, paged 8-bit AdamW, micro-batch 4 x accumulation 4, 512 tokens.
 
