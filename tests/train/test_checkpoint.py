@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from lorafuse.errors import LorafuseError
+from lorafuse.outputs import ensure_writable_dir
 from lorafuse.train import checkpoint as ckpt
 
 
@@ -144,7 +145,7 @@ def test_unwritable_output_dir_is_a_clear_error(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("x")
     with pytest.raises(LorafuseError, match="not writable") as err:
-        ckpt.ensure_writable_dir(blocker / "run")
+        ensure_writable_dir(blocker / "run")
     assert "output.dir" in err.value.fix
 
 
