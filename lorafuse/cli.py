@@ -76,8 +76,8 @@ def cmd_train(args) -> int:
     from lorafuse.train.api import run
 
     resume = None if args.no_resume else (args.resume or "auto")
-    run(cfg, resume=resume, force=args.force)
-    return 0
+    result = run(cfg, resume=resume, force=args.force)
+    return getattr(result, "exit_code", 0)  # 130 / 143 after a checkpoint saved on SIGINT / SIGTERM
 
 
 def cmd_preview(args) -> int:
