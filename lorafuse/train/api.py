@@ -433,8 +433,6 @@ def _train(cfg, model, tokenizer, out: Path, start_from, dtype, console, world, 
     from lorafuse.lora.adapter_io import save_adapter
 
     train_b, val_b, fingerprint = _batchers(cfg, tokenizer, out, console, world)
-    if world.is_main:
-        save_config(cfg, out / "config.yaml")
     if world.size > 1:
         console.print(world.describe(cfg.train), highlight=False)
 
@@ -457,6 +455,8 @@ def _train(cfg, model, tokenizer, out: Path, start_from, dtype, console, world, 
         )
         if start_from is not None:
             loop.resume(start_from, force=force)
+        if world.is_main and loop.state.step < loop.total:  # after the resume's checks; a no-op re-run keeps it
+            save_config(cfg, out / "config.yaml")
         res = loop.run()
     finally:  # train.fp8 is for training: the demo generation and later calls in this process run bf16 GEMMs
         from lorafuse.kernels import fp8

@@ -114,7 +114,7 @@ def nan_error(state: LoopState, tolerance: int, last_good: Path | None = None, s
     )
     return LorafuseError(
         f"the loss was NaN/inf for {state.nan_streak} optimizer steps in a row (steps {first}-{state.step}); "
-        f"the run stopped (train.nan_tolerance={tolerance}){set_aside}",
+        f"the run stopped without saving the weights that gave it (train.nan_tolerance={tolerance}){set_aside}",
         "likely causes: (1) the learning rate is too high: lower train.lr (e.g. 10x) or raise "
         "train.warmup_steps; (2) float16 overflow: use model.compute_dtype=bfloat16 on a GPU that supports it "
         "(Ampere or newer) or float32; (3) bad data rows (empty or very long responses, broken labels): "
@@ -179,7 +179,6 @@ class TrainingLoop:
         self.metrics = MetricsLog(self.out_dir if world.is_main else None)
         self.last_checkpoint: Path | None = None
         self._saved_step: int | None = None
-        self._start_step = 0
         self._rng: dict | None = None
         self._iter = None
         self._win = self._new_window()
@@ -243,7 +242,6 @@ class TrainingLoop:
             ckpt.set_rng_state(self._rng)  # last: after everything at setup that consumed randomness
         self.world.broadcast_params(self.params)
         start_step, stop = st.step, ("already_complete" if st.step >= self.total else None)
-        self._start_step = start_step
         self.progress = Progress(self.console, total=self.total, initial=st.step)
         try:
             with StopSignals() as signals:
@@ -356,23 +354,25 @@ class TrainingLoop:
         signalled = self.world.any(signals.received is not None)  # a collective: every rank, every step
         if stop is None and (last or signalled):
             stop = "finished" if last else "signal"
+        if st.nan_streak and stop in ("finished", "early_stopping"):
+            raise self._diverged()  # the final weights gave NaN losses: no checkpoint, no adapter from them
         due = (st.step % tc.save_every == 0) if tc.save_every else epoch_end
         if stop or improved or (due and not st.nan_streak):  # no scheduled save from weights that gave NaN
             self._save(improved)
         return stop
 
     def _diverged(self) -> LorafuseError:
-        """Too many NaN steps: set aside the checkpoints this run wrote from the weights that gave them (the one just
-        before the streak, any during it), so the resume the error advises starts from weights that worked. The
-        checkpoint this run resumed from stays."""
+        """Too many NaN steps, or the run ended in NaN steps: set aside the checkpoints written from the weights that
+        gave them (the one just before the streak, any during it), so the resume the error advises starts from
+        weights that worked."""
         st, out = self.state, self.out_dir
         first = st.step - st.nan_streak + 1
         moved, last_good = None, None
         if out is not None and self.world.is_main:
-            # checkpoint-(first-1) holds the weights step `first` used
-            moved = ckpt.archive_newer(out, max(first - 2, self._start_step))
+            moved = ckpt.archive_newer(out, first - 2)  # checkpoint-(first-1) holds the weights step `first` used
             last_good = ckpt.latest_checkpoint(out)
-        aside = f"; {', '.join(sorted(p.name for p in moved.iterdir()))} moved to {moved}" if moved else ""
+        names = ", ".join(sorted(p.name for p in moved.iterdir())) if moved else ""
+        aside = f"; {names} (from the weights that gave the first NaN loss) moved to {moved}" if moved else ""
         return nan_error(st, self.tc.nan_tolerance, last_good, aside)
 
     # ------------------------------------------------------------------------------------- logging, eval, save

@@ -210,14 +210,16 @@ def _fmt_best(summary: dict) -> str:
 
 
 def finished_summary(out: Path) -> dict | None:
-    """summary.json of a run that finished and wrote its adapter, else None (then the re-run writes them)."""
+    """summary.json of a run that finished and whose adapter is in `out`, else None (then the re-run writes them).
+    Its folder paths are the ones the run has now (a run folder may have been moved)."""
     try:
         summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
     finished = isinstance(summary, dict) and summary.get("stop_reason") in ("finished", "early_stopping")
-    adapter = summary.get("adapter_dir") if finished else None
-    return summary if adapter and (Path(adapter) / "adapter_config.json").is_file() else None
+    if not finished or not (out / "adapter" / "adapter_config.json").is_file():
+        return None
+    return {**summary, "output_dir": str(out), "adapter_dir": str(out / "adapter")}
 
 
 def summary_line(summary: dict) -> str:
