@@ -105,10 +105,13 @@ def check_not_protected(path: str | Path, what: str) -> Path:
     return Path(path).expanduser()
 
 
+_NOUN = {"merge": "merged model", "export": "export", "adapter": "adapter", "run": "run"}
+
+
 def _new_folder_fix(what: str) -> str:
     if what == "output.dir":
         return "set output.dir to a new or empty folder, e.g. output.dir=runs/my-run"
-    return f"choose a new or empty folder for {what}, e.g. runs/my-run/merged"
+    return "write the output to a new or empty folder, e.g. runs/my-run/merged"
 
 
 def ensure_writable_dir(out_dir: str | Path) -> Path:
@@ -226,14 +229,15 @@ def check_replaceable(path: str | Path, kind: str, what: str = "the output folde
     marker = read_marker(path)
     if marker is None or marker["kind"] != kind:
         raise LorafuseError(
-            f"{what} {path} already holds {describe(path)}; lorafuse replaces only a folder its own `{kind}` wrote",
+            f"{what} {path} already holds {describe(path)}; lorafuse replaces only an earlier {_NOUN.get(kind, kind)} "
+            "it wrote there",
             _new_folder_fix(what),
         )
     listed = set(marker.get("files") or ()) | {MARKER}
     extra = sorted(p.name for p in path.iterdir() if p.name not in listed)
     if extra:
         raise LorafuseError(
-            f"{what} {path} is an earlier {kind} output, but now also holds files lorafuse did not write "
+            f"{what} {path} is an earlier {_NOUN.get(kind, kind)}, but now also holds files lorafuse did not write "
             f"({', '.join(extra[:4])}); replacing the folder would delete them",
             "move those files out of it, or write to a new or empty folder",
         )
@@ -259,8 +263,8 @@ def check_output_dir(
         else:
             continue
         raise LorafuseError(
-            f"{problem}; writing the {kind} output there would mix with or replace it",
-            f"write the {kind} output to a new folder of its own (beside the {name}, not in it or above it)",
+            f"{problem}; writing the {_NOUN.get(kind, kind)} there would mix with or replace it",
+            f"write the {_NOUN.get(kind, kind)} to a new folder of its own (beside the {name}, not in it or above it)",
         )
     check_replaceable(out, kind, what)
     return out

@@ -138,6 +138,28 @@ def test_run_refuses_a_folder_holding_other_files(tmp_path, finished, capsys):
     assert _tree(mine) == before and sorted(p.name for p in mine.iterdir()) == ["notes.txt", "sub"]
 
 
+def _hf_trainer_output(folder: Path) -> None:  # what transformers.Trainer leaves: lorafuse's names, not its files
+    (folder / "checkpoint-500").mkdir(parents=True)
+    (folder / "checkpoint-500" / "trainer_state.json").write_text('{"global_step": 500, "log_history": []}')
+    (folder / "checkpoint-500" / "optimizer.pt").write_bytes(b"PK")
+
+
+def _other_tool_run(folder: Path) -> None:  # a config.yaml and metrics.jsonl another tool wrote
+    folder.mkdir()
+    (folder / "config.yaml").write_text("model_name: gpt2\nlearning_rate: 0.001\n")
+    (folder / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n')
+
+
+@pytest.mark.parametrize("make", [_hf_trainer_output, _other_tool_run], ids=["hf_trainer", "other_tool"])
+def test_run_refuses_another_tools_run_folder(make, tmp_path, finished, capsys):
+    theirs = tmp_path / "theirs"
+    make(theirs)
+    before = _tree(theirs)
+    rc, _, err = _cli([*_argv(theirs, finished[1]), "--no-resume"], capsys)
+    _refused(rc, err, "files lorafuse did not write", "new or empty folder")
+    assert _tree(theirs) == before and not (theirs / MARKER).exists()
+
+
 @pytest.mark.parametrize("place", ["root", "home", "cwd", "above_cwd", "above_home"])
 def test_run_refuses_root_home_and_the_current_folder(place, tmp_path, finished, monkeypatch, capsys):
     import lorafuse.outputs as outputs
@@ -304,6 +326,15 @@ def test_a_single_output_file_replaces_only_a_file_lorafuse_wrote(tmp_path):
     assert check_output_file(tmp_path / "new.gguf", "export", ours) == tmp_path / "new.gguf"
     with pytest.raises(LorafuseError, match="is a folder"):
         check_output_file(tmp_path, "export", ours)
+
+
+def test_bench_never_replaces_a_model_folder_it_did_not_build(tmp_path, tiny_model_dir):
+    from lorafuse.bench import build_checkpoint
+
+    theirs = Path(shutil.copytree(tiny_model_dir, tmp_path / "tiny-cpu-float32"))
+    before = _tree(theirs)
+    probe = build_checkpoint("tiny", str(theirs), "cpu", "float32")
+    assert "did not write" in probe["reason"] and "--model-dir" in probe["reason"] and _tree(theirs) == before
 
 
 # --------------------------------------------------------------------------------------------------- checkpoints
