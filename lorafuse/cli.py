@@ -228,7 +228,7 @@ def _add_config_commands(sub) -> None:
     p.add_argument(
         "--force",
         action="store_true",
-        help="go ahead even when a checkpoint's config differs from this one or the output folder holds another run",
+        help="resume even when the checkpoint's config or training data differs from this run's",
     )
 
     data = sub.add_parser(
