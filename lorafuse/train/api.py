@@ -82,8 +82,11 @@ class TrainResult:
 
     @property
     def exit_code(self) -> int:
-        """What `lorafuse train` exits with: 0, or 128 + the signal's number after a signal stop (130, 143)."""
-        return 128 + signal.Signals[self.stop_signal].value if self.stop_reason == "signal" else 0
+        """What `lorafuse train` exits with: 0, or 128 + the signal's number after a signal stop (130, 143). A rank
+        of a torchrun job that stopped because another rank got the signal reports SIGTERM's."""
+        if self.stop_reason != "signal":
+            return 0
+        return 128 + (signal.Signals[self.stop_signal] if self.stop_signal else signal.SIGTERM).value
 
 
 def run(cfg, resume: str | None = "auto", force: bool = False, console=None) -> TrainResult:

@@ -11,6 +11,7 @@ import json
 import pytest
 
 from lorafuse.cli import main
+from lorafuse.outputs import write_marker
 
 
 @pytest.fixture
@@ -18,6 +19,7 @@ def out_dir(tmp_path, monkeypatch):
     monkeypatch.setenv("LORAFUSE_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "run"
     out.mkdir()
+    write_marker(out, "run")  # an earlier run's folder (a folder lorafuse did not make is refused before anything)
     (out / "keep.txt").write_text("earlier work", encoding="utf-8")
     return out
 
