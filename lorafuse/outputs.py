@@ -41,7 +41,6 @@ MARKER = ".lorafuse"
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 # What a run writes at the top of its folder (besides checkpoint-N/, .lock, .cache/ and archive-*/).
 RUN_FILES = ("adapter", "metrics.jsonl", "loss.png", "summary.json", "best.json", "config.yaml")
-_SECTIONS = {"model", "lora", "data", "train", "output"}
 _WEIGHTS = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".ckpt")
 
 
@@ -174,11 +173,13 @@ def legacy_run_evidence(folder: Path) -> str | None:
 def _is_lorafuse_config(path: Path) -> bool:
     import yaml
 
+    from lorafuse.config import SECTIONS
+
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (OSError, ValueError, yaml.YAMLError):
         return False
-    return isinstance(raw, dict) and {"model", "data", "train", "output"} <= set(raw) <= _SECTIONS
+    return isinstance(raw, dict) and {"model", "data", "train", "output"} <= set(raw) <= set(SECTIONS)
 
 
 def prepare_run_dir(path: str | Path) -> Path:
