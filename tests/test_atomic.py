@@ -78,6 +78,6 @@ def test_write_atomic_keeps_old_file_when_the_write_fails(tmp_path, monkeypatch)
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(os, "fsync", fail)
-    with pytest.raises(OSError):
+    with pytest.raises(LorafuseError, match=r"the disk is full: .*config\.yaml\n"):  # the file, not its temp
         write_atomic(target, "new")
     assert target.read_text() == "old" and sorted(os.listdir(tmp_path)) == ["config.yaml"]
