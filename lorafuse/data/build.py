@@ -95,6 +95,10 @@ def cache_dir_for(run_cfg) -> Path:
 
 def build_datasets(data_cfg, tokenizer, seed: int = 42, cache_dir: str | Path | None = None):
     """(train, val or None, DataStats) for `data_cfg` (a lorafuse.config.DataConfig)."""
+    if data_cfg.format == "preference":  # pairs for DPO/ORPO: two rows per pair, split by pair
+        from lorafuse.data.preference import build_preference_datasets
+
+        return build_preference_datasets(data_cfg, tokenizer, seed, cache_dir)
     check_format(data_cfg.format)
     template = resolve_template(data_cfg, tokenizer)
     cache_dir = cache_dir if cache_dir is not None else data_cfg.cache_dir
