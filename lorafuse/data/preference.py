@@ -281,18 +281,17 @@ def split_pairs(full: TokenizedDataset, val_size: float, seed: int):
 
 def _tokenized_pairs(path, data_cfg, tokenizer, cache_dir, stats: DataStats):
     """TokenizedDataset of one source's pairs (from the cache when possible) and its meta dict."""
+    src = None
     fp = source_fingerprint(path) if cache_dir else None
-    target = None
-    if fp:  # prompt_format changes preference tokens only, so it joins this key rather than every SFT key
-        key = cache.cache_key(
-            f"{fp}|{data_cfg.prompt_format}", data_cfg, data_cfg.template, cache.tokenizer_fingerprint(tokenizer)
-        )
-        target = cache.cache_file(cache_dir, key)
-        hit = cache.load(target)
-        if hit is not None:
-            stats.cache_hit, stats.cache_path = True, str(target)
-            return TokenizedDataset.from_arrays(hit[0]), hit[1]
-    src = read_rows(path, data_cfg.split, data_cfg.num_rows)
+    if cache_dir and fp is None:  # a hub data set: its fingerprint is known only after loading
+        src = read_rows(path, data_cfg.split, data_cfg.num_rows)
+        fp = src.fingerprint
+    target = _cache_target(cache_dir, fp, data_cfg, tokenizer) if fp else None
+    hit = cache.load(target) if target else None
+    if hit is not None:
+        stats.cache_hit, stats.cache_path = True, str(target)
+        return TokenizedDataset.from_arrays(hit[0]), hit[1]
+    src = src or read_rows(path, data_cfg.split, data_cfg.num_rows)
     pairs, dropped = read_pairs(src, data_cfg.fields, data_cfg.system_prompt)
     template = resolve_pair_template(data_cfg.template, tokenizer, src.rows)
     index = [i for i, p in enumerate(pairs) if p is not None]
@@ -326,6 +325,14 @@ def _tokenized_pairs(path, data_cfg, tokenizer, cache_dir, stats: DataStats):
         cache.save(target, ds.as_arrays(), meta)
         stats.cache_path = str(target)
     return ds, meta
+
+
+def _cache_target(cache_dir, fingerprint: str, data_cfg, tokenizer):
+    # prompt_format changes preference tokens only, so it joins this key rather than every SFT key
+    key = cache.cache_key(
+        f"{fingerprint}|{data_cfg.prompt_format}", data_cfg, data_cfg.template, cache.tokenizer_fingerprint(tokenizer)
+    )
+    return cache.cache_file(cache_dir, key)
 
 
 def _check_usable(kept: int, n_rows: int, dropped: dict, max_length: int, longest_prompt: int, name: str) -> None:
