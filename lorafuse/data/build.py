@@ -30,6 +30,9 @@ from lorafuse.errors import DataError
 class TokenizedDataset:
     """Tokenized rows in flat arrays; `rows` holds each example's row index in its source."""
 
+    pairs = False  # preference pairs (lorafuse.data.preference): rows 2k, 2k+1 are pair k, batched as pairs
+    ref_logps = None  # (rows,) float32 precomputed DPO reference log-probs, handed to the batches (data/collate.py)
+
     def __init__(self, input_ids: np.ndarray, labels: np.ndarray, offsets: np.ndarray, rows: np.ndarray):
         self.input_ids, self.labels, self.offsets, self.rows = input_ids, labels, offsets, rows
 

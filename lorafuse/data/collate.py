@@ -108,6 +108,11 @@ class Batcher:
         self.packing, self.seed, self.shuffle = packing, seed, shuffle
         self.pad_to_multiple_of, self.num_shards, self.shard = pad_to_multiple_of, num_shards, shard
         self.pairs = pairs
+        if getattr(dataset, "pairs", False) and not pairs:
+            raise DataError(
+                "preference pairs batched as single rows would train on the rejected answers as well.",
+                "train data.format=preference with train.objective=dpo or orpo, which batch pairs.",
+            )
         if pairs and packing:
             raise DataError("preference pairs cannot be packed.", "set data.packing=false for data.format=preference.")
         lengths = (

@@ -251,6 +251,9 @@ def build_preference_datasets(data_cfg, tokenizer, seed: int = 42, cache_dir=Non
         metas.append(val_meta)
     else:
         train, val = split_pairs(full, data_cfg.val_size, seed)
+    for part in (train, val):
+        if part is not None:
+            part.pairs = True
     stats.template = meta["template"]
     _fill_stats(stats, [train] + ([val] if val is not None else []), metas)
     stats.rows_train, stats.rows_val = stats.rows_train // 2, stats.rows_val // 2  # counted in pairs

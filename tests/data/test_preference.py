@@ -150,6 +150,8 @@ def test_pair_batches_keep_pairs_together(tiny_tokenizer, make_cfg):
             assert batch["labels"][r, :n].tolist() == ds[row]["labels"] and (batch["labels"][r, n:] == -100).all()
     with pytest.raises(DataError, match="packed"):
         Batcher(ds, 3, 0, pairs=True, packing=True)
+    with pytest.raises(DataError, match="rejected answers as well"):
+        Batcher(val, 3, 0)  # pairs taken for SFT rows
 
 
 def test_preview_shows_pairs(tiny_tokenizer, make_cfg, tmp_path):
