@@ -22,12 +22,13 @@ from torch import nn
 
 from lorafuse.errors import LorafuseError
 from lorafuse.lora.linear import LoRALinear
+from lorafuse.model.state import model_state
 
 
 @contextlib.contextmanager
 def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
     """Within the block every LoRALinear of `model` is its base layer alone; see the module docstring."""
-    trained = (getattr(model, "lorafuse_lora", None) or {}).get("trained_module_names") or []
+    trained = (model_state(model).lora or {}).get("trained_module_names") or []
     if trained:
         raise LorafuseError(
             f"the adapter cannot be switched off to give the base model: lora.modules_to_save trains {trained} "

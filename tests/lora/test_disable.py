@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from lorafuse.accel.fast_path import apply_fast_path
 from lorafuse.errors import LorafuseError
-from lorafuse.kernels.fast_path import apply_fast_path
 from lorafuse.lora.disable import adapters_disabled
 from lorafuse.lora.linear import LoRALinear
 from lorafuse.model.inject import apply_lora

@@ -32,8 +32,9 @@ from lorafuse.train.runtime import Precision
 
 @dataclass(frozen=True)
 class ObjectiveContext:
-    """What a loss needs from the loop: the precision policy (device, autocast), the output head module
-    (`lorafuse.train.loss.simple_head`, None: the model's own logits) and whether fused CUDA loss kernels may run."""
+    """What a loss needs from the loop: the precision policy (device, autocast), the output head module (the
+    AccelState's `head`, `lorafuse.accel.simple_head`; None: the model's own logits) and whether fused CUDA loss
+    kernels may run (the AccelState's `fused_loss`)."""
 
     precision: Precision
     head: nn.Module | None = None

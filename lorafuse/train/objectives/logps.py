@@ -22,7 +22,7 @@ returns lse - z[y] = -log p per token, so the forward is that pass with scale 1 
 negated values into the sequences; the backward needs a per-token scale vector (g of the token's sequence) in place
 of the kernel's scalar `scale`, or, for a frozen head, the unscaled dh of the forward (as here) scaled by row.
 
-Heads that are not a bias-free `nn.Linear` (see `lorafuse.train.loss.simple_head`) use the model's logits and a
+Heads that are not a bias-free `nn.Linear` (see `lorafuse.accel.simple_head`) use the model's logits and a
 log-softmax instead, which materialises (R, T, V).
 """
 
@@ -30,6 +30,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from lorafuse.accel import accel_state
 
 IGNORE_INDEX = -100
 _LOGIT_ELEMENTS = 2**25  # fp32 logits per chunk: 128 MB (+ the same for the softmax), as the SFT loss
@@ -48,9 +50,9 @@ def response_tokens(labels: torch.Tensor) -> torch.Tensor:
 def sequence_logps(model, inputs: dict, head=None, fused: bool = False) -> torch.Tensor:
     """(R,) fp32: the summed log-probability of each row's trained tokens (differentiable).
 
-    inputs: the model's forward kwargs plus "labels" (R, T), unshifted (HF convention). head: `simple_head(model)`
-    or None for the model's own logits. fused: reserved for the CUDA kernel (see the module docstring); the chunked
-    PyTorch pass runs on every device meanwhile.
+    inputs: the model's forward kwargs plus "labels" (R, T), unshifted (HF convention). head:
+    `lorafuse.accel.simple_head(model)` or None for the model's own logits. fused: reserved for the CUDA kernel
+    (see the module docstring); the chunked PyTorch pass runs on every device meanwhile.
     """
     labels = inputs["labels"]
     forward = {k: v for k, v in inputs.items() if k != "labels"}
@@ -59,10 +61,11 @@ def sequence_logps(model, inputs: dict, head=None, fused: bool = False) -> torch
         logits = model(**forward, use_cache=False).logits.float()  # (R, T, V)
         picked = logits.log_softmax(-1).gather(-1, shifted.clamp(min=0)[..., None]).squeeze(-1)
         return (picked * (shifted != IGNORE_INDEX)).sum(1)
-    from lorafuse.model.host_embedding import head_weight
-
     hidden = model.base_model(**forward, use_cache=False).last_hidden_state  # (R, T, D)
-    return chunked_sequence_logps(hidden, head_weight(head), shifted)
+    state = accel_state(model)
+    stage = None if state is None else state.head_stage
+    weight = head.weight if stage is None else stage.take()  # a head in host memory arrives staged for this loss
+    return chunked_sequence_logps(hidden, weight, shifted)
 
 
 def chunked_sequence_logps(

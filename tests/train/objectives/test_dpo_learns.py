@@ -14,12 +14,12 @@ from pathlib import Path
 
 import torch
 
+from lorafuse.accel import simple_head
 from lorafuse.config import load_config
 from lorafuse.data.build import build_datasets
 from lorafuse.data.collate import Batcher
 from lorafuse.model.inject import apply_lora
 from lorafuse.model.tiny import build_tiny_model
-from lorafuse.train.loss import simple_head
 from lorafuse.train.objectives import ObjectiveContext, build_objective, evaluate
 from lorafuse.train.runtime import Precision
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from lorafuse.accel import simple_head
 from lorafuse.model.inject import apply_lora
 from lorafuse.model.tiny import build_tiny_model
-from lorafuse.train.loss import simple_head
 from lorafuse.train.objectives.logps import chunked_sequence_logps, response_tokens, sequence_logps
 
 

@@ -8,13 +8,14 @@ import numpy as np
 import pytest
 import torch
 
+from lorafuse.accel import simple_head
 from lorafuse.config import DataConfig, TrainConfig
 from lorafuse.data.build import build_datasets
 from lorafuse.data.collate import Batcher
 from lorafuse.errors import ConfigError, LorafuseError
 from lorafuse.model.inject import apply_lora
 from lorafuse.model.tiny import build_tiny_model
-from lorafuse.train.loss import count_targets, forward_batch, lm_loss_sum, simple_head
+from lorafuse.train.loss import count_targets, forward_batch, lm_loss_sum
 from lorafuse.train.objectives import ObjectiveContext, build_objective, evaluate
 from lorafuse.train.objectives.dpo import DPOObjective, check_live_reference, precompute_reference_logps
 from lorafuse.train.objectives.orpo import ORPOObjective

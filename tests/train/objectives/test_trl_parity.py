@@ -22,12 +22,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from lorafuse.accel import simple_head
 from lorafuse.config import DataConfig
 from lorafuse.data.build import _from_lists, build_datasets
 from lorafuse.data.collate import Batcher
 from lorafuse.model.inject import apply_lora
 from lorafuse.model.tiny import build_tiny_model
-from lorafuse.train.loss import simple_head
 from lorafuse.train.objectives import ObjectiveContext
 from lorafuse.train.objectives.dpo import DPOObjective
 from lorafuse.train.objectives.orpo import ORPOObjective

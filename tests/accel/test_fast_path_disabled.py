@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lorafuse.kernels.fast_path import apply_fast_path
+from lorafuse.accel.fast_path import apply_fast_path
 from lorafuse.lora.disable import adapters_disabled
 from lorafuse.lora.linear import LoRALinear
 from lorafuse.model.inject import apply_lora
@@ -22,8 +22,8 @@ def test_kernel_fast_path_with_the_adapter_off_is_the_base(device):
     layers = [m for m in model.modules() if isinstance(m, LoRALinear)]
     for m in layers:
         m.lora_B.weight.data = torch.randn(m.lora_B.weight.shape, generator=g) * 0.1
-    applied, reason = apply_fast_path(model)
-    assert applied and model.lorafuse_fast_path["ops"] == "triton", reason
+    fast, reason = apply_fast_path(model)
+    assert fast is not None and fast.ops.name == "triton", reason
     ids = torch.randint(0, 96, (1, 6), generator=torch.Generator().manual_seed(3))
     model.train()  # dropout on: the LoRA branch, masks included, must not run while the adapter is off
     with torch.no_grad():
