@@ -99,10 +99,11 @@ def _pair(row: dict, cols: dict, system_prompt: str | None, where) -> Pair:
     system = _text(row.get(cols["system"]), where, cols["system"])
     instruction, inp = "", ""
     if prompt is None and isinstance(chosen, list) and isinstance(rejected, list):
+        chosen, rejected = _messages(chosen, where), _messages(rejected, where)
         n = _common_prefix(chosen, rejected)
-        while n and chosen[n - 1].get("role") == "assistant":  # the responses start at an assistant turn
+        while n and chosen[n - 1]["role"] == "assistant":  # the responses start at an assistant turn
             n -= 1
-        messages, chosen, rejected = _messages(chosen[:n], where), chosen[n:], rejected[n:]
+        messages, chosen, rejected = chosen[:n], chosen[n:], rejected[n:]
     elif prompt is None and row.get(cols["instruction"]) is None:
         raise DataError(
             f"{where()} has no prompt: no '{cols['prompt']}' field, no '{cols['instruction']}' field, and chosen/"
