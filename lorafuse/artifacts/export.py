@@ -69,6 +69,10 @@ def export(
 
         quant = quant or "f16"
         check_target(out)
+        if ollama:
+            from lorafuse.artifacts.ollama import modelfile_path
+
+            modelfile_path(out)
         result = (_export_lora if lora_only else _export_gguf)(model, adapter, out, quant, ollama, console)
     seconds = time.perf_counter() - start
     result = ExportResult(result.path, format, result.quant, result.bytes, seconds, result.modelfile)
@@ -151,13 +155,13 @@ def _export_gguf(model, adapter, out: Path, quant: str, ollama: bool, console) -
         tokenizer.eos_token = facts["eos_token"]
     template = getattr(tokenizer, "chat_template", None)
     eot = end_of_turn_id(tokenizer)
+    if ollama:  # translated before the GGUF is written, so a template it cannot translate costs nothing
+        from lorafuse.artifacts.ollama import modelfile_text, write_modelfile
+
+        text = modelfile_text(out.name, tokenizer, template, facts.get("system_prompt"), eot)
     written = write_model_gguf(base, tokenizer, out, quant, template, eot, name=_name(model, adapter), console=console)
     del base
-    modelfile = None
-    if ollama:
-        from lorafuse.artifacts.ollama import write_modelfile
-
-        modelfile = write_modelfile(out, tokenizer, template, facts.get("system_prompt"), eot)
+    modelfile = write_modelfile(out, text) if ollama else None
     return ExportResult(written.path, "gguf", quant, written.bytes, written.seconds, modelfile)
 
 
@@ -186,8 +190,12 @@ def _export_lora(model, adapter, out: Path, quant: str, ollama: bool, console) -
 
 
 def _name(model, adapter) -> str:
+    """general.name: the base's name + the run's name (the adapter folder's, or its parent's for .../adapter)."""
     base = Path(str(model).rstrip("/")).name
-    return base if adapter is None else f"{base} + {Path(str(adapter).rstrip('/')).name}"
+    if adapter is None:
+        return base
+    folder = Path(adapter).expanduser().resolve()
+    return f"{base} + {folder.parent.name if folder.name == 'adapter' else folder.name}"
 
 
 def _size(n: int) -> str:

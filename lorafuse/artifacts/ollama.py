@@ -193,8 +193,9 @@ def modelfile_text(gguf_name: str, tokenizer, template: str | None, system_promp
     return "\n".join(lines) + "\n"
 
 
-def write_modelfile(gguf_path: Path, tokenizer, template, system_prompt, eot_id) -> Path:
-    """Write "<gguf stem>.Modelfile" beside the GGUF file; an existing one is replaced only if lorafuse wrote it."""
+def modelfile_path(gguf_path: Path) -> Path:
+    """Where the Modelfile of `gguf_path` goes: "<gguf stem>.Modelfile" beside it. Refuses (before any work) an
+    existing file lorafuse did not write."""
     path = gguf_path.with_suffix(".Modelfile")
     if path.exists():
         first = path.read_text(encoding="utf-8", errors="replace").partition("\n")[0]
@@ -203,5 +204,11 @@ def write_modelfile(gguf_path: Path, tokenizer, template, system_prompt, eot_id)
                 f"{path} exists and was not written by lorafuse; it will not be replaced",
                 "move it away, or export to another --out name",
             )
-    write_atomic(path, modelfile_text(gguf_path.name, tokenizer, template, system_prompt, eot_id))
+    return path
+
+
+def write_modelfile(gguf_path: Path, text: str) -> Path:
+    """Write `text` (modelfile_text) as the Modelfile of the GGUF file at `gguf_path` (modelfile_path), atomically."""
+    path = modelfile_path(gguf_path)
+    write_atomic(path, text)
     return path

@@ -267,3 +267,29 @@ def test_unsupported_choices_are_refused_and_nothing_is_written(trained, tmp_pat
     with pytest.raises(ModelError, match="'gpt2'"):
         export(gpt2, None, tmp_path / "g.gguf")
     assert not (tmp_path / "m.gguf").exists() and not (tmp_path / "g.gguf").exists()
+
+
+def test_lora_gguf_scale_is_exact_for_rslora_and_rank_patterns(tiny_model_dir, tmp_path):
+    """llama.cpp scales each pair by alpha / r (r from the tensor): what it computes must be each layer's s * B @ A."""
+    import lorafuse
+    from lorafuse.lora.adapter_io import lora_layers
+    from lorafuse.lora.linear import LoRALinear
+
+    model, tok = lorafuse.load_model(str(tiny_model_dir), quant="none", compute_dtype="float32", device="cpu")
+    lorafuse.apply_lora(model, r=4, alpha=8, rslora=True, targets="all-linear")
+    g = torch.Generator().manual_seed(0)
+    odd = "model.layers.1.mlp.down_proj"  # another rank and alpha on one layer: a rank/alpha pattern on save
+    old = model.get_submodule(odd)
+    model.get_submodule("model.layers.1.mlp").down_proj = LoRALinear(old.weight, None, r=8, alpha=3, rslora=True)
+    layers = lora_layers(model)
+    with torch.no_grad():
+        for m in layers.values():
+            m.lora_B.weight.copy_(torch.randn(m.lora_B.weight.shape, generator=g))
+    lorafuse.save_adapter(model, tmp_path / "adapter", tokenizer=tok)
+    path = export(tiny_model_dir, tmp_path / "adapter", tmp_path / "lora.gguf", quant="f32", lora_only=True).path
+    got, alpha = tensors(path), fields(path)["adapter.lora.alpha"]
+    for name, gname in [(odd, "blk.1.ffn_down.weight"), ("model.layers.0.mlp.up_proj", "blk.0.ffn_up.weight")]:
+        m = layers[name]
+        a, b = got[gname + ".lora_a"].data, got[gname + ".lora_b"].data
+        llama_cpp_delta = alpha / a.shape[0] * (b @ a)
+        assert np.allclose(llama_cpp_delta, m.delta_weight().detach().numpy(), rtol=1e-5, atol=1e-7), name

@@ -7,6 +7,7 @@ must then reproduce the answers token for token and stop where the trained model
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,3 +67,100 @@ def tiny_base(folder: Path, arch: str, tokenizer, rope: dict | None = None) -> P
         config["rope_parameters"] = config["rope_parameters"] | rope
         (folder / "config.json").write_text(json.dumps(config))
     return folder
+
+
+# Tokenizer families other than the tiny (GPT-2 style) one, built offline. The split patterns are the ones the
+# published Llama-3 and Qwen2 tokenizer.json files carry.
+LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+QWEN2_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+LLAMA3_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}{{ '<|start_header_id|>' + m['role'] + '<|end_header_id|>\n\n' }}"
+    "{{ m['content'] + '<|eot_id|>' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+)
+QWEN2_TEMPLATE = (
+    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def byte_level_tokenizer(style: str):
+    """A byte-level BPE in Llama-3 ("llama3": BOS added, merges ignored for whole-vocab words) or Qwen2 ("qwen2": no
+    BOS) style: a Split with that family's pattern, then ByteLevel without its own regex."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from lorafuse.model.tiny import _BUILTIN_CORPUS
+
+    llama3 = style == "llama3"
+    specials = (
+        ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+        if llama3
+        else ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    )
+    tok = Tokenizer(models.BPE(ignore_merges=llama3))
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(LLAMA3_SPLIT if llama3 else QWEN2_SPLIT), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=600,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(list(_BUILTIN_CORPUS) * 2, trainer=trainer)
+    if llama3:
+        bos = tok.token_to_id("<|begin_of_text|>")
+        tok.post_processor = processors.TemplateProcessing(
+            single="<|begin_of_text|> $A", special_tokens=[("<|begin_of_text|>", bos)]
+        )
+        names = dict(bos_token="<|begin_of_text|>", eos_token="<|end_of_text|>", pad_token="<|end_of_text|>")
+    else:
+        names = dict(eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, **names)
+    fast.chat_template = LLAMA3_TEMPLATE if llama3 else QWEN2_TEMPLATE
+    return fast
+
+
+def sentencepiece_tokenizer(folder: Path):
+    """A Llama-2 style tokenizer: a SentencePiece BPE model with byte fallback (Llama-2's trainer settings), saved as
+    tokenizer.model and loaded (converted) by transformers. Needs the sentencepiece and protobuf packages."""
+    import sentencepiece as spm
+    from transformers import AutoTokenizer
+
+    from lorafuse.model.tiny import _BUILTIN_CORPUS
+
+    folder.mkdir(parents=True, exist_ok=True)
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(list(_BUILTIN_CORPUS) * 3),
+        model_prefix=str(folder / "tokenizer"),
+        vocab_size=800,
+        model_type="bpe",
+        byte_fallback=True,
+        character_coverage=1.0,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        split_digits=True,
+        allow_whitespace_only_pieces=True,
+        remove_extra_whitespaces=False,
+        normalization_rule_name="identity",
+        hard_vocab_limit=False,
+        minloglevel=2,
+    )
+    (folder / "tokenizer.vocab").unlink()
+    config = {"tokenizer_class": "LlamaTokenizer", "add_bos_token": True, "bos_token": "<s>", "eos_token": "</s>"}
+    config["unk_token"] = "<unk>"
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    return AutoTokenizer.from_pretrained(str(folder))
