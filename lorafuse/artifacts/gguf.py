@@ -115,7 +115,7 @@ def _write(writer, out: Path, plan: list, console) -> GGUFWritten:
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 
     start = time.perf_counter()
-    for name, shape, qtype, _ in plan:
+    for name, shape, qtype, _ in plan:  # np.float32 (not uint8): `shape` is read as the element shape, not bytes
         writer.add_tensor_info(name, shape, np.float32, gguf_tensors.nbytes(shape, qtype), raw_dtype=qtype)
     total = sum(gguf_tensors.nbytes(shape, qtype) for _, shape, qtype, _ in plan)
     columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TimeRemainingColumn())
@@ -124,15 +124,17 @@ def _write(writer, out: Path, plan: list, console) -> GGUFWritten:
         Progress(*columns, console=console, transient=True, disable=total < _PROGRESS_BYTES) as bar,
     ):
         task = bar.add_task(f"writing {out.name}", total=total)
-        writer.write_header_to_file(path=tmp)
-        writer.write_kv_data_to_file()
-        writer.write_ti_data_to_file()
-        for *_, make in plan:
-            data = make()  # merged, reordered, encoded: one tensor alive at a time
-            writer.write_tensor_data(data)
-            bar.advance(task, data.nbytes)
-            del data
-        writer.close()
+        try:
+            writer.write_header_to_file(path=tmp)
+            writer.write_kv_data_to_file()
+            writer.write_ti_data_to_file()
+            for *_, make in plan:
+                data = make()  # merged, reordered, encoded: one tensor alive at a time
+                writer.write_tensor_data(data)
+                bar.advance(task, data.nbytes)
+                del data
+        finally:
+            writer.close()
     return GGUFWritten(out, out.stat().st_size, len(plan), time.perf_counter() - start)
 
 

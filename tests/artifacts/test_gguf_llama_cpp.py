@@ -104,12 +104,14 @@ def _inputs(tokenizer) -> list[list[int]]:
     ]
 
 
-def check_logits(llm, model, tokenizer, base_model) -> None:
+def check_logits(llm, model, tokenizer, other) -> None:
+    """llama.cpp's logits vs `model`'s within the measured bound, which must be far below the gap to `other` (the
+    model without the thing under test: the base without the adapter, the model without its rope scaling, ...)."""
     inputs = _inputs(tokenizer)
     with torch.no_grad():
         want = [model(input_ids=torch.tensor([ids])).logits[0] for ids in inputs]
         effect = max(
-            float((base_model(input_ids=torch.tensor([i])).logits[0] - w).abs().max()) for i, w in zip(inputs, want)
+            float((other(input_ids=torch.tensor([i])).logits[0] - w).abs().max()) for i, w in zip(inputs, want)
         )
     got = []
     for ids in inputs:
@@ -120,9 +122,9 @@ def check_logits(llm, model, tokenizer, base_model) -> None:
     bound = CHECK_FACTOR * rounding_noise(
         model, [torch.tensor([i]) for i in inputs], torch.float32, [w[None] for w in want]
     )
-    print(f"llama.cpp vs merged: max |logit diff| {diff:.3g}, bound {bound:.3g}, adapter effect {effect:.3g}")
+    print(f"llama.cpp vs lorafuse: max |logit diff| {diff:.3g}, bound {bound:.3g}, gap to the other model {effect:.3g}")
     assert diff <= bound
-    assert bound < effect / 10, "the bound must be far below what the adapter changes"
+    assert bound < effect / 10, "the bound must be far below what the tested difference changes"
 
 
 F32_CACHE = dict(logits_all=True, type_k=0, type_v=0)  # GGML_TYPE_F32: no f16 rounding of keys/values
@@ -134,6 +136,25 @@ def test_llama_cpp_logits_equal_the_merged_model(trained, merged_fp32, exported,
     base, _ = merged_model(trained(name).base)
     with llama(exported(name, "f32"), **F32_CACHE) as llm:
         check_logits(llm, model, tokenizer, base)
+
+
+LLAMA3_ROPE = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0)
+
+
+@pytest.mark.parametrize("case", ["llama3-rope", "qwen2-tied"])
+def test_llama_cpp_logits_equal_the_base_model(tiny_tokenizer, tmp_path, case):
+    """Bases alone: llama3 rope scaling (rope_freqs) and a head tied to the embedding (no output tensor)."""
+    if case == "llama3-rope":
+        rope = LLAMA3_ROPE | {"original_max_position_embeddings": 16}  # scaled dims matter at these short lengths
+        folder = tiny_base(tmp_path / "base", "llama", tiny_tokenizer, rope=rope)
+        reference = tiny_base(tmp_path / "unscaled", "llama", tiny_tokenizer)  # same weights, no scaling
+    else:
+        folder = tiny_base(tmp_path / "base", "qwen2", tiny_tokenizer, tied=True)
+        reference = tiny_base(tmp_path / "untied", "qwen2", tiny_tokenizer)  # same init, its own head
+    model, tokenizer = merged_model(folder)
+    other, _ = merged_model(reference)
+    with llama(export(folder, None, tmp_path / "m.gguf", quant="f32").path, **F32_CACHE) as llm:
+        check_logits(llm, model, tokenizer, other)
 
 
 @pytest.mark.parametrize("name", ["llama", "qwen3"])

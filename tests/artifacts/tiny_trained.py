@@ -54,13 +54,12 @@ def fit_adapter(base: Path, adapter: Path, quant: str, seed: int = 0, **lora) ->
     return adapter
 
 
-def tiny_base(folder: Path, arch: str, tokenizer, rope: dict | None = None) -> Path:
-    """A saved tiny random-init model; `rope` updates config.json's rope_parameters (e.g. a llama3 scaling)."""
-    import json
-
+def tiny_base(folder: Path, arch: str, tokenizer, rope: dict | None = None, tied: bool = False) -> Path:
+    """A saved tiny random-init model; `rope` updates config.json's rope_parameters (e.g. a llama3 scaling), `tied`
+    shares the embedding with the output head."""
     from lorafuse.model.tiny import build_tiny_model
 
-    build_tiny_model(arch, tokenizer=tokenizer).save_pretrained(folder)
+    build_tiny_model(arch, tokenizer=tokenizer, tie_word_embeddings=tied).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     if rope:
         config = json.loads((folder / "config.json").read_text())
