@@ -68,7 +68,7 @@ def export(
         from lorafuse.artifacts.gguf import check_target
 
         quant = quant or "f16"
-        check_target(out)
+        check_target(out)  # a file: never one lorafuse did not write
         if ollama:
             from lorafuse.artifacts.ollama import modelfile_path
 
@@ -111,11 +111,7 @@ def _check_args(model, adapter, out, format, quant, ollama, lora_only) -> Path:
                 "--ollama writes a Modelfile for a merged GGUF model, not for a LoRA adapter",
                 "drop --lora-only (Ollama then runs the merged model), or drop --ollama",
             )
-    out = Path(out).expanduser()
-    for name, path in (("adapter", adapter), ("base model", model)):
-        if path is not None and out.resolve() == Path(str(path)).expanduser().resolve():
-            raise LorafuseError(f"--out {out} is the {name} folder", "write the export to a new path")
-    return out
+    return Path(out).expanduser()  # --format hf: merge checks the folder (lorafuse.outputs.check_output_dir)
 
 
 def _export_hf(model, adapter, out: Path, quant: str) -> ExportResult:

@@ -60,17 +60,11 @@ def import_gguf():
     return gguf
 
 
-def check_target(out: Path) -> None:
-    """Refuse an existing file that is not a GGUF file lorafuse wrote (exit 2), before any work is done."""
-    if out.is_dir():
-        raise LorafuseError(f"{out} is a folder; GGUF export writes one file", "pass a file name such as model.gguf")
-    if not out.exists():
-        return
-    if not lorafuse_wrote(out):
-        raise LorafuseError(
-            f"{out} exists and was not written by lorafuse; it will not be replaced",
-            "choose another --out file name, or move that file away yourself",
-        )
+def check_target(out: Path) -> Path:
+    """Refuse (exit 2, before any work) an existing --out that is not a GGUF file lorafuse wrote (lorafuse.outputs)."""
+    from lorafuse.outputs import check_output_file
+
+    return check_output_file(out, "export", lorafuse_wrote)
 
 
 def lorafuse_wrote(path: Path) -> bool:
@@ -83,15 +77,21 @@ def lorafuse_wrote(path: Path) -> bool:
 
 @contextlib.contextmanager
 def _temp_beside(out: Path):
-    """A temp path in `out`'s folder; renamed over `out` (after fsync) on success, removed on any failure."""
+    """A temp path in `out`'s folder; renamed over `out` (after fsync) on success, removed on any failure (disk full,
+    read-only, no permission: reported for `out`, as lorafuse.atomic.write_atomic does)."""
+    from lorafuse.io_errors import write_error
+
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     try:
         yield tmp
         fsync_path(tmp)
         os.replace(tmp, out)
-    except BaseException:
+    except BaseException as exc:
         tmp.unlink(missing_ok=True)
+        converted = write_error(exc, out, setting="--out") if isinstance(exc, OSError) else None
+        if converted is not None:
+            raise converted from exc
         raise
     fsync_path(out.parent)
 

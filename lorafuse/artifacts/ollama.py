@@ -195,16 +195,14 @@ def modelfile_text(gguf_name: str, tokenizer, template: str | None, system_promp
 
 def modelfile_path(gguf_path: Path) -> Path:
     """Where the Modelfile of `gguf_path` goes: "<gguf stem>.Modelfile" beside it. Refuses (before any work) an
-    existing file lorafuse did not write."""
-    path = gguf_path.with_suffix(".Modelfile")
-    if path.exists():
-        first = path.read_text(encoding="utf-8", errors="replace").partition("\n")[0]
-        if not first.startswith(HEADER):
-            raise LorafuseError(
-                f"{path} exists and was not written by lorafuse; it will not be replaced",
-                "move it away, or export to another --out name",
-            )
-    return path
+    existing file lorafuse did not write (lorafuse.outputs)."""
+    from lorafuse.outputs import check_output_file
+
+    def ours(path: Path) -> bool:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            return f.readline().startswith(HEADER)
+
+    return check_output_file(gguf_path.with_suffix(".Modelfile"), "export", ours, what="the Modelfile")
 
 
 def write_modelfile(gguf_path: Path, text: str) -> Path:
