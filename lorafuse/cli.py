@@ -43,6 +43,13 @@ Shows rendered rows with trained and masked tokens, truncation and length statis
   lorafuse merge --model meta-llama/Llama-2-7b-hf --adapter runs/dolly-ja/adapter --out runs/dolly-ja/merged
 The base is dequantized, the adapter added in float32, and the result saved in --dtype; the merged model's
 logits are checked against base+adapter unless --no-check.""",
+    "export": """Examples:
+  lorafuse export --model meta-llama/Llama-2-7b-hf --adapter runs/dolly-ja/adapter --out dolly-ja-q8_0.gguf \\
+      --quant q8_0 --ollama                 # one GGUF file + dolly-ja-q8_0.Modelfile for `ollama create`
+  lorafuse export --model BASE --adapter ADAPTER --out adapter.gguf --lora-only     # for llama.cpp --lora
+  lorafuse export --model BASE --adapter ADAPTER --out merged/ --format hf           # a folder for vLLM
+GGUF types (--quant):{types}
+k-quants (q4_k_m, ...): export f16, then llama.cpp's llama-quantize.""",
     "env": """Example:
   lorafuse env          # paste the output into bug reports""",
     "plan": """Example:
@@ -143,6 +150,21 @@ def cmd_merge(args) -> int:
     print(
         f"merged model written to {out}"
         + (f" (max logit difference vs base+adapter: {diff:.3g})" if diff is not None else "")
+    )
+    return 0
+
+
+def cmd_export(args) -> int:
+    from lorafuse.artifacts.export import export
+
+    export(
+        args.model,
+        args.adapter,
+        args.out,
+        format=args.format,
+        quant=args.quant,
+        ollama=args.ollama,
+        lora_only=args.lora_only,
     )
     return 0
 
@@ -349,6 +371,27 @@ def _add_model_commands(sub) -> None:
     p.add_argument("--no-check", action="store_true", help="skip the logit check of the merged model")
 
 
+def _add_export_command(sub) -> None:
+    from lorafuse.artifacts.gguf_tensors import QUANT_TYPES  # no heavy imports: a table
+
+    p = _add(sub, "export", cmd_export, "export base + adapter as a GGUF file (llama.cpp, Ollama) or a merged folder")
+    p.epilog = _EPILOG["export"].format(
+        types="".join(f"\n  {name:<6} {help_line}" for name, (_, _, help_line) in QUANT_TYPES.items())
+    )
+    p.add_argument("--model", required=True, help="base model: hub id or folder (the one the adapter was trained on)")
+    p.add_argument("--adapter", help="adapter folder (without it: the base alone, e.g. for --lora-only's base)")
+    p.add_argument("--out", required=True, help="FILE.gguf (--format gguf) or a folder (--format hf)")
+    p.add_argument("--format", choices=["gguf", "hf"], default="gguf", help="default: gguf")
+    p.add_argument(
+        "--quant",
+        choices=list(QUANT_TYPES),
+        default=None,
+        help="weight type: gguf default f16; hf takes f32/f16/bf16 (default bf16). Listed below",
+    )
+    p.add_argument("--ollama", action="store_true", help="also write <out>.Modelfile for `ollama create`")
+    p.add_argument("--lora-only", action="store_true", help="write the adapter alone as a llama.cpp LoRA GGUF")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="lorafuse", description="Fast LoRA and QLoRA fine-tuning.", epilog=_EPILOG["main"], formatter_class=_FMT
@@ -358,6 +401,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_config_commands(sub)
     _add_model_commands(sub)
+    _add_export_command(sub)
     _add(sub, "env", cmd_env, "print versions, GPUs and the dtype `auto` picks")
     _add(
         sub,
