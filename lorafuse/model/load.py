@@ -197,7 +197,8 @@ def load_model(
     """Load `(model, tokenizer)`; with quant="nf4" every linear but the output head is NF4 4-bit.
 
     compute_dtype: dtype of the math and of the non-quantized parameters (embeddings, norms, head); "auto" picks per
-    device. LoRA weights added later by `apply_lora` are fp32. The model is frozen and in eval mode.
+    device. LoRA weights added later by `apply_lora` are fp32. The model is frozen and in eval mode. A merged model's
+    folder holds the lorafuse.json of its adapter: its prompt format goes on `model_state(model).prompt`.
     """
     if quant not in ("nf4", "none"):
         raise ModelError(f"unknown quant {quant!r}", "use quant='nf4' (QLoRA) or quant='none' (LoRA on a 16-bit base)")
@@ -221,6 +222,9 @@ def load_model(
         "compute_dtype": str(dtype).removeprefix("torch."),
         **quant_info,
     }
+    from lorafuse.model.prompt_format import read_prompt_format
+
+    model_state(model).prompt = read_prompt_format(folder, tokenizer_fallback=False)  # a merged model's lorafuse.json
     return model, tokenizer
 
 

@@ -3,6 +3,8 @@
     base:  how the base was loaded (name_or_path, quant, compute_dtype, blocksize, ...): load.py, random_init.py
     lora:  the adapter's settings once LoRA is applied (r, alpha, targets, ...): inject.py
     accel: what the runtime changed for speed or memory while the model trains (lorafuse.accel.AccelState), or None
+    prompt: how the adapter was trained to be prompted (lorafuse.model.prompt_format.PromptFormat): set by the
+           train job, load_adapter, and load_model for a merged folder; generate and chat render with it
 
 Adapter files, merges and the training job read these facts instead of guessing them from the modules. The object
 lives in the model instance's __dict__ under one name, so transformers' modules carry nothing else of ours.
@@ -21,6 +23,7 @@ class ModelState:
     base: dict = field(default_factory=dict)
     lora: dict | None = None
     accel: Any = None
+    prompt: Any = None
 
 
 def model_state(model) -> ModelState:

@@ -2,9 +2,10 @@
 
 The demo (`lorafuse train` with no config) and the test suite need a causal LM and a tokenizer without
 any download. `build_tiny_tokenizer` trains a byte-level BPE on a small corpus (seconds on a CPU) and
-gives it a ChatML-style chat template; its merges are learned within runs of one script (kanji, hiragana, katakana), so
-a Japanese word becomes the same tokens in any sentence, as with a tokenizer trained on a large corpus; `build_tiny_model` makes a random-init model of a transformers
-architecture ("llama", "qwen2", "gpt2", ...) sized for that tokenizer. `save_tiny` writes both to a
+gives it a ChatML-style chat template; its merges are learned within runs of one script (kanji, hiragana,
+katakana), so a Japanese word becomes the same tokens in any sentence, as with a tokenizer trained on a large
+corpus. `build_tiny_model` makes a random-init model of a transformers architecture ("llama", "qwen2", "gpt2", ...)
+sized for that tokenizer. `save_tiny` writes both to a
 folder that `transformers.AutoModelForCausalLM.from_pretrained` and `lorafuse.load_model` read.
 
 The tokenizer has distinct special tokens: `<s>` (BOS), `</s>` (EOS), `<pad>` (PAD), `<unk>`, and the
