@@ -42,6 +42,7 @@ from lorafuse.errors import LorafuseError
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 TMP_RE = re.compile(r"^checkpoint-(\d+)\.(?:tmp|old|del)-(\d+)$")  # being written / replaced / deleted
 RUN_FILES = ("adapter", "metrics.jsonl", "loss.png", "summary.json", "best.json", "config.yaml")
+RUN_FILES += ("trackers.json", "tensorboard", "wandb", "mlruns")  # train.report_to (lorafuse.train.trackers)
 _STATE_FILES = ("trainable.safetensors", "optimizer.pt", "rng.pt", "trainer_state.json")
 
 
