@@ -12,6 +12,12 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+def pytest_addoption(parser):
+    parser.addoption(  # tests/ui/test_ui_browser.py: docs/ui/*.png are made with --ui-screenshots docs/ui
+        "--ui-screenshots", default=None, metavar="DIR", help="keep the UI browser test's screenshots in DIR"
+    )
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return
