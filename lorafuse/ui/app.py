@@ -19,7 +19,7 @@ LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1"}
 CSS = """
 .lf-preview span { border-radius: 2px; }
 #runs-table, #curves-latest { font-size: 13px; }
-#form-verdict pre { font-size: 10.5px; }
+#form-verdict pre, #form-verdict code { font-size: 10px !important; line-height: 1.35 !important; }
 """
 
 

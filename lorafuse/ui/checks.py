@@ -27,7 +27,7 @@ from lorafuse.errors import LorafuseError
 
 DEMO = "built-in demo"
 VISIBLE_GPU = "the visible GPU"
-PREVIEW_COLUMNS = 60  # the preview sits in the form's side column
+PREVIEW_COLUMNS = 74  # the preview sits in the form's side column
 _PRE = (
     '<pre class="lf-preview" style="white-space: pre-wrap; font-family: ui-monospace, monospace; '
     'font-size: 12px; line-height: 1.4; padding: 6px">{code}</pre>'

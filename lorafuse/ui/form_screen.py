@@ -13,7 +13,7 @@ from lorafuse.errors import LorafuseError
 from lorafuse.ui.checks import DEMO, VISIBLE_GPU, card_choices, load_source, preview_html, sources, validate, verdict
 from lorafuse.ui.schema import FieldSpec, form_fields, raw_config, widget_values
 
-COLUMNS = 3
+COLUMNS = 2
 DEFAULT_CARD = "T4"  # the free notebook GPU: a small budget to plan against where no GPU is visible
 
 
@@ -61,9 +61,9 @@ def build(ctx) -> None:
         source = gr.Dropdown(sources(ctx.runs_dir), value=DEMO, label="start from", elem_id="form-source", scale=4)
         load = gr.Button("Load", elem_id="form-load", scale=1)
     with gr.Row():
-        with gr.Column(scale=3):
+        with gr.Column(scale=1):
             widgets = _form(specs, widget_values(specs, first))
-        with gr.Column(scale=2):
+        with gr.Column(scale=1):
             start = gr.Button("Start training", variant="primary", elem_id="form-start")
             started = gr.Markdown(elem_id="form-start-message")
             with gr.Row():
@@ -84,11 +84,14 @@ def build(ctx) -> None:
 
     def on_load(name):
         try:
-            return widget_values(specs, load_source(name, ctx.runs_dir))
+            cfg = load_source(name, ctx.runs_dir)
         except LorafuseError as err:
             raise gr.Error(f"{err.problem} ({err.fix})") from None
+        return [f"loaded {name}: edit it, then start", *widget_values(specs, cfg)]
 
-    load.click(on_load, inputs=source, outputs=widgets).then(check, inputs=[card, memory, *widgets], outputs=planned)
+    load.click(on_load, inputs=source, outputs=[started, *widgets]).then(
+        check, inputs=[card, memory, *widgets], outputs=planned
+    )
     source.focus(lambda: gr.Dropdown(choices=sources(ctx.runs_dir)), outputs=source)
 
     def on_start(*values):

@@ -158,3 +158,64 @@ def test_trackers_hold_the_metrics_rows_once_across_a_replayed_resume(tmp_path, 
     assert all(kept[(t, s)] == v for t, s, v in wb + ml if (t, s) in kept)
     assert wb_config["lora"]["r"] == 4 and wb_config["train"]["report_to"] == ["tensorboard", "wandb", "mlflow"]
     assert ml_run.data.params["lora.r"] == "4" and ml_run.info.status == "FINISHED"
+
+
+class _Recorder:
+    """A tracker that keeps what it is sent (one class per name, so runs can be told apart)."""
+
+    runs: dict = {}
+
+    def start(self, config, out_dir, run_id):
+        self.run_id = run_id or f"{self.name}-{len(self.runs) + 1}"
+        self.runs.setdefault(self.run_id, {"logged": [], "status": None})
+        return self.run_id
+
+    def log(self, values, step):
+        self.runs[self.run_id]["logged"].append((step, values))
+
+    def finish(self, status):
+        self.runs[self.run_id]["status"] = status
+
+
+def _recorders(monkeypatch):
+    runs: dict = {}
+    made = {n: type(n, (_Recorder,), {"name": n, "runs": runs}) for n in ("tensorboard", "wandb")}
+    monkeypatch.setattr(trackers, "ADAPTERS", made)
+    monkeypatch.setattr(trackers, "_installed", lambda module: True)
+    return runs
+
+
+def test_resume_skips_steps_a_tracker_has_and_backfills_a_new_tracker(tmp_path, monkeypatch):
+    from lorafuse.train.metrics import MetricsLog
+
+    runs = _recorders(monkeypatch)
+    rows = [
+        {"step": 1, "loss": 3.0, "lr": 0.1, "skipped": False},
+        {"step": 2, "loss": 2.0, "lr": 0.2},
+        {"step": 2, "eval_loss": 2.5, "eval_ppl": 12.2},
+        {"step": 3, "loss": 1.5, "lr": 0.3},
+    ]
+    log = MetricsLog(tmp_path, report_to=["tensorboard"])
+    log.start_fresh()
+    for row in rows:
+        log.append(row)  # the process dies here: the checkpoint was at step 2 (before its eval)
+    checkpoint = "".join(json.dumps(r) + "\n" for r in rows[:2])
+
+    log = MetricsLog(tmp_path, report_to=["tensorboard", "wandb"])  # resumed, with a tracker added
+    log.restore(checkpoint)
+    for row in rows[2:] + [{"step": 4, "loss": 1.0, "lr": 0.4}]:
+        log.append(row)
+    log.close("signal")
+
+    tb = runs["tensorboard-1"]
+    assert [s for s, _ in tb["logged"]] == [1, 2, 2, 3, 4]  # steps 2 (eval) and 3 came once, before the crash
+    assert tb["logged"][0][1] == {"train/loss": 3.0, "train/lr": 0.1}  # flags are not scalars
+    assert tb["logged"][2][1] == {"eval/loss": 2.5, "eval/ppl": 12.2}
+    wb = runs["wandb-2"]  # new on resume: the checkpoint's rows first, then the run goes on
+    assert [s for s, _ in wb["logged"]] == [1, 2, 2, 3, 4] and wb["status"] == "stopped"
+    assert json.loads((tmp_path / "trackers.json").read_text()) == {"tensorboard": "tensorboard-1", "wandb": "wandb-2"}
+
+    log = MetricsLog(tmp_path, report_to=["tensorboard"])  # a fresh start opens a new tracker run
+    log.start_fresh()
+    log.close(None)
+    assert runs["tensorboard-3"]["status"] == "failed"

@@ -135,6 +135,7 @@ def _latest_step(page, run: str) -> int:
 def _fill_form(page, out: Path) -> None:
     page.get_by_role("tab", name="New run").click()
     page.locator("#form-load").click()
+    page.wait_for_function("document.querySelector('#form-start-message').innerText.includes('loaded built-in demo')")
     verdict = page.locator("#form-verdict")
     page.wait_for_function("document.querySelector('#form-verdict').innerText.includes('fits')")
     _field(page, "cfg-lora-r").fill("0")  # invalid: reported as `lorafuse train` reports it
@@ -184,9 +185,10 @@ def test_form_start_watch_stop_resume_chat_in_a_browser(ui, tmp_path, request, m
         deadline = time.time() + 60
         while _latest_step(page, "ui-demo") < 2 and time.time() < deadline:
             page.wait_for_timeout(500)
-        first = _latest_step(page, "ui-demo")
-        page.wait_for_timeout(2500)  # a tick later, the curve has grown
-        grown = _latest_step(page, "ui-demo")
+        first = grown = _latest_step(page, "ui-demo")
+        while grown == first and time.time() < deadline + 30:  # the curve grows as the run trains
+            page.wait_for_timeout(500)
+            grown = _latest_step(page, "ui-demo")
         assert 2 <= first < grown < STEPS, (first, grown)
         assert page.locator("#curve-loss canvas, #curve-loss svg").count() > 0
 
