@@ -82,16 +82,15 @@ def build(ctx) -> None:
     triggers = [w.input for w in widgets] + [card.input, memory.input]
     gr.on(triggers, check, inputs=[card, memory, *widgets], outputs=planned, trigger_mode="always_last")
 
-    def on_load(name):
+    def on_load(name, card, memory):
         try:
             cfg = load_source(name, ctx.runs_dir)
         except LorafuseError as err:
             raise gr.Error(f"{err.problem} ({err.fix})") from None
-        return [f"loaded {name}: edit it, then start", *widget_values(specs, cfg)]
+        # the verdict comes in the same answer as the values, so no later answer can overwrite a newer one
+        return [f"loaded {name}: edit it, then start", verdict(cfg, card, memory), *widget_values(specs, cfg)]
 
-    load.click(on_load, inputs=source, outputs=[started, *widgets]).then(
-        check, inputs=[card, memory, *widgets], outputs=planned
-    )
+    load.click(on_load, inputs=[source, card, memory], outputs=[started, planned, *widgets])
     source.focus(lambda: gr.Dropdown(choices=sources(ctx.runs_dir)), outputs=source)
 
     def on_start(*values):

@@ -25,7 +25,6 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-import annotated_types
 import yaml
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
@@ -34,7 +33,7 @@ from lorafuse.config import RunConfig
 from lorafuse.config_yaml import parse_override_value
 
 _UNION = (typing.Union, types.UnionType)
-_BOUNDS = {annotated_types.Ge: "≥", annotated_types.Gt: ">", annotated_types.Le: "≤", annotated_types.Lt: "<"}
+_BOUNDS = {"Ge": "≥", "Gt": ">", "Le": "≤", "Lt": "<"}  # pydantic's annotated_types constraints, by class name
 
 
 @dataclass(frozen=True)
@@ -73,7 +72,8 @@ def _word(value) -> str:
 
 
 def _bounds(info) -> str:
-    parts = [f"{_BOUNDS[type(m)]} {getattr(m, type(m).__name__.lower())}" for m in info.metadata if type(m) in _BOUNDS]
+    names = [type(m).__name__ for m in info.metadata]
+    parts = [f"{_BOUNDS[n]} {getattr(m, n.lower())}" for n, m in zip(names, info.metadata) if n in _BOUNDS]
     return " and ".join(parts)
 
 
