@@ -9,6 +9,9 @@ Every pydantic problem is turned into ONE `ConfigError` that lists each bad key 
 given, what is allowed, and for unknown keys the nearest valid key: first from a table of the names other
 tools use (`learning_rate` -> `train.lr`, `target_modules` -> `lora.targets`), then by string similarity.
 
+Paths (model.path when it is a folder, data.path, data.val_path, data.cache_dir, output.dir) have `~` and
+$VARIABLES expanded on validation; an unset variable is an error rather than a literal folder name.
+
 Defaults are the seed's QLoRA recipe: NF4 with double quantization, r=16, alpha=32 (2r), dropout 0.05 on
 the seven Llama projections, lr 2e-4, paged 8-bit AdamW, micro-batch 4 x accumulation 4, 512 tokens.
 
@@ -21,6 +24,8 @@ LR schedule from the resume point on, which is the usual meaning of "train longe
 from __future__ import annotations
 
 import json
+import os
+import re
 import types
 import typing
 from pathlib import Path
@@ -31,11 +36,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from lorafuse.config_yaml import parse_override_value, read_yaml_mapping
 from lorafuse.errors import ConfigError
+from lorafuse.options import KernelOptions, Options
 
 BUILTIN_MODEL = "builtin:tiny-llama"  # model.path sentinel: the loader builds a tiny random-init Llama
 BUILTIN_DATA = "builtin:demo"  # data.path sentinel: the bundled sample instruction rows
 LLAMA_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-SECTIONS = ("model", "lora", "data", "train", "output")
+SECTIONS = ("model", "lora", "data", "train", "output", "experimental")
 
 # Keys that may differ between a run and its resume without changing the optimisation math.
 RESUME_MUTABLE_KEYS = frozenset(
@@ -57,8 +63,23 @@ RESUME_MUTABLE_KEYS = frozenset(
 )
 
 
+def expand_path(value: str | None) -> str | None:
+    """`~` and environment variables in a path expanded; an unset variable is an error, since it would otherwise
+    become a literal folder name (`$SCRATCH/runs` made under the current folder). `builtin:` names stay as given."""
+    if value is None or value.startswith("builtin:"):
+        return value
+    expanded = os.path.expandvars(os.path.expanduser(value))
+    unset = re.search(r"\$\{?([A-Za-z_]\w*)", expanded)
+    if unset:
+        raise ValueError(
+            f"uses the environment variable ${unset.group(1)}, which is not set: set it, or write the path"
+        )
+    return expanded
+
+
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan=False: `train.lr: .inf` must fail here, not train to an all-NaN adapter
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
     @field_validator("*", mode="before")
     @classmethod
@@ -93,6 +114,11 @@ class ModelConfig(_Section):
         description="transformers attention backend "
         "(`sdpa`, `eager`, `flash_attention_2`); null: transformers' default.",
     )
+
+    @field_validator("path")
+    @classmethod
+    def _expand(cls, value: str) -> str:
+        return expand_path(value)
 
     @field_validator("blocksize")
     @classmethod
@@ -163,11 +189,21 @@ class DataConfig(_Section):
         description="JSONL/JSON/CSV/Parquet file, folder, or hub data set id "
         f"(`{BUILTIN_DATA}`: the bundled sample rows)."
     )
-    format: Literal["alpaca", "dolly", "dolly-ja", "sharegpt", "messages", "prompt-completion", "text"] = Field(
+    format: Literal[
+        "alpaca", "dolly", "dolly-ja", "sharegpt", "messages", "prompt-completion", "text", "preference"
+    ] = Field(
         "alpaca",
         description="Row layout: alpaca (instruction/input/output), dolly (instruction/context/"
         "response), dolly-ja (instruction/input/output with the seed's Japanese headings), sharegpt "
-        "(conversations), messages (OpenAI role/content), prompt-completion, text (raw text).",
+        "(conversations), messages (OpenAI role/content), prompt-completion, text (raw text), preference "
+        "(prompt/chosen/rejected pairs for train.objective dpo or orpo: strings, or TRL's message lists).",
+    )
+    prompt_format: Literal["raw", "alpaca", "dolly", "dolly-ja"] = Field(
+        "raw",
+        description="data.format=preference with data.template=plain: how the prompt is written before the "
+        "response. raw: the prompt text as given (instruction and input joined by a blank line); alpaca/dolly/"
+        "dolly-ja: that format's headings around it, as the SFT run that made the model saw its prompts. "
+        "With data.template=chat the tokenizer's chat template renders the prompt instead.",
     )
     fields: dict[str, str] = Field(
         default_factory=dict,
@@ -199,6 +235,11 @@ class DataConfig(_Section):
     num_rows: int | None = Field(None, ge=1, description="Use only the first N rows (quick trials).")
     shuffle: bool = Field(True, description="Shuffle rows each epoch (seeded, so resumable).")
     cache_dir: str | None = Field(None, description="Where tokenized data is cached; null: <output.dir>/.cache.")
+
+    @field_validator("path", "val_path", "cache_dir")
+    @classmethod
+    def _expand(cls, value: str | None) -> str | None:
+        return expand_path(value)
 
     @field_validator("val_size")
     @classmethod
@@ -282,7 +323,7 @@ class TrainConfig(_Section):
         False,
         description="Run the frozen base weights' GEMMs in FP8 (e4m3, one scale per token and per weight "
         "row; NF4 weights are decoded straight to 8 bits): the forward's, the checkpoint recompute's and, for NF4 "
-        "weights, the backward's input gradient (LORAFUSE_FP8_BACKWARD=0 keeps that one bf16). A 7B QLoRA step ~1.35x "
+        "weights, the backward's input gradient. A 7B QLoRA step ~1.35x "
         "faster on an H200, for ~3.7% relative error per projection output (bf16: ~0.2%). The LoRA products and "
         "gradients and the loss stay bf16; generation after training runs bf16. Needs compute capability 8.9+ (Ada, "
         "Hopper), bf16 compute and the fast path (train.fast_path auto or on, no DoRA); else the run stops at start-up "
@@ -291,8 +332,8 @@ class TrainConfig(_Section):
     save_every: int | None = Field(
         None,
         ge=1,
-        description="Checkpoint every N optimizer steps; "
-        "null: at the end of each epoch (always at the end of training).",
+        description="Checkpoint every N optimizer steps (not at epoch ends then); "
+        "null: at the end of each epoch. Always at the end of training and at each new best eval loss.",
     )
     save_total_limit: int = Field(3, ge=1, description="Checkpoints kept on disk; older ones are deleted.")
     eval_every: int | None = Field(
@@ -305,7 +346,9 @@ class TrainConfig(_Section):
         None, ge=1, description="Stop after this many evaluations without a better validation loss; null: never."
     )
     log_every: int = Field(1, ge=1, description="Log loss/LR every N optimizer steps.")
-    seed: int = Field(42, ge=0, description="Seed for adapter init, shuffling and dropout.")
+    seed: int = Field(
+        42, ge=0, lt=2**32, description="Seed for adapter init, shuffling and dropout (numpy's RNG takes < 2**32)."
+    )
     nan_tolerance: int = Field(
         5, ge=0, description="Skipped steps with NaN/inf loss allowed before the run stops with an error."
     )
@@ -326,6 +369,37 @@ class TrainConfig(_Section):
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when available, else CPU.")
     fast_path: Literal["auto", "on", "off"] = Field(
         "auto", description="Fused Triton kernels: auto (on a CUDA GPU with triton), on (error if unavailable), off."
+    )
+    objective: Literal["sft", "dpo", "orpo"] = Field(
+        "sft",
+        description="What the loss trains. sft: next-token loss on the target tokens. dpo: Direct Preference "
+        "Optimization on data.format=preference pairs, against a reference model that is this model with the "
+        "adapter switched off (no copy). orpo: odds-ratio preference loss plus the chosen answer's NLL, no "
+        "reference. See docs/dpo.md.",
+    )
+    beta: float = Field(
+        0.1,
+        gt=0,
+        description="DPO's beta: rewards are beta x (log p_policy - log p_reference) of a response; larger keeps the "
+        "model closer to the reference. With train.dpo_loss=ipo it is IPO's tau (target margin 1/(2 tau) per token).",
+    )
+    dpo_loss: Literal["sigmoid", "ipo"] = Field(
+        "sigmoid",
+        description="DPO's pair loss. sigmoid: -log sigmoid(margin), the DPO paper's; ipo: (margin per response token "
+        "- 1/(2 beta))^2, IPO (log-ratios divided by each response's token count, as TRL does).",
+    )
+    dpo_reference: Literal["live", "precomputed"] = Field(
+        "live",
+        description="Where DPO's reference log-probs come from. live: the same model with the adapter switched off, "
+        "in the same micro-step (one more forward without gradients). precomputed: one pass over the data before "
+        "training with the model as it starts, kept for the run (no reference forward per step; also right when "
+        "training continues an existing adapter).",
+    )
+    orpo_lambda: float = Field(
+        0.1,
+        ge=0,
+        description="ORPO's lambda, the weight of the odds-ratio term beside the chosen answer's NLL (0.1: the "
+        "value the ORPO authors train their Mistral-ORPO models with).",
     )
     cuda_graphs: Literal["auto", "off"] = Field(
         "auto",
@@ -352,7 +426,27 @@ class TrainConfig(_Section):
 class OutputConfig(_Section):
     """Where the run writes checkpoints, the adapter, logs and plots."""
 
-    dir: str = Field("runs/lorafuse", description="Run folder: checkpoint-N/, adapter/, metrics.jsonl, plots.")
+    dir: str = Field(
+        "runs/lorafuse",
+        description="Run folder: checkpoint-N/, adapter/, metrics.jsonl, plots. A new or empty folder, or an earlier "
+        "run's (which it resumes); a folder holding other files is refused.",
+    )
+
+    @field_validator("dir")
+    @classmethod
+    def _expand(cls, value: str) -> str:
+        return expand_path(value)
+
+
+class ExperimentalConfig(_Section):
+    """A/B switches of changes not yet measured to win; each may become the default or be deleted."""
+
+    fused_ds_db: bool = Field(
+        False,
+        description="On the fast path, form a LoRA linear's dS and dB from one read of dY in one Triton kernel "
+        "instead of two cuBLAS GEMMs (saves one read of dY per projection, adds two small reductions). Not yet "
+        "measured faster.",
+    )
 
 
 class RunConfig(_Section):
@@ -363,6 +457,13 @@ class RunConfig(_Section):
     data: DataConfig = Field(description="The training data.")
     train: TrainConfig = Field(default_factory=TrainConfig, description="The optimisation.")
     output: OutputConfig = Field(default_factory=OutputConfig, description="Output folder.")
+    experimental: ExperimentalConfig = Field(
+        default_factory=ExperimentalConfig, description="Switches under measurement."
+    )
+
+    def options(self) -> Options:
+        """The frozen switches every layer below the config receives (lorafuse/options.py)."""
+        return options_for(self.train, self.experimental)
 
     @model_validator(mode="after")
     def _needs_validation_data(self) -> RunConfig:
@@ -377,6 +478,37 @@ class RunConfig(_Section):
                 "(e.g. 0.05) or data.val_path, or train.eval_every=null"
             )
         return self
+
+    @model_validator(mode="after")
+    def _preference_pairs(self) -> RunConfig:
+        pairs, objective = self.data.format == "preference", self.train.objective
+        if pairs != (objective in ("dpo", "orpo")):
+            raise ValueError(
+                f"train.objective={objective} with data.format={self.data.format}: dpo and orpo train on "
+                "preference pairs, sft on the other formats. Set both: train.objective=dpo (or orpo) with "
+                "data.format=preference, or train.objective=sft with an SFT format"
+            )
+        if pairs and (self.data.packing or not self.data.completion_only):
+            raise ValueError(
+                "data.format=preference trains on the response tokens of whole pairs: set data.packing=false "
+                "and data.completion_only=true"
+            )
+        return self
+
+
+def options_for(tc: TrainConfig, experimental: ExperimentalConfig | None = None) -> Options:
+    """The Options of a run's train section (and experimental section; None: its defaults)."""
+    experimental = experimental or ExperimentalConfig()
+    kernel = KernelOptions(fp8=tc.fp8, dequant_cap_bytes=tc.dequant_cap_mib << 20, fused_ds_db=experimental.fused_ds_db)
+    return Options(
+        fast_path=tc.fast_path,
+        cuda_graphs=tc.cuda_graphs,
+        gradient_checkpointing=tc.gradient_checkpointing,
+        uncheckpointed_layers=tc.uncheckpointed_layers,
+        embeddings_on_host=tc.embeddings_on_host,
+        head_on_host=tc.head_on_host,
+        kernel=kernel,
+    )
 
 
 def demo_config() -> RunConfig:

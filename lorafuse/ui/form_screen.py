@@ -11,6 +11,7 @@ import gradio as gr
 from lorafuse.config import RunConfig
 from lorafuse.errors import LorafuseError
 from lorafuse.ui.checks import DEMO, VISIBLE_GPU, card_choices, load_source, preview_html, sources, validate, verdict
+from lorafuse.ui.runs import UI_DIR
 from lorafuse.ui.schema import FieldSpec, form_fields, raw_config, widget_values
 
 COLUMNS = 2
@@ -109,6 +110,6 @@ def build(ctx) -> None:
         cfg, error = validate(raw_config(specs, values))
         if cfg is None:
             return f"<pre>{html.escape(error)}</pre>"
-        return preview_html(cfg, max(1, int(n or 1)))
+        return preview_html(cfg, max(1, int(n or 1)), cache_dir=ctx.runs_dir / UI_DIR / "cache")
 
     preview.click(on_preview, inputs=[rows, *widgets], outputs=shown)

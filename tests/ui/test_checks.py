@@ -35,7 +35,8 @@ def test_preview_marks_trained_and_masked_tokens(tmp_path, tiny_model_dir, monke
     monkeypatch.setenv("LORAFUSE_CACHE", str(tmp_path / "cache"))
     cfg = load_source(DEMO, tmp_path)
     cfg.model.path = str(tiny_model_dir)
-    html = preview_html(cfg, n=1)
+    html = preview_html(cfg, n=1, cache_dir=tmp_path / "ui-cache")
+    assert not Path(cfg.output.dir).exists()  # the run to come finds its folder empty
     spans = re.findall(r'<span style="([^"]*)">([^<]*)</span>', html)
     trained = {text for style, text in spans if "font-weight: bold" in style}
     masked = {text for style, text in spans if "font-weight: bold" not in style}

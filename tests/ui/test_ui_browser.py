@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from lorafuse.train.checkpoint import RUN_FILES
+from lorafuse.outputs import MARKER, RUN_FILES
 
 ROOT = Path(__file__).resolve().parents[2]
 CHROMIUM = "/usr/bin/chromium"
@@ -232,7 +232,7 @@ def test_form_start_watch_stop_resume_chat_in_a_browser(ui, tmp_path, request, m
         browser.close()
     assert (runs / "ui-demo-merged" / "config.json").is_file()
     # the run folder holds what `lorafuse train` writes, and nothing of the UI's (its files are in .lorafuse-ui/)
-    written = set(RUN_FILES) | {".lock", ".cache"}
+    written = set(RUN_FILES) | {".lock", ".cache", MARKER}
     assert {p.name for p in out.iterdir() if not p.name.startswith("checkpoint-")} <= written
     assert (runs / ".lorafuse-ui" / "ui-demo.yaml").is_file()
     expected = _generate(Path(adapter), "Hello")

@@ -1,0 +1,157 @@
+"""The arguments of the benchmark harness (benchmarks/bench.py, `lorafuse bench`).
+
+The command line (lorafuse/bench.py runs it): what to measure, which stacks, and lorafuse's own settings, which
+the peers do not have (a run that sets one of them compares only lorafuse with itself).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+from lorafuse.errors import LorafuseError
+from lorafuse.plan.shapes import builtin_names
+
+ROOT = Path(__file__).resolve().parents[1]
+STACKS = ("lorafuse", "hf", "unsloth")
+METHODS = ("qlora", "lora", "full")
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="lorafuse bench", description=__doc__.splitlines()[0])
+    p.add_argument("--shape", default="llama2-7b", help=f"model shape: {', '.join(builtin_names())}")
+    p.add_argument("--batch", type=int, default=4, help="sequences per step")
+    p.add_argument("--seq", type=int, default=512, help="tokens per sequence")
+    p.add_argument("--stacks", default="lorafuse,hf,unsloth", help=f"comma list of {', '.join(STACKS)}")
+    p.add_argument("--methods", default="qlora,lora", help=f"comma list of {', '.join(METHODS)}")
+    p.add_argument("--steps", type=int, default=10, help="timed steps (the median is reported)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps first")
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"), help="folder of the JSONL results")
+    p.add_argument(
+        "--memory-log",
+        default=str(ROOT / "benchmarks" / "measured_memory.jsonl"),
+        help="where lorafuse GPU runs append measured peaks (empty string: nowhere)",
+    )
+    p.add_argument("--table", action="store_true", help="full / LoRA / QLoRA of one model vs the seed's table")
+    p.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
+    p.add_argument(
+        "--dtype",
+        choices=("bfloat16", "float16", "float32"),
+        default=None,
+        help="compute dtype; default: bf16 on CUDA, fp32 on CPU (float16: the T4 path, with a GradScaler)",
+    )
+    p.add_argument(
+        "--random-init",
+        action="store_true",
+        help="lorafuse only: generate the model on the device layer by layer (NF4 straight away for "
+        "qlora), no checkpoint on disk; for shapes too large to save, such as llama-65b",
+    )
+    p.add_argument(
+        "--budget-gib",
+        type=float,
+        default=None,
+        help="cap each runner's GPU memory (torch.cuda.set_per_process_memory_fraction) to this many GiB",
+    )
+    p.add_argument(
+        "--profile",
+        default=None,
+        metavar="DIR",
+        help="after timing, profile 2 more steps with torch.profiler; tables go to DIR/<stack>-<method>.txt",
+    )
+    p.add_argument("--r", type=int, default=16)
+    p.add_argument("--alpha", type=float, default=32.0)
+    p.add_argument(
+        "--dropout", type=float, default=0.0, help="LoRA dropout for every stack (Unsloth's fast path needs 0)"
+    )
+    p.add_argument("--optimizer", default="paged_adamw_8bit", choices=("paged_adamw_8bit", "adamw_8bit", "adamw"))
+    p.add_argument(
+        "--full-optimizer",
+        default="adamw",
+        choices=("adamw", "paged_adamw_8bit", "adamw_8bit"),
+        help="optimizer of the full fine-tuning row (torch AdamW: states counted on the GPU)",
+    )
+    p.add_argument("--no-gc", action="store_true", help="no gradient checkpointing (default: on, as the seed)")
+    p.add_argument(
+        "--offload",
+        action="store_true",
+        help="lorafuse only: checkpointing with the layer inputs in "
+        "pinned CPU memory (train.gradient_checkpointing: offload)",
+    )
+    p.add_argument(
+        "--host-embeddings",
+        action="store_true",
+        help="lorafuse only: the frozen input embedding in pinned CPU memory, read in place (train.embeddings_on_host)",
+    )
+    p.add_argument(
+        "--keep-layers",
+        type=int,
+        default=0,
+        metavar="N",
+        help="lorafuse only: the last N layers save "
+        "their activations instead of recomputing them (train.uncheckpointed_layers)",
+    )
+    p.add_argument(
+        "--host-head",
+        action="store_true",
+        help="lorafuse only: the frozen output head in pinned CPU "
+        "memory between losses, staged for each (train.head_on_host)",
+    )
+    p.add_argument(
+        "--dequant-cap-mib",
+        type=int,
+        default=0,
+        metavar="MIB",
+        help="lorafuse only: NF4 weights over MIB (16-bit) dequantized in row parts (train.dequant_cap_mib)",
+    )
+    p.add_argument(
+        "--fp8",
+        action="store_true",
+        help="lorafuse only: FP8 base-weight GEMMs in the forward and "
+        "the recompute (train.fp8; compute capability 8.9+)",
+    )
+    p.add_argument("--no-fast-path", action="store_true", help="lorafuse without its fused kernels")
+    p.add_argument("--no-graphs", action="store_true", help="lorafuse without CUDA graphs (eager launches)")
+    p.add_argument(
+        "--model-dir",
+        default=os.environ.get("LORAFUSE_BENCH_DIR", "/tmp/lorafuse-bench"),
+        help="cache of the random-init checkpoint folders",
+    )
+    p.add_argument("--timeout", type=int, default=900, help="seconds per runner process")
+    p.add_argument("--seed", type=int, default=0)
+    return _checked(p.parse_args(argv))
+
+
+def _checked(args):
+    """Validate the parsed arguments and fill the dtype default; the errors say what to change."""
+    if args.shape not in builtin_names():
+        raise LorafuseError(f"unknown --shape {args.shape!r}", f"use one of {', '.join(builtin_names())}")
+    args.dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
+    # --random-init builds lorafuse's model on the GPU instead of loading the checkpoint folder the peers load, so
+    # a run with peers would not compare one model. The memory settings (--offload, --host-*, --keep-layers) are
+    # lorafuse's own: with peers they apply to lorafuse's rows only, and the peers run their defaults
+    if args.random_init and (args.table or _split(args.stacks, STACKS, "--stacks") != ["lorafuse"]):
+        raise LorafuseError(
+            "--random-init applies to lorafuse only (the peers load the checkpoint folder)",
+            "add --stacks lorafuse, or drop --random-init",
+        )
+    if args.offload and args.no_gc:
+        raise LorafuseError(
+            "--offload is a checkpointing policy, and --no-gc turns checkpointing off", "drop one of them"
+        )
+    return args
+
+
+def plan_runs(args) -> list[tuple[str, str]]:
+    if args.table:
+        return [("hf", "full"), ("lorafuse", "lora"), ("lorafuse", "qlora")]
+    stacks, methods = _split(args.stacks, STACKS, "--stacks"), _split(args.methods, METHODS, "--methods")
+    return [(s, m) for m in methods for s in stacks]
+
+
+def _split(text: str, allowed: tuple, flag: str) -> list[str]:
+    items = [x.strip() for x in text.split(",") if x.strip()]
+    bad = [x for x in items if x not in allowed]
+    if bad or not items:
+        raise LorafuseError(f"{flag} {text!r}: unknown {bad}", f"use a comma list of {', '.join(allowed)}")
+    return items
