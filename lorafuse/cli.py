@@ -91,8 +91,24 @@ def _load(args):
     return load_config(config, overrides)
 
 
+def _check_hub(*sources: tuple) -> None:
+    """Offline, a hub id that is not in the local cache fails here, before the heavy imports (lorafuse.hub)."""
+    from lorafuse.hub import check_hub_ids
+
+    check_hub_ids(list(sources))
+
+
+def _config_sources(cfg) -> tuple:
+    return (
+        (cfg.model.path, "model", "model.path"),
+        (cfg.data.path, "dataset", "data.path"),
+        (cfg.data.val_path, "dataset", "data.val_path"),
+    )
+
+
 def cmd_train(args) -> int:
     cfg = _load(args)  # config errors first, before any heavy import
+    _check_hub(*_config_sources(cfg))
     from lorafuse.train.api import run
 
     resume = None if args.no_resume else (args.resume or "auto")
@@ -102,6 +118,7 @@ def cmd_train(args) -> int:
 
 def cmd_preview(args) -> int:
     cfg = _load(args)
+    _check_hub(*_config_sources(cfg))
     from lorafuse.data.preview import preview
 
     preview(cfg, n=args.n)
@@ -109,6 +126,7 @@ def cmd_preview(args) -> int:
 
 
 def _load_for_inference(args):
+    _check_hub((args.model, "model", "--model"))
     import lorafuse
     from lorafuse.infer.generate import prompt_note
     from lorafuse.lora.adapter_load import trained_quant
@@ -126,10 +144,10 @@ def _load_for_inference(args):
 
 
 def cmd_generate(args) -> int:
+    model, tokenizer = _load_for_inference(args)
     import lorafuse
     from lorafuse.infer.generate import user_message
 
-    model, tokenizer = _load_for_inference(args)
     system = [{"role": "system", "content": args.system}] if args.system else []
     text = lorafuse.generate(
         model,
@@ -146,9 +164,9 @@ def cmd_generate(args) -> int:
 
 
 def cmd_chat(args) -> int:
+    model, tokenizer = _load_for_inference(args)
     from lorafuse.infer.chat import chat_loop
 
-    model, tokenizer = _load_for_inference(args)
     chat_loop(
         model,
         tokenizer,
@@ -162,6 +180,7 @@ def cmd_chat(args) -> int:
 
 
 def cmd_merge(args) -> int:
+    _check_hub((args.model, "model", "--model"))
     import lorafuse
 
     out = lorafuse.merge(
@@ -176,6 +195,7 @@ def cmd_merge(args) -> int:
 
 
 def cmd_export(args) -> int:
+    _check_hub((args.model, "model", "--model"))
     from lorafuse.artifacts.export import export
 
     export(

@@ -52,7 +52,7 @@ def resolve_model_path(path_or_id: str) -> str:
     p = Path(path_or_id).expanduser()
     looks_local = p.exists() or path_or_id.startswith((".", "/", "~")) or path_or_id.count("/") != 1
     if not looks_local:  # a hub id such as "meta-llama/Llama-2-7b-hf"; offline: its folder in the HF cache
-        from lorafuse.model.checks import hub_source
+        from lorafuse.hub import hub_source
 
         return hub_source(path_or_id)
     if p.is_file():
