@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import shlex
 import sys
 
 from lorafuse.errors import ConfigError, LorafuseError
@@ -222,7 +223,8 @@ def cmd_plan(args) -> int:
     from lorafuse.plan.cli import plan_command
 
     extra = {"gpu": args.gpu} if args.gpu else {}
-    rc = plan_command(cfg, gpu_memory=args.gpu_memory, as_json=args.json, **extra)
+    command = " ".join(["lorafuse train", *map(shlex.quote, args.items)])  # the suggestion extends it
+    rc = plan_command(cfg, gpu_memory=args.gpu_memory, as_json=args.json, train_command=command, **extra)
     return rc if isinstance(rc, int) else 0
 
 
@@ -507,6 +509,9 @@ def _dispatch(argv: list[str]) -> int:
     if getattr(args, "func", None) is None:
         parser.print_help()
         return 2
+    from lorafuse.console import quiet_library_progress
+
+    quiet_library_progress()  # lorafuse's progress lines only, no "Loading weights" bars between them
     return args.func(args)
 
 

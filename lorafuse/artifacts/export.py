@@ -57,9 +57,9 @@ def export(
     quant: gguf: f32, f16 (default), bf16, q8_0, q5_1, q5_0, q4_1, q4_0 (see artifacts.gguf_tensors); hf: f32, f16,
     bf16 (default). Raises LorafuseError (exit 2 in the CLI) on bad arguments before loading anything.
     """
-    from rich.console import Console
+    from lorafuse.console import make_console
 
-    console = console or Console(stderr=True, highlight=False)
+    console = console or make_console(stderr=True, highlight=False)
     out = _check_args(model, adapter, out, format, quant, ollama, lora_only)
     start = time.perf_counter()
     if format == "hf":

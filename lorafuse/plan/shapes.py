@@ -298,7 +298,10 @@ def _download_shape(repo: str) -> ModelShape:
             f"unknown model {repo!r}: not a local folder, not a built-in shape, and not a hub id (owner/name)",
             f"use a built-in shape ({known}), a hub id, or a local folder with config.json",
         )
-    source = hub_source(repo)  # offline: the cached snapshot, else the error at once (no retries)
+    try:
+        source = hub_source(repo)  # offline: the cached snapshot, else the error at once (no retries)
+    except ModelError as err:
+        raise ModelError(err.problem, f"{err.fix}, or plan with a built-in shape ({known})") from None
     if source != repo:
         return _read_config(Path(source) / "config.json", repo)
     try:

@@ -169,9 +169,9 @@ def train(
 
 
 def _console(console):
-    from rich.console import Console
+    from lorafuse.console import make_console
 
-    return console or Console()
+    return console or make_console()
 
 
 def resolve_device(name: str) -> torch.device:
