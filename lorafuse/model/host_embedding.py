@@ -143,6 +143,8 @@ def host_head_blocker(model: nn.Module) -> str:
     w = head.weight
     if w.requires_grad:
         return "the output head is trained (modules_to_save)"
+    if getattr(head, "lorafuse_token_rows", None):
+        return "the output head has trainable token rows (lora.train_untrained_tokens, data.add_special_tokens)"
     emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     if emb is not None and getattr(emb, "weight", None) is w:
         return "the output head is tied to the input embedding, which every forward reads"

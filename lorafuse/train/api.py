@@ -392,8 +392,13 @@ def _batchers(cfg, tokenizer, out: Path, console, world):
 def _train(cfg, model, tokenizer, out: Path, start_from: Path | None, dtype, console, world) -> TrainResult:
     from lorafuse.config import save_config
     from lorafuse.lora.adapter_io import save_adapter
+    from lorafuse.model.new_tokens import add_run_tokens
+    from lorafuse.model.untrained_tokens import rows_for_run
 
+    new_ids = add_run_tokens(model, tokenizer, cfg.data, cfg.lora.train_untrained_tokens, console)
     train_b, val_b, _ = _batchers(cfg, tokenizer, out, console, world)
+    datasets = (train_b.dataset, val_b.dataset if val_b is not None else None)
+    rows_for_run(model, tokenizer, datasets, new_ids, cfg.lora.train_untrained_tokens, console, world.is_main)
     if world.is_main:
         save_config(cfg, out / "config.yaml")
     if world.size > 1:

@@ -1,0 +1,219 @@
+"""Untrained token rows: find the tokens the data uses whose embedding or head rows were never trained, say so, and
+give them trainable rows started at the mean of the trained rows.
+
+Why: a base's special tokens are often rows that pretraining never touched (Llama-3 base's `<|eot_id|>`,
+`<|start_header_id|>` and reserved tokens are exactly zero in the embedding and the head). Fine-tuned with a
+template that uses them, the model reads a zero vector where the template's structure should be and cannot put
+probability on the end-of-turn token, and LoRA on the linear layers cannot move a table row. So lorafuse trains
+those rows (lora/token_rows.py: peft's `trainable_token_indices`), started where the literature and the peers
+start new rows: the mean of the trained rows (Hewitt, "Initializing new word embeddings for pretrained language
+models", 2021; Unsloth and Axolotl reset untrained rows to that mean too).
+
+A row of a table T (V, D) (input embedding; output head when not tied) looks untrained when
+    zero        max_d |T[v, d]| <= ZERO                     (1e-16: also the tiny denormals bf16 checkpoints carry)
+    tiny        ||T[v]|| < TINY * median_u ||T[u]||          (100x below a typical row)
+    duplicate   T[v] equals another row bit for bit         (placeholder rows copied from one vector)
+A trained row is never any of these; a random-init row that was never trained looks like a trained one and cannot
+be told apart (the check says nothing about it). The tables are read RANGE rows at a time (fp32 per chunk only),
+from the model in memory or from the checkpoint files (`lorafuse data preview`, which loads no model).
+
+Tokens checked: every id in the tokenized data (template text, special tokens, each row's tokens) plus EOS.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import Tensor
+
+ZERO = 1e-16
+TINY = 0.01
+RANGE = 8192  # rows read at a time
+SHOWN = 12  # tokens listed by name in the report
+
+
+@dataclass
+class TableCheck:
+    """One table's verdict: which rows look untrained and why, and the mean of the trained rows (D,) fp32."""
+
+    name: str  # "embedding" | "head"
+    norms: Tensor  # (V,) fp32
+    zero: Tensor  # (V,) bool
+    duplicates: Tensor  # (V,) int: how many other rows equal this one bit for bit
+    median: float
+    mean: Tensor
+
+    @property
+    def untrained(self) -> Tensor:
+        return self.zero | (self.norms < TINY * self.median) | (self.duplicates > 0)
+
+    def why(self, v: int) -> str | None:
+        """Why row v looks untrained ("all zero", "norm 0.002x the median", "identical to 3 other rows"), or None."""
+        if self.zero[v]:
+            return f"{self.name} all zero"
+        if self.norms[v] < TINY * self.median:
+            return f"{self.name} norm {float(self.norms[v]) / self.median:.2g}x the median"
+        if self.duplicates[v] > 0:
+            return f"{self.name} identical to {int(self.duplicates[v])} other rows"
+        return None
+
+
+def check_table(name: str, read: Callable[[int, int], Tensor], vocab: int) -> TableCheck:
+    """The verdict on a (vocab, D) table read through `read(start, end)` (rows start..end-1, any float dtype)."""
+    norms, zero, hashes = [], [], []
+    coeff = None
+    for start in range(0, vocab, RANGE):
+        rows = read(start, min(start + RANGE, vocab))
+        if coeff is None:
+            coeff = torch.randint(-(2**62), 2**62, (rows.shape[1],), generator=torch.Generator().manual_seed(0))
+        f = rows.float()
+        norms.append(f.norm(dim=1).cpu())
+        zero.append((f.abs().amax(dim=1) <= ZERO).cpu())
+        hashes.append(_hash(rows, coeff.to(rows.device)).cpu())
+    norms, zero, h = torch.cat(norms), torch.cat(zero), torch.cat(hashes)
+    _, inverse, counts = torch.unique(h, return_inverse=True, return_counts=True)
+    duplicates = counts[inverse] - 1  # equal hashes: equal bits (64-bit hash; a collision would need ~2^32 rows)
+    median = float(norms.median())
+    check = TableCheck(name, norms, zero, duplicates, median, torch.zeros(0))
+    check.mean = _mean_of(read, vocab, ~check.untrained)
+    return check
+
+
+def _hash(rows: Tensor, coeff: Tensor) -> Tensor:
+    """A 64-bit hash of each row's bits: sum_d bits[v, d] * coeff[d] (mod 2^64, integer wrap-around)."""
+    ints = {2: torch.int16, 4: torch.int32, 8: torch.int64}[rows.element_size()]
+    return (rows.contiguous().view(ints).to(torch.int64) * coeff).sum(dim=1)
+
+
+def _mean_of(read, vocab: int, keep: Tensor) -> Tensor:
+    total, n = None, int(keep.sum())
+    for start in range(0, vocab, RANGE):
+        end = min(start + RANGE, vocab)
+        rows = read(start, end).float()
+        part = rows[keep[start:end].to(rows.device)].sum(dim=0)
+        total = part if total is None else total + part
+    return (total / max(n, 1)).cpu()
+
+
+@dataclass
+class TokenReport:
+    """Which of the tokens the data uses look untrained (or are new), in which table, and what lorafuse does."""
+
+    used: int  # distinct tokens the data uses
+    ids: list[int]  # flagged ids, ascending
+    reasons: dict[int, list[str]]
+    names: dict[int, str]  # id -> the token as text
+    tables: list[TableCheck] = field(default_factory=list)
+    new: list[int] = field(default_factory=list)  # ids added to the vocabulary for this run
+
+
+def used_token_ids(datasets, tokenizer) -> np.ndarray:
+    """Every distinct id in the tokenized data sets (TokenizedDataset or None), plus EOS."""
+    parts = [np.unique(ds.input_ids) for ds in datasets if ds is not None]
+    extra = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    return np.unique(np.concatenate(parts + [np.asarray(extra, dtype=np.int64)]).astype(np.int64))
+
+
+def check_tokens(tables: list[TableCheck], used: np.ndarray, tokenizer, new_ids=()) -> TokenReport:
+    """The report for the token ids `used`, given each table's verdict; `new_ids` are always listed (new rows)."""
+    reasons: dict[int, list[str]] = {}
+    for v in used.tolist():
+        why = [w for t in tables if v < t.norms.numel() and (w := t.why(v))]
+        if why:
+            reasons[v] = why
+    for v in new_ids:
+        reasons[int(v)] = ["new token (added to the vocabulary)"]
+    ids = sorted(reasons)
+    names = {v: tokenizer.convert_ids_to_tokens(v) or tokenizer.decode([v]) for v in ids}
+    return TokenReport(int(used.size), ids, reasons, names, tables, [int(v) for v in new_ids])
+
+
+def report_lines(report: TokenReport, trains: bool | None) -> list[str]:
+    """The block the run and `lorafuse data preview` print. trains: True (rows trained), False (switched off),
+    None (preview: say what a run would do under either setting)."""
+    if not report.ids:
+        return [f"untrained token rows: none among the {report.used} tokens the data uses"]
+    old = [v for v in report.ids if v not in report.new]
+    head = (
+        f"untrained token rows: {len(old)} of the {report.used} tokens the data uses look untrained"
+        + (f", {len(report.new)} are new" if report.new else "")
+        + ":"
+    )
+    lines = [head]
+    for v in report.ids[:SHOWN]:
+        lines.append(f"  {report.names[v]!r} (id {v}): {', '.join(report.reasons[v])}")
+    if len(report.ids) > SHOWN:
+        lines.append(f"  ... and {len(report.ids) - SHOWN} more")
+    trained = "lorafuse trains their embedding and output-head rows, started at the mean of the trained rows"
+    saved = "(saved in the adapter as peft's trainable_token_indices)"
+    if trains is None:
+        lines.append(f"  a run with lora.train_untrained_tokens=auto (the default): {trained} {saved}")
+    elif trains:
+        lines.append(f"  {trained} {saved}; lora.train_untrained_tokens=off leaves the existing ones as they are")
+    else:
+        kept = "new tokens are trained; " if report.new else ""
+        lines.append(
+            f"  lora.train_untrained_tokens=off: {kept}the existing rows are left as they are, so the model cannot "
+            "learn to read or write those tokens (LoRA does not change table rows)"
+        )
+    return lines
+
+
+def table_checks(model) -> list[TableCheck]:
+    """The verdicts on a loaded model's input embedding and (untied) output head."""
+    from lorafuse.lora.token_rows import tables
+
+    emb, head, tied = tables(model)
+    out = [_in_memory("embedding", emb.weight)]
+    if head is not None and not tied:
+        out.append(_in_memory("head", head.weight))
+    return out
+
+
+def _in_memory(name: str, weight: Tensor) -> TableCheck:
+    with torch.no_grad():
+        return check_table(name, lambda a, b: weight[a:b].detach(), weight.shape[0])
+
+
+def give_rows(model, report: TokenReport, train_untrained: str) -> list[int]:
+    """Attach trainable rows (lora/token_rows.py) for the flagged tokens (train_untrained "auto") or only the new
+    ones ("off"). Each table's rows start at the table's own values, except rows it flags (and new rows): the
+    mean of its trained rows. A table trained whole (lora.modules_to_save) gets no rows. Returns the ids."""
+    from lorafuse.lora.token_rows import attach, tables
+
+    ids = report.ids if train_untrained == "auto" else list(report.new)
+    if not ids:
+        return []
+    emb, head, tied = tables(model)
+    checks = {t.name: t for t in report.tables}
+    index = torch.tensor(ids, dtype=torch.long)
+
+    def start_values(module, check):
+        if module is None or module.weight.requires_grad:
+            return None
+        w = module.weight.detach()
+        values = w[index.to(w.device)].float()
+        fresh = check.untrained[index] | torch.isin(index, torch.tensor(report.new, dtype=torch.long))
+        values[fresh.to(values.device)] = check.mean.to(values.device)
+        return values
+
+    embed_values = start_values(emb, checks["embedding"])
+    head_values = None if tied else start_values(head, checks.get("head"))
+    if embed_values is None and head_values is None:
+        return []
+    attach(model, ids, embed_values, head_values)
+    return ids
+
+
+def rows_for_run(model, tokenizer, datasets, new_ids, train_untrained: str, console, say: bool = True) -> list[int]:
+    """The run's check and rows: report which tokens the data uses look untrained and train them (see
+    `give_rows`). Returns the ids given rows."""
+    report = check_tokens(table_checks(model), used_token_ids(datasets, tokenizer), tokenizer, new_ids)
+    ids = give_rows(model, report, train_untrained)
+    if say:
+        for line in report_lines(report, train_untrained == "auto"):
+            console.print(line, highlight=False, markup=False)
+    return ids
