@@ -3,7 +3,8 @@
 For the first `n` training examples it prints the decoded text with trained tokens in bold green and masked
 (prompt) tokens dim; special tokens are shown as markers: [BOS], [EOS] (green when trained, red when masked,
 which would mean the model never learns to stop), [PAD]. Then the data statistics: rows read/used/dropped and why,
-tokens, masked share, truncation, cache hit, and a text bar chart of row lengths.
+tokens, masked share, truncation, cache hit, and a text bar chart of row lengths. Last, the run's check of the
+token rows the data uses (model/untrained_tokens.py), on the checkpoint's tables read from disk.
 """
 
 from __future__ import annotations
@@ -24,7 +25,10 @@ def preview(cfg, n: int = 5, console=None, tokenizer=None) -> DataStats:
         from lorafuse.model.load import load_tokenizer
 
         tokenizer = load_tokenizer(cfg.model.path)
-    train, _, stats = build_datasets(cfg.data, tokenizer, seed=cfg.train.seed, cache_dir=cache_dir_for(cfg))
+    from lorafuse.model.new_tokens import add_run_tokens
+
+    new_ids = add_run_tokens(None, tokenizer, cfg.data, cfg.lora.train_untrained_tokens, console)
+    train, val, stats = build_datasets(cfg.data, tokenizer, seed=cfg.train.seed, cache_dir=cache_dir_for(cfg))
     for i in range(min(n, len(train))):
         ex = train[i]
         console.rule(
@@ -39,6 +43,11 @@ def preview(cfg, n: int = 5, console=None, tokenizer=None) -> DataStats:
     console.print("row lengths (tokens):", markup=False)
     for line in histogram_lines(stats.histogram):
         console.print(line, markup=False)
+    from lorafuse.model.untrained_tokens import preview_lines
+
+    console.rule("token rows")
+    for line in preview_lines(cfg.model, tokenizer, (train, val), new_ids, cfg.lora.train_untrained_tokens):
+        console.print(line, markup=False, highlight=False)
     return stats
 
 

@@ -262,15 +262,16 @@ def _lorafuse_facts(model, tensors) -> dict:
     }
 
 
-def _token_rows_note(config: dict, vocab_size: int) -> str:
-    """The card's paragraph for an adapter with trainable token rows (docs/tokens.md)."""
+def _token_rows_note(config: dict, vocab_size: int) -> tuple[str, str]:
+    """(the card's snippet line, its paragraph) for an adapter with trainable token rows (docs/tokens.md)."""
     if not config.get("trainable_token_indices"):
-        return ""
-    return f"""It trains some embedding and output-head rows (`trainable_token_indices`, new or untrained tokens).
-Resize the base to this vocabulary before loading it (a no-op when the sizes already match):
-`base.resize_token_embeddings({vocab_size})`.
-
-"""
+        return "", ""
+    return (
+        f"base.resize_token_embeddings({vocab_size})  # the vocabulary trained with; a no-op when it already is\n",
+        "The adapter trains some embedding and output-head rows (`trainable_token_indices`: new tokens, or rows the "
+        "base left untrained);\nthe resize gives a base the rows of tokens added in training, and the adapter "
+        "supplies their values.\n\n",
+    )
 
 
 def _model_card(base_name: str | None, config: dict, vocab_size: int) -> str:
@@ -284,7 +285,7 @@ def _model_card(base_name: str | None, config: dict, vocab_size: int) -> str:
         front.append(f"- {json.dumps('base_model:adapter:' + base_name)}")
     front += ["- lora", "- transformers", "- lorafuse", "---", ""]
     variant = ", ".join(k for k, on in (("rsLoRA", config["use_rslora"]), ("DoRA", config["use_dora"])) if on)
-    rows_note = _token_rows_note(config, vocab_size)
+    resize, rows_note = _token_rows_note(config, vocab_size)
     body = f"""# LoRA adapter{f" for {base_name}" if base_name else ""}
 
 Trained with lorafuse: r={config["r"]}, lora_alpha={config["lora_alpha"]}{f", {variant}" if variant else ""}.
@@ -295,7 +296,7 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 base = AutoModelForCausalLM.from_pretrained({json.dumps(base_name or "<base model>")})
-model = PeftModel.from_pretrained(base, "<this folder>")
+{resize}model = PeftModel.from_pretrained(base, "<this folder>")
 tokenizer = AutoTokenizer.from_pretrained("<this folder>")
 ```
 

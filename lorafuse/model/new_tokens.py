@@ -47,7 +47,8 @@ def template_markers(tokenizer) -> list[str]:
 
 def add_tokens(model, tokenizer, tokens: list[str]) -> list[int]:
     """Add `tokens` (those the vocabulary lacks) to the tokenizer as special tokens, grow the model's tables to
-    `len(tokenizer)` rows if needed and set the new rows to each table's mean trained row. Returns the new ids."""
+    `len(tokenizer)` rows if needed and set the new rows to each table's mean trained row (model None: the
+    tokenizer only, as `lorafuse data preview` needs it). Returns the new ids."""
     for t in tokens:
         if not isinstance(t, str) or not t or t != t.strip():
             raise ConfigError(
@@ -60,7 +61,8 @@ def add_tokens(model, tokenizer, tokens: list[str]) -> list[int]:
         return []
     tokenizer.add_tokens(missing, special_tokens=True)  # never split, skipped when decoding without specials
     new_ids = tokenizer.convert_tokens_to_ids(missing)
-    _grow(model, len(tokenizer), new_ids)
+    if model is not None:
+        _grow(model, len(tokenizer), new_ids)
     return list(new_ids)
 
 
@@ -83,7 +85,8 @@ def _grow(model, size: int, new_ids: list[int]) -> None:
 
 def add_run_tokens(model, tokenizer, data_cfg, train_untrained: str, console) -> list[int]:
     """A run's new tokens, before its data is tokenized: data.add_special_tokens, plus (train_untrained "auto")
-    the markers of the chat template the data is rendered with. Says what it added. Returns the new ids."""
+    the markers of the chat template the data is rendered with. Says what it added. Returns the new ids.
+    model None: the tokenizer only (`lorafuse data preview`)."""
     from lorafuse.data.build import resolve_template
 
     wanted = list(data_cfg.add_special_tokens)
@@ -93,10 +96,10 @@ def add_run_tokens(model, tokenizer, data_cfg, train_untrained: str, console) ->
     new_ids = add_tokens(model, tokenizer, wanted)
     if new_ids:
         names = ", ".join(tokenizer.convert_ids_to_tokens(new_ids))
+        rows = "" if model is None else f"; the model's tables have {model.get_input_embeddings().weight.shape[0]} rows"
         console.print(
-            f"new tokens: {names} added to the tokenizer ({before} -> {len(tokenizer)} tokens; the model's tables "
-            f"have {model.get_input_embeddings().weight.shape[0]} rows); their rows start at the mean of the trained "
-            "rows and are trained",
+            f"new tokens: {names} added to the tokenizer ({before} -> {len(tokenizer)} tokens{rows}); their rows "
+            "start at the mean of the trained rows and are trained",
             highlight=False,
             markup=False,
         )

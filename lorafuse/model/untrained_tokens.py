@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -131,15 +132,14 @@ def check_tokens(tables: list[TableCheck], used: np.ndarray, tokenizer, new_ids=
     return TokenReport(int(used.size), ids, reasons, names, tables, [int(v) for v in new_ids])
 
 
-def report_lines(report: TokenReport, trains: bool | None) -> list[str]:
-    """The block the run and `lorafuse data preview` print. trains: True (rows trained), False (switched off),
-    None (preview: say what a run would do under either setting)."""
+def report_lines(report: TokenReport, trains: bool) -> list[str]:
+    """The block the run and `lorafuse data preview` print; trains: lora.train_untrained_tokens is auto."""
     if not report.ids:
         return [f"untrained token rows: none among the {report.used} tokens the data uses"]
     old = [v for v in report.ids if v not in report.new]
     head = (
         f"untrained token rows: {len(old)} of the {report.used} tokens the data uses look untrained"
-        + (f", {len(report.new)} are new" if report.new else "")
+        + (f", plus {len(report.new)} new token{'s' if len(report.new) > 1 else ''}" if report.new else "")
         + ":"
     )
     lines = [head]
@@ -149,9 +149,7 @@ def report_lines(report: TokenReport, trains: bool | None) -> list[str]:
         lines.append(f"  ... and {len(report.ids) - SHOWN} more")
     trained = "lorafuse trains their embedding and output-head rows, started at the mean of the trained rows"
     saved = "(saved in the adapter as peft's trainable_token_indices)"
-    if trains is None:
-        lines.append(f"  a run with lora.train_untrained_tokens=auto (the default): {trained} {saved}")
-    elif trains:
+    if trains:
         lines.append(f"  {trained} {saved}; lora.train_untrained_tokens=off leaves the existing ones as they are")
     else:
         kept = "new tokens are trained; " if report.new else ""
@@ -217,3 +215,51 @@ def rows_for_run(model, tokenizer, datasets, new_ids, train_untrained: str, cons
         for line in report_lines(report, train_untrained == "auto"):
             console.print(line, highlight=False, markup=False)
     return ids
+
+
+def folder_checks(path: str, trust_remote_code: bool = False) -> tuple[list[TableCheck], str]:
+    """The verdicts on the tables of a checkpoint folder, read from its safetensors files in RANGE-row slices (no
+    model is loaded); ([], why) when they cannot be read that way."""
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from lorafuse.errors import LorafuseError
+    from lorafuse.lora.token_rows import module_name, tables
+    from lorafuse.model.load import resolve_model_path
+
+    try:
+        folder = Path(resolve_model_path(path))
+    except LorafuseError as exc:
+        return [], exc.problem
+    files = sorted(folder.glob("*.safetensors")) if folder.is_dir() else []
+    if not files:
+        return [], "the model's weights are not safetensors files in a local folder; the run checks them"
+    config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    emb, head, tied = tables(skeleton)
+    wanted = [("embedding", module_name(skeleton, emb))]
+    if head is not None and not tied:
+        wanted.append(("head", module_name(skeleton, head)))
+    keys = {}
+    for file in files:
+        with safe_open(str(file), "pt") as f:
+            keys.update(dict.fromkeys(f.keys(), file))
+    checks = []
+    for what, name in wanted:
+        key = next((k for k in (f"{name}.weight", *keys) if k in keys and k.endswith(f"{name}.weight")), None)
+        if key is None:
+            return [], f"the checkpoint has no tensor named {name}.weight; the run checks the loaded model"
+        with safe_open(str(keys[key]), "pt") as f:
+            part = f.get_slice(key)
+            checks.append(check_table(what, lambda a, b, part=part: part[a:b], part.get_shape()[0]))
+    return checks, ""
+
+
+def preview_lines(model_cfg, tokenizer, datasets, new_ids, train_untrained: str) -> list[str]:
+    """`lorafuse data preview`'s block: the run's check, on the checkpoint's tables read from disk."""
+    checks, why = folder_checks(model_cfg.path, model_cfg.trust_remote_code)
+    if not checks:
+        return [f"untrained token rows: not checked before training ({why})"]
+    report = check_tokens(checks, used_token_ids(datasets, tokenizer), tokenizer, new_ids)
+    return report_lines(report, train_untrained == "auto")
