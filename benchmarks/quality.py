@@ -96,7 +96,8 @@ def blocker(method: str, device: torch.device) -> str:
 
 
 def run_lorafuse(settings: dict, base: Path, data: Path, lr: float, plan: dict, device, seed: int, work: Path):
-    """Train with `lorafuse train`'s job on `base`, then load base + adapter as a user would; the model."""
+    """Train with `lorafuse train`'s job on `base`, then load base + adapter as a user would: (the model, training
+    seconds, the adapter's trainable_token_indices)."""
     from rich.console import Console
 
     from lorafuse.config import validate_config
@@ -134,7 +135,8 @@ def run_lorafuse(settings: dict, base: Path, data: Path, lr: float, plan: dict, 
     with contextlib.redirect_stdout(io.StringIO()):  # the run's own report (trainable-params line, progress)
         result = run(cfg, resume=None, console=Console(file=io.StringIO()))
     model, _ = load_model(str(base), quant=settings["quant"], compute_dtype="auto", device=device)
-    return load_adapter(model, result.adapter_dir), result.wall_s
+    config = json.loads((result.adapter_dir / "adapter_config.json").read_text())
+    return load_adapter(model, result.adapter_dir), result.wall_s, config["trainable_token_indices"]
 
 
 def run_peer(stack: str, settings: dict, base: Path, encoded, lr: float, plan: dict, device, seed: int):
@@ -178,7 +180,7 @@ def one_run(method, base, zeroed, lr, ctx) -> dict:
     try:
         if stack == "lorafuse":
             with tempfile.TemporaryDirectory(prefix="lorafuse-quality-") as work:
-                model, train_s = run_lorafuse(
+                model, train_s, row["token_rows"] = run_lorafuse(
                     settings, base, ctx["data"], lr, ctx["plan"], ctx["device"], ctx["seed"], Path(work)
                 )
         else:
@@ -305,6 +307,8 @@ def main(argv=None) -> int:
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         p.error(f"unknown methods {unknown}; choose from {', '.join(METHODS)}")
+    if device.type == "cpu":
+        torch.set_num_threads(1)  # tiny matmuls: more threads only add contention (tests/conftest.py measured 8x)
     tokenizer = build_tokenizer()
     t0 = time.perf_counter()
     model = build_base(SIZES[kind], tokenizer, args.seed)
