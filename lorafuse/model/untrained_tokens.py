@@ -12,7 +12,8 @@ models", 2021; Unsloth and Axolotl reset untrained rows to that mean too).
 A row of a table T (V, D) (input embedding; output head when not tied) looks untrained when
     zero        max_d |T[v, d]| <= ZERO                     (1e-16: also the tiny denormals bf16 checkpoints carry)
     tiny        ||T[v]|| < TINY * median_u ||T[u]||          (100x below a typical row)
-    duplicate   T[v] equals another row bit for bit         (placeholder rows copied from one vector)
+    duplicate   T[v] equals COPIES or more other rows bit for bit   (placeholder rows set from one vector; a single
+                copy is spared: a new token started as a copy of a trained one is a trained row)
 A trained row is never any of these; a random-init row that was never trained looks like a trained one and cannot
 be told apart (the check says nothing about it). The tables are read RANGE rows at a time (fp32 per chunk only),
 from the model in memory or from the checkpoint files (`lorafuse data preview`, which loads no model).
@@ -32,6 +33,7 @@ from torch import Tensor
 
 ZERO = 1e-16
 TINY = 0.01
+COPIES = 2
 RANGE = 8192  # rows read at a time
 SHOWN = 12  # tokens listed by name in the report
 
@@ -49,7 +51,7 @@ class TableCheck:
 
     @property
     def untrained(self) -> Tensor:
-        return self.zero | (self.norms < TINY * self.median) | (self.duplicates > 0)
+        return self.zero | (self.norms < TINY * self.median) | (self.duplicates >= COPIES)
 
     def why(self, v: int) -> str | None:
         """Why row v looks untrained ("all zero", "norm 0.002x the median", "identical to 3 other rows"), or None."""
@@ -57,7 +59,7 @@ class TableCheck:
             return f"{self.name} all zero"
         if self.norms[v] < TINY * self.median:
             return f"{self.name} norm {float(self.norms[v]) / self.median:.2g}x the median"
-        if self.duplicates[v] > 0:
+        if self.duplicates[v] >= COPIES:
             return f"{self.name} identical to {int(self.duplicates[v])} other rows"
         return None
 
@@ -211,10 +213,16 @@ def give_rows(model, report: TokenReport, train_untrained: str) -> list[int]:
 def rows_for_run(model, tokenizer, datasets, new_ids, train_untrained: str, console, say: bool = True) -> list[int]:
     """The run's check and rows: report which tokens the data uses look untrained and train them (see
     `give_rows`). Returns the ids given rows."""
+    from lorafuse.lora.token_rows import VALUES_KEY
+
     report = check_tokens(table_checks(model), used_token_ids(datasets, tokenizer), tokenizer, new_ids)
     ids = give_rows(model, report, train_untrained)
     if say:
-        for line in report_lines(report, train_untrained == "auto"):
+        lines = report_lines(report, train_untrained == "auto")
+        rows = [p for n, p in model.named_parameters() if n.endswith(VALUES_KEY)]
+        if rows:  # the trainable-parameters line apply_lora printed did not count them
+            lines.append(f"  trainable token rows: {sum(p.numel() for p in rows):,d} parameters more")
+        for line in lines:
             console.print(line, highlight=False, markup=False)
     return ids
 

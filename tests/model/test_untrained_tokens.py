@@ -38,6 +38,7 @@ def test_zeroed_shrunk_and_copied_rows_are_found_with_their_reason(tiny_tokenize
         head[[4, 5]] = 0
         emb[9] *= 1e-3  # 1000x below a typical row
         head[[20, 21, 22]] = head[30].clone()  # placeholder rows copied from one vector
+        emb[41] = emb[40].clone()  # one copy of a trained row (a token added as an alias): left alone
         emb[100] = 0  # untrained, but not a token the data uses
     report = check_tokens(table_checks(model), ALL, tiny_tokenizer)
     assert report.ids == [4, 5, 9, 20, 21, 22, 30]
