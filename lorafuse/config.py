@@ -136,7 +136,7 @@ class LoraConfig(_Section):
     train_untrained_tokens: Literal["auto", "off"] = Field(
         "auto",
         description="auto: before training, find the tokens the data uses whose input-embedding or output-head rows "
-        "look untrained (all zero, 100x below the median row norm, or equal to 2+ other rows: Llama-3 base's "
+        "look untrained (all zero, 100x below the median row norm, or (nearly) equal to 2+ other rows: Llama-3 base's "
         "<|eot_id|> and <|start_header_id|>, for one), start those rows at the mean of the trained rows and train "
         "them with the adapter (saved as peft's trainable_token_indices); a chat template's <|...|> markers that "
         "the vocabulary lacks are added as new tokens. off: leave every existing row as it is (the run still "

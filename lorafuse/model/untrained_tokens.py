@@ -14,9 +14,15 @@ A row of a table T (V, D) (input embedding; output head when not tied) looks unt
     tiny        ||T[v]|| < TINY * median_u ||T[u]||          (100x below a typical row)
     duplicate   T[v] equals COPIES or more other rows bit for bit   (placeholder rows set from one vector; a single
                 copy is spared: a new token started as a copy of a trained one is a trained row)
-A trained row is never any of these; a random-init row that was never trained looks like a trained one and cannot
-be told apart (the check says nothing about it). The tables are read RANGE rows at a time (fp32 per chunk only),
-from the model in memory or from the checkpoint files (`lorafuse data preview`, which loads no model).
+    near copy   cos(T[v], T[u]) >= NEAR for COPIES or more other rows u (checked for the tokens the data uses)
+The near copies are what pretraining leaves in an untied head for tokens it never saw as targets: every step
+pushes all of them down along the same direction (minus the mean hidden state), so they end up nearly parallel
+("Fishing for Magikarp", Land and Bartolo 2024, finds under-trained tokens from the unembedding the same way);
+trained rows of distinct tokens are far from that (cosines well below 0.9). A random-init embedding row that was
+never read looks like a trained one and cannot be told apart (the check says nothing about it).
+The tables are read RANGE rows at a time (fp32 per chunk only), from the model in memory or from the checkpoint
+files (`lorafuse data preview`, which loads no model). The near-copy check costs (tokens used) x V x D
+multiply-adds: it always runs on a GPU; on a CPU above NEAR_BUDGET it is skipped, and the report says so.
 
 Tokens checked: every id in the tokenized data (template text, special tokens, each row's tokens) plus EOS.
 """
@@ -34,6 +40,8 @@ from torch import Tensor
 ZERO = 1e-16
 TINY = 0.01
 COPIES = 2
+NEAR = 0.99
+NEAR_BUDGET = 2e11  # multiply-adds of the near-copy check allowed on a CPU (tens of seconds)
 RANGE = 8192  # rows read at a time
 SHOWN = 12  # tokens listed by name in the report
 
@@ -47,11 +55,13 @@ class TableCheck:
     zero: Tensor  # (V,) bool
     duplicates: Tensor  # (V,) int: how many other rows equal this one bit for bit
     median: float
-    mean: Tensor
+    mean: Tensor = field(default_factory=lambda: torch.zeros(0))
+    near: Tensor | None = None  # (V,) int: other rows with cosine >= NEAR (checked rows only); None: not checked
 
     @property
     def untrained(self) -> Tensor:
-        return self.zero | (self.norms < TINY * self.median) | (self.duplicates >= COPIES)
+        near = self.near if self.near is not None else torch.zeros_like(self.duplicates)
+        return self.zero | (self.norms < TINY * self.median) | (self.duplicates >= COPIES) | (near >= COPIES)
 
     def why(self, v: int) -> str | None:
         """Why row v looks untrained ("all zero", "norm 0.002x the median", "identical to 3 other rows"), or None."""
@@ -61,13 +71,16 @@ class TableCheck:
             return f"{self.name} norm {float(self.norms[v]) / self.median:.2g}x the median"
         if self.duplicates[v] >= COPIES:
             return f"{self.name} identical to {int(self.duplicates[v])} other rows"
+        if self.near is not None and self.near[v] >= COPIES:
+            return f"{self.name} nearly identical (cosine >= {NEAR}) to {int(self.near[v])} other rows"
         return None
 
 
-def check_table(name: str, read: Callable[[int, int], Tensor], vocab: int) -> TableCheck:
-    """The verdict on a (vocab, D) table read through `read(start, end)` (rows start..end-1, any float dtype)."""
-    norms, zero, hashes = [], [], []
-    coeff = None
+def check_table(name: str, read: Callable[[int, int], Tensor], vocab: int, used: Tensor | None = None) -> TableCheck:
+    """The verdict on a (vocab, D) table read through `read(start, end)` (rows start..end-1, any float dtype);
+    near copies are looked for among the rows of `used` (ids, ascending) when given."""
+    norms, zero, hashes, picked = [], [], [], []
+    coeff, used = None, None if used is None else used[used < vocab]
     for start in range(0, vocab, RANGE):
         rows = read(start, min(start + RANGE, vocab))
         if coeff is None:
@@ -76,12 +89,20 @@ def check_table(name: str, read: Callable[[int, int], Tensor], vocab: int) -> Ta
         norms.append(f.norm(dim=1).cpu())
         zero.append((f.abs().amax(dim=1) <= ZERO).cpu())
         hashes.append(_hash(rows, coeff.to(rows.device)).cpu())
+        if used is not None:
+            mine = used[(used >= start) & (used < start + rows.shape[0])] - start
+            picked.append(f[mine.to(f.device)])
     norms, zero, h = torch.cat(norms), torch.cat(zero), torch.cat(hashes)
     _, inverse, counts = torch.unique(h, return_inverse=True, return_counts=True)
     duplicates = counts[inverse] - 1  # equal hashes: equal bits (64-bit hash; a collision would need ~2^32 rows)
-    median = float(norms.median())
-    check = TableCheck(name, norms, zero, duplicates, median, torch.zeros(0))
-    check.mean = _mean_of(read, vocab, ~check.untrained)
+    check = TableCheck(name, norms, zero, duplicates, float(norms.median()))
+    q = torch.cat(picked) if used is not None else None
+    if q is not None and q.device.type != "cuda" and q.numel() * vocab > NEAR_BUDGET:
+        q = None  # too slow here: the run, on its GPU, checks
+    check.mean, near = _second_pass(read, vocab, ~check.untrained, q)
+    if near is not None:
+        check.near = torch.zeros(vocab, dtype=torch.long)
+        check.near[used] = near
     return check
 
 
@@ -91,14 +112,22 @@ def _hash(rows: Tensor, coeff: Tensor) -> Tensor:
     return (rows.contiguous().view(ints).to(torch.int64) * coeff).sum(dim=1)
 
 
-def _mean_of(read, vocab: int, keep: Tensor) -> Tensor:
+def _second_pass(read, vocab: int, keep: Tensor, q: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    """(the mean of the rows `keep` selects (D,) fp32, and for each row of q (U, D) how many other rows of the
+    table have cosine >= NEAR with it (U,), or None without q)."""
     total, n = None, int(keep.sum())
+    unit = None if q is None else q / q.norm(dim=1, keepdim=True).clamp_min(1e-30)
+    near = None if q is None else torch.full((q.shape[0],), -1, dtype=torch.long, device=q.device)  # minus itself
     for start in range(0, vocab, RANGE):
         end = min(start + RANGE, vocab)
         rows = read(start, end).float()
         part = rows[keep[start:end].to(rows.device)].sum(dim=0)
         total = part if total is None else total + part
-    return (total / max(n, 1)).cpu()
+        if unit is not None:
+            other = rows / rows.norm(dim=1, keepdim=True).clamp_min(1e-30)
+            for u in range(0, unit.shape[0], 4096):  # (4096, RANGE) fp32 cosines at a time
+                near[u : u + 4096] += (unit[u : u + 4096] @ other.t() >= NEAR).sum(dim=1)
+    return (total / max(n, 1)).cpu(), None if near is None else near.clamp_min(0).cpu()
 
 
 @dataclass
@@ -136,8 +165,14 @@ def check_tokens(tables: list[TableCheck], used: np.ndarray, tokenizer, new_ids=
 
 def report_lines(report: TokenReport, trains: bool) -> list[str]:
     """The block the run and `lorafuse data preview` print; trains: lora.train_untrained_tokens is auto."""
+    skipped = [t.name for t in report.tables if t.near is None]
+    note = (
+        [f"  near copies not checked in the {' and '.join(skipped)} here (too slow on a CPU); the run checks them"]
+        if skipped
+        else []
+    )
     if not report.ids:
-        return [f"untrained token rows: none among the {report.used} tokens the data uses"]
+        return [f"untrained token rows: none among the {report.used} tokens the data uses"] + note
     old = [v for v in report.ids if v not in report.new]
     head = (
         f"untrained token rows: {len(old)} of the {report.used} tokens the data uses look untrained"
@@ -159,23 +194,23 @@ def report_lines(report: TokenReport, trains: bool) -> list[str]:
             f"  lora.train_untrained_tokens=off: {kept}the existing rows are left as they are, so the model cannot "
             "learn to read or write those tokens (LoRA does not change table rows)"
         )
-    return lines
+    return lines + note
 
 
-def table_checks(model) -> list[TableCheck]:
-    """The verdicts on a loaded model's input embedding and (untied) output head."""
+def table_checks(model, used: np.ndarray) -> list[TableCheck]:
+    """The verdicts on a loaded model's input embedding and (untied) output head; near copies among `used`."""
     from lorafuse.lora.token_rows import tables
 
     emb, head, tied = tables(model)
-    out = [_in_memory("embedding", emb.weight)]
+    out = [_in_memory("embedding", emb.weight, used)]
     if head is not None and not tied:
-        out.append(_in_memory("head", head.weight))
+        out.append(_in_memory("head", head.weight, used))
     return out
 
 
-def _in_memory(name: str, weight: Tensor) -> TableCheck:
+def _in_memory(name: str, weight: Tensor, used: np.ndarray) -> TableCheck:
     with torch.no_grad():
-        return check_table(name, lambda a, b: weight[a:b].detach(), weight.shape[0])
+        return check_table(name, lambda a, b: weight[a:b].detach(), weight.shape[0], torch.from_numpy(used))
 
 
 def give_rows(model, report: TokenReport, train_untrained: str) -> list[int]:
@@ -215,7 +250,8 @@ def rows_for_run(model, tokenizer, datasets, new_ids, train_untrained: str, cons
     `give_rows`). Returns the ids given rows."""
     from lorafuse.lora.token_rows import VALUES_KEY
 
-    report = check_tokens(table_checks(model), used_token_ids(datasets, tokenizer), tokenizer, new_ids)
+    used = used_token_ids(datasets, tokenizer)
+    report = check_tokens(table_checks(model, used), used, tokenizer, new_ids)
     ids = give_rows(model, report, train_untrained)
     if say:
         lines = report_lines(report, train_untrained == "auto")
@@ -227,9 +263,9 @@ def rows_for_run(model, tokenizer, datasets, new_ids, train_untrained: str, cons
     return ids
 
 
-def folder_checks(path: str, trust_remote_code: bool = False) -> tuple[list[TableCheck], str]:
+def folder_checks(path: str, used: np.ndarray, trust_remote_code: bool = False) -> tuple[list[TableCheck], str]:
     """The verdicts on the tables of a checkpoint folder, read from its safetensors files in RANGE-row slices (no
-    model is loaded); ([], why) when they cannot be read that way."""
+    model is loaded), near copies among `used`; ([], why) when they cannot be read that way."""
     from safetensors import safe_open
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -262,14 +298,16 @@ def folder_checks(path: str, trust_remote_code: bool = False) -> tuple[list[Tabl
             return [], f"the checkpoint has no tensor named {name}.weight; the run checks the loaded model"
         with safe_open(str(keys[key]), "pt") as f:
             part = f.get_slice(key)
-            checks.append(check_table(what, lambda a, b, part=part: part[a:b], part.get_shape()[0]))
+            read = lambda a, b, part=part: part[a:b]  # noqa: E731
+            checks.append(check_table(what, read, part.get_shape()[0], torch.from_numpy(used)))
     return checks, ""
 
 
 def preview_lines(model_cfg, tokenizer, datasets, new_ids, train_untrained: str) -> list[str]:
     """`lorafuse data preview`'s block: the run's check, on the checkpoint's tables read from disk."""
-    checks, why = folder_checks(model_cfg.path, model_cfg.trust_remote_code)
+    used = used_token_ids(datasets, tokenizer)
+    checks, why = folder_checks(model_cfg.path, used, model_cfg.trust_remote_code)
     if not checks:
         return [f"untrained token rows: not checked before training ({why})"]
-    report = check_tokens(checks, used_token_ids(datasets, tokenizer), tokenizer, new_ids)
+    report = check_tokens(checks, used, tokenizer, new_ids)
     return report_lines(report, train_untrained == "auto")

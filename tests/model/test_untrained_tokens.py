@@ -25,7 +25,7 @@ def _model(tokenizer, tied=False):
 
 
 def test_a_trained_looking_model_has_no_untrained_rows(tiny_tokenizer):
-    report = check_tokens(table_checks(_model(tiny_tokenizer)), ALL, tiny_tokenizer)
+    report = check_tokens(table_checks(_model(tiny_tokenizer), ALL), ALL, tiny_tokenizer)
     assert report.ids == [] and report.used == 64
     assert report_lines(report, True) == ["untrained token rows: none among the 64 tokens the data uses"]
 
@@ -39,15 +39,27 @@ def test_zeroed_shrunk_and_copied_rows_are_found_with_their_reason(tiny_tokenize
         emb[9] *= 1e-3  # 1000x below a typical row
         head[[20, 21, 22]] = head[30].clone()  # placeholder rows copied from one vector
         emb[41] = emb[40].clone()  # one copy of a trained row (a token added as an alias): left alone
+        push = torch.randn(head.shape[1], generator=torch.Generator().manual_seed(1))
+        head[[50, 51, 52]] += 3 * push  # never targets in pretraining: pushed down along one shared direction
         emb[100] = 0  # untrained, but not a token the data uses
-    report = check_tokens(table_checks(model), ALL, tiny_tokenizer)
-    assert report.ids == [4, 5, 9, 20, 21, 22, 30]
+    report = check_tokens(table_checks(model, ALL), ALL, tiny_tokenizer)
+    assert report.ids == [4, 5, 9, 20, 21, 22, 30, 50, 51, 52]
     assert report.reasons[4] == ["embedding all zero", "head all zero"]
     assert report.reasons[9][0].startswith("embedding norm 0.001") and "x the median" in report.reasons[9][0]
     assert report.reasons[21] == ["head identical to 3 other rows"]
+    assert report.reasons[51] == ["head nearly identical (cosine >= 0.99) to 2 other rows"]
     assert report.names[4] == "<|im_start|>"
     text = "\n".join(report_lines(report, True))
-    assert "7 of the 64 tokens the data uses look untrained" in text and "'<|im_end|>' (id 5)" in text
+    assert "10 of the 64 tokens the data uses look untrained" in text and "'<|im_end|>' (id 5)" in text
+
+
+def test_near_copies_are_skipped_on_a_cpu_above_the_budget_and_the_report_says_so(tiny_tokenizer, monkeypatch):
+    from lorafuse.model import untrained_tokens
+
+    monkeypatch.setattr(untrained_tokens, "NEAR_BUDGET", 0)
+    report = check_tokens(table_checks(_model(tiny_tokenizer), ALL), ALL, tiny_tokenizer)
+    assert all(t.near is None for t in report.tables)
+    assert "near copies not checked in the embedding and head here" in report_lines(report, True)[-1]
 
 
 def test_rows_start_at_the_mean_of_the_trained_rows_and_keep_trained_values(tiny_tokenizer):
@@ -56,7 +68,7 @@ def test_rows_start_at_the_mean_of_the_trained_rows_and_keep_trained_values(tiny
     with torch.no_grad():
         emb[[4, 5]] = 0
         head[5] = 0  # token 4's head row is trained: it keeps its value
-    report = check_tokens(table_checks(model), ALL, tiny_tokenizer)
+    report = check_tokens(table_checks(model, ALL), ALL, tiny_tokenizer)
     assert give_rows(model, report, "auto") == [4, 5]
     e_rows = model.get_input_embeddings().lorafuse_token_rows[0].values
     h_rows = model.get_output_embeddings().lorafuse_token_rows[0].values
@@ -75,7 +87,7 @@ def test_off_gives_rows_to_new_tokens_only(tiny_tokenizer):
     model = _model(tiny_tokenizer, tied=True)
     with torch.no_grad():
         model.get_input_embeddings().weight[[4, 5]] = 0
-    report = check_tokens(table_checks(model), ALL, tiny_tokenizer, new_ids=[63])
+    report = check_tokens(table_checks(model, ALL), ALL, tiny_tokenizer, new_ids=[63])
     assert report.ids == [4, 5, 63] and report.reasons[63] == ["new token (added to the vocabulary)"]
     assert give_rows(model, report, "off") == [63]
     assert token_rows.info(model)["ids"] == [63] and token_rows.info(model)["tied"]
