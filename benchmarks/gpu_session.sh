@@ -39,9 +39,12 @@
 #   bwdab    1 x 4096 and 8 x 2048 --fp8, the backward's dX in FP8 off and on (LORAFUSE_FP8_BACKWARD), one machine ~5 min
 #   decode   fp8_probe.py --decode: the decodes, dY's quantization and dX, eager and from a CUDA graph    ~2 min
 #   fp8peers 7B 4 x 512: lorafuse --fp8 lean (offload, both tables on the host) against Unsloth at its defaults ~4 min
+#   tokens   trainable token rows' GPU tests: the fused loss with the rows, a QLoRA run on the fast path with graphs ~2 min
+#   qcal     quality.py calibration: full, lora and qlora+fast at lr 1e-3 (full should score well above 50%)  ~2 min
+#   quality  quality.py, the whole grid: 7 methods x 3 learning rates x 2 bases                          ~6 min
 # Unsloth needs more than 80 s per runner to load and compile a 7B: keep --timeout at 150 or more.
 set -u
-PART=${1:?tests|dropout|shapes|offload|memory|ab|lean|peers|stream|leanpeers|final|llama3|verify|fp8|fp8peers|fp8cap|last|fp8bwd|trio|fp8t|final8|grads|bwdab|decode}
+PART=${1:?tests|dropout|shapes|offload|memory|ab|lean|peers|stream|leanpeers|final|llama3|verify|fp8|fp8peers|fp8cap|last|fp8bwd|trio|fp8t|final8|grads|bwdab|decode|tokens|qcal|quality}
 OUT=${2:-/tmp/out}
 mkdir -p /tmp/peers /tmp/site "$OUT"
 [ -f .anchors/peers-bundle.tgz ] && tar xzf .anchors/peers-bundle.tgz -C /tmp/peers
@@ -200,5 +203,12 @@ case "$PART" in
   trio)
     timeout 560 $B --shape llama2-7b --batch 4 --seq 512 --stacks lorafuse,unsloth,hf --methods qlora --steps 10 \
       --warmup 3 --fp8 --offload --host-embeddings --host-head --dequant-cap-mib 48 2>&1 | tail -8 ;;
+  tokens)
+    timeout 300 python3 -m pytest -q -p no:cacheprovider -m gpu tests/kernels/test_cross_entropy.py \
+      tests/train/test_token_rows_run.py 2>&1 | tail -15 ;;
+  qcal)
+    timeout 300 python3 benchmarks/quality.py --methods full,lora,qlora+fast --lrs 1e-3 --out "$OUT" 2>&1 | tail -20 ;;
+  quality)
+    timeout 590 python3 benchmarks/quality.py --out "$OUT" 2>&1 | tail -32 ;;
   *) echo "unknown part $PART"; exit 2 ;;
 esac

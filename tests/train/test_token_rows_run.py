@@ -36,10 +36,10 @@ def zeroed_dir(tmp_path_factory, tiny_tokenizer):
     return folder
 
 
-def _run(folder, out, mode):
+def _run(folder, out, mode, dtype="float32", **train):
     cfg = validate_config(
         {
-            "model": {"path": str(folder), "quant": "nf4", "compute_dtype": "float32"},
+            "model": {"path": str(folder), "quant": "nf4", "compute_dtype": dtype},
             "lora": {"r": 4, "alpha": 8, "dropout": 0.0, "targets": "all-linear", "train_untrained_tokens": mode},
             "data": {"path": str(folder / "chat.jsonl"), "format": "messages", "max_length": 48},
             "train": {
@@ -51,6 +51,7 @@ def _run(folder, out, mode):
                 "optimizer": "adamw",
                 "gradient_checkpointing": False,
                 "device": "cpu",
+                **train,
             },
             "output": {"dir": str(out)},
         }
@@ -83,3 +84,23 @@ def test_off_leaves_them_alone(zeroed_dir, tmp_path):
     assert json.loads((adapter / "adapter_config.json").read_text())["trainable_token_indices"] is None
     assert not any("token_adapter" in k for k in load_file(str(adapter / "adapter_model.safetensors")))
     assert result.last_loss < result.first_loss
+
+
+@pytest.mark.gpu
+def test_rows_train_on_the_fast_path_with_cuda_graphs(zeroed_dir, tmp_path):
+    """The fused loss hands the head rows their gradient and the embedding hook replays inside the CUDA graphs."""
+    result, text = _run(
+        zeroed_dir,
+        tmp_path / "gpu",
+        "auto",
+        "bfloat16",
+        device="cuda",
+        fast_path="on",
+        cuda_graphs="auto",
+        max_steps=16,
+    )
+    assert "untrained token rows: 2 of the" in text and result.last_loss < result.first_loss
+    saved = load_file(str(tmp_path / "gpu" / "adapter" / "adapter_model.safetensors"))
+    for table in ("model.embed_tokens", "lm_head"):
+        rows = saved[f"base_model.model.{table}.token_adapter.trainable_tokens_delta"]
+        assert torch.isfinite(rows).all() and (rows[0] - rows[1]).norm() > 0.05 * rows.norm(dim=1).min() > 0, table
