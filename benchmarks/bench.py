@@ -1,14 +1,525 @@
-"""End-to-end benchmark: lorafuse vs transformers+peft+bitsandbytes vs Unsloth (see lorafuse/bench.py).
+"""`lorafuse bench`: end-to-end training steps of lorafuse and its peers on one card, each in its own process.
 
-python benchmarks/bench.py --shape llama2-7b --batch 4 --seq 512      # same as `lorafuse bench ...`
+    lorafuse bench --shape llama2-7b --batch 4 --seq 512 --stacks lorafuse,hf,unsloth --methods qlora,lora
+    lorafuse bench --shape llama2-7b --table          # full / LoRA / QLoRA beside the seed's summary table
+    lorafuse bench --shape tiny --device cpu           # smoke test (peers that need CUDA: unavailable)
+
+Flow: (1) a child process builds a random-init model of the shape (lorafuse.plan.shapes) directly on the
+device, saves it with a tokenizer as a local checkpoint folder (cached under --model-dir) and reports the
+card and library versions; (2) for every (stack, method) a runner `benchmarks/peers/<stack>_stack.py`
+runs in a fresh process (see benchmarks/peers/bench_common.py for the timing method: warmup, then the
+median of --steps CUDA-event-timed steps on random tokens, torch.cuda.max_memory_allocated); (3) the
+table with lorafuse/peer ratios is printed and one JSON line per run is appended to
+<out>/<date>-<card>.jsonl; each lorafuse run on a GPU also appends its measured peak, with the planner's
+workload, to --memory-log (benchmarks/measured_memory.jsonl, which tests/plan/test_measured.py checks).
+A stack that cannot run is a row "unavailable: <reason>", never a crash. The harness and the runners live in
+the source checkout (benchmarks/): run `python benchmarks/bench.py ...` or `lorafuse bench ...` from a checkout.
 """
 
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import re
+import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's lorafuse, installed or not
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from lorafuse.bench import main  # noqa: E402
+from bench_args import METHODS, STACKS, _split, parse_args, plan_runs  # noqa: E402, F401 (the harness's API)
+
+from lorafuse.errors import LorafuseError  # noqa: E402
+from lorafuse.plan.memory import GIB, Workload, estimate  # noqa: E402
+from lorafuse.plan.shapes import PROJECTIONS, builtin_shape  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+PEERS = ROOT / "benchmarks" / "peers"
+SEED = {"full": ("28 GB+", "100%"), "lora": ("8 GB", "30%"), "qlora": ("6 GB", "42%")}  # SEED.md section 8
+SEED_QUALITY = {"full": "100%", "lora": "99%", "qlora": "98%"}  # the seed's summary table, quality vs full
+REQUIRED_KEYS = (
+    "run",
+    "card",
+    "stack",
+    "method",
+    "shape",
+    "batch",
+    "seq",
+    "step_s",
+    "tokens_per_s",
+    "peak_alloc_gib",
+    "commit",
+    "torch",
+    "transformers",
+    "status",
+)
+NEEDS_CUDA = {
+    ("hf", "qlora"): "bitsandbytes QLoRA (the seed's recipe) needs CUDA",
+    ("unsloth", "qlora"): "Unsloth needs CUDA",
+    ("unsloth", "lora"): "Unsloth needs CUDA",
+}
+UNSUPPORTED = {
+    ("lorafuse", "full"): "lorafuse trains adapters (qlora, lora), not full fine-tuning",
+    ("unsloth", "full"): "this runner benchmarks Unsloth's qlora and lora only",
+}
+
+
+def _child_env() -> dict:
+    env = dict(
+        os.environ,
+        HF_HUB_OFFLINE="1",
+        TOKENIZERS_PARALLELISM="false",
+        PYTHONUNBUFFERED="1",
+        TRANSFORMERS_VERBOSITY="error",
+    )
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [x for x in [env.get("PYTHONPATH")] if x])
+    return env
+
+
+def _child(cmd: list[str], timeout: int) -> tuple[dict, str]:
+    """Run a child; return ({"kind": BENCH_*, ...payload} or an error dict, stderr tail)."""
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=_child_env(), cwd=ROOT)
+    except subprocess.TimeoutExpired:
+        return {"status": "timeout", "reason": f"no result within {timeout} s"}, ""
+    tail = "\n".join((proc.stderr or "").strip().splitlines()[-15:])
+    for line in reversed((proc.stdout or "").splitlines()):
+        kind, _, payload = line.partition(" ")
+        if kind in ("BENCH_RESULT", "BENCH_PROBE"):
+            return json.loads(payload), tail
+        if kind == "BENCH_UNAVAILABLE":
+            return {"status": "unavailable", "reason": payload}, tail
+    last = tail.splitlines()[-1] if tail else f"exit status {proc.returncode}"
+    return {"status": "error", "reason": f"no result (exit {proc.returncode}): {last[:300]}"}, tail
+
+
+def build_checkpoint(shape_name: str, folder: str, device: str, dtype: str) -> dict:
+    """In the child: a random-init model of `shape_name` made on `device`, saved with a tokenizer."""
+    import shutil
+
+    import torch
+    import transformers
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from lorafuse.model.tiny import build_tiny_tokenizer
+
+    info = {
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": sys.version.split()[0],
+        "card": "cpu",
+        "memory_gib": None,
+    }
+    if device == "cuda":
+        free, total = torch.cuda.mem_get_info()
+        info.update(card=torch.cuda.get_device_name(), memory_gib=total / GIB)
+    target = Path(folder)
+    marker = {"shape": shape_name, "config": builtin_shape(shape_name).hf_config(), "dtype": dtype}
+    if (target / "bench-shape.json").is_file() and json.loads((target / "bench-shape.json").read_text()) == marker:
+        return {**info, "built": False}
+    cfg = dict(marker["config"])
+    tok = build_tiny_tokenizer()  # random token ids are fed directly; the tokenizer only completes the folder
+    config = AutoConfig.for_model(cfg.pop("model_type"), pad_token_id=tok.pad_token_id, **cfg)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
+    tmp = target.with_name(target.name + f".tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, max_shard_size="4GB")
+    tok.save_pretrained(tmp)
+    (tmp / "bench-shape.json").write_text(json.dumps(marker))
+    shutil.rmtree(target, ignore_errors=True)
+    tmp.rename(target)
+    return {**info, "built": True}
+
+
+def probe_device(device: str) -> dict:
+    """In the child: the card and library versions, for --random-init (nothing is built)."""
+    import torch
+    import transformers
+
+    info = {
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": sys.version.split()[0],
+        "card": "cpu",
+        "memory_gib": None,
+        "built": False,
+    }
+    if device == "cuda":
+        free, total = torch.cuda.mem_get_info()
+        info.update(card=torch.cuda.get_device_name(), memory_gib=total / GIB)
+    return info
+
+
+def _build_in_child(args, folder: Path) -> dict:
+    spec = json.dumps([args.shape, str(folder), args.device, args.dtype])
+    here = f"import json, sys; sys.path[:0] = [{str(Path(__file__).resolve().parent)!r}, {str(ROOT)!r}]; "
+    code = here + (
+        "from bench import build_checkpoint; "
+        "print('BENCH_PROBE', json.dumps(build_checkpoint(*json.loads(sys.argv[1]))))"
+    )
+    if args.random_init:
+        spec = json.dumps([args.device])
+        code = here + (
+            "from bench import probe_device; print('BENCH_PROBE', json.dumps(probe_device(*json.loads(sys.argv[1]))))"
+        )
+    probe, tail = _child([sys.executable, "-c", code, spec], timeout=args.timeout)
+    if "torch" not in probe:
+        raise LorafuseError(
+            f"building the {args.shape} checkpoint failed: {probe.get('reason')}\n{tail}",
+            "check that torch and transformers work on this machine (python -c 'import torch')",
+        )
+    return probe
+
+
+def _spec(args, stack: str, method: str, folder: Path) -> dict:
+    return {
+        "stack": stack,
+        "method": method,
+        "shape": args.shape,
+        "folder": str(folder),
+        "vocab_size": builtin_shape(args.shape).vocab_size,
+        "batch": args.batch,
+        "seq": args.seq,
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "device": args.device,
+        "dtype": args.dtype,
+        "r": args.r,
+        "alpha": args.alpha,
+        "dropout": args.dropout,
+        "optimizer": args.optimizer,
+        "full_optimizer": args.full_optimizer,
+        "fast_path": "off" if args.no_fast_path else "auto",
+        "seed": args.seed,
+        "cuda_graphs": not args.no_graphs,
+        "random_init": args.random_init,
+        "budget_gib": args.budget_gib,
+        "profile_dir": args.profile,
+        **_memory_settings(args, stack),
+    }
+
+
+def _gc(args) -> bool | str:
+    """The runners' (and the JSON rows') checkpointing value: True, False or "offload"."""
+    return "offload" if args.offload else not args.no_gc
+
+
+def _memory_settings(args, stack: str) -> dict:
+    """lorafuse's own memory settings for its runs; the peers run with checkpointing as asked and their defaults
+    for the rest (bench_args: --offload, --host-* and --keep-layers are lorafuse's, recorded on its rows only)."""
+    if stack != "lorafuse":
+        return {
+            "gc": not args.no_gc,
+            "embeddings_on_host": False,
+            "head_on_host": False,
+            "uncheckpointed_layers": 0,
+            "dequant_cap_mib": 0,
+            "fp8": False,
+        }
+    return {
+        "gc": _gc(args),
+        "embeddings_on_host": args.host_embeddings,
+        "head_on_host": args.host_head,
+        "uncheckpointed_layers": args.keep_layers,
+        "dequant_cap_mib": args.dequant_cap_mib,
+        "fp8": args.fp8,
+    }
+
+
+def _workload(args, method: str, kernels: str = "reference", loss: str = "chunked", graphs: bool = False) -> Workload:
+    full = method == "full"
+    return Workload(
+        builtin_shape(args.shape),
+        method=method,
+        micro_batch=args.batch,
+        seq=args.seq,
+        grad_accum=1,
+        r=args.r,
+        targets=PROJECTIONS,
+        dropout=args.dropout,
+        compute_bytes=4 if args.dtype == "float32" else 2,
+        optimizer=args.full_optimizer if full else args.optimizer,
+        checkpointing="off" if args.no_gc else "offload" if args.offload else "on",
+        loss=loss,
+        kernels=kernels,
+        padded=False,
+        autocast=args.device == "cuda",
+        embeddings_on_host=args.host_embeddings and method != "full",
+        head_on_host=args.host_head and method != "full",
+        cuda_graphs=graphs,
+        uncheckpointed=args.keep_layers if method != "full" else 0,
+        dequant_cap_mib=args.dequant_cap_mib,
+        fp8=args.fp8 and method != "full",
+    )
+
+
+def _precheck(args, stack: str, method: str, probe: dict) -> str | None:
+    if (stack, method) in UNSUPPORTED:
+        return "unavailable: " + UNSUPPORTED[stack, method]
+    if args.device != "cuda" and (stack, method) in NEEDS_CUDA:
+        return "unavailable: " + NEEDS_CUDA[stack, method]
+    if not (PEERS / f"{stack}_stack.py").is_file():
+        return f"unavailable: {PEERS} not found (run lorafuse bench from a lorafuse source checkout)"
+    if method == "full" and probe.get("memory_gib"):
+        predicted = estimate(_workload(args, "full", loss="full")).peak / GIB
+        if predicted > probe["memory_gib"]:
+            return f"skipped: the planner predicts {predicted:.1f} GiB > {probe['memory_gib']:.1f} GiB on this card"
+    return None
+
+
+def _commit() -> tuple[str, bool | None]:
+    if os.environ.get("LORAFUSE_COMMIT"):
+        return os.environ["LORAFUSE_COMMIT"], None
+    try:
+        head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(
+            ["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown", None
+    if head.returncode != 0:
+        return "unknown", None
+    return head.stdout.strip(), bool(dirty.stdout.strip())
+
+
+def card_slug(card: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", card.lower().replace("nvidia", "")).strip("-") or "unknown"
+
+
+def _row(args, run_id: str, stack: str, method: str, probe: dict, result: dict, commit) -> dict:
+    row = {
+        "run": run_id,
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "card": probe.get("card", "unknown"),
+        "device": args.device,
+        "stack": stack,
+        "method": method,
+        "shape": args.shape,
+        "batch": args.batch,
+        "seq": args.seq,
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "r": args.r,
+        "alpha": args.alpha,
+        "dropout": args.dropout,
+        "dtype": args.dtype,
+        "optimizer": args.full_optimizer if method == "full" else args.optimizer,
+        "commit": commit[0],
+        "dirty": commit[1],
+        "torch": probe.get("torch"),
+        "transformers": probe.get("transformers"),
+        "status": "error",
+        "reason": None,
+        "step_s": None,
+        "tokens_per_s": None,
+        "peak_alloc_gib": None,
+        "peak_reserved_gib": None,
+        "random_init": args.random_init,
+        "budget_gib": args.budget_gib,
+        **_memory_settings(args, stack),
+    }
+    knobs = {
+        k: v
+        for k, v in os.environ.items()
+        if k.startswith("LORAFUSE_") and k != "LORAFUSE_COMMIT" or k == "CUBLAS_WORKSPACE_CONFIG"
+    }
+    if knobs:  # A/B switches this run was made with (LORAFUSE_HEAD_STREAM=0, a cuBLAS workspace size...)
+        row["env"] = knobs
+    if stack == "lorafuse" and method != "full":
+        row["predicted_peak_alloc_gib"] = round(_predicted(args, method, result), 4)
+    row.update(result)
+    return row
+
+
+def _lorafuse_workload(args, method: str, result: dict) -> Workload:
+    """The planner's workload for a lorafuse run; before the run (empty result) it assumes the fast path on CUDA,
+    and CUDA graphs with it unless --no-graphs."""
+    fast = (result.get("fast_path") or {}).get("applied", args.device == "cuda" and not args.no_fast_path)
+    loss = "fused" if result.get("fused_loss", fast) else "chunked" if result.get("chunked_loss", True) else "full"
+    graphs = (result.get("cuda_graphs") or {}).get("applied", fast and not args.no_graphs)
+    return _workload(args, method, kernels="fused" if fast else "reference", loss=loss, graphs=bool(graphs))
+
+
+def _predicted(args, method: str, result: dict) -> float:
+    return estimate(_lorafuse_workload(args, method, result)).peak_alloc / GIB
+
+
+def _memory_record(args, row: dict) -> dict:
+    from lorafuse.plan.measured import workload_to_record
+
+    w = _lorafuse_workload(args, row["method"], row)
+    return {
+        "date": row["date"][:10],
+        "card": row["card"],
+        "commit": row["commit"],
+        "torch": row["torch"],
+        "run": row["run"],
+        "stack": "lorafuse",
+        "workload": workload_to_record(w),
+        "measured_peak_alloc_gib": round(row["peak_alloc_gib"], 4),
+        "measured_peak_reserved_gib": round(row["peak_reserved_gib"], 4),
+        "predicted_peak_alloc_gib": round(estimate(w).peak_alloc / GIB, 4),
+        **({"env": row["env"]} if row.get("env") else {}),
+    }  # A/B switches the workload does not describe
+
+
+def _append(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, default=str) + "\n")
+
+
+def _fmt(x, spec: str) -> str:
+    width = int(re.match(r"\d*", spec).group() or 0)
+    return f"{'-':>{width}}" if x is None else format(x, spec)
+
+
+def _settings(r: dict) -> str:
+    """lorafuse's non-default settings of a row, as the table shows them ("" for none)."""
+    parts = [
+        "offload" if r.get("gc") == "offload" else "",
+        "host embedding" if r.get("embeddings_on_host") else "",
+        "host head" if r.get("head_on_host") else "",
+        f"{k} kept layers" if (k := r.get("uncheckpointed_layers")) else "",
+        f"cap {c} MiB" if (c := r.get("dequant_cap_mib")) else "",
+        "FP8" if r.get("fp8") else "",
+    ]
+    return ", ".join(p for p in parts if p)
+
+
+def render(rows: list[dict]) -> str:
+    lines = [f"{'method':<7} {'stack':<9} {'step s':>8} {'tokens/s':>10} {'peak GiB':>9}  status"]
+    for r in rows:
+        status = "ok" if r["status"] == "ok" else f"{r['status']}: {r.get('reason') or ''}".strip()
+        if r["stack"] == "lorafuse" and r["status"] == "ok" and r["device"] == "cuda":
+            extra = _settings(r)
+            status += (
+                f" (fast path {'on' if (r.get('fast_path') or {}).get('applied') else 'off'}, "
+                f"graphs {'on' if (r.get('cuda_graphs') or {}).get('applied') else 'off'}"
+                f"{', ' + extra if extra else ''})"
+            )
+        lines.append(
+            f"{r['method']:<7} {r['stack']:<9} {_fmt(r['step_s'], '8.3f')} {_fmt(r['tokens_per_s'], '10,.0f')}"
+            f" {_fmt(r['peak_alloc_gib'], '9.2f')}  {status}"
+        )
+    ratios = []
+    for ours in (r for r in rows if r["stack"] == "lorafuse" and r["status"] == "ok"):
+        for peer in (r for r in rows if r["stack"] != "lorafuse" and r["method"] == ours["method"]):
+            if peer["status"] != "ok":
+                continue
+            mem = (
+                "" if not peer["peak_alloc_gib"] else f", memory {ours['peak_alloc_gib'] / peer['peak_alloc_gib']:.2f}x"
+            )
+            ratios.append(
+                f"  {ours['method']}: lorafuse vs {peer['stack']}: speed "
+                f"{ours['tokens_per_s'] / peer['tokens_per_s']:.2f}x{mem}"
+            )
+    return "\n".join(lines + (["ratios (tokens/s: >1 is faster; memory: <1 is smaller)"] + ratios if ratios else []))
+
+
+def latest_quality(results: Path) -> dict[str, str]:
+    """{method: "99.7% / 98.0%"}: lorafuse's exact-match accuracy relative to full fine-tuning, template rows as
+    pretrained / zeroed, from the newest run in the newest benchmarks/quality.py results file ({} without one)."""
+    files = sorted(Path(results).glob("*-quality.jsonl"))
+    best = [r for r in (json.loads(x) for x in files[-1].read_text().splitlines() if x.strip())] if files else []
+    best = [r for r in best if r.get("kind") == "best"]
+    if not best:
+        return {}
+    newest = max(r["run"] for r in best)
+    out = {}
+    for method in SEED:
+        rel = {r["zeroed"]: r["relative_to_full"] for r in best if r["run"] == newest and r["method"] == method}
+        if rel:
+            out[method] = " / ".join("n/a" if rel.get(z) is None else f"{100 * rel[z]:.1f}%" for z in (False, True))
+    return out
+
+
+def render_seed_table(rows: list[dict], quality: dict[str, str] | None = None) -> str:
+    """Memory and step time vs full fine-tuning beside the seed's table; `quality` (latest_quality) adds the
+    accuracy column benchmarks/quality.py measured (as pretrained / zeroed template rows)."""
+    by = {r["method"]: r for r in rows}
+    full = by.get("full") if by.get("full", {}).get("status") == "ok" else None
+    quality = quality or {}
+    lines = [
+        f"{'':<7} {'peak GiB':>9} {'vs full':>8} {'step time vs full':>18} {'quality vs full':>16}"
+        "   seed: VRAM  time  quality"
+    ]
+    for method in ("full", "lora", "qlora"):
+        r = by.get(method, {})
+        ok = r.get("status") == "ok"
+        has_mem = ok and full and r.get("peak_alloc_gib") and full.get("peak_alloc_gib")
+        mem_pct = f"{100 * r['peak_alloc_gib'] / full['peak_alloc_gib']:.0f}%" if has_mem else "n/a"
+        time_pct = f"{100 * r['step_s'] / full['step_s']:.0f}%" if ok and full else "n/a"
+        peak = _fmt(r.get("peak_alloc_gib"), "9.2f") if ok else f"{r.get('status', 'not run'):>9}"
+        lines.append(
+            f"{method:<7} {peak:>9} {mem_pct:>8} {time_pct:>18} {quality.get(method, 'not measured'):>16}"
+            f"   {SEED[method][0]:>10}  {SEED[method][1]:>4}  {SEED_QUALITY[method]:>7}"
+        )
+    if quality:
+        lines.append("quality: benchmarks/quality.py's latest results (template rows as pretrained / zeroed)")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    runs = plan_runs(args)
+    folder = Path(args.model_dir) / f"{args.shape}-{args.device}-{args.dtype}"
+    print(
+        f"probing the device (the {args.shape} model is generated in each runner) ..."
+        if args.random_init
+        else f"building / checking the {args.shape} checkpoint in {folder} ...",
+        flush=True,
+    )
+    probe = _build_in_child(args, folder)
+    run_id = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
+    commit, rows = _commit(), []
+    print(
+        f"run {run_id} on {probe['card']}: {args.shape}, batch {args.batch} x {args.seq}, torch {probe['torch']}, "
+        f"transformers {probe['transformers']}",
+        flush=True,
+    )
+    for i, (stack, method) in enumerate(runs, 1):
+        skip = _precheck(args, stack, method, probe)
+        if skip:
+            status, _, reason = skip.partition(": ")
+            result, tail = {"status": status, "reason": reason}, ""
+        else:
+            said = (
+                f" (the planner predicts a peak of {_predicted(args, method, {}):.2f} GiB allocated)"
+                if stack == "lorafuse"
+                else ""
+            )
+            print(f"[{i}/{len(runs)}] {stack} {method}{said} ...", flush=True)
+            spec = _spec(args, stack, method, folder)
+            result, tail = _child([sys.executable, str(PEERS / f"{stack}_stack.py"), json.dumps(spec)], args.timeout)
+            if result.get("status") == "error" and tail:
+                print(tail, file=sys.stderr)
+        rows.append(_row(args, run_id, stack, method, probe, result, commit))
+    print(render(rows))
+    if args.table:
+        print("\n" + render_seed_table(rows, latest_quality(ROOT / "benchmarks" / "results")))
+    out = Path(args.out) / f"{run_id[:4]}-{run_id[4:6]}-{run_id[6:8]}-{card_slug(probe['card'])}.jsonl"
+    _append(out, rows)
+    print(f"\n{len(rows)} rows appended to {out}")
+    measured = [
+        _memory_record(args, r)
+        for r in rows
+        if r["stack"] == "lorafuse" and r["status"] == "ok" and r.get("peak_alloc_gib") is not None
+    ]
+    if measured and args.memory_log:
+        _append(Path(args.memory_log), measured)
+        print(f"{len(measured)} measured peaks appended to {args.memory_log}")
+    return 0 if any(r["status"] == "ok" for r in rows) else 1
+
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -16,8 +16,6 @@ Peers (timed when importable): bitsandbytes' CUDA NF4 dequantization, Liger's RM
 and fused linear cross-entropy.
 
 Output: a table on stdout; one JSON line per row appended to benchmarks/results/<date>-<card>-kernels.jsonl.
-The `lora_nf4_sweep` op times the fused NF4 GEMM against dequantize + cuBLAS over token counts and
-prints the crossover to put in LORAFUSE_NF4_FUSED_MAX_M (lorafuse/kernels/lora_linear.py).
 """
 
 from __future__ import annotations
@@ -52,13 +50,14 @@ from lorafuse.kernels.reference import (
 from lorafuse.kernels.rmsnorm import rms_norm  # noqa: E402
 from lorafuse.kernels.rope import apply_rope  # noqa: E402
 from lorafuse.kernels.swiglu_mlp import swiglu_mlp  # noqa: E402
+from lorafuse.options import KernelOptions  # noqa: E402
 from lorafuse.quant.nf4 import quantize_nf4  # noqa: E402
 
 MODELS = {
     "llama2-7b": dict(hidden=4096, inter=11008, heads=32, kv_heads=32, head_dim=128, vocab=32000, tokens=(4, 512)),
     "llama3-8b": dict(hidden=4096, inter=14336, heads=32, kv_heads=8, head_dim=128, vocab=128256, tokens=(2, 2048)),
 }
-OPS = ("nf4_dequant", "lora_linear", "lora_nf4_sweep", "rmsnorm", "rope", "swiglu_mlp", "ce")
+OPS = ("nf4_dequant", "lora_linear", "rmsnorm", "rope", "swiglu_mlp", "ce")
 SMOKE = dict(hidden=64, inter=96, heads=4, kv_heads=2, head_dim=16, vocab=300, tokens=(2, 16))
 RANK, DT, DEV = 16, torch.bfloat16, "cuda"  # --smoke switches to fp32 on the CPU (reference paths)
 # Every timed closure below is built and timed inside one loop iteration, so capturing loop variables
@@ -205,20 +204,17 @@ def _lora_cost(m, k, n, base):
     return flops, w_bytes + 2 * (3 * m * k + 3 * m * n)
 
 
-def _lora_rows(b, m, k, n, base, paths, tag):
-    """paths: "cublas" | "fused", optionally "+dsdb" (dS and dB from one pass over dY)."""
-    saved = ll.NF4_FUSED_MAX_M, ll.DENSE_FUSED_MAX_M, ll.FUSED_DS_DB
+def _lora_rows(b, m, k, n, base, tag):
+    """The fused linear as it runs, and with experimental.fused_ds_db (dS and dB from one pass over dY)."""
     lw = _lora_weights(k, n, base)
     x = torch.randn(m, k, device=DEV, dtype=DT, requires_grad=True)
     dy = torch.randn(m, n, device=DEV, dtype=DT)
     flops, nbytes = _lora_cost(m, k, n, base)
     inputs = [x, lw.lora_A, lw.lora_B]
-    for path in paths:
-        ll.NF4_FUSED_MAX_M = ll.DENSE_FUSED_MAX_M = (1 << 30) if path.startswith("fused") else 0
-        ll.FUSED_DS_DB = path.endswith("+dsdb")
-        fn = train_step(lambda: ll.lora_linear(x, lw), inputs, dy)
-        yield row(b, "lora_linear", f"{base}-{path}", tag, fn, flops, nbytes)
-    ll.NF4_FUSED_MAX_M, ll.DENSE_FUSED_MAX_M, ll.FUSED_DS_DB = saved
+    for variant, opts in (("fused", KernelOptions()), ("fused+dsdb", KernelOptions(fused_ds_db=True))):
+        spec = dataclasses.replace(lw, opts=opts)
+        fn = train_step(lambda: ll.lora_linear(x, spec), inputs, dy)
+        yield row(b, "lora_linear", f"{base}-{variant}", tag, fn, flops, nbytes)
 
 
 def bench_lora_linear(b, cfg):
@@ -227,7 +223,7 @@ def bench_lora_linear(b, cfg):
     for name, k, n in [("q_proj", h, h), ("k_proj", h, kv), ("gate_proj", h, f), ("down_proj", f, h)]:
         tag = f"{name} M{m} K{k} N{n}"
         for base in ("dense", "nf4"):
-            yield from _lora_rows(b, m, k, n, base, ("cublas", "cublas+dsdb", "fused", "fused+dsdb"), tag)
+            yield from _lora_rows(b, m, k, n, base, tag)
             lw = _lora_weights(k, n, base)
             x = torch.randn(m, k, device=DEV, dtype=DT, requires_grad=True)
             dy = torch.randn(m, n, device=DEV, dtype=DT)
@@ -241,24 +237,6 @@ def bench_lora_linear(b, cfg):
         yield row(
             b, "lora_linear", "base-gemm-only (cuBLAS floor)", tag, fn, 4 * m * n * k, 2 * (n * k * 2 + 2 * m * k)
         )
-
-
-def bench_lora_nf4_sweep(b, cfg):
-    h = cfg["hidden"]
-    rows = []
-    for m in (64, 128, 256, 512, 1024, 2048, 4096):
-        for r in _lora_rows(b, m, h, h, "nf4", ("cublas", "fused"), f"M{m} K{h} N{h}"):
-            rows.append(r)
-            yield r
-    by_m = {}
-    for r in rows:
-        if "ms" in r:
-            by_m.setdefault(int(r["shape"].split()[0][1:]), {})[r["variant"]] = r["ms"]
-    wins = [m for m, t in sorted(by_m.items()) if t.get("nf4-fused", 1e9) < t.get("nf4-cublas", 0)]
-    print(
-        f"lora_nf4_sweep: fused NF4 GEMM faster at M = {wins or 'none'} -> LORAFUSE_NF4_FUSED_MAX_M="
-        f"{max(wins) if wins else 0}"
-    )
 
 
 def bench_rmsnorm(b, cfg):

@@ -8,14 +8,13 @@ gradient checkpointing, in these modes:
 
     fp32          the PyTorch reference path in fp32 (a second model: the same NF4 codes, the same adapters)
     bf16          the fused kernels in bf16 (train.fp8 off)
-    fp8-forward   train.fp8 with the backward's dX in bf16 (LORAFUSE_FP8_BACKWARD=0)
-    fp8           train.fp8 as it runs by default: the backward's dX = dY W in FP8 as well
+    fp8           train.fp8: the forward's, the recompute's and the backward's dX = dY W base GEMMs in FP8
 
 For each mode and each of the first, middle and last layers: ||g - g_fp32|| / ||g_fp32|| over that layer's LoRA
 gradients (A and B of the seven projections). The deep layers' error is the question: the FP8 backward puts its
 rounding into dX, which every layer below sees. Prints a table and appends JSON lines to OUT/fp8_grads.jsonl.
 A random-init model is no trained one: at the default init the 7B's forward amplifies rounding (bf16 alone moves its
-LoRA gradients by ~12%, NOTES.md session 8); --layers and --init-range show how that depends on depth and scale.
+LoRA gradients by ~12%, benchmarks/NOTES.md); --layers and --init-range show how that depends on depth and scale.
 --device cpu runs the fp32 and bf16 modes only (a smoke run of the script; FP8 needs an FP8 GPU).
 """
 
@@ -35,12 +34,13 @@ import torch  # noqa: E402
 PROJ7 = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def build(shape, device: str, fast: bool):
-    """(model, ref): the bf16 model (fused kernels when `fast`) and its fp32 copy on the reference path: the same NF4
-    codes and adapters, every float tensor in fp32 and each NF4 weight decoded to fp32."""
+def build(shape, device: str):
+    """(model, ref): the bf16 model and its fp32 copy on the reference path: the same NF4 codes and adapters, every
+    float tensor in fp32 and each NF4 weight decoded to fp32 (checkpointing on, as a run has it)."""
     import lorafuse
+    from lorafuse import accel
     from lorafuse.model.random_init import random_nf4_model
-    from lorafuse.train.runtime import prepare_model
+    from lorafuse.options import Options
 
     model = random_nf4_model(shape, device, compute_dtype=torch.bfloat16, seed=0, quant="nf4")
     torch.manual_seed(0)
@@ -53,28 +53,32 @@ def build(shape, device: str, fast: bool):
     for m in ref.modules():
         if hasattr(m, "_compute_dtype"):
             m._compute_dtype = torch.float32
-    if fast:
-        from lorafuse.kernels.fast_path import apply_fast_path
-
-        applied, reason = apply_fast_path(model)
-        if not applied:
-            raise SystemExit(f"the fast path did not apply: {reason}")
-    for m in (model, ref):
-        prepare_model(m, True, note=lambda _: None)
+    accel.prepare(ref, Options(fast_path="off"), note=lambda _: None)
     return model, ref
+
+
+def prepared(model, fp8: bool, device: str):
+    """The model as a run with these settings prepares it (the fast path on CUDA; train.fp8)."""
+    from lorafuse import accel
+    from lorafuse.options import KernelOptions, Options
+
+    fast = "on" if device == "cuda" else "off"
+    return accel.prepare(model, Options(fast_path=fast, kernel=KernelOptions(fp8=fp8)), note=lambda _: None)
 
 
 def lora_params(model) -> dict[str, torch.Tensor]:
     return {n: p for n, p in model.named_parameters() if p.requires_grad and "lora_" in n}
 
 
-def grads(model, batch, dtype: torch.dtype, fused: bool) -> dict[str, torch.Tensor]:
-    from lorafuse.train.loss import lm_loss_sum, simple_head
+def grads(model, batch, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    from lorafuse.accel import accel_state
+    from lorafuse.train.loss import lm_loss_sum
 
+    state = accel_state(model)
     for p in model.parameters():
         p.grad = None
     with torch.autocast(batch["input_ids"].device.type, dtype=dtype, enabled=dtype != torch.float32):
-        loss = lm_loss_sum(model, batch, simple_head(model), fused=fused) / batch["labels"][:, 1:].numel()
+        loss = lm_loss_sum(model, batch, state.head, state.fused_loss) / batch["labels"][:, 1:].numel()
     loss.backward()
     return {n: p.grad.detach().double().cpu() for n, p in lora_params(model).items()}
 
@@ -105,7 +109,7 @@ def main() -> None:
     )
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
-    from lorafuse.kernels import fp8 as fp8_kernels
+    from lorafuse import accel
 
     cuda = args.device == "cuda"
     from lorafuse.model.random_init import resolve_config
@@ -115,23 +119,22 @@ def main() -> None:
         config.num_hidden_layers = args.layers
     if args.init_range:
         config.initializer_range = args.init_range
-    model, ref_model = build(config, args.device, fast=cuda)
+    model, ref_model = build(config, args.device)
     g = torch.Generator().manual_seed(2)
     ids = torch.randint(0, model.config.vocab_size, (args.batch, args.seq), generator=g).to(args.device)
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
-    ref = grads(ref_model, batch, torch.float32, fused=False)
+    ref = grads(ref_model, batch, torch.float32)
     del ref_model
     layers_n = model.config.num_hidden_layers
     layers = sorted({0, layers_n // 2, layers_n - 1})
-    modes = {"bf16": (False, False)}
-    if cuda and not fp8_kernels.supported(torch.device("cuda")):
-        modes.update({"fp8-forward": (True, False), "fp8": (True, True)})
+    modes = {"bf16": False}
+    if cuda and torch.cuda.get_device_capability() >= (8, 9):
+        modes["fp8"] = True
     rows = []
-    saved = fp8_kernels.ENABLED, fp8_kernels.BACKWARD
-    try:
-        for mode, (on, backward) in modes.items():
-            fp8_kernels.ENABLED, fp8_kernels.BACKWARD = on, backward
-            errs = layer_errors(grads(model, batch, torch.bfloat16, fused=cuda), ref, layers)
+    for mode, on in modes.items():
+        prepared(model, on, args.device)
+        try:
+            errs = layer_errors(grads(model, batch, torch.bfloat16), ref, layers)
             rows.append(
                 {
                     "mode": mode,
@@ -144,8 +147,8 @@ def main() -> None:
                     "card": torch.cuda.get_device_name() if cuda else "cpu",
                 }
             )
-    finally:
-        fp8_kernels.ENABLED, fp8_kernels.BACKWARD = saved
+        finally:
+            accel.restore(model)
     with open(os.path.join(args.out, "fp8_grads.jsonl"), "a") as f:
         for r in rows:
             f.write(json.dumps(r) + "\n")

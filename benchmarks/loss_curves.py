@@ -3,16 +3,14 @@
     python benchmarks/loss_curves.py [--steps 50] [--out benchmarks/results]
 
 Trains the built-in tiny Llama (NF4 base, LoRA r8 on the seven projections, the bundled sample rows, packed
-into fixed-length rows) with `lorafuse.train.api.run` four times and compares the per-step training losses:
+into fixed-length rows) with `lorafuse.train.api.run` once per variant and compares the per-step training losses:
 
     reference-fp32   PyTorch reference path in fp32           the yardstick of rounding noise
     reference-bf16   PyTorch reference path in bf16
     fast-bf16        fused Triton kernels, eager launches     (CUDA only)
     fast-bf16-graphs fused Triton kernels + CUDA graphs       (CUDA only)
-    fast-fp8fwd-graphs  the same with train.fp8 and LORAFUSE_FP8_BACKWARD=0: the forward's and recompute's base GEMMs
-                     in FP8 (compute capability 8.9+ only; opt-in, so it is measured against the bf16 noise, not held
-                     to it). Results files before 2026-11-29 call it fast-fp8-graphs.
-    fast-fp8bwd-graphs  train.fp8 as it runs by default: the backward's dX GEMMs in FP8 too
+    fast-fp8-graphs  the same with train.fp8: the forward's, the recompute's and the backward's dX base GEMMs in FP8
+                     (compute capability 8.9+ only; opt-in, so it is measured against the bf16 noise, not held to it)
 
 "bf16 noise" is how far the bf16 reference drifts from the fp32 one; each fast variant's distance from the
 bf16 reference is reported next to it, as max and mean |difference| over the steps. A table is printed and
@@ -40,8 +38,7 @@ VARIANTS = {  # name: (fast_path, compute dtype, cuda_graphs, train.fp8)
     "reference-bf16": ("off", "bfloat16", "off", False),
     "fast-bf16": ("on", "bfloat16", "off", False),
     "fast-bf16-graphs": ("on", "bfloat16", "auto", False),
-    "fast-fp8fwd-graphs": ("on", "bfloat16", "auto", True),
-    "fast-fp8bwd-graphs": ("on", "bfloat16", "auto", "backward"),
+    "fast-fp8-graphs": ("on", "bfloat16", "auto", True),
 }
 
 
@@ -51,45 +48,37 @@ def _runs(name: str, device: str) -> bool:
         return True
     if device != "cuda":
         return False
-    from lorafuse.kernels.fp8 import supported
-
-    return not fp8 or not supported(torch.device("cuda"))
+    return not fp8 or torch.cuda.get_device_capability() >= (8, 9)
 
 
 def train_losses(name: str, steps: int, device: str, seed: int) -> tuple[list[float], list[str]]:
     fast, dtype, graphs, fp8 = VARIANTS[name]
-    from lorafuse.kernels import fp8 as fp8_kernels
-
-    saved, fp8_kernels.BACKWARD = fp8_kernels.BACKWARD, fp8 == "backward"  # LORAFUSE_FP8_BACKWARD, for this run only
-    try:
-        with tempfile.TemporaryDirectory(prefix=f"lorafuse-curve-{name}-") as out:
-            cfg = load_config(
-                None,
-                [
-                    f"output.dir={out}",
-                    "model.quant=nf4",
-                    f"model.compute_dtype={dtype}",
-                    "lora.dropout=0",
-                    "lora.modules_to_save=[]",
-                    "data.packing=true",
-                    "data.max_length=256",
-                    f"train.max_steps={steps}",
-                    "train.log_every=1",
-                    f"train.eval_every={steps}",
-                    f"train.save_every={steps}",
-                    f"train.fast_path={fast}",
-                    f"train.cuda_graphs={graphs}",
-                    f"train.device={device}",
-                    f"train.seed={seed}",
-                    "train.optimizer=adamw",
-                    f"train.fp8={str(bool(fp8)).lower()}",
-                    "train.gradient_checkpointing=true",
-                ],
-            )
-            result = run(cfg, resume=None)
-            rows = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
-    finally:
-        fp8_kernels.BACKWARD = saved
+    with tempfile.TemporaryDirectory(prefix=f"lorafuse-curve-{name}-") as out:
+        cfg = load_config(
+            None,
+            [
+                f"output.dir={out}",
+                "model.quant=nf4",
+                f"model.compute_dtype={dtype}",
+                "lora.dropout=0",
+                "lora.modules_to_save=[]",
+                "data.packing=true",
+                "data.max_length=256",
+                f"train.max_steps={steps}",
+                "train.log_every=1",
+                f"train.eval_every={steps}",
+                f"train.save_every={steps}",
+                f"train.fast_path={fast}",
+                f"train.cuda_graphs={graphs}",
+                f"train.device={device}",
+                f"train.seed={seed}",
+                "train.optimizer=adamw",
+                f"train.fp8={str(bool(fp8)).lower()}",
+                "train.gradient_checkpointing=true",
+            ],
+        )
+        result = run(cfg, resume=None)
+        rows = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in rows if r.get("loss") is not None and "step" in r and "eval_loss" not in r]
     return losses[:steps], list(getattr(result, "notes", []) or [])
 

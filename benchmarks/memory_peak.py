@@ -82,8 +82,8 @@ def main(argv=None) -> int:
     import lorafuse_stack
     import torch
     from bench_common import make_batches
-
     from lorafuse.bench import _lorafuse_workload, _spec, parse_args
+
     from lorafuse.plan.memory import estimate
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -80,9 +80,9 @@ def blocker(method: str, device: torch.device) -> str:
     if s.get("fast_path") == "on" and device.type != "cuda":
         return "lorafuse's fused kernels need CUDA"
     if s.get("fp8"):
-        from lorafuse.kernels.fp8 import supported
+        from lorafuse.plan.policy import FP8_MIN_CAPABILITY
 
-        if not supported(device):
+        if torch.cuda.get_device_capability(device) < FP8_MIN_CAPABILITY:
             return "train.fp8 needs compute capability 8.9+"
     if stack == "peft":
         for module in ("peft", "transformers") + (("bitsandbytes",) if s["quant"] == "nf4" else ()):

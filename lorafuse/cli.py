@@ -46,7 +46,7 @@ logits are checked against base+adapter unless --no-check.""",
 Estimates memory (weights, optimizer, activations, logits) and says whether the run fits.""",
     "bench": """Example:
   lorafuse bench -- --help      # the benchmark runner's own options
-All arguments after `bench` go to the benchmark runner (lorafuse.bench).""",
+All arguments after `bench` go to the benchmark harness (benchmarks/bench.py of a source checkout).""",
 }
 
 
@@ -160,9 +160,23 @@ def cmd_plan(args) -> int:
 
 
 def cmd_bench(argv: list[str]) -> int:
-    from lorafuse.bench import main as bench_main
+    """The benchmark harness lives in the source checkout (benchmarks/bench.py), beside its peers' runners."""
+    import importlib.util
+    from pathlib import Path
 
-    rc = bench_main(argv)
+    harness = Path(__file__).resolve().parents[1] / "benchmarks" / "bench.py"
+    if not harness.is_file():
+        raise LorafuseError(
+            "lorafuse bench runs the benchmark harness of a source checkout, and this installation has none",
+            "clone the lorafuse repository and run `python benchmarks/bench.py ...` (or `lorafuse bench ...`) there",
+        )
+    spec = importlib.util.spec_from_file_location("lorafuse_bench_harness", harness)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    try:
+        rc = module.main(argv)
+    except SystemExit as exc:  # the harness's own argparse: --help, usage errors
+        rc = exc.code
     return rc if isinstance(rc, int) else 0
 
 

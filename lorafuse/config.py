@@ -31,11 +31,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from lorafuse.config_yaml import parse_override_value, read_yaml_mapping
 from lorafuse.errors import ConfigError
+from lorafuse.options import KernelOptions, Options
 
 BUILTIN_MODEL = "builtin:tiny-llama"  # model.path sentinel: the loader builds a tiny random-init Llama
 BUILTIN_DATA = "builtin:demo"  # data.path sentinel: the bundled sample instruction rows
 LLAMA_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-SECTIONS = ("model", "lora", "data", "train", "output")
+SECTIONS = ("model", "lora", "data", "train", "output", "experimental")
 
 # Keys that may differ between a run and its resume without changing the optimisation math.
 RESUME_MUTABLE_KEYS = frozenset(
@@ -303,7 +304,7 @@ class TrainConfig(_Section):
         False,
         description="Run the frozen base weights' GEMMs in FP8 (e4m3, one scale per token and per weight "
         "row; NF4 weights are decoded straight to 8 bits): the forward's, the checkpoint recompute's and, for NF4 "
-        "weights, the backward's input gradient (LORAFUSE_FP8_BACKWARD=0 keeps that one bf16). A 7B QLoRA step ~1.35x "
+        "weights, the backward's input gradient. A 7B QLoRA step ~1.35x "
         "faster on an H200, for ~3.7% relative error per projection output (bf16: ~0.2%). The LoRA products and "
         "gradients and the loss stay bf16; generation after training runs bf16. Needs compute capability 8.9+ (Ada, "
         "Hopper), bf16 compute and the fast path (train.fast_path auto or on, no DoRA); else the run stops at start-up "
@@ -368,6 +369,17 @@ class OutputConfig(_Section):
     dir: str = Field("runs/lorafuse", description="Run folder: checkpoint-N/, adapter/, metrics.jsonl, plots.")
 
 
+class ExperimentalConfig(_Section):
+    """A/B switches of changes not yet measured to win; each may become the default or be deleted."""
+
+    fused_ds_db: bool = Field(
+        False,
+        description="On the fast path, form a LoRA linear's dS and dB from one read of dY in one Triton kernel "
+        "instead of two cuBLAS GEMMs (saves one read of dY per projection, adds two small reductions). Not yet "
+        "measured faster.",
+    )
+
+
 class RunConfig(_Section):
     """A whole training run."""
 
@@ -376,6 +388,13 @@ class RunConfig(_Section):
     data: DataConfig = Field(description="The training data.")
     train: TrainConfig = Field(default_factory=TrainConfig, description="The optimisation.")
     output: OutputConfig = Field(default_factory=OutputConfig, description="Output folder.")
+    experimental: ExperimentalConfig = Field(
+        default_factory=ExperimentalConfig, description="Switches under measurement."
+    )
+
+    def options(self) -> Options:
+        """The frozen switches every layer below the config receives (lorafuse/options.py)."""
+        return options_for(self.train, self.experimental)
 
     @model_validator(mode="after")
     def _needs_validation_data(self) -> RunConfig:
@@ -390,6 +409,21 @@ class RunConfig(_Section):
                 "(e.g. 0.05) or data.val_path, or train.eval_every=null"
             )
         return self
+
+
+def options_for(tc: TrainConfig, experimental: ExperimentalConfig | None = None) -> Options:
+    """The Options of a run's train section (and experimental section; None: its defaults)."""
+    experimental = experimental or ExperimentalConfig()
+    kernel = KernelOptions(fp8=tc.fp8, dequant_cap_bytes=tc.dequant_cap_mib << 20, fused_ds_db=experimental.fused_ds_db)
+    return Options(
+        fast_path=tc.fast_path,
+        cuda_graphs=tc.cuda_graphs,
+        gradient_checkpointing=tc.gradient_checkpointing,
+        uncheckpointed_layers=tc.uncheckpointed_layers,
+        embeddings_on_host=tc.embeddings_on_host,
+        head_on_host=tc.head_on_host,
+        kernel=kernel,
+    )
 
 
 def demo_config() -> RunConfig:

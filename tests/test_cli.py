@@ -159,11 +159,11 @@ def test_chat_is_wired(monkeypatch, record):
     assert args == ("MODEL", "TOK") and kwargs["system_prompt"] == "be brief"
 
 
-def test_bench_passes_arguments_through(monkeypatch, record):
-    fake_module(monkeypatch, "lorafuse.bench", main=record(result=0))
-    assert main(["bench", "--op", "nf4", "--json"]) == 0
+def test_bench_passes_arguments_to_the_checkouts_harness(capsys):
+    """`lorafuse bench` runs benchmarks/bench.py of this checkout with the arguments as given."""
     assert main(["bench", "--", "--help"]) == 0
-    assert [c[0][0] for c in record.calls] == [["--op", "nf4", "--json"], ["--help"]]
+    out = capsys.readouterr().out
+    assert "--shape" in out and "--stacks" in out
 
 
 def failing(exc):

@@ -1,45 +1,38 @@
 """lorafuse runner: QLoRA (NF4 base) or LoRA (16-bit base) through lorafuse's public API and its training step.
 
-load_model(folder, quant) -> apply_lora(r, alpha, dropout, the 7 projections) -> the fast path
-(lorafuse.kernels.fast_path.apply_fast_path, on CUDA) -> the training loop's pieces: prepare_model
-(non-reentrant checkpointing, fp32 LoRA masters), Precision (autocast), lm_loss_sum (chunked or fused loss
-from hidden states), build_optimizer; clip at 1.0 and step, as lorafuse.train.loop does each step.
+load_model(folder, quant) -> apply_lora(r, alpha, dropout, the 7 projections) -> accel.prepare with the run's
+Options (the fast path on CUDA, non-reentrant checkpointing, fp32 LoRA masters, offload, host tables, FP8) -> the
+training loop's pieces: Precision (autocast), lm_loss_sum (chunked or fused loss from hidden states),
+build_optimizer; clip at 1.0 and step, as lorafuse.train.loop does each step.
 The step is written here from those public functions because the loop exposes no single-step function.
 """
 
 from __future__ import annotations
 
-import inspect
-
 from bench_common import PROJ7, require, run, unavailable
 
 
-def _fast_path(model, spec: dict) -> dict:
-    """Apply the fused kernels where the training loop would (CUDA, train.fast_path auto)."""
-    if spec["device"] != "cuda" or spec.get("fast_path", "auto") == "off":
-        return {"applied": False, "reason": "off on CPU" if spec["device"] != "cuda" else "disabled (--no-fast-path)"}
-    try:
-        from lorafuse.kernels.fast_path import apply_fast_path
-    except ImportError as exc:
-        return {"applied": False, "reason": f"lorafuse.kernels.fast_path not importable: {exc}"}
-    applied, reason = apply_fast_path(model)
-    return {"applied": bool(applied), "reason": reason}
+def _options(spec: dict):
+    """The Options a `lorafuse train` run with these settings would resolve (RunConfig.options)."""
+    from lorafuse.options import KernelOptions, Options
 
-
-def _fused_loss(spec: dict, head) -> bool:
-    if spec["device"] != "cuda" or head is None or spec.get("fast_path", "auto") == "off":
-        return False
-    try:
-        from lorafuse.kernels import _runtime
-    except ImportError:
-        return False
-    return bool(getattr(_runtime, "HAS_TRITON", False))
+    kernel = KernelOptions(fp8=bool(spec.get("fp8")), dequant_cap_bytes=(spec.get("dequant_cap_mib") or 0) << 20)
+    return Options(
+        fast_path=spec.get("fast_path", "auto"),
+        cuda_graphs="auto" if spec.get("cuda_graphs", True) else "off",
+        gradient_checkpointing=spec["gc"],
+        uncheckpointed_layers=spec.get("uncheckpointed_layers") or 0,
+        embeddings_on_host=bool(spec.get("embeddings_on_host")),
+        head_on_host=bool(spec.get("head_on_host")),
+        kernel=kernel,
+    )
 
 
 def build(spec: dict, device):
     if spec["method"] not in ("qlora", "lora"):
         unavailable(f"lorafuse trains adapters (qlora, lora), not {spec['method']}")
     for module in (
+        "lorafuse.accel",
         "lorafuse.model.load",
         "lorafuse.model.inject",
         "lorafuse.train.loop",
@@ -50,32 +43,23 @@ def build(spec: dict, device):
     import torch
 
     import lorafuse
-    from lorafuse.train.loop import Precision, prepare_model
-    from lorafuse.train.loss import lm_loss_sum, simple_head
+    from lorafuse import accel
+    from lorafuse.train.loss import lm_loss_sum
     from lorafuse.train.optim import build_optimizer
+    from lorafuse.train.runtime import Precision
 
     dtype = getattr(torch, spec["dtype"])
     model = _load(spec, device, dtype)
     lorafuse.apply_lora(model, r=spec["r"], alpha=spec["alpha"], dropout=spec["dropout"], targets=PROJ7)
-    fast = _fast_path(model, spec)
     notes = []
-    params = prepare_model(
-        model,
-        spec["gc"],
-        note=notes.append,
-        embeddings_on_host=spec.get("embeddings_on_host"),
-        head_on_host=spec.get("head_on_host"),
-        uncheckpointed_layers=spec.get("uncheckpointed_layers") or 0,
-        dequant_cap_mib=spec.get("dequant_cap_mib") or 0,
-        fp8=bool(spec.get("fp8")),
-    )
-    head = simple_head(model)
-    fused = _fused_loss(spec, head)
+    state = accel.prepare(model, _options(spec), note=notes.append)
+    params, head, fused = state.params, state.head, state.fused_loss
+    on = state.fast is not None and f"fast path on ({state.fast.ops.name} ops, {state.fast.layers} layers)"
+    fast = {"applied": state.fast is not None, "reason": on or next((n for n in notes if "fast path" in n), "")}
     precision = Precision(device, dtype)
     optimizer = build_optimizer(spec["optimizer"], params, lr=2e-4, weight_decay=0.0)
-    loss_kw = {"fused": fused} if "fused" in inspect.signature(lm_loss_sum).parameters else {}
     model.train()
-    graphed, graphs = _graphed(spec, model, params, lambda b: lm_loss_sum(model, b, head, **loss_kw), precision, notes)
+    graphed, graphs = _graphed(spec, model, params, lambda b: lm_loss_sum(model, b, head, fused), precision, notes)
 
     def step(batch):
         n_target = batch["labels"][:, 1:].numel()
@@ -84,7 +68,7 @@ def build(spec: dict, device):
             graphs["applied"] = graphed.disabled is None
             return _update(loss_sum, n_target, set_to_none=False)
         with precision.autocast():
-            loss_sum = lm_loss_sum(model, batch, head, **loss_kw)
+            loss_sum = lm_loss_sum(model, batch, head, fused)
         precision.backward(loss_sum / n_target)
         return _update(loss_sum, n_target, set_to_none=True)
 

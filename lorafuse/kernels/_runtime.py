@@ -6,9 +6,7 @@ before the kernel modules are imported, Triton decorates kernels for its CPU int
 `cpu_kernels()` lets CPU tensors take the kernel path so the same code is checked without a GPU.
 
 `tuned(...)` wraps a kernel in `triton.autotune` on a GPU and in one fixed small configuration under
-the interpreter (autotuning there would time numpy loops, for nothing). LORAFUSE_AUTOTUNE=0 launches
-each kernel with one fixed GPU configuration instead of autotuning (a quick correctness run on a GPU:
-no per-shape benchmarking; the numbers are then not the tuned ones).
+the interpreter (autotuning there would time numpy loops, for nothing).
 """
 
 from __future__ import annotations
@@ -30,7 +28,6 @@ except ImportError:  # macOS / Windows CPU installs: the reference path is the p
 
 TRITON_VERSION = triton.__version__ if HAS_TRITON else ""  # recorded beside benchmark numbers
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-AUTOTUNE = os.environ.get("LORAFUSE_AUTOTUNE", "1") != "0"
 _CPU_KERNELS = False
 
 
@@ -105,16 +102,12 @@ class _Fixed:
         return launch
 
 
-def tuned(configs: list, key: list[str], interpret_meta: dict, fixed: int = -1, **autotune_kwargs):
-    """Decorator: `triton.autotune(configs, key)` on a GPU, `interpret_meta` under the interpreter,
-    `configs[fixed]` (one that fits fp32 tiles too) when LORAFUSE_AUTOTUNE=0."""
+def tuned(configs: list, key: list[str], interpret_meta: dict, **autotune_kwargs):
+    """Decorator: `triton.autotune(configs, key)` on a GPU, `interpret_meta` under the interpreter."""
 
     def wrap(fn):
         if INTERPRET:
             return _Fixed(fn, interpret_meta)
-        if not AUTOTUNE:
-            c = configs[fixed]
-            return _Fixed(fn, {**c.kwargs, "num_warps": c.num_warps, "num_stages": c.num_stages})
         return triton.autotune(configs=configs, key=key, **autotune_kwargs)(fn)
 
     return wrap

@@ -9,7 +9,7 @@ s_w comes from the block scales alone, once per weight (cached on the NF4Weight:
 dequantization kernel writes W8 directly (nf4_dequant.py, ROW_SCALE): 1 byte a weight instead of 2. A bf16
 weight is quantized like x, row by row, on each use.
 
-The backward's dx = dY W, for NF4 weights (BACKWARD; LORAFUSE_FP8_BACKWARD=0 keeps it bf16):
+The backward's dx = dY W, for NF4 weights:
     dx ~= q(dY diag(s_w)) W8 * s_dY      W's row scales ride on dY's columns (dY s_w quantized row by row), and W8
                                          is decoded transposed, (K, N) row-major (`nf4_to_fp8_t`), as the GEMM needs
 What stays in bf16: every LoRA product and gradient (dA and dB read dY and S, not dx), a bf16 base's dx, attention,
@@ -17,17 +17,17 @@ the loss. The LoRA gradients see FP8 through the forward's activations and the d
 
 Why: on an H200 (benchmarks/fp8_probe.py, 2048 tokens, the 7B projection shapes) _scaled_mm with row-wise scales
 took 0.48-0.62x the bf16 GEMM's time; the forward and the recompute hold ~60% of a QLoRA step's base-GEMM FLOPs, dx
-the rest. Measured (NOTES.md sessions 7-8): a Llama-2-7B QLoRA step at 4 x 512 tokens 0.1613 s bf16 -> 0.1356 s with
-the forward in FP8 (one machine), 0.1304 -> 0.1193 s with dx too (another).
+the rest. Measured on one H200 (benchmarks/NOTES.md): a Llama-2-7B QLoRA step at 4 x 512 tokens 0.161 s in bf16,
+0.136 s with the forward in FP8, 0.119 s with dx too.
 Cost: each output carries ~3.7% relative error against the exact product (bf16: ~0.17%), measured there on random
 data; e4m3 keeps 3 mantissa bits. For QLoRA that is small beside NF4's own rounding of the weights. The training
 loss is compared against the bf16 path by benchmarks/loss_curves.py (its fast-fp8fwd-graphs and fast-fp8bwd-graphs
 variants), the LoRA gradients against fp32 by benchmarks/fp8_grads.py.
 
 Needs: an NVIDIA GPU of compute capability 8.9 or newer (Ada, Hopper, Blackwell), bf16 compute, K and N multiples
-of 16 (else that projection stays bf16). `ENABLED` is what train.fp8 sets (train/runtime.prepare_model); the env
-LORAFUSE_FP8=1 is its default. On CPU tensors the reference (`quantize_rows_reference`, and `torch._scaled_mm`,
-which PyTorch also runs on the CPU) gives the same math, so the dispatch is tested without a GPU.
+of 16 (else that projection stays bf16). Whether a projection runs in FP8 is its operands' `opts.fp8`
+(lorafuse.options.KernelOptions, from train.fp8). On CPU tensors the reference (`quantize_rows_reference`, and
+`torch._scaled_mm`, which PyTorch also runs on the CPU) gives the same math, so the dispatch is tested without a GPU.
 
 The Triton interpreter rounds to fp8 wrongly where a value rounds up across a power of two (31.7 -> 16, seen with
 triton 3.6), so the kernels' fp8 stores are checked on the GPU only (tests marked gpu).
@@ -36,7 +36,6 @@ triton 3.6), so the kernels' fp8 stores are checked on the GPU only (tests marke
 from __future__ import annotations
 
 import dataclasses
-import os
 
 import torch
 
@@ -44,24 +43,9 @@ from . import _runtime
 
 E4M3 = torch.float8_e4m3fn
 E4M3_MAX = float(torch.finfo(E4M3).max)  # 448
-ENV_ENABLED = os.environ.get("LORAFUSE_FP8", "0") == "1"
-ENABLED = ENV_ENABLED  # train.fp8 sets it (train/runtime.prepare_model)
 _TINY = 1e-12  # a zero row gets this amax: scale > 0, codes 0
-# cuBLAS's fast FP8 accumulation (use_fast_accum) for GEMMs whose K is at most this (0: never). fp8_probe.py on an
-# H200: 8-11% faster at K = 4096, 6% slower at K = 11008, the same error on random data (0.0375 either way). A/B on
-# one machine (NOTES.md session 7, 7B QLoRA 4 x 512): 0.1319 s with it at K <= 4096, 0.1348 s without (-2.1%).
-FAST_ACCUM_MAX_K_DEFAULT = 4096  # plan/speed.py mirrors it (torch-free); tests/plan/test_measured.py keeps them equal
-FAST_ACCUM_MAX_K = int(os.environ.get("LORAFUSE_FP8_FAST_ACCUM_MAX_K", str(FAST_ACCUM_MAX_K_DEFAULT)))
-# The backward's dX = dY W in FP8 as well, for NF4 weights: W's row scales folded into dY's columns, dY (M, N) quantized
-# row by row, W decoded to e4m3 in the transposed (K, N) layout the FP8 GEMM needs (`nf4_to_fp8_t`). On with train.fp8;
-# LORAFUSE_FP8_BACKWARD=0 keeps dX in bf16. Measured on one H200 (NOTES.md session 8, 7B QLoRA): the step -8.5% at
-# 4 x 512, -11% at 1 x 4096, -12% at 8 x 2048; the 50-step loss curve within the bf16 noise; on random-init 7B
-# models the LoRA gradients move by 0-30% more (relative) than with the forward in FP8 alone.
-BACKWARD_DEFAULT = True  # plan/memory.py mirrors it (torch-free); tests/plan/test_measured.py keeps them equal
-BACKWARD = os.environ.get("LORAFUSE_FP8_BACKWARD", "1" if BACKWARD_DEFAULT else "0") == "1"
 # The transposed decode's tile: 128 rows of W x 128 weights along K (whole quantization blocks), so each k's store is
-# 128 contiguous bytes. Session 7's tile gathered every weight's byte and scale on its own (64 x 64, one load per
-# weight) and made the step 21% slower (NOTES.md session 8).
+# 128 contiguous bytes (a tile that gathered every weight's byte and scale on its own made the 7B step 21% slower).
 T_TILE_ROWS, T_TILE_COLS, T_WARPS = 128, 128, 4
 
 if _runtime.HAS_TRITON:
@@ -154,23 +138,10 @@ if _runtime.HAS_TRITON:
         tl.store(out, tl.trans(v.to(out_ptr.dtype.element_ty)), mask=c_ok[:, None] & r_ok[None, :])
 
 
-def supported(device: torch.device) -> str:
-    """'' when FP8 GEMMs run on `device`, else the reason they do not."""
-    if device.type != "cuda":
-        return f"FP8 GEMMs need an NVIDIA GPU, not {device.type}"
-    major, minor = torch.cuda.get_device_capability(device)
-    if (major, minor) < (8, 9):
-        return (
-            f"FP8 GEMMs need compute capability 8.9 or newer (Ada, Hopper, Blackwell); "
-            f"{torch.cuda.get_device_name(device)} is {major}.{minor}"
-        )
-    return ""
-
-
-def applies(x: torch.Tensor, out_features: int) -> bool:
-    """True when a projection of x (M, K) to out_features takes the FP8 forward (_scaled_mm wants K and N in
-    multiples of 16, and writes bf16 with row-wise scales)."""
-    return ENABLED and x.dtype == torch.bfloat16 and x.shape[-1] % 16 == 0 and out_features % 16 == 0
+def applies(x: torch.Tensor, lw) -> bool:
+    """True when lw's projection of x (M, K) takes the FP8 forward: `lw.opts.fp8` on, bf16, and K and N multiples of
+    16 (_scaled_mm's requirement; it writes bf16 with row-wise scales)."""
+    return lw.opts.fp8 and x.dtype == torch.bfloat16 and x.shape[-1] % 16 == 0 and lw.out_features % 16 == 0
 
 
 def quantize_rows_reference(x: torch.Tensor, out: torch.Tensor | None = None, col_scale: torch.Tensor | None = None):
@@ -316,7 +287,9 @@ def _nf4_t_launch(w, flat: torch.Tensor, row_scales: torch.Tensor) -> None:
 _ONES: dict[tuple[torch.device, int], torch.Tensor] = {}
 
 
-def grad_input(dy: torch.Tensor, w8t: torch.Tensor, sw: torch.Tensor, out: torch.Tensor | None = None):
+def grad_input(
+    dy: torch.Tensor, w8t: torch.Tensor, sw: torch.Tensor, out: torch.Tensor | None = None, fast_accum_max_k: int = 0
+):
     """dX (M, K) bf16 = dY W for dy (M, N) (unit stride along N), w8t = W8^T (K, N) e4m3 and sw (N,) W's row scales:
     the scales ride on dY's columns, so dY s_w is quantized row by row and the GEMM needs no scale along K."""
     d8, sd = quantize_rows(dy, col_scale=sw)
@@ -324,14 +297,14 @@ def grad_input(dy: torch.Tensor, w8t: torch.Tensor, sw: torch.Tensor, out: torch
     ones = _ONES.get((dy.device, k))
     if ones is None:
         ones = _ONES[(dy.device, k)] = torch.ones(1, k, dtype=torch.float32, device=dy.device)
-    return scaled_mm(d8, sd, w8t, ones, None, out)  # w8t as scaled_mm's "w8": its transpose is the (N, K) operand
+    # w8t as scaled_mm's "w8": its transpose is the (N, K) operand
+    return scaled_mm(d8, sd, w8t, ones, None, out, fast_accum_max_k)
 
 
 def backward_applies(dy: torch.Tensor, lw) -> bool:
-    """True when lw's backward dX takes the FP8 GEMM (BACKWARD on, an NF4 base, bf16, K and N multiples of 16)."""
+    """True when lw's backward dX takes the FP8 GEMM (`lw.opts.fp8`, an NF4 base, bf16, K and N multiples of 16)."""
     return (
-        ENABLED
-        and BACKWARD
+        lw.opts.fp8
         and lw.is_nf4
         and dy.dtype == torch.bfloat16
         and int(lw.weight.shape[1]) % 16 == 0
@@ -346,10 +319,12 @@ def scaled_mm(
     sw: torch.Tensor,
     bias: torch.Tensor | None,
     out: torch.Tensor | None = None,
+    fast_accum_max_k: int = 0,
 ) -> torch.Tensor:
-    """(x8 W8^T) s_x s_w^T + b in bf16: x8 (M, K), w8 (N, K) e4m3 row-major, sx (M, 1), sw (N,) or (1, N) fp32."""
+    """(x8 W8^T) s_x s_w^T + b in bf16: x8 (M, K), w8 (N, K) e4m3 row-major, sx (M, 1), sw (N,) or (1, N) fp32.
+    cuBLAS's fast accumulation where K <= `fast_accum_max_k` (KernelOptions.fp8_fast_accum_max_k)."""
     kw = {} if out is None else {"out": out}
-    fast = x8.is_cuda and x8.shape[1] <= FAST_ACCUM_MAX_K
+    fast = x8.is_cuda and x8.shape[1] <= fast_accum_max_k
     return torch._scaled_mm(
         x8, w8.t(), scale_a=sx, scale_b=sw.view(1, -1), bias=bias, out_dtype=torch.bfloat16, use_fast_accum=fast, **kw
     )

@@ -1,17 +1,14 @@
 """Triton GEMMs of the fused LoRA linear (LoRAFusion's split of the graph at the small (M, r) tensor S).
 
-    fused_gemm:     C (+)= X @ op(W) + l_scale * drop(S @ L) + bias      one pass, one write of C
-                    forward  Y  = X W^T + s S B^T + b     (op(W) = W^T, L = B^T, l_scale = s)
-                    backward dX = dY W + drop'(dS A)      (op(W) = W,   L = A,  mask on (m, n))
-                    W dense, or NF4 decoded inside the tile loop (w = code[nibble] * absmax, cast to
-                    X's dtype: the same numbers as dequantize-then-GEMM, without writing W to memory).
+    masked_lora_product: C += drop'(S @ L)                the backward's dX += drop'(dS A) after cuBLAS's dY W:
+                                                          the rank-r product, masked on (m, n), added in one pass
     dropout_down:   S  = (X * keep / (1-p)) @ A^T          dropout and the down-projection in one pass
     dropout_grad_a: dA = dS^T @ (X * keep / (1-p))         fp32 out, split over M, partials summed in order
     grad_s_b:       dS = dY @ (s B), dB = s dY^T @ S        both from ONE read of dY (fp32 partials per
                                                            tile, summed in a fixed order: deterministic)
 
-Shapes: X (M, K), W (N, K) for the forward, S (M, r), B (N, r), A (r, K); strides are passed, so
-transposed views need no copy. Accumulation is fp32; `tl.dot` uses exact fp32 ("ieee") for fp32
+Shapes: X (M, K), S (M, r), B (N, r), A (r, K), L (r, N); strides are passed, so transposed views need no copy.
+Accumulation is fp32; `tl.dot` uses exact fp32 ("ieee") for fp32
 operands and the tensor cores for bf16/fp16. The dropout mask is the counter hash of reference.py:
 keep[i, j] = mix32((i * cols + j) ^ key) >> 8 >= round(p * 2^24), regenerated wherever it is needed.
 Element counters are int32: M * K must stay below 2^31 (2^19 tokens at K = 4096).
@@ -59,113 +56,63 @@ if _runtime.HAS_TRITON:
         idx = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         tl.store(out_ptr + idx, _keep(_seed_key(seed_ptr, seed_off), idx, thresh).to(tl.int8), mask=idx < n)
 
-    _GEMM_CONFIGS = [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=w, num_stages=s)
-        for bm, bn, w, s in [(128, 256, 8, 3), (128, 128, 8, 3), (64, 128, 4, 4), (64, 64, 4, 4), (32, 64, 4, 4)]
+    _PRODUCT_CONFIGS = [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st)
+        for bm, bn, w, st in [(128, 128, 8, 3), (64, 128, 4, 4), (64, 64, 4, 4), (32, 64, 4, 4)]
     ]
 
     @_runtime.tuned(
-        _GEMM_CONFIGS,
-        key=["M_BUCKET", "N", "K", "HAS_BASE", "W_NF4", "HAS_LORA", "DROP_LORA"],
-        interpret_meta={"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 2},
+        _PRODUCT_CONFIGS,
+        key=["M_BUCKET", "N", "R"],
+        interpret_meta={"BLOCK_M": 16, "BLOCK_N": 32},
         restore_value=["c_ptr"],
     )
     @triton.jit
-    def _lora_gemm_kernel(
-        x_ptr,
-        w_ptr,
-        absmax_ptr,
-        code_ptr,
+    def _masked_product_kernel(
         s_ptr,
         l_ptr,
-        bias_ptr,
         c_ptr,
         M,
         N,
-        K,
         R,
         M_BUCKET,
-        stride_xm,
-        stride_xk,
-        stride_wk,
-        stride_wn,
         stride_sm,
         stride_sr,
         stride_lr,
         stride_ln,
         stride_cm,
         stride_cn,
-        l_scale,
         drop_seed_ptr,
         drop_seed_off,
         drop_thresh,
         drop_scale,
-        NF4_LOG2: tl.constexpr,
-        HAS_BASE: tl.constexpr,
-        W_NF4: tl.constexpr,
-        HAS_LORA: tl.constexpr,
-        DROP_LORA: tl.constexpr,
-        HAS_BIAS: tl.constexpr,
-        ACCUMULATE: tl.constexpr,
         PRECISION: tl.constexpr,
         BLOCK_R: tl.constexpr,
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
-        BLOCK_K: tl.constexpr,
-        GROUP_M: tl.constexpr,
     ):
-        # grouped ordering: GROUP_M row tiles sweep the column tiles together, so W tiles stay in L2
-        pid = tl.program_id(0)
-        num_m, num_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
-        first_m = (pid // (GROUP_M * num_n)) * GROUP_M
-        group_rows = tl.minimum(num_m - first_m, GROUP_M)
-        pid_m = first_m + (pid % (GROUP_M * num_n)) % group_rows
-        pid_n = (pid % (GROUP_M * num_n)) // group_rows
+        # C[m, n] += keep(m, n) * scale * (S L)[m, n]: the mask is the forward's dropout mask of x, read on (m, n)
+        pid_m, pid_n = tl.program_id(0), tl.program_id(1)
         rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        if HAS_BASE:
-            for k0 in range(0, K, BLOCK_K):
-                kk = k0 + tl.arange(0, BLOCK_K)
-                a = tl.load(
-                    x_ptr + rm[:, None].to(tl.int64) * stride_xm + kk[None, :] * stride_xk,
-                    mask=(rm[:, None] < M) & (kk[None, :] < K),
-                    other=0.0,
-                )
-                w_mask = (kk[:, None] < K) & (rn[None, :] < N)
-                w_idx = kk[:, None] * stride_wk + rn[None, :] * stride_wn
-                if W_NF4:
-                    byte = tl.load(w_ptr + (w_idx >> 1), mask=w_mask, other=0).to(tl.int32)
-                    nibble = (byte >> ((1 - (w_idx & 1)) * 4)) & 15
-                    scale = tl.load(absmax_ptr + (w_idx >> NF4_LOG2), mask=w_mask, other=0.0)
-                    w = (tl.load(code_ptr + nibble) * scale).to(x_ptr.dtype.element_ty)
-                else:
-                    w = tl.load(w_ptr + w_idx, mask=w_mask, other=0.0)
-                acc = tl.dot(a, w, acc, input_precision=PRECISION)
-        if HAS_LORA:
-            rr = tl.arange(0, BLOCK_R)
-            s = tl.load(
-                s_ptr + rm[:, None] * stride_sm + rr[None, :] * stride_sr,
-                mask=(rm[:, None] < M) & (rr[None, :] < R),
-                other=0.0,
-            )
-            lw = tl.load(
-                l_ptr + rr[:, None] * stride_lr + rn[None, :] * stride_ln,
-                mask=(rr[:, None] < R) & (rn[None, :] < N),
-                other=0.0,
-            )
-            lora = tl.dot(s, lw, input_precision=PRECISION) * l_scale
-            if DROP_LORA:
-                keep = _keep(_seed_key(drop_seed_ptr, drop_seed_off), rm[:, None] * N + rn[None, :], drop_thresh)
-                lora = tl.where(keep, lora * drop_scale, 0.0)
-            acc += lora
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+        rr = tl.arange(0, BLOCK_R)
+        s = tl.load(
+            s_ptr + rm[:, None] * stride_sm + rr[None, :] * stride_sr,
+            mask=(rm[:, None] < M) & (rr[None, :] < R),
+            other=0.0,
+        )
+        lw = tl.load(
+            l_ptr + rr[:, None] * stride_lr + rn[None, :] * stride_ln,
+            mask=(rr[:, None] < R) & (rn[None, :] < N),
+            other=0.0,
+        )
+        prod = tl.dot(s, lw, input_precision=PRECISION)
+        keep = _keep(_seed_key(drop_seed_ptr, drop_seed_off), rm[:, None] * N + rn[None, :], drop_thresh)
+        prod = tl.where(keep, prod * drop_scale, 0.0)
         c_mask = (rm[:, None] < M) & (rn[None, :] < N)
         c_ptrs = c_ptr + rm[:, None].to(tl.int64) * stride_cm + rn[None, :] * stride_cn
-        if ACCUMULATE:
-            acc += tl.load(c_ptrs, mask=c_mask, other=0.0).to(tl.float32)
-        tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=c_mask)
+        prod += tl.load(c_ptrs, mask=c_mask, other=0.0).to(tl.float32)
+        tl.store(c_ptrs, prod.to(c_ptr.dtype.element_ty), mask=c_mask)
 
     _SKINNY_CONFIGS = [
         triton.Config({"BLOCK_M": bm, "BLOCK_K": bk}, num_warps=4, num_stages=s)
@@ -275,7 +222,6 @@ if _runtime.HAS_TRITON:
         [triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=3) for bn, w in [(64, 4), (128, 8)]],
         key=["M_BUCKET", "N", "R"],
         interpret_meta={"BLOCK_N": 32},
-        fixed=0,
     )
     @triton.jit
     def _grad_s_b_kernel(
@@ -380,80 +326,30 @@ def keep_mask(seed, rows: int, cols: int, p: float, device) -> torch.Tensor:
     return out.view(rows, cols).bool()
 
 
-def fused_gemm(
-    out: torch.Tensor,
-    x: torch.Tensor | None = None,
-    *,
-    w=None,
-    w_nf4=None,
-    nf4_absmax=None,
-    transpose_w: bool = True,
-    s=None,
-    rhs=None,
-    l_scale: float = 1.0,
-    bias=None,
-    drop: Dropout | None = None,
-    accumulate: bool = False,
-) -> torch.Tensor:
-    """out (M, N) (+)= x @ op(W) + l_scale * drop(s @ rhs) + bias; op(W) = W^T if transpose_w else W.
-
-    W is `w` (dense, any strides) or `w_nf4` (an NF4Weight with its fp32 `nf4_absmax`); neither means
-    no base term (then x may be None). `rhs` is (r, N) as a view (pass B.t() or A). `drop` masks the
-    LoRA term on (m, n), which is the backward's drop'(dS A).
-    """
+def masked_lora_product(out: torch.Tensor, s: torch.Tensor, rhs: torch.Tensor, drop: Dropout) -> torch.Tensor:
+    """out (M, N) += drop'(s @ rhs): s (M, r), rhs (r, N) (any strides, e.g. A), the product masked by `drop` on
+    (m, n) and scaled by 1 / (1 - p), in fp32 before one rounding into out's dtype."""
     M, N = out.shape
-    dummy = out  # pointer for operands a constexpr flag switches off
-    if w_nf4 is not None:
-        cols = w_nf4.shape[1]
-        stride_wk, stride_wn = (1, cols) if transpose_w else (cols, 1)
-        w_arg, code = w_nf4.packed, w_nf4.code
-    elif w is not None:
-        stride_wk, stride_wn = (w.stride(1), w.stride(0)) if transpose_w else (w.stride(0), w.stride(1))
-        w_arg, code = w, dummy
-    else:
-        stride_wk = stride_wn = 0
-        w_arg = code = dummy
-    has_base = w_arg is not dummy
-    K = x.shape[1] if has_base else 0
-    if drop is not None:
-        _check_counters(M, N)
-    r = 0 if s is None else s.shape[1]
-    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
-    _lora_gemm_kernel[grid](
-        x if has_base else dummy,
-        w_arg,
-        nf4_absmax if nf4_absmax is not None else dummy,
-        code,
-        s if s is not None else dummy,
-        rhs if rhs is not None else dummy,
-        bias if bias is not None else dummy,
+    _check_counters(M, N)
+    r = s.shape[1]
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_N"]))  # noqa: E731
+    _masked_product_kernel[grid](
+        s,
+        rhs,
         out,
         M,
         N,
-        K,
         r,
         _bucket(M),
-        x.stride(0) if has_base else 0,
-        x.stride(1) if has_base else 0,
-        stride_wk,
-        stride_wn,
-        s.stride(0) if s is not None else 0,
-        s.stride(1) if s is not None else 0,
-        rhs.stride(0) if rhs is not None else 0,
-        rhs.stride(1) if rhs is not None else 0,
+        s.stride(0),
+        s.stride(1),
+        rhs.stride(0),
+        rhs.stride(1),
         out.stride(0),
         out.stride(1),
-        float(l_scale),
-        *(drop.seed_args(out.device) if drop else (dummy, 0)),
-        drop.thresh if drop else 0,
-        drop.scale if drop else 1.0,
-        NF4_LOG2=(w_nf4.blocksize.bit_length() - 1) if w_nf4 is not None else 0,
-        HAS_BASE=has_base,
-        W_NF4=w_nf4 is not None,
-        HAS_LORA=s is not None,
-        DROP_LORA=drop is not None,
-        HAS_BIAS=bias is not None,
-        ACCUMULATE=accumulate,
+        *drop.seed_args(out.device),
+        drop.thresh,
+        drop.scale,
         PRECISION=_runtime.dot_precision(out.dtype),
         BLOCK_R=_block_r(r),
     )

@@ -3,24 +3,24 @@
 Shapes: x (M, K) tokens x in_features, W (N, K) dense or NF4, A (r, K), B (N, r), b (N,), y (M, N).
 Intermediate S = drop(x) A^T (M, r) is the only LoRA tensor that touches memory (LoRAFusion's split).
 
-Forward, per shape (see `dispatch`):
+Forward:
     S  = x A^T                      torch.mm, or dropout+GEMM in one Triton pass when p > 0
     y  = x W^T + b;  y += S Bs^T    cuBLAS: addmm into y, then addmm_ of the rank-r term (no temporary);
                                     W NF4 -> dequantized into the shared buffer first (`dequant_buffer`)
-    or y = fused_gemm(...)          one Triton GEMM, the rank-r product added in the same fp32
-                                    accumulator; NF4 decoded inside the tiles (never written to memory)
-    train.fp8 (fp8.py): x W^T in e4m3 with row-wise scales (NF4 decoded straight to e4m3, the same shared
-                                    buffer); with fp8.BACKWARD the backward's dY W too; the rank-r terms stay bf16
+    opts.fp8 (fp8.py): x W^T in e4m3 with row-wise scales (NF4 decoded straight to e4m3, the same shared
+                                    buffer), and for NF4 the backward's dY W too; the rank-r terms stay bf16
 Bs = s B (N x r) in the compute dtype (one kernel: fp32 product, one rounding). Backward (dY (M, N)):
     dS = dY Bs                      (M, r)
     dB = s dY^T S                   (N, r)   from the saved S, no recompute; s applied in the GEMM (alpha)
     dA = dS^T drop(x)               (r, K)   torch.mm, or the Triton kernel regenerating the mask
-    dx = dY W + drop'(dS A)         cuBLAS mm + addmm_ (or + a masked Triton pass), or one fused GEMM
+    dx = dY W + drop'(dS A)         cuBLAS mm + addmm_ (+ a masked Triton pass with dropout)
     db = sum_m dY                   only when the bias is trainable (never for LoRA bases)
-GEMM launches: forward 3 on the cuBLAS path (x A^T, x W^T, the addmm_ of S B^T) or 2 fused; backward 5
-(dS, dB, dA, dY W, the addmm_ of dS A) or 4 fused; one fewer with FUSED_DS_DB, where one Triton kernel
-forms dS and dB from a single read of dY (LoRAFusion's third fusion; off until measured faster). Every
-rank-r product is bracketed small-first: no intermediate of size (M, K), (M, N) or (N, K) besides y, dx.
+GEMM launches: forward 3 (x A^T, x W^T, the addmm_ of S B^T); backward 5 (dS, dB, dA, dY W, the addmm_ of
+dS A), one fewer with opts.fused_ds_db, where one Triton kernel forms dS and dB from a single read of dY
+(LoRAFusion's third fusion; an experimental switch until measured faster). Every rank-r product is bracketed
+small-first: no intermediate of size (M, K), (M, N) or (N, K) besides y, dx. NF4 weights are dequantized into
+one shared buffer and multiplied by cuBLAS: a Triton GEMM decoding NF4 inside its tiles measured 12-60x slower
+on an H200 at 2048 tokens, so there is none.
 
 Saved for backward: x and S (M x r, 0.4% of x at r = 16 and K = 4096), and the forward's casts of A and Bs
 (r x (K + N) each in the compute dtype: ~260 KB at 4096 / r = 16), so the backward launches no cast (four
@@ -39,50 +39,25 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 
 import torch
 
 from . import _runtime, fp8
-from .nf4_dequant import nf4_absmax, nf4_dequantize
+from .nf4_dequant import nf4_dequantize
 from .reference import LoRAWeights, lora_linear_reference
 
 if _runtime.HAS_TRITON:
-    from .lora_gemm import Dropout, dropout_down, dropout_grad_a, fused_gemm, grad_s_b
-
-# Largest token count M that takes the fused Triton GEMM (NF4 decoded inside the tiles); above it,
-# dequantize + cuBLAS. The floors suggested a crossover near 256 tokens at 4096 x 4096, but the first
-# version of the in-tile kernel measured 12-60x slower than dequantize + cuBLAS on an H200 (2048 tokens,
-# benchmarks/NOTES.md 2026-11-28), so it is off by default until a faster version measures ahead;
-# benchmarks/bench_kernels.py --ops lora_nf4_sweep finds the crossover, and the env vars override.
-NF4_FUSED_MAX_M = int(os.environ.get("LORAFUSE_NF4_FUSED_MAX_M", "0"))
-DENSE_FUSED_MAX_M = int(os.environ.get("LORAFUSE_DENSE_FUSED_MAX_M", "0"))
-# dS and dB from one read of dY (lora_gemm.grad_s_b) instead of two skinny cuBLAS GEMMs. It saves one
-# M x N read of dY (~5 us at 2048 x 4096 bf16) and costs two small partial-sum reductions: off until
-# the benchmark shows it wins on the card.
-FUSED_DS_DB = os.environ.get("LORAFUSE_FUSED_DS_DB", "0") == "1"
-
-# The dequantization buffer's cap in MiB (0: none). A larger NF4 weight is dequantized and multiplied in row
-# parts that each fit, so QLoRA's one dense weight on the peak shrinks (the MLP's 90 MB at Llama-2-7B: 45 MB
-# with a 48 MiB cap) for a few more, smaller GEMMs. Off by default: a memory-lean option until measured.
-ENV_DEQUANT_CAP_BYTES = int(os.environ.get("LORAFUSE_DEQUANT_CAP_MIB", "0")) << 20
-DEQUANT_CAP_BYTES = ENV_DEQUANT_CAP_BYTES  # train.dequant_cap_mib sets it (train/runtime.prepare_model)
+    from .lora_gemm import Dropout, dropout_down, dropout_grad_a, grad_s_b, masked_lora_product
 
 
-def dequant_rows(rows: int, numel: int, step: int, elem_bytes: int, cap: int | None = None) -> int:
-    """Rows per part when a (rows, numel / rows) weight is dequantized under the cap (bytes): a multiple of
+def dequant_rows(rows: int, numel: int, step: int, elem_bytes: int, cap: int) -> int:
+    """Rows per part when a (rows, numel / rows) weight is dequantized under the cap (bytes; 0: none): a multiple of
     `step` (the NF4 cut alignment), `rows` itself when it fits or there is no cap."""
-    cap = DEQUANT_CAP_BYTES if cap is None else cap
     if not cap or numel * elem_bytes <= cap:
         return rows
     parts = -(-numel * elem_bytes // cap)  # ceil
     per_part = -(-rows // parts)
     return min(rows, -(-per_part // step) * step)  # rounded up to the cut alignment
-
-
-def dispatch(m: int, is_nf4: bool) -> str:
-    """ "fused" (one Triton GEMM) or "cublas" (dequantize-to-buffer + torch.matmul) for m tokens."""
-    return "fused" if m <= (NF4_FUSED_MAX_M if is_nf4 else DENSE_FUSED_MAX_M) else "cublas"
 
 
 class Operands:
@@ -118,14 +93,6 @@ class Operands:
         """(A, s B) in the compute dtype, for save_for_backward (None, None without LoRA)."""
         return self.a, self.b_scaled
 
-    def base(self, m: int) -> dict:
-        """fused_gemm's weight arguments when m tokens take the fused path, else {}."""
-        if dispatch(m, self.lw.is_nf4) != "fused":
-            return {}
-        if self.lw.is_nf4:
-            return {"w_nf4": self.lw.weight, "nf4_absmax": nf4_absmax(self.lw.weight)}
-        return {"w": self.dense()}
-
     def dense(self) -> torch.Tensor:
         """W in the compute dtype (for NF4: the shared buffer, valid until the next dequantize)."""
         if self.lw.is_nf4:
@@ -135,13 +102,14 @@ class Operands:
 
     def dense_parts(self):
         """[(r0, r1, W[r0:r1] dense)] with each part dequantized on demand into the shared buffer (valid until the
-        next part's): one part unless an NF4 weight exceeds DEQUANT_CAP_BYTES. A generator: each part is made
+        next part's): one part unless an NF4 weight exceeds opts.dequant_cap_bytes. A generator: each part is made
         after the caller's GEMMs on the previous one were queued (same stream, so the reuse is ordered)."""
         w = self.lw.weight
         if not self.lw.is_nf4:
             yield 0, w.shape[0], self.dense()
             return
-        rows = dequant_rows(w.shape[0], w.numel, w.row_alignment(), torch.finfo(self.dtype).bits // 8)
+        cap = self.lw.opts.dequant_cap_bytes
+        rows = dequant_rows(w.shape[0], w.numel, w.row_alignment(), torch.finfo(self.dtype).bits // 8, cap)
         for r0 in range(0, w.shape[0], rows):
             part = w.rows(r0, min(w.shape[0], r0 + rows)) if rows < w.shape[0] else w
             yield (
@@ -166,7 +134,7 @@ class Operands:
             yield 0, rows_total, w8, sw.view(-1)
             return
         scales = fp8.nf4_row_scales(w)
-        rows = dequant_rows(rows_total, w.numel, w.row_alignment(), 1)
+        rows = dequant_rows(rows_total, w.numel, w.row_alignment(), 1, self.lw.opts.dequant_cap_bytes)
         decode = fp8.nf4_to_fp8_t if transposed else fp8.nf4_to_fp8
         for r0 in range(0, rows_total, rows):
             r1 = min(rows_total, r0 + rows)
@@ -180,9 +148,9 @@ class Operands:
 
 
 def fp8_input(x: torch.Tensor, lw: LoRAWeights):
-    """(x8, s_x) for x (M, K) when lw's forward takes FP8 GEMMs (fp8.applies, cuBLAS dispatch), else None. Callers
-    whose projections share x (q, k, v; gate, up) quantize it once and pass it to each `lora_forward`."""
-    if fp8.applies(x, lw.out_features) and dispatch(x.shape[0], lw.is_nf4) == "cublas":
+    """(x8, s_x) for x (M, K) when lw's forward takes FP8 GEMMs (fp8.applies), else None. Callers whose projections
+    share x (q, k, v; gate, up) quantize it once and pass it to each `lora_forward`."""
+    if fp8.applies(x, lw):
         return fp8.quantize_rows(x)
     return None
 
@@ -193,8 +161,8 @@ _BUFFERS: dict[torch.device, torch.Tensor] = {}  # bytes
 def dequant_buffer(device: torch.device, dtype: torch.dtype, numel: int) -> torch.Tensor:
     """The one per-device dequantization buffer as `numel` elements of `dtype` (flat), grown if smaller.
 
-    Shared by every NF4 projection here, by the q|k|v group (lora_group.py) and by the FP8 forward's 1-byte
-    weights (fp8.py), so QLoRA adds one dense weight (or one group) to peak memory: the largest request in bytes.
+    Shared by every NF4 projection and by the FP8 forward's 1-byte weights (fp8.py), so QLoRA adds one dense
+    weight to peak memory: the largest request in bytes.
     Reused in stream order: a caller finishes its GEMMs on one dequantized weight before the next dequantize
     (every user does: dequantize, matmul, next).
     """
@@ -221,21 +189,17 @@ def lora_forward(x: torch.Tensor, ops: Operands, xq: tuple | None = None):
     lw = ops.lw
     s = lora_down(x, ops)
     y = torch.empty(x.shape[0], lw.out_features, dtype=ops.dtype, device=x.device)
-    fused = ops.base(x.shape[0])
-    if fused:
-        lora = {} if s is None else {"s": s, "rhs": ops.b_scaled.t(), "l_scale": 1.0}
-        fused_gemm(y, x, transpose_w=True, bias=ops.bias, **fused, **lora)
-        return y, s
-    xq = (xq or fp8.quantize_rows(x)) if fp8.applies(x, lw.out_features) else None
+    xq = (xq or fp8.quantize_rows(x)) if fp8.applies(x, lw) else None
+    fast_k = lw.opts.fp8_fast_accum_max_k
     parts = ops.dense_parts() if xq is None else ops.fp8_parts()
     for r0, r1, w, *sw in parts:  # one part unless the weight exceeds the dequantization cap
         out = y if r1 - r0 == y.shape[1] else y[:, r0:r1]  # a column block: cuBLAS writes it with ld = N
         if sw:  # FP8: (x8 W8^T) s_x s_w^T (+ b) in bf16; a column block via a copy (_scaled_mm writes whole tensors)
             bias = None if ops.bias is None else ops.bias[r0:r1]
             if out is y:
-                fp8.scaled_mm(*xq, w, sw[0], bias, out=y)
+                fp8.scaled_mm(*xq, w, sw[0], bias, out=y, fast_accum_max_k=fast_k)
             else:
-                out.copy_(fp8.scaled_mm(*xq, w, sw[0], bias))
+                out.copy_(fp8.scaled_mm(*xq, w, sw[0], bias, fast_accum_max_k=fast_k))
         elif ops.bias is not None:
             torch.addmm(ops.bias[r0:r1], x, w.t(), out=out)
         else:
@@ -267,7 +231,7 @@ def lora_grad_s_b(dy: torch.Tensor, s: torch.Tensor | None, ops: Operands):
     if not lw.has_lora:
         return None, None
     b_scaled = ops.b_scaled
-    if FUSED_DS_DB:
+    if lw.opts.fused_ds_db:
         ds, d_b = grad_s_b(dy, s, b_scaled, lw.scaling)
         return ds, d_b.to(lw.lora_B.dtype)
     ds = torch.mm(dy, b_scaled)
@@ -305,21 +269,17 @@ def bias_grad(dy: torch.Tensor, ops: Operands):
 
 def lora_input_grad(dy, ds, ops: Operands, dx=None, accumulate: bool = False) -> torch.Tensor:
     """dx (+)= dY W + drop'(dS A)."""
-    m = dy.shape[0]
     if dx is None:
-        dx = torch.empty(m, ops.lw.weight.shape[1], dtype=ops.dtype, device=dy.device)
-    fused = ops.base(m)
-    if fused:
-        lora = {} if ds is None else {"s": ds, "rhs": ops.a, "drop": ops.drop}
-        return fused_gemm(dx, dy, transpose_w=False, accumulate=accumulate, **fused, **lora)
-    # dY W summed over W's row parts (one unless over the cap); in FP8 (fp8.BACKWARD) from W8^T and s_w
+        dx = torch.empty(dy.shape[0], ops.lw.weight.shape[1], dtype=ops.dtype, device=dy.device)
+    # dY W summed over W's row parts (one unless over the cap); in FP8 (opts.fp8, NF4) from W8^T and s_w
     parts = ops.fp8_parts(transposed=True) if fp8.backward_applies(dy, ops.lw) else ops.dense_parts()
+    fast_k = ops.lw.opts.fp8_fast_accum_max_k
     for r0, r1, w, *sw in parts:
         g = dy if r1 - r0 == dy.shape[1] else dy[:, r0:r1]
         if sw and (accumulate or r0 > 0):  # _scaled_mm cannot accumulate: an add of the part
-            dx.add_(fp8.grad_input(g, w, sw[0]))
+            dx.add_(fp8.grad_input(g, w, sw[0], fast_accum_max_k=fast_k))
         elif sw:
-            fp8.grad_input(g, w, sw[0], out=dx)
+            fp8.grad_input(g, w, sw[0], out=dx, fast_accum_max_k=fast_k)
         elif accumulate or r0 > 0:
             dx.addmm_(g, w)
         else:
@@ -330,7 +290,7 @@ def lora_input_grad(dy, ds, ops: Operands, dx=None, accumulate: bool = False) ->
 def add_lora_input_grad(dx: torch.Tensor, ds: torch.Tensor | None, ops: Operands) -> torch.Tensor:
     """dx += drop'(dS A) (nothing without LoRA)."""
     if ds is not None and ops.drop is not None:
-        fused_gemm(dx, s=ds, rhs=ops.a, drop=ops.drop, accumulate=True)
+        masked_lora_product(dx, ds, ops.a, ops.drop)
     elif ds is not None:
         dx.addmm_(ds, ops.a)
     return dx
@@ -383,3 +343,11 @@ def lora_linear(x: torch.Tensor, lw: LoRAWeights, xq: tuple | None = None) -> to
     dense = lw.weight if isinstance(lw.weight, torch.Tensor) else None
     y = LoRALinearFunction.apply(x2, dense, lw.bias, lw.lora_A, lw.lora_B, lw, xq)
     return y.view(*x.shape[:-1], y.shape[-1])
+
+
+def lora_linears(x: torch.Tensor, specs) -> tuple[torch.Tensor, ...]:
+    """(lora_linear(x, lw) for lw in specs): projections of one input (q, k, v). With FP8 the rows of x are quantized
+    once for all of them. Seeds are drawn in order, as separate calls would draw them."""
+    specs = tuple(with_seed(lw) for lw in specs)
+    xq = fp8_input(x.reshape(-1, x.shape[-1]), specs[0]) if _runtime.use_triton(x) else None
+    return tuple(lora_linear(x, lw, xq) for lw in specs)

@@ -30,6 +30,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from lorafuse.options import KernelOptions
+
 _M32 = 0xFFFFFFFF
 # Wellons' "lowbias32" hash constants (both < 2**31, so int64 products never overflow in torch).
 HASH_MUL1, HASH_MUL2 = 0x21F0AAAD, 0x735A2D97
@@ -94,6 +96,7 @@ class LoRAWeights:
     fp32 Parameters; None for a plain (non-LoRA) linear. seed: the dropout mask's seed, needed when
     dropout_p > 0: an int the caller draws (so a checkpoint recompute can redraw the same one), or a
     DropoutSeed on the device (the fast path's: per module, advanced per forward, CUDA-graph safe).
+    opts: what the fused kernels do with it (FP8, the dequantization cap, ...): the run's KernelOptions.
     """
 
     weight: object
@@ -103,6 +106,7 @@ class LoRAWeights:
     scaling: float = 1.0
     dropout_p: float = 0.0
     seed: int | DropoutSeed | None = None
+    opts: KernelOptions = KernelOptions()
 
     @property
     def is_nf4(self) -> bool:

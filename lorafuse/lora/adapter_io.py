@@ -35,6 +35,7 @@ from torch import nn
 from lorafuse.atomic import atomic_folder
 from lorafuse.errors import LorafuseError, ModelError
 from lorafuse.lora import token_rows
+from lorafuse.model.state import model_state
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -133,7 +134,7 @@ def lora_layers(model) -> dict[str, nn.Module]:
 
 def adapter_config_for(model, layers: dict, base_name: str | None) -> dict:
     """The full peft LoraConfig dict describing `layers` (ranks/alphas differing per layer -> rank/alpha_pattern)."""
-    info = dict(getattr(model, "lorafuse_lora", None) or {})
+    info = dict(model_state(model).lora or {})
     first = next(iter(layers.values()))
     ranks = [m.r for m in layers.values()]
     alphas = [m.alpha for m in layers.values()]
@@ -175,7 +176,7 @@ def _target_modules_entry(model, targeted: set[str], save_names: list[str]) -> l
 
 def saved_module_names(model) -> list[str]:
     """Full names of the modules trained whole (modules_to_save, plus tied partners), as apply_lora recorded them."""
-    info = getattr(model, "lorafuse_lora", None) or {}
+    info = model_state(model).lora or {}
     if "trained_module_names" in info:
         return list(info["trained_module_names"])
     return resolve_modules_to_save(model, info.get("modules_to_save") or [])
@@ -218,13 +219,13 @@ def adapter_state_dict(model, layers: dict, save_names, dtype=None) -> dict[str,
 
 
 def _base_name(model) -> str | None:
-    base = getattr(model, "lorafuse_base", None) or {}
+    base = model_state(model).base
     return base.get("name_or_path") or getattr(getattr(model, "config", None), "_name_or_path", None) or None
 
 
 def _base_tokenizer(model):
     """The base's tokenizer (as load_model makes it), when the base came from a local folder."""
-    folder = (getattr(model, "lorafuse_base", None) or {}).get("folder") or _base_name(model)
+    folder = model_state(model).base.get("folder") or _base_name(model)
     if not folder or not Path(folder).is_dir():
         return None
     from lorafuse.model.load import load_tokenizer
@@ -240,7 +241,7 @@ def _lorafuse_facts(model, tensors) -> dict:
     import lorafuse
     from lorafuse.quant.nf4 import NF4Weight
 
-    base = dict(getattr(model, "lorafuse_base", None) or {})
+    base = dict(model_state(model).base)
     nf4 = next((m.weight for m in model.modules() if isinstance(getattr(m, "weight", None), NF4Weight)), None)
     if nf4 is not None:  # the weights themselves are the ground truth for the quantization settings
         base.update(quant="nf4", blocksize=nf4.blocksize, double_quant=bool(nf4.double_quant))

@@ -53,6 +53,7 @@ from lorafuse.lora.adapter_load import (
     read_adapter_config,
     read_lorafuse_facts,
 )
+from lorafuse.model.state import model_state
 
 CHECK_FACTOR = 4  # observed diff / one noise draw: 0.6-1.6 on tiny models; gross errors are >= 30x
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -119,7 +120,7 @@ def merge(
         del model
         gc.collect()
         model, tokenizer = _adapter_model(base_path, adapter_dir, trained, nf4=False)
-        if model.lorafuse_base.get("quant") == "nf4":
+        if model_state(model).base.get("quant") == "nf4":
             raise ModelError(
                 f"from_16bit=True, but {base_path} holds only 4-bit weights",
                 "pass the original 16-bit base model folder, or drop from_16bit",

@@ -34,13 +34,15 @@ tensor they join (the embedding output, the logits).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lorafuse.errors import ModelError
+from lorafuse.model.state import model_state
 
 ADAPTER_NAME = "token_adapter"  # peft's attribute names (TrainableTokensWrapper.token_adapter.trainable_tokens_delta)
 VALUES_NAME = "trainable_tokens_delta"
@@ -73,8 +75,25 @@ class Rows:
     values: Tensor
 
 
-def _embedding_hook(module: nn.Module, args, output: Tensor) -> Tensor:
-    rows: TokenRows = module.lorafuse_token_rows[0]
+@dataclass
+class TokenRowsState:
+    """A model's trainable token rows (`model_state(model).tokens`): the ids, which tables have rows (module names),
+    the rows themselves (a tied head reads the embedding's) and the forward hooks that apply them."""
+
+    ids: list[int]
+    tied: bool
+    embedding: str | None = None
+    head: str | None = None
+    embed_rows: TokenRows | None = None
+    head_rows: TokenRows | None = None
+    hooks: list = field(default_factory=list)
+
+
+def state(model: nn.Module) -> TokenRowsState | None:
+    return model_state(model).tokens
+
+
+def _embedding_hook(rows: TokenRows, module: nn.Module, args, output: Tensor) -> Tensor:
     ids = args[0] if args else None
     if ids is None:
         return output
@@ -86,21 +105,19 @@ def _embedding_hook(module: nn.Module, args, output: Tensor) -> Tensor:
     return torch.where((pos >= 0).unsqueeze(-1), picked, output)
 
 
-def _head_hook(module: nn.Module, args, output: Tensor) -> Tensor:
-    rows: TokenRows = module.lorafuse_token_rows[0]
-    x = args[0]
-    cols = F.linear(x.to(output.dtype), rows.values.to(output.dtype))  # (..., k)
+def _head_hook(rows: TokenRows, module: nn.Module, args, output: Tensor) -> Tensor:
+    cols = F.linear(args[0].to(output.dtype), rows.values.to(output.dtype))  # (..., k)
     if module.bias is not None:
         cols = cols + module.bias[rows.token_indices].to(cols.dtype)
     return output.index_copy_(-1, rows.token_indices, cols)  # the linear saved its input, not its output
 
 
-def head_rows(head: nn.Module | None) -> Rows | None:
-    """The trainable rows the head reads (its own, or the tied embedding's), or None."""
-    held = getattr(head, "lorafuse_token_rows", None)
-    if not held:
+def head_rows(model: nn.Module) -> Rows | None:
+    """The trainable rows the output head reads (its own, or the tied embedding's), or None."""
+    st = state(model)
+    if st is None or st.head_rows is None:
         return None
-    return Rows(held[0].token_indices, held[0].values)
+    return Rows(st.head_rows.token_indices, st.head_rows.values)
 
 
 def tables(model: nn.Module) -> tuple[nn.Module, nn.Module | None, bool]:
@@ -119,28 +136,27 @@ def attach(model: nn.Module, ids, embed_values: Tensor | None, head_values: Tens
     """Give the model trainable rows for token `ids`: `embed_values` (k, D) for the input embedding, `head_values`
     (k, D) for an untied head (None: that table gets no rows, e.g. it is trained whole). Tied tables take
     `embed_values` for both. The rows train (requires_grad) from here on."""
-    if getattr(model, "lorafuse_token_rows", None):
+    if state(model) is not None:
         raise ModelError("the model already has trainable token rows", "attach token rows once per loaded model")
     emb, head, tied = tables(model)
     ids = torch.as_tensor(list(ids), dtype=torch.long)
-    hooks, info = [], {"ids": ids.tolist(), "tied": tied, "embedding": None, "head": None}
+    st = TokenRowsState(ids.tolist(), tied)
     if embed_values is not None:
         _check_values(emb.weight, ids, embed_values, "input embedding")
-        setattr(emb, ADAPTER_NAME, TokenRows(ids, embed_values.to(emb.weight.device), emb.weight.shape[0]))
-        emb.lorafuse_token_rows = (getattr(emb, ADAPTER_NAME),)  # a tuple: not registered as a child twice
-        hooks.append(emb.register_forward_hook(_embedding_hook))
-        info["embedding"] = module_name(model, emb)
-    if head is not None and (tied and embed_values is not None or head_values is not None):
-        if tied:
-            head.lorafuse_token_rows = emb.lorafuse_token_rows
-        else:
-            _check_values(head.weight, ids, head_values, "output head")
-            setattr(head, ADAPTER_NAME, TokenRows(ids, head_values.to(head.weight.device), head.weight.shape[0]))
-            head.lorafuse_token_rows = (getattr(head, ADAPTER_NAME),)
-        hooks.append(head.register_forward_hook(_head_hook))
-        info["head"] = module_name(model, head)
-    model.lorafuse_token_rows = info
-    model.lorafuse_token_row_hooks = hooks
+        st.embed_rows = TokenRows(ids, embed_values.to(emb.weight.device), emb.weight.shape[0])
+        setattr(emb, ADAPTER_NAME, st.embed_rows)
+        st.hooks.append(emb.register_forward_hook(partial(_embedding_hook, st.embed_rows)))
+        st.embedding = module_name(model, emb)
+    if head is not None and not tied and head_values is not None:
+        _check_values(head.weight, ids, head_values, "output head")
+        st.head_rows = TokenRows(ids, head_values.to(head.weight.device), head.weight.shape[0])
+        setattr(head, ADAPTER_NAME, st.head_rows)
+    elif tied and st.embed_rows is not None:
+        st.head_rows = st.embed_rows
+    if st.head_rows is not None:
+        st.hooks.append(head.register_forward_hook(partial(_head_hook, st.head_rows)))
+        st.head = module_name(model, head)
+    model_state(model).tokens = st
 
 
 def _check_values(weight: Tensor, ids: Tensor, values: Tensor, what: str) -> None:
@@ -158,20 +174,15 @@ def _check_values(weight: Tensor, ids: Tensor, values: Tensor, what: str) -> Non
         )
 
 
-def info(model: nn.Module) -> dict | None:
-    """{"ids", "tied", "embedding": module name or None, "head": module name or None}, or None without rows."""
-    return getattr(model, "lorafuse_token_rows", None) or None
-
-
 def peft_indices_entry(model: nn.Module) -> list[int] | dict[str, list[int]] | None:
     """adapter_config.json's `trainable_token_indices` for the model's rows: a list when peft's list rule (the input
     embedding, and a head tied to it) says it; else {module name: ids} per table with rows."""
-    rows = info(model)
-    if rows is None:
+    st = state(model)
+    if st is None:
         return None
-    if rows["embedding"] is not None and (rows["tied"] or rows["head"] is None):
-        return list(rows["ids"])
-    return {_short(model, name): list(rows["ids"]) for name in (rows["embedding"], rows["head"]) if name}
+    if st.embedding is not None and (st.tied or st.head is None):
+        return list(st.ids)
+    return {_short(model, name): list(st.ids) for name in (st.embedding, st.head) if name}
 
 
 def _short(model: nn.Module, name: str) -> str:
@@ -224,28 +235,25 @@ def attach_saved(model: nn.Module, rows: dict, tensors: dict[str, Tensor]) -> No
 
 def fold(model: nn.Module) -> None:
     """Write the rows into the tables (W[I] = R, in the tables' dtype) and remove them: what merge saves."""
-    rows = info(model)
-    if rows is None:
+    st = state(model)
+    if st is None:
         return
     emb, head, _ = tables(model)
     with torch.no_grad():
-        for module in (emb, head):
-            own = getattr(module, ADAPTER_NAME, None) if module is not None else None
-            if own is not None:
-                module.weight.index_copy_(0, own.token_indices, own.values.to(module.weight.dtype))
+        for module, rows in ((emb, st.embed_rows), (head, None if st.tied else st.head_rows)):
+            if rows is not None:
+                module.weight.index_copy_(0, rows.token_indices, rows.values.to(module.weight.dtype))
     detach(model)
 
 
 def detach(model: nn.Module) -> None:
     """Remove the rows and their hooks (the tables as they were, unless `fold` wrote into them)."""
-    for hook in getattr(model, "lorafuse_token_row_hooks", []):
+    st = state(model)
+    if st is None:
+        return
+    for hook in st.hooks:
         hook.remove()
-    emb, head, _ = tables(model)
-    for module in (emb, head):
-        if module is None:
-            continue
-        if hasattr(module, ADAPTER_NAME):
+    for module in tables(model)[:2]:
+        if module is not None and hasattr(module, ADAPTER_NAME):
             delattr(module, ADAPTER_NAME)
-        module.__dict__.pop("lorafuse_token_rows", None)
-    model.__dict__.pop("lorafuse_token_rows", None)
-    model.__dict__.pop("lorafuse_token_row_hooks", None)
+    model_state(model).tokens = None

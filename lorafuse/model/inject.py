@@ -29,6 +29,7 @@ from torch import nn
 
 from lorafuse.errors import ConfigError, LorafuseError
 from lorafuse.lora.linear import LoRALinear, NF4Linear
+from lorafuse.model.state import model_state
 
 _LINEAR_TYPES = (nn.Linear, NF4Linear, LoRALinear)
 
@@ -138,7 +139,7 @@ def _check_args(r, alpha, dropout, init, targets, modules_to_save, exclude) -> N
 
 
 def _check_not_applied(model: nn.Module) -> None:
-    if getattr(model, "lorafuse_lora", None) is not None or any(isinstance(m, LoRALinear) for m in model.modules()):
+    if model_state(model).lora is not None or any(isinstance(m, LoRALinear) for m in model.modules()):
         raise LorafuseError(
             "LoRA is already applied to this model (apply_lora was called on it before)",
             "call apply_lora once per model; to change r/targets reload the base model with lorafuse.load_model "
@@ -189,7 +190,7 @@ def apply_lora(
 ) -> nn.Module:
     """Freeze `model`, replace every matched nn.Linear / NF4Linear by a LoRALinear, and return the same model.
 
-    See the module docstring for matching and modules_to_save. Records the settings in `model.lorafuse_lora`
+    See the module docstring for matching and modules_to_save. Records the settings in `model_state(model).lora`
     (read by save_adapter): target_modules is the list of names given, the regex string, or for "all-linear"
     the full paths of the wrapped layers (peft 0.21.2 writes full paths too; its list also keeps the layers that
     exclude_modules / modules_to_save then skip, ours leaves them out: peft targets the same set either way).
@@ -213,7 +214,7 @@ def apply_lora(
     for name in trained:
         model.get_submodule(name).requires_grad_(True)
     all_linear = isinstance(targets, str) and targets.lower() == "all-linear"
-    model.lorafuse_lora = {
+    model_state(model).lora = {
         "r": r,
         "alpha": alpha,
         "dropout": dropout,
@@ -244,7 +245,7 @@ def trainable_parameters(model: nn.Module) -> tuple[int, int]:
             total += w.packed.numel() * 2
     # peft keeps a trainable copy of each modules_to_save module beside the frozen original and counts both; we train
     # the module in place, so add one copy's size to report peft's numbers for the same model and config.
-    names = (getattr(model, "lorafuse_lora", None) or {}).get("trained_module_names") or []
+    names = (model_state(model).lora or {}).get("trained_module_names") or []
     copies = {id(p): p.numel() for n in names for p in model.get_submodule(n).parameters()}
     return trainable, total + sum(copies.values())
 

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from lorafuse.errors import ModelError
+from lorafuse.model.state import model_state
 
 BUILTIN_PREFIX = "builtin:"
 _BUILTIN_MODELS = {
@@ -213,7 +214,7 @@ def load_model(
     for p in model.parameters():
         p.requires_grad_(False)
     model.eval()
-    model.lorafuse_base = {
+    model_state(model).base = {
         "name_or_path": str(path_or_hub_id),
         "folder": folder,
         "compute_dtype": str(dtype).removeprefix("torch."),

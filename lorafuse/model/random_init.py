@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from lorafuse.errors import ConfigError, ModelError
+from lorafuse.model.state import model_state
 from lorafuse.model.stream import (
     QUANT_CHUNK_ELEMS,
     _finish,
@@ -87,7 +88,7 @@ def random_nf4_model(
 
     Each linear weight is drawn on the device in `compute_dtype`, quantized, and dropped before the next one, so
     peak memory is the final model plus one dense weight and the quantizer's chunk temporaries. Deterministic for
-    a seed on a given device type. The model is frozen, in eval mode, with `lorafuse_base` set.
+    a seed on a given device type. The model is frozen, in eval mode, with `model_state(model).base` set.
     """
     if quant not in ("nf4", "none"):
         raise ModelError(f"unknown quant {quant!r}", "use quant='nf4' or quant='none'")
@@ -110,7 +111,7 @@ def random_nf4_model(
     _finish(model)
     n_nf4 = sum(isinstance(m, NF4Linear) for m in model.modules())
     name = config_or_shape_name if isinstance(config_or_shape_name, str) else config.model_type
-    model.lorafuse_base = {
+    model_state(model).base = {
         "name_or_path": f"random:{name}",
         "folder": None,
         "random_init": True,

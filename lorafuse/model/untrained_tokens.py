@@ -217,10 +217,10 @@ def give_rows(model, report: TokenReport, train_untrained: str) -> list[int]:
     """Attach trainable rows (lora/token_rows.py) for the flagged tokens (train_untrained "auto") or only the new
     ones ("off"). Each table's rows start at the table's own values, except rows it flags (and new rows): the
     mean of its trained rows. A table trained whole (lora.modules_to_save) gets no rows. Returns the ids."""
-    from lorafuse.lora.token_rows import attach, info, tables
+    from lorafuse.lora.token_rows import attach, state, tables
 
-    if info(model) is not None:  # an adapter loaded to train on (load_adapter(..., is_trainable=True)) brought its own
-        return info(model)["ids"]
+    if state(model) is not None:  # an adapter loaded to train on (load_adapter(..., is_trainable=True)) brought its own
+        return state(model).ids
     ids = report.ids if train_untrained == "auto" else list(report.new)
     if not ids:
         return []

@@ -23,12 +23,11 @@ then None.
 
 from __future__ import annotations
 
-import importlib.util
 import re
 from dataclasses import dataclass, field
 
 from lorafuse.errors import ConfigError, LorafuseError
-from lorafuse.plan import speed
+from lorafuse.plan import policy, speed
 from lorafuse.plan.memory import GIB, Estimate, Workload, estimate, fp8_backward, host_embedding, host_head, kept_layers
 from lorafuse.plan.shapes import PROJECTIONS, ModelShape, load_shape
 
@@ -119,20 +118,16 @@ def resolve_targets(shape: ModelShape, targets) -> tuple[str, ...]:
     return tuple(n for n in PROJECTIONS if n in hit)
 
 
-def _kernels(fast_path: str) -> str:
-    if fast_path == "off":
-        return "reference"
-    if fast_path == "on":
-        return "fused"
-    return "fused" if importlib.util.find_spec("lorafuse.kernels.fast_path") is not None else "reference"
+def _kernels(fast_path: str, dora: bool) -> str:
+    """The kernels a run on an NVIDIA GPU would use (plan/policy.py decides, as the runtime does)."""
+    return "reference" if policy.fast_path_blocker_for(fast_path, dora) else "fused"
 
 
 def workload_from_config(cfg, shape: ModelShape | None = None) -> Workload:
     """The Workload a RunConfig describes (reads cfg.model/lora/data/train attributes only)."""
     shape = shape or load_shape(cfg.model.path)
     save = tuple(m.rsplit(".", 1)[-1] for m in (cfg.lora.modules_to_save or ()))
-    # The fused kernels do not implement DoRA: the loop then runs the PyTorch path.
-    kernels = "reference" if cfg.lora.dora else _kernels(getattr(cfg.train, "fast_path", "auto"))
+    kernels = _kernels(getattr(cfg.train, "fast_path", "auto"), cfg.lora.dora)
     return Workload(
         shape=shape,
         method="qlora" if cfg.model.quant == "nf4" else "lora",
@@ -210,10 +205,10 @@ def _candidates(w: Workload, policies=("off", "on")):
     effective = w.micro_batch * w.grad_accum
     layers = w.shape.num_layers
     for mb in _divisors(effective):
-        for policy in policies:
-            kept = (0, layers // 4, layers // 2, 3 * layers // 4) if policy == "on" else (0,)
+        for checkpointing in policies:
+            kept = (0, layers // 4, layers // 2, 3 * layers // 4) if checkpointing == "on" else (0,)
             for k in sorted(set(kept)):
-                yield w.with_(micro_batch=mb, grad_accum=effective // mb, checkpointing=policy, uncheckpointed=k)
+                yield w.with_(micro_batch=mb, grad_accum=effective // mb, checkpointing=checkpointing, uncheckpointed=k)
 
 
 def fastest_fitting(w: Workload, budget: int, card: speed.Card, offload: bool = False) -> Workload | None:

@@ -87,9 +87,9 @@ to be calibrated against benchmarks/measured_memory.jsonl.
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass, field, replace
 
+from lorafuse.plan import policy
 from lorafuse.plan.placement import host_embedding, host_head, kept_layers, streamed_head  # noqa: F401 (API)
 from lorafuse.plan.shapes import PROJECTIONS, ModelShape
 
@@ -104,12 +104,11 @@ MIN_8BIT_SIZE = 4096
 # H200). CUDA graphs warm up and capture on one stream (train/graphs.py), so they add none.
 CUBLAS_WORKSPACE_BYTES = 2 * (32 << 20)
 STATE_BLOCK = 256
-FP8_BACKWARD_DEFAULT = True  # kernels/fp8.py's BACKWARD without LORAFUSE_FP8_BACKWARD (tests keep them equal)
 
 
-def fp8_backward(w) -> bool:  # train.fp8's dX in e4m3 (NF4 base, fused kernels; fp8.BACKWARD: LORAFUSE_FP8_BACKWARD)
-    env = os.environ.get("LORAFUSE_FP8_BACKWARD", "1" if FP8_BACKWARD_DEFAULT else "0")
-    return w.fp8 and w.method == "qlora" and w.kernels == "fused" and w.compute_bytes == 2 and env == "1"
+def fp8_backward(w) -> bool:
+    """Does train.fp8 run the backward's dX in e4m3 too (plan/policy.py: NF4 bases, inside the fused kernels)?"""
+    return policy.fp8_backward(w.fp8 and w.kernels == "fused" and w.compute_bytes == 2, w.method == "qlora")
 
 
 @dataclass(frozen=True)
@@ -142,7 +141,7 @@ class Workload:
     head_on_host: bool = False
     cuda_graphs: bool = False
     uncheckpointed: int = 0  # the last decoder layers keep their activations (train.uncheckpointed_layers)
-    dequant_cap_mib: int = 0  # train.dequant_cap_mib (0: LORAFUSE_DEQUANT_CAP_MIB, the kernels' default)
+    dequant_cap_mib: int = 0  # train.dequant_cap_mib (0: whole weights)
     fp8: bool = False  # train.fp8: base GEMMs in e4m3 (the byte buffer is shared; the FP8 backward adds dY's codes)
 
     @property
@@ -342,7 +341,7 @@ def loss_bytes(w: Workload) -> int:
 def dequant_bytes(w: Workload) -> int:
     if w.method != "qlora":
         return 0
-    cap = (w.dequant_cap_mib or int(os.environ.get("LORAFUSE_DEQUANT_CAP_MIB", "0"))) << 20  # lora_linear's cap
+    cap = w.dequant_cap_mib << 20  # KernelOptions.dequant_cap_bytes
 
     def part(lin) -> int:  # the rows dequantized at once under the cap, cut at NF4's row alignment
         if w.kernels != "fused" or not cap or lin.numel * w.compute_bytes <= cap:
@@ -353,11 +352,6 @@ def dequant_bytes(w: Workload) -> int:
         return min(lin.out_features, -(-rows // step) * step) * lin.in_features
 
     largest = max(part(lin) for lin in w.shape.linears())
-    # q|k|v dequantized into one buffer with LORAFUSE_QKV_GROUP=1 (kernels/lora_group.py; off by default)
-    if w.kernels == "fused" and os.environ.get("LORAFUSE_QKV_GROUP", "0") == "1":
-        largest = max(
-            largest, sum(lin.numel for lin in w.shape.linears() if lin.name in ("q_proj", "k_proj", "v_proj"))
-        )
     return (w.compute_bytes if w.kernels == "fused" else 4 + w.compute_bytes) * largest
 
 

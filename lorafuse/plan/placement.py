@@ -1,15 +1,15 @@
 """Where the planner puts things besides the GPU's working set: tables in host memory, a streamed head, layers kept
-out of the checkpoints. Predicates on a Workload (plan/memory.py), each mirroring the runtime's own decision."""
+out of the checkpoints. Predicates on a Workload (plan/memory.py); where the runtime decides the same thing, both call
+plan/policy.py."""
 
 from __future__ import annotations
 
-import os
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from lorafuse.plan.memory import Workload
 
-HEAD_CHUNK_BYTES, HEAD_AHEAD = 32 << 20, 3  # model/host_embedding.HeadStage: a streamed head's chunks
+from lorafuse.plan.policy import HEAD_AHEAD, HEAD_CHUNK_BYTES, head_streams
 
 
 def host_embedding(w: Workload) -> bool:
@@ -42,13 +42,13 @@ def host_head(w: Workload) -> bool:
 
 
 def streamed_head(w: Workload) -> tuple[int, int] | None:
-    """(head bytes staged, loss workspace) when the host head streams in vocabulary chunks (model/host_embedding.py
+    """(head bytes staged, loss workspace) when the host head streams in vocabulary chunks (accel/host_tables.py
     HeadStage: its fp32 (tokens, hidden) state is smaller than the head), else None. Staged: AHEAD chunks of
     ~32 MiB. Loss (kernels/streamed_head.py): the fp32 state o (4 D n), the gradient (c D n) and, per chunk, one
     fp32 logits block of <= 64 MiB, its 16-bit copy and their (rows, D) product, fp32."""
     D, c, n = w.shape.hidden_size, w.compute_bytes, w.tokens
     head = c * w.shape.head_params
-    if not host_head(w) or 4 * D * n >= head or os.environ.get("LORAFUSE_HEAD_STREAM", "1") == "0":
+    if not host_head(w) or not head_streams(n, D, head):
         return None
     chunk = max(1, min(w.shape.vocab_size, HEAD_CHUNK_BYTES // (D * c)))
     rows = min(n, max(1, (64 << 20) // (4 * chunk)))

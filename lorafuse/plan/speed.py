@@ -42,11 +42,11 @@ grows with the tokens (8.5% -> 12%), which one constant splits.
 
 from __future__ import annotations
 
-import os
 import re
 from dataclasses import dataclass
 
 from lorafuse.errors import ConfigError
+from lorafuse.options import FP8_FAST_ACCUM_MAX_K
 from lorafuse.plan.memory import GIB, Workload, fp8_backward, kept_layers, targeted, trainable_numels
 
 EFFICIENCY = 0.5
@@ -65,8 +65,7 @@ DEQUANT_BYTES_FUSED = 2.5
 PCIE_BYTES_S = 20e9  # pinned host <-> GPU, PCIe 4 x16 in practice
 FP8_SPEEDUP = 1.4
 FP8_CALIBRATION = ("20261128T225856-0a23d0", "20261128T225933-79bf02")  # (bf16, FP8), one machine
-FAST_ACCUM_SPEEDUP = 1.055  # FP8 GEMMs with K <= LORAFUSE_FP8_FAST_ACCUM_MAX_K (fp8.py; 4096 by default)
-FP8_FAST_ACCUM_MAX_K = 4096  # kernels/fp8.py's FAST_ACCUM_MAX_K_DEFAULT (the planner stays torch-free)
+FAST_ACCUM_SPEEDUP = 1.055  # FP8 GEMMs with K <= lorafuse.options.FP8_FAST_ACCUM_MAX_K (cuBLAS fast accumulation)
 FAST_ACCUM_CALIBRATION = ("20261128T232956-1f06ae", "20261128T232929-bf89a8")  # (off, on), one machine
 FP8_BACKWARD_SPEEDUP = 1.35
 FP8_BACKWARD_CALIBRATION = (
@@ -216,13 +215,13 @@ def step_flops(w: Workload) -> float:
 
 def fp8_flops(w: Workload) -> tuple[float, float, float, float]:
     """(forward, forward_fast, backward, backward_fast): the FLOPs of one micro-step that train.fp8 runs in e4m3 (the
-    base GEMMs of the forward and the recompute; with an NF4 base and fp8.BACKWARD, the backward's dX too), and those
-    of each whose reduction is at most fp8.FAST_ACCUM_MAX_K, which use cuBLAS's fast accumulation."""
+    base GEMMs of the forward and the recompute; with an NF4 base, the backward's dX too), and those of each whose
+    reduction is at most FP8_FAST_ACCUM_MAX_K, which use cuBLAS's fast accumulation."""
     if not w.fp8 or w.kernels != "fused" or w.method == "full" or w.compute_bytes != 2:
         return 0.0, 0.0, 0.0, 0.0  # (on a card without FP8 the run stops at start-up: the plan says so, fit.plan)
     s = w.shape
     recompute = 0.0 if w.checkpointing == "off" else 1 - kept_layers(w) / s.num_layers
-    max_k = int(os.environ.get("LORAFUSE_FP8_FAST_ACCUM_MAX_K", str(FP8_FAST_ACCUM_MAX_K)))  # fp8.py's switch
+    max_k = FP8_FAST_ACCUM_MAX_K
     backward = fp8_backward(w)
     fwd = fwd_fast = bwd = bwd_fast = 0.0
     for lin in s.linears():

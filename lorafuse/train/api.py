@@ -43,7 +43,9 @@ from pathlib import Path
 
 import torch
 
+from lorafuse import accel
 from lorafuse.errors import ConfigError, LorafuseError
+from lorafuse.model.state import model_state
 from lorafuse.train import checkpoint as ckpt
 from lorafuse.train.distributed import launch
 from lorafuse.train.loop import TrainingLoop
@@ -297,11 +299,11 @@ def _check_config(cfg, folder: Path, force: bool, console) -> None:
 
 
 def config_for_model(model, data, out: Path, format: str, overrides: dict):
-    """A RunConfig describing an already loaded model (lorafuse_base / lorafuse_lora) and the given data."""
+    """A RunConfig describing an already loaded model (its model_state: base and lora) and the given data."""
     from lorafuse.config import DataConfig, TrainConfig, validate_config
 
-    base = getattr(model, "lorafuse_base", {}) or {}
-    lora = getattr(model, "lorafuse_lora", None)
+    base = model_state(model).base
+    lora = model_state(model).lora
     if lora is None:
         raise LorafuseError(
             "the model has no LoRA adapter to train",
@@ -419,14 +421,13 @@ def _train(cfg, model, tokenizer, out: Path, start_from: Path | None, dtype, con
             console=console,
             adapter_writer=write_adapter,
             world=world,
+            options=cfg.options(),
         )
         if start_from is not None:
             loop.resume(start_from)
         res = loop.run()
-    finally:  # train.fp8 is for training: the demo generation and later calls in this process run bf16 GEMMs
-        from lorafuse.kernels import fp8
-
-        fp8.ENABLED = fp8.ENV_ENABLED
+    finally:  # the speed and memory changes are for training: generation afterwards runs the plain modules
+        accel.restore(model)
     adapter_dir = None
     if res.stop_reason != "signal":
         adapter_dir = out / "adapter"

@@ -27,11 +27,11 @@ captured) turns graphs off for the run with a one-line reason; that micro-batch 
 
 Conditions (`graph_blocker`): CUDA; the fused fast path applied (its kernels are capture-safe; the fused
 loss switches to a fixed-shape pass while capturing, kernels/cross_entropy.py); LoRA dropout only through the
-fast path's device-side seeds (kernels/fast_path.py: a per-module offset on a base the decoder stack advances
+fast path's device-side seeds (accel/fast_path.py: a per-module offset on a base the decoder stack advances
 on the device at each forward, so every replay draws new masks and a recompute regenerates the forward's);
 one process (the gradient all-reduce copies in place, but graphs have not been run across processes yet).
 Gradient checkpointing stays on (activation offload too: its host buffers and side-stream copies are
-capture-safe, train/offload.py); its RNG bookkeeping is turned off for the captured layers, which is exact
+capture-safe, accel/offload.py); its RNG bookkeeping is turned off for the captured layers, which is exact
 because nothing in them draws from torch's generators (the dropout masks come from the device seed).
 """
 
@@ -42,23 +42,24 @@ import contextlib
 import torch
 from torch import nn
 
+from lorafuse.accel import accel_state, checkpointing
+from lorafuse.accel.offload import offload_without_rng
+from lorafuse.lora.linear import LoRALinear
+
 
 def graph_blocker(model: nn.Module, device: torch.device, world_size: int = 1) -> str | None:
     """Why the forward + backward cannot be captured (one line), or None when it can."""
     if device.type != "cuda":
         return "CUDA graphs need a CUDA device"
-    if not getattr(model, "lorafuse_fast_path", None):
+    state = accel_state(model)
+    fast = None if state is None else state.fast
+    if fast is None:
         return "CUDA graphs need the fused fast path (train.fast_path)"
     if world_size > 1:
         return "CUDA graphs are single-process for now (multi-GPU runs launch eagerly)"
     for name, mod in model.named_modules():
         drop = getattr(mod, "dropout", None)
-        if (
-            hasattr(mod, "lora_A")
-            and isinstance(drop, nn.Dropout)
-            and drop.p > 0
-            and getattr(mod, "lorafuse_dropout_seed", None) is None
-        ):
+        if isinstance(mod, LoRALinear) and isinstance(drop, nn.Dropout) and drop.p > 0 and mod not in fast.seeds:
             return (
                 f"LoRA dropout {drop.p} on {name} without a device-side seed: a graph would replay one "
                 "dropout mask (set lora.dropout: 0 for CUDA graphs)"
@@ -72,17 +73,8 @@ def _batch_key(batch: dict) -> tuple:
 
 def _checkpoint_without_rng(model: nn.Module) -> None:
     """Checkpointed layers stop saving/restoring RNG state (nothing random runs in them: see the docstring)."""
-    from lorafuse.train.runtime import checkpoint_function
-
-    if getattr(model, "lorafuse_offload", 0):
-        from lorafuse.train.offload import without_rng
-
-        without_rng(model)
-        return
-    plain = checkpoint_function(preserve_rng_state=False)
-    for mod in model.modules():
-        if getattr(mod, "_gradient_checkpointing_func", None) is not None:
-            mod._gradient_checkpointing_func = plain
+    state = accel_state(model)
+    checkpointing.without_rng(model, offload_without_rng if state is not None and state.offload_layers else None)
 
 
 class _Graph:
@@ -280,8 +272,7 @@ def dropout_seed_base(seed: int, rank: int, grad_accum: int, step: int) -> int:
 
 def seed_dropout(loop) -> None:
     """Set the fast path's dropout masks for the loop's current step (before the step, and before an OOM retry)."""
-    if getattr(loop.model, "lorafuse_fast_path", None):
-        from lorafuse.kernels.fast_path import set_dropout_seed
-
+    state = accel_state(loop.model)
+    if state is not None and state.fast is not None:
         tc = loop.tc
-        set_dropout_seed(loop.model, dropout_seed_base(tc.seed, loop.world.rank, tc.grad_accum, loop.state.step))
+        state.fast.set_dropout_seed(dropout_seed_base(tc.seed, loop.world.rank, tc.grad_accum, loop.state.step))

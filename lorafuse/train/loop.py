@@ -41,15 +41,18 @@ from pathlib import Path
 
 import torch
 
+from lorafuse import accel
+from lorafuse.config import options_for
 from lorafuse.errors import LorafuseError
+from lorafuse.options import Options
 from lorafuse.train import checkpoint as ckpt
 from lorafuse.train import graphs
 from lorafuse.train.distributed import SINGLE
-from lorafuse.train.loss import count_inputs, count_targets, evaluate, forward_batch, lm_loss_sum, simple_head
+from lorafuse.train.loss import count_inputs, count_targets, evaluate, forward_batch, lm_loss_sum
 from lorafuse.train.metrics import MetricsLog, Progress, memory_bytes, peak_memory_bytes
 from lorafuse.train.oom import OomRetry
 from lorafuse.train.optim import LRSchedule, build_optimizer
-from lorafuse.train.runtime import Precision, StopSignals, fp8_needs_fast_path, prepare_model
+from lorafuse.train.runtime import Precision, StopSignals
 
 # --------------------------------------------------------------------------------------------- setup
 
@@ -124,6 +127,7 @@ class TrainingLoop:
         console=None,
         adapter_writer=None,
         world=SINGLE,
+        options: Options | None = None,
     ):
         from rich.console import Console
 
@@ -137,22 +141,11 @@ class TrainingLoop:
         self.progress: Progress | None = None
         self.device = next(model.parameters()).device
         self.precision = Precision(self.device, compute_dtype)
-        self.params = prepare_model(
-            model,
-            tc.gradient_checkpointing,
-            note=self._note,
-            embeddings_on_host=tc.embeddings_on_host,
-            head_on_host=tc.head_on_host,
-            uncheckpointed_layers=tc.uncheckpointed_layers,
-            dequant_cap_mib=tc.dequant_cap_mib,
-            fp8=tc.fp8,
-        )
-        self.head = simple_head(model)
-        self.fused = self.head is not None and self._fast_path(tc.fast_path)
-        if tc.fp8:
-            fp8_needs_fast_path(model, tc.fast_path)
+        self.options = options or options_for(tc)
+        self.accel = accel.prepare(model, self.options, note=self._note)  # the job restores the model afterwards
+        self.params, self.head, self.fused = self.accel.params, self.accel.head, self.accel.fused_loss
         self.optimizer = build_optimizer(tc.optimizer, self.params, tc.lr, tc.weight_decay)
-        self.graphed = graphs.for_loop(self, tc.cuda_graphs)
+        self.graphed = graphs.for_loop(self, self.options.cuda_graphs)
         micro = len(train_batches)
         if micro == 0:
             raise LorafuseError("there are no training batches", "check data.path and data.num_rows")
@@ -166,16 +159,6 @@ class TrainingLoop:
         self._iter = None
         self._win = self._new_window()
         self.oom = OomRetry(self)
-
-    def _fast_path(self, mode: str) -> bool:
-        """Swap in the fused Triton ops on CUDA (train.fast_path); True when the fused loss may run too."""
-        if mode == "off" or (self.device.type != "cuda" and mode == "auto"):
-            return False
-        from lorafuse.kernels import _runtime
-        from lorafuse.kernels.fast_path import maybe_apply_fast_path
-
-        maybe_apply_fast_path(self.model, mode, log=self._note)
-        return _runtime.HAS_TRITON and self.device.type == "cuda"
 
     # ------------------------------------------------------------------------------------- resume
     def resume(self, folder: Path) -> None:

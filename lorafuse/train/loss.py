@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lorafuse.accel import accel_state
 from lorafuse.errors import LorafuseError
 from lorafuse.train.distributed import SINGLE
 from lorafuse.train.runtime import Precision
@@ -128,23 +129,11 @@ class _ChunkedLMLoss(torch.autograd.Function):
         return gh, gw, None, None, None, gr
 
 
-def simple_head(model) -> nn.Linear | None:
-    """The output head when logits are exactly `hidden @ W^T` (else None: use the model's logits)."""
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if type(head) is not nn.Linear or head.bias is not None or getattr(model, "base_model", model) is model:
-        return None
-    cfg = getattr(model, "config", None)
-    for attr in ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_router_logits"):
-        if getattr(cfg, attr, None) not in (None, False, 1, 1.0):
-            return None
-    return head
-
-
 def lm_loss_sum(model, batch: dict, head: nn.Linear | None = None, fused: bool = False) -> torch.Tensor:
     """Summed next-token cross-entropy over the batch's target tokens (fp32 scalar).
 
     batch: the model's forward kwargs plus "labels" (B, T), unshifted (HF convention, -100 = not trained).
-    head: `simple_head(model)`, or None for the model's own logits. fused: on CUDA, the Triton fused
+    head: `accel.simple_head(model)`, or None for the model's own logits. fused: on CUDA, the Triton fused
     linear-cross-entropy kernel (lorafuse.kernels.cross_entropy) instead of the PyTorch chunked pass.
     """
     labels = batch["labels"]
@@ -156,16 +145,17 @@ def lm_loss_sum(model, batch: dict, head: nn.Linear | None = None, fused: bool =
             logits.flatten(0, 1).float(), shifted.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
         )
     from lorafuse.lora.token_rows import head_rows
-    from lorafuse.model.host_embedding import head_weight
 
     hidden = model.base_model(**inputs, use_cache=False).last_hidden_state  # (B, T, D)
-    stage = getattr(head, "lorafuse_head_stage", None)
+    state = accel_state(model)
+    stage = None if state is None else state.head_stage
     if stage is not None and stage.streams(hidden.shape[:-1].numel()):  # the host head in vocabulary chunks
         from lorafuse.kernels.streamed_head import streamed_head_cross_entropy
 
         return streamed_head_cross_entropy(hidden.flatten(0, 1), shifted.flatten(), stage.chunks(), stage.target_rows)
-    weight = head_weight(head)  # a head kept in host memory (train.head_on_host) arrives staged for this loss only
-    rows = head_rows(head)  # trainable token rows (lora/token_rows.py) replace some of the head's rows
+    # a head kept in host memory (train.head_on_host) arrives staged for this loss only
+    weight = head.weight if stage is None else stage.take()
+    rows = head_rows(model)  # trainable token rows (lora/token_rows.py) replace some of the head's rows
     if fused:
         from lorafuse.kernels.cross_entropy import fused_linear_cross_entropy
 

@@ -1,6 +1,7 @@
 """FP8 GEMMs (kernels/fp8.py, train.fp8): quantization within e4m3's bounds, the projections' assembly against an
-emulation, the backward's dX in FP8 (and left in bf16 when switched off), the shared quantization of q|k|v and
-gate|up, and the GPU kernels bit for bit against their references."""
+emulation, the backward's dX in FP8 (against the same step with a bf16 backward), the shared quantization of q|k|v
+and gate|up, and the GPU kernels bit for bit against their references. Each projection's operands carry the run's
+KernelOptions (`opts.fp8`)."""
 
 from __future__ import annotations
 
@@ -11,20 +12,22 @@ import torch
 
 from lorafuse.kernels import _runtime, fp8
 from lorafuse.kernels import lora_linear as ll
-from lorafuse.kernels.lora_group import lora_linear_group
 from lorafuse.kernels.reference import LoRAWeights
 from lorafuse.kernels.swiglu_mlp import swiglu_mlp
+from lorafuse.options import KernelOptions
 from lorafuse.quant.nf4 import quantize_nf4
 
 ULP_E4M3 = 2.0**-3  # e4m3 keeps 3 mantissa bits: a normal value rounds within half of 2^-3 of itself, relatively
 SUBNORMAL_STEP = 2.0**-9  # e4m3's smallest step (subnormals), in units of the scale (448 = 2^8 * 1.75)
 
 
+FP8 = KernelOptions(fp8=True)
+
+
 @pytest.fixture
-def fp8_on(monkeypatch):
-    monkeypatch.setattr(fp8, "ENABLED", True)
-    monkeypatch.setattr(ll, "NF4_FUSED_MAX_M", 0)
-    monkeypatch.setattr(ll, "DENSE_FUSED_MAX_M", 0)
+def bf16_backward(monkeypatch):
+    """The same FP8 forward with the backward's dX in bf16: the reference the FP8 backward is compared with."""
+    monkeypatch.setattr(fp8, "backward_applies", lambda dy, lw: False)
 
 
 def _within_e4m3(approx: torch.Tensor, exact: torch.Tensor, scale: torch.Tensor) -> None:
@@ -97,7 +100,9 @@ def test_the_dequantization_kernel_divides_by_row_scales_in_the_reference_order(
     assert float(want[3].abs().max()) > 448 and float(limit[3].abs().max()) == 448
 
 
-def _lw(base: str, n: int, k: int, device, r: int = 8, bias: bool = True, seed: int = 0) -> LoRAWeights:
+def _lw(
+    base: str, n: int, k: int, device, r: int = 8, bias: bool = True, seed: int = 0, opts: KernelOptions = FP8
+) -> LoRAWeights:
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(n, k, generator=g) / k**0.5
     return LoRAWeights(
@@ -106,6 +111,7 @@ def _lw(base: str, n: int, k: int, device, r: int = 8, bias: bool = True, seed: 
         lora_A=(torch.randn(r, k, generator=g) / k**0.5).to(device).requires_grad_(),
         lora_B=(torch.randn(n, r, generator=g) / r**0.5).to(device).requires_grad_(),
         scaling=2.0,
+        opts=opts,
     )
 
 
@@ -143,7 +149,7 @@ def _emulated(x: torch.Tensor, lw: LoRAWeights) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("base", ["nf4", "dense"])
-def test_the_fp8_forward_is_the_scaled_product_of_the_codes(base, device, fp8_on, monkeypatch):
+def test_the_fp8_forward_is_the_scaled_product_of_the_codes(base, device, monkeypatch):
     """y = lora_linear(x) with train.fp8 equals the fp64 emulation of the codes' product within bf16 output rounding
     (the base GEMM's result and the LoRA addmm_ each round once: 2 x 2^-9), through one FP8 GEMM."""
     calls = []
@@ -166,17 +172,14 @@ def test_the_fp8_forward_is_the_scaled_product_of_the_codes(base, device, fp8_on
     assert 2.0**-8 < _rel(y, exact) < 0.06
 
 
-def test_with_the_fp8_backward_off_gradients_are_bit_equal_with_fp8_on_and_off(device, monkeypatch):
-    """LORAFUSE_FP8_BACKWARD=0: FP8 changes the forward's base product only, so S = x A^T and every gradient for a
-    given dY are the bf16 path's."""
-    monkeypatch.setattr(ll, "NF4_FUSED_MAX_M", 0)
-    monkeypatch.setattr(fp8, "BACKWARD", False)
-    lw = _lw("nf4", 48, 128, device)
+def test_on_a_16bit_weight_fp8_changes_the_forward_only(device):
+    """A bf16 base's dX stays bf16 (FP8 decodes NF4 weights only), so with FP8 on S = x A^T and every gradient for a
+    given dY are the bf16 path's, while the forward's base product changed."""
     x = torch.randn(40, 128, generator=torch.Generator().manual_seed(4)).to(device, torch.bfloat16)
     dy = torch.randn(40, 48, generator=torch.Generator().manual_seed(5)).to(device, torch.bfloat16)
     runs = {}
     for on in (False, True):
-        monkeypatch.setattr(fp8, "ENABLED", on)
+        lw = _lw("dense", 48, 128, device, opts=KernelOptions(fp8=on))
         a = lw.lora_A.detach().clone().requires_grad_()
         b = lw.lora_B.detach().clone().requires_grad_()
         xi = x.clone().requires_grad_()
@@ -188,19 +191,19 @@ def test_with_the_fp8_backward_off_gradients_are_bit_equal_with_fp8_on_and_off(d
         assert torch.equal(g_on, g_off), name
 
 
-def test_q_k_v_share_one_quantization_of_their_input(device, fp8_on, monkeypatch):
+def test_q_k_v_share_one_quantization_of_their_input(device, monkeypatch):
     quantized = []
     quantize = fp8.quantize_rows
     monkeypatch.setattr(fp8, "quantize_rows", lambda x, *a: quantized.append(x.shape) or quantize(x, *a))
     specs = [_lw("nf4", n, 64, device, seed=i) for i, n in enumerate((64, 32, 32))]
     x = torch.randn(2, 8, 64, generator=torch.Generator().manual_seed(6)).to(device, torch.bfloat16)
-    ys = lora_linear_group(x, specs)
+    ys = ll.lora_linears(x, specs)
     assert quantized == [(16, 64)]
     for y, lw in zip(ys, specs):
         assert _rel(y.reshape(16, -1), _emulated(x.reshape(16, 64), lw)) <= 2 * 2.0**-9
 
 
-def test_the_mlp_quantizes_x_once_for_gate_and_up_and_skips_down_in_the_recompute(device, fp8_on, monkeypatch):
+def test_the_mlp_quantizes_x_once_for_gate_and_up_and_skips_down_in_the_recompute(device, monkeypatch):
     quantized, gemms = [], []
     quantize, scaled_mm = fp8.quantize_rows, fp8.scaled_mm
     monkeypatch.setattr(fp8, "quantize_rows", lambda x, *a: quantized.append(tuple(x.shape)) or quantize(x, *a))
@@ -221,27 +224,25 @@ def test_the_mlp_quantizes_x_once_for_gate_and_up_and_skips_down_in_the_recomput
     assert quantized == [(24, 64)] and gemms == [(128, 64), (128, 64)]
 
 
-def test_under_a_dequantization_cap_the_fp8_rows_come_in_parts_with_the_same_result(device, fp8_on, monkeypatch):
+def test_under_a_dequantization_cap_the_fp8_rows_come_in_parts_with_the_same_result(device, monkeypatch):
     lw = _lw("nf4", 512, 64, device)
     x = torch.randn(16, 64, generator=torch.Generator().manual_seed(11)).to(device, torch.bfloat16)
     whole = ll.lora_linear(x, lw)
     parts = []
     to_fp8 = fp8.nf4_to_fp8
     monkeypatch.setattr(fp8, "nf4_to_fp8", lambda w, out, s: parts.append(w.shape[0]) or to_fp8(w, out, s))
-    monkeypatch.setattr(ll, "DEQUANT_CAP_BYTES", 64 * 512 * 2 // 3)  # 2/3 of the e4m3 weight: two 256-row parts
-    assert torch.equal(ll.lora_linear(x, lw), whole)
+    capped = dataclasses.replace(lw, opts=KernelOptions(fp8=True, dequant_cap_bytes=64 * 512 * 2 // 3))
+    assert torch.equal(ll.lora_linear(x, capped), whole)  # 2/3 of the e4m3 weight: two 256-row parts
     assert parts == [256, 256]
 
 
-def test_fp8_is_off_where_the_shapes_or_dtype_do_not_allow_it(device, fp8_on):
-    assert fp8.applies(torch.empty(4, 64, dtype=torch.bfloat16), 48)
-    assert not fp8.applies(torch.empty(4, 60, dtype=torch.bfloat16), 48), "K not a multiple of 16"
-    assert not fp8.applies(torch.empty(4, 64, dtype=torch.bfloat16), 40), "N not a multiple of 16"
-    assert not fp8.applies(torch.empty(4, 64, dtype=torch.float16), 48), "row-wise scales write bf16 only"
-
-
-def test_fp8_needs_a_card_with_fp8_tensor_cores():
-    assert "NVIDIA GPU" in fp8.supported(torch.device("cpu"))
+def test_fp8_is_off_where_the_options_shapes_or_dtype_do_not_allow_it():
+    n48, n40 = _lw("dense", 48, 64, "cpu"), _lw("dense", 40, 64, "cpu")
+    assert fp8.applies(torch.empty(4, 64, dtype=torch.bfloat16), n48)
+    assert not fp8.applies(torch.empty(4, 64, dtype=torch.bfloat16), _lw("dense", 48, 64, "cpu", opts=KernelOptions()))
+    assert not fp8.applies(torch.empty(4, 60, dtype=torch.bfloat16), n48), "K not a multiple of 16"
+    assert not fp8.applies(torch.empty(4, 64, dtype=torch.bfloat16), n40), "N not a multiple of 16"
+    assert not fp8.applies(torch.empty(4, 64, dtype=torch.float16), n48), "row-wise scales write bf16 only"
 
 
 @pytest.mark.gpu
@@ -275,7 +276,6 @@ def test_gpu_nf4_decodes_to_e4m3_as_the_reference_bit_for_bit(shape, transposed)
 def test_gpu_fp8_linear_at_a_7b_shape_is_the_codes_product_and_near_the_exact_one(monkeypatch):
     """2048 x 4096 -> 11008 (Llama-2-7B's gate): within bf16 rounding of the emulation, and its error against the
     exact bf16-input product within e4m3's: ~2^-4 per operand, accumulated as independent roundings (< 6%)."""
-    monkeypatch.setattr(fp8, "ENABLED", True)
     g = torch.Generator(device="cuda").manual_seed(0)
     w = torch.randn(11008, 4096, device="cuda", generator=g) * 0.02
     lw = LoRAWeights(
@@ -284,6 +284,7 @@ def test_gpu_fp8_linear_at_a_7b_shape_is_the_codes_product_and_near_the_exact_on
         torch.randn(16, 4096, device="cuda", generator=g) * 0.01,
         torch.randn(11008, 16, device="cuda", generator=g) * 0.01,
         2.0,
+        opts=FP8,
     )
     x = torch.randn(2048, 4096, device="cuda", generator=g).to(torch.bfloat16)
     y = ll.lora_linear(x, lw)
@@ -295,26 +296,7 @@ def test_gpu_fp8_linear_at_a_7b_shape_is_the_codes_product_and_near_the_exact_on
     assert _rel(y, exact.cpu()) < 0.06
 
 
-# --- the FP8 backward (fp8.BACKWARD: on with train.fp8 unless LORAFUSE_FP8_BACKWARD=0) -------------------------------
-
-
-@pytest.mark.parametrize("env, want", [(None, True), ("0", False), ("1", True)])
-def test_the_fp8_backward_is_on_unless_the_environment_turns_it_off(env, want):
-    import os
-    import subprocess
-    import sys
-
-    environ = {k: v for k, v in os.environ.items() if k != "LORAFUSE_FP8_BACKWARD"}
-    if env is not None:
-        environ["LORAFUSE_FP8_BACKWARD"] = env
-    out = subprocess.run(
-        [sys.executable, "-c", "from lorafuse.kernels import fp8; print(fp8.BACKWARD)"],
-        env=environ,
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.strip()
-    assert out == str(want)
+# --- the FP8 backward: dX of NF4 weights with train.fp8 ----------------------------------------------------
 
 
 @pytest.mark.parametrize("shape", [(128, 128), (80, 192), (512, 64)])  # whole tiles; masked edges; cut in two
@@ -352,16 +334,16 @@ def _grads(lw: LoRAWeights, x: torch.Tensor, dy: torch.Tensor):
     return xi.grad, a.grad, b.grad
 
 
-def test_the_fp8_backward_is_the_scaled_product_of_the_codes_and_leaves_da_db_alone(device, fp8_on, monkeypatch):
+def test_the_fp8_backward_is_the_scaled_product_of_the_codes_and_leaves_da_db_alone(device, monkeypatch):
     """dX = q(dY s_w) W8 s_dY + drop'(dS A) against its fp64 emulation, within bf16 rounding (the FP8 GEMM's output
     and the LoRA addmm_ each round once), and within e4m3's error of the exact dY W; dA and dB are the bf16 path's
     (they read dY and S, not dX)."""
     lw = _lw("nf4", 48, 128, device, bias=False)
     x = torch.randn(40, 128, generator=torch.Generator().manual_seed(17)).to(device, torch.bfloat16)
     dy = torch.randn(40, 48, generator=torch.Generator().manual_seed(18)).to(device, torch.bfloat16)
-    monkeypatch.setattr(fp8, "BACKWARD", False)
-    off = _grads(lw, x, dy)
-    monkeypatch.setattr(fp8, "BACKWARD", True)
+    with monkeypatch.context() as m:
+        m.setattr(fp8, "backward_applies", lambda dy, lw: False)
+        off = _grads(lw, x, dy)
     calls = []
     grad_input = fp8.grad_input
     monkeypatch.setattr(fp8, "grad_input", lambda *a, **k: calls.append(1) or grad_input(*a, **k))
@@ -381,34 +363,34 @@ def test_the_fp8_backward_is_the_scaled_product_of_the_codes_and_leaves_da_db_al
     assert 2.0**-8 < _rel(on[0], exact) < 0.06
 
 
-def test_the_fp8_backward_through_the_mlp_and_a_dequantization_cap(device, fp8_on, monkeypatch):
+def test_the_fp8_backward_through_the_mlp_and_a_dequantization_cap(device, monkeypatch):
     """gate and up accumulate into one dX, down's dX feeds SwiGLU's backward, and under a cap every weight is
     decoded in two transposed row parts: dX within e4m3's error of the bf16 backward's, one FP8 GEMM per part."""
     gate, up, down = (_lw("nf4", n, k, device, seed=i) for n, k, i in ((512, 64, 19), (512, 64, 20), (64, 512, 21)))
     x = torch.randn(24, 64, generator=torch.Generator().manual_seed(22)).to(device, torch.bfloat16)
 
-    def dx(backward: bool):
-        monkeypatch.setattr(fp8, "BACKWARD", backward)
+    def dx(*lws):
         xi = x.clone().requires_grad_()
-        swiglu_mlp(xi, gate, up, down).float().square().sum().backward()
+        swiglu_mlp(xi, *lws).float().square().sum().backward()
         return xi.grad
 
-    ref = dx(False)
+    with monkeypatch.context() as m:
+        m.setattr(fp8, "backward_applies", lambda dy, lw: False)
+        ref = dx(gate, up, down)
     parts = []
     decode = fp8.nf4_to_fp8_t
     monkeypatch.setattr(fp8, "nf4_to_fp8_t", lambda w, out, s: parts.append(tuple(w.shape)) or decode(w, out, s))
-    monkeypatch.setattr(ll, "DEQUANT_CAP_BYTES", 64 * 512 * 2 // 3)  # 2/3 of each e4m3 weight: two parts each
-    got = dx(True)
+    capped = KernelOptions(fp8=True, dequant_cap_bytes=64 * 512 * 2 // 3)  # 2/3 of each e4m3 weight: two parts each
+    got = dx(*(dataclasses.replace(lw, opts=capped) for lw in (gate, up, down)))
     assert parts == [(32, 512), (32, 512), (256, 64), (256, 64), (256, 64), (256, 64)]  # down, gate, up
     assert 2.0**-8 < _rel(got, ref.double().cpu()) < 0.06
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_gpu_fp8_grad_input_at_a_7b_shape(monkeypatch):
+def test_gpu_fp8_grad_input_at_a_7b_shape():
     """dY (2048 x 11008) W (11008 x 4096, NF4), Llama-2-7B's down_proj backward: within bf16 rounding of the codes'
     product, and within e4m3's error of the exact one."""
-    monkeypatch.setattr(fp8, "FAST_ACCUM_MAX_K", 0)
     g = torch.Generator(device="cuda").manual_seed(1)
     w = quantize_nf4(torch.randn(4096, 11008, device="cuda", generator=g) * 0.02)
     dy = torch.randn(2048, 4096, device="cuda", generator=g).to(torch.bfloat16)

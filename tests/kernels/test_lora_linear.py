@@ -10,7 +10,10 @@ import torch
 from lorafuse.kernels import lora_linear as ll
 from lorafuse.kernels.lora_gemm import keep_mask
 from lorafuse.kernels.reference import LoRAWeights, dropout_keep_mask_reference, lora_linear_reference
+from lorafuse.options import KernelOptions
 from lorafuse.quant.nf4 import quantize_nf4
+
+DEFAULT = KernelOptions()
 
 ALIGNED, ODD = (32, 64, 32, 16), (19, 45, 37, 5)  # (M tokens, K in, N out, r)
 
@@ -65,35 +68,34 @@ def _run(fn, x, lw, dy, dtype):
     return grads
 
 
-CASES = [  # (base, path, dropout, dtype, shape, trainable bias): every feature in a few interpreter runs
-    ("dense", "cublas", 0.0, torch.float32, ALIGNED, False),
-    ("dense", "fused", 0.25, torch.float16, ODD, False),
-    ("dense", "fused", 0.0, torch.float16, ALIGNED, True),
-    ("nf4", "fused", 0.0, torch.float32, ODD, False),
-    ("nf4", "cublas", 0.25, torch.float16, ALIGNED, False),
-    ("nf4", "fused", 0.25, torch.float32, ALIGNED, True),
+CASES = [  # (base, dropout, dtype, shape, trainable bias): every feature in a few interpreter runs
+    ("dense", 0.0, torch.float32, ALIGNED, False),
+    ("dense", 0.25, torch.float16, ODD, False),
+    ("dense", 0.0, torch.float16, ALIGNED, True),
+    ("nf4", 0.0, torch.float32, ODD, False),
+    ("nf4", 0.25, torch.float16, ALIGNED, False),
+    ("nf4", 0.25, torch.float32, ALIGNED, True),
 ]
 
 
-def _check(base, path, dropout, dtype, shape, bias_grad, device, monkeypatch, parity):
-    monkeypatch.setattr(ll, "NF4_FUSED_MAX_M", 10**9 if path == "fused" else 0)
-    monkeypatch.setattr(ll, "DENSE_FUSED_MAX_M", 10**9 if path == "fused" else 0)
+def _check(base, dropout, dtype, shape, bias_grad, device, parity, opts=DEFAULT):
     x, lw, dy = _problem(shape, base, dropout, bias_grad, device)
+    lw = dataclasses.replace(lw, opts=opts)
     oracle = _run(lora_linear_reference, x, _oracle_lw(lw), dy, torch.float64)
     ref = _run(lora_linear_reference, x, _cast(lw, dtype), dy, dtype)
     got = _run(ll.lora_linear, x, _cast(lw, dtype), dy, dtype)
     assert set(got) == set(oracle)
     for name in oracle:
         assert got[name].dtype == ref[name].dtype, name
-        parity(f"{base}/{path}/p={dropout}/{dtype}/{name}", got[name], ref[name], oracle[name])
+        parity(f"{base}/p={dropout}/{dtype}/{name}", got[name], ref[name], oracle[name])
 
 
-@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}-{c[1]}-p{c[2]}-{str(c[3])[6:]}-{c[4][0]}")
-def test_lora_linear_parity(case, device, monkeypatch, parity):
-    _check(*case, device, monkeypatch, parity)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}-p{c[1]}-{str(c[2])[6:]}-{c[3][0]}")
+def test_lora_linear_parity(case, device, parity):
+    _check(*case, device, parity)
 
 
-def test_fused_ds_db_one_pass(device, monkeypatch, parity):
+def test_fused_ds_db_one_pass(device, parity):
     """dS and dB from one read of dY: several row tiles and column splits, odd sizes; then the whole
     layer with the kernel switched on."""
     from lorafuse.kernels.lora_gemm import grad_s_b
@@ -107,8 +109,7 @@ def test_fused_ds_db_one_pass(device, monkeypatch, parity):
         ref_db = 2.0 * (dy.to(dtype).t() @ s.to(dtype)).float()
         parity(f"grad_s_b/{dtype}/dS", ds, ref_ds, want_ds)
         parity(f"grad_s_b/{dtype}/dB", db, ref_db, want_db)
-    monkeypatch.setattr(ll, "FUSED_DS_DB", True)
-    _check("nf4", "cublas", 0.0, torch.float16, ODD, False, device, monkeypatch, parity)
+    _check("nf4", 0.0, torch.float16, ODD, False, device, parity, KernelOptions(fused_ds_db=True))
 
 
 def test_dropout_mask_matches_reference(device):
@@ -121,7 +122,6 @@ def test_dropout_mask_matches_reference(device):
 def test_saves_only_x_and_s(device, monkeypatch):
     """The memory claim: backward keeps x, the (M, r) S and the forward's casts of A (r, K) and s B (N, r) in the
     compute dtype (so the backward casts nothing), nothing of size M x N or N x K."""
-    monkeypatch.setattr(ll, "NF4_FUSED_MAX_M", 0)
     x, lw, _ = _problem(ALIGNED, "nf4", 0.25, False, device)
     x.requires_grad_()
     y = ll.lora_linear(x, lw)
@@ -142,7 +142,6 @@ def test_saves_only_x_and_s(device, monkeypatch):
 
 def test_autocast_does_not_change_the_op(device, monkeypatch):
     """The training loop runs under autocast; the fused op keeps its own dtypes (x.dtype) regardless."""
-    monkeypatch.setattr(ll, "NF4_FUSED_MAX_M", 0)
     x, lw, dy = _problem(ODD, "dense", 0.0, False, device)
     lw = _cast(lw, torch.float16)
     plain = _run(ll.lora_linear, x, lw, dy, torch.float16)
@@ -153,24 +152,16 @@ def test_autocast_does_not_change_the_op(device, monkeypatch):
         assert torch.equal(plain[name], under[name]), name
 
 
-def test_dispatch_by_shape(monkeypatch):
-    monkeypatch.setattr(ll, "NF4_FUSED_MAX_M", 256)
-    monkeypatch.setattr(ll, "DENSE_FUSED_MAX_M", 0)
-    assert ll.dispatch(128, is_nf4=True) == "fused" and ll.dispatch(4096, is_nf4=True) == "cublas"
-    assert ll.dispatch(128, is_nf4=False) == "cublas"
-
-
 GPU_SHAPES = [(2048, 4096, 4096, 16), (2048, 4096, 11008, 16), (2048, 11008, 4096, 16), (1000, 4095, 4097, 8)]
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("shape", GPU_SHAPES)
 @pytest.mark.parametrize("base", ["dense", "nf4"])
-@pytest.mark.parametrize("path", ["cublas", "fused"])
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_lora_linear_parity_gpu(shape, base, path, dropout, dtype, monkeypatch, parity):
-    _check(base, path, dropout, dtype, shape, False, torch.device("cuda"), monkeypatch, parity)
+def test_lora_linear_parity_gpu(shape, base, dropout, dtype, parity):
+    _check(base, dropout, dtype, shape, False, torch.device("cuda"), parity)
 
 
 def test_device_seed_mask_matches_reference(device):
@@ -190,21 +181,19 @@ def test_device_seed_mask_matches_reference(device):
     assert torch.equal(keep_mask(big, 8, 8, 0.5, device).cpu(), dropout_keep_mask_reference(big.value(), 8, 8, 0.5))
 
 
-@pytest.mark.parametrize("base,path", [("nf4", "cublas"), ("dense", "fused")])
-def test_lora_linear_with_a_device_seed(base, path, device, monkeypatch, parity):
+@pytest.mark.parametrize("base", ["nf4", "dense"])
+def test_lora_linear_with_a_device_seed(base, device, parity):
     """The fast path's seeds (DropoutSeed: a base on the device + a module offset) through every dropout
     kernel (down-projection, dA, the masked dS A term): same results as the reference with that seed."""
     from lorafuse.kernels.reference import DropoutSeed
 
-    monkeypatch.setattr(ll, "NF4_FUSED_MAX_M", 10**9 if path == "fused" else 0)
-    monkeypatch.setattr(ll, "DENSE_FUSED_MAX_M", 10**9 if path == "fused" else 0)
     x, lw, dy = _problem(ODD, base, 0.25, False, device)
     lw = dataclasses.replace(lw, seed=DropoutSeed(torch.tensor(77, dtype=torch.int64, device=device), 3))
     oracle = _run(lora_linear_reference, x, _oracle_lw(lw), dy, torch.float64)
     ref = _run(lora_linear_reference, x, _cast(lw, torch.float32), dy, torch.float32)
     got = _run(ll.lora_linear, x, _cast(lw, torch.float32), dy, torch.float32)
     for name in oracle:
-        parity(f"device-seed/{base}/{path}/{name}", got[name], ref[name], oracle[name])
+        parity(f"device-seed/{base}/{name}", got[name], ref[name], oracle[name])
     other = _run(
         ll.lora_linear,
         x,
@@ -238,7 +227,8 @@ def test_weight_grads_come_out_of_the_gemm_in_fp32():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_a_dequantization_cap_splits_the_weight_into_row_parts(dtype, device, monkeypatch, parity):
-    """Under LORAFUSE_DEQUANT_CAP_MIB an NF4 weight larger than the cap is dequantized and multiplied in row parts
+    """Under a dequantization cap (train.dequant_cap_mib) an NF4 weight larger than the cap is dequantized and
+    multiplied in row parts
     (forward: column blocks of y; backward: dY W summed over the parts): output and gradients match the oracle as
     the whole-weight path does, and the shared buffer never holds more than one part."""
     shape = (16, 64, 512, 4)  # 512 rows: two 256-row cuts (double quantization aligns cuts to 256 x 64 elements)
@@ -246,8 +236,7 @@ def test_a_dequantization_cap_splits_the_weight_into_row_parts(dtype, device, mo
     elem = torch.finfo(dtype).bits // 8
     cap = 64 * 512 * elem * 2 // 3
     assert ll.dequant_rows(512, 64 * 512, lw.weight.row_alignment(), elem, cap) == 256
-    monkeypatch.setattr(ll, "NF4_FUSED_MAX_M", 0)
-    monkeypatch.setattr(ll, "DEQUANT_CAP_BYTES", cap)
+    lw = dataclasses.replace(lw, opts=KernelOptions(dequant_cap_bytes=cap))
     monkeypatch.setattr(ll, "_BUFFERS", {})
     oracle = _run(lora_linear_reference, x, _oracle_lw(lw), dy, torch.float64)
     ref = _run(lora_linear_reference, x, _cast(lw, dtype), dy, dtype)

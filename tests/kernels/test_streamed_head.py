@@ -1,5 +1,5 @@
 """Cross-entropy against a head streamed in vocabulary chunks (kernels/streamed_head.py) vs an fp64 oracle, and the
-host head's chunk stream on a GPU (model/host_embedding.HeadStage)."""
+host head's chunk stream on a GPU (accel/host_tables.HeadStage)."""
 
 from __future__ import annotations
 
@@ -124,7 +124,7 @@ def test_the_host_head_streams_a_few_chunks_at_a_time_and_records_in_a_graph(mon
     """HeadStage's stream: the loss equals the one on the same chunks from device memory, bit for bit; at most
     AHEAD chunks (plus the loss state) are on the device during the loss and none after it; a prefetch by the
     forward is consumed by the next loss; a CUDA graph records the side-stream copies and replays them."""
-    from lorafuse.model.host_embedding import HeadStage, device_alias
+    from lorafuse.accel.host_tables import HeadStage, device_alias
 
     monkeypatch.setattr(HeadStage, "CHUNK_BYTES", 1000 * 256 * 2)  # 1000-row chunks of a 256-wide head
     hidden, head, labels = _data(64, 256, 9500, "cuda")

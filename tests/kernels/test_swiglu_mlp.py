@@ -10,7 +10,10 @@ import torch
 from lorafuse.kernels import lora_linear as ll
 from lorafuse.kernels.reference import LoRAWeights, swiglu_mlp_reference, swiglu_reference
 from lorafuse.kernels.swiglu_mlp import swiglu, swiglu_mlp
+from lorafuse.options import KernelOptions
 from lorafuse.quant.nf4 import quantize_nf4
+
+DEFAULT = KernelOptions()
 
 
 @pytest.mark.parametrize("shape,dtype", [((7, 48), torch.float32), ((3, 5, 33), torch.float16)])
@@ -67,14 +70,15 @@ def _run(fn, x, projs, dy, dtype):
     return out
 
 
-def _check(base, path, dropout, dtype, dims, device, monkeypatch, parity, lora_on_up=True):
-    monkeypatch.setattr(ll, "NF4_FUSED_MAX_M", 10**9 if path == "fused" else 0)
-    monkeypatch.setattr(ll, "DENSE_FUSED_MAX_M", 10**9 if path == "fused" else 0)
+def _check(base, dropout, dtype, dims, device, parity, lora_on_up=True, opts=DEFAULT):
     m, d, f, r = dims
-    projs = (
-        _proj(d, f, r, base, dropout, 1, device),
-        _proj(d, f, r, base, dropout, 2, device, lora_on_up),
-        _proj(f, d, r, base, dropout, 3, device),
+    projs = tuple(
+        dataclasses.replace(lw, opts=opts)
+        for lw in (
+            _proj(d, f, r, base, dropout, 1, device),
+            _proj(d, f, r, base, dropout, 2, device, lora_on_up),
+            _proj(f, d, r, base, dropout, 3, device),
+        )
     )
     gen = torch.Generator().manual_seed(0)
     x, dy = torch.randn(m, d, generator=gen).to(device), torch.randn(m, d, generator=gen).to(device)
@@ -83,18 +87,18 @@ def _check(base, path, dropout, dtype, dims, device, monkeypatch, parity, lora_o
     got = _run(swiglu_mlp, x, [_as(p, dtype) for p in projs], dy, dtype)
     assert set(got) == set(oracle)
     for name in oracle:
-        parity(f"mlp/{base}/{path}/p={dropout}/{dtype}/{name}", got[name], ref[name], oracle[name])
+        parity(f"mlp/{base}/p={dropout}/{dtype}/{name}", got[name], ref[name], oracle[name])
 
 
 @pytest.mark.parametrize(
-    "base,path,dropout,dtype,dims,lora_on_up",
+    "base,dropout,dtype,dims,lora_on_up",
     [
-        ("dense", "cublas", 0.0, torch.float32, (19, 32, 48, 4), False),  # up_proj without LoRA
-        ("nf4", "fused", 0.1, torch.float16, (16, 32, 40, 8), True),
+        ("dense", 0.0, torch.float32, (19, 32, 48, 4), False),  # up_proj without LoRA
+        ("nf4", 0.1, torch.float16, (16, 32, 40, 8), True),
     ],
 )
-def test_swiglu_mlp_parity(base, path, dropout, dtype, dims, lora_on_up, device, monkeypatch, parity):
-    _check(base, path, dropout, dtype, dims, device, monkeypatch, parity, lora_on_up)
+def test_swiglu_mlp_parity(base, dropout, dtype, dims, lora_on_up, device, parity):
+    _check(base, dropout, dtype, dims, device, parity, lora_on_up)
 
 
 def test_mlp_saves_x_e_g_and_s_only_and_refuses_second_backward(device):
@@ -119,10 +123,9 @@ def test_mlp_saves_x_e_g_and_s_only_and_refuses_second_backward(device):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dims", [(2048, 4096, 11008, 16), (1000, 4096, 14336, 8)])
 @pytest.mark.parametrize("base", ["dense", "nf4"])
-@pytest.mark.parametrize("path", ["cublas", "fused"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_swiglu_mlp_parity_gpu(dims, base, path, dtype, monkeypatch, parity):
-    _check(base, path, 0.05, dtype, dims, torch.device("cuda"), monkeypatch, parity)
+def test_swiglu_mlp_parity_gpu(dims, base, dtype, parity):
+    _check(base, 0.05, dtype, dims, torch.device("cuda"), parity)
 
 
 def test_without_a_graph_the_product_overwrites_the_gate_output(device, monkeypatch):
@@ -144,8 +147,7 @@ def test_the_fused_mlp_under_a_dequantization_cap(device, monkeypatch, parity):
     """With gate, up and down over the cap, each is dequantized and multiplied in two row parts (gate/up: 256 rows
     of 64; down: 32 rows of 512, both cuts at NF4's nested-block alignment): outputs and gradients match the oracle
     as the whole-weight path does, and the shared buffer holds one part at a time."""
-    monkeypatch.setattr(ll, "DEQUANT_CAP_BYTES", 48 << 10)  # each weight is 64 KiB in fp16
-    monkeypatch.setattr(ll, "_BUFFERS", {})
-    _check("nf4", "cublas", 0.0, torch.float16, (16, 64, 512, 4), device, monkeypatch, parity)
+    monkeypatch.setattr(ll, "_BUFFERS", {})  # each weight is 64 KiB in fp16, over a 48 KiB cap
+    _check("nf4", 0.0, torch.float16, (16, 64, 512, 4), device, parity, opts=KernelOptions(dequant_cap_bytes=48 << 10))
     (buf,) = ll._BUFFERS.values()
     assert buf.numel() == 256 * 64 * 2 == 32 * 512 * 2  # bytes of fp16

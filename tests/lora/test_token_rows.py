@@ -84,7 +84,7 @@ def test_peft_loads_our_rows_with_the_same_logits(base_dir, tmp_path):
     ids = _ids(tok)
     save_adapter(model, tmp_path / "adapter")
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
-    tied = token_rows.info(model)["tied"]
+    tied = token_rows.state(model).tied
     assert config["trainable_token_indices"] == (IDS if tied else {"embed_tokens": IDS, "lm_head": IDS})
     base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
     _assert_same_function(_logits(model, ids), *_peft_truth(base_dir, tmp_path / "adapter", ids), _logits(base, ids))
@@ -103,7 +103,7 @@ def test_we_load_peft_rows_with_the_same_logits(base_dir, tmp_path):
     peft_model.save_pretrained(tmp_path / "peft")
     model, tok = load_model(base_dir, quant="none", compute_dtype="float32", device="cpu")
     load_adapter(model, tmp_path / "peft")
-    assert token_rows.info(model)["ids"] == IDS
+    assert token_rows.state(model).ids == IDS
     ids = _ids(tok)
     unadapted = _logits(AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32), ids)
     _assert_same_function(_logits(model, ids), *_peft_truth(base_dir, tmp_path / "peft", ids), unadapted)
@@ -156,10 +156,10 @@ def test_merge_writes_the_rows_into_the_tables(base_dir, tmp_path):
     save_adapter(model, tmp_path / "adapter")
     result = merge(base_dir, tmp_path / "adapter", tmp_path / "merged", dtype="float32")
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
-    emb, head, tied = token_rows.tables(model)
-    assert torch.equal(merged.get_input_embeddings().weight[IDS], emb.lorafuse_token_rows[0].values)
-    if not tied:
-        assert torch.equal(merged.get_output_embeddings().weight[IDS], head.lorafuse_token_rows[0].values)
+    rows = token_rows.state(model)
+    assert torch.equal(merged.get_input_embeddings().weight[IDS], rows.embed_rows.values)
+    if not rows.tied:
+        assert torch.equal(merged.get_output_embeddings().weight[IDS], rows.head_rows.values)
     ids = _ids(tok)
     assert (_logits(merged, ids) - _logits(model, ids)).abs().max() <= result.tolerance
     state = merged.state_dict()

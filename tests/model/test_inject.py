@@ -16,6 +16,7 @@ from torch import nn
 from lorafuse.errors import ConfigError, LorafuseError
 from lorafuse.lora.linear import LoRALinear, NF4Linear
 from lorafuse.model.inject import apply_lora, find_linear_names, print_trainable_parameters, trainable_parameters
+from lorafuse.model.state import model_state
 from lorafuse.model.tiny import build_tiny_model
 
 LLAMA_LINEARS = ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
@@ -82,7 +83,7 @@ def test_all_linear_matches_peft(arch, variant, capsys):
     wrapped = _ours_targets(ours)
     assert wrapped == _peft_targets(pm) == set(pm.peft_config["default"].target_modules)
     assert len(wrapped) == 2 * 7 and "lm_head" not in wrapped
-    assert ours.lorafuse_lora["target_modules"] == sorted(wrapped)  # full paths, as peft writes "all-linear"
+    assert model_state(ours).lora["target_modules"] == sorted(wrapped)  # full paths, as peft writes "all-linear"
     assert isinstance(ours.lm_head, nn.Linear) and not ours.lm_head.weight.requires_grad
     trainable = {n for n, p in ours.named_parameters() if p.requires_grad}
     assert trainable and all(".lora_" in n for n in trainable)
@@ -121,8 +122,8 @@ def test_list_regex_and_exclude_match_peft(targets, exclude):
     pm = _peft(base, r=4, lora_alpha=8, target_modules=targets, exclude_modules=exclude)
     assert _ours_targets(ours) == _peft_targets(pm) and _ours_targets(ours)
     if targets != "all-linear":
-        assert ours.lorafuse_lora["target_modules"] == targets  # names as given, or the regex string
-    assert ours.lorafuse_lora["exclude_modules"] == exclude
+        assert model_state(ours).lora["target_modules"] == targets  # names as given, or the regex string
+    assert model_state(ours).lora["exclude_modules"] == exclude
 
 
 def test_zero_matches_lists_the_linear_layers():
@@ -159,7 +160,7 @@ def test_recorded_config_and_find_linear_names():
     model = _model()
     assert find_linear_names(model) == LLAMA_LINEARS
     apply_lora(model, r=8, alpha=16, dropout=0.1, targets=["q_proj", "v_proj"], rslora=True, init="gaussian")
-    rec = model.lorafuse_lora
+    rec = model_state(model).lora
     assert {
         k: rec[k] for k in ("r", "alpha", "dropout", "target_modules", "rslora", "dora", "modules_to_save", "init")
     } == {
@@ -186,9 +187,9 @@ def test_modules_to_save_untied_trains_in_place():
     assert _ours_targets(ours) == _peft_targets(pm)  # lm_head excluded from LoRA in both
     assert type(ours.lm_head) is nn.Linear and ours.lm_head.weight.requires_grad
     assert (
-        ours.lorafuse_lora["modules_to_save"] == ["lm_head"]
-        and ours.lorafuse_lora["trained_module_names"] == ["lm_head"]
-        and ours.lorafuse_lora["ensure_weight_tying"] is False
+        model_state(ours).lora["modules_to_save"] == ["lm_head"]
+        and model_state(ours).lora["trained_module_names"] == ["lm_head"]
+        and model_state(ours).lora["ensure_weight_tying"] is False
     )
     t, a = trainable_parameters(ours)
     pt, pa = pm.get_nb_trainable_parameters()
@@ -201,7 +202,7 @@ def test_modules_to_save_tied_pair_stays_tied():
     assert base.lm_head.weight is base.model.embed_tokens.weight
     ours = apply_lora(copy.deepcopy(base), r=4, alpha=8, targets=["q_proj"], modules_to_save=["embed_tokens"])
     assert ours.lm_head.weight is ours.model.embed_tokens.weight and ours.lm_head.weight.requires_grad
-    rec = ours.lorafuse_lora
+    rec = model_state(ours).lora
     assert rec["ensure_weight_tying"] is True and rec["trained_module_names"] == ["lm_head", "model.embed_tokens"]
     pm = _peft(
         base, r=4, lora_alpha=8, target_modules=["q_proj"], modules_to_save=["embed_tokens"], ensure_weight_tying=True

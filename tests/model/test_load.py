@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM
 
 from lorafuse.errors import ModelError
 from lorafuse.model.load import load_model, load_tokenizer, resolve_compute_dtype
+from lorafuse.model.state import model_state
 
 
 def _ids(n=12, vocab=500, seed=0):
@@ -26,7 +27,7 @@ def test_dense_load_matches_transformers(tiny_model_dir):
         diff = (model(ids).logits - ref(ids).logits).abs().max().item()
     assert diff == 0.0
     assert not any(p.requires_grad for p in model.parameters())
-    assert model.lorafuse_base["quant"] == "none"
+    assert model_state(model).base["quant"] == "none"
     assert tok.pad_token_id is not None and tok.pad_token_id != tok.eos_token_id
     assert tok.padding_side == "right"
 

@@ -25,6 +25,7 @@ from lorafuse.errors import ModelError
 from lorafuse.lora.linear import NF4Linear
 from lorafuse.model.load import _load_dense, load_model, quantize_linears
 from lorafuse.model.random_init import random_nf4_model
+from lorafuse.model.state import model_state
 from lorafuse.model.stream import QUANT_CHUNK_ELEMS, StreamUnsupported, load_nf4_streaming, quantize_chunked
 from lorafuse.quant.nf4 import NF4Weight, quantize_nf4
 
@@ -118,7 +119,7 @@ def checkpoints(tmp_path_factory, tiny_tokenizer, tiny_model_dir, tiny_qwen2_dir
 def test_streaming_equals_from_pretrained_path(checkpoints, name, dtype):
     folder = checkpoints[name]
     model, _ = load_model(str(folder), quant="nf4", compute_dtype=dtype, device="cpu")
-    assert model.lorafuse_base["loader"] == "stream"
+    assert model_state(model).base["loader"] == "stream"
     assert not any(p.requires_grad for p in model.parameters()) and not model.training
     _assert_same_model(model, _from_pretrained_nf4(folder, dtype))
     if "tied" in name:
@@ -224,7 +225,7 @@ def test_bin_and_renamed_checkpoints_fall_back_to_from_pretrained(checkpoints, t
         with pytest.raises(StreamUnsupported, match=why):
             load_nf4_streaming(alt, "cpu", torch.float32)
         model, _ = load_model(str(alt), quant="nf4", compute_dtype=torch.float32, device="cpu")
-        assert model.lorafuse_base["loader"] == "from_pretrained"
+        assert model_state(model).base["loader"] == "from_pretrained"
         _assert_same_model(model, want)
         assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
 
@@ -372,7 +373,7 @@ def test_random_nf4_model_is_nf4_random_and_deterministic():
     # Non-persistent buffers are computed, not left as placeholders: same rotary table as a normally built model.
     ref = build_tiny_model("llama", vocab_size=512)
     assert torch.equal(model.model.rotary_emb.inv_freq, ref.model.rotary_emb.inv_freq)
-    assert model.lorafuse_base["quant"] == "nf4" and model.lorafuse_base["random_init"]
+    assert model_state(model).base["quant"] == "nf4" and model_state(model).base["random_init"]
 
     again, other = (
         random_nf4_model(TINY, "cpu", torch.float32, seed=0),

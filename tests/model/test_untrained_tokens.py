@@ -70,8 +70,8 @@ def test_rows_start_at_the_mean_of_the_trained_rows_and_keep_trained_values(tiny
         head[5] = 0  # token 4's head row is trained: it keeps its value
     report = check_tokens(table_checks(model, ALL), ALL, tiny_tokenizer)
     assert give_rows(model, report, "auto") == [4, 5]
-    e_rows = model.get_input_embeddings().lorafuse_token_rows[0].values
-    h_rows = model.get_output_embeddings().lorafuse_token_rows[0].values
+    e_rows = token_rows.state(model).embed_rows.values
+    h_rows = token_rows.state(model).head_rows.values
     trained_e = torch.ones(emb.shape[0], dtype=torch.bool)
     trained_e[[4, 5]] = False
     trained_h = torch.ones(head.shape[0], dtype=torch.bool)
@@ -90,7 +90,7 @@ def test_off_gives_rows_to_new_tokens_only(tiny_tokenizer):
     report = check_tokens(table_checks(model, ALL), ALL, tiny_tokenizer, new_ids=[63])
     assert report.ids == [4, 5, 63] and report.reasons[63] == ["new token (added to the vocabulary)"]
     assert give_rows(model, report, "off") == [63]
-    assert token_rows.info(model)["ids"] == [63] and token_rows.info(model)["tied"]
+    assert token_rows.state(model).ids == [63] and token_rows.state(model).tied
     assert "the existing rows are left as they are" in report_lines(report, False)[-1]
 
 

@@ -236,19 +236,18 @@ def test_the_fused_recompute_without_down_proj_is_priced():
 
 def test_fp8_shortens_the_planned_step_on_hopper_and_is_flagged_on_a_t4(capsys, monkeypatch):
     """train.fp8 on the fused kernels: the forward's and recompute's base GEMMs priced at FP8 rates on an H100, and
-    with the NF4 base the backward's dX too (LORAFUSE_FP8_BACKWARD=0: the forward's only, a step in between). The
-    backward's dY codes (1 byte per token and intermediate unit) may raise the peak, by no more than that; without
-    them the peak is bf16's (the byte buffer is shared). On a T4, which has no FP8 tensor cores, a note that the run
-    would stop."""
+    with the NF4 base the backward's dX too (a 16-bit base: the forward's only, its peak bf16's since the byte buffer
+    is shared). The backward's dY codes (1 byte per token and intermediate unit) may raise the peak, by no more.
+    On a T4, which has no FP8 tensor cores, a note that the run would stop."""
     fused = ['train.fast_path="auto"']
     bf16 = plan(recipe(*fused), gpu_memory="80GiB", gpu="H100")
     fp8 = plan(recipe(*fused, "train.fp8=true"), gpu_memory="80GiB", gpu="H100")
     assert fp8.workload.fp8 and fp8.workload.kernels == "fused" and fp8.workload.method == "qlora"
-    with monkeypatch.context() as env:
-        env.setenv("LORAFUSE_FP8_BACKWARD", "0")
-        forward_only = plan(recipe(*fused, "train.fp8=true"), gpu_memory="80GiB", gpu="H100")
-    assert fp8.step_s < forward_only.step_s < bf16.step_s
-    assert forward_only.estimate.peak_alloc == bf16.estimate.peak_alloc
+    assert fp8.step_s < bf16.step_s
+    lora_bf16 = plan(recipe(*fused, "model.quant=none"), gpu_memory="80GiB", gpu="H100")
+    forward_only = plan(recipe(*fused, "model.quant=none", "train.fp8=true"), gpu_memory="80GiB", gpu="H100")
+    assert forward_only.step_s < lora_bf16.step_s
+    assert forward_only.estimate.peak_alloc == lora_bf16.estimate.peak_alloc
     w = fp8.workload
     assert 0 <= fp8.estimate.peak_alloc - bf16.estimate.peak_alloc <= w.tokens * w.shape.intermediate_size
     assert not any("train.fp8" in n for n in fp8.notes)

@@ -11,9 +11,24 @@ from lorafuse.plan.memory import GIB, Workload, estimate
 from lorafuse.plan.shapes import load_shape
 
 ROOT = Path(__file__).resolve().parents[2]
+# The environment switches some runs were made with. LORAFUSE_DEQUANT_CAP_MIB is train.dequant_cap_mib now (the same
+# code); the others selected code paths that were deleted once their A/B was decided (the host head staged whole,
+# FP8 with a bf16 backward, FP8 without fast accumulation): those runs measured code that no longer exists.
+DELETED_PATHS = {("LORAFUSE_HEAD_STREAM", "0"), ("LORAFUSE_FP8_BACKWARD", "0"), ("LORAFUSE_FP8_FAST_ACCUM_MAX_K", "0")}
 
 
-def test_predictions_within_10_percent_of_measurements(monkeypatch):
+def current_workload(row: dict) -> Workload | None:
+    """The workload a measured row ran, as today's planner expresses it; None for a row of a deleted code path."""
+    env = row.get("env") or {}
+    if DELETED_PATHS & set(env.items()):
+        return None
+    w = workload_from_record(row["workload"])
+    if "LORAFUSE_DEQUANT_CAP_MIB" in env:
+        w = w.with_(dequant_cap_mib=int(env["LORAFUSE_DEQUANT_CAP_MIB"]))
+    return w
+
+
+def test_predictions_within_10_percent_of_measurements():
     rows = read_measured(ROOT / MEASURED_FILE)
     if not rows:
         pytest.skip(
@@ -21,11 +36,10 @@ def test_predictions_within_10_percent_of_measurements(monkeypatch):
             "one row per lorafuse run) and commit the file"
         )
     misses = []
-    for row in rows:
-        with monkeypatch.context() as env:  # the A/B switches the run was made with (the planner reads them too)
-            for key, value in (row.get("env") or {}).items():
-                env.setenv(key, value)
-            predicted = estimate(workload_from_record(row["workload"])).peak_alloc / GIB
+    current = [(row, w) for row in rows if (w := current_workload(row)) is not None]
+    assert len(current) >= 0.8 * len(rows)
+    for row, w in current:
+        predicted = estimate(w).peak_alloc / GIB
         measured = row["measured_peak_alloc_gib"]
         if abs(predicted - measured) > 0.10 * measured:
             misses.append(
@@ -77,59 +91,37 @@ def test_step_time_model_against_the_calibration_runs():
     assert not misses, "\n".join(misses)
 
 
-SUPERSEDED = {  # FP8-backward runs of session 8's first call: session 7's transposed NF4 decode, since replaced
+REPLACED_KERNEL_RUNS = {  # the FP8 backward with a transposed NF4 decode since replaced (21% slower step)
     "20261129T003257-6fa6fa",
     "20261129T003352-c489ed",
 }
 
 
-def test_fp8_step_times_against_the_measured_runs(monkeypatch):
-    """speed.FP8_SPEEDUP, FAST_ACCUM_SPEEDUP and FP8_BACKWARD_SPEEDUP are each fitted on A/B runs made on one machine
-    (speed.FP8_CALIBRATION, FAST_ACCUM_CALIBRATION, the three pairs of FP8_BACKWARD_CALIBRATION). Each such pair's
-    step ratio must be predicted within 3%. Every FP8 run at the
-    shapes the step model is calibrated on (speed.CALIBRATION_RUNS: 4 x 512 and 1 x 4096 tokens) must be predicted
-    within 5% under the switches it ran with (its record's env; runs from before a switch existed carry the value
-    that selects the code they ran). 8 x 2048 is held to the ratios only: the bf16 model itself is not calibrated
-    there (its 8 x 2048 runs are predicted 3-15% fast)."""
+def test_fp8_step_times_against_the_measured_runs():
+    """speed.FP8_SPEEDUP, FAST_ACCUM_SPEEDUP and FP8_BACKWARD_SPEEDUP were fitted on A/B runs made on one machine
+    (benchmarks/NOTES.md). The runs of today's FP8 path (forward, recompute and, for NF4, the backward's dX in e4m3,
+    fast accumulation at K <= 4096) at the shapes the step model is calibrated on (speed.CALIBRATION_RUNS: 4 x 512
+    and 1 x 4096 tokens) must each be predicted within 5%. 8 x 2048 is left out: the bf16 model itself is not
+    calibrated there (its 8 x 2048 runs are predicted 3-15% fast)."""
     import json
 
-    from lorafuse.kernels.fp8 import BACKWARD_DEFAULT, FAST_ACCUM_MAX_K_DEFAULT
-    from lorafuse.plan import memory, speed
+    from lorafuse.plan import speed
 
-    assert speed.FP8_FAST_ACCUM_MAX_K == FAST_ACCUM_MAX_K_DEFAULT, "the planner mirrors the kernels' default"
-    assert memory.FP8_BACKWARD_DEFAULT == BACKWARD_DEFAULT, "the planner mirrors the kernels' default"
     rows = {}
     for path in sorted((ROOT / "benchmarks" / "results").glob("*-h200.jsonl")):
         for line in path.read_text().splitlines():
             row = json.loads(line)
-            if (
-                row.get("stack") == "lorafuse"
-                and row.get("status") == "ok"
-                and row["run"] not in SUPERSEDED
-                and (row.get("fp8") or row["run"] in speed.FP8_CALIBRATION)
-            ):
+            if row.get("stack") == "lorafuse" and row.get("status") == "ok" and row.get("fp8"):
+                if row["run"] in REPLACED_KERNEL_RUNS:
+                    continue
                 rows[row["run"]] = row
     records = {r["run"]: r for r in read_measured(ROOT / MEASURED_FILE) if r.get("run") in rows}
-    assert len(records) == len(rows) >= 20
-    predicted = {}
-    for run in rows:
-        with monkeypatch.context() as env:
-            for key, value in (records[run].get("env") or {}).items():
-                env.setenv(key, value)
-            predicted[run] = speed.step_seconds(
-                workload_from_record(records[run]["workload"]), speed.card_by_name(rows[run]["card"])
-            )
-    bf16, fp8 = speed.FP8_CALIBRATION
-    assert records[fp8]["workload"]["fp8"] and not records[bf16]["workload"].get("fp8")
-    pairs = (speed.FP8_CALIBRATION, speed.FAST_ACCUM_CALIBRATION, *speed.FP8_BACKWARD_CALIBRATION)
-    for slow, fast in pairs:
-        ratio_measured = rows[fast]["step_s"] / rows[slow]["step_s"]
-        assert abs(predicted[fast] / predicted[slow] / ratio_measured - 1) < 0.03, (slow, fast)
-    calibrated = {(r["batch"], r["seq"]) for r in rows.values()} & {(4, 512), (1, 4096)}
-    assert calibrated == {(4, 512), (1, 4096)}
-    misses = [
-        f"{run}: predicted {predicted[run]:.4f} s, measured {rows[run]['step_s']:.4f} s"
-        for run in rows
-        if (rows[run]["batch"], rows[run]["seq"]) in calibrated and abs(predicted[run] / rows[run]["step_s"] - 1) > 0.05
-    ]
+    workloads = {run: w for run, r in records.items() if (w := current_workload(r)) is not None}
+    calibrated = {run for run in workloads if (rows[run]["batch"], rows[run]["seq"]) in {(4, 512), (1, 4096)}}
+    assert {(rows[r]["batch"], rows[r]["seq"]) for r in calibrated} == {(4, 512), (1, 4096)}
+    misses = []
+    for run in calibrated:
+        predicted = speed.step_seconds(workloads[run], speed.card_by_name(rows[run]["card"]))
+        if abs(predicted / rows[run]["step_s"] - 1) > 0.05:
+            misses.append(f"{run}: predicted {predicted:.4f} s, measured {rows[run]['step_s']:.4f} s")
     assert not misses, "\n".join(misses)

@@ -247,57 +247,28 @@ def test_cuda_graphs_keep_every_gradient_alive():
     assert not workload_from_config(load_config(None, ["train.fast_path=off"])).cuda_graphs
 
 
-def test_the_staged_head_makes_a_late_layer_forward_the_peak(monkeypatch):
-    """Lean 7B 4 x 512 (offload, both tables on the host, fused kernels) with the whole head staged: the peak is a
-    late layer's forward (measured so, NOTES.md session 5), holding gate and up outputs (SwiGLU written over the
-    gate output in a checkpointed layer) and two (N, D) tensors; a kept (uncheckpointed) last layer keeps its
-    product apart. Streaming the head instead takes the forward and the loss off the peak."""
-    from lorafuse.plan.memory import dequant_bytes
-
-    streamed = Workload(
-        load_shape("llama2-7b"),
-        micro_batch=4,
-        seq=512,
-        kernels="fused",
-        loss="fused",
-        checkpointing="offload",
-        dropout=0.0,
-        grad_accum=1,
-        cuda_graphs=True,
-        padded=False,
-        embeddings_on_host=True,
-        head_on_host=True,
-    )
-    by_chunks = estimate(streamed)
-    monkeypatch.setenv("LORAFUSE_HEAD_STREAM", "0")
-    assert by_chunks.phase == "backward" and by_chunks.peak_alloc < estimate(streamed).peak_alloc
+def test_a_host_head_streams_at_short_micro_batches_and_is_staged_whole_at_long_ones():
+    """Lean 7B (offload, both tables on the host, fused kernels): at 4 x 512 tokens the head streams through the loss
+    in chunks (plan/policy.head_streams: the loss's fp32 state is smaller than the head), so the forward and the loss
+    stay off the peak, which is the backward's; at 8 x 2048 it is staged whole during the forward and freed before
+    the backward, still the peak."""
+    from lorafuse.plan import policy
+    from lorafuse.plan.placement import streamed_head
 
     s = load_shape("llama2-7b")
-    w = Workload(
-        s,
-        micro_batch=4,
-        seq=512,
-        kernels="fused",
-        loss="fused",
-        checkpointing="offload",
-        dropout=0.0,
-        grad_accum=1,
-        cuda_graphs=True,
-        padded=False,
-        embeddings_on_host=True,
-        head_on_host=True,
-    )
-    e = estimate(w)
-    c, F, D, n = 2, s.intermediate_size, s.hidden_size, w.tokens
-    assert e.phase == "forward" and e.components["head_staged"] == c * s.vocab_size * D
-    assert e.components["forward_workspace"] == (2 * c * F + 2 * c * D) * n + dequant_bytes(w)
-    kept = estimate(w.with_(uncheckpointed=1))
-    assert kept.components["forward_workspace"] - e.components["forward_workspace"] == c * F * n
-    assert estimate(w.with_(head_on_host=False)).phase == "backward"
+    lean = dict(kernels="fused", loss="fused", checkpointing="offload", dropout=0.0, grad_accum=1, cuda_graphs=True)
+    short = Workload(s, micro_batch=4, seq=512, padded=False, embeddings_on_host=True, head_on_host=True, **lean)
+    long = short.with_(micro_batch=8, seq=2048)
+    head = 2 * s.vocab_size * s.hidden_size
+    assert policy.head_streams(short.tokens, s.hidden_size, head) and streamed_head(short) is not None
+    assert not policy.head_streams(long.tokens, s.hidden_size, head) and streamed_head(long) is None
+    for w in (short, long):
+        e = estimate(w)
+        assert e.phase == "backward" and not e.components.get("head_staged")
 
 
-def test_the_dequantization_cap_shrinks_the_planned_buffer_as_the_kernels_cut_it(monkeypatch):
-    """With LORAFUSE_DEQUANT_CAP_MIB the planner's buffer is the largest row part the fused linear dequantizes
+def test_the_dequantization_cap_shrinks_the_planned_buffer_as_the_kernels_cut_it():
+    """With train.dequant_cap_mib the planner's buffer is the largest row part the fused linear dequantizes
     (kernels/lora_linear.dequant_rows at NF4's own cut alignment), within the cap; without it, the largest weight."""
     import torch
 
@@ -308,7 +279,6 @@ def test_the_dequantization_cap_shrinks_the_planned_buffer_as_the_kernels_cut_it
     for name in ("llama2-7b", "llama3-8b"):
         w = Workload(load_shape(name), kernels="fused", loss="fused")
         whole = dequant_bytes(w)
-        monkeypatch.setenv("LORAFUSE_DEQUANT_CAP_MIB", "48")
         parts = []
         for lin in w.shape.linears():
             nf4 = NF4Weight(
@@ -322,5 +292,5 @@ def test_the_dequantization_cap_shrinks_the_planned_buffer_as_the_kernels_cut_it
             )
             rows = dequant_rows(lin.out_features, lin.numel, nf4.row_alignment(), 2, 48 << 20)
             parts.append(2 * rows * lin.in_features)
-        assert dequant_bytes(w) == max(parts) <= 48 << 20 < whole == 2 * max(lin.numel for lin in w.shape.linears())
-        monkeypatch.delenv("LORAFUSE_DEQUANT_CAP_MIB")
+        capped = dequant_bytes(w.with_(dequant_cap_mib=48))
+        assert capped == max(parts) <= 48 << 20 < whole == 2 * max(lin.numel for lin in w.shape.linears())

@@ -22,7 +22,7 @@ _FUSED_SAVED = r"""
 import json, sys
 import torch
 from lorafuse.kernels import _runtime
-from lorafuse.kernels.fast_path import apply_fast_path
+from lorafuse.accel.fast_path import apply_fast_path
 from lorafuse.model.inject import apply_lora
 from lorafuse.model.tiny import build_tiny_model
 
@@ -46,8 +46,8 @@ def saved(num_layers, padded):
         return t
 
     with _runtime.cpu_kernels():
-        applied, reason = apply_fast_path(model)
-        assert applied, reason
+        fast, reason = apply_fast_path(model)
+        assert fast is not None, reason
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             model.model(input_ids=ids, attention_mask=mask if padded else None)
     return sum(seen.values()), model.config.to_dict()
@@ -100,14 +100,16 @@ def _grad_bytes(model) -> int:
 def test_gradients_alive_after_the_top_layer_backward(checkpointing):
     """With .grad set to None between steps, when the top layer's backward is done only the head's and that layer's
     gradients exist (planner: gradient_bytes(w)["backward"]); on the second micro-step of a window, all of them."""
+    from lorafuse import accel
     from lorafuse.model.inject import apply_lora
     from lorafuse.model.tiny import build_tiny_model
-    from lorafuse.train.runtime import prepare_model
+    from lorafuse.options import Options
 
     model = build_tiny_model("llama", vocab_size=512, num_layers=3)
     apply_lora(model, r=8, alpha=16, dropout=0.0, targets="all-linear", modules_to_save=["lm_head"])
     if checkpointing:
-        prepare_model(model, True, note=lambda text: None)  # the loop's own (non-reentrant) checkpointing
+        # the loop's own (non-reentrant) checkpointing
+        accel.prepare(model, Options(fast_path="off", gradient_checkpointing=True), note=lambda text: None)
     model.train()
     seen = []
 

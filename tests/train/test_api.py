@@ -124,38 +124,49 @@ def test_compute_dtype_choice_is_said_and_bf16_on_a_t4_is_refused(monkeypatch):
     assert "float16" in err.value.fix
 
 
-def test_fp8_is_on_for_the_training_loop_only(tmp_path, tiny_model_dir, monkeypatch):
-    """train.fp8 turns the FP8 GEMMs on for the loop (here on a CPU pretending to be an FP8 card with the fast path
-    on, where the reference ops ignore it) and off again before the adapter is written and anything else in the
+def test_the_model_is_prepared_for_the_loop_only(tmp_path, tiny_model_dir, monkeypatch):
+    """The run's Options reach the loop's model (train.fp8 here, on a CPU pretending to be an FP8 card, where the
+    reference ops ignore it), and the job restores the model before the adapter is written and anything else in the
     process runs."""
-    from lorafuse.kernels import fp8
-    from lorafuse.train import loop
+    from lorafuse import accel
+    from lorafuse.plan import policy
     from lorafuse.train.loop import TrainingLoop
 
-    monkeypatch.setattr(fp8, "supported", lambda device: "")
-    monkeypatch.setattr(loop, "fp8_needs_fast_path", lambda model, mode: None)
-    monkeypatch.setattr(fp8, "ENABLED", False)
+    monkeypatch.setattr(policy, "fp8_blocker", lambda *args: "")
     seen = []
     loop_run = TrainingLoop.run
-    monkeypatch.setattr(TrainingLoop, "run", lambda self: seen.append(fp8.ENABLED) or loop_run(self))
+    monkeypatch.setattr(
+        TrainingLoop,
+        "run",
+        lambda self: seen.append(accel.accel_state(self.model).options.kernel.fp8) or loop_run(self),
+    )
+    from lorafuse.lora import adapter_io
+
+    saved, save = [], adapter_io.save_adapter
+    monkeypatch.setattr(
+        adapter_io,
+        "save_adapter",
+        lambda model, *a, **k: saved.append(accel.accel_state(model)) or save(model, *a, **k),
+    )
     cfg = _cfg(tiny_model_dir, tmp_path / "run", fp8=True)
     cfg.model.compute_dtype = "bfloat16"
     console, _ = _console()
     assert run(cfg, console=console).stop_reason == "finished"
-    assert seen == [True] and fp8.ENABLED is False
+    assert seen == [True] and saved[-1] is None, "the final adapter is written from the restored model"
 
 
-@pytest.mark.parametrize("fast_path, why", [("off", "train.fast_path is off"), ("auto", "the fast path did not apply")])
+@pytest.mark.parametrize(
+    "fast_path, why", [("off", "train.fast_path is off"), ("auto", "the fused kernels need a CUDA GPU")]
+)
 def test_fp8_without_the_fast_path_stops_with_the_reason_and_the_fix(
     tmp_path, tiny_model_dir, monkeypatch, fast_path, why
 ):
     """FP8 lives in the fused kernels: a run where they are not in place (switched off, or a CPU model here, on a
     card that could run FP8) would change nothing and look like FP8, so it stops before the first step."""
+    from lorafuse import accel
     from lorafuse.errors import LorafuseError
-    from lorafuse.kernels import fp8
 
-    monkeypatch.setattr(fp8, "supported", lambda device: "")
-    monkeypatch.setattr(fp8, "ENABLED", False)
+    monkeypatch.setattr(accel, "_card", lambda device: ((9, 0), "an FP8 card"))
     cfg = _cfg(tiny_model_dir, tmp_path / "run", fp8=True)
     cfg.model.compute_dtype = "bfloat16"
     cfg.train.fast_path = fast_path
@@ -164,4 +175,4 @@ def test_fp8_without_the_fast_path_stops_with_the_reason_and_the_fix(
         run(cfg, console=console)
     assert why in str(err.value) and "FP8 runs inside the fused kernels" in str(err.value)
     assert "train.fp8: false" in err.value.fix and "train.fast_path: auto" in err.value.fix
-    assert fp8.ENABLED is False and not (tmp_path / "run" / "adapter").exists()
+    assert not (tmp_path / "run" / "adapter").exists()

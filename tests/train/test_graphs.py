@@ -9,7 +9,11 @@ import pytest
 import torch
 
 import lorafuse
+from lorafuse.accel import AccelState
+from lorafuse.accel.fast_path import apply_fast_path
 from lorafuse.config import load_config
+from lorafuse.model.state import model_state
+from lorafuse.options import Options
 from lorafuse.train.graphs import GraphedMicroStep, graph_blocker
 
 
@@ -19,15 +23,24 @@ def _lora_model(tiny_model_dir, dropout=0.0, quant="none", device="cpu", dtype="
     return model
 
 
+def _with_fast_path(model):
+    """The model as accel.prepare leaves it with the fast path on (the reference ops: this is a CPU test)."""
+    fast, reason = apply_fast_path(model, use_reference=True)
+    assert fast is not None, reason
+    params = [p for p in model.parameters() if p.requires_grad]
+    model_state(model).accel = AccelState(Options(gradient_checkpointing=False), params, fast=fast)
+    return fast
+
+
 def test_graph_blocker_gives_the_reason(tiny_model_dir):
     model = _lora_model(tiny_model_dir)
     assert "CUDA device" in graph_blocker(model, torch.device("cpu"))
     assert "fast path" in graph_blocker(model, torch.device("cuda"))
-    model.lorafuse_fast_path = {"ops": "triton", "layers": 2}  # as apply_fast_path marks it
+    _with_fast_path(model)
     assert graph_blocker(model, torch.device("cuda")) is None
     assert "single-process" in graph_blocker(model, torch.device("cuda"), world_size=2)
     dropped = _lora_model(tiny_model_dir, dropout=0.1)
-    dropped.lorafuse_fast_path = {"ops": "triton", "layers": 2}
+    _with_fast_path(dropped).seeds.clear()  # LoRA dropout in a module the fast path does not seed
     reason = graph_blocker(dropped, torch.device("cuda"))
     assert "dropout 0.1" in reason and "lora.dropout: 0" in reason
 
@@ -52,12 +65,15 @@ def _batches(vocab, n, shape=(2, 32), seed=0):
 
 def _train(model, batches, graphed: bool, accum: int = 2, checkpointing=True):
     """Optimizer steps of `accum` micro-batches each; returns per-micro-batch losses and the final LoRA tensors."""
-    from lorafuse.kernels.fast_path import apply_fast_path
-    from lorafuse.train.loss import lm_loss_sum, simple_head
-    from lorafuse.train.runtime import Precision, prepare_model
+    from lorafuse import accel
+    from lorafuse.accel.host_tables import simple_head
+    from lorafuse.options import Options
+    from lorafuse.train.loss import lm_loss_sum
+    from lorafuse.train.runtime import Precision
 
-    assert apply_fast_path(model)[0]
-    params = prepare_model(model, checkpointing, note=lambda s: None)
+    params = accel.prepare(
+        model, Options(fast_path="on", gradient_checkpointing=checkpointing), note=lambda s: None
+    ).params
     for p in params:  # B starts at zero (LoRA's init); a nonzero B makes every gradient, and each step, count
         if p.abs().max() == 0:
             torch.nn.init.normal_(p, std=0.02)
@@ -201,10 +217,8 @@ def test_padded_mask_becomes_the_4d_mask_sdpa_takes():
 
 
 def test_dropout_through_the_fast_path_seeds_allows_graphs(tiny_model_dir):
-    from lorafuse.kernels.fast_path import apply_fast_path
-
     model = _lora_model(tiny_model_dir, dropout=0.1)
-    assert apply_fast_path(model, use_reference=True)[0]
+    _with_fast_path(model)
     assert graph_blocker(model, torch.device("cuda")) is None
 
 
@@ -241,16 +255,17 @@ def test_the_capture_reuses_the_warm_up_cublas_workspaces(tiny_model_dir):
     """Warm-up and capture run on one stream, so the captured GEMMs use the cuBLAS workspaces (one per handle and
     stream) the warm-up made: the capture keeps only the graph's outputs and static inputs alive. Captured on a
     stream of its own after the same warm-up, it holds a new workspace per handle for as long as the graph lives."""
-    from lorafuse.kernels.fast_path import apply_fast_path
-    from lorafuse.train.loss import lm_loss_sum, simple_head
-    from lorafuse.train.runtime import Precision, prepare_model
+    from lorafuse import accel
+    from lorafuse.accel.host_tables import simple_head
+    from lorafuse.options import Options
+    from lorafuse.train.loss import lm_loss_sum
+    from lorafuse.train.runtime import Precision
 
     grown = []
     for own_stream in (False, True):
         torch.manual_seed(0)
         model = _lora_model(tiny_model_dir, 0.0, quant="nf4", device="cuda", dtype="bfloat16")
-        assert apply_fast_path(model)[0]
-        params = prepare_model(model, True, note=lambda s: None)
+        params = accel.prepare(model, Options(fast_path="on", gradient_checkpointing=True), note=lambda s: None).params
         head = simple_head(model)
         step = GraphedMicroStep(
             model,
@@ -284,14 +299,15 @@ def test_an_evaluation_on_the_graphs_stream_leaves_no_workspace_behind(tiny_mode
     """A no-grad pass between graphed steps (the loop's evaluation) run through `on_stream` uses the workspaces the
     warm-up made for the graphs' stream; the same pass on any other stream leaves a cuBLAS workspace allocated
     (checked on a fresh stream: the default one may hold a workspace from earlier tests in this process)."""
-    from lorafuse.kernels.fast_path import apply_fast_path
-    from lorafuse.train.loss import lm_loss_sum, simple_head
-    from lorafuse.train.runtime import Precision, prepare_model
+    from lorafuse import accel
+    from lorafuse.accel.host_tables import simple_head
+    from lorafuse.options import Options
+    from lorafuse.train.loss import lm_loss_sum
+    from lorafuse.train.runtime import Precision
 
     torch.manual_seed(0)
     model = _lora_model(tiny_model_dir, 0.0, quant="nf4", device="cuda", dtype="bfloat16")
-    assert apply_fast_path(model)[0]
-    params = prepare_model(model, True, note=lambda s: None)
+    params = accel.prepare(model, Options(fast_path="on", gradient_checkpointing=True), note=lambda s: None).params
     head = simple_head(model)
     step = GraphedMicroStep(
         model,

@@ -5,9 +5,12 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+import pytest
 import torch
 
 import lorafuse
+
+pytestmark = pytest.mark.slow  # a benchmark script's test: run with `-m slow`
 
 ROOT = Path(__file__).resolve().parents[2]
 

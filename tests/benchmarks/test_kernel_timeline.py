@@ -6,7 +6,10 @@ import importlib.util
 from pathlib import Path
 from types import SimpleNamespace
 
+import pytest
 from torch.autograd import DeviceType
+
+pytestmark = pytest.mark.slow  # a benchmark script's test: run with `-m slow`
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -35,10 +35,12 @@ that needs the model's own logits (soft-capping, scaling, a LoRA head).
 
 from __future__ import annotations
 
-import os
-
 import torch
 from torch import nn
+
+from lorafuse.accel.checkpointing import decoder_layers
+from lorafuse.lora.token_rows import head_rows
+from lorafuse.plan import policy
 
 _INT_VIEW = {2: (torch.int16, "<i2"), 4: (torch.int32, "<i4")}
 
@@ -104,46 +106,45 @@ def _to_pinned(w: torch.Tensor) -> tuple[torch.Tensor | None, str]:
     return host, ""
 
 
-def embeddings_to_host(model: nn.Module) -> tuple[int, str]:
-    """Move the frozen input embedding to pinned host memory, aliased on its device. Returns (bytes moved, reason
-    when nothing moved). Idempotent."""
-    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    if getattr(emb, "lorafuse_host_weight", None) is not None:
-        return 0, "the input embedding is already in host memory"
+def embeddings_to_host(model: nn.Module) -> tuple[torch.Tensor | None, str]:
+    """Move the frozen input embedding to pinned host memory, aliased on its device. Returns (the pinned table,
+    which the caller keeps alive: the alias does not own it; or None and the reason nothing moved)."""
     reason = host_embedding_blocker(model)
     if reason:
-        return 0, reason
-    host, reason = _to_pinned(emb.weight)
-    if host is None:
-        return 0, reason
-    emb.lorafuse_host_weight = host  # keeps the pinned block alive (the alias does not own it)
-    return host.numel() * host.element_size(), ""
+        return None, reason
+    return _to_pinned(model.get_input_embeddings().weight)
 
 
-def embeddings_to_device(model: nn.Module) -> None:
+def embeddings_to_device(model: nn.Module, host: torch.Tensor) -> None:
     """Undo `embeddings_to_host`: the table back in device memory."""
     emb = model.get_input_embeddings()
-    host = getattr(emb, "lorafuse_host_weight", None)
-    if host is None:
-        return
     emb.weight.data = host.to(emb.weight.device)
-    del emb.lorafuse_host_weight
 
 
 # --- the output head: in host memory between losses, staged on the device for each one (`train.head_on_host`) ---
 
 
+def simple_head(model) -> nn.Linear | None:
+    """The output head when logits are exactly `hidden @ W^T` (else None: the loss uses the model's logits)."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if type(head) is not nn.Linear or head.bias is not None or getattr(model, "base_model", model) is model:
+        return None
+    cfg = getattr(model, "config", None)
+    for attr in ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_router_logits"):
+        if getattr(cfg, attr, None) not in (None, False, 1, 1.0):
+            return None
+    return head
+
+
 def host_head_blocker(model: nn.Module) -> str:
     """Why the output head cannot live in host memory between losses ("" when it can)."""
-    from lorafuse.train.loss import simple_head
-
     head = simple_head(model)
     if head is None:
         return "the loss does not read the head as a plain bias-free weight (it needs the model's own logits)"
     w = head.weight
     if w.requires_grad:
         return "the output head is trained (modules_to_save)"
-    if getattr(head, "lorafuse_token_rows", None):
+    if head_rows(model) is not None:
         return "the output head has trainable token rows (lora.train_untrained_tokens, data.add_special_tokens)"
     emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     if emb is not None and getattr(emb, "weight", None) is w:
@@ -165,17 +166,18 @@ class HeadStage:
     CHUNK_BYTES instead, `ahead` of them copied during the forward and each later one issued as an earlier one is
     consumed, so at most `ahead` chunks are on the device. The loss then reads the label rows W[y] in place
     through `alias`, the Parameter's device view of the pinned table. It is chosen when its state, (rows, hidden)
-    fp32, is smaller than the whole head, unless LORAFUSE_HEAD_STREAM=0 (for A/B measurements)."""
+    fp32, is smaller than the whole head (measured on an H200 at 4 x 512 tokens: no slower than staging it whole).
+    A head staged whole stays possible for a stage made without `alias`."""
 
-    CHUNK_BYTES = 32 << 20
-    AHEAD = 3
+    CHUNK_BYTES = policy.HEAD_CHUNK_BYTES
+    AHEAD = policy.HEAD_AHEAD
 
     def __init__(self, host: torch.Tensor, device: torch.device, alias: torch.Tensor | None = None):
         self.host, self.device, self.alias = host, device, alias
         self.pending: torch.Tensor | None = None
         self.queue: list[tuple[int, torch.Tensor, torch.cuda.Event]] = []  # streamed chunks in flight
         self.armed = False
-        self.streaming = alias is not None and os.environ.get("LORAFUSE_HEAD_STREAM", "1") != "0"
+        self.streaming = alias is not None
         self._stream: torch.cuda.Stream | None = None
         vocab, width = host.shape
         self.chunk_rows = max(1, min(vocab, self.CHUNK_BYTES // (width * host.element_size())))
@@ -184,7 +186,7 @@ class HeadStage:
     def streams(self, rows: int) -> bool:
         """Does a loss over `rows` tokens stream the head in chunks (its fp32 (rows, hidden) state is smaller
         than the head)?"""
-        return self.streaming and rows * self.host.shape[1] * 4 < self.host.numel() * self.host.element_size()
+        return self.streaming and policy.head_streams(rows, self.host.shape[1], self.host.nbytes)
 
     def _side(self) -> torch.cuda.Stream:
         if self._stream is None:
@@ -273,47 +275,29 @@ def _fire(stage: HeadStage):
     return hook
 
 
-def head_to_host(model: nn.Module) -> tuple[int, str]:
+def head_to_host(model: nn.Module) -> tuple[HeadStage | None, list, str]:
     """Move the frozen output head to pinned host memory. Between losses it costs no GPU memory; the loss reads a
     device copy staged during the forward (`HeadStage`); anything else (generation, a logits forward) reads the
-    host table in place through a device alias. Returns (bytes moved, reason when nothing moved). Idempotent."""
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if getattr(head, "lorafuse_head_stage", None) is not None:
-        return 0, "the output head is already in host memory"
+    host table in place through a device alias. Returns (the stage, which keeps the pinned block alive; the hooks
+    that arm and fire it; "") or (None, [], the reason nothing moved)."""
     reason = host_head_blocker(model)
     if reason:
-        return 0, reason
+        return None, [], reason
+    head = model.get_output_embeddings()
     host, reason = _to_pinned(head.weight)
     if host is None:
-        return 0, reason
+        return None, [], reason
     stage = HeadStage(host, head.weight.device, alias=head.weight.data)
     layers = decoder_layers(model)
     hooks = [model.base_model.register_forward_pre_hook(_arm(stage), with_kwargs=True)]
     if layers:
         hooks.append(layers[len(layers) // 2].register_forward_pre_hook(_fire(stage), with_kwargs=True))
-    head.lorafuse_head_stage, head.lorafuse_head_hooks = stage, hooks  # the stage keeps the pinned block alive
-    return host.numel() * host.element_size(), ""
+    return stage, hooks, ""
 
 
-def head_to_device(model: nn.Module) -> None:
-    """Undo `head_to_host`: the head back in device memory (e.g. before long generation)."""
-    head = model.get_output_embeddings()
-    stage = getattr(head, "lorafuse_head_stage", None)
-    if stage is None:
-        return
-    for h in head.lorafuse_head_hooks:
+def head_to_device(model: nn.Module, stage: HeadStage, hooks: list) -> None:
+    """Undo `head_to_host`: the head back in device memory."""
+    for h in hooks:
         h.remove()
+    head = model.get_output_embeddings()
     head.weight.data = stage.host.to(head.weight.device)
-    del head.lorafuse_head_stage, head.lorafuse_head_hooks
-
-
-def head_weight(head: nn.Module) -> torch.Tensor:
-    """The weight a loss should read: the staged device copy of a head in host memory, else the weight itself."""
-    stage = getattr(head, "lorafuse_head_stage", None)
-    return head.weight if stage is None else stage.take()
-
-
-def decoder_layers(model: nn.Module) -> list[nn.Module]:
-    """The decoder stack's layers (transformers' `base_model.layers`), [] for a model without one."""
-    layers = getattr(getattr(model, "base_model", model), "layers", None)
-    return list(layers) if isinstance(layers, nn.ModuleList) else []

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import torch
 
+from lorafuse import accel
+from lorafuse.accel.host_tables import simple_head
 from lorafuse.model.inject import apply_lora
 from lorafuse.model.tiny import build_tiny_model
+from lorafuse.options import Options
 from lorafuse.plan import speed
 from lorafuse.plan.memory import GIB, Workload, estimate, layer_saved_bytes, layer_saved_constant_bytes
 from lorafuse.plan.shapes import builtin_shape
-from lorafuse.train.loss import lm_loss_sum, simple_head
-from lorafuse.train.runtime import prepare_model
+from lorafuse.train.loss import lm_loss_sum
 
 
 def _model():
@@ -25,7 +27,9 @@ def _model():
 def _step(kept: int):
     torch.manual_seed(0)
     model, notes = _model(), []
-    prepare_model(model, True, note=notes.append, uncheckpointed_layers=kept)
+    accel.prepare(
+        model, Options(fast_path="off", gradient_checkpointing=True, uncheckpointed_layers=kept), note=notes.append
+    )
     calls = [0] * 4
     for i, layer in enumerate(model.base_model.layers):  # counted in forward itself: the recompute runs it again
 
@@ -101,7 +105,9 @@ def test_config_key_and_bench_flag():
 
 def test_offload_counts_only_the_layers_it_checkpoints():
     model, notes = _model(), []
-    prepare_model(model, "offload", note=notes.append, uncheckpointed_layers=1)
+    accel.prepare(
+        model, Options(fast_path="off", gradient_checkpointing="offload", uncheckpointed_layers=1), note=notes.append
+    )
     assert notes[-2:] == [
         "the last 1 decoder layers save their activations (no recompute in backward)",
         "activation offload: the inputs of 3 checkpointed layers wait in pinned CPU memory",

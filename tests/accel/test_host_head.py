@@ -7,14 +7,15 @@ import copy
 import pytest
 import torch
 
-from lorafuse.model import host_embedding
-from lorafuse.model.host_embedding import head_to_device, head_to_host, host_head_blocker
+from lorafuse import accel
+from lorafuse.accel import host_tables as host_embedding
+from lorafuse.accel.host_tables import head_to_device, head_to_host, host_head_blocker, simple_head
 from lorafuse.model.inject import apply_lora
 from lorafuse.model.tiny import build_tiny_model
+from lorafuse.options import Options
 from lorafuse.plan.memory import Workload, estimate, weight_bytes
 from lorafuse.plan.shapes import builtin_shape
-from lorafuse.train.loss import lm_loss_sum, simple_head
-from lorafuse.train.runtime import prepare_model
+from lorafuse.train.loss import lm_loss_sum
 
 
 def _model(**kw):
@@ -37,10 +38,9 @@ def test_blockers_give_one_line_reasons():
 def test_prepare_model_says_why_the_head_stays():
     model, notes = _model(), []
     weight = model.get_output_embeddings().weight
-    prepare_model(model, False, note=notes.append, head_on_host=True)
+    accel.prepare(model, Options(fast_path="off", gradient_checkpointing=False, head_on_host=True), note=notes.append)
     assert notes[-1] == "output head stays on the device: the model is not on a CUDA device"
-    assert model.get_output_embeddings().weight is weight
-    assert not hasattr(model.get_output_embeddings(), "lorafuse_head_stage")
+    assert model.get_output_embeddings().weight is weight and accel.accel_state(model).head_stage is None
 
 
 class _CountingStage:
@@ -63,7 +63,7 @@ def test_the_copy_is_staged_once_per_training_forward_never_in_the_recompute(che
     not by the checkpoint's recompute inside the backward (that copy would sit on the backward's peak), and not
     by a forward under no_grad (generation, evaluation) or in eval mode."""
     model = _model()
-    prepare_model(model, checkpointing, note=lambda s: None)
+    accel.prepare(model, Options(fast_path="off", gradient_checkpointing=checkpointing), note=lambda s: None)
     stage = _CountingStage()
     _hooked(model, stage)
     ids = torch.randint(0, 96, (2, 9))
@@ -138,7 +138,7 @@ def test_a_staged_head_trains_like_the_device_head_and_leaves_the_backward(fused
     back intact."""
     torch.manual_seed(0)
     base = _model().to("cuda", torch.bfloat16)
-    prepare_model(base, True, note=lambda s: None)
+    accel.prepare(base, Options(fast_path="off", gradient_checkpointing=True), note=lambda s: None)
     ids = torch.randint(0, 96, (2, 33), device="cuda")
     batch = {"input_ids": ids, "labels": ids}
     base.train()
@@ -158,14 +158,15 @@ def test_a_staged_head_trains_like_the_device_head_and_leaves_the_backward(fused
     head = base.get_output_embeddings()
     param, nbytes = head.weight, head.weight.numel() * head.weight.element_size()
     before = torch.cuda.memory_allocated()
-    moved, reason = head_to_host(base)
-    assert reason == "" and moved == nbytes and head.weight is param and head.weight.is_cuda
+    stage, hooks, reason = head_to_host(base)
+    accel.accel_state(base).head_stage = stage  # what accel.prepare does with head_on_host: the loss reads it there
+    assert reason == "" and stage.host.nbytes == nbytes and head.weight is param and head.weight.is_cuda
     assert torch.cuda.memory_allocated() <= before - nbytes
     got_loss, got, host_after_loss, host_peak = run(base)
     assert torch.equal(got_loss, want_loss)
     for name, grad in got.items():
         assert torch.equal(grad, want[name]), name
-    assert head.lorafuse_head_stage.pending is None
+    assert stage.pending is None
     assert host_after_loss == device_after_loss  # the staged copy is gone when the backward starts
     assert host_peak >= nbytes  # and it was there for the loss
     with torch.no_grad():
@@ -188,8 +189,8 @@ def test_a_staged_head_trains_like_the_device_head_and_leaves_the_backward(fused
         with fixed_shape():
             expect = lm_loss_sum(on_device, static, simple_head(on_device), True)
         assert torch.equal(captured.detach(), expect.detach())
-    head_to_device(base)
-    assert not hasattr(head, "lorafuse_head_stage")
+    head_to_device(base, stage, hooks)
+    assert head.weight.data_ptr() != stage.host.data_ptr()
     assert torch.equal(head.weight, on_device.get_output_embeddings().weight)
 
 
@@ -198,7 +199,7 @@ def test_planner_and_stage_agree_on_streaming_the_head(batch, seq):
     """The planner streams the head exactly where HeadStage does (its fp32 state smaller than the head), and then
     counts AHEAD of the stage's chunks staged, not the head; 8 x 2048 tokens of a 4096-wide model would need more
     state than the 0.24 GiB head, so there the whole head is staged."""
-    from lorafuse.model.host_embedding import HeadStage
+    from lorafuse.accel.host_tables import HeadStage
     from lorafuse.plan.placement import streamed_head
 
     s = builtin_shape("llama2-7b")

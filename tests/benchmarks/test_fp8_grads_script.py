@@ -7,6 +7,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.slow  # a benchmark script's test: run with `-m slow`
+
 ROOT = Path(__file__).resolve().parents[2]
 
 

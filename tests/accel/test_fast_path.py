@@ -7,15 +7,11 @@ import copy
 import pytest
 import torch
 
+from lorafuse import accel
+from lorafuse.accel.fast_path import FastAttention, FastLoRAMLP, FastRMSNorm, apply_fast_path, remove_fast_path
 from lorafuse.errors import LorafuseError
 from lorafuse.kernels import _runtime
-from lorafuse.kernels.fast_path import (
-    FastLoRAMLP,
-    FastRMSNorm,
-    apply_fast_path,
-    maybe_apply_fast_path,
-    remove_fast_path,
-)
+from lorafuse.options import Options
 
 
 def _tiny(arch="llama", dropout=0.0, dora=False, nf4=False, seed=0, layers=2):
@@ -63,13 +59,13 @@ def _compare(arch, use_reference, parity, nf4=False, checkpointing=False, layers
     oracle = _step(copy.deepcopy(base).double(), ids)
     fast = copy.deepcopy(base)
     keys, params = list(fast.state_dict()), [id(p) for p in fast.parameters()]
-    applied, reason = apply_fast_path(fast, use_reference=use_reference)
-    assert applied, reason
+    state, reason = apply_fast_path(fast, use_reference=use_reference)
+    assert state is not None, reason
     assert list(fast.state_dict()) == keys, "state_dict keys must not change"
     assert [id(p) for p in fast.parameters()] == params, "the optimizer's Parameters must not change"
     assert isinstance(fast.model.layers[0].mlp, FastLoRAMLP)
     assert isinstance(fast.model.layers[-1].input_layernorm, FastRMSNorm)
-    assert "forward" in vars(fast.model.layers[0].self_attn), "attention is patched on the instance"
+    assert isinstance(fast.model.layers[0].self_attn, FastAttention)
     if checkpointing:
         for m in (base, fast):  # transformers 5.x renamed gradient_checkpointing_enable
             (getattr(m, "activation_checkpointing_enable", None) or m.gradient_checkpointing_enable)()
@@ -77,7 +73,7 @@ def _compare(arch, use_reference, parity, nf4=False, checkpointing=False, layers
     assert set(got) == set(oracle) and len(got) > 2
     for name in oracle:
         parity(f"{arch}/{name}", got[name], ref[name], oracle[name])
-    return fast
+    return fast, state
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
@@ -89,23 +85,11 @@ def test_reference_swap_qlora(parity):
     _compare("llama", use_reference=True, parity=parity, nf4=True)
 
 
-def _count_qkv_groups(monkeypatch) -> list:
-    """Spy: one entry per grouped q|k|v forward (lora_group.group_forward); the group switched on (it is off by
-    default: LORAFUSE_QKV_GROUP=1)."""
-    from lorafuse.kernels import lora_group
-
-    monkeypatch.setattr(lora_group, "GROUP", True)
-    calls, forward = [], lora_group.group_forward
-    monkeypatch.setattr(lora_group, "group_forward", lambda *a: calls.append(1) or forward(*a))
-    return calls
-
-
 def test_kernel_swap_matches_unswapped(device, parity, monkeypatch):
-    """The Triton ops (interpreted on a CPU) inside a real model, under gradient checkpointing; q, k and v
-    (GQA: k and v narrower) run as one group, in the forward and in the recompute."""
+    """The Triton ops (interpreted on a CPU) inside a real model, under gradient checkpointing (GQA: k and v
+    narrower than q)."""
     if device.type == "cuda":
         pytest.skip("tiny fp32 model test; the GPU runs the same ops in the gpu-marked kernel tests")
-    groups = _count_qkv_groups(monkeypatch)
     sdpa, v_owns = torch.nn.functional.scaled_dot_product_attention, []
 
     def spy(q, k, v, *args, **kwargs):  # SDPA saves v: it must not be a view that pins the whole q|k|v output
@@ -113,23 +97,18 @@ def test_kernel_swap_matches_unswapped(device, parity, monkeypatch):
         return sdpa(q, k, v, *args, **kwargs)
 
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
-    fast = _compare(
+    _, state = _compare(
         "mistral", use_reference=False, parity=parity, checkpointing=True, layers=1, tokens=(1, 6)
     )  # the interpreter runs every program in Python: few tokens
-    assert fast.lorafuse_fast_path["ops"] == "triton"
-    assert len(groups) == 2, "q|k|v grouped in the forward and the checkpoint recompute"
+    assert state.ops.name == "triton"
     assert v_owns and all(v_owns)
 
 
-def test_kernel_swap_qkv_group_with_nf4_bias_and_dropout(device, parity, monkeypatch):
-    """Qwen2 (q/k/v biases) on NF4 bases with LoRA dropout: the kernel swap (q|k|v as one group) and the
-    reference swap (three reference calls) draw the same masks from one seed base, so the loss and every LoRA
-    gradient agree (oracle: the reference swap in fp64)."""
-    from lorafuse.kernels.fast_path import set_dropout_seed
-
+def test_kernel_swap_with_nf4_bias_and_dropout(device, parity):
+    """Qwen2 (q/k/v biases) on NF4 bases with LoRA dropout: the kernel swap and the reference swap draw the same
+    masks from one seed base, so the loss and every LoRA gradient agree (oracle: the reference swap in fp64)."""
     if device.type == "cuda":
         pytest.skip("tiny fp32 model test; the GPU runs the same ops in the gpu-marked kernel tests")
-    groups = _count_qkv_groups(monkeypatch)
     base = _tiny("qwen2", dropout=0.2, nf4=True, layers=1).train()
     ids = torch.randint(0, 96, (1, 6), generator=torch.Generator().manual_seed(3))
     res = {}
@@ -138,11 +117,10 @@ def test_kernel_swap_qkv_group_with_nf4_bias_and_dropout(device, parity, monkeyp
         ("ref", copy.deepcopy(base), True),
         ("got", copy.deepcopy(base), False),
     ):
-        applied, reason = apply_fast_path(model, use_reference=use_reference)
-        assert applied, reason
-        set_dropout_seed(model, 9)
+        state, reason = apply_fast_path(model, use_reference=use_reference)
+        assert state is not None, reason
+        state.set_dropout_seed(9)
         res[name] = _step(model, ids)
-    assert len(groups) == 1
     assert any(".q_proj.lora_A" in n for n in res["got"]) and len(res["got"]) > 2
     for name in res["oracle"]:
         parity(f"qwen2-nf4-dropout/{name}", res["got"][name], res["ref"][name], res["oracle"][name])
@@ -151,31 +129,31 @@ def test_kernel_swap_qkv_group_with_nf4_bias_and_dropout(device, parity, monkeyp
 def test_class_is_untouched_and_swap_is_reversible():
     model = _tiny()
     attn_cls, mlp_cls = type(model.model.layers[0].self_attn), type(model.model.layers[0].mlp)
-    cls_forward = attn_cls.forward
-    apply_fast_path(model, use_reference=True)
-    assert attn_cls.forward is cls_forward and type(model.model.layers[0].self_attn) is attn_cls
-    assert apply_fast_path(model, use_reference=True) == (True, "fast path already applied")
-    remove_fast_path(model)
-    assert type(model.model.layers[0].mlp) is mlp_cls and "forward" not in vars(model.model.layers[0].self_attn)
+    cls_forward, attn = attn_cls.forward, model.model.layers[0].self_attn
+    state, _ = apply_fast_path(model, use_reference=True)
+    assert attn_cls.forward is cls_forward and "forward" not in vars(attn), "the original module is left as it was"
+    assert apply_fast_path(model, use_reference=True) == (None, "the fast path is already applied")
+    remove_fast_path(model, state)
+    assert type(model.model.layers[0].mlp) is mlp_cls and model.model.layers[0].self_attn is attn
     assert not isinstance(model.model.norm, FastRMSNorm)
+    ours = [name for m in model.modules() for name in vars(m) if name.startswith("lorafuse")]
+    assert ours == ["lorafuse_state"], "the model carries one state object (lorafuse.model.state), nothing else"
 
 
 def test_dropout_is_seeded_and_eval_is_exact():
-    from lorafuse.kernels.fast_path import set_dropout_seed
-
     model = _tiny(dropout=0.2)
     fast = copy.deepcopy(model)
-    apply_fast_path(fast, use_reference=True)
+    state, _ = apply_fast_path(fast, use_reference=True)
     ids = torch.randint(0, 96, (2, 9), generator=torch.Generator().manual_seed(4))
     fast.train()
-    set_dropout_seed(fast, 7)
+    state.set_dropout_seed(7)
     a = _step(fast, ids)
     c = _step(fast, ids)  # the base advanced: new masks
-    set_dropout_seed(fast, 7)
+    state.set_dropout_seed(7)
     b = _step(fast, ids)
     assert all(torch.equal(a[n], b[n]) for n in a), "same seed base, same dropout masks"
     assert not torch.equal(a["loss"], c["loss"]), "each training forward draws new masks"
-    assert int(fast.model.lorafuse_dropout_base) == 8
+    assert int(state.dropout_base) == 8
     assert all(torch.isfinite(t).all() for t in a.values())
     model.eval(), fast.eval()
     with torch.no_grad():
@@ -185,46 +163,48 @@ def test_dropout_is_seeded_and_eval_is_exact():
 def test_blockers_give_one_line_reasons():
     from lorafuse.model.tiny import build_tiny_model
 
-    applied, reason = apply_fast_path(build_tiny_model("gpt2", vocab_size=96, hidden_size=32, num_layers=1))
-    assert not applied and "GPT2LMHeadModel is not a supported architecture" in reason
-    applied, reason = apply_fast_path(_tiny(dora=True), use_reference=True)
-    assert not applied and "DoRA" in reason and "\n" not in reason
+    state, reason = apply_fast_path(build_tiny_model("gpt2", vocab_size=96, hidden_size=32, num_layers=1))
+    assert state is None and "GPT2LMHeadModel is not a supported architecture" in reason
+    state, reason = apply_fast_path(_tiny(dora=True), use_reference=True)
+    assert state is None and "DoRA" in reason and "\n" not in reason
     if _runtime.INTERPRET:
         with _runtime.cpu_kernels(False):
-            applied, reason = apply_fast_path(_tiny())
-        assert not applied and "CUDA" in reason
+            state, reason = apply_fast_path(_tiny())
+        assert state is None and "CUDA" in reason
 
 
-def test_maybe_apply_modes():
-    from lorafuse.model.tiny import build_tiny_model
-
-    logged = []
-    gpt2 = build_tiny_model("gpt2", vocab_size=96, hidden_size=32, num_layers=1)
-    assert maybe_apply_fast_path(gpt2, "auto", log=logged.append) is False
-    assert len(logged) == 1 and logged[0].startswith("fast path off: ")
-    assert maybe_apply_fast_path(gpt2, "off", log=logged.append) is False and len(logged) == 1
-    with pytest.raises(LorafuseError, match="fast path cannot apply"):
-        maybe_apply_fast_path(gpt2, "on")
+def test_prepare_applies_the_fast_path_by_the_options_and_restore_undoes_it():
+    """train.fast_path through accel.prepare: "off" leaves the modules, "on" applies (here the interpreted kernels)
+    or stops with the reason and the fix, and restore puts the original modules back."""
+    notes = []
+    model = _tiny()
+    mlp = model.model.layers[0].mlp
+    state = accel.prepare(model, Options(fast_path="off", gradient_checkpointing=False), note=notes.append)
+    assert state.fast is None and model.model.layers[0].mlp is mlp and accel.accel_state(model) is state
+    state = accel.prepare(model, Options(fast_path="on", gradient_checkpointing=False), note=notes.append)
+    assert isinstance(model.model.layers[0].mlp, FastLoRAMLP) and state.fast.ops.name == "triton"
+    accel.restore(model)
+    assert model.model.layers[0].mlp is mlp and accel.accel_state(model) is None
+    with pytest.raises(LorafuseError, match="fast path cannot apply.*DoRA"):
+        accel.prepare(_tiny(dora=True), Options(fast_path="on", gradient_checkpointing=False), note=notes.append)
 
 
 def test_dropout_masks_survive_checkpoint_recompute():
     """With checkpointing the backward recomputes each layer: the device seed makes it regenerate the forward's
     masks (the base is advanced by the decoder stack's forward, which a recompute does not re-run), so the
     gradients equal those of the same step without checkpointing."""
-    from lorafuse.kernels.fast_path import set_dropout_seed
-
     base = _tiny(dropout=0.3)
     ids = torch.randint(0, 96, (2, 9), generator=torch.Generator().manual_seed(5))
     grads = []
     for checkpointing in (False, True):
         fast = copy.deepcopy(base)
-        apply_fast_path(fast, use_reference=True)
+        state, _ = apply_fast_path(fast, use_reference=True)
         if checkpointing:
             fast.gradient_checkpointing_enable(
                 gradient_checkpointing_kwargs={"use_reentrant": False, "preserve_rng_state": False}
             )
         fast.train()
-        set_dropout_seed(fast, 11)
+        state.set_dropout_seed(11)
         grads.append(_step(fast, ids))
     plain, ckpt = grads
     assert all(torch.allclose(plain[n], ckpt[n], rtol=1e-6, atol=1e-7) for n in plain)
@@ -240,11 +220,11 @@ def test_mask_built_for_a_maskless_call_reaches_sdpa_as_is_causal(monkeypatch, c
     fast = _tiny(arch).train()
     if case == "sliding window":
         fast.config.sliding_window = 4
-    applied, reason = apply_fast_path(fast, use_reference=True)
-    assert applied, reason
+    state, reason = apply_fast_path(fast, use_reference=True)
+    assert state is not None, reason
     if case == "sliding window":
         for layer in fast.model.layers:
-            layer.self_attn.lorafuse_sliding_window = 4
+            layer.self_attn.sliding_window = 4
     ids = torch.randint(0, 96, (2, 9), generator=torch.Generator().manual_seed(3))
     causal = torch.ones(9, 9, dtype=torch.bool).tril_()[None, None].expand(2, 1, 9, 9)
     kwargs = {}
@@ -279,8 +259,8 @@ def test_mask_built_for_a_maskless_call_reaches_sdpa_as_is_causal(monkeypatch, c
     else:  # a real mask (padding, packed block-diagonal, sliding window) must reach SDPA
         assert all(not none for none, _ in seen), seen
     torch.testing.assert_close(injected, plain, rtol=0, atol=1e-5)
-    remove_fast_path(fast)
-    assert not hasattr(fast.model.layers[0].self_attn, "lorafuse_causal_only")
+    remove_fast_path(fast, state)
+    assert not isinstance(fast.model.layers[0].self_attn, FastAttention)
 
 
 @pytest.mark.gpu
@@ -289,8 +269,8 @@ def test_a_captured_maskless_forward_uses_sdpa_is_causal(monkeypatch):
     builds the causal mask for a maskless call; the fast path must still reach SDPA with is_causal and no mask,
     and the replay must give the eager logits."""
     fast = _tiny().to("cuda", torch.bfloat16).train()
-    applied, reason = apply_fast_path(fast)
-    assert applied, reason
+    state, reason = apply_fast_path(fast)
+    assert state is not None, reason
     ids = torch.randint(0, 96, (2, 64), device="cuda")
     with torch.no_grad():
         eager = fast(input_ids=ids).logits
@@ -323,8 +303,6 @@ def test_recompute_skips_the_down_projection_and_keeps_every_gradient(device, mo
     writes SwiGLU over the gate output. Loss and every LoRA gradient equal those of the same step without
     checkpointing, bit for bit; dropout on, so S_d's mask is regenerated."""
     from lorafuse.kernels import swiglu_mlp
-    from lorafuse.kernels.fast_path import set_dropout_seed
-    from lorafuse.train.runtime import prepare_model
 
     full, down_only, in_place = [], [], []
     forward, down, act = swiglu_mlp.lora_forward, swiglu_mlp.lora_down, swiglu_mlp.swiglu_forward
@@ -341,10 +319,9 @@ def test_recompute_skips_the_down_projection_and_keeps_every_gradient(device, mo
     res = {}
     for checkpointing in (False, mode):
         model = copy.deepcopy(base)
-        assert apply_fast_path(model)[0]
-        prepare_model(model, checkpointing, note=lambda _: None)
+        state = accel.prepare(model, Options(fast_path="on", gradient_checkpointing=checkpointing), note=print)
         model.train()
-        set_dropout_seed(model, 13)
+        state.fast.set_dropout_seed(13)
         full.clear(), down_only.clear(), in_place.clear()
         res[checkpointing] = _step(model, ids)
         res[checkpointing]["calls"] = (list(full), list(down_only))

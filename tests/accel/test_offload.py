@@ -6,16 +6,19 @@ import pytest
 import torch
 
 import lorafuse
+from lorafuse import accel
+from lorafuse.accel.offload import offload_checkpoint
 from lorafuse.config import load_config
-from lorafuse.train.offload import offload_checkpoint
-from lorafuse.train.runtime import prepare_model
+from lorafuse.options import Options
 
 
 def _grads(model_dir, checkpointing, dropout=0.0, seed=0, device="cpu"):
     torch.manual_seed(seed)
     model, _ = lorafuse.load_model(str(model_dir), quant="none", compute_dtype="float32", device=device)
     lorafuse.apply_lora(model, r=4, alpha=8, dropout=dropout, targets="all-linear")
-    params = prepare_model(model, checkpointing, note=lambda s: None)
+    params = accel.prepare(
+        model, Options(fast_path="off", gradient_checkpointing=checkpointing), note=lambda s: None
+    ).params
     for p in params:  # a nonzero B, so that A's gradients are nonzero too
         if p.abs().max() == 0:
             torch.nn.init.normal_(p, std=0.05)
@@ -29,7 +32,7 @@ def _grads(model_dir, checkpointing, dropout=0.0, seed=0, device="cpu"):
 
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
 def test_offload_gives_the_gradients_of_plain_checkpointing(tiny_model_dir, dropout, monkeypatch):
-    from lorafuse.train import offload
+    from lorafuse.accel import offload
 
     stashed, fetched = [], []
     real_init, real_fetch = offload._Stash.__init__, offload._Stash.fetch
@@ -55,8 +58,8 @@ def test_offload_is_installed_and_named_in_the_config(tiny_model_dir):
     model, _ = lorafuse.load_model(str(tiny_model_dir), quant="none", compute_dtype="float32", device="cpu")
     lorafuse.apply_lora(model, r=4, alpha=8, targets="all-linear")
     notes = []
-    prepare_model(model, "offload", note=notes.append)
-    assert model.lorafuse_offload == len(model.model.layers)
+    state = accel.prepare(model, Options(fast_path="off", gradient_checkpointing="offload"), note=notes.append)
+    assert state.offload_layers == len(model.model.layers)
     assert all(layer._gradient_checkpointing_func is offload_checkpoint for layer in model.model.layers)
     assert any("activation offload" in n for n in notes)
 
@@ -81,14 +84,16 @@ def test_offload_on_cuda_matches_plain_checkpointing(tiny_model_dir):
 def test_a_forward_without_backward_leaves_nothing_behind(tiny_model_dir):
     """An out-of-memory error between forward and backward leaves the forward's stashes: the next forward gives
     their pinned buffers back (the pool does not grow) and the next step's gradients are a fresh run's."""
-    from lorafuse.train import offload
+    from lorafuse.accel import offload
 
     loss_ref, ref = _grads(tiny_model_dir, "offload", device="cuda")
     pooled = offload.POOL.bytes
     torch.manual_seed(0)
     model, _ = lorafuse.load_model(str(tiny_model_dir), quant="none", compute_dtype="float32", device="cuda")
     lorafuse.apply_lora(model, r=4, alpha=8, dropout=0.0, targets="all-linear")
-    params = prepare_model(model, "offload", note=lambda s: None)
+    params = accel.prepare(
+        model, Options(fast_path="off", gradient_checkpointing="offload"), note=lambda s: None
+    ).params
     for p in params:
         if p.abs().max() == 0:
             torch.nn.init.normal_(p, std=0.05)

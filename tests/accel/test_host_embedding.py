@@ -7,12 +7,13 @@ import copy
 import pytest
 import torch
 
-from lorafuse.model.host_embedding import embeddings_to_device, embeddings_to_host, host_embedding_blocker
+from lorafuse import accel
+from lorafuse.accel.host_tables import embeddings_to_device, embeddings_to_host, host_embedding_blocker
 from lorafuse.model.inject import apply_lora
 from lorafuse.model.tiny import build_tiny_model
+from lorafuse.options import Options
 from lorafuse.plan.memory import Workload, estimate, weight_bytes
 from lorafuse.plan.shapes import builtin_shape
-from lorafuse.train.runtime import prepare_model
 
 
 def _model(**kw):
@@ -32,12 +33,12 @@ def test_blockers_give_one_line_reasons():
 def test_prepare_model_says_why_the_table_stays(capsys):
     model, notes = _model(), []
     weight = model.get_input_embeddings().weight
-    prepare_model(model, False, note=notes.append, embeddings_on_host=True)
-    assert notes[-1] == "input embedding stays on the device: the model is not on a CUDA device"
-    assert model.get_input_embeddings().weight is weight and not hasattr(
-        model.get_input_embeddings(), "lorafuse_host_weight"
+    state = accel.prepare(
+        model, Options(fast_path="off", gradient_checkpointing=False, embeddings_on_host=True), note=notes.append
     )
-    assert embeddings_to_host(model) == (0, "the model is not on a CUDA device")
+    assert notes[-1] == "input embedding stays on the device: the model is not on a CUDA device"
+    assert model.get_input_embeddings().weight is weight and state.host_embedding is None
+    assert embeddings_to_host(model) == (None, "the model is not on a CUDA device")
 
 
 @pytest.mark.parametrize("shape,moved", [("llama2-7b", True), ("llama3-8b", True), ("llama3.2-1b", False)])
@@ -80,11 +81,12 @@ def test_alias_trains_like_the_device_table_and_frees_its_memory():
     want_logits, want = grads(on_device)
     table = base.get_input_embeddings().weight
     param, before = table, torch.cuda.memory_allocated()
-    moved, reason = embeddings_to_host(base)
+    host, reason = embeddings_to_host(base)
+    moved = host.nbytes
     assert reason == "" and moved == table.numel() * table.element_size()
     assert torch.cuda.memory_allocated() <= before - moved  # the alias is not the allocator's memory
     emb = base.get_input_embeddings()
-    assert emb.weight is param and emb.weight.is_cuda and emb.lorafuse_host_weight.is_pinned()
+    assert emb.weight is param and emb.weight.is_cuda and host.is_pinned()
     torch.testing.assert_close(emb.weight, on_device.get_input_embeddings().weight, rtol=0, atol=0)
     got_logits, got = grads(base)
     torch.testing.assert_close(got_logits, want_logits, rtol=0, atol=0)
@@ -99,22 +101,21 @@ def test_alias_trains_like_the_device_table_and_frees_its_memory():
     torch.testing.assert_close(looked_up, on_device.get_input_embeddings()(ids[1:]), rtol=0, atol=0)
     state = base.state_dict()["model.embed_tokens.weight"]
     torch.testing.assert_close(state.cpu(), on_device.get_input_embeddings().weight.cpu(), rtol=0, atol=0)
-    embeddings_to_device(base)
-    assert not hasattr(emb, "lorafuse_host_weight")
+    embeddings_to_device(base, host)
+    assert emb.weight.data_ptr() != host.data_ptr()
     torch.testing.assert_close(emb.weight, on_device.get_input_embeddings().weight, rtol=0, atol=0)
 
 
 def test_a_platform_without_mapped_pinned_memory_keeps_the_table(monkeypatch):
     """Where pinned memory cannot be allocated or mapped (here: no CUDA at all), the run goes on with the table
     on the device and says why, instead of failing before training."""
-    from lorafuse.model import host_embedding
+    from lorafuse.accel import host_tables as host_embedding
 
     if torch.cuda.is_available():
         pytest.skip("needs a machine where pinned memory fails (no CUDA)")
     model = _model()
     weight = model.get_input_embeddings().weight.detach().clone()
     monkeypatch.setattr(host_embedding, "host_embedding_blocker", lambda m: "")
-    moved, reason = embeddings_to_host(model)
-    assert moved == 0 and reason.startswith("pinned host memory could not be mapped for the GPU here")
-    emb = model.get_input_embeddings()
-    assert not hasattr(emb, "lorafuse_host_weight") and torch.equal(emb.weight, weight)
+    host, reason = embeddings_to_host(model)
+    assert host is None and reason.startswith("pinned host memory could not be mapped for the GPU here")
+    assert torch.equal(model.get_input_embeddings().weight, weight)

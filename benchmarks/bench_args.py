@@ -1,4 +1,4 @@
-"""`lorafuse bench`: end-to-end training steps of lorafuse and its peers on one card, each in its own process.
+"""The arguments of the benchmark harness (benchmarks/bench.py, `lorafuse bench`).
 
 The command line (lorafuse/bench.py runs it): what to measure, which stacks, and lorafuse's own settings, which
 the peers do not have (a run that sets one of them compares only lorafuse with itself).

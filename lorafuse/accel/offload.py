@@ -206,16 +206,9 @@ def offload_checkpoint(function, *args, preserve_rng_state: bool = True, **_chec
     return _OffloadedLayer.apply(function, preserve_rng_state, anchor, x, *rest)
 
 
-def without_rng(model: nn.Module) -> None:
-    """The offloaded layers stop saving/restoring RNG state (train/graphs.py, before a capture)."""
-    plain = functools.partial(offload_checkpoint, preserve_rng_state=False)
-    for mod in model.modules():
-        if getattr(mod, "_gradient_checkpointing_func", None) is not None:
-            mod._gradient_checkpointing_func = plain
-
-
-def install(model: nn.Module) -> int:
-    """Route every checkpointed layer of `model` through `offload_checkpoint`; returns how many layers."""
+def install(model: nn.Module):
+    """Route every checkpointed layer of `model` through `offload_checkpoint`. Returns (how many layers, the
+    model's forward pre-hook that drops a stale stash: remove it to undo)."""
     try:  # transformers 5: each decoder layer checkpoints itself
         from transformers.modeling_layers import GradientCheckpointingLayer
     except ImportError:  # older: the backbone calls its own function on each layer
@@ -226,7 +219,7 @@ def install(model: nn.Module) -> int:
             mod._gradient_checkpointing_func = offload_checkpoint
             # layers kept out of the checkpoints (train.uncheckpointed_layers) never call it
             n += isinstance(mod, GradientCheckpointingLayer) and getattr(mod, "gradient_checkpointing", True)
-    model.lorafuse_offload = max(n, 1)
-    if getattr(model, "lorafuse_offload_hook", None) is None:
-        model.lorafuse_offload_hook = model.register_forward_pre_hook(drop_stale)
-    return n
+    return n, model.register_forward_pre_hook(drop_stale)
+
+
+offload_without_rng = functools.partial(offload_checkpoint, preserve_rng_state=False)  # for a graph capture
