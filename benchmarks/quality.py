@@ -8,7 +8,7 @@ rows as pretraining left them and zeroed as real bases ship them.
 1. Pretrain a small Llama from scratch on synthetic string tasks (benchmarks/quality_data.py: copy, reverse,
    rotate, shift, repeat, interleave; nothing that orders or compares), and save it twice: as pretrained, and
    with the rows of the chat template's `<|im_start|>`/`<|im_end|>` zeroed in the embedding and the head.
-2. Fine-tune each base on the held-out task (sort 8 digits, in the ChatML template) with every method at each
+2. Fine-tune each base on the held-out task (sort 6 digits, in the ChatML template) with every method at each
    learning rate of its grid, the same steps, batch, schedule and LoRA settings (the seed's: r=16, alpha=32,
    dropout 0.05, the seven projections; AdamW):
      full            every weight (a plain loop; fp32 masters, bf16 autocast on CUDA)
@@ -27,8 +27,9 @@ on a 4-layer, 256-wide Llama (3.4M parameters) ~30-45 s; a fine-tuning run is 30
 bound at this size: ~3 s for full fine-tuning's plain loop, ~5-7 s for lorafuse's reference path and peft, ~1 s
 replayed from CUDA graphs (plus ~1 minute of Triton compiling and autotuning, once per process), and ~1-2 s to
 load, evaluate 300 rows and save. 7 methods x 3 learning rates x 2 bases = 42 runs: about 5-6 minutes in all.
-Fewer: --lrs 1e-3,3e-3 (one grid for all), --methods, --steps. Calibrate first with --methods full,lora
-(about 1 minute): full fine-tuning should score well above 50%, or the task is too hard for --steps.
+Fewer: --lrs 1e-3,3e-3 (one grid for all), --methods, --steps. Calibrate first with --methods full,lora,qlora+fast
+--lrs 1e-3,3e-3 (about 2 minutes): full fine-tuning should score well above 50% and LoRA well above 0, else the
+task is too hard for --steps (--sort-length 5, or more --steps); benchmarks/NOTES.md has a CPU stand-in's numbers.
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 from quality_data import build_tokenizer, sort_rows  # noqa: E402
-from quality_train import build_base, encode, exact_match, finetune, pretrain, save_bases  # noqa: E402
+from quality_train import build_base, encode, exact_match, finetune, pretrain, save_bases, token_accuracy  # noqa: E402
 
 PROJ7 = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 LORA = {"r": 16, "alpha": 32, "dropout": 0.05}
@@ -63,14 +64,14 @@ METHODS = {  # name: (stack, settings)
     "seed lora": ("peft", {"quant": "none"}),
     "seed qlora": ("peft", {"quant": "nf4"}),
 }
-LRS = {"full": [1e-4, 3e-4, 1e-3], "adapter": [3e-4, 1e-3, 3e-3]}
+LRS = {"full": [1e-4, 3e-4, 1e-3], "adapter": [1e-3, 2e-3, 5e-3]}
 SIZES = {
     "gpu": dict(hidden=256, intermediate=768, layers=4, heads=4),
     "smoke": dict(hidden=64, intermediate=128, layers=2, heads=2),
 }
 PLAN = {  # pretrain steps, batch, tokens; fine-tune steps, batch; held-out rows
-    "gpu": dict(pre_steps=3000, pre_batch=64, pre_seq=128, steps=300, batch=16, eval_rows=300),
-    "smoke": dict(pre_steps=20, pre_batch=8, pre_seq=64, steps=4, batch=4, eval_rows=16),
+    "gpu": dict(pre_steps=3000, pre_batch=64, pre_seq=128, steps=300, batch=16, eval_rows=300, length=6),
+    "smoke": dict(pre_steps=20, pre_batch=8, pre_seq=64, steps=4, batch=4, eval_rows=16, length=6),
 }
 
 
@@ -186,6 +187,7 @@ def one_run(method, base, zeroed, lr, ctx) -> dict:
         else:
             model, train_s = run_peer(stack, settings, base, ctx["train"], lr, ctx["plan"], ctx["device"], ctx["seed"])
         accuracy = exact_match(model, ctx["eval"], ctx["device"])
+        row["token_accuracy"] = token_accuracy(model, ctx["eval"], ctx["device"])
     except Exception as exc:  # one failed run is a row with its reason; the grid goes on
         traceback.print_exc()
         return {**row, "status": "error", "reason": f"{type(exc).__name__}: {exc}"[:300], "accuracy": None}
@@ -230,7 +232,8 @@ def best_rows(rows: list[dict]) -> list[dict]:
 
 def table(best: list[dict], plan: dict, card: str) -> str:
     lines = [
-        f"quality: sort 8 digits (a task the base never saw), exact match on {plan['eval_rows']} held-out rows, "
+        f"quality: sort {plan['length']} digits (a task the base never saw), exact match on {plan['eval_rows']} "
+        "held-out rows, "
         f"{plan['steps']} steps x {plan['batch']}; best of each method's LR grid; {card}",
         f"{'':<26}{'template rows as pretrained':^29}{'template rows zeroed':^29}",
         f"{'method':<16} {'stack':<9}" + f" {'accuracy':>9} {'vs full':>8} {'lr':>7}  " * 2,
@@ -262,7 +265,7 @@ def readme_row(best: list[dict]) -> str:
     head = "| vs full (template rows as pretrained / zeroed) | full | LoRA | QLoRA | QLoRA fast + FP8 | seed QLoRA |"
     return (
         f"{head}\n|---|---|---|---|---|---|\n"
-        f"| sort 8 digits, exact match | 100% | {cell('lora')} | {cell('qlora')} | {cell('qlora+fast+fp8')} "
+        f"| sort digits, exact match | 100% | {cell('lora')} | {cell('qlora')} | {cell('qlora+fast+fp8')} "
         f"| {cell('seed qlora')} |"
     )
 
@@ -295,13 +298,15 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, help="fine-tuning steps (default 300; smoke 4)")
     p.add_argument("--pretrain-steps", type=int, help="pretraining steps (default 3000; smoke 20)")
     p.add_argument("--eval-rows", type=int, help="held-out rows scored (default 300; smoke 16)")
+    p.add_argument("--sort-length", type=int, help="digits to sort (default 6): the task's difficulty")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
     kind = "smoke" if args.smoke else "gpu"
     plan, device = dict(PLAN[kind]), torch.device(args.device)
-    for key, value in (("steps", args.steps), ("pre_steps", args.pretrain_steps), ("eval_rows", args.eval_rows)):
+    knobs = {"steps": args.steps, "pre_steps": args.pretrain_steps, "eval_rows": args.eval_rows}
+    for key, value in {**knobs, "length": args.sort_length}.items():
         plan[key] = value or plan[key]
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in methods if m not in METHODS]
@@ -314,11 +319,11 @@ def main(argv=None) -> int:
     model = build_base(SIZES[kind], tokenizer, args.seed)
     losses = pretrain(model, tokenizer, plan["pre_steps"], plan["pre_batch"], plan["pre_seq"], 1e-3, device, args.seed)
     print(f"pretrained in {time.perf_counter() - t0:.0f} s: loss {losses[0]:.3f} -> {losses[-1]:.3f}", flush=True)
-    eval_rows = sort_rows(plan["eval_rows"], args.seed + 1)
+    eval_rows = sort_rows(plan["eval_rows"], args.seed + 1, plan["length"])
     train_rows = sort_rows(
-        plan["steps"] * plan["batch"], args.seed + 2, {r["messages"][0]["content"] for r in eval_rows}
+        plan["steps"] * plan["batch"], args.seed + 2, plan["length"], {r["messages"][0]["content"] for r in eval_rows}
     )
-    meta = _meta(device)
+    meta = {**_meta(device), "task": f"sort {plan['length']} digits", "steps": plan["steps"], "batch": plan["batch"]}
     with tempfile.TemporaryDirectory(prefix="lorafuse-quality-bases-") as tmp:
         bases = save_bases(model, tokenizer, Path(tmp), torch.bfloat16 if device.type == "cuda" else torch.float32)
         data = Path(tmp) / "train.jsonl"
@@ -344,6 +349,8 @@ def main(argv=None) -> int:
                     row = one_run(method, bases["zeroed" if zeroed else "plain"], zeroed, lr, ctx)
                     rows.append(row)
                     acc = "n/a" if row["accuracy"] is None else f"{100 * row['accuracy']:.1f}%"
+                    if row["status"] == "ok":
+                        acc += f" (tokens {100 * row['token_accuracy']:.1f}%)"
                     took = f"({row['total_s']:.0f} s)" if row["status"] == "ok" else row.get("reason") or ""
                     print(f"  {method:<16} zeroed={zeroed!s:<5} lr {lr:.0e}: {acc} {took}", flush=True)
     best = best_rows(rows)

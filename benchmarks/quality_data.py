@@ -4,8 +4,8 @@ Pretraining (plain text, no chat template, one example a line, packed):
     copy: 3 9 1 = 3 9 1          reverse: 3 9 1 = 1 9 3       rotate: 3 9 1 = 9 1 3
     inc: 3 9 1 = 4 0 2           dec: 3 9 1 = 2 8 0           repeat: 3 9 = 3 3 9 9
     interleave: 3 9 | a b = 3 a 9 b                            (the same on letters a-z)
-Held-out task (fine-tuning and evaluation, in the ChatML template):
-    user "sort: 7 2 9 2 0 5 1 8"  ->  assistant "0 1 2 2 5 7 8 9"
+Held-out task (fine-tuning and evaluation, in the ChatML template), SORT_LENGTH digits (6 unless asked):
+    user "sort: 7 2 9 2 0 5"  ->  assistant "0 2 2 5 7 9"
 Nothing in pretraining orders, compares, counts or picks a minimum: sorting is new to the base, so its learning
 is what separates the methods (with an ordering task in pretraining, every method reaches ~100% and shows no gap).
 
@@ -39,7 +39,6 @@ CHAT_TEMPLATE = (  # ChatML, the assistant span marked for completion-only train
 
 DIGITS = "0123456789"
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
-SORT_LENGTH = 8
 
 
 def build_tokenizer():
@@ -97,11 +96,12 @@ def pretraining_text(n_lines: int, seed: int) -> str:
     return "\n".join(pretraining_line(rng) for _ in range(n_lines)) + "\n"
 
 
-def sort_rows(n: int, seed: int, exclude: set[str] = frozenset()) -> list[dict]:
-    """`n` distinct sorting rows in lorafuse's `messages` format, none of whose prompts is in `exclude`."""
+def sort_rows(n: int, seed: int, length: int, exclude: set[str] = frozenset()) -> list[dict]:
+    """`n` distinct rows sorting `length` digits, in lorafuse's `messages` format, none of whose prompts is in
+    `exclude`."""
     rng, rows, seen = random.Random(seed), [], set(exclude)
     while len(rows) < n:
-        s = [rng.choice(DIGITS) for _ in range(SORT_LENGTH)]
+        s = [rng.choice(DIGITS) for _ in range(length)]
         prompt = f"sort: {' '.join(s)}"
         if prompt in seen:
             continue

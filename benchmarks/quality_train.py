@@ -9,6 +9,8 @@ autocast with fp32 master weights (full fine-tuning) or fp32 adapters (peft), as
 
 Evaluation: greedy decoding of every held-out prompt (all the same length: no padding), one token at a time for
 the answer's length + 1 steps; a row is right when the tokens are exactly the answer followed by `<|im_end|>`.
+Beside it, the token accuracy: the share of answer tokens (and `<|im_end|>`) the model predicts right given the
+right ones before them (one teacher-forced forward), a graded signal where exact match is near 0 or 1.
 """
 
 from __future__ import annotations
@@ -139,6 +141,21 @@ def finetune(model, params, encoded, lr: float, steps: int, batch: int, device, 
     if device.type == "cuda":
         torch.cuda.synchronize()
     return time.perf_counter() - t0
+
+
+@torch.no_grad()
+def token_accuracy(model, encoded, device, batch: int = 512) -> float:
+    """Share of the answer tokens and `<|im_end|>` predicted right after the right ones (module docstring)."""
+    ids, labels = encoded
+    n_prompt = int((labels[0] == IGNORE).sum())
+    model.eval()
+    right = 0
+    for start in range(0, len(ids), batch):
+        x = ids[start : start + batch].to(device)
+        with autocast(device):
+            pred = model(input_ids=x[:, :-1]).logits[:, n_prompt - 1 : -1].argmax(-1)
+        right += int((pred == x[:, n_prompt:-1]).sum())
+    return right / (len(ids) * (ids.shape[1] - 1 - n_prompt))
 
 
 @torch.no_grad()

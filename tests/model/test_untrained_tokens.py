@@ -47,7 +47,7 @@ def test_zeroed_shrunk_and_copied_rows_are_found_with_their_reason(tiny_tokenize
     assert report.reasons[4] == ["embedding all zero", "head all zero"]
     assert report.reasons[9][0].startswith("embedding norm 0.001") and "x the median" in report.reasons[9][0]
     assert report.reasons[21] == ["head identical to 3 other rows"]
-    assert report.reasons[51] == ["head nearly identical (cosine >= 0.99) to 2 other rows"]
+    assert report.reasons[51] == ["head nearly identical (cosine >= 0.95) to 2 other rows"]
     assert report.names[4] == "<|im_start|>"
     text = "\n".join(report_lines(report, True))
     assert "10 of the 64 tokens the data uses look untrained" in text and "'<|im_end|>' (id 5)" in text
