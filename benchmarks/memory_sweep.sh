@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Planner vs measured peak memory (issue C): lorafuse's fast path on 1B-8B shapes, LoRA and QLoRA, several
+# Planner vs measured peak memory: lorafuse's fast path on 1B-8B shapes, LoRA and QLoRA, several
 # batch x length, each model generated on the GPU (--random-init, nothing on disk), then the seed's two headline
 # sizes under a memory cap. Every run prints the planner's prediction before it starts; the measured peaks are
 # appended to benchmarks/measured_memory.jsonl (tests/plan/test_measured.py checks the planner against them).

@@ -20,6 +20,7 @@ import tempfile
 from pathlib import Path
 
 from lorafuse.errors import LorafuseError
+from lorafuse.io_errors import write_error
 
 
 def fsync_path(path: str | Path) -> None:
@@ -49,8 +50,11 @@ def write_atomic(path: str | Path, data: bytes | str) -> Path:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         tmp.unlink(missing_ok=True)
+        converted = write_error(exc, path) if isinstance(exc, OSError) else None
+        if converted is not None:  # disk full, read-only, no permission: named with the file, not its temp
+            raise converted from exc
         raise
     fsync_path(path.parent)
     return path

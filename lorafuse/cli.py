@@ -3,12 +3,16 @@
 No logic lives here beyond parsing. Heavy modules (torch, transformers, pydantic) are imported inside the
 command functions so `lorafuse --help` answers instantly. A `LorafuseError` (a problem the user can fix)
 prints as "error: ... / fix: ..." on stderr with exit status 2 and no traceback unless `--debug` (accepted
-before or after the subcommand); Ctrl-C exits with 130. Other exceptions are bugs and keep their traceback.
+before or after the subcommand); Ctrl-C exits with 130. `main` is the one exception boundary: what a library raises
+for a fault the user can fix (a full disk, an unreadable file, out of memory) becomes such an error too
+(lorafuse.io_errors.translate); anything else is a bug in lorafuse and prints one line that says so, exit 1.
+Bad option values (a negative --max-new-tokens) are refused by the parser, in the same two-line form.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 
@@ -180,6 +184,28 @@ def cmd_bench(argv: list[str]) -> int:
     return rc if isinstance(rc, int) else 0
 
 
+def _number(kind, lo: float, hi: float | None = None, lo_open: bool = False):
+    """An argparse type: `kind` (int or float), finite (no inf, nan), >= lo (> lo with lo_open), <= hi if given."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is not {'a whole number' if kind is int else 'a number'}"
+            ) from None
+        low_ok = value > lo if lo_open else value >= lo
+        if not (low_ok and (hi is None or value <= hi) and math.isfinite(value)):
+            allowed = f"{'>' if lo_open else '>='} {lo}" + (f" and <= {hi}" if hi is not None else "") + ", finite"
+            raise argparse.ArgumentTypeError(f"{text} is out of range (allowed: {allowed})")
+        return value
+
+    return parse
+
+
+_SEED = _number(int, 0, 2**32 - 1)
+
+
 def _add_inference_args(p: argparse.ArgumentParser, temperature: float, top_p: float) -> None:
     p.add_argument("--model", required=True, help="base model: hub id or folder (the one the adapter was trained on)")
     p.add_argument("--adapter", help="adapter folder written by `lorafuse train` (or peft)")
@@ -195,12 +221,27 @@ def _add_inference_args(p: argparse.ArgumentParser, temperature: float, top_p: f
         choices=["auto", "bfloat16", "float16", "float32"],
         help="matmul dtype (default: auto)",
     )
-    p.add_argument("--max-new-tokens", type=int, default=256, help="default: 256")
-    p.add_argument("--temperature", type=float, default=temperature, help=f"0 = greedy (default: {temperature})")
-    p.add_argument("--top-p", type=float, default=top_p, help=f"nucleus sampling threshold (default: {top_p})")
+    p.add_argument("--max-new-tokens", type=_number(int, 1), default=256, help="default: 256")
+    p.add_argument(
+        "--temperature", type=_number(float, 0), default=temperature, help=f"0 = greedy (default: {temperature})"
+    )
+    p.add_argument(
+        "--top-p",
+        type=_number(float, 0, 1, lo_open=True),
+        default=top_p,
+        help=f"nucleus sampling threshold (default: {top_p})",
+    )
 
 
 _FMT = argparse.RawDescriptionHelpFormatter
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with usage errors in lorafuse's form: "error: ..." and a fix line (exit status 2)."""
+
+    def error(self, message: str):
+        print(f"error: {message}\n  fix: see `{self.prog} --help`", file=sys.stderr)
+        self.exit(2)
 
 
 def _add(parent, name: str, func, help_text: str, usage: str | None = None) -> argparse.ArgumentParser:
@@ -261,7 +302,7 @@ def _add_config_commands(sub) -> None:
         usage="lorafuse data preview [CONFIG] [key=value ...] [-n N] [--debug]",
     )
     _add_items(p)
-    p.add_argument("-n", type=int, default=5, help="rows to show (default: 5)")
+    p.add_argument("-n", type=_number(int, 1), default=5, help="rows to show (default: 5)")
 
     p = _add(
         sub,
@@ -283,7 +324,7 @@ def _add_model_commands(sub) -> None:
     p = _add(sub, "generate", cmd_generate, "generate text from a base model (+ adapter)")
     _add_inference_args(p, temperature=0.0, top_p=1.0)
     p.add_argument("--prompt", required=True, help="the user message")
-    p.add_argument("--seed", type=int, default=None, help="seed for sampling")
+    p.add_argument("--seed", type=_SEED, default=None, help="seed for sampling (0 to 2**32-1)")
 
     p = _add(sub, "chat", cmd_chat, "chat with a base model (+ adapter) in the terminal")
     _add_inference_args(p, temperature=0.7, top_p=0.9)
@@ -309,7 +350,7 @@ def _add_model_commands(sub) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="lorafuse", description="Fast LoRA and QLoRA fine-tuning.", epilog=_EPILOG["main"], formatter_class=_FMT
     )
     parser.add_argument("--debug", action="store_true", help="show the full traceback on errors")
@@ -365,6 +406,33 @@ def _dispatch(argv: list[str]) -> int:
     return args.func(args)
 
 
+def _user_error(err: LorafuseError, debug: bool) -> int:
+    if debug:
+        import traceback
+
+        traceback.print_exc()
+    _report(err)
+    return 2
+
+
+def _unexpected(exc: Exception, debug: bool) -> int:
+    """A library's fault the user can fix becomes a user error; anything else is a bug: one line, exit 1."""
+    from lorafuse.io_errors import translate
+
+    err = translate(exc)
+    if err is not None:
+        return _user_error(err, debug)
+    if debug:
+        import traceback
+
+        traceback.print_exc()
+    if os.environ.get("RANK", "0") == "0":
+        first = (str(exc).strip().splitlines() or [""])[0]
+        print(f"error: {type(exc).__name__}: {first}", file=sys.stderr)
+        print("this is a bug in lorafuse: run with --debug and report it", file=sys.stderr)
+    return 1
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     # --debug is global: strip it wherever it stands (also for `bench`, whose arguments argparse never sees).
@@ -373,12 +441,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _dispatch(argv)
     except LorafuseError as err:
-        if debug:
-            import traceback
-
-            traceback.print_exc()
-        _report(err)
-        return 2
+        return _user_error(err, debug)
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # the boundary: never a bare traceback (see the module docstring)
+        return _unexpected(exc, debug)

@@ -9,6 +9,9 @@ Every pydantic problem is turned into ONE `ConfigError` that lists each bad key 
 given, what is allowed, and for unknown keys the nearest valid key: first from a table of the names other
 tools use (`learning_rate` -> `train.lr`, `target_modules` -> `lora.targets`), then by string similarity.
 
+Paths (model.path when it is a folder, data.path, data.val_path, data.cache_dir, output.dir) have `~` and
+$VARIABLES expanded on validation; an unset variable is an error rather than a literal folder name.
+
 Defaults are the seed's QLoRA recipe: NF4 with double quantization, r=16, alpha=32 (2r), dropout 0.05 on
 the seven Llama projections, lr 2e-4, paged 8-bit AdamW, micro-batch 4 x accumulation 4, 512 tokens.
 
@@ -21,6 +24,8 @@ LR schedule from the resume point on, which is the usual meaning of "train longe
 from __future__ import annotations
 
 import json
+import os
+import re
 import types
 import typing
 from pathlib import Path
@@ -57,8 +62,23 @@ RESUME_MUTABLE_KEYS = frozenset(
 )
 
 
+def expand_path(value: str | None) -> str | None:
+    """`~` and environment variables in a path expanded; an unset variable is an error, since it would otherwise
+    become a literal folder name (`$SCRATCH/runs` made under the current folder). `builtin:` names stay as given."""
+    if value is None or value.startswith("builtin:"):
+        return value
+    expanded = os.path.expandvars(os.path.expanduser(value))
+    unset = re.search(r"\$\{?([A-Za-z_]\w*)", expanded)
+    if unset:
+        raise ValueError(
+            f"uses the environment variable ${unset.group(1)}, which is not set: set it, or write the path"
+        )
+    return expanded
+
+
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan=False: `train.lr: .inf` must fail here, not train to an all-NaN adapter
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
     @field_validator("*", mode="before")
     @classmethod
@@ -93,6 +113,11 @@ class ModelConfig(_Section):
         description="transformers attention backend "
         "(`sdpa`, `eager`, `flash_attention_2`); null: transformers' default.",
     )
+
+    @field_validator("path")
+    @classmethod
+    def _expand(cls, value: str) -> str:
+        return expand_path(value)
 
     @field_validator("blocksize")
     @classmethod
@@ -222,6 +247,11 @@ class DataConfig(_Section):
     shuffle: bool = Field(True, description="Shuffle rows each epoch (seeded, so resumable).")
     cache_dir: str | None = Field(None, description="Where tokenized data is cached; null: <output.dir>/.cache.")
 
+    @field_validator("path", "val_path", "cache_dir")
+    @classmethod
+    def _expand(cls, value: str | None) -> str | None:
+        return expand_path(value)
+
     @field_validator("val_size")
     @classmethod
     def _whole_count(cls, value: float) -> float:
@@ -327,7 +357,9 @@ class TrainConfig(_Section):
         None, ge=1, description="Stop after this many evaluations without a better validation loss; null: never."
     )
     log_every: int = Field(1, ge=1, description="Log loss/LR every N optimizer steps.")
-    seed: int = Field(42, ge=0, description="Seed for adapter init, shuffling and dropout.")
+    seed: int = Field(
+        42, ge=0, lt=2**32, description="Seed for adapter init, shuffling and dropout (numpy's RNG takes < 2**32)."
+    )
     nan_tolerance: int = Field(
         5, ge=0, description="Skipped steps with NaN/inf loss allowed before the run stops with an error."
     )
@@ -367,6 +399,11 @@ class OutputConfig(_Section):
     """Where the run writes checkpoints, the adapter, logs and plots."""
 
     dir: str = Field("runs/lorafuse", description="Run folder: checkpoint-N/, adapter/, metrics.jsonl, plots.")
+
+    @field_validator("dir")
+    @classmethod
+    def _expand(cls, value: str) -> str:
+        return expand_path(value)
 
 
 class ExperimentalConfig(_Section):

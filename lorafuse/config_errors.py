@@ -200,6 +200,10 @@ def _problem_line(err: dict) -> str:
     if kind == "extra_forbidden" and parent is not None:
         return _unknown_key_line(parent, path, unknown)[0]
     if kind == "missing":
+        section = path.rpartition(".")[0]
+        if section and given == {}:  # `data:` with nothing under it reads as null, then as an empty section
+            leaf = path.rpartition(".")[2]
+            return f"'{path}' is required, but the section '{section}' is empty (null); write `{leaf}: ...` under it"
         return f"'{path}' is required but missing"
     if msg.startswith("Value error, "):
         msg = msg[len("Value error, ") :]
@@ -207,6 +211,13 @@ def _problem_line(err: dict) -> str:
     if kind == "value_error" and section_level:
         return msg  # a cross-key check: its message names the keys itself
     label = f"{path} = {json.dumps(given, ensure_ascii=False, default=str)}"
+    if kind == "finite_number":
+        return f"{label}: must be a finite number (not inf or NaN)"
+    if given is None:
+        for stem, words in _TYPE_WORDS.items():
+            if kind.startswith(stem + "_") or kind == f"{stem}_type":
+                default = "" if info is None or info.is_required() else "; leave the key out for the default"
+                return f"{path} is null (empty); it must be {words}{default}"
     if kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
         return f"{label}: out of range; allowed {_allowed_range(info) or msg}"
     if kind == "literal_error":

@@ -1,8 +1,8 @@
-"""The README's config reference, generated from the config models (`python -m lorafuse.config --reference`).
+"""The config reference (docs/config.md), generated from the config models: `python -m lorafuse.config_reference`.
 
-One Markdown table per section (key, type, default, description), written between the README's
-`<!-- config-reference:start -->` / `<!-- config-reference:end -->` markers; tests/test_readme.py checks that
-the README's copy is the generated one.
+One Markdown table per section (key, type, default, description), written between docs/config.md's
+`<!-- config-reference:start -->` / `<!-- config-reference:end -->` markers; tests/test_docs.py checks that
+the file's copy is the generated one.
 """
 
 from __future__ import annotations
@@ -13,6 +13,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 from lorafuse.config import _UNION, RunConfig, _fmt
+from lorafuse.errors import LorafuseError
+
+START, END = "<!-- config-reference:start -->", "<!-- config-reference:end -->"
+DOCS_CONFIG = Path(__file__).resolve().parents[1] / "docs" / "config.md"  # in a source checkout
 
 
 def _type_name(annotation: Any) -> str:
@@ -30,7 +34,7 @@ def _type_name(annotation: Any) -> str:
 
 
 def config_reference_markdown() -> str:
-    """Markdown tables (key, type, default, description), one per section: the README's config reference."""
+    """Markdown tables (key, type, default, description), one per section: docs/config.md's reference."""
     lines: list[str] = []
     for section, field in RunConfig.model_fields.items():
         model = field.annotation
@@ -54,21 +58,25 @@ def config_reference_markdown() -> str:
     return "\n".join(lines)
 
 
-def write_readme_reference(readme: str | Path = "README.md") -> bool:
-    """Rewrite the README's config reference (between its markers) from the models; True if it changed."""
-    path = Path(readme)
+def write_reference(path: str | Path = DOCS_CONFIG) -> bool:
+    """Rewrite the config reference between the file's markers from the models; True if it changed."""
+    path = Path(path)
     text = path.read_text(encoding="utf-8")
-    start, end = "<!-- config-reference:start -->", "<!-- config-reference:end -->"
-    head, _, rest = text.partition(start)
-    _, _, tail = rest.partition(end)
-    new = f"{head}{start}\n{config_reference_markdown().strip()}\n{end}{tail}"
+    if START not in text or END not in text:
+        raise LorafuseError(f"{path} has no {START} ... {END} markers", "add both lines where the reference belongs")
+    head, _, rest = text.partition(START)
+    _, _, tail = rest.partition(END)
+    new = f"{head}{START}\n{config_reference_markdown().strip()}\n{END}{tail}"
     if new != text:
         path.write_text(new, encoding="utf-8")
     return new != text
 
 
 def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] != ["--reference"]:
-        raise SystemExit("usage: python -m lorafuse.config --reference [README.md]")
-    print("updated" if write_readme_reference(argv[1] if len(argv) > 1 else "README.md") else "up to date")
+    """`python -m lorafuse.config_reference [PATH]` (PATH: docs/config.md of this checkout)."""
+    argv = [a for a in (sys.argv[1:] if argv is None else argv) if a != "--reference"]
+    print("updated" if write_reference(argv[0] if argv else DOCS_CONFIG) else "up to date")
+
+
+if __name__ == "__main__":
+    main()

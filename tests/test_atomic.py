@@ -7,6 +7,7 @@ import os
 import pytest
 
 from lorafuse.atomic import atomic_folder, write_atomic
+from lorafuse.errors import LorafuseError
 
 
 def test_atomic_folder_replaces_only_when_complete(tmp_path):
@@ -52,6 +53,6 @@ def test_write_atomic_keeps_old_file_when_the_write_fails(tmp_path, monkeypatch)
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(os, "fsync", fail)
-    with pytest.raises(OSError):
+    with pytest.raises(LorafuseError, match=r"the disk is full: .*config\.yaml\n"):  # the file, not its temp
         write_atomic(target, "new")
     assert target.read_text() == "old" and sorted(os.listdir(tmp_path)) == ["config.yaml"]

@@ -98,6 +98,8 @@ def build_datasets(data_cfg, tokenizer, seed: int = 42, cache_dir: str | Path | 
     check_format(data_cfg.format)
     template = resolve_template(data_cfg, tokenizer)
     cache_dir = cache_dir if cache_dir is not None else data_cfg.cache_dir
+    if cache_dir:
+        cache.check_dir(cache_dir)
     stats = DataStats(format=data_cfg.format, template=template, max_length=data_cfg.max_length)
     full, meta = _tokenized(data_cfg.path, data_cfg, tokenizer, template, cache_dir, stats)
     metas = [meta]
@@ -109,13 +111,24 @@ def build_datasets(data_cfg, tokenizer, seed: int = 42, cache_dir: str | Path | 
             )
         train, (val, val_meta) = (
             full,
-            _tokenized(data_cfg.val_path, data_cfg, tokenizer, template, cache_dir, DataStats()),
+            _tokenized(data_cfg.val_path, data_cfg, tokenizer, template, cache_dir, DataStats(), "data.val_path"),
         )
         metas.append(val_meta)
     else:
         train, val = split_validation(full, data_cfg.val_size, seed)
     _fill_stats(stats, [train] + ([val] if val is not None else []), metas)
     return train, val, stats
+
+
+def check_rows(data_cfg) -> None:
+    """The checks that need no tokenizer: each local source exists, parses, and every row has the fields of
+    data.format (DataError naming the file and row). Hub data sets are left to build_datasets (a download)."""
+    check_format(data_cfg.format)
+    template = "plain" if data_cfg.template == "auto" else data_cfg.template
+    for key, path in (("data.path", data_cfg.path), ("data.val_path", data_cfg.val_path)):
+        if path and source_fingerprint(path) is not None:
+            src = read_rows(path, data_cfg.split, data_cfg.num_rows, key)
+            format_rows(src, data_cfg.format, data_cfg.fields, template, data_cfg.system_prompt)
 
 
 def _fill_stats(stats: DataStats, parts: list[TokenizedDataset], metas: list[dict]) -> None:
@@ -128,6 +141,8 @@ def _fill_stats(stats: DataStats, parts: list[TokenizedDataset], metas: list[dic
     stats.histogram = length_histogram(np.concatenate([p.lengths for p in parts]).tolist())
     for k in ("truncated", "boundary_fixes"):
         setattr(stats, k, sum(m[k] for m in metas))
+    stats.empty_targets = sum(m.get("empty_targets", 0) for m in metas)
+    stats.empty_where = [w for m in metas for w in m.get("empty_examples", [])]
     for k in ("longest_prompt", "longest_row"):
         setattr(stats, k, max(m[k] for m in metas))
     for m in metas:
@@ -151,14 +166,14 @@ def split_validation(full: TokenizedDataset, val_size: float, seed: int):
     return full.subset(np.sort(perm[n_val:])), full.subset(np.sort(perm[:n_val]))
 
 
-def _tokenized(path, data_cfg, tokenizer, template, cache_dir, stats: DataStats):
+def _tokenized(path, data_cfg, tokenizer, template, cache_dir, stats: DataStats, key: str = "data.path"):
     """TokenizedDataset of one source (from the cache when possible) and its meta dict."""
     tok_fp = cache.tokenizer_fingerprint(tokenizer) if cache_dir else None
     fp = source_fingerprint(path) if cache_dir else None
     target = cache.cache_file(cache_dir, cache.cache_key(fp, data_cfg, template, tok_fp)) if fp else None
     hit = cache.load(target) if target else None
     if hit is None:
-        src = read_rows(path, data_cfg.split, data_cfg.num_rows)
+        src = read_rows(path, data_cfg.split, data_cfg.num_rows, key)
         if cache_dir and target is None:  # a hub data set: its fingerprint is known only after loading
             target = cache.cache_file(cache_dir, cache.cache_key(src.fingerprint, data_cfg, template, tok_fp))
             hit = cache.load(target)
@@ -167,7 +182,7 @@ def _tokenized(path, data_cfg, tokenizer, template, cache_dir, stats: DataStats)
         return TokenizedDataset.from_arrays(hit[0]), hit[1]
     samples = format_rows(src, data_cfg.format, data_cfg.fields, template, data_cfg.system_prompt)
     out = tokenize_samples(samples, tokenizer, template, data_cfg.max_length, data_cfg.completion_only, src.where)
-    _check_usable(out, len(src.rows), data_cfg.max_length, src.name)
+    _check_usable(out, len(src.rows), data_cfg.max_length, src.name, src.where)
     meta = {
         "source": src.name,
         "rows_read": len(src.rows),
@@ -175,6 +190,8 @@ def _tokenized(path, data_cfg, tokenizer, template, cache_dir, stats: DataStats)
         "longest_prompt": out.longest_prompt,
         "longest_row": out.longest_row,
         "boundary_fixes": out.boundary_fixes,
+        "empty_targets": len(out.empty_targets),
+        "empty_examples": [src.where(i) for i in out.empty_targets[:5]],
         "dropped": {k: len(v) for k, v in out.dropped.items()},
         "dropped_examples": {k: [src.where(i) for i in v[:5]] for k, v in out.dropped.items()},
     }
@@ -199,7 +216,7 @@ def _from_lists(input_ids, labels, rows) -> TokenizedDataset:
     )
 
 
-def _check_usable(out, n_rows: int, max_length: int, name: str) -> None:
+def _check_usable(out, n_rows: int, max_length: int, name: str, where) -> None:
     if not out.input_ids:
         reasons = "; ".join(f"{len(v)} rows: {k}" for k, v in out.dropped.items())
         cut = DROP_TRUNCATED in out.dropped
@@ -213,6 +230,13 @@ def _check_usable(out, n_rows: int, max_length: int, name: str) -> None:
                 "assistant turn)"
             )
             + ", or set data.completion_only=false to train on every token.",
+        )
+    if len(out.empty_targets) == len(out.input_ids):
+        raise DataError(
+            f"no row of {name} has an answer to train on: every trained target is only the end-of-text token "
+            f"(the answer fields are empty, e.g. {where(out.empty_targets[0])}).",
+            "fill in the answers, map the answer column with data.fields (e.g. data.fields.output=answer), or set "
+            "data.completion_only=false to train on the whole text.",
         )
     if out.shortest_row > max_length:
         raise DataError(

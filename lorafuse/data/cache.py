@@ -20,6 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
+from lorafuse.errors import DataError
+from lorafuse.io_errors import writing
+
 CACHE_VERSION = 1
 _KEY_FIELDS = ("format", "fields", "template", "system_prompt", "completion_only", "max_length", "split", "num_rows")
 
@@ -54,15 +57,27 @@ def cache_file(cache_dir: str | Path, key: str) -> Path:
     return Path(cache_dir) / f"tokens-{key[:32]}.npz"
 
 
+def check_dir(cache_dir: str | Path) -> None:
+    """The cache folder is a folder, or can be made (no file on its path): DataError before any work."""
+    folder = Path(cache_dir)
+    blocker = next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        raise DataError(
+            f"the tokenization cache folder {folder} cannot be used: {blocker} is a file, not a folder",
+            "set data.cache_dir to a folder (null: <output.dir>/.cache)",
+        )
+
+
 def save(path: Path, arrays: dict[str, np.ndarray], meta: dict) -> None:
     """Write `arrays` (input_ids, labels, offsets, rows) and `meta` atomically to `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     arrays = dict(arrays, meta=np.frombuffer(json.dumps(meta, ensure_ascii=False).encode(), dtype=np.uint8))
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, path)
+        with writing(path, setting="data.cache_dir"):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(tmp, "wb") as f:
+                np.savez(f, **arrays)
+            os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
 

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lorafuse.errors import DataError
+from lorafuse.io_errors import reading
 
 _SUFFIXES = (".jsonl", ".ndjson", ".json", ".csv", ".tsv", ".parquet")
 _HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
@@ -54,9 +55,11 @@ class RowSource:
         return f"row {i + 1} of {self.name}"
 
 
-def read_rows(path: str, split: str = "train", num_rows: int | None = None) -> RowSource:
-    """Read `path` (see the module docstring) into rows; keep the first `num_rows` when given."""
-    src = _read_any(str(path), split)
+def read_rows(path: str, split: str = "train", num_rows: int | None = None, key: str = "data.path") -> RowSource:
+    """Read `path` (see the module docstring) into rows; keep the first `num_rows` when given.
+
+    `key` names the config key the path came from (data.path or data.val_path), for the messages."""
+    src = _read_any(str(path), split, key)
     if not src.rows:
         raise DataError(f"{src.name} holds no rows.", "point data.path at a file with at least one example.")
     if num_rows is not None:
@@ -95,7 +98,7 @@ def _folder_fingerprint(p: Path) -> str:
     return "folder:" + hashlib.sha256(repr(listing).encode()).hexdigest()
 
 
-def _read_any(path: str, split: str) -> RowSource:
+def _read_any(path: str, split: str, key: str = "data.path") -> RowSource:
     p = _local_path(path)
     if p.is_dir():
         return _read_saved_dataset(p, split)
@@ -103,9 +106,9 @@ def _read_any(path: str, split: str) -> RowSource:
         return _read_file(p, split)
     if p.suffix.lower() in _SUFFIXES or not _HUB_NAME.match(path) or path.startswith(("builtin:", ".")):
         raise DataError(
-            f"data file not found: {path} (resolved to {p.resolve()}; the current directory is {Path.cwd()}).",
-            "check data.path: a relative path is read from the current directory; use an absolute path, "
-            "or `builtin:demo` for the bundled sample.",
+            f"data file not found ({key}): {path} (resolved to {p.resolve()}; the current directory is {Path.cwd()}).",
+            f"check {key}: a relative path is read from the current directory; use an absolute path"
+            + (", or `builtin:demo` for the bundled sample." if key == "data.path" else "."),
         )
     return _read_hub(path, split)
 
@@ -257,7 +260,8 @@ def _read_saved_dataset(p: Path, split: str) -> RowSource:
             "`Dataset.save_to_disk(folder)`.",
         )
     datasets = _import_datasets(f"the folder {p}")
-    ds = datasets.load_from_disk(str(p))
+    with reading(p, "the saved data set", DataError, fix="save it again with `Dataset.save_to_disk(folder)`"):
+        ds = datasets.load_from_disk(str(p))
     if isinstance(ds, datasets.DatasetDict):
         if split not in ds:
             raise DataError(f"{p} has splits {list(ds)}, not '{split}'.", f"set data.split to one of {list(ds)}.")

@@ -28,6 +28,8 @@ class DataStats:
     longest_prompt: int = 0
     longest_row: int = 0
     boundary_fixes: int = 0
+    empty_targets: int = 0  # kept rows whose trained tokens are only special tokens (an empty answer + EOS)
+    empty_where: list[str] = field(default_factory=list)
     histogram: list[tuple[int, int, int]] = field(default_factory=list)  # (lo, hi, rows) for lo <= len < hi
     cache_hit: bool = False
     cache_path: str | None = None
@@ -64,6 +66,12 @@ class DataStats:
             lines.append(
                 f"truncated: {self.truncated} rows longer than max_length={self.max_length} "
                 "lost their end (raise data.max_length to keep it)"
+            )
+        if self.empty_targets:
+            where = f" (e.g. {', '.join(self.empty_where[:3])})" if self.empty_where else ""
+            lines.append(
+                f"warning: {self.empty_targets} rows have an empty answer{where}: they train only the end-of-text "
+                "token, teaching the model to stop at once; fill them in or remove them"
             )
         if self.boundary_fixes:
             lines.append(f"prompt/target boundary re-tokenized separately in {self.boundary_fixes} chunks")

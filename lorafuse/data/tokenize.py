@@ -55,6 +55,7 @@ class TokenizedRows:
     shortest_row: int = 0  # fewest tokens of any row (before truncation)
     longest_row: int = 0
     boundary_fixes: int = 0
+    empty_targets: list[int] = field(default_factory=list)  # source rows kept that train special tokens only
     template: str = "plain"
 
 
@@ -90,6 +91,7 @@ def tokenize_samples(
             "use a tokenizer with an eos_token (set tokenizer.eos_token before building the data).",
         )
     out = TokenizedRows(template=template)
+    special = {eos, *getattr(tokenizer, "all_special_ids", [])}
     if template == "chat":
         encoded = _chat_encode(samples, tokenizer, eos, where)
     else:
@@ -112,6 +114,8 @@ def tokenize_samples(
             if prompt_len >= max_length:
                 out.dropped.setdefault(DROP_TRUNCATED, []).append(i)
                 continue
+        if all(t == IGNORE or t in special for t in labels):
+            out.empty_targets.append(i)
         out.input_ids.append(ids)
         out.labels.append(labels)
         out.rows.append(i)

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from lorafuse.errors import ModelError
+from lorafuse.io_errors import reading
 from lorafuse.lora import token_rows
 from lorafuse.lora.adapter_io import (
     _PEFT_DEFAULTS,
@@ -48,6 +49,11 @@ _UNSUPPORTED = {
 def read_adapter_config(adapter_dir) -> dict:
     """adapter_config.json (ours or peft's) with peft's defaults filled in for absent keys; checked for LoRA."""
     folder = Path(adapter_dir).expanduser()
+    if folder.is_file():
+        raise ModelError(
+            f"the adapter path {folder} is a file, not an adapter folder",
+            "pass the folder that holds adapter_config.json and adapter_model.safetensors",
+        )
     if not folder.is_dir():
         raise ModelError(
             f"adapter folder not found: {folder}", "pass the folder that save_adapter (or peft's save_pretrained) wrote"
@@ -60,10 +66,12 @@ def read_adapter_config(adapter_dir) -> dict:
             else "pass the folder that holds adapter_config.json and adapter_model.safetensors"
         )
         raise ModelError(f"{folder} has no {CONFIG_NAME}, so it is not a LoRA adapter folder", hint)
-    try:
+    with reading(path, "the adapter config", ModelError, fix="save the adapter again, or repair that file"):
         raw = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ModelError(f"{path} is not valid JSON ({exc})", "re-save the adapter") from None
+    if not isinstance(raw, dict):
+        raise ModelError(
+            f"the adapter config {path} holds a JSON {type(raw).__name__}, not an object", "save the adapter again"
+        )
     if raw.get("peft_type") != "LORA":
         raise ModelError(
             f"{path} has peft_type {raw.get('peft_type')!r}; lorafuse loads LoRA adapters only",
@@ -74,13 +82,41 @@ def read_adapter_config(adapter_dir) -> dict:
             f"{path} has no target_modules (peft would guess from the architecture)",
             'add "target_modules": ["q_proj", "v_proj", ...] naming the layers the adapter trained',
         )
-    return {**_PEFT_DEFAULTS, **raw}
+    cfg = {**_PEFT_DEFAULTS, **raw}
+    _check_numbers(cfg, path)
+    return cfg
+
+
+def _check_numbers(cfg: dict, path: Path) -> None:
+    """r, lora_alpha, lora_dropout and the per-layer patterns hold numbers in range (a string "16" is refused)."""
+    import math
+
+    def bad(key: str, value, kind: str) -> ModelError:
+        return ModelError(f"{path}: {key}={value!r} is not {kind}", f"write {key} in that file as {kind}, unquoted")
+
+    numbers = [
+        ("r", cfg["r"], int, 1),
+        ("lora_alpha", cfg["lora_alpha"], float, 0),
+        ("lora_dropout", cfg["lora_dropout"], float, 0),
+    ]
+    for table, kind, low in (("rank_pattern", int, 1), ("alpha_pattern", float, 0)):
+        if not isinstance(cfg[table], dict):
+            raise bad(table, cfg[table], "a mapping of layer patterns to numbers")
+        numbers += [(f"{table}[{k!r}]", v, kind, low) for k, v in cfg[table].items()]
+    for key, value, kind, low in numbers:
+        ok = not isinstance(value, bool) and isinstance(value, int if kind is int else (int, float))
+        if not ok or not math.isfinite(value) or value < low or (key == "lora_dropout" and value >= 1):
+            words = "a whole number >= 1" if kind is int else f"a finite number >= {low}"
+            raise bad(key, value, words + (" and < 1" if key == "lora_dropout" else ""))
 
 
 def read_lorafuse_facts(adapter_dir) -> dict | None:
     """lorafuse.json of an adapter folder, or None for an adapter peft (or another tool) wrote."""
     path = Path(adapter_dir).expanduser() / LORAFUSE_NAME
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+    if not path.is_file():
+        return None
+    with reading(path, "the adapter's training facts", ModelError, fix="save the adapter again, or delete that file"):
+        return json.loads(path.read_text(encoding="utf-8"))
 
 
 def load_adapter(model, adapter_dir, is_trainable=False):
@@ -132,12 +168,15 @@ def _check_supported(cfg: dict, path: Path) -> None:
 
 
 def _read_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    fix = "save the adapter again (a checkpoint-N/adapter folder of the run holds an earlier copy)"
     if (folder / WEIGHTS_NAME).is_file():
         from safetensors.torch import load_file
 
-        return load_file(str(folder / WEIGHTS_NAME))
+        with reading(folder / WEIGHTS_NAME, "the adapter weights", ModelError, fix=fix):
+            return load_file(str(folder / WEIGHTS_NAME))
     if (folder / LEGACY_WEIGHTS_NAME).is_file():
-        return torch.load(folder / LEGACY_WEIGHTS_NAME, map_location="cpu", weights_only=True)
+        with reading(folder / LEGACY_WEIGHTS_NAME, "the adapter weights", ModelError, fix=fix):
+            return torch.load(folder / LEGACY_WEIGHTS_NAME, map_location="cpu", weights_only=True)
     raise ModelError(
         f"{folder} has {CONFIG_NAME} but no {WEIGHTS_NAME}",
         "the adapter save was interrupted or files were lost: save it again",

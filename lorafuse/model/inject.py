@@ -138,6 +138,18 @@ def _check_args(r, alpha, dropout, init, targets, modules_to_save, exclude) -> N
         )
 
 
+def _check_rank(model: nn.Module, names: list[str], r: int) -> None:
+    """r above a layer's smaller dimension adds parameters but no rank (B @ A cannot exceed it): refuse it."""
+    for name in names:
+        m = model.get_submodule(name)
+        if r > min(m.in_features, m.out_features):
+            raise ConfigError(
+                f"lora.r={r} is larger than the layer {name} allows: its weight is {m.out_features} x {m.in_features} "
+                f"(out x in), so its rank is at most {min(m.in_features, m.out_features)}",
+                f"set lora.r to at most {min(m.in_features, m.out_features)}, or leave that layer out of lora.targets",
+            )
+
+
 def _check_not_applied(model: nn.Module) -> None:
     if model_state(model).lora is not None or any(isinstance(m, LoRALinear) for m in model.modules()):
         raise LorafuseError(
@@ -201,6 +213,7 @@ def apply_lora(
     exclude = list(exclude) if isinstance(exclude, tuple) else exclude
     save = list(dict.fromkeys(modules_to_save or []))
     names = _match_targets(model, targets, exclude, save)
+    _check_rank(model, names, r)
     trained, tied = _trainable_modules(model, save) if save else ([], False)
     for p in model.parameters():
         p.requires_grad_(False)

@@ -51,8 +51,15 @@ def resolve_model_path(path_or_id: str) -> str:
         return str(_builtin_folder(path_or_id[len(BUILTIN_PREFIX) :]))
     p = Path(path_or_id).expanduser()
     looks_local = p.exists() or path_or_id.startswith((".", "/", "~")) or path_or_id.count("/") != 1
-    if not looks_local:
-        return path_or_id  # a hub id such as "meta-llama/Llama-2-7b-hf"
+    if not looks_local:  # a hub id such as "meta-llama/Llama-2-7b-hf"; offline: its folder in the HF cache
+        from lorafuse.model.checks import hub_source
+
+        return hub_source(path_or_id)
+    if p.is_file():
+        raise ModelError(
+            f"model.path {path_or_id} is a file, not a model folder",
+            "point model.path at the folder that holds it (config.json + *.safetensors + tokenizer files)",
+        )
     if not p.is_dir():
         raise ModelError(
             f"model folder not found: {path_or_id} (working directory {Path.cwd()})",
@@ -64,6 +71,9 @@ def resolve_model_path(path_or_id: str) -> str:
             f"{p} has no config.json, so it is not a transformers model folder",
             "point model.path at the folder that `save_pretrained` wrote (config.json + *.safetensors)",
         )
+    from lorafuse.model.checks import check_config_json
+
+    check_config_json(p)  # a corrupt config.json is named as such, not as "no usable tokenizer"
     return str(p)
 
 
@@ -149,9 +159,16 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
     folder = resolve_model_path(path)
+    from lorafuse.model.checks import check_tokenizer_files
+
+    check_tokenizer_files(folder)
     try:
         tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, TypeError) as exc:
+        if "trust_remote_code" in str(exc):
+            from lorafuse.model.checks import remote_code_error
+
+            raise remote_code_error(folder) from None
         raise ModelError(
             f"no usable tokenizer in {path}: {str(exc).splitlines()[0]}",
             "copy the tokenizer files (tokenizer.json, tokenizer_config.json) of the base model into that folder",
@@ -188,7 +205,36 @@ def load_model(
     dtype = resolve_compute_dtype(compute_dtype, device)
     folder = resolve_model_path(path_or_hub_id)
     tokenizer = load_tokenizer(folder, trust_remote_code=trust_remote_code)
+    from lorafuse.model.checks import check_attn_implementation, model_code_errors
 
+    check_attn_implementation(attn_implementation)
+    with model_code_errors(folder, attn_implementation), _weights_errors(folder):
+        model, quant_info = _load_weights(
+            folder, quant, dtype, device, blocksize, double_quant, attn_implementation, trust_remote_code
+        )
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model.eval()
+    model_state(model).base = {
+        "name_or_path": str(path_or_hub_id),
+        "folder": folder,
+        "compute_dtype": str(dtype).removeprefix("torch."),
+        **quant_info,
+    }
+    return model, tokenizer
+
+
+def _weights_errors(folder):
+    """A corrupt or truncated weights file as a ModelError naming it (the folder when there are several)."""
+    from lorafuse.io_errors import reading
+
+    files = sorted(Path(folder).glob("*.safetensors")) if Path(folder).is_dir() else []
+    label = files[0] if len(files) == 1 else f"in {folder}"
+    return reading(label, "the model weights", ModelError, fix="download or save the model again")
+
+
+def _load_weights(folder, quant, dtype, device, blocksize, double_quant, attn_implementation, trust_remote_code):
+    """(model, quant facts): a bnb 4-bit folder as it is, else streamed NF4, else from_pretrained (+ NF4)."""
     from lorafuse.quant.bnb_format import is_bnb_4bit_checkpoint
 
     if Path(folder).is_dir() and is_bnb_4bit_checkpoint(folder):
@@ -211,16 +257,7 @@ def load_model(
             if quant == "nf4"
             else {"quant": "none"}
         )
-    for p in model.parameters():
-        p.requires_grad_(False)
-    model.eval()
-    model_state(model).base = {
-        "name_or_path": str(path_or_hub_id),
-        "folder": folder,
-        "compute_dtype": str(dtype).removeprefix("torch."),
-        **quant_info,
-    }
-    return model, tokenizer
+    return model, quant_info
 
 
 def _load_streaming(folder, device, dtype, blocksize, double_quant, attn_implementation, trust_remote_code):

@@ -44,6 +44,7 @@ import torch
 from torch import nn
 
 from lorafuse.errors import LorafuseError, ModelError
+from lorafuse.io_errors import reading
 
 QUANT_CHUNK_ELEMS = 1 << 22  # multiple of 2 * every valid blocksize (<= 4096), so chunks split on block borders
 HOST_STAGING_BYTES = 256 << 20
@@ -277,7 +278,9 @@ def _read_headers(files: list[Path]) -> dict[str, tuple[Path, tuple[int, ...]]]:
                 f"{path.name} is listed in the checkpoint index but missing from {path.parent}",
                 "download the missing shard (or re-save the model with save_pretrained)",
             )
-        with safe_open(str(path), framework="pt", device="cpu") as f:
+        with reading(path, "the model weights", ModelError, fix="download the shard again"):
+            f = safe_open(str(path), framework="pt", device="cpu")  # a corrupt header fails here, named
+        with f:
             fmt = (f.metadata() or {}).get("format", "pt")
             if fmt not in ("pt", None):
                 raise StreamUnsupported(f"{path.name} was written by {fmt}, not PyTorch")

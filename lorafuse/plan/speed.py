@@ -22,22 +22,22 @@ the GPU unless memory is short (lorafuse.plan.memory), so it is planned without 
 `rate` is the card's dense 16-bit tensor rate: the measured bf16 GEMM rate where we have one (H100/H200:
 ~800 TFLOP/s, not the 989 spec), else the spec sheet's (T4 65 fp16). The efficiency: EFFICIENCY = 0.5 is a stated
 prior for the reference path (LoRA steps reach 35-50% of the spec rate in published runs, research/speed-anchors.md
-section 7); EFFICIENCY_FUSED = 0.66 is measured: the fused kernels replaying CUDA graphs on an H200 (NOTES.md
-session 5, the runs in CALIBRATION_RUNS) implied 0.63-0.68 over six Llama-2-7B configurations (4 x 512 with 0,
-10 and 18 kept layers, with offload and both tables on the host, with dropout 0.05; 1 x 4096), with the
-dequantization and the per-layer term counted apart. Cards other than the H100/H200 are not calibrated.
+section 7); EFFICIENCY_FUSED = 0.66 is measured: the fused kernels replaying CUDA graphs on an H200 implied 0.63-0.68
+over six Llama-2-7B configurations (4 x 512 with 0, 10 and 18 kept layers, with offload and both tables on the host,
+with dropout 0.05; 1 x 4096), with the dequantization and the per-layer term counted apart. Cards other than the
+H100/H200 are not calibrated. benchmarks/calibration.json names the runs each fitted constant comes from, and
+tests/plan/test_measured.py checks the model against them.
 
 train.fp8 runs the forward's and the recompute's base GEMMs in e4m3 (kernels/fp8.py). Those FLOPs, 2 (P_pass - P) N,
 take 1 / FP8_SPEEDUP of their bf16 time, and those with K <= 4096 a further 1 / FAST_ACCUM_SPEEDUP (cuBLAS's fast FP8
-accumulation there: 2.1% of the 4 x 512 step, FAST_ACCUM_CALIBRATION). FP8_SPEEDUP = 1.4 is measured, not the ~1.8 of
-the GEMMs alone (benchmarks/fp8_probe.py): it covers the activations' quantization and the smaller dequantization
-writes too. It comes from one pair of runs on one H200 (NOTES.md session 7: 4 x 512, 0.1613 s bf16 -> 0.1356 s FP8,
-runs FP8_CALIBRATION); the other FP8 runs check it. With an NF4 base the backward's dX = dY W runs in e4m3 too
-(fp8.BACKWARD, on unless LORAFUSE_FP8_BACKWARD=0): 2 P N FLOPs a micro-step at 1 / FP8_BACKWARD_SPEEDUP, those whose
-reduction (the weight's out_features) is <= 4096 with fast accumulation as well. FP8_BACKWARD_SPEEDUP = 1.35 is
-fitted to three same-machine A/B pairs (FP8_BACKWARD_CALIBRATION, NOTES.md session 8: 0.1304 -> 0.1193 s at 4 x 512,
-0.281 -> 0.249 s at 1 x 4096, 0.952 -> 0.835 s at 8 x 2048); each pair's ratio lands within 2%. The measured saving
-grows with the tokens (8.5% -> 12%), which one constant splits.
+accumulation there: 2.1% of the 4 x 512 step). FP8_SPEEDUP = 1.4 is measured, not the ~1.8 of the GEMMs alone
+(benchmarks/fp8_probe.py): it covers the activations' quantization and the smaller dequantization writes too. It
+comes from one pair of runs on one H200 (4 x 512: 0.1613 s bf16 -> 0.1356 s FP8); the other FP8 runs check it. With
+an NF4 base the backward's dX = dY W runs in e4m3 too: 2 P N FLOPs a micro-step at 1 / FP8_BACKWARD_SPEEDUP, those
+whose reduction (the weight's out_features) is <= 4096 with fast accumulation as well. FP8_BACKWARD_SPEEDUP = 1.35 is
+fitted to three A/B pairs, each on one H200 (0.1304 -> 0.1193 s at 4 x 512, 0.281 -> 0.249 s at 1 x 4096, 0.952 ->
+0.835 s at 8 x 2048); each pair's ratio lands within 2%. The measured saving grows with the tokens (8.5% -> 12%),
+which one constant splits.
 """
 
 from __future__ import annotations
@@ -51,28 +51,13 @@ from lorafuse.plan.memory import GIB, Workload, fp8_backward, kept_layers, targe
 
 EFFICIENCY = 0.5
 EFFICIENCY_FUSED = 0.66
-CALIBRATION_RUNS = (
-    "20261128T181429-b5abe9",
-    "20261128T181633-931164",
-    "20261128T182202-c418c8",
-    "20261128T181703-9a8469",
-    "20261128T180809-fb30c9",
-    "20261128T180902-716816",
-)
 LAYER_OVERHEAD_S = 1e-4  # kernel launches per layer per pass in eager mode (~20 kernels x 5 us)
 DEQUANT_BYTES_REFERENCE = 12.5  # 0.5 read + fp32 write/read (8) + c-byte write (2) + index/scale traffic
 DEQUANT_BYTES_FUSED = 2.5
 PCIE_BYTES_S = 20e9  # pinned host <-> GPU, PCIe 4 x16 in practice
 FP8_SPEEDUP = 1.4
-FP8_CALIBRATION = ("20261128T225856-0a23d0", "20261128T225933-79bf02")  # (bf16, FP8), one machine
 FAST_ACCUM_SPEEDUP = 1.055  # FP8 GEMMs with K <= lorafuse.options.FP8_FAST_ACCUM_MAX_K (cuBLAS fast accumulation)
-FAST_ACCUM_CALIBRATION = ("20261128T232956-1f06ae", "20261128T232929-bf89a8")  # (off, on), one machine
 FP8_BACKWARD_SPEEDUP = 1.35
-FP8_BACKWARD_CALIBRATION = (
-    ("20261129T004155-b856d3", "20261129T004126-1cacd1"),  # (off, on) pairs, each on one
-    ("20261129T005507-7facc6", "20261129T005555-a1819f"),  # machine: 4 x 512, 1 x 4096,
-    ("20261129T005632-fde728", "20261129T005708-83a381"),
-)  # 8 x 2048; fitted to all three
 
 
 @dataclass(frozen=True)

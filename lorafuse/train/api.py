@@ -19,7 +19,8 @@ run(cfg, resume="auto"):
        afresh, so a different cut is reported by the check. No GPU: one line, nothing changes. An OOM
        during training is handled by the loop (lorafuse.train.oom), with or without auto_fit.
     3. device and compute dtype ("auto": bf16 where supported, fp16 on pre-Ampere GPUs, fp32 on CPU; printed).
-    4. seed, load_model, apply_lora (prints the trainable-params line), build_datasets, Batchers.
+    4. inputs checked before any weights are read (preflight.check_inputs: model source, tokenizer, data), then
+       seed, load_model, apply_lora (prints the trainable-params line), build_datasets (a cache hit), Batchers.
     5. the loop (lorafuse.train.loop), then `<output.dir>/adapter/` (PEFT format), loss.png, summary.json.
        For the built-in demo model, a generation for one demo prompt is printed at the end.
 
@@ -50,6 +51,7 @@ from lorafuse.train import checkpoint as ckpt
 from lorafuse.train.distributed import launch
 from lorafuse.train.loop import TrainingLoop
 from lorafuse.train.metrics import print_summary
+from lorafuse.train.preflight import check_inputs
 
 DEMO_PROMPT = {"instruction": "次の日本語を英語に翻訳してください。", "input": "ありがとうございます。"}
 
@@ -85,6 +87,7 @@ def run(cfg, resume: str | None = "auto", force: bool = False, console=None) -> 
         with world.main_only(ckpt.RunLock(out)):
             cfg = world.decide(auto_fit, cfg, out, resume, console)  # no-op unless train.auto_fit
             start_from = world.decide(_start_point, cfg, out, resume, force, console)
+            world.decide(check_inputs, cfg, out)  # model source, tokenizer and data checked before any weights
             device = world.device  # cuda:LOCAL_RANK under torchrun
             dtype = _announce_dtype(cfg.model.compute_dtype, device, console)
             ckpt.seed_everything(cfg.train.seed)  # LoRA init below is a function of the seed

@@ -38,6 +38,7 @@ import torch
 
 from lorafuse.atomic import fsync_path, fsync_tree, write_atomic
 from lorafuse.errors import LorafuseError
+from lorafuse.io_errors import io_errno, save_torch
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 TMP_RE = re.compile(r"^checkpoint-(\d+)\.(?:tmp|old|del)-(\d+)$")  # being written / replaced / deleted
@@ -237,12 +238,12 @@ def save_checkpoint(
         if adapter_writer is not None:
             adapter_writer(model, tmp / "adapter")
         save_file({k: v.cpu() for k, v in trainable_state(model).items()}, str(tmp / "trainable.safetensors"))
-        torch.save(
+        save_torch(
             {"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict() if scaler is not None else None},
             tmp / "optimizer.pt",
         )
         states = rng_states or [rng_state()]
-        torch.save(states[0] if len(states) == 1 else {**states[0], "per_rank": states}, tmp / "rng.pt")
+        save_torch(states[0] if len(states) == 1 else {**states[0], "per_rank": states}, tmp / "rng.pt")
         (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1), encoding="utf-8")
         (tmp / "metrics.jsonl").write_text(metrics_jsonl, encoding="utf-8")
         if config is not None:
@@ -253,7 +254,7 @@ def save_checkpoint(
         _install(tmp, final)
     except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(exc, OSError):
+        if io_errno(exc) is not None:  # OSError, or a library's own type carrying one (safetensors, tokenizers)
             raise _write_error(exc, final, out_dir) from exc
         raise
     return final
@@ -271,17 +272,17 @@ def _install(tmp: Path, final: Path) -> None:
     fsync_path(final.parent)
 
 
-def _write_error(exc: OSError, final: Path, out_dir: Path) -> LorafuseError:
+def _write_error(exc: BaseException, final: Path, out_dir: Path) -> LorafuseError:
     previous = latest_checkpoint(out_dir)
     kept = f"the previous checkpoint {previous.name} is intact" if previous else "no earlier checkpoint exists"
-    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+    if io_errno(exc) in (errno.ENOSPC, errno.EDQUOT):
         return LorafuseError(
             f"the disk is full: could not write {final.name} in {out_dir} ({kept})",
             "free disk space (or lower train.save_total_limit, or move output.dir to a bigger disk), "
             "then run the same command again to resume",
         )
     return LorafuseError(
-        f"could not write {final.name} in {out_dir}: {exc.strerror or exc} ({kept})",
+        f"could not write {final.name} in {out_dir}: {getattr(exc, 'strerror', None) or exc} ({kept})",
         "check the folder's permissions and free space, then run the same command to resume",
     )
 

@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from lorafuse.atomic import write_atomic
+from lorafuse.io_errors import writing
 
 
 def memory_bytes(device: torch.device | str) -> int:
@@ -68,7 +69,7 @@ class MetricsLog:
         row = {k: _clean(v) for k, v in row.items()}
         self.rows.append(row)
         if self.path is not None:
-            with open(self.path, "a", encoding="utf-8") as f:
+            with writing(self.path), open(self.path, "a", encoding="utf-8") as f:
                 f.write(json.dumps(row) + "\n")
 
     def jsonl(self) -> str:

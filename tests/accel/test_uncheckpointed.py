@@ -91,16 +91,12 @@ def test_planner_prices_each_kept_layer():
     assert estimate(w.with_(uncheckpointed=8)).peak_alloc - estimate(w).peak_alloc > 1.4 * GIB
 
 
-def test_config_key_and_bench_flag():
-    from lorafuse import bench
+def test_config_key():
     from lorafuse.config import load_config
 
     assert load_config(None).train.uncheckpointed_layers == 0
     assert load_config(None, ["train.uncheckpointed_layers=6"]).train.uncheckpointed_layers == 6
-    args = bench.parse_args(["--keep-layers", "4", "--shape", "llama2-7b"])  # with the peers: lorafuse's rows only
-    assert bench._spec(args, "lorafuse", "qlora", None)["uncheckpointed_layers"] == 4
-    assert bench._spec(args, "unsloth", "qlora", None)["uncheckpointed_layers"] == 0
-    assert bench._lorafuse_workload(args, "qlora", {}).uncheckpointed == 4
+    assert load_config(None, ["train.uncheckpointed_layers=6"]).options().uncheckpointed_layers == 6
 
 
 def test_offload_counts_only_the_layers_it_checkpoints():

@@ -251,3 +251,10 @@ def test_host_head_flag_is_a_lorafuse_setting():
     )
     assert on_host.head_on_host and not plain.head_on_host
     assert bench.estimate(on_host).peak_alloc < bench.estimate(plain).peak_alloc  # the backward peaks at 4 x 512
+
+
+def test_keep_layers_flag_is_a_lorafuse_setting():
+    args = bench.parse_args(["--keep-layers", "4", "--shape", "llama2-7b"])  # with the peers: lorafuse's rows only
+    assert bench._spec(args, "lorafuse", "qlora", None)["uncheckpointed_layers"] == 4
+    assert bench._spec(args, "unsloth", "qlora", None)["uncheckpointed_layers"] == 0
+    assert bench._lorafuse_workload(args, "qlora", {}).uncheckpointed == 4

@@ -142,3 +142,24 @@ def test_unknown_format_in_build(tiny_tokenizer, loose_cfg):
 def test_num_rows(tiny_tokenizer, make_cfg):
     tr, _, st = build_datasets(make_cfg(num_rows=10), tiny_tokenizer)
     assert len(tr) == 10 and st.rows_read == 10
+
+
+def test_empty_answers_are_warned_and_counted(tiny_tokenizer, make_cfg, write_jsonl, tmp_path):
+    rows = [dict(r) for r in ROWS[:10]]
+    rows[3]["output"] = rows[7]["output"] = ""
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    train, _, stats = build_datasets(make_cfg(path=str(path)), tiny_tokenizer, cache_dir=tmp_path / "cache")
+    assert len(train) == 10 and stats.empty_targets == 2
+    assert [int((np.asarray(train[i]["labels"]) != -100).sum()) for i in (3, 7)] == [1, 1]  # the EOS alone
+    warning = [line for line in stats.summary() if line.startswith("warning:")]
+    assert len(warning) == 1 and "2 rows have an empty answer" in warning[0] and "line 4 of" in warning[0]
+    _, _, again = build_datasets(make_cfg(path=str(path)), tiny_tokenizer, cache_dir=tmp_path / "cache")
+    assert again.cache_hit and again.empty_targets == 2  # the count survives the cache
+
+
+def test_only_empty_answers_are_refused(tiny_tokenizer, make_cfg, write_jsonl, tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [{**r, "output": ""} for r in ROWS[:5]])
+    with pytest.raises(DataError, match="no row of .* has an answer"):
+        build_datasets(make_cfg(path=str(path)), tiny_tokenizer)
+    train, _, stats = build_datasets(make_cfg(path=str(path), completion_only=False), tiny_tokenizer)
+    assert len(train) == 5 and stats.empty_targets == 0  # the whole text trains: nothing to warn about

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,8 @@ from lorafuse.plan.memory import GIB, Workload, estimate
 from lorafuse.plan.shapes import load_shape
 
 ROOT = Path(__file__).resolve().parents[2]
+CALIBRATION = json.loads((ROOT / "benchmarks" / "calibration.json").read_text(encoding="utf-8"))["constants"]
+CALIBRATION_RUNS = CALIBRATION["EFFICIENCY_FUSED"]["runs"]  # the six runs speed.EFFICIENCY_FUSED is fitted on
 # The environment switches some runs were made with. LORAFUSE_DEQUANT_CAP_MIB is train.dequant_cap_mib now (the same
 # code); the others selected code paths that were deleted once their A/B was decided (the host head staged whole,
 # FP8 with a bf16 backward, FP8 without fast accumulation): those runs measured code that no longer exists.
@@ -26,6 +29,26 @@ def current_workload(row: dict) -> Workload | None:
     if "LORAFUSE_DEQUANT_CAP_MIB" in env:
         w = w.with_(dequant_cap_mib=int(env["LORAFUSE_DEQUANT_CAP_MIB"]))
     return w
+
+
+def test_calibration_names_speed_constants_and_recorded_runs():
+    """Every constant benchmarks/calibration.json names is one of plan/speed.py's, and every run it names has a bench
+    row and a measured-memory record (the step time and the workload the calibration tests read)."""
+    from lorafuse.plan import speed
+
+    runs = set()
+    for name, entry in CALIBRATION.items():
+        assert isinstance(getattr(speed, name, None), float), f"{name} is not a constant of lorafuse.plan.speed"
+        runs |= set(entry.get("runs", [])) | {
+            run for pair in entry.get("pairs", []) for run in (pair["off"], pair["on"])
+        }
+    rows = {
+        json.loads(line).get("run")
+        for path in (ROOT / "benchmarks" / "results").glob("*.jsonl")
+        for line in path.read_text().splitlines()
+    }
+    records = {r["run"] for r in read_measured(ROOT / MEASURED_FILE)}
+    assert runs and runs <= rows and runs <= records, sorted(runs - (rows & records))
 
 
 def test_predictions_within_10_percent_of_measurements():
@@ -67,21 +90,19 @@ def test_record_round_trip():
 
 
 def test_step_time_model_against_the_calibration_runs():
-    """The speed model has one fitted constant for the fused path (speed.EFFICIENCY_FUSED, from the H200 runs in
-    speed.CALIBRATION_RUNS); its shape (kept layers, sequence length, offload, dropout) must hold across all six:
-    each predicted step within 5% of the measured median."""
-    import json
-
+    """The speed model has one fitted constant for the fused path (speed.EFFICIENCY_FUSED, from the H200 runs that
+    benchmarks/calibration.json names); its shape (kept layers, sequence length, offload, dropout) must hold across
+    all six: each predicted step within 5% of the measured median."""
     from lorafuse.plan import speed
 
     steps = {}
     for path in (ROOT / "benchmarks" / "results").glob("*.jsonl"):
         for line in path.read_text().splitlines():
             row = json.loads(line)
-            if row.get("run") in speed.CALIBRATION_RUNS and row.get("stack") == "lorafuse":
+            if row.get("run") in CALIBRATION_RUNS and row.get("stack") == "lorafuse":
                 steps[row["run"]] = (row["step_s"], row["card"])
-    records = {r["run"]: r for r in read_measured(ROOT / MEASURED_FILE) if r.get("run") in speed.CALIBRATION_RUNS}
-    assert set(steps) == set(records) == set(speed.CALIBRATION_RUNS)
+    records = {r["run"]: r for r in read_measured(ROOT / MEASURED_FILE) if r.get("run") in CALIBRATION_RUNS}
+    assert set(steps) == set(records) == set(CALIBRATION_RUNS)
     misses = []
     for run, (measured, card) in steps.items():
         w = workload_from_record(records[run]["workload"])
@@ -99,12 +120,10 @@ REPLACED_KERNEL_RUNS = {  # the FP8 backward with a transposed NF4 decode since 
 
 def test_fp8_step_times_against_the_measured_runs():
     """speed.FP8_SPEEDUP, FAST_ACCUM_SPEEDUP and FP8_BACKWARD_SPEEDUP were fitted on A/B runs made on one machine
-    (benchmarks/NOTES.md). The runs of today's FP8 path (forward, recompute and, for NF4, the backward's dX in e4m3,
-    fast accumulation at K <= 4096) at the shapes the step model is calibrated on (speed.CALIBRATION_RUNS: 4 x 512
-    and 1 x 4096 tokens) must each be predicted within 5%. 8 x 2048 is left out: the bf16 model itself is not
-    calibrated there (its 8 x 2048 runs are predicted 3-15% fast)."""
-    import json
-
+    (benchmarks/calibration.json). The runs of today's FP8 path (forward, recompute and, for NF4, the backward's dX
+    in e4m3, fast accumulation at K <= 4096) at the shapes the step model is calibrated on (CALIBRATION_RUNS:
+    4 x 512 and 1 x 4096 tokens) must each be predicted within 5%. 8 x 2048 is left out: the bf16 model itself is
+    not calibrated there (its 8 x 2048 runs are predicted 3-15% fast)."""
     from lorafuse.plan import speed
 
     rows = {}

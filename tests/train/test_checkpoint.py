@@ -70,7 +70,7 @@ def test_disk_full_keeps_the_previous_checkpoint_and_removes_tmp(tmp_path, monke
     real_save = torch.save
 
     def full_disk(obj, f, *a, **k):
-        if str(f).endswith("rng.pt"):  # mid-checkpoint: trainable tensors and optimizer already written
+        if getattr(f, "name", str(f)).endswith("rng.pt"):  # mid-checkpoint: tensors and optimizer written
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(f))
         return real_save(obj, f, *a, **k)
 

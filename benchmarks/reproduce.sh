@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# The runs behind the README's results table, one command a part, run from anywhere in the checkout on a GPU machine:
+#   bash benchmarks/reproduce.sh PART [OUT]
+# Rows go to OUT (default benchmarks/results) as <date>-<card>.jsonl; lorafuse's measured peaks to
+# OUT/measured_memory.jsonl when OUT is given, else benchmarks/measured_memory.jsonl. The peers (unsloth,
+# bitsandbytes, peft) and pytest must be importable; where pip cannot reach the GPU machine, carry the peers as
+# .anchors/peers-bundle.tgz and pytest's wheels in .whl/ (benchmarks/README.md), and this script installs them.
+#   qlora       QLoRA 4 x 512 at the defaults: lorafuse, Unsloth and the HF recipe in one call
+#   lean        QLoRA 4 x 512, lorafuse's leanest memory setting, against Unsloth at its defaults
+#   fp8         QLoRA 4 x 512, train.fp8 with the lean memory setting, against Unsloth and the HF recipe
+#   lora        LoRA on a bf16 base, 4 x 512: lorafuse against Unsloth
+#   1x4096      QLoRA, one 4,096-token sequence: lorafuse against Unsloth
+#   1x4096-fp8  the same with train.fp8, lorafuse alone
+#   8x2048      QLoRA, 8 x 2,048 tokens: lorafuse against Unsloth
+#   8x2048-fp8  the same with train.fp8, lorafuse alone
+#   memory      the planner against measured peaks on 1B-8B shapes (benchmarks/memory_sweep.sh)
+#   headline    a 65B-shape QLoRA step under a 40 GiB cap; Llama-2-7B QLoRA at 2,048 tokens in fp16 under 15 GiB
+#   tests       every GPU test (pytest -m gpu)
+#   quality     fine-tuning quality: full, LoRA, QLoRA, fast path, FP8, the seed's stack (benchmarks/quality.py, ~6 min)
+set -euo pipefail
+PART=${1:?usage: bash benchmarks/reproduce.sh PART [OUT] (parts: see the head of this file)}
+here=$(cd "$(dirname "$0")" && pwd)
+cd "$here/.."
+OUT=${2:-benchmarks/results}
+LOG=benchmarks/measured_memory.jsonl
+[ -n "${2:-}" ] && LOG=$OUT/measured_memory.jsonl
+mkdir -p "$OUT"
+if [ -f .anchors/peers-bundle.tgz ]; then
+  mkdir -p /tmp/peers && tar xzf .anchors/peers-bundle.tgz -C /tmp/peers
+  export PYTHONPATH=/tmp/peers${PYTHONPATH:+:$PYTHONPATH}
+fi
+if [ -d .whl ] && ! python3 -c "import pytest" 2>/dev/null; then
+  pip install -q --no-index --find-links .whl pytest --target /tmp/site && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+bench() { python3 benchmarks/bench.py --out "$OUT" --memory-log "$LOG" "$@"; }
+case "$PART" in
+  qlora) bench --shape llama2-7b --batch 4 --seq 512 --stacks lorafuse,unsloth,hf --methods qlora ;;
+  lean) bench --shape llama2-7b --batch 4 --seq 512 --stacks lorafuse,unsloth --methods qlora --offload --host-embeddings --host-head --dequant-cap-mib 48 ;;
+  fp8) bench --shape llama2-7b --batch 4 --seq 512 --stacks lorafuse,unsloth,hf --methods qlora --fp8 --offload --host-embeddings --host-head --dequant-cap-mib 48 ;;
+  lora) bench --shape llama2-7b --batch 4 --seq 512 --stacks lorafuse,unsloth --methods lora ;;
+  1x4096) bench --shape llama2-7b --batch 1 --seq 4096 --stacks lorafuse,unsloth --methods qlora --steps 6 --warmup 3 ;;
+  1x4096-fp8) bench --shape llama2-7b --batch 1 --seq 4096 --stacks lorafuse --methods qlora --random-init --fp8 --steps 4 --warmup 2 ;;
+  8x2048) bench --shape llama2-7b --batch 8 --seq 2048 --stacks lorafuse,unsloth --methods qlora --steps 4 --warmup 2 ;;
+  8x2048-fp8) bench --shape llama2-7b --batch 8 --seq 2048 --stacks lorafuse --methods qlora --random-init --fp8 --steps 4 --warmup 2 ;;
+  memory) bash benchmarks/memory_sweep.sh "$OUT" "$LOG" sweep ;;
+  headline) bash benchmarks/memory_sweep.sh "$OUT" "$LOG" headline ;;
+  tests) python3 -m pytest -q -m gpu tests ;;
+  quality) python3 benchmarks/quality.py --out "$OUT" ;;
+  *) echo "unknown part '$PART': qlora lean fp8 lora 1x4096 1x4096-fp8 8x2048 8x2048-fp8 memory headline tests quality" >&2; exit 2 ;;
+esac
