@@ -120,6 +120,9 @@ def build_checkpoint(shape_name: str, folder: str, device: str, dtype: str) -> d
     marker = {"shape": shape_name, "config": builtin_shape(shape_name).hf_config(), "dtype": dtype}
     if (target / "bench-shape.json").is_file() and json.loads((target / "bench-shape.json").read_text()) == marker:
         return {**info, "built": False}
+    if target.is_dir() and any(target.iterdir()) and not (target / "bench-shape.json").is_file():
+        # bench-shape.json marks the folders this builds; any other folder is someone's and is never replaced
+        return {"reason": f"{target} holds files the benchmark did not write: pass another --model-dir"}
     cfg = dict(marker["config"])
     tok = build_tiny_tokenizer()  # random token ids are fed directly; the tokenizer only completes the folder
     config = AutoConfig.for_model(cfg.pop("model_type"), pad_token_id=tok.pad_token_id, **cfg)

@@ -1,11 +1,16 @@
 """All-or-nothing writes: a crash, SIGKILL or full disk never leaves a half-written file or folder.
 
 `write_atomic(path, data)`: write a temp file beside `path`, fsync it, rename it over `path`, fsync the folder.
-`atomic_folder(path)`: a context manager yielding a temp folder beside `path`; on normal exit every file and folder in
-it is fsynced and it takes `path`'s place (an existing folder is swapped out in one renameat2(RENAME_EXCHANGE) where
-Linux has it, else renamed aside first and then deleted), so readers see the old folder or the complete new one. On an
-exception the temp folder is removed and `path` is left untouched. Renames are atomic because the temp lives on the
-same filesystem as the target; fsyncing the parent folder makes the rename itself durable.
+`atomic_folder(path, kind)`: a context manager yielding a temp folder beside `path`; on normal exit the folder gets
+its `.lorafuse` marker (kind + the names written, lorafuse.outputs), every file and folder in it is fsynced and it takes
+`path`'s place (an existing folder is swapped out in one renameat2(RENAME_EXCHANGE) where Linux has it, else renamed
+aside first and then deleted), so readers see the old folder or the complete new one. On an exception the temp folder
+is removed and `path` is left untouched. Renames are atomic because the temp lives on the same filesystem as the
+target; fsyncing the parent folder makes the rename itself durable.
+
+An existing `path` is replaced only when it is empty or an earlier output of the same kind holding nothing but what
+its marker lists (`lorafuse.outputs.check_replaceable`, checked before the body runs and again before the swap): a
+folder lorafuse did not write, or another kind of output (a run, an adapter, a model), can never be swapped out.
 
 Used for configs, metrics, plots, the token cache, bnb 4-bit folders, adapters, merged models and checkpoints.
 """
@@ -21,6 +26,7 @@ from pathlib import Path
 
 from lorafuse.errors import LorafuseError
 from lorafuse.io_errors import write_error
+from lorafuse.outputs import check_replaceable, mark_written
 
 
 def fsync_path(path: str | Path) -> None:
@@ -61,11 +67,13 @@ def write_atomic(path: str | Path, data: bytes | str) -> Path:
 
 
 @contextlib.contextmanager
-def atomic_folder(path: str | Path):
-    """`with atomic_folder(out) as tmp: <write files into tmp>` replaces `out` only once everything is written."""
+def atomic_folder(path: str | Path, kind: str):
+    """`with atomic_folder(out, "merge") as tmp: <write files into tmp>` replaces `out` only once everything is
+    written, and only when `out` is absent, empty or an earlier `kind` output (module docstring)."""
     path = Path(path).expanduser().absolute()
     if path.exists() and not path.is_dir():
         raise LorafuseError(f"{path} exists and is a file, not a folder", "choose another output path or remove it")
+    check_replaceable(path, kind)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     umask = os.umask(0)
@@ -73,7 +81,9 @@ def atomic_folder(path: str | Path):
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it 0700; the result should look like a normal folder
     try:
         yield tmp
+        mark_written(tmp, kind)
         fsync_tree(tmp)
+        check_replaceable(path, kind)  # again: the folder may have changed while the body wrote
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

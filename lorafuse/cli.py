@@ -80,8 +80,8 @@ def cmd_train(args) -> int:
     from lorafuse.train.api import run
 
     resume = None if args.no_resume else (args.resume or "auto")
-    run(cfg, resume=resume, force=args.force)
-    return 0
+    result = run(cfg, resume=resume, force=args.force)
+    return getattr(result, "exit_code", 0)  # 130 / 143 after a checkpoint saved on SIGINT / SIGTERM
 
 
 def cmd_preview(args) -> int:
@@ -283,7 +283,7 @@ def _add_config_commands(sub) -> None:
     p.add_argument(
         "--force",
         action="store_true",
-        help="go ahead even when a checkpoint's config differs from this one or the output folder holds another run",
+        help="resume even when the checkpoint's config or training data differs from this run's",
     )
 
     data = sub.add_parser(

@@ -343,8 +343,8 @@ class TrainConfig(_Section):
     save_every: int | None = Field(
         None,
         ge=1,
-        description="Checkpoint every N optimizer steps; "
-        "null: at the end of each epoch (always at the end of training).",
+        description="Checkpoint every N optimizer steps (not at epoch ends then); "
+        "null: at the end of each epoch. Always at the end of training and at each new best eval loss.",
     )
     save_total_limit: int = Field(3, ge=1, description="Checkpoints kept on disk; older ones are deleted.")
     eval_every: int | None = Field(
@@ -398,7 +398,11 @@ class TrainConfig(_Section):
 class OutputConfig(_Section):
     """Where the run writes checkpoints, the adapter, logs and plots."""
 
-    dir: str = Field("runs/lorafuse", description="Run folder: checkpoint-N/, adapter/, metrics.jsonl, plots.")
+    dir: str = Field(
+        "runs/lorafuse",
+        description="Run folder: checkpoint-N/, adapter/, metrics.jsonl, plots. A new or empty folder, or an earlier "
+        "run's (which it resumes); a folder holding other files is refused.",
+    )
 
     @field_validator("dir")
     @classmethod

@@ -8,13 +8,14 @@ import pytest
 
 from lorafuse.atomic import atomic_folder, write_atomic
 from lorafuse.errors import LorafuseError
+from lorafuse.outputs import read_marker
 
 
 def test_atomic_folder_replaces_only_when_complete(tmp_path):
     out = tmp_path / "ckpt"
     umask = os.umask(0o022)
     try:
-        with atomic_folder(out) as tmp:
+        with atomic_folder(out, "merge") as tmp:
             (tmp / "a.txt").write_text("old")
             assert not out.exists(), "nothing is visible before the block ends"
     finally:
@@ -22,14 +23,38 @@ def test_atomic_folder_replaces_only_when_complete(tmp_path):
     assert (out / "a.txt").read_text() == "old"
     assert out.stat().st_mode & 0o777 == 0o755, "a normal folder, not mkdtemp's private 0700"
     with pytest.raises(RuntimeError):
-        with atomic_folder(out) as tmp:
+        with atomic_folder(out, "merge") as tmp:
             (tmp / "a.txt").write_text("half")
             raise RuntimeError("crash mid-write")
     assert (out / "a.txt").read_text() == "old"
-    with atomic_folder(out) as tmp:
+    with atomic_folder(out, "merge") as tmp:
         (tmp / "b.txt").write_text("new")
-    assert sorted(os.listdir(out)) == ["b.txt"]
+    assert sorted(os.listdir(out)) == [".lorafuse", "b.txt"]
+    assert read_marker(out)["kind"] == "merge" and read_marker(out)["files"] == ["b.txt"]
     assert sorted(os.listdir(tmp_path)) == ["ckpt"], "no temporary folders are left behind"
+
+
+def test_atomic_folder_replaces_only_an_earlier_output_of_its_kind(tmp_path):
+    """A folder lorafuse did not write, another kind of output, or one with a file added is never swapped out."""
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "notes.txt").write_text("mine")
+    with pytest.raises(LorafuseError, match="files lorafuse did not write \\(notes.txt\\)"):
+        with atomic_folder(theirs, "merge") as tmp:
+            (tmp / "a.txt").write_text("x")
+    adapter = tmp_path / "adapter"
+    with atomic_folder(adapter, "adapter") as tmp:
+        (tmp / "a.txt").write_text("x")
+    with pytest.raises(LorafuseError, match="a lorafuse adapter folder"):
+        with atomic_folder(adapter, "merge") as tmp:
+            pass
+    (adapter / "extra.txt").write_text("added by hand")
+    with pytest.raises(LorafuseError, match="extra.txt") as err:
+        with atomic_folder(adapter, "adapter") as tmp:
+            pass
+    assert "move those files" in err.value.fix
+    assert (theirs / "notes.txt").read_text() == "mine" and (adapter / "extra.txt").is_file()
+    assert sorted(os.listdir(tmp_path)) == ["adapter", "theirs"], "refused before any temporary folder is made"
 
 
 def test_atomic_folder_without_rename_exchange(tmp_path, monkeypatch):
@@ -39,7 +64,7 @@ def test_atomic_folder_without_rename_exchange(tmp_path, monkeypatch):
     monkeypatch.setattr(atomic, "_exchange", lambda a, b: False)
     out = tmp_path / "ckpt"
     for text in ("old", "new"):
-        with atomic_folder(out) as tmp:
+        with atomic_folder(out, "merge") as tmp:
             (tmp / "a.txt").write_text(text)
     assert (out / "a.txt").read_text() == "new"
     assert sorted(os.listdir(tmp_path)) == ["ckpt"]

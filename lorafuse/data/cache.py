@@ -93,3 +93,13 @@ def load(path: Path) -> tuple[dict[str, np.ndarray], dict] | None:
     except (OSError, ValueError, KeyError):
         return None
     return arrays, meta
+
+
+def tokens_fingerprint(*datasets) -> str:
+    """sha256 of the tokenized rows (input ids, labels, row bounds) of each data set, in order; None ones skipped."""
+    h = hashlib.sha256()
+    for ds in datasets:
+        for name, array in sorted(ds.as_arrays().items()) if ds is not None else ():
+            h.update(name.encode())
+            h.update(array.tobytes())
+    return h.hexdigest()

@@ -115,7 +115,7 @@ def save_adapter(model, out_dir, base_model_name_or_path=None, dtype=None, token
     config = adapter_config_for(model, layers, base_name)
     tensors = adapter_state_dict(model, layers, saved_module_names(model), dtype)
     tokenizer = tokenizer if tokenizer is not None else _base_tokenizer(model)
-    with writing(out_dir), atomic_folder(out_dir) as tmp:  # safetensors and tokenizers raise their own types
+    with writing(out_dir), atomic_folder(out_dir, "adapter") as tmp:  # safetensors, tokenizers raise their own types
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True))
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
         (tmp / LORAFUSE_NAME).write_text(json.dumps(_lorafuse_facts(model, tensors), indent=2, sort_keys=True))

@@ -54,6 +54,7 @@ from lorafuse.lora.adapter_load import (
     read_lorafuse_facts,
 )
 from lorafuse.model.state import model_state
+from lorafuse.outputs import check_output_dir
 
 CHECK_FACTOR = 4  # observed diff / one noise draw: 0.6-1.6 on tiny models; gross errors are >= 30x
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -90,12 +91,8 @@ def merge(
     """
     out_dtype = _out_dtype(dtype)
     read_adapter_config(adapter_dir)  # fail on a bad adapter folder before loading any model
-    for name, path in (("adapter", adapter_dir), ("base model", base_path)):
-        if Path(out_dir).expanduser().resolve() == Path(path).expanduser().resolve():
-            raise ModelError(
-                f"out_dir {out_dir} is the {name} folder; merging would replace it",
-                "write the merged model to a new folder",
-            )
+    # Before any model loads: never the adapter's or the base's folder, nor one lorafuse merge did not write.
+    check_output_dir(out_dir, "merge", {"adapter": adapter_dir, "base model": base_path})
     trained = (read_lorafuse_facts(adapter_dir) or {}).get("base")
     if trained is None:
         warnings.warn(
@@ -128,7 +125,7 @@ def merge(
         target_logits = _logits(model, inputs)
     merge_into_dense(model, out_dtype)
     tokenizer = _training_tokenizer(adapter_dir, tokenizer)
-    with atomic_folder(out_dir) as tmp:
+    with atomic_folder(out_dir, "merge") as tmp:
         _save_merged(model, tokenizer, tmp)
         del model
         gc.collect()

@@ -1,12 +1,15 @@
 """The training job: `run(cfg)` (what `lorafuse train` calls) and `train(model, tokenizer, data)` (Python API).
 
 run(cfg, resume="auto"):
-    1. output.dir must be writable (checked before anything is loaded), and is locked for the run;
-       stale `checkpoint-N.tmp-<pid>` folders from crashed runs are removed.
-    2. resume:  "auto"  -> the latest complete checkpoint in output.dir, if any;
+    1. output.dir must be a run folder of lorafuse's own (lorafuse.outputs: new, empty, or an earlier run's) and
+       writable (checked before anything is loaded), and is locked for the run; stale `checkpoint-N.tmp-<pid>`
+       folders from crashed runs are removed.
+    2. resume:  "auto"  -> the newest intact checkpoint in output.dir, if any (damaged newer ones are moved to
+                           `archive-<date>-<time>/`, with one line saying which and why);
                 <path>  -> that checkpoint (newer checkpoints of the abandoned timeline are archived);
                 None    -> start over: an earlier run's checkpoints and files are MOVED to
-                           `<output.dir>/archive-<date>-<time>/` (never deleted, never mixed with the new run).
+                           `<output.dir>/archive-<date>-<time>/` (never deleted, never mixed with the new run; only
+                           what a run writes moves, a file the user put there stays).
        A checkpoint trained under a different config (config_diff: the math changed, not just the cadence
        or the run length) is refused with the differing keys, unless force=True.
        Before that check, train.auto_fit applies the planner's fastest setting that fits the visible GPU
@@ -22,7 +25,9 @@ run(cfg, resume="auto"):
     4. inputs checked before any weights are read (preflight.check_inputs: model source, tokenizer, data), then
        seed, load_model, apply_lora (prints the trainable-params line), build_datasets (a cache hit), Batchers.
     5. the loop (lorafuse.train.loop), then `<output.dir>/adapter/` (PEFT format), loss.png, summary.json.
-       For the built-in demo model, a generation for one demo prompt is printed at the end.
+       For the built-in demo model, a generation for one demo prompt is printed at the end. A re-run of a finished
+       run (stop_reason already_complete) rewrites nothing: it prints "already complete: <summary>" and returns the
+       saved summary. On SIGINT/SIGTERM the result has stop_reason "signal" and `exit_code` 130/143 (the CLI's).
 
 Under torchrun (WORLD_SIZE > 1) both run as one rank of a data-parallel job (lorafuse.train.distributed): rank 0
 does steps 1-2 and every file write and print, the others get its decisions; each rank loads the model onto
@@ -36,8 +41,10 @@ from 2 on.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import json
+import signal
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -47,10 +54,11 @@ import torch
 from lorafuse import accel
 from lorafuse.errors import ConfigError, LorafuseError
 from lorafuse.model.state import model_state
+from lorafuse.outputs import prepare_run_dir
 from lorafuse.train import checkpoint as ckpt
 from lorafuse.train.distributed import launch
 from lorafuse.train.loop import TrainingLoop
-from lorafuse.train.metrics import print_summary
+from lorafuse.train.metrics import finished_summary, print_summary, summary_line
 from lorafuse.train.preflight import check_inputs
 
 DEMO_PROMPT = {"instruction": "次の日本語を英語に翻訳してください。", "input": "ありがとうございます。"}
@@ -74,6 +82,15 @@ class TrainResult:
     peak_memory_bytes: int
     compute_dtype: str
     sample: str | None = None  # the demo's generation
+    stop_signal: str | None = None  # "SIGINT" | "SIGTERM" when stop_reason is "signal"
+
+    @property
+    def exit_code(self) -> int:
+        """What `lorafuse train` exits with: 0, or 128 + the signal's number after a signal stop (130, 143). A rank
+        of a torchrun job that stopped because another rank got the signal reports SIGTERM's."""
+        if self.stop_reason != "signal":
+            return 0
+        return 128 + (signal.Signals[self.stop_signal] if self.stop_signal else signal.SIGTERM).value
 
 
 def run(cfg, resume: str | None = "auto", force: bool = False, console=None) -> TrainResult:
@@ -83,11 +100,11 @@ def run(cfg, resume: str | None = "auto", force: bool = False, console=None) -> 
 
     with launch(resolve_device(cfg.train.device)) as world:  # torch.distributed only under torchrun
         console = world.console(_console(console))
-        out = world.decide(ckpt.ensure_writable_dir, Path(cfg.output.dir))
+        out = world.decide(prepare_run_dir, Path(cfg.output.dir))
         with world.main_only(ckpt.RunLock(out)):
             cfg = world.decide(auto_fit, cfg, out, resume, console)  # no-op unless train.auto_fit
-            start_from = world.decide(_start_point, cfg, out, resume, force, console)
             world.decide(check_inputs, cfg, out)  # model source, tokenizer and data checked before any weights
+            start_from = world.decide(_start_point, cfg, out, resume, force, console)  # may move earlier files
             device = world.device  # cuda:LOCAL_RANK under torchrun
             dtype = _announce_dtype(cfg.model.compute_dtype, device, console)
             ckpt.seed_everything(cfg.train.seed)  # LoRA init below is a function of the seed
@@ -115,7 +132,7 @@ def run(cfg, resume: str | None = "auto", force: bool = False, console=None) -> 
             )
             if world.is_main:
                 print_trainable_parameters(model)
-            return _train(cfg, model, tokenizer, out, start_from, dtype, console, world)
+            return _train(cfg, model, tokenizer, out, start_from, dtype, console, world, force)
 
 
 def train(
@@ -133,7 +150,7 @@ def train(
     """Fine-tune an already loaded, LoRA-applied model on `data` (a path or a list of row dicts)."""
     with launch(next(model.parameters()).device) as world:  # torchrun: the model must be on cuda:LOCAL_RANK
         console = world.console(_console(console))
-        out = world.decide(ckpt.ensure_writable_dir, Path(output_dir))
+        out = world.decide(prepare_run_dir, Path(output_dir))
         cfg = world.decide(config_for_model, model, data, out, format, overrides)
         if cfg.train.auto_fit:  # the planner sizes a run before its model is loaded; this one already is
             console.print(
@@ -143,7 +160,7 @@ def train(
         with world.main_only(ckpt.RunLock(out)):
             start_from = world.decide(_start_point, cfg, out, resume, force, console)
             dtype = _announce_dtype(cfg.model.compute_dtype, world.device, console)
-            return _train(cfg, model, tokenizer, out, start_from, dtype, console, world)
+            return _train(cfg, model, tokenizer, out, start_from, dtype, console, world, force)
 
 
 # ------------------------------------------------------------------------------------------------ setup
@@ -245,16 +262,16 @@ def _start_point(cfg, out: Path, resume, force: bool, console) -> Path | None:
 
 def resolve_resume(cfg, out: Path, resume, force: bool, console) -> Path | None:
     """The checkpoint to resume from (None: fresh start), after the config check; see module docstring."""
-    if resume is None:
-        archived = ckpt.archive_previous(out)
+    if resume is None or (resume == "auto" and not ckpt.checkpoint_folders(out)):
+        archived = ckpt.archive_previous(out)  # with "auto": files of a run that stopped before its first checkpoint
         if archived is not None:
-            console.print(f"starting over: the earlier run's checkpoints and files were moved to {archived}")
+            names = ", ".join(sorted(p.name for p in archived.iterdir()))
+            console.print(
+                f"starting over: the earlier run's {names} moved to {archived}", highlight=False, soft_wrap=True
+            )
         return None
     if resume == "auto":
-        folder = ckpt.latest_checkpoint(out)
-        if folder is None:
-            ckpt.archive_previous(out)  # files of a run that died before its first checkpoint
-            return None
+        folder = _newest_intact(out, console)
     else:
         folder = _explicit_checkpoint(Path(resume))
         newer = ckpt.archive_newer(out, _step_of(folder)) if folder.parent.resolve() == out.resolve() else None
@@ -265,9 +282,30 @@ def resolve_resume(cfg, out: Path, resume, force: bool, console) -> Path | None:
     return folder
 
 
+def _newest_intact(out: Path, console) -> Path:
+    """The newest intact checkpoint; damaged newer ones are moved aside, in one line saying which and why."""
+    folder, damaged = ckpt.newest_intact(out)
+    if not damaged:
+        return folder
+    why = "; ".join(f"{f.name}: {reason}" for f, reason in damaged)
+    if folder is None:
+        raise LorafuseError(
+            f"no intact checkpoint in {out} to resume from ({why})",
+            "start over with --no-resume (the damaged checkpoints are moved to an archive folder, not deleted)",
+        )
+    moved = ckpt.archive_newer(out, _step_of(folder))
+    console.print(
+        f"{why}; resuming from {folder.name}, the newest intact checkpoint (damaged ones moved to {moved})",
+        highlight=False,
+        markup=False,
+        soft_wrap=True,
+    )
+    return folder
+
+
 def _explicit_checkpoint(path: Path) -> Path:
-    if path.is_dir() and not (path / "trainer_state.json").is_file():
-        latest = ckpt.latest_checkpoint(path)  # a run folder was given: its latest checkpoint
+    if path.is_dir() and not (path / "trainer_state.json").exists():
+        latest = ckpt.latest_checkpoint(path)  # a run folder was given: its newest intact checkpoint
         if latest is not None:
             return latest
     if not (path / "trainer_state.json").is_file():
@@ -275,6 +313,9 @@ def _explicit_checkpoint(path: Path) -> Path:
             f"{path} is not a complete lorafuse checkpoint (no trainer_state.json)",
             "pass a checkpoint-N folder of an earlier run, or resume=auto / --no-resume",
         )
+    why = ckpt.verify(path)
+    if why is not None:
+        raise ckpt.damaged_error(path, why)
     return path
 
 
@@ -364,6 +405,7 @@ def _data_path(data, out: Path) -> str:
 
 def _batchers(cfg, tokenizer, out: Path, console, world):
     from lorafuse.data import Batcher, build_datasets
+    from lorafuse.data.cache import tokens_fingerprint
 
     dc, tc = cfg.data, cfg.train
     with world.main_first():  # rank 0 tokenizes and writes the cache, then the others read it
@@ -391,21 +433,19 @@ def _batchers(cfg, tokenizer, out: Path, console, world):
         if val_ds is not None and len(val_ds)
         else None
     )
-    return train_b, val_b, stats
+    return train_b, val_b, tokens_fingerprint(train_ds, val_ds)
 
 
-def _train(cfg, model, tokenizer, out: Path, start_from: Path | None, dtype, console, world) -> TrainResult:
+def _train(cfg, model, tokenizer, out: Path, start_from, dtype, console, world, force=False) -> TrainResult:
     from lorafuse.config import save_config
     from lorafuse.lora.adapter_io import save_adapter
     from lorafuse.model.new_tokens import add_run_tokens
     from lorafuse.model.untrained_tokens import rows_for_run
 
     new_ids = add_run_tokens(model, tokenizer, cfg.data, cfg.lora.train_untrained_tokens, console)
-    train_b, val_b, _ = _batchers(cfg, tokenizer, out, console, world)
+    train_b, val_b, fingerprint = _batchers(cfg, tokenizer, out, console, world)
     datasets = (train_b.dataset, val_b.dataset if val_b is not None else None)
     rows_for_run(model, tokenizer, datasets, new_ids, cfg.lora.train_untrained_tokens, console, world.is_main)
-    if world.is_main:
-        save_config(cfg, out / "config.yaml")
     if world.size > 1:
         console.print(world.describe(cfg.train), highlight=False)
 
@@ -425,12 +465,20 @@ def _train(cfg, model, tokenizer, out: Path, start_from: Path | None, dtype, con
             adapter_writer=write_adapter,
             world=world,
             options=cfg.options(),
+            data_fingerprint=fingerprint,
         )
         if start_from is not None:
-            loop.resume(start_from)
+            loop.resume(start_from, force=force)
+        if world.is_main and loop.state.step < loop.total:  # after the resume's checks; a no-op re-run keeps it
+            save_config(cfg, out / "config.yaml")
         res = loop.run()
     finally:  # the speed and memory changes are for training: generation afterwards runs the plain modules
         accel.restore(model)
+    if res.stop_reason == "already_complete":
+        kept = world.decide(finished_summary, out)
+        if kept is not None:  # a no-op re-run: the finished run's adapter and summary.json stay as they are
+            console.print(f"already complete: {summary_line(kept)}", highlight=False, markup=False, soft_wrap=True)
+            return _result_from_summary(kept)
     adapter_dir = None
     if res.stop_reason != "signal":
         adapter_dir = out / "adapter"
@@ -456,6 +504,7 @@ def _train(cfg, model, tokenizer, out: Path, start_from: Path | None, dtype, con
         peak_memory_bytes=res.peak_memory_bytes,
         compute_dtype=str(dtype).removeprefix("torch."),
         sample=sample,
+        stop_signal=res.stop_signal,
     )
     summary = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(result).items()}
     summary.update(
@@ -469,6 +518,15 @@ def _train(cfg, model, tokenizer, out: Path, start_from: Path | None, dtype, con
         print_summary(console, summary)
     world.barrier()  # no rank leaves (and tears the process group down) before rank 0's files are written
     return result
+
+
+def _result_from_summary(summary: dict) -> TrainResult:
+    """The TrainResult a finished run's summary.json records, with stop_reason "already_complete"."""
+    names = {f.name for f in dataclasses.fields(TrainResult)}
+    kept = {k: v for k, v in summary.items() if k in names}
+    for key in ("output_dir", "adapter_dir", "best_checkpoint", "last_checkpoint"):
+        kept[key] = Path(kept[key]) if kept.get(key) else None
+    return TrainResult(**{**kept, "stop_reason": "already_complete"})
 
 
 def _demo_generation(cfg, model, tokenizer, console) -> str | None:

@@ -7,19 +7,29 @@ Layout of `<output.dir>`:
         trainable.safetensors   every trainable tensor, bit-exact, keyed by the model's parameter names
         optimizer.pt            optimizer state_dict + GradScaler state (torch.load(weights_only=True) safe)
         rng.pt                  python / numpy / torch CPU / CUDA RNG states (+ "per_rank": each rank's, under torchrun)
-        trainer_state.json      step, data position (epoch, micro-batch in epoch), tokens, best eval, ...
+        trainer_state.json      step, data position (epoch, micro-batch in epoch), tokens, best eval, the data's
+                                sha256, ...
         config.yaml             the resolved RunConfig (when the run has one)
         metrics.jsonl           the metric rows up to this step (the resume rewrites <dir>/metrics.jsonl from it)
+        manifest.json           every other file's size and sha256, written last (lorafuse.train.manifest)
     checkpoint-<step>.tmp-<pid>/  a checkpoint being written by process <pid> (removed at the next start;
                                 .old-<pid> / .del-<pid>: one being replaced / deleted)
     best.json                   {"step", "eval_loss", "checkpoint"}: the best evaluation so far
     .lock                       flock held by the running process: two runs never write one folder
+    .lorafuse                   the marker that makes this a lorafuse run folder (lorafuse.outputs)
+    archive-<date>-<time>/      an earlier run's files (start over), or checkpoints set aside (corrupt, or newer
+                                than the one resumed, or written from weights that then gave NaN losses)
 
 Atomicity: everything is written into `checkpoint-<step>.tmp-<pid>`, each file and folder is fsynced, then
 one `os.rename` gives the final name and the parent folder is fsynced. A crash (SIGKILL, power loss) before
 the rename leaves only the tmp folder; after it, a complete checkpoint. `trainable.safetensors` duplicates the
 adapter's tensors on purpose: the adapter is the user-facing PEFT file, while resume needs every trainable
 tensor (including ones a PEFT adapter does not name) bit for bit, independent of adapter_io's key mapping.
+
+Trust: a checkpoint is verified against its manifest before it is loaded or kept as the best one; the resume takes
+the newest intact checkpoint and sets the damaged newer ones aside (`newest_intact`), saying which and why. A
+checkpoint is never written from non-finite trainable weights: the save stops the run instead, naming the last
+checkpoint with finite weights.
 """
 
 from __future__ import annotations
@@ -39,30 +49,10 @@ import torch
 from lorafuse.atomic import fsync_path, fsync_tree, write_atomic
 from lorafuse.errors import LorafuseError
 from lorafuse.io_errors import io_errno, save_torch
+from lorafuse.outputs import CHECKPOINT_RE, RUN_FILES
+from lorafuse.train.manifest import STATE_FILES, verify, write_manifest
 
-CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 TMP_RE = re.compile(r"^checkpoint-(\d+)\.(?:tmp|old|del)-(\d+)$")  # being written / replaced / deleted
-RUN_FILES = ("adapter", "metrics.jsonl", "loss.png", "summary.json", "best.json", "config.yaml")
-_STATE_FILES = ("trainable.safetensors", "optimizer.pt", "rng.pt", "trainer_state.json")
-
-
-# ----------------------------------------------------------------------------------------------- file helpers
-
-
-def ensure_writable_dir(out_dir: Path) -> Path:
-    """Create `out_dir` and prove it is writable, or raise a LorafuseError (before any model is loaded)."""
-    out_dir = Path(out_dir)
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        probe = out_dir / f".write-test-{os.getpid()}"
-        probe.write_bytes(b"ok")
-        probe.unlink()
-    except OSError as exc:
-        raise LorafuseError(
-            f"the output folder {out_dir} is not writable ({exc.strerror or exc})",
-            "set output.dir to a folder you can write to, e.g. output.dir=runs/my-run",
-        ) from None
-    return out_dir
 
 
 class RunLock:
@@ -101,22 +91,34 @@ class RunLock:
 # ----------------------------------------------------------------------------------------- discovery
 
 
-def list_checkpoints(out_dir: Path) -> list[tuple[int, Path]]:
-    """Complete checkpoints as (step, folder), oldest first."""
+def checkpoint_folders(out_dir: Path) -> list[tuple[int, Path]]:
+    """Every `checkpoint-N/` folder (intact or not) as (step, folder), oldest first."""
     out_dir = Path(out_dir)
     if not out_dir.is_dir():
         return []
-    found = []
-    for child in out_dir.iterdir():
-        m = CHECKPOINT_RE.match(child.name)
-        if m and child.is_dir() and all((child / f).is_file() for f in _STATE_FILES):
-            found.append((int(m.group(1)), child))
+    found = [(int(m.group(1)), c) for c in out_dir.iterdir() if (m := CHECKPOINT_RE.match(c.name)) and c.is_dir()]
     return sorted(found)
 
 
+def list_checkpoints(out_dir: Path) -> list[tuple[int, Path]]:
+    """Checkpoints holding every state file as (step, folder), oldest first (rotation counts these)."""
+    return [(s, c) for s, c in checkpoint_folders(out_dir) if all((c / f).is_file() for f in STATE_FILES)]
+
+
+def newest_intact(out_dir: Path) -> tuple[Path | None, list[tuple[Path, str]]]:
+    """(the newest checkpoint that passes `verify`, or None; [(newer damaged folder, why), ...] newest first)."""
+    damaged = []
+    for _, folder in reversed(checkpoint_folders(out_dir)):
+        why = verify(folder)
+        if why is None:
+            return folder, damaged
+        damaged.append((folder, why))
+    return None, damaged
+
+
 def latest_checkpoint(out_dir: Path) -> Path | None:
-    found = list_checkpoints(out_dir)
-    return found[-1][1] if found else None
+    """The newest intact checkpoint (the one a resume continues), or None."""
+    return newest_intact(out_dir)[0]
 
 
 def _pid_alive(pid: int) -> bool:
@@ -144,15 +146,16 @@ def clean_stale_tmp(out_dir: Path) -> list[Path]:
 
 
 def archive_previous(out_dir: Path) -> Path | None:
-    """Move an earlier run's checkpoints and files into `<dir>/archive-<date>-<time>/` (start-over mode)."""
+    """Move an earlier run's checkpoints and files into `<dir>/archive-<date>-<time>/` (start-over mode).
+    Only what a run writes moves (checkpoint-N/ and RUN_FILES); anything else in the folder stays where it is."""
     out_dir = Path(out_dir)
-    old = [c for _, c in list_checkpoints(out_dir)] + [out_dir / n for n in RUN_FILES if (out_dir / n).exists()]
+    old = [c for _, c in checkpoint_folders(out_dir)] + [out_dir / n for n in RUN_FILES if (out_dir / n).exists()]
     return _archive(out_dir, old)
 
 
 def archive_newer(out_dir: Path, step: int) -> Path | None:
     """Move checkpoints after `step` away (resuming an older checkpoint abandons their timeline)."""
-    return _archive(Path(out_dir), [c for s, c in list_checkpoints(out_dir) if s > step])
+    return _archive(Path(out_dir), [c for s, c in checkpoint_folders(out_dir) if s > step])
 
 
 def _archive(out_dir: Path, old: list[Path]) -> Path | None:
@@ -221,7 +224,8 @@ def save_checkpoint(
     adapter_writer=None,
     rng_states=None,
 ) -> Path:
-    """Write `<out_dir>/checkpoint-<step>` atomically. Disk full -> LorafuseError; the tmp folder is removed.
+    """Write `<out_dir>/checkpoint-<step>` atomically, manifest last. Disk full -> LorafuseError; the tmp folder is
+    removed. Non-finite trainable weights -> LorafuseError naming the last good checkpoint; nothing is written.
 
     adapter_writer(model, folder) writes the PEFT adapter (None: no adapter folder, e.g. a bare nn.Module).
     rng_states: every rank's RNG state in rank order (several processes: rank 0's keys + "per_rank"); None: this
@@ -230,6 +234,10 @@ def save_checkpoint(
     from safetensors.torch import save_file
 
     out_dir = Path(out_dir)
+    tensors = trainable_state(model)
+    nonfinite = [name for name, t in tensors.items() if not bool(torch.isfinite(t).all())]
+    if nonfinite:
+        raise nonfinite_weights_error(out_dir, step, nonfinite)
     final = out_dir / f"checkpoint-{step}"
     tmp = out_dir / f"checkpoint-{step}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -237,7 +245,7 @@ def save_checkpoint(
         tmp.mkdir(parents=True)
         if adapter_writer is not None:
             adapter_writer(model, tmp / "adapter")
-        save_file({k: v.cpu() for k, v in trainable_state(model).items()}, str(tmp / "trainable.safetensors"))
+        save_file({k: v.cpu() for k, v in tensors.items()}, str(tmp / "trainable.safetensors"))
         save_torch(
             {"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict() if scaler is not None else None},
             tmp / "optimizer.pt",
@@ -250,6 +258,7 @@ def save_checkpoint(
             from lorafuse.config import save_config
 
             save_config(config, tmp / "config.yaml")
+        write_manifest(tmp, step)
         fsync_tree(tmp)
         _install(tmp, final)
     except BaseException as exc:
@@ -287,8 +296,32 @@ def _write_error(exc: BaseException, final: Path, out_dir: Path) -> LorafuseErro
     )
 
 
+def nonfinite_weights_error(out_dir: Path, step: int, names: list[str]) -> LorafuseError:
+    """The run stops: weights went NaN/inf; what to resume from after lowering the learning rate."""
+    last = latest_checkpoint(out_dir)
+    more = f" and {len(names) - 1} more" if len(names) > 1 else ""
+    resume = (
+        f"run the same command with --force: it resumes from {last.name}, the last checkpoint with finite weights"
+        if last is not None
+        else "run the same command again (no checkpoint has finite weights, so it starts over)"
+    )
+    return LorafuseError(
+        f"the trainable weights became NaN/inf by step {step} ({names[0]}{more}): training diverged, and no "
+        "checkpoint or adapter was written from them",
+        f"lower train.lr (e.g. 10x) or raise train.warmup_steps, then {resume}",
+    )
+
+
+def damaged_error(folder: Path, why: str) -> LorafuseError:
+    return LorafuseError(
+        f"{folder} is not an intact checkpoint: {why}",
+        "resume from another checkpoint-N folder of the run (a plain resume picks the newest intact one), "
+        "or start over with --no-resume",
+    )
+
+
 def load_checkpoint(folder: Path, *, model, optimizer, scaler=None) -> dict:
-    """Restore trainable tensors, optimizer and scaler from `folder`.
+    """Verify `folder` (lorafuse.train.manifest), then restore trainable tensors, optimizer and scaler from it.
 
     Returns {"trainer_state", "rng", "metrics_jsonl"}. The RNG state is returned, not applied: the loop
     applies it right before its first step, after everything that consumes randomness at setup.
@@ -296,6 +329,9 @@ def load_checkpoint(folder: Path, *, model, optimizer, scaler=None) -> dict:
     from safetensors.torch import load_file
 
     folder = Path(folder)
+    why = verify(folder)
+    if why is not None:
+        raise damaged_error(folder, why)
     saved = load_file(str(folder / "trainable.safetensors"))
     params = dict(model.named_parameters())
     current = {n for n, p in params.items() if p.requires_grad}
@@ -334,8 +370,8 @@ def write_best(out_dir: Path, step: int, eval_loss: float) -> None:
 
 
 def reset_best(out_dir: Path, step: int | None, eval_loss: float | None) -> None:
-    """best.json <- (step, eval_loss) when that checkpoint exists here, else removed."""
-    if step is not None and (Path(out_dir) / f"checkpoint-{step}").is_dir():
+    """best.json <- (step, eval_loss) when that checkpoint is here and intact, else removed."""
+    if step is not None and verify(Path(out_dir) / f"checkpoint-{step}") is None:
         write_best(out_dir, step, eval_loss)
     else:
         (Path(out_dir) / "best.json").unlink(missing_ok=True)

@@ -16,8 +16,16 @@ Precision (bf16 autocast / fp16 + GradScaler on CUDA, fp32 on CPU), fp32 trainab
 gradient checkpointing: `lorafuse.train.runtime`.
 
 A step whose loss is NaN/inf is skipped (no update, grads zeroed, a row with "skipped": true); more than
-`nan_tolerance` in a row stop the run with the likely causes. SIGTERM/SIGINT finish the current step, save a
-checkpoint and return (stop_reason "signal"); a second SIGINT interrupts at once.
+`nan_tolerance` in a row stop the run with the likely causes. No scheduled checkpoint is written during such a streak,
+and when the run stops on it, the checkpoint written just before it (from the weights that then gave NaN losses) is
+set aside, so "lower train.lr and resume" resumes from weights that worked. A checkpoint is never written from
+non-finite weights (lorafuse.train.checkpoint). SIGTERM/SIGINT finish the current step, save a checkpoint, print
+"stopped at step N; checkpoint-N saved; run the same command to resume" and return (stop_reason "signal"); a second
+SIGINT interrupts at once. A signal during the last step lets the run finish normally.
+
+Checkpoints: every `save_every` steps when set, else at each epoch end; also at each new best evaluation and at
+the end. The data's sha256 (`data_fingerprint`, of the tokenized rows) is saved with each; a resume on other data
+is refused unless forced.
 
 Resume is exact: trainable tensors, optimizer, scaler, RNG (python, numpy, torch, CUDA), data position
 (epoch, micro-batch within the epoch; batches are a deterministic function of (seed, epoch)) and counters
@@ -45,6 +53,7 @@ from lorafuse import accel
 from lorafuse.config import options_for
 from lorafuse.errors import LorafuseError
 from lorafuse.options import Options
+from lorafuse.outputs import ensure_writable_dir
 from lorafuse.train import checkpoint as ckpt
 from lorafuse.train import graphs
 from lorafuse.train.distributed import SINGLE
@@ -88,6 +97,7 @@ class LoopResult:
     last_checkpoint: Path | None = None
     best_checkpoint: Path | None = None
     rows: list = field(default_factory=list)
+    stop_signal: str | None = None  # "SIGINT" | "SIGTERM" when stop_reason is "signal"
 
 
 def total_steps(tc, micro_per_epoch: int) -> int:
@@ -97,16 +107,21 @@ def total_steps(tc, micro_per_epoch: int) -> int:
     return max(1, math.ceil(tc.epochs * math.ceil(micro_per_epoch / tc.grad_accum)))
 
 
-def nan_error(state: LoopState, tolerance: int) -> LorafuseError:
+def nan_error(state: LoopState, tolerance: int, last_good: Path | None = None, set_aside: str = "") -> LorafuseError:
     first = state.step - state.nan_streak + 1
+    resume = (
+        f"Then run the same command with --force: it resumes from {last_good.name}, the last checkpoint before "
+        "the NaN steps"
+        if last_good is not None
+        else "Then run the same command again"
+    )
     return LorafuseError(
         f"the loss was NaN/inf for {state.nan_streak} optimizer steps in a row (steps {first}-{state.step}); "
-        f"the run stopped (train.nan_tolerance={tolerance})",
+        f"the run stopped without saving the weights that gave it (train.nan_tolerance={tolerance}){set_aside}",
         "likely causes: (1) the learning rate is too high: lower train.lr (e.g. 10x) or raise "
         "train.warmup_steps; (2) float16 overflow: use model.compute_dtype=bfloat16 on a GPU that supports it "
         "(Ampere or newer) or float32; (3) bad data rows (empty or very long responses, broken labels): "
-        "inspect them with `lorafuse data preview`. Resume from the last checkpoint after the change "
-        "(pass --force to resume under a changed config)",
+        f"inspect them with `lorafuse data preview`. {resume}",
     )
 
 
@@ -128,14 +143,16 @@ class TrainingLoop:
         adapter_writer=None,
         world=SINGLE,
         options: Options | None = None,
+        data_fingerprint: str | None = None,
     ):
         from rich.console import Console
 
         self.model, self.train_batches, self.val_batches, self.tc = model, train_batches, val_batches, tc
         self.world = world  # rank 0 alone writes out_dir
         self.out_dir = (
-            None if out_dir is None else Path(out_dir) if not world.is_main else ckpt.ensure_writable_dir(Path(out_dir))
+            None if out_dir is None else Path(out_dir) if not world.is_main else ensure_writable_dir(Path(out_dir))
         )
+        self.data_fingerprint = data_fingerprint
         self.config, self.adapter_writer = config, adapter_writer
         self.console = console or Console()
         self.progress: Progress | None = None
@@ -161,8 +178,9 @@ class TrainingLoop:
         self.oom = OomRetry(self)
 
     # ------------------------------------------------------------------------------------- resume
-    def resume(self, folder: Path) -> None:
-        """Restore tensors, optimizer, counters, metrics and (at run start) RNG from a checkpoint folder."""
+    def resume(self, folder: Path, force: bool = False) -> None:
+        """Restore tensors, optimizer, counters, metrics and (at run start) RNG from a checkpoint folder.
+        force: go on although the data changed since the checkpoint (same micro-batch count, other rows)."""
         restored = ckpt.load_checkpoint(
             folder, model=self.model, optimizer=self.optimizer, scaler=self.precision.scaler
         )
@@ -174,6 +192,7 @@ class TrainingLoop:
                 f"gives {self.state.micro_per_epoch}: the data file or its settings changed",
                 "resume with the same data, or start over with --no-resume",
             )
+        self._check_data(saved.get("data_sha256"), folder, force)
         names = set(LoopState.__dataclass_fields__)
         self.state = LoopState(**{k: v for k, v in saved.items() if k in names})
         self._rng = self.world.own_rng(restored["rng"])
@@ -182,6 +201,19 @@ class TrainingLoop:
         self.last_checkpoint, self._saved_step = Path(folder), self.state.step
         if self.out_dir is not None and self.world.is_main:  # the best pointer must match the timeline we continue
             ckpt.reset_best(self.out_dir, self.state.best_step, self.state.best_eval)
+
+    def _check_data(self, saved: str | None, folder: Path, force: bool) -> None:
+        """The same number of micro-batches but other rows: refused unless forced (older checkpoints: unchecked)."""
+        if saved is None or self.data_fingerprint is None or saved == self.data_fingerprint:
+            return
+        if not force:
+            raise LorafuseError(
+                f"the training data changed since {folder.name} was saved (the same number of batches, but other "
+                "rows or tokens: the data file, its settings or the tokenizer changed)",
+                "resume with the data the checkpoint was trained on, pass --force (force=True) to go on with the new "
+                "data from this point, or start over with --no-resume",
+            )
+        self._note(f"resuming {folder.name} on changed training data (--force)")
 
     # ------------------------------------------------------------------------------------- the loop
     def run(self) -> LoopResult:
@@ -207,11 +239,9 @@ class TrainingLoop:
         finally:
             self.progress.close()
         if stop == "signal":
-            self._note(
-                f"stopped by {signals.received} at step {st.step}; checkpoint {self.last_checkpoint}. "
-                "Run the same command to resume."
-            )
-        return self._result(stop, time.perf_counter() - t_start)
+            saved = f"{self.last_checkpoint.name} saved" if self.last_checkpoint else "no output folder, nothing saved"
+            self._note(f"stopped at step {st.step}; {saved}; run the same command to resume")
+        return self._result(stop, time.perf_counter() - t_start, signals.received if stop == "signal" else None)
 
     def _next_window(self) -> tuple[list[dict], bool]:
         """The next step's micro-batches (at most grad_accum, never across an epoch end) and epoch-end flag."""
@@ -290,7 +320,7 @@ class TrainingLoop:
         if row["skipped"] == "nan":
             st.nan_streak, st.skipped_steps = st.nan_streak + 1, st.skipped_steps + 1
             if st.nan_streak > tc.nan_tolerance:
-                raise nan_error(st, tc.nan_tolerance)
+                raise self._diverged()
         elif not row["skipped"]:
             st.nan_streak = 0
         improved, stop = False, None
@@ -304,13 +334,29 @@ class TrainingLoop:
                     f"(best {st.best_eval:.4f} at step {st.best_step})"
                 )
                 stop = "early_stopping"
-        if self.world.any(signals.received is not None):
-            stop = "signal"
-        elif last and stop is None:
-            stop = "finished"
-        if improved or stop or epoch_end or (tc.save_every and st.step % tc.save_every == 0):
+        signalled = self.world.any(signals.received is not None)  # a collective: every rank, every step
+        if stop is None and (last or signalled):
+            stop = "finished" if last else "signal"
+        if st.nan_streak and stop in ("finished", "early_stopping"):
+            raise self._diverged()  # the final weights gave NaN losses: no checkpoint, no adapter from them
+        due = (st.step % tc.save_every == 0) if tc.save_every else epoch_end
+        if stop or improved or (due and not st.nan_streak):  # no scheduled save from weights that gave NaN
             self._save(improved)
         return stop
+
+    def _diverged(self) -> LorafuseError:
+        """Too many NaN steps, or the run ended in NaN steps: set aside the checkpoints written from the weights that
+        gave them (the one just before the streak, any during it), so the resume the error advises starts from
+        weights that worked."""
+        st, out = self.state, self.out_dir
+        first = st.step - st.nan_streak + 1
+        moved, last_good = None, None
+        if out is not None and self.world.is_main:
+            moved = ckpt.archive_newer(out, first - 2)  # checkpoint-(first-1) holds the weights step `first` used
+            last_good = ckpt.latest_checkpoint(out)
+        names = ", ".join(sorted(p.name for p in moved.iterdir())) if moved else ""
+        aside = f"; {names} (from the weights that gave the first NaN loss) moved to {moved}" if moved else ""
+        return nan_error(st, self.tc.nan_tolerance, last_good, aside)
 
     # ------------------------------------------------------------------------------------- logging, eval, save
     def _new_window(self) -> dict:
@@ -381,6 +427,7 @@ class TrainingLoop:
             trainer_state = {
                 **asdict(st),
                 "total_steps": self.total,
+                "data_sha256": self.data_fingerprint,
                 "schedule": self.schedule.state_dict(),
                 "log_window": window,
                 "world_size": world.size,
@@ -413,7 +460,7 @@ class TrainingLoop:
     def _note(self, text: str) -> None:
         (self.progress.note if self.progress is not None else self.console.print)(text)
 
-    def _result(self, stop: str, wall: float) -> LoopResult:
+    def _result(self, stop: str, wall: float, signal_name: str | None = None) -> LoopResult:
         losses = [r["loss"] for r in self.metrics.rows if r.get("loss") is not None]
         best = None
         if self.out_dir is not None and self.state.best_step is not None:
@@ -429,6 +476,7 @@ class TrainingLoop:
             last_checkpoint=self.last_checkpoint,
             best_checkpoint=best,
             rows=list(self.metrics.rows),
+            stop_signal=signal_name,
         )
 
 

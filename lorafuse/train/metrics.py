@@ -11,6 +11,9 @@ checkpoint stores a copy, and a resume rewrites the file from that copy so rows 
 `loss.png` (train loss and eval loss against the step) is drawn with matplotlib's Agg canvas directly (no
 pyplot global state) and written atomically at each checkpoint and at the end.
 
+The end of a run: a summary table (`print_summary`) and summary.json; a finished run's summary.json is read back
+(`finished_summary`) so a no-op re-run prints it in one line (`summary_line`) instead of rewriting it.
+
 Progress: on a terminal, a rich progress bar (step/total, loss, lr, tokens/s, memory, ETA); otherwise (a
 log file, CI) one plain line per logged step. Memory is CUDA's max allocated bytes on a GPU, the process
 resident set size (current, and peak in the summary) on a CPU.
@@ -205,3 +208,26 @@ def _fmt_best(summary: dict) -> str:
     if summary.get("best_eval_loss") is None:
         return "- (no validation data)"
     return f"{summary['best_eval_loss']:.4f} at step {summary['best_step']} ({summary.get('best_checkpoint')})"
+
+
+def finished_summary(out: Path) -> dict | None:
+    """summary.json of a run that finished and whose adapter is in `out`, else None (then the re-run writes them).
+    Its folder paths are the ones the run has now (a run folder may have been moved)."""
+    try:
+        summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    finished = isinstance(summary, dict) and summary.get("stop_reason") in ("finished", "early_stopping")
+    if not finished or not (out / "adapter" / "adapter_config.json").is_file():
+        return None
+    return {**summary, "output_dir": str(out), "adapter_dir": str(out / "adapter")}
+
+
+def summary_line(summary: dict) -> str:
+    """A finished run's summary.json in one line (what a no-op re-run prints)."""
+    best = "" if summary.get("best_eval_loss") is None else f", best eval loss {_fmt_best(summary)}"
+    losses = _fmt_pair(summary.get("first_loss"), summary.get("last_loss"))
+    return (
+        f"{summary.get('stop_reason')} at step {summary.get('steps')} of {summary.get('total_steps')} "
+        f"({summary.get('finished_at')}), first / last loss {losses}{best}; adapter: {summary.get('adapter_dir')}"
+    )

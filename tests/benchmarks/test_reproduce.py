@@ -59,8 +59,8 @@ def test_out_routes_rows_and_peaks_and_an_unknown_part_is_refused(tmp_path):
 
 
 def _fake_python(tmp_path: Path) -> dict:
-    """An environment whose python3 appends its arguments, one line a call, to tmp_path/calls (a `python3 -c` probe,
-    such as the script's check for pytest where a .whl/ folder lies in the checkout, answers yes and is not recorded)."""
+    """An environment whose python3 appends its arguments, one line a call, to tmp_path/calls (a `python3 -c`
+    probe, such as the script's check for pytest where a .whl/ folder lies in the checkout, answers yes, unrecorded)."""
     fake = tmp_path / "bin"
     fake.mkdir()
     (fake / "python3").write_text(f'#!/bin/sh\n[ "$1" = -c ] && exit 0\necho "$@" >> {tmp_path}/calls\n')

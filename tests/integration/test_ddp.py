@@ -195,7 +195,8 @@ def test_two_ranks_equal_one_process_with_double_accumulation(tmp_path, tiny_mod
     assert any(e == "os.rename" and "checkpoint-4.tmp-" in p for e, p in audit0)  # the checkpoint install
     assert any(e == "open" and p.endswith("metrics.jsonl") for e, p in audit0)
     assert not list(ddp_out.glob("checkpoint-*.tmp-*"))
-    assert sorted(p.name for p in ddp_out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-3", "checkpoint-4"]
+    # save_every 2: checkpoints at steps 2 and 4 only, not also at the epoch end (step 3)
+    assert sorted(p.name for p in ddp_out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
     rng = torch.load(ddp_out / "checkpoint-4" / "rng.pt", weights_only=True)
     assert len(rng["per_rank"]) == 2 and not torch.equal(rng["per_rank"][0]["torch"], rng["per_rank"][1]["torch"])
 

@@ -22,6 +22,7 @@ from lorafuse.lora.linear import LoRALinear
 from lorafuse.lora.merge import MergeResult, merge
 from lorafuse.model.inject import apply_lora
 from lorafuse.model.load import load_model
+from lorafuse.outputs import write_marker
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -161,12 +162,13 @@ def test_failed_check_raises_and_writes_nothing(tiny_model_dir, tmp_path, monkey
     _train_free_adapter(tiny_model_dir, tmp_path / "adapter", "nf4", r=4, alpha=8)
     (tmp_path / "merged").mkdir()
     (tmp_path / "merged" / "keep.txt").write_text("previous")
+    write_marker(tmp_path / "merged", "merge", ["keep.txt"])  # an earlier merge's output, which merge may replace
     monkeypatch.setattr(
         LoRALinear, "delta_weight", lambda self: 0 * self.lora_A.weight.new_zeros(self.out_features, self.in_features)
     )  # a merge that forgets the update
     with pytest.raises(ModelError, match="differ"):
         merge(tiny_model_dir, tmp_path / "adapter", tmp_path / "merged")
-    assert [p.name for p in (tmp_path / "merged").iterdir()] == ["keep.txt"]
+    assert sorted(p.name for p in (tmp_path / "merged").iterdir()) == [".lorafuse", "keep.txt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "merged"]
 
 

@@ -67,13 +67,20 @@ def test_resume_refuses_a_changed_config_then_force_and_start_over(tmp_path, tin
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4]
 
+    summary = (out / "summary.json").read_bytes()
     again = run(longer, force=True, console=console)  # the same command once more: nothing left to do
     assert again.stop_reason == "already_complete" and again.steps == 4
+    assert (
+        "already complete: finished at step 4 of 4" in buf.getvalue() and (out / "summary.json").read_bytes() == summary
+    )
 
     fresh = run(_cfg(tiny_model_dir, out), resume=None, console=console)
     assert fresh.steps == 2
     archives = [p for p in out.iterdir() if p.name.startswith("archive-")]
     assert len(archives) == 1 and (archives[0] / "checkpoint-4").is_dir()
+    assert "starting over: the earlier run's adapter, checkpoint-2, checkpoint-3, checkpoint-4, config.yaml" in (
+        buf.getvalue()
+    )
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2"]
 
 

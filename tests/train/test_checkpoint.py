@@ -15,7 +15,9 @@ import pytest
 import torch
 
 from lorafuse.errors import LorafuseError
+from lorafuse.outputs import ensure_writable_dir
 from lorafuse.train import checkpoint as ckpt
+from lorafuse.train.manifest import verify
 
 
 def _model_and_opt():
@@ -53,6 +55,51 @@ def test_save_then_load_restores_everything(tmp_path):
     assert restored["trainer_state"] == {"step": 3}
     assert restored["metrics_jsonl"] == '{"step": 3}\n'
     assert torch.equal(opt2.state_dict()["state"][0]["exp_avg"], opt.state_dict()["state"][0]["exp_avg"])
+
+
+def test_manifest_lists_every_file_and_verify_catches_a_changed_one(tmp_path):
+    model, opt = _model_and_opt()
+    folder = _save(tmp_path, 3, model, opt)
+    listed = json.loads((folder / "manifest.json").read_text())
+    on_disk = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+    assert sorted(listed["files"]) == [n for n in on_disk if n != "manifest.json"] and listed["step"] == 3
+    assert verify(folder) is None
+    rng = folder / "rng.pt"
+    data = bytearray(rng.read_bytes())
+    data[-30] ^= 1  # one bit, same size
+    rng.write_bytes(bytes(data))
+    assert verify(folder) == "rng.pt does not match its sha256 in manifest.json (the file changed after it was written)"
+    with pytest.raises(LorafuseError, match="not an intact checkpoint: rng.pt") as err:
+        ckpt.load_checkpoint(folder, model=model, optimizer=opt)
+    assert "--no-resume" in err.value.fix
+
+
+def test_newest_intact_skips_damaged_newer_checkpoints(tmp_path):
+    model, opt = _model_and_opt()
+    for step in (1, 2, 3):
+        _save(tmp_path, step, model, opt)
+    (tmp_path / "checkpoint-3" / "optimizer.pt").unlink()
+    (tmp_path / "checkpoint-2" / "trainer_state.json").write_text('{"step": 7}')
+    folder, damaged = ckpt.newest_intact(tmp_path)
+    assert folder.name == "checkpoint-1"
+    assert [(f.name, why.split(" ")[0]) for f, why in damaged] == [
+        ("checkpoint-3", "optimizer.pt"),
+        ("checkpoint-2", "trainer_state.json"),
+    ]
+    (tmp_path / "checkpoint-1" / "manifest.json").unlink()  # a legacy checkpoint: its own formats are checked
+    (tmp_path / "checkpoint-1" / "trainer_state.json").write_text('{"step": 7}')
+    assert verify(tmp_path / "checkpoint-1") == "trainer_state.json does not hold step 1"
+
+
+def test_nonfinite_weights_are_never_checkpointed(tmp_path):
+    model, opt = _model_and_opt()
+    _save(tmp_path, 2, model, opt)
+    with torch.no_grad():
+        model[1].weight[0, 0] = float("nan")
+    with pytest.raises(LorafuseError, match="NaN/inf by step 4 \\(1.weight\\)") as err:
+        _save(tmp_path, 4, model, opt)
+    assert "lower train.lr" in err.value.fix and "resumes from checkpoint-2" in err.value.fix
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-2"]
 
 
 def test_trainable_set_mismatch_is_a_clear_error(tmp_path):
@@ -144,7 +191,7 @@ def test_unwritable_output_dir_is_a_clear_error(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("x")
     with pytest.raises(LorafuseError, match="not writable") as err:
-        ckpt.ensure_writable_dir(blocker / "run")
+        ensure_writable_dir(blocker / "run")
     assert "output.dir" in err.value.fix
 
 

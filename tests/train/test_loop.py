@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -10,6 +11,7 @@ import warnings
 
 import pytest
 import torch
+from rich.console import Console
 from toy import ToyBatches, toy_model
 
 from lorafuse.config import TrainConfig
@@ -113,7 +115,8 @@ def test_sigterm_saves_and_resume_is_bitwise_identical(tmp_path):
     full = train_loop(toy_model(), ToyBatches(), tc, out_dir=tmp_path / "full")
 
     out = tmp_path / "interrupted"
-    first = TrainingLoop(toy_model(), ToyBatches(), tc, out_dir=out)
+    printed = io.StringIO()
+    first = TrainingLoop(toy_model(), ToyBatches(), tc, out_dir=out, console=Console(file=printed, width=200))
     real = first._optimizer_step
 
     def step_then_sigterm(batches):
@@ -124,7 +127,8 @@ def test_sigterm_saves_and_resume_is_bitwise_identical(tmp_path):
 
     first._optimizer_step = step_then_sigterm
     stopped = first.run()
-    assert stopped.stop_reason == "signal" and stopped.state.step == 4
+    assert stopped.stop_reason == "signal" and stopped.stop_signal == "SIGTERM" and stopped.state.step == 4
+    assert "stopped at step 4; checkpoint-4 saved; run the same command to resume" in printed.getvalue()
     assert (out / "checkpoint-4").is_dir() and not (out / "checkpoint-8").exists()
     assert stopped.state.micro_index == 2  # mid-epoch: 6 micro-batches, 4 steps of 2 -> epoch 1, index 2
 
