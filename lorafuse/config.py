@@ -203,11 +203,21 @@ class DataConfig(_Section):
         description="JSONL/JSON/CSV/Parquet file, folder, or hub data set id "
         f"(`{BUILTIN_DATA}`: the bundled sample rows)."
     )
-    format: Literal["alpaca", "dolly", "dolly-ja", "sharegpt", "messages", "prompt-completion", "text"] = Field(
+    format: Literal[
+        "alpaca", "dolly", "dolly-ja", "sharegpt", "messages", "prompt-completion", "text", "preference"
+    ] = Field(
         "alpaca",
         description="Row layout: alpaca (instruction/input/output), dolly (instruction/context/"
         "response), dolly-ja (instruction/input/output with the seed's Japanese headings), sharegpt "
-        "(conversations), messages (OpenAI role/content), prompt-completion, text (raw text).",
+        "(conversations), messages (OpenAI role/content), prompt-completion, text (raw text), preference "
+        "(prompt/chosen/rejected pairs for train.objective dpo or orpo: strings, or TRL's message lists).",
+    )
+    prompt_format: Literal["raw", "alpaca", "dolly", "dolly-ja"] = Field(
+        "raw",
+        description="data.format=preference with data.template=plain: how the prompt is written before the "
+        "response. raw: the prompt text as given (instruction and input joined by a blank line); alpaca/dolly/"
+        "dolly-ja: that format's headings around it, as the SFT run that made the model saw its prompts. "
+        "With data.template=chat the tokenizer's chat template renders the prompt instead.",
     )
     fields: dict[str, str] = Field(
         default_factory=dict,
@@ -373,6 +383,37 @@ class TrainConfig(_Section):
     fast_path: Literal["auto", "on", "off"] = Field(
         "auto", description="Fused Triton kernels: auto (on a CUDA GPU with triton), on (error if unavailable), off."
     )
+    objective: Literal["sft", "dpo", "orpo"] = Field(
+        "sft",
+        description="What the loss trains. sft: next-token loss on the target tokens. dpo: Direct Preference "
+        "Optimization on data.format=preference pairs, against a reference model that is this model with the "
+        "adapter switched off (no copy). orpo: odds-ratio preference loss plus the chosen answer's NLL, no "
+        "reference. See docs/dpo.md.",
+    )
+    beta: float = Field(
+        0.1,
+        gt=0,
+        description="DPO's beta: rewards are beta x (log p_policy - log p_reference) of a response; larger keeps the "
+        "model closer to the reference. With train.dpo_loss=ipo it is IPO's tau (target margin 1/(2 tau) per token).",
+    )
+    dpo_loss: Literal["sigmoid", "ipo"] = Field(
+        "sigmoid",
+        description="DPO's pair loss. sigmoid: -log sigmoid(margin), the DPO paper's; ipo: (margin per response token "
+        "- 1/(2 beta))^2, IPO (log-ratios divided by each response's token count, as TRL does).",
+    )
+    dpo_reference: Literal["live", "precomputed"] = Field(
+        "live",
+        description="Where DPO's reference log-probs come from. live: the same model with the adapter switched off, "
+        "in the same micro-step (one more forward without gradients). precomputed: one pass over the data before "
+        "training with the model as it starts, kept for the run (no reference forward per step; also right when "
+        "training continues an existing adapter).",
+    )
+    orpo_lambda: float = Field(
+        0.1,
+        ge=0,
+        description="ORPO's lambda, the weight of the odds-ratio term beside the chosen answer's NLL (0.1: the "
+        "value the ORPO authors train their Mistral-ORPO models with).",
+    )
     cuda_graphs: Literal["auto", "off"] = Field(
         "auto",
         description="auto: with the fast path on one GPU, each "
@@ -448,6 +489,22 @@ class RunConfig(_Section):
             raise ValueError(
                 "train.eval_every is set but there is no validation data: set data.val_size "
                 "(e.g. 0.05) or data.val_path, or train.eval_every=null"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _preference_pairs(self) -> RunConfig:
+        pairs, objective = self.data.format == "preference", self.train.objective
+        if pairs != (objective in ("dpo", "orpo")):
+            raise ValueError(
+                f"train.objective={objective} with data.format={self.data.format}: dpo and orpo train on "
+                "preference pairs, sft on the other formats. Set both: train.objective=dpo (or orpo) with "
+                "data.format=preference, or train.objective=sft with an SFT format"
+            )
+        if pairs and (self.data.packing or not self.data.completion_only):
+            raise ValueError(
+                "data.format=preference trains on the response tokens of whole pairs: set data.packing=false "
+                "and data.completion_only=true"
             )
         return self
 

@@ -304,3 +304,17 @@ def test_reference_markdown_covers_every_field():
             assert f"| `{section}.{name}` |" in text
     assert "| `lora.r` | int | `16` |" in text
     assert "| `model.path` | str | required |" in text
+
+
+def test_preference_objectives_need_preference_data(tmp_path):
+    path = write(tmp_path, MINIMAL)
+    cfg = load_config(path, ["train.objective=dpo", "data.format=preference"])
+    assert (cfg.train.beta, cfg.train.dpo_loss, cfg.train.dpo_reference) == (0.1, "sigmoid", "live")
+    assert (cfg.train.orpo_lambda, cfg.data.prompt_format) == (0.1, "raw")
+    for overrides in (["train.objective=orpo"], ["data.format=preference"]):
+        with pytest.raises(ConfigError, match="dpo and orpo train on preference pairs, sft on the other formats"):
+            load_config(path, overrides)
+    with pytest.raises(ConfigError, match="set data.packing=false"):
+        load_config(path, ["train.objective=dpo", "data.format=preference", "data.packing=true"])
+    with pytest.raises(ConfigError, match="train.dpo_loss"):
+        load_config(path, ["train.objective=dpo", "data.format=preference", "train.dpo_loss=hinge"])

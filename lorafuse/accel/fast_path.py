@@ -74,8 +74,9 @@ REFERENCE_OPS = Ops(
 
 
 def linear_spec(mod: nn.Module, training: bool, opts: KernelOptions, seed: DropoutSeed | None) -> LoRAWeights:
-    """The operands of a LoRALinear, NF4Linear or nn.Linear as the fused ops take them."""
-    if isinstance(mod, LoRALinear):
+    """The operands of a LoRALinear, NF4Linear or nn.Linear as the fused ops take them (a LoRALinear whose adapter
+    is switched off, `lorafuse.lora.disable`, as its base layer alone)."""
+    if isinstance(mod, LoRALinear) and not mod.disabled:
         p = mod.dropout.p if training and isinstance(mod.dropout, nn.Dropout) else 0.0
         return LoRAWeights(
             mod.weight, mod.bias, mod.lora_A.weight, mod.lora_B.weight, mod.scaling, p, seed if p > 0 else None, opts

@@ -30,6 +30,9 @@ from lorafuse.errors import DataError
 class TokenizedDataset:
     """Tokenized rows in flat arrays; `rows` holds each example's row index in its source."""
 
+    pairs = False  # preference pairs (lorafuse.data.preference): rows 2k, 2k+1 are pair k, batched as pairs
+    ref_logps = None  # (rows,) float32 precomputed DPO reference log-probs, handed to the batches (data/collate.py)
+
     def __init__(self, input_ids: np.ndarray, labels: np.ndarray, offsets: np.ndarray, rows: np.ndarray):
         self.input_ids, self.labels, self.offsets, self.rows = input_ids, labels, offsets, rows
 
@@ -95,6 +98,10 @@ def cache_dir_for(run_cfg) -> Path:
 
 def build_datasets(data_cfg, tokenizer, seed: int = 42, cache_dir: str | Path | None = None):
     """(train, val or None, DataStats) for `data_cfg` (a lorafuse.config.DataConfig)."""
+    if data_cfg.format == "preference":  # pairs for DPO/ORPO: two rows per pair, split by pair
+        from lorafuse.data.preference import build_preference_datasets
+
+        return build_preference_datasets(data_cfg, tokenizer, seed, cache_dir)
     check_format(data_cfg.format)
     template = resolve_template(data_cfg, tokenizer)
     cache_dir = cache_dir if cache_dir is not None else data_cfg.cache_dir

@@ -27,6 +27,11 @@ tokens (the bins are fixed; each epoch shuffles the order of the rows, so `len()
   transformers 5 model with no mask and use_cache=False is also isolated: transformers then derives the same
   blocks from the position_ids restarts (masking_utils.find_packed_sequence_indices); with a 2-D all-ones mask,
   or with a cache, it is NOT (tested).
+Pairs mode (`pairs=True`, data.format=preference: data set rows 2k, 2k+1 are pair k's chosen and rejected rows):
+`micro_batch_size` pairs per batch, shuffled and sharded as pairs, laid out as 2B padded rows, the B chosen rows
+first, then the B rejected rows in the same pair order, so one forward scores both. Extra keys: `num_pairs` B,
+`rows` (2B,) int64 the data set rows, and `ref_logps` (2B,) float32 when the data set carries precomputed DPO
+reference log-probs (`dataset.ref_logps`, one per row).
 Both modes: `num_target_tokens` = count(labels[:, 1:] != -100), the number of trained predictions (for
 token-normalised gradient accumulation: sum the per-token losses and divide by the accumulated count);
 `num_tokens` real tokens; `num_sequences`.
@@ -94,6 +99,7 @@ class Batcher:
         pad_to_multiple_of: int = 1,
         num_shards: int = 1,
         shard: int = 0,
+        pairs: bool = False,
     ):
         if len(dataset) == 0:
             raise DataError("the data set is empty, so there is nothing to batch.", "check data.path.")
@@ -101,14 +107,26 @@ class Batcher:
         self.pad_id = 0 if pad_id is None else int(pad_id)  # any id works: pads are masked and labelled -100
         self.packing, self.seed, self.shuffle = packing, seed, shuffle
         self.pad_to_multiple_of, self.num_shards, self.shard = pad_to_multiple_of, num_shards, shard
+        self.pairs = pairs
+        if getattr(dataset, "pairs", False) and not pairs:
+            raise DataError(
+                "preference pairs batched as single rows would train on the rejected answers as well.",
+                "train data.format=preference with train.objective=dpo or orpo, which batch pairs.",
+            )
+        if pairs and packing:
+            raise DataError("preference pairs cannot be packed.", "set data.packing=false for data.format=preference.")
         lengths = (
             np.asarray([len(dataset[i]["input_ids"]) for i in range(len(dataset))])
             if not hasattr(dataset, "lengths")
             else dataset.lengths
         )
         self.max_length = int(max_length or lengths.max())
-        # units: what one batch row holds (one example, or one packed bin of examples)
-        self.units = pack_best_fit(lengths, self.max_length) if packing else [[i] for i in range(len(dataset))]
+        # units: what one batch row holds (one example, or one packed bin of examples); with pairs, the two rows of a
+        # pair (data set rows 2k, 2k+1), laid out by `_collate` as all chosen rows, then all rejected rows
+        if pairs:
+            self.units = [[i, i + 1] for i in range(0, len(dataset) - 1, 2)]
+        else:
+            self.units = pack_best_fit(lengths, self.max_length) if packing else [[i] for i in range(len(dataset))]
         n_global = -(-len(self.units) // self.micro_batch_size)
         self._len = n_global // num_shards
         if self._len == 0:
@@ -136,6 +154,9 @@ class Batcher:
             yield self._collate(units)
 
     def _collate(self, units: list[list[int]]) -> dict:
+        return self._collate_pairs(units) if self.pairs else self._collate_rows(units)
+
+    def _collate_rows(self, units: list[list[int]]) -> dict:
         rows = [
             [self.dataset.arrays(i) if hasattr(self.dataset, "arrays") else _as_arrays(self.dataset[i]) for i in unit]
             for unit in units
@@ -168,6 +189,17 @@ class Batcher:
             lens = torch.tensor([s[0] for s in seq_lens])
             batch["attention_mask"] = (torch.arange(width)[None, :] < lens[:, None]).long()
             batch["right_padded"] = True
+        return batch
+
+    def _collate_pairs(self, units: list[list[int]]) -> dict:
+        """B pairs -> 2B padded rows: the chosen rows, then the rejected rows (one forward takes both)."""
+        order = [u[0] for u in units] + [u[1] for u in units]
+        batch = self._collate_rows([[i] for i in order])
+        batch["num_pairs"] = len(units)
+        batch["rows"] = torch.tensor(order, dtype=torch.long)  # data set rows, for reference log-probs
+        ref = getattr(self.dataset, "ref_logps", None)  # precomputed DPO reference (train.dpo_reference)
+        if ref is not None:
+            batch["ref_logps"] = torch.from_numpy(np.asarray(ref, dtype=np.float32)[order])
         return batch
 
 

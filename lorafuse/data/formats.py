@@ -42,7 +42,7 @@ _SPECS = {
     "prompt-completion": (("prompt", "completion"), ("system",), None),
     "text": (("text",), (), None),
 }
-FORMAT_NAMES = tuple(_SPECS)
+FORMAT_NAMES = (*_SPECS, "preference")  # preference pairs: lorafuse.data.preference
 _SHAREGPT_ROLES = {
     "human": "user",
     "user": "user",
@@ -167,6 +167,8 @@ def _suggest_columns(missing: list[str], unused: list[str]) -> dict[str, str]:
 def guess_format(keys) -> str | None:
     """The format whose required fields a row with these keys has, if any."""
     keys = set(keys)
+    if {"chosen", "rejected"} <= keys:
+        return "preference"
     for fmt in ("sharegpt", "messages", "dolly", "prompt-completion", "alpaca", "text"):
         if set(_SPECS[fmt][0]) <= keys:
             return fmt

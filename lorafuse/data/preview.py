@@ -2,9 +2,11 @@
 
 For the first `n` training examples it prints the decoded text with trained tokens in bold green and masked
 (prompt) tokens dim; special tokens are shown as markers: [BOS], [EOS] (green when trained, red when masked,
-which would mean the model never learns to stop), [PAD]. Then the data statistics: rows read/used/dropped and why,
-tokens, masked share, truncation, cache hit, and a text bar chart of row lengths. Last, the run's check of the
-token rows the data uses (model/untrained_tokens.py), on the checkpoint's tables read from disk.
+which would mean the model never learns to stop), [PAD]. Preference data (data.format=preference) is shown by
+pair: the prompt once, then the chosen and the rejected response with their trained tokens. Then the data
+statistics: rows read/used/dropped and why, tokens, masked share, truncation, cache hit, and a text bar chart of
+row lengths. Last, the run's check of the token rows the data uses (model/untrained_tokens.py), on the
+checkpoint's tables read from disk.
 """
 
 from __future__ import annotations
@@ -29,12 +31,7 @@ def preview(cfg, n: int = 5, console=None, tokenizer=None) -> DataStats:
 
     new_ids = add_run_tokens(None, tokenizer, cfg.data, cfg.lora.train_untrained_tokens, console)
     train, val, stats = build_datasets(cfg.data, tokenizer, seed=cfg.train.seed, cache_dir=cache_dir_for(cfg))
-    for i in range(min(n, len(train))):
-        ex = train[i]
-        console.rule(
-            f"example {i + 1} of {len(train)} (source row {int(train.rows[i]) + 1}, {len(ex['input_ids'])} tokens)"
-        )
-        console.print(render_example(ex["input_ids"], ex["labels"], tokenizer))
+    (_print_pairs if cfg.data.format == "preference" else _print_examples)(train, n, console, tokenizer)
     console.rule("legend")
     console.print(_legend())
     console.rule("statistics")
@@ -49,6 +46,29 @@ def preview(cfg, n: int = 5, console=None, tokenizer=None) -> DataStats:
     for line in preview_lines(cfg.model, tokenizer, (train, val), new_ids, cfg.lora.train_untrained_tokens):
         console.print(line, markup=False, highlight=False)
     return stats
+
+
+def _print_examples(train, n: int, console, tokenizer) -> None:
+    for i in range(min(n, len(train))):
+        ex = train[i]
+        console.rule(
+            f"example {i + 1} of {len(train)} (source row {int(train.rows[i]) + 1}, {len(ex['input_ids'])} tokens)"
+        )
+        console.print(render_example(ex["input_ids"], ex["labels"], tokenizer))
+
+
+def _print_pairs(train, n: int, console, tokenizer) -> None:
+    """Preference pairs (data set rows 2k, 2k+1): the prompt once, then each response with its trained tokens."""
+    for k in range(min(n, len(train) // 2)):
+        chosen, rejected = train[2 * k], train[2 * k + 1]
+        start = next(t for t, lab in enumerate(chosen["labels"]) if lab != IGNORE)
+        console.rule(f"pair {k + 1} of {len(train) // 2} (source row {int(train.rows[2 * k]) + 1})")
+        console.print("prompt:", style="bold")
+        console.print(render_example(chosen["input_ids"][:start], chosen["labels"][:start], tokenizer))
+        for name, ex in (("chosen", chosen), ("rejected", rejected)):
+            first = next(t for t, lab in enumerate(ex["labels"]) if lab != IGNORE)
+            console.print(f"{name} ({len(ex['input_ids']) - first} response tokens):", style="bold")
+            console.print(render_example(ex["input_ids"][first:], ex["labels"][first:], tokenizer))
 
 
 def _legend():

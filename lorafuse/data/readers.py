@@ -79,8 +79,19 @@ def source_fingerprint(path: str) -> str | None:
     return None
 
 
+# builtin:<name> data sets shipped in lorafuse/data/samples/
+BUILTIN_SETS = {
+    "demo": "demo.jsonl",  # bilingual instructions, alpaca fields
+    "preference": "preference.jsonl",  # answer-in-the-asked-language pairs (docs/dpo.md), instruction/input fields
+    "preference-heldout": "preference-heldout.jsonl",  # pairs on questions the set above does not hold
+}
+
+
 def _local_path(path: str) -> Path:
-    return demo_data_path() if path == "builtin:demo" else Path(path).expanduser()
+    name = path[len("builtin:") :] if path.startswith("builtin:") else None
+    if name in BUILTIN_SETS:
+        return Path(__file__).parent / "samples" / BUILTIN_SETS[name]
+    return Path(path).expanduser()
 
 
 def _file_sha256(p: Path) -> str:
@@ -108,7 +119,11 @@ def _read_any(path: str, split: str, key: str = "data.path") -> RowSource:
         raise DataError(
             f"data file not found ({key}): {path} (resolved to {p.resolve()}; the current directory is {Path.cwd()}).",
             f"check {key}: a relative path is read from the current directory; use an absolute path"
-            + (", or `builtin:demo` for the bundled sample." if key == "data.path" else "."),
+            + (
+                f", or one of the bundled samples: {', '.join('builtin:' + n for n in BUILTIN_SETS)}."
+                if key == "data.path"
+                else "."
+            ),
         )
     return _read_hub(path, split)
 

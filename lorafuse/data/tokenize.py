@@ -84,18 +84,34 @@ def tokenize_samples(
     where=lambda i: f"row {i + 1}",
 ) -> TokenizedRows:
     """Token ids and labels for `samples` (all plain or all chat, per `template`)."""
+    eos = eos_id(tokenizer)
+    if template == "chat":
+        encoded, fixes = _chat_encode(samples, tokenizer, eos, where), 0
+    else:
+        encoded, fixes = _plain_encode(samples, tokenizer, eos)
+    special = {eos, *getattr(tokenizer, "all_special_ids", [])}
+    out = keep_rows(encoded, max_length, completion_only, template, special)
+    out.boundary_fixes = fixes
+    return out
+
+
+def eos_id(tokenizer) -> int:
+    """The tokenizer's EOS id; DataError when it has none."""
     eos = tokenizer.eos_token_id
     if eos is None:
         raise DataError(
             "the tokenizer has no EOS token, so the model could not learn to stop.",
             "use a tokenizer with an eos_token (set tokenizer.eos_token before building the data).",
         )
+    return eos
+
+
+def keep_rows(
+    encoded: list, max_length: int, completion_only: bool = True, template: str = "plain", special=frozenset()
+) -> TokenizedRows:
+    """Encoded (ids, labels) rows -> the kept ones, truncated to max_length; the others counted by reason. A kept row
+    whose targets are all `special` ids (EOS alone: an empty answer) is listed in `empty_targets`."""
     out = TokenizedRows(template=template)
-    special = {eos, *getattr(tokenizer, "all_special_ids", [])}
-    if template == "chat":
-        encoded = _chat_encode(samples, tokenizer, eos, where)
-    else:
-        encoded, out.boundary_fixes = _plain_encode(samples, tokenizer, eos)
     lengths = []
     for i, (ids, labels) in enumerate(encoded):
         lengths.append(len(ids))

@@ -215,6 +215,7 @@ class LoRALinear(_NF4Holder, nn.Module):
                 _dora.init_magnitude(self.base_weight(), self.lora_A.weight, self.lora_B.weight, self.scaling)
             )
         self.merged = False
+        self.disabled = False  # the adapter switched off: the base layer alone (lorafuse.lora.disable)
         self._merged_norm: Tensor | None = None  # DoRA row norms at merge time, needed to unmerge (as peft)
 
     @classmethod
@@ -271,7 +272,7 @@ class LoRALinear(_NF4Holder, nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         result = self._base_forward(x)
-        if self.merged:
+        if self.merged or self.disabled:
             return result
         out_dtype = result.dtype
         xl = x.to(self.lora_A.weight.dtype)
