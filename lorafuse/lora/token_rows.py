@@ -87,16 +87,18 @@ class TokenRowsState:
     embed_rows: TokenRows | None = None
     head_rows: TokenRows | None = None
     hooks: list = field(default_factory=list)
+    disabled: bool = False  # the base's own rows for a block (lora/disable.py: DPO's reference model)
 
 
 def state(model: nn.Module) -> TokenRowsState | None:
     return model_state(model).tokens
 
 
-def _embedding_hook(rows: TokenRows, module: nn.Module, args, output: Tensor) -> Tensor:
+def _embedding_hook(st: TokenRowsState, module: nn.Module, args, output: Tensor) -> Tensor:
     ids = args[0] if args else None
-    if ids is None:
+    if ids is None or st.disabled:
         return output
+    rows = st.embed_rows
     pos = rows.lookup[ids]  # (B, T): j, or -1 for an id without a trainable row
     picked = F.embedding(pos.clamp(min=0), rows.values).to(output.dtype)
     scale = getattr(module, "embed_scale", None)
@@ -105,7 +107,10 @@ def _embedding_hook(rows: TokenRows, module: nn.Module, args, output: Tensor) ->
     return torch.where((pos >= 0).unsqueeze(-1), picked, output)
 
 
-def _head_hook(rows: TokenRows, module: nn.Module, args, output: Tensor) -> Tensor:
+def _head_hook(st: TokenRowsState, module: nn.Module, args, output: Tensor) -> Tensor:
+    if st.disabled:
+        return output
+    rows = st.head_rows
     cols = F.linear(args[0].to(output.dtype), rows.values.to(output.dtype))  # (..., k)
     if module.bias is not None:
         cols = cols + module.bias[rows.token_indices].to(cols.dtype)
@@ -115,7 +120,7 @@ def _head_hook(rows: TokenRows, module: nn.Module, args, output: Tensor) -> Tens
 def head_rows(model: nn.Module) -> Rows | None:
     """The trainable rows the output head reads (its own, or the tied embedding's), or None."""
     st = state(model)
-    if st is None or st.head_rows is None:
+    if st is None or st.head_rows is None or st.disabled:
         return None
     return Rows(st.head_rows.token_indices, st.head_rows.values)
 
@@ -145,7 +150,7 @@ def attach(model: nn.Module, ids, embed_values: Tensor | None, head_values: Tens
         _check_values(emb.weight, ids, embed_values, "input embedding")
         st.embed_rows = TokenRows(ids, embed_values.to(emb.weight.device), emb.weight.shape[0])
         setattr(emb, ADAPTER_NAME, st.embed_rows)
-        st.hooks.append(emb.register_forward_hook(partial(_embedding_hook, st.embed_rows)))
+        st.hooks.append(emb.register_forward_hook(partial(_embedding_hook, st)))
         st.embedding = module_name(model, emb)
     if head is not None and not tied and head_values is not None:
         _check_values(head.weight, ids, head_values, "output head")
@@ -154,7 +159,7 @@ def attach(model: nn.Module, ids, embed_values: Tensor | None, head_values: Tens
     elif tied and st.embed_rows is not None:
         st.head_rows = st.embed_rows
     if st.head_rows is not None:
-        st.hooks.append(head.register_forward_hook(partial(_head_hook, st.head_rows)))
+        st.hooks.append(head.register_forward_hook(partial(_head_hook, st)))
         st.head = module_name(model, head)
     model_state(model).tokens = st
 

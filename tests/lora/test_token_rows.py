@@ -164,3 +164,17 @@ def test_merge_writes_the_rows_into_the_tables(base_dir, tmp_path):
     assert (_logits(merged, ids) - _logits(model, ids)).abs().max() <= result.tolerance
     state = merged.state_dict()
     assert not any("token_adapter" in k for k in state), "the merged folder holds plain tables"
+
+
+def test_adapters_disabled_switches_the_rows_off_too(base_dir):
+    """DPO's reference model (lora/disable.py): the base's own rows, as peft's disable_adapter gives them."""
+    from lorafuse.lora.disable import adapters_disabled
+
+    model, tok = _ours(base_dir)
+    ids = _ids(tok)
+    with adapters_disabled(model):
+        off = _logits(model, ids)
+        assert token_rows.head_rows(model) is None
+    base, _ = load_model(base_dir, quant="none", compute_dtype="float32", device="cpu")
+    assert torch.equal(off, _logits(base.eval(), ids))
+    assert token_rows.head_rows(model) is not None and not torch.equal(_logits(model, ids), off)
