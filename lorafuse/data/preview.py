@@ -14,6 +14,7 @@ from __future__ import annotations
 from lorafuse.data.build import build_datasets, cache_dir_for
 from lorafuse.data.stats import DataStats
 from lorafuse.data.tokenize import IGNORE
+from lorafuse.outputs import prepare_run_dir
 
 _BAR = 30
 
@@ -30,6 +31,8 @@ def preview(cfg, n: int = 5, console=None, tokenizer=None) -> DataStats:
     from lorafuse.model.new_tokens import add_run_tokens
 
     new_ids = add_run_tokens(None, tokenizer, cfg.data, cfg.lora.train_untrained_tokens, console)
+    if not cfg.data.cache_dir:  # the cache goes into the run folder: it becomes the run's, as `lorafuse train` makes it
+        prepare_run_dir(cfg.output.dir)
     train, val, stats = build_datasets(cfg.data, tokenizer, seed=cfg.train.seed, cache_dir=cache_dir_for(cfg))
     (_print_pairs if cfg.data.format == "preference" else _print_examples)(train, n, console, tokenizer)
     console.rule("legend")
