@@ -8,6 +8,9 @@ An adapter folder (what `save_adapter` writes, what `PeftModel.from_pretrained(b
                                .lora_magnitude_vector (out,) with DoRA (no ".weight" on disk), and for each
                                modules_to_save module its full tensors under base_model.model.<module>.<param>;
                                metadata {"format": "pt"}
+                               trainable token rows (lora/token_rows.py) under peft's keys
+                               base_model.model.<embedding or head>.token_adapter.trainable_tokens_delta (k, D),
+                               with trainable_token_indices in the config
     README.md                  a peft-style model card (base_model, library_name: peft, tags)
     lorafuse.json              what peft has no field for: the base's quantization (NF4, blocksize, double quant),
                                compute dtype, lorafuse version, and how the adapter was trained to be prompted
@@ -35,6 +38,7 @@ from torch import nn
 from lorafuse.atomic import atomic_folder
 from lorafuse.errors import LorafuseError, ModelError
 from lorafuse.io_errors import writing
+from lorafuse.lora import token_rows
 from lorafuse.model.state import model_state
 
 CONFIG_NAME = "adapter_config.json"
@@ -122,7 +126,9 @@ def save_adapter(model, out_dir, base_model_name_or_path=None, dtype=None, token
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True))
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
         (tmp / LORAFUSE_NAME).write_text(json.dumps(facts, indent=2, sort_keys=True, ensure_ascii=False))
-        (tmp / "README.md").write_text(_model_card(model, out_dir, base_name, config, prompt), encoding="utf-8")
+        vocab = model.get_input_embeddings().weight.shape[0]
+        card = _model_card(model, out_dir, base_name, config, prompt, vocab)
+        (tmp / "README.md").write_text(card, encoding="utf-8")
         if tokenizer is not None:
             _save_tokenizer(tokenizer, tmp, prompt.chat_template if prompt is not None else None)
     return Path(out_dir)
@@ -167,6 +173,7 @@ def adapter_config_for(model, layers: dict, base_name: str | None) -> dict:
         target_modules=_target_modules_entry(model, set(layers), save_names),
         modules_to_save=sorted(info.get("modules_to_save") or []) or None,
         ensure_weight_tying=bool(info.get("ensure_weight_tying", False)),
+        trainable_token_indices=token_rows.peft_indices_entry(model),
         init_lora_weights="gaussian" if init == "gaussian" else True,
         rank_pattern={re.escape(n): m.r for n, m in layers.items() if m.r != r},
         alpha_pattern={re.escape(n): _plain_number(m.alpha) for n, m in layers.items() if m.alpha != alpha},
@@ -221,6 +228,9 @@ def adapter_state_dict(model, layers: dict, save_names, dtype=None) -> dict[str,
     for name in save_names:
         for pname, p in model.get_submodule(name).named_parameters(remove_duplicate=False):
             out[f"{PREFIX}{name}.{pname}"] = p
+    for name, p in model.named_parameters():
+        if name.endswith(token_rows.VALUES_KEY):
+            out[f"{PREFIX}{name}"] = p
     # clone: tied tensors (embed/lm_head) must not share storage in safetensors
     return {
         k: v.detach().to("cpu", dtype if dtype is not None and v.is_floating_point() else v.dtype).contiguous().clone()
@@ -270,11 +280,24 @@ def _lorafuse_facts(model, tensors, base_name, prompt) -> dict:
             if k in base
         },
         "adapter_dtype": sorted({str(t.dtype).removeprefix("torch.") for t in tensors.values()}),
+        "vocab_size": model.get_input_embeddings().weight.shape[0],  # grown by new tokens: resize the base to it
         **(prompt.facts() if prompt is not None else dict.fromkeys(PROMPT_KEYS)),
     }
 
 
-def _model_card(model, out_dir, base_name: str | None, config: dict, prompt) -> str:
+def _token_rows_note(config: dict, vocab_size: int) -> tuple[str, str]:
+    """(the card's snippet line, its paragraph) for an adapter with trainable token rows (docs/tokens.md)."""
+    if not config.get("trainable_token_indices"):
+        return "", ""
+    return (
+        f"base.resize_token_embeddings({vocab_size})  # the vocabulary trained with; a no-op when it already is\n",
+        "The adapter trains some embedding and output-head rows (`trainable_token_indices`: new tokens, or rows the "
+        "base left untrained);\nthe resize gives a base the rows of tokens added in training, and the adapter "
+        "supplies their values.\n\n",
+    )
+
+
+def _model_card(model, out_dir, base_name: str | None, config: dict, prompt, vocab_size: int) -> str:
     import lorafuse
 
     front = ["---"]
@@ -289,6 +312,7 @@ def _model_card(model, out_dir, base_name: str | None, config: dict, prompt) -> 
     hf_base = model_state(model).base.get("folder") if str(base_name).startswith("builtin:") else base_name
     here, base = json.dumps(str(out_dir)), json.dumps(str(hf_base or "<base model folder or hub id>"))
     trained = f"{prompt.format} rows, {prompt.template} template" if prompt is not None and prompt.format else None
+    resize, rows_note = _token_rows_note(config, vocab_size)
     body = f"""# LoRA adapter{f" for {base_name}" if base_name else ""}
 
 Trained with lorafuse: r={config["r"]}, lora_alpha={config["lora_alpha"]}{f", {variant}" if variant else ""}\
@@ -305,12 +329,12 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 base = AutoModelForCausalLM.from_pretrained({base})
-model = PeftModel.from_pretrained(base, {here})
+{resize}model = PeftModel.from_pretrained(base, {here})
 tokenizer = AutoTokenizer.from_pretrained({here})
 ```
 
-`lorafuse.json` also records how the base was quantized during training; `lorafuse merge` reads it to merge into
-the same weights the adapter was trained against.
+{rows_note}`lorafuse.json` also records how the base was quantized during training; `lorafuse merge` reads it to
+merge into the same weights the adapter was trained against.
 
 ### Framework versions
 

@@ -3,6 +3,7 @@
     base:  how the base was loaded (name_or_path, quant, compute_dtype, blocksize, ...): load.py, random_init.py
     lora:  the adapter's settings once LoRA is applied (r, alpha, targets, ...): inject.py
     accel: what the runtime changed for speed or memory while the model trains (lorafuse.accel.AccelState), or None
+    tokens: the trainable token rows of the embedding and head (lorafuse.lora.token_rows.TokenRowsState), or None
     prompt: how the adapter was trained to be prompted (lorafuse.model.prompt_format.PromptFormat): set by the
            train job, load_adapter, and load_model for a merged folder; generate and chat render with it
 
@@ -23,6 +24,7 @@ class ModelState:
     base: dict = field(default_factory=dict)
     lora: dict | None = None
     accel: Any = None
+    tokens: Any = None
     prompt: Any = None
 
 
