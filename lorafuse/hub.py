@@ -90,7 +90,7 @@ def unreachable_error(repo_id: str, repo_type: str = "model", key: str = "model.
     return (DataError if repo_type == "dataset" else ModelError)(
         f"the hub cannot be reached: {repo_id} is not in the local cache ({why})",
         f"download it on a connected machine (huggingface-cli download {kind}{repo_id}) or point {key} at a local "
-        f"{'file or folder' if repo_type == 'dataset' else 'folder'}",
+        + (f"file or folder ({key}=path/to/train.jsonl)" if repo_type == "dataset" else "folder"),
     )
 
 

@@ -37,7 +37,7 @@ _BUILTIN_MODELS = {
     # name: (architecture, model kwargs). Sized so the demo trains in minutes on 2 CPU cores.
     "tiny-llama": ("llama", dict(hidden_size=128, intermediate_size=256, num_layers=4, num_heads=4, num_kv_heads=2)),
 }
-_BUILTIN_VERSION = "v1"
+_BUILTIN_VERSION = "v2"  # v2: the tokenizer's merges stay within runs of one script
 
 
 def cache_dir() -> Path:
@@ -93,7 +93,7 @@ def _builtin_folder(name: str) -> Path:
     from lorafuse.model.tiny import build_tiny_model, build_tiny_tokenizer
 
     arch, kwargs = _BUILTIN_MODELS[name]
-    tok = build_tiny_tokenizer(corpus, vocab_size=2048)
+    tok = build_tiny_tokenizer(corpus, vocab_size=2048, split_scripts=True)
     model = build_tiny_model(arch, tokenizer=tok, **kwargs)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=folder.parent))
