@@ -5,8 +5,9 @@
 its `.lorafuse` marker (kind + the names written, lorafuse.outputs), every file and folder in it is fsynced and it takes
 `path`'s place (an existing folder is swapped out in one renameat2(RENAME_EXCHANGE) where Linux has it, else renamed
 aside first and then deleted), so readers see the old folder or the complete new one. On an exception the temp folder
-is removed and `path` is left untouched. Renames are atomic because the temp lives on the same filesystem as the
-target; fsyncing the parent folder makes the rename itself durable.
+is removed and `path` is left untouched. Files get the mode a plain open() gives (`normal_file_modes`). Renames are
+atomic because the temp lives on the same filesystem as the target; fsyncing the parent folder makes the rename
+itself durable.
 
 An existing `path` is replaced only when it is empty or an earlier output of the same kind holding nothing but what
 its marker lists (`lorafuse.outputs.check_replaceable`, checked before the body runs and again before the swap): a
@@ -43,6 +44,17 @@ def fsync_tree(root: str | Path) -> None:
         for name in files:
             fsync_path(Path(folder) / name)
         fsync_path(folder)
+
+
+def normal_file_modes(root: str | Path) -> None:
+    """Every file under `root` gets the mode a plain open() gives it (0666 less the umask: 0644 as a rule).
+    safetensors writes its files 0600, so without this an adapter's or a model's weights alone would be unreadable
+    to the rest of a group sharing them."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for folder, _, files in os.walk(root):
+        for name in files:
+            os.chmod(Path(folder) / name, 0o666 & ~umask)
 
 
 def write_atomic(path: str | Path, data: bytes | str) -> Path:
@@ -82,6 +94,7 @@ def atomic_folder(path: str | Path, kind: str):
     try:
         yield tmp
         mark_written(tmp, kind)
+        normal_file_modes(tmp)
         fsync_tree(tmp)
         check_replaceable(path, kind)  # again: the folder may have changed while the body wrote
     except BaseException:

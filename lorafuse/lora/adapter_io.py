@@ -316,9 +316,9 @@ def _model_card(model, out_dir, base_name: str | None, config: dict, prompt, voc
     body = f"""# LoRA adapter{f" for {base_name}" if base_name else ""}
 
 Trained with lorafuse: r={config["r"]}, lora_alpha={config["lora_alpha"]}{f", {variant}" if variant else ""}\
-{f"; {trained}" if trained else ""}. Loads with peft; the tokenizer in this folder carries the chat template used in
-training, and `lorafuse.json` records the format, system prompt and EOS token, so `lorafuse generate` and
-`lorafuse chat` prompt the model the way it was trained:
+{f"; {trained}" if trained else ""}. Loads with peft.
+The tokenizer in this folder carries the chat template used in training, and `lorafuse.json` records the format,
+system prompt and EOS token, so `lorafuse generate` and `lorafuse chat` prompt the model the way it was trained:
 
 ```bash
 lorafuse generate --model {json.dumps(str(base_name or hf_base))} --adapter {here} --prompt "..."

@@ -25,9 +25,12 @@ run(cfg, resume="auto"):
     4. inputs checked before any weights are read (preflight.check_inputs: model source, tokenizer, data), then
        seed, load_model, apply_lora (prints the trainable-params line), build_datasets (a cache hit), Batchers.
     5. the loop (lorafuse.train.loop), then `<output.dir>/adapter/` (PEFT format), loss.png, summary.json.
-       For the built-in demo model, a generation for one demo prompt is printed at the end. A re-run of a finished
-       run (stop_reason already_complete) rewrites nothing: it prints "already complete: <summary>" and returns the
-       saved summary. On SIGINT/SIGTERM the result has stop_reason "signal" and `exit_code` 130/143 (the CLI's).
+       The run's prompt format (data format, template, system prompt, EOS) goes on the model first, so every adapter
+       written (checkpoints too) records it in lorafuse.json. An early stop keeps the best checkpoint's weights (the
+       adapter is that evaluation's). The built-in demo ends with its before/after table (lorafuse.demo). A re-run
+       of a finished run (stop_reason already_complete) rewrites nothing: it prints "already complete: <summary>" and
+       returns the saved summary. On SIGINT/SIGTERM the result has stop_reason "signal" and `exit_code` 130/143 (the
+       CLI's).
 
 Under torchrun (WORLD_SIZE > 1) both run as one rank of a data-parallel job (lorafuse.train.distributed): rank 0
 does steps 1-2 and every file write and print, the others get its decisions; each rank loads the model onto
@@ -52,6 +55,7 @@ from pathlib import Path
 import torch
 
 from lorafuse import accel
+from lorafuse.demo import before_after, is_demo
 from lorafuse.errors import ConfigError, LorafuseError
 from lorafuse.model.state import model_state
 from lorafuse.outputs import prepare_run_dir
@@ -60,8 +64,6 @@ from lorafuse.train.distributed import launch
 from lorafuse.train.loop import TrainingLoop
 from lorafuse.train.metrics import finished_summary, print_summary, summary_line
 from lorafuse.train.preflight import check_inputs
-
-DEMO_PROMPT = {"instruction": "次の日本語を英語に翻訳してください。", "input": "ありがとうございます。"}
 
 
 @dataclass
@@ -81,7 +83,7 @@ class TrainResult:
     wall_s: float
     peak_memory_bytes: int
     compute_dtype: str
-    sample: str | None = None  # the demo's generation
+    demo: dict | None = None  # the built-in demo's held-out answers: exact, total, base_exact, shown (lorafuse.demo)
     stop_signal: str | None = None  # "SIGINT" | "SIGTERM" when stop_reason is "signal"
 
     @property
@@ -435,7 +437,7 @@ def _batchers(cfg, tokenizer, out: Path, console, world):
         if val_ds is not None and len(val_ds)
         else None
     )
-    return train_b, val_b, tokens_fingerprint(train_ds, val_ds)
+    return train_b, val_b, tokens_fingerprint(train_ds, val_ds), stats
 
 
 def _train(cfg, model, tokenizer, out: Path, start_from, dtype, console, world, force=False) -> TrainResult:
@@ -445,7 +447,8 @@ def _train(cfg, model, tokenizer, out: Path, start_from, dtype, console, world, 
     from lorafuse.model.untrained_tokens import rows_for_run
 
     new_ids = add_run_tokens(model, tokenizer, cfg.data, cfg.lora.train_untrained_tokens, console)
-    train_b, val_b, fingerprint = _batchers(cfg, tokenizer, out, console, world)
+    train_b, val_b, fingerprint, stats = _batchers(cfg, tokenizer, out, console, world)
+    model_state(model).prompt = prompt_format(cfg, tokenizer, stats.template)  # every adapter written records it
     datasets = (train_b.dataset, val_b.dataset if val_b is not None else None)
     rows_for_run(model, tokenizer, datasets, new_ids, cfg.lora.train_untrained_tokens, console, world.is_main)
     if world.size > 1:
@@ -474,6 +477,9 @@ def _train(cfg, model, tokenizer, out: Path, start_from, dtype, console, world, 
         if world.is_main and loop.state.step < loop.total:  # after the resume's checks; a no-op re-run keeps it
             save_config(cfg, out / "config.yaml")
         res = loop.run()
+        if res.stop_reason == "early_stopping" and res.best_checkpoint is not None:
+            ckpt.load_trainable(res.best_checkpoint, model)  # the adapter is the best evaluation's, as said
+            console.print(f"the adapter is {res.best_checkpoint.name}'s (best eval loss {res.state.best_eval:.4f})")
     finally:  # the speed and memory changes are for training: generation afterwards runs the plain modules
         accel.restore(model)
     if res.stop_reason == "already_complete":
@@ -487,7 +493,9 @@ def _train(cfg, model, tokenizer, out: Path, start_from, dtype, console, world, 
         if world.is_main:
             write_adapter(model, adapter_dir)
             loop.metrics.plot(out / "loss.png")
-    sample = _demo_generation(cfg, model, tokenizer, console) if res.stop_reason != "signal" and world.is_main else None
+    demo = None
+    if is_demo(cfg) and res.stop_reason != "signal" and world.is_main:
+        demo = dataclasses.asdict(before_after(cfg, model, tokenizer, console))
     st = res.state
     result = TrainResult(
         output_dir=out,
@@ -505,7 +513,7 @@ def _train(cfg, model, tokenizer, out: Path, start_from, dtype, console, world, 
         wall_s=res.wall_s,
         peak_memory_bytes=res.peak_memory_bytes,
         compute_dtype=str(dtype).removeprefix("torch."),
-        sample=sample,
+        demo=demo,
         stop_signal=res.stop_signal,
     )
     summary = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(result).items()}
@@ -531,17 +539,12 @@ def _result_from_summary(summary: dict) -> TrainResult:
     return TrainResult(**{**kept, "stop_reason": "already_complete"})
 
 
-def _demo_generation(cfg, model, tokenizer, console) -> str | None:
-    """For the built-in demo model: what the trained adapter answers to one demo prompt."""
-    from lorafuse.config import BUILTIN_MODEL
+def prompt_format(cfg, tokenizer, template_kind: str):
+    """How the run's adapter is to be prompted (lorafuse.model.prompt_format): the data format, the template kind the
+    data resolved to ("plain" | "chat", DataStats.template), its Jinja, the system prompt and the EOS token."""
+    from lorafuse.data.templates import trained_chat_template
+    from lorafuse.model.prompt_format import PromptFormat
 
-    if cfg.model.path != BUILTIN_MODEL:
-        return None
-    from lorafuse.data.formats import plain_prompt
-    from lorafuse.infer.generate import generate
-
-    prompt = plain_prompt(cfg.data.format, DEMO_PROMPT["instruction"], DEMO_PROMPT["input"])
-    model.eval()
-    text = generate(model, tokenizer, prompt, max_new_tokens=24)
-    console.print(f"demo prompt:\n{prompt}{text}", highlight=False, markup=False)
-    return text
+    dc = cfg.data
+    chat = trained_chat_template(dc.format, template_kind, tokenizer, getattr(dc, "prompt_format", "alpaca"))
+    return PromptFormat(chat, dc.system_prompt, tokenizer.eos_token, dc.format, template_kind)

@@ -46,7 +46,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lorafuse.atomic import fsync_path, fsync_tree, write_atomic
+from lorafuse.atomic import fsync_path, fsync_tree, normal_file_modes, write_atomic
 from lorafuse.errors import LorafuseError
 from lorafuse.io_errors import io_errno, save_torch
 from lorafuse.outputs import CHECKPOINT_RE, RUN_FILES
@@ -259,6 +259,7 @@ def save_checkpoint(
 
             save_config(config, tmp / "config.yaml")
         write_manifest(tmp, step)
+        normal_file_modes(tmp)  # safetensors writes 0600
         fsync_tree(tmp)
         _install(tmp, final)
     except BaseException as exc:
@@ -320,19 +321,12 @@ def damaged_error(folder: Path, why: str) -> LorafuseError:
     )
 
 
-def load_checkpoint(folder: Path, *, model, optimizer, scaler=None) -> dict:
-    """Verify `folder` (lorafuse.train.manifest), then restore trainable tensors, optimizer and scaler from it.
-
-    Returns {"trainer_state", "rng", "metrics_jsonl"}. The RNG state is returned, not applied: the loop
-    applies it right before its first step, after everything that consumes randomness at setup.
-    """
+def load_trainable(folder: Path, model) -> None:
+    """Copy a checkpoint's trainable tensors (trainable.safetensors) into `model`, bit for bit; the caller has
+    verified the folder."""
     from safetensors.torch import load_file
 
-    folder = Path(folder)
-    why = verify(folder)
-    if why is not None:
-        raise damaged_error(folder, why)
-    saved = load_file(str(folder / "trainable.safetensors"))
+    saved = load_file(str(Path(folder) / "trainable.safetensors"))
     params = dict(model.named_parameters())
     current = {n for n, p in params.items() if p.requires_grad}
     if set(saved) != current:
@@ -345,6 +339,20 @@ def load_checkpoint(folder: Path, *, model, optimizer, scaler=None) -> dict:
     with torch.no_grad():
         for name, value in saved.items():
             params[name].copy_(value)
+
+
+def load_checkpoint(folder: Path, *, model, optimizer, scaler=None) -> dict:
+    """Verify `folder` (lorafuse.train.manifest), then restore trainable tensors, optimizer and scaler from it.
+
+    Returns {"trainer_state", "rng", "metrics_jsonl"}. The RNG state is returned, not applied: the loop
+    applies it right before its first step, after everything that consumes randomness at setup.
+    """
+
+    folder = Path(folder)
+    why = verify(folder)
+    if why is not None:
+        raise damaged_error(folder, why)
+    load_trainable(folder, model)
     blob = torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True)
     optimizer.load_state_dict(blob["optimizer"])
     if scaler is not None and blob.get("scaler"):

@@ -330,9 +330,10 @@ class TrainingLoop:
             improved = self._evaluate()
             patience = tc.early_stopping_patience
             if patience and st.evals_since_best >= patience:
+                delta = tc.early_stopping_min_delta
                 self._note(
-                    f"early stopping: no better eval loss in {patience} evaluations "
-                    f"(best {st.best_eval:.4f} at step {st.best_step})"
+                    f"early stopping: no eval loss {f'more than {delta:g} ' if delta else ''}below the best in "
+                    f"{patience} evaluations (best {st.best_eval:.4f} at step {st.best_step})"
                 )
                 stop = "early_stopping"
         signalled = self.world.any(signals.received is not None)  # a collective: every rank, every step
@@ -413,10 +414,12 @@ class TrainingLoop:
         row = {"step": st.step, "epoch": self._epoch_float(), "eval_loss": loss, "eval_ppl": ppl}
         self.metrics.append(row)
         self._note(f"step {st.step}: eval_loss {loss:.4f} | eval_ppl {ppl:.2f}")
+        # patience restarts only on an improvement of more than min_delta; the best checkpoint follows any improvement
+        enough = st.best_eval is None or loss < st.best_eval - self.tc.early_stopping_min_delta
+        st.evals_since_best = 0 if enough else st.evals_since_best + 1
         if st.best_eval is None or loss < st.best_eval:
-            st.best_eval, st.best_step, st.evals_since_best = loss, st.step, 0
+            st.best_eval, st.best_step = loss, st.step
             return True
-        st.evals_since_best += 1
         return False
 
     def _save(self, improved: bool) -> None:
