@@ -224,7 +224,9 @@ class TrainingLoop:
         else:
             ckpt.set_rng_state(self._rng)  # last: after everything at setup that consumed randomness
         self.world.broadcast_params(self.params)
-        start_step, stop = st.step, ("already_complete" if st.step >= self.total else None)
+        patience = self.tc.early_stopping_patience
+        stopped_early = bool(patience) and st.evals_since_best >= patience  # a run that stopped early is finished
+        start_step, stop = st.step, ("already_complete" if st.step >= self.total or stopped_early else None)
         self.progress = Progress(self.console, total=self.total, initial=st.step)
         try:
             with StopSignals() as signals:

@@ -178,3 +178,17 @@ def test_chat_loop_raw_keeps_no_history(model_and_tok):
         model, tok, max_new_tokens=3, temperature=0.0, input_fn=lambda _: next(inputs), output=out, raw=True
     )
     assert history == [] and out.getvalue().count("model> ") == 2
+
+
+def test_chat_with_a_single_turn_adapter_answers_each_message_on_its_own(dolly_ja_model, tiny_tokenizer, monkeypatch):
+    import io
+
+    import lorafuse.infer.chat as chat
+
+    seen = []
+    monkeypatch.setattr(chat, "generate", lambda model, tok, messages, **kw: seen.append(list(messages)) or "ok")
+    inputs = iter(["日本の首都は？", "富士山は？", "/exit"])
+    out = io.StringIO()
+    history = chat_loop(dolly_ja_model, tiny_tokenizer, input_fn=lambda _: next(inputs), output=out)
+    assert "single-turn dolly-ja rows" in out.getvalue() and history == []
+    assert seen == [[{"role": "user", "content": "日本の首都は？"}], [{"role": "user", "content": "富士山は？"}]]
