@@ -502,7 +502,8 @@ class RunConfig(_Section):
         has_val = bool(self.data.val_size or self.data.val_path)
         if self.train.early_stopping_patience and not has_val:
             raise ValueError(
-                "train.early_stopping_patience needs validation data: set data.val_size (e.g. 0.05) or data.val_path"
+                "train.early_stopping_patience needs validation data: set data.val_size (e.g. 0.05) or "
+                "data.val_path, or train.early_stopping_patience=null"
             )
         if self.train.eval_every and not has_val:
             raise ValueError(
