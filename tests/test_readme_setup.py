@@ -62,7 +62,7 @@ def test_the_readme_set_up_commands_pass_as_written_in_a_fresh_venv(tmp_path):
         env_dir = tmp_path / name / "venv"
         venv.create(env_dir, with_pip=True)
         done = _run_in_venv(command, checkout, env_dir, tmp_path / name)
-        tail = (done.stdout + done.stderr)[-4000:]
+        tail = f"{done.stdout[-3000:]}\n--- stderr ---\n{done.stderr[-1500:]}"
         assert done.returncode == 0, f"`{command}` failed:\n{tail}"
         if name == "demo":
             assert "held-out exact answers:" in done.stdout and "lorafuse run summary" in done.stdout, tail
