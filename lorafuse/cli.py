@@ -55,6 +55,10 @@ k-quants (q4_k_m, ...): export f16, then llama.cpp's llama-quantize.""",
     "plan": """Example:
   lorafuse plan examples/llama2-7b-dolly-ja-qlora.yaml --gpu-memory 15GiB
 Estimates memory (weights, optimizer, activations, logits) and says whether the run fits.""",
+    "ui": """Example:
+  lorafuse ui --runs runs          # then open http://127.0.0.1:7860
+The page lists the runs under --runs, builds a run config from a form, starts, stops and resumes
+`lorafuse train`, plots its metrics live and chats with the adapter. Needs: pip install 'lorafuse[ui]'.""",
     "bench": """Example:
   lorafuse bench -- --help      # the benchmark runner's own options
 All arguments after `bench` go to the benchmark harness (benchmarks/bench.py of a source checkout).""",
@@ -183,6 +187,13 @@ def cmd_plan(args) -> int:
     extra = {"gpu": args.gpu} if args.gpu else {}
     rc = plan_command(cfg, gpu_memory=args.gpu_memory, as_json=args.json, **extra)
     return rc if isinstance(rc, int) else 0
+
+
+def cmd_ui(args) -> int:
+    from lorafuse.ui.app import serve
+
+    serve(args.runs, host=args.host, port=args.port)
+    return 0
 
 
 def cmd_bench(argv: list[str]) -> int:
@@ -403,6 +414,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_commands(sub)
     _add_export_command(sub)
     _add(sub, "env", cmd_env, "print versions, GPUs and the dtype `auto` picks")
+    p = _add(sub, "ui", cmd_ui, "serve a local web page to set up, run, watch and try fine-tunes")
+    p.add_argument("--runs", default="runs", help="the folder of run folders to list and start runs in (default: runs)")
+    p.add_argument("--port", type=int, default=7860, help="default: 7860")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
     _add(
         sub,
         "bench",

@@ -97,7 +97,9 @@ def run(cfg, resume: str | None = "auto", force: bool = False, console=None) -> 
     """The `lorafuse train` job for a RunConfig (see the module docstring)."""
     from lorafuse.model.inject import apply_lora, print_trainable_parameters
     from lorafuse.model.load import load_model
+    from lorafuse.train.trackers import require_trackers
 
+    require_trackers(cfg.train.report_to)  # a missing tracker package stops the run before the model loads
     with launch(resolve_device(cfg.train.device)) as world:  # torch.distributed only under torchrun
         console = world.console(_console(console))
         out = world.decide(prepare_run_dir, Path(cfg.output.dir))
