@@ -348,7 +348,10 @@ def _row(args, run_id: str, stack: str, method: str, probe: dict, result: dict, 
     knobs = {
         k: v
         for k, v in os.environ.items()
-        if k.startswith("LORAFUSE_") and k != "LORAFUSE_COMMIT" or k == "CUBLAS_WORKSPACE_CONFIG"
+        if k.startswith("LORAFUSE_")
+        and k != "LORAFUSE_COMMIT"
+        or k == "CUBLAS_WORKSPACE_CONFIG"
+        or (stack == "unsloth" and k.startswith("UNSLOTH_"))  # Unsloth's opt-in switches, e.g. its fused DPO loss
     }
     if knobs:  # A/B switches this run was made with (LORAFUSE_HEAD_STREAM=0, a cuBLAS workspace size...)
         row["env"] = knobs

@@ -109,3 +109,12 @@ def test_dpo_table_compares_pairs_per_second():
     text = bench.render([row("lorafuse", 0.5, 6.0), row("hf", 1.25, 8.0)])
     assert "pairs/s" in text.splitlines()[0] and "    8.00 " in text
     assert "ratios (pairs/s" in text and "qlora: lorafuse vs hf: speed 2.50x, memory 0.75x" in text
+
+
+def test_unsloth_rows_record_unsloths_switches(monkeypatch):
+    monkeypatch.setenv("UNSLOTH_FUSED_PREFERENCE_LOSS", "1")
+    args = bench.parse_args(["--objective", "dpo"])
+    assert bench._row(args, "r", "unsloth", "qlora", {}, {}, ("c", None))["env"] == {
+        "UNSLOTH_FUSED_PREFERENCE_LOSS": "1"
+    }
+    assert "env" not in bench._row(args, "r", "hf", "qlora", {}, {}, ("c", None))
