@@ -441,8 +441,13 @@ def _batchers(cfg, tokenizer, out: Path, console, world):
 def _train(cfg, model, tokenizer, out: Path, start_from, dtype, console, world, force=False) -> TrainResult:
     from lorafuse.config import save_config
     from lorafuse.lora.adapter_io import save_adapter
+    from lorafuse.model.new_tokens import add_run_tokens
+    from lorafuse.model.untrained_tokens import rows_for_run
 
+    new_ids = add_run_tokens(model, tokenizer, cfg.data, cfg.lora.train_untrained_tokens, console)
     train_b, val_b, fingerprint = _batchers(cfg, tokenizer, out, console, world)
+    datasets = (train_b.dataset, val_b.dataset if val_b is not None else None)
+    rows_for_run(model, tokenizer, datasets, new_ids, cfg.lora.train_untrained_tokens, console, world.is_main)
     if world.size > 1:
         console.print(world.describe(cfg.train), highlight=False)
 
