@@ -18,6 +18,7 @@ completion_mask of 2P rows, chosen rows first.
 
 from __future__ import annotations
 
+import shutil
 import tempfile
 
 from bench_common import DPO_BETA
@@ -32,8 +33,9 @@ def dpo_trainer(model, tokenizer, spec: dict, device, peft_config=None):
     from trl import DPOConfig, DPOTrainer
 
     half = spec["dtype"] in ("bfloat16", "float16") and device.type == "cuda"
+    scratch = tempfile.mkdtemp(prefix="bench-trl-")  # the Trainer wants an output folder; nothing is saved into it
     args = DPOConfig(
-        output_dir=tempfile.mkdtemp(prefix="bench-trl-"),  # nothing is saved: no train(), save_strategy "no"
+        output_dir=scratch,
         beta=DPO_BETA,
         loss_type="sigmoid",
         max_length=spec["seq"],
@@ -53,14 +55,17 @@ def dpo_trainer(model, tokenizer, spec: dict, device, peft_config=None):
     )
     # the trainer tokenizes a data set at construction; the timed batches are made by the harness instead
     rows = Dataset.from_dict({"prompt": ["a"], "chosen": [" b"], "rejected": [" c"]})
-    return DPOTrainer(
-        model=model,
-        ref_model=None,
-        args=args,
-        train_dataset=rows,
-        processing_class=tokenizer,
-        peft_config=peft_config,
-    )
+    try:
+        return DPOTrainer(
+            model=model,
+            ref_model=None,
+            args=args,
+            train_dataset=rows,
+            processing_class=tokenizer,
+            peft_config=peft_config,
+        )
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def dpo_step(trainer, device):
