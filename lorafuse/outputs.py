@@ -13,7 +13,7 @@ The rules:
   * A run (`prepare_run_dir`) takes a new or empty folder, its own earlier run folder (marker kind "run"), or a
     run folder written before the marker existed (`legacy_run_evidence`), which it adopts by writing the marker.
     Anything else that is non-empty is refused. Inside an owned run folder lorafuse moves only the names it writes
-    (RUN_FILES and checkpoint-N/, see lorafuse.train.checkpoint); a file the user put there is never touched.
+    (RUN_FILES and checkpoint-N/, see lorafuse.training.checkpoint); a file the user put there is never touched.
   * A folder written whole (`check_replaceable`, which `lorafuse.atomic.atomic_folder` calls before it swaps a
     folder in) replaces an existing folder only when that folder is empty, or carries a marker of the same kind
     and holds nothing but the names its marker lists. So `merge --out <a run folder>` cannot replace the run.

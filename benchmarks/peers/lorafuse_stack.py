@@ -3,7 +3,7 @@
 load_model(folder, quant) -> apply_lora(r, alpha, dropout, the 7 projections) -> accel.prepare with the run's
 Options (the fast path on CUDA, non-reentrant checkpointing, fp32 LoRA masters, offload, host tables, FP8) -> the
 training loop's pieces: Precision (autocast), lm_loss_sum (chunked or fused loss from hidden states),
-build_optimizer; clip at 1.0 and step, as lorafuse.train.loop does each step.
+build_optimizer; clip at 1.0 and step, as lorafuse.training.loop does each step.
 The step is written here from those public functions because the loop exposes no single-step function.
 """
 
@@ -35,18 +35,18 @@ def build(spec: dict, device):
         "lorafuse.accel",
         "lorafuse.model.load",
         "lorafuse.model.inject",
-        "lorafuse.train.loop",
-        "lorafuse.train.loss",
-        "lorafuse.train.optim",
+        "lorafuse.training.loop",
+        "lorafuse.training.loss",
+        "lorafuse.training.optim",
     ):
         require(module)
     import torch
 
     import lorafuse
     from lorafuse import accel
-    from lorafuse.train.loss import lm_loss_sum
-    from lorafuse.train.optim import build_optimizer
-    from lorafuse.train.runtime import Precision
+    from lorafuse.training.loss import lm_loss_sum
+    from lorafuse.training.optim import build_optimizer
+    from lorafuse.training.runtime import Precision
 
     dtype = getattr(torch, spec["dtype"])
     model = _load(spec, device, dtype)
@@ -114,9 +114,9 @@ def _graphed(spec: dict, model, params, loss_fn, precision, notes: list):
     if not spec.get("cuda_graphs", True):
         return None, {"applied": False, "reason": "disabled (--no-graphs)"}
     try:
-        from lorafuse.train.graphs import GraphedMicroStep, graph_blocker
+        from lorafuse.training.graphs import GraphedMicroStep, graph_blocker
     except ImportError as exc:
-        return None, {"applied": False, "reason": f"lorafuse.train.graphs not importable: {exc}"}
+        return None, {"applied": False, "reason": f"lorafuse.training.graphs not importable: {exc}"}
     blocker = graph_blocker(model, precision.device)
     if blocker:
         return None, {"applied": False, "reason": blocker}

@@ -15,7 +15,7 @@ halved (down to 64), since that changes what the model sees.
 
 `suggest(cfg, gpu_memory)` returns that setting as config overrides ({"train.micro_batch_size": 2, ...},
 keys as `lorafuse train ... key=value` takes them); `next_smaller(cfg)` is the training loop's hook after a
-CUDA OOM (lorafuse.train.oom): the predicted-fastest setting one step smaller (kept layers recomputed again,
+CUDA OOM (lorafuse.training.oom): the predicted-fastest setting one step smaller (kept layers recomputed again,
 checkpointing on, or the largest proper divisor of the micro-batch, grad_accum raised to keep the effective
 batch; a divisor, so the loop can re-split the failed step's micro-batches exactly), then a halved max_length,
 then None.

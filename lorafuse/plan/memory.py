@@ -16,7 +16,7 @@ Static memory (held through the whole step)
   * Optimizer states: AdamW fp32 m and v = 8 B per trainable element (in the parameter's dtype for torch's
     AdamW on 16-bit weights: 2c). 8-bit AdamW: one uint8 code per element per state + one fp32 absmax per
     256 elements per state = 2 + 8/256 B; tensors under 4096 elements keep fp32 states (8 B). Paged 8-bit
-    (lorafuse.train.optim.AdamW8bit._under_pressure) pages only under memory pressure: its states stay on the
+    (lorafuse.training.optim.AdamW8bit._under_pressure) pages only under memory pressure: its states stay on the
     GPU, like adamw_8bit's, unless they would take more than 5% of the card or leave less than 10% of it free at
     the first update; then they live in pinned host memory and the GPU holds at most two parameters' states.
     The planner counts them on the GPU (LoRA states are ~0.5% of a card: 81 MB for Llama-2-7B r=16), so when
@@ -67,7 +67,7 @@ Transient buffers at the peak
     fused Triton dequant writes only the c-byte copy.
   * loss, reference path (model(labels=...)): the c-byte logits (the output holds them), log_softmax's fp32
     output, and in backward two fp32 (N, V) gradients (nll, then log_softmax): (c + 12) V per token.
-    lorafuse.train.loss (chunked): 2^25 / V rows at a time, loss and gradient in one pass: fp32 logits, the
+    lorafuse.training.loss (chunked): 2^25 / V rows at a time, loss and gradient in one pass: fp32 logits, the
     logsumexp temporary and the c-byte softmax copy ((8 + c) V per row), and the gradient w.r.t. the hidden
     states (c D per token) saved for backward. The fused Triton loss keeps a (rows, V) c-byte logits block
     of at most 256 MiB (lorafuse.kernels.cross_entropy) plus the same c D per token; with more than one
@@ -94,7 +94,7 @@ from lorafuse.plan.placement import host_embedding, host_head, kept_layers, stre
 from lorafuse.plan.shapes import PROJECTIONS, ModelShape
 
 GIB = 1024**3
-LOSS_CHUNK_ELEMENTS = 2**25  # logits per chunk in lorafuse.train.loss (its _LOGIT_ELEMENTS)
+LOSS_CHUNK_ELEMENTS = 2**25  # logits per chunk in lorafuse.training.loss (its _LOGIT_ELEMENTS)
 FUSED_LOSS_BLOCK_BYTES = 256 << 20  # lorafuse.kernels.cross_entropy.LOGITS_BUDGET_BYTES
 CUDA_CONTEXT_BYTES = int(0.5 * GIB)  # H100/A100, CUDA 12, lazy module loading; T4 ~0.3 GiB
 ALLOCATOR_SLACK = 0.05  # reserved-but-free fraction of the caching allocator at the peak

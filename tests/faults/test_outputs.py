@@ -23,8 +23,8 @@ import pytest
 from lorafuse.cli import main
 from lorafuse.errors import LorafuseError
 from lorafuse.outputs import MARKER, check_output_file, read_marker, write_marker
-from lorafuse.train.loop import TrainingLoop
-from lorafuse.train.manifest import MANIFEST, verify
+from lorafuse.training.loop import TrainingLoop
+from lorafuse.training.manifest import MANIFEST, verify
 
 ROOT = Path(__file__).resolve().parents[2]
 DEMO_ROWS = ROOT / "lorafuse" / "data" / "samples" / "demo.jsonl"
@@ -477,7 +477,7 @@ def test_a_second_ctrl_c_interrupts_at_once(tmp_path, finished, monkeypatch, cap
 
 def test_python_api_returns_a_signal_stop_without_exiting(tmp_path, finished, monkeypatch):
     from lorafuse.config import load_config
-    from lorafuse.train.api import run as run_job
+    from lorafuse.training.api import run as run_job
 
     _signal_at(monkeypatch, 1, signal.SIGTERM)
     cfg = load_config(None, _argv(tmp_path / "run", finished[1])[1:])
@@ -488,7 +488,7 @@ def test_python_api_returns_a_signal_stop_without_exiting(tmp_path, finished, mo
 
 _SLOW_STEPS = """
 import sys, time
-from lorafuse.train.loop import TrainingLoop
+from lorafuse.training.loop import TrainingLoop
 real = TrainingLoop._optimizer_step
 def slow_step(self, batches):  # a step slow enough for the test to signal mid-run
     row = real(self, batches)

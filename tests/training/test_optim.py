@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from lorafuse.train.optim import (
+from lorafuse.training.optim import (
     AdamW8bit,
     LRSchedule,
     PagedAdamW8bit,

@@ -6,7 +6,7 @@ for every row r of a batch: hidden states h (R, T, D) of the backbone, head weig
 shifted by one (position t is scored against token t+1, -100 = not trained). Preference objectives build on it:
 DPO and ORPO need one number per response (a row), not the batch's summed cross-entropy.
 
-Like `lorafuse.train.loss.chunked_lm_loss`, only trained rows reach the head, `chunk` token rows at a time: one fp32
+Like `lorafuse.training.loss.chunked_lm_loss`, only trained rows reach the head, `chunk` token rows at a time: one fp32
 (chunk, V) logits block exists at once, and the gradient w.r.t. the hidden rows is formed in the same pass,
     d logp_r / d h_{r,t} = (onehot(y_{r,t}) - softmax(z_{r,t})) W,
 so neither the (R, T, V) logits nor anything vocabulary-sized is kept for backward. Backward scales each token's

@@ -10,7 +10,7 @@ import torch
 from rich.console import Console
 
 from lorafuse.config import validate_config
-from lorafuse.train.api import run
+from lorafuse.training.api import run
 
 pytestmark = pytest.mark.gpu
 
@@ -54,7 +54,7 @@ def test_qlora_trains_on_cuda(tmp_path, tiny_model_dir, dtype):
 def test_fused_loss_kernel_matches_the_chunked_pass(tiny_model_dir):
     import lorafuse
     from lorafuse.accel.host_tables import simple_head
-    from lorafuse.train.loss import lm_loss_sum
+    from lorafuse.training.loss import lm_loss_sum
 
     model, tok = lorafuse.load_model(str(tiny_model_dir), quant="none", compute_dtype="bfloat16", device="cuda")
     g = torch.Generator().manual_seed(0)

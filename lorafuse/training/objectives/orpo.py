@@ -25,10 +25,10 @@ import math
 import torch
 import torch.nn.functional as F
 
-from lorafuse.train.loss import forward_batch
-from lorafuse.train.objectives.base import ObjectiveContext
-from lorafuse.train.objectives.dpo import PAIR_METRICS, pair_count, pair_metrics
-from lorafuse.train.objectives.logps import response_tokens, sequence_logps
+from lorafuse.training.loss import forward_batch
+from lorafuse.training.objectives.base import ObjectiveContext
+from lorafuse.training.objectives.dpo import PAIR_METRICS, pair_count, pair_metrics
+from lorafuse.training.objectives.logps import response_tokens, sequence_logps
 
 
 def log1mexp(x: torch.Tensor) -> torch.Tensor:

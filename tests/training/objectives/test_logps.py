@@ -8,7 +8,7 @@ import torch
 from lorafuse.accel import simple_head
 from lorafuse.model.inject import apply_lora
 from lorafuse.model.tiny import build_tiny_model
-from lorafuse.train.objectives.logps import chunked_sequence_logps, response_tokens, sequence_logps
+from lorafuse.training.objectives.logps import chunked_sequence_logps, response_tokens, sequence_logps
 
 
 def _problem(rows=5, width=11, dim=24, vocab=53, seed=0):

@@ -38,9 +38,9 @@ import torch.nn.functional as F
 from lorafuse.errors import ConfigError, LorafuseError
 from lorafuse.lora.disable import adapters_disabled
 from lorafuse.lora.linear import LoRALinear
-from lorafuse.train.loss import forward_batch
-from lorafuse.train.objectives.base import ObjectiveContext
-from lorafuse.train.objectives.logps import response_tokens, sequence_logps
+from lorafuse.training.loss import forward_batch
+from lorafuse.training.objectives.base import ObjectiveContext
+from lorafuse.training.objectives.logps import response_tokens, sequence_logps
 
 DPO_LOSSES = ("sigmoid", "ipo")
 REFERENCES = ("live", "precomputed")
@@ -128,7 +128,7 @@ class DPOObjective:
             if "ref_logps" not in batch:
                 raise LorafuseError(
                     "train.dpo_reference=precomputed, but the batch carries no reference log-probs",
-                    "compute them before training (lorafuse.train.objectives.dpo.precompute_reference_logps) "
+                    "compute them before training (lorafuse.training.objectives.dpo.precompute_reference_logps) "
                     "and attach them to the data set (dataset.ref_logps)",
                 )
             return batch["ref_logps"].to(ctx.precision.device, torch.float32)

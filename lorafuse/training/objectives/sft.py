@@ -2,7 +2,7 @@
 
     loss_sum = sum_{targets t} -log p(y_t | y_<t)        units = number of targets (labels != -100 after the shift)
 
-A thin objective over `lorafuse.train.loss` (`lm_loss_sum`: hidden states through the head in chunks, or the fused
+A thin objective over `lorafuse.training.loss` (`lm_loss_sum`: hidden states through the head in chunks, or the fused
 CUDA kernel; `count_targets`), so the loop's mean per target token is unchanged. No metrics besides the loss.
 """
 
@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from lorafuse.train.loss import count_targets, forward_batch, lm_loss_sum
-from lorafuse.train.objectives.base import ObjectiveContext
+from lorafuse.training.loss import count_targets, forward_batch, lm_loss_sum
+from lorafuse.training.objectives.base import ObjectiveContext
 
 
 class SFTObjective:

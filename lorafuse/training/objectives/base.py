@@ -11,7 +11,7 @@ An objective turns one micro-batch into the SUM of its per-unit losses and the S
 The loop sums u_b over a step's window of micro-batches (and over ranks) into U and backpropagates L_b / U for each
 micro-batch, so gradient accumulation equals one big batch whatever the window holds; it logs
 sum_b L_b / U as the loss and sum_b M_b / U as the metric. A new objective is a new file with these two methods
-and an entry in `lorafuse.train.objectives.build_objective`; the loop does not change.
+and an entry in `lorafuse.training.objectives.build_objective`; the loop does not change.
 
 `batch` is a micro-batch as `lorafuse.data.collate.Batcher` yields it (CPU tensors, or already on the device): the
 objective moves what it reads to `ctx.precision.device` and runs its forwards inside `ctx.precision.autocast()`.
@@ -26,8 +26,8 @@ from typing import Protocol
 import torch
 from torch import nn
 
-from lorafuse.train.distributed import SINGLE
-from lorafuse.train.runtime import Precision
+from lorafuse.training.distributed import SINGLE
+from lorafuse.training.runtime import Precision
 
 
 @dataclass(frozen=True)

@@ -15,12 +15,12 @@ from lorafuse.data.collate import Batcher
 from lorafuse.errors import ConfigError, LorafuseError
 from lorafuse.model.inject import apply_lora
 from lorafuse.model.tiny import build_tiny_model
-from lorafuse.train.loss import count_targets, forward_batch, lm_loss_sum
-from lorafuse.train.objectives import ObjectiveContext, build_objective, evaluate
-from lorafuse.train.objectives.dpo import DPOObjective, check_live_reference, precompute_reference_logps
-from lorafuse.train.objectives.orpo import ORPOObjective
-from lorafuse.train.objectives.sft import SFTObjective
-from lorafuse.train.runtime import Precision
+from lorafuse.training.loss import count_targets, forward_batch, lm_loss_sum
+from lorafuse.training.objectives import ObjectiveContext, build_objective, evaluate
+from lorafuse.training.objectives.dpo import DPOObjective, check_live_reference, precompute_reference_logps
+from lorafuse.training.objectives.orpo import ORPOObjective
+from lorafuse.training.objectives.sft import SFTObjective
+from lorafuse.training.runtime import Precision
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 PRECISION = Precision(torch.device("cpu"), torch.float32)

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from toy import ToyBatches, toy_model
 
 from lorafuse.accel.host_tables import simple_head
-from lorafuse.train.loss import chunked_lm_loss, count_targets, lm_loss_sum
+from lorafuse.training.loss import chunked_lm_loss, count_targets, lm_loss_sum
 
 
 def _problem(n=37, d=24, v=53, seed=0):

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from lorafuse.train.objectives.base import Objective, ObjectiveContext, evaluate
-from lorafuse.train.objectives.dpo import DPOObjective
-from lorafuse.train.objectives.orpo import ORPOObjective
-from lorafuse.train.objectives.sft import SFTObjective
+from lorafuse.training.objectives.base import Objective, ObjectiveContext, evaluate
+from lorafuse.training.objectives.dpo import DPOObjective
+from lorafuse.training.objectives.orpo import ORPOObjective
+from lorafuse.training.objectives.sft import SFTObjective
 
 __all__ = ["Objective", "ObjectiveContext", "build_objective", "evaluate"]
 

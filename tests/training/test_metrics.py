@@ -8,7 +8,7 @@ import math
 
 from rich.console import Console
 
-from lorafuse.train.metrics import MetricsLog, Progress, memory_bytes, print_summary
+from lorafuse.training.metrics import MetricsLog, Progress, memory_bytes, print_summary
 
 
 def test_jsonl_nan_restore_and_plot(tmp_path):

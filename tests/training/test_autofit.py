@@ -1,4 +1,4 @@
-"""Fitting the step into GPU memory: the OOM retry in the loop (lorafuse.train.oom) and train.auto_fit (api.run).
+"""Fitting the step into GPU memory: the OOM retry in the loop (lorafuse.training.oom) and train.auto_fit (api.run).
 
 There is no GPU here, so an out-of-memory error is simulated: the loop's micro-step function (`lm_loss_sum` as
 the loop module calls it) runs the real forward, then raises torch.cuda.OutOfMemoryError when its micro-batch has
@@ -21,10 +21,10 @@ from lorafuse.data.collate import Batcher
 from lorafuse.errors import LorafuseError
 from lorafuse.plan import apply_overrides, plan, speed, suggest
 from lorafuse.plan.memory import GIB
-from lorafuse.train import loop as loop_mod
-from lorafuse.train.api import run
-from lorafuse.train.loop import TrainingLoop
-from lorafuse.train.oom import split_batch
+from lorafuse.training import loop as loop_mod
+from lorafuse.training.api import run
+from lorafuse.training.loop import TrainingLoop
+from lorafuse.training.oom import split_batch
 
 _REAL_LOSS_SUM = loop_mod.lm_loss_sum
 

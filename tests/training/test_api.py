@@ -10,7 +10,7 @@ from rich.console import Console
 
 from lorafuse.config import validate_config
 from lorafuse.errors import LorafuseError
-from lorafuse.train.api import run, train
+from lorafuse.training.api import run, train
 
 
 def _cfg(model_dir, out, **train):
@@ -119,7 +119,7 @@ def test_python_api_trains_a_loaded_model_on_rows(tmp_path, tiny_model_dir):
 def test_compute_dtype_choice_is_said_and_bf16_on_a_t4_is_refused(monkeypatch):
     import torch
 
-    from lorafuse.train.api import _announce_dtype
+    from lorafuse.training.api import _announce_dtype
 
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a, **k: "Tesla T4")
@@ -137,7 +137,7 @@ def test_the_model_is_prepared_for_the_loop_only(tmp_path, tiny_model_dir, monke
     process runs."""
     from lorafuse import accel
     from lorafuse.plan import policy
-    from lorafuse.train.loop import TrainingLoop
+    from lorafuse.training.loop import TrainingLoop
 
     monkeypatch.setattr(policy, "fp8_blocker", lambda *args: "")
     seen = []

@@ -11,7 +11,7 @@ Layout of `<output.dir>`:
                                 sha256, ...
         config.yaml             the resolved RunConfig (when the run has one)
         metrics.jsonl           the metric rows up to this step (the resume rewrites <dir>/metrics.jsonl from it)
-        manifest.json           every other file's size and sha256, written last (lorafuse.train.manifest)
+        manifest.json           every other file's size and sha256, written last (lorafuse.training.manifest)
     checkpoint-<step>.tmp-<pid>/  a checkpoint being written by process <pid> (removed at the next start;
                                 .old-<pid> / .del-<pid>: one being replaced / deleted)
     best.json                   {"step", "eval_loss", "checkpoint"}: the best evaluation so far
@@ -50,7 +50,7 @@ from lorafuse.atomic import fsync_path, fsync_tree, write_atomic
 from lorafuse.errors import LorafuseError
 from lorafuse.io_errors import io_errno, save_torch
 from lorafuse.outputs import CHECKPOINT_RE, RUN_FILES
-from lorafuse.train.manifest import STATE_FILES, verify, write_manifest
+from lorafuse.training.manifest import STATE_FILES, verify, write_manifest
 
 TMP_RE = re.compile(r"^checkpoint-(\d+)\.(?:tmp|old|del)-(\d+)$")  # being written / replaced / deleted
 
@@ -321,7 +321,7 @@ def damaged_error(folder: Path, why: str) -> LorafuseError:
 
 
 def load_checkpoint(folder: Path, *, model, optimizer, scaler=None) -> dict:
-    """Verify `folder` (lorafuse.train.manifest), then restore trainable tensors, optimizer and scaler from it.
+    """Verify `folder` (lorafuse.training.manifest), then restore trainable tensors, optimizer and scaler from it.
 
     Returns {"trainer_state", "rng", "metrics_jsonl"}. The RNG state is returned, not applied: the loop
     applies it right before its first step, after everything that consumes randomness at setup.

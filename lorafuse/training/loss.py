@@ -30,8 +30,8 @@ from torch import nn
 
 from lorafuse.accel import accel_state
 from lorafuse.errors import LorafuseError
-from lorafuse.train.distributed import SINGLE
-from lorafuse.train.runtime import Precision
+from lorafuse.training.distributed import SINGLE
+from lorafuse.training.runtime import Precision
 
 IGNORE_INDEX = -100
 _LOGIT_ELEMENTS = 2**25  # fp32 logits per chunk: 128 MB (+ the same for the softmax)

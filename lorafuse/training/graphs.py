@@ -242,7 +242,7 @@ class GraphedMicroStep:
 
 def for_loop(loop, mode: str):
     """The training loop's GraphedMicroStep for train.cuda_graphs `mode`, or None (with the reason noted)."""
-    from lorafuse.train.loss import lm_loss_sum
+    from lorafuse.training.loss import lm_loss_sum
 
     if mode == "off" or loop.device.type != "cuda":
         return None

@@ -16,8 +16,8 @@ from toy import ToyBatches, toy_model
 
 from lorafuse.config import TrainConfig
 from lorafuse.errors import LorafuseError
-from lorafuse.train import loop as loop_mod
-from lorafuse.train.loop import TrainingLoop, total_steps, train_loop
+from lorafuse.training import loop as loop_mod
+from lorafuse.training.loop import TrainingLoop, total_steps, train_loop
 
 
 def _tc(**kw):
@@ -78,7 +78,7 @@ def test_accumulation_is_normalised_by_the_tokens_of_the_whole_step():
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-7 * b.abs().max())
     # The test can fail: averaging per-micro-batch means (the old HF behaviour) gives other gradients.
     model = toy_model(dropout=0.0)
-    from lorafuse.train.loss import lm_loss_sum
+    from lorafuse.training.loss import lm_loss_sum
 
     mean_of_means = sum(lm_loss_sum(model, b) / c for b, c in zip(micro, counts)) / 3
     mean_of_means.backward()

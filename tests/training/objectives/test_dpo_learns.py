@@ -20,8 +20,8 @@ from lorafuse.data.build import build_datasets
 from lorafuse.data.collate import Batcher
 from lorafuse.model.inject import apply_lora
 from lorafuse.model.tiny import build_tiny_model
-from lorafuse.train.objectives import ObjectiveContext, build_objective, evaluate
-from lorafuse.train.runtime import Precision
+from lorafuse.training.objectives import ObjectiveContext, build_objective, evaluate
+from lorafuse.training.runtime import Precision
 
 EXAMPLE = Path(__file__).resolve().parents[3] / "examples" / "tiny-dpo-cpu.yaml"
 STEPS = 12

@@ -44,7 +44,7 @@ import gc
 import torch
 
 from lorafuse.errors import LorafuseError
-from lorafuse.train.graphs import seed_dropout
+from lorafuse.training.graphs import seed_dropout
 
 MB, GA, CK = "train.micro_batch_size", "train.grad_accum", "train.gradient_checkpointing"
 
@@ -222,7 +222,7 @@ class OomRetry:
     def _apply(self) -> None:
         """Make the model match the setting: checkpointing turned on after an OOM (here or before a resume)."""
         if self.setting()[CK] and not self.loop.tc.gradient_checkpointing and not self._checkpointing_applied:
-            from lorafuse.train.runtime import prepare_model
+            from lorafuse.training.runtime import prepare_model
 
             prepare_model(self.loop.model, True, note=self.loop._note)
             self._checkpointing_applied = True

@@ -20,16 +20,16 @@ run(cfg, resume="auto"):
        effective batch (they do not change the math, and the data position is counted in micro-batches), so
        a resumed run reaches the same values on another GPU or with other free memory; max_length is fitted
        afresh, so a different cut is reported by the check. No GPU: one line, nothing changes. An OOM
-       during training is handled by the loop (lorafuse.train.oom), with or without auto_fit.
+       during training is handled by the loop (lorafuse.training.oom), with or without auto_fit.
     3. device and compute dtype ("auto": bf16 where supported, fp16 on pre-Ampere GPUs, fp32 on CPU; printed).
     4. inputs checked before any weights are read (preflight.check_inputs: model source, tokenizer, data), then
        seed, load_model, apply_lora (prints the trainable-params line), build_datasets (a cache hit), Batchers.
-    5. the loop (lorafuse.train.loop), then `<output.dir>/adapter/` (PEFT format), loss.png, summary.json.
+    5. the loop (lorafuse.training.loop), then `<output.dir>/adapter/` (PEFT format), loss.png, summary.json.
        For the built-in demo model, a generation for one demo prompt is printed at the end. A re-run of a finished
        run (stop_reason already_complete) rewrites nothing: it prints "already complete: <summary>" and returns the
        saved summary. On SIGINT/SIGTERM the result has stop_reason "signal" and `exit_code` 130/143 (the CLI's).
 
-Under torchrun (WORLD_SIZE > 1) both run as one rank of a data-parallel job (lorafuse.train.distributed): rank 0
+Under torchrun (WORLD_SIZE > 1) both run as one rank of a data-parallel job (lorafuse.training.distributed): rank 0
 does steps 1-2 and every file write and print, the others get its decisions; each rank loads the model onto
 cuda:LOCAL_RANK (or the CPU) and trains on its shard of the batches.
 
@@ -55,11 +55,11 @@ from lorafuse import accel
 from lorafuse.errors import ConfigError, LorafuseError
 from lorafuse.model.state import model_state
 from lorafuse.outputs import prepare_run_dir
-from lorafuse.train import checkpoint as ckpt
-from lorafuse.train.distributed import launch
-from lorafuse.train.loop import TrainingLoop
-from lorafuse.train.metrics import finished_summary, print_summary, summary_line
-from lorafuse.train.preflight import check_inputs
+from lorafuse.training import checkpoint as ckpt
+from lorafuse.training.distributed import launch
+from lorafuse.training.loop import TrainingLoop
+from lorafuse.training.metrics import finished_summary, print_summary, summary_line
+from lorafuse.training.preflight import check_inputs
 
 DEMO_PROMPT = {"instruction": "次の日本語を英語に翻訳してください。", "input": "ありがとうございます。"}
 
@@ -155,7 +155,7 @@ def train(
         if cfg.train.auto_fit:  # the planner sizes a run before its model is loaded; this one already is
             console.print(
                 "auto_fit: not applied by lorafuse.train(), which gets a model already in GPU memory; "
-                "use `lorafuse train` (lorafuse.train.api.run) for it. Out-of-memory retries still apply."
+                "use `lorafuse train` (lorafuse.training.api.run) for it. Out-of-memory retries still apply."
             )
         with world.main_only(ckpt.RunLock(out)):
             start_from = world.decide(_start_point, cfg, out, resume, force, console)

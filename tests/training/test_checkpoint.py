@@ -16,8 +16,8 @@ import torch
 
 from lorafuse.errors import LorafuseError
 from lorafuse.outputs import ensure_writable_dir
-from lorafuse.train import checkpoint as ckpt
-from lorafuse.train.manifest import verify
+from lorafuse.training import checkpoint as ckpt
+from lorafuse.training.manifest import verify
 
 
 def _model_and_opt():
@@ -135,7 +135,7 @@ def test_sigkill_mid_write_leaves_only_a_tmp_folder(tmp_path):
     """A real SIGKILL while files are being written: no checkpoint-N, a tmp folder the next start removes."""
     script = textwrap.dedent(f"""
         import os, signal, torch
-        from lorafuse.train import checkpoint as ckpt
+        from lorafuse.training import checkpoint as ckpt
         model = torch.nn.Linear(4, 4)
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
         real = ckpt.fsync_tree

@@ -9,17 +9,17 @@ so accumulation equals one big batch whatever the padding or the window size. Ea
 `loss_sum_b / N_s` (N_s is counted before the first forward: the window's batches are fetched up front).
 Targets are labels != -100 after the causal shift (the token at t predicts label t+1).
 
-The summed loss comes from hidden states through the output head in chunks (`lorafuse.train.loss`): the
+The summed loss comes from hidden states through the output head in chunks (`lorafuse.training.loss`): the
 (B, T, V) logits are never materialised.
 
 Precision (bf16 autocast / fp16 + GradScaler on CUDA, fp32 on CPU), fp32 trainable masters and non-reentrant
-gradient checkpointing: `lorafuse.train.runtime`.
+gradient checkpointing: `lorafuse.training.runtime`.
 
 A step whose loss is NaN/inf is skipped (no update, grads zeroed, a row with "skipped": true); more than
 `nan_tolerance` in a row stop the run with the likely causes. No scheduled checkpoint is written during such a streak,
 and when the run stops on it, the checkpoint written just before it (from the weights that then gave NaN losses) is
 set aside, so "lower train.lr and resume" resumes from weights that worked. A checkpoint is never written from
-non-finite weights (lorafuse.train.checkpoint). SIGTERM/SIGINT finish the current step, save a checkpoint, print
+non-finite weights (lorafuse.training.checkpoint). SIGTERM/SIGINT finish the current step, save a checkpoint, print
 "stopped at step N; checkpoint-N saved; run the same command to resume" and return (stop_reason "signal"); a second
 SIGINT interrupts at once. A signal during the last step lets the run finish normally.
 
@@ -31,10 +31,10 @@ Resume is exact: trainable tensors, optimizer, scaler, RNG (python, numpy, torch
 (epoch, micro-batch within the epoch; batches are a deterministic function of (seed, epoch)) and counters
 are restored, so on a CPU the resumed losses equal an uninterrupted run's bit for bit.
 
-Several processes (torchrun): `world` (lorafuse.train.distributed) makes N_s the global target count, sums the
+Several processes (torchrun): `world` (lorafuse.training.distributed) makes N_s the global target count, sums the
 gradients over the ranks once per step, shards evaluation, and keeps every file write on rank 0.
 
-Out of GPU memory in a step (`lorafuse.train.oom`): the partial step is dropped and retried once with the
+Out of GPU memory in a step (`lorafuse.training.oom`): the partial step is dropped and retried once with the
 planner's next smaller setting (checkpointing on, or the window's micro-batches re-split into smaller ones with
 the same rows and the same N_s); a second OOM stops the run with the settings tried and `lorafuse plan`.
 """
@@ -54,14 +54,14 @@ from lorafuse.config import options_for
 from lorafuse.errors import LorafuseError
 from lorafuse.options import Options
 from lorafuse.outputs import ensure_writable_dir
-from lorafuse.train import checkpoint as ckpt
-from lorafuse.train import graphs
-from lorafuse.train.distributed import SINGLE
-from lorafuse.train.loss import count_inputs, count_targets, evaluate, forward_batch, lm_loss_sum
-from lorafuse.train.metrics import MetricsLog, Progress, memory_bytes, peak_memory_bytes
-from lorafuse.train.oom import OomRetry
-from lorafuse.train.optim import LRSchedule, build_optimizer
-from lorafuse.train.runtime import Precision, StopSignals
+from lorafuse.training import checkpoint as ckpt
+from lorafuse.training import graphs
+from lorafuse.training.distributed import SINGLE
+from lorafuse.training.loss import count_inputs, count_targets, evaluate, forward_batch, lm_loss_sum
+from lorafuse.training.metrics import MetricsLog, Progress, memory_bytes, peak_memory_bytes
+from lorafuse.training.oom import OomRetry
+from lorafuse.training.optim import LRSchedule, build_optimizer
+from lorafuse.training.runtime import Precision, StopSignals
 
 # --------------------------------------------------------------------------------------------- setup
 
@@ -82,7 +82,7 @@ class LoopState:
     skipped_steps: int = 0
     train_seconds: float = 0.0
     micro_per_epoch: int = 0
-    oom_overrides: dict = field(default_factory=dict)  # setting lowered after OOMs (lorafuse.train.oom)
+    oom_overrides: dict = field(default_factory=dict)  # setting lowered after OOMs (lorafuse.training.oom)
 
 
 @dataclass

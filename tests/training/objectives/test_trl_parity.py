@@ -28,10 +28,10 @@ from lorafuse.data.build import _from_lists, build_datasets
 from lorafuse.data.collate import Batcher
 from lorafuse.model.inject import apply_lora
 from lorafuse.model.tiny import build_tiny_model
-from lorafuse.train.objectives import ObjectiveContext
-from lorafuse.train.objectives.dpo import DPOObjective
-from lorafuse.train.objectives.orpo import ORPOObjective
-from lorafuse.train.runtime import Precision
+from lorafuse.training.objectives import ObjectiveContext
+from lorafuse.training.objectives.dpo import DPOObjective
+from lorafuse.training.objectives.orpo import ORPOObjective
+from lorafuse.training.runtime import Precision
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 BETA = 0.1

@@ -1,4 +1,4 @@
-"""CUDA graphs for forward + backward (lorafuse/train/graphs.py): when they apply, and that a replay trains
+"""CUDA graphs for forward + backward (lorafuse/training/graphs.py): when they apply, and that a replay trains
 exactly as the eager step does (GPU)."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from lorafuse.accel.fast_path import apply_fast_path
 from lorafuse.config import load_config
 from lorafuse.model.state import model_state
 from lorafuse.options import Options
-from lorafuse.train.graphs import GraphedMicroStep, graph_blocker
+from lorafuse.training.graphs import GraphedMicroStep, graph_blocker
 
 
 def _lora_model(tiny_model_dir, dropout=0.0, quant="none", device="cpu", dtype="float32"):
@@ -68,8 +68,8 @@ def _train(model, batches, graphed: bool, accum: int = 2, checkpointing=True):
     from lorafuse import accel
     from lorafuse.accel.host_tables import simple_head
     from lorafuse.options import Options
-    from lorafuse.train.loss import lm_loss_sum
-    from lorafuse.train.runtime import Precision
+    from lorafuse.training.loss import lm_loss_sum
+    from lorafuse.training.runtime import Precision
 
     params = accel.prepare(
         model, Options(fast_path="on", gradient_checkpointing=checkpointing), note=lambda s: None
@@ -223,7 +223,7 @@ def test_dropout_through_the_fast_path_seeds_allows_graphs(tiny_model_dir):
 
 
 def test_loop_dropout_base_depends_on_seed_rank_and_step():
-    from lorafuse.train.graphs import dropout_seed_base as base
+    from lorafuse.training.graphs import dropout_seed_base as base
 
     assert base(0, 0, 4, 5) == base(0, 0, 4, 5)  # a resumed run recomputes the same value
     assert base(0, 0, 4, 5) - base(0, 0, 4, 4) == 256  # room for every micro-batch of a step (each forward adds 1)
@@ -258,8 +258,8 @@ def test_the_capture_reuses_the_warm_up_cublas_workspaces(tiny_model_dir):
     from lorafuse import accel
     from lorafuse.accel.host_tables import simple_head
     from lorafuse.options import Options
-    from lorafuse.train.loss import lm_loss_sum
-    from lorafuse.train.runtime import Precision
+    from lorafuse.training.loss import lm_loss_sum
+    from lorafuse.training.runtime import Precision
 
     grown = []
     for own_stream in (False, True):
@@ -302,8 +302,8 @@ def test_an_evaluation_on_the_graphs_stream_leaves_no_workspace_behind(tiny_mode
     from lorafuse import accel
     from lorafuse.accel.host_tables import simple_head
     from lorafuse.options import Options
-    from lorafuse.train.loss import lm_loss_sum
-    from lorafuse.train.runtime import Precision
+    from lorafuse.training.loss import lm_loss_sum
+    from lorafuse.training.runtime import Precision
 
     torch.manual_seed(0)
     model = _lora_model(tiny_model_dir, 0.0, quant="nf4", device="cuda", dtype="bfloat16")
