@@ -3,7 +3,7 @@
     python benchmarks/loss_curves.py [--steps 50] [--out benchmarks/results]
 
 Trains the built-in tiny Llama (NF4 base, LoRA r8 on the seven projections, the bundled sample rows, packed
-into fixed-length rows) with `lorafuse.training.api.run` once per variant and compares the per-step training losses:
+into fixed-length rows) with `lorafuse.job.run` once per variant and compares the per-step training losses:
 
     reference-fp32   PyTorch reference path in fp32           the yardstick of rounding noise
     reference-bf16   PyTorch reference path in bf16
@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from lorafuse.config import load_config  # noqa: E402
-from lorafuse.training.api import run  # noqa: E402
+from lorafuse.job import run  # noqa: E402
 
 VARIANTS = {  # name: (fast_path, compute dtype, cuda_graphs, train.fp8)
     "reference-fp32": ("off", "float32", "off", False),

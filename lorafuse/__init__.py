@@ -26,7 +26,7 @@ _EXPORTS = {
     "load_adapter": "lorafuse.lora.adapter_load",
     "merge": "lorafuse.lora.merge",
     "generate": "lorafuse.infer.generate",
-    "train": "lorafuse.training.api",
+    "train": "lorafuse.job",
     "load_config": "lorafuse.config",
     "RunConfig": "lorafuse.config",
     "LorafuseError": "lorafuse.errors",

@@ -77,7 +77,7 @@ def _load(args):
 
 def cmd_train(args) -> int:
     cfg = _load(args)  # config errors first, before any heavy import
-    from lorafuse.training.api import run
+    from lorafuse.job import run
 
     resume = None if args.no_resume else (args.resume or "auto")
     result = run(cfg, resume=resume, force=args.force)

@@ -79,7 +79,7 @@ def write_cfg(tmp_path):
     ],
 )
 def test_train_calls_run_with_config_and_resume(tmp_path, monkeypatch, record, flags, resume, force):
-    fake_module(monkeypatch, "lorafuse.training.api", run=record())
+    fake_module(monkeypatch, "lorafuse.job", run=record())
     cfg_path = write_cfg(tmp_path)
     # an override after an option still counts as an override
     assert main(["train", str(cfg_path), "lora.r=8"] + flags + ["train.lr=1e-3"]) == 0
@@ -89,7 +89,7 @@ def test_train_calls_run_with_config_and_resume(tmp_path, monkeypatch, record, f
 
 
 def test_train_without_config_runs_the_demo(monkeypatch, record):
-    fake_module(monkeypatch, "lorafuse.training.api", run=record())
+    fake_module(monkeypatch, "lorafuse.job", run=record())
     assert main(["train", "train.max_steps=5"]) == 0
     (cfg,), _ = record.calls[0]
     assert cfg.model.path == "builtin:tiny-llama" and cfg.train.max_steps == 5

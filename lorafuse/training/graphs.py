@@ -18,7 +18,7 @@ How (`GraphedMicroStep`):
      into the same .grad tensors: accumulation over micro-batches works, and the caller must zero gradients in
      place (`zero_grad(set_to_none=False)`).
   3. Every later micro-batch of that shape copies its tensors into the static inputs and replays.
-Shapes: packed rows have one; padded rows are padded to a multiple of 64 on CUDA (train/api.py), so a 512-token
+Shapes: packed rows have one; padded rows are padded to a multiple of 64 on CUDA (lorafuse/job.py), so a 512-token
 run has at most 8 lengths. The Batcher's right-padded rows need no attention mask (data/collate.py); a batch that
 does carry a (B, T) mask gets the (B, 1, T, T) bool mask SDPA takes as given (`prepare`), since transformers' 2-D
 mask handling makes data-dependent checks a capture cannot record.

@@ -477,7 +477,7 @@ def test_a_second_ctrl_c_interrupts_at_once(tmp_path, finished, monkeypatch, cap
 
 def test_python_api_returns_a_signal_stop_without_exiting(tmp_path, finished, monkeypatch):
     from lorafuse.config import load_config
-    from lorafuse.training.api import run as run_job
+    from lorafuse.job import run as run_job
 
     _signal_at(monkeypatch, 1, signal.SIGTERM)
     cfg = load_config(None, _argv(tmp_path / "run", finished[1])[1:])

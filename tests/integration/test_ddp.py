@@ -158,7 +158,7 @@ def test_two_ranks_equal_one_process_with_double_accumulation(tmp_path, tiny_mod
 
     from lorafuse.config import validate_config
     from lorafuse.errors import LorafuseError
-    from lorafuse.training.api import run
+    from lorafuse.job import run
 
     ddp_out, one_out = tmp_path / "ddp", tmp_path / "one"
     stdout = _torchrun(tmp_path, _write(tmp_path, _raw_config(tiny_model_dir, ddp_out, 2), "ddp"), ddp_out).stdout

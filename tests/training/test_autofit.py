@@ -1,4 +1,4 @@
-"""Fitting the step into GPU memory: the OOM retry in the loop (lorafuse.training.oom) and train.auto_fit (api.run).
+"""Fitting the step into GPU memory: the OOM retry in the loop (lorafuse.training.oom) and train.auto_fit (job.run).
 
 There is no GPU here, so an out-of-memory error is simulated: the loop's micro-step function (`lm_loss_sum` as
 the loop module calls it) runs the real forward, then raises torch.cuda.OutOfMemoryError when its micro-batch has
@@ -19,10 +19,10 @@ from toy import toy_model
 from lorafuse.config import TrainConfig, load_config, validate_config
 from lorafuse.data.collate import Batcher
 from lorafuse.errors import LorafuseError
+from lorafuse.job import run
 from lorafuse.plan import apply_overrides, plan, speed, suggest
 from lorafuse.plan.memory import GIB
 from lorafuse.training import loop as loop_mod
-from lorafuse.training.api import run
 from lorafuse.training.loop import TrainingLoop
 from lorafuse.training.oom import split_batch
 
@@ -170,7 +170,7 @@ def test_other_errors_are_not_retried(monkeypatch):
         _run(4, 2)
 
 
-# ------------------------------------------------------------------------------------- through api.run
+# ------------------------------------------------------------------------------------- through lorafuse.job.run
 
 
 def _cfg(model_dir, out, **train):

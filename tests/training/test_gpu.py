@@ -10,7 +10,7 @@ import torch
 from rich.console import Console
 
 from lorafuse.config import validate_config
-from lorafuse.training.api import run
+from lorafuse.job import run
 
 pytestmark = pytest.mark.gpu
 

@@ -8,9 +8,10 @@ import json
 import pytest
 from rich.console import Console
 
+from lorafuse import job
 from lorafuse.config import validate_config
 from lorafuse.errors import LorafuseError
-from lorafuse.training.api import run, train
+from lorafuse.job import run, train
 
 
 def _cfg(model_dir, out, **train):
@@ -40,9 +41,7 @@ def _console():
 
 
 def test_unwritable_output_fails_before_the_model_loads(tmp_path, monkeypatch):
-    import lorafuse.model.load as load
-
-    monkeypatch.setattr(load, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    monkeypatch.setattr(job, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
     (tmp_path / "file").write_text("x")
     with pytest.raises(LorafuseError, match="not writable"):
         run(_cfg(tmp_path, tmp_path / "file" / "run"))
@@ -119,7 +118,7 @@ def test_python_api_trains_a_loaded_model_on_rows(tmp_path, tiny_model_dir):
 def test_compute_dtype_choice_is_said_and_bf16_on_a_t4_is_refused(monkeypatch):
     import torch
 
-    from lorafuse.training.api import _announce_dtype
+    from lorafuse.job import _announce_dtype
 
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a, **k: "Tesla T4")
@@ -147,11 +146,9 @@ def test_the_model_is_prepared_for_the_loop_only(tmp_path, tiny_model_dir, monke
         "run",
         lambda self: seen.append(accel.accel_state(self.model).options.kernel.fp8) or loop_run(self),
     )
-    from lorafuse.lora import adapter_io
-
-    saved, save = [], adapter_io.save_adapter
+    saved, save = [], job.save_adapter
     monkeypatch.setattr(
-        adapter_io,
+        job,
         "save_adapter",
         lambda model, *a, **k: saved.append(accel.accel_state(model)) or save(model, *a, **k),
     )

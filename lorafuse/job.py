@@ -1,42 +1,28 @@
 """The training job: `run(cfg)` (what `lorafuse train` calls) and `train(model, tokenizer, data)` (Python API).
 
-run(cfg, resume="auto"):
+run(cfg, resume="auto", force=False, console=None), in order:
     1. output.dir must be a run folder of lorafuse's own (lorafuse.outputs: new, empty, or an earlier run's) and
-       writable (checked before anything is loaded), and is locked for the run; stale `checkpoint-N.tmp-<pid>`
-       folders from crashed runs are removed.
-    2. resume:  "auto"  -> the newest intact checkpoint in output.dir, if any (damaged newer ones are moved to
-                           `archive-<date>-<time>/`, with one line saying which and why);
-                <path>  -> that checkpoint (newer checkpoints of the abandoned timeline are archived);
-                None    -> start over: an earlier run's checkpoints and files are MOVED to
-                           `<output.dir>/archive-<date>-<time>/` (never deleted, never mixed with the new run; only
-                           what a run writes moves, a file the user put there stays).
-       A checkpoint trained under a different config (config_diff: the math changed, not just the cadence
-       or the run length) is refused with the differing keys, unless force=True.
-       Before that check, train.auto_fit applies the planner's fastest setting that fits the visible GPU
-       (`auto_fit`: micro_batch_size with grad_accum keeping the effective batch, gradient checkpointing,
-       max_length only when nothing else fits) and prints it. config.yaml (the run's and every checkpoint's)
-       holds the fitted values, so the check compares fitted with fitted. Resuming an auto-fitted run keeps
-       the checkpoint's micro_batch_size, grad_accum and checkpointing when the config asks for the same
-       effective batch (they do not change the math, and the data position is counted in micro-batches), so
-       a resumed run reaches the same values on another GPU or with other free memory; max_length is fitted
-       afresh, so a different cut is reported by the check. No GPU: one line, nothing changes. An OOM
-       during training is handled by the loop (lorafuse.training.oom), with or without auto_fit.
-    3. device and compute dtype ("auto": bf16 where supported, fp16 on pre-Ampere GPUs, fp32 on CPU; printed).
-    4. inputs checked before any weights are read (preflight.check_inputs: model source, tokenizer, data), then
+       writable (checked before anything is loaded), and is locked for the run.
+    2. train.auto_fit: the planner's fastest setting that fits the visible GPU (lorafuse.training.start).
+    3. inputs checked before any weights are read (preflight.check_inputs: model source, tokenizer, data), and
+       before the start point can move an earlier run's files.
+    4. the start point: a fresh start or the checkpoint to resume from, checked against the config
+       (lorafuse.training.start: what moves where, and when a resume is refused).
+    5. device and compute dtype ("auto": bf16 where supported, fp16 on pre-Ampere GPUs, fp32 on CPU; printed),
        seed, load_model, apply_lora (prints the trainable-params line), build_datasets (a cache hit), Batchers.
-    5. the loop (lorafuse.training.loop), then `<output.dir>/adapter/` (PEFT format), loss.png, summary.json.
+    6. the loop (lorafuse.training.loop), then `<output.dir>/adapter/` (PEFT format), loss.png, summary.json.
        For the built-in demo model, a generation for one demo prompt is printed at the end. A re-run of a finished
        run (stop_reason already_complete) rewrites nothing: it prints "already complete: <summary>" and returns the
        saved summary. On SIGINT/SIGTERM the result has stop_reason "signal" and `exit_code` 130/143 (the CLI's).
 
 Under torchrun (WORLD_SIZE > 1) both run as one rank of a data-parallel job (lorafuse.training.distributed): rank 0
-does steps 1-2 and every file write and print, the others get its decisions; each rank loads the model onto
+does steps 1-4 and every file write and print, the others get its decisions; each rank loads the model onto
 cuda:LOCAL_RANK (or the CPU) and trains on its shard of the batches.
 
-train(model, tokenizer, data, output_dir=..., **overrides) mirrors the seed's flow: the model is already
+train(model, tokenizer, data, output_dir=..., **overrides) is the Python API's flow: the model is already
 loaded and LoRA-applied; `data` is a file path or a list of row dicts; overrides are DataConfig/TrainConfig
-field names (lr=1e-4, epochs=3, max_length=256, ...). It builds the same RunConfig and runs the same steps
-from 2 on.
+field names (lr=1e-4, epochs=3, max_length=256, ...). It builds the same RunConfig and runs steps 1, 4,
+the dtype and data of 5, and 6 (not auto_fit: the model is already in memory).
 """
 
 from __future__ import annotations
@@ -50,9 +36,18 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from rich.console import Console
 
 from lorafuse import accel
+from lorafuse.config import BUILTIN_MODEL, DataConfig, TrainConfig, save_config, validate_config
+from lorafuse.data import Batcher, build_datasets
+from lorafuse.data.cache import tokens_fingerprint
+from lorafuse.data.formats import plain_prompt
 from lorafuse.errors import ConfigError, LorafuseError
+from lorafuse.infer.generate import generate
+from lorafuse.lora.adapter_io import save_adapter
+from lorafuse.model.inject import apply_lora, print_trainable_parameters
+from lorafuse.model.load import load_model, resolve_compute_dtype
 from lorafuse.model.state import model_state
 from lorafuse.outputs import prepare_run_dir
 from lorafuse.training import checkpoint as ckpt
@@ -60,6 +55,7 @@ from lorafuse.training.distributed import launch
 from lorafuse.training.loop import TrainingLoop
 from lorafuse.training.metrics import finished_summary, print_summary, summary_line
 from lorafuse.training.preflight import check_inputs
+from lorafuse.training.start import auto_fit, start_point
 
 DEMO_PROMPT = {"instruction": "次の日本語を英語に翻訳してください。", "input": "ありがとうございます。"}
 
@@ -95,8 +91,6 @@ class TrainResult:
 
 def run(cfg, resume: str | None = "auto", force: bool = False, console=None) -> TrainResult:
     """The `lorafuse train` job for a RunConfig (see the module docstring)."""
-    from lorafuse.model.inject import apply_lora, print_trainable_parameters
-    from lorafuse.model.load import load_model
 
     with launch(resolve_device(cfg.train.device)) as world:  # torch.distributed only under torchrun
         console = world.console(_console(console))
@@ -104,7 +98,7 @@ def run(cfg, resume: str | None = "auto", force: bool = False, console=None) -> 
         with world.main_only(ckpt.RunLock(out)):
             cfg = world.decide(auto_fit, cfg, out, resume, console)  # no-op unless train.auto_fit
             world.decide(check_inputs, cfg, out)  # model source, tokenizer and data checked before any weights
-            start_from = world.decide(_start_point, cfg, out, resume, force, console)  # may move earlier files
+            start_from = world.decide(start_point, cfg, out, resume, force, console)  # may move earlier files
             device = world.device  # cuda:LOCAL_RANK under torchrun
             dtype = _announce_dtype(cfg.model.compute_dtype, device, console)
             ckpt.seed_everything(cfg.train.seed)  # LoRA init below is a function of the seed
@@ -155,10 +149,10 @@ def train(
         if cfg.train.auto_fit:  # the planner sizes a run before its model is loaded; this one already is
             console.print(
                 "auto_fit: not applied by lorafuse.train(), which gets a model already in GPU memory; "
-                "use `lorafuse train` (lorafuse.training.api.run) for it. Out-of-memory retries still apply."
+                "use `lorafuse train` (lorafuse.job.run) for it. Out-of-memory retries still apply."
             )
         with world.main_only(ckpt.RunLock(out)):
-            start_from = world.decide(_start_point, cfg, out, resume, force, console)
+            start_from = world.decide(start_point, cfg, out, resume, force, console)
             dtype = _announce_dtype(cfg.model.compute_dtype, world.device, console)
             return _train(cfg, model, tokenizer, out, start_from, dtype, console, world, force)
 
@@ -167,8 +161,6 @@ def train(
 
 
 def _console(console):
-    from rich.console import Console
-
     return console or Console()
 
 
@@ -186,8 +178,6 @@ def resolve_device(name: str) -> torch.device:
 
 def _announce_dtype(requested: str, device: torch.device, console) -> torch.dtype:
     """Resolve the compute dtype (ModelError with the fix for bf16 on a GPU without it) and say which."""
-    from lorafuse.model.load import resolve_compute_dtype
-
     dtype = resolve_compute_dtype(requested, device)
     name = str(dtype).removeprefix("torch.")
     if requested == "auto":
@@ -200,152 +190,8 @@ def _announce_dtype(requested: str, device: torch.device, console) -> torch.dtyp
     return dtype
 
 
-FIT_KEYS = ("train.micro_batch_size", "train.grad_accum", "train.gradient_checkpointing", "data.max_length")
-
-
-def auto_fit(cfg, out: Path, resume, console):
-    """train.auto_fit: `cfg` with the planner's fastest setting that fits the visible GPU (module docstring)."""
-    if not cfg.train.auto_fit:
-        return cfg
-    from lorafuse.config import flatten
-    from lorafuse.plan import apply_overrides, plan, suggest
-    from lorafuse.plan.memory import GIB
-    from lorafuse.plan.speed import detect_gpu
-
-    if cfg.train.device == "cpu" or detect_gpu() is None:
-        console.print("auto_fit: no CUDA GPU to fit the run to; training with the config as written")
-        return cfg
-    over = suggest(cfg, gpu_memory=None)
-    kept = _fitted_setting(cfg, out, resume)
-    if kept is not None:  # resume: the checkpoint's micro-batches (see the module docstring)
-        over = {**{k: v for k, v in over.items() if k == "data.max_length"}, **kept}
-    fitted = apply_overrides(cfg, over)
-    p = plan(fitted)
-    was, now = flatten(cfg), flatten(fitted)
-    changes = ", ".join(f"{k} {json.dumps(was[k])} -> {json.dumps(now[k])}" for k in FIT_KEYS if was[k] != now[k])
-    where = f"predicted peak {p.estimate.peak / GIB:.1f} GiB of {p.budget / GIB:.1f} GiB" + (
-        ", micro-batches kept from the checkpoint" if kept is not None else ""
-    )
-    console.print(
-        f"auto_fit: {changes or 'the config already is the fastest setting that fits'} ({where})",
-        highlight=False,
-        markup=False,
-    )
-    return fitted
-
-
-def _fitted_setting(cfg, out: Path, resume) -> dict | None:
-    """The micro-batch setting of the auto-fitted checkpoint a resume would continue, if it asks for the same
-    effective batch; else None (a fresh start, or a changed request the resume check will report)."""
-    from lorafuse.config import load_config
-
-    if resume is None:
-        return None
-    folder = ckpt.latest_checkpoint(out) if resume == "auto" else _explicit_checkpoint(Path(resume))
-    if folder is None or not (folder / "config.yaml").is_file():
-        return None
-    saved, tc = load_config(folder / "config.yaml").train, cfg.train
-    if not saved.auto_fit or saved.micro_batch_size * saved.grad_accum != tc.micro_batch_size * tc.grad_accum:
-        return None
-    return {
-        "train.micro_batch_size": saved.micro_batch_size,
-        "train.grad_accum": saved.grad_accum,
-        "train.gradient_checkpointing": saved.gradient_checkpointing,
-    }
-
-
-def _start_point(cfg, out: Path, resume, force: bool, console) -> Path | None:
-    """Rank 0's setup of the run folder: stale tmp folders removed, then the checkpoint to resume from."""
-    ckpt.clean_stale_tmp(out)
-    return resolve_resume(cfg, out, resume, force, console)
-
-
-def resolve_resume(cfg, out: Path, resume, force: bool, console) -> Path | None:
-    """The checkpoint to resume from (None: fresh start), after the config check; see module docstring."""
-    if resume is None or (resume == "auto" and not ckpt.checkpoint_folders(out)):
-        archived = ckpt.archive_previous(out)  # with "auto": files of a run that stopped before its first checkpoint
-        if archived is not None:
-            names = ", ".join(sorted(p.name for p in archived.iterdir()))
-            console.print(
-                f"starting over: the earlier run's {names} moved to {archived}", highlight=False, soft_wrap=True
-            )
-        return None
-    if resume == "auto":
-        folder = _newest_intact(out, console)
-    else:
-        folder = _explicit_checkpoint(Path(resume))
-        newer = ckpt.archive_newer(out, _step_of(folder)) if folder.parent.resolve() == out.resolve() else None
-        if newer is not None:
-            console.print(f"checkpoints newer than {folder.name} were moved to {newer}")
-    _check_config(cfg, folder, force, console)
-    console.print(f"resuming from {folder}")
-    return folder
-
-
-def _newest_intact(out: Path, console) -> Path:
-    """The newest intact checkpoint; damaged newer ones are moved aside, in one line saying which and why."""
-    folder, damaged = ckpt.newest_intact(out)
-    if not damaged:
-        return folder
-    why = "; ".join(f"{f.name}: {reason}" for f, reason in damaged)
-    if folder is None:
-        raise LorafuseError(
-            f"no intact checkpoint in {out} to resume from ({why})",
-            "start over with --no-resume (the damaged checkpoints are moved to an archive folder, not deleted)",
-        )
-    moved = ckpt.archive_newer(out, _step_of(folder))
-    console.print(
-        f"{why}; resuming from {folder.name}, the newest intact checkpoint (damaged ones moved to {moved})",
-        highlight=False,
-        markup=False,
-        soft_wrap=True,
-    )
-    return folder
-
-
-def _explicit_checkpoint(path: Path) -> Path:
-    if path.is_dir() and not (path / "trainer_state.json").exists():
-        latest = ckpt.latest_checkpoint(path)  # a run folder was given: its newest intact checkpoint
-        if latest is not None:
-            return latest
-    if not (path / "trainer_state.json").is_file():
-        raise LorafuseError(
-            f"{path} is not a complete lorafuse checkpoint (no trainer_state.json)",
-            "pass a checkpoint-N folder of an earlier run, or resume=auto / --no-resume",
-        )
-    why = ckpt.verify(path)
-    if why is not None:
-        raise ckpt.damaged_error(path, why)
-    return path
-
-
-def _step_of(folder: Path) -> int:
-    return json.loads((folder / "trainer_state.json").read_text(encoding="utf-8"))["step"]
-
-
-def _check_config(cfg, folder: Path, force: bool, console) -> None:
-    from lorafuse.config import config_diff, load_config
-
-    saved_path = folder / "config.yaml"
-    if not saved_path.is_file():
-        return
-    diff = config_diff(load_config(saved_path), cfg)
-    if not diff:
-        return
-    lines = "\n".join(f"    {line}" for line in diff)
-    if not force:
-        raise LorafuseError(
-            f"the config differs from the one {folder.name} was trained with (saved -> now):\n{lines}",
-            "run with the original values, pass --force (force=True) to resume with the new ones from this "
-            "point on, or --no-resume to start over (the earlier run is archived, not deleted)",
-        )
-    console.print(f"[yellow]resuming under a changed config (--force):[/yellow]\n{lines}")
-
-
 def config_for_model(model, data, out: Path, format: str, overrides: dict):
     """A RunConfig describing an already loaded model (its model_state: base and lora) and the given data."""
-    from lorafuse.config import DataConfig, TrainConfig, validate_config
-
     base = model_state(model).base
     lora = model_state(model).lora
     if lora is None:
@@ -404,9 +250,6 @@ def _data_path(data, out: Path) -> str:
 
 
 def _batchers(cfg, tokenizer, out: Path, console, world):
-    from lorafuse.data import Batcher, build_datasets
-    from lorafuse.data.cache import tokens_fingerprint
-
     dc, tc = cfg.data, cfg.train
     with world.main_first():  # rank 0 tokenizes and writes the cache, then the others read it
         train_ds, val_ds, stats = build_datasets(
@@ -437,9 +280,6 @@ def _batchers(cfg, tokenizer, out: Path, console, world):
 
 
 def _train(cfg, model, tokenizer, out: Path, start_from, dtype, console, world, force=False) -> TrainResult:
-    from lorafuse.config import save_config
-    from lorafuse.lora.adapter_io import save_adapter
-
     train_b, val_b, fingerprint = _batchers(cfg, tokenizer, out, console, world)
     if world.size > 1:
         console.print(world.describe(cfg.train), highlight=False)
@@ -526,13 +366,8 @@ def _result_from_summary(summary: dict) -> TrainResult:
 
 def _demo_generation(cfg, model, tokenizer, console) -> str | None:
     """For the built-in demo model: what the trained adapter answers to one demo prompt."""
-    from lorafuse.config import BUILTIN_MODEL
-
     if cfg.model.path != BUILTIN_MODEL:
         return None
-    from lorafuse.data.formats import plain_prompt
-    from lorafuse.infer.generate import generate
-
     prompt = plain_prompt(cfg.data.format, DEMO_PROMPT["instruction"], DEMO_PROMPT["input"])
     model.eval()
     text = generate(model, tokenizer, prompt, max_new_tokens=24)
