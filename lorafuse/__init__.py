@@ -25,6 +25,7 @@ _EXPORTS = {
     "save_adapter": "lorafuse.lora.adapter_io",
     "load_adapter": "lorafuse.lora.adapter_load",
     "merge": "lorafuse.lora.merge",
+    "export": "lorafuse.artifacts.export",
     "generate": "lorafuse.infer.generate",
     "train": "lorafuse.job",
     "load_config": "lorafuse.config",

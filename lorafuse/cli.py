@@ -43,11 +43,22 @@ Shows rendered rows with trained and masked tokens, truncation and length statis
   lorafuse merge --model meta-llama/Llama-2-7b-hf --adapter runs/dolly-ja/adapter --out runs/dolly-ja/merged
 The base is dequantized, the adapter added in float32, and the result saved in --dtype; the merged model's
 logits are checked against base+adapter unless --no-check.""",
+    "export": """Examples:
+  lorafuse export --model meta-llama/Llama-2-7b-hf --adapter runs/dolly-ja/adapter --out dolly-ja-q8_0.gguf \\
+      --quant q8_0 --ollama                 # one GGUF file + dolly-ja-q8_0.Modelfile for `ollama create`
+  lorafuse export --model BASE --adapter ADAPTER --out adapter.gguf --lora-only     # for llama.cpp --lora
+  lorafuse export --model BASE --adapter ADAPTER --out merged/ --format hf           # a folder for vLLM
+GGUF types (--quant):{types}
+k-quants (q4_k_m, ...): export f16, then llama.cpp's llama-quantize.""",
     "env": """Example:
   lorafuse env          # paste the output into bug reports""",
     "plan": """Example:
   lorafuse plan examples/llama2-7b-dolly-ja-qlora.yaml --gpu-memory 15GiB
 Estimates memory (weights, optimizer, activations, logits) and says whether the run fits.""",
+    "ui": """Example:
+  lorafuse ui --runs runs          # then open http://127.0.0.1:7860
+The page lists the runs under --runs, builds a run config from a form, starts, stops and resumes
+`lorafuse train`, plots its metrics live and chats with the adapter. Needs: pip install 'lorafuse[ui]'.""",
     "bench": """Example:
   lorafuse bench -- --help      # the benchmark runner's own options
 All arguments after `bench` go to the benchmark harness (benchmarks/bench.py of a source checkout).""",
@@ -147,6 +158,21 @@ def cmd_merge(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from lorafuse.artifacts.export import export
+
+    export(
+        args.model,
+        args.adapter,
+        args.out,
+        format=args.format,
+        quant=args.quant,
+        ollama=args.ollama,
+        lora_only=args.lora_only,
+    )
+    return 0
+
+
 def cmd_env(args) -> int:
     from lorafuse.env import print_env
 
@@ -161,6 +187,13 @@ def cmd_plan(args) -> int:
     extra = {"gpu": args.gpu} if args.gpu else {}
     rc = plan_command(cfg, gpu_memory=args.gpu_memory, as_json=args.json, **extra)
     return rc if isinstance(rc, int) else 0
+
+
+def cmd_ui(args) -> int:
+    from lorafuse.ui.app import serve
+
+    serve(args.runs, host=args.host, port=args.port)
+    return 0
 
 
 def cmd_bench(argv: list[str]) -> int:
@@ -349,6 +382,27 @@ def _add_model_commands(sub) -> None:
     p.add_argument("--no-check", action="store_true", help="skip the logit check of the merged model")
 
 
+def _add_export_command(sub) -> None:
+    from lorafuse.artifacts.gguf_tensors import QUANT_TYPES  # no heavy imports: a table
+
+    p = _add(sub, "export", cmd_export, "export base + adapter as a GGUF file (llama.cpp, Ollama) or a merged folder")
+    p.epilog = _EPILOG["export"].format(
+        types="".join(f"\n  {name:<6} {help_line}" for name, (_, _, help_line) in QUANT_TYPES.items())
+    )
+    p.add_argument("--model", required=True, help="base model: hub id or folder (the one the adapter was trained on)")
+    p.add_argument("--adapter", help="adapter folder (without it: the base alone, e.g. for --lora-only's base)")
+    p.add_argument("--out", required=True, help="FILE.gguf (--format gguf) or a folder (--format hf)")
+    p.add_argument("--format", choices=["gguf", "hf"], default="gguf", help="default: gguf")
+    p.add_argument(
+        "--quant",
+        choices=list(QUANT_TYPES),
+        default=None,
+        help="weight type: gguf default f16; hf takes f32/f16/bf16 (default bf16). Listed below",
+    )
+    p.add_argument("--ollama", action="store_true", help="also write <out>.Modelfile for `ollama create`")
+    p.add_argument("--lora-only", action="store_true", help="write the adapter alone as a llama.cpp LoRA GGUF")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="lorafuse", description="Fast LoRA and QLoRA fine-tuning.", epilog=_EPILOG["main"], formatter_class=_FMT
@@ -358,7 +412,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_config_commands(sub)
     _add_model_commands(sub)
+    _add_export_command(sub)
     _add(sub, "env", cmd_env, "print versions, GPUs and the dtype `auto` picks")
+    p = _add(sub, "ui", cmd_ui, "serve a local web page to set up, run, watch and try fine-tunes")
+    p.add_argument("--runs", default="runs", help="the folder of run folders to list and start runs in (default: runs)")
+    p.add_argument("--port", type=int, default=7860, help="default: 7860")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
     _add(
         sub,
         "bench",

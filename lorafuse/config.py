@@ -56,6 +56,7 @@ RESUME_MUTABLE_KEYS = frozenset(
         "train.early_stopping_patience",
         "train.nan_tolerance",
         "train.fast_path",
+        "train.report_to",
         "output.dir",
         "data.cache_dir",
     }
@@ -350,6 +351,14 @@ class TrainConfig(_Section):
     )
     nan_tolerance: int = Field(
         5, ge=0, description="Skipped steps with NaN/inf loss allowed before the run stops with an error."
+    )
+    report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(
+        default_factory=list,
+        description="Experiment trackers that get every metrics.jsonl row (loss, lr, grad norm, tokens/s, memory, "
+        "eval loss) and the resolved config, through their own libraries: `tensorboard` (event files in "
+        "<output.dir>/tensorboard), `wandb` (offline in <output.dir>/wandb unless WANDB_MODE is set; `wandb sync` "
+        "uploads it), `mlflow` (MLFLOW_TRACKING_URI, else a local store in <output.dir>/mlruns). Each needs its "
+        "package: pip install 'lorafuse[tensorboard]' (or wandb, mlflow). A resume continues the same tracker run.",
     )
     auto_fit: bool = Field(
         False,

@@ -56,6 +56,7 @@ from lorafuse.training.loop import TrainingLoop
 from lorafuse.training.metrics import finished_summary, print_summary, summary_line
 from lorafuse.training.preflight import check_inputs
 from lorafuse.training.start import auto_fit, start_point
+from lorafuse.training.trackers import require_trackers
 
 DEMO_PROMPT = {"instruction": "次の日本語を英語に翻訳してください。", "input": "ありがとうございます。"}
 
@@ -91,7 +92,7 @@ class TrainResult:
 
 def run(cfg, resume: str | None = "auto", force: bool = False, console=None) -> TrainResult:
     """The `lorafuse train` job for a RunConfig (see the module docstring)."""
-
+    require_trackers(cfg.train.report_to)  # a missing tracker package stops the run before the model loads
     with launch(resolve_device(cfg.train.device)) as world:  # torch.distributed only under torchrun
         console = world.console(_console(console))
         out = world.decide(prepare_run_dir, Path(cfg.output.dir))

@@ -41,6 +41,7 @@ MARKER = ".lorafuse"
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 # What a run writes at the top of its folder (besides checkpoint-N/, .lock, .cache/ and archive-*/).
 RUN_FILES = ("adapter", "metrics.jsonl", "loss.png", "summary.json", "best.json", "config.yaml")
+RUN_FILES += ("trackers.json", "tensorboard", "wandb", "mlruns")  # train.report_to (lorafuse.training.trackers)
 _WEIGHTS = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".ckpt")
 
 

@@ -22,6 +22,12 @@ from lorafuse.kernels import _runtime  # noqa: E402  (after the env var, on purp
 _KERNEL_DIRS = {"kernels", "accel"}
 
 
+def pytest_addoption(parser):
+    parser.addoption(  # tests/ui/test_ui_browser.py: docs/ui/*.png are made with --ui-screenshots docs/ui
+        "--ui-screenshots", default=None, metavar="DIR", help="keep the UI browser test's screenshots in DIR"
+    )
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

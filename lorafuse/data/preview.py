@@ -13,6 +13,7 @@ from __future__ import annotations
 from lorafuse.data.build import build_datasets, cache_dir_for
 from lorafuse.data.stats import DataStats
 from lorafuse.data.tokenize import IGNORE
+from lorafuse.outputs import prepare_run_dir
 
 _BAR = 30
 
@@ -26,6 +27,8 @@ def preview(cfg, n: int = 5, console=None, tokenizer=None) -> DataStats:
         from lorafuse.model.load import load_tokenizer
 
         tokenizer = load_tokenizer(cfg.model.path)
+    if not cfg.data.cache_dir:  # the cache goes into the run folder: it becomes the run's, as `lorafuse train` makes it
+        prepare_run_dir(cfg.output.dir)
     train, _, stats = build_datasets(cfg.data, tokenizer, seed=cfg.train.seed, cache_dir=cache_dir_for(cfg))
     (_print_pairs if cfg.data.format == "preference" else _print_examples)(train, n, console, tokenizer)
     console.rule("legend")

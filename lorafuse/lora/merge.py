@@ -100,7 +100,7 @@ def merge(
         )
         trained = {"quant": "none"}
     trained_nf4 = trained.get("quant") == "nf4"
-    model, tokenizer = _adapter_model(base_path, adapter_dir, trained, nf4=trained_nf4)
+    model, tokenizer = load_for_merge(base_path, adapter_dir, trained, nf4=trained_nf4)
     inputs = _check_inputs(tokenizer, max_check_tokens) if check else []
     trained_logits = _logits(model, inputs)
     target_logits = trained_logits
@@ -113,7 +113,7 @@ def merge(
         )
         del model
         gc.collect()
-        model, tokenizer = _adapter_model(base_path, adapter_dir, trained, nf4=False)
+        model, tokenizer = load_for_merge(base_path, adapter_dir, trained, nf4=False)
         if model_state(model).base.get("quant") == "nf4":
             raise ModelError(
                 f"from_16bit=True, but {base_path} holds only 4-bit weights",
@@ -121,7 +121,7 @@ def merge(
             )
         target_logits = _logits(model, inputs)
     merge_into_dense(model, out_dtype)
-    tokenizer = _training_tokenizer(adapter_dir, tokenizer)
+    tokenizer = training_tokenizer(adapter_dir, tokenizer)
     with atomic_folder(out_dir, "merge") as tmp:
         _save_merged(model, tokenizer, tmp)
         del model
@@ -165,9 +165,10 @@ def _name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def _adapter_model(base_path, adapter_dir, trained: dict, nf4: bool):
-    """The base loaded as in training (NF4: the same load dtype and quantization, hence the same 4-bit codes),
-    upcast to fp32 math (NF4 layers then dequantize to fp32), with the adapter on it."""
+def load_for_merge(base_path, adapter_dir, trained: dict, nf4: bool, dense_dtype=torch.float32, upcast=True):
+    """The base loaded as in training (NF4: the same load dtype and quantization, hence the same 4-bit codes; dense:
+    in `dense_dtype`), upcast to fp32 math unless upcast=False (NF4 layers then dequantize to fp32), with the adapter
+    on it (none when adapter_dir is None)."""
     from lorafuse.model.load import load_model
 
     if nf4:
@@ -180,9 +181,11 @@ def _adapter_model(base_path, adapter_dir, trained: dict, nf4: bool):
             double_quant=bool(trained.get("double_quant", True)),
         )
     else:
-        model, tok = load_model(base_path, quant="none", compute_dtype=torch.float32, device="cpu")
-    model.float()
-    load_adapter(model, adapter_dir)
+        model, tok = load_model(base_path, quant="none", compute_dtype=dense_dtype, device="cpu")
+    if upcast:
+        model.float()
+    if adapter_dir is not None:
+        load_adapter(model, adapter_dir)
     return model, tok
 
 
@@ -190,18 +193,12 @@ def _adapter_model(base_path, adapter_dir, trained: dict, nf4: bool):
 def merge_into_dense(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     """Replace every LoRALinear by nn.Linear(W' in `dtype`) and every NF4Linear by its fp32 dequantization cast to
     `dtype`; cast the rest to `dtype`. In place, one layer at a time (the fp32 temporaries are per layer)."""
-    from lorafuse.lora import dora
     from lorafuse.lora.linear import LoRALinear, NF4Linear
 
     for name, module in list(model.named_modules()):
-        if isinstance(module, LoRALinear):
-            w = module.base_weight(torch.float32)
-            delta = module.delta_weight().to(w.device)
-            w = dora.merged_weight(w, delta, module.lora_magnitude_vector)[0] if module.use_dora else w + delta
-        elif isinstance(module, NF4Linear):
-            w = module.weight.dequantize(torch.float32)
-        else:
+        if not isinstance(module, (LoRALinear, NF4Linear)):
             continue
+        w = merged_weight(module)
         linear = nn.Linear(
             module.in_features, module.out_features, bias=module.bias is not None, device="meta", dtype=dtype
         )
@@ -213,7 +210,21 @@ def merge_into_dense(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     return model.to(dtype)
 
 
-def _training_tokenizer(adapter_dir, base_tokenizer):
+@torch.no_grad()
+def merged_weight(module: nn.Module) -> torch.Tensor:
+    """The dense (out, in) fp32 weight a LoRALinear or NF4Linear stands for: the base (NF4 dequantized in fp32) plus
+    s * B @ A (DoRA: with its rows rescaled). The one formula merge and export share."""
+    from lorafuse.lora import dora
+    from lorafuse.lora.linear import LoRALinear
+
+    if not isinstance(module, LoRALinear):
+        return module.weight.dequantize(torch.float32)
+    w = module.weight.dequantize(torch.float32) if module.is_nf4 else module.weight.detach().float()
+    delta = module.delta_weight().to(w.device)
+    return dora.merged_weight(w, delta, module.lora_magnitude_vector)[0] if module.use_dora else w + delta
+
+
+def training_tokenizer(adapter_dir, base_tokenizer):
     """The tokenizer saved with the adapter (the exact chat template trained with), else the base's."""
     if not (Path(adapter_dir) / "tokenizer_config.json").is_file():
         return base_tokenizer

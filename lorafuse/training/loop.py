@@ -169,7 +169,7 @@ class TrainingLoop:
         self.total = total_steps(tc, micro)
         self.schedule = LRSchedule(tc.lr, self.total, tc.warmup_steps, tc.scheduler)
         self.state = LoopState(micro_per_epoch=micro)
-        self.metrics = MetricsLog(self.out_dir if world.is_main else None)
+        self.metrics = MetricsLog(self.out_dir if world.is_main else None, tc.report_to, config)
         self.last_checkpoint: Path | None = None
         self._saved_step: int | None = None
         self._rng: dict | None = None
@@ -238,6 +238,7 @@ class TrainingLoop:
                     stop = self._after_step(row, epoch_end, signals, eta)
         finally:
             self.progress.close()
+            self.metrics.close(stop)
         if stop == "signal":
             saved = f"{self.last_checkpoint.name} saved" if self.last_checkpoint else "no output folder, nothing saved"
             self._note(f"stopped at step {st.step}; {saved}; run the same command to resume")

@@ -62,11 +62,17 @@ def _clean(value):
 
 
 class MetricsLog:
-    """Rows in memory plus `<dir>/metrics.jsonl` (when a dir is given)."""
+    """Rows in memory plus `<dir>/metrics.jsonl` (when a dir is given), and the trackers in `report_to`
+    (lorafuse.training.trackers; only with a dir, so only on the rank that writes the run folder)."""
 
-    def __init__(self, out_dir: Path | None):
+    def __init__(self, out_dir: Path | None, report_to=(), config=None):
         self.path = Path(out_dir) / "metrics.jsonl" if out_dir is not None else None
         self.rows: list[dict] = []
+        self.trackers = None
+        if report_to and out_dir is not None:
+            from lorafuse.training.trackers import Trackers
+
+            self.trackers = Trackers(report_to, config, Path(out_dir))
 
     def append(self, row: dict) -> None:
         row = {k: _clean(v) for k, v in row.items()}
@@ -74,20 +80,43 @@ class MetricsLog:
         if self.path is not None:
             with writing(self.path), open(self.path, "a", encoding="utf-8") as f:
                 f.write(json.dumps(row) + "\n")
+        if self.trackers is not None:
+            self.trackers.log(row)
 
     def jsonl(self) -> str:
         return "".join(json.dumps(r) + "\n" for r in self.rows)
 
     def restore(self, text: str) -> None:
         """Replace all rows (and the file) with `text`, the JSONL a checkpoint saved."""
+        logged = self._file_rows()  # what the trackers got before this resume, rows past the checkpoint included
         self.rows = [json.loads(line) for line in text.splitlines() if line.strip()]
         if self.path is not None:
             write_atomic(self.path, self.jsonl())
+        if self.trackers is not None:
+            self.trackers.start(history=self.rows, logged=logged)
 
     def start_fresh(self) -> None:
         self.rows = []
         if self.path is not None:
             write_atomic(self.path, "")
+        if self.trackers is not None:
+            self.trackers.start(history=[], logged=None)
+
+    def close(self, stop_reason: str | None) -> None:
+        """End the trackers' runs (stop_reason None: the loop raised)."""
+        if self.trackers is not None:
+            self.trackers.finish(stop_reason)
+
+    def _file_rows(self) -> list[dict]:
+        if self.path is None or not self.path.is_file():
+            return []
+        rows = []
+        for line in self.path.read_text(encoding="utf-8").splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:  # a line cut short by a crash
+                continue
+        return rows
 
     def plot(self, path: Path) -> Path | None:
         """Train loss and eval loss against the step, as a PNG written atomically."""

@@ -127,6 +127,19 @@ def test_save_every_is_not_also_at_epoch_ends(finished):
     assert all(verify(run / f"checkpoint-{s}") is None for s in (2, 4, 5))
 
 
+def test_a_data_preview_before_the_run_leaves_a_folder_the_run_accepts(tmp_path, finished, capsys):
+    """`lorafuse data preview CFG` caches the tokenized rows in <output.dir>/.cache; `lorafuse train CFG` then trains
+    there (the cache is lorafuse's own)."""
+    out = tmp_path / "previewed"
+    argv = _argv(out, finished[1])
+    rc, _, err = _cli(["data", "preview", *argv[1:], "-n", "1"], capsys)
+    assert rc == 0, err
+    assert (out / ".cache").is_dir()
+    rc, _, err = _cli(argv, capsys)
+    assert rc == 0, err
+    assert (out / "adapter" / "adapter_config.json").is_file()
+
+
 def test_run_refuses_a_folder_holding_other_files(tmp_path, finished, capsys):
     mine = tmp_path / "mine"
     (mine / "sub").mkdir(parents=True)
