@@ -51,9 +51,11 @@ from lorafuse.model.load import load_model, resolve_compute_dtype
 from lorafuse.model.state import model_state
 from lorafuse.outputs import prepare_run_dir
 from lorafuse.training import checkpoint as ckpt
+from lorafuse.training import reference
 from lorafuse.training.distributed import launch
 from lorafuse.training.loop import TrainingLoop
 from lorafuse.training.metrics import finished_summary, print_summary, summary_line
+from lorafuse.training.objectives import build_objective
 from lorafuse.training.preflight import check_inputs
 from lorafuse.training.start import auto_fit, start_point
 from lorafuse.training.trackers import require_trackers
@@ -259,9 +261,10 @@ def _batchers(cfg, tokenizer, out: Path, console, world):
     for line in stats.summary():
         console.print(line, highlight=False)
     # On CUDA, padded rows are padded to a multiple of 64: a few distinct shapes, so CUDA graphs can capture them
-    # (train/graphs.py), and tensor-core friendly sizes; the pads carry no loss and no attention.
+    # (training/graphs.py), and tensor-core friendly sizes; the pads carry no loss and no attention.
     multiple = 64 if world.device.type == "cuda" and not dc.packing else 1
     common = dict(
+        pairs=dc.format == "preference",  # DPO/ORPO batch pairs: a pair's chosen and rejected rows together
         pad_id=tokenizer.pad_token_id,
         packing=dc.packing,
         max_length=dc.max_length,
@@ -281,14 +284,17 @@ def _batchers(cfg, tokenizer, out: Path, console, world):
 
 
 def _train(cfg, model, tokenizer, out: Path, start_from, dtype, console, world, force=False) -> TrainResult:
+    """The loaded, LoRA-applied model trained on the config's data: the loop, then the run's files (`_finish`)."""
+    objective = build_objective(cfg.train)
     train_b, val_b, fingerprint = _batchers(cfg, tokenizer, out, console, world)
     if world.size > 1:
         console.print(world.describe(cfg.train), highlight=False)
+    reference.check_start(objective, model, fresh=start_from is None)  # before accel changes the model
 
     def write_adapter(m, folder):
         save_adapter(m, folder, base_model_name_or_path=cfg.model.path, tokenizer=tokenizer)
 
-    try:  # the loop turns train.fp8 on (prepare_model), also when it then stops before the first step
+    try:  # the loop prepares the model (lorafuse.accel), also when it then stops before the first step
         loop = TrainingLoop(
             model,
             train_b,
@@ -302,9 +308,20 @@ def _train(cfg, model, tokenizer, out: Path, start_from, dtype, console, world, 
             world=world,
             options=cfg.options(),
             data_fingerprint=fingerprint,
+            objective=objective,
         )
         if start_from is not None:
             loop.resume(start_from, force=force)
+        loop.reference_logps = reference.precomputed(
+            objective,
+            model,
+            loop.ctx,
+            {"train": train_b, "val": val_b},
+            loop.reference_logps,
+            fresh=start_from is None,
+            out=out if world.is_main else None,
+            note=loop.note,
+        )
         if world.is_main and loop.state.step < loop.total:  # after the resume's checks; a no-op re-run keeps it
             save_config(cfg, out / "config.yaml")
         res = loop.run()
@@ -315,12 +332,17 @@ def _train(cfg, model, tokenizer, out: Path, start_from, dtype, console, world, 
         if kept is not None:  # a no-op re-run: the finished run's adapter and summary.json stay as they are
             console.print(f"already complete: {summary_line(kept)}", highlight=False, markup=False, soft_wrap=True)
             return _result_from_summary(kept)
+    return _finish(cfg, model, tokenizer, out, res, loop.metrics, dtype, console, world, write_adapter)
+
+
+def _finish(cfg, model, tokenizer, out: Path, res, metrics, dtype, console, world, write_adapter) -> TrainResult:
+    """After the loop: the adapter, loss.png, the demo's generation, summary.json and the summary table."""
     adapter_dir = None
     if res.stop_reason != "signal":
         adapter_dir = out / "adapter"
         if world.is_main:
             write_adapter(model, adapter_dir)
-            loop.metrics.plot(out / "loss.png")
+            metrics.plot(out / "loss.png")
     sample = _demo_generation(cfg, model, tokenizer, console) if res.stop_reason != "signal" and world.is_main else None
     st = res.state
     result = TrainResult(

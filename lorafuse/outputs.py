@@ -42,6 +42,7 @@ CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 # What a run writes at the top of its folder (besides checkpoint-N/, .lock, .cache/ and archive-*/).
 RUN_FILES = ("adapter", "metrics.jsonl", "loss.png", "summary.json", "best.json", "config.yaml")
 RUN_FILES += ("trackers.json", "tensorboard", "wandb", "mlruns")  # train.report_to (lorafuse.training.trackers)
+RUN_FILES += ("reference_logps.safetensors",)  # train.dpo_reference=precomputed (lorafuse.training.reference)
 _WEIGHTS = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".ckpt")
 
 

@@ -11,6 +11,8 @@ Layout of `<output.dir>`:
                                 sha256, ...
         config.yaml             the resolved RunConfig (when the run has one)
         metrics.jsonl           the metric rows up to this step (the resume rewrites <dir>/metrics.jsonl from it)
+        reference_logps.safetensors  DPO's precomputed reference log-probs ("train", "val": one per data set row),
+                                when train.dpo_reference=precomputed: a resume reads them instead of recomputing
         manifest.json           every other file's size and sha256, written last (lorafuse.training.manifest)
     checkpoint-<step>.tmp-<pid>/  a checkpoint being written by process <pid> (removed at the next start;
                                 .old-<pid> / .del-<pid>: one being replaced / deleted)
@@ -52,6 +54,7 @@ from lorafuse.io_errors import io_errno, save_torch
 from lorafuse.outputs import CHECKPOINT_RE, RUN_FILES
 from lorafuse.training.manifest import STATE_FILES, verify, write_manifest
 
+REFERENCE_FILE = "reference_logps.safetensors"  # DPO's precomputed reference, in checkpoints and the run folder
 TMP_RE = re.compile(r"^checkpoint-(\d+)\.(?:tmp|old|del)-(\d+)$")  # being written / replaced / deleted
 
 
@@ -223,13 +226,14 @@ def save_checkpoint(
     metrics_jsonl: str = "",
     adapter_writer=None,
     rng_states=None,
+    reference_logps: dict | None = None,
 ) -> Path:
     """Write `<out_dir>/checkpoint-<step>` atomically, manifest last. Disk full -> LorafuseError; the tmp folder is
     removed. Non-finite trainable weights -> LorafuseError naming the last good checkpoint; nothing is written.
 
     adapter_writer(model, folder) writes the PEFT adapter (None: no adapter folder, e.g. a bare nn.Module).
     rng_states: every rank's RNG state in rank order (several processes: rank 0's keys + "per_rank"); None: this
-    process's state.
+    process's state. reference_logps: {"train": (rows,), "val": (rows,)} float32 arrays, or None.
     """
     from safetensors.torch import save_file
 
@@ -254,6 +258,8 @@ def save_checkpoint(
         save_torch(states[0] if len(states) == 1 else {**states[0], "per_rank": states}, tmp / "rng.pt")
         (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1), encoding="utf-8")
         (tmp / "metrics.jsonl").write_text(metrics_jsonl, encoding="utf-8")
+        if reference_logps is not None:
+            save_file({k: torch.from_numpy(v) for k, v in reference_logps.items()}, str(tmp / REFERENCE_FILE))
         if config is not None:
             from lorafuse.config import save_config
 
@@ -323,8 +329,9 @@ def damaged_error(folder: Path, why: str) -> LorafuseError:
 def load_checkpoint(folder: Path, *, model, optimizer, scaler=None) -> dict:
     """Verify `folder` (lorafuse.training.manifest), then restore trainable tensors, optimizer and scaler from it.
 
-    Returns {"trainer_state", "rng", "metrics_jsonl"}. The RNG state is returned, not applied: the loop
-    applies it right before its first step, after everything that consumes randomness at setup.
+    Returns {"trainer_state", "rng", "metrics_jsonl", "reference_logps" (a dict of float32 arrays, or None)}. The
+    RNG state is returned, not applied: the loop applies it right before its first step, after everything that
+    consumes randomness at setup.
     """
     from safetensors.torch import load_file
 
@@ -351,7 +358,15 @@ def load_checkpoint(folder: Path, *, model, optimizer, scaler=None) -> dict:
         scaler.load_state_dict(blob["scaler"])
     state = json.loads((folder / "trainer_state.json").read_text(encoding="utf-8"))
     rng = torch.load(folder / "rng.pt", map_location="cpu", weights_only=True)
-    return {"trainer_state": state, "rng": rng, "metrics_jsonl": (folder / "metrics.jsonl").read_text(encoding="utf-8")}
+    reference = folder / REFERENCE_FILE
+    return {
+        "trainer_state": state,
+        "rng": rng,
+        "metrics_jsonl": (folder / "metrics.jsonl").read_text(encoding="utf-8"),
+        "reference_logps": {k: v.numpy() for k, v in load_file(str(reference)).items()}
+        if reference.is_file()
+        else None,
+    }
 
 
 # ----------------------------------------------------------------------------------------- rotation / best

@@ -15,9 +15,11 @@ sees the N*A micro-batches of its window across ranks and minimises
 
     loss_s = sum_{all N*A micro-batches b} sum_{targets t in b} -log p(y_t) / N_s,   N_s = GLOBAL target count
 
-Each rank counts its window's targets; one all-reduce (two int64) gives N_s before the first forward; each
-micro-batch backpropagates loss_sum_b / N_s; after the window, ONE all-reduce SUM of the flattened fp32 trainable
-gradients (plus the window's loss sum and a has-gradient flag per tensor) leaves on every rank exactly
+(for SFT; a preference objective normalises by the pairs instead: N_s is the global count of the objective's
+units). Each rank counts its window's units, targets and input tokens; one all-reduce (three int64) gives the
+global counts before the first forward; each micro-batch backpropagates loss_sum_b / N_s; after the window, ONE
+all-reduce SUM of the flattened fp32 trainable gradients (plus the window's loss and metric sums and a
+has-gradient flag per tensor) leaves on every rank exactly
 d loss_s / d theta. That is the update 1 rank computes with micro-batch B and accumulation N*A over the same
 micro-batches; only the order of the fp32 additions differs (tests/integration/test_ddp.py bounds the gap).
 The all-reduced gradients are bitwise identical on every rank, so clipping, the NaN/overflow decision and the
@@ -34,7 +36,7 @@ Why an explicit all-reduce and not torch.nn.parallel.DistributedDataParallel:
     so the flat copy stays bounded for very large adapters.
 
 Evaluation: each rank takes every N-th validation batch (k % N == r; nothing dropped: there is no per-batch
-collective, so ranks may hold different counts), then one all-reduce (float64) of (loss sum, target count).
+collective, so ranks may hold different counts), then one all-reduce (float64) of (loss sum, metric sums, unit count).
 
 Resume: all ranks read the same checkpoint. Each rank's RNG state is gathered to rank 0 and saved in `rng.pt`
 ("per_rank"); rank r restores its own. Dropout draws from seed + rank, so ranks drop different units. A checkpoint
@@ -167,16 +169,18 @@ class World:
         """Every size-th item, starting at this rank's index (evaluation shards)."""
         return iterable if self.size == 1 else itertools.islice(iterable, self.rank, None, self.size)
 
-    def sync_gradients(self, params: list, loss_sum: torch.Tensor) -> float:
-        """Sum the trainable gradients and the window's loss sum over the ranks (module docstring).
+    def sync_gradients(self, params: list, sums: torch.Tensor) -> list[float]:
+        """Sum the trainable gradients and the window's sums (a 1-D tensor: the loss sum, then each metric's) over
+        the ranks (module docstring); returns the summed sums.
 
         A tensor whose gradient is None on every rank keeps None (the optimizer then skips it, as it does in one
         process); one with a gradient on some rank gets the sum, zeros counted for the others.
         """
         if self.size == 1:
-            return loss_sum.item()
+            return sums.tolist()
         has = torch.tensor([p.grad is not None for p in params], dtype=torch.float32, device=self.device)
-        head = torch.cat([loss_sum.detach().reshape(1).float().to(self.device), has])
+        k = sums.numel()
+        head = torch.cat([sums.detach().reshape(-1).float().to(self.device), has])
         for i, group in enumerate(_buckets(params)):
             parts = [head] if i == 0 else []
             parts += [
@@ -194,10 +198,10 @@ class World:
                     p.grad = g.view_as(p).to(p.dtype, copy=True)
                 else:
                     p.grad.copy_(g.view_as(p))
-        for p, flag in zip(params, head[1:].tolist()):
+        for p, flag in zip(params, head[k:].tolist()):
             if flag == 0:
                 p.grad = None
-        return float(head[0])
+        return head[:k].tolist()
 
     @torch.no_grad()
     def broadcast_params(self, params: list) -> None:

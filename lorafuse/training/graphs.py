@@ -45,6 +45,7 @@ from torch import nn
 from lorafuse.accel import accel_state, checkpointing
 from lorafuse.accel.offload import offload_without_rng
 from lorafuse.lora.linear import LoRALinear
+from lorafuse.training.loss import lm_loss_sum
 
 
 def graph_blocker(model: nn.Module, device: torch.device, world_size: int = 1) -> str | None:
@@ -240,24 +241,32 @@ class GraphedMicroStep:
         return entry
 
 
-def for_loop(loop, mode: str):
-    """The training loop's GraphedMicroStep for train.cuda_graphs `mode`, or None (with the reason noted)."""
-    from lorafuse.training.loss import lm_loss_sum
+def build(model: nn.Module, state, precision, world_size: int, mode: str, objective: str = "sft", note=print):
+    """The training step's GraphedMicroStep for train.cuda_graphs `mode` (None: eager, with the reason noted).
 
-    if mode == "off" or loop.device.type != "cuda":
+    `state` is the model's AccelState (its trainable params, head and fused loss), `precision` the loop's
+    Precision. Only SFT's step is captured: a preference objective's micro-step (two passes, the reference under
+    no_grad) runs eagerly.
+    """
+    device = precision.device
+    if mode == "off" or device.type != "cuda":
         return None
-    blocker = graph_blocker(loop.model, loop.device, loop.world.size)
+    blocker = (
+        f"the captured step is SFT's; train.objective={objective} runs eagerly"
+        if objective != "sft"
+        else graph_blocker(model, device, world_size)
+    )
     if blocker:
-        loop._note(f"CUDA graphs off: {blocker}")
+        note(f"CUDA graphs off: {blocker}")
         return None
-    model, head, fused = loop.model, loop.head, loop.fused
+    head, fused = state.head, state.fused_loss
     return GraphedMicroStep(
         model,
-        loop.params,
+        state.params,
         lambda b: lm_loss_sum(model, b, head, fused),
-        loop.precision.backward,
-        loop.precision.dtype,
-        note=loop._note,
+        precision.backward,
+        precision.dtype,
+        note=note,
     )
 
 
@@ -270,9 +279,8 @@ def dropout_seed_base(seed: int, rank: int, grad_accum: int, step: int) -> int:
     return (mix32((seed * 1_000_003 + rank) & 0xFFFFFFFF) + step * stride) % 2**32
 
 
-def seed_dropout(loop) -> None:
-    """Set the fast path's dropout masks for the loop's current step (before the step, and before an OOM retry)."""
-    state = accel_state(loop.model)
+def seed_dropout(model: nn.Module, seed: int, rank: int, grad_accum: int, step: int) -> None:
+    """Set the fast path's dropout masks for optimizer step `step` (before the step, and before an OOM retry)."""
+    state = accel_state(model)
     if state is not None and state.fast is not None:
-        tc = loop.tc
-        state.fast.set_dropout_seed(dropout_seed_base(tc.seed, loop.world.rank, tc.grad_accum, loop.state.step))
+        state.fast.set_dropout_seed(dropout_seed_base(seed, rank, grad_accum, step))

@@ -1,19 +1,25 @@
-"""The training loop: one explicit loop over optimizer steps, exact resume, token-normalised accumulation.
+"""The training loop: one explicit loop over optimizer steps, exact resume, unit-normalised accumulation.
 
 Step s takes up to `grad_accum` micro-batches (never across an epoch end; the last window of an epoch may be
-shorter). Its loss is the mean over the target tokens of the WHOLE window:
+shorter). The objective (lorafuse.training.objectives: sft, dpo, orpo) gives each micro-batch b its loss SUM L_b and
+its count of normalisation units u_b (target tokens for SFT, pairs for DPO/ORPO); the step's loss is the mean per
+unit over the WHOLE window:
 
-    loss_s = sum_{micro-batches b} sum_{targets t in b} -log p(y_t) / N_s,   N_s = target tokens in the window
+    loss_s = sum_{micro-batches b} L_b / U_s,   U_s = sum_b u_b      (SFT: L_b = sum_{targets t} -log p(y_t))
 
 so accumulation equals one big batch whatever the padding or the window size. Each micro-batch backpropagates
-`loss_sum_b / N_s` (N_s is counted before the first forward: the window's batches are fetched up front).
-Targets are labels != -100 after the causal shift (the token at t predicts label t+1).
+`L_b / U_s` (U_s is counted before the first forward: the window's batches are fetched up front); the objective's
+metrics (DPO's rewards and margins, ...) are summed the same way and logged as means per unit. For SFT, targets are
+labels != -100 after the causal shift (the token at t predicts label t+1), and the summed loss comes from hidden
+states through the output head in chunks (`lorafuse.training.loss`): the (B, T, V) logits are never materialised.
 
-The summed loss comes from hidden states through the output head in chunks (`lorafuse.training.loss`): the
-(B, T, V) logits are never materialised.
+`TrainingLoop.step` is the step, top to bottom: learning rate, dropout seed, the window's units, the micro-steps
+(a CUDA graph replay or eager), the out-of-memory decision and its single retry (`lorafuse.training.oom`), the
+gradient sync, clipping and the update (or a skip), the counters. `_after_step` then logs, evaluates and saves.
 
-Precision (bf16 autocast / fp16 + GradScaler on CUDA, fp32 on CPU), fp32 trainable masters and non-reentrant
-gradient checkpointing: `lorafuse.training.runtime`.
+Precision (bf16 autocast / fp16 + GradScaler on CUDA, fp32 on CPU): `lorafuse.training.runtime`. What changes the
+model for speed or memory (fp32 masters, checkpointing, the fast path, host tables): `lorafuse.accel`, prepared
+here and restored by the job.
 
 A step whose loss is NaN/inf is skipped (no update, grads zeroed, a row with "skipped": true); more than
 `nan_tolerance` in a row stop the run with the likely causes. No scheduled checkpoint is written during such a streak,
@@ -25,26 +31,23 @@ SIGINT interrupts at once. A signal during the last step lets the run finish nor
 
 Checkpoints: every `save_every` steps when set, else at each epoch end; also at each new best evaluation and at
 the end. The data's sha256 (`data_fingerprint`, of the tokenized rows) is saved with each; a resume on other data
-is refused unless forced.
+is refused unless forced. DPO's precomputed reference log-probs (`reference_logps`, set by the job) are saved
+with each too.
 
 Resume is exact: trainable tensors, optimizer, scaler, RNG (python, numpy, torch, CUDA), data position
 (epoch, micro-batch within the epoch; batches are a deterministic function of (seed, epoch)) and counters
 are restored, so on a CPU the resumed losses equal an uninterrupted run's bit for bit.
 
-Several processes (torchrun): `world` (lorafuse.training.distributed) makes N_s the global target count, sums the
+Several processes (torchrun): `world` (lorafuse.training.distributed) makes U_s the global unit count, sums the
 gradients over the ranks once per step, shards evaluation, and keeps every file write on rank 0.
-
-Out of GPU memory in a step (`lorafuse.training.oom`): the partial step is dropped and retried once with the
-planner's next smaller setting (checkpointing on, or the window's micro-batches re-split into smaller ones with
-the same rows and the same N_s); a second OOM stops the run with the settings tried and `lorafuse plan`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -55,79 +58,22 @@ from lorafuse.errors import LorafuseError
 from lorafuse.options import Options
 from lorafuse.outputs import ensure_writable_dir
 from lorafuse.training import checkpoint as ckpt
-from lorafuse.training import graphs
+from lorafuse.training import graphs, oom
 from lorafuse.training.distributed import SINGLE
-from lorafuse.training.loss import count_inputs, count_targets, evaluate, forward_batch, lm_loss_sum
+from lorafuse.training.loss import count_inputs, count_targets, forward_batch
 from lorafuse.training.metrics import MetricsLog, Progress, memory_bytes, peak_memory_bytes
-from lorafuse.training.oom import OomRetry
+from lorafuse.training.objectives import ObjectiveContext, evaluate
+from lorafuse.training.objectives.sft import SFTObjective
 from lorafuse.training.optim import LRSchedule, build_optimizer
 from lorafuse.training.runtime import Precision, StopSignals
-
-# --------------------------------------------------------------------------------------------- setup
-
-
-@dataclass
-class LoopState:
-    """Everything a resume needs besides tensors (saved as trainer_state.json)."""
-
-    step: int = 0  # optimizer steps done
-    epoch: int = 0  # data position: epoch ...
-    micro_index: int = 0  # ... and micro-batches of it consumed
-    tokens: int = 0  # non-pad input tokens processed
-    target_tokens: int = 0
-    best_eval: float | None = None
-    best_step: int | None = None
-    evals_since_best: int = 0
-    nan_streak: int = 0
-    skipped_steps: int = 0
-    train_seconds: float = 0.0
-    micro_per_epoch: int = 0
-    oom_overrides: dict = field(default_factory=dict)  # setting lowered after OOMs (lorafuse.training.oom)
-
-
-@dataclass
-class LoopResult:
-    state: LoopState
-    stop_reason: str  # finished | early_stopping | signal | already_complete
-    total_steps: int
-    first_loss: float | None = None
-    last_loss: float | None = None
-    wall_s: float = 0.0
-    peak_memory_bytes: int = 0
-    last_checkpoint: Path | None = None
-    best_checkpoint: Path | None = None
-    rows: list = field(default_factory=list)
-    stop_signal: str | None = None  # "SIGINT" | "SIGTERM" when stop_reason is "signal"
-
-
-def total_steps(tc, micro_per_epoch: int) -> int:
-    """max_steps when set, else ceil(epochs * steps per epoch); an epoch has ceil(micro / grad_accum) steps."""
-    if tc.max_steps:
-        return int(tc.max_steps)
-    return max(1, math.ceil(tc.epochs * math.ceil(micro_per_epoch / tc.grad_accum)))
-
-
-def nan_error(state: LoopState, tolerance: int, last_good: Path | None = None, set_aside: str = "") -> LorafuseError:
-    first = state.step - state.nan_streak + 1
-    resume = (
-        f"Then run the same command with --force: it resumes from {last_good.name}, the last checkpoint before "
-        "the NaN steps"
-        if last_good is not None
-        else "Then run the same command again"
-    )
-    return LorafuseError(
-        f"the loss was NaN/inf for {state.nan_streak} optimizer steps in a row (steps {first}-{state.step}); "
-        f"the run stopped without saving the weights that gave it (train.nan_tolerance={tolerance}){set_aside}",
-        "likely causes: (1) the learning rate is too high: lower train.lr (e.g. 10x) or raise "
-        "train.warmup_steps; (2) float16 overflow: use model.compute_dtype=bfloat16 on a GPU that supports it "
-        "(Ampere or newer) or float32; (3) bad data rows (empty or very long responses, broken labels): "
-        f"inspect them with `lorafuse data preview`. {resume}",
-    )
+from lorafuse.training.state import LoopResult, LoopState, nan_error, total_steps
+from lorafuse.training.steplog import LogWindow, eval_note, eval_row, skipped_note, skipped_row
 
 
 class TrainingLoop:
     """Optimizer steps over `train_batches` (anything with `epoch_batches(epoch)` and `len`) until the last
-    step, early stopping or a signal. `tc` is a TrainConfig; `out_dir` None keeps everything in memory."""
+    step, early stopping or a signal. `tc` is a TrainConfig; `out_dir` None keeps everything in memory;
+    `objective` (default SFT) gives the loss."""
 
     def __init__(
         self,
@@ -144,6 +90,7 @@ class TrainingLoop:
         world=SINGLE,
         options: Options | None = None,
         data_fingerprint: str | None = None,
+        objective=None,
     ):
         from rich.console import Console
 
@@ -154,15 +101,13 @@ class TrainingLoop:
         )
         self.data_fingerprint = data_fingerprint
         self.config, self.adapter_writer = config, adapter_writer
+        self.objective = objective or SFTObjective()
         self.console = console or Console()
         self.progress: Progress | None = None
         self.device = next(model.parameters()).device
         self.precision = Precision(self.device, compute_dtype)
-        self.options = options or options_for(tc)
-        self.accel = accel.prepare(model, self.options, note=self._note)  # the job restores the model afterwards
-        self.params, self.head, self.fused = self.accel.params, self.accel.head, self.accel.fused_loss
+        self._prepare(options or options_for(tc))  # the job restores the model afterwards (accel.restore)
         self.optimizer = build_optimizer(tc.optimizer, self.params, tc.lr, tc.weight_decay)
-        self.graphed = graphs.for_loop(self, self.options.cuda_graphs)
         micro = len(train_batches)
         if micro == 0:
             raise LorafuseError("there are no training batches", "check data.path and data.num_rows")
@@ -170,12 +115,32 @@ class TrainingLoop:
         self.schedule = LRSchedule(tc.lr, self.total, tc.warmup_steps, tc.scheduler)
         self.state = LoopState(micro_per_epoch=micro)
         self.metrics = MetricsLog(self.out_dir if world.is_main else None, tc.report_to, config)
+        self.window = LogWindow(self.objective.metric_names)
+        self.reference_logps: dict | None = None  # DPO's precomputed reference, saved with each checkpoint
         self.last_checkpoint: Path | None = None
         self._saved_step: int | None = None
         self._rng: dict | None = None
         self._iter = None
-        self._win = self._new_window()
-        self.oom = OomRetry(self)
+
+    def _prepare(self, options: Options) -> None:
+        """The model prepared for `options` (lorafuse.accel), the objective's context, and the CUDA-graphed step."""
+        self.accel = accel.prepare(self.model, options, note=self.note)
+        self.params = self.accel.params
+        self.ctx = ObjectiveContext(self.precision, self.accel.head, self.accel.fused_loss)
+        world_size, mode = self.world.size, options.cuda_graphs
+        self.graphed = graphs.build(
+            self.model, self.accel, self.precision, world_size, mode, self.objective.name, self.note
+        )
+
+    def setting(self) -> dict:
+        """The micro-batch setting in force: the config's, with the changes made after out-of-memory errors."""
+        return oom.current_setting(self.tc, self.state.oom_overrides)
+
+    def _match_setting(self) -> None:
+        """Checkpointing turned on after an out-of-memory error (this run's or one before a resume): the model is
+        prepared again through accel with it, and the graphed step rebuilt for the new modules."""
+        if self.setting()[oom.CK] and not self.accel.options.gradient_checkpointing:
+            self._prepare(dataclasses.replace(self.accel.options, gradient_checkpointing=True))
 
     # ------------------------------------------------------------------------------------- resume
     def resume(self, folder: Path, force: bool = False) -> None:
@@ -196,11 +161,18 @@ class TrainingLoop:
         names = set(LoopState.__dataclass_fields__)
         self.state = LoopState(**{k: v for k, v in saved.items() if k in names})
         self._rng = self.world.own_rng(restored["rng"])
-        self._win.update(saved.get("log_window", {}))
+        self.window.load_state_dict(saved.get("log_window", {}))
         self.metrics.restore(restored["metrics_jsonl"])
+        self.reference_logps = restored["reference_logps"]
         self.last_checkpoint, self._saved_step = Path(folder), self.state.step
         if self.out_dir is not None and self.world.is_main:  # the best pointer must match the timeline we continue
             ckpt.reset_best(self.out_dir, self.state.best_step, self.state.best_eval)
+        if self.state.oom_overrides:  # say why the setting is not the config's, and make the model match it
+            self.note(
+                f"continuing at {oom.describe(self.setting())} (lowered after an out-of-memory error earlier in "
+                "this run)"
+            )
+            self._match_setting()
 
     def _check_data(self, saved: str | None, folder: Path, force: bool) -> None:
         """The same number of micro-batches but other rows: refused unless forced (older checkpoints: unchecked)."""
@@ -213,7 +185,7 @@ class TrainingLoop:
                 "resume with the data the checkpoint was trained on, pass --force (force=True) to go on with the new "
                 "data from this point, or start over with --no-resume",
             )
-        self._note(f"resuming {folder.name} on changed training data (--force)")
+        self.note(f"resuming {folder.name} on changed training data (--force)")
 
     # ------------------------------------------------------------------------------------- the loop
     def run(self) -> LoopResult:
@@ -232,7 +204,7 @@ class TrainingLoop:
                 while stop is None:
                     t0 = time.perf_counter()
                     batches, epoch_end = self._next_window()
-                    row = self._optimizer_step(batches)
+                    row = self.step(batches)
                     st.train_seconds += time.perf_counter() - t0
                     eta = (self.total - st.step) * (time.perf_counter() - t_start) / (st.step - start_step)
                     stop = self._after_step(row, epoch_end, signals, eta)
@@ -241,7 +213,7 @@ class TrainingLoop:
             self.metrics.close(stop)
         if stop == "signal":
             saved = f"{self.last_checkpoint.name} saved" if self.last_checkpoint else "no output folder, nothing saved"
-            self._note(f"stopped at step {st.step}; {saved}; run the same command to resume")
+            self.note(f"stopped at step {st.step}; {saved}; run the same command to resume")
         return self._result(stop, time.perf_counter() - t_start, signals.received if stop == "signal" else None)
 
     def _next_window(self) -> tuple[list[dict], bool]:
@@ -257,45 +229,65 @@ class TrainingLoop:
         st.epoch, st.micro_index, self._iter = st.epoch + 1, 0, None
         return batches, True
 
-    def _optimizer_step(self, batches: list[dict]) -> dict:
-        """Forward/backward every micro-batch with loss_sum / N_window, then clip and update (or skip)."""
-        st = self.state
+    def step(self, batches: list[dict]) -> dict:
+        """One optimizer step over a window of micro-batches; returns its row (loss, metrics, lr, counts, skip)."""
+        st, tc, world, objective = self.state, self.tc, self.world, self.objective
         lr = self.schedule.apply(self.optimizer, st.step)
-        graphs.seed_dropout(self)
-        n_target, n_input = self.world.all_reduce_sum(
-            [sum(count_targets(b) for b in batches), sum(count_inputs(b) for b in batches)]
+        graphs.seed_dropout(self.model, tc.seed, world.rank, tc.grad_accum, st.step)  # the fast path's masks
+        units, n_target, n_input = world.all_reduce_sum(
+            [sum(map(objective.units, batches)), sum(map(count_targets, batches)), sum(map(count_inputs, batches))]
         )
-        total = self.oom.accumulate(batches, n_target)  # forward/backward; after an OOM: smaller, retried once
-        loss = self.world.sync_gradients(self.params, total) / n_target if n_target else math.nan
-        grad_norm, skipped = self._update(loss)
+        rng = oom.rng_state(self.device)
+        sums, error = self._micro_steps(batches, units)  # forward/backward, gradients accumulated in .grad
+        if error is not None:  # out of memory: drop the partial step, take the next smaller setting, retry once
+            oom.release(self.optimizer, self.graphed is None, self.device)
+            decision = oom.decide(self.setting(), error, st.step + 1, self._epoch_float(), self.config)
+            if decision.error is not None:
+                raise decision.error
+            st.oom_overrides = {**st.oom_overrides, **decision.change}  # kept for the run and its checkpoints
+            self.metrics.append(decision.row)
+            self.note(decision.note)
+            self._match_setting()
+            oom.set_rng_state(rng, self.device)  # the retry draws the dropout masks the step would have drawn
+            graphs.seed_dropout(self.model, tc.seed, world.rank, tc.grad_accum, st.step)
+            sums, error = self._micro_steps(batches, units)
+            if error is not None:
+                oom.release(self.optimizer, self.graphed is None, self.device)
+                raise oom.retry_failed(decision, error, st.step + 1)
+        loss_sum, *metric_sums = world.sync_gradients(self.params, sums)  # one all-reduce under torchrun
+        loss = loss_sum / units if units else math.nan
+        grad_norm, skipped = self._clip_and_update(loss)
         self.optimizer.zero_grad(set_to_none=self.graphed is None)  # a CUDA graph accumulates into the same .grad
         st.step += 1
         st.tokens += n_input
         st.target_tokens += 0 if skipped else n_target
-        return {
-            "loss": loss,
-            "lr": lr,
-            "grad_norm": grad_norm,
-            "n_input": n_input,
-            "n_target": n_target,
-            "skipped": skipped,
-        }
+        metrics = {n: (s / units if units else math.nan) for n, s in zip(objective.metric_names, metric_sums)}
+        row = {"loss": loss, "lr": lr, "grad_norm": grad_norm, "units": units, "n_input": n_input}
+        return {**row, **metrics, "n_target": n_target, "skipped": skipped}
 
-    def _micro_steps(self, batches: list[dict], n_target: int) -> torch.Tensor:
-        """Forward/backward each micro-batch with loss_sum / N_window; returns the summed loss (fp32, on device)."""
-        total = torch.zeros((), dtype=torch.float32, device=self.device)
-        for batch in batches if n_target else []:
-            inputs = forward_batch(self.model, batch, self.precision)
-            if self.graphed is not None:
-                total += self.graphed(inputs, 1.0 / n_target)
-                continue
-            with self.precision.autocast():
-                loss_sum = lm_loss_sum(self.model, inputs, self.head, self.fused)
-            self.precision.backward(loss_sum / n_target)
-            total += loss_sum.detach()
-        return total
+    def _micro_steps(self, batches: list[dict], units: int) -> tuple[torch.Tensor | None, str | None]:
+        """Forward/backward each micro-batch, re-split to the setting in force, with L_b / U. Returns the window's
+        sums (fp32 (1 + metrics,) on the device: the loss, then each metric) and None, or None and the first line
+        of an out-of-memory error (the exception, which holds the activations, is released on return)."""
+        rows, multiple = self.setting()[oom.MB], getattr(self.train_batches, "pad_to_multiple_of", 1)
+        pieces = [p for b in batches for p in oom.split_batch(b, rows, multiple)]
+        names = self.objective.metric_names
+        sums = torch.zeros(1 + len(names), dtype=torch.float32, device=self.device)
+        try:
+            for batch in pieces if units else []:
+                if self.graphed is not None:  # SFT's forward + backward replayed as one CUDA graph
+                    sums[0] += self.graphed(forward_batch(self.model, batch, self.precision), 1.0 / units)
+                    continue
+                loss_sum, metrics = self.objective.loss_sum(self.model, batch, self.ctx)
+                self.precision.backward(loss_sum / units)
+                sums += torch.stack([loss_sum.detach(), *(metrics[n] for n in names)])
+        except RuntimeError as exc:
+            if not oom.is_oom(exc):
+                raise
+            return None, oom.first_line(exc)
+        return sums, None
 
-    def _update(self, loss: float) -> tuple[float | None, str | None]:
+    def _clip_and_update(self, loss: float) -> tuple[float | None, str | None]:
         """Clip and step. Returns (grad norm before clipping, None | why the step was skipped)."""
         if not math.isfinite(loss):
             return None, "nan"
@@ -314,7 +306,9 @@ class TrainingLoop:
         self.optimizer.step()
         return grad_norm, None
 
+    # ------------------------------------------------------------------------------------- after the step
     def _after_step(self, row: dict, epoch_end: bool, signals: StopSignals, eta: float) -> str | None:
+        """Log, count NaN steps, evaluate, decide whether to stop, save: the cadence of train.*_every."""
         st, tc = self.state, self.tc
         last = st.step >= self.total
         self._log(row, force=last, eta=eta)
@@ -330,7 +324,7 @@ class TrainingLoop:
             improved = self._evaluate()
             patience = tc.early_stopping_patience
             if patience and st.evals_since_best >= patience:
-                self._note(
+                self.note(
                     f"early stopping: no better eval loss in {patience} evaluations "
                     f"(best {st.best_eval:.4f} at step {st.best_step})"
                 )
@@ -359,60 +353,47 @@ class TrainingLoop:
         aside = f"; {names} (from the weights that gave the first NaN loss) moved to {moved}" if moved else ""
         return nan_error(st, self.tc.nan_tolerance, last_good, aside)
 
-    # ------------------------------------------------------------------------------------- logging, eval, save
-    def _new_window(self) -> dict:
-        return {"loss_sum": 0.0, "targets": 0, "inputs": 0, "t0": time.perf_counter()}
-
     def _epoch_float(self) -> float:
         st = self.state
         return round(st.epoch + st.micro_index / st.micro_per_epoch, 4)
 
     def _log(self, row: dict, force: bool, eta: float) -> None:
-        st, w = self.state, self._win
-        w["inputs"] += row["n_input"]
+        st, window = self.state, self.window
+        window.add(row)
         if row["skipped"]:
-            self.metrics.append(
-                {
-                    "step": st.step,
-                    "epoch": self._epoch_float(),
-                    "loss": None,
-                    "lr": row["lr"],
-                    "grad_norm": row["grad_norm"],
-                    "skipped": True,
-                    "reason": row["skipped"],
-                }
-            )
-            why = "NaN/inf loss" if row["skipped"] == "nan" else "fp16 overflow (loss scale lowered)"
-            self._note(f"step {st.step}: skipped ({why})")
-        else:
-            w["loss_sum"] += row["loss"] * row["n_target"]
-            w["targets"] += row["n_target"]
-        if not (force or st.step % self.tc.log_every == 0) or not w["targets"]:
+            self.metrics.append(skipped_row(st.step, self._epoch_float(), row))
+            self.note(skipped_note(st.step, row["skipped"]))
+        if not (force or st.step % self.tc.log_every == 0) or not window.units:
             return
-        seconds = max(time.perf_counter() - w["t0"], 1e-9)
         out = {
             "step": st.step,
             "epoch": self._epoch_float(),
-            "loss": w["loss_sum"] / w["targets"],
+            **window.means(),
             "lr": row["lr"],
             "grad_norm": row["grad_norm"],
             "tokens": st.tokens,
-            "tokens_per_s": round(w["inputs"] / seconds, 1),
+            "tokens_per_s": window.tokens_per_s(),
             "memory_mb": round(memory_bytes(self.device) / 2**20, 1),
             "time_s": round(st.train_seconds, 3),
         }
         self.metrics.append(out)
         self.progress.update(st.step, out, eta_s=eta)
-        self._win = self._new_window()
+        window.reset()
 
     def _evaluate(self) -> bool:
         st = self.state
         # with graphs, on their stream: an eager pass elsewhere would leave a cuBLAS workspace for the run's rest
         with self.graphed.on_stream() if self.graphed is not None else contextlib.nullcontext():
-            loss, ppl = evaluate(self.model, self.val_batches, self.precision, self.head, self.fused, self.world)
-        row = {"step": st.step, "epoch": self._epoch_float(), "eval_loss": loss, "eval_ppl": ppl}
+            out = evaluate(self.objective, self.model, self.val_batches, self.ctx, self.world)
+        if not out["units"]:
+            raise LorafuseError(
+                "the validation split has no target tokens (every label is masked)",
+                "check data.val_path / data.val_size and data.completion_only",
+            )
+        row = eval_row(st.step, self._epoch_float(), out, self.objective)
         self.metrics.append(row)
-        self._note(f"step {st.step}: eval_loss {loss:.4f} | eval_ppl {ppl:.2f}")
+        self.note(eval_note(row))
+        loss = out["loss"]
         if st.best_eval is None or loss < st.best_eval:
             st.best_eval, st.best_step, st.evals_since_best = loss, st.step, 0
             return True
@@ -424,13 +405,12 @@ class TrainingLoop:
             return
         st, world = self.state, self.world
         if self._saved_step != st.step:
-            window = {k: self._win[k] for k in ("loss_sum", "targets", "inputs")}  # a log row may span a save
             trainer_state = {
-                **asdict(st),
+                **dataclasses.asdict(st),
                 "total_steps": self.total,
                 "data_sha256": self.data_fingerprint,
                 "schedule": self.schedule.state_dict(),
-                "log_window": window,
+                "log_window": self.window.state_dict(),  # a logged row may span a save
                 "world_size": world.size,
             }
             rng = world.gather_rng()  # a collective: every rank's state, on rank 0
@@ -446,6 +426,7 @@ class TrainingLoop:
                     metrics_jsonl=self.metrics.jsonl(),
                     adapter_writer=self.adapter_writer,
                     rng_states=rng,
+                    reference_logps=self.reference_logps,
                 )
                 if world.is_main
                 else self.out_dir / f"checkpoint-{st.step}"
@@ -458,7 +439,8 @@ class TrainingLoop:
             self.metrics.plot(self.out_dir / "loss.png")
         world.barrier()  # the others wait for rank 0's files (a failed save stops the job here)
 
-    def _note(self, text: str) -> None:
+    def note(self, text: str) -> None:
+        """A line above the progress bar (or printed, before the bar exists)."""
         (self.progress.note if self.progress is not None else self.console.print)(text)
 
     def _result(self, stop: str, wall: float, signal_name: str | None = None) -> LoopResult:

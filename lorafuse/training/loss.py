@@ -13,8 +13,8 @@ linear-cross-entropy kernel later; the pure-PyTorch pass is the reference.
 Dtype policy: the head matmul runs in W's dtype (autocast may lower it to bf16/fp16 on CUDA), logits and
 the loss are fp32, grad_hidden is cast to hidden's dtype, grad_W (only when the head is trainable) is fp32.
 
-`forward_batch` moves a Batcher batch to the device as the model's forward arguments, and `evaluate` is the
-validation pass: the mean loss per target token over a split, and its perplexity.
+`forward_batch` moves a Batcher batch to the device as the model's forward arguments. The validation pass is the
+objectives' `evaluate` (lorafuse.training.objectives.base), SFT's through this loss.
 
 Heads that are not a bias-free `nn.Linear` (LoRA on lm_head, modules_to_save copies), logit soft-capping or
 scaling, and MoE auxiliary losses fall back to the model's logits + a summed fp32 cross-entropy.
@@ -22,15 +22,11 @@ scaling, and MoE auxiliary losses fall back to the model's logits + a summed fp3
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from lorafuse.accel import accel_state
-from lorafuse.errors import LorafuseError
-from lorafuse.training.distributed import SINGLE
 from lorafuse.training.runtime import Precision
 
 IGNORE_INDEX = -100
@@ -151,24 +147,3 @@ def forward_batch(model, batch: dict, precision: Precision) -> dict:
     kwargs = model_inputs(batch, attn, precision.dtype, precision.device)
     kwargs["labels"] = batch["labels"].to(precision.device, non_blocking=True)
     return kwargs
-
-
-@torch.no_grad()
-def evaluate(model, batches, precision: Precision, head=None, fused: bool = False, world=SINGLE) -> tuple[float, float]:
-    """(mean loss per target token, perplexity) over one pass of `batches` (epoch 0; rank shares), dropout off."""
-    was_training = model.training
-    model.eval()
-    total, n = 0.0, 0
-    for batch in world.stride(batches.epoch_batches(0)):
-        with precision.autocast():
-            total += float(lm_loss_sum(model, forward_batch(model, batch, precision), head, fused))
-        n += count_targets(batch)
-    model.train(was_training)
-    total, n = world.all_reduce_sum([total, n], torch.float64)
-    if n == 0:
-        raise LorafuseError(
-            "the validation split has no target tokens (every label is masked)",
-            "check data.val_path / data.val_size and data.completion_only",
-        )
-    loss = total / n
-    return loss, math.exp(loss) if loss < 700 else math.inf

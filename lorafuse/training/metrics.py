@@ -4,11 +4,15 @@
     {"step", "epoch", "loss", "lr", "grad_norm", "tokens", "tokens_per_s", "memory_mb", "time_s"}
 (+ "skipped": true, loss null, for a step skipped on a NaN/inf loss), and one per evaluation:
     {"step", "epoch", "eval_loss", "eval_ppl"}.
+A preference objective (DPO, ORPO) adds its metrics, means per pair, after "loss": "rewards/chosen",
+"rewards/rejected", "rewards/margin", "rewards/accuracy", "logps/chosen", "logps/rejected" (ORPO: also
+"log_odds_ratio", "log_odds_chosen", "nll"); its evaluation rows carry them as "eval_<name>" instead of eval_ppl.
 Non-finite floats are written as null (JSON has no NaN). The file is appended and flushed as rows come; a
 checkpoint stores a copy, and a resume rewrites the file from that copy so rows after the checkpoint
 (written before a crash) never appear twice.
 
-`loss.png` (train loss and eval loss against the step) is drawn with matplotlib's Agg canvas directly (no
+`loss.png` (train loss and eval loss against the step; for DPO/ORPO also the chosen and rejected rewards and the
+margin, train and eval) is drawn with matplotlib's Agg canvas directly (no
 pyplot global state) and written atomically at each checkpoint and at the end.
 
 The end of a run: a summary table (`print_summary`) and summary.json; a finished run's summary.json is read back
@@ -119,29 +123,52 @@ class MetricsLog:
         return rows
 
     def plot(self, path: Path) -> Path | None:
-        """Train loss and eval loss against the step, as a PNG written atomically."""
-        train = [(r["step"], r["loss"]) for r in self.rows if r.get("loss") is not None]
-        evals = [(r["step"], r["eval_loss"]) for r in self.rows if r.get("eval_loss") is not None]
+        """Train loss and eval loss against the step, as a PNG written atomically; with a preference objective's
+        rows, a second panel with the rewards of the chosen and rejected answers and their margin."""
+        train, evals = self._series("loss"), self._series("eval_loss")
         if not train and not evals:
             return None
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
 
-        fig = Figure(figsize=(7, 4), dpi=100)
+        rewards = {k: self._series(k) for k in REWARD_SERIES}
+        rewards = {k: v for k, v in rewards.items() if v}
+        fig = Figure(figsize=(7, 6.5 if rewards else 4), dpi=100)
         FigureCanvasAgg(fig)
-        ax = fig.add_subplot(1, 1, 1)
+        ax = fig.add_subplot(2 if rewards else 1, 1, 1)
         if train:
             ax.plot(*zip(*train), label="train loss", linewidth=1.2)
         if evals:
             ax.plot(*zip(*evals), "o-", label="eval loss", linewidth=1.2)
-        ax.set_xlabel("optimizer step")
-        ax.set_ylabel("loss (nats/token)")
+        ax.set_ylabel("loss (nats/token)" if not rewards else "loss (per pair)")
         ax.grid(alpha=0.3)
         ax.legend()
+        if rewards:
+            low = fig.add_subplot(2, 1, 2, sharex=ax)
+            for key, points in rewards.items():
+                style = "o-" if key.startswith("eval_") else "-"
+                low.plot(
+                    *zip(*points),
+                    style,
+                    label=key.replace("eval_rewards/", "eval ").replace("rewards/", "reward "),
+                    linewidth=1.2,
+                )
+            low.axhline(0.0, color="grey", linewidth=0.6)
+            low.set_ylabel("reward")
+            low.grid(alpha=0.3)
+            low.legend(fontsize="small")
+            ax = low
+        ax.set_xlabel("optimizer step")
         fig.tight_layout()
         buf = io.BytesIO()
         fig.savefig(buf, format="png")
         return write_atomic(Path(path), buf.getvalue())
+
+    def _series(self, key: str) -> list[tuple[int, float]]:
+        return [(r["step"], r[key]) for r in self.rows if r.get(key) is not None]
+
+
+REWARD_SERIES = ("rewards/chosen", "rewards/rejected", "rewards/margin", "eval_rewards/margin")
 
 
 def _fmt_mem(n: int) -> str:
@@ -190,8 +217,11 @@ class Progress:
     def _fields(row: dict) -> list[str]:
         out = []
         if "eval_loss" in row:
-            return [f"eval_loss {row['eval_loss']:.4f}", f"eval_ppl {row['eval_ppl']:.2f}"]
+            ppl = [f"eval_ppl {row['eval_ppl']:.2f}"] if row.get("eval_ppl") is not None else []
+            return [f"eval_loss {row['eval_loss']:.4f}", *ppl]
         out.append("loss skipped (NaN/inf)" if row.get("loss") is None else f"loss {row['loss']:.4f}")
+        if row.get("rewards/margin") is not None:  # a preference objective's step
+            out.append(f"margin {row['rewards/margin']:.3f} | acc {row['rewards/accuracy']:.2f}")
         out.append(f"lr {row['lr']:.2e}")
         if row.get("tokens_per_s") is not None:
             out.append(f"{row['tokens_per_s']:.0f} tok/s")

@@ -457,7 +457,7 @@ def test_diverging_run_stops_without_an_adapter_and_its_advice_works(tmp_path, c
 
 def _signal_at(monkeypatch, step: int, *signums: int) -> None:
     """Send `signums` to this process right after optimizer step `step` (as a terminal or a scheduler would)."""
-    real = TrainingLoop._optimizer_step
+    real = TrainingLoop.step
 
     def step_then_signal(self, batches):
         row = real(self, batches)
@@ -466,7 +466,7 @@ def _signal_at(monkeypatch, step: int, *signums: int) -> None:
                 os.kill(os.getpid(), signum)
         return row
 
-    monkeypatch.setattr(TrainingLoop, "_optimizer_step", step_then_signal)
+    monkeypatch.setattr(TrainingLoop, "step", step_then_signal)
 
 
 def test_ctrl_c_exits_130_after_saving_a_resumable_checkpoint(tmp_path, finished, monkeypatch, capsys):
@@ -502,13 +502,13 @@ def test_python_api_returns_a_signal_stop_without_exiting(tmp_path, finished, mo
 _SLOW_STEPS = """
 import sys, time
 from lorafuse.training.loop import TrainingLoop
-real = TrainingLoop._optimizer_step
+real = TrainingLoop.step
 def slow_step(self, batches):  # a step slow enough for the test to signal mid-run
     row = real(self, batches)
     print(f"STEP {self.state.step}", flush=True)
     time.sleep(0.2)
     return row
-TrainingLoop._optimizer_step = slow_step
+TrainingLoop.step = slow_step
 from lorafuse.cli import main
 sys.exit(main(sys.argv[1:]))
 """

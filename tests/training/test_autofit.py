@@ -1,7 +1,7 @@
 """Fitting the step into GPU memory: the OOM retry in the loop (lorafuse.training.oom) and train.auto_fit (job.run).
 
-There is no GPU here, so an out-of-memory error is simulated: the loop's micro-step function (`lm_loss_sum` as
-the loop module calls it) runs the real forward, then raises torch.cuda.OutOfMemoryError when its micro-batch has
+There is no GPU here, so an out-of-memory error is simulated: the SFT objective's loss function (`lm_loss_sum` as
+objectives/sft.py calls it) runs the real forward, then raises torch.cuda.OutOfMemoryError when its micro-batch has
 more rows than a "GPU" allows. The forward has already drawn its dropout masks, as a real OOM late in a step has.
 """
 
@@ -22,11 +22,11 @@ from lorafuse.errors import LorafuseError
 from lorafuse.job import run
 from lorafuse.plan import apply_overrides, plan, speed, suggest
 from lorafuse.plan.memory import GIB
-from lorafuse.training import loop as loop_mod
 from lorafuse.training.loop import TrainingLoop
+from lorafuse.training.objectives import sft as sft_mod
 from lorafuse.training.oom import split_batch
 
-_REAL_LOSS_SUM = loop_mod.lm_loss_sum
+_REAL_LOSS_SUM = sft_mod.lm_loss_sum
 
 
 def _rows(n=14, vocab=96, seed=3):
@@ -71,12 +71,17 @@ def _flaky(monkeypatch, max_rows, from_call=1, seen=None):
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (simulated)")
         return out
 
-    monkeypatch.setattr(loop_mod, "lm_loss_sum", loss_sum)
+    monkeypatch.setattr(sft_mod, "lm_loss_sum", loss_sum)
+
+
+def _loop(mb, ga, dropout=0.0, out_dir=None, **kw):
+    batches = Batcher(_rows(), mb, pad_id=3, seed=1)
+    tc, console = _tc(mb, ga, **kw), Console(file=io.StringIO(), width=250)
+    return TrainingLoop(toy_model(dropout=dropout), batches, tc, out_dir=out_dir, console=console)
 
 
 def _run(mb, ga, dropout=0.0, **kw):
-    batches = Batcher(_rows(), mb, pad_id=3, seed=1)
-    loop = TrainingLoop(toy_model(dropout=dropout), batches, _tc(mb, ga, **kw), console=Console(file=io.StringIO()))
+    loop = _loop(mb, ga, dropout, **kw)
     return loop, loop.run()
 
 
@@ -143,6 +148,39 @@ def test_a_second_oom_stops_the_run_naming_what_was_tried(monkeypatch):
     assert "lorafuse plan" in err.value.fix
 
 
+def test_oom_turns_checkpointing_on_through_accel_and_a_resume_keeps_it(monkeypatch, tmp_path):
+    """Micro-batch 1 with checkpointing off runs out of memory: the decision is checkpointing on, which the loop
+    applies by preparing the model again through lorafuse.accel. The retried run is the run started with
+    checkpointing on, bit for bit (dropout on: the retry draws the step's masks again), and a resume from its
+    checkpoint turns checkpointing on before its first step."""
+    from lorafuse.accel import accel_state
+
+    def loss_sum(model, batch, *args):  # "fits" only with checkpointing on
+        out = _REAL_LOSS_SUM(model, batch, *args)
+        if not accel_state(model).checkpointing:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.00 GiB (simulated)")
+        return out
+
+    monkeypatch.setattr(sft_mod, "lm_loss_sum", loss_sum)
+    _, started = _run(1, 2, dropout=0.1, gradient_checkpointing=True)
+    loop = _loop(1, 2, dropout=0.1, out_dir=tmp_path, save_every=2)
+    retried = loop.run()
+    events = [r for r in retried.rows if r.get("event") == "oom_retry"]
+    assert [(e["step"], e["gradient_checkpointing"], e["from"]["gradient_checkpointing"]) for e in events] == [
+        (1, True, False)
+    ]
+    assert accel_state(loop.model).checkpointing and loop.model.model.gradient_checkpointing
+    assert accel_state(loop.model).options.gradient_checkpointing is True
+    assert _losses(retried.rows) == _losses(started.rows)
+    resumed = _loop(1, 2, dropout=0.1, out_dir=tmp_path, save_every=2)
+    assert not accel_state(resumed.model).checkpointing
+    resumed.resume(tmp_path / "checkpoint-2")
+    assert accel_state(resumed.model).checkpointing  # before any step: no second out-of-memory error
+    assert (
+        "continuing at micro_batch_size 1 x grad_accum 2, gradient checkpointing on" in resumed.console.file.getvalue()
+    )
+
+
 @pytest.mark.parametrize("packing,multiple", [(False, 1), (False, 8), (True, 1)])
 def test_split_pieces_are_the_smaller_batchers_micro_batches(packing, multiple):
     """Padded (trimmed to the piece's longest row, rounded as the Batcher rounds) and packed (varlen fields rebuilt)."""
@@ -165,7 +203,7 @@ def test_other_errors_are_not_retried(monkeypatch):
     def broken(*args):
         raise RuntimeError("CUBLAS_STATUS_EXECUTION_FAILED")
 
-    monkeypatch.setattr(loop_mod, "lm_loss_sum", broken)
+    monkeypatch.setattr(sft_mod, "lm_loss_sum", broken)
     with pytest.raises(RuntimeError, match="CUBLAS"):
         _run(4, 2)
 

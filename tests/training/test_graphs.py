@@ -45,6 +45,22 @@ def test_graph_blocker_gives_the_reason(tiny_model_dir):
     assert "dropout 0.1" in reason and "lora.dropout: 0" in reason
 
 
+def test_only_sfts_step_is_captured(tiny_model_dir):
+    """A preference objective's step runs eagerly, said in one line; SFT's gets the graphed step (a CPU can build
+    it: nothing is captured before the first CUDA micro-batch)."""
+    from lorafuse.accel import accel_state
+    from lorafuse.training import graphs
+    from lorafuse.training.runtime import Precision
+
+    model, notes = _lora_model(tiny_model_dir), []
+    _with_fast_path(model)
+    cuda = Precision(torch.device("cuda"), torch.bfloat16)
+    assert graphs.build(model, accel_state(model), cuda, 1, "auto", "dpo", notes.append) is None
+    assert notes == ["CUDA graphs off: the captured step is SFT's; train.objective=dpo runs eagerly"]
+    assert isinstance(graphs.build(model, accel_state(model), cuda, 1, "auto", "sft", notes.append), GraphedMicroStep)
+    assert graphs.build(model, accel_state(model), cuda, 1, "off", "sft", notes.append) is None and len(notes) == 1
+
+
 def test_yaml_off_and_on_are_the_switch_words():
     """A bare `off` in YAML is the boolean false: the config takes it as "off", not as an error."""
     cfg = load_config(None, ["train.cuda_graphs=off", "train.fast_path=off"])

@@ -93,8 +93,8 @@ def test_epochs_windows_and_max_steps():
     batches = ToyBatches(n_micro=5)
     loop = TrainingLoop(toy_model(), batches, _tc(max_steps=None, epochs=2, grad_accum=2))
     seen = []
-    real = loop._optimizer_step
-    loop._optimizer_step = lambda b: seen.append(len(b)) or real(b)
+    real = loop.step
+    loop.step = lambda b: seen.append(len(b)) or real(b)
     result = loop.run()
     assert seen == [2, 2, 1, 2, 2, 1]  # the last window of an epoch is short, never crossing into the next
     assert result.state.epoch == 2 and result.state.micro_index == 0 and result.state.step == 6
@@ -117,7 +117,7 @@ def test_sigterm_saves_and_resume_is_bitwise_identical(tmp_path):
     out = tmp_path / "interrupted"
     printed = io.StringIO()
     first = TrainingLoop(toy_model(), ToyBatches(), tc, out_dir=out, console=Console(file=printed, width=200))
-    real = first._optimizer_step
+    real = first.step
 
     def step_then_sigterm(batches):
         row = real(batches)
@@ -125,7 +125,7 @@ def test_sigterm_saves_and_resume_is_bitwise_identical(tmp_path):
             os.kill(os.getpid(), signal.SIGTERM)  # arrives mid-run; the loop must finish the step and save
         return row
 
-    first._optimizer_step = step_then_sigterm
+    first.step = step_then_sigterm
     stopped = first.run()
     assert stopped.stop_reason == "signal" and stopped.stop_signal == "SIGTERM" and stopped.state.step == 4
     assert "stopped at step 4; checkpoint-4 saved; run the same command to resume" in printed.getvalue()
@@ -154,13 +154,13 @@ def test_nan_step_is_skipped_then_too_many_stop_the_run(tmp_path):
     model.model.norm.register_forward_hook(poison)
     loop = TrainingLoop(model, ToyBatches(), _tc(max_steps=12, nan_tolerance=2), out_dir=tmp_path)
     before = {}
-    real = loop._optimizer_step
+    real = loop.step
 
     def watch(batches):
         before[loop.state.step] = [p.detach().clone() for p in loop.params]
         return real(batches)
 
-    loop._optimizer_step = watch
+    loop.step = watch
     poisoned.update({2, 5, 6, 7, 8})  # step 2 alone recovers; 5..7 is 3 in a row > tolerance 2
     with pytest.raises(LorafuseError) as err:
         loop.run()
@@ -176,7 +176,7 @@ def test_nan_step_is_skipped_then_too_many_stop_the_run(tmp_path):
 
 def test_early_stopping_keeps_the_best_checkpoint(tmp_path, monkeypatch):
     scripted = iter([3.0, 2.0, 2.5, 2.6, 2.7, 2.8])
-    monkeypatch.setattr(loop_mod, "evaluate", lambda *a, **k: (next(scripted), 1.0))
+    monkeypatch.setattr(loop_mod, "evaluate", lambda *a, **k: {"loss": next(scripted), "units": 1})
     tc = _tc(max_steps=20, eval_every=2, early_stopping_patience=2, save_total_limit=1)
     result = train_loop(toy_model(), ToyBatches(), tc, val_batches=ToyBatches(n_micro=1), out_dir=tmp_path)
     assert result.stop_reason == "early_stopping" and result.state.step == 8
