@@ -39,6 +39,7 @@ from lorafuse.plan.shapes import PROJECTIONS, builtin_shape  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 PEERS = ROOT / "benchmarks" / "peers"
 SEED = {"full": ("28 GB+", "100%"), "lora": ("8 GB", "30%"), "qlora": ("6 GB", "42%")}  # SEED.md section 8
+SEED_QUALITY = {"full": "100%", "lora": "99%", "qlora": "98%"}  # the seed's summary table, quality vs full
 REQUIRED_KEYS = (
     "run",
     "card",
@@ -428,10 +429,33 @@ def render(rows: list[dict]) -> str:
     return "\n".join(lines + (["ratios (tokens/s: >1 is faster; memory: <1 is smaller)"] + ratios if ratios else []))
 
 
-def render_seed_table(rows: list[dict]) -> str:
+def latest_quality(results: Path) -> dict[str, str]:
+    """{method: "99.7% / 98.0%"}: lorafuse's exact-match accuracy relative to full fine-tuning, template rows as
+    pretrained / zeroed, from the newest run in the newest benchmarks/quality.py results file ({} without one)."""
+    files = sorted(Path(results).glob("*-quality.jsonl"))
+    best = [r for r in (json.loads(x) for x in files[-1].read_text().splitlines() if x.strip())] if files else []
+    best = [r for r in best if r.get("kind") == "best"]
+    if not best:
+        return {}
+    newest = max(r["run"] for r in best)
+    out = {}
+    for method in SEED:
+        rel = {r["zeroed"]: r["relative_to_full"] for r in best if r["run"] == newest and r["method"] == method}
+        if rel:
+            out[method] = " / ".join("n/a" if rel.get(z) is None else f"{100 * rel[z]:.1f}%" for z in (False, True))
+    return out
+
+
+def render_seed_table(rows: list[dict], quality: dict[str, str] | None = None) -> str:
+    """Memory and step time vs full fine-tuning beside the seed's table; `quality` (latest_quality) adds the
+    accuracy column benchmarks/quality.py measured (as pretrained / zeroed template rows)."""
     by = {r["method"]: r for r in rows}
     full = by.get("full") if by.get("full", {}).get("status") == "ok" else None
-    lines = [f"{'':<7} {'peak GiB':>9} {'vs full':>8} {'step time vs full':>18}   seed: VRAM  time"]
+    quality = quality or {}
+    lines = [
+        f"{'':<7} {'peak GiB':>9} {'vs full':>8} {'step time vs full':>18} {'quality vs full':>16}"
+        "   seed: VRAM  time  quality"
+    ]
     for method in ("full", "lora", "qlora"):
         r = by.get(method, {})
         ok = r.get("status") == "ok"
@@ -439,7 +463,12 @@ def render_seed_table(rows: list[dict]) -> str:
         mem_pct = f"{100 * r['peak_alloc_gib'] / full['peak_alloc_gib']:.0f}%" if has_mem else "n/a"
         time_pct = f"{100 * r['step_s'] / full['step_s']:.0f}%" if ok and full else "n/a"
         peak = _fmt(r.get("peak_alloc_gib"), "9.2f") if ok else f"{r.get('status', 'not run'):>9}"
-        lines.append(f"{method:<7} {peak:>9} {mem_pct:>8} {time_pct:>18}   {SEED[method][0]:>10}  {SEED[method][1]}")
+        lines.append(
+            f"{method:<7} {peak:>9} {mem_pct:>8} {time_pct:>18} {quality.get(method, 'not measured'):>16}"
+            f"   {SEED[method][0]:>10}  {SEED[method][1]:>4}  {SEED_QUALITY[method]:>7}"
+        )
+    if quality:
+        lines.append("quality: benchmarks/quality.py's latest results (template rows as pretrained / zeroed)")
     return "\n".join(lines)
 
 
@@ -480,7 +509,7 @@ def main(argv=None) -> int:
         rows.append(_row(args, run_id, stack, method, probe, result, commit))
     print(render(rows))
     if args.table:
-        print("\n" + render_seed_table(rows))
+        print("\n" + render_seed_table(rows, latest_quality(ROOT / "benchmarks" / "results")))
     out = Path(args.out) / f"{run_id[:4]}-{run_id[4:6]}-{run_id[6:8]}-{card_slug(probe['card'])}.jsonl"
     _append(out, rows)
     print(f"\n{len(rows)} rows appended to {out}")

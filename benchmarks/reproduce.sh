@@ -16,6 +16,7 @@
 #   memory      the planner against measured peaks on 1B-8B shapes (benchmarks/memory_sweep.sh)
 #   headline    a 65B-shape QLoRA step under a 40 GiB cap; Llama-2-7B QLoRA at 2,048 tokens in fp16 under 15 GiB
 #   tests       every GPU test (pytest -m gpu)
+#   quality     fine-tuning quality: full, LoRA, QLoRA, fast path, FP8, the seed's stack (benchmarks/quality.py, ~6 min)
 set -euo pipefail
 PART=${1:?usage: bash benchmarks/reproduce.sh PART [OUT] (parts: see the head of this file)}
 here=$(cd "$(dirname "$0")" && pwd)
@@ -44,5 +45,6 @@ case "$PART" in
   memory) bash benchmarks/memory_sweep.sh "$OUT" "$LOG" sweep ;;
   headline) bash benchmarks/memory_sweep.sh "$OUT" "$LOG" headline ;;
   tests) python3 -m pytest -q -m gpu tests ;;
-  *) echo "unknown part '$PART': qlora lean fp8 lora 1x4096 1x4096-fp8 8x2048 8x2048-fp8 memory headline tests" >&2; exit 2 ;;
+  quality) python3 benchmarks/quality.py --out "$OUT" ;;
+  *) echo "unknown part '$PART': qlora lean fp8 lora 1x4096 1x4096-fp8 8x2048 8x2048-fp8 memory headline tests quality" >&2; exit 2 ;;
 esac

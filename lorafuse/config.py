@@ -160,6 +160,21 @@ class LoraConfig(_Section):
     init: Literal["kaiming", "gaussian"] = Field(
         "kaiming", description="Initialisation of A (B starts at zero, so training starts from the base model)."
     )
+    train_untrained_tokens: Literal["auto", "off"] = Field(
+        "auto",
+        description="auto: before training, find the tokens the data uses whose input-embedding or output-head rows "
+        "look untrained (all zero, 100x below the median row norm, or (nearly) equal to 2+ other rows: Llama-3 base's "
+        "<|eot_id|> and <|start_header_id|>, for one), start those rows at the mean of the trained rows and train "
+        "them with the adapter (saved as peft's trainable_token_indices); a chat template's <|...|> markers that "
+        "the vocabulary lacks are added as new tokens. off: leave every existing row as it is (the run still "
+        "reports what it finds; tokens from data.add_special_tokens are trained either way). docs/tokens.md.",
+    )
+
+    @field_validator("train_untrained_tokens", mode="before")
+    @classmethod
+    def _yaml_off(cls, value):
+        """YAML 1.1 reads a bare `off` as false: take it as the word the user typed."""
+        return {False: "off", True: "auto"}.get(value, value) if isinstance(value, bool) else value
 
     @field_validator("targets", mode="before")
     @classmethod
@@ -231,6 +246,13 @@ class DataConfig(_Section):
         "(chat when the tokenizer has a template).",
     )
     system_prompt: str | None = Field(None, description="System message prepended to every conversation.")
+    add_special_tokens: list[str] = Field(
+        default_factory=list,
+        description="Tokens to add to the tokenizer, e.g. ['<|im_start|>', '<|im_end|>'] for a ChatML template on a "
+        "base without them: the embedding and output head grow by a row each, started at the mean of the trained "
+        "rows and trained with the adapter; the adapter folder carries the tokenizer and the rows (docs/tokens.md: "
+        "loading them with peft).",
+    )
     split: str = Field("train", description="Split to read from a hub data set.")
     num_rows: int | None = Field(None, ge=1, description="Use only the first N rows (quick trials).")
     shuffle: bool = Field(True, description="Shuffle rows each epoch (seeded, so resumable).")

@@ -48,7 +48,9 @@ from lorafuse.infer.generate import generate
 from lorafuse.lora.adapter_io import save_adapter
 from lorafuse.model.inject import apply_lora, print_trainable_parameters
 from lorafuse.model.load import load_model, resolve_compute_dtype
+from lorafuse.model.new_tokens import add_run_tokens
 from lorafuse.model.state import model_state
+from lorafuse.model.untrained_tokens import rows_for_run
 from lorafuse.outputs import prepare_run_dir
 from lorafuse.training import checkpoint as ckpt
 from lorafuse.training import reference
@@ -286,7 +288,10 @@ def _batchers(cfg, tokenizer, out: Path, console, world):
 def _train(cfg, model, tokenizer, out: Path, start_from, dtype, console, world, force=False) -> TrainResult:
     """The loaded, LoRA-applied model trained on the config's data: the loop, then the run's files (`_finish`)."""
     objective = build_objective(cfg.train)
+    new_ids = add_run_tokens(model, tokenizer, cfg.data, cfg.lora.train_untrained_tokens, console)
     train_b, val_b, fingerprint = _batchers(cfg, tokenizer, out, console, world)
+    datasets = (train_b.dataset, val_b.dataset if val_b is not None else None)
+    rows_for_run(model, tokenizer, datasets, new_ids, cfg.lora.train_untrained_tokens, console, world.is_main)
     if world.size > 1:
         console.print(world.describe(cfg.train), highlight=False)
     reference.check_start(objective, model, fresh=start_from is None)  # before accel changes the model

@@ -39,6 +39,7 @@ import torch
 from torch import nn
 
 from lorafuse.accel.checkpointing import decoder_layers
+from lorafuse.lora.token_rows import head_rows
 from lorafuse.plan import policy
 
 _INT_VIEW = {2: (torch.int16, "<i2"), 4: (torch.int32, "<i4")}
@@ -143,6 +144,8 @@ def host_head_blocker(model: nn.Module) -> str:
     w = head.weight
     if w.requires_grad:
         return "the output head is trained (modules_to_save)"
+    if head_rows(model) is not None:
+        return "the output head has trainable token rows (lora.train_untrained_tokens, data.add_special_tokens)"
     emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     if emb is not None and getattr(emb, "weight", None) is w:
         return "the output head is tied to the input embedding, which every forward reads"

@@ -5,7 +5,8 @@ For the first `n` training examples it prints the decoded text with trained toke
 which would mean the model never learns to stop), [PAD]. Preference data (data.format=preference) is shown by
 pair: the prompt once, then the chosen and the rejected response with their trained tokens. Then the data
 statistics: rows read/used/dropped and why, tokens, masked share, truncation, cache hit, and a text bar chart of
-row lengths.
+row lengths. Last, the run's check of the token rows the data uses (model/untrained_tokens.py), on the
+checkpoint's tables read from disk.
 """
 
 from __future__ import annotations
@@ -27,9 +28,12 @@ def preview(cfg, n: int = 5, console=None, tokenizer=None) -> DataStats:
         from lorafuse.model.load import load_tokenizer
 
         tokenizer = load_tokenizer(cfg.model.path)
+    from lorafuse.model.new_tokens import add_run_tokens
+
+    new_ids = add_run_tokens(None, tokenizer, cfg.data, cfg.lora.train_untrained_tokens, console)
     if not cfg.data.cache_dir:  # the cache goes into the run folder: it becomes the run's, as `lorafuse train` makes it
         prepare_run_dir(cfg.output.dir)
-    train, _, stats = build_datasets(cfg.data, tokenizer, seed=cfg.train.seed, cache_dir=cache_dir_for(cfg))
+    train, val, stats = build_datasets(cfg.data, tokenizer, seed=cfg.train.seed, cache_dir=cache_dir_for(cfg))
     (_print_pairs if cfg.data.format == "preference" else _print_examples)(train, n, console, tokenizer)
     console.rule("legend")
     console.print(_legend())
@@ -39,6 +43,11 @@ def preview(cfg, n: int = 5, console=None, tokenizer=None) -> DataStats:
     console.print("row lengths (tokens):", markup=False)
     for line in histogram_lines(stats.histogram):
         console.print(line, markup=False)
+    from lorafuse.model.untrained_tokens import preview_lines
+
+    console.rule("token rows")
+    for line in preview_lines(cfg.model, tokenizer, (train, val), new_ids, cfg.lora.train_untrained_tokens):
+        console.print(line, markup=False, highlight=False)
     return stats
 
 

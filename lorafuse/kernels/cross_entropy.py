@@ -114,21 +114,45 @@ def _ce_rows(
     return loss
 
 
-def _fixed_shape_pass(hidden, w, b, labels, ignore_index, chunk, dh, dw, db, want_grad) -> torch.Tensor:
+def _chunk(h, w, b, y, scale, want_grad, ignore_index, rows, grads, dh_out=None):
+    """One chunk of rows h (c, H): logits, the token rows' columns, per-row losses with dz written over the logits,
+    and the gradients accumulated into grads = (dh, dw, db, dr). Returns (loss sum, the chunk's dh or None)."""
+    logits = torch.addmm(b, h, w.t()) if b is not None else torch.mm(h, w.t())
+    if rows is not None:
+        index, r = rows
+        logits.index_copy_(1, index, torch.addmm(b[index], h, r.t()) if b is not None else torch.mm(h, r.t()))
+    total = _ce_rows(logits, y, scale, want_grad, ignore_index).sum()
+    dh, dw, db, dr = grads
+    if not want_grad:
+        return total, None
+    if db is not None:
+        db += logits.sum(0, dtype=torch.float32)
+    dz_rows = None
+    if rows is not None:  # W's rows I are not read: their logit gradient goes through R instead
+        dz_rows = logits.index_select(1, index)
+        logits.index_fill_(1, index, 0)
+    dh_chunk = None
+    if dh is not None:
+        dh_chunk = torch.mm(logits, w, out=dh_out) if dh_out is not None else torch.mm(logits, w)
+        if dz_rows is not None:
+            dh_chunk.addmm_(dz_rows, r)  # dz W' = dz[:, not I] W[not I] + dz[:, I] R
+    if dw is not None:
+        dw.addmm_(logits.t(), h)
+    if dr is not None:
+        dr += torch.mm(dz_rows.t(), h).float()
+    return total, dh_chunk
+
+
+def _fixed_shape_pass(hidden, w, b, labels, ignore_index, chunk, grads, want_grad, rows) -> torch.Tensor:
     """The sum over kept rows without selecting them: every row, contiguous chunks, ignored rows weigh 0.
     No host synchronisation and no data-dependent shape, so a CUDA graph can record it (train/graphs.py);
     the rows it computes for nothing are the ignored ones (none in packed or full-length batches)."""
     total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    dh = grads[0]
     for start in range(0, hidden.shape[0], chunk):
-        h = hidden[start : start + chunk]
-        logits = torch.addmm(b, h, w.t()) if b is not None else torch.mm(h, w.t())
-        total += _ce_rows(logits, labels[start : start + chunk], 1.0, want_grad, ignore_index).sum()
-        if dh is not None:
-            torch.mm(logits, w, out=dh[start : start + chunk])
-        if dw is not None:
-            dw.addmm_(logits.t(), h)
-        if db is not None:
-            db += logits.sum(0, dtype=torch.float32)
+        out = None if dh is None else dh[start : start + chunk]
+        h, y = hidden[start : start + chunk], labels[start : start + chunk]
+        total += _chunk(h, w, b, y, 1.0, want_grad, ignore_index, rows, grads, dh_out=out)[0]
     return total
 
 
@@ -138,56 +162,65 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
     Backward derivation: d lse(z)/dz = softmax(z) and d z[y]/dz = onehot(y), so dL/dz_t =
     scale * (softmax(z_t) - onehot(y_t)); z_t = h_t W^T + b gives dL/dh_t = dL/dz_t W,
     dL/dW = sum_t (dL/dz_t)^T h_t, dL/db = sum_t dL/dz_t. All formed in forward; backward multiplies
-    them by the incoming scalar gradient.
+    them by the incoming scalar gradient. Token rows (row_index I (k,), row_values R (k, H), lora/token_rows.py)
+    replace W's rows I: z_t[I] = h_t R^T (+ b[I]), dL/dR = sum_t (dL/dz_t)[I]^T h_t (fp32), and those rows of dW
+    are zero.
     """
 
     @staticmethod
     @_runtime.autocast_off
-    def forward(ctx, hidden, weight, bias, labels, ignore_index, reduction, chunk):
+    def forward(ctx, hidden, weight, bias, labels, ignore_index, reduction, chunk, row_index, row_values):
         dtype = hidden.dtype
         w = weight.to(dtype)
         b = None if bias is None else bias.to(dtype)
         want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         want_b = bias is not None and ctx.needs_input_grad[2]
-        want_grad = want_h or want_w or want_b
-        dh = torch.zeros_like(hidden) if want_h else None
-        dw = torch.zeros_like(weight, dtype=dtype) if want_w else None
-        db = torch.zeros(weight.shape[0], dtype=torch.float32, device=hidden.device) if want_b else None
+        want_r = row_values is not None and ctx.needs_input_grad[8]
+        want_grad = want_h or want_w or want_b or want_r
+        rows = None if row_values is None else (row_index, row_values.detach().to(dtype))
+        grads = (
+            torch.zeros_like(hidden) if want_h else None,
+            torch.zeros_like(weight, dtype=dtype) if want_w else None,
+            torch.zeros(weight.shape[0], dtype=torch.float32, device=hidden.device) if want_b else None,
+            torch.zeros(row_values.shape, dtype=torch.float32, device=hidden.device) if want_r else None,
+        )
+        ctx.weight_dtype = weight.dtype
+        ctx.values_dtype = None if row_values is None else row_values.dtype
         if reduction == "sum" and (FIXED_SHAPE or (hidden.is_cuda and torch.cuda.is_current_stream_capturing())):
-            total = _fixed_shape_pass(hidden, w, b, labels, ignore_index, chunk, dh, dw, db, want_grad)
-            ctx.save_for_backward(dh, dw, None if db is None else db.to(bias.dtype))
-            ctx.weight_dtype = weight.dtype
+            total = _fixed_shape_pass(hidden, w, b, labels, ignore_index, chunk, grads, want_grad, rows)
+            _save(ctx, grads, bias)
             return total
-        rows = (labels != ignore_index).nonzero().squeeze(1)
-        n = rows.numel()
+        kept = (labels != ignore_index).nonzero().squeeze(1)
+        n = kept.numel()
         scale = 1.0 / n if (reduction == "mean" and n > 0) else 1.0
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for start in range(0, n, chunk):
-            idx = rows[start : start + chunk]
-            h = hidden.index_select(0, idx)
-            logits = torch.addmm(b, h, w.t()) if b is not None else torch.mm(h, w.t())
-            total += _ce_rows(logits, labels.index_select(0, idx), scale, want_grad, ignore_index).sum()
-            if want_h:
-                dh.index_copy_(0, idx, torch.mm(logits, w))
-            if want_w:
-                dw.addmm_(logits.t(), h)
-            if want_b:
-                db += logits.sum(0, dtype=torch.float32)
+            idx = kept[start : start + chunk]
+            h, y = hidden.index_select(0, idx), labels.index_select(0, idx)
+            part, dh_chunk = _chunk(h, w, b, y, scale, want_grad, ignore_index, rows, grads)
+            total += part
+            if dh_chunk is not None:
+                grads[0].index_copy_(0, idx, dh_chunk)
         loss = total / n if reduction == "mean" else total  # 0 / 0 = NaN with no kept row, as torch
-        ctx.save_for_backward(dh, dw, None if db is None else db.to(bias.dtype))
-        ctx.weight_dtype = weight.dtype
+        _save(ctx, grads, bias)
         return loss
 
     @staticmethod
     @_runtime.autocast_off
     def backward(ctx, grad_loss):
-        dh, dw, db = ctx.saved_tensors
+        dh, dw, db, dr = ctx.saved_tensors
 
         def scaled(t):
             return None if t is None else t * grad_loss.to(t.dtype)
 
         dw = None if dw is None else scaled(dw).to(ctx.weight_dtype)
-        return scaled(dh), dw, scaled(db), None, None, None, None
+        dr = None if dr is None else scaled(dr).to(ctx.values_dtype)
+        return scaled(dh), dw, scaled(db), None, None, None, None, None, dr
+
+
+def _save(ctx, grads, bias) -> None:
+    dh, dw, db, dr = grads
+    ctx.save_for_backward(dh, dw, None if db is None else db.to(bias.dtype), dr)
 
 
 def fused_linear_cross_entropy(
@@ -198,10 +231,12 @@ def fused_linear_cross_entropy(
     ignore_index: int = -100,
     reduction: str = "mean",
     chunk_size: int | None = None,
+    rows=None,
 ) -> torch.Tensor:
     """CE(hidden W^T + b, labels) for hidden (T, H) (or (..., H) with labels (...)), fp32 scalar.
 
     reduction "mean" (over labels != ignore_index; NaN when there are none, as torch) or "sum".
+    rows: trainable token rows (lora/token_rows.py `Rows`: index (k,), values (k, H)) replacing W's rows index.
     The reference on CPU tensors.
     """
     if reduction not in ("mean", "sum"):
@@ -209,6 +244,9 @@ def fused_linear_cross_entropy(
     hidden2 = hidden.reshape(-1, hidden.shape[-1])
     labels2 = labels.reshape(-1)
     if not _runtime.use_triton(hidden):
-        return fused_linear_cross_entropy_reference(hidden2, weight, labels2, bias, ignore_index, reduction)
+        return fused_linear_cross_entropy_reference(hidden2, weight, labels2, bias, ignore_index, reduction, rows=rows)
     chunk = chunk_size or default_chunk(weight.shape[0], hidden.dtype)
-    return FusedLinearCrossEntropyFunction.apply(hidden2, weight, bias, labels2, ignore_index, reduction, chunk)
+    index, values = (None, None) if rows is None else (rows.index, rows.values)
+    return FusedLinearCrossEntropyFunction.apply(
+        hidden2, weight, bias, labels2, ignore_index, reduction, chunk, index, values
+    )

@@ -203,13 +203,25 @@ def swiglu_mlp_reference(x: torch.Tensor, gate: LoRAWeights, up: LoRAWeights, do
 
 
 def fused_linear_cross_entropy_reference(
-    hidden, weight, labels, bias=None, ignore_index: int = -100, reduction: str = "mean", chunk_size: int | None = None
+    hidden,
+    weight,
+    labels,
+    bias=None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    chunk_size: int | None = None,
+    rows=None,
 ):
     """CE(hidden W^T + b, labels) with logits in hidden.dtype upcast to fp32 (HF's order).
 
     hidden (T, H), weight (V, H), labels (T,) int64; reduction "mean" (over labels != ignore_index)
     or "sum". chunk_size is accepted for signature parity and ignored: this path builds all logits.
+    rows (index (k,), values (k, H)): W's rows index replaced by values (trainable token rows).
     """
     b = None if bias is None else bias.to(hidden.dtype)
-    logits = F.linear(hidden, weight.to(hidden.dtype), b).float()
+    logits = F.linear(hidden, weight.to(hidden.dtype), b)
+    if rows is not None:
+        cols = F.linear(hidden, rows.values.to(hidden.dtype), None if b is None else b[rows.index])
+        logits = logits.index_copy(-1, rows.index, cols)
+    logits = logits.float()
     return F.cross_entropy(logits, labels, ignore_index=ignore_index, reduction=reduction)

@@ -8,6 +8,9 @@ An adapter folder (what `save_adapter` writes, what `PeftModel.from_pretrained(b
                                .lora_magnitude_vector (out,) with DoRA (no ".weight" on disk), and for each
                                modules_to_save module its full tensors under base_model.model.<module>.<param>;
                                metadata {"format": "pt"}
+                               trainable token rows (lora/token_rows.py) under peft's keys
+                               base_model.model.<embedding or head>.token_adapter.trainable_tokens_delta (k, D),
+                               with trainable_token_indices in the config
     README.md                  a peft-style model card (base_model, library_name: peft, tags)
     lorafuse.json              what peft has no field for: the base's quantization (NF4, blocksize, double quant),
                                compute dtype, lorafuse version. peft never opens it, so it cannot warn
@@ -32,6 +35,7 @@ from torch import nn
 from lorafuse.atomic import atomic_folder
 from lorafuse.errors import LorafuseError, ModelError
 from lorafuse.io_errors import writing
+from lorafuse.lora import token_rows
 from lorafuse.model.state import model_state
 
 CONFIG_NAME = "adapter_config.json"
@@ -115,7 +119,8 @@ def save_adapter(model, out_dir, base_model_name_or_path=None, dtype=None, token
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True))
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
         (tmp / LORAFUSE_NAME).write_text(json.dumps(_lorafuse_facts(model, tensors), indent=2, sort_keys=True))
-        (tmp / "README.md").write_text(_model_card(base_name, config), encoding="utf-8")
+        vocab = model.get_input_embeddings().weight.shape[0]
+        (tmp / "README.md").write_text(_model_card(base_name, config, vocab), encoding="utf-8")
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
     return Path(out_dir)
@@ -149,6 +154,7 @@ def adapter_config_for(model, layers: dict, base_name: str | None) -> dict:
         target_modules=_target_modules_entry(model, set(layers), save_names),
         modules_to_save=sorted(info.get("modules_to_save") or []) or None,
         ensure_weight_tying=bool(info.get("ensure_weight_tying", False)),
+        trainable_token_indices=token_rows.peft_indices_entry(model),
         init_lora_weights="gaussian" if init == "gaussian" else True,
         rank_pattern={re.escape(n): m.r for n, m in layers.items() if m.r != r},
         alpha_pattern={re.escape(n): _plain_number(m.alpha) for n, m in layers.items() if m.alpha != alpha},
@@ -203,6 +209,9 @@ def adapter_state_dict(model, layers: dict, save_names, dtype=None) -> dict[str,
     for name in save_names:
         for pname, p in model.get_submodule(name).named_parameters(remove_duplicate=False):
             out[f"{PREFIX}{name}.{pname}"] = p
+    for name, p in model.named_parameters():
+        if name.endswith(token_rows.VALUES_KEY):
+            out[f"{PREFIX}{name}"] = p
     # clone: tied tensors (embed/lm_head) must not share storage in safetensors
     return {
         k: v.detach().to("cpu", dtype if dtype is not None and v.is_floating_point() else v.dtype).contiguous().clone()
@@ -251,10 +260,23 @@ def _lorafuse_facts(model, tensors) -> dict:
             if k in base
         },
         "adapter_dtype": sorted({str(t.dtype).removeprefix("torch.") for t in tensors.values()}),
+        "vocab_size": model.get_input_embeddings().weight.shape[0],  # grown by new tokens: resize the base to it
     }
 
 
-def _model_card(base_name: str | None, config: dict) -> str:
+def _token_rows_note(config: dict, vocab_size: int) -> tuple[str, str]:
+    """(the card's snippet line, its paragraph) for an adapter with trainable token rows (docs/tokens.md)."""
+    if not config.get("trainable_token_indices"):
+        return "", ""
+    return (
+        f"base.resize_token_embeddings({vocab_size})  # the vocabulary trained with; a no-op when it already is\n",
+        "The adapter trains some embedding and output-head rows (`trainable_token_indices`: new tokens, or rows the "
+        "base left untrained);\nthe resize gives a base the rows of tokens added in training, and the adapter "
+        "supplies their values.\n\n",
+    )
+
+
+def _model_card(base_name: str | None, config: dict, vocab_size: int) -> str:
     import lorafuse
 
     front = ["---"]
@@ -265,6 +287,7 @@ def _model_card(base_name: str | None, config: dict) -> str:
         front.append(f"- {json.dumps('base_model:adapter:' + base_name)}")
     front += ["- lora", "- transformers", "- lorafuse", "---", ""]
     variant = ", ".join(k for k, on in (("rsLoRA", config["use_rslora"]), ("DoRA", config["use_dora"])) if on)
+    resize, rows_note = _token_rows_note(config, vocab_size)
     body = f"""# LoRA adapter{f" for {base_name}" if base_name else ""}
 
 Trained with lorafuse: r={config["r"]}, lora_alpha={config["lora_alpha"]}{f", {variant}" if variant else ""}.
@@ -275,12 +298,12 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 base = AutoModelForCausalLM.from_pretrained({json.dumps(base_name or "<base model>")})
-model = PeftModel.from_pretrained(base, "<this folder>")
+{resize}model = PeftModel.from_pretrained(base, "<this folder>")
 tokenizer = AutoTokenizer.from_pretrained("<this folder>")
 ```
 
-`lorafuse.json` records how the base was quantized during training; `lorafuse merge` reads it to merge into the
-same weights the adapter was trained against.
+{rows_note}`lorafuse.json` records how the base was quantized during training; `lorafuse merge` reads it to merge
+into the same weights the adapter was trained against.
 
 ### Framework versions
 

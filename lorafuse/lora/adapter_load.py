@@ -17,6 +17,7 @@ from torch import nn
 
 from lorafuse.errors import ModelError
 from lorafuse.io_errors import reading
+from lorafuse.lora import token_rows
 from lorafuse.lora.adapter_io import (
     _PEFT_DEFAULTS,
     CONFIG_NAME,
@@ -39,7 +40,6 @@ _UNSUPPORTED = {
     "use_qalora": (False,),
     "layer_replication": (None,),
     "target_parameters": (None, []),
-    "trainable_token_indices": (None,),
     "alora_invocation_tokens": (None,),
     "arrow_config": (None,),
     "use_bdlora": (None, False),
@@ -132,10 +132,13 @@ def load_adapter(model, adapter_dir, is_trainable=False):
     if lora_layers(model):
         raise ModelError("the model already has LoRA layers", "load the adapter into a freshly loaded base model")
     tensors = _read_tensors(Path(adapter_dir).expanduser())
+    _grow_vocab(model, adapter_dir)
     save_names = resolve_modules_to_save(model, cfg["modules_to_save"] or [])
     targets = resolve_targets(model, cfg, save_names)
-    _check_fits(model, cfg, tensors, targets, save_names)
+    rows = token_rows.rows_in_config(model, cfg["trainable_token_indices"])
+    _check_fits(model, cfg, tensors, targets, save_names, {k: (len(ids), d) for k, (ids, d) in rows.items()})
     _apply(model, cfg, targets)
+    token_rows.attach_saved(model, rows, {k: tensors[PREFIX + k] for k in rows})
     with torch.no_grad():
         for key, value in tensors.items():
             param = model.get_parameter(key[len(PREFIX) :])
@@ -257,9 +260,18 @@ def _model_name(model) -> str:
     return str(_base_name(model) or type(model).__name__)
 
 
-def _check_fits(model, cfg, tensors, targets, save_names) -> None:
-    """Every expected tensor present with the model's shapes; a dimension clash means another base model."""
-    expected, rank_dims = {}, {}
+def _grow_vocab(model, adapter_dir) -> None:
+    """An adapter trained with new tokens (lorafuse.json vocab_size above the base's rows): resize the base to it,
+    as its users do with transformers (the new rows' values come from the adapter's token rows)."""
+    size = (read_lorafuse_facts(adapter_dir) or {}).get("vocab_size")
+    if size and size > model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(size, mean_resizing=False)
+
+
+def _check_fits(model, cfg, tensors, targets, save_names, row_shapes) -> None:
+    """Every expected tensor present with the model's shapes; a dimension clash means another base model.
+    row_shapes: {name: shape} of the token-row tensors the config names (without the prefix)."""
+    expected, rank_dims = {PREFIX + k: v for k, v in row_shapes.items()}, {}
     for name, (r, _) in targets.items():
         m = model.get_submodule(name)
         expected[f"{PREFIX}{name}.lora_A.weight"] = (r, m.in_features)

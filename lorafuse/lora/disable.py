@@ -8,9 +8,10 @@ the base, so the reference costs no memory: the same module tree runs once more 
 is `LoRALinear.disabled`; `LoRALinear.forward` and the fast path's `linear_spec` (the fused kernels' operands) both
 read it, so it holds on either path. Dropout masks are not drawn while it is off (the LoRA branch does not run).
 
-Refused (LorafuseError) where "off" cannot mean the base model: modules trained in full in place
-(`lora.modules_to_save`: lorafuse keeps no frozen original to fall back on) and adapters merged into the base
-weight. The previous state of every layer is restored on exit, also when the block raises.
+Trainable token rows (lora/token_rows.py) are switched off with it: the tables' own rows, as peft's
+`disable_adapter` gives them. Refused (LorafuseError) where "off" cannot mean the base model: modules trained in
+full in place (`lora.modules_to_save`: lorafuse keeps no frozen original to fall back on) and adapters merged into
+the base weight. The previous state of every layer is restored on exit, also when the block raises.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from collections.abc import Iterator
 from torch import nn
 
 from lorafuse.errors import LorafuseError
+from lorafuse.lora import token_rows
 from lorafuse.lora.linear import LoRALinear
 from lorafuse.model.state import model_state
 
@@ -45,10 +47,16 @@ def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
             "unmerge the adapter (LoRALinear.unmerge) before training against the base model",
         )
     before = [m.disabled for m in layers]
+    rows = token_rows.state(model)
+    rows_before = rows is not None and rows.disabled
     for m in layers:
         m.disabled = True
+    if rows is not None:
+        rows.disabled = True
     try:
         yield model
     finally:
         for m, state in zip(layers, before):
             m.disabled = state
+        if rows is not None:
+            rows.disabled = rows_before

@@ -9,9 +9,11 @@ Per targeted linear, in fp32 (W (out, in), A (r, in), B (out, r), s = alpha/r or
     W'     = (m / ||W_base + s*B@A||_row)[:, None] * (W_base + s*B@A)             DoRA (peft's merge formula)
 
 W' is cast once to `dtype`. Linears the adapter did not target are dequantized the same way; modules_to_save
-copies (already loaded into the modules) replace the base modules. The folder holds config.json without any
-quantization_config, model.safetensors, the training tokenizer + chat template, and generation_config.json whose
-EOS ids include the template's end-of-turn token, so `AutoModelForCausalLM.from_pretrained` needs no lorafuse.
+copies (already loaded into the modules) replace the base modules; trainable token rows are written into the
+embedding and head rows they replace (E[I] = R_e, W[I] = R_h; a base grown for new tokens keeps the new size).
+The folder holds config.json without any quantization_config, model.safetensors, the training tokenizer + chat template,
+and generation_config.json whose EOS ids include the template's end-of-turn token, so
+`AutoModelForCausalLM.from_pretrained` needs no lorafuse.
 
 Why dequantize instead of merging into the original 16-bit weights: a QLoRA adapter learned a correction to
 dequantize(NF4 W), which differs from W by up to ~10% of each block's absmax; merging into W changes the function (the
@@ -101,7 +103,8 @@ def merge(
         trained = {"quant": "none"}
     trained_nf4 = trained.get("quant") == "nf4"
     model, tokenizer = load_for_merge(base_path, adapter_dir, trained, nf4=trained_nf4)
-    inputs = _check_inputs(tokenizer, max_check_tokens) if check else []
+    # the training tokenizer: its chat template, and any tokens the adapter added, are what the check must cover
+    inputs = _check_inputs(training_tokenizer(adapter_dir, tokenizer), max_check_tokens) if check else []
     trained_logits = _logits(model, inputs)
     target_logits = trained_logits
     if from_16bit and trained_nf4:
@@ -193,8 +196,10 @@ def load_for_merge(base_path, adapter_dir, trained: dict, nf4: bool, dense_dtype
 def merge_into_dense(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     """Replace every LoRALinear by nn.Linear(W' in `dtype`) and every NF4Linear by its fp32 dequantization cast to
     `dtype`; cast the rest to `dtype`. In place, one layer at a time (the fp32 temporaries are per layer)."""
+    from lorafuse.lora import token_rows
     from lorafuse.lora.linear import LoRALinear, NF4Linear
 
+    token_rows.fold(model)  # trainable token rows written into the embedding and head (fp32 tables here)
     for name, module in list(model.named_modules()):
         if not isinstance(module, (LoRALinear, NF4Linear)):
             continue

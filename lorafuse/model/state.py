@@ -3,6 +3,7 @@
     base:  how the base was loaded (name_or_path, quant, compute_dtype, blocksize, ...): load.py, random_init.py
     lora:  the adapter's settings once LoRA is applied (r, alpha, targets, ...): inject.py
     accel: what the runtime changed for speed or memory while the model trains (lorafuse.accel.AccelState), or None
+    tokens: the trainable token rows of the embedding and head (lorafuse.lora.token_rows.TokenRowsState), or None
 
 Adapter files, merges and the training job read these facts instead of guessing them from the modules. The object
 lives in the model instance's __dict__ under one name, so transformers' modules carry nothing else of ours.
@@ -21,6 +22,7 @@ class ModelState:
     base: dict = field(default_factory=dict)
     lora: dict | None = None
     accel: Any = None
+    tokens: Any = None
 
 
 def model_state(model) -> ModelState:

@@ -156,7 +156,8 @@ def test_pair_batches_keep_pairs_together(tiny_tokenizer, make_cfg):
 
 def test_preview_shows_pairs(tiny_tokenizer, make_cfg, tmp_path):
     cfg = SimpleNamespace(
-        model=SimpleNamespace(path="unused"),
+        model=SimpleNamespace(path="unused", trust_remote_code=False),
+        lora=SimpleNamespace(train_untrained_tokens="auto"),
         data=make_cfg(path="builtin:preference", format="preference", prompt_format="dolly-ja", num_rows=6),
         output=SimpleNamespace(dir=str(tmp_path / "run")),
         train=SimpleNamespace(seed=42),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from types import SimpleNamespace
 
 from rich.console import Console
@@ -9,9 +10,10 @@ from rich.console import Console
 from lorafuse.data.preview import histogram_lines, preview, render_example
 
 
-def _cfg(make_cfg, tmp_path, model_path="unused", **data):
+def _cfg(make_cfg, tmp_path, model_path="unused", train_untrained_tokens="auto", **data):
     return SimpleNamespace(
-        model=SimpleNamespace(path=str(model_path)),
+        model=SimpleNamespace(path=str(model_path), trust_remote_code=False),
+        lora=SimpleNamespace(train_untrained_tokens=train_untrained_tokens),
         data=make_cfg(**data),
         output=SimpleNamespace(dir=str(tmp_path / "run")),
         train=SimpleNamespace(seed=42),
@@ -34,6 +36,33 @@ def test_preview_loads_the_models_tokenizer(tiny_model_dir, make_cfg, tmp_path):
     console = Console(record=True, width=100, color_system=None)
     preview(_cfg(make_cfg, tmp_path, model_path=tiny_model_dir, num_rows=5), n=1, console=console)
     assert "[EOS]" in console.export_text()
+
+
+def test_preview_reports_untrained_token_rows_from_the_checkpoint(tiny_tokenizer, make_cfg, tmp_path):
+    import torch
+
+    from lorafuse.model.tiny import build_tiny_model
+
+    model = build_tiny_model("llama", tokenizer=tiny_tokenizer)
+    with torch.no_grad():
+        model.get_input_embeddings().weight[[4, 5]] = 0  # <|im_start|>, <|im_end|>, as in Llama-3 base
+    model.save_pretrained(tmp_path / "base")
+    tiny_tokenizer.save_pretrained(tmp_path / "base")
+    rows = [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Red."}]}] * 3
+    (tmp_path / "chat.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    for mode, says in (("auto", "lorafuse trains their embedding"), ("off", "lora.train_untrained_tokens=off")):
+        console = Console(record=True, width=300, color_system=None)
+        cfg = _cfg(make_cfg, tmp_path, tmp_path / "base", mode, path=str(tmp_path / "chat.jsonl"), format="messages")
+        preview(cfg, n=1, console=console)
+        text = console.export_text()
+        assert "untrained token rows: 2 of the" in text and "'<|im_end|>' (id 5): embedding all zero" in text
+        assert says in text
+
+
+def test_preview_without_local_weights_says_the_run_checks(tiny_tokenizer, make_cfg, tmp_path):
+    console = Console(record=True, width=300, color_system=None)
+    preview(_cfg(make_cfg, tmp_path, "someone/some-model", num_rows=3), n=1, console=console, tokenizer=tiny_tokenizer)
+    assert "untrained token rows: not checked before training" in console.export_text()
 
 
 def test_render_styles_trained_masked_and_eos(tiny_tokenizer):

@@ -82,3 +82,50 @@ def test_fixed_shape_pass_matches_the_oracle(t, hdim, vocab, dtype, with_bias, c
 
     monkeypatch.setattr(cross_entropy, "FIXED_SHAPE", True)
     _check(t, hdim, vocab, dtype, "sum", with_bias, chunk, device, parity)
+
+
+def _rows_check(t, hdim, vocab, dtype, device, parity):
+    """Trainable token rows (ids I, values R, lora/token_rows.py): the logit columns I are h R^T; the loss,
+    d hidden and d R match the reference that builds every logit with W's rows I replaced (the frozen W gets none)."""
+    from lorafuse.lora.token_rows import Rows
+
+    g = torch.Generator().manual_seed(4)
+    hidden = torch.randn(t, hdim, generator=g).to(device)
+    weight = (torch.randn(vocab, hdim, generator=g) / hdim**0.5 * 4).to(device)
+    index = torch.tensor([3, 17, 64], device=device)
+    values = (torch.randn(3, hdim, generator=g) / hdim**0.5 * 4).to(device)
+    labels = torch.randint(0, vocab, (t,), generator=g)
+    labels[:3] = torch.tensor([3, 17, 64])  # the replaced tokens are targets too
+    labels[5] = -100
+    labels = labels.to(device)
+
+    def run(fn, dtype):
+        h, r = (t.detach().to(dtype).clone().requires_grad_() for t in (hidden, values))
+        loss = fn(h, weight.to(dtype), labels, reduction="sum", chunk_size=5, rows=Rows(index, r))
+        (loss * 1.5).backward()
+        return {"loss": loss.detach().reshape(1), "dh": h.grad, "dr": r.grad}
+
+    oracle = run(fused_linear_cross_entropy_reference, torch.float64)
+    ref = run(fused_linear_cross_entropy_reference, dtype)
+    got = run(fused_linear_cross_entropy, dtype)
+    for name in oracle:
+        parity(f"ce-rows/{dtype}/{name}", got[name], ref[name], oracle[name])
+    plain = fused_linear_cross_entropy_reference(hidden.double(), weight.double(), labels, reduction="sum")
+    assert (plain - oracle["loss"]).abs() > 0.1, "the rows must change the loss"
+
+
+@pytest.mark.parametrize("fixed", [False, True], ids=["selected-rows", "fixed-shape"])
+def test_token_rows_replace_head_rows(fixed, device, parity, monkeypatch):
+    from lorafuse.kernels import cross_entropy
+
+    monkeypatch.setattr(cross_entropy, "FIXED_SHAPE", fixed)
+    _rows_check(13, 32, 100, torch.float32, device, parity)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fixed", [False, True], ids=["selected-rows", "fixed-shape"])
+def test_token_rows_replace_head_rows_gpu(fixed, parity, monkeypatch):
+    from lorafuse.kernels import cross_entropy
+
+    monkeypatch.setattr(cross_entropy, "FIXED_SHAPE", fixed)
+    _rows_check(2048, 4096, 32000, torch.bfloat16, torch.device("cuda"), parity)

@@ -44,6 +44,39 @@ def test_chunked_loss_and_grads_match_cross_entropy(chunk):
         assert (o - e).abs().max() <= 2 * (r - e).abs().max() + 1e-12
 
 
+def _rows_reference(h, w, labels, index, values):
+    """Every logit, with W's rows `index` replaced by `values` (what trainable token rows mean)."""
+    logits = (h @ w.t()).index_copy(1, index, h @ values.t())
+    return F.cross_entropy(logits, labels, ignore_index=-100, reduction="sum")
+
+
+@pytest.mark.parametrize("chunk", [4, None])
+def test_token_rows_replace_head_rows_and_get_their_gradient(chunk):
+    from lorafuse.lora.token_rows import Rows
+
+    hidden, weight, labels = _problem(seed=2)
+    index = torch.tensor([3, 17, 40])
+    labels[:6] = index.repeat(2)  # some targets are the replaced tokens themselves
+    values = torch.randn(3, hidden.shape[1], generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+
+    def run(fn, dtype):
+        h, r = (t.detach().to(dtype).clone().requires_grad_() for t in (hidden, values))
+        loss = fn(h, weight.to(dtype), labels, r)
+        (1.5 * loss).backward()  # a non-unit upstream gradient: backward must scale
+        return loss.detach().double(), h.grad.double(), r.grad.double()
+
+    exact = run(lambda h, w, y, r: _rows_reference(h, w, y, index, r), torch.float64)
+    ref32 = run(lambda h, w, y, r: _rows_reference(h, w, y, index, r), torch.float32)
+    ours = run(lambda h, w, y, r: chunked_lm_loss(h, w, y, chunk=chunk, rows=Rows(index, r)), torch.float32)
+    for name, o, r, e in zip(("loss", "d hidden", "d rows"), ours, ref32, exact):
+        # relative (Frobenius) error: no worse than 2x that of PyTorch's fp32 autograd through every logit, with
+        # the fp32 floor of the kernel tests (tests/kernels/conftest.py) for a reference that happens to be exact
+        err, ref_err = float((o - e).norm() / e.norm()), float((r - e).norm() / e.norm())
+        assert err <= 2 * max(ref_err, 1e-6), f"{name}: {err:.3g} vs the fp32 reference's {ref_err:.3g}"
+    plain = _reference(hidden, weight, labels)
+    assert (exact[0] - plain).abs() > 1e3 * (ref32[0] - exact[0]).abs(), "the rows must change the loss"
+
+
 def test_no_grad_path_returns_the_same_value():
     hidden, weight, labels = _problem(seed=1)
     with torch.no_grad():

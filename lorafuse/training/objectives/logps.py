@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from lorafuse.accel import accel_state
+from lorafuse.lora.token_rows import head_rows
 
 IGNORE_INDEX = -100
 _LOGIT_ELEMENTS = 2**25  # fp32 logits per chunk: 128 MB (+ the same for the softmax), as the SFT loss
@@ -57,7 +58,7 @@ def sequence_logps(model, inputs: dict, head=None, fused: bool = False) -> torch
     labels = inputs["labels"]
     forward = {k: v for k, v in inputs.items() if k != "labels"}
     shifted = shifted_labels(labels)
-    if head is None:
+    if head is None or head_rows(model) is not None:  # trainable token rows reach the head through its forward hook
         logits = model(**forward, use_cache=False).logits.float()  # (R, T, V)
         picked = logits.log_softmax(-1).gather(-1, shifted.clamp(min=0)[..., None]).squeeze(-1)
         return (picked * (shifted != IGNORE_INDEX)).sum(1)

@@ -1,0 +1,370 @@
+"""Fine-tuning quality: exact-match accuracy of full fine-tuning, LoRA and QLoRA (lorafuse, its fast path and FP8,
+and the seed's transformers + peft + bitsandbytes stack) on a task the base never saw, with the template's token
+rows as pretraining left them and zeroed as real bases ship them.
+
+    python benchmarks/quality.py                  # the GPU grid (one H100: see "GPU time" below)
+    python benchmarks/quality.py --smoke          # a tiny version of everything that runs here, on a CPU
+
+1. Pretrain a small Llama from scratch on synthetic string tasks (benchmarks/quality_data.py: copy, reverse,
+   rotate, shift, repeat, interleave; nothing that orders or compares), and save it twice: as pretrained, and
+   with the rows of the chat template's `<|im_start|>`/`<|im_end|>` zeroed in the embedding and the head.
+2. Fine-tune each base on the held-out task (sort 6 digits, in the ChatML template) with every method at each
+   learning rate of its grid, the same steps, batch, schedule and LoRA settings (the seed's: r=16, alpha=32,
+   dropout 0.05, the seven projections; AdamW):
+     full            every weight (a plain loop; fp32 masters, bf16 autocast on CUDA)
+     lora, qlora     lorafuse on a 16-bit / NF4 base, reference path (train.fast_path=off)
+     qlora+fast      lorafuse's fused kernels and CUDA graphs (CUDA)
+     qlora+fast+fp8  the same with train.fp8 (CUDA, compute capability 8.9+)
+     seed lora, seed qlora   transformers + peft (+ bitsandbytes 4-bit, CUDA), the plain loop
+   lorafuse runs with its defaults for token rows: on the zeroed base it finds the two rows and trains them.
+3. Score each fine-tuned model on held-out rows (benchmarks/quality_train.py: greedy, exact answer + <|im_end|>).
+   A method's score is its best accuracy over its LR grid; the table gives it relative to full fine-tuning's
+   best on the same base. One JSON line per run and per method's best go to
+   <out>/<date>-<card>-quality.jsonl; `lorafuse bench --table` reads the latest file's "best" rows.
+
+GPU time (one H100; estimated from launch counts, not yet measured): pretraining 3000 steps of 64 x 128 tokens
+on a 4-layer, 256-wide Llama (3.4M parameters) ~30-45 s; a fine-tuning run is 300 steps of 16 x 60 tokens, launch
+bound at this size: ~3 s for full fine-tuning's plain loop, ~5-7 s for lorafuse's reference path and peft, ~1 s
+replayed from CUDA graphs (plus ~1 minute of Triton compiling and autotuning, once per process), and ~1-2 s to
+load, evaluate 300 rows and save. 7 methods x 3 learning rates x 2 bases = 42 runs: about 5-6 minutes in all.
+Fewer: --lrs 1e-3,3e-3 (one grid for all), --methods, --steps. Calibrate first with --methods full,lora,qlora+fast
+--lrs 1e-3,3e-3 (about 2 minutes): full fine-tuning should score well above 50% and LoRA well above 0, else the
+task is too hard for --steps (--sort-length 5, or more --steps); benchmarks/NOTES.md has a CPU stand-in's numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import io
+import json
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch  # noqa: E402
+from quality_data import build_tokenizer, sort_rows  # noqa: E402
+from quality_train import build_base, encode, exact_match, finetune, pretrain, save_bases, token_accuracy  # noqa: E402
+
+PROJ7 = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+LORA = {"r": 16, "alpha": 32, "dropout": 0.05}
+METHODS = {  # name: (stack, settings)
+    "full": ("torch", {}),
+    "lora": ("lorafuse", {"quant": "none", "fast_path": "off"}),
+    "qlora": ("lorafuse", {"quant": "nf4", "fast_path": "off"}),
+    "qlora+fast": ("lorafuse", {"quant": "nf4", "fast_path": "on"}),
+    "qlora+fast+fp8": ("lorafuse", {"quant": "nf4", "fast_path": "on", "fp8": True}),
+    "seed lora": ("peft", {"quant": "none"}),
+    "seed qlora": ("peft", {"quant": "nf4"}),
+}
+LRS = {"full": [1e-4, 3e-4, 1e-3], "adapter": [1e-3, 2e-3, 5e-3]}
+SIZES = {
+    "gpu": dict(hidden=256, intermediate=768, layers=4, heads=4),
+    "smoke": dict(hidden=64, intermediate=128, layers=2, heads=2),
+}
+PLAN = {  # pretrain steps, batch, tokens; fine-tune steps, batch; held-out rows
+    "gpu": dict(pre_steps=3000, pre_batch=64, pre_seq=128, steps=300, batch=16, eval_rows=300, length=6),
+    "smoke": dict(pre_steps=20, pre_batch=8, pre_seq=64, steps=4, batch=4, eval_rows=16, length=6),
+}
+
+
+def blocker(method: str, device: torch.device) -> str:
+    """Why `method` cannot run here ("" when it can)."""
+    stack, s = METHODS[method]
+    if s.get("fast_path") == "on" and device.type != "cuda":
+        return "lorafuse's fused kernels need CUDA"
+    if s.get("fp8"):
+        from lorafuse.plan.policy import FP8_MIN_CAPABILITY
+
+        if torch.cuda.get_device_capability(device) < FP8_MIN_CAPABILITY:
+            return "train.fp8 needs compute capability 8.9+"
+    if stack == "peft":
+        for module in ("peft", "transformers") + (("bitsandbytes",) if s["quant"] == "nf4" else ()):
+            try:
+                __import__(module)
+            except Exception as exc:  # an import error of any kind: the peer is unavailable here
+                return f"{module} does not import ({type(exc).__name__})"
+        if s["quant"] == "nf4" and device.type != "cuda":
+            return "bitsandbytes 4-bit (the seed's QLoRA) needs CUDA"
+    return ""
+
+
+def run_lorafuse(settings: dict, base: Path, data: Path, lr: float, plan: dict, device, seed: int, work: Path):
+    """Train with `lorafuse train`'s job on `base`, then load base + adapter as a user would: (the model, training
+    seconds, the adapter's trainable_token_indices)."""
+    from rich.console import Console
+
+    from lorafuse.config import validate_config
+    from lorafuse.job import run
+    from lorafuse.lora.adapter_load import load_adapter
+    from lorafuse.model.load import load_model
+
+    cfg = validate_config(
+        {
+            "model": {"path": str(base), "quant": settings["quant"]},
+            "lora": {**LORA, "targets": PROJ7},
+            "data": {
+                "path": str(data),
+                "format": "messages",
+                "max_length": 64,
+                "cache_dir": str(data.parent / "cache"),
+            },
+            "train": {
+                "max_steps": plan["steps"],
+                "micro_batch_size": plan["batch"],
+                "grad_accum": 1,
+                "lr": lr,
+                "warmup_steps": 0.03,
+                "optimizer": "adamw",
+                "gradient_checkpointing": False,
+                "fast_path": settings["fast_path"],
+                "fp8": settings.get("fp8", False),
+                "device": device.type,
+                "seed": seed,
+                "log_every": plan["steps"],
+            },
+            "output": {"dir": str(work)},
+        }
+    )
+    with contextlib.redirect_stdout(io.StringIO()):  # the run's own report (trainable-params line, progress)
+        result = run(cfg, resume=None, console=Console(file=io.StringIO()))
+    model, _ = load_model(str(base), quant=settings["quant"], compute_dtype="auto", device=device)
+    config = json.loads((result.adapter_dir / "adapter_config.json").read_text())
+    return load_adapter(model, result.adapter_dir), result.wall_s, config["trainable_token_indices"]
+
+
+def run_peer(stack: str, settings: dict, base: Path, encoded, lr: float, plan: dict, device, seed: int):
+    """Full fine-tuning (stack "torch") or the seed's peft stack, in the plain loop; the trained model."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    kwargs = {"dtype": torch.float32 if stack == "torch" or device.type != "cuda" else torch.bfloat16}
+    if settings.get("quant") == "nf4":
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_compute_dtype=torch.bfloat16,
+        )
+        kwargs["device_map"] = {"": device.index or 0}
+    model = AutoModelForCausalLM.from_pretrained(str(base), **kwargs)
+    if settings.get("quant") != "nf4":
+        model.to(device)
+    if stack == "peft":
+        from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+        if settings["quant"] == "nf4":
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        config = LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"], target_modules=PROJ7)
+        model = get_peft_model(model, config)
+    params = [p for p in model.parameters() if p.requires_grad]
+    seconds = finetune(model, params, encoded, lr, plan["steps"], plan["batch"], device, seed)
+    return model, seconds
+
+
+def one_run(method, base, zeroed, lr, ctx) -> dict:
+    stack, settings = METHODS[method]
+    row = {"kind": "run", "method": method, "stack": stack, "zeroed": zeroed, "lr": lr, **ctx["meta"]}
+    why = blocker(method, ctx["device"])
+    if why:
+        return {**row, "status": "unavailable", "reason": why, "accuracy": None}
+    t0 = time.perf_counter()
+    try:
+        if stack == "lorafuse":
+            with tempfile.TemporaryDirectory(prefix="lorafuse-quality-") as work:
+                model, train_s, row["token_rows"] = run_lorafuse(
+                    settings, base, ctx["data"], lr, ctx["plan"], ctx["device"], ctx["seed"], Path(work)
+                )
+        else:
+            model, train_s = run_peer(stack, settings, base, ctx["train"], lr, ctx["plan"], ctx["device"], ctx["seed"])
+        accuracy = exact_match(model, ctx["eval"], ctx["device"])
+        row["token_accuracy"] = token_accuracy(model, ctx["eval"], ctx["device"])
+    except Exception as exc:  # one failed run is a row with its reason; the grid goes on
+        traceback.print_exc()
+        return {**row, "status": "error", "reason": f"{type(exc).__name__}: {exc}"[:300], "accuracy": None}
+    return {
+        **row,
+        "status": "ok",
+        "accuracy": accuracy,
+        "train_s": round(train_s, 2),
+        "total_s": time.perf_counter() - t0,
+    }
+
+
+def best_rows(rows: list[dict]) -> list[dict]:
+    """Per (method, zeroed): the best accuracy over the LR grid, and its ratio to full fine-tuning's on that base."""
+    out = []
+    for zeroed in (False, True):
+        best = {}
+        for r in rows:
+            if r["zeroed"] == zeroed and r["status"] == "ok":
+                if r["method"] not in best or r["accuracy"] > best[r["method"]]["accuracy"]:
+                    best[r["method"]] = r
+        full = best.get("full", {}).get("accuracy")
+        for method in METHODS:
+            b = best.get(method)
+            why = next((r.get("reason") for r in rows if r["method"] == method and r["zeroed"] == zeroed), None)
+            out.append(
+                {
+                    **{k: v for k, v in rows[0].items() if k in ("run", "card", "commit", "torch", "transformers")},
+                    "kind": "best",
+                    "method": method,
+                    "stack": METHODS[method][0],
+                    "zeroed": zeroed,
+                    "accuracy": None if b is None else b["accuracy"],
+                    "lr": None if b is None else b["lr"],
+                    "relative_to_full": None if b is None or not full else b["accuracy"] / full,
+                    "status": "ok" if b is not None else "unavailable",
+                    "reason": None if b is not None else why,
+                }
+            )
+    return out
+
+
+def table(best: list[dict], plan: dict, card: str) -> str:
+    lines = [
+        f"quality: sort {plan['length']} digits (a task the base never saw), exact match on {plan['eval_rows']} "
+        "held-out rows, "
+        f"{plan['steps']} steps x {plan['batch']}; best of each method's LR grid; {card}",
+        f"{'':<26}{'template rows as pretrained':^29}{'template rows zeroed':^29}",
+        f"{'method':<16} {'stack':<9}" + f" {'accuracy':>9} {'vs full':>8} {'lr':>7}  " * 2,
+    ]
+    by = {(r["method"], r["zeroed"]): r for r in best}
+    for method in METHODS:
+        cells = []
+        for zeroed in (False, True):
+            r = by[(method, zeroed)]
+            if r["accuracy"] is None:
+                cells.append(f" {'n/a':>9} {'':>8} {'':>7}  ")
+                continue
+            rel = "-" if r["relative_to_full"] is None else f"{100 * r['relative_to_full']:.1f}%"
+            cells.append(f" {100 * r['accuracy']:>8.1f}% {rel:>8} {r['lr']:>7.0e}  ")
+        lines.append(f"{method:<16} {METHODS[method][0]:<9}" + "".join(cells))
+    notes = sorted({f"{r['method']}: {r['reason']}" for r in best if r["accuracy"] is None and r["reason"]})
+    lines += [f"  n/a {n}" for n in notes]
+    return "\n".join(lines)
+
+
+def readme_row(best: list[dict]) -> str:
+    """The README's quality row: lorafuse LoRA / QLoRA vs full, as pretrained / with zeroed template rows."""
+    by = {(r["method"], r["zeroed"]): r for r in best}
+
+    def cell(method):
+        parts = [by[(method, z)]["relative_to_full"] for z in (False, True)]
+        return " / ".join("n/a" if p is None else f"{100 * p:.1f}%" for p in parts)
+
+    head = "| vs full (template rows as pretrained / zeroed) | full | LoRA | QLoRA | QLoRA fast + FP8 | seed QLoRA |"
+    return (
+        f"{head}\n|---|---|---|---|---|---|\n"
+        f"| sort digits, exact match | 100% | {cell('lora')} | {cell('qlora')} | {cell('qlora+fast+fp8')} "
+        f"| {cell('seed qlora')} |"
+    )
+
+
+def _meta(device: torch.device) -> dict:
+    import transformers
+
+    card = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        commit = "unknown"
+    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S")
+    meta = {"run": stamp, "card": card, "commit": commit.strip(), "torch": torch.__version__}
+    meta["transformers"] = transformers.__version__
+    try:
+        import peft
+
+        meta["peft"] = peft.__version__
+    except ImportError:
+        pass
+    return meta
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--smoke", action="store_true", help="tiny sizes, one learning rate: the pipeline on a CPU")
+    p.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ", ".join(METHODS))
+    p.add_argument("--lrs", default=None, help="one LR grid for every method, e.g. 1e-3,3e-3 (default: per kind)")
+    p.add_argument("--steps", type=int, help="fine-tuning steps (default 300; smoke 4)")
+    p.add_argument("--pretrain-steps", type=int, help="pretraining steps (default 3000; smoke 20)")
+    p.add_argument("--eval-rows", type=int, help="held-out rows scored (default 300; smoke 16)")
+    p.add_argument("--sort-length", type=int, help="digits to sort (default 6): the task's difficulty")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = p.parse_args(argv)
+    kind = "smoke" if args.smoke else "gpu"
+    plan, device = dict(PLAN[kind]), torch.device(args.device)
+    knobs = {"steps": args.steps, "pre_steps": args.pretrain_steps, "eval_rows": args.eval_rows}
+    for key, value in {**knobs, "length": args.sort_length}.items():
+        plan[key] = value or plan[key]
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        p.error(f"unknown methods {unknown}; choose from {', '.join(METHODS)}")
+    if device.type == "cpu":
+        torch.set_num_threads(1)  # tiny matmuls: more threads only add contention (tests/conftest.py measured 8x)
+    tokenizer = build_tokenizer()
+    t0 = time.perf_counter()
+    model = build_base(SIZES[kind], tokenizer, args.seed)
+    losses = pretrain(model, tokenizer, plan["pre_steps"], plan["pre_batch"], plan["pre_seq"], 1e-3, device, args.seed)
+    print(f"pretrained in {time.perf_counter() - t0:.0f} s: loss {losses[0]:.3f} -> {losses[-1]:.3f}", flush=True)
+    eval_rows = sort_rows(plan["eval_rows"], args.seed + 1, plan["length"])
+    train_rows = sort_rows(
+        plan["steps"] * plan["batch"], args.seed + 2, plan["length"], {r["messages"][0]["content"] for r in eval_rows}
+    )
+    meta = {**_meta(device), "task": f"sort {plan['length']} digits", "steps": plan["steps"], "batch": plan["batch"]}
+    with tempfile.TemporaryDirectory(prefix="lorafuse-quality-bases-") as tmp:
+        bases = save_bases(model, tokenizer, Path(tmp), torch.bfloat16 if device.type == "cuda" else torch.float32)
+        data = Path(tmp) / "train.jsonl"
+        data.write_text("".join(json.dumps(r) + "\n" for r in train_rows))
+        ctx = dict(
+            device=device,
+            plan=plan,
+            seed=args.seed,
+            data=data,
+            meta=meta,
+            train=encode(tokenizer, train_rows),
+            eval=encode(tokenizer, eval_rows),
+        )
+        rows = []
+        for zeroed in (False, True):
+            for method in methods:
+                grid = (
+                    [float(x) for x in args.lrs.split(",")]
+                    if args.lrs
+                    else LRS["full" if method == "full" else "adapter"]
+                )
+                for lr in grid[1:2] if args.smoke and not args.lrs else grid:
+                    row = one_run(method, bases["zeroed" if zeroed else "plain"], zeroed, lr, ctx)
+                    rows.append(row)
+                    acc = "n/a" if row["accuracy"] is None else f"{100 * row['accuracy']:.1f}%"
+                    if row["status"] == "ok":
+                        acc += f" (tokens {100 * row['token_accuracy']:.1f}%)"
+                    took = f"({row['total_s']:.0f} s)" if row["status"] == "ok" else row.get("reason") or ""
+                    print(f"  {method:<16} zeroed={zeroed!s:<5} lr {lr:.0e}: {acc} {took}", flush=True)
+    best = best_rows(rows)
+    print("\n" + table(best, plan, meta["card"]))
+    print("\n" + readme_row(best))
+    slug = meta["card"].lower().replace("nvidia ", "").replace(" ", "-")
+    out = Path(args.out) / f"{dt.date.today().isoformat()}-{slug}-quality.jsonl"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.open("a", encoding="utf-8") as f:
+        for row in rows + best:
+            f.write(json.dumps(row) + "\n")
+    print(f"\n{len(rows) + len(best)} rows appended to {out}; {time.perf_counter() - t0:.0f} s in all")
+    return 0 if any(r["status"] == "ok" for r in rows) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,63 @@
+"""benchmarks/quality.py: its --smoke run on a CPU (every piece of the GPU grid that runs here), and the quality
+column `lorafuse bench --table` reads from its results."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import bench  # noqa: E402  (the harness lives in benchmarks/, beside its runners)
+
+pytestmark = pytest.mark.slow  # the lab's benchmark scripts, not the product: run with `-m slow`
+
+
+def test_smoke_run_scores_every_method_it_can_and_trains_the_zeroed_rows(tmp_path):
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "quality.py"), "--smoke", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    (results,) = tmp_path.glob("*-cpu-quality.jsonl")
+    rows = [json.loads(line) for line in results.read_text().splitlines()]
+    runs = [r for r in rows if r["kind"] == "run"]
+    status = {(r["method"], r["zeroed"]): r["status"] for r in runs}
+    for zeroed in (False, True):
+        for method in ("full", "lora", "qlora", "seed lora"):
+            assert status[(method, zeroed)] == "ok", [r for r in runs if r["method"] == method]
+        for method in ("qlora+fast", "qlora+fast+fp8", "seed qlora"):
+            assert status[(method, zeroed)] == "unavailable"
+    assert all(0.0 <= r["accuracy"] <= r["token_accuracy"] <= 1.0 for r in runs if r["status"] == "ok")
+    # the zeroed base looks like a real one to lorafuse: the two template tokens' rows are found and trained
+    for r in runs:
+        if r["stack"] == "lorafuse" and r["zeroed"] and r["status"] == "ok":
+            assert {4, 5} <= set(r["token_rows"]["embed_tokens"]) and {4, 5} <= set(r["token_rows"]["lm_head"]), r
+    best = [r for r in rows if r["kind"] == "best"]
+    assert len(best) == 2 * 7 and {r["method"] for r in best} >= {"full", "lora", "qlora"}
+    assert "template rows zeroed" in done.stdout and "| sort digits, exact match | 100% |" in done.stdout
+
+
+def _best(run, method, zeroed, rel):
+    return {"kind": "best", "run": run, "method": method, "zeroed": zeroed, "relative_to_full": rel}
+
+
+def test_the_seed_table_shows_the_newest_quality_run(tmp_path):
+    old = [_best("20260101T000000", "lora", z, 0.5) for z in (False, True)]
+    new = [_best("20260102T000000", "lora", False, 0.997), _best("20260102T000000", "lora", True, 0.981)]
+    new += [_best("20260102T000000", "qlora", False, 0.99), _best("20260102T000000", "qlora", True, None)]
+    (tmp_path / "2026-01-02-h100-quality.jsonl").write_text(
+        "".join(json.dumps(r) + "\n" for r in old + new + [{"kind": "run", "run": "20260103T000000"}])
+    )
+    quality = bench.latest_quality(tmp_path)
+    assert quality == {"lora": "99.7% / 98.1%", "qlora": "99.0% / n/a"}
+    table = bench.render_seed_table([], quality)
+    assert "99.7% / 98.1%" in table and "not measured" in table and "98%" in table
+    assert bench.latest_quality(tmp_path / "nothing-here") == {}
