@@ -1,4 +1,4 @@
-"""Loss curves of the fast path against the reference path: same model, data, seed and steps (issue B).
+"""Loss curves of the fast path against the reference path: same model, data, seed and steps.
 
     python benchmarks/loss_curves.py [--steps 50] [--out benchmarks/results]
 

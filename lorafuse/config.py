@@ -12,8 +12,9 @@ tools use (`learning_rate` -> `train.lr`, `target_modules` -> `lora.targets`), t
 Paths (model.path when it is a folder, data.path, data.val_path, data.cache_dir, output.dir) have `~` and
 $VARIABLES expanded on validation; an unset variable is an error rather than a literal folder name.
 
-Defaults are the seed's QLoRA recipe: NF4 with double quantization, r=16, alpha=32 (2r), dropout 0.05 on
-the seven Llama projections, lr 2e-4, paged 8-bit AdamW, micro-batch 4 x accumulation 4, 512 tokens.
+Defaults are the usual transformers + peft + bitsandbytes QLoRA recipe: NF4 with double quantization, r=16,
+alpha=32 (2r), dropout 0.05 on the seven Llama projections, lr 2e-4, paged 8-bit AdamW, micro-batch 4 x
+accumulation 4, 512 tokens.
 
 `config_diff` compares two configs key by key; the trainer uses it to refuse resuming a checkpoint under
 a config whose math differs. Keys in `RESUME_MUTABLE_KEYS` (run length, checkpoint/eval/log cadence,
@@ -209,7 +210,7 @@ class DataConfig(_Section):
     ] = Field(
         "alpaca",
         description="Row layout: alpaca (instruction/input/output), dolly (instruction/context/"
-        "response), dolly-ja (instruction/input/output with the seed's Japanese headings), sharegpt "
+        "response), dolly-ja (instruction/input/output with Japanese headings), sharegpt "
         "(conversations), messages (OpenAI role/content), prompt-completion, text (raw text), preference "
         "(prompt/chosen/rejected pairs for train.objective dpo or orpo: strings, or TRL's message lists).",
     )

@@ -150,7 +150,9 @@ def check_key_path(key: str, origin: str) -> None:
             line, guess = _unknown_key_line(model, prefix, part)
             raise ConfigError(
                 f"{origin}: {line}",
-                f"write {guess}=..." if guess else "use a key from the config reference (README), e.g. lora.r=32",
+                f"write {guess}=..."
+                if guess
+                else "use a key from the config reference (docs/config.md), e.g. lora.r=32",
             )
         model = model.model_fields[part].annotation
 
@@ -247,7 +249,8 @@ def validation_error_to_config_error(exc: ValidationError, source: str, from_cli
     else:
         problem = f"invalid config ({source}), {len(lines)} problems:\n" + "\n".join(f"  - {x}" for x in lines)
     fix = (
-        "correct the key(s) above; every key, its type, default and allowed values are in the README's config reference"
+        "correct the key(s) above; every key, its type, default and allowed values are in the config reference, "
+        "docs/config.md"
     )
     error = ConfigError(problem, fix)
     error.problems = lines

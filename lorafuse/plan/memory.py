@@ -20,8 +20,8 @@ Static memory (held through the whole step)
     GPU, like adamw_8bit's, unless they would take more than 5% of the card or leave less than 10% of it free at
     the first update; then they live in pinned host memory and the GPU holds at most two parameters' states.
     The planner counts them on the GPU (LoRA states are ~0.5% of a card: 81 MB for Llama-2-7B r=16), so when
-    they do page the prediction is high by their size. (Measured: the H200 rows of the run that moved them onto
-    the GPU are 0.0757 GiB above the always-paged rows, exactly these states.)
+    they do page the prediction is high by their size. (Measured on an H200, benchmarks/measured_memory.jsonl: the
+    rows with the states on the GPU are 0.0757 GiB above the rows with them paged, exactly these states.)
 
 Saved activations of one Llama layer with LoRA, per token, reference path (transformers ops + LoRALinear),
 derived from what each op's autograd node keeps (PyTorch saves an input only if a gradient needs it; every
@@ -72,7 +72,7 @@ Transient buffers at the peak
     states (c D per token) saved for backward. The fused Triton loss keeps a (rows, V) c-byte logits block
     of at most 256 MiB (lorafuse.kernels.cross_entropy) plus the same c D per token; with more than one
     chunk, TWO blocks are alive at each chunk boundary (the next chunk's GEMM output is allocated before the
-    previous block's last reference goes). Measured on an H200 (benchmarks/memory_peak.py, 2026-11-28): the
+    previous block's last reference goes). Measured on an H200 (benchmarks/memory_peak.py): the
     loss-phase workspace was 0.515 GiB for Qwen2.5-1.5B at 4096 tokens (5 chunks) and 0.535 GiB for
     TinyLlama at 8192 (2 chunks), vs 0.338 GiB for Llama-2-7B at 4096 (one chunk).
 Peak = static + max(end of forward: saved + loss; backward of the top layer: saved (less the final norm's,
@@ -101,7 +101,7 @@ ALLOCATOR_SLACK = 0.05  # reserved-but-free fraction of the caching allocator at
 MIN_8BIT_SIZE = 4096
 # cuBLAS workspaces come from the caching allocator, one per handle and stream: the main thread's and the autograd
 # backward thread's, 32 MiB each on Hopper with torch 2.11 (measured: two 32 MiB blocks alive between steps on an
-# H200). CUDA graphs warm up and capture on one stream (train/graphs.py), so they add none.
+# H200). CUDA graphs warm up and capture on one stream (training/graphs.py), so they add none.
 CUBLAS_WORKSPACE_BYTES = 2 * (32 << 20)
 STATE_BLOCK = 256
 
@@ -391,7 +391,7 @@ def estimate(w: Workload) -> Estimate:
     # or only a few vocabulary chunks of it, streamed through the loss
     staged, loss = streamed_head(w) or (c * s.head_params if host_head(w) else 0, loss_bytes(w))
     # With the head staged, a late layer's forward can top the loss and the backward: the head, the inputs saved
-    # so far and one layer's forward buffers (the lean 7B 4 x 512 peak, NOTES.md session 5).
+    # so far and one layer's forward buffers (the lean 7B 4 x 512 peak measured on an H200, benchmarks/NOTES.md).
     forward = (
         {
             "gradients": grads["loss"],

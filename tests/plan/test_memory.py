@@ -213,7 +213,7 @@ def test_qlora_is_smaller_than_lora_by_the_linear_weights():
     exact = shape.linear_params * 4.127 / 8  # research/speed-anchors.md s.7: 3.11 GiB of tensor bytes
     mlp_weights = 3 * shape.num_layers  # 21.5 MiB of packed codes each, booked as 22 MiB blocks
     assert exact * (1 - 1e-3) <= q.components["weights_nf4"] <= exact * (1 + 1e-3) + mlp_weights * 2**19
-    # measured on an H200 (memory_peak.py's live blocks between steps, 2026-11-28): 3232 MiB of NF4 blocks
+    # measured on an H200 (benchmarks/memory_peak.py's live blocks between steps): 3232 MiB of NF4 blocks
     assert math.isclose(q.components["weights_nf4"] / 2**20, 3232, abs_tol=16)
 
 
