@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import importlib
 
-__version__ = "0.1.0"
+from lorafuse.version import __version__
 
 _EXPORTS = {
     "load_model": "lorafuse.model.load",

@@ -429,7 +429,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _version() -> str:
-    from lorafuse import __version__
+    from lorafuse.version import __version__
 
     return __version__
 

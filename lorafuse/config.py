@@ -35,6 +35,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from lorafuse.atomic import write_atomic
+from lorafuse.config_errors import check_key_path, validation_error_to_config_error
 from lorafuse.config_yaml import parse_override_value, read_yaml_mapping
 from lorafuse.errors import ConfigError
 from lorafuse.options import KernelOptions, Options
@@ -583,9 +585,7 @@ def validate_config(raw: dict, source: str = "config", from_cli: typing.Iterable
     try:
         return RunConfig.model_validate(raw)
     except ValidationError as exc:
-        from lorafuse.config_errors import validation_error_to_config_error
-
-        raise validation_error_to_config_error(exc, source, set(from_cli)) from None
+        raise validation_error_to_config_error(exc, source, set(from_cli), RunConfig) from None
 
 
 def _split_override(item: str) -> tuple[str, Any]:
@@ -596,9 +596,7 @@ def _split_override(item: str) -> tuple[str, Any]:
             f"override {item!r} is not of the form key=value",
             "write dotted keys with a value, e.g. lora.r=32 or train.max_steps=null",
         )
-    from lorafuse.config_errors import check_key_path
-
-    check_key_path(key, origin=f"override {item!r}")
+    check_key_path(key, f"override {item!r}", RunConfig)
     return key, parse_override_value(text)
 
 
@@ -638,8 +636,6 @@ def config_to_yaml(cfg: RunConfig) -> str:
 
 def save_config(cfg: RunConfig, path: str | Path) -> Path:
     """Write the config as YAML atomically (temp file, fsync, rename): a crash never leaves half a file."""
-    from lorafuse.atomic import write_atomic
-
     return write_atomic(path, config_to_yaml(cfg))
 
 
@@ -651,9 +647,3 @@ def _leaf_types(annotation: Any) -> set:
     if typing.get_origin(annotation) in _UNION:
         return set().union(*(_leaf_types(a) for a in typing.get_args(annotation)))
     return {annotation}
-
-
-if __name__ == "__main__":  # python -m lorafuse.config --reference [README.md]
-    from lorafuse.config_reference import main
-
-    main()

@@ -36,6 +36,7 @@ import torch
 from lorafuse.artifacts import gguf_arch, gguf_tensors
 from lorafuse.atomic import fsync_path
 from lorafuse.errors import LorafuseError, ModelError
+from lorafuse.version import __version__
 
 MARK_KEY = "lorafuse.version"  # metadata key that says lorafuse wrote the file (and may replace it)
 _PROGRESS_BYTES = 256 * 2**20  # show a progress bar from this output size up
@@ -97,15 +98,13 @@ def _temp_beside(out: Path):
 
 
 def _start(arch_name: str, file_type: int, name: str | None, kind: str):
-    import lorafuse
-
     gguf = import_gguf()
     writer = gguf.GGUFWriter(path=None, arch=arch_name)
     if name:
         writer.add_name(name)
     writer.add_file_type(file_type)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    writer.add_string(MARK_KEY, lorafuse.__version__)
+    writer.add_string(MARK_KEY, __version__)
     writer.add_string("lorafuse.kind", kind)
     return writer
 

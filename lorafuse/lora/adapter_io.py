@@ -32,11 +32,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lorafuse.atomic import atomic_folder
 from lorafuse.errors import LorafuseError, ModelError
 from lorafuse.io_errors import writing
 from lorafuse.lora import token_rows
 from lorafuse.model.state import model_state
+from lorafuse.outputs import atomic_folder
+from lorafuse.version import __version__
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -239,7 +240,6 @@ def _base_tokenizer(model):
 
 def _lorafuse_facts(model, tensors) -> dict:
     """lorafuse.json: how the base looked during training, which peft's config cannot say."""
-    import lorafuse
     from lorafuse.quant.nf4 import NF4Weight
 
     base = dict(model_state(model).base)
@@ -253,7 +253,7 @@ def _lorafuse_facts(model, tensors) -> dict:
         base["compute_dtype"] = str(emb.dtype).removeprefix("torch.")
     return {
         "format": 1,
-        "lorafuse_version": lorafuse.__version__,
+        "lorafuse_version": __version__,
         "base": {
             k: base.get(k)
             for k in ("name_or_path", "quant", "blocksize", "double_quant", "compute_dtype", "prequantized")
@@ -277,8 +277,6 @@ def _token_rows_note(config: dict, vocab_size: int) -> tuple[str, str]:
 
 
 def _model_card(base_name: str | None, config: dict, vocab_size: int) -> str:
-    import lorafuse
-
     front = ["---"]
     if base_name:
         front.append(f"base_model: {json.dumps(base_name)}")
@@ -308,7 +306,7 @@ into the same weights the adapter was trained against.
 ### Framework versions
 
 - PEFT {PEFT_FORMAT_VERSION}
-- lorafuse {lorafuse.__version__}
+- lorafuse {__version__}
 """
     return "\n".join(front) + body
 

@@ -46,7 +46,6 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lorafuse.atomic import atomic_folder
 from lorafuse.errors import ModelError
 from lorafuse.lora.adapter_load import (
     load_adapter,
@@ -54,7 +53,7 @@ from lorafuse.lora.adapter_load import (
     read_lorafuse_facts,
 )
 from lorafuse.model.state import model_state
-from lorafuse.outputs import check_output_dir
+from lorafuse.outputs import atomic_folder, check_output_dir
 
 CHECK_FACTOR = 4  # observed diff / one noise draw: 0.6-1.6 on tiny models; gross errors are >= 30x
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
