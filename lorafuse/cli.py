@@ -97,7 +97,7 @@ def cmd_train(args) -> int:
 
 def cmd_preview(args) -> int:
     cfg = _load(args)
-    from lorafuse.data.preview import preview
+    from lorafuse.preview import preview
 
     preview(cfg, n=args.n)
     return 0

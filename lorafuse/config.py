@@ -36,13 +36,12 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from lorafuse.atomic import write_atomic
+from lorafuse.builtin import BUILTIN_DATA, BUILTIN_MODEL
 from lorafuse.config_errors import check_key_path, validation_error_to_config_error
 from lorafuse.config_yaml import parse_override_value, read_yaml_mapping
 from lorafuse.errors import ConfigError
 from lorafuse.options import KernelOptions, Options
 
-BUILTIN_MODEL = "builtin:tiny-llama"  # model.path sentinel: the loader builds a tiny random-init Llama
-BUILTIN_DATA = "builtin:demo"  # data.path sentinel: the bundled sample instruction rows
 LLAMA_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 SECTIONS = ("model", "lora", "data", "train", "output", "experimental")
 

@@ -39,18 +39,20 @@ import torch
 from rich.console import Console
 
 from lorafuse import accel
-from lorafuse.config import BUILTIN_MODEL, DataConfig, TrainConfig, save_config, validate_config
+from lorafuse.artifacts.adapter_io import save_adapter
+from lorafuse.builtin import BUILTIN_MODEL
+from lorafuse.config import DataConfig, TrainConfig, save_config, validate_config
 from lorafuse.data import Batcher, build_datasets
+from lorafuse.data.build import resolve_template
 from lorafuse.data.cache import tokens_fingerprint
 from lorafuse.data.formats import plain_prompt
 from lorafuse.errors import ConfigError, LorafuseError
 from lorafuse.infer.generate import generate
-from lorafuse.lora.adapter_io import save_adapter
 from lorafuse.model.inject import apply_lora, print_trainable_parameters
 from lorafuse.model.load import load_model, resolve_compute_dtype
 from lorafuse.model.new_tokens import add_run_tokens
-from lorafuse.model.state import model_state
 from lorafuse.model.untrained_tokens import rows_for_run
+from lorafuse.model_state import model_state
 from lorafuse.outputs import prepare_run_dir
 from lorafuse.training import checkpoint as ckpt
 from lorafuse.training import reference
@@ -288,7 +290,14 @@ def _batchers(cfg, tokenizer, out: Path, console, world):
 def _train(cfg, model, tokenizer, out: Path, start_from, dtype, console, world, force=False) -> TrainResult:
     """The loaded, LoRA-applied model trained on the config's data: the loop, then the run's files (`_finish`)."""
     objective = build_objective(cfg.train)
-    new_ids = add_run_tokens(model, tokenizer, cfg.data, cfg.lora.train_untrained_tokens, console)
+    new_ids = add_run_tokens(
+        model,
+        tokenizer,
+        cfg.data.add_special_tokens,
+        resolve_template(cfg.data, tokenizer) == "chat",
+        cfg.lora.train_untrained_tokens,
+        console,
+    )
     train_b, val_b, fingerprint = _batchers(cfg, tokenizer, out, console, world)
     datasets = (train_b.dataset, val_b.dataset if val_b is not None else None)
     rows_for_run(model, tokenizer, datasets, new_ids, cfg.lora.train_untrained_tokens, console, world.is_main)

@@ -101,7 +101,7 @@ def test_resume_and_no_resume_are_exclusive(capsys):
 
 
 def test_data_preview_and_plan_are_wired(tmp_path, monkeypatch, record):
-    fake_module(monkeypatch, "lorafuse.data.preview", preview=record())
+    fake_module(monkeypatch, "lorafuse.preview", preview=record())
     fake_module(monkeypatch, "lorafuse.plan.cli", plan_command=record(result=3))
     cfg_path = write_cfg(tmp_path)
     assert main(["data", "preview", str(cfg_path), "-n", "2", "data.max_length=64"]) == 0

@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lorafuse.errors import ModelError
-from lorafuse.model.state import model_state
+from lorafuse.model_state import model_state
 
 ADAPTER_NAME = "token_adapter"  # peft's attribute names (TrainableTokensWrapper.token_adapter.trainable_tokens_delta)
 VALUES_NAME = "trainable_tokens_delta"

@@ -3,7 +3,7 @@
 Layout of `<output.dir>`:
 
     checkpoint-<step>/          a complete checkpoint (a folder with this exact name is always complete)
-        adapter/                PEFT-format adapter (lorafuse.lora.adapter_io.save_adapter): usable as is
+        adapter/                PEFT-format adapter (lorafuse.artifacts.adapter_io.save_adapter): usable as is
         trainable.safetensors   every trainable tensor, bit-exact, keyed by the model's parameter names
         optimizer.pt            optimizer state_dict + GradScaler state (torch.load(weights_only=True) safe)
         rng.pt                  python / numpy / torch CPU / CUDA RNG states (+ "per_rank": each rank's, under torchrun)

@@ -12,7 +12,7 @@ import lorafuse
 from lorafuse.accel import AccelState
 from lorafuse.accel.fast_path import apply_fast_path
 from lorafuse.config import load_config
-from lorafuse.model.state import model_state
+from lorafuse.model_state import model_state
 from lorafuse.options import Options
 from lorafuse.training.graphs import GraphedMicroStep, graph_blocker
 

@@ -1,12 +1,13 @@
 """What lorafuse knows about a model it loaded or changed: one object on the model, `model_state(model)`.
 
-    base:  how the base was loaded (name_or_path, quant, compute_dtype, blocksize, ...): load.py, random_init.py
-    lora:  the adapter's settings once LoRA is applied (r, alpha, targets, ...): inject.py
+    base:  how the base was loaded (name_or_path, quant, compute_dtype, blocksize, ...): model/load.py, random_init.py
+    lora:  the adapter's settings once LoRA is applied (r, alpha, targets, ...): model/inject.py
     accel: what the runtime changed for speed or memory while the model trains (lorafuse.accel.AccelState), or None
     tokens: the trainable token rows of the embedding and head (lorafuse.lora.token_rows.TokenRowsState), or None
 
 Adapter files, merges and the training job read these facts instead of guessing them from the modules. The object
-lives in the model instance's __dict__ under one name, so transformers' modules carry nothing else of ours.
+lives in the model instance's __dict__ under one name, so transformers' modules carry nothing else of ours. This
+module imports nothing of lorafuse: every package that loads, changes or saves a model reads it.
 """
 
 from __future__ import annotations

@@ -22,9 +22,9 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 from transformers.utils import logging as hf_logging
 
+from lorafuse.artifacts.adapter_io import save_adapter
+from lorafuse.artifacts.adapter_load import load_adapter, read_adapter_config
 from lorafuse.errors import LorafuseError, ModelError
-from lorafuse.lora.adapter_io import save_adapter
-from lorafuse.lora.adapter_load import load_adapter, read_adapter_config
 from lorafuse.lora.linear import LoRALinear
 from lorafuse.model.inject import apply_lora
 from lorafuse.model.load import load_model

@@ -46,13 +46,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lorafuse.errors import ModelError
-from lorafuse.lora.adapter_load import (
+from lorafuse.artifacts.adapter_load import (
     load_adapter,
     read_adapter_config,
     read_lorafuse_facts,
 )
-from lorafuse.model.state import model_state
+from lorafuse.errors import ModelError
+from lorafuse.model_state import model_state
 from lorafuse.outputs import atomic_folder, check_output_dir
 
 CHECK_FACTOR = 4  # observed diff / one noise draw: 0.6-1.6 on tiny models; gross errors are >= 30x

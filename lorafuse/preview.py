@@ -11,9 +11,12 @@ checkpoint's tables read from disk.
 
 from __future__ import annotations
 
-from lorafuse.data.build import build_datasets, cache_dir_for
+from lorafuse.data.build import build_datasets, cache_dir_for, resolve_template
 from lorafuse.data.stats import DataStats
 from lorafuse.data.tokenize import IGNORE
+from lorafuse.model.load import load_tokenizer
+from lorafuse.model.new_tokens import add_run_tokens
+from lorafuse.model.untrained_tokens import preview_lines
 from lorafuse.outputs import prepare_run_dir
 
 _BAR = 30
@@ -25,12 +28,15 @@ def preview(cfg, n: int = 5, console=None, tokenizer=None) -> DataStats:
 
     console = console or Console()
     if tokenizer is None:
-        from lorafuse.model.load import load_tokenizer
-
         tokenizer = load_tokenizer(cfg.model.path)
-    from lorafuse.model.new_tokens import add_run_tokens
-
-    new_ids = add_run_tokens(None, tokenizer, cfg.data, cfg.lora.train_untrained_tokens, console)
+    new_ids = add_run_tokens(
+        None,
+        tokenizer,
+        cfg.data.add_special_tokens,
+        resolve_template(cfg.data, tokenizer) == "chat",
+        cfg.lora.train_untrained_tokens,
+        console,
+    )
     if not cfg.data.cache_dir:  # the cache goes into the run folder: it becomes the run's, as `lorafuse train` makes it
         prepare_run_dir(cfg.output.dir)
     train, val, stats = build_datasets(cfg.data, tokenizer, seed=cfg.train.seed, cache_dir=cache_dir_for(cfg))
@@ -43,8 +49,6 @@ def preview(cfg, n: int = 5, console=None, tokenizer=None) -> DataStats:
     console.print("row lengths (tokens):", markup=False)
     for line in histogram_lines(stats.histogram):
         console.print(line, markup=False)
-    from lorafuse.model.untrained_tokens import preview_lines
-
     console.rule("token rows")
     for line in preview_lines(cfg.model, tokenizer, (train, val), new_ids, cfg.lora.train_untrained_tokens):
         console.print(line, markup=False, highlight=False)

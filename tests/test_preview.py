@@ -7,38 +7,39 @@ from types import SimpleNamespace
 
 from rich.console import Console
 
-from lorafuse.data.preview import histogram_lines, preview, render_example
+from lorafuse.config import DataConfig
+from lorafuse.preview import histogram_lines, preview, render_example
 
 
-def _cfg(make_cfg, tmp_path, model_path="unused", train_untrained_tokens="auto", **data):
+def _cfg(tmp_path, model_path="unused", train_untrained_tokens="auto", **data):
     return SimpleNamespace(
         model=SimpleNamespace(path=str(model_path), trust_remote_code=False),
         lora=SimpleNamespace(train_untrained_tokens=train_untrained_tokens),
-        data=make_cfg(**data),
+        data=DataConfig(**{"path": "builtin:demo", **data}),
         output=SimpleNamespace(dir=str(tmp_path / "run")),
         train=SimpleNamespace(seed=42),
     )
 
 
-def test_preview_prints_examples_markers_and_stats(tiny_tokenizer, make_cfg, tmp_path):
+def test_preview_prints_examples_markers_and_stats(tiny_tokenizer, tmp_path):
     console = Console(record=True, width=100, color_system=None)
-    stats = preview(_cfg(make_cfg, tmp_path, num_rows=20), n=2, console=console, tokenizer=tiny_tokenizer)
+    stats = preview(_cfg(tmp_path, num_rows=20), n=2, console=console, tokenizer=tiny_tokenizer)
     text = console.export_text()
     assert text.count("example ") == 2 and "[BOS]" in text and text.count("[EOS]") >= 3  # 2 examples + legend
     assert "### Instruction:" in text and "20 read" in text and "masked" in text and "█" in text
     assert "cache: miss" in text and (tmp_path / "run" / ".cache").is_dir()  # default cache under output.dir
     again = Console(record=True, width=100, color_system=None)
-    assert preview(_cfg(make_cfg, tmp_path, num_rows=20), n=1, console=again, tokenizer=tiny_tokenizer).cache_hit
+    assert preview(_cfg(tmp_path, num_rows=20), n=1, console=again, tokenizer=tiny_tokenizer).cache_hit
     assert stats.rows_read == 20
 
 
-def test_preview_loads_the_models_tokenizer(tiny_model_dir, make_cfg, tmp_path):
+def test_preview_loads_the_models_tokenizer(tiny_model_dir, tmp_path):
     console = Console(record=True, width=100, color_system=None)
-    preview(_cfg(make_cfg, tmp_path, model_path=tiny_model_dir, num_rows=5), n=1, console=console)
+    preview(_cfg(tmp_path, model_path=tiny_model_dir, num_rows=5), n=1, console=console)
     assert "[EOS]" in console.export_text()
 
 
-def test_preview_reports_untrained_token_rows_from_the_checkpoint(tiny_tokenizer, make_cfg, tmp_path):
+def test_preview_reports_untrained_token_rows_from_the_checkpoint(tiny_tokenizer, tmp_path):
     import torch
 
     from lorafuse.model.tiny import build_tiny_model
@@ -52,16 +53,16 @@ def test_preview_reports_untrained_token_rows_from_the_checkpoint(tiny_tokenizer
     (tmp_path / "chat.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     for mode, says in (("auto", "lorafuse trains their embedding"), ("off", "lora.train_untrained_tokens=off")):
         console = Console(record=True, width=300, color_system=None)
-        cfg = _cfg(make_cfg, tmp_path, tmp_path / "base", mode, path=str(tmp_path / "chat.jsonl"), format="messages")
+        cfg = _cfg(tmp_path, tmp_path / "base", mode, path=str(tmp_path / "chat.jsonl"), format="messages")
         preview(cfg, n=1, console=console)
         text = console.export_text()
         assert "untrained token rows: 2 of the" in text and "'<|im_end|>' (id 5): embedding all zero" in text
         assert says in text
 
 
-def test_preview_without_local_weights_says_the_run_checks(tiny_tokenizer, make_cfg, tmp_path):
+def test_preview_without_local_weights_says_the_run_checks(tiny_tokenizer, tmp_path):
     console = Console(record=True, width=300, color_system=None)
-    preview(_cfg(make_cfg, tmp_path, "someone/some-model", num_rows=3), n=1, console=console, tokenizer=tiny_tokenizer)
+    preview(_cfg(tmp_path, "someone/some-model", num_rows=3), n=1, console=console, tokenizer=tiny_tokenizer)
     assert "untrained token rows: not checked before training" in console.export_text()
 
 

@@ -15,10 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lorafuse.errors import ModelError
-from lorafuse.io_errors import reading
-from lorafuse.lora import token_rows
-from lorafuse.lora.adapter_io import (
+from lorafuse.artifacts.adapter_io import (
     _PEFT_DEFAULTS,
     CONFIG_NAME,
     LEGACY_WEIGHTS_NAME,
@@ -31,6 +28,9 @@ from lorafuse.lora.adapter_io import (
     lora_layers,
     resolve_modules_to_save,
 )
+from lorafuse.errors import ModelError
+from lorafuse.io_errors import reading
+from lorafuse.lora import token_rows
 
 # Config values that change the function in ways lorafuse does not implement: key -> value(s) we accept.
 _UNSUPPORTED = {

@@ -16,10 +16,10 @@ from peft import PeftModel
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, GenerationConfig
 
+from lorafuse.artifacts.adapter_io import save_adapter
+from lorafuse.artifacts.merge import MergeResult, merge
 from lorafuse.errors import ModelError
-from lorafuse.lora.adapter_io import save_adapter
 from lorafuse.lora.linear import LoRALinear
-from lorafuse.lora.merge import MergeResult, merge
 from lorafuse.model.inject import apply_lora
 from lorafuse.model.load import load_model
 from lorafuse.outputs import write_marker

@@ -35,7 +35,7 @@ from torch import nn
 from lorafuse.errors import LorafuseError, ModelError
 from lorafuse.io_errors import writing
 from lorafuse.lora import token_rows
-from lorafuse.model.state import model_state
+from lorafuse.model_state import model_state
 from lorafuse.outputs import atomic_folder
 from lorafuse.version import __version__
 
