@@ -3,6 +3,7 @@
     lorafuse bench --shape llama2-7b --batch 4 --seq 512 --stacks lorafuse,hf,unsloth --methods qlora,lora
     lorafuse bench --shape llama2-7b --table          # full / LoRA / QLoRA beside the seed's summary table
     lorafuse bench --shape tiny --device cpu           # smoke test (peers that need CUDA: unavailable)
+    lorafuse bench --shape llama2-7b --objective dpo --pairs 4 --seq 512 --methods qlora   # DPO steps, pairs/s
 
 Flow: (1) a child process builds a random-init model of the shape (lorafuse.plan.shapes) directly on the
 device, saves it with a tokenizer as a local checkpoint folder (cached under --model-dir) and reports the
@@ -10,8 +11,13 @@ card and library versions; (2) for every (stack, method) a runner `benchmarks/pe
 runs in a fresh process (see benchmarks/peers/bench_common.py for the timing method: warmup, then the
 median of --steps CUDA-event-timed steps on random tokens, torch.cuda.max_memory_allocated); (3) the
 table with lorafuse/peer ratios is printed and one JSON line per run is appended to
-<out>/<date>-<card>.jsonl; each lorafuse run on a GPU also appends its measured peak, with the planner's
-workload, to --memory-log (benchmarks/measured_memory.jsonl, which tests/plan/test_measured.py checks).
+<out>/<date>-<card>.jsonl; each lorafuse SFT run on a GPU also appends its measured peak, with the planner's
+workload, to --memory-log (benchmarks/measured_memory.jsonl, which tests/plan/test_measured.py checks; the
+planner models SFT steps, so DPO rows are not logged there).
+--objective dpo times DPO steps instead: --pairs P preference pairs a step (2P rows of --seq tokens, the first
+seq // 4 of each a prompt without loss), DPO's sigmoid loss with beta 0.1 against the reference model taken from
+the same weights with the adapter switched off; lorafuse through its DPO objective, hf as TRL's DPOTrainer on
+transformers + peft (+ bitsandbytes), unsloth as Unsloth's model under TRL's DPOTrainer. Rows add pairs/s.
 A stack that cannot run is a row "unavailable: <reason>", never a crash. The harness and the runners live in
 the source checkout (benchmarks/): run `python benchmarks/bench.py ...` or `lorafuse bench ...` from a checkout.
 """
@@ -30,7 +36,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's lorafuse, installed or not
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_args import METHODS, STACKS, _split, parse_args, plan_runs  # noqa: E402, F401 (the harness's API)
+from bench_args import METHODS, STACKS, _split, parse_args, plan_runs, prompt_tokens  # noqa: E402, F401 (the API)
 
 from lorafuse.errors import LorafuseError  # noqa: E402
 from lorafuse.plan.memory import GIB, Workload, estimate  # noqa: E402
@@ -45,6 +51,7 @@ REQUIRED_KEYS = (
     "card",
     "stack",
     "method",
+    "objective",
     "shape",
     "batch",
     "seq",
@@ -65,6 +72,7 @@ UNSUPPORTED = {
     ("lorafuse", "full"): "lorafuse trains adapters (qlora, lora), not full fine-tuning",
     ("unsloth", "full"): "this runner benchmarks Unsloth's qlora and lora only",
 }
+DPO_ADAPTERS_ONLY = "the DPO benchmark trains adapters (qlora, lora): its reference is the adapter switched off"
 
 
 def _child_env() -> dict:
@@ -183,6 +191,9 @@ def _spec(args, stack: str, method: str, folder: Path) -> dict:
     return {
         "stack": stack,
         "method": method,
+        "objective": args.objective,
+        "pairs": args.pairs,
+        "prompt_tokens": prompt_tokens(args.seq) if args.objective == "dpo" else None,
         "shape": args.shape,
         "folder": str(folder),
         "vocab_size": builtin_shape(args.shape).vocab_size,
@@ -264,6 +275,8 @@ def _workload(args, method: str, kernels: str = "reference", loss: str = "chunke
 def _precheck(args, stack: str, method: str, probe: dict) -> str | None:
     if (stack, method) in UNSUPPORTED:
         return "unavailable: " + UNSUPPORTED[stack, method]
+    if args.objective == "dpo" and method == "full":
+        return "unavailable: " + DPO_ADAPTERS_ONLY
     if args.device != "cuda" and (stack, method) in NEEDS_CUDA:
         return "unavailable: " + NEEDS_CUDA[stack, method]
     if not (PEERS / f"{stack}_stack.py").is_file():
@@ -305,6 +318,9 @@ def _row(args, run_id: str, stack: str, method: str, probe: dict, result: dict, 
         "device": args.device,
         "stack": stack,
         "method": method,
+        "objective": args.objective,
+        "pairs": args.pairs,
+        "prompt_tokens": prompt_tokens(args.seq) if args.objective == "dpo" else None,
         "shape": args.shape,
         "batch": args.batch,
         "seq": args.seq,
@@ -323,6 +339,7 @@ def _row(args, run_id: str, stack: str, method: str, probe: dict, result: dict, 
         "reason": None,
         "step_s": None,
         "tokens_per_s": None,
+        "pairs_per_s": None,
         "peak_alloc_gib": None,
         "peak_reserved_gib": None,
         "random_init": args.random_init,
@@ -332,11 +349,14 @@ def _row(args, run_id: str, stack: str, method: str, probe: dict, result: dict, 
     knobs = {
         k: v
         for k, v in os.environ.items()
-        if k.startswith("LORAFUSE_") and k != "LORAFUSE_COMMIT" or k == "CUBLAS_WORKSPACE_CONFIG"
+        if k.startswith("LORAFUSE_")
+        and k != "LORAFUSE_COMMIT"
+        or k == "CUBLAS_WORKSPACE_CONFIG"
+        or (stack == "unsloth" and k.startswith("UNSLOTH_"))  # Unsloth's opt-in switches, e.g. its fused DPO loss
     }
     if knobs:  # A/B switches this run was made with (LORAFUSE_HEAD_STREAM=0, a cuBLAS workspace size...)
         row["env"] = knobs
-    if stack == "lorafuse" and method != "full":
+    if stack == "lorafuse" and method != "full" and args.objective == "sft":  # the planner models SFT steps
         row["predicted_peak_alloc_gib"] = round(_predicted(args, method, result), 4)
     row.update(result)
     return row
@@ -400,7 +420,10 @@ def _settings(r: dict) -> str:
 
 
 def render(rows: list[dict]) -> str:
-    lines = [f"{'method':<7} {'stack':<9} {'step s':>8} {'tokens/s':>10} {'peak GiB':>9}  status"]
+    dpo = any(r.get("objective") == "dpo" for r in rows)
+    speed = "pairs_per_s" if dpo else "tokens_per_s"
+    pairs_col = f" {'pairs/s':>8}" if dpo else ""
+    lines = [f"{'method':<7} {'stack':<9} {'step s':>8}{pairs_col} {'tokens/s':>10} {'peak GiB':>9}  status"]
     for r in rows:
         status = "ok" if r["status"] == "ok" else f"{r['status']}: {r.get('reason') or ''}".strip()
         if r["stack"] == "lorafuse" and r["status"] == "ok" and r["device"] == "cuda":
@@ -410,8 +433,9 @@ def render(rows: list[dict]) -> str:
                 f"graphs {'on' if (r.get('cuda_graphs') or {}).get('applied') else 'off'}"
                 f"{', ' + extra if extra else ''})"
             )
+        pairs = f" {_fmt(r.get('pairs_per_s'), '8.2f')}" if dpo else ""
         lines.append(
-            f"{r['method']:<7} {r['stack']:<9} {_fmt(r['step_s'], '8.3f')} {_fmt(r['tokens_per_s'], '10,.0f')}"
+            f"{r['method']:<7} {r['stack']:<9} {_fmt(r['step_s'], '8.3f')}{pairs} {_fmt(r['tokens_per_s'], '10,.0f')}"
             f" {_fmt(r['peak_alloc_gib'], '9.2f')}  {status}"
         )
     ratios = []
@@ -423,10 +447,14 @@ def render(rows: list[dict]) -> str:
                 "" if not peer["peak_alloc_gib"] else f", memory {ours['peak_alloc_gib'] / peer['peak_alloc_gib']:.2f}x"
             )
             ratios.append(
-                f"  {ours['method']}: lorafuse vs {peer['stack']}: speed "
-                f"{ours['tokens_per_s'] / peer['tokens_per_s']:.2f}x{mem}"
+                f"  {ours['method']}: lorafuse vs {peer['stack']}: speed {ours[speed] / peer[speed]:.2f}x{mem}"
             )
-    return "\n".join(lines + (["ratios (tokens/s: >1 is faster; memory: <1 is smaller)"] + ratios if ratios else []))
+    head = f"ratios ({speed.replace('_per_s', '/s')}: >1 is faster; memory: <1 is smaller)"
+    if dpo:
+        lines.append(
+            "DPO: hf = TRL's DPOTrainer on transformers + peft (+ bitsandbytes); unsloth = Unsloth's model in it"
+        )
+    return "\n".join(lines + ([head] + ratios if ratios else []))
 
 
 def latest_quality(results: Path) -> dict[str, str]:
@@ -485,8 +513,9 @@ def main(argv=None) -> int:
     probe = _build_in_child(args, folder)
     run_id = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
     commit, rows = _commit(), []
+    batch = f"{args.pairs} DPO pairs ({args.batch} rows)" if args.objective == "dpo" else f"batch {args.batch}"
     print(
-        f"run {run_id} on {probe['card']}: {args.shape}, batch {args.batch} x {args.seq}, torch {probe['torch']}, "
+        f"run {run_id} on {probe['card']}: {args.shape}, {batch} x {args.seq}, torch {probe['torch']}, "
         f"transformers {probe['transformers']}",
         flush=True,
     )
@@ -498,7 +527,7 @@ def main(argv=None) -> int:
         else:
             said = (
                 f" (the planner predicts a peak of {_predicted(args, method, {}):.2f} GiB allocated)"
-                if stack == "lorafuse"
+                if stack == "lorafuse" and args.objective == "sft"
                 else ""
             )
             print(f"[{i}/{len(runs)}] {stack} {method}{said} ...", flush=True)
@@ -516,7 +545,10 @@ def main(argv=None) -> int:
     measured = [
         _memory_record(args, r)
         for r in rows
-        if r["stack"] == "lorafuse" and r["status"] == "ok" and r.get("peak_alloc_gib") is not None
+        if r["stack"] == "lorafuse"
+        and r["objective"] == "sft"
+        and r["status"] == "ok"
+        and r.get("peak_alloc_gib") is not None
     ]
     if measured and args.memory_log:
         _append(Path(args.memory_log), measured)

@@ -16,12 +16,34 @@ from lorafuse.plan.shapes import builtin_names
 ROOT = Path(__file__).resolve().parents[1]
 STACKS = ("lorafuse", "hf", "unsloth")
 METHODS = ("qlora", "lora", "full")
+OBJECTIVES = ("sft", "dpo")
+DEFAULT_BATCH = 4  # sequences of an SFT step
+DEFAULT_PAIRS = 4  # preference pairs of a DPO step (2 x 4 rows)
+PROMPT_SHARE = 4  # a DPO row's first seq // 4 tokens are its prompt (no loss), the rest its response
+
+
+def prompt_tokens(seq: int) -> int:
+    """The prompt tokens of a DPO row of `seq` tokens, shared by the pair's two rows; the response follows."""
+    return max(1, seq // PROMPT_SHARE)
 
 
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="lorafuse bench", description=__doc__.splitlines()[0])
     p.add_argument("--shape", default="llama2-7b", help=f"model shape: {', '.join(builtin_names())}")
-    p.add_argument("--batch", type=int, default=4, help="sequences per step")
+    p.add_argument(
+        "--objective",
+        choices=OBJECTIVES,
+        default="sft",
+        help="what a step trains: sft (the next-token loss on every token) or dpo (DPO's sigmoid loss on preference "
+        "pairs, the reference from the same weights: see benchmarks/README.md)",
+    )
+    p.add_argument("--batch", type=int, default=None, help=f"sequences per SFT step (default {DEFAULT_BATCH})")
+    p.add_argument(
+        "--pairs",
+        type=int,
+        default=None,
+        help=f"preference pairs per DPO step, 2 rows each: chosen and rejected (default {DEFAULT_PAIRS})",
+    )
     p.add_argument("--seq", type=int, default=512, help="tokens per sequence")
     p.add_argument("--stacks", default="lorafuse,hf,unsloth", help=f"comma list of {', '.join(STACKS)}")
     p.add_argument("--methods", default="qlora,lora", help=f"comma list of {', '.join(METHODS)}")
@@ -127,6 +149,7 @@ def _checked(args):
     if args.shape not in builtin_names():
         raise LorafuseError(f"unknown --shape {args.shape!r}", f"use one of {', '.join(builtin_names())}")
     args.dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
+    _micro_batch(args)
     # --random-init builds lorafuse's model on the GPU instead of loading the checkpoint folder the peers load, so
     # a run with peers would not compare one model. The memory settings (--offload, --host-*, --keep-layers) are
     # lorafuse's own: with peers they apply to lorafuse's rows only, and the peers run their defaults
@@ -140,6 +163,31 @@ def _checked(args):
             "--offload is a checkpointing policy, and --no-gc turns checkpointing off", "drop one of them"
         )
     return args
+
+
+def _micro_batch(args) -> None:
+    """Fill args.batch with the rows of one micro-batch: --batch sequences for sft, 2 x --pairs rows for dpo (each
+    pair's chosen row and rejected row, one forward for both); args.pairs stays None for sft."""
+    if args.objective == "sft":
+        if args.pairs is not None:
+            raise LorafuseError("--pairs counts preference pairs of a DPO step", "add --objective dpo, or drop --pairs")
+        args.batch = DEFAULT_BATCH if args.batch is None else args.batch
+    else:
+        if args.batch is not None:
+            raise LorafuseError(
+                "--batch counts the sequences of an SFT step; a DPO step's micro-batch is counted in pairs",
+                f"give --pairs N instead (N pairs = 2N rows of --seq tokens; default {DEFAULT_PAIRS})",
+            )
+        if args.table:
+            raise LorafuseError("--table compares SFT steps with the seed's table", "drop --table with --objective dpo")
+        if args.seq < 2:
+            raise LorafuseError(
+                f"--seq {args.seq} leaves no room for a prompt and a response", "give --seq 2 or more with dpo"
+            )
+        args.pairs = DEFAULT_PAIRS if args.pairs is None else args.pairs
+        args.batch = 2 * args.pairs
+    if args.batch < 1 or (args.pairs is not None and args.pairs < 1):
+        raise LorafuseError("the micro-batch is empty", "give --batch 1 or more (--pairs with dpo)")
 
 
 def plan_runs(args) -> list[tuple[str, str]]:

@@ -6,12 +6,14 @@ function with `build(spec, device) -> (step, info)`, where `step(batch) -> loss`
 backward, gradient clipping (max norm 1.0, as the Trainer's default) and optimizer step. `run(build)` then:
 
   1. makes warmup + steps batches of random token ids in [0, vocab) (B, T), int64, on the device, labels
-     = input ids, no padding (every token is real, so tokens/s = B T / step time);
+     = input ids, no padding (every token is real, so tokens/s = B T / step time); with spec["objective"] ==
+     "dpo", P = spec["pairs"] preference pairs instead (`make_pair_batches`): B = 2P rows, and a step's stack
+     may turn the common batch into its own inputs before timing (`step.prepare`);
   2. resets the CUDA peak-memory counter (the loaded weights stay counted: they are allocated);
   3. runs `warmup` steps, then `steps` timed steps, each between two CUDA events (perf_counter on CPU), with no
      host synchronisation inside the timed region other than what the stack itself does;
-  4. prints one line `BENCH_RESULT {json}`: the median step time, tokens/s, peak allocated/reserved GiB,
-     first/last loss (finite, or the run is an error), and the runner's `info`.
+  4. prints one line `BENCH_RESULT {json}`: the median step time, tokens/s (and pairs/s = P / step time for dpo),
+     peak allocated/reserved GiB, first/last loss (finite, or the run is an error), and the runner's `info`.
 
 A runner whose stack cannot be imported prints `BENCH_UNAVAILABLE <reason>` and exits 0. A CUDA
 out-of-memory error is a result (`status: oom`), not a crash.
@@ -33,6 +35,7 @@ if str(ROOT) not in sys.path:
 
 PROJ7 = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 GIB = 1024**3
+DPO_BETA = 0.1  # DPO's beta in every stack: TRL's DPOConfig default and lorafuse's train.beta default
 
 
 def emit(kind: str, payload) -> None:
@@ -83,6 +86,35 @@ def make_batches(spec: dict, device, n: int) -> list[dict]:
     return out
 
 
+def make_pair_batches(spec: dict, device, n: int) -> list[dict]:
+    """n DPO micro-batches of P = spec["pairs"] pairs, as lorafuse's Batcher lays pairs out: 2P rows of T tokens,
+    the P chosen rows then the P rejected rows in the same pair order; pair i's two rows share their first
+    L = spec["prompt_tokens"] tokens (the prompt, labels -100) and differ in the T - L response tokens after it.
+    Random ids in [0, vocab), int64, no padding. Keys: input_ids, labels (2P, T), attention_mask (all ones),
+    right_padded, num_pairs P, prompt_tokens L."""
+    import torch
+
+    gen = torch.Generator(device="cpu").manual_seed(spec["seed"])
+    pairs, width, prompt, vocab = spec["pairs"], spec["seq"], spec["prompt_tokens"], spec["vocab_size"]
+    out = []
+    for _ in range(n):
+        shared = torch.randint(0, vocab, (pairs, prompt), generator=gen).repeat(2, 1)
+        ids = torch.cat([shared, torch.randint(0, vocab, (2 * pairs, width - prompt), generator=gen)], 1)
+        labels = ids.clone()
+        labels[:, :prompt] = -100
+        out.append(
+            {
+                "input_ids": ids.to(device),
+                "labels": labels.to(device),
+                "attention_mask": torch.ones_like(ids).to(device),
+                "right_padded": True,
+                "num_pairs": pairs,
+                "prompt_tokens": prompt,
+            }
+        )
+    return out
+
+
 def _timed(step, batches, cuda: bool) -> tuple[list[float], list]:
     import torch
 
@@ -107,7 +139,10 @@ def measure(spec: dict, step, device) -> dict:
     import torch
 
     cuda = device.type == "cuda"
-    batches = make_batches(spec, device, spec["warmup"] + spec["steps"])
+    dpo = spec.get("objective") == "dpo"
+    batches = (make_pair_batches if dpo else make_batches)(spec, device, spec["warmup"] + spec["steps"])
+    prepare = getattr(step, "prepare", None)  # the stack's own inputs, made before timing
+    batches = [prepare(b) for b in batches] if prepare else batches
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -123,6 +158,7 @@ def measure(spec: dict, step, device) -> dict:
         "status": "ok",
         "step_s": step_s,
         "tokens_per_s": spec["batch"] * spec["seq"] / step_s,
+        **({"pairs_per_s": spec["pairs"] / step_s} if dpo else {}),
         "step_times": times,
         "loss_first": losses[0],
         "loss_last": losses[-1],
@@ -144,7 +180,8 @@ def profile(spec: dict, step, batches: list, cuda: bool) -> None:
             step(batch)
         if cuda:
             torch.cuda.synchronize()
-    name = f"{spec['stack']}-{spec['method']}-{spec['shape']}-{spec['batch']}x{spec['seq']}"
+    what = spec["method"] + ("-dpo" if spec.get("objective") == "dpo" else "")
+    name = f"{spec['stack']}-{what}-{spec['shape']}-{spec['batch']}x{spec['seq']}"
     out = Path(spec["profile_dir"]) / name
     out.parent.mkdir(parents=True, exist_ok=True)
     events = prof.key_averages()

@@ -4,12 +4,19 @@ load_model(folder, quant) -> apply_lora(r, alpha, dropout, the 7 projections) ->
 Options (the fast path on CUDA, non-reentrant checkpointing, fp32 LoRA masters, offload, host tables, FP8) -> the
 training loop's pieces: Precision (autocast), lm_loss_sum (chunked or fused loss from hidden states),
 build_optimizer; clip at 1.0 and step, as lorafuse.training.loop does each step.
-The step is written here from those public functions because the loop exposes no single-step function.
+The step is written here from those public functions (TrainingLoop.step needs the loop's batchers and run folder).
+
+objective dpo: the same model and optimizer; the loss is the DPO objective's (lorafuse.training.objectives.dpo,
+sigmoid loss, beta 0.1) with the live reference (this model with the adapter switched off, no copy), checked at
+start as a fresh run checks it; backward of loss_sum / pairs, clip, step. CUDA graphs replay SFT micro-steps only,
+so a DPO step runs eagerly (the row's cuda_graphs says so).
 """
 
 from __future__ import annotations
 
-from bench_common import PROJ7, require, run, unavailable
+from bench_common import DPO_BETA, PROJ7, require, run, unavailable
+
+DPO_GRAPHS = "CUDA graphs replay SFT micro-steps only: a DPO step (reference pass, then the policy pass) runs eagerly"
 
 
 def _options(spec: dict):
@@ -38,13 +45,12 @@ def build(spec: dict, device):
         "lorafuse.training.loop",
         "lorafuse.training.loss",
         "lorafuse.training.optim",
-    ):
+    ) + (("lorafuse.training.objectives.dpo",) if spec.get("objective") == "dpo" else ()):
         require(module)
     import torch
 
     import lorafuse
     from lorafuse import accel
-    from lorafuse.training.loss import lm_loss_sum
     from lorafuse.training.optim import build_optimizer
     from lorafuse.training.runtime import Precision
 
@@ -53,26 +59,30 @@ def build(spec: dict, device):
     lorafuse.apply_lora(model, r=spec["r"], alpha=spec["alpha"], dropout=spec["dropout"], targets=PROJ7)
     notes = []
     state = accel.prepare(model, _options(spec), note=notes.append)
-    params, head, fused = state.params, state.head, state.fused_loss
     on = state.fast is not None and f"fast path on ({state.fast.ops.name} ops, {state.fast.layers} layers)"
     fast = {"applied": state.fast is not None, "reason": on or next((n for n in notes if "fast path" in n), "")}
     precision = Precision(device, dtype)
-    optimizer = build_optimizer(spec["optimizer"], params, lr=2e-4, weight_decay=0.0)
+    optimizer = build_optimizer(spec["optimizer"], state.params, lr=2e-4, weight_decay=0.0)
     model.train()
-    graphed, graphs = _graphed(spec, model, params, lambda b: lm_loss_sum(model, b, head, fused), precision, notes)
+    update = _updater(precision, optimizer, state.params)
+    make = _dpo_step if spec.get("objective") == "dpo" else _sft_step
+    step, info = make(spec, model, state, precision, update, notes)
+    step.model = model  # for benchmarks/memory_peak.py's layer hooks
+    info.update(
+        fast_path=fast,
+        fused_loss=state.fused_loss,
+        chunked_loss=state.head is not None,
+        notes=notes,
+        trainable_params=sum(p.numel() for p in state.params),
+    )
+    return step, info
 
-    def step(batch):
-        n_target = batch["labels"][:, 1:].numel()
-        if graphed is not None:
-            loss_sum = graphed(batch, 1.0 / n_target)
-            graphs["applied"] = graphed.disabled is None
-            return _update(loss_sum, n_target, set_to_none=False)
-        with precision.autocast():
-            loss_sum = lm_loss_sum(model, batch, head, fused)
-        precision.backward(loss_sum / n_target)
-        return _update(loss_sum, n_target, set_to_none=True)
 
-    def _update(loss_sum, n_target, set_to_none):
+def _updater(precision, optimizer, params):
+    """update(loss, set_to_none): clip at 1.0 and step (fp16: unscale first, skip inf/nan steps), as the loop."""
+    import torch
+
+    def update(loss, set_to_none: bool):
         if precision.scaler is not None:  # fp16: unscale before clipping, skip steps with inf/nan gradients
             precision.scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -82,18 +92,53 @@ def build(spec: dict, device):
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             optimizer.step()
         optimizer.zero_grad(set_to_none=set_to_none)  # a CUDA graph accumulates into the same .grad tensors
-        return loss_sum.detach() / n_target
+        return loss.detach()
 
-    step.model = model  # for benchmarks/memory_peak.py's layer hooks
-    info = {
-        "fast_path": fast,
-        "fused_loss": fused,
-        "chunked_loss": head is not None,
-        "notes": notes,
-        "cuda_graphs": graphs,
-        "trainable_params": sum(p.numel() for p in params),
-    }
-    return step, info
+    return update
+
+
+def _sft_step(spec: dict, model, state, precision, update, notes: list):
+    """The SFT step: the mean next-token loss over every target, eager or replayed as a CUDA graph."""
+    from lorafuse.training.loss import lm_loss_sum
+
+    head, fused = state.head, state.fused_loss
+    graphed, graphs = _graphed(
+        spec, model, state.params, lambda b: lm_loss_sum(model, b, head, fused), precision, notes
+    )
+
+    def step(batch):
+        n_target = batch["labels"][:, 1:].numel()
+        if graphed is not None:
+            loss_sum = graphed(batch, 1.0 / n_target)
+            graphs["applied"] = graphed.disabled is None
+            return update(loss_sum / n_target, set_to_none=False)
+        with precision.autocast():
+            loss_sum = lm_loss_sum(model, batch, head, fused)
+        precision.backward(loss_sum / n_target)
+        return update(loss_sum / n_target, set_to_none=True)
+
+    return step, {"cuda_graphs": graphs}
+
+
+def _dpo_step(spec: dict, model, state, precision, update, notes: list):
+    """The DPO step: the objective's loss_sum over the micro-batch's pairs (reference pass with the adapter off,
+    then the policy pass), backward of its mean per pair, clip, step."""
+    from lorafuse.training.objectives.base import ObjectiveContext
+    from lorafuse.training.objectives.dpo import DPOObjective, check_live_reference
+
+    objective = DPOObjective(beta=DPO_BETA, loss="sigmoid", reference="live")
+    check_live_reference(model)  # a fresh adapter: switched off, it is the model DPO starts from
+    ctx = ObjectiveContext(precision, head=state.head, fused=state.fused_loss)
+    notes.append(DPO_GRAPHS)
+
+    def step(batch):
+        loss_sum, _ = objective.loss_sum(model, batch, ctx)  # forwards under the precision's autocast
+        pairs = objective.units(batch)
+        precision.backward(loss_sum / pairs)
+        return update(loss_sum / pairs, set_to_none=True)
+
+    info = {"cuda_graphs": {"applied": False, "reason": DPO_GRAPHS}, "beta": DPO_BETA, "loss_type": "sigmoid"}
+    return step, {**info, "reference": "live: this model with the adapter switched off"}
 
 
 def _load(spec: dict, device, dtype):

@@ -5,6 +5,10 @@ dropout, the 7 projections, use_gradient_checkpointing="unsloth" (its offloading
 Step: model(input_ids, labels=input_ids) under bf16 autocast (Unsloth's own fused loss runs inside), backward,
 clip at 1.0, the same optimizer as the HF runner (bitsandbytes' PagedAdamW8bit by default).
 Unsloth patches transformers at import, which is why every stack runs in its own process.
+
+objective dpo, as Unsloth's DPO documentation shows: the same FastLanguageModel and get_peft_model, PatchDPOTrainer(),
+then TRL's DPOTrainer (as Unsloth patched it at import) on the peft model with ref_model=None (trl_dpo.py: the
+same DPOConfig and timed step as the hf runner's). Gradient checkpointing is Unsloth's own from get_peft_model.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ def build(spec: dict, device):
     import torch
     from unsloth import FastLanguageModel
 
-    model, _ = FastLanguageModel.from_pretrained(
+    model, tokenizer = FastLanguageModel.from_pretrained(
         model_name=spec["folder"],
         max_seq_length=spec["seq"],
         dtype=getattr(torch, spec["dtype"]),
@@ -41,13 +45,28 @@ def build(spec: dict, device):
         use_gradient_checkpointing="unsloth" if spec["gc"] else False,
         random_state=spec["seed"],
     )
+    import unsloth
+
+    version = {"unsloth": getattr(unsloth, "__version__", "?")}
+    if spec.get("objective") == "dpo":
+        return _dpo(spec, device, model, tokenizer, version)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = peer_optimizer(spec["optimizer"], params)
     model.train()
     step = hf_loss_step(model, params, optimizer, spec)
-    import unsloth
+    return step, {**version, "trainable_params": sum(p.numel() for p in params)}
 
-    return step, {"unsloth": getattr(unsloth, "__version__", "?"), "trainable_params": sum(p.numel() for p in params)}
+
+def _dpo(spec: dict, device, model, tokenizer, version: dict):
+    for module in ("datasets", "trl"):
+        require(module)
+    from unsloth import PatchDPOTrainer
+
+    PatchDPOTrainer()
+    from trl_dpo import dpo_step, dpo_trainer
+
+    step, info = dpo_step(dpo_trainer(model, tokenizer, spec, device), device)
+    return step, {**version, **info}
 
 
 if __name__ == "__main__":

@@ -32,12 +32,20 @@ def bench_parts() -> dict[str, list[str]]:
 
 def test_every_bench_part_parses_and_runs_llama2_7b_qlora_or_lora():
     parts = bench_parts()
-    assert {"qlora", "lean", "fp8", "lora", "1x4096", "8x2048"} <= set(parts)
+    assert {"qlora", "lean", "fp8", "lora", "1x4096", "8x2048", "dpo"} <= set(parts)
     for part, argv in parts.items():
         args = parse_args(argv)  # a bad flag or a peer with --random-init raises here
         runs = plan_runs(args)
         assert args.shape == "llama2-7b" and {m for _, m in runs} <= {"qlora", "lora"}, part
         assert args.fp8 == (part == "fp8" or part.endswith("-fp8")), part
+
+
+def test_dpo_part_runs_the_three_stacks_on_7b_qlora_pairs():
+    args = parse_args(bench_parts()["dpo"])
+    assert (args.objective, args.pairs, args.seq, args.batch) == ("dpo", 4, 512, 8)
+    assert sorted(plan_runs(args)) == [("hf", "qlora"), ("lorafuse", "qlora"), ("unsloth", "qlora")]
+    assert args.timeout >= 150  # Unsloth takes ~80 s to load and compile a 7B before its first step
+    assert {part for part, argv in bench_parts().items() if parse_args(argv).objective == "dpo"} == {"dpo"}
 
 
 def test_the_header_lists_exactly_the_parts():
