@@ -372,6 +372,21 @@ def load_checkpoint(folder: Path, *, model, optimizer, scaler=None) -> dict:
 # ----------------------------------------------------------------------------------------- rotation / best
 
 
+def data_changed(saved: str | None, now: str | None, folder: Path, force: bool) -> bool:
+    """Whether a resume goes on from `folder` on other training data (its sha256 `saved` against `now`): refused with
+    a LorafuseError unless forced; True when forced. A checkpoint without the sha256 is not checked."""
+    if saved is None or now is None or saved == now:
+        return False
+    if not force:
+        raise LorafuseError(
+            f"the training data changed since {Path(folder).name} was saved (the same number of batches, but other "
+            "rows or tokens: the data file, its settings or the tokenizer changed)",
+            "resume with the data the checkpoint was trained on, pass --force (force=True) to go on with the new "
+            "data from this point, or start over with --no-resume",
+        )
+    return True
+
+
 def read_best(out_dir: Path) -> dict | None:
     path = Path(out_dir) / "best.json"
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None

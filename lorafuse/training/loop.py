@@ -66,7 +66,7 @@ from lorafuse.training.objectives import ObjectiveContext, evaluate
 from lorafuse.training.objectives.sft import SFTObjective
 from lorafuse.training.optim import LRSchedule, build_optimizer
 from lorafuse.training.runtime import Precision, StopSignals
-from lorafuse.training.state import LoopResult, LoopState, nan_error, total_steps
+from lorafuse.training.state import LoopResult, LoopState, diverged, total_steps
 from lorafuse.training.steplog import LogWindow, eval_note, eval_row, skipped_note, skipped_row
 
 
@@ -157,7 +157,8 @@ class TrainingLoop:
                 f"gives {self.state.micro_per_epoch}: the data file or its settings changed",
                 "resume with the same data, or start over with --no-resume",
             )
-        self._check_data(saved.get("data_sha256"), folder, force)
+        if ckpt.data_changed(saved.get("data_sha256"), self.data_fingerprint, folder, force):
+            self.note(f"resuming {folder.name} on changed training data (--force)")
         names = set(LoopState.__dataclass_fields__)
         self.state = LoopState(**{k: v for k, v in saved.items() if k in names})
         self._rng = self.world.own_rng(restored["rng"])
@@ -173,19 +174,6 @@ class TrainingLoop:
                 "this run)"
             )
             self._match_setting()
-
-    def _check_data(self, saved: str | None, folder: Path, force: bool) -> None:
-        """The same number of micro-batches but other rows: refused unless forced (older checkpoints: unchecked)."""
-        if saved is None or self.data_fingerprint is None or saved == self.data_fingerprint:
-            return
-        if not force:
-            raise LorafuseError(
-                f"the training data changed since {folder.name} was saved (the same number of batches, but other "
-                "rows or tokens: the data file, its settings or the tokenizer changed)",
-                "resume with the data the checkpoint was trained on, pass --force (force=True) to go on with the new "
-                "data from this point, or start over with --no-resume",
-            )
-        self.note(f"resuming {folder.name} on changed training data (--force)")
 
     # ------------------------------------------------------------------------------------- the loop
     def run(self) -> LoopResult:
@@ -310,12 +298,12 @@ class TrainingLoop:
     def _after_step(self, row: dict, epoch_end: bool, signals: StopSignals, eta: float) -> str | None:
         """Log, count NaN steps, evaluate, decide whether to stop, save: the cadence of train.*_every."""
         st, tc = self.state, self.tc
-        last = st.step >= self.total
+        last, out = st.step >= self.total, self.out_dir if self.world.is_main else None
         self._log(row, force=last, eta=eta)
         if row["skipped"] == "nan":
             st.nan_streak, st.skipped_steps = st.nan_streak + 1, st.skipped_steps + 1
             if st.nan_streak > tc.nan_tolerance:
-                raise self._diverged()
+                raise diverged(st, tc.nan_tolerance, out)
         elif not row["skipped"]:
             st.nan_streak = 0
         improved, stop = False, None
@@ -332,26 +320,12 @@ class TrainingLoop:
         signalled = self.world.any(signals.received is not None)  # a collective: every rank, every step
         if stop is None and (last or signalled):
             stop = "finished" if last else "signal"
-        if st.nan_streak and stop in ("finished", "early_stopping"):
-            raise self._diverged()  # the final weights gave NaN losses: no checkpoint, no adapter from them
+        if st.nan_streak and stop in ("finished", "early_stopping"):  # no checkpoint, no adapter from NaN weights
+            raise diverged(st, tc.nan_tolerance, out)
         due = (st.step % tc.save_every == 0) if tc.save_every else epoch_end
         if stop or improved or (due and not st.nan_streak):  # no scheduled save from weights that gave NaN
             self._save(improved)
         return stop
-
-    def _diverged(self) -> LorafuseError:
-        """Too many NaN steps, or the run ended in NaN steps: set aside the checkpoints written from the weights that
-        gave them (the one just before the streak, any during it), so the resume the error advises starts from
-        weights that worked."""
-        st, out = self.state, self.out_dir
-        first = st.step - st.nan_streak + 1
-        moved, last_good = None, None
-        if out is not None and self.world.is_main:
-            moved = ckpt.archive_newer(out, first - 2)  # checkpoint-(first-1) holds the weights step `first` used
-            last_good = ckpt.latest_checkpoint(out)
-        names = ", ".join(sorted(p.name for p in moved.iterdir())) if moved else ""
-        aside = f"; {names} (from the weights that gave the first NaN loss) moved to {moved}" if moved else ""
-        return nan_error(st, self.tc.nan_tolerance, last_good, aside)
 
     def _epoch_float(self) -> float:
         st = self.state

@@ -70,3 +70,19 @@ def nan_error(state: LoopState, tolerance: int, last_good: Path | None = None, s
         "(Ampere or newer) or float32; (3) bad data rows (empty or very long responses, broken labels): "
         f"inspect them with `lorafuse data preview`. {resume}",
     )
+
+
+def diverged(state: LoopState, tolerance: int, out_dir: Path | None) -> LorafuseError:
+    """The error that stops a run after too many NaN steps, or one that ended in NaN steps. The checkpoints written
+    from the weights that gave them (the one just before the streak, any during it) are set aside in `out_dir` (None:
+    a rank that writes no files), so the resume the error advises starts from weights that worked."""
+    from lorafuse.training import checkpoint as ckpt
+
+    first = state.step - state.nan_streak + 1
+    moved, last_good = None, None
+    if out_dir is not None:
+        moved = ckpt.archive_newer(out_dir, first - 2)  # checkpoint-(first-1) holds the weights step `first` used
+        last_good = ckpt.latest_checkpoint(out_dir)
+    names = ", ".join(sorted(p.name for p in moved.iterdir())) if moved else ""
+    aside = f"; {names} (from the weights that gave the first NaN loss) moved to {moved}" if moved else ""
+    return nan_error(state, tolerance, last_good, aside)
