@@ -16,7 +16,7 @@ Static memory (held through the whole step)
   * Optimizer states: AdamW fp32 m and v = 8 B per trainable element (in the parameter's dtype for torch's
     AdamW on 16-bit weights: 2c). 8-bit AdamW: one uint8 code per element per state + one fp32 absmax per
     256 elements per state = 2 + 8/256 B; tensors under 4096 elements keep fp32 states (8 B). Paged 8-bit
-    (lorafuse.training.optim.AdamW8bit._under_pressure) pages only under memory pressure: its states stay on the
+    (lorafuse.training.optim8bit.AdamW8bit._under_pressure) pages only under memory pressure: its states stay on the
     GPU, like adamw_8bit's, unless they would take more than 5% of the card or leave less than 10% of it free at
     the first update; then they live in pinned host memory and the GPU holds at most two parameters' states.
     The planner counts them on the GPU (LoRA states are ~0.5% of a card: 81 MB for Llama-2-7B r=16), so when

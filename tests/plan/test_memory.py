@@ -72,7 +72,7 @@ def test_optimizer_states():
     assert optimizer_bytes([big, small], "adamw") == 8 * (big + small)
     # uint8 m and v + one fp32 absmax per 256 elements each; small tensors keep fp32 states.
     assert optimizer_bytes([big, small], "adamw_8bit") == 2 * big + 2 * 4 * (big // 256) + 8 * small
-    # paged: lorafuse.training.optim pages only under memory pressure, so the states are planned on the GPU.
+    # paged: lorafuse.training.optim8bit pages only under memory pressure, so the states are planned on the GPU.
     assert optimizer_bytes([big, small], "paged_adamw_8bit") == optimizer_bytes([big, small], "adamw_8bit")
 
 

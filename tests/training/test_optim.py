@@ -7,14 +7,13 @@ import math
 import pytest
 import torch
 
-from lorafuse.training.optim import (
+from lorafuse.training.optim import LRSchedule, state_bytes
+from lorafuse.training.optim8bit import (
     AdamW8bit,
-    LRSchedule,
     PagedAdamW8bit,
     dequantize_blockwise,
     dynamic_map,
     quantize_blockwise,
-    state_bytes,
 )
 
 bnb = pytest.importorskip("bitsandbytes")
