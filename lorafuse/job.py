@@ -61,6 +61,7 @@ from lorafuse.training.loop import TrainingLoop
 from lorafuse.training.metrics import finished_summary, print_summary, summary_line
 from lorafuse.training.objectives import build_objective
 from lorafuse.training.preflight import check_inputs
+from lorafuse.training.rng import seed_everything
 from lorafuse.training.start import auto_fit, start_point
 from lorafuse.training.trackers import require_trackers
 
@@ -108,7 +109,7 @@ def run(cfg, resume: str | None = "auto", force: bool = False, console=None) -> 
             start_from = world.decide(start_point, cfg, out, resume, force, console)  # may move earlier files
             device = world.device  # cuda:LOCAL_RANK under torchrun
             dtype = _announce_dtype(cfg.model.compute_dtype, device, console)
-            ckpt.seed_everything(cfg.train.seed)  # LoRA init below is a function of the seed
+            seed_everything(cfg.train.seed)  # LoRA init below is a function of the seed
             model, tokenizer = load_model(
                 cfg.model.path,
                 quant=cfg.model.quant,

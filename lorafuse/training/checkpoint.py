@@ -39,19 +39,18 @@ from __future__ import annotations
 import errno
 import json
 import os
-import random
 import re
 import shutil
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from lorafuse.atomic import fsync_path, fsync_tree, write_atomic
 from lorafuse.errors import LorafuseError
 from lorafuse.io_errors import io_errno, save_torch
 from lorafuse.outputs import CHECKPOINT_RE, RUN_FILES
+from lorafuse.training import rng
 from lorafuse.training.manifest import STATE_FILES, verify, write_manifest
 
 REFERENCE_FILE = "reference_logps.safetensors"  # DPO's precomputed reference, in checkpoints and the run folder
@@ -175,38 +174,6 @@ def _archive(out_dir: Path, old: list[Path]) -> Path | None:
     return target
 
 
-# ----------------------------------------------------------------------------------------- RNG
-
-
-def rng_state() -> dict:
-    version, mt, gauss = random.getstate()
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    state = {
-        "python": [version, list(mt), gauss],
-        "numpy": [kind, keys.tolist(), pos, has_gauss, cached],
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    version, mt, gauss = state["python"]
-    random.setstate((version, tuple(mt), gauss))
-    kind, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)  # seeds every CUDA device too
-
-
 # ----------------------------------------------------------------------------------------- save / load
 
 
@@ -254,7 +221,7 @@ def save_checkpoint(
             {"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict() if scaler is not None else None},
             tmp / "optimizer.pt",
         )
-        states = rng_states or [rng_state()]
+        states = rng_states or [rng.rng_state()]
         save_torch(states[0] if len(states) == 1 else {**states[0], "per_rank": states}, tmp / "rng.pt")
         (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1), encoding="utf-8")
         (tmp / "metrics.jsonl").write_text(metrics_jsonl, encoding="utf-8")
@@ -357,11 +324,11 @@ def load_checkpoint(folder: Path, *, model, optimizer, scaler=None) -> dict:
     if scaler is not None and blob.get("scaler"):
         scaler.load_state_dict(blob["scaler"])
     state = json.loads((folder / "trainer_state.json").read_text(encoding="utf-8"))
-    rng = torch.load(folder / "rng.pt", map_location="cpu", weights_only=True)
+    rng_states = torch.load(folder / "rng.pt", map_location="cpu", weights_only=True)
     reference = folder / REFERENCE_FILE
     return {
         "trainer_state": state,
-        "rng": rng,
+        "rng": rng_states,
         "metrics_jsonl": (folder / "metrics.jsonl").read_text(encoding="utf-8"),
         "reference_logps": {k: v.numpy() for k, v in load_file(str(reference)).items()}
         if reference.is_file()

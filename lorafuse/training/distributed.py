@@ -217,7 +217,7 @@ class World:
     # --------------------------------------------------------------------------------- checkpoints
     def gather_rng(self) -> list[dict] | None:
         """Every rank's RNG state, in rank order, on rank 0 (None elsewhere). All ranks must call it."""
-        from lorafuse.training.checkpoint import rng_state
+        from lorafuse.training.rng import rng_state
 
         state = rng_state()
         if self.size == 1:

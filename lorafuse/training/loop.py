@@ -58,7 +58,7 @@ from lorafuse.errors import LorafuseError
 from lorafuse.options import Options
 from lorafuse.outputs import ensure_writable_dir
 from lorafuse.training import checkpoint as ckpt
-from lorafuse.training import graphs, oom
+from lorafuse.training import graphs, oom, rng
 from lorafuse.training.distributed import SINGLE
 from lorafuse.training.loss import count_inputs, count_targets, forward_batch
 from lorafuse.training.metrics import MetricsLog, Progress, memory_bytes, peak_memory_bytes
@@ -179,10 +179,10 @@ class TrainingLoop:
     def run(self) -> LoopResult:
         st, t_start = self.state, time.perf_counter()
         if self._rng is None:
-            ckpt.seed_everything(self.tc.seed + self.world.rank)  # ranks draw different dropout masks
+            rng.seed_everything(self.tc.seed + self.world.rank)  # ranks draw different dropout masks
             self.metrics.start_fresh()
         else:
-            ckpt.set_rng_state(self._rng)  # last: after everything at setup that consumed randomness
+            rng.set_rng_state(self._rng)  # last: after everything at setup that consumed randomness
         self.world.broadcast_params(self.params)
         start_step, stop = st.step, ("already_complete" if st.step >= self.total else None)
         self.progress = Progress(self.console, total=self.total, initial=st.step)

@@ -17,6 +17,7 @@ import torch
 from lorafuse.errors import LorafuseError
 from lorafuse.outputs import ensure_writable_dir
 from lorafuse.training import checkpoint as ckpt
+from lorafuse.training import rng
 from lorafuse.training.manifest import verify
 
 
@@ -196,11 +197,11 @@ def test_unwritable_output_dir_is_a_clear_error(tmp_path):
 
 
 def test_rng_state_roundtrip():
-    ckpt.seed_everything(5)
-    state = ckpt.rng_state()
+    rng.seed_everything(5)
+    state = rng.rng_state()
     a = (random.random(), np.random.rand(), torch.rand(3))
-    ckpt.seed_everything(99)
-    ckpt.set_rng_state(torch.load(_roundtrip(state), weights_only=True))
+    rng.seed_everything(99)
+    rng.set_rng_state(torch.load(_roundtrip(state), weights_only=True))
     b = (random.random(), np.random.rand(), torch.rand(3))
     assert a[0] == b[0] and a[1] == b[1] and torch.equal(a[2], b[2])
 
