@@ -355,22 +355,23 @@ def dequant_bytes(w: Workload) -> int:
     return (w.compute_bytes if w.kernels == "fused" else 4 + w.compute_bytes) * largest
 
 
-def estimate(w: Workload) -> Estimate:
-    """Predicted peak memory of one training step and its parts (bytes)."""
-    s, c, n = w.shape, w.compute_bytes, w.tokens
-    numels = trainable_numels(w)
-    trainable = sum(numels)
+def static_bytes(w: Workload, numels: list[int]) -> dict:
+    """What a step holds throughout: weights, LoRA parameters (with autocast's copies), optimizer states, cuBLAS."""
+    c, trainable = w.compute_bytes, sum(numels)
     # autocast's cached cast of each LoRA weight; the fused kernels run with autocast off (module docstring)
     lora_copy = c if w.autocast and w.lora_bytes > c and w.kernels != "fused" else 0
-    static = {
+    return {
         **weight_bytes(w),
         "lora_params": 0 if w.method == "full" else (w.lora_bytes + lora_copy) * trainable,
         "optimizer_states": optimizer_bytes(numels, w.optimizer, c if w.method == "full" else w.lora_bytes),
         "cublas_workspace": CUBLAS_WORKSPACE_BYTES,
     }
-    grads = gradient_bytes(w)
-    per_layer = layer_saved_bytes(w)
-    whole_layer = per_layer * n + layer_saved_constant_bytes(w)  # one layer's saved set, outside a checkpoint
+
+
+def saved_bytes(w: Workload) -> tuple[int, int, int]:
+    """(activations saved at the end of the forward, the final norm's part of them, one layer's whole saved set)."""
+    s, c, n = w.shape, w.compute_bytes, w.tokens
+    whole_layer = layer_saved_bytes(w) * n + layer_saved_constant_bytes(w)  # one layer's set, outside a checkpoint
     # The final norm is outside the checkpoints: HF's keeps an fp32 copy of its input, the fused one x and 1/rms.
     final_norm = (c * s.hidden_size + 4 if w.kernels == "fused" else 4 * s.hidden_size) * n
     kept = kept_layers(w)  # layers outside the checkpoints: their whole saved set, not just their input
@@ -382,6 +383,15 @@ def estimate(w: Workload) -> Estimate:
         saved = 3 * c * s.hidden_size * n + kept * whole_layer + final_norm
     if w.padded:
         saved += w.micro_batch * w.seq**2
+    return saved, final_norm, whole_layer
+
+
+def estimate(w: Workload) -> Estimate:
+    """Predicted peak memory of one training step and its parts (bytes)."""
+    s, c, n = w.shape, w.compute_bytes, w.tokens
+    numels = trainable_numels(w)
+    static, grads = static_bytes(w, numels), gradient_bytes(w)
+    saved, final_norm, whole_layer = saved_bytes(w)
     # fused: the recomputed input_layernorm saves the layer input the checkpoint holds (module docstring)
     held = c * s.hidden_size if w.kernels == "fused" else 0
     recompute = 0 if w.checkpointing == "off" else whole_layer - held * n
@@ -438,5 +448,5 @@ def estimate(w: Workload) -> Estimate:
         peak_alloc=peak_alloc,
         peak=peak_alloc + slack + CUDA_CONTEXT_BYTES,
         phase=phase,
-        trainable=trainable,
+        trainable=sum(numels),
     )
