@@ -72,7 +72,7 @@ def lora_params(model) -> dict[str, torch.Tensor]:
 
 def grads(model, batch, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     from lorafuse.accel import accel_state
-    from lorafuse.train.loss import lm_loss_sum
+    from lorafuse.training.loss import lm_loss_sum
 
     state = accel_state(model)
     for p in model.parameters():

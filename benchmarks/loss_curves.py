@@ -1,9 +1,9 @@
-"""Loss curves of the fast path against the reference path: same model, data, seed and steps (issue B).
+"""Loss curves of the fast path against the reference path: same model, data, seed and steps.
 
     python benchmarks/loss_curves.py [--steps 50] [--out benchmarks/results]
 
 Trains the built-in tiny Llama (NF4 base, LoRA r8 on the seven projections, the bundled sample rows, packed
-into fixed-length rows) with `lorafuse.train.api.run` once per variant and compares the per-step training losses:
+into fixed-length rows) with `lorafuse.job.run` once per variant and compares the per-step training losses:
 
     reference-fp32   PyTorch reference path in fp32           the yardstick of rounding noise
     reference-bf16   PyTorch reference path in bf16
@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from lorafuse.config import load_config  # noqa: E402
-from lorafuse.train.api import run  # noqa: E402
+from lorafuse.job import run  # noqa: E402
 
 VARIANTS = {  # name: (fast_path, compute dtype, cuda_graphs, train.fp8)
     "reference-fp32": ("off", "float32", "off", False),

@@ -1,4 +1,4 @@
-"""Where a lorafuse training step's memory peak happens: for explaining a planner miss (issue C).
+"""Where a lorafuse training step's memory peak happens: for explaining a planner miss.
 
     python benchmarks/memory_peak.py --shape qwen2.5-1.5b --method qlora --batch 2 --seq 2048 [--out DIR]
 

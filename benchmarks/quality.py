@@ -101,10 +101,10 @@ def run_lorafuse(settings: dict, base: Path, data: Path, lr: float, plan: dict, 
     seconds, the adapter's trainable_token_indices)."""
     from rich.console import Console
 
+    from lorafuse.artifacts.adapter_load import load_adapter
     from lorafuse.config import validate_config
-    from lorafuse.lora.adapter_load import load_adapter
+    from lorafuse.job import run
     from lorafuse.model.load import load_model
-    from lorafuse.train.api import run
 
     cfg = validate_config(
         {

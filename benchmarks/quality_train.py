@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from quality_data import TEMPLATE_TOKENS, VOCAB_ROWS, pretraining_text
 
-from lorafuse.train.optim import LRSchedule
+from lorafuse.training.optim import LRSchedule
 
 IGNORE = -100
 

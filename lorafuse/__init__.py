@@ -15,19 +15,19 @@ from __future__ import annotations
 
 import importlib
 
-__version__ = "0.1.0"
+from lorafuse.version import __version__
 
 _EXPORTS = {
     "load_model": "lorafuse.model.load",
     "apply_lora": "lorafuse.model.inject",
     "print_trainable_parameters": "lorafuse.model.inject",
     "trainable_parameters": "lorafuse.model.inject",
-    "save_adapter": "lorafuse.lora.adapter_io",
-    "load_adapter": "lorafuse.lora.adapter_load",
-    "merge": "lorafuse.lora.merge",
+    "save_adapter": "lorafuse.artifacts.adapter_io",
+    "load_adapter": "lorafuse.artifacts.adapter_load",
+    "merge": "lorafuse.artifacts.merge",
     "export": "lorafuse.artifacts.export",
     "generate": "lorafuse.infer.generate",
-    "train": "lorafuse.train.api",
+    "train": "lorafuse.job",
     "load_config": "lorafuse.config",
     "RunConfig": "lorafuse.config",
     "LorafuseError": "lorafuse.errors",

@@ -1,33 +1,20 @@
 """All-or-nothing writes: a crash, SIGKILL or full disk never leaves a half-written file or folder.
 
-`write_atomic(path, data)`: write a temp file beside `path`, fsync it, rename it over `path`, fsync the folder.
-`atomic_folder(path, kind)`: a context manager yielding a temp folder beside `path`; on normal exit the folder gets
-its `.lorafuse` marker (kind + the names written, lorafuse.outputs), every file and folder in it is fsynced and it takes
-`path`'s place (an existing folder is swapped out in one renameat2(RENAME_EXCHANGE) where Linux has it, else renamed
-aside first and then deleted), so readers see the old folder or the complete new one. On an exception the temp folder
-is removed and `path` is left untouched. Files get the mode a plain open() gives (`normal_file_modes`). Renames are
-atomic because the temp lives on the same filesystem as the target; fsyncing the parent folder makes the rename
-itself durable.
+`write_atomic(path, data)`: write a temp file beside `path`, fsync it, rename it over `path`, fsync the folder. A rename
+is atomic because the temp lives on the same filesystem as the target; fsyncing the parent folder makes the rename
+itself durable. `fsync_path` / `fsync_tree` make a file's or a folder tree's contents durable. `normal_file_modes`
+gives the files of a folder the mode a plain open() gives (safetensors writes 0600).
 
-An existing `path` is replaced only when it is empty or an earlier output of the same kind holding nothing but what
-its marker lists (`lorafuse.outputs.check_replaceable`, checked before the body runs and again before the swap): a
-folder lorafuse did not write, or another kind of output (a run, an adapter, a model), can never be swapped out.
-
-Used for configs, metrics, plots, the token cache, bnb 4-bit folders, adapters, merged models and checkpoints.
+Used for configs, metrics, plots, the token cache, bnb 4-bit folders and checkpoints; a whole output folder (an
+adapter, a merged model) is written with `lorafuse.outputs.atomic_folder`, which builds on these.
 """
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
-from lorafuse.errors import LorafuseError
 from lorafuse.io_errors import write_error
-from lorafuse.outputs import check_replaceable, mark_written
 
 
 def fsync_path(path: str | Path) -> None:
@@ -76,49 +63,3 @@ def write_atomic(path: str | Path, data: bytes | str) -> Path:
         raise
     fsync_path(path.parent)
     return path
-
-
-@contextlib.contextmanager
-def atomic_folder(path: str | Path, kind: str):
-    """`with atomic_folder(out, "merge") as tmp: <write files into tmp>` replaces `out` only once everything is
-    written, and only when `out` is absent, empty or an earlier `kind` output (module docstring)."""
-    path = Path(path).expanduser().absolute()
-    if path.exists() and not path.is_dir():
-        raise LorafuseError(f"{path} exists and is a file, not a folder", "choose another output path or remove it")
-    check_replaceable(path, kind)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it 0700; the result should look like a normal folder
-    try:
-        yield tmp
-        mark_written(tmp, kind)
-        normal_file_modes(tmp)
-        fsync_tree(tmp)
-        check_replaceable(path, kind)  # again: the folder may have changed while the body wrote
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if path.exists():
-        if _exchange(tmp, path):
-            shutil.rmtree(tmp, ignore_errors=True)  # tmp now holds the old folder
-        else:
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
-            os.replace(path, old / path.name)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, path)
-    fsync_path(path.parent)
-
-
-def _exchange(a: Path, b: Path) -> bool:
-    """Atomically swap two paths (Linux renameat2 RENAME_EXCHANGE). False where unsupported."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        renameat2 = libc.renameat2
-    except (OSError, AttributeError):
-        return False
-    at_fdcwd, rename_exchange = -100, 2
-    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0

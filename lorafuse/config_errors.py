@@ -93,23 +93,16 @@ ALIASES = {
 }
 
 
-def _run_config() -> type[BaseModel]:
-    from lorafuse.config import RunConfig
-
-    return RunConfig
-
-
-def _all_leaf_paths() -> list[str]:
-    root = _run_config()
+def _all_leaf_paths(root: type[BaseModel]) -> list[str]:
     return [f"{s}.{k}" for s, f in root.model_fields.items() for k in f.annotation.model_fields]
 
 
-def suggest_key(section_model: type[BaseModel], prefix: str, key: str) -> str | None:
-    """The dotted key most likely meant by `key` (unknown in `section_model`, found under `prefix`)."""
+def suggest_key(section_model: type[BaseModel], prefix: str, key: str, root: type[BaseModel]) -> str | None:
+    """The dotted key most likely meant by `key` (unknown in `section_model`, found under `prefix` of `root`)."""
     norm = key.strip().lower().replace("-", "_")
     if norm in ALIASES:
         return ALIASES[norm]
-    leaves = _all_leaf_paths()
+    leaves = _all_leaf_paths(root)
     same_name = [p for p in leaves if p.rsplit(".", 1)[1] == norm]
     if same_name:  # the right name in the wrong section (`lora: {lr: ...}`)
         return same_name[0]
@@ -121,21 +114,21 @@ def suggest_key(section_model: type[BaseModel], prefix: str, key: str) -> str | 
     return next((p for p in leaves if close and p.endswith("." + close[0])), None)
 
 
-def _unknown_key_line(section_model: type[BaseModel], prefix: str, key: str) -> tuple[str, str | None]:
+def _unknown_key_line(section_model: type[BaseModel], prefix: str, key: str, root) -> tuple[str, str | None]:
     """("unknown key 'lora.rank' in section 'lora'; did you mean 'lora.r'?", "lora.r")."""
     where = f"in section '{prefix}'" if prefix else "at the top level"
     dotted = f"{prefix}.{key}" if prefix else key
     line = f"unknown key '{dotted}' {where}"
-    guess = suggest_key(section_model, prefix, str(key))
+    guess = suggest_key(section_model, prefix, str(key), root)
     if guess:
         return f"{line}; did you mean '{guess}'?", guess
     return f"{line}; valid keys: {', '.join(section_model.model_fields)}", None
 
 
-def check_key_path(key: str, origin: str) -> None:
-    """Raise ConfigError if dotted `key` names no config field (mappings such as data.fields accept any
-    sub-key)."""
-    model: Any = _run_config()
+def check_key_path(key: str, origin: str, root: type[BaseModel]) -> None:
+    """Raise ConfigError if dotted `key` names no field of the config model `root` (mappings such as data.fields
+    accept any sub-key)."""
+    model: Any = root
     parts = key.split(".")
     for i, part in enumerate(parts):
         prefix = ".".join(parts[:i])
@@ -147,17 +140,19 @@ def check_key_path(key: str, origin: str) -> None:
                 f"set '{prefix}' itself, e.g. {prefix}=...",
             )
         if part not in model.model_fields:
-            line, guess = _unknown_key_line(model, prefix, part)
+            line, guess = _unknown_key_line(model, prefix, part, root)
             raise ConfigError(
                 f"{origin}: {line}",
-                f"write {guess}=..." if guess else "use a key from the config reference (README), e.g. lora.r=32",
+                f"write {guess}=..."
+                if guess
+                else "use a key from the config reference (docs/config.md), e.g. lora.r=32",
             )
         model = model.model_fields[part].annotation
 
 
-def _walk(loc: tuple) -> tuple[str, Any, type[BaseModel] | None, Any]:
+def _walk(loc: tuple, root: type[BaseModel]) -> tuple[str, Any, type[BaseModel] | None, Any]:
     """(dotted path, FieldInfo of the last field reached, the model holding it, last unmatched part)."""
-    model: Any = _run_config()
+    model: Any = root
     parts: list[str] = []
     info = None
     for item in loc:
@@ -194,11 +189,11 @@ _TYPE_WORDS = {
 }
 
 
-def _problem_line(err: dict) -> str:
-    path, info, parent, unknown = _walk(err["loc"])
+def _problem_line(err: dict, root: type[BaseModel]) -> str:
+    path, info, parent, unknown = _walk(err["loc"], root)
     kind, given, msg = err["type"], err.get("input"), err["msg"]
     if kind == "extra_forbidden" and parent is not None:
-        return _unknown_key_line(parent, path, unknown)[0]
+        return _unknown_key_line(parent, path, unknown, root)[0]
     if kind == "missing":
         section = path.rpartition(".")[0]
         if section and given == {}:  # `data:` with nothing under it reads as null, then as an empty section
@@ -232,11 +227,14 @@ def _problem_line(err: dict) -> str:
     return f"{label}: {msg}"
 
 
-def validation_error_to_config_error(exc: ValidationError, source: str, from_cli: set[str]) -> ConfigError:
-    """One ConfigError listing every problem once, each marked when it came from a command-line override."""
+def validation_error_to_config_error(
+    exc: ValidationError, source: str, from_cli: set[str], root: type[BaseModel]
+) -> ConfigError:
+    """One ConfigError listing every problem of validating `root` (the config model) once, each marked when it came
+    from a command-line override."""
     lines: list[str] = []
     for err in exc.errors(include_url=False):
-        line = _problem_line(err)
+        line = _problem_line(err, root)
         full = ".".join(str(p) for p in err["loc"])
         if any(full == k or full.startswith(k + ".") for k in from_cli):
             line += " (set on the command line)"
@@ -247,7 +245,8 @@ def validation_error_to_config_error(exc: ValidationError, source: str, from_cli
     else:
         problem = f"invalid config ({source}), {len(lines)} problems:\n" + "\n".join(f"  - {x}" for x in lines)
     fix = (
-        "correct the key(s) above; every key, its type, default and allowed values are in the README's config reference"
+        "correct the key(s) above; every key, its type, default and allowed values are in the config reference, "
+        "docs/config.md"
     )
     error = ConfigError(problem, fix)
     error.problems = lines

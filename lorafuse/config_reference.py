@@ -12,7 +12,8 @@ import typing
 from pathlib import Path
 from typing import Any, Literal
 
-from lorafuse.config import _UNION, RunConfig, _fmt
+from lorafuse.config import RunConfig, _fmt
+from lorafuse.config_sections import _UNION
 from lorafuse.errors import LorafuseError
 
 START, END = "<!-- config-reference:start -->", "<!-- config-reference:end -->"

@@ -8,7 +8,7 @@ small vocabulary: 6 adjectives x 8 animals x 6 actions,
     日本語に翻訳してください: The red cat is running.  ->  赤い猫が走っています。
 
 40 of the 288 (adjective, animal, action) combinations are left out of the training rows in both directions
-(demo-heldout.jsonl). Getting those right means the model learned the words and the instruction, not the rows. The
+(builtin:demo-heldout). Getting those right means the model learned the words and the instruction, not the rows. The
 run stops at its best eval loss (train.early_stopping_patience with a min delta) and keeps that checkpoint's adapter.
 
 At the end, `before_after` prints a few held-out prompts with the answers of the base model (the random-init
@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+
+from lorafuse import builtin
 
 TABLE_ROWS = 4  # held-out prompts shown, half of each direction
 MAX_NEW_TOKENS = 24
@@ -35,16 +37,12 @@ class DemoResult:
 
 def heldout_rows() -> list[dict]:
     """The held-out {"instruction", "output"} rows, in file order (each combination's two directions adjacent)."""
-    from lorafuse.data import demo_data_path
-
-    path = demo_data_path().with_name("demo-heldout.jsonl")
+    path = builtin.data_path("demo-heldout")
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 def is_demo(cfg) -> bool:
-    from lorafuse.config import BUILTIN_DATA, BUILTIN_MODEL
-
-    return cfg.model.path == BUILTIN_MODEL and cfg.data.path == BUILTIN_DATA
+    return cfg.model.path == builtin.BUILTIN_MODEL and cfg.data.path == builtin.BUILTIN_DATA
 
 
 def _answers(model, tokenizer, rows: list[dict]) -> list[str]:
@@ -59,7 +57,7 @@ def _answers(model, tokenizer, rows: list[dict]) -> list[str]:
 def _base_model(cfg, like):
     """The base as training started from it: the random-init weights, loaded afresh, prompted like `like`."""
     from lorafuse.model.load import load_model
-    from lorafuse.model.state import model_state
+    from lorafuse.model_state import model_state
 
     base, _ = load_model(cfg.model.path, quant=cfg.model.quant, compute_dtype=next(like.parameters()).dtype)
     model_state(base).prompt = model_state(like).prompt

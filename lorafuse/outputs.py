@@ -13,14 +13,20 @@ The rules:
   * A run (`prepare_run_dir`) takes a new or empty folder, its own earlier run folder (marker kind "run"), or a
     run folder written before the marker existed (`legacy_run_evidence`), which it adopts by writing the marker.
     Anything else that is non-empty is refused. Inside an owned run folder lorafuse moves only the names it writes
-    (RUN_FILES and checkpoint-N/, see lorafuse.train.checkpoint); a file the user put there is never touched.
-  * A folder written whole (`check_replaceable`, which `lorafuse.atomic.atomic_folder` calls before it swaps a
-    folder in) replaces an existing folder only when that folder is empty, or carries a marker of the same kind
-    and holds nothing but the names its marker lists. So `merge --out <a run folder>` cannot replace the run.
+    (RUN_FILES and checkpoint-N/, see lorafuse.training.checkpoint); a file the user put there is never touched.
+  * A folder written whole (`atomic_folder`, which calls `check_replaceable` before it swaps a folder in)
+    replaces an existing folder only when that folder is empty, or carries a marker of the same kind and holds
+    nothing but the names its marker lists. So `merge --out <a run folder>` cannot replace the run.
   * merge/export (`check_output_dir`) also refuse the folders they read from: the adapter's folder, the base
     model's folder, anything inside them and any folder above them, named in the message.
   * A single output file (`check_output_file`, e.g. a GGUF export) replaces only a file lorafuse wrote, as told
     by a callable that recognises its own files (their metadata), since a sidecar marker file would litter.
+
+`atomic_folder(path, kind)`: a context manager yielding a temp folder beside `path`; on normal exit the folder gets
+its marker (kind + the names written), every file and folder in it is fsynced and it takes `path`'s place (an existing
+folder is swapped out in one renameat2(RENAME_EXCHANGE) where Linux has it, else renamed aside first and then
+deleted), so readers see the old folder or the complete new one. On an exception the temp folder is removed and `path`
+is left untouched. `check_replaceable` runs before the body and again before the swap.
 
 A legacy run folder (no marker) is recognised by what only a lorafuse run writes: a `checkpoint-N/` folder whose
 `trainer_state.json` is a JSON object with "step" and "micro_per_epoch" (the training loop's own counters), or a
@@ -30,18 +36,28 @@ A legacy run folder (no marker) is recognised by what only a lorafuse run writes
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import json
 import os
 import re
+import shutil
+import tempfile
 from pathlib import Path
 
+import yaml
+
+from lorafuse.atomic import fsync_path, fsync_tree, normal_file_modes, write_atomic
+from lorafuse.config import SECTIONS
 from lorafuse.errors import LorafuseError
+from lorafuse.version import __version__
 
 MARKER = ".lorafuse"
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 # What a run writes at the top of its folder (besides checkpoint-N/, .lock, .cache/ and archive-*/).
 RUN_FILES = ("adapter", "metrics.jsonl", "loss.png", "summary.json", "best.json", "config.yaml")
-RUN_FILES += ("trackers.json", "tensorboard", "wandb", "mlruns")  # train.report_to (lorafuse.train.trackers)
+RUN_FILES += ("trackers.json", "tensorboard", "wandb", "mlruns")  # train.report_to (lorafuse.training.trackers)
+RUN_FILES += ("reference_logps.safetensors",)  # train.dpo_reference=precomputed (lorafuse.training.reference)
 _WEIGHTS = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".ckpt")
 
 
@@ -60,9 +76,6 @@ def read_marker(folder: str | Path) -> dict | None:
 
 def write_marker(folder: str | Path, kind: str, files: list[str] | None = None) -> Path:
     """Write `<folder>/.lorafuse` atomically; `files`: the top-level names of an output written whole."""
-    from lorafuse import __version__
-    from lorafuse.atomic import write_atomic
-
     data = {"kind": kind, "version": __version__}
     if files is not None:
         data["files"] = sorted(files)
@@ -172,10 +185,6 @@ def legacy_run_evidence(folder: Path) -> str | None:
 
 
 def _is_lorafuse_config(path: Path) -> bool:
-    import yaml
-
-    from lorafuse.config import SECTIONS
-
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (OSError, ValueError, yaml.YAMLError):
@@ -287,3 +296,52 @@ def check_output_file(path: str | Path, kind: str, is_ours, what: str = "--out")
             f"choose a new file name for {what}, or move the existing file away",
         )
     return out
+
+
+# ------------------------------------------------------------------------------------------- writing a folder whole
+
+
+@contextlib.contextmanager
+def atomic_folder(path: str | Path, kind: str):
+    """`with atomic_folder(out, "merge") as tmp: <write files into tmp>` replaces `out` only once everything is
+    written, and only when `out` is absent, empty or an earlier `kind` output (module docstring)."""
+    path = Path(path).expanduser().absolute()
+    if path.exists() and not path.is_dir():
+        raise LorafuseError(f"{path} exists and is a file, not a folder", "choose another output path or remove it")
+    check_replaceable(path, kind)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it 0700; the result should look like a normal folder
+    try:
+        yield tmp
+        mark_written(tmp, kind)
+        normal_file_modes(tmp)  # safetensors writes 0600: the folder's files get what a plain open() gives
+        fsync_tree(tmp)
+        check_replaceable(path, kind)  # again: the folder may have changed while the body wrote
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if path.exists():
+        if _exchange(tmp, path):
+            shutil.rmtree(tmp, ignore_errors=True)  # tmp now holds the old folder
+        else:
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
+            os.replace(path, old / path.name)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, path)
+    fsync_path(path.parent)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths (Linux renameat2 RENAME_EXCHANGE). False where unsupported."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0

@@ -6,9 +6,9 @@ import os
 
 import pytest
 
-from lorafuse.atomic import atomic_folder, write_atomic
+from lorafuse.atomic import write_atomic
 from lorafuse.errors import LorafuseError
-from lorafuse.outputs import read_marker
+from lorafuse.outputs import atomic_folder, read_marker
 
 
 def test_atomic_folder_replaces_only_when_complete(tmp_path):
@@ -59,9 +59,9 @@ def test_atomic_folder_replaces_only_an_earlier_output_of_its_kind(tmp_path):
 
 def test_atomic_folder_without_rename_exchange(tmp_path, monkeypatch):
     """Where renameat2(RENAME_EXCHANGE) is missing the old folder is renamed aside first: same visible result."""
-    from lorafuse import atomic
+    from lorafuse import outputs
 
-    monkeypatch.setattr(atomic, "_exchange", lambda a, b: False)
+    monkeypatch.setattr(outputs, "_exchange", lambda a, b: False)
     out = tmp_path / "ckpt"
     for text in ("old", "new"):
         with atomic_folder(out, "merge") as tmp:

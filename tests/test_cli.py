@@ -90,7 +90,7 @@ def write_cfg(tmp_path):
     ],
 )
 def test_train_calls_run_with_config_and_resume(tmp_path, monkeypatch, record, flags, resume, force):
-    fake_module(monkeypatch, "lorafuse.train.api", run=record())
+    fake_module(monkeypatch, "lorafuse.job", run=record())
     cfg_path = write_cfg(tmp_path)
     # an override after an option still counts as an override
     assert main(["train", str(cfg_path), "lora.r=8"] + flags + ["train.lr=1e-3"]) == 0
@@ -100,7 +100,7 @@ def test_train_calls_run_with_config_and_resume(tmp_path, monkeypatch, record, f
 
 
 def test_train_without_config_runs_the_demo(monkeypatch, record):
-    fake_module(monkeypatch, "lorafuse.train.api", run=record())
+    fake_module(monkeypatch, "lorafuse.job", run=record())
     assert main(["train", "train.max_steps=5"]) == 0
     (cfg,), _ = record.calls[0]
     assert cfg.model.path == "builtin:tiny-llama" and cfg.train.max_steps == 5
@@ -112,7 +112,7 @@ def test_resume_and_no_resume_are_exclusive(capsys):
 
 
 def test_data_preview_and_plan_are_wired(tmp_path, monkeypatch, record):
-    fake_module(monkeypatch, "lorafuse.data.preview", preview=record())
+    fake_module(monkeypatch, "lorafuse.preview", preview=record())
     fake_module(monkeypatch, "lorafuse.plan.cli", plan_command=record(result=3))
     cfg_path = write_cfg(tmp_path)
     assert main(["data", "preview", str(cfg_path), "-n", "2", "data.max_length=64"]) == 0
@@ -269,7 +269,7 @@ def test_plans_suggestion_is_a_command_that_runs_as_printed(tmp_path, monkeypatc
     line = next(x for x in capsys.readouterr().out.splitlines() if x.strip().startswith("lorafuse train"))
     argv = shlex.split(line)
     assert argv[:4] == ["lorafuse", "train", example, "data.max_length=512"] and len(argv) > 4
-    fake_module(monkeypatch, "lorafuse.train.api", run=record())
+    fake_module(monkeypatch, "lorafuse.job", run=record())
     assert main(argv[1:]) == 0
     (cfg,), _ = record.calls[0]
     for override in argv[4:]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 
 from lorafuse.console import make_console
-from lorafuse.train.metrics import print_summary
+from lorafuse.training.metrics import print_summary
 
 
 def test_a_console_that_is_not_a_terminal_never_wraps():

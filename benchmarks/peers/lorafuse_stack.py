@@ -3,10 +3,10 @@
 load_model(folder, quant) -> apply_lora(r, alpha, dropout, the 7 projections) -> accel.prepare with the run's
 Options (the fast path on CUDA, non-reentrant checkpointing, fp32 LoRA masters, offload, host tables, FP8) -> the
 training loop's pieces: Precision (autocast), lm_loss_sum (chunked or fused loss from hidden states),
-build_optimizer; clip at 1.0 and step, as lorafuse.train.loop does each step.
-The step is written here from those public functions because the loop exposes no single-step function.
+build_optimizer; clip at 1.0 and step, as lorafuse.training.loop does each step.
+The step is written here from those public functions (TrainingLoop.step needs the loop's batchers and run folder).
 
-objective dpo: the same model and optimizer; the loss is the DPO objective's (lorafuse.train.objectives.dpo,
+objective dpo: the same model and optimizer; the loss is the DPO objective's (lorafuse.training.objectives.dpo,
 sigmoid loss, beta 0.1) with the live reference (this model with the adapter switched off, no copy), checked at
 start as a fresh run checks it; backward of loss_sum / pairs, clip, step. CUDA graphs replay SFT micro-steps only,
 so a DPO step runs eagerly (the row's cuda_graphs says so).
@@ -42,17 +42,17 @@ def build(spec: dict, device):
         "lorafuse.accel",
         "lorafuse.model.load",
         "lorafuse.model.inject",
-        "lorafuse.train.loop",
-        "lorafuse.train.loss",
-        "lorafuse.train.optim",
-    ) + (("lorafuse.train.objectives.dpo",) if spec.get("objective") == "dpo" else ()):
+        "lorafuse.training.loop",
+        "lorafuse.training.loss",
+        "lorafuse.training.optim",
+    ) + (("lorafuse.training.objectives.dpo",) if spec.get("objective") == "dpo" else ()):
         require(module)
     import torch
 
     import lorafuse
     from lorafuse import accel
-    from lorafuse.train.optim import build_optimizer
-    from lorafuse.train.runtime import Precision
+    from lorafuse.training.optim import build_optimizer
+    from lorafuse.training.runtime import Precision
 
     dtype = getattr(torch, spec["dtype"])
     model = _load(spec, device, dtype)
@@ -99,7 +99,7 @@ def _updater(precision, optimizer, params):
 
 def _sft_step(spec: dict, model, state, precision, update, notes: list):
     """The SFT step: the mean next-token loss over every target, eager or replayed as a CUDA graph."""
-    from lorafuse.train.loss import lm_loss_sum
+    from lorafuse.training.loss import lm_loss_sum
 
     head, fused = state.head, state.fused_loss
     graphed, graphs = _graphed(
@@ -123,8 +123,8 @@ def _sft_step(spec: dict, model, state, precision, update, notes: list):
 def _dpo_step(spec: dict, model, state, precision, update, notes: list):
     """The DPO step: the objective's loss_sum over the micro-batch's pairs (reference pass with the adapter off,
     then the policy pass), backward of its mean per pair, clip, step."""
-    from lorafuse.train.objectives.base import ObjectiveContext
-    from lorafuse.train.objectives.dpo import DPOObjective, check_live_reference
+    from lorafuse.training.objectives.base import ObjectiveContext
+    from lorafuse.training.objectives.dpo import DPOObjective, check_live_reference
 
     objective = DPOObjective(beta=DPO_BETA, loss="sigmoid", reference="live")
     check_live_reference(model)  # a fresh adapter: switched off, it is the model DPO starts from
@@ -159,9 +159,9 @@ def _graphed(spec: dict, model, params, loss_fn, precision, notes: list):
     if not spec.get("cuda_graphs", True):
         return None, {"applied": False, "reason": "disabled (--no-graphs)"}
     try:
-        from lorafuse.train.graphs import GraphedMicroStep, graph_blocker
+        from lorafuse.training.graphs import GraphedMicroStep, graph_blocker
     except ImportError as exc:
-        return None, {"applied": False, "reason": f"lorafuse.train.graphs not importable: {exc}"}
+        return None, {"applied": False, "reason": f"lorafuse.training.graphs not importable: {exc}"}
     blocker = graph_blocker(model, precision.device)
     if blocker:
         return None, {"applied": False, "reason": blocker}

@@ -11,7 +11,7 @@ prepare, in order (each step prints one line when it changes something or cannot
     5. the output head in pinned host memory between losses (host_tables.py)
 restore undoes 2-5 (the fp32 masters stay: they are the trained weights).
 
-The model carries the result as `model_state(model).accel` (lorafuse.model.state): one object, no attributes on
+The model carries the result as `model_state(model).accel` (lorafuse.model_state): one object, no attributes on
 transformers' modules. The loss, the CUDA graphs and the loop read what they need from it.
 """
 
@@ -34,7 +34,7 @@ from lorafuse.accel.host_tables import (
 )
 from lorafuse.errors import LorafuseError
 from lorafuse.kernels import _runtime
-from lorafuse.model.state import model_state
+from lorafuse.model_state import model_state
 from lorafuse.options import Options
 from lorafuse.plan import policy
 

@@ -20,7 +20,7 @@ The loss is not swapped here: the training loss calls `kernels.cross_entropy.fus
 running the PyTorch references, so the swap itself is tested on a CPU. Dropout masks come from a seed on the
 device, per LoRA module: (base, module index), with `base` a 0-dim tensor advanced once per training forward by a
 pre-hook on the decoder stack. A checkpoint recompute sees the same base, so it regenerates the same masks; a CUDA
-graph replays the increment, so every replay draws new ones (train/graphs.py); the training loop sets the base from
+graph replays the increment, so every replay draws new ones (training/graphs.py); the training loop sets the base from
 the seed, rank and step (`FastPath.set_dropout_seed`), so a resumed run draws the masks an uninterrupted one would.
 """
 

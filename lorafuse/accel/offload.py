@@ -11,7 +11,7 @@ input is copied to pinned host memory instead, and the GPU copy is freed:
               input), then y = layer(x) again with autograd, and backward through it: gradients for x and for
               every trainable tensor the layer used.
 
-Capture-safe, so it combines with CUDA graphs (train/graphs.py): the host buffers come from a pool of
+Capture-safe, so it combines with CUDA graphs (training/graphs.py): the host buffers come from a pool of
 page-locked blocks (`cudaHostRegister` on plain CPU tensors, never freed, reused in the same order every
 micro-step), so a capture allocates no host memory and a replay writes the same addresses. The pool holds one
 set of L buffers per distinct micro-batch shape: with padded data, up to 8 shapes' worth of host memory. The side

@@ -3,7 +3,7 @@
     format="gguf"   one GGUF file of the merged model (llama.cpp, Ollama, LM Studio), streamed (artifacts.gguf);
                     lora_only=True writes the adapter alone as a llama.cpp LoRA GGUF (`llama-cli -m base.gguf --lora`);
                     ollama=True also writes "<out stem>.Modelfile" beside it (artifacts.ollama)
-    format="hf"     the merged 16-bit transformers folder (vLLM, transformers): lorafuse.lora.merge, verified
+    format="hf"     the merged 16-bit transformers folder (vLLM, transformers): lorafuse.artifacts.merge, verified
 
 What training used travels with the model (CONTRACTS: lorafuse.json, else the adapter's tokenizer, else the base's):
 the chat template goes into tokenizer.chat_template, lorafuse.json's "eos_token" is EOS, the end-of-turn token (the
@@ -115,7 +115,7 @@ def _check_args(model, adapter, out, format, quant, ollama, lora_only) -> Path:
 
 
 def _export_hf(model, adapter, out: Path, quant: str) -> ExportResult:
-    from lorafuse.lora.merge import merge
+    from lorafuse.artifacts.merge import merge
 
     result = merge(model, adapter, out, dtype=_HF_DTYPES[quant])
     size = sum(f.stat().st_size for f in Path(result.path).rglob("*") if f.is_file())
@@ -123,9 +123,9 @@ def _export_hf(model, adapter, out: Path, quant: str) -> ExportResult:
 
 
 def _export_gguf(model, adapter, out: Path, quant: str, ollama: bool, console) -> ExportResult:
+    from lorafuse.artifacts.adapter_load import read_adapter_config, read_lorafuse_facts
     from lorafuse.artifacts.gguf import stored_dtype, write_model_gguf
-    from lorafuse.lora.adapter_load import read_adapter_config, read_lorafuse_facts
-    from lorafuse.lora.merge import end_of_turn_id, load_for_merge, training_tokenizer
+    from lorafuse.artifacts.merge import end_of_turn_id, load_for_merge, training_tokenizer
     from lorafuse.model.load import resolve_model_path
 
     facts = {}
@@ -165,9 +165,9 @@ def _export_lora(model, adapter, out: Path, quant: str, ollama: bool, console) -
     from safetensors.torch import load_file
     from transformers import AutoConfig
 
+    from lorafuse.artifacts.adapter_io import WEIGHTS_NAME
+    from lorafuse.artifacts.adapter_load import read_adapter_config, read_lorafuse_facts
     from lorafuse.artifacts.gguf import write_lora_gguf
-    from lorafuse.lora.adapter_io import WEIGHTS_NAME
-    from lorafuse.lora.adapter_load import read_adapter_config, read_lorafuse_facts
     from lorafuse.model.load import resolve_model_path
 
     cfg = read_adapter_config(adapter)

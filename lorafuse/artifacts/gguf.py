@@ -3,7 +3,7 @@
 Merged model (`write_model_gguf`). The base is loaded as training saw it (an NF4-trained adapter: the same 4-bit codes;
 otherwise the stored 16-bit weights, one copy), the adapter put on it, and then per tensor:
 
-    W' = dequantize(W) + s * B @ A        fp32 (lorafuse.lora.merge.merged_weight; DoRA rescales rows)
+    W' = dequantize(W) + s * B @ A        fp32 (lorafuse.artifacts.merge.merged_weight; DoRA rescales rows)
     W' -> q/k rows reordered for llama.cpp's rope (gguf_arch) -> encoded in the requested type (gguf_tensors)
        -> written with gguf's GGUFWriter (header, metadata and tensor table first, then each tensor's bytes) -> freed
 
@@ -36,6 +36,7 @@ import torch
 from lorafuse.artifacts import gguf_arch, gguf_tensors
 from lorafuse.atomic import fsync_path
 from lorafuse.errors import LorafuseError, ModelError
+from lorafuse.version import __version__
 
 MARK_KEY = "lorafuse.version"  # metadata key that says lorafuse wrote the file (and may replace it)
 _PROGRESS_BYTES = 256 * 2**20  # show a progress bar from this output size up
@@ -97,15 +98,13 @@ def _temp_beside(out: Path):
 
 
 def _start(arch_name: str, file_type: int, name: str | None, kind: str):
-    import lorafuse
-
     gguf = import_gguf()
     writer = gguf.GGUFWriter(path=None, arch=arch_name)
     if name:
         writer.add_name(name)
     writer.add_file_type(file_type)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    writer.add_string(MARK_KEY, lorafuse.__version__)
+    writer.add_string(MARK_KEY, __version__)
     writer.add_string("lorafuse.kind", kind)
     return writer
 
@@ -170,8 +169,10 @@ def _encoder(arch, gname: str, make, qtype):
 
 def write_lora_gguf(config, adapter_cfg: dict, tensors: dict, out: Path, quant: str, name=None, console=None):
     """The adapter alone in llama.cpp's LoRA format (module docstring); tensors: the adapter file's, by PEFT key."""
-    from lorafuse.lora.adapter_io import PREFIX
-    from lorafuse.lora.adapter_load import _pattern_value  # peft's rank/alpha pattern rule, as load_adapter uses it
+    from lorafuse.artifacts.adapter_io import PREFIX
+    from lorafuse.artifacts.adapter_load import (
+        _pattern_value,  # peft's rank/alpha pattern rule, as load_adapter uses it
+    )
 
     if quant not in ("f32", "f16", "bf16", "q8_0"):
         raise LorafuseError(

@@ -10,7 +10,7 @@ an f16 export. 1-D tensors (norms, biases, rope_freqs) are always f32, as llama.
 are not a multiple of the block size (32) is written f16, since no block type can hold it.
 
 Streaming: `merged_tensors(model)` yields (hf_name, shape, make): make() computes that tensor of the merged model in
-fp32 only when called (a LoRA layer: lorafuse.lora.merge.merged_weight, W + s·B@A on the fp32-dequantized base), so
+fp32 only when called (a LoRA layer: lorafuse.artifacts.merge.merged_weight, W + s·B@A on the fp32-dequantized base), so
 the caller can convert, write and drop it before the next one: host memory holds the loaded base plus one matrix.
 """
 
@@ -100,8 +100,8 @@ def merged_tensors(model) -> Iterator[tuple[str, tuple[int, ...], Callable]]:
     A LoRA or NF4 linear yields its merged dense weight (and bias) instead of its parts; a parameter shared by two
     modules (tied embedding / head) is yielded once, under the first name.
     """
+    from lorafuse.artifacts.merge import merged_weight
     from lorafuse.lora.linear import LoRALinear, NF4Linear
-    from lorafuse.lora.merge import merged_weight
 
     seen: set[int] = set()
     folded: list[str] = []

@@ -26,6 +26,7 @@ from pathlib import Path
 
 from lorafuse.atomic import write_atomic
 from lorafuse.errors import LorafuseError
+from lorafuse.version import __version__
 
 HEADER = "# Modelfile written by lorafuse"
 _PROBE = "lorafuse-probe-{}"
@@ -163,8 +164,6 @@ def _lit(text: str) -> str:
 
 def modelfile_text(gguf_name: str, tokenizer, template: str | None, system_prompt: str | None, eot_id) -> str:
     """The Modelfile for the GGUF file `gguf_name` (a path relative to the Modelfile)."""
-    import lorafuse
-
     if not template:
         raise LorafuseError(
             "the model has no chat template, so Ollama would send prompts verbatim",
@@ -181,7 +180,7 @@ def modelfile_text(gguf_name: str, tokenizer, template: str | None, system_promp
         )
     stops = [tokenizer.eos_token] + ([tokenizer.convert_ids_to_tokens(eot_id)] if eot_id is not None else [])
     lines = [
-        f"{HEADER} {lorafuse.__version__}. Create the model with: ollama create NAME -f <this file>",
+        f"{HEADER} {__version__}. Create the model with: ollama create NAME -f <this file>",
         f"FROM ./{gguf_name}",
         f'TEMPLATE """{go_template(pieces)}"""',
         *(f"PARAMETER stop {json.dumps(t, ensure_ascii=False)}" for t in dict.fromkeys(stops) if t),

@@ -5,7 +5,6 @@ Public names (imported lazily, so `import lorafuse.data` stays cheap):
     cache_dir_for(run_cfg) -> data.cache_dir or <output.dir>/.cache
     Batcher(dataset, micro_batch_size, pad_id, packing, max_length, seed, shuffle)
     model_inputs(batch, attn_implementation, dtype, device) -> forward kwargs for a transformers model
-    preview(cfg, n=5, console=None, tokenizer=None)
     demo_data_path() -> Path of the bundled bilingual sample
     plain_prompt(fmt, instruction, input="", system_prompt=None) -> the prompt text the plain template trains on
 """
@@ -19,7 +18,6 @@ _EXPORTS = {
     "Batcher": "lorafuse.data.collate",
     "model_inputs": "lorafuse.data.collate",
     "DataStats": "lorafuse.data.stats",
-    "preview": "lorafuse.data.preview",
     "demo_data_path": "lorafuse.data.readers",
     "plain_prompt": "lorafuse.data.formats",
 }

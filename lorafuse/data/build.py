@@ -129,13 +129,21 @@ def build_datasets(data_cfg, tokenizer, seed: int = 42, cache_dir: str | Path | 
 
 def check_rows(data_cfg) -> None:
     """The checks that need no tokenizer: each local source exists, parses, and every row has the fields of
-    data.format (DataError naming the file and row). Hub data sets are left to build_datasets (a download)."""
-    check_format(data_cfg.format)
+    data.format (preference: a prompt, chosen and rejected; DataError naming the file and row). Hub data sets are
+    left to build_datasets (a download)."""
+    pairs = data_cfg.format == "preference"
+    if not pairs:
+        check_format(data_cfg.format)
     template = "plain" if data_cfg.template == "auto" else data_cfg.template
     for key, path in (("data.path", data_cfg.path), ("data.val_path", data_cfg.val_path)):
         if path and source_fingerprint(path) is not None:
             src = read_rows(path, data_cfg.split, data_cfg.num_rows, key)
-            format_rows(src, data_cfg.format, data_cfg.fields, template, data_cfg.system_prompt)
+            if pairs:
+                from lorafuse.data.preference import read_pairs
+
+                read_pairs(src, data_cfg.fields, data_cfg.system_prompt)
+            else:
+                format_rows(src, data_cfg.format, data_cfg.fields, template, data_cfg.system_prompt)
 
 
 def _fill_stats(stats: DataStats, parts: list[TokenizedDataset], metas: list[dict]) -> None:

@@ -184,7 +184,7 @@ class Batcher:
             "num_sequences": sum(map(len, seq_lens)),
         }
         if self.packing:
-            batch.update(_packed_fields(seq_lens, width))
+            batch.update(packed_fields(seq_lens, width))
         else:
             lens = torch.tensor([s[0] for s in seq_lens])
             batch["attention_mask"] = (torch.arange(width)[None, :] < lens[:, None]).long()
@@ -207,7 +207,7 @@ def _as_arrays(example: dict) -> tuple[np.ndarray, np.ndarray]:
     return np.asarray(example["input_ids"]), np.asarray(example["labels"])
 
 
-def _packed_fields(seq_lens: list[list[int]], width: int) -> dict:
+def packed_fields(seq_lens: list[list[int]], width: int) -> dict:
     """position_ids and cu_seqlens for packed rows of `width` tokens (the padding tail is its own segment)."""
     position_ids = torch.empty((len(seq_lens), width), dtype=torch.long)
     flat_lens = []

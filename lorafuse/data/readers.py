@@ -29,6 +29,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from lorafuse import builtin
 from lorafuse.errors import DataError
 from lorafuse.io_errors import reading
 
@@ -38,7 +39,7 @@ _HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 def demo_data_path() -> Path:
     """The bundled bilingual (Japanese/English) instruction sample, alpaca fields."""
-    return Path(__file__).parent / "samples" / "demo.jsonl"
+    return builtin.data_path("demo")
 
 
 @dataclass
@@ -80,19 +81,10 @@ def source_fingerprint(path: str) -> str | None:
     return None
 
 
-# builtin:<name> data sets shipped in lorafuse/data/samples/
-BUILTIN_SETS = {
-    "demo": "demo.jsonl",  # bilingual instructions, alpaca fields
-    "preference": "preference.jsonl",  # answer-in-the-asked-language pairs (docs/dpo.md), instruction/input fields
-    "preference-heldout": "preference-heldout.jsonl",  # pairs on questions the set above does not hold
-}
-
-
 def _local_path(path: str) -> Path:
-    name = path[len("builtin:") :] if path.startswith("builtin:") else None
-    if name in BUILTIN_SETS:
-        return Path(__file__).parent / "samples" / BUILTIN_SETS[name]
-    return Path(path).expanduser()
+    """A bundled data set's file (builtin:<name>, lorafuse.builtin), else the path as given."""
+    bundled = builtin.data_path(path) if path.startswith(builtin.PREFIX) else None
+    return bundled or Path(path).expanduser()
 
 
 def _file_sha256(p: Path) -> str:
@@ -121,7 +113,7 @@ def _read_any(path: str, split: str, key: str = "data.path") -> RowSource:
             f"data file not found ({key}): {path} (resolved to {p.resolve()}; the current directory is {Path.cwd()}).",
             f"check {key}: a relative path is read from the current directory; use an absolute path"
             + (
-                f", or one of the bundled samples: {', '.join('builtin:' + n for n in BUILTIN_SETS)}."
+                f", or one of the bundled samples: {', '.join(builtin.PREFIX + n for n in builtin.DATA_SETS)}."
                 if key == "data.path"
                 else "."
             ),

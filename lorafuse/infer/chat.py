@@ -13,7 +13,7 @@ from __future__ import annotations
 import sys
 
 from lorafuse.infer.generate import generate
-from lorafuse.model.state import model_state
+from lorafuse.model_state import model_state
 
 _CONVERSATION_FORMATS = ("sharegpt", "messages", "preference")
 

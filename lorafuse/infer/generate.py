@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from lorafuse.errors import LorafuseError
-from lorafuse.model.state import model_state
+from lorafuse.model_state import model_state
 
 _END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>")
 

@@ -1,6 +1,6 @@
 """Fused block-wise 8-bit AdamW update: one Triton launch for many parameters, or one per parameter.
 
-Math (per element, step t, decoupled weight decay wd; `lorafuse.train.optim` has the derivation):
+Math (per element, step t, decoupled weight decay wd; `lorafuse.training.optim8bit` has the derivation):
 
     m = b1 m + (1 - b1) g                   v = b2 v + (1 - b2) g^2
     p = p (1 - lr wd) - lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)

@@ -70,7 +70,7 @@ if _runtime.HAS_TRITON:
 
 
 LOGITS_BUDGET_BYTES = 256 << 20
-# The fixed-shape pass (the one CUDA-graph capture needs) outside capture too: train/graphs.py turns it on for
+# The fixed-shape pass (the one CUDA-graph capture needs) outside capture too: training/graphs.py turns it on for
 # the eager warm-up steps before a capture, so they run (and autotune, and compile) exactly what gets recorded.
 FIXED_SHAPE = False
 
@@ -145,7 +145,7 @@ def _chunk(h, w, b, y, scale, want_grad, ignore_index, rows, grads, dh_out=None)
 
 def _fixed_shape_pass(hidden, w, b, labels, ignore_index, chunk, grads, want_grad, rows) -> torch.Tensor:
     """The sum over kept rows without selecting them: every row, contiguous chunks, ignored rows weigh 0.
-    No host synchronisation and no data-dependent shape, so a CUDA graph can record it (train/graphs.py);
+    No host synchronisation and no data-dependent shape, so a CUDA graph can record it (training/graphs.py);
     the rows it computes for nothing are the ignored ones (none in packed or full-length batches)."""
     total = torch.zeros((), dtype=torch.float32, device=hidden.device)
     dh = grads[0]

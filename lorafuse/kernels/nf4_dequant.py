@@ -19,15 +19,15 @@ a byte go through the 16-entry fp32 code table (64 bytes: one L1 line, so a warp
 wavefront; a 256-entry byte -> pair table would be 2 KiB and split a warp's gather over up to 16 lines),
 are scaled, interleaved (high first) and stored. Launches whose bytes fill whole programs and whose n is
 even compile without masks. DEFAULT loads 16 bytes per thread (vec=16) and lets the compiler reshuffle the
-weights through shared memory before the stores: on an H200 that measured 13% faster than the previous
-kernel (which gathered three scale values per byte) and 1.17x the copy floor, while vec=4 tiles, fewer SASS
-instructions per weight and no reshuffle, ran 2.4x slower than the previous kernel (see DEFAULT).
+weights through shared memory before the stores: on an H200 that measured 13% faster than BYTEWISE (where
+every byte gathers its own three scale values) and 1.17x the copy floor, while vec=4 tiles, fewer SASS
+instructions per weight and no reshuffle, ran 2.4x slower than BYTEWISE (see DEFAULT).
 
 The scales are decoded in the kernel, never cached per weight: an fp32 copy would add 1/8 of the packed
 size to the frozen model (4 bytes per 32-byte block; ~0.4 GB on a 7B) and read 4 bytes per block instead
 of 1, to save three loads per row. `LaunchConfig` holds the launch knobs (`_launch(..., config=)`), `SWEEP`
-the candidates benchmarks/bench_dequant.py times, and `BYTEWISE` the previous kernel, kept as the
-benchmark's baseline.
+the candidates benchmarks/bench_dequant.py times, and `BYTEWISE` the kernel that decodes a scale per byte,
+the benchmark's baseline.
 
 Bit-exactness: the scale is rebuilt with a separate multiply and add, launched with
 `enable_fp_fusion=False` so the compiler cannot contract them into an FMA (one rounding instead of the
@@ -139,7 +139,7 @@ if _runtime.HAS_TRITON:
         DOUBLE_QUANT: tl.constexpr,
         BLOCK: tl.constexpr,
     ):
-        # The previous kernel, the benchmark's baseline: every byte gathers its own scale.
+        # BYTEWISE, the benchmark's baseline: every byte gathers its own scale.
         pid = tl.program_id(0).to(tl.int64)
         byte = pid * BLOCK + tl.arange(0, BLOCK)
         in_range = byte < n_bytes
@@ -206,8 +206,8 @@ class LaunchConfig:
         return f"tiled-b{self.block}-w{self.num_warps}-v{self.vec}{'-smem' if self.shared_code else ''}"
 
 
-BYTEWISE = LaunchConfig(block=1024, num_warps=4, bytewise=True)  # what every caller ran before the tiled kernel
-# Measured (benchmarks/bench_dequant.py, H200, bf16, the three 7B shapes; NOTES.md session 4): 21.6 us a call on
+BYTEWISE = LaunchConfig(block=1024, num_warps=4, bytewise=True)  # a scale decoded per byte: the benchmark's baseline
+# Measured (benchmarks/bench_dequant.py, H200, bf16, the three 7B shapes; benchmarks/NOTES.md): 21.6 us a call on
 # average over a step's 672 calls, 1.17x the copy-bandwidth floor, against 24.9 us for BYTEWISE. The vec=4 tiles
 # that looked best by instruction count ran 2.4x slower than BYTEWISE there: their 4-byte loads underuse the
 # memory system, which the instruction count does not see.

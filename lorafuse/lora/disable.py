@@ -24,7 +24,7 @@ from torch import nn
 from lorafuse.errors import LorafuseError
 from lorafuse.lora import token_rows
 from lorafuse.lora.linear import LoRALinear
-from lorafuse.model.state import model_state
+from lorafuse.model_state import model_state
 
 
 @contextlib.contextmanager

@@ -23,7 +23,7 @@ How the model reads them, with no vocabulary-sized copy of either table:
   * the embedding: a forward hook puts R_e at the positions that hold an id of I (torch.where over (B, T, D));
   * the head called as a module (the model's own logits): a forward hook overwrites the k logit columns of I with
     h R_h^T, in place;
-  * the training loss, which reads the head's weight directly (train/loss.py, kernels/cross_entropy.py): it takes
+  * the training loss, which reads the head's weight directly (training/loss.py, kernels/cross_entropy.py): it takes
     `head_rows(head)` and replaces the same k logit columns per chunk; d loss/d R_h = sum_t dz_t[I]^T h_t comes
     out of the logit gradient it forms anyway.
 The frozen tables themselves are never written during training; `fold` writes the rows into them (merge).
@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lorafuse.errors import ModelError
-from lorafuse.model.state import model_state
+from lorafuse.model_state import model_state
 
 ADAPTER_NAME = "token_adapter"  # peft's attribute names (TrainableTokensWrapper.token_adapter.trainable_tokens_delta)
 VALUES_NAME = "trainable_tokens_delta"

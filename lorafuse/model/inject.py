@@ -29,7 +29,7 @@ from torch import nn
 
 from lorafuse.errors import ConfigError, LorafuseError
 from lorafuse.lora.linear import LoRALinear, NF4Linear
-from lorafuse.model.state import model_state
+from lorafuse.model_state import model_state
 
 _LINEAR_TYPES = (nn.Linear, NF4Linear, LoRALinear)
 

@@ -12,8 +12,9 @@ Dtype policy: `compute_dtype` is the dtype of the forward/backward math and of e
 adapter math runs in fp32 and is cast back, as peft does). "auto" picks bf16 where the GPU supports it, fp16 on
 pre-Ampere GPUs (a T4), and fp32 on a CPU.
 
-`"builtin:tiny-llama"` is a tiny random-init Llama with its own tokenizer trained on the bundled demo data, built on
-the first use into a cache folder (`$LORAFUSE_CACHE`, default ~/.cache/lorafuse); the demo and tests use it offline.
+`"builtin:tiny-llama"` is a tiny random-init Llama with its own tokenizer trained on the bundled demo data (its recipe:
+lorafuse.builtin), built on the first use into a cache folder (`$LORAFUSE_CACHE`, default ~/.cache/lorafuse); the demo
+and tests use it offline.
 """
 
 from __future__ import annotations
@@ -29,14 +30,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from lorafuse import builtin
 from lorafuse.errors import ModelError
-from lorafuse.model.state import model_state
+from lorafuse.model_state import model_state
 
-BUILTIN_PREFIX = "builtin:"
-_BUILTIN_MODELS = {
-    # name: (architecture, model kwargs). Sized so the demo trains in minutes on 2 CPU cores.
-    "tiny-llama": ("llama", dict(hidden_size=128, intermediate_size=256, num_layers=4, num_heads=4, num_kv_heads=2)),
-}
+BUILTIN_PREFIX = builtin.PREFIX
 _BUILTIN_VERSION = "v2"  # v2: the tokenizer's merges stay within runs of one script
 
 
@@ -78,22 +76,22 @@ def resolve_model_path(path_or_id: str) -> str:
 
 
 def _builtin_folder(name: str) -> Path:
-    if name not in _BUILTIN_MODELS:
+    if name not in builtin.MODELS:
         raise ModelError(
             f"unknown builtin model 'builtin:{name}'",
-            f"available: {', '.join('builtin:' + n for n in _BUILTIN_MODELS)}",
+            f"available: {', '.join(BUILTIN_PREFIX + n for n in builtin.MODELS)}",
         )
-    corpus = _demo_corpus()
+    corpus = builtin.demo_corpus()
     # The folder name carries a hash of what the tokenizer is trained on, so a changed demo data set or model
     # recipe never reuses a stale cached model.
-    digest = hashlib.sha256(json.dumps([_BUILTIN_VERSION, _BUILTIN_MODELS[name], corpus]).encode()).hexdigest()[:10]
+    digest = hashlib.sha256(json.dumps([_BUILTIN_VERSION, builtin.MODELS[name], corpus]).encode()).hexdigest()[:10]
     folder = cache_dir() / "builtin" / f"{name}-{digest}"
     if (folder / "config.json").is_file():
         return folder
     from lorafuse.model.tiny import build_tiny_model, build_tiny_tokenizer
 
-    arch, kwargs = _BUILTIN_MODELS[name]
-    tok = build_tiny_tokenizer(corpus, vocab_size=2048, split_scripts=True)
+    arch, kwargs = builtin.MODELS[name]
+    tok = build_tiny_tokenizer(corpus, vocab_size=builtin.VOCAB_SIZE, split_scripts=True)
     model = build_tiny_model(arch, tokenizer=tok, **kwargs)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=folder.parent))
@@ -105,19 +103,6 @@ def _builtin_folder(name: str) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return folder
-
-
-def _demo_corpus() -> list[str]:
-    """Texts of the bundled demo data, so the tiny tokenizer splits them into few tokens."""
-    from lorafuse.data import demo_data_path
-
-    texts = []
-    path = demo_data_path()
-    if path.is_file():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            if line.strip():
-                texts.extend(str(v) for v in json.loads(line).values())
-    return texts
 
 
 def default_device() -> torch.device:

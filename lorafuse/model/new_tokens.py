@@ -83,14 +83,12 @@ def _grow(model, size: int, new_ids: list[int]) -> None:
             w[torch.tensor(new_ids, device=w.device)] = mean.to(w.device, w.dtype)
 
 
-def add_run_tokens(model, tokenizer, data_cfg, train_untrained: str, console) -> list[int]:
-    """A run's new tokens, before its data is tokenized: data.add_special_tokens, plus (train_untrained "auto")
-    the markers of the chat template the data is rendered with. Says what it added. Returns the new ids.
-    model None: the tokenizer only (`lorafuse data preview`)."""
-    from lorafuse.data.build import resolve_template
-
-    wanted = list(data_cfg.add_special_tokens)
-    if train_untrained == "auto" and resolve_template(data_cfg, tokenizer) == "chat":
+def add_run_tokens(model, tokenizer, special_tokens, chat: bool, train_untrained: str, console) -> list[int]:
+    """A run's new tokens, before its data is tokenized: `special_tokens` (data.add_special_tokens), plus
+    (train_untrained "auto", `chat`: the data is rendered with the chat template) the template's markers. Says what it
+    added. Returns the new ids. model None: the tokenizer only (`lorafuse data preview`)."""
+    wanted = list(special_tokens)
+    if train_untrained == "auto" and chat:
         wanted += template_markers(tokenizer)
     before = len(tokenizer)
     new_ids = add_tokens(model, tokenizer, wanted)

@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from lorafuse.builtin import BUILTIN_CONFIGS, match_builtin
 from lorafuse.errors import ConfigError, ModelError
-from lorafuse.model.state import model_state
 from lorafuse.model.stream import (
     QUANT_CHUNK_ELEMS,
     _finish,
@@ -27,6 +27,7 @@ from lorafuse.model.stream import (
     build_meta_model,
     materialize_buffers,
 )
+from lorafuse.model_state import model_state
 
 
 def resolve_config(spec, trust_remote_code: bool = False):
@@ -46,15 +47,11 @@ def resolve_config(spec, trust_remote_code: bool = False):
     path = Path(str(spec)).expanduser()
     if path.is_dir() or path.name == "config.json":
         return AutoConfig.from_pretrained(path if path.is_dir() else path.parent, trust_remote_code=trust_remote_code)
-    try:
-        from lorafuse.plan.shapes import BUILTIN_CONFIGS, match_builtin
-    except ImportError:
-        BUILTIN_CONFIGS, match_builtin = {}, (lambda _: None)
     name = match_builtin(str(spec))
     if name is None:
         raise ModelError(
             f"unknown model shape {spec!r}",
-            f"use a built-in shape ({', '.join(BUILTIN_CONFIGS) or 'none available'}), a model "
+            f"use a built-in shape ({', '.join(BUILTIN_CONFIGS)}), a model "
             "folder with config.json, a transformers config object or a dict with model_type",
         )
     return resolve_config(BUILTIN_CONFIGS[name])

@@ -15,7 +15,7 @@ halved (down to 64), since that changes what the model sees.
 
 `suggest(cfg, gpu_memory)` returns that setting as config overrides ({"train.micro_batch_size": 2, ...},
 keys as `lorafuse train ... key=value` takes them); `next_smaller(cfg)` is the training loop's hook after a
-CUDA OOM (lorafuse.train.oom): the predicted-fastest setting one step smaller (kept layers recomputed again,
+CUDA OOM (lorafuse.training.oom): the predicted-fastest setting one step smaller (kept layers recomputed again,
 checkpointing on, or the largest proper divisor of the micro-batch, grad_accum raised to keep the effective
 batch; a divisor, so the loop can re-split the failed step's micro-batches exactly), then a halved max_length,
 then None.
@@ -303,32 +303,7 @@ def plan(cfg, gpu_memory=None, gpu: str | None = None) -> Plan:
         card_source=card_source,
     )
     if card is not None:
-        p.step_s, p.tokens_per_s = speed.step_seconds(w, card), speed.tokens_per_second(w, card)
-        if not card.bf16 and str(cfg.model.compute_dtype) == "bfloat16":
-            p.notes.append(
-                f"the {card.name} has no bfloat16 arithmetic: set model.compute_dtype: float16 (or auto), "
-                "which trains with a GradScaler at the same memory"
-            )
-        if w.fp8 and w.kernels != "fused":
-            p.notes.append(
-                "train.fp8 runs inside the fused kernels, which this run would not use (train.fast_path "
-                "off, or DoRA), so it would stop at start-up: set train.fp8: false or train.fast_path: auto"
-            )
-        elif w.fp8 and not card.fp8:
-            p.notes.append(
-                f"train.fp8 needs FP8 tensor cores (compute capability 8.9+: Ada, Hopper); the {card.name} "
-                "has none, so the run would stop at start-up: set train.fp8: false"
-            )
-        elif card.fp8 and not w.fp8 and w.kernels == "fused" and w.method != "full" and w.compute_bytes == 2:
-            on = w.with_(fp8=True)
-            faster, more = speed.step_seconds(on, card), estimate(on).peak - p.estimate.peak
-            memory = f"+{more / GIB:.2f} GiB at the peak" if more >= 0.005 * GIB else "same memory"
-            p.notes.append(
-                f"opt-in: train.fp8: true runs the base GEMMs in FP8 on the {card.name} (forward, "
-                f"recompute{', the backward dX' if fp8_backward(on) else ''}): ~{faster:.2f} s per step "
-                f"instead of {p.step_s:.2f} s, {memory}; the numbers change (~3.7% error per projection "
-                "output), so compare the loss curve"
-            )
+        _card_notes(p, w, card, str(cfg.model.compute_dtype))
     if budget is None:
         p.notes.append(
             "no GPU visible and no --gpu-memory given: pass --gpu-memory 15GiB (or a card name) "
@@ -345,27 +320,63 @@ def plan(cfg, gpu_memory=None, gpu: str | None = None) -> Plan:
             f"nothing fits in {budget / GIB:.1f} GiB, even micro-batch 1 with max_length "
             f"{MIN_MAX_LENGTH}: use a smaller model, quant nf4, or a larger GPU"
         )
-    if best is not None and best.embeddings_on_host and not w.embeddings_on_host:
+    if best is not None:
+        _placement_notes(p, best, w)
+    return p
+
+
+def _card_notes(p: Plan, w: Workload, card, compute_dtype: str) -> None:
+    """The step time on `card`, and what the card says about the dtype and train.fp8."""
+    p.step_s, p.tokens_per_s = speed.step_seconds(w, card), speed.tokens_per_second(w, card)
+    if not card.bf16 and compute_dtype == "bfloat16":
+        p.notes.append(
+            f"the {card.name} has no bfloat16 arithmetic: set model.compute_dtype: float16 (or auto), "
+            "which trains with a GradScaler at the same memory"
+        )
+    if w.fp8 and w.kernels != "fused":
+        p.notes.append(
+            "train.fp8 runs inside the fused kernels, which this run would not use (train.fast_path "
+            "off, or DoRA), so it would stop at start-up: set train.fp8: false or train.fast_path: auto"
+        )
+    elif w.fp8 and not card.fp8:
+        p.notes.append(
+            f"train.fp8 needs FP8 tensor cores (compute capability 8.9+: Ada, Hopper); the {card.name} "
+            "has none, so the run would stop at start-up: set train.fp8: false"
+        )
+    elif card.fp8 and not w.fp8 and w.kernels == "fused" and w.method != "full" and w.compute_bytes == 2:
+        on = w.with_(fp8=True)
+        faster, more = speed.step_seconds(on, card), estimate(on).peak - p.estimate.peak
+        memory = f"+{more / GIB:.2f} GiB at the peak" if more >= 0.005 * GIB else "same memory"
+        p.notes.append(
+            f"opt-in: train.fp8: true runs the base GEMMs in FP8 on the {card.name} (forward, "
+            f"recompute{', the backward dX' if fp8_backward(on) else ''}): ~{faster:.2f} s per step "
+            f"instead of {p.step_s:.2f} s, {memory}; the numbers change (~3.7% error per projection "
+            "output), so compare the loss curve"
+        )
+
+
+def _placement_notes(p: Plan, best: Workload, w: Workload) -> None:
+    """What the suggested setting moves out of GPU memory that the config did not, and its cost."""
+    if best.embeddings_on_host and not w.embeddings_on_host:
         p.notes.append(
             "the input embedding moves to pinned host memory (train.embeddings_on_host), read in place "
             "by the GPU: measured at no step-time cost on an H200"
         )
-    if best is not None and best.head_on_host and not w.head_on_host:
+    if best.head_on_host and not w.head_on_host:
         p.notes.append(
             "the output head waits in pinned host memory between losses (train.head_on_host): one PCIe "
             "copy of it per forward, overlapped with the forward"
         )
-    if best is not None and best.dequant_cap_mib and not w.dequant_cap_mib:
+    if best.dequant_cap_mib and not w.dequant_cap_mib:
         p.notes.append(
             f"the largest NF4 weights are dequantized in halves (train.dequant_cap_mib: "
             f"{best.dequant_cap_mib}): about 1% of step time measured on an H200"
         )
-    if best is not None and best.checkpointing == "offload" and w.checkpointing != "offload":
+    if best.checkpointing == "offload" and w.checkpointing != "offload":
         p.notes.append(
             "only activation offload fits at this max_length: the layer inputs wait in pinned CPU "
             "memory (host RAM, PCIe traffic each step)"
         )
-    return p
 
 
 def suggest(cfg, gpu_memory=None) -> dict:

@@ -16,12 +16,12 @@ Static memory (held through the whole step)
   * Optimizer states: AdamW fp32 m and v = 8 B per trainable element (in the parameter's dtype for torch's
     AdamW on 16-bit weights: 2c). 8-bit AdamW: one uint8 code per element per state + one fp32 absmax per
     256 elements per state = 2 + 8/256 B; tensors under 4096 elements keep fp32 states (8 B). Paged 8-bit
-    (lorafuse.train.optim.AdamW8bit._under_pressure) pages only under memory pressure: its states stay on the
+    (lorafuse.training.optim8bit.AdamW8bit._under_pressure) pages only under memory pressure: its states stay on the
     GPU, like adamw_8bit's, unless they would take more than 5% of the card or leave less than 10% of it free at
     the first update; then they live in pinned host memory and the GPU holds at most two parameters' states.
     The planner counts them on the GPU (LoRA states are ~0.5% of a card: 81 MB for Llama-2-7B r=16), so when
-    they do page the prediction is high by their size. (Measured: the H200 rows of the run that moved them onto
-    the GPU are 0.0757 GiB above the always-paged rows, exactly these states.)
+    they do page the prediction is high by their size. (Measured on an H200, benchmarks/measured_memory.jsonl: the
+    rows with the states on the GPU are 0.0757 GiB above the rows with them paged, exactly these states.)
 
 Saved activations of one Llama layer with LoRA, per token, reference path (transformers ops + LoRALinear),
 derived from what each op's autograd node keeps (PyTorch saves an input only if a gradient needs it; every
@@ -67,12 +67,12 @@ Transient buffers at the peak
     fused Triton dequant writes only the c-byte copy.
   * loss, reference path (model(labels=...)): the c-byte logits (the output holds them), log_softmax's fp32
     output, and in backward two fp32 (N, V) gradients (nll, then log_softmax): (c + 12) V per token.
-    lorafuse.train.loss (chunked): 2^25 / V rows at a time, loss and gradient in one pass: fp32 logits, the
+    lorafuse.training.loss (chunked): 2^25 / V rows at a time, loss and gradient in one pass: fp32 logits, the
     logsumexp temporary and the c-byte softmax copy ((8 + c) V per row), and the gradient w.r.t. the hidden
     states (c D per token) saved for backward. The fused Triton loss keeps a (rows, V) c-byte logits block
     of at most 256 MiB (lorafuse.kernels.cross_entropy) plus the same c D per token; with more than one
     chunk, TWO blocks are alive at each chunk boundary (the next chunk's GEMM output is allocated before the
-    previous block's last reference goes). Measured on an H200 (benchmarks/memory_peak.py, 2026-11-28): the
+    previous block's last reference goes). Measured on an H200 (benchmarks/memory_peak.py): the
     loss-phase workspace was 0.515 GiB for Qwen2.5-1.5B at 4096 tokens (5 chunks) and 0.535 GiB for
     TinyLlama at 8192 (2 chunks), vs 0.338 GiB for Llama-2-7B at 4096 (one chunk).
 Peak = static + max(end of forward: saved + loss; backward of the top layer: saved (less the final norm's,
@@ -94,14 +94,14 @@ from lorafuse.plan.placement import host_embedding, host_head, kept_layers, stre
 from lorafuse.plan.shapes import PROJECTIONS, ModelShape
 
 GIB = 1024**3
-LOSS_CHUNK_ELEMENTS = 2**25  # logits per chunk in lorafuse.train.loss (its _LOGIT_ELEMENTS)
+LOSS_CHUNK_ELEMENTS = 2**25  # logits per chunk in lorafuse.training.loss (its _LOGIT_ELEMENTS)
 FUSED_LOSS_BLOCK_BYTES = 256 << 20  # lorafuse.kernels.cross_entropy.LOGITS_BUDGET_BYTES
 CUDA_CONTEXT_BYTES = int(0.5 * GIB)  # H100/A100, CUDA 12, lazy module loading; T4 ~0.3 GiB
 ALLOCATOR_SLACK = 0.05  # reserved-but-free fraction of the caching allocator at the peak
 MIN_8BIT_SIZE = 4096
 # cuBLAS workspaces come from the caching allocator, one per handle and stream: the main thread's and the autograd
 # backward thread's, 32 MiB each on Hopper with torch 2.11 (measured: two 32 MiB blocks alive between steps on an
-# H200). CUDA graphs warm up and capture on one stream (train/graphs.py), so they add none.
+# H200). CUDA graphs warm up and capture on one stream (training/graphs.py), so they add none.
 CUBLAS_WORKSPACE_BYTES = 2 * (32 << 20)
 STATE_BLOCK = 256
 
@@ -355,22 +355,23 @@ def dequant_bytes(w: Workload) -> int:
     return (w.compute_bytes if w.kernels == "fused" else 4 + w.compute_bytes) * largest
 
 
-def estimate(w: Workload) -> Estimate:
-    """Predicted peak memory of one training step and its parts (bytes)."""
-    s, c, n = w.shape, w.compute_bytes, w.tokens
-    numels = trainable_numels(w)
-    trainable = sum(numels)
+def static_bytes(w: Workload, numels: list[int]) -> dict:
+    """What a step holds throughout: weights, LoRA parameters (with autocast's copies), optimizer states, cuBLAS."""
+    c, trainable = w.compute_bytes, sum(numels)
     # autocast's cached cast of each LoRA weight; the fused kernels run with autocast off (module docstring)
     lora_copy = c if w.autocast and w.lora_bytes > c and w.kernels != "fused" else 0
-    static = {
+    return {
         **weight_bytes(w),
         "lora_params": 0 if w.method == "full" else (w.lora_bytes + lora_copy) * trainable,
         "optimizer_states": optimizer_bytes(numels, w.optimizer, c if w.method == "full" else w.lora_bytes),
         "cublas_workspace": CUBLAS_WORKSPACE_BYTES,
     }
-    grads = gradient_bytes(w)
-    per_layer = layer_saved_bytes(w)
-    whole_layer = per_layer * n + layer_saved_constant_bytes(w)  # one layer's saved set, outside a checkpoint
+
+
+def saved_bytes(w: Workload) -> tuple[int, int, int]:
+    """(activations saved at the end of the forward, the final norm's part of them, one layer's whole saved set)."""
+    s, c, n = w.shape, w.compute_bytes, w.tokens
+    whole_layer = layer_saved_bytes(w) * n + layer_saved_constant_bytes(w)  # one layer's set, outside a checkpoint
     # The final norm is outside the checkpoints: HF's keeps an fp32 copy of its input, the fused one x and 1/rms.
     final_norm = (c * s.hidden_size + 4 if w.kernels == "fused" else 4 * s.hidden_size) * n
     kept = kept_layers(w)  # layers outside the checkpoints: their whole saved set, not just their input
@@ -382,6 +383,15 @@ def estimate(w: Workload) -> Estimate:
         saved = 3 * c * s.hidden_size * n + kept * whole_layer + final_norm
     if w.padded:
         saved += w.micro_batch * w.seq**2
+    return saved, final_norm, whole_layer
+
+
+def estimate(w: Workload) -> Estimate:
+    """Predicted peak memory of one training step and its parts (bytes)."""
+    s, c, n = w.shape, w.compute_bytes, w.tokens
+    numels = trainable_numels(w)
+    static, grads = static_bytes(w, numels), gradient_bytes(w)
+    saved, final_norm, whole_layer = saved_bytes(w)
     # fused: the recomputed input_layernorm saves the layer input the checkpoint holds (module docstring)
     held = c * s.hidden_size if w.kernels == "fused" else 0
     recompute = 0 if w.checkpointing == "off" else whole_layer - held * n
@@ -391,7 +401,7 @@ def estimate(w: Workload) -> Estimate:
     # or only a few vocabulary chunks of it, streamed through the loss
     staged, loss = streamed_head(w) or (c * s.head_params if host_head(w) else 0, loss_bytes(w))
     # With the head staged, a late layer's forward can top the loss and the backward: the head, the inputs saved
-    # so far and one layer's forward buffers (the lean 7B 4 x 512 peak, NOTES.md session 5).
+    # so far and one layer's forward buffers (the lean 7B 4 x 512 peak measured on an H200, benchmarks/NOTES.md).
     forward = (
         {
             "gradients": grads["loss"],
@@ -438,5 +448,5 @@ def estimate(w: Workload) -> Estimate:
         peak_alloc=peak_alloc,
         peak=peak_alloc + slack + CUDA_CONTEXT_BYTES,
         phase=phase,
-        trainable=trainable,
+        trainable=sum(numels),
     )

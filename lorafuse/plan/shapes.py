@@ -13,7 +13,8 @@ plus two RMSNorm scales (D each; Qwen3 adds q_norm/k_norm of d_h each) and, for 
 Outside the layers: the embedding (V x D), the final norm (D) and the head (V x D, absent when tied).
 Llama-2-7B: 32 x (4 D^2 + 3 D F + 2 D) + 2 V D + D = 6,738,415,616 parameters (HF's count).
 
-`load_shape(name_or_path)` resolves, in order: a local folder's (or file's) config.json; a built-in shape by
+`load_shape(name_or_path)` resolves, in order: "builtin:tiny-llama" from its recipe (lorafuse.builtin, never its
+built folder); a local folder's (or file's) config.json; a built-in shape (lorafuse.builtin.BUILTIN_CONFIGS) by
 short name ("llama2-7b") or hub id ("meta-llama/Llama-2-7b-hf", chat/instruct/bnb-4bit variants included);
 `huggingface_hub.hf_hub_download(repo, "config.json")` when the network is allowed; else a `ModelError`
 listing the built-in shapes. The built-in configs are the hub's config.json values (the fields we read).
@@ -22,104 +23,15 @@ listing the built-in shapes. The built-in configs are the hub's config.json valu
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lorafuse import builtin
+from lorafuse.builtin import BUILTIN_CONFIGS, match_builtin
 from lorafuse.errors import ModelError
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 _ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
-
-
-def _llama(V, D, F, L, H, Hkv, max_pos, **extra) -> dict:
-    return {
-        "model_type": "llama",
-        "vocab_size": V,
-        "hidden_size": D,
-        "intermediate_size": F,
-        "num_hidden_layers": L,
-        "num_attention_heads": H,
-        "num_key_value_heads": Hkv,
-        "max_position_embeddings": max_pos,
-        "tie_word_embeddings": False,
-        "rms_norm_eps": 1e-5,
-        "bos_token_id": 1,
-        "eos_token_id": 2,
-        **extra,
-    }
-
-
-def _qwen25(D, F, L, H, Hkv, V=152064, tied=False) -> dict:
-    return {
-        "model_type": "qwen2",
-        "vocab_size": V,
-        "hidden_size": D,
-        "intermediate_size": F,
-        "num_hidden_layers": L,
-        "num_attention_heads": H,
-        "num_key_value_heads": Hkv,
-        "max_position_embeddings": 32768,
-        "tie_word_embeddings": tied,
-        "rms_norm_eps": 1e-6,
-        "rope_theta": 1000000.0,
-        "bos_token_id": 151643,
-        "eos_token_id": 151643,
-    }
-
-
-_L3 = {"rope_theta": 500000.0, "bos_token_id": 128000, "eos_token_id": 128001}
-BUILTIN_CONFIGS: dict[str, dict] = {
-    # The tiny shape matches lorafuse.model.tiny.build_tiny_model's defaults (smoke tests, CPU bench).
-    "tiny": _llama(512, 64, 128, 2, 4, 2, 1024),
-    "llama-7b": _llama(32000, 4096, 11008, 32, 32, 32, 2048, rms_norm_eps=1e-6),
-    "llama-13b": _llama(32000, 5120, 13824, 40, 40, 40, 2048, rms_norm_eps=1e-6),
-    "llama-65b": _llama(32000, 8192, 22016, 80, 64, 64, 2048),
-    "tinyllama-1.1b": _llama(32000, 2048, 5632, 22, 32, 4, 2048),
-    "llama3.2-1b": _llama(128256, 2048, 8192, 16, 32, 8, 131072, tie_word_embeddings=True, head_dim=64, **_L3),
-    "llama3.2-3b": _llama(128256, 3072, 8192, 28, 24, 8, 131072, tie_word_embeddings=True, head_dim=128, **_L3),
-    "llama2-7b": _llama(32000, 4096, 11008, 32, 32, 32, 4096),
-    "llama2-13b": _llama(32000, 5120, 13824, 40, 40, 40, 4096),
-    "llama2-70b": _llama(32000, 8192, 28672, 80, 64, 8, 4096),
-    "llama3-8b": _llama(128256, 4096, 14336, 32, 32, 8, 8192, **_L3),
-    "llama3-70b": _llama(128256, 8192, 28672, 80, 64, 8, 8192, **_L3),
-    "mistral-7b": {**_llama(32000, 4096, 14336, 32, 32, 8, 32768), "model_type": "mistral"},
-    "qwen2.5-0.5b": _qwen25(896, 4864, 24, 14, 2, V=151936, tied=True),
-    "qwen2.5-1.5b": _qwen25(1536, 8960, 28, 12, 2, V=151936, tied=True),
-    "qwen2.5-3b": _qwen25(2048, 11008, 36, 16, 2, V=151936, tied=True),
-    "qwen2.5-7b": _qwen25(3584, 18944, 28, 28, 4),
-    "qwen2.5-14b": _qwen25(5120, 13824, 48, 40, 8),
-    "qwen2.5-32b": _qwen25(5120, 27648, 64, 40, 8),
-    "qwen2.5-72b": _qwen25(8192, 29568, 80, 64, 8),
-}
-
-# Hub ids (lower case, organisation dropped, variant suffixes removed) -> built-in name.
-_HUB_ALIASES = {
-    "llama-2-7b": "llama2-7b",
-    "llama-2-13b": "llama2-13b",
-    "llama-2-70b": "llama2-70b",
-    "meta-llama-3-8b": "llama3-8b",
-    "llama-3-8b": "llama3-8b",
-    "meta-llama-3.1-8b": "llama3-8b",
-    "llama-3.1-8b": "llama3-8b",
-    "meta-llama-3-70b": "llama3-70b",
-    "llama-3-70b": "llama3-70b",
-    "meta-llama-3.1-70b": "llama3-70b",
-    "llama-3.1-70b": "llama3-70b",
-    "llama-3.3-70b": "llama3-70b",
-    "llama-7b": "llama-7b",
-    "llama-13b": "llama-13b",
-    "llama-65b": "llama-65b",
-    "llama-3.2-1b": "llama3.2-1b",
-    "llama-3.2-3b": "llama3.2-3b",
-    "tinyllama-1.1b-chat-v1.0": "tinyllama-1.1b",
-    "tinyllama-1.1b-intermediate-step-1431k-3t": "tinyllama-1.1b",
-    "mistral-7b-v0.1": "mistral-7b",
-    "mistral-7b-v0.3": "mistral-7b",
-    "mistral-7b": "mistral-7b",
-    **{f"qwen2.5-{s}": f"qwen2.5-{s}" for s in ("0.5b", "1.5b", "3b", "7b", "14b", "32b", "72b")},
-}
-_VARIANT = re.compile(r"(-(hf|chat|instruct|it|base|bnb-4bit|unsloth-bnb-4bit))+$")
 
 
 @dataclass(frozen=True)
@@ -244,17 +156,6 @@ def builtin_shape(name: str) -> ModelShape:
     return ModelShape.from_config(BUILTIN_CONFIGS[name], name=name)
 
 
-def match_builtin(name_or_id: str) -> str | None:
-    """The built-in shape a short name or hub id stands for, or None."""
-    key = name_or_id.strip().lower()
-    if key in BUILTIN_CONFIGS:
-        return key
-    key = _VARIANT.sub("", key.rsplit("/", 1)[-1])
-    if key in BUILTIN_CONFIGS:
-        return key
-    return _HUB_ALIASES.get(key)
-
-
 def _read_config(path: Path, name: str) -> ModelShape:
     try:
         cfg = json.loads(path.read_text(encoding="utf-8"))
@@ -269,10 +170,14 @@ def _read_config(path: Path, name: str) -> ModelShape:
 def load_shape(name_or_path: str) -> ModelShape:
     """Resolve a model's shape from config.json alone (module docstring gives the order)."""
     name_or_path = str(name_or_path)
-    if name_or_path.startswith("builtin:"):
-        from lorafuse.model.load import resolve_model_path  # builds the demo model's folder if needed
-
-        return _read_config(Path(resolve_model_path(name_or_path)) / "config.json", name_or_path)
+    if name_or_path.startswith(builtin.PREFIX):  # lorafuse's own tiny model: its recipe, not its built folder
+        name = name_or_path[len(builtin.PREFIX) :]
+        if name not in builtin.MODELS:
+            raise ModelError(
+                f"unknown builtin model {name_or_path!r}",
+                f"available: {', '.join(builtin.PREFIX + n for n in builtin.MODELS)}",
+            )
+        return ModelShape.from_config(builtin.model_config(name), name=name_or_path)
     p = Path(name_or_path).expanduser()
     if p.is_dir():
         if not (p / "config.json").is_file():
@@ -283,9 +188,9 @@ def load_shape(name_or_path: str) -> ModelShape:
         return _read_config(p / "config.json", p.name)
     if p.is_file():
         return _read_config(p, p.parent.name)
-    builtin = match_builtin(name_or_path)
-    if builtin:
-        return builtin_shape(builtin)
+    known = match_builtin(name_or_path)
+    if known:
+        return builtin_shape(known)
     return _download_shape(name_or_path)
 
 

@@ -17,7 +17,7 @@ import gradio as gr
 
 from lorafuse.config import load_config
 from lorafuse.errors import LorafuseError
-from lorafuse.train.checkpoint import latest_checkpoint
+from lorafuse.training.checkpoint import latest_checkpoint
 from lorafuse.ui.runs import discover
 
 EMPTY_REPLY = "(empty reply: the model ended its turn at once)"

@@ -7,7 +7,7 @@ and the data preview. Each is the CLI's own function, called as the CLI calls it
                               --gpu-memory MEM`: a headline (fits or not, the peak, the budget) over the text
                               `lorafuse plan` prints (the components, the fastest setting that fits, its command).
                               On a machine without a GPU the card or memory chosen in the form is planned for.
-    preview_html(cfg, n, dir) `lorafuse data preview`'s output (lorafuse.data.preview.preview) recorded by a rich
+    preview_html(cfg, n, dir) `lorafuse data preview`'s output (lorafuse.preview.preview) recorded by a rich
                               console and exported as HTML with the CLI's styles: trained tokens bold green, masked
                               (prompt) tokens dim, a trained EOS on green, a masked EOS on red.
     sources(runs) / load_source(name, runs)
@@ -77,7 +77,7 @@ def preview_html(cfg: RunConfig, n: int = 3, cache_dir: Path | None = None) -> s
     (a run refuses an output folder holding files it did not write, and the run has not started yet)."""
     from rich.console import Console
 
-    from lorafuse.data.preview import preview
+    from lorafuse.preview import preview
 
     if cache_dir is not None and cfg.data.cache_dir is None:
         cfg = cfg.model_copy(deep=True)

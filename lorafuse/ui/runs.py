@@ -76,7 +76,7 @@ def _pid_alive(pid: int | None) -> bool:
 
 
 def lock_holder(folder: Path) -> int | None:
-    """The pid holding the run folder's lock (lorafuse.train.checkpoint.RunLock), or None."""
+    """The pid holding the run folder's lock (lorafuse.training.checkpoint.RunLock), or None."""
     path = Path(folder) / ".lock"
     try:
         pid = int(path.read_text().strip() or 0)
@@ -131,7 +131,7 @@ def _progress(folder: Path) -> tuple[int | None, float | None]:
 
 
 def _checkpoints(folder: Path) -> list[int]:
-    from lorafuse.train.checkpoint import list_checkpoints
+    from lorafuse.training.checkpoint import list_checkpoints
 
     return [step for step, _ in list_checkpoints(folder)]
 

@@ -137,7 +137,7 @@ def test_class_is_untouched_and_swap_is_reversible():
     assert type(model.model.layers[0].mlp) is mlp_cls and model.model.layers[0].self_attn is attn
     assert not isinstance(model.model.norm, FastRMSNorm)
     ours = [name for m in model.modules() for name in vars(m) if name.startswith("lorafuse")]
-    assert ours == ["lorafuse_state"], "the model carries one state object (lorafuse.model.state), nothing else"
+    assert ours == ["lorafuse_state"], "the model carries one state object (lorafuse.model_state), nothing else"
 
 
 def test_dropout_is_seeded_and_eval_is_exact():

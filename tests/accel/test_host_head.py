@@ -15,7 +15,7 @@ from lorafuse.model.tiny import build_tiny_model
 from lorafuse.options import Options
 from lorafuse.plan.memory import Workload, estimate, weight_bytes
 from lorafuse.plan.shapes import builtin_shape
-from lorafuse.train.loss import lm_loss_sum
+from lorafuse.training.loss import lm_loss_sum
 
 
 def _model(**kw):

@@ -12,7 +12,7 @@ from lorafuse.options import Options
 from lorafuse.plan import speed
 from lorafuse.plan.memory import GIB, Workload, estimate, layer_saved_bytes, layer_saved_constant_bytes
 from lorafuse.plan.shapes import builtin_shape
-from lorafuse.train.loss import lm_loss_sum
+from lorafuse.training.loss import lm_loss_sum
 
 
 def _model():

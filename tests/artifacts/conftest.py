@@ -35,7 +35,7 @@ def trained(tmp_path_factory, tiny_tokenizer):
 @pytest.fixture(scope="session")
 def merged_fp32(tmp_path_factory, trained):
     """merged_fp32(name) -> the folder lorafuse.merge writes in float32 (the reference weights), once per case."""
-    from lorafuse.lora.merge import merge
+    from lorafuse.artifacts.merge import merge
 
     cache: dict[str, Path] = {}
 

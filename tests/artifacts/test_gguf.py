@@ -272,7 +272,7 @@ def test_unsupported_choices_are_refused_and_nothing_is_written(trained, tmp_pat
 def test_lora_gguf_scale_is_exact_for_rslora_and_rank_patterns(tiny_model_dir, tmp_path):
     """llama.cpp scales each pair by alpha / r (r from the tensor): what it computes must be each layer's s * B @ A."""
     import lorafuse
-    from lorafuse.lora.adapter_io import lora_layers
+    from lorafuse.artifacts.adapter_io import lora_layers
     from lorafuse.lora.linear import LoRALinear
 
     model, tok = lorafuse.load_model(str(tiny_model_dir), quant="none", compute_dtype="float32", device="cpu")

@@ -3,7 +3,7 @@
 * Greedy answers: for each trained conversation, llama.cpp's greedy tokens equal lorafuse's greedy generation on the
   merged model (transformers), and both stop at the same end-of-turn token, which the GGUF marks as end of generation.
 * Logits: on the f32 export with an f32 KV cache, llama.cpp's logits match the merged model's within the merge check's
-  measured bound (lorafuse.lora.merge: CHECK_FACTOR x the logit change that weight noise of 2^-16 relative causes);
+  measured bound (lorafuse.artifacts.merge: CHECK_FACTOR x the logit change that weight noise of 2^-16 relative causes);
   the adapter's own effect is far above it, so a lost update, a wrong q/k row order or a missing bias fails.
 * The adapter alone (llama.cpp's --lora) on the base GGUF gives the merged model's logits and answers.
 * Tokenization: llama.cpp tokenizes like the tokenizer the model was trained with, for GPT-2, Llama-3 and Qwen2 style
@@ -24,8 +24,8 @@ from tiny_trained import CONVERSATIONS, byte_level_tokenizer, sentencepiece_toke
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 from lorafuse.artifacts.export import export  # noqa: E402
+from lorafuse.artifacts.merge import CHECK_FACTOR, rounding_noise  # noqa: E402
 from lorafuse.infer.generate import encode_prompt, stop_token_ids  # noqa: E402
-from lorafuse.lora.merge import CHECK_FACTOR, rounding_noise  # noqa: E402
 
 MAX_NEW = 24
 TEXTS = [

@@ -12,8 +12,8 @@ from rich.console import Console
 from lorafuse.data.build import build_datasets
 from lorafuse.data.collate import Batcher
 from lorafuse.data.preference import DROP_EMPTY, DROP_PROMPT, DROP_SAME
-from lorafuse.data.preview import preview
 from lorafuse.errors import DataError
+from lorafuse.preview import preview
 
 
 def _write(tmp_path, rows, name="pairs.jsonl"):

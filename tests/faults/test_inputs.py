@@ -464,7 +464,7 @@ def test_out_of_memory_while_loading(cli, monkeypatch):
     def no_memory(*args, **kwargs):
         raise MemoryError()
 
-    monkeypatch.setattr("lorafuse.model.load.load_model", no_memory)
+    monkeypatch.setattr("lorafuse.job.load_model", no_memory)
     cli.fails(*cli.train(), says=["ran out of memory"])
 
 
@@ -472,7 +472,7 @@ def test_an_unknown_exception_is_reported_as_a_bug(cli, monkeypatch):
     def broken(*args, **kwargs):
         raise ZeroDivisionError("division by zero in a helper")
 
-    monkeypatch.setattr("lorafuse.model.inject.apply_lora", broken)
+    monkeypatch.setattr("lorafuse.job.apply_lora", broken)
     result = cli.run(*cli.train())
     assert result.code == 1 and "Traceback" not in result.err
     assert "error: ZeroDivisionError: division by zero in a helper" in result.err

@@ -23,8 +23,8 @@ import pytest
 from lorafuse.cli import main
 from lorafuse.errors import LorafuseError
 from lorafuse.outputs import MARKER, check_output_file, read_marker, write_marker
-from lorafuse.train.loop import TrainingLoop
-from lorafuse.train.manifest import MANIFEST, verify
+from lorafuse.training.loop import TrainingLoop
+from lorafuse.training.manifest import MANIFEST, verify
 
 ROOT = Path(__file__).resolve().parents[2]
 DEMO_ROWS = ROOT / "lorafuse" / "data" / "samples" / "demo.jsonl"
@@ -458,7 +458,7 @@ def test_diverging_run_stops_without_an_adapter_and_its_advice_works(tmp_path, c
 
 def _signal_at(monkeypatch, step: int, *signums: int) -> None:
     """Send `signums` to this process right after optimizer step `step` (as a terminal or a scheduler would)."""
-    real = TrainingLoop._optimizer_step
+    real = TrainingLoop.step
 
     def step_then_signal(self, batches):
         row = real(self, batches)
@@ -467,7 +467,7 @@ def _signal_at(monkeypatch, step: int, *signums: int) -> None:
                 os.kill(os.getpid(), signum)
         return row
 
-    monkeypatch.setattr(TrainingLoop, "_optimizer_step", step_then_signal)
+    monkeypatch.setattr(TrainingLoop, "step", step_then_signal)
 
 
 def test_ctrl_c_exits_130_after_saving_a_resumable_checkpoint(tmp_path, finished, monkeypatch, capsys):
@@ -491,7 +491,7 @@ def test_a_second_ctrl_c_interrupts_at_once(tmp_path, finished, monkeypatch, cap
 
 def test_python_api_returns_a_signal_stop_without_exiting(tmp_path, finished, monkeypatch):
     from lorafuse.config import load_config
-    from lorafuse.train.api import run as run_job
+    from lorafuse.job import run as run_job
 
     _signal_at(monkeypatch, 1, signal.SIGTERM)
     cfg = load_config(None, _argv(tmp_path / "run", finished[1])[1:])
@@ -502,14 +502,14 @@ def test_python_api_returns_a_signal_stop_without_exiting(tmp_path, finished, mo
 
 _SLOW_STEPS = """
 import sys, time
-from lorafuse.train.loop import TrainingLoop
-real = TrainingLoop._optimizer_step
+from lorafuse.training.loop import TrainingLoop
+real = TrainingLoop.step
 def slow_step(self, batches):  # a step slow enough for the test to signal mid-run
     row = real(self, batches)
     print(f"STEP {self.state.step}", flush=True)
     time.sleep(0.2)
     return row
-TrainingLoop._optimizer_step = slow_step
+TrainingLoop.step = slow_step
 from lorafuse.cli import main
 sys.exit(main(sys.argv[1:]))
 """

@@ -127,8 +127,8 @@ def dolly_ja_model(tiny_tokenizer):
     """A model that carries a plain dolly-ja prompt format with a system prompt, as load_adapter would set it."""
     from lorafuse.data.templates import plain_chat_template
     from lorafuse.model.prompt_format import PromptFormat
-    from lorafuse.model.state import model_state
     from lorafuse.model.tiny import build_tiny_model
+    from lorafuse.model_state import model_state
 
     model = build_tiny_model("llama", tokenizer=tiny_tokenizer).eval()
     model_state(model).prompt = PromptFormat(

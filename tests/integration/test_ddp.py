@@ -1,7 +1,7 @@
 """Data parallelism on CPU (gloo): `torchrun --nproc_per_node 2 -m lorafuse train` against one process.
 
 Claim under test: 2 ranks x micro-batch B x accumulation A compute the update of 1 rank with micro-batch B and
-accumulation 2A over the same micro-batches (lorafuse.train.distributed). The data is chosen so that it shows:
+accumulation 2A over the same micro-batches (lorafuse.training.distributed). The data is chosen so that it shows:
 19 training rows -> 10 micro-batches of 2 (the last holds 1 row), so sharding drops nothing; an epoch is 3 steps
 (windows of 2+2+1 micro-batches per rank, 4+4+2 in one process) and step 4 begins the next epoch (a new order);
 the micro-batches hold different numbers of target tokens, so normalising per rank instead of by the global
@@ -159,7 +159,7 @@ def test_two_ranks_equal_one_process_with_double_accumulation(tmp_path, tiny_mod
 
     from lorafuse.config import validate_config
     from lorafuse.errors import LorafuseError
-    from lorafuse.train.api import run
+    from lorafuse.job import run
 
     ddp_out, one_out = tmp_path / "ddp", tmp_path / "one"
     stdout = _torchrun(tmp_path, _write(tmp_path, _raw_config(tiny_model_dir, ddp_out, 2), "ddp"), ddp_out).stdout

@@ -67,7 +67,7 @@ def _rows(out: Path) -> list[tuple]:
 # are complete by then), so the test can SIGKILL it from outside at a known point.
 _PARK_AFTER_STEP_5 = """
 import sys, time
-from lorafuse.train.metrics import MetricsLog
+from lorafuse.training.metrics import MetricsLog
 append = MetricsLog.append
 def parking_append(self, row):
     append(self, row)

@@ -1,4 +1,4 @@
-"""The fused 8-bit AdamW kernel equals the PyTorch reference update (lorafuse.train.optim.AdamW8bit); the
+"""The fused 8-bit AdamW kernel equals the PyTorch reference update (lorafuse.training.optim8bit.AdamW8bit); the
 multi-tensor launch equals the per-parameter kernel bit for bit."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import torch
 
 import lorafuse.kernels.adamw8bit as K
 from lorafuse.kernels.adamw8bit import LaunchTables, adamw8bit_multi_update, adamw8bit_update, midpoints
-from lorafuse.train.optim import AdamW8bit, dequantize_blockwise, dynamic_map
+from lorafuse.training.optim8bit import AdamW8bit, dequantize_blockwise, dynamic_map
 
 STATE_KEYS = ("m_q", "m_absmax", "v_q", "v_absmax")
 HYPER = dict(lr=1e-2, b1=0.9, b2=0.999, eps=1e-8, wd=0.01)

@@ -15,10 +15,10 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from lorafuse.artifacts.adapter_io import save_adapter
+from lorafuse.artifacts.adapter_load import load_adapter
+from lorafuse.artifacts.merge import merge
 from lorafuse.lora import token_rows
-from lorafuse.lora.adapter_io import save_adapter
-from lorafuse.lora.adapter_load import load_adapter
-from lorafuse.lora.merge import merge
 from lorafuse.model.inject import apply_lora
 from lorafuse.model.load import load_model
 from lorafuse.model.new_tokens import add_tokens

@@ -16,8 +16,8 @@ from torch import nn
 from lorafuse.errors import ConfigError, LorafuseError
 from lorafuse.lora.linear import LoRALinear, NF4Linear
 from lorafuse.model.inject import apply_lora, find_linear_names, print_trainable_parameters, trainable_parameters
-from lorafuse.model.state import model_state
 from lorafuse.model.tiny import build_tiny_model
+from lorafuse.model_state import model_state
 
 LLAMA_LINEARS = ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
 

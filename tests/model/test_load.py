@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM
 
 from lorafuse.errors import ModelError
 from lorafuse.model.load import load_model, load_tokenizer, resolve_compute_dtype
-from lorafuse.model.state import model_state
+from lorafuse.model_state import model_state
 
 
 def _ids(n=12, vocab=500, seed=0):

@@ -25,8 +25,8 @@ from lorafuse.errors import ModelError
 from lorafuse.lora.linear import NF4Linear
 from lorafuse.model.load import _load_dense, load_model, quantize_linears
 from lorafuse.model.random_init import random_nf4_model
-from lorafuse.model.state import model_state
 from lorafuse.model.stream import QUANT_CHUNK_ELEMS, StreamUnsupported, load_nf4_streaming, quantize_chunked
+from lorafuse.model_state import model_state
 from lorafuse.quant.nf4 import NF4Weight, quantize_nf4
 
 TINY = {

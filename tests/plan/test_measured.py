@@ -1,4 +1,4 @@
-"""Predictions against measured GPU peaks (issue C item 2: within 10%), from benchmarks/measured_memory.jsonl."""
+"""Predictions against measured GPU peaks (within 10%), from benchmarks/measured_memory.jsonl."""
 
 from __future__ import annotations
 

@@ -72,14 +72,14 @@ def test_optimizer_states():
     assert optimizer_bytes([big, small], "adamw") == 8 * (big + small)
     # uint8 m and v + one fp32 absmax per 256 elements each; small tensors keep fp32 states.
     assert optimizer_bytes([big, small], "adamw_8bit") == 2 * big + 2 * 4 * (big // 256) + 8 * small
-    # paged: lorafuse.train.optim pages only under memory pressure, so the states are planned on the GPU.
+    # paged: lorafuse.training.optim8bit pages only under memory pressure, so the states are planned on the GPU.
     assert optimizer_bytes([big, small], "paged_adamw_8bit") == optimizer_bytes([big, small], "adamw_8bit")
 
 
 @pytest.mark.parametrize("name", ["adamw", "adamw_8bit"])
 def test_optimizer_states_match_the_optimizer(name):
     """The planner's state bytes are what lorafuse's optimizers hold after a step (odd sizes: partial blocks)."""
-    from lorafuse.train.optim import build_optimizer, state_bytes
+    from lorafuse.training.optim import build_optimizer, state_bytes
 
     params = [torch.nn.Parameter(torch.randn(n)) for n in (16 * 4096 + 100, 5000, 300)]
     opt = build_optimizer(name, params, lr=1e-3, weight_decay=0.0)
@@ -197,7 +197,7 @@ def test_checkpointing_and_chunked_loss_shrink_the_peak():
     )
     full, chunked = estimate(base.with_(checkpointing="on")), estimate(base.with_(checkpointing="on", loss="chunked"))
     assert full.components["logits_loss"] == (2 + 12) * shape.vocab_size * base.tokens
-    # lorafuse.train.loss: 2^25 logits per chunk (fp32 + logsumexp temp + bf16 softmax) + the saved grad_hidden.
+    # lorafuse.training.loss: 2^25 logits per chunk (fp32 + logsumexp temp + bf16 softmax) + the saved grad_hidden.
     rows = 2**25 // shape.vocab_size
     chunk_bytes = (4 + 4 + 2) * rows * shape.vocab_size
     assert loss_bytes(base.with_(loss="chunked")) == chunk_bytes + 2 * shape.hidden_size * base.tokens
@@ -213,7 +213,7 @@ def test_qlora_is_smaller_than_lora_by_the_linear_weights():
     exact = shape.linear_params * 4.127 / 8  # research/speed-anchors.md s.7: 3.11 GiB of tensor bytes
     mlp_weights = 3 * shape.num_layers  # 21.5 MiB of packed codes each, booked as 22 MiB blocks
     assert exact * (1 - 1e-3) <= q.components["weights_nf4"] <= exact * (1 + 1e-3) + mlp_weights * 2**19
-    # measured on an H200 (memory_peak.py's live blocks between steps, 2026-11-28): 3232 MiB of NF4 blocks
+    # measured on an H200 (benchmarks/memory_peak.py's live blocks between steps): 3232 MiB of NF4 blocks
     assert math.isclose(q.components["weights_nf4"] / 2**20, 3232, abs_tol=16)
 
 

@@ -11,7 +11,7 @@ import pytest
 
 from lorafuse.config import demo_config, save_config
 from lorafuse.errors import LorafuseError
-from lorafuse.train.checkpoint import RunLock
+from lorafuse.training.checkpoint import RunLock
 from lorafuse.ui.runs import HEADER, Launcher, discover, last_error, lock_holder, run_status, ui_file
 
 

@@ -1,0 +1,450 @@
+"""The training loop: one explicit loop over optimizer steps, exact resume, unit-normalised accumulation.
+
+Step s takes up to `grad_accum` micro-batches (never across an epoch end; the last window of an epoch may be
+shorter). The objective (lorafuse.training.objectives: sft, dpo, orpo) gives each micro-batch b its loss SUM L_b and
+its count of normalisation units u_b (target tokens for SFT, pairs for DPO/ORPO); the step's loss is the mean per
+unit over the WHOLE window:
+
+    loss_s = sum_{micro-batches b} L_b / U_s,   U_s = sum_b u_b      (SFT: L_b = sum_{targets t} -log p(y_t))
+
+so accumulation equals one big batch whatever the padding or the window size. Each micro-batch backpropagates
+`L_b / U_s` (U_s is counted before the first forward: the window's batches are fetched up front); the objective's
+metrics (DPO's rewards and margins, ...) are summed the same way and logged as means per unit. For SFT, targets are
+labels != -100 after the causal shift (the token at t predicts label t+1), and the summed loss comes from hidden
+states through the output head in chunks (`lorafuse.training.loss`): the (B, T, V) logits are never materialised.
+
+`TrainingLoop.step` is the step, top to bottom: learning rate, dropout seed, the window's units, the micro-steps
+(a CUDA graph replay or eager), the out-of-memory decision and its single retry (`lorafuse.training.oom`), the
+gradient sync, clipping and the update (or a skip), the counters. `_after_step` then logs, evaluates and saves.
+
+Precision (bf16 autocast / fp16 + GradScaler on CUDA, fp32 on CPU): `lorafuse.training.runtime`. What changes the
+model for speed or memory (fp32 masters, checkpointing, the fast path, host tables): `lorafuse.accel`, prepared
+here and restored by the job.
+
+A step whose loss is NaN/inf is skipped (no update, grads zeroed, a row with "skipped": true); more than
+`nan_tolerance` in a row stop the run with the likely causes. No scheduled checkpoint is written during such a streak,
+and when the run stops on it, the checkpoint written just before it (from the weights that then gave NaN losses) is
+set aside, so "lower train.lr and resume" resumes from weights that worked. A checkpoint is never written from
+non-finite weights (lorafuse.training.checkpoint). SIGTERM/SIGINT finish the current step, save a checkpoint, print
+"stopped at step N; checkpoint-N saved; run the same command to resume" and return (stop_reason "signal"); a second
+SIGINT interrupts at once. A signal during the last step lets the run finish normally.
+
+Checkpoints: every `save_every` steps when set, else at each epoch end; also at each new best evaluation and at
+the end. The data's sha256 (`data_fingerprint`, of the tokenized rows) is saved with each; a resume on other data
+is refused unless forced. DPO's precomputed reference log-probs (`reference_logps`, set by the job) are saved
+with each too.
+
+Resume is exact: trainable tensors, optimizer, scaler, RNG (python, numpy, torch, CUDA), data position
+(epoch, micro-batch within the epoch; batches are a deterministic function of (seed, epoch)) and counters
+are restored, so on a CPU the resumed losses equal an uninterrupted run's bit for bit.
+
+Several processes (torchrun): `world` (lorafuse.training.distributed) makes U_s the global unit count, sums the
+gradients over the ranks once per step, shards evaluation, and keeps every file write on rank 0.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from lorafuse import accel
+from lorafuse.config import options_for
+from lorafuse.errors import LorafuseError
+from lorafuse.options import Options
+from lorafuse.outputs import ensure_writable_dir
+from lorafuse.training import checkpoint as ckpt
+from lorafuse.training import graphs, oom, rng
+from lorafuse.training.distributed import SINGLE
+from lorafuse.training.loss import count_inputs, count_targets, forward_batch
+from lorafuse.training.metrics import MetricsLog, Progress, memory_bytes, peak_memory_bytes
+from lorafuse.training.objectives import ObjectiveContext, evaluate
+from lorafuse.training.objectives.sft import SFTObjective
+from lorafuse.training.optim import LRSchedule, build_optimizer
+from lorafuse.training.runtime import Precision, StopSignals
+from lorafuse.training.state import LoopResult, LoopState, diverged, total_steps
+from lorafuse.training.steplog import LogWindow, eval_note, eval_row, skipped_note, skipped_row
+
+
+class TrainingLoop:
+    """Optimizer steps over `train_batches` (anything with `epoch_batches(epoch)` and `len`) until the last
+    step, early stopping or a signal. `tc` is a TrainConfig; `out_dir` None keeps everything in memory;
+    `objective` (default SFT) gives the loss."""
+
+    def __init__(
+        self,
+        model,
+        train_batches,
+        tc,
+        *,
+        val_batches=None,
+        out_dir=None,
+        config=None,
+        compute_dtype: torch.dtype = torch.float32,
+        console=None,
+        adapter_writer=None,
+        world=SINGLE,
+        options: Options | None = None,
+        data_fingerprint: str | None = None,
+        objective=None,
+    ):
+        from rich.console import Console
+
+        self.model, self.train_batches, self.val_batches, self.tc = model, train_batches, val_batches, tc
+        self.world = world  # rank 0 alone writes out_dir
+        self.out_dir = (
+            None if out_dir is None else Path(out_dir) if not world.is_main else ensure_writable_dir(Path(out_dir))
+        )
+        self.data_fingerprint = data_fingerprint
+        self.config, self.adapter_writer = config, adapter_writer
+        self.objective = objective or SFTObjective()
+        self.console = console or Console()
+        self.progress: Progress | None = None
+        self.device = next(model.parameters()).device
+        self.precision = Precision(self.device, compute_dtype)
+        self._prepare(options or options_for(tc))  # the job restores the model afterwards (accel.restore)
+        self.optimizer = build_optimizer(tc.optimizer, self.params, tc.lr, tc.weight_decay)
+        micro = len(train_batches)
+        if micro == 0:
+            raise LorafuseError("there are no training batches", "check data.path and data.num_rows")
+        self.total = total_steps(tc, micro)
+        self.schedule = LRSchedule(tc.lr, self.total, tc.warmup_steps, tc.scheduler)
+        self.state = LoopState(micro_per_epoch=micro)
+        self.metrics = MetricsLog(self.out_dir if world.is_main else None, tc.report_to, config)
+        self.window = LogWindow(self.objective.metric_names)
+        self.reference_logps: dict | None = None  # DPO's precomputed reference, saved with each checkpoint
+        self.last_checkpoint: Path | None = None
+        self._saved_step: int | None = None
+        self._rng: dict | None = None
+        self._iter = None
+
+    def _prepare(self, options: Options) -> None:
+        """The model prepared for `options` (lorafuse.accel), the objective's context, and the CUDA-graphed step."""
+        self.accel = accel.prepare(self.model, options, note=self.note)
+        self.params = self.accel.params
+        self.ctx = ObjectiveContext(self.precision, self.accel.head, self.accel.fused_loss)
+        world_size, mode = self.world.size, options.cuda_graphs
+        self.graphed = graphs.build(
+            self.model, self.accel, self.precision, world_size, mode, self.objective.name, self.note
+        )
+
+    def setting(self) -> dict:
+        """The micro-batch setting in force: the config's, with the changes made after out-of-memory errors."""
+        return oom.current_setting(self.tc, self.state.oom_overrides)
+
+    def _match_setting(self) -> None:
+        """Checkpointing turned on after an out-of-memory error (this run's or one before a resume): the model is
+        prepared again through accel with it, and the graphed step rebuilt for the new modules."""
+        if self.setting()[oom.CK] and not self.accel.options.gradient_checkpointing:
+            self._prepare(dataclasses.replace(self.accel.options, gradient_checkpointing=True))
+
+    # ------------------------------------------------------------------------------------- resume
+    def resume(self, folder: Path, force: bool = False) -> None:
+        """Restore tensors, optimizer, counters, metrics and (at run start) RNG from a checkpoint folder.
+        force: go on although the data changed since the checkpoint (same micro-batch count, other rows)."""
+        restored = ckpt.load_checkpoint(
+            folder, model=self.model, optimizer=self.optimizer, scaler=self.precision.scaler
+        )
+        saved = restored["trainer_state"]
+        self.world.check_resume(saved, folder)
+        if saved["micro_per_epoch"] != self.state.micro_per_epoch:
+            raise LorafuseError(
+                f"{folder} was trained with {saved['micro_per_epoch']} micro-batches per epoch, the data now "
+                f"gives {self.state.micro_per_epoch}: the data file or its settings changed",
+                "resume with the same data, or start over with --no-resume",
+            )
+        if ckpt.data_changed(saved.get("data_sha256"), self.data_fingerprint, folder, force):
+            self.note(f"resuming {folder.name} on changed training data (--force)")
+        names = set(LoopState.__dataclass_fields__)
+        self.state = LoopState(**{k: v for k, v in saved.items() if k in names})
+        self._rng = self.world.own_rng(restored["rng"])
+        self.window.load_state_dict(saved.get("log_window", {}))
+        self.metrics.restore(restored["metrics_jsonl"])
+        self.reference_logps = restored["reference_logps"]
+        self.last_checkpoint, self._saved_step = Path(folder), self.state.step
+        if self.out_dir is not None and self.world.is_main:  # the best pointer must match the timeline we continue
+            ckpt.reset_best(self.out_dir, self.state.best_step, self.state.best_eval)
+        if self.state.oom_overrides:  # say why the setting is not the config's, and make the model match it
+            self.note(
+                f"continuing at {oom.describe(self.setting())} (lowered after an out-of-memory error earlier in "
+                "this run)"
+            )
+            self._match_setting()
+
+    # ------------------------------------------------------------------------------------- the loop
+    def run(self) -> LoopResult:
+        st, t_start = self.state, time.perf_counter()
+        if self._rng is None:
+            rng.seed_everything(self.tc.seed + self.world.rank)  # ranks draw different dropout masks
+            self.metrics.start_fresh()
+        else:
+            rng.set_rng_state(self._rng)  # last: after everything at setup that consumed randomness
+        self.world.broadcast_params(self.params)
+        patience = self.tc.early_stopping_patience
+        stopped_early = bool(patience) and st.evals_since_best >= patience  # a run that stopped early is finished
+        start_step, stop = st.step, ("already_complete" if st.step >= self.total or stopped_early else None)
+        self.progress = Progress(self.console, total=self.total, initial=st.step)
+        try:
+            with StopSignals() as signals:
+                self.model.train()
+                while stop is None:
+                    t0 = time.perf_counter()
+                    batches, epoch_end = self._next_window()
+                    row = self.step(batches)
+                    st.train_seconds += time.perf_counter() - t0
+                    eta = (self.total - st.step) * (time.perf_counter() - t_start) / (st.step - start_step)
+                    stop = self._after_step(row, epoch_end, signals, eta)
+        finally:
+            self.progress.close()
+            self.metrics.close(stop)
+        if stop == "signal":
+            saved = f"{self.last_checkpoint.name} saved" if self.last_checkpoint else "no output folder, nothing saved"
+            self.note(f"stopped at step {st.step}; {saved}; run the same command to resume")
+        return self._result(stop, time.perf_counter() - t_start, signals.received if stop == "signal" else None)
+
+    def _next_window(self) -> tuple[list[dict], bool]:
+        """The next step's micro-batches (at most grad_accum, never across an epoch end) and epoch-end flag."""
+        st, micro = self.state, self.state.micro_per_epoch
+        if self._iter is None:  # (re)start an epoch; mid-epoch after a resume: same order, from micro_index
+            self._iter = iter(self.train_batches.epoch_batches(st.epoch, start=st.micro_index))
+        take = min(self.tc.grad_accum, micro - st.micro_index)
+        batches = [next(self._iter) for _ in range(take)]
+        st.micro_index += take
+        if st.micro_index < micro:
+            return batches, False
+        st.epoch, st.micro_index, self._iter = st.epoch + 1, 0, None
+        return batches, True
+
+    def step(self, batches: list[dict]) -> dict:
+        """One optimizer step over a window of micro-batches; returns its row (loss, metrics, lr, counts, skip)."""
+        st, tc, world, objective = self.state, self.tc, self.world, self.objective
+        lr = self.schedule.apply(self.optimizer, st.step)
+        graphs.seed_dropout(self.model, tc.seed, world.rank, tc.grad_accum, st.step)  # the fast path's masks
+        units, n_target, n_input = world.all_reduce_sum(
+            [sum(map(objective.units, batches)), sum(map(count_targets, batches)), sum(map(count_inputs, batches))]
+        )
+        rng = oom.rng_state(self.device)
+        sums, error = self._micro_steps(batches, units)  # forward/backward, gradients accumulated in .grad
+        if error is not None:  # out of memory: drop the partial step, take the next smaller setting, retry once
+            oom.release(self.optimizer, self.graphed is None, self.device)
+            decision = oom.decide(self.setting(), error, st.step + 1, self._epoch_float(), self.config)
+            if decision.error is not None:
+                raise decision.error
+            st.oom_overrides = {**st.oom_overrides, **decision.change}  # kept for the run and its checkpoints
+            self.metrics.append(decision.row)
+            self.note(decision.note)
+            self._match_setting()
+            oom.set_rng_state(rng, self.device)  # the retry draws the dropout masks the step would have drawn
+            graphs.seed_dropout(self.model, tc.seed, world.rank, tc.grad_accum, st.step)
+            sums, error = self._micro_steps(batches, units)
+            if error is not None:
+                oom.release(self.optimizer, self.graphed is None, self.device)
+                raise oom.retry_failed(decision, error, st.step + 1)
+        loss_sum, *metric_sums = world.sync_gradients(self.params, sums)  # one all-reduce under torchrun
+        loss = loss_sum / units if units else math.nan
+        grad_norm, skipped = self._clip_and_update(loss)
+        self.optimizer.zero_grad(set_to_none=self.graphed is None)  # a CUDA graph accumulates into the same .grad
+        st.step += 1
+        st.tokens += n_input
+        st.target_tokens += 0 if skipped else n_target
+        metrics = {n: (s / units if units else math.nan) for n, s in zip(objective.metric_names, metric_sums)}
+        row = {"loss": loss, "lr": lr, "grad_norm": grad_norm, "units": units, "n_input": n_input}
+        return {**row, **metrics, "n_target": n_target, "skipped": skipped}
+
+    def _micro_steps(self, batches: list[dict], units: int) -> tuple[torch.Tensor | None, str | None]:
+        """Forward/backward each micro-batch, re-split to the setting in force, with L_b / U. Returns the window's
+        sums (fp32 (1 + metrics,) on the device: the loss, then each metric) and None, or None and the first line
+        of an out-of-memory error (the exception, which holds the activations, is released on return)."""
+        rows, multiple = self.setting()[oom.MB], getattr(self.train_batches, "pad_to_multiple_of", 1)
+        pieces = [p for b in batches for p in oom.split_batch(b, rows, multiple)]
+        names = self.objective.metric_names
+        sums = torch.zeros(1 + len(names), dtype=torch.float32, device=self.device)
+        try:
+            for batch in pieces if units else []:
+                if self.graphed is not None:  # SFT's forward + backward replayed as one CUDA graph
+                    sums[0] += self.graphed(forward_batch(self.model, batch, self.precision), 1.0 / units)
+                    continue
+                loss_sum, metrics = self.objective.loss_sum(self.model, batch, self.ctx)
+                self.precision.backward(loss_sum / units)
+                sums += torch.stack([loss_sum.detach(), *(metrics[n] for n in names)])
+        except RuntimeError as exc:
+            if not oom.is_oom(exc):
+                raise
+            return None, oom.first_line(exc)
+        return sums, None
+
+    def _clip_and_update(self, loss: float) -> tuple[float | None, str | None]:
+        """Clip and step. Returns (grad norm before clipping, None | why the step was skipped)."""
+        if not math.isfinite(loss):
+            return None, "nan"
+        scaler = self.precision.scaler
+        if scaler is not None:
+            scaler.unscale_(self.optimizer)
+        max_norm = self.tc.max_grad_norm or math.inf
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
+        if scaler is not None:
+            scale = scaler.get_scale()
+            scaler.step(self.optimizer)  # skips the update itself when a gradient is inf/NaN
+            scaler.update()
+            return grad_norm, ("fp16_overflow" if scaler.get_scale() < scale else None)
+        if not math.isfinite(grad_norm):
+            return grad_norm, "nan"
+        self.optimizer.step()
+        return grad_norm, None
+
+    # ------------------------------------------------------------------------------------- after the step
+    def _after_step(self, row: dict, epoch_end: bool, signals: StopSignals, eta: float) -> str | None:
+        """Log, count NaN steps, evaluate, decide whether to stop, save: the cadence of train.*_every."""
+        st, tc = self.state, self.tc
+        last, out = st.step >= self.total, self.out_dir if self.world.is_main else None
+        self._log(row, force=last, eta=eta)
+        if row["skipped"] == "nan":
+            st.nan_streak, st.skipped_steps = st.nan_streak + 1, st.skipped_steps + 1
+            if st.nan_streak > tc.nan_tolerance:
+                raise diverged(st, tc.nan_tolerance, out)
+        elif not row["skipped"]:
+            st.nan_streak = 0
+        improved, stop = False, None
+        due = (st.step % tc.eval_every == 0) if tc.eval_every else epoch_end
+        if self.val_batches is not None and (due or last):
+            improved = self._evaluate()
+            patience = tc.early_stopping_patience
+            if patience and st.evals_since_best >= patience:
+                delta = tc.early_stopping_min_delta
+                self.note(
+                    f"early stopping: no eval loss {f'more than {delta:g} ' if delta else ''}below the best in "
+                    f"{patience} evaluations (best {st.best_eval:.4f} at step {st.best_step})"
+                )
+                stop = "early_stopping"
+        signalled = self.world.any(signals.received is not None)  # a collective: every rank, every step
+        if stop is None and (last or signalled):
+            stop = "finished" if last else "signal"
+        if st.nan_streak and stop in ("finished", "early_stopping"):  # no checkpoint, no adapter from NaN weights
+            raise diverged(st, tc.nan_tolerance, out)
+        due = (st.step % tc.save_every == 0) if tc.save_every else epoch_end
+        if stop or improved or (due and not st.nan_streak):  # no scheduled save from weights that gave NaN
+            self._save(improved)
+        return stop
+
+    def _epoch_float(self) -> float:
+        st = self.state
+        return round(st.epoch + st.micro_index / st.micro_per_epoch, 4)
+
+    def _log(self, row: dict, force: bool, eta: float) -> None:
+        st, window = self.state, self.window
+        window.add(row)
+        if row["skipped"]:
+            self.metrics.append(skipped_row(st.step, self._epoch_float(), row))
+            self.note(skipped_note(st.step, row["skipped"]))
+        if not (force or st.step % self.tc.log_every == 0) or not window.units:
+            return
+        out = {
+            "step": st.step,
+            "epoch": self._epoch_float(),
+            **window.means(),
+            "lr": row["lr"],
+            "grad_norm": row["grad_norm"],
+            "tokens": st.tokens,
+            "tokens_per_s": window.tokens_per_s(),
+            "memory_mb": round(memory_bytes(self.device) / 2**20, 1),
+            "time_s": round(st.train_seconds, 3),
+        }
+        self.metrics.append(out)
+        self.progress.update(st.step, out, eta_s=eta)
+        window.reset()
+
+    def _evaluate(self) -> bool:
+        st = self.state
+        # with graphs, on their stream: an eager pass elsewhere would leave a cuBLAS workspace for the run's rest
+        with self.graphed.on_stream() if self.graphed is not None else contextlib.nullcontext():
+            out = evaluate(self.objective, self.model, self.val_batches, self.ctx, self.world)
+        if not out["units"]:
+            raise LorafuseError(
+                "the validation split has no target tokens (every label is masked)",
+                "check data.val_path / data.val_size and data.completion_only",
+            )
+        row = eval_row(st.step, self._epoch_float(), out, self.objective)
+        self.metrics.append(row)
+        self.note(eval_note(row))
+        loss = out["loss"]
+        # patience restarts only on an improvement of more than min_delta; the best checkpoint follows any improvement
+        enough = st.best_eval is None or loss < st.best_eval - self.tc.early_stopping_min_delta
+        st.evals_since_best = 0 if enough else st.evals_since_best + 1
+        if st.best_eval is None or loss < st.best_eval:
+            st.best_eval, st.best_step = loss, st.step
+            return True
+        return False
+
+    def _save(self, improved: bool) -> None:
+        if self.out_dir is None:
+            return
+        st, world = self.state, self.world
+        if self._saved_step != st.step:
+            trainer_state = {
+                **dataclasses.asdict(st),
+                "total_steps": self.total,
+                "data_sha256": self.data_fingerprint,
+                "schedule": self.schedule.state_dict(),
+                "log_window": self.window.state_dict(),  # a logged row may span a save
+                "world_size": world.size,
+            }
+            rng = world.gather_rng()  # a collective: every rank's state, on rank 0
+            self.last_checkpoint = (
+                ckpt.save_checkpoint(
+                    self.out_dir,
+                    st.step,
+                    model=self.model,
+                    optimizer=self.optimizer,
+                    trainer_state=trainer_state,
+                    scaler=self.precision.scaler,
+                    config=self.config,
+                    metrics_jsonl=self.metrics.jsonl(),
+                    adapter_writer=self.adapter_writer,
+                    rng_states=rng,
+                    reference_logps=self.reference_logps,
+                )
+                if world.is_main
+                else self.out_dir / f"checkpoint-{st.step}"
+            )
+            self._saved_step = st.step
+        if world.is_main:
+            if improved:
+                ckpt.write_best(self.out_dir, st.step, st.best_eval)
+            ckpt.rotate(self.out_dir, self.tc.save_total_limit)
+            self.metrics.plot(self.out_dir / "loss.png")
+        world.barrier()  # the others wait for rank 0's files (a failed save stops the job here)
+
+    def note(self, text: str) -> None:
+        """A line above the progress bar (or printed, before the bar exists)."""
+        (self.progress.note if self.progress is not None else self.console.print)(text)
+
+    def _result(self, stop: str, wall: float, signal_name: str | None = None) -> LoopResult:
+        losses = [r["loss"] for r in self.metrics.rows if r.get("loss") is not None]
+        best = None
+        if self.out_dir is not None and self.state.best_step is not None:
+            best = self.out_dir / f"checkpoint-{self.state.best_step}"
+        return LoopResult(
+            state=self.state,
+            stop_reason=stop,
+            total_steps=self.total,
+            first_loss=losses[0] if losses else None,
+            last_loss=losses[-1] if losses else None,
+            wall_s=wall,
+            peak_memory_bytes=peak_memory_bytes(self.device),
+            last_checkpoint=self.last_checkpoint,
+            best_checkpoint=best,
+            rows=list(self.metrics.rows),
+            stop_signal=signal_name,
+        )
+
+
+def train_loop(model, train_batches, tc, *, resume_from: Path | None = None, **kwargs) -> LoopResult:
+    """Build a TrainingLoop, resume it from `resume_from` when given, run it."""
+    loop = TrainingLoop(model, train_batches, tc, **kwargs)
+    if resume_from is not None:
+        loop.resume(resume_from)
+    return loop.run()

@@ -1,0 +1,72 @@
+"""What the training loop calls to get a loss: an `Objective`, one file per objective (sft.py, dpo.py, orpo.py).
+
+An objective turns one micro-batch into the SUM of its per-unit losses and the SUM of each of its metrics:
+
+    units(batch)                 -> u_b   normalisation units in the micro-batch (target tokens for SFT, pairs
+                                          for DPO/ORPO)
+    loss_sum(model, batch, ctx)  -> (L_b, {name: M_b})
+                                          L_b = sum of the per-unit losses (fp32 scalar with grad),
+                                          M_b = sum of a metric over the units (fp32 scalars, no grad)
+
+The loop sums u_b over a step's window of micro-batches (and over ranks) into U and backpropagates L_b / U for each
+micro-batch, so gradient accumulation equals one big batch whatever the window holds; it logs
+sum_b L_b / U as the loss and sum_b M_b / U as the metric. A new objective is a new file with these two methods
+and an entry in `lorafuse.training.objectives.build_objective`; the loop does not change.
+
+`batch` is a micro-batch as `lorafuse.data.collate.Batcher` yields it (CPU tensors, or already on the device): the
+objective moves what it reads to `ctx.precision.device` and runs its forwards inside `ctx.precision.autocast()`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+from torch import nn
+
+from lorafuse.training.distributed import SINGLE
+from lorafuse.training.runtime import Precision
+
+
+@dataclass(frozen=True)
+class ObjectiveContext:
+    """What a loss needs from the loop: the precision policy (device, autocast), the output head module (the
+    AccelState's `head`, `lorafuse.accel.simple_head`; None: the model's own logits) and whether fused CUDA loss
+    kernels may run (the AccelState's `fused_loss`)."""
+
+    precision: Precision
+    head: nn.Module | None = None
+    fused: bool = False
+
+
+class Objective(Protocol):
+    name: str  # "sft" | "dpo" | "orpo"
+    metric_names: tuple[str, ...]  # summed per unit by loss_sum, logged as means over the units
+
+    def units(self, batch: dict) -> int:
+        """How many normalisation units the micro-batch holds: target tokens for SFT, pairs for DPO/ORPO."""
+
+    def loss_sum(self, model, batch: dict, ctx: ObjectiveContext) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The SUM of the micro-batch's per-unit losses (fp32 scalar with grad) and the SUM of each metric (fp32
+        scalars, no grad)."""
+
+
+@torch.no_grad()
+def evaluate(objective: Objective, model, batches, ctx: ObjectiveContext, world=SINGLE) -> dict[str, float]:
+    """{"loss": mean per unit, <metric>: mean per unit, "units": U} over one pass of `batches` (epoch 0; rank
+    shares), dropout off. NaN when the split holds no unit."""
+    was_training = model.training
+    model.eval()
+    names = ("loss", *objective.metric_names)
+    sums = [0.0] * len(names)
+    units = 0
+    for batch in world.stride(batches.epoch_batches(0)):
+        loss, metrics = objective.loss_sum(model, batch, ctx)
+        for k, value in enumerate((loss, *(metrics[n] for n in objective.metric_names))):
+            sums[k] += float(value)
+        units += objective.units(batch)
+    model.train(was_training)
+    *sums, units = world.all_reduce_sum([*sums, units], torch.float64)
+    return {**{n: (s / units if units else math.nan) for n, s in zip(names, sums)}, "units": int(units)}

@@ -1,0 +1,141 @@
+"""Per-sequence log-probabilities of the trained tokens, from hidden states through the output head in chunks.
+
+    logp_r = sum_{t : y_{r,t} != -100} ( z_{r,t}[y_{r,t}] - logsumexp(z_{r,t}) ),   z_{r,t} = h_{r,t} W^T
+
+for every row r of a batch: hidden states h (R, T, D) of the backbone, head weight W (V, D), and y the labels
+shifted by one (position t is scored against token t+1, -100 = not trained). Preference objectives build on it:
+DPO and ORPO need one number per response (a row), not the batch's summed cross-entropy.
+
+Like `lorafuse.training.loss.chunked_lm_loss`, only trained rows reach the head, `chunk` token rows at a time: one fp32
+(chunk, V) logits block exists at once, and the gradient w.r.t. the hidden rows is formed in the same pass,
+    d logp_r / d h_{r,t} = (onehot(y_{r,t}) - softmax(z_{r,t})) W,
+so neither the (R, T, V) logits nor anything vocabulary-sized is kept for backward. Backward scales each token's
+row by the incoming gradient of its sequence. A trainable head (lora.modules_to_save) gets
+    d / d W = sum_t g_{r(t)} (onehot(y_t) - softmax(z_t))^T h_t
+from a second chunked pass in backward (the per-sequence weights g are known only then).
+
+Dtype policy: the head matmul runs in W's dtype (autocast may lower it on CUDA), logits and log-probs are fp32, the
+hidden-state gradient is cast to the hidden states' dtype, a head gradient is accumulated in fp32.
+
+The fused CUDA path (lorafuse.kernels.cross_entropy) can supply the same sums: its per-row pass `_ce_rows` already
+returns lse - z[y] = -log p per token, so the forward is that pass with scale 1 followed by an index_add of the
+negated values into the sequences; the backward needs a per-token scale vector (g of the token's sequence) in place
+of the kernel's scalar `scale`, or, for a frozen head, the unscaled dh of the forward (as here) scaled by row.
+
+Heads that are not a bias-free `nn.Linear` (see `lorafuse.accel.simple_head`) use the model's logits and a
+log-softmax instead, which materialises (R, T, V).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from lorafuse.accel import accel_state
+from lorafuse.lora.token_rows import head_rows
+
+IGNORE_INDEX = -100
+_LOGIT_ELEMENTS = 2**25  # fp32 logits per chunk: 128 MB (+ the same for the softmax), as the SFT loss
+
+
+def shifted_labels(labels: torch.Tensor) -> torch.Tensor:
+    """(R, T) labels aligned with the positions that predict them: row t holds token t+1 (-100 at the end)."""
+    return F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+
+
+def response_tokens(labels: torch.Tensor) -> torch.Tensor:
+    """Trained predictions per row (R,), int64: labels != -100 after the shift."""
+    return (labels[:, 1:] != IGNORE_INDEX).sum(1)
+
+
+def sequence_logps(model, inputs: dict, head=None, fused: bool = False) -> torch.Tensor:
+    """(R,) fp32: the summed log-probability of each row's trained tokens (differentiable).
+
+    inputs: the model's forward kwargs plus "labels" (R, T), unshifted (HF convention). head:
+    `lorafuse.accel.simple_head(model)` or None for the model's own logits. fused: reserved for the CUDA kernel
+    (see the module docstring); the chunked PyTorch pass runs on every device meanwhile.
+    """
+    labels = inputs["labels"]
+    forward = {k: v for k, v in inputs.items() if k != "labels"}
+    shifted = shifted_labels(labels)
+    if head is None or head_rows(model) is not None:  # trainable token rows reach the head through its forward hook
+        logits = model(**forward, use_cache=False).logits.float()  # (R, T, V)
+        picked = logits.log_softmax(-1).gather(-1, shifted.clamp(min=0)[..., None]).squeeze(-1)
+        return (picked * (shifted != IGNORE_INDEX)).sum(1)
+    hidden = model.base_model(**forward, use_cache=False).last_hidden_state  # (R, T, D)
+    state = accel_state(model)
+    stage = None if state is None else state.head_stage
+    weight = head.weight if stage is None else stage.take()  # a head in host memory arrives staged for this loss
+    return chunked_sequence_logps(hidden, weight, shifted)
+
+
+def chunked_sequence_logps(
+    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk: int | None = None
+) -> torch.Tensor:
+    """(R,) fp32 sums of log softmax(hidden W^T)[labels] over the positions with labels != -100.
+
+    hidden (R, T, D), weight (V, D), labels (R, T) already shifted. Differentiable w.r.t. hidden and weight.
+    """
+    rows, width = labels.shape
+    chunk = chunk or max(1, _LOGIT_ELEMENTS // weight.shape[0])
+    row_of = torch.arange(rows, device=labels.device).repeat_interleave(width)  # (R*T,) sequence of each token
+    args = (hidden.flatten(0, 1), weight, labels.flatten(), row_of, rows, chunk)
+    if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
+        return _SequenceLogps.apply(*args)
+    return _chunked_pass(*args)[0]
+
+
+def _chunked_pass(hidden, weight, labels, row_of, rows, chunk, want_h=False, token_scale=None, want_w=False):
+    """(logps (R,), grad_hidden | None, grad_weight | None).
+
+    grad_hidden is d logp_{r(t)} / d h_t for every token (unscaled); grad_weight is
+    sum_t token_scale_t * d logp_{r(t)} / d W (token_scale: (N,) fp32, the backward's per-token weights).
+    """
+    idx_all = (labels != IGNORE_INDEX).nonzero().squeeze(1)
+    logps = torch.zeros(rows, dtype=torch.float32, device=hidden.device)
+    grad_h = torch.zeros_like(hidden) if want_h else None
+    grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_w else None
+    for start in range(0, idx_all.numel(), chunk):
+        idx = idx_all[start : start + chunk]
+        h = hidden.index_select(0, idx).to(weight.dtype)  # (c, D)
+        logits = (h @ weight.t()).float()  # (c, V): the only vocabulary-sized tensor, freed each chunk
+        y = labels.index_select(0, idx)
+        lse = torch.logsumexp(logits, dim=1)
+        logps.index_add_(0, row_of.index_select(0, idx), logits.gather(1, y[:, None]).squeeze(1) - lse)
+        if not (want_h or want_w):
+            continue
+        d = logits.sub_(lse[:, None]).exp_().neg_()  # -softmax, in place: d logp / d logits = onehot - softmax
+        d[torch.arange(idx.numel(), device=d.device), y] += 1.0
+        if want_h:
+            grad_h.index_copy_(0, idx, (d.to(weight.dtype) @ weight).to(hidden.dtype))
+        if want_w:
+            grad_w += (d * token_scale.index_select(0, idx)[:, None]).t() @ h.float()
+    return logps, grad_h, grad_w
+
+
+class _SequenceLogps(torch.autograd.Function):
+    """Forward computes the log-probs and d logp / d hidden per token in one pass; backward scales the token rows
+    by their sequence's incoming gradient (and recomputes the chunks for a trainable head).
+
+    Saved for backward: grad_hidden (N, D) in hidden's dtype; with a trainable head also hidden, weight, labels.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, row_of, rows, chunk):
+        want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        logps, grad_h, _ = _chunked_pass(hidden, weight, labels, row_of, rows, chunk, want_h=want_h)
+        ctx.save_for_backward(grad_h, row_of, *((hidden, weight, labels) if want_w else ()))
+        ctx.rows, ctx.chunk, ctx.want_w = rows, chunk, want_w
+        return logps
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_h, row_of, *kept = ctx.saved_tensors
+        token_scale = grad_out.float().index_select(0, row_of)  # (N,): g of each token's sequence
+        gh = grad_h * token_scale[:, None].to(grad_h.dtype) if grad_h is not None else None
+        gw = None
+        if ctx.want_w:
+            hidden, weight, labels = kept
+            _, _, gw = _chunked_pass(hidden, weight, labels, row_of, ctx.rows, ctx.chunk, False, token_scale, True)
+            gw = gw.to(weight.dtype)
+        return gh, gw, None, None, None, None
