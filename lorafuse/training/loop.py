@@ -243,7 +243,7 @@ class TrainingLoop:
             sums, error = self._micro_steps(batches, units)
             if error is not None:
                 oom.release(self.optimizer, self.graphed is None, self.device)
-                raise oom.retry_failed(decision, error, st.step + 1)
+                raise oom.retry_failed(decision, error, st.step + 1, self.config)
         loss_sum, *metric_sums = world.sync_gradients(self.params, sums)  # one all-reduce under torchrun
         loss = loss_sum / units if units else math.nan
         grad_norm, skipped = self._clip_and_update(loss)
