@@ -17,7 +17,7 @@
 #   memory      the planner against measured peaks on 1B-8B shapes (benchmarks/memory_sweep.sh)
 #   headline    a 65B-shape QLoRA step under a 40 GiB cap; Llama-2-7B QLoRA at 2,048 tokens in fp16 under 15 GiB
 #   tests       every GPU test (pytest -m gpu)
-#   quality     fine-tuning quality: full, LoRA, QLoRA, fast path, FP8, the seed's stack (benchmarks/quality.py, ~6 min)
+#   quality     fine-tuning quality: full, LoRA, QLoRA, fast path, FP8, the seed's stack (benchmarks/quality.py, ~8 min on one H100)
 set -euo pipefail
 PART=${1:?usage: bash benchmarks/reproduce.sh PART [OUT] (parts: see the head of this file)}
 here=$(cd "$(dirname "$0")" && pwd)
@@ -47,6 +47,6 @@ case "$PART" in
   memory) bash benchmarks/memory_sweep.sh "$OUT" "$LOG" sweep ;;
   headline) bash benchmarks/memory_sweep.sh "$OUT" "$LOG" headline ;;
   tests) python3 -m pytest -q -m gpu tests ;;
-  quality) python3 benchmarks/quality.py --out "$OUT" ;;
+  quality) python3 benchmarks/quality.py --lrs 1e-3,3e-3 --out "$OUT" ;;
   *) echo "unknown part '$PART': qlora lean fp8 lora 1x4096 1x4096-fp8 8x2048 8x2048-fp8 dpo memory headline tests quality" >&2; exit 2 ;;
 esac
