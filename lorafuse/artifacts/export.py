@@ -79,7 +79,7 @@ def export(
     what = "LoRA adapter" if lora_only else "merged model" if adapter else "model"
     console.print(
         f"exported the {what} to {result.path} ({_size(result.bytes)}, {result.quant}) in {result.seconds:.1f} s"
-        + (f"; Ollama: ollama create NAME -f {result.modelfile}" if result.modelfile else "")
+        + (f"; Ollama: ollama create {result.path.stem} -f {result.modelfile}" if result.modelfile else "")
     )
     return result
 
@@ -89,6 +89,10 @@ def _check_args(model, adapter, out, format, quant, ollama, lora_only) -> Path:
 
     if format not in FORMATS:
         raise LorafuseError(f"unknown export format {format!r}", "use --format gguf or --format hf")
+    if format == "gguf":
+        from lorafuse.artifacts.gguf import import_gguf
+
+        import_gguf()  # the missing package is a clear error before anything else
     if out is None:
         raise LorafuseError("no output path given", "pass --out model.gguf (gguf) or --out DIR (hf)")
     if (lora_only or format == "hf") and adapter is None:
