@@ -113,7 +113,7 @@ def run_lorafuse(settings: dict, base: Path, data: Path, lr: float, plan: dict, 
             "data": {
                 "path": str(data),
                 "format": "messages",
-                "max_length": 64,
+                "max_length": plan["max_length"],
                 "cache_dir": str(data.parent / "cache"),
             },
             "train": {
@@ -290,6 +290,24 @@ def _meta(device: torch.device) -> dict:
     return meta
 
 
+def _bases(args, kind: str, plan: dict, tokenizer, device: torch.device, folder: Path) -> dict[str, Path]:
+    """The pretrained bases ("plain", "zeroed") in `folder`: reused when a --base folder already holds them (its
+    pretraining steps are recorded beside them), else pretrained here and saved there."""
+    record = folder / "pretraining.json"
+    if record.is_file():
+        plan["pre_steps"] = json.loads(record.read_text())["steps"]
+        print(f"bases from {folder} ({plan['pre_steps']} pretraining steps)", flush=True)
+        return {variant: folder / variant for variant in ("plain", "zeroed")}
+    t0 = time.perf_counter()
+    model = build_base(SIZES[kind], tokenizer, args.seed)
+    losses = pretrain(model, tokenizer, plan["pre_steps"], plan["pre_batch"], plan["pre_seq"], 1e-3, device, args.seed)
+    print(f"pretrained in {time.perf_counter() - t0:.0f} s: loss {losses[0]:.3f} -> {losses[-1]:.3f}", flush=True)
+    folder.mkdir(parents=True, exist_ok=True)
+    bases = save_bases(model, tokenizer, folder, torch.bfloat16 if device.type == "cuda" else torch.float32)
+    record.write_text(json.dumps({"steps": plan["pre_steps"], "loss": losses[-1], "seed": args.seed}) + "\n")
+    return bases
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--smoke", action="store_true", help="tiny sizes, one learning rate: the pipeline on a CPU")
@@ -299,7 +317,17 @@ def main(argv=None) -> int:
     p.add_argument("--pretrain-steps", type=int, help="pretraining steps (default 3000; smoke 20)")
     p.add_argument("--eval-rows", type=int, help="held-out rows scored (default 300; smoke 16)")
     p.add_argument("--sort-length", type=int, help="digits to sort (default 6): the task's difficulty")
+    p.add_argument(
+        "--bases",
+        default="plain,zeroed",
+        help="which bases to fine-tune: plain (template rows as pretrained), zeroed (as real bases ship them), or both",
+    )
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--base",
+        help="a folder for the pretrained bases: pretrain and save them there when it holds none, else reuse them "
+        "(one pretraining for several tasks or grids)",
+    )
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
@@ -312,33 +340,36 @@ def main(argv=None) -> int:
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         p.error(f"unknown methods {unknown}; choose from {', '.join(METHODS)}")
+    variants = [v.strip() for v in args.bases.split(",") if v.strip()]
+    if not variants or set(variants) - {"plain", "zeroed"}:
+        p.error(f"--bases {args.bases!r}: give plain, zeroed or plain,zeroed")
     if device.type == "cpu":
         torch.set_num_threads(1)  # tiny matmuls: more threads only add contention (tests/conftest.py measured 8x)
     tokenizer = build_tokenizer()
     t0 = time.perf_counter()
-    model = build_base(SIZES[kind], tokenizer, args.seed)
-    losses = pretrain(model, tokenizer, plan["pre_steps"], plan["pre_batch"], plan["pre_seq"], 1e-3, device, args.seed)
-    print(f"pretrained in {time.perf_counter() - t0:.0f} s: loss {losses[0]:.3f} -> {losses[-1]:.3f}", flush=True)
     eval_rows = sort_rows(plan["eval_rows"], args.seed + 1, plan["length"])
     train_rows = sort_rows(
         plan["steps"] * plan["batch"], args.seed + 2, plan["length"], {r["messages"][0]["content"] for r in eval_rows}
     )
     meta = {**_meta(device), "task": f"sort {plan['length']} digits", "steps": plan["steps"], "batch": plan["batch"]}
     with tempfile.TemporaryDirectory(prefix="lorafuse-quality-bases-") as tmp:
-        bases = save_bases(model, tokenizer, Path(tmp), torch.bfloat16 if device.type == "cuda" else torch.float32)
+        bases = _bases(args, kind, plan, tokenizer, device, Path(args.base) if args.base else Path(tmp))
+        meta["pretrain_steps"] = plan["pre_steps"]
         data = Path(tmp) / "train.jsonl"
         data.write_text("".join(json.dumps(r) + "\n" for r in train_rows))
+        encoded = encode(tokenizer, train_rows)
+        plan["max_length"] = encoded[0].shape[1] + 8  # room for the template's own tail: nothing is truncated
         ctx = dict(
             device=device,
             plan=plan,
             seed=args.seed,
             data=data,
             meta=meta,
-            train=encode(tokenizer, train_rows),
+            train=encoded,
             eval=encode(tokenizer, eval_rows),
         )
         rows = []
-        for zeroed in (False, True):
+        for zeroed in [variant == "zeroed" for variant in variants]:
             for method in methods:
                 grid = (
                     [float(x) for x in args.lrs.split(",")]

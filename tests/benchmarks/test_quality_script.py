@@ -45,6 +45,31 @@ def test_smoke_run_scores_every_method_it_can_and_trains_the_zeroed_rows(tmp_pat
     assert "template rows zeroed" in done.stdout and "| sort digits, exact match | 100% |" in done.stdout
 
 
+def test_a_base_folder_is_pretrained_once_and_reused_for_a_longer_task(tmp_path):
+    def smoke(*extra):
+        argv = [sys.executable, str(ROOT / "benchmarks" / "quality.py"), "--smoke", "--methods", "full", "--out"]
+        done = subprocess.run(
+            argv + [str(tmp_path / "out"), "--base", str(tmp_path / "base"), *extra],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            cwd=tmp_path,
+        )
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+        return done.stdout
+
+    assert "pretrained in" in smoke("--pretrain-steps", "7")
+    weights = {p: p.read_bytes() for p in (tmp_path / "base").rglob("*.safetensors")}
+    assert len(weights) == 2  # the plain and the zeroed base
+    out = smoke("--sort-length", "12")  # 12 digits: rows longer than the 6-digit default's
+    assert "pretrained in" not in out and "bases from" in out
+    assert {p: p.read_bytes() for p in (tmp_path / "base").rglob("*.safetensors")} == weights
+    rows = [json.loads(line) for line in next((tmp_path / "out").glob("*.jsonl")).read_text().splitlines()]
+    runs = [r for r in rows if r["kind"] == "run"]
+    assert {r["task"] for r in runs} == {"sort 6 digits", "sort 12 digits"}
+    assert {r["pretrain_steps"] for r in runs} == {7} and all(r["status"] == "ok" for r in runs)
+
+
 def _best(run, method, zeroed, rel):
     return {"kind": "best", "run": run, "method": method, "zeroed": zeroed, "relative_to_full": rel}
 
