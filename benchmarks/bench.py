@@ -39,8 +39,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_args import METHODS, STACKS, _split, parse_args, plan_runs, prompt_tokens  # noqa: E402, F401 (the API)
 
 from lorafuse.errors import LorafuseError  # noqa: E402
-from lorafuse.plan.memory import GIB, Workload, estimate  # noqa: E402
+from lorafuse.plan.memory import GIB, estimate  # noqa: E402
 from lorafuse.plan.shapes import PROJECTIONS, builtin_shape  # noqa: E402
+from lorafuse.plan.workload import Workload  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 PEERS = ROOT / "benchmarks" / "peers"

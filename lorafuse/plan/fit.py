@@ -23,13 +23,14 @@ then None.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 
-from lorafuse.errors import ConfigError, LorafuseError
-from lorafuse.plan import policy, speed
-from lorafuse.plan.memory import GIB, Estimate, Workload, estimate, fp8_backward, host_embedding, host_head, kept_layers
-from lorafuse.plan.shapes import PROJECTIONS, ModelShape, load_shape
+from lorafuse.errors import LorafuseError
+from lorafuse.plan import speed
+from lorafuse.plan.memory import GIB, Estimate, estimate
+from lorafuse.plan.placement import host_embedding, host_head, kept_layers
+from lorafuse.plan.shapes import ModelShape
+from lorafuse.plan.workload import Workload, fp8_backward, workload_from_config
 
 MIN_MAX_LENGTH = 64
 MAX_MICRO_BATCH = 64
@@ -94,72 +95,6 @@ def _gib(n: int) -> float:
 
 def _r(x: float | None) -> float | None:
     return None if x is None else round(x, 4)
-
-
-def resolve_targets(shape: ModelShape, targets) -> tuple[str, ...]:
-    """Which of a layer's linears lora.targets selects (names as lorafuse.model.inject matches them)."""
-    if isinstance(targets, str) and targets.lower() == "all-linear":
-        return PROJECTIONS
-    hit = set()
-    for layer in range(shape.num_layers):
-        for lin in shape.linears():
-            full = shape.module_name(layer, lin.name)
-            if isinstance(targets, str):
-                ok = re.fullmatch(targets, full) is not None
-            else:
-                ok = full in targets or any(full.endswith("." + t) for t in targets)
-            if ok:
-                hit.add(lin.name)
-    if not hit:
-        raise ConfigError(
-            f"lora.targets={targets!r} matches none of the linear layers {list(PROJECTIONS)}",
-            'use short names (q_proj, v_proj, ...), a regex on the full name, or "all-linear"',
-        )
-    return tuple(n for n in PROJECTIONS if n in hit)
-
-
-def _kernels(fast_path: str, dora: bool) -> str:
-    """The kernels a run on an NVIDIA GPU would use (plan/policy.py decides, as the runtime does)."""
-    return "reference" if policy.fast_path_blocker_for(fast_path, dora) else "fused"
-
-
-def workload_from_config(cfg, shape: ModelShape | None = None) -> Workload:
-    """The Workload a RunConfig describes (reads cfg.model/lora/data/train attributes only)."""
-    shape = shape or load_shape(cfg.model.path)
-    save = tuple(m.rsplit(".", 1)[-1] for m in (cfg.lora.modules_to_save or ()))
-    kernels = _kernels(getattr(cfg.train, "fast_path", "auto"), cfg.lora.dora)
-    return Workload(
-        shape=shape,
-        method="qlora" if cfg.model.quant == "nf4" else "lora",
-        micro_batch=cfg.train.micro_batch_size,
-        seq=cfg.data.max_length,
-        grad_accum=cfg.train.grad_accum,
-        r=cfg.lora.r,
-        targets=resolve_targets(shape, cfg.lora.targets),
-        dropout=cfg.lora.dropout,
-        dora=cfg.lora.dora,
-        modules_to_save=save,
-        compute_bytes=4 if cfg.model.compute_dtype == "float32" else 2,
-        optimizer=cfg.train.optimizer,
-        checkpointing=_checkpointing(cfg.train.gradient_checkpointing),
-        loss="fused" if kernels == "fused" else "chunked",
-        kernels=kernels,
-        padded=not cfg.data.packing,
-        blocksize=cfg.model.blocksize,
-        double_quant=cfg.model.double_quant,
-        embeddings_on_host=cfg.train.embeddings_on_host,
-        head_on_host=getattr(cfg.train, "head_on_host", False),
-        uncheckpointed=getattr(cfg.train, "uncheckpointed_layers", 0),
-        dequant_cap_mib=getattr(cfg.train, "dequant_cap_mib", 0),
-        fp8=getattr(cfg.train, "fp8", False),
-        cuda_graphs=kernels == "fused" and cfg.train.cuda_graphs == "auto",
-    )
-
-
-def _checkpointing(value) -> str:
-    if isinstance(value, str):
-        return value
-    return "on" if value else "off"
 
 
 def _offload_supported(cfg) -> bool:

@@ -12,8 +12,9 @@ from lorafuse.accel.host_tables import embeddings_to_device, embeddings_to_host,
 from lorafuse.model.inject import apply_lora
 from lorafuse.model.tiny import build_tiny_model
 from lorafuse.options import Options
-from lorafuse.plan.memory import Workload, estimate, weight_bytes
+from lorafuse.plan.memory import estimate, weight_bytes
 from lorafuse.plan.shapes import builtin_shape
+from lorafuse.plan.workload import Workload
 
 
 def _model(**kw):

@@ -13,8 +13,9 @@ from lorafuse.accel.host_tables import head_to_device, head_to_host, host_head_b
 from lorafuse.model.inject import apply_lora
 from lorafuse.model.tiny import build_tiny_model
 from lorafuse.options import Options
-from lorafuse.plan.memory import Workload, estimate, weight_bytes
+from lorafuse.plan.memory import estimate, weight_bytes
 from lorafuse.plan.shapes import builtin_shape
+from lorafuse.plan.workload import Workload
 from lorafuse.training.loss import lm_loss_sum
 
 

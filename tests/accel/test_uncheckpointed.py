@@ -10,8 +10,10 @@ from lorafuse.model.inject import apply_lora
 from lorafuse.model.tiny import build_tiny_model
 from lorafuse.options import Options
 from lorafuse.plan import speed
-from lorafuse.plan.memory import GIB, Workload, estimate, layer_saved_bytes, layer_saved_constant_bytes
+from lorafuse.plan.activations import layer_saved_bytes, layer_saved_constant_bytes
+from lorafuse.plan.memory import GIB, estimate
 from lorafuse.plan.shapes import builtin_shape
+from lorafuse.plan.workload import Workload
 from lorafuse.training.loss import lm_loss_sum
 
 

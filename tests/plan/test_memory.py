@@ -7,17 +7,10 @@ import math
 import pytest
 import torch
 
-from lorafuse.plan.memory import (
-    Workload,
-    allocator_block,
-    estimate,
-    layer_saved_bytes,
-    loss_bytes,
-    nf4_bytes,
-    optimizer_bytes,
-    weight_bytes,
-)
+from lorafuse.plan.activations import layer_saved_bytes
+from lorafuse.plan.memory import allocator_block, estimate, loss_bytes, nf4_bytes, optimizer_bytes, weight_bytes
 from lorafuse.plan.shapes import ModelShape, load_shape
+from lorafuse.plan.workload import Workload
 
 
 def test_nf4_bytes_of_a_4096x4096_layer():
@@ -233,8 +226,8 @@ def test_cuda_graphs_keep_every_gradient_alive():
     graphs all of them exist in every phase, even with one micro-batch per step (measured: the 7B 4 x 512 graph
     rows sat 0.15 GiB, the LoRA gradients' size, further below the prediction than the eager rows)."""
     from lorafuse.config import load_config
-    from lorafuse.plan.fit import workload_from_config
     from lorafuse.plan.memory import gradient_bytes, trainable_numels
+    from lorafuse.plan.workload import workload_from_config
 
     w = Workload(load_shape("llama2-7b"), grad_accum=1, kernels="fused", loss="fused")
     full = 4 * sum(trainable_numels(w))
