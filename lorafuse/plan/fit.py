@@ -97,12 +97,6 @@ def _r(x: float | None) -> float | None:
     return None if x is None else round(x, 4)
 
 
-def _offload_supported(cfg) -> bool:
-    fields = getattr(type(cfg.train), "model_fields", {})
-    info = fields.get("gradient_checkpointing")
-    return info is not None and "offload" in str(info.annotation)
-
-
 def _budget(gpu_memory) -> tuple[int | None, str, speed.Card | None, str]:
     """(bytes, where that number came from, card for the speed estimate, where the card came from)."""
     if gpu_memory is not None:
@@ -146,10 +140,10 @@ def _candidates(w: Workload, policies=("off", "on")):
                 yield w.with_(micro_batch=mb, grad_accum=effective // mb, checkpointing=checkpointing, uncheckpointed=k)
 
 
-def fastest_fitting(w: Workload, budget: int, card: speed.Card, offload: bool = False) -> Workload | None:
+def fastest_fitting(w: Workload, budget: int, card: speed.Card) -> Workload | None:
     """The fastest candidate whose predicted GPU total fits `budget`, trying in order: on-GPU settings; the same
-    with the input embedding in host memory (when untied); activation offload (with it); and only then max_length
-    halved."""
+    with the input embedding in host memory (when untied); the output head there too; activation offload (with
+    them); the largest NF4 weights dequantized in halves; and only then max_length halved."""
     hosted = w.with_(embeddings_on_host=True)
     tiers = [(w, ("off", "on"))]
     if not w.embeddings_on_host and host_embedding(hosted):
@@ -157,8 +151,7 @@ def fastest_fitting(w: Workload, budget: int, card: speed.Card, offload: bool = 
     both = tiers[-1][0].with_(head_on_host=True)
     if not w.head_on_host and host_head(both):
         tiers.append((both, ("off", "on")))
-    if offload:
-        tiers.append((tiers[-1][0], ("offload",)))
+    tiers.append((tiers[-1][0], ("offload",)))
     if w.method == "qlora" and w.kernels == "fused" and not w.dequant_cap_mib:  # then the largest weights in halves
         largest = max(lin.numel for lin in w.shape.linears()) * w.compute_bytes
         tiers.append((tiers[-1][0].with_(dequant_cap_mib=-(-largest // 2 // (1 << 20))), tiers[-1][1]))
@@ -245,7 +238,7 @@ def plan(cfg, gpu_memory=None, gpu: str | None = None) -> Plan:
             "to check the fit and get a suggestion"
         )
         return p
-    best = fastest_fitting(w, budget, card, offload=_offload_supported(cfg))
+    best = fastest_fitting(w, budget, card)
     if best is not None and p.fits and speed.tokens_per_second(best, card) < MIN_GAIN * p.tokens_per_s:
         best = w  # not worth a change: within the model's noise
     if best is not None:

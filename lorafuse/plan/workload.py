@@ -93,7 +93,7 @@ def workload_from_config(cfg, shape: ModelShape | None = None) -> Workload:
     """The Workload a RunConfig describes (reads cfg.model/lora/data/train attributes only)."""
     shape = shape or load_shape(cfg.model.path)
     save = tuple(m.rsplit(".", 1)[-1] for m in (cfg.lora.modules_to_save or ()))
-    kernels = _kernels(getattr(cfg.train, "fast_path", "auto"), cfg.lora.dora)
+    kernels = _kernels(cfg.train.fast_path, cfg.lora.dora)
     return Workload(
         shape=shape,
         method="qlora" if cfg.model.quant == "nf4" else "lora",
@@ -114,10 +114,10 @@ def workload_from_config(cfg, shape: ModelShape | None = None) -> Workload:
         blocksize=cfg.model.blocksize,
         double_quant=cfg.model.double_quant,
         embeddings_on_host=cfg.train.embeddings_on_host,
-        head_on_host=getattr(cfg.train, "head_on_host", False),
-        uncheckpointed=getattr(cfg.train, "uncheckpointed_layers", 0),
-        dequant_cap_mib=getattr(cfg.train, "dequant_cap_mib", 0),
-        fp8=getattr(cfg.train, "fp8", False),
+        head_on_host=cfg.train.head_on_host,
+        uncheckpointed=cfg.train.uncheckpointed_layers,
+        dequant_cap_mib=cfg.train.dequant_cap_mib,
+        fp8=cfg.train.fp8,
         cuda_graphs=kernels == "fused" and cfg.train.cuda_graphs == "auto",
     )
 
