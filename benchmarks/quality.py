@@ -290,7 +290,7 @@ def _meta(device: torch.device) -> dict:
     return meta
 
 
-def main(argv=None) -> int:
+def _parse(argv):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--smoke", action="store_true", help="tiny sizes, one learning rate: the pipeline on a CPU")
     p.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ", ".join(METHODS))
@@ -303,15 +303,42 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
+    args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in args.methods if m not in METHODS]
+    if unknown:
+        p.error(f"unknown methods {unknown}; choose from {', '.join(METHODS)}")
+    return args
+
+
+def _lr_grid(method: str, args) -> list[float]:
+    """--lrs, else the method kind's grid; a smoke run without --lrs takes the grid's middle rate only."""
+    grid = [float(x) for x in args.lrs.split(",")] if args.lrs else LRS["full" if method == "full" else "adapter"]
+    return grid[1:2] if args.smoke and not args.lrs else grid
+
+
+def _runs(args, bases: dict, ctx: dict) -> list[dict]:
+    """Every method at each rate of its grid on both bases (as pretrained, then zeroed), printed as they finish."""
+    rows = []
+    for zeroed in (False, True):
+        for method in args.methods:
+            for lr in _lr_grid(method, args):
+                row = one_run(method, bases["zeroed" if zeroed else "plain"], zeroed, lr, ctx)
+                rows.append(row)
+                acc = "n/a" if row["accuracy"] is None else f"{100 * row['accuracy']:.1f}%"
+                if row["status"] == "ok":
+                    acc += f" (tokens {100 * row['token_accuracy']:.1f}%)"
+                took = f"({row['total_s']:.0f} s)" if row["status"] == "ok" else row.get("reason") or ""
+                print(f"  {method:<16} zeroed={zeroed!s:<5} lr {lr:.0e}: {acc} {took}", flush=True)
+    return rows
+
+
+def main(argv=None) -> int:
+    args = _parse(argv)
     kind = "smoke" if args.smoke else "gpu"
     plan, device = dict(PLAN[kind]), torch.device(args.device)
     knobs = {"steps": args.steps, "pre_steps": args.pretrain_steps, "eval_rows": args.eval_rows}
     for key, value in {**knobs, "length": args.sort_length}.items():
         plan[key] = value or plan[key]
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown:
-        p.error(f"unknown methods {unknown}; choose from {', '.join(METHODS)}")
     if device.type == "cpu":
         torch.set_num_threads(1)  # tiny matmuls: more threads only add contention (tests/conftest.py measured 8x)
     tokenizer = build_tokenizer()
@@ -328,31 +355,9 @@ def main(argv=None) -> int:
         bases = save_bases(model, tokenizer, Path(tmp), torch.bfloat16 if device.type == "cuda" else torch.float32)
         data = Path(tmp) / "train.jsonl"
         data.write_text("".join(json.dumps(r) + "\n" for r in train_rows))
-        ctx = dict(
-            device=device,
-            plan=plan,
-            seed=args.seed,
-            data=data,
-            meta=meta,
-            train=encode(tokenizer, train_rows),
-            eval=encode(tokenizer, eval_rows),
-        )
-        rows = []
-        for zeroed in (False, True):
-            for method in methods:
-                grid = (
-                    [float(x) for x in args.lrs.split(",")]
-                    if args.lrs
-                    else LRS["full" if method == "full" else "adapter"]
-                )
-                for lr in grid[1:2] if args.smoke and not args.lrs else grid:
-                    row = one_run(method, bases["zeroed" if zeroed else "plain"], zeroed, lr, ctx)
-                    rows.append(row)
-                    acc = "n/a" if row["accuracy"] is None else f"{100 * row['accuracy']:.1f}%"
-                    if row["status"] == "ok":
-                        acc += f" (tokens {100 * row['token_accuracy']:.1f}%)"
-                    took = f"({row['total_s']:.0f} s)" if row["status"] == "ok" else row.get("reason") or ""
-                    print(f"  {method:<16} zeroed={zeroed!s:<5} lr {lr:.0e}: {acc} {took}", flush=True)
+        train, held_out = encode(tokenizer, train_rows), encode(tokenizer, eval_rows)
+        ctx = dict(device=device, plan=plan, seed=args.seed, data=data, meta=meta, train=train, eval=held_out)
+        rows = _runs(args, bases, ctx)
     best = best_rows(rows)
     print("\n" + table(best, plan, meta["card"]))
     print("\n" + readme_row(best))
