@@ -147,17 +147,15 @@ def _merge_and_export(base, adapter):
             result = lorafuse.merge(base, adapter, out, dtype=dtype)
         except LorafuseError as err:
             return f"**merge failed: {err.problem}**\n\n{err.fix}"
-        diff = getattr(result, "max_logit_diff", None)
+        diff = result.max_logit_diff
         check = "" if diff is None else f" (max logit difference vs base+adapter: {diff:.3g})"
         return f"merged model written to `{result}`{check}"
 
     def on_export(base, adapter, out):
+        import lorafuse
+
         try:
-            from lorafuse import export as export_model
-        except ImportError:
-            return "export is not available in this lorafuse version (it comes with `lorafuse export`)"
-        try:
-            result = export_model(base, adapter, out, format="gguf")
+            result = lorafuse.export(base, adapter, out, format="gguf")
         except LorafuseError as err:
             return f"**export failed: {err.problem}**\n\n{err.fix}"
         return f"exported to `{result}`"
