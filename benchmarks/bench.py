@@ -75,7 +75,8 @@ UNSUPPORTED = {
 DPO_ADAPTERS_ONLY = "the DPO benchmark trains adapters (qlora, lora): its reference is the adapter switched off"
 
 
-def _spec(args, stack: str, method: str, folder: Path) -> dict:
+def _run_settings(args, stack: str, method: str) -> dict:
+    """What a (stack, method) run is, as its runner's spec and its JSON row both carry it."""
     return {
         "stack": stack,
         "method": method,
@@ -83,8 +84,6 @@ def _spec(args, stack: str, method: str, folder: Path) -> dict:
         "pairs": args.pairs,
         "prompt_tokens": prompt_tokens(args.seq) if args.objective == "dpo" else None,
         "shape": args.shape,
-        "folder": str(folder),
-        "vocab_size": builtin_shape(args.shape).vocab_size,
         "batch": args.batch,
         "seq": args.seq,
         "steps": args.steps,
@@ -94,15 +93,24 @@ def _spec(args, stack: str, method: str, folder: Path) -> dict:
         "r": args.r,
         "alpha": args.alpha,
         "dropout": args.dropout,
+        "random_init": args.random_init,
+        "budget_gib": args.budget_gib,
+        **_memory_settings(args, stack),
+    }
+
+
+def _spec(args, stack: str, method: str, folder: Path) -> dict:
+    """The runner's spec (benchmarks/peers/<stack>_stack.py reads it)."""
+    return {
+        **_run_settings(args, stack, method),
+        "folder": str(folder),
+        "vocab_size": builtin_shape(args.shape).vocab_size,
         "optimizer": args.optimizer,
         "full_optimizer": args.full_optimizer,
         "fast_path": "off" if args.no_fast_path else "auto",
         "seed": args.seed,
         "cuda_graphs": not args.no_graphs,
-        "random_init": args.random_init,
-        "budget_gib": args.budget_gib,
         "profile_dir": args.profile,
-        **_memory_settings(args, stack),
     }
 
 
@@ -203,21 +211,7 @@ def _row(args, run_id: str, stack: str, method: str, probe: dict, result: dict, 
         "run": run_id,
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "card": probe.get("card", "unknown"),
-        "device": args.device,
-        "stack": stack,
-        "method": method,
-        "objective": args.objective,
-        "pairs": args.pairs,
-        "prompt_tokens": prompt_tokens(args.seq) if args.objective == "dpo" else None,
-        "shape": args.shape,
-        "batch": args.batch,
-        "seq": args.seq,
-        "steps": args.steps,
-        "warmup": args.warmup,
-        "r": args.r,
-        "alpha": args.alpha,
-        "dropout": args.dropout,
-        "dtype": args.dtype,
+        **_run_settings(args, stack, method),
         "optimizer": args.full_optimizer if method == "full" else args.optimizer,
         "commit": commit[0],
         "dirty": commit[1],
@@ -230,9 +224,6 @@ def _row(args, run_id: str, stack: str, method: str, probe: dict, result: dict, 
         "pairs_per_s": None,
         "peak_alloc_gib": None,
         "peak_reserved_gib": None,
-        "random_init": args.random_init,
-        "budget_gib": args.budget_gib,
-        **_memory_settings(args, stack),
     }
     knobs = {
         k: v
