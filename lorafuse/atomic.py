@@ -2,7 +2,8 @@
 
 `write_atomic(path, data)`: write a temp file beside `path`, fsync it, rename it over `path`, fsync the folder. A rename
 is atomic because the temp lives on the same filesystem as the target; fsyncing the parent folder makes the rename
-itself durable. `fsync_path` / `fsync_tree` make a file's or a folder tree's contents durable.
+itself durable. `fsync_path` / `fsync_tree` make a file's or a folder tree's contents durable. `normal_file_modes`
+gives the files of a folder the mode a plain open() gives (safetensors writes 0600).
 
 Used for configs, metrics, plots, the token cache, bnb 4-bit folders and checkpoints; a whole output folder (an
 adapter, a merged model) is written with `lorafuse.outputs.atomic_folder`, which builds on these.
@@ -30,6 +31,17 @@ def fsync_tree(root: str | Path) -> None:
         for name in files:
             fsync_path(Path(folder) / name)
         fsync_path(folder)
+
+
+def normal_file_modes(root: str | Path) -> None:
+    """Every file under `root` gets the mode a plain open() gives it (0666 less the umask: 0644 as a rule).
+    safetensors writes its files 0600, so without this an adapter's or a model's weights alone would be unreadable
+    to the rest of a group sharing them."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for folder, _, files in os.walk(root):
+        for name in files:
+            os.chmod(Path(folder) / name, 0o666 & ~umask)
 
 
 def write_atomic(path: str | Path, data: bytes | str) -> Path:

@@ -1,9 +1,11 @@
 """What lorafuse ships to run with no download: the built-in tiny model's recipe and the bundled data sets.
 
     builtin:tiny-llama   a random-init Llama (MODELS: 4 layers, hidden 128) with a byte-level BPE tokenizer of
-                         VOCAB_SIZE tokens trained on the demo data's texts (`demo_corpus`); lorafuse.model.load builds
-                         it on first use into its cache folder
-    builtin:demo         bilingual (Japanese/English) instructions, alpaca fields (the demo's data)
+                         VOCAB_SIZE tokens trained on the demo data's texts (`demo_corpus`), its merges within runs of
+                         one script; lorafuse.model.load builds it on first use into its cache folder
+    builtin:demo         the demo's rows (lorafuse.demo): simple sentences translated Japanese <-> English,
+                         instruction/output fields (dolly-ja in the demo config)
+    builtin:demo-heldout the demo's held-out rows: combinations of the same words that builtin:demo never holds
     builtin:preference   preference pairs that prefer the answer in the language the question was asked in
     builtin:preference-heldout   pairs on questions the set above does not hold (docs/dpo.md)
 
@@ -28,12 +30,13 @@ BUILTIN_DATA = "builtin:demo"  # data.path sentinel: the demo's rows
 MODELS = {
     "tiny-llama": ("llama", dict(hidden_size=128, intermediate_size=256, num_layers=4, num_heads=4, num_kv_heads=2)),
 }
-VOCAB_SIZE = 2048  # the tokenizer's BPE vocabulary (the demo texts fill it), hence the model's
+VOCAB_SIZE = 617  # the tokenizer's BPE vocabulary: all the merges the demo texts give, hence the model's
 MAX_POSITIONS = 1024  # build_tiny_model's default
 
 SAMPLES = Path(__file__).parent / "data" / "samples"
 DATA_SETS = {
     "demo": "demo.jsonl",
+    "demo-heldout": "demo-heldout.jsonl",
     "preference": "preference.jsonl",
     "preference-heldout": "preference-heldout.jsonl",
 }

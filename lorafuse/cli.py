@@ -12,6 +12,7 @@ Bad option values (a negative --max-new-tokens) are refused by the parser, in th
 from __future__ import annotations
 
 import os
+import shlex
 import sys
 
 from lorafuse.cli_parser import build_parser
@@ -39,8 +40,24 @@ def _load(args):
     return load_config(config, overrides)
 
 
+def _check_hub(*sources: tuple) -> None:
+    """Offline, a hub id that is not in the local cache fails here, before the heavy imports (lorafuse.hub)."""
+    from lorafuse.hub import check_hub_ids
+
+    check_hub_ids(list(sources))
+
+
+def _config_sources(cfg) -> tuple:
+    return (
+        (cfg.model.path, "model", "model.path"),
+        (cfg.data.path, "dataset", "data.path"),
+        (cfg.data.val_path, "dataset", "data.val_path"),
+    )
+
+
 def cmd_train(args) -> int:
     cfg = _load(args)  # config errors first, before any heavy import
+    _check_hub(*_config_sources(cfg))
     from lorafuse.job import run
 
     resume = None if args.no_resume else (args.resume or "auto")
@@ -50,6 +67,7 @@ def cmd_train(args) -> int:
 
 def cmd_preview(args) -> int:
     cfg = _load(args)
+    _check_hub(*_config_sources(cfg))
     from lorafuse.preview import preview
 
     preview(cfg, n=args.n)
@@ -57,35 +75,47 @@ def cmd_preview(args) -> int:
 
 
 def _load_for_inference(args):
+    _check_hub((args.model, "model", "--model"))
     import lorafuse
+    from lorafuse.artifacts.adapter_load import trained_quant
+    from lorafuse.infer.generate import prompt_note
 
-    model, tokenizer = lorafuse.load_model(args.model, quant=args.quant, compute_dtype=args.compute_dtype)
+    if args.raw and (args.system or getattr(args, "input", None)):
+        raise ConfigError("--raw sends the text as written, so --system and --input cannot apply", "drop one of them")
+    quant = args.quant or trained_quant(args.adapter)
+    model, tokenizer = lorafuse.load_model(args.model, quant=quant, compute_dtype=args.compute_dtype)
     if args.adapter:
         model = lorafuse.load_adapter(model, args.adapter)
+    note = None if args.raw else prompt_note(model, tokenizer, args.adapter)
+    if note:
+        print(note, file=sys.stderr)
     return model, tokenizer
 
 
 def cmd_generate(args) -> int:
-    import lorafuse
-
     model, tokenizer = _load_for_inference(args)
+    import lorafuse
+    from lorafuse.infer.generate import user_message
+
+    system = [{"role": "system", "content": args.system}] if args.system else []
     text = lorafuse.generate(
         model,
         tokenizer,
-        args.prompt,
+        args.prompt if args.raw else [*system, user_message(args.prompt, args.input)],
         max_new_tokens=args.max_new_tokens,
         temperature=args.temperature,
         top_p=args.top_p,
         seed=args.seed,
+        raw=args.raw,
     )
     print(text)
     return 0
 
 
 def cmd_chat(args) -> int:
+    model, tokenizer = _load_for_inference(args)
     from lorafuse.infer.chat import chat_loop
 
-    model, tokenizer = _load_for_inference(args)
     chat_loop(
         model,
         tokenizer,
@@ -93,11 +123,13 @@ def cmd_chat(args) -> int:
         max_new_tokens=args.max_new_tokens,
         temperature=args.temperature,
         top_p=args.top_p,
+        raw=args.raw,
     )
     return 0
 
 
 def cmd_merge(args) -> int:
+    _check_hub((args.model, "model", "--model"))
     import lorafuse
 
     out = lorafuse.merge(
@@ -112,6 +144,7 @@ def cmd_merge(args) -> int:
 
 
 def cmd_export(args) -> int:
+    _check_hub((args.model, "model", "--model"))
     from lorafuse.artifacts.export import export
 
     export(
@@ -138,7 +171,8 @@ def cmd_plan(args) -> int:
     from lorafuse.plan.cli import plan_command
 
     extra = {"gpu": args.gpu} if args.gpu else {}
-    rc = plan_command(cfg, gpu_memory=args.gpu_memory, as_json=args.json, **extra)
+    command = " ".join(["lorafuse train", *map(shlex.quote, args.items)])  # the suggestion extends it
+    rc = plan_command(cfg, gpu_memory=args.gpu_memory, as_json=args.json, train_command=command, **extra)
     return rc if isinstance(rc, int) else 0
 
 
@@ -212,6 +246,9 @@ def _dispatch(argv: list[str]) -> int:
     if command is None:
         parser.print_help()
         return 2
+    from lorafuse.console import quiet_library_progress
+
+    quiet_library_progress()  # lorafuse's progress lines only, no "Loading weights" bars between them
     return command(args)
 
 

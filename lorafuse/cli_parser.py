@@ -29,10 +29,15 @@ A run resumes from the latest checkpoint in output.dir unless --no-resume.""",
     "preview": """Example:
   lorafuse data preview examples/llama2-7b-dolly-ja-qlora.yaml -n 3 data.max_length=1024
 Shows rendered rows with trained and masked tokens, truncation and length statistics.""",
-    "generate": """Example:
+    "generate": """Examples:
+  lorafuse generate --model builtin:tiny-llama --adapter runs/demo/adapter \\
+      --prompt "英語に翻訳してください: 白い馬が寝ています。"
   lorafuse generate --model meta-llama/Llama-2-7b-hf --adapter runs/dolly-ja/adapter \\
-      --prompt "日本の首都はどこですか？" --max-new-tokens 128""",
-    "chat": """Example:
+      --prompt "日本の首都はどこですか？" --max-new-tokens 128
+The prompt is rendered the way the adapter was trained (its lorafuse.json: format, chat template, system prompt);
+--raw sends it as written.""",
+    "chat": """Examples:
+  lorafuse chat --model builtin:tiny-llama --adapter runs/demo/adapter
   lorafuse chat --model meta-llama/Meta-Llama-3-8B-Instruct --adapter runs/llama3-chat/adapter --quant none""",
     "merge": """Example:
   lorafuse merge --model meta-llama/Llama-2-7b-hf --adapter runs/dolly-ja/adapter --out runs/dolly-ja/merged
@@ -88,8 +93,8 @@ def _add_inference_args(p: argparse.ArgumentParser, temperature: float, top_p: f
     p.add_argument(
         "--quant",
         choices=["nf4", "none"],
-        default="nf4",
-        help="load the base in NF4 (as QLoRA trained it) or unquantized (default: nf4)",
+        default=None,
+        help="load the base in NF4 or unquantized (default: as the adapter was trained, else nf4)",
     )
     p.add_argument(
         "--compute-dtype",
@@ -98,6 +103,12 @@ def _add_inference_args(p: argparse.ArgumentParser, temperature: float, top_p: f
         help="matmul dtype (default: auto)",
     )
     p.add_argument("--max-new-tokens", type=_number(int, 1), default=256, help="default: 256")
+    p.add_argument("--system", default=None, help="system prompt (default: the one the adapter was trained with)")
+    p.add_argument(
+        "--raw",
+        action="store_true",
+        help="send the text as written, without the chat template the adapter was trained with",
+    )
     p.add_argument(
         "--temperature", type=_number(float, 0), default=temperature, help=f"0 = greedy (default: {temperature})"
     )
@@ -197,12 +208,14 @@ def _add_model_commands(sub) -> None:
     """Commands that take a model (+ adapter): generate, chat, merge."""
     p = _add(sub, "generate", "generate text from a base model (+ adapter)")
     _add_inference_args(p, temperature=0.0, top_p=1.0)
-    p.add_argument("--prompt", required=True, help="the user message")
+    p.add_argument(
+        "--prompt", required=True, help="the user message, rendered in the format the adapter was trained with"
+    )
+    p.add_argument("--input", default=None, help="the Input block of alpaca-style formats (the instruction's input)")
     p.add_argument("--seed", type=_SEED, default=None, help="seed for sampling (0 to 2**32-1)")
 
     p = _add(sub, "chat", "chat with a base model (+ adapter) in the terminal")
     _add_inference_args(p, temperature=0.7, top_p=0.9)
-    p.add_argument("--system", default=None, help="system prompt")
 
     p = _add(sub, "merge", "merge an adapter into its base and save a 16-bit model")
     p.add_argument("--model", required=True, help="base model: hub id or folder")

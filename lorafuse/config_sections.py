@@ -323,7 +323,16 @@ class TrainConfig(_Section):
     )
     eval_batch_size: int | None = Field(None, ge=1, description="Sequences per eval batch; null: micro_batch_size.")
     early_stopping_patience: int | None = Field(
-        None, ge=1, description="Stop after this many evaluations without a better validation loss; null: never."
+        None,
+        ge=1,
+        description="Stop after this many evaluations without a better validation loss (lower by more than "
+        "early_stopping_min_delta); the adapter is then the best checkpoint's. null: never.",
+    )
+    early_stopping_min_delta: float = Field(
+        0.0,
+        ge=0,
+        description="How much lower than the best so far an eval loss must be to reset the early-stopping patience "
+        "(the best checkpoint follows every improvement).",
     )
     log_every: int = Field(1, ge=1, description="Log loss/LR every N optimizer steps.")
     seed: int = Field(

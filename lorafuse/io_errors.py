@@ -34,7 +34,7 @@ _NO_WRITE = (errno.EROFS, errno.EACCES, errno.EPERM)
 _TORCH_ARCHIVE = ("PytorchStreamReader", "zip archive", "central directory")
 OOM_FIX = (
     "lower train.micro_batch_size or data.max_length, use model.quant=nf4 or a smaller model, or close other "
-    "programs; `lorafuse plan CONFIG` estimates the memory a run needs"
+    "programs; `lorafuse plan`, given the run's config file, estimates the memory a run needs"
 )
 
 

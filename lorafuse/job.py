@@ -11,9 +11,12 @@ run(cfg, resume="auto", force=False, console=None), in order:
     5. device and compute dtype ("auto": bf16 where supported, fp16 on pre-Ampere GPUs, fp32 on CPU; printed),
        seed, load_model, apply_lora (prints the trainable-params line), build_datasets (a cache hit), Batchers.
     6. the loop (lorafuse.training.loop), then `<output.dir>/adapter/` (PEFT format), loss.png, summary.json.
-       For the built-in demo model, a generation for one demo prompt is printed at the end. A re-run of a finished
-       run (stop_reason already_complete) rewrites nothing: it prints "already complete: <summary>" and returns the
-       saved summary. On SIGINT/SIGTERM the result has stop_reason "signal" and `exit_code` 130/143 (the CLI's).
+       The run's prompt format (data format, template, system prompt, EOS) goes on the model first, so every adapter
+       written (checkpoints too) records it in lorafuse.json. An early stop keeps the best checkpoint's weights (the
+       adapter is that evaluation's). The built-in demo ends with its before/after table (lorafuse.demo). A re-run
+       of a finished run (stop_reason already_complete) rewrites nothing: it prints "already complete: <summary>" and
+       returns the saved summary. On SIGINT/SIGTERM the result has stop_reason "signal" and `exit_code` 130/143 (the
+       CLI's).
 
 Under torchrun (WORLD_SIZE > 1) both run as one rank of a data-parallel job (lorafuse.training.distributed): rank 0
 does steps 1-4 and every file write and print, the others get its decisions; each rank loads the model onto
@@ -36,21 +39,20 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from rich.console import Console
 
 from lorafuse import accel
 from lorafuse.artifacts.adapter_io import save_adapter
-from lorafuse.builtin import BUILTIN_MODEL
 from lorafuse.config import DataConfig, TrainConfig, save_config, validate_config
 from lorafuse.data import Batcher, build_datasets
 from lorafuse.data.build import resolve_template
 from lorafuse.data.cache import tokens_fingerprint
-from lorafuse.data.formats import plain_prompt
+from lorafuse.data.templates import trained_chat_template
+from lorafuse.demo import before_after, is_demo
 from lorafuse.errors import ConfigError, LorafuseError
-from lorafuse.infer.generate import generate
 from lorafuse.model.inject import apply_lora, print_trainable_parameters
 from lorafuse.model.load import load_model, resolve_compute_dtype
 from lorafuse.model.new_tokens import add_run_tokens
+from lorafuse.model.prompt_format import PromptFormat
 from lorafuse.model.untrained_tokens import rows_for_run
 from lorafuse.model_state import model_state
 from lorafuse.outputs import prepare_run_dir
@@ -64,8 +66,6 @@ from lorafuse.training.preflight import check_inputs
 from lorafuse.training.rng import seed_everything
 from lorafuse.training.start import auto_fit, start_point
 from lorafuse.training.trackers import require_trackers
-
-DEMO_PROMPT = {"instruction": "次の日本語を英語に翻訳してください。", "input": "ありがとうございます。"}
 
 
 @dataclass
@@ -85,7 +85,7 @@ class TrainResult:
     wall_s: float
     peak_memory_bytes: int
     compute_dtype: str
-    sample: str | None = None  # the demo's generation
+    demo: dict | None = None  # the built-in demo's held-out answers: exact, total, base_exact, shown (lorafuse.demo)
     stop_signal: str | None = None  # "SIGINT" | "SIGTERM" when stop_reason is "signal"
 
     @property
@@ -169,7 +169,9 @@ def train(
 
 
 def _console(console):
-    return console or Console()
+    from lorafuse.console import make_console
+
+    return console or make_console()
 
 
 def resolve_device(name: str) -> torch.device:
@@ -285,7 +287,7 @@ def _batchers(cfg, tokenizer, out: Path, console, world):
         if val_ds is not None and len(val_ds)
         else None
     )
-    return train_b, val_b, tokens_fingerprint(train_ds, val_ds)
+    return train_b, val_b, tokens_fingerprint(train_ds, val_ds), stats
 
 
 def _train(cfg, model, tokenizer, out: Path, start_from, dtype, console, world, force=False) -> TrainResult:
@@ -299,7 +301,8 @@ def _train(cfg, model, tokenizer, out: Path, start_from, dtype, console, world, 
         cfg.lora.train_untrained_tokens,
         console,
     )
-    train_b, val_b, fingerprint = _batchers(cfg, tokenizer, out, console, world)
+    train_b, val_b, fingerprint, stats = _batchers(cfg, tokenizer, out, console, world)
+    model_state(model).prompt = prompt_format(cfg, tokenizer, stats.template)  # every adapter written records it
     datasets = (train_b.dataset, val_b.dataset if val_b is not None else None)
     rows_for_run(model, tokenizer, datasets, new_ids, cfg.lora.train_untrained_tokens, console, world.is_main)
     if world.size > 1:
@@ -340,6 +343,9 @@ def _train(cfg, model, tokenizer, out: Path, start_from, dtype, console, world, 
         if world.is_main and loop.state.step < loop.total:  # after the resume's checks; a no-op re-run keeps it
             save_config(cfg, out / "config.yaml")
         res = loop.run()
+        if res.stop_reason == "early_stopping" and res.best_checkpoint is not None:
+            ckpt.load_trainable(res.best_checkpoint, model)  # the adapter is the best evaluation's, as said
+            console.print(f"the adapter is {res.best_checkpoint.name}'s (best eval loss {res.state.best_eval:.4f})")
     finally:  # the speed and memory changes are for training: generation afterwards runs the plain modules
         accel.restore(model)
     if res.stop_reason == "already_complete":
@@ -351,14 +357,16 @@ def _train(cfg, model, tokenizer, out: Path, start_from, dtype, console, world, 
 
 
 def _finish(cfg, model, tokenizer, out: Path, res, metrics, dtype, console, world, write_adapter) -> TrainResult:
-    """After the loop: the adapter, loss.png, the demo's generation, summary.json and the summary table."""
+    """After the loop: the adapter, loss.png, the demo's before/after table, summary.json and the summary table."""
     adapter_dir = None
     if res.stop_reason != "signal":
         adapter_dir = out / "adapter"
         if world.is_main:
             write_adapter(model, adapter_dir)
             metrics.plot(out / "loss.png")
-    sample = _demo_generation(cfg, model, tokenizer, console) if res.stop_reason != "signal" and world.is_main else None
+    demo = None
+    if is_demo(cfg) and res.stop_reason != "signal" and world.is_main:
+        demo = dataclasses.asdict(before_after(cfg, model, tokenizer, console))
     st = res.state
     result = TrainResult(
         output_dir=out,
@@ -376,7 +384,7 @@ def _finish(cfg, model, tokenizer, out: Path, res, metrics, dtype, console, worl
         wall_s=res.wall_s,
         peak_memory_bytes=res.peak_memory_bytes,
         compute_dtype=str(dtype).removeprefix("torch."),
-        sample=sample,
+        demo=demo,
         stop_signal=res.stop_signal,
     )
     summary = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(result).items()}
@@ -402,12 +410,9 @@ def _result_from_summary(summary: dict) -> TrainResult:
     return TrainResult(**{**kept, "stop_reason": "already_complete"})
 
 
-def _demo_generation(cfg, model, tokenizer, console) -> str | None:
-    """For the built-in demo model: what the trained adapter answers to one demo prompt."""
-    if cfg.model.path != BUILTIN_MODEL:
-        return None
-    prompt = plain_prompt(cfg.data.format, DEMO_PROMPT["instruction"], DEMO_PROMPT["input"])
-    model.eval()
-    text = generate(model, tokenizer, prompt, max_new_tokens=24)
-    console.print(f"demo prompt:\n{prompt}{text}", highlight=False, markup=False)
-    return text
+def prompt_format(cfg, tokenizer, template_kind: str) -> PromptFormat:
+    """How the run's adapter is to be prompted (lorafuse.model.prompt_format): the data format, the template kind the
+    data resolved to ("plain" | "chat", DataStats.template), its Jinja, the system prompt and the EOS token."""
+    dc = cfg.data
+    chat = trained_chat_template(dc.format, template_kind, tokenizer, dc.prompt_format)
+    return PromptFormat(chat, dc.system_prompt, tokenizer.eos_token, dc.format, template_kind)

@@ -4,6 +4,8 @@
     lora:  the adapter's settings once LoRA is applied (r, alpha, targets, ...): model/inject.py
     accel: what the runtime changed for speed or memory while the model trains (lorafuse.accel.AccelState), or None
     tokens: the trainable token rows of the embedding and head (lorafuse.lora.token_rows.TokenRowsState), or None
+    prompt: how the adapter was trained to be prompted (lorafuse.model.prompt_format.PromptFormat): set by the
+           train job, load_adapter, and load_model for a merged folder; generate and chat render with it
 
 Adapter files, merges and the training job read these facts instead of guessing them from the modules. The object
 lives in the model instance's __dict__ under one name, so transformers' modules carry nothing else of ours. This
@@ -24,6 +26,7 @@ class ModelState:
     lora: dict | None = None
     accel: Any = None
     tokens: Any = None
+    prompt: Any = None
 
 
 def model_state(model) -> ModelState:

@@ -47,7 +47,7 @@ from pathlib import Path
 
 import yaml
 
-from lorafuse.atomic import fsync_path, fsync_tree, write_atomic
+from lorafuse.atomic import fsync_path, fsync_tree, normal_file_modes, write_atomic
 from lorafuse.config import SECTIONS
 from lorafuse.errors import LorafuseError
 from lorafuse.version import __version__
@@ -317,6 +317,7 @@ def atomic_folder(path: str | Path, kind: str):
     try:
         yield tmp
         mark_written(tmp, kind)
+        normal_file_modes(tmp)  # safetensors writes 0600: the folder's files get what a plain open() gives
         fsync_tree(tmp)
         check_replaceable(path, kind)  # again: the folder may have changed while the body wrote
     except BaseException:

@@ -24,9 +24,9 @@ _BAR = 30
 
 def preview(cfg, n: int = 5, console=None, tokenizer=None) -> DataStats:
     """Print `n` rendered training examples and the data statistics for run config `cfg`; returns the stats."""
-    from rich.console import Console
+    from lorafuse.console import make_console
 
-    console = console or Console()
+    console = console or make_console()
     if tokenizer is None:
         tokenizer = load_tokenizer(cfg.model.path)
     new_ids = add_run_tokens(

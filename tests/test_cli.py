@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import os
+import shlex
 import subprocess
 import sys
 import time
 import types
+from pathlib import Path
 
 import pytest
 
 import lorafuse
 from lorafuse.cli import main
 from lorafuse.errors import DataError, ModelError
+
+ROOT = Path(__file__).resolve().parents[1]
 
 HELP_COMMANDS = [
     ["train"],
@@ -64,6 +68,13 @@ def record():
     return make
 
 
+@pytest.fixture(autouse=True)
+def no_hub_check(monkeypatch):
+    """The wiring tests use made-up hub ids; tests/test_hub.py checks what the CLI does with real ones."""
+    monkeypatch.setattr("lorafuse.hub.check_hub_ids", lambda sources: None)
+    monkeypatch.setattr("lorafuse.infer.generate.prompt_note", lambda model, tokenizer, adapter=None: None)
+
+
 def write_cfg(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("model:\n  path: some/model\ndata:\n  path: d.jsonl\n", encoding="utf-8")
@@ -109,9 +120,15 @@ def test_data_preview_and_plan_are_wired(tmp_path, monkeypatch, record):
     assert cfg.data.max_length == 64 and kwargs == {"n": 2}
     assert main(["plan", str(cfg_path), "--gpu-memory", "15GiB", "--json"]) == 3  # the plan's own status
     _, kwargs = record.calls[1]
-    assert kwargs == {"gpu_memory": "15GiB", "as_json": True}
-    assert main(["plan", str(cfg_path), "--gpu", "T4"]) == 3
-    assert record.calls[2][1] == {"gpu_memory": None, "as_json": False, "gpu": "T4"}
+    command = f"lorafuse train {cfg_path}"  # what the suggestion extends: runnable as printed
+    assert kwargs == {"gpu_memory": "15GiB", "as_json": True, "train_command": command}
+    assert main(["plan", str(cfg_path), "--gpu", "T4", "lora.r=4"]) == 3
+    assert record.calls[2][1] == {
+        "gpu_memory": None,
+        "as_json": False,
+        "gpu": "T4",
+        "train_command": f"{command} lora.r=4",
+    }
 
 
 def test_generate_and_merge_are_wired(monkeypatch, record, capsys):
@@ -144,8 +161,8 @@ def test_generate_and_merge_are_wired(monkeypatch, record, capsys):
     load, adapter, gen = record.calls[:3]
     assert load == (("m",), {"quant": "none", "compute_dtype": "auto"})
     assert adapter == (("MODEL", "a"), {})
-    assert gen[0] == ("MODEL+A", "TOK", "hi")
-    assert gen[1]["max_new_tokens"] == 7 and gen[1]["temperature"] == 0.5
+    assert gen[0] == ("MODEL+A", "TOK", [{"role": "user", "content": "hi"}])  # the user message, to be rendered
+    assert gen[1]["max_new_tokens"] == 7 and gen[1]["temperature"] == 0.5 and gen[1]["raw"] is False
     assert main(["merge", "--model", "m", "--adapter", "a", "--out", "o", "--from-16bit"]) == 0
     assert record.calls[3] == (("m", "a", "o"), {"dtype": "bfloat16", "from_16bit": True, "check": True})
     assert "out/merged" in capsys.readouterr().out
@@ -244,3 +261,18 @@ def test_help_is_fast_and_imports_nothing_heavy():
         if best < 1.0:
             break
     assert best < 1.0
+
+
+def test_plans_suggestion_is_a_command_that_runs_as_printed(tmp_path, monkeypatch, record, capsys):
+    example = str(ROOT / "examples" / "llama2-7b-dolly-ja-qlora.yaml")
+    main(["plan", example, "--gpu-memory", "15GiB", "--gpu", "T4", "data.max_length=512"])
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.strip().startswith("lorafuse train"))
+    argv = shlex.split(line)
+    assert argv[:4] == ["lorafuse", "train", example, "data.max_length=512"] and len(argv) > 4
+    fake_module(monkeypatch, "lorafuse.job", run=record())
+    assert main(argv[1:]) == 0
+    (cfg,), _ = record.calls[0]
+    for override in argv[4:]:
+        key, value = override.split("=", 1)
+        section, name = key.split(".")
+        assert str(getattr(getattr(cfg, section), name)).lower() == value.lower()

@@ -13,8 +13,11 @@ An adapter folder (what `save_adapter` writes, what `PeftModel.from_pretrained(b
                                with trainable_token_indices in the config
     README.md                  a peft-style model card (base_model, library_name: peft, tags)
     lorafuse.json              what peft has no field for: the base's quantization (NF4, blocksize, double quant),
-                               compute dtype, lorafuse version. peft never opens it, so it cannot warn
-    tokenizer files            tokenizer.json, tokenizer_config.json, chat_template.jinja: the exact template trained on
+                               compute dtype, lorafuse version, and how the adapter was trained to be prompted
+                               (format, template, chat_template, system_prompt, eos_token:
+                               lorafuse.model.prompt_format). peft never opens it, so it cannot warn
+    tokenizer files            tokenizer.json, tokenizer_config.json, chat_template.jinja: the chat template is the one
+                               trained with (a plain format's equivalent Jinja, lorafuse.data.templates)
 
 The function of a targeted linear (peft's): y = W x + b + s * B(A(dropout(x))), s = alpha/r (alpha/sqrt(r) with
 rsLoRA); DoRA rescales rows: W' = (m / ||W + s*B@A||_row)[:, None] * (W + s*B@A).
@@ -97,12 +100,14 @@ _PEFT_DEFAULTS = {
 # save
 
 
-def save_adapter(model, out_dir, base_model_name_or_path=None, dtype=None, tokenizer=None) -> Path:
+def save_adapter(model, out_dir, base_model_name_or_path=None, dtype=None, tokenizer=None, prompt=None) -> Path:
     """Write `model`'s LoRA adapter to `out_dir` in peft's format (see module docstring), atomically.
 
     base_model_name_or_path: written to the config and card (default: the path the base was loaded from).
     dtype: cast the saved tensors (e.g. torch.bfloat16 halves the size); default keeps the parameters' dtype.
-    tokenizer: the tokenizer trained with (its chat template is what the adapter learned); default: the base's.
+    tokenizer: the tokenizer trained with; default: the base's.
+    prompt: how the adapter was trained to be prompted (a PromptFormat); default: `model_state(model).prompt`, which
+    the train job sets. Its chat template is saved with the tokenizer.
     """
     from safetensors.torch import save_file
 
@@ -116,15 +121,29 @@ def save_adapter(model, out_dir, base_model_name_or_path=None, dtype=None, token
     config = adapter_config_for(model, layers, base_name)
     tensors = adapter_state_dict(model, layers, saved_module_names(model), dtype)
     tokenizer = tokenizer if tokenizer is not None else _base_tokenizer(model)
+    prompt = prompt if prompt is not None else model_state(model).prompt
+    facts = _lorafuse_facts(model, tensors, base_name, prompt)
     with writing(out_dir), atomic_folder(out_dir, "adapter") as tmp:  # safetensors, tokenizers raise their own types
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True))
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
-        (tmp / LORAFUSE_NAME).write_text(json.dumps(_lorafuse_facts(model, tensors), indent=2, sort_keys=True))
+        (tmp / LORAFUSE_NAME).write_text(json.dumps(facts, indent=2, sort_keys=True, ensure_ascii=False))
         vocab = model.get_input_embeddings().weight.shape[0]
-        (tmp / "README.md").write_text(_model_card(base_name, config, vocab), encoding="utf-8")
+        card = _model_card(model, out_dir, base_name, config, prompt, vocab)
+        (tmp / "README.md").write_text(card, encoding="utf-8")
         if tokenizer is not None:
-            tokenizer.save_pretrained(str(tmp))
+            _save_tokenizer(tokenizer, tmp, prompt.chat_template if prompt is not None else None)
     return Path(out_dir)
+
+
+def _save_tokenizer(tokenizer, folder: Path, chat_template: str | None) -> None:
+    """The tokenizer's files, with `chat_template` (the trained one) in place of its own when given."""
+    own = getattr(tokenizer, "chat_template", None)
+    if chat_template is not None:
+        tokenizer.chat_template = chat_template
+    try:
+        tokenizer.save_pretrained(str(folder))
+    finally:
+        tokenizer.chat_template = own
 
 
 def lora_layers(model) -> dict[str, nn.Module]:
@@ -238,8 +257,9 @@ def _base_tokenizer(model):
         return None
 
 
-def _lorafuse_facts(model, tensors) -> dict:
-    """lorafuse.json: how the base looked during training, which peft's config cannot say."""
+def _lorafuse_facts(model, tensors, base_name, prompt) -> dict:
+    """lorafuse.json: how the base looked during training and how the adapter was trained to be prompted."""
+    from lorafuse.model.prompt_format import PROMPT_KEYS
     from lorafuse.quant.nf4 import NF4Weight
 
     base = dict(model_state(model).base)
@@ -252,8 +272,8 @@ def _lorafuse_facts(model, tensors) -> dict:
         emb = model.get_input_embeddings().weight
         base["compute_dtype"] = str(emb.dtype).removeprefix("torch.")
     return {
-        "format": 1,
         "lorafuse_version": __version__,
+        "base_model": base_name,
         "base": {
             k: base.get(k)
             for k in ("name_or_path", "quant", "blocksize", "double_quant", "compute_dtype", "prequantized")
@@ -261,6 +281,7 @@ def _lorafuse_facts(model, tensors) -> dict:
         },
         "adapter_dtype": sorted({str(t.dtype).removeprefix("torch.") for t in tensors.values()}),
         "vocab_size": model.get_input_embeddings().weight.shape[0],  # grown by new tokens: resize the base to it
+        **(prompt.facts() if prompt is not None else dict.fromkeys(PROMPT_KEYS)),
     }
 
 
@@ -276,7 +297,7 @@ def _token_rows_note(config: dict, vocab_size: int) -> tuple[str, str]:
     )
 
 
-def _model_card(base_name: str | None, config: dict, vocab_size: int) -> str:
+def _model_card(model, out_dir, base_name: str | None, config: dict, prompt, vocab_size: int) -> str:
     front = ["---"]
     if base_name:
         front.append(f"base_model: {json.dumps(base_name)}")
@@ -285,23 +306,33 @@ def _model_card(base_name: str | None, config: dict, vocab_size: int) -> str:
         front.append(f"- {json.dumps('base_model:adapter:' + base_name)}")
     front += ["- lora", "- transformers", "- lorafuse", "---", ""]
     variant = ", ".join(k for k, on in (("rsLoRA", config["use_rslora"]), ("DoRA", config["use_dora"])) if on)
+    # A builtin base ("builtin:tiny-llama") is a lorafuse name: transformers reads the folder it was built in.
+    hf_base = model_state(model).base.get("folder") if str(base_name).startswith("builtin:") else base_name
+    here, base = json.dumps(str(out_dir)), json.dumps(str(hf_base or "<base model folder or hub id>"))
+    trained = f"{prompt.format} rows, {prompt.template} template" if prompt is not None and prompt.format else None
     resize, rows_note = _token_rows_note(config, vocab_size)
     body = f"""# LoRA adapter{f" for {base_name}" if base_name else ""}
 
-Trained with lorafuse: r={config["r"]}, lora_alpha={config["lora_alpha"]}{f", {variant}" if variant else ""}.
-Loads with peft; the tokenizer and chat template used in training are in this folder.
+Trained with lorafuse: r={config["r"]}, lora_alpha={config["lora_alpha"]}{f", {variant}" if variant else ""}\
+{f"; {trained}" if trained else ""}. Loads with peft.
+The tokenizer in this folder carries the chat template used in training, and `lorafuse.json` records the format,
+system prompt and EOS token, so `lorafuse generate` and `lorafuse chat` prompt the model the way it was trained:
+
+```bash
+lorafuse generate --model {json.dumps(str(base_name or hf_base))} --adapter {here} --prompt "..."
+```
 
 ```python
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-base = AutoModelForCausalLM.from_pretrained({json.dumps(base_name or "<base model>")})
-{resize}model = PeftModel.from_pretrained(base, "<this folder>")
-tokenizer = AutoTokenizer.from_pretrained("<this folder>")
+base = AutoModelForCausalLM.from_pretrained({base})
+{resize}model = PeftModel.from_pretrained(base, {here})
+tokenizer = AutoTokenizer.from_pretrained({here})
 ```
 
-{rows_note}`lorafuse.json` records how the base was quantized during training; `lorafuse merge` reads it to merge
-into the same weights the adapter was trained against.
+{rows_note}`lorafuse.json` also records how the base was quantized during training; `lorafuse merge` reads it to
+merge into the same weights the adapter was trained against.
 
 ### Framework versions
 

@@ -19,7 +19,6 @@ from lorafuse.artifacts.adapter_io import (
     _PEFT_DEFAULTS,
     CONFIG_NAME,
     LEGACY_WEIGHTS_NAME,
-    LORAFUSE_NAME,
     PREFIX,
     WEIGHTS_NAME,
     _base_name,
@@ -31,6 +30,8 @@ from lorafuse.artifacts.adapter_io import (
 from lorafuse.errors import ModelError
 from lorafuse.io_errors import reading
 from lorafuse.lora import token_rows
+from lorafuse.model.prompt_format import read_facts, read_prompt_format
+from lorafuse.model_state import model_state
 
 # Config values that change the function in ways lorafuse does not implement: key -> value(s) we accept.
 _UNSUPPORTED = {
@@ -112,11 +113,14 @@ def _check_numbers(cfg: dict, path: Path) -> None:
 
 def read_lorafuse_facts(adapter_dir) -> dict | None:
     """lorafuse.json of an adapter folder, or None for an adapter peft (or another tool) wrote."""
-    path = Path(adapter_dir).expanduser() / LORAFUSE_NAME
-    if not path.is_file():
-        return None
-    with reading(path, "the adapter's training facts", ModelError, fix="save the adapter again, or delete that file"):
-        return json.loads(path.read_text(encoding="utf-8"))
+    return read_facts(adapter_dir)
+
+
+def trained_quant(adapter_dir, default: str = "nf4") -> str:
+    """How the adapter's base was quantized in training (lorafuse.json), else `default` (or no adapter)."""
+    facts = read_facts(adapter_dir) if adapter_dir else None
+    quant = ((facts or {}).get("base") or {}).get("quant")
+    return quant if quant in ("nf4", "none") else default
 
 
 def load_adapter(model, adapter_dir, is_trainable=False):
@@ -126,6 +130,7 @@ def load_adapter(model, adapter_dir, is_trainable=False):
     layers_to_transform, modules_to_save excluded) with peft's r/alpha (rank_pattern/alpha_pattern), rsLoRA and DoRA.
     Strict: every tensor of the file must land and every LoRA parameter must get one, else ModelError listing them.
     is_trainable=False freezes the adapter and puts the model in eval mode (inference), as peft does.
+    The prompt format the adapter was trained with (lorafuse.model.prompt_format) goes on `model_state(model).prompt`.
     """
     cfg = read_adapter_config(adapter_dir)
     _check_supported(cfg, Path(adapter_dir) / CONFIG_NAME)
@@ -143,6 +148,7 @@ def load_adapter(model, adapter_dir, is_trainable=False):
         for key, value in tensors.items():
             param = model.get_parameter(key[len(PREFIX) :])
             param.copy_(value.to(param.dtype))
+    model_state(model).prompt = read_prompt_format(adapter_dir)  # how generate/chat prompt it (lorafuse.json)
     if not is_trainable:
         for p in model.parameters():
             p.requires_grad_(False)

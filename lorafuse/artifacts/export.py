@@ -57,9 +57,9 @@ def export(
     quant: gguf: f32, f16 (default), bf16, q8_0, q5_1, q5_0, q4_1, q4_0 (see artifacts.gguf_tensors); hf: f32, f16,
     bf16 (default). Raises LorafuseError (exit 2 in the CLI) on bad arguments before loading anything.
     """
-    from rich.console import Console
+    from lorafuse.console import make_console
 
-    console = console or Console(stderr=True, highlight=False)
+    console = console or make_console(stderr=True, highlight=False)
     out = _check_args(model, adapter, out, format, quant, ollama, lora_only)
     start = time.perf_counter()
     if format == "hf":
@@ -79,7 +79,7 @@ def export(
     what = "LoRA adapter" if lora_only else "merged model" if adapter else "model"
     console.print(
         f"exported the {what} to {result.path} ({_size(result.bytes)}, {result.quant}) in {result.seconds:.1f} s"
-        + (f"; Ollama: ollama create NAME -f {result.modelfile}" if result.modelfile else "")
+        + (f"; Ollama: ollama create {result.path.stem} -f {result.modelfile}" if result.modelfile else "")
     )
     return result
 
@@ -89,6 +89,10 @@ def _check_args(model, adapter, out, format, quant, ollama, lora_only) -> Path:
 
     if format not in FORMATS:
         raise LorafuseError(f"unknown export format {format!r}", "use --format gguf or --format hf")
+    if format == "gguf":
+        from lorafuse.artifacts.gguf import import_gguf
+
+        import_gguf()  # the missing package is a clear error before anything else
     if out is None:
         raise LorafuseError("no output path given", "pass --out model.gguf (gguf) or --out DIR (hf)")
     if (lora_only or format == "hf") and adapter is None:

@@ -12,8 +12,9 @@ W' is cast once to `dtype`. Linears the adapter did not target are dequantized t
 copies (already loaded into the modules) replace the base modules; trainable token rows are written into the
 embedding and head rows they replace (E[I] = R_e, W[I] = R_h; a base grown for new tokens keeps the new size).
 The folder holds config.json without any quantization_config, model.safetensors, the training tokenizer + chat template,
-and generation_config.json whose EOS ids include the template's end-of-turn token, so
-`AutoModelForCausalLM.from_pretrained` needs no lorafuse.
+generation_config.json whose EOS ids include the template's end-of-turn token, so
+`AutoModelForCausalLM.from_pretrained` needs no lorafuse, and the adapter's prompt format in lorafuse.json (format,
+chat template, system prompt, EOS) for lorafuse's generate.
 
 Why dequantize instead of merging into the original 16-bit weights: a QLoRA adapter learned a correction to
 dequantize(NF4 W), which differs from W by up to ~10% of each block's absmax; merging into W changes the function (the
@@ -39,6 +40,7 @@ Memory: the base as in training (NF4: ~0.5 byte/param, its non-quantized parts i
 from __future__ import annotations
 
 import gc
+import json
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -126,6 +128,7 @@ def merge(
     tokenizer = training_tokenizer(adapter_dir, tokenizer)
     with atomic_folder(out_dir, "merge") as tmp:
         _save_merged(model, tokenizer, tmp)
+        _save_prompt_format(tmp, adapter_dir)
         del model
         gc.collect()
         if not check:
@@ -275,6 +278,19 @@ def _save_merged(model, tokenizer, folder: Path) -> None:
     model.generation_config = gen
     model.save_pretrained(str(folder))
     tokenizer.save_pretrained(str(folder))
+
+
+def _save_prompt_format(folder: Path, adapter_dir) -> None:
+    """The adapter's prompt format (lorafuse.json's keys) into the merged folder's lorafuse.json, so generate, chat
+    and export prompt the merged model as training did (its tokenizer already holds the trained chat template)."""
+    from lorafuse.model.prompt_format import FACTS_NAME, read_prompt_format
+    from lorafuse.version import __version__
+
+    prompt = read_prompt_format(adapter_dir, tokenizer_fallback=False)
+    if prompt is None:
+        return
+    facts = {"lorafuse_version": __version__, "merged_from": str(adapter_dir), **prompt.facts()}
+    (folder / FACTS_NAME).write_text(json.dumps(facts, indent=2, sort_keys=True, ensure_ascii=False), encoding="utf-8")
 
 
 def _reload(folder: Path):

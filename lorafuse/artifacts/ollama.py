@@ -180,7 +180,7 @@ def modelfile_text(gguf_name: str, tokenizer, template: str | None, system_promp
         )
     stops = [tokenizer.eos_token] + ([tokenizer.convert_ids_to_tokens(eot_id)] if eot_id is not None else [])
     lines = [
-        f"{HEADER} {__version__}. Create the model with: ollama create NAME -f <this file>",
+        f"{HEADER} {__version__}. Create the model with: ollama create {Path(gguf_name).stem} -f <this file>",
         f"FROM ./{gguf_name}",
         f'TEMPLATE """{go_template(pieces)}"""',
         *(f"PARAMETER stop {json.dumps(t, ensure_ascii=False)}" for t in dict.fromkeys(stops) if t),

@@ -19,6 +19,7 @@ fingerprint of a hub data set.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import io
@@ -278,8 +279,12 @@ def _read_saved_dataset(p: Path, split: str) -> RowSource:
 
 def _read_hub(name: str, split: str) -> RowSource:
     datasets = _import_datasets(f"the hub data set '{name}'")
+    from lorafuse.hub import dataset_online, datasets_offline
+
+    online = dataset_online(name)  # offline and not cached: the error at once, no retries
     try:
-        ds = datasets.load_dataset(name, split=split)
+        with contextlib.nullcontext() if online else datasets_offline():
+            ds = datasets.load_dataset(name, split=split)
     except ConnectionError as e:
         offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0", "false", "False")
         raise DataError(

@@ -3,9 +3,6 @@ first exception transformers raises.
 
 * `check_config_json(folder)`, `check_tokenizer_files(folder)`: config.json and the tokenizer's JSON files parse
   (a corrupt one is named with its JSON error, not reported as "no usable tokenizer").
-* `hub_source(repo_id)`: a hub id, when the hub answers; else (offline, or HF_HUB_OFFLINE set) the id's snapshot
-  folder in the local HF cache, so nothing downstream tries the network (transformers retries for ~50 s before it
-  gives up); not in the cache: a ModelError at once.
 * `check_attn_implementation(name)`: one of the attention backends transformers knows (or a hub kernel).
 * `model_code_errors(folder, attn)`: transformers' ValueError/ImportError for a model that needs its own code
   (trust_remote_code) or an attention backend that is not installed, as a ModelError with the fix.
@@ -14,15 +11,11 @@ first exception transformers raises.
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
-import os
 from pathlib import Path
 
 from lorafuse.errors import ModelError
 from lorafuse.io_errors import reading
-
-HUB_PROBE_TIMEOUT_S = 3.0
 
 
 def check_config_json(folder: Path) -> dict:
@@ -45,45 +38,6 @@ def check_tokenizer_files(folder) -> None:
         if path.is_file():
             with reading(path, "the tokenizer file", ModelError, fix="copy that file from the base model again"):
                 json.loads(path.read_text(encoding="utf-8"))
-
-
-def _offline() -> bool:
-    from huggingface_hub import constants
-
-    env = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
-    return env or bool(constants.HF_HUB_OFFLINE)
-
-
-@functools.lru_cache(maxsize=4)
-def _hub_reachable(endpoint: str) -> bool:
-    """One HEAD request with a short timeout (proxy settings honoured); any HTTP answer means reachable."""
-    import urllib.error
-    import urllib.request
-
-    try:
-        urllib.request.urlopen(urllib.request.Request(endpoint, method="HEAD"), timeout=HUB_PROBE_TIMEOUT_S)
-    except urllib.error.HTTPError:
-        return True
-    except (OSError, ValueError):  # URLError, timeouts and refused connections are OSErrors
-        return False
-    return True
-
-
-def hub_source(repo_id: str) -> str:
-    """`repo_id` when the hub can be reached, else its folder in the local cache (see the module docstring)."""
-    from huggingface_hub import constants, snapshot_download
-    from huggingface_hub.errors import LocalEntryNotFoundError
-
-    if not _offline() and _hub_reachable(constants.ENDPOINT):
-        return repo_id
-    try:
-        return snapshot_download(repo_id, local_files_only=True)
-    except (LocalEntryNotFoundError, OSError, ValueError):
-        why = "HF_HUB_OFFLINE is set" if _offline() else f"no answer from {constants.ENDPOINT}"
-        raise ModelError(
-            f"the hub cannot be reached ({why}): {repo_id} is not in the local cache",
-            "download it on a connected machine (huggingface-cli download ID) or point model.path at a local folder",
-        ) from None
 
 
 def check_attn_implementation(name: str | None) -> None:

@@ -35,7 +35,7 @@ from lorafuse.errors import ModelError
 from lorafuse.model_state import model_state
 
 BUILTIN_PREFIX = builtin.PREFIX
-_BUILTIN_VERSION = "v1"
+_BUILTIN_VERSION = "v2"  # v2: the tokenizer's merges stay within runs of one script
 
 
 def cache_dir() -> Path:
@@ -50,7 +50,7 @@ def resolve_model_path(path_or_id: str) -> str:
     p = Path(path_or_id).expanduser()
     looks_local = p.exists() or path_or_id.startswith((".", "/", "~")) or path_or_id.count("/") != 1
     if not looks_local:  # a hub id such as "meta-llama/Llama-2-7b-hf"; offline: its folder in the HF cache
-        from lorafuse.model.checks import hub_source
+        from lorafuse.hub import hub_source
 
         return hub_source(path_or_id)
     if p.is_file():
@@ -91,7 +91,7 @@ def _builtin_folder(name: str) -> Path:
     from lorafuse.model.tiny import build_tiny_model, build_tiny_tokenizer
 
     arch, kwargs = builtin.MODELS[name]
-    tok = build_tiny_tokenizer(corpus, vocab_size=builtin.VOCAB_SIZE)
+    tok = build_tiny_tokenizer(corpus, vocab_size=builtin.VOCAB_SIZE, split_scripts=True)
     model = build_tiny_model(arch, tokenizer=tok, **kwargs)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=folder.parent))
@@ -182,7 +182,8 @@ def load_model(
     """Load `(model, tokenizer)`; with quant="nf4" every linear but the output head is NF4 4-bit.
 
     compute_dtype: dtype of the math and of the non-quantized parameters (embeddings, norms, head); "auto" picks per
-    device. LoRA weights added later by `apply_lora` are fp32. The model is frozen and in eval mode.
+    device. LoRA weights added later by `apply_lora` are fp32. The model is frozen and in eval mode. A merged model's
+    folder holds the lorafuse.json of its adapter: its prompt format goes on `model_state(model).prompt`.
     """
     if quant not in ("nf4", "none"):
         raise ModelError(f"unknown quant {quant!r}", "use quant='nf4' (QLoRA) or quant='none' (LoRA on a 16-bit base)")
@@ -206,6 +207,9 @@ def load_model(
         "compute_dtype": str(dtype).removeprefix("torch."),
         **quant_info,
     }
+    from lorafuse.model.prompt_format import read_prompt_format
+
+    model_state(model).prompt = read_prompt_format(folder, tokenizer_fallback=False)  # a merged model's lorafuse.json
     return model, tokenizer
 
 

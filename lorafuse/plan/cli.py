@@ -7,6 +7,7 @@ suggestion then says what does).
 from __future__ import annotations
 
 import json
+import shlex
 import sys
 
 from lorafuse.plan.fit import Plan, plan
@@ -40,7 +41,8 @@ def _fmt_n(n: float) -> str:
     return f"{n / 1e9:.2f} B" if n >= 1e9 else f"{n / 1e6:.2f} M"
 
 
-def render(p: Plan) -> str:
+def render(p: Plan, train_command: str = "lorafuse train CONFIG") -> str:
+    """The plan as text; the suggestion's command is `train_command` followed by the overrides that apply it."""
     w, e, s = p.workload, p.estimate, p.shape
     lines = [
         f"plan for {p.model}: shape {s.name} ({_fmt_n(s.total_params)} params, {s.num_layers} layers, "
@@ -84,17 +86,19 @@ def render(p: Plan) -> str:
             f"card {p.card_source})"
         )
     if p.suggestion is not None:
-        lines.append(_render_suggestion(p))
+        lines.append(_render_suggestion(p, train_command))
     lines += [f"  note: {n}" for n in p.notes]
     return "\n".join(lines)
 
 
-def _render_suggestion(p: Plan) -> str:
+def _render_suggestion(p: Plan, train_command: str) -> str:
     sg = p.suggestion
     if not sg["overrides"]:
         return "  this setting is already the fastest that fits"
     speedup = "" if not p.tokens_per_s else f" ({sg['tokens_per_s'] / p.tokens_per_s:.2f}x)"
-    args = " ".join(f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in sg["overrides"].items())
+    args = " ".join(
+        shlex.quote(f"{k}={str(v).lower() if isinstance(v, bool) else v}") for k, v in sg["overrides"].items()
+    )
     return (
         f"\n  fastest setting that fits: micro_batch_size {sg['micro_batch_size']}, grad_accum "
         f"{sg['grad_accum']}, gradient checkpointing {sg['gradient_checkpointing']}, max_length "
@@ -103,13 +107,18 @@ def _render_suggestion(p: Plan) -> str:
         f"{f', last {k} layers keep activations' if (k := sg.get('uncheckpointed_layers')) else ''}"
         f"{f', NF4 weights dequantized in parts of <= {c} MiB' if (c := sg.get('dequant_cap_mib')) else ''} -> "
         f"{sg['peak_gib']:.2f} GiB, {sg['tokens_per_s']:,.0f} tokens/s{speedup}\n"
-        f"    lorafuse train CONFIG {args}"
+        f"    {train_command} {args}"
     )
 
 
-def plan_command(cfg, gpu_memory=None, as_json: bool = False, gpu: str | None = None, file=None) -> int:
-    """Print the plan (text or JSON). Returns 1 when the run does not fit as configured, else 0."""
+def plan_command(
+    cfg, gpu_memory=None, as_json: bool = False, gpu: str | None = None, file=None, train_command: str | None = None
+) -> int:
+    """Print the plan (text or JSON). Returns 1 when the run does not fit as configured, else 0.
+    train_command: the `lorafuse train ...` command of this config (its file and overrides), which the suggestion
+    extends; default "lorafuse train CONFIG"."""
     p = plan(cfg, gpu_memory=gpu_memory, gpu=gpu)
     out = file or sys.stdout
-    print(json.dumps(p.to_dict(), indent=2) if as_json else render(p), file=out)
+    text = render(p, train_command) if train_command else render(p)
+    print(json.dumps(p.to_dict(), indent=2) if as_json else text, file=out)
     return 1 if p.fits is False else 0

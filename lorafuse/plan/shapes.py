@@ -23,7 +23,6 @@ listing the built-in shapes. The built-in configs are the hub's config.json valu
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -196,24 +195,28 @@ def load_shape(name_or_path: str) -> ModelShape:
 
 
 def _download_shape(repo: str) -> ModelShape:
+    from lorafuse.hub import hub_source, is_hub_id
+
     known = ", ".join(BUILTIN_CONFIGS)
-    fix = (
-        f"use a built-in shape ({known}) or a hub id of one, a local folder with config.json, or go online "
-        "(unset HF_HUB_OFFLINE) so config.json can be downloaded"
-    )
-    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes") or repo.count("/") != 1:
+    if not is_hub_id(repo):
         raise ModelError(
-            f"unknown model {repo!r}: not a local folder, not a built-in shape, and the hub is not reachable (offline)",
-            fix,
+            f"unknown model {repo!r}: not a local folder, not a built-in shape, and not a hub id (owner/name)",
+            f"use a built-in shape ({known}), a hub id, or a local folder with config.json",
         )
+    try:
+        source = hub_source(repo)  # offline: the cached snapshot, else the error at once (no retries)
+    except ModelError as err:
+        raise ModelError(err.problem, f"{err.fix}, or plan with a built-in shape ({known})") from None
+    if source != repo:
+        return _read_config(Path(source) / "config.json", repo)
     try:
         from huggingface_hub import hf_hub_download
 
         path = hf_hub_download(repo, "config.json")
-    except Exception as exc:  # network, auth, missing repo: all mean "cannot read the shape"
+    except Exception as exc:  # auth, missing repo: all mean "cannot read the shape"
         raise ModelError(
             f"cannot download config.json of {repo!r}: {type(exc).__name__}: "
             f"{str(exc).splitlines()[0] if str(exc) else ''}",
-            fix,
+            f"check the id, log in for a gated model (huggingface-cli login), or use a built-in shape ({known})",
         ) from None
     return _read_config(Path(path), repo)

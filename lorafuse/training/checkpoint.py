@@ -46,7 +46,7 @@ from pathlib import Path
 
 import torch
 
-from lorafuse.atomic import fsync_path, fsync_tree, write_atomic
+from lorafuse.atomic import fsync_path, fsync_tree, normal_file_modes, write_atomic
 from lorafuse.errors import LorafuseError
 from lorafuse.io_errors import io_errno, save_torch
 from lorafuse.outputs import CHECKPOINT_RE, RUN_FILES
@@ -232,6 +232,7 @@ def save_checkpoint(
 
             save_config(config, tmp / "config.yaml")
         write_manifest(tmp, step)
+        normal_file_modes(tmp)  # safetensors writes 0600
         fsync_tree(tmp)
         _install(tmp, final)
     except BaseException as exc:
@@ -293,6 +294,26 @@ def damaged_error(folder: Path, why: str) -> LorafuseError:
     )
 
 
+def load_trainable(folder: Path, model) -> None:
+    """Copy a checkpoint's trainable tensors (trainable.safetensors) into `model`, bit for bit; the caller has
+    verified the folder."""
+    from safetensors.torch import load_file
+
+    saved = load_file(str(Path(folder) / "trainable.safetensors"))
+    params = dict(model.named_parameters())
+    current = {n for n, p in params.items() if p.requires_grad}
+    if set(saved) != current:
+        missing, extra = sorted(current - set(saved)), sorted(set(saved) - current)
+        raise LorafuseError(
+            f"{folder} does not match this model's trainable parameters "
+            f"(not in the checkpoint: {missing[:3]}; only in the checkpoint: {extra[:3]})",
+            "resume with the LoRA settings the checkpoint was trained with, or start over with --no-resume",
+        )
+    with torch.no_grad():
+        for name, value in saved.items():
+            params[name].copy_(value)
+
+
 def load_checkpoint(folder: Path, *, model, optimizer, scaler=None) -> dict:
     """Verify `folder` (lorafuse.training.manifest), then restore trainable tensors, optimizer and scaler from it.
 
@@ -306,19 +327,7 @@ def load_checkpoint(folder: Path, *, model, optimizer, scaler=None) -> dict:
     why = verify(folder)
     if why is not None:
         raise damaged_error(folder, why)
-    saved = load_file(str(folder / "trainable.safetensors"))
-    params = dict(model.named_parameters())
-    current = {n for n, p in params.items() if p.requires_grad}
-    if set(saved) != current:
-        missing, extra = sorted(current - set(saved)), sorted(set(saved) - current)
-        raise LorafuseError(
-            f"{folder} does not match this model's trainable parameters "
-            f"(not in the checkpoint: {missing[:3]}; only in the checkpoint: {extra[:3]})",
-            "resume with the LoRA settings the checkpoint was trained with, or start over with --no-resume",
-        )
-    with torch.no_grad():
-        for name, value in saved.items():
-            params[name].copy_(value)
+    load_trainable(folder, model)
     blob = torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True)
     optimizer.load_state_dict(blob["optimizer"])
     if scaler is not None and blob.get("scaler"):

@@ -184,7 +184,9 @@ class TrainingLoop:
         else:
             rng.set_rng_state(self._rng)  # last: after everything at setup that consumed randomness
         self.world.broadcast_params(self.params)
-        start_step, stop = st.step, ("already_complete" if st.step >= self.total else None)
+        patience = self.tc.early_stopping_patience
+        stopped_early = bool(patience) and st.evals_since_best >= patience  # a run that stopped early is finished
+        start_step, stop = st.step, ("already_complete" if st.step >= self.total or stopped_early else None)
         self.progress = Progress(self.console, total=self.total, initial=st.step)
         try:
             with StopSignals() as signals:
@@ -241,7 +243,7 @@ class TrainingLoop:
             sums, error = self._micro_steps(batches, units)
             if error is not None:
                 oom.release(self.optimizer, self.graphed is None, self.device)
-                raise oom.retry_failed(decision, error, st.step + 1)
+                raise oom.retry_failed(decision, error, st.step + 1, self.config)
         loss_sum, *metric_sums = world.sync_gradients(self.params, sums)  # one all-reduce under torchrun
         loss = loss_sum / units if units else math.nan
         grad_norm, skipped = self._clip_and_update(loss)
@@ -312,9 +314,10 @@ class TrainingLoop:
             improved = self._evaluate()
             patience = tc.early_stopping_patience
             if patience and st.evals_since_best >= patience:
+                delta = tc.early_stopping_min_delta
                 self.note(
-                    f"early stopping: no better eval loss in {patience} evaluations "
-                    f"(best {st.best_eval:.4f} at step {st.best_step})"
+                    f"early stopping: no eval loss {f'more than {delta:g} ' if delta else ''}below the best in "
+                    f"{patience} evaluations (best {st.best_eval:.4f} at step {st.best_step})"
                 )
                 stop = "early_stopping"
         signalled = self.world.any(signals.received is not None)  # a collective: every rank, every step
@@ -368,10 +371,12 @@ class TrainingLoop:
         self.metrics.append(row)
         self.note(eval_note(row))
         loss = out["loss"]
+        # patience restarts only on an improvement of more than min_delta; the best checkpoint follows any improvement
+        enough = st.best_eval is None or loss < st.best_eval - self.tc.early_stopping_min_delta
+        st.evals_since_best = 0 if enough else st.evals_since_best + 1
         if st.best_eval is None or loss < st.best_eval:
-            st.best_eval, st.best_step, st.evals_since_best = loss, st.step, 0
+            st.best_eval, st.best_step = loss, st.step
             return True
-        st.evals_since_best += 1
         return False
 
     def _save(self, improved: bool) -> None:

@@ -240,12 +240,10 @@ class Progress:
 
 
 def print_summary(console, summary: dict) -> None:
-    """The end-of-run table: time, tokens, peak memory, losses, where the adapter is."""
-    from rich.table import Table
-
-    table = Table(title="lorafuse run summary", show_header=False, box=None)
+    """The end-of-run summary: time, tokens, peak memory, losses, where the adapter is; one aligned line per item
+    (a table would crop or wrap a long path)."""
     rows = [
-        ("stopped", summary.get("stop_reason")),
+        ("stopped", _fmt_stop(summary)),
         ("steps", f"{summary.get('steps')}"),
         ("time", _fmt_eta(summary.get("wall_s", 0.0))),
         ("tokens", f"{summary.get('tokens', 0):,} ({summary.get('tokens_per_s', 0):.0f}/s)"),
@@ -254,9 +252,16 @@ def print_summary(console, summary: dict) -> None:
         ("best eval loss", _fmt_best(summary)),
         ("adapter", summary.get("adapter_dir") or "not written (resume to finish)"),
     ]
+    console.print("lorafuse run summary", style="bold", highlight=False)
     for key, value in rows:
-        table.add_row(key, str(value))
-    console.print(table)
+        console.print(f"  {key:<18} {value}", highlight=False, markup=False, soft_wrap=True)
+
+
+def _fmt_stop(summary: dict) -> str:
+    reason = summary.get("stop_reason")
+    if reason == "early_stopping":
+        return f"early stopping (the adapter is the best checkpoint's, step {summary.get('best_step')})"
+    return str(reason)
 
 
 def _fmt_pair(a, b) -> str:

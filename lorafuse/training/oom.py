@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import gc
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -102,7 +103,7 @@ def decide(setting: dict, error: str, step: int, epoch: float, config=None) -> D
             f"out of GPU memory in step {step} at {describe(setting)}, and there is no smaller setting "
             "to retry with mid-run (a shorter data.max_length would change the data)"
         )
-        return Decision(before=setting, error=_error(problem, error))
+        return Decision(before=setting, error=_error(problem, error, config))
     now = {**setting, **change}
     row = {"step": step, "epoch": epoch, "event": "oom_retry", **_short(now), "from": _short(setting), "error": error}
     note = (
@@ -112,13 +113,13 @@ def decide(setting: dict, error: str, step: int, epoch: float, config=None) -> D
     return Decision(before=setting, change=change, setting=now, note=note, row=row)
 
 
-def retry_failed(decision: Decision, error: str, step: int) -> LorafuseError:
+def retry_failed(decision: Decision, error: str, step: int, config=None) -> LorafuseError:
     """The error that stops the run when the retry at `decision.setting` ran out of memory too."""
     problem = (
         f"out of GPU memory in step {step} at {describe(decision.before)}, and again on the retry at "
         f"{describe(decision.setting)}"
     )
-    return _error(problem, error)
+    return _error(problem, error, config)
 
 
 def release(optimizer, set_to_none: bool, device: torch.device) -> None:
@@ -229,10 +230,12 @@ def _next_setting(setting: dict, config) -> dict | None:
     return change
 
 
-def _error(problem: str, error: str) -> LorafuseError:
+def _error(problem: str, error: str, config=None) -> LorafuseError:
+    # the run folder's config.yaml is the run's resolved config: the command runs as printed
+    plan = f"`lorafuse plan {Path(config.output.dir) / 'config.yaml'}`" if config is not None else "`lorafuse plan`"
     return LorafuseError(
         f"{problem}. The error: {error}",
-        "run `lorafuse plan CONFIG` to see where the memory goes and the fastest setting that fits this GPU, "
+        f"run {plan} to see where the memory goes and the fastest setting that fits this GPU, "
         "and train with it (train.auto_fit=true applies it for you); or lower data.max_length, use "
         "model.quant=nf4, or use a GPU with more memory",
     )

@@ -92,3 +92,24 @@ def test_python_api_is_the_same_function():
     from lorafuse.artifacts.export import export
 
     assert lorafuse.export is export
+
+
+def test_export_without_the_gguf_package_names_the_extra(monkeypatch, capsys, tmp_path):
+    """No `gguf` installed: one clear error with the pip command, exit 2, before anything is loaded or written."""
+    import builtins
+
+    real = builtins.__import__
+
+    def no_gguf(name, *args, **kwargs):
+        if name == "gguf":
+            raise ImportError("No module named 'gguf'")
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_gguf)
+    from lorafuse.cli import main
+
+    out = tmp_path / "m.gguf"
+    assert main(["export", "--model", "builtin:tiny-llama", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "needs the `gguf` package" in err and "pip install 'lorafuse[export]'" in err and "Traceback" not in err
+    assert not out.exists()

@@ -7,6 +7,7 @@ import pytest
 
 from lorafuse.data import cache as cache_mod
 from lorafuse.data.build import build_datasets
+from lorafuse.data.readers import read_rows
 from lorafuse.errors import DataError
 
 ROWS = [{"instruction": f"Add {i} and {i + 1}.", "input": "", "output": f"{2 * i + 1}"} for i in range(40)]
@@ -22,7 +23,7 @@ def test_demo_builds_with_stats_that_match_the_data(tiny_tokenizer, make_cfg):
     assert sum(c for _, _, c in stats.histogram) == len(train)
     assert stats.template == "plain" and not stats.cache_hit
     text = "\n".join(stats.summary())
-    assert "200 read" in text and "masked" in text
+    assert f"{len(read_rows('builtin:demo').rows)} read" in text and "masked" in text
 
 
 def test_val_split_fraction_count_and_determinism(tiny_tokenizer, make_cfg, write_jsonl, tmp_path):

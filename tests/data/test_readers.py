@@ -79,14 +79,21 @@ def test_datasets_save_to_disk_folder_and_split(tmp_path):
     assert "data.split" in e.value.fix
 
 
-def test_builtin_demo_is_bilingual_alpaca_with_short_outputs():
-    src = read_rows("builtin:demo")
-    assert 150 <= len(src.rows) <= 300
-    assert all(set(r) == {"instruction", "input", "output"} for r in src.rows)
-    has_ja = sum(any("\u3040" <= ch <= "\u30ff" or "\u4e00" <= ch <= "\u9fff" for ch in r["output"]) for r in src.rows)
-    assert 0.2 < has_ja / len(src.rows) < 0.8  # a real mix of Japanese and English answers
-    assert max(len(r["output"]) for r in src.rows) <= 80
-    assert any(r["input"] == "" for r in src.rows) and any(r["input"] for r in src.rows)
+def test_builtin_demo_translates_both_ways_and_holds_out_whole_combinations():
+    import re
+
+    from lorafuse.demo import heldout_rows
+
+    src, held = read_rows("builtin:demo"), heldout_rows()
+    assert all(set(r) == {"instruction", "output"} for r in src.rows + held)
+    to_en = [r for r in src.rows if r["instruction"].startswith("英語に翻訳してください: ")]
+    assert len(to_en) * 2 == len(src.rows)  # the other half translates into Japanese
+    assert not {r["instruction"] for r in src.rows} & {r["instruction"] for r in held}
+
+    def words(rows) -> set[str]:  # the English sentences' words: a held-out sentence recombines trained ones
+        return {w for r in rows for w in re.findall(r"[a-z]+", (r["output"] + r["instruction"]).lower())}
+
+    assert words(held) <= words(src.rows) and len(held) == 80
     assert demo_data_path().is_file()
 
 

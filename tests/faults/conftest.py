@@ -24,6 +24,7 @@ TINY_RUN = (
     "train.max_steps=2",
     "train.save_every=1",
     "train.eval_every=null",
+    "train.early_stopping_patience=null",
     "data.val_size=0",
     "lora.modules_to_save=null",
 )

@@ -218,11 +218,11 @@ def test_offline_hub_id_not_cached_fails_at_once(cli):
 
 
 def test_offline_without_the_env_flag_checks_the_hub_once(cli, monkeypatch):
-    from lorafuse.model import checks
+    from lorafuse import hub
 
     monkeypatch.delenv("HF_HUB_OFFLINE")
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(checks, "_hub_reachable", lambda endpoint: False)  # what a machine without network sees
+    monkeypatch.setattr(hub, "reachable", lambda endpoint: False)  # what a machine without network sees
     cli.fails(*cli.train("model.path=nobody/no-such-model"), says=["no answer from", "not in the local cache"])
 
 

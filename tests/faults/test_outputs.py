@@ -41,6 +41,7 @@ def _argv(out: Path | str, data: Path, *extra: str) -> list[str]:
         "data.max_length=64",
         "data.val_size=0",
         "train.eval_every=null",
+        "train.early_stopping_patience=null",
         f"train.max_steps={STEPS}",
         "train.micro_batch_size=4",
         "train.save_every=2",

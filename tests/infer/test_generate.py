@@ -1,6 +1,9 @@
-"""generate(): chat template for messages, stops at EOS / end-of-turn, greedy and sampling."""
+"""generate(): the trained prompt format (else the tokenizer's chat template) for prompts and messages, raw text,
+stops at EOS / end-of-turn, greedy and sampling."""
 
 from __future__ import annotations
+
+import copy
 
 import pytest
 
@@ -64,7 +67,7 @@ def test_stops_at_eos(model_and_tok):
     prompt = "The weather is"
     handle = _force_token_after(model, tok.eos_token_id, n_new=4)
     try:
-        new = _generated_ids(model, lambda: generate(model, tok, prompt, max_new_tokens=40))
+        new = _generated_ids(model, lambda: generate(model, tok, prompt, max_new_tokens=40, raw=True))
     finally:
         handle.remove()
     assert len(new) == 4 and new[-1] == tok.eos_token_id and tok.eos_token_id not in new[:-1]
@@ -113,3 +116,79 @@ def test_chat_loop_keeps_history(model_and_tok):
     assert [m["role"] for m in history] == ["user", "assistant"]
     assert history[0]["content"] == "again"
     assert "history cleared" in out.getvalue()
+
+
+def _prompt_text(model, tok, prompt, **kw) -> str:
+    return tok.decode(encode_prompt(tok, prompt, model, **kw))
+
+
+@pytest.fixture
+def dolly_ja_model(tiny_tokenizer):
+    """A model that carries a plain dolly-ja prompt format with a system prompt, as load_adapter would set it."""
+    from lorafuse.data.templates import plain_chat_template
+    from lorafuse.model.prompt_format import PromptFormat
+    from lorafuse.model.tiny import build_tiny_model
+    from lorafuse.model_state import model_state
+
+    model = build_tiny_model("llama", tokenizer=tiny_tokenizer).eval()
+    model_state(model).prompt = PromptFormat(
+        plain_chat_template("dolly-ja", bos=True), "簡潔に答えてください。", "</s>", "dolly-ja", "plain"
+    )
+    return model
+
+
+def test_a_string_is_the_user_message_in_the_trained_format(dolly_ja_model, tiny_tokenizer):
+    text = _prompt_text(dolly_ja_model, tiny_tokenizer, "日本の首都は？")
+    assert text == "<s>簡潔に答えてください。\n\n### 指示:\n日本の首都は？\n\n### 回答:\n"
+    with_input = [{"role": "user", "content": "英語にしてください。", "input": "猫"}]
+    assert "### 指示:\n英語にしてください。\n\n### 入力:\n猫\n\n### 回答:\n" in _prompt_text(
+        dolly_ja_model, tiny_tokenizer, with_input
+    )
+    given = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    assert _prompt_text(dolly_ja_model, tiny_tokenizer, given).startswith("<s>Be brief.\n\n### 指示:\nHi")
+
+
+def test_raw_sends_the_text_as_written(dolly_ja_model, tiny_tokenizer):
+    assert _prompt_text(dolly_ja_model, tiny_tokenizer, "### 指示:\nHi", raw=True) == "<s>### 指示:\nHi"
+
+
+def test_without_a_trained_format_the_tokenizers_template_renders_and_folds_the_input(model_and_tok):
+    model, tok = model_and_tok
+    text = _prompt_text(model, tok, [{"role": "user", "content": "Translate.", "input": "猫"}])
+    assert text.endswith("<|im_start|>user\nTranslate.\n\n猫<|im_end|>\n<|im_start|>assistant\n")
+    assert _prompt_text(model, tok, "hello") == _prompt_text(model, tok, [{"role": "user", "content": "hello"}])
+
+
+def test_a_base_without_any_chat_template_gets_the_text_as_written(tiny_tokenizer):
+    from lorafuse.model.tiny import build_tiny_model
+
+    tok = copy.deepcopy(tiny_tokenizer)
+    tok.chat_template = None
+    model = build_tiny_model("llama", tokenizer=tok)
+    assert _prompt_text(model, tok, "The weather is") == "<s>The weather is"
+
+
+def test_chat_loop_raw_keeps_no_history(model_and_tok):
+    import io
+
+    model, tok = model_and_tok
+    inputs = iter(["The weather is", "Fine-tuning", "/exit"])
+    out = io.StringIO()
+    history = chat_loop(
+        model, tok, max_new_tokens=3, temperature=0.0, input_fn=lambda _: next(inputs), output=out, raw=True
+    )
+    assert history == [] and out.getvalue().count("model> ") == 2
+
+
+def test_chat_with_a_single_turn_adapter_answers_each_message_on_its_own(dolly_ja_model, tiny_tokenizer, monkeypatch):
+    import io
+
+    import lorafuse.infer.chat as chat
+
+    seen = []
+    monkeypatch.setattr(chat, "generate", lambda model, tok, messages, **kw: seen.append(list(messages)) or "ok")
+    inputs = iter(["日本の首都は？", "富士山は？", "/exit"])
+    out = io.StringIO()
+    history = chat_loop(dolly_ja_model, tiny_tokenizer, input_fn=lambda _: next(inputs), output=out)
+    assert "single-turn dolly-ja rows" in out.getvalue() and history == []
+    assert seen == [[{"role": "user", "content": "日本の首都は？"}], [{"role": "user", "content": "富士山は？"}]]

@@ -39,6 +39,7 @@ import torch
 import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
+ROWS = Path(__file__).parent / "data" / "ddp_rows.jsonl"  # Japanese/English instruction rows, of varied lengths
 REL = 1e-5  # losses, grad norms, eval losses: relative (module docstring)
 ADAPTER_LR_STEPS = 1e-4  # adapter elements: |dW| <= this * lr * steps (module docstring)
 
@@ -77,7 +78,7 @@ def _raw_config(model_dir: Path, out: Path, grad_accum: int, dropout: float = 0.
     return {
         "model": {"path": str(model_dir), "quant": "nf4", "compute_dtype": "float32"},
         "lora": {"r": 4, "alpha": 8, "dropout": dropout, "targets": "all-linear"},
-        "data": {"path": "builtin:demo", "format": "alpaca", "max_length": 96, "num_rows": 26, "val_size": 7},
+        "data": {"path": str(ROWS), "format": "alpaca", "max_length": 96, "num_rows": 26, "val_size": 7},
         "train": {
             "max_steps": max_steps,
             "micro_batch_size": 2,

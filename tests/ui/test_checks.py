@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
 import torch
 
 from lorafuse.config import load_config, save_config
+from lorafuse.data import demo_data_path
 from lorafuse.ui.checks import DEMO, load_source, preview_html, sources, validate, verdict
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -40,8 +42,9 @@ def test_preview_marks_trained_and_masked_tokens(tmp_path, tiny_model_dir, monke
     spans = re.findall(r'<span style="([^"]*)">([^<]*)</span>', html)
     trained = {text for style, text in spans if "font-weight: bold" in style}
     masked = {text for style, text in spans if "font-weight: bold" not in style}
-    assert "Good morning." in trained  # the first demo row's response
-    assert any("### Instruction:" in t for t in masked)
+    outputs = {json.loads(line)["output"] for line in demo_data_path().read_text(encoding="utf-8").splitlines()}
+    assert trained & outputs  # the shown demo row's response
+    assert any("### 指示:" in t for t in masked)  # the demo's dolly-ja prompt
     assert "statistics" in html
 
 
