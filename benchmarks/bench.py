@@ -5,12 +5,12 @@
     lorafuse bench --shape tiny --device cpu           # smoke test (peers that need CUDA: unavailable)
     lorafuse bench --shape llama2-7b --objective dpo --pairs 4 --seq 512 --methods qlora   # DPO steps, pairs/s
 
-Flow: (1) a child process builds a random-init model of the shape (lorafuse.plan.shapes) directly on the
-device, saves it with a tokenizer as a local checkpoint folder (cached under --model-dir) and reports the
+Flow: (1) a child process (bench_child.py) builds a random-init model of the shape (lorafuse.plan.shapes) directly
+on the device, saves it with a tokenizer as a local checkpoint folder (cached under --model-dir) and reports the
 card and library versions; (2) for every (stack, method) a runner `benchmarks/peers/<stack>_stack.py`
 runs in a fresh process (see benchmarks/peers/bench_common.py for the timing method: warmup, then the
 median of --steps CUDA-event-timed steps on random tokens, torch.cuda.max_memory_allocated); (3) the
-table with lorafuse/peer ratios is printed and one JSON line per run is appended to
+table with lorafuse/peer ratios (bench_table.py) is printed and one JSON line per run is appended to
 <out>/<date>-<card>.jsonl; each lorafuse SFT run on a GPU also appends its measured peak, with the planner's
 workload, to --memory-log (benchmarks/measured_memory.jsonl, which tests/plan/test_measured.py checks; the
 planner models SFT steps, so DPO rows are not logged there).
@@ -36,16 +36,16 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's lorafuse, installed or not
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_args import METHODS, STACKS, _split, parse_args, plan_runs, prompt_tokens  # noqa: E402, F401 (the API)
+from bench_args import parse_args, plan_runs, prompt_tokens  # noqa: E402
+from bench_child import build_in_child, run_child  # noqa: E402
+from bench_table import latest_quality, render, render_seed_table  # noqa: E402
 
-from lorafuse.errors import LorafuseError  # noqa: E402
-from lorafuse.plan.memory import GIB, Workload, estimate  # noqa: E402
+from lorafuse.plan.memory import GIB, estimate  # noqa: E402
 from lorafuse.plan.shapes import PROJECTIONS, builtin_shape  # noqa: E402
+from lorafuse.plan.workload import Workload  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 PEERS = ROOT / "benchmarks" / "peers"
-SEED = {"full": ("28 GB+", "100%"), "lora": ("8 GB", "30%"), "qlora": ("6 GB", "42%")}  # SEED.md section 8
-SEED_QUALITY = {"full": "100%", "lora": "99%", "qlora": "98%"}  # the seed's summary table, quality vs full
 REQUIRED_KEYS = (
     "run",
     "card",
@@ -75,119 +75,8 @@ UNSUPPORTED = {
 DPO_ADAPTERS_ONLY = "the DPO benchmark trains adapters (qlora, lora): its reference is the adapter switched off"
 
 
-def _child_env() -> dict:
-    env = dict(
-        os.environ,
-        HF_HUB_OFFLINE="1",
-        TOKENIZERS_PARALLELISM="false",
-        PYTHONUNBUFFERED="1",
-        TRANSFORMERS_VERBOSITY="error",
-    )
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [x for x in [env.get("PYTHONPATH")] if x])
-    return env
-
-
-def _child(cmd: list[str], timeout: int) -> tuple[dict, str]:
-    """Run a child; return ({"kind": BENCH_*, ...payload} or an error dict, stderr tail)."""
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=_child_env(), cwd=ROOT)
-    except subprocess.TimeoutExpired:
-        return {"status": "timeout", "reason": f"no result within {timeout} s"}, ""
-    tail = "\n".join((proc.stderr or "").strip().splitlines()[-15:])
-    for line in reversed((proc.stdout or "").splitlines()):
-        kind, _, payload = line.partition(" ")
-        if kind in ("BENCH_RESULT", "BENCH_PROBE"):
-            return json.loads(payload), tail
-        if kind == "BENCH_UNAVAILABLE":
-            return {"status": "unavailable", "reason": payload}, tail
-    last = tail.splitlines()[-1] if tail else f"exit status {proc.returncode}"
-    return {"status": "error", "reason": f"no result (exit {proc.returncode}): {last[:300]}"}, tail
-
-
-def build_checkpoint(shape_name: str, folder: str, device: str, dtype: str) -> dict:
-    """In the child: a random-init model of `shape_name` made on `device`, saved with a tokenizer."""
-    import shutil
-
-    import torch
-    import transformers
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from lorafuse.model.tiny import build_tiny_tokenizer
-
-    info = {
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "python": sys.version.split()[0],
-        "card": "cpu",
-        "memory_gib": None,
-    }
-    if device == "cuda":
-        free, total = torch.cuda.mem_get_info()
-        info.update(card=torch.cuda.get_device_name(), memory_gib=total / GIB)
-    target = Path(folder)
-    marker = {"shape": shape_name, "config": builtin_shape(shape_name).hf_config(), "dtype": dtype}
-    if (target / "bench-shape.json").is_file() and json.loads((target / "bench-shape.json").read_text()) == marker:
-        return {**info, "built": False}
-    if target.is_dir() and any(target.iterdir()) and not (target / "bench-shape.json").is_file():
-        # bench-shape.json marks the folders this builds; any other folder is someone's and is never replaced
-        return {"reason": f"{target} holds files the benchmark did not write: pass another --model-dir"}
-    cfg = dict(marker["config"])
-    tok = build_tiny_tokenizer()  # random token ids are fed directly; the tokenizer only completes the folder
-    config = AutoConfig.for_model(cfg.pop("model_type"), pad_token_id=tok.pad_token_id, **cfg)
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
-    tmp = target.with_name(target.name + f".tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, max_shard_size="4GB")
-    tok.save_pretrained(tmp)
-    (tmp / "bench-shape.json").write_text(json.dumps(marker))
-    shutil.rmtree(target, ignore_errors=True)
-    tmp.rename(target)
-    return {**info, "built": True}
-
-
-def probe_device(device: str) -> dict:
-    """In the child: the card and library versions, for --random-init (nothing is built)."""
-    import torch
-    import transformers
-
-    info = {
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "python": sys.version.split()[0],
-        "card": "cpu",
-        "memory_gib": None,
-        "built": False,
-    }
-    if device == "cuda":
-        free, total = torch.cuda.mem_get_info()
-        info.update(card=torch.cuda.get_device_name(), memory_gib=total / GIB)
-    return info
-
-
-def _build_in_child(args, folder: Path) -> dict:
-    spec = json.dumps([args.shape, str(folder), args.device, args.dtype])
-    here = f"import json, sys; sys.path[:0] = [{str(Path(__file__).resolve().parent)!r}, {str(ROOT)!r}]; "
-    code = here + (
-        "from bench import build_checkpoint; "
-        "print('BENCH_PROBE', json.dumps(build_checkpoint(*json.loads(sys.argv[1]))))"
-    )
-    if args.random_init:
-        spec = json.dumps([args.device])
-        code = here + (
-            "from bench import probe_device; print('BENCH_PROBE', json.dumps(probe_device(*json.loads(sys.argv[1]))))"
-        )
-    probe, tail = _child([sys.executable, "-c", code, spec], timeout=args.timeout)
-    if "torch" not in probe:
-        raise LorafuseError(
-            f"building the {args.shape} checkpoint failed: {probe.get('reason')}\n{tail}",
-            "check that torch and transformers work on this machine (python -c 'import torch')",
-        )
-    return probe
-
-
-def _spec(args, stack: str, method: str, folder: Path) -> dict:
+def _run_settings(args, stack: str, method: str) -> dict:
+    """What a (stack, method) run is, as its runner's spec and its JSON row both carry it."""
     return {
         "stack": stack,
         "method": method,
@@ -195,8 +84,6 @@ def _spec(args, stack: str, method: str, folder: Path) -> dict:
         "pairs": args.pairs,
         "prompt_tokens": prompt_tokens(args.seq) if args.objective == "dpo" else None,
         "shape": args.shape,
-        "folder": str(folder),
-        "vocab_size": builtin_shape(args.shape).vocab_size,
         "batch": args.batch,
         "seq": args.seq,
         "steps": args.steps,
@@ -206,15 +93,24 @@ def _spec(args, stack: str, method: str, folder: Path) -> dict:
         "r": args.r,
         "alpha": args.alpha,
         "dropout": args.dropout,
+        "random_init": args.random_init,
+        "budget_gib": args.budget_gib,
+        **_memory_settings(args, stack),
+    }
+
+
+def _spec(args, stack: str, method: str, folder: Path) -> dict:
+    """The runner's spec (benchmarks/peers/<stack>_stack.py reads it)."""
+    return {
+        **_run_settings(args, stack, method),
+        "folder": str(folder),
+        "vocab_size": builtin_shape(args.shape).vocab_size,
         "optimizer": args.optimizer,
         "full_optimizer": args.full_optimizer,
         "fast_path": "off" if args.no_fast_path else "auto",
         "seed": args.seed,
         "cuda_graphs": not args.no_graphs,
-        "random_init": args.random_init,
-        "budget_gib": args.budget_gib,
         "profile_dir": args.profile,
-        **_memory_settings(args, stack),
     }
 
 
@@ -315,21 +211,7 @@ def _row(args, run_id: str, stack: str, method: str, probe: dict, result: dict, 
         "run": run_id,
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "card": probe.get("card", "unknown"),
-        "device": args.device,
-        "stack": stack,
-        "method": method,
-        "objective": args.objective,
-        "pairs": args.pairs,
-        "prompt_tokens": prompt_tokens(args.seq) if args.objective == "dpo" else None,
-        "shape": args.shape,
-        "batch": args.batch,
-        "seq": args.seq,
-        "steps": args.steps,
-        "warmup": args.warmup,
-        "r": args.r,
-        "alpha": args.alpha,
-        "dropout": args.dropout,
-        "dtype": args.dtype,
+        **_run_settings(args, stack, method),
         "optimizer": args.full_optimizer if method == "full" else args.optimizer,
         "commit": commit[0],
         "dirty": commit[1],
@@ -342,9 +224,6 @@ def _row(args, run_id: str, stack: str, method: str, probe: dict, result: dict, 
         "pairs_per_s": None,
         "peak_alloc_gib": None,
         "peak_reserved_gib": None,
-        "random_init": args.random_init,
-        "budget_gib": args.budget_gib,
-        **_memory_settings(args, stack),
     }
     knobs = {
         k: v
@@ -401,105 +280,6 @@ def _append(path: Path, rows: list[dict]) -> None:
             f.write(json.dumps(row, default=str) + "\n")
 
 
-def _fmt(x, spec: str) -> str:
-    width = int(re.match(r"\d*", spec).group() or 0)
-    return f"{'-':>{width}}" if x is None else format(x, spec)
-
-
-def _settings(r: dict) -> str:
-    """lorafuse's non-default settings of a row, as the table shows them ("" for none)."""
-    parts = [
-        "offload" if r.get("gc") == "offload" else "",
-        "host embedding" if r.get("embeddings_on_host") else "",
-        "host head" if r.get("head_on_host") else "",
-        f"{k} kept layers" if (k := r.get("uncheckpointed_layers")) else "",
-        f"cap {c} MiB" if (c := r.get("dequant_cap_mib")) else "",
-        "FP8" if r.get("fp8") else "",
-    ]
-    return ", ".join(p for p in parts if p)
-
-
-def render(rows: list[dict]) -> str:
-    dpo = any(r.get("objective") == "dpo" for r in rows)
-    speed = "pairs_per_s" if dpo else "tokens_per_s"
-    pairs_col = f" {'pairs/s':>8}" if dpo else ""
-    lines = [f"{'method':<7} {'stack':<9} {'step s':>8}{pairs_col} {'tokens/s':>10} {'peak GiB':>9}  status"]
-    for r in rows:
-        status = "ok" if r["status"] == "ok" else f"{r['status']}: {r.get('reason') or ''}".strip()
-        if r["stack"] == "lorafuse" and r["status"] == "ok" and r["device"] == "cuda":
-            extra = _settings(r)
-            status += (
-                f" (fast path {'on' if (r.get('fast_path') or {}).get('applied') else 'off'}, "
-                f"graphs {'on' if (r.get('cuda_graphs') or {}).get('applied') else 'off'}"
-                f"{', ' + extra if extra else ''})"
-            )
-        pairs = f" {_fmt(r.get('pairs_per_s'), '8.2f')}" if dpo else ""
-        lines.append(
-            f"{r['method']:<7} {r['stack']:<9} {_fmt(r['step_s'], '8.3f')}{pairs} {_fmt(r['tokens_per_s'], '10,.0f')}"
-            f" {_fmt(r['peak_alloc_gib'], '9.2f')}  {status}"
-        )
-    ratios = []
-    for ours in (r for r in rows if r["stack"] == "lorafuse" and r["status"] == "ok"):
-        for peer in (r for r in rows if r["stack"] != "lorafuse" and r["method"] == ours["method"]):
-            if peer["status"] != "ok":
-                continue
-            mem = (
-                "" if not peer["peak_alloc_gib"] else f", memory {ours['peak_alloc_gib'] / peer['peak_alloc_gib']:.2f}x"
-            )
-            ratios.append(
-                f"  {ours['method']}: lorafuse vs {peer['stack']}: speed {ours[speed] / peer[speed]:.2f}x{mem}"
-            )
-    head = f"ratios ({speed.replace('_per_s', '/s')}: >1 is faster; memory: <1 is smaller)"
-    if dpo:
-        lines.append(
-            "DPO: hf = TRL's DPOTrainer on transformers + peft (+ bitsandbytes); unsloth = Unsloth's model in it"
-        )
-    return "\n".join(lines + ([head] + ratios if ratios else []))
-
-
-def latest_quality(results: Path) -> dict[str, str]:
-    """{method: "99.7% / 98.0%"}: lorafuse's exact-match accuracy relative to full fine-tuning, template rows as
-    pretrained / zeroed, from the newest run in the newest benchmarks/quality.py results file ({} without one)."""
-    files = sorted(Path(results).glob("*-quality.jsonl"))
-    best = [r for r in (json.loads(x) for x in files[-1].read_text().splitlines() if x.strip())] if files else []
-    best = [r for r in best if r.get("kind") == "best"]
-    if not best:
-        return {}
-    newest = max(r["run"] for r in best)
-    out = {}
-    for method in SEED:
-        rel = {r["zeroed"]: r["relative_to_full"] for r in best if r["run"] == newest and r["method"] == method}
-        if rel:
-            out[method] = " / ".join("n/a" if rel.get(z) is None else f"{100 * rel[z]:.1f}%" for z in (False, True))
-    return out
-
-
-def render_seed_table(rows: list[dict], quality: dict[str, str] | None = None) -> str:
-    """Memory and step time vs full fine-tuning beside the seed's table; `quality` (latest_quality) adds the
-    accuracy column benchmarks/quality.py measured (as pretrained / zeroed template rows)."""
-    by = {r["method"]: r for r in rows}
-    full = by.get("full") if by.get("full", {}).get("status") == "ok" else None
-    quality = quality or {}
-    lines = [
-        f"{'':<7} {'peak GiB':>9} {'vs full':>8} {'step time vs full':>18} {'quality vs full':>16}"
-        "   seed: VRAM  time  quality"
-    ]
-    for method in ("full", "lora", "qlora"):
-        r = by.get(method, {})
-        ok = r.get("status") == "ok"
-        has_mem = ok and full and r.get("peak_alloc_gib") and full.get("peak_alloc_gib")
-        mem_pct = f"{100 * r['peak_alloc_gib'] / full['peak_alloc_gib']:.0f}%" if has_mem else "n/a"
-        time_pct = f"{100 * r['step_s'] / full['step_s']:.0f}%" if ok and full else "n/a"
-        peak = _fmt(r.get("peak_alloc_gib"), "9.2f") if ok else f"{r.get('status', 'not run'):>9}"
-        lines.append(
-            f"{method:<7} {peak:>9} {mem_pct:>8} {time_pct:>18} {quality.get(method, 'not measured'):>16}"
-            f"   {SEED[method][0]:>10}  {SEED[method][1]:>4}  {SEED_QUALITY[method]:>7}"
-        )
-    if quality:
-        lines.append("quality: benchmarks/quality.py's latest results (template rows as pretrained / zeroed)")
-    return "\n".join(lines)
-
-
 def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     runs = plan_runs(args)
@@ -510,7 +290,7 @@ def main(argv=None) -> int:
         else f"building / checking the {args.shape} checkpoint in {folder} ...",
         flush=True,
     )
-    probe = _build_in_child(args, folder)
+    probe = build_in_child(args, folder)
     run_id = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
     commit, rows = _commit(), []
     batch = f"{args.pairs} DPO pairs ({args.batch} rows)" if args.objective == "dpo" else f"batch {args.batch}"
@@ -532,7 +312,7 @@ def main(argv=None) -> int:
             )
             print(f"[{i}/{len(runs)}] {stack} {method}{said} ...", flush=True)
             spec = _spec(args, stack, method, folder)
-            result, tail = _child([sys.executable, str(PEERS / f"{stack}_stack.py"), json.dumps(spec)], args.timeout)
+            result, tail = run_child([sys.executable, str(PEERS / f"{stack}_stack.py"), json.dumps(spec)], args.timeout)
             if result.get("status") == "error" and tail:
                 print(tail, file=sys.stderr)
         rows.append(_row(args, run_id, stack, method, probe, result, commit))

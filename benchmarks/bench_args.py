@@ -1,6 +1,6 @@
 """The arguments of the benchmark harness (benchmarks/bench.py, `lorafuse bench`).
 
-The command line (lorafuse/bench.py runs it): what to measure, which stacks, and lorafuse's own settings, which
+The command line: what to measure, which stacks, and lorafuse's own settings, which
 the peers do not have (a run that sets one of them compares only lorafuse with itself).
 """
 
@@ -29,6 +29,15 @@ def prompt_tokens(seq: int) -> int:
 
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="lorafuse bench", description=__doc__.splitlines()[0])
+    _step_args(p)
+    _run_args(p)
+    _adapter_args(p)
+    _lorafuse_args(p.add_argument_group("lorafuse only", "settings the peers do not have"))
+    return _checked(p.parse_args(argv))
+
+
+def _step_args(p) -> None:
+    """What one timed step is: the shape, the objective, the micro-batch, the stacks and methods, how many steps."""
     p.add_argument("--shape", default="llama2-7b", help=f"model shape: {', '.join(builtin_names())}")
     p.add_argument(
         "--objective",
@@ -49,6 +58,10 @@ def parse_args(argv):
     p.add_argument("--methods", default="qlora,lora", help=f"comma list of {', '.join(METHODS)}")
     p.add_argument("--steps", type=int, default=10, help="timed steps (the median is reported)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first")
+
+
+def _run_args(p) -> None:
+    """Where results go, the device and dtype, the model's source, memory caps, profiling, runner time, seed."""
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"), help="folder of the JSONL results")
     p.add_argument(
         "--memory-log",
@@ -81,6 +94,17 @@ def parse_args(argv):
         metavar="DIR",
         help="after timing, profile 2 more steps with torch.profiler; tables go to DIR/<stack>-<method>.txt",
     )
+    p.add_argument(
+        "--model-dir",
+        default=os.environ.get("LORAFUSE_BENCH_DIR", "/tmp/lorafuse-bench"),
+        help="cache of the random-init checkpoint folders",
+    )
+    p.add_argument("--timeout", type=int, default=900, help="seconds per runner process")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def _adapter_args(p) -> None:
+    """The LoRA settings and optimizers every stack runs with, and checkpointing."""
     p.add_argument("--r", type=int, default=16)
     p.add_argument("--alpha", type=float, default=32.0)
     p.add_argument(
@@ -94,6 +118,10 @@ def parse_args(argv):
         help="optimizer of the full fine-tuning row (torch AdamW: states counted on the GPU)",
     )
     p.add_argument("--no-gc", action="store_true", help="no gradient checkpointing (default: on, as the seed)")
+
+
+def _lorafuse_args(p) -> None:
+    """lorafuse's own memory and speed settings (a run with peers applies them to lorafuse's rows only)."""
     p.add_argument(
         "--offload",
         action="store_true",
@@ -134,14 +162,6 @@ def parse_args(argv):
     )
     p.add_argument("--no-fast-path", action="store_true", help="lorafuse without its fused kernels")
     p.add_argument("--no-graphs", action="store_true", help="lorafuse without CUDA graphs (eager launches)")
-    p.add_argument(
-        "--model-dir",
-        default=os.environ.get("LORAFUSE_BENCH_DIR", "/tmp/lorafuse-bench"),
-        help="cache of the random-init checkpoint folders",
-    )
-    p.add_argument("--timeout", type=int, default=900, help="seconds per runner process")
-    p.add_argument("--seed", type=int, default=0)
-    return _checked(p.parse_args(argv))
 
 
 def _checked(args):

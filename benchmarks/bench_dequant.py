@@ -205,7 +205,7 @@ def _pick_configs(spec: str | None):
     return [by_name[s] for s in names]
 
 
-def main(argv=None) -> int:
+def _parse(argv):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--configs", default=None, help="comma-separated names from nf4_dequant.SWEEP (default: all)")
     ap.add_argument("--dtype", choices=list(DTYPES), default="bfloat16")
@@ -214,21 +214,48 @@ def main(argv=None) -> int:
     ap.add_argument("--no-flush", action="store_true", help="leave the weight in L2 between calls")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU through Triton's interpreter")
     ap.add_argument("--out", default=f"/tmp/bench_dequant-{datetime.date.today()}.jsonl", help="JSONL, appended")
-    args = ap.parse_args(argv)
+    return ap.parse_args(argv)
+
+
+def _where(args):
+    """(device, shapes, the context to run in) for this run, or None when it cannot run here (said on stderr).
+    --smoke sets its own warm-up, iterations and dtype."""
     if args.smoke:
-        device, shapes, args.warmup, args.iters, args.dtype = "cpu", SMOKE_SHAPES, 1, 3, "float32"
-        ctx = _runtime.cpu_kernels()
-    elif not (torch.cuda.is_available() and _runtime.HAS_TRITON):
+        args.warmup, args.iters, args.dtype = 1, 3, "float32"
+        return "cpu", SMOKE_SHAPES, _runtime.cpu_kernels()
+    if not (torch.cuda.is_available() and _runtime.HAS_TRITON):
         print(
             "bench_dequant.py times the Triton NF4 kernel and needs a CUDA GPU with triton installed; "
             "on a CPU run `python benchmarks/bench_dequant.py --smoke` (checks the script) or "
             "`python -m pytest tests/kernels/test_nf4_dequant.py` (checks the kernel).",
             file=sys.stderr,
         )
+        return None
+    return "cuda", SHAPES, torch.no_grad()
+
+
+def _sweep(timer, shapes: dict, dtype, configs, device) -> list[dict]:
+    """Every configuration on every shape, printed as it comes, after the copy it is measured against."""
+    print(f"{'config':<28} {'shape':<11} {'us':>8} {'floor':>8} {'GB/s':>8} {'x copy':>7} {'speedup':>8}")
+    rows = []
+    for name, shape in shapes.items():
+        shape_rows = _shape_rows(timer, name, shape, dtype, configs, device)
+        print(
+            f"{'torch copy_ (peer)':<28} {name:<11} {shape_rows[0]['copy_us']:>8.2f} {'':>8} "
+            f"{shape_rows[0]['copy_gbps']:>8.0f} {1.0:>7.3f}"
+        )
+        for r in shape_rows:
+            _print_row(r)
+        rows += shape_rows
+    return rows
+
+
+def main(argv=None) -> int:
+    args = _parse(argv)
+    where = _where(args)
+    if where is None:
         return 2
-    else:
-        device, shapes = "cuda", SHAPES
-        ctx = torch.no_grad()
+    device, shapes, ctx = where
     configs = _pick_configs(args.configs)
     torch.manual_seed(0)
     timer = Timer(args.warmup, args.iters, flush=not args.no_flush and device == "cuda", device=device)
@@ -245,18 +272,8 @@ def main(argv=None) -> int:
         f"{meta['card']}, torch {meta['torch']}, triton {meta['triton']}, {args.dtype} output, "
         f"{'cold' if meta['flush_l2'] else 'warm'} L2, median of {args.iters}"
     )
-    print(f"{'config':<28} {'shape':<11} {'us':>8} {'floor':>8} {'GB/s':>8} {'x copy':>7} {'speedup':>8}")
-    rows = []
     with ctx:
-        for name, shape in shapes.items():
-            shape_rows = _shape_rows(timer, name, shape, DTYPES[args.dtype], configs, device)
-            print(
-                f"{'torch copy_ (peer)':<28} {name:<11} {shape_rows[0]['copy_us']:>8.2f} {'':>8} "
-                f"{shape_rows[0]['copy_gbps']:>8.0f} {1.0:>7.3f}"
-            )
-            for r in shape_rows:
-                _print_row(r)
-            rows += shape_rows
+        rows = _sweep(timer, shapes, DTYPES[args.dtype], configs, device)
     summary = _step_summary(rows, configs)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -6,9 +6,9 @@
 Shapes: Llama-2-7B (hidden 4096, intermediate 11008, vocab 32000, 4 x 512 tokens) and Llama-3-8B
 (4096 / 14336, vocab 128256, 8 KV heads, 2 x 2048 tokens), LoRA r = 16 on every projection.
 
-Method (DESIGN.md, "Performance method"): the card's two floors are measured first (a bf16 8192^3
-GEMM for FLOP/s, a 1 GiB device copy for bytes/s); every row prints its own floor
-max(FLOPs / rate, bytes / bandwidth) and time / floor. Timing: CUDA events around each call, warm-up
+Method (DESIGN.md, "Performance method"; the timing and the floors in kernel_timing.py): the card's two floors
+are measured first (a bf16 8192^3 GEMM for FLOP/s, a 1 GiB device copy for bytes/s); every row prints its own
+floor max(FLOPs / rate, bytes / bandwidth) and time / floor. Timing: CUDA events around each call, warm-up
 calls first (Triton autotunes there), the median of --iters calls (p10/p90 in the JSON); inputs are
 random, never zeros; training ops are timed forward + backward. Peak memory is the growth of
 torch.cuda.max_memory_allocated over the inputs during one forward + backward.
@@ -25,12 +25,12 @@ import dataclasses
 import datetime
 import json
 import re
-import statistics
 import subprocess
 import sys
 from pathlib import Path
 
 import torch
+from kernel_timing import Bench, peer_error, row, train_step
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # this checkout's lorafuse, installed or not
@@ -57,126 +57,30 @@ MODELS = {
     "llama2-7b": dict(hidden=4096, inter=11008, heads=32, kv_heads=32, head_dim=128, vocab=32000, tokens=(4, 512)),
     "llama3-8b": dict(hidden=4096, inter=14336, heads=32, kv_heads=8, head_dim=128, vocab=128256, tokens=(2, 2048)),
 }
-OPS = ("nf4_dequant", "lora_linear", "rmsnorm", "rope", "swiglu_mlp", "ce")
 SMOKE = dict(hidden=64, inter=96, heads=4, kv_heads=2, head_dim=16, vocab=300, tokens=(2, 16))
-RANK, DT, DEV = 16, torch.bfloat16, "cuda"  # --smoke switches to fp32 on the CPU (reference paths)
+RANK = 16
 # Every timed closure below is built and timed inside one loop iteration, so capturing loop variables
-# late (ruff B023) is intended.
-
-
-@dataclasses.dataclass
-class Bench:
-    warmup: int
-    iters: int
-    flops_per_s: float = 0.0
-    bytes_per_s: float = 0.0
-
-    def time(self, fn):
-        for _ in range(self.warmup):
-            fn()
-        if DEV == "cpu":  # --smoke: checks that every row runs, the numbers mean nothing
-            import time
-
-            ms = []
-            for _ in range(self.iters):
-                t0 = time.perf_counter()
-                fn()
-                ms.append((time.perf_counter() - t0) * 1e3)
-            ms.sort()
-            return statistics.median(ms), ms[len(ms) // 10], ms[(len(ms) * 9) // 10]
-        torch.cuda.synchronize()
-        events = [
-            (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(self.iters)
-        ]
-        for start, end in events:
-            start.record()
-            fn()
-            end.record()
-        torch.cuda.synchronize()
-        ms = sorted(s.elapsed_time(e) for s, e in events)
-        return statistics.median(ms), ms[len(ms) // 10], ms[(len(ms) * 9) // 10]
-
-    def floor_ms(self, flops: float, nbytes: float) -> float:
-        return 1e3 * max(flops / self.flops_per_s, nbytes / self.bytes_per_s)
-
-
-def peak_mb(fn) -> float:
-    if DEV == "cpu":
-        return 0.0
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    fn()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - base) / 2**20
-
-
-def measure_floors(b: Bench) -> None:
-    if DEV == "cpu":
-        b.flops_per_s, b.bytes_per_s = 1e11, 1e10
-        return
-    a = torch.randn(8192, 8192, device=DEV, dtype=DT)
-    ms, _, _ = b.time(lambda: a @ a)
-    b.flops_per_s = 2 * 8192**3 / (ms / 1e3)
-    src = torch.randn(2**28, device=DEV)  # 1 GiB
-    dst = torch.empty_like(src)
-    ms, _, _ = b.time(lambda: dst.copy_(src))
-    b.bytes_per_s = 2 * src.numel() * 4 / (ms / 1e3)
-    print(f"floors: bf16 GEMM {b.flops_per_s / 1e12:.0f} TFLOP/s, copy {b.bytes_per_s / 1e9:.0f} GB/s (read+write)")
-
-
-def train_step(fn, inputs, grad_out):
-    """forward + backward w.r.t. `inputs` (torch.autograd.grad: nothing accumulates between calls)."""
-
-    def run():
-        out = fn()
-        torch.autograd.grad(out, inputs, grad_out if out.dim() else None)
-
-    return run
-
-
-def peer_error(op, variant, shape, e) -> dict:
-    return dict(op=op, variant=variant, shape=shape, error=f"{type(e).__name__}: {e}"[:200])
-
-
-def row(b, op, variant, shape, fn, flops, nbytes):
-    try:
-        ms, p10, p90 = b.time(fn)
-        mem = peak_mb(fn)
-    except Exception as e:  # noqa: BLE001  (a peer's API change or an OOM must not end the run)
-        return peer_error(op, variant, shape, e)
-    floor = b.floor_ms(flops, nbytes)
-    return dict(
-        op=op,
-        variant=variant,
-        shape=shape,
-        ms=round(ms, 4),
-        p10=round(p10, 4),
-        p90=round(p90, 4),
-        floor_ms=round(floor, 4),
-        x_floor=round(ms / floor, 2),
-        tflops=round(flops / ms / 1e9, 1),
-        peak_mb=round(mem, 1),
-    )
+# late (ruff B023) is intended. b.device and b.dtype: cuda and bf16, or with --smoke the CPU in fp32.
 
 
 # --- ops -----------------------------------------------------------------------------------------
 
 
 def bench_nf4_dequant(b, cfg):
+    dev, dt = b.device, b.dtype
     h, f = cfg["hidden"], cfg["inter"]
     for shape in [(h, h), (f, h), (h, f)]:
-        w = quantize_nf4(torch.randn(shape, device=DEV, dtype=DT) * 0.02)
+        w = quantize_nf4(torch.randn(shape, device=dev, dtype=dt) * 0.02)
         n = w.numel
         nbytes = n / 2 + 2 * n + n / 64
         name = f"{shape[0]}x{shape[1]}"
-        yield row(b, "nf4_dequant", "triton", name, lambda: nf4_dequantize(w, DT), 0, nbytes)
-        yield row(b, "nf4_dequant", "reference", name, lambda: w.dequantize(DT), 0, nbytes)
+        yield row(b, "nf4_dequant", "triton", name, lambda: nf4_dequantize(w, dt), 0, nbytes)
+        yield row(b, "nf4_dequant", "reference", name, lambda: w.dequantize(dt), 0, nbytes)
         try:
             import bitsandbytes.functional as bnbf
 
             packed, state = bnbf.quantize_4bit(
-                torch.randn(shape, device=DEV, dtype=DT), quant_type="nf4", compress_statistics=True
+                torch.randn(shape, device=dev, dtype=dt), quant_type="nf4", compress_statistics=True
             )
             yield row(b, "nf4_dequant", "bitsandbytes", name, lambda: bnbf.dequantize_4bit(packed, state), 0, nbytes)
         except ImportError:
@@ -185,16 +89,16 @@ def bench_nf4_dequant(b, cfg):
             yield peer_error("nf4_dequant", "bitsandbytes", name, e)
 
 
-def _lora_weights(k, n, base, dropout=0.0):
-    w = torch.randn(n, k, device=DEV, dtype=DT) / k**0.5
+def _lora_weights(b, k, n, base):
+    w = torch.randn(n, k, device=b.device, dtype=b.dtype) / k**0.5
     return LoRAWeights(
         quantize_nf4(w) if base == "nf4" else w,
         None,
-        (torch.randn(RANK, k, device=DEV) / k**0.5).requires_grad_(),
-        (torch.randn(n, RANK, device=DEV) * 0.01).requires_grad_(),
+        (torch.randn(RANK, k, device=b.device) / k**0.5).requires_grad_(),
+        (torch.randn(n, RANK, device=b.device) * 0.01).requires_grad_(),
         2.0,
-        dropout,
-        1 if dropout else None,
+        0.0,
+        None,
     )
 
 
@@ -205,34 +109,32 @@ def _lora_cost(m, k, n, base):
 
 
 def _lora_rows(b, m, k, n, base, tag):
-    """The fused linear as it runs, and with experimental.fused_ds_db (dS and dB from one pass over dY)."""
-    lw = _lora_weights(k, n, base)
-    x = torch.randn(m, k, device=DEV, dtype=DT, requires_grad=True)
-    dy = torch.randn(m, n, device=DEV, dtype=DT)
+    """The fused linear as it runs, with experimental.fused_ds_db (dS and dB from one pass over dY), and the
+    reference, on the same inputs."""
+    lw = _lora_weights(b, k, n, base)
+    x = torch.randn(m, k, device=b.device, dtype=b.dtype, requires_grad=True)
+    dy = torch.randn(m, n, device=b.device, dtype=b.dtype)
     flops, nbytes = _lora_cost(m, k, n, base)
     inputs = [x, lw.lora_A, lw.lora_B]
     for variant, opts in (("fused", KernelOptions()), ("fused+dsdb", KernelOptions(fused_ds_db=True))):
         spec = dataclasses.replace(lw, opts=opts)
         fn = train_step(lambda: ll.lora_linear(x, spec), inputs, dy)
         yield row(b, "lora_linear", f"{base}-{variant}", tag, fn, flops, nbytes)
+    fn = train_step(lambda: lora_linear_reference(x, lw), inputs, dy)
+    yield row(b, "lora_linear", f"{base}-reference", tag, fn, flops, nbytes)
 
 
 def bench_lora_linear(b, cfg):
+    dev, dt = b.device, b.dtype
     m = cfg["tokens"][0] * cfg["tokens"][1]
     h, f, kv = cfg["hidden"], cfg["inter"], cfg["kv_heads"] * cfg["head_dim"]
     for name, k, n in [("q_proj", h, h), ("k_proj", h, kv), ("gate_proj", h, f), ("down_proj", f, h)]:
         tag = f"{name} M{m} K{k} N{n}"
         for base in ("dense", "nf4"):
             yield from _lora_rows(b, m, k, n, base, tag)
-            lw = _lora_weights(k, n, base)
-            x = torch.randn(m, k, device=DEV, dtype=DT, requires_grad=True)
-            dy = torch.randn(m, n, device=DEV, dtype=DT)
-            flops, nbytes = _lora_cost(m, k, n, base)
-            fn = train_step(lambda: lora_linear_reference(x, lw), [x, lw.lora_A, lw.lora_B], dy)
-            yield row(b, "lora_linear", f"{base}-reference", tag, fn, flops, nbytes)
-        w = torch.randn(n, k, device=DEV, dtype=DT)
-        x = torch.randn(m, k, device=DEV, dtype=DT, requires_grad=True)
-        dy = torch.randn(m, n, device=DEV, dtype=DT)
+        w = torch.randn(n, k, device=dev, dtype=dt)
+        x = torch.randn(m, k, device=dev, dtype=dt, requires_grad=True)
+        dy = torch.randn(m, n, device=dev, dtype=dt)
         fn = train_step(lambda: torch.nn.functional.linear(x, w), [x], dy)
         yield row(
             b, "lora_linear", "base-gemm-only (cuBLAS floor)", tag, fn, 4 * m * n * k, 2 * (n * k * 2 + 2 * m * k)
@@ -240,17 +142,18 @@ def bench_lora_linear(b, cfg):
 
 
 def bench_rmsnorm(b, cfg):
+    dev, dt = b.device, b.dtype
     m, h = cfg["tokens"][0] * cfg["tokens"][1], cfg["hidden"]
-    x = torch.randn(m, h, device=DEV, dtype=DT, requires_grad=True)
-    w = 1 + 0.1 * torch.randn(h, device=DEV, dtype=DT)
-    dy = torch.randn(m, h, device=DEV, dtype=DT)
+    x = torch.randn(m, h, device=dev, dtype=dt, requires_grad=True)
+    w = 1 + 0.1 * torch.randn(h, device=dev, dtype=dt)
+    dy = torch.randn(m, h, device=dev, dtype=dt)
     tag, nbytes = f"M{m} H{h}", 5 * m * h * 2
     yield row(b, "rmsnorm", "triton", tag, train_step(lambda: rms_norm(x, w), [x], dy), 0, nbytes)
     yield row(b, "rmsnorm", "reference", tag, train_step(lambda: rms_norm_reference(x, w), [x], dy), 0, nbytes)
     try:
         from liger_kernel.transformers.rms_norm import LigerRMSNorm
 
-        norm = LigerRMSNorm(h, eps=1e-6, in_place=False).to(DEV, DT)
+        norm = LigerRMSNorm(h, eps=1e-6, in_place=False).to(dev, dt)
         yield row(b, "rmsnorm", "liger", tag, train_step(lambda: norm(x), [x], dy), 0, nbytes)
     except ImportError:
         pass
@@ -259,12 +162,13 @@ def bench_rmsnorm(b, cfg):
 
 
 def bench_rope(b, cfg):
+    dev, dt = b.device, b.dtype
     (bsz, t), hq, hk, d = cfg["tokens"], cfg["heads"], cfg["kv_heads"], cfg["head_dim"]
-    q0 = torch.randn(bsz, t, hq, d, device=DEV, dtype=DT, requires_grad=True)
-    k0 = torch.randn(bsz, t, hk, d, device=DEV, dtype=DT, requires_grad=True)
-    inv = 1.0 / 10000 ** (torch.arange(0, d, 2, device=DEV).float() / d)
-    emb = torch.cat([torch.arange(t, device=DEV)[:, None].float() * inv] * 2, -1)[None]
-    cos, sin = emb.cos().to(DT), emb.sin().to(DT)
+    q0 = torch.randn(bsz, t, hq, d, device=dev, dtype=dt, requires_grad=True)
+    k0 = torch.randn(bsz, t, hk, d, device=dev, dtype=dt, requires_grad=True)
+    inv = 1.0 / 10000 ** (torch.arange(0, d, 2, device=dev).float() / d)
+    emb = torch.cat([torch.arange(t, device=dev)[:, None].float() * inv] * 2, -1)[None]
+    cos, sin = emb.cos().to(dt), emb.sin().to(dt)
     dq, dk = torch.randn_like(q0), torch.randn_like(k0)
     tag, nbytes = f"B{bsz} T{t} Hq{hq} Hk{hk} D{d}", 4 * (q0.numel() + k0.numel()) * 2
 
@@ -291,11 +195,12 @@ def bench_rope(b, cfg):
 
 
 def bench_swiglu_mlp(b, cfg):
+    dev, dt = b.device, b.dtype
     m, h, f = cfg["tokens"][0] * cfg["tokens"][1], cfg["hidden"], cfg["inter"]
     for base in ("dense", "nf4"):
-        projs = (_lora_weights(h, f, base), _lora_weights(h, f, base), _lora_weights(f, h, base))
-        x = torch.randn(m, h, device=DEV, dtype=DT, requires_grad=True)
-        dy = torch.randn(m, h, device=DEV, dtype=DT)
+        projs = (_lora_weights(b, h, f, base), _lora_weights(b, h, f, base), _lora_weights(b, f, h, base))
+        x = torch.randn(m, h, device=dev, dtype=dt, requires_grad=True)
+        dy = torch.randn(m, h, device=dev, dtype=dt)
         inputs = [x] + [t for p in projs for t in (p.lora_A, p.lora_B)]
         flops = sum(_lora_cost(m, k, n, base)[0] for k, n in ((h, f), (h, f), (f, h)))
         tag = f"M{m} D{h} F{f}"
@@ -314,10 +219,11 @@ def bench_swiglu_mlp(b, cfg):
 
 
 def bench_ce(b, cfg):
+    dev, dt = b.device, b.dtype
     m, h, v = cfg["tokens"][0] * cfg["tokens"][1], cfg["hidden"], cfg["vocab"]
-    hidden = torch.randn(m, h, device=DEV, dtype=DT, requires_grad=True)
-    head = torch.randn(v, h, device=DEV, dtype=DT) / h**0.5
-    labels = torch.randint(0, v, (m,), device=DEV)
+    hidden = torch.randn(m, h, device=dev, dtype=dt, requires_grad=True)
+    head = torch.randn(v, h, device=dev, dtype=dt) / h**0.5
+    labels = torch.randint(0, v, (m,), device=dev)
     flops, nbytes = 4 * m * v * h, 4 * m * v * 2 + 2 * v * h * 2
     tag = f"T{m} H{h} V{v}"
 
@@ -347,11 +253,21 @@ def bench_ce(b, cfg):
         yield peer_error("ce", "liger-flce", tag, e)
 
 
+BENCHES = {
+    "nf4_dequant": bench_nf4_dequant,
+    "lora_linear": bench_lora_linear,
+    "rmsnorm": bench_rmsnorm,
+    "rope": bench_rope,
+    "swiglu_mlp": bench_swiglu_mlp,
+    "ce": bench_ce,
+}
+
+
 # --- driver --------------------------------------------------------------------------------------
 
 
-def _card() -> str:
-    if DEV == "cpu":
+def _card(device: str) -> str:
+    if device == "cpu":
         return "cpu-smoke"
     return re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name().lower()).strip("-")
 
@@ -368,32 +284,27 @@ def _commit() -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", choices=[*MODELS, "all"], default="all")
-    ap.add_argument("--ops", default=",".join(OPS), help=f"comma-separated subset of {','.join(OPS)}")
+    ap.add_argument("--ops", default=",".join(BENCHES), help=f"comma-separated subset of {','.join(BENCHES)}")
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU (reference paths): checks the script")
     ap.add_argument("--out", default=None, help="JSONL path (default benchmarks/results/<date>-<card>-kernels.jsonl)")
     args = ap.parse_args(argv)
-    global DT, DEV
-    if args.smoke:
-        DT, DEV = torch.float32, "cpu"
-        MODELS.clear()
-        MODELS["smoke"] = SMOKE
-        args.model = "all"
-    elif not torch.cuda.is_available():
+    if not args.smoke and not torch.cuda.is_available():
         print("bench_kernels needs a CUDA GPU (or --smoke)")
         return 1
     ops = [o.strip() for o in args.ops.split(",") if o.strip()]
-    unknown = set(ops) - set(OPS)
+    unknown = set(ops) - set(BENCHES)
     if unknown:
-        ap.error(f"unknown ops {sorted(unknown)}; choose from {OPS}")
+        ap.error(f"unknown ops {sorted(unknown)}; choose from {tuple(BENCHES)}")
+    models = {"smoke": SMOKE} if args.smoke else MODELS if args.model == "all" else {args.model: MODELS[args.model]}
     torch.manual_seed(0)
-    b = Bench(args.warmup, args.iters)
-    measure_floors(b)
-    out = Path(args.out or ROOT / "benchmarks" / "results" / f"{datetime.date.today()}-{_card()}-kernels.jsonl")
+    b = Bench(args.warmup, args.iters, *(("cpu", torch.float32) if args.smoke else ("cuda", torch.bfloat16)))
+    b.measure_floors()
+    out = Path(args.out or ROOT / "benchmarks" / "results" / f"{datetime.date.today()}-{_card(b.device)}-kernels.jsonl")
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = dict(
-        card=torch.cuda.get_device_name() if DEV == "cuda" else "cpu",
+        card=torch.cuda.get_device_name() if b.device == "cuda" else "cpu",
         torch=torch.__version__,
         triton=_runtime.TRITON_VERSION,
         commit=_commit(),
@@ -405,14 +316,14 @@ def main(argv=None) -> int:
         f"{'op':<12} {'variant':<30} {'shape':<32} {'ms':>9} {'floor':>8} {'x floor':>8} {'TFLOP/s':>8} {'peak MB':>9}"
     )
     with out.open("a") as fh:
-        for model in MODELS if args.model == "all" else [args.model]:
+        for model, cfg in models.items():
             for op in ops:
-                for r in globals()[f"bench_{op}"](b, MODELS[model]):
+                for r in BENCHES[op](b, cfg):
                     r = dict(model=model, **r, **meta)
                     fh.write(json.dumps(r) + "\n")
                     fh.flush()
                     _print(r)
-                if DEV == "cuda":
+                if b.device == "cuda":
                     torch.cuda.empty_cache()
     print(f"wrote {out}")
     return 0

@@ -93,7 +93,7 @@ def layer_errors(got: dict, ref: dict, layers: list[int]) -> dict[int, float]:
     return out
 
 
-def main() -> None:
+def _parse():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="/tmp/out")
     ap.add_argument("--shape", default="llama2-7b")
@@ -107,11 +107,11 @@ def main() -> None:
         default=0.0,
         help="the weights' init std (0: the shape's initializer_range, 0.02 for Llama)",
     )
-    args = ap.parse_args()
-    os.makedirs(args.out, exist_ok=True)
-    from lorafuse import accel
+    return ap.parse_args()
 
-    cuda = args.device == "cuda"
+
+def _config(args):
+    """The shape's config.json, cut to --layers and initialised at --init-range when given."""
     from lorafuse.model.random_init import resolve_config
 
     config = resolve_config(args.shape)
@@ -119,14 +119,14 @@ def main() -> None:
         config.num_hidden_layers = args.layers
     if args.init_range:
         config.initializer_range = args.init_range
-    model, ref_model = build(config, args.device)
-    g = torch.Generator().manual_seed(2)
-    ids = torch.randint(0, model.config.vocab_size, (args.batch, args.seq), generator=g).to(args.device)
-    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
-    ref = grads(ref_model, batch, torch.float32)
-    del ref_model
-    layers_n = model.config.num_hidden_layers
-    layers = sorted({0, layers_n // 2, layers_n - 1})
+    return config
+
+
+def _mode_rows(args, config, model, batch, ref: dict, layers: list[int]) -> list[dict]:
+    """One row per mode the device runs (bf16; FP8 on compute capability 8.9+): each chosen layer's error."""
+    from lorafuse import accel
+
+    cuda = args.device == "cuda"
     modes = {"bf16": False}
     if cuda and torch.cuda.get_device_capability() >= (8, 9):
         modes["fp8"] = True
@@ -139,7 +139,7 @@ def main() -> None:
                 {
                     "mode": mode,
                     "shape": args.shape,
-                    "layers": layers_n,
+                    "layers": model.config.num_hidden_layers,
                     "init_range": config.initializer_range,
                     "batch": args.batch,
                     "seq": args.seq,
@@ -149,6 +149,22 @@ def main() -> None:
             )
         finally:
             accel.restore(model)
+    return rows
+
+
+def main() -> None:
+    args = _parse()
+    os.makedirs(args.out, exist_ok=True)
+    config = _config(args)
+    model, ref_model = build(config, args.device)
+    g = torch.Generator().manual_seed(2)
+    ids = torch.randint(0, model.config.vocab_size, (args.batch, args.seq), generator=g).to(args.device)
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+    ref = grads(ref_model, batch, torch.float32)
+    del ref_model
+    layers_n = model.config.num_hidden_layers
+    layers = sorted({0, layers_n // 2, layers_n - 1})
+    rows = _mode_rows(args, config, model, batch, ref, layers)
     with open(os.path.join(args.out, "fp8_grads.jsonl"), "a") as f:
         for r in rows:
             f.write(json.dumps(r) + "\n")

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks" / "peers")]
+sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks"), str(ROOT / "benchmarks" / "peers")]
 
 GIB = 1024**3
 
@@ -78,14 +78,7 @@ def _live_blocks(top: int = 16) -> list:
     return [[round(size / 2**20, 3), count, round(size * count / GIB, 4)] for size, count in rows]
 
 
-def main(argv=None) -> int:
-    import lorafuse_stack
-    import torch
-    from bench_common import make_batches
-    from lorafuse.bench import _lorafuse_workload, _spec, parse_args
-
-    from lorafuse.plan.memory import estimate
-
+def _parse(argv):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shape", required=True)
     p.add_argument("--method", default="qlora", choices=("qlora", "lora"))
@@ -100,36 +93,23 @@ def main(argv=None) -> int:
         "--host-head", action="store_true", help="output head in host memory between losses (bench --host-head)"
     )
     p.add_argument("--out", default=None)
-    a = p.parse_args(argv)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    args = parse_args(
-        [
-            "--shape",
-            a.shape,
-            "--batch",
-            str(a.batch),
-            "--seq",
-            str(a.seq),
-            "--stacks",
-            "lorafuse",
-            "--random-init",
-            "--device",
-            device.type,
-        ]
-        + [
-            f
-            for f, on in (
-                ("--no-graphs", a.no_graphs),
-                ("--offload", a.offload),
-                ("--host-embeddings", a.host_embeddings),
-                ("--host-head", a.host_head),
-            )
-            if on
-        ]
-    )
-    spec = _spec(args, "lorafuse", a.method, folder=None)  # as `lorafuse bench --random-init` runs it
-    step, info = lorafuse_stack.build(spec, device)
-    batches = make_batches(spec, device, 4)
+    return p.parse_args(argv)
+
+
+def _bench_args(a, device):
+    """The harness's arguments for `lorafuse bench --random-init --stacks lorafuse` with this run's settings."""
+    from bench import parse_args
+
+    argv = ["--shape", a.shape, "--batch", str(a.batch), "--seq", str(a.seq), "--stacks", "lorafuse"]
+    argv += ["--random-init", "--device", device.type]
+    flags = {"--no-graphs": a.no_graphs, "--offload": a.offload, "--host-embeddings": a.host_embeddings}
+    return parse_args(argv + [f for f, on in {**flags, "--host-head": a.host_head}.items() if on])
+
+
+def _marked_steps(step, batches, device) -> PhaseMarks:
+    """2 warm-up steps, then the rest with allocator readings at the layer boundaries."""
+    import torch
+
     for b in batches[:2]:
         step(b)
     if device.type == "cuda":
@@ -141,7 +121,10 @@ def main(argv=None) -> int:
         marks.step_done()
     if device.type == "cuda":
         torch.cuda.synchronize()
-    live = _live_blocks() if device.type == "cuda" else []
+    return marks
+
+
+def _report(a, marks: PhaseMarks, est, info: dict, live: list) -> dict:
     top = sorted(range(len(marks.marks)), key=lambda k: -marks.marks[k][2])[:8]
     windows = [
         {
@@ -152,8 +135,7 @@ def main(argv=None) -> int:
         }
         for k in sorted(top)
     ]
-    est = estimate(_lorafuse_workload(args, a.method, info))
-    report = {
+    return {
         "shape": a.shape,
         "method": a.method,
         "batch": a.batch,
@@ -167,6 +149,24 @@ def main(argv=None) -> int:
         "live_at_step_end": live,
         "timeline": [[t, round(x, 4), round(y, 4)] for t, x, y in marks.marks],
     }
+
+
+def main(argv=None) -> int:
+    import lorafuse_stack
+    import torch
+    from bench import _lorafuse_workload, _spec
+    from bench_common import make_batches
+
+    from lorafuse.plan.memory import estimate
+
+    a = _parse(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    args = _bench_args(a, device)
+    spec = _spec(args, "lorafuse", a.method, folder=None)  # as `lorafuse bench --random-init` runs it
+    step, info = lorafuse_stack.build(spec, device)
+    marks = _marked_steps(step, make_batches(spec, device, 4), device)
+    live = _live_blocks() if device.type == "cuda" else []
+    report = _report(a, marks, estimate(_lorafuse_workload(args, a.method, info)), info, live)
     print(json.dumps({k: v for k, v in report.items() if k != "timeline"}, indent=1))
     if a.out:
         Path(a.out).mkdir(parents=True, exist_ok=True)

@@ -290,6 +290,61 @@ def _meta(device: torch.device) -> dict:
     return meta
 
 
+def _parse(argv):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--smoke", action="store_true", help="tiny sizes, one learning rate: the pipeline on a CPU")
+    p.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ", ".join(METHODS))
+    p.add_argument("--lrs", default=None, help="one LR grid for every method, e.g. 1e-3,3e-3 (default: per kind)")
+    p.add_argument("--steps", type=int, help="fine-tuning steps (default 300; smoke 4)")
+    p.add_argument("--pretrain-steps", type=int, help="pretraining steps (default 3000; smoke 20)")
+    p.add_argument("--eval-rows", type=int, help="held-out rows scored (default 300; smoke 16)")
+    p.add_argument("--sort-length", type=int, help="digits to sort (default 6): the task's difficulty")
+    p.add_argument(
+        "--bases",
+        default="plain,zeroed",
+        help="which bases to fine-tune: plain (template rows as pretrained), zeroed (as real bases ship them), or both",
+    )
+    p.add_argument(
+        "--base",
+        help="a folder for the pretrained bases: pretrain and save them there when it holds none, else reuse them "
+        "(one pretraining for several tasks or grids)",
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = p.parse_args(argv)
+    args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in args.methods if m not in METHODS]
+    if unknown:
+        p.error(f"unknown methods {unknown}; choose from {', '.join(METHODS)}")
+    args.bases = [v.strip() for v in args.bases.split(",") if v.strip()]
+    if not args.bases or set(args.bases) - {"plain", "zeroed"}:
+        p.error(f"--bases {','.join(args.bases)!r}: give plain, zeroed or plain,zeroed")
+    return args
+
+
+def _lr_grid(method: str, args) -> list[float]:
+    """--lrs, else the method kind's grid; a smoke run without --lrs takes the grid's middle rate only."""
+    grid = [float(x) for x in args.lrs.split(",")] if args.lrs else LRS["full" if method == "full" else "adapter"]
+    return grid[1:2] if args.smoke and not args.lrs else grid
+
+
+def _runs(args, bases: dict, ctx: dict) -> list[dict]:
+    """Every method at each rate of its grid on the --bases (as pretrained, then zeroed), printed as they finish."""
+    rows = []
+    for zeroed in [variant == "zeroed" for variant in args.bases]:
+        for method in args.methods:
+            for lr in _lr_grid(method, args):
+                row = one_run(method, bases["zeroed" if zeroed else "plain"], zeroed, lr, ctx)
+                rows.append(row)
+                acc = "n/a" if row["accuracy"] is None else f"{100 * row['accuracy']:.1f}%"
+                if row["status"] == "ok":
+                    acc += f" (tokens {100 * row['token_accuracy']:.1f}%)"
+                took = f"({row['total_s']:.0f} s)" if row["status"] == "ok" else row.get("reason") or ""
+                print(f"  {method:<16} zeroed={zeroed!s:<5} lr {lr:.0e}: {acc} {took}", flush=True)
+    return rows
+
+
 def _bases(args, kind: str, plan: dict, tokenizer, device: torch.device, folder: Path) -> dict[str, Path]:
     """The pretrained bases ("plain", "zeroed") in `folder`: reused when a --base folder already holds them (its
     pretraining steps are recorded beside them), else pretrained here and saved there."""
@@ -309,40 +364,12 @@ def _bases(args, kind: str, plan: dict, tokenizer, device: torch.device, folder:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--smoke", action="store_true", help="tiny sizes, one learning rate: the pipeline on a CPU")
-    p.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ", ".join(METHODS))
-    p.add_argument("--lrs", default=None, help="one LR grid for every method, e.g. 1e-3,3e-3 (default: per kind)")
-    p.add_argument("--steps", type=int, help="fine-tuning steps (default 300; smoke 4)")
-    p.add_argument("--pretrain-steps", type=int, help="pretraining steps (default 3000; smoke 20)")
-    p.add_argument("--eval-rows", type=int, help="held-out rows scored (default 300; smoke 16)")
-    p.add_argument("--sort-length", type=int, help="digits to sort (default 6): the task's difficulty")
-    p.add_argument(
-        "--bases",
-        default="plain,zeroed",
-        help="which bases to fine-tune: plain (template rows as pretrained), zeroed (as real bases ship them), or both",
-    )
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument(
-        "--base",
-        help="a folder for the pretrained bases: pretrain and save them there when it holds none, else reuse them "
-        "(one pretraining for several tasks or grids)",
-    )
-    p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = p.parse_args(argv)
+    args = _parse(argv)
     kind = "smoke" if args.smoke else "gpu"
     plan, device = dict(PLAN[kind]), torch.device(args.device)
     knobs = {"steps": args.steps, "pre_steps": args.pretrain_steps, "eval_rows": args.eval_rows}
     for key, value in {**knobs, "length": args.sort_length}.items():
         plan[key] = value or plan[key]
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown:
-        p.error(f"unknown methods {unknown}; choose from {', '.join(METHODS)}")
-    variants = [v.strip() for v in args.bases.split(",") if v.strip()]
-    if not variants or set(variants) - {"plain", "zeroed"}:
-        p.error(f"--bases {args.bases!r}: give plain, zeroed or plain,zeroed")
     if device.type == "cpu":
         torch.set_num_threads(1)  # tiny matmuls: more threads only add contention (tests/conftest.py measured 8x)
     tokenizer = build_tokenizer()
@@ -357,33 +384,10 @@ def main(argv=None) -> int:
         meta["pretrain_steps"] = plan["pre_steps"]
         data = Path(tmp) / "train.jsonl"
         data.write_text("".join(json.dumps(r) + "\n" for r in train_rows))
-        encoded = encode(tokenizer, train_rows)
-        plan["max_length"] = encoded[0].shape[1] + 8  # room for the template's own tail: nothing is truncated
-        ctx = dict(
-            device=device,
-            plan=plan,
-            seed=args.seed,
-            data=data,
-            meta=meta,
-            train=encoded,
-            eval=encode(tokenizer, eval_rows),
-        )
-        rows = []
-        for zeroed in [variant == "zeroed" for variant in variants]:
-            for method in methods:
-                grid = (
-                    [float(x) for x in args.lrs.split(",")]
-                    if args.lrs
-                    else LRS["full" if method == "full" else "adapter"]
-                )
-                for lr in grid[1:2] if args.smoke and not args.lrs else grid:
-                    row = one_run(method, bases["zeroed" if zeroed else "plain"], zeroed, lr, ctx)
-                    rows.append(row)
-                    acc = "n/a" if row["accuracy"] is None else f"{100 * row['accuracy']:.1f}%"
-                    if row["status"] == "ok":
-                        acc += f" (tokens {100 * row['token_accuracy']:.1f}%)"
-                    took = f"({row['total_s']:.0f} s)" if row["status"] == "ok" else row.get("reason") or ""
-                    print(f"  {method:<16} zeroed={zeroed!s:<5} lr {lr:.0e}: {acc} {took}", flush=True)
+        train, held_out = encode(tokenizer, train_rows), encode(tokenizer, eval_rows)
+        plan["max_length"] = train[0].shape[1] + 8  # room for the template's own tail: nothing is truncated
+        ctx = dict(device=device, plan=plan, seed=args.seed, data=data, meta=meta, train=train, eval=held_out)
+        rows = _runs(args, bases, ctx)
     best = best_rows(rows)
     print("\n" + table(best, plan, meta["card"]))
     print("\n" + readme_row(best))

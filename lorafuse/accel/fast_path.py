@@ -47,8 +47,7 @@ from lorafuse.kernels.rope import apply_rope
 from lorafuse.kernels.swiglu_mlp import swiglu_mlp
 from lorafuse.lora.linear import LoRALinear
 from lorafuse.options import KernelOptions
-
-SUPPORTED = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+from lorafuse.plan import policy
 
 
 @dataclass(frozen=True)
@@ -151,9 +150,9 @@ def fast_path_blocker(model: nn.Module, use_reference: bool = False) -> str:
     """Why the fast path cannot apply to `model` ("" when it can)."""
     import transformers
 
-    arch = type(model).__name__
-    if arch not in SUPPORTED:
-        return f"{arch} is not a supported architecture (fast path: {', '.join(SUPPORTED)})"
+    why = policy.arch_blocker(type(model).__name__)
+    if why:
+        return why
     if int(transformers.__version__.split(".")[0]) < 5:
         return f"transformers {transformers.__version__} is older than 5.0 (the fast path mirrors 5.x attention)"
     if getattr(model.config, "hidden_act", "silu") not in ("silu", "swish"):

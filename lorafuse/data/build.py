@@ -170,15 +170,21 @@ def split_validation(full: TokenizedDataset, val_size: float, seed: int):
     """(train, val) with `val_size` rows (fraction < 1 or count >= 1) picked by a seeded permutation."""
     if not val_size:
         return full, None
-    n = len(full)
+    train, val = split_indices(len(full), val_size, seed, "row")
+    return full.subset(train), full.subset(val)
+
+
+def split_indices(n: int, val_size: float, seed: int, unit: str) -> tuple[np.ndarray, np.ndarray]:
+    """(train, val) indices of n units (rows, pairs), each sorted: `val_size` of them (fraction < 1 or count >= 1)
+    picked by a seeded permutation for validation, the rest for training."""
     n_val = max(1, int(round(val_size * n))) if val_size < 1 else int(val_size)
     if n_val >= n:
         raise DataError(
-            f"data.val_size={val_size} takes {n_val} of the {n} usable rows, leaving none to train on.",
-            "use a smaller data.val_size (a fraction like 0.05, or a row count below the row count).",
+            f"data.val_size={val_size} takes {n_val} of the {n} usable {unit}s, leaving none to train on.",
+            f"use a smaller data.val_size (a fraction like 0.05, or a {unit} count below the {unit} count).",
         )
     perm = np.random.default_rng(seed).permutation(n)
-    return full.subset(np.sort(perm[n_val:])), full.subset(np.sort(perm[:n_val]))
+    return np.sort(perm[n_val:]), np.sort(perm[:n_val])
 
 
 def _tokenized(path, data_cfg, tokenizer, template, cache_dir, stats: DataStats, key: str = "data.path"):

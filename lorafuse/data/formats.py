@@ -176,7 +176,12 @@ def guess_format(keys) -> str | None:
 
 
 def _text(row: dict, col: str, where) -> str:
-    value = row.get(col)
+    return text_value(row.get(col), where, col)
+
+
+def text_value(value, where, col: str) -> str:
+    """A text field's value as a string (None: ""; numbers and booleans as written), or the DataError that names the
+    row (`where()`) and the column when it holds a list, a dict or anything else."""
     if value is None:
         return ""
     if isinstance(value, (str, int, float, bool)):

@@ -33,8 +33,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from lorafuse.data import cache
-from lorafuse.data.build import TokenizedDataset, _fill_stats, _from_lists
-from lorafuse.data.formats import Sample, plain_prompt
+from lorafuse.data.build import TokenizedDataset, _fill_stats, _from_lists, split_indices
+from lorafuse.data.formats import Sample, plain_prompt, text_value
 from lorafuse.data.readers import read_rows, source_fingerprint
 from lorafuse.data.stats import DataStats
 from lorafuse.data.tokenize import (
@@ -96,7 +96,7 @@ def _bad_pair(pair: Pair) -> str | None:
 def _pair(row: dict, cols: dict, system_prompt: str | None, where) -> Pair:
     chosen, rejected = (_value(row, cols[k], where, k) for k in ("chosen", "rejected"))
     prompt = row.get(cols["prompt"])
-    system = _text(row.get(cols["system"]), where, cols["system"])
+    system = text_value(row.get(cols["system"]), where, cols["system"])
     instruction, inp = "", ""
     if prompt is None and isinstance(chosen, list) and isinstance(rejected, list):
         chosen, rejected = _messages(chosen, where), _messages(rejected, where)
@@ -115,10 +115,10 @@ def _pair(row: dict, cols: dict, system_prompt: str | None, where) -> Pair:
         messages = _messages(_maybe_json(prompt), where)
     else:
         if prompt is not None:
-            instruction = _text(prompt, where, cols["prompt"])
+            instruction = text_value(prompt, where, cols["prompt"])
         else:
-            instruction = _text(row.get(cols["instruction"]), where, cols["instruction"])
-            inp = _text(row.get(cols["input"]), where, cols["input"])
+            instruction = text_value(row.get(cols["instruction"]), where, cols["instruction"])
+            inp = text_value(row.get(cols["input"]), where, cols["input"])
         messages = [{"role": "user", "content": instruction + (f"\n\n{inp}" if inp else "")}]
     system = system or system_prompt
     if system and not any(m["role"] == "system" for m in messages):
@@ -147,29 +147,18 @@ def _maybe_json(value):
     return value
 
 
-def _text(value, where, col: str) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, (str, int, float, bool)):
-        return str(value)
-    raise DataError(
-        f"{where()}: field '{col}' should be text but is a {type(value).__name__}: {str(value)[:60]!r}",
-        "store plain strings in that column, or map another column with data.fields.",
-    )
-
-
 def _messages(turns, where) -> list[dict]:
     if not isinstance(turns, list) or not all(isinstance(t, dict) and "role" in t and "content" in t for t in turns):
         raise DataError(
             f"{where()}: expected a list of {{'role', 'content'}} messages, got {str(turns)[:80]!r}",
             "store conversations as JSON lists of role/content objects (TRL's conversational form).",
         )
-    return [{"role": str(t["role"]), "content": _text(t["content"], where, "content")} for t in turns]
+    return [{"role": str(t["role"]), "content": text_value(t["content"], where, "content")} for t in turns]
 
 
 def _response(value, where) -> list[dict]:
     if not isinstance(value, list):
-        return [{"role": "assistant", "content": _text(value, where, "chosen/rejected")}]
+        return [{"role": "assistant", "content": text_value(value, where, "chosen/rejected")}]
     messages = _messages(value, where)
     if any(m["role"] != "assistant" for m in messages):
         raise DataError(
@@ -272,15 +261,8 @@ def split_pairs(full: TokenizedDataset, val_size: float, seed: int):
     """(train, val) with `val_size` pairs (fraction < 1 or count >= 1) picked by a seeded permutation of the pairs."""
     if not val_size:
         return full, None
-    n = len(full) // 2
-    n_val = max(1, int(round(val_size * n))) if val_size < 1 else int(val_size)
-    if n_val >= n:
-        raise DataError(
-            f"data.val_size={val_size} takes {n_val} of the {n} usable pairs, leaving none to train on.",
-            "use a smaller data.val_size (a fraction like 0.05, or a pair count below the pair count).",
-        )
-    perm = np.random.default_rng(seed).permutation(n)
-    return full.subset(pair_rows(np.sort(perm[n_val:]))), full.subset(pair_rows(np.sort(perm[:n_val])))
+    train, val = split_indices(len(full) // 2, val_size, seed, "pair")
+    return full.subset(pair_rows(train)), full.subset(pair_rows(val))
 
 
 def _tokenized_pairs(path, data_cfg, tokenizer, cache_dir, stats: DataStats):

@@ -161,3 +161,13 @@ def autocast_off(fn):
 def dot_precision(dtype: torch.dtype) -> str | None:
     """`tl.dot` input precision: exact fp32 for fp32 operands (never silent TF32), the default otherwise."""
     return "ieee" if dtype == torch.float32 else None
+
+
+def rank_block(r: int) -> int:
+    """The block that holds a LoRA rank r in one tile: `tl.dot` needs every dimension >= 16."""
+    return max(16, triton.next_power_of_2(r))
+
+
+def m_bucket(m: int) -> int:
+    """The autotuning key of a token count: a power of two, so a kernel tunes once per bucket, not per batch."""
+    return triton.next_power_of_2(max(m, 16))

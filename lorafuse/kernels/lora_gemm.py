@@ -1,19 +1,19 @@
-"""Triton GEMMs of the fused LoRA linear (LoRAFusion's split of the graph at the small (M, r) tensor S).
+"""Triton GEMMs of the fused LoRA linear with dropout inside (LoRAFusion's split of the graph at the small (M, r)
+tensor S).
 
     masked_lora_product: C += drop'(S @ L)                the backward's dX += drop'(dS A) after cuBLAS's dY W:
                                                           the rank-r product, masked on (m, n), added in one pass
     dropout_down:   S  = (X * keep / (1-p)) @ A^T          dropout and the down-projection in one pass
     dropout_grad_a: dA = dS^T @ (X * keep / (1-p))         fp32 out, split over M, partials summed in order
-    grad_s_b:       dS = dY @ (s B), dB = s dY^T @ S        both from ONE read of dY (fp32 partials per
-                                                           tile, summed in a fixed order: deterministic)
 
-Shapes: X (M, K), S (M, r), B (N, r), A (r, K), L (r, N); strides are passed, so transposed views need no copy.
+Shapes: X (M, K), S (M, r), A (r, K), L (r, N); strides are passed, so transposed views need no copy.
 Accumulation is fp32; `tl.dot` uses exact fp32 ("ieee") for fp32
 operands and the tensor cores for bf16/fp16. The dropout mask is the counter hash of reference.py:
 keep[i, j] = mix32((i * cols + j) ^ key) >> 8 >= round(p * 2^24), regenerated wherever it is needed.
 Element counters are int32: M * K must stay below 2^31 (2^19 tokens at K = 4096).
+dS and dB from one read of dY (no dropout there) are lora_grad_sb.py's.
 
-No autograd here: lora_linear.py and swiglu_mlp.py call these from their Functions.
+No autograd here: lora_linear.py calls these from its Functions (swiglu_mlp.py through it).
 """
 
 from __future__ import annotations
@@ -218,69 +218,6 @@ if _runtime.HAS_TRITON:
             part_ptr + split * R * K + rr[:, None] * K + kk[None, :], acc, mask=(rr[:, None] < R) & (kk[None, :] < K)
         )
 
-    @_runtime.tuned(
-        [triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=3) for bn, w in [(64, 4), (128, 8)]],
-        key=["M_BUCKET", "N", "R"],
-        interpret_meta={"BLOCK_N": 32},
-    )
-    @triton.jit
-    def _grad_s_b_kernel(
-        dy_ptr,
-        bs_ptr,
-        s_ptr,
-        ds_part_ptr,
-        db_part_ptr,
-        M,
-        N,
-        R,
-        M_BUCKET,
-        cols_per_split,
-        stride_dym,
-        stride_dyn,
-        stride_bn,
-        stride_br,
-        stride_sm,
-        stride_sr,
-        PRECISION: tl.constexpr,
-        BLOCK_R: tl.constexpr,
-        BLOCK_M: tl.constexpr,
-        BLOCK_N: tl.constexpr,
-    ):
-        # program (row tile pm, column split pn): dS rows over its columns -> ds_part[pn];
-        # dB rows of each column tile over its rows -> db_part[pm]; each dY tile is read once
-        pm, pn = tl.program_id(0), tl.program_id(1)
-        rm = pm * BLOCK_M + tl.arange(0, BLOCK_M)
-        rr = tl.arange(0, BLOCK_R)
-        r_mask = rr[None, :] < R
-        s = tl.load(
-            s_ptr + rm[:, None] * stride_sm + rr[None, :] * stride_sr, mask=(rm[:, None] < M) & r_mask, other=0.0
-        )
-        ds = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-        n_start = pn * cols_per_split
-        n_end = tl.minimum(n_start + cols_per_split, N)
-        for n0 in range(n_start, n_end, BLOCK_N):
-            rn = n0 + tl.arange(0, BLOCK_N)
-            dy = tl.load(
-                dy_ptr + rm[:, None].to(tl.int64) * stride_dym + rn[None, :] * stride_dyn,
-                mask=(rm[:, None] < M) & (rn[None, :] < n_end),
-                other=0.0,
-            )
-            bs = tl.load(
-                bs_ptr + rn[:, None] * stride_bn + rr[None, :] * stride_br,
-                mask=(rn[:, None] < n_end) & r_mask,
-                other=0.0,
-            )
-            ds = tl.dot(dy, bs, ds, input_precision=PRECISION)
-            db = tl.dot(tl.trans(dy), s, input_precision=PRECISION)
-            tl.store(
-                db_part_ptr + (pm * N + rn[:, None]).to(tl.int64) * R + rr[None, :],
-                db,
-                mask=(rn[:, None] < n_end) & r_mask,
-            )
-        tl.store(
-            ds_part_ptr + (pn * M + rm[:, None]).to(tl.int64) * R + rr[None, :], ds, mask=(rm[:, None] < M) & r_mask
-        )
-
 
 _ZERO_BASE: dict = {}
 
@@ -302,14 +239,6 @@ class Dropout:
         if key not in _ZERO_BASE:
             _ZERO_BASE[key] = torch.zeros((), dtype=torch.int64, device=device)
         return _ZERO_BASE[key], int(self.seed) & 0xFFFFFFFF
-
-
-def _block_r(r: int) -> int:
-    return max(16, triton.next_power_of_2(r))  # tl.dot needs every dim >= 16
-
-
-def _bucket(m: int) -> int:
-    return triton.next_power_of_2(max(m, 16))  # autotune once per power-of-two token count, not per batch
 
 
 def _check_counters(rows: int, cols: int) -> None:
@@ -340,7 +269,7 @@ def masked_lora_product(out: torch.Tensor, s: torch.Tensor, rhs: torch.Tensor, d
         M,
         N,
         r,
-        _bucket(M),
+        _runtime.m_bucket(M),
         s.stride(0),
         s.stride(1),
         rhs.stride(0),
@@ -351,7 +280,7 @@ def masked_lora_product(out: torch.Tensor, s: torch.Tensor, rhs: torch.Tensor, d
         drop.thresh,
         drop.scale,
         PRECISION=_runtime.dot_precision(out.dtype),
-        BLOCK_R=_block_r(r),
+        BLOCK_R=_runtime.rank_block(r),
     )
     return out
 
@@ -370,7 +299,7 @@ def dropout_down(x: torch.Tensor, a: torch.Tensor, drop: Dropout) -> torch.Tenso
         M,
         K,
         r,
-        _bucket(M),
+        _runtime.m_bucket(M),
         x.stride(0),
         x.stride(1),
         a.stride(0),
@@ -379,7 +308,7 @@ def dropout_down(x: torch.Tensor, a: torch.Tensor, drop: Dropout) -> torch.Tenso
         drop.thresh,
         drop.scale,
         PRECISION=_runtime.dot_precision(x.dtype),
-        BLOCK_R=_block_r(r),
+        BLOCK_R=_runtime.rank_block(r),
     )
     return s
 
@@ -402,7 +331,7 @@ def dropout_grad_a(ds: torch.Tensor, x: torch.Tensor, drop: Dropout, splits: int
         M,
         K,
         r,
-        _bucket(M),
+        _runtime.m_bucket(M),
         rows_per_split,
         ds.stride(0),
         ds.stride(1),
@@ -412,46 +341,6 @@ def dropout_grad_a(ds: torch.Tensor, x: torch.Tensor, drop: Dropout, splits: int
         drop.thresh,
         drop.scale,
         PRECISION=_runtime.dot_precision(x.dtype),
-        BLOCK_R=_block_r(r),
+        BLOCK_R=_runtime.rank_block(r),
     )
     return part.sum(0)  # a fixed-order sum: deterministic, unlike atomics
-
-
-def grad_s_b(dy: torch.Tensor, s: torch.Tensor, b_scaled: torch.Tensor, scaling: float):
-    """(dS (M, r) in dy.dtype, dB (N, r) fp32) = (dy @ b_scaled, scaling * dy^T @ s), one pass over dy.
-
-    b_scaled is s*B (N, r) in dy.dtype. The row tile is fixed (the dB partials are allocated per row
-    tile); the column range is split so that row tiles x splits fill the GPU.
-    """
-    M, N = dy.shape
-    r = s.shape[1]
-    block_m = 16 if _runtime.INTERPRET else 128
-    m_tiles = triton.cdiv(M, block_m)
-    sms = torch.cuda.get_device_properties(dy.device).multi_processor_count if dy.is_cuda else 4
-    splits = max(1, min(triton.cdiv(N, 512), triton.cdiv(2 * sms, m_tiles)))
-    cols_per_split = triton.cdiv(triton.cdiv(N, splits), 128) * 128
-    splits = triton.cdiv(N, cols_per_split)
-    ds_part = torch.empty(splits, M, r, dtype=torch.float32, device=dy.device)
-    db_part = torch.empty(m_tiles, N, r, dtype=torch.float32, device=dy.device)
-    _grad_s_b_kernel[(m_tiles, splits)](
-        dy,
-        b_scaled,
-        s,
-        ds_part,
-        db_part,
-        M,
-        N,
-        r,
-        _bucket(M),
-        cols_per_split,
-        dy.stride(0),
-        dy.stride(1),
-        b_scaled.stride(0),
-        b_scaled.stride(1),
-        s.stride(0),
-        s.stride(1),
-        PRECISION=_runtime.dot_precision(dy.dtype),
-        BLOCK_R=_block_r(r),
-        BLOCK_M=block_m,
-    )
-    return ds_part.sum(0).to(dy.dtype), db_part.sum(0).mul_(scaling)

@@ -47,7 +47,8 @@ from .nf4_dequant import nf4_dequantize
 from .reference import LoRAWeights, lora_linear_reference
 
 if _runtime.HAS_TRITON:
-    from .lora_gemm import Dropout, dropout_down, dropout_grad_a, grad_s_b, masked_lora_product
+    from .lora_gemm import Dropout, dropout_down, dropout_grad_a, masked_lora_product
+    from .lora_grad_sb import grad_s_b
 
 
 def dequant_rows(rows: int, numel: int, step: int, elem_bytes: int, cap: int) -> int:

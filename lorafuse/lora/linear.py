@@ -38,6 +38,7 @@ from torch import Tensor, nn
 
 from lorafuse.errors import LorafuseError
 from lorafuse.lora import dora as _dora
+from lorafuse.quant.bnb_format import bnb_state_dict, from_bnb_state_dict
 from lorafuse.quant.nf4 import NF4Weight, quantize_nf4
 
 
@@ -103,7 +104,7 @@ class _NF4Holder:
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
         if isinstance(self.weight, NF4Weight):
-            destination.update(self.weight.bnb_state_dict(prefix))
+            destination.update(bnb_state_dict(self.weight, prefix))
 
     def _load_from_state_dict(
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
@@ -128,7 +129,7 @@ class _NF4Holder:
     def _nf4_from_state(self, own: dict, prefix: str) -> NF4Weight:
         key, cur = prefix + "weight", self.weight
         if any(k.startswith(key + ".quant_state.") for k in own):
-            new = NF4Weight.from_bnb_state_dict(own, prefix)
+            new = from_bnb_state_dict(own, prefix)
         elif own[key].is_floating_point():
             new = quantize_nf4(own[key].to(cur.device), blocksize=cur.blocksize, double_quant=cur.double_quant)
         else:

@@ -5,13 +5,16 @@
     suggest(cfg, "15GiB")                  # {"train.micro_batch_size": 2, "train.grad_accum": 8}
     next_smaller(cfg)                      # after an OOM: the next smaller setting, or None
 
-shapes.py (model shapes), memory.py (the byte accounting and its derivation), speed.py (cards, step time),
-fit.py (the search), cli.py (`lorafuse plan`).
+shapes.py (model shapes), workload.py (what a prediction depends on, from a config), memory.py (the byte
+accounting and its derivation) with activations.py (what a layer saves) and placement.py (what leaves the GPU),
+policy.py (the decisions the runtime makes too), speed.py (cards, step time), fit.py (the search), cli.py
+(`lorafuse plan`).
 """
 
 from lorafuse.plan.fit import Plan, apply_overrides, next_smaller, plan, suggest
-from lorafuse.plan.memory import Workload, estimate, nf4_bytes
+from lorafuse.plan.memory import estimate, nf4_bytes
 from lorafuse.plan.shapes import ModelShape, builtin_names, builtin_shape, load_shape
+from lorafuse.plan.workload import Workload
 
 
 def plan_cli(cfg, gpu_memory=None, as_json=False) -> int:

@@ -11,9 +11,10 @@ import shlex
 import sys
 
 from lorafuse.plan.fit import Plan, plan
-from lorafuse.plan.memory import GIB, fp8_backward, host_embedding
-from lorafuse.plan.placement import streamed_head
+from lorafuse.plan.memory import GIB
+from lorafuse.plan.placement import host_embedding, streamed_head
 from lorafuse.plan.speed import efficiency
+from lorafuse.plan.workload import fp8_backward
 
 _LABELS = {
     "weights_nf4": "NF4 weights + quantization constants",

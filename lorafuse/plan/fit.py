@@ -23,13 +23,14 @@ then None.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 
-from lorafuse.errors import ConfigError, LorafuseError
-from lorafuse.plan import policy, speed
-from lorafuse.plan.memory import GIB, Estimate, Workload, estimate, fp8_backward, host_embedding, host_head, kept_layers
-from lorafuse.plan.shapes import PROJECTIONS, ModelShape, load_shape
+from lorafuse.errors import LorafuseError
+from lorafuse.plan import speed
+from lorafuse.plan.memory import GIB, Estimate, estimate
+from lorafuse.plan.placement import host_embedding, host_head, kept_layers
+from lorafuse.plan.shapes import ModelShape
+from lorafuse.plan.workload import Workload, fp8_backward, workload_from_config
 
 MIN_MAX_LENGTH = 64
 MAX_MICRO_BATCH = 64
@@ -96,78 +97,6 @@ def _r(x: float | None) -> float | None:
     return None if x is None else round(x, 4)
 
 
-def resolve_targets(shape: ModelShape, targets) -> tuple[str, ...]:
-    """Which of a layer's linears lora.targets selects (names as lorafuse.model.inject matches them)."""
-    if isinstance(targets, str) and targets.lower() == "all-linear":
-        return PROJECTIONS
-    hit = set()
-    for layer in range(shape.num_layers):
-        for lin in shape.linears():
-            full = shape.module_name(layer, lin.name)
-            if isinstance(targets, str):
-                ok = re.fullmatch(targets, full) is not None
-            else:
-                ok = full in targets or any(full.endswith("." + t) for t in targets)
-            if ok:
-                hit.add(lin.name)
-    if not hit:
-        raise ConfigError(
-            f"lora.targets={targets!r} matches none of the linear layers {list(PROJECTIONS)}",
-            'use short names (q_proj, v_proj, ...), a regex on the full name, or "all-linear"',
-        )
-    return tuple(n for n in PROJECTIONS if n in hit)
-
-
-def _kernels(fast_path: str, dora: bool) -> str:
-    """The kernels a run on an NVIDIA GPU would use (plan/policy.py decides, as the runtime does)."""
-    return "reference" if policy.fast_path_blocker_for(fast_path, dora) else "fused"
-
-
-def workload_from_config(cfg, shape: ModelShape | None = None) -> Workload:
-    """The Workload a RunConfig describes (reads cfg.model/lora/data/train attributes only)."""
-    shape = shape or load_shape(cfg.model.path)
-    save = tuple(m.rsplit(".", 1)[-1] for m in (cfg.lora.modules_to_save or ()))
-    kernels = _kernels(getattr(cfg.train, "fast_path", "auto"), cfg.lora.dora)
-    return Workload(
-        shape=shape,
-        method="qlora" if cfg.model.quant == "nf4" else "lora",
-        micro_batch=cfg.train.micro_batch_size,
-        seq=cfg.data.max_length,
-        grad_accum=cfg.train.grad_accum,
-        r=cfg.lora.r,
-        targets=resolve_targets(shape, cfg.lora.targets),
-        dropout=cfg.lora.dropout,
-        dora=cfg.lora.dora,
-        modules_to_save=save,
-        compute_bytes=4 if cfg.model.compute_dtype == "float32" else 2,
-        optimizer=cfg.train.optimizer,
-        checkpointing=_checkpointing(cfg.train.gradient_checkpointing),
-        loss="fused" if kernels == "fused" else "chunked",
-        kernels=kernels,
-        padded=not cfg.data.packing,
-        blocksize=cfg.model.blocksize,
-        double_quant=cfg.model.double_quant,
-        embeddings_on_host=cfg.train.embeddings_on_host,
-        head_on_host=getattr(cfg.train, "head_on_host", False),
-        uncheckpointed=getattr(cfg.train, "uncheckpointed_layers", 0),
-        dequant_cap_mib=getattr(cfg.train, "dequant_cap_mib", 0),
-        fp8=getattr(cfg.train, "fp8", False),
-        cuda_graphs=kernels == "fused" and cfg.train.cuda_graphs == "auto",
-    )
-
-
-def _checkpointing(value) -> str:
-    if isinstance(value, str):
-        return value
-    return "on" if value else "off"
-
-
-def _offload_supported(cfg) -> bool:
-    fields = getattr(type(cfg.train), "model_fields", {})
-    info = fields.get("gradient_checkpointing")
-    return info is not None and "offload" in str(info.annotation)
-
-
 def _budget(gpu_memory) -> tuple[int | None, str, speed.Card | None, str]:
     """(bytes, where that number came from, card for the speed estimate, where the card came from)."""
     if gpu_memory is not None:
@@ -211,10 +140,10 @@ def _candidates(w: Workload, policies=("off", "on")):
                 yield w.with_(micro_batch=mb, grad_accum=effective // mb, checkpointing=checkpointing, uncheckpointed=k)
 
 
-def fastest_fitting(w: Workload, budget: int, card: speed.Card, offload: bool = False) -> Workload | None:
+def fastest_fitting(w: Workload, budget: int, card: speed.Card) -> Workload | None:
     """The fastest candidate whose predicted GPU total fits `budget`, trying in order: on-GPU settings; the same
-    with the input embedding in host memory (when untied); activation offload (with it); and only then max_length
-    halved."""
+    with the input embedding in host memory (when untied); the output head there too; activation offload (with
+    them); the largest NF4 weights dequantized in halves; and only then max_length halved."""
     hosted = w.with_(embeddings_on_host=True)
     tiers = [(w, ("off", "on"))]
     if not w.embeddings_on_host and host_embedding(hosted):
@@ -222,8 +151,7 @@ def fastest_fitting(w: Workload, budget: int, card: speed.Card, offload: bool = 
     both = tiers[-1][0].with_(head_on_host=True)
     if not w.head_on_host and host_head(both):
         tiers.append((both, ("off", "on")))
-    if offload:
-        tiers.append((tiers[-1][0], ("offload",)))
+    tiers.append((tiers[-1][0], ("offload",)))
     if w.method == "qlora" and w.kernels == "fused" and not w.dequant_cap_mib:  # then the largest weights in halves
         largest = max(lin.numel for lin in w.shape.linears()) * w.compute_bytes
         tiers.append((tiers[-1][0].with_(dequant_cap_mib=-(-largest // 2 // (1 << 20))), tiers[-1][1]))
@@ -310,7 +238,7 @@ def plan(cfg, gpu_memory=None, gpu: str | None = None) -> Plan:
             "to check the fit and get a suggestion"
         )
         return p
-    best = fastest_fitting(w, budget, card, offload=_offload_supported(cfg))
+    best = fastest_fitting(w, budget, card)
     if best is not None and p.fits and speed.tokens_per_second(best, card) < MIN_GAIN * p.tokens_per_s:
         best = w  # not worth a change: within the model's noise
     if best is not None:

@@ -8,7 +8,7 @@
                   "compute_bytes": 2, "lora_bytes": 4, "autocast": true, ...},
      "measured_peak_alloc_gib": 5.91, "measured_peak_reserved_gib": 6.30, "predicted_peak_alloc_gib": 5.84}
 
-`workload` holds the fields of `lorafuse.plan.memory.Workload` (`shape`: a built-in shape name, hub id or
+`workload` holds the fields of `lorafuse.plan.workload.Workload` (`shape`: a built-in shape name, hub id or
 config.json path that `load_shape` resolves). `measured_peak_alloc_gib` is torch.cuda.max_memory_allocated
 over the timed training steps (reset after the model is loaded), in GiB. `lorafuse bench` appends a row
 for every lorafuse run on a GPU; tests/plan/test_measured.py checks each prediction is within 10%.
@@ -20,8 +20,8 @@ import dataclasses
 import json
 from pathlib import Path
 
-from lorafuse.plan.memory import Workload
 from lorafuse.plan.shapes import load_shape
+from lorafuse.plan.workload import Workload
 
 MEASURED_FILE = "benchmarks/measured_memory.jsonl"
 

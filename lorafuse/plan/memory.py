@@ -23,46 +23,11 @@ Static memory (held through the whole step)
     they do page the prediction is high by their size. (Measured on an H200, benchmarks/measured_memory.jsonl: the
     rows with the states on the GPU are 0.0757 GiB above the rows with them paged, exactly these states.)
 
-Saved activations of one Llama layer with LoRA, per token, reference path (transformers ops + LoRALinear),
-derived from what each op's autograd node keeps (PyTorch saves an input only if a gradient needs it; every
-base weight is frozen, so a base matmul saves nothing and an NF4 matmul keeps only the NF4Weight object):
-  * 2 RMSNorms: transformers casts x to fp32; pow() saves that copy: 2 x 4D. (rsqrt's (N,1) output: ~0.)
-  * each LoRA linear of input width d_in: x.to(fp32) feeds lora_A, which saves it (l d_in); with dropout > 0
-    dropout's output is saved instead plus a bool mask (l d_in + d_in); lora_B saves x A (l r). q, k and v
-    each cast their input separately, so three copies. (If l == c and no dropout, the copy is the shared
-    input itself: one tensor per distinct input.) Under autocast (lorafuse's loop and the HF Trainer on a
-    GPU) lora_A/lora_B save autocast's c-byte casts instead (c d_in, c r), and autocast keeps a c-byte copy
-    of every LoRA weight for the backward (counted with the LoRA parameters). The fused kernels run with
-    autocast off and cast A and B per call (transient, r (in + out) elements): no such copy.
-  * attention: SDPA/flash saves q (c Dq), k, v (c Dkv each; with a padding mask transformers repeats k/v to
-    H heads first: c Dq each), its output (c Dq) and the fp32 logsumexp (4H). RoPE keeps only cos/sin.
-    With a padding mask transformers builds one (B, 1, T, T) bool mask (B T^2 bytes, shared) and SDPA keeps
-    an additive c-byte copy per layer (c T per token per layer; the flash kernel is then not used).
-  * MLP: SiLU saves its input (gate output, c F); act * up saves both factors (c F + c F).
-  => no checkpointing, all 7 projections, dropout > 0, l = 4, c = 2, no autocast, no padding mask:
-        8D (norms) + 3*5D + 5Dq + 2*5D + 5F (LoRA inputs) + 28r (x A) + 4Dq + 4Dkv + 4H (attention) + 6F (MLP)
-     = 42D + 4Dkv + 11F + 28r + 4H bytes per token per layer: Llama-2-7B 303 KiB, x32 layers = 9.5 MiB/token.
-  * Full fine-tuning saves each linear's input in c (q/k/v and gate/up share one) and the norms' output.
-  * The fused fast path (lorafuse.kernels, train.fast_path) saves the block inputs (c D shared by q/k/v,
-    c D for the MLP; o's input is the attention output SDPA already saves: flash and memory-efficient SDPA
-    return a transposed view of a (B, T, H, d_h) tensor, so transformers' transpose(1, 2).contiguous() and
-    the reshape are no-ops), gate and up outputs (2 c F; SwiGLU is recomputed), q, k, v, out and
-    logsumexp, the norms' input + fp32 1/rms (c D + 4 each) and S = x A (c r per linear); no dropout mask.
-With checkpointing (non-reentrant, one checkpoint per decoder layer) each layer keeps only its input
-hidden state (c D per token); in backward one layer at a time is recomputed, so its full saved set above
-exists once, next to the backward's own buffers. The fused RMSNorm saves its input itself, and the recomputed
-input_layernorm's input IS the layer input the checkpoint already holds, so the fused recompute adds the saved
-set minus c D (HF's RMSNorm saves an fp32 copy, a tensor of its own). With offload the layer inputs sit in
-pinned host memory; the GPU keeps two staging buffers and the last layer's input (3 c D per token).
+Saved activations (what each op's autograd node keeps, with and without checkpointing) and the buffers of one
+layer's backward and forward: plan/activations.py.
 
 Transient buffers at the peak
-  * backward of one layer (estimate): the fp32 LoRA-path gradient of the widest input (l F), three c F
-    gradients in the MLP (h, SiLU output and the gate/up outputs are not all alive at once) and two residual
-    gradients (2 c D): (l + 3c) F + 2 c D per token. Fused path (swiglu_mlp.py): the top of a layer's backward
-    is the MLP's, with all of the layer's recomputed set alive: the incoming gradient (c D), down's input
-    gradient dh (c F; SwiGLU's backward then writes h, de, dg over dh, e, g in place) and the (M, D) input
-    gradient of gate + up: c F + 2 c D, and F more with train.fp8's backward (dY's e4m3 codes for gate's dX).
-    (Recompute's own top, h (c F) and down's output (c D) next to the incoming gradient, is the same size.)
+  * the backward of one layer and a late layer's forward: plan/activations.py.
   * NF4 dequantization: the largest weight dequantized, fp32 values then the c-byte copy ((4 + c) n); the
     fused Triton dequant writes only the c-byte copy.
   * loss, reference path (model(labels=...)): the c-byte logits (the output holds them), log_softmax's fp32
@@ -87,11 +52,11 @@ to be calibrated against benchmarks/measured_memory.jsonl.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
-from lorafuse.plan import policy
-from lorafuse.plan.placement import host_embedding, host_head, kept_layers, streamed_head  # noqa: F401 (API)
-from lorafuse.plan.shapes import PROJECTIONS, ModelShape
+from lorafuse.plan.activations import forward_transient_bytes, layer_transient_bytes, saved_bytes
+from lorafuse.plan.placement import host_embedding, host_head, streamed_head
+from lorafuse.plan.workload import Workload, targeted
 
 GIB = 1024**3
 LOSS_CHUNK_ELEMENTS = 2**25  # logits per chunk in lorafuse.training.loss (its _LOGIT_ELEMENTS)
@@ -104,52 +69,6 @@ MIN_8BIT_SIZE = 4096
 # H200). CUDA graphs warm up and capture on one stream (training/graphs.py), so they add none.
 CUBLAS_WORKSPACE_BYTES = 2 * (32 << 20)
 STATE_BLOCK = 256
-
-
-def fp8_backward(w) -> bool:
-    """Does train.fp8 run the backward's dX in e4m3 too (plan/policy.py: NF4 bases, inside the fused kernels)?"""
-    return policy.fp8_backward(w.fp8 and w.kernels == "fused" and w.compute_bytes == 2, w.method == "qlora")
-
-
-@dataclass(frozen=True)
-class Workload:
-    """Everything the prediction depends on. `checkpointing`: off | on | offload; `loss`: full | chunked | fused;
-    `kernels`: reference | fused; `method`: qlora | lora | full; `cuda_graphs`: the step replays as a CUDA graph
-    (its gradients are never freed)."""
-
-    shape: ModelShape
-    method: str = "qlora"
-    micro_batch: int = 4
-    seq: int = 512
-    grad_accum: int = 4
-    r: int = 16
-    targets: tuple = PROJECTIONS
-    dropout: float = 0.05
-    dora: bool = False
-    modules_to_save: tuple = ()
-    compute_bytes: int = 2
-    lora_bytes: int = 4
-    autocast: bool = True
-    optimizer: str = "paged_adamw_8bit"
-    checkpointing: str = "on"
-    loss: str = "chunked"
-    kernels: str = "reference"
-    padded: bool = True
-    blocksize: int = 64
-    double_quant: bool = True
-    embeddings_on_host: bool = False
-    head_on_host: bool = False
-    cuda_graphs: bool = False
-    uncheckpointed: int = 0  # the last decoder layers keep their activations (train.uncheckpointed_layers)
-    dequant_cap_mib: int = 0  # train.dequant_cap_mib (0: whole weights)
-    fp8: bool = False  # train.fp8: base GEMMs in e4m3 (the byte buffer is shared; the FP8 backward adds dY's codes)
-
-    @property
-    def tokens(self) -> int:
-        return self.micro_batch * self.seq
-
-    def with_(self, **kw) -> Workload:
-        return replace(self, **kw)
 
 
 @dataclass
@@ -198,10 +117,6 @@ def optimizer_bytes(numels: list[int], name: str, param_bytes: int = 4) -> int:
     if name in ("adamw_8bit", "paged_adamw_8bit"):  # paged: on the GPU unless under pressure (docstring)
         return sum(eight_bit(n) for n in numels)
     raise ValueError(f"unknown optimizer {name!r}")
-
-
-def targeted(w: Workload) -> list:
-    return [lin for lin in w.shape.linears() if lin.name in w.targets]
 
 
 def _layer_numels(w: Workload) -> list[int]:
@@ -264,67 +179,6 @@ def weight_bytes(w: Workload) -> dict:
     return {"weights_nf4": 0, "weights_16bit": small + c * s.linear_params}
 
 
-def _lora_input_bytes(w: Workload) -> int:
-    """Per token per layer: what the LoRA branches save (inputs in the LoRA dtype, masks, x A)."""
-    c, lb = w.compute_bytes, w.lora_bytes
-    lins = targeted(w)
-    if w.autocast and lb > c:  # lora_A/lora_B save autocast's c-byte casts, one per projection
-        lb = c
-        if w.dropout == 0:
-            return c * sum(lin.in_features for lin in lins) + c * w.r * len(lins)
-    xa = lb * w.r * len(lins)
-    if lb == c and w.dropout == 0:  # no cast, no dropout: lora_A saves the shared input itself
-        groups = {
-            "qkv"
-            if lin.name in ("q_proj", "k_proj", "v_proj")
-            else "mlp"
-            if lin.name in ("gate_proj", "up_proj")
-            else lin.name: lin.in_features
-            for lin in lins
-        }
-        return c * sum(groups.values()) + xa
-    per_in = lb + (1 if w.dropout > 0 else 0)
-    return per_in * sum(lin.in_features for lin in lins) + xa
-
-
-def layer_saved_bytes(w: Workload) -> int:
-    """Bytes per token one decoder layer saves for backward without checkpointing (module docstring)."""
-    s, c = w.shape, w.compute_bytes
-    D, F, Dq = s.hidden_size, s.intermediate_size, s.num_heads * s.head_dim
-    Dkv = Dq if w.padded else s.num_kv_heads * s.head_dim
-    attention = c * (Dq + 2 * Dkv) + c * Dq + 4 * s.num_heads + (c * w.seq if w.padded else 0)
-    if w.kernels == "fused":  # o_proj's input is SDPA's saved output (module docstring): not counted twice
-        lora = c * w.r * len(targeted(w)) if w.method != "full" else 0
-        return 2 * (c * D + 4) + attention + 2 * c * F + 2 * c * D + lora
-    if w.method == "full":
-        norms = 2 * (4 * D + c * D)
-        return norms + attention + 3 * c * F + c * (2 * D + Dq + F)
-    return 2 * 4 * D + attention + 3 * c * F + _lora_input_bytes(w)
-
-
-def layer_saved_constant_bytes(w: Workload) -> int:
-    """Bytes one decoder layer saves whatever the token count: the fused LoRA ops keep the forward's casts of A
-    and s B in the compute dtype for the backward (kernels/lora_linear.py), c r (in + out) per projection."""
-    if w.kernels != "fused" or w.method == "full":
-        return 0
-    return w.compute_bytes * w.r * sum(lin.in_features + lin.out_features for lin in targeted(w))
-
-
-def layer_transient_bytes(w: Workload) -> int:
-    """Bytes per token of the buffers one layer's backward allocates (estimate, module docstring)."""
-    c, F, D = w.compute_bytes, w.shape.intermediate_size, w.shape.hidden_size  # the FP8 backward: gate's dY codes
-    return (c + fp8_backward(w) if w.kernels == "fused" else w.lora_bytes + 3 * c) * F + 2 * c * D
-
-
-def forward_transient_bytes(w: Workload) -> int:
-    """Bytes per token a late layer's forward holds besides what it saves: gate and up outputs and their SwiGLU
-    product (3 c F; the reference MLP also the SiLU output; the fused MLP writes the product over the gate output
-    in a checkpointed layer), the norm's and the MLP's outputs (2 c D)."""
-    c, F, D = w.compute_bytes, w.shape.intermediate_size, w.shape.hidden_size
-    in_place = w.kernels == "fused" and w.checkpointing != "off" and kept_layers(w) == 0
-    return (2 if in_place else 3 if w.kernels == "fused" else 4) * c * F + 2 * c * D
-
-
 def loss_bytes(w: Workload) -> int:
     """Loss workspace: logits, log-probabilities and their gradients for all tokens or one chunk."""
     s, c = w.shape, w.compute_bytes
@@ -368,29 +222,22 @@ def static_bytes(w: Workload, numels: list[int]) -> dict:
     }
 
 
-def saved_bytes(w: Workload) -> tuple[int, int, int]:
-    """(activations saved at the end of the forward, the final norm's part of them, one layer's whole saved set)."""
-    s, c, n = w.shape, w.compute_bytes, w.tokens
-    whole_layer = layer_saved_bytes(w) * n + layer_saved_constant_bytes(w)  # one layer's set, outside a checkpoint
-    # The final norm is outside the checkpoints: HF's keeps an fp32 copy of its input, the fused one x and 1/rms.
-    final_norm = (c * s.hidden_size + 4 if w.kernels == "fused" else 4 * s.hidden_size) * n
-    kept = kept_layers(w)  # layers outside the checkpoints: their whole saved set, not just their input
-    if w.checkpointing == "off":
-        saved = s.num_layers * whole_layer + final_norm
-    elif w.checkpointing == "on":
-        saved = (s.num_layers - kept) * c * s.hidden_size * n + kept * whole_layer + final_norm
-    else:
-        saved = 3 * c * s.hidden_size * n + kept * whole_layer + final_norm
-    if w.padded:
-        saved += w.micro_batch * w.seq**2
-    return saved, final_norm, whole_layer
+# The step's parts that come and go, in the order Estimate.components lists them after the static ones.
+_DYNAMIC = (
+    "gradients",
+    "activations",
+    "recompute",
+    "backward_workspace",
+    "forward_workspace",
+    "logits_loss",
+    "head_staged",
+)
 
 
-def estimate(w: Workload) -> Estimate:
-    """Predicted peak memory of one training step and its parts (bytes)."""
+def _phases(w: Workload) -> tuple[tuple[str, dict], ...]:
+    """The dynamic bytes of each phase of a step that can hold the peak (module docstring, "Peak"), by part."""
     s, c, n = w.shape, w.compute_bytes, w.tokens
-    numels = trainable_numels(w)
-    static, grads = static_bytes(w, numels), gradient_bytes(w)
+    grads = gradient_bytes(w)
     saved, final_norm, whole_layer = saved_bytes(w)
     # fused: the recomputed input_layernorm saves the layer input the checkpoint holds (module docstring)
     held = c * s.hidden_size if w.kernels == "fused" else 0
@@ -412,7 +259,7 @@ def estimate(w: Workload) -> Estimate:
         if staged
         else {}
     )
-    phases = (
+    return (
         ("loss", {"gradients": grads["loss"], "activations": saved, "logits_loss": loss, "head_staged": staged}),
         ("forward", forward),
         (
@@ -426,20 +273,13 @@ def estimate(w: Workload) -> Estimate:
         ),
         ("optimizer step", {"gradients": grads["optimizer"]}),
     )
-    phase, dynamic = max(phases, key=lambda kv: sum(kv[1].values()))
-    dynamic = {
-        k: dynamic.get(k, 0)
-        for k in (
-            "gradients",
-            "activations",
-            "recompute",
-            "backward_workspace",
-            "forward_workspace",
-            "logits_loss",
-            "head_staged",
-        )
-    }
-    components = {**static, **dynamic}
+
+
+def estimate(w: Workload) -> Estimate:
+    """Predicted peak memory of one training step and its parts (bytes)."""
+    numels = trainable_numels(w)
+    phase, dynamic = max(_phases(w), key=lambda kv: sum(kv[1].values()))
+    components = {**static_bytes(w, numels), **{k: dynamic.get(k, 0) for k in _DYNAMIC}}
     peak_alloc = sum(components.values())
     slack = int(ALLOCATOR_SLACK * peak_alloc)
     components.update(allocator_slack=slack, cuda_context=CUDA_CONTEXT_BYTES)

@@ -1,5 +1,5 @@
 """Where the planner puts things besides the GPU's working set: tables in host memory, a streamed head, layers kept
-out of the checkpoints. Predicates on a Workload (plan/memory.py); where the runtime decides the same thing, both call
+out of the checkpoints. Predicates on a Workload (plan/workload.py); where the runtime decides the same thing, both call
 plan/policy.py."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from lorafuse.plan.memory import Workload
+    from lorafuse.plan.workload import Workload
 
 from lorafuse.plan.policy import HEAD_AHEAD, HEAD_CHUNK_BYTES, head_streams
 

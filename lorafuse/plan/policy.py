@@ -4,6 +4,7 @@ Each function here is called by both sides: `lorafuse plan` and train.auto_fit p
 exists, and lorafuse.accel decides with it on the loaded model, so the prediction and the run cannot disagree.
 
     fast_path_blocker_for(...)  whether the fused kernels apply, from what a config says
+    arch_blocker(...)           whether they cover a model class
     fp8_blocker(...)            whether train.fp8 can run: the card, the compute dtype, the fused kernels
     fp8_backward(...)           whether the backward's dX runs in FP8 too (NF4 bases)
     head_streams(...)           whether a head kept in host memory streams through the loss in chunks
@@ -26,7 +27,12 @@ def fast_path_blocker_for(mode: str, dora: bool, arch: str | None = None) -> str
         return "train.fast_path is off"
     if dora:
         return "DoRA, which the fused kernels do not implement"
-    if arch is not None and arch not in FAST_PATH_ARCHS:
+    return "" if arch is None else arch_blocker(arch)
+
+
+def arch_blocker(arch: str) -> str:
+    """Why the fused kernels do not cover the model class `arch` ("" when they do)."""
+    if arch not in FAST_PATH_ARCHS:
         return f"{arch} is not a supported architecture (fast path: {', '.join(FAST_PATH_ARCHS)})"
     return ""
 

@@ -47,7 +47,9 @@ from dataclasses import dataclass
 
 from lorafuse.errors import ConfigError
 from lorafuse.options import FP8_FAST_ACCUM_MAX_K
-from lorafuse.plan.memory import GIB, Workload, fp8_backward, kept_layers, targeted, trainable_numels
+from lorafuse.plan.memory import GIB, trainable_numels
+from lorafuse.plan.placement import kept_layers
+from lorafuse.plan.workload import Workload, fp8_backward, targeted
 
 EFFICIENCY = 0.5
 EFFICIENCY_FUSED = 0.66

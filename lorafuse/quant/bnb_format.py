@@ -1,10 +1,11 @@
-"""Read and write transformers + bitsandbytes 4-bit (nf4) checkpoint folders.
+"""bitsandbytes' 4-bit (nf4) storage: one weight's keys (`bnb_state_dict`, `from_bnb_state_dict`), and whole
+transformers + bitsandbytes checkpoint folders, read and written.
 
 Layout (transformers 5.x `save_pretrained` of a model loaded with `BitsAndBytesConfig(load_in_4bit=True)`):
 
     config.json          the model config plus "dtype" and the `quantization_config` block (QUANTIZATION_CONFIG)
     model.safetensors    (or shards listed in model.safetensors.index.json), metadata {"format": "pt"}; for every
-                         quantized Linear <m> the six keys of NF4Weight.bnb_state_dict("<m>."):
+                         quantized Linear <m> the six keys of bnb_state_dict(weight, "<m>."):
         <m>.weight                                uint8 ((n+1)//2, 1)   packed codes
         <m>.weight.absmax                         uint8 (n_blocks,) with double quant, else fp32
         <m>.weight.quant_map                      fp32 (16,)
@@ -21,6 +22,7 @@ Writes are atomic: everything goes to a temporary folder beside the target, is f
 from __future__ import annotations
 
 import json
+import math
 import os
 import secrets
 import shutil
@@ -32,7 +34,7 @@ from safetensors.torch import save_file
 
 from lorafuse.atomic import fsync_path, fsync_tree
 from lorafuse.errors import ModelError
-from lorafuse.quant.nf4 import NF4Weight
+from lorafuse.quant.nf4 import DTYPES, NESTED_BLOCKSIZE, VALID_BLOCKSIZES, NF4Weight
 
 _BLOB_SUFFIX = ".weight.quant_state.bitsandbytes__nf4"
 _FP4_BLOB_SUFFIX = ".weight.quant_state.bitsandbytes__fp4"
@@ -55,6 +57,113 @@ def quantization_config(compute_dtype: torch.dtype, double_quant: bool) -> dict:
         "load_in_8bit": False,
         "quant_method": "bitsandbytes",
     }
+
+
+def _quant_state_json(w: NF4Weight) -> dict:
+    # Key order and value forms of bnb's QuantState.as_dict(packed=True) non-tensor items.
+    state = {
+        "quant_type": "nf4",
+        "blocksize": w.blocksize,
+        "dtype": str(w.dtype).removeprefix("torch."),
+        "shape": list(w.shape),
+    }
+    if w.double_quant:
+        state.update(nested_blocksize=w.nested_blocksize, nested_dtype="float32", nested_offset=w.offset)
+    return state
+
+
+def bnb_state_dict(w: NF4Weight, prefix: str) -> dict[str, torch.Tensor]:
+    """`w` as bitsandbytes' serialized keys under `prefix` (e.g. "model.layers.0.mlp.up_proj."), as Linear4bit writes.
+
+    Tables are cloned so no two entries share storage (safetensors refuses shared tensors).
+    """
+    blob = json.dumps(_quant_state_json(w)).encode("utf-8")
+    sd = {
+        prefix + "weight": w.packed.view(-1, 1),
+        prefix + "weight.absmax": w.absmax,
+        prefix + "weight.quant_map": w.code.clone(),
+    }
+    if w.double_quant:
+        sd[prefix + "weight.nested_absmax"] = w.nested_absmax
+        sd[prefix + "weight.nested_quant_map"] = w.nested_code.clone()
+    sd[prefix + "weight.quant_state.bitsandbytes__nf4"] = torch.tensor(list(blob), dtype=torch.uint8, device=w.device)
+    return sd
+
+
+def from_bnb_state_dict(sd: dict[str, torch.Tensor], prefix: str) -> NF4Weight:
+    """The NF4Weight stored as bitsandbytes' keys under `prefix`; `sd` is not modified. Tensors keep their device.
+
+    The stored `quant_map` is not read: bitsandbytes itself decodes nf4 with its fixed table (NF4_CODE).
+    """
+    state = _read_quant_state_json(sd, prefix)
+    shape = torch.Size(state["shape"])
+    n = math.prod(shape)
+    blocksize = int(state["blocksize"])
+    if blocksize not in VALID_BLOCKSIZES:
+        raise ModelError(
+            f"{prefix}weight has NF4 blocksize {blocksize}, which bitsandbytes cannot produce",
+            "re-quantize the model from its 16-bit weights",
+        )
+    # Non-uint8 quant_storage (e.g. bf16 for FSDP) holds the same bytes; view them as uint8.
+    packed = _require(sd, prefix, "weight").contiguous().view(-1).view(torch.uint8)[: (n + 1) // 2]
+    nested = "nested_offset" in state
+    weight = NF4Weight(
+        packed=packed,
+        absmax=_require(sd, prefix, "weight.absmax"),
+        shape=shape,
+        dtype=DTYPES[state["dtype"]],
+        blocksize=blocksize,
+        nested_absmax=_require(sd, prefix, "weight.nested_absmax") if nested else None,
+        nested_code=_require(sd, prefix, "weight.nested_quant_map") if nested else None,
+        offset=float(state["nested_offset"]) if nested else None,
+        nested_blocksize=int(state.get("nested_blocksize", NESTED_BLOCKSIZE)),
+    )
+    _check_sizes(weight, prefix)
+    return weight
+
+
+def _require(sd: dict, prefix: str, suffix: str) -> torch.Tensor:
+    key = prefix + suffix
+    if key not in sd:
+        found = sorted(k for k in sd if k.startswith(prefix))
+        raise ModelError(
+            f"bitsandbytes 4-bit key {key!r} is missing (keys under {prefix!r}: {found})",
+            "the checkpoint is incomplete or not a bitsandbytes nf4 checkpoint; re-save it with "
+            "transformers' save_pretrained or re-quantize from the 16-bit model",
+        )
+    return sd[key]
+
+
+def _read_quant_state_json(sd: dict, prefix: str) -> dict:
+    key = prefix + "weight.quant_state.bitsandbytes__nf4"
+    if key not in sd and prefix + "weight.quant_state.bitsandbytes__fp4" in sd:
+        raise ModelError(
+            f"{prefix}weight is quantized as fp4; lorafuse reads nf4 only",
+            "quantize the 16-bit model with bnb_4bit_quant_type='nf4' (or let lorafuse quantize it)",
+        )
+    blob = _require(sd, prefix, "weight.quant_state.bitsandbytes__nf4")
+    state = json.loads(bytes(blob.cpu().tolist()).decode("utf-8"))
+    if state.get("quant_type") != "nf4" or state.get("dtype") not in DTYPES:
+        raise ModelError(
+            f"{key} describes quant_type={state.get('quant_type')!r}, dtype={state.get('dtype')!r}; "
+            f"lorafuse reads nf4 weights of dtype {list(DTYPES)}",
+            "re-quantize the model from its 16-bit weights with nf4",
+        )
+    return state
+
+
+def _check_sizes(w: NF4Weight, prefix: str) -> None:
+    n_blocks = -(-w.numel // w.blocksize)
+    expect = {"weight": ((w.numel + 1) // 2, w.packed.numel()), "weight.absmax": (n_blocks, w.absmax.numel())}
+    if w.double_quant:
+        expect["weight.nested_absmax"] = (-(-n_blocks // w.nested_blocksize), w.nested_absmax.numel())
+        expect["weight.nested_quant_map"] = (256, w.nested_code.numel())
+    for key, (want, got) in expect.items():
+        if want != got:
+            raise ModelError(
+                f"{prefix}{key} has {got} elements but shape {list(w.shape)} with blocksize {w.blocksize} needs {want}",
+                "the checkpoint is corrupt or was written by an incompatible tool; re-save it",
+            )
 
 
 def _read_config(folder: Path) -> dict:
@@ -138,7 +247,7 @@ def read_bnb_4bit_state(folder: str | Path) -> tuple[dict[str, torch.Tensor], di
     quantized: dict[str, NF4Weight] = {}
     for key in [k for k in state if k.endswith(_BLOB_SUFFIX)]:
         module = key[: -len(_BLOB_SUFFIX)]
-        quantized[module] = NF4Weight.from_bnb_state_dict(state, module + ".")
+        quantized[module] = from_bnb_state_dict(state, module + ".")
     for module in quantized:
         weight_key = module + ".weight"
         for key in [k for k in state if k == weight_key or k.startswith(weight_key + ".")]:
@@ -196,7 +305,7 @@ def write_bnb_4bit_folder(
         )
     tensors = {k: v.detach().cpu().contiguous() for k, v in dense_state_dict.items()}
     for module, weight in quantized.items():
-        for key, value in weight.bnb_state_dict(module + ".").items():
+        for key, value in bnb_state_dict(weight, module + ".").items():
             if key in tensors:
                 raise ValueError(f"{key} is both in dense_state_dict and produced by quantized[{module!r}]")
             tensors[key] = value.cpu().contiguous()

@@ -41,7 +41,6 @@ the same bytes to the same values.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 
@@ -94,7 +93,7 @@ DYNAMIC_MAP_SIGNED = _dynamic_map_signed()
 
 VALID_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 NESTED_BLOCKSIZE = 256
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def check_blocksize(blocksize: int) -> None:
@@ -259,118 +258,11 @@ class NF4Weight:
     def bits_per_param(self) -> float:
         return self.nbytes() * 8 / self.numel
 
-    def _quant_state_json(self) -> dict:
-        # Key order and value forms of bnb's QuantState.as_dict(packed=True) non-tensor items.
-        state = {
-            "quant_type": "nf4",
-            "blocksize": self.blocksize,
-            "dtype": str(self.dtype).removeprefix("torch."),
-            "shape": list(self.shape),
-        }
-        if self.double_quant:
-            state.update(nested_blocksize=self.nested_blocksize, nested_dtype="float32", nested_offset=self.offset)
-        return state
-
-    def bnb_state_dict(self, prefix: str) -> dict[str, torch.Tensor]:
-        """bitsandbytes' serialized keys under `prefix` (e.g. "model.layers.0.mlp.up_proj."), as Linear4bit writes.
-
-        Tables are cloned so no two entries share storage (safetensors refuses shared tensors).
-        """
-        blob = json.dumps(self._quant_state_json()).encode("utf-8")
-        sd = {
-            prefix + "weight": self.packed.view(-1, 1),
-            prefix + "weight.absmax": self.absmax,
-            prefix + "weight.quant_map": self.code.clone(),
-        }
-        if self.double_quant:
-            sd[prefix + "weight.nested_absmax"] = self.nested_absmax
-            sd[prefix + "weight.nested_quant_map"] = self.nested_code.clone()
-        sd[prefix + "weight.quant_state.bitsandbytes__nf4"] = torch.tensor(
-            list(blob), dtype=torch.uint8, device=self.device
-        )
-        return sd
-
-    @classmethod
-    def from_bnb_state_dict(cls, sd: dict[str, torch.Tensor], prefix: str) -> NF4Weight:
-        """Rebuild from bitsandbytes' keys under `prefix`; `sd` is not modified. Tensors keep their device.
-
-        The stored `quant_map` is not read: bitsandbytes itself decodes nf4 with its fixed table (NF4_CODE).
-        """
-        state = _read_quant_state_json(sd, prefix)
-        shape = torch.Size(state["shape"])
-        n = math.prod(shape)
-        blocksize = int(state["blocksize"])
-        if blocksize not in VALID_BLOCKSIZES:
-            raise ModelError(
-                f"{prefix}weight has NF4 blocksize {blocksize}, which bitsandbytes cannot produce",
-                "re-quantize the model from its 16-bit weights",
-            )
-        # Non-uint8 quant_storage (e.g. bf16 for FSDP) holds the same bytes; view them as uint8.
-        packed = _require(sd, prefix, "weight").contiguous().view(-1).view(torch.uint8)[: (n + 1) // 2]
-        nested = "nested_offset" in state
-        weight = cls(
-            packed=packed,
-            absmax=_require(sd, prefix, "weight.absmax"),
-            shape=shape,
-            dtype=_DTYPES[state["dtype"]],
-            blocksize=blocksize,
-            nested_absmax=_require(sd, prefix, "weight.nested_absmax") if nested else None,
-            nested_code=_require(sd, prefix, "weight.nested_quant_map") if nested else None,
-            offset=float(state["nested_offset"]) if nested else None,
-            nested_blocksize=int(state.get("nested_blocksize", NESTED_BLOCKSIZE)),
-        )
-        _check_sizes(weight, prefix)
-        return weight
-
-
-def _require(sd: dict, prefix: str, suffix: str) -> torch.Tensor:
-    key = prefix + suffix
-    if key not in sd:
-        found = sorted(k for k in sd if k.startswith(prefix))
-        raise ModelError(
-            f"bitsandbytes 4-bit key {key!r} is missing (keys under {prefix!r}: {found})",
-            "the checkpoint is incomplete or not a bitsandbytes nf4 checkpoint; re-save it with "
-            "transformers' save_pretrained or re-quantize from the 16-bit model",
-        )
-    return sd[key]
-
-
-def _read_quant_state_json(sd: dict, prefix: str) -> dict:
-    key = prefix + "weight.quant_state.bitsandbytes__nf4"
-    if key not in sd and prefix + "weight.quant_state.bitsandbytes__fp4" in sd:
-        raise ModelError(
-            f"{prefix}weight is quantized as fp4; lorafuse reads nf4 only",
-            "quantize the 16-bit model with bnb_4bit_quant_type='nf4' (or let lorafuse quantize it)",
-        )
-    blob = _require(sd, prefix, "weight.quant_state.bitsandbytes__nf4")
-    state = json.loads(bytes(blob.cpu().tolist()).decode("utf-8"))
-    if state.get("quant_type") != "nf4" or state.get("dtype") not in _DTYPES:
-        raise ModelError(
-            f"{key} describes quant_type={state.get('quant_type')!r}, dtype={state.get('dtype')!r}; "
-            f"lorafuse reads nf4 weights of dtype {list(_DTYPES)}",
-            "re-quantize the model from its 16-bit weights with nf4",
-        )
-    return state
-
-
-def _check_sizes(w: NF4Weight, prefix: str) -> None:
-    n_blocks = -(-w.numel // w.blocksize)
-    expect = {"weight": ((w.numel + 1) // 2, w.packed.numel()), "weight.absmax": (n_blocks, w.absmax.numel())}
-    if w.double_quant:
-        expect["weight.nested_absmax"] = (-(-n_blocks // w.nested_blocksize), w.nested_absmax.numel())
-        expect["weight.nested_quant_map"] = (256, w.nested_code.numel())
-    for key, (want, got) in expect.items():
-        if want != got:
-            raise ModelError(
-                f"{prefix}{key} has {got} elements but shape {list(w.shape)} with blocksize {w.blocksize} needs {want}",
-                "the checkpoint is corrupt or was written by an incompatible tool; re-save it",
-            )
-
 
 def quantize_nf4(w: torch.Tensor, blocksize: int = 64, double_quant: bool = True) -> NF4Weight:
     """Quantize a 1-D or 2-D fp32/bf16/fp16 tensor to NF4 exactly as bitsandbytes' reference path does."""
     check_blocksize(blocksize)
-    if w.dtype not in _DTYPES.values():
+    if w.dtype not in DTYPES.values():
         raise TypeError(f"quantize_nf4 takes float32, bfloat16 or float16 tensors, got {w.dtype}")
     if w.dim() not in (1, 2) or w.numel() == 0:
         raise ValueError(f"quantize_nf4 takes a non-empty 1-D or 2-D tensor, got shape {tuple(w.shape)}")

@@ -87,25 +87,22 @@ def _chat_widgets(names):
 def build(ctx) -> None:
     names = [r.name for r in discover(ctx.runs_dir)]
     run, base, quant, dtype, adapter, temperature, top_p, max_new, system = _chat_widgets(names)
+    _conversation(base, adapter, quant, dtype, temperature, top_p, max_new, system)
+    merged, exported = _merge_and_export(base, adapter)
+    run.focus(lambda: gr.Dropdown(choices=[r.name for r in discover(ctx.runs_dir)]), outputs=run)
+    run.change(lambda name: defaults(ctx, name), inputs=run, outputs=[base, quant, dtype, adapter, merged, exported])
+
+
+def _conversation(base, adapter, quant, dtype, temperature, top_p, max_new, system) -> None:
+    """The chat history, the message box and its buttons; each message is answered by the model `base` + `adapter`
+    (kept loaded while they stay the same)."""
     chatbot = gr.Chatbot(label="chat", elem_id="chat-history", height=320)
     history = gr.State([])
     with gr.Row():
         message = gr.Textbox(label="message", elem_id="chat-message", scale=5)
         send = gr.Button("Send", variant="primary", elem_id="chat-send", scale=1)
         clear = gr.Button("Clear", elem_id="chat-clear", scale=1)
-    with gr.Accordion("Merge and export", open=True):
-        with gr.Row():
-            merged = gr.Textbox(label="merged model folder", elem_id="merge-out", scale=4)
-            merge_dtype = gr.Dropdown(["bfloat16", "float16", "float32"], value="bfloat16", label="dtype", scale=1)
-            merge = gr.Button("Merge", elem_id="merge-button", scale=1)
-        with gr.Row():
-            exported = gr.Textbox(label="export file (GGUF)", elem_id="export-out", scale=4)
-            export = gr.Button("Export", elem_id="export-button", scale=1)
-        status = gr.Markdown(elem_id="merge-status")
     loaded = _Loaded()
-
-    run.focus(lambda: gr.Dropdown(choices=[r.name for r in discover(ctx.runs_dir)]), outputs=run)
-    run.change(lambda name: defaults(ctx, name), inputs=run, outputs=[base, quant, dtype, adapter, merged, exported])
 
     def on_send(turns, text, base, adapter, quant, dtype, temperature, top_p, max_new, system):
         import lorafuse
@@ -130,6 +127,19 @@ def build(ctx) -> None:
     message.submit(on_send, inputs=inputs, outputs=[history, chatbot, message])
     clear.click(lambda: ([], []), outputs=[history, chatbot])
 
+
+def _merge_and_export(base, adapter):
+    """The merge and export panel; returns its two output path boxes (a run's choice fills them)."""
+    with gr.Accordion("Merge and export", open=True):
+        with gr.Row():
+            merged = gr.Textbox(label="merged model folder", elem_id="merge-out", scale=4)
+            merge_dtype = gr.Dropdown(["bfloat16", "float16", "float32"], value="bfloat16", label="dtype", scale=1)
+            merge = gr.Button("Merge", elem_id="merge-button", scale=1)
+        with gr.Row():
+            exported = gr.Textbox(label="export file (GGUF)", elem_id="export-out", scale=4)
+            export = gr.Button("Export", elem_id="export-button", scale=1)
+        status = gr.Markdown(elem_id="merge-status")
+
     def on_merge(base, adapter, out, dtype):
         import lorafuse
 
@@ -137,21 +147,19 @@ def build(ctx) -> None:
             result = lorafuse.merge(base, adapter, out, dtype=dtype)
         except LorafuseError as err:
             return f"**merge failed: {err.problem}**\n\n{err.fix}"
-        diff = getattr(result, "max_logit_diff", None)
+        diff = result.max_logit_diff
         check = "" if diff is None else f" (max logit difference vs base+adapter: {diff:.3g})"
         return f"merged model written to `{result}`{check}"
 
-    merge.click(on_merge, inputs=[base, adapter, merged, merge_dtype], outputs=status)
-
     def on_export(base, adapter, out):
+        import lorafuse
+
         try:
-            from lorafuse import export as export_model
-        except ImportError:
-            return "export is not available in this lorafuse version (it comes with `lorafuse export`)"
-        try:
-            result = export_model(base, adapter, out, format="gguf")
+            result = lorafuse.export(base, adapter, out, format="gguf")
         except LorafuseError as err:
             return f"**export failed: {err.problem}**\n\n{err.fix}"
         return f"exported to `{result}`"
 
+    merge.click(on_merge, inputs=[base, adapter, merged, merge_dtype], outputs=status)
     export.click(on_export, inputs=[base, adapter, exported], outputs=status)
+    return merged, exported

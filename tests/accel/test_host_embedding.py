@@ -1,4 +1,5 @@
-"""train.embeddings_on_host: the frozen input embedding in pinned host memory, read by the GPU in place."""
+"""train.embeddings_on_host: the frozen input embedding in pinned host memory, read by the GPU in place (and both host
+table keys, this one and train.head_on_host, as the config reads them)."""
 
 from __future__ import annotations
 
@@ -12,8 +13,9 @@ from lorafuse.accel.host_tables import embeddings_to_device, embeddings_to_host,
 from lorafuse.model.inject import apply_lora
 from lorafuse.model.tiny import build_tiny_model
 from lorafuse.options import Options
-from lorafuse.plan.memory import Workload, estimate, weight_bytes
+from lorafuse.plan.memory import estimate, weight_bytes
 from lorafuse.plan.shapes import builtin_shape
+from lorafuse.plan.workload import Workload
 
 
 def _model(**kw):
@@ -52,15 +54,16 @@ def test_planner_takes_the_table_off_the_gpu_unless_tied(shape, moved):
     assert weight_bytes(full) == weight_bytes(full.with_(embeddings_on_host=True))  # full FT trains the table
 
 
-def test_config_key_defaults_off_and_reads_from_yaml(tmp_path):
+@pytest.mark.parametrize("key", ["embeddings_on_host", "head_on_host"])
+def test_host_table_keys_default_off_and_read_from_yaml(tmp_path, key):
     from lorafuse.config import load_config
 
-    assert load_config(None).train.embeddings_on_host is False
+    assert getattr(load_config(None).train, key) is False
     (tmp_path / "c.yaml").write_text(
-        'model: {path: "builtin:tiny-llama"}\ndata: {path: "builtin:demo"}\ntrain:\n  embeddings_on_host: true\n'
+        f'model: {{path: "builtin:tiny-llama"}}\ndata: {{path: "builtin:demo"}}\ntrain:\n  {key}: true\n'
     )
-    assert load_config(str(tmp_path / "c.yaml")).train.embeddings_on_host is True
-    assert load_config(None, ["train.embeddings_on_host=on"]).train.embeddings_on_host is True
+    assert getattr(load_config(str(tmp_path / "c.yaml")).train, key) is True
+    assert getattr(load_config(None, [f"train.{key}=on"]).train, key) is True
 
 
 @pytest.mark.gpu

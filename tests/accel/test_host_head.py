@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+from workloads import lean_workload
 
 from lorafuse import accel
 from lorafuse.accel import host_tables as host_embedding
@@ -13,8 +14,9 @@ from lorafuse.accel.host_tables import head_to_device, head_to_host, host_head_b
 from lorafuse.model.inject import apply_lora
 from lorafuse.model.tiny import build_tiny_model
 from lorafuse.options import Options
-from lorafuse.plan.memory import Workload, estimate, weight_bytes
+from lorafuse.plan.memory import estimate, weight_bytes
 from lorafuse.plan.shapes import builtin_shape
+from lorafuse.plan.workload import Workload
 from lorafuse.training.loss import lm_loss_sum
 
 
@@ -90,18 +92,7 @@ def test_planner_takes_the_head_off_the_backward_only(shape, batch, seq, moved):
     the layers after the middle one), so the prediction drops by at most the head when the backward is the peak
     phase; a tied head never moves."""
     s = builtin_shape(shape)
-    kw = dict(
-        micro_batch=batch,
-        seq=seq,
-        kernels="fused",
-        loss="fused",
-        checkpointing="offload",
-        dropout=0.0,
-        grad_accum=1,
-        cuda_graphs=True,
-        padded=False,
-    )
-    on_gpu, on_host = Workload(s, **kw), Workload(s, head_on_host=True, **kw)
+    on_gpu, on_host = lean_workload(shape, batch, seq), lean_workload(shape, batch, seq, head_on_host=True)
     head = 2 * s.vocab_size * s.hidden_size
     saved = weight_bytes(on_gpu)["weights_16bit"] - weight_bytes(on_host)["weights_16bit"]
     assert saved == (head if moved else 0)
@@ -117,16 +108,6 @@ def test_planner_takes_the_head_off_the_backward_only(shape, batch, seq, moved):
         assert est_host.peak_alloc == est_gpu.peak_alloc
     full = Workload(s, method="full")
     assert weight_bytes(full) == weight_bytes(full.with_(head_on_host=True))  # full FT trains the head
-
-
-def test_config_key_defaults_off_and_reads_from_yaml(tmp_path):
-    from lorafuse.config import load_config
-
-    assert load_config(None).train.head_on_host is False
-    (tmp_path / "c.yaml").write_text(
-        'model: {path: "builtin:tiny-llama"}\ndata: {path: "builtin:demo"}\ntrain:\n  head_on_host: true\n'
-    )
-    assert load_config(str(tmp_path / "c.yaml")).train.head_on_host is True
 
 
 @pytest.mark.gpu
@@ -203,19 +184,7 @@ def test_planner_and_stage_agree_on_streaming_the_head(batch, seq):
     from lorafuse.plan.placement import streamed_head
 
     s = builtin_shape("llama2-7b")
-    w = Workload(
-        s,
-        micro_batch=batch,
-        seq=seq,
-        kernels="fused",
-        loss="fused",
-        checkpointing="offload",
-        dropout=0.0,
-        grad_accum=1,
-        cuda_graphs=True,
-        padded=False,
-        head_on_host=True,
-    )
+    w = lean_workload("llama2-7b", batch, seq, head_on_host=True)
     table = torch.empty(s.vocab_size, s.hidden_size, dtype=torch.bfloat16, device="meta")
     stage = HeadStage(table, torch.device("cpu"), alias=table)
     streams = stage.streams(batch * seq)

@@ -18,9 +18,9 @@ from lorafuse.model.inject import apply_lora
 from lorafuse.model.tiny import build_tiny_model
 from lorafuse.options import KernelOptions, Options
 from lorafuse.plan import policy
-from lorafuse.plan.fit import workload_from_config
 from lorafuse.plan.memory import dequant_bytes
 from lorafuse.plan.shapes import builtin_shape
+from lorafuse.plan.workload import workload_from_config
 
 
 def _model(dtype=torch.float32):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from workloads import lean_workload
 
 from lorafuse import accel
 from lorafuse.accel.host_tables import simple_head
@@ -10,7 +11,8 @@ from lorafuse.model.inject import apply_lora
 from lorafuse.model.tiny import build_tiny_model
 from lorafuse.options import Options
 from lorafuse.plan import speed
-from lorafuse.plan.memory import GIB, Workload, estimate, layer_saved_bytes, layer_saved_constant_bytes
+from lorafuse.plan.activations import layer_saved_bytes, layer_saved_constant_bytes
+from lorafuse.plan.memory import GIB, estimate
 from lorafuse.plan.shapes import builtin_shape
 from lorafuse.training.loss import lm_loss_sum
 
@@ -63,18 +65,7 @@ def test_planner_prices_each_kept_layer():
     """Memory: a kept layer holds its whole saved set (with its LoRA casts) instead of its input; time: one pass
     fewer."""
     s = builtin_shape("llama2-7b")
-    w = Workload(
-        s,
-        micro_batch=4,
-        seq=512,
-        kernels="fused",
-        loss="fused",
-        checkpointing="on",
-        dropout=0.0,
-        grad_accum=1,
-        cuda_graphs=True,
-        padded=False,
-    )
+    w = lean_workload("llama2-7b", 4, 512, checkpointing="on")
     per_layer = layer_saved_bytes(w) * w.tokens + layer_saved_constant_bytes(w)
     card = speed.card_by_name("H100")
     previous = None

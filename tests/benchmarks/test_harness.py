@@ -12,8 +12,13 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 import bench  # noqa: E402  (the harness lives in benchmarks/, beside its runners)
+import bench_table  # noqa: E402
+
+from lorafuse.errors import LorafuseError  # noqa: E402
 
 pytestmark = pytest.mark.slow  # the lab's harness, not the product: run with `-m slow`
+# two short timed steps of the tiny shape on the CPU, each stack in its process
+TINY_CPU = ["--shape", "tiny", "--device", "cpu", "--batch", "2", "--seq", "32", "--steps", "2", "--warmup", "1"]
 
 
 @pytest.fixture(scope="module")
@@ -21,33 +26,8 @@ def smoke(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench-out")
     models = tmp_path_factory.mktemp("bench-models")
     memory_log = out / "measured.jsonl"
-    argv = [
-        "--shape",
-        "tiny",
-        "--device",
-        "cpu",
-        "--batch",
-        "2",
-        "--seq",
-        "32",
-        "--steps",
-        "2",
-        "--warmup",
-        "1",
-        "--stacks",
-        "lorafuse,hf,unsloth",
-        "--methods",
-        "qlora,lora",
-        "--out",
-        str(out),
-        "--model-dir",
-        str(models),
-        "--memory-log",
-        str(memory_log),
-        "--timeout",
-        "600",
-    ]
-    rc = bench.main(argv)
+    argv = [*TINY_CPU, "--stacks", "lorafuse,hf,unsloth", "--methods", "qlora,lora", "--out", str(out)]
+    rc = bench.main(argv + ["--model-dir", str(models), "--memory-log", str(memory_log), "--timeout", "600"])
     files = list(out.glob("*-cpu.jsonl"))
     rows = [json.loads(line) for f in files for line in f.read_text().splitlines()]
     return rc, files, rows, memory_log
@@ -100,9 +80,9 @@ def test_seed_table_and_ratios():
         }
 
     rows = [row("hf", "full", 2.0, 60.0), row("lorafuse", "lora", 0.5, 15.0), row("lorafuse", "qlora", 0.6, 6.0)]
-    table = bench.render_seed_table(rows)
+    table = bench_table.render_seed_table(rows)
     assert "25%" in table and "10%" in table and "30%" in table and "28 GB+" in table
-    text = bench.render(rows + [row("hf", "qlora", 1.2, 9.0)])
+    text = bench_table.render(rows + [row("hf", "qlora", 1.2, 9.0)])
     assert "qlora: lorafuse vs hf: speed 2.00x, memory 0.67x" in text
     lean = {
         **row("lorafuse", "qlora", 0.14, 3.99),
@@ -114,21 +94,23 @@ def test_seed_table_and_ratios():
         "fast_path": {"applied": True},
         "cuda_graphs": {"applied": True},
     }
-    assert "(fast path on, graphs on, offload, host embedding, host head, cap 48 MiB, FP8)" in bench.render([lean])
+    assert "(fast path on, graphs on, offload, host embedding, host head, cap 48 MiB, FP8)" in bench_table.render(
+        [lean]
+    )
 
 
 def test_card_slug_and_bad_flags():
     assert bench.card_slug("NVIDIA H100 80GB HBM3") == "h100-80gb-hbm3"
-    with pytest.raises(bench.LorafuseError, match="--stacks"):
+    with pytest.raises(LorafuseError, match="--stacks"):
         bench.plan_runs(bench.parse_args(["--stacks", "lorafuse,trl"]))
-    with pytest.raises(bench.LorafuseError, match="--shape"):
+    with pytest.raises(LorafuseError, match="--shape"):
         bench.parse_args(["--shape", "gpt-5"])
 
 
 def test_random_init_is_lorafuse_only():
-    with pytest.raises(bench.LorafuseError, match="--stacks lorafuse"):
+    with pytest.raises(LorafuseError, match="--stacks lorafuse"):
         bench.parse_args(["--random-init", "--stacks", "lorafuse,hf"])
-    with pytest.raises(bench.LorafuseError, match="--stacks lorafuse"):
+    with pytest.raises(LorafuseError, match="--stacks lorafuse"):
         bench.parse_args(["--random-init", "--stacks", "lorafuse", "--table"])
 
 
@@ -149,18 +131,7 @@ def test_random_init_run_with_a_profile(tmp_path, capsys):
     models, prof = tmp_path / "models", tmp_path / "prof"
     rc = bench.main(
         [
-            "--shape",
-            "tiny",
-            "--device",
-            "cpu",
-            "--batch",
-            "2",
-            "--seq",
-            "32",
-            "--steps",
-            "2",
-            "--warmup",
-            "1",
+            *TINY_CPU,
             "--stacks",
             "lorafuse",
             "--methods",
@@ -225,7 +196,7 @@ def test_memory_settings_with_peers_apply_to_lorafuse_rows_only():
 
 
 def test_offload_flag_is_lorafuse_checkpointing():
-    with pytest.raises(bench.LorafuseError, match="--no-gc"):
+    with pytest.raises(LorafuseError, match="--no-gc"):
         bench.parse_args(["--offload", "--no-gc", "--stacks", "lorafuse"])
     args = bench.parse_args(["--offload", "--stacks", "lorafuse"])
     assert bench._spec(args, "lorafuse", "qlora", None)["gc"] == "offload"

@@ -13,7 +13,10 @@ import pytest
 BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
 sys.path[:0] = [str(BENCH), str(BENCH / "peers")]
 import bench  # noqa: E402  (the harness lives in benchmarks/, beside its runners)
+import bench_table  # noqa: E402
 from bench_common import make_pair_batches  # noqa: E402
+
+from lorafuse.errors import LorafuseError  # noqa: E402
 
 LN2 = math.log(2)
 PAIRS, SEQ = 2, 32
@@ -85,7 +88,7 @@ def test_dpo_arguments():
         (["--objective", "dpo", "--seq", "1"], "--seq"),
         (["--objective", "dpo", "--pairs", "0"], "--pairs"),
     ]:
-        with pytest.raises(bench.LorafuseError) as err:
+        with pytest.raises(LorafuseError) as err:
             bench.parse_args(argv)
         assert said in err.value.problem + (err.value.fix or ""), argv
     assert bench._precheck(args, "hf", "full", {}).startswith("unavailable: the DPO benchmark trains adapters")
@@ -106,7 +109,7 @@ def test_dpo_table_compares_pairs_per_second():
             "reason": None,
         }
 
-    text = bench.render([row("lorafuse", 0.5, 6.0), row("hf", 1.25, 8.0)])
+    text = bench_table.render([row("lorafuse", 0.5, 6.0), row("hf", 1.25, 8.0)])
     assert "pairs/s" in text.splitlines()[0] and "    8.00 " in text
     assert "ratios (pairs/s" in text and "qlora: lorafuse vs hf: speed 2.50x, memory 0.75x" in text
 

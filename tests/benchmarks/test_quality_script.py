@@ -12,7 +12,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-import bench  # noqa: E402  (the harness lives in benchmarks/, beside its runners)
+import bench_table  # noqa: E402  (the harness's tables, in benchmarks/ beside it)
 
 pytestmark = pytest.mark.slow  # the lab's benchmark scripts, not the product: run with `-m slow`
 
@@ -81,8 +81,8 @@ def test_the_seed_table_shows_the_newest_quality_run(tmp_path):
     (tmp_path / "2026-01-02-h100-quality.jsonl").write_text(
         "".join(json.dumps(r) + "\n" for r in old + new + [{"kind": "run", "run": "20260103T000000"}])
     )
-    quality = bench.latest_quality(tmp_path)
+    quality = bench_table.latest_quality(tmp_path)
     assert quality == {"lora": "99.7% / 98.1%", "qlora": "99.0% / n/a"}
-    table = bench.render_seed_table([], quality)
+    table = bench_table.render_seed_table([], quality)
     assert "99.7% / 98.1%" in table and "not measured" in table and "98%" in table
-    assert bench.latest_quality(tmp_path / "nothing-here") == {}
+    assert bench_table.latest_quality(tmp_path / "nothing-here") == {}

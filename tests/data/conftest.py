@@ -7,33 +7,15 @@ from types import SimpleNamespace
 
 import pytest
 
-# The contract's DataConfig fields and defaults; used until lorafuse.config exists, and to pass values the
-# pydantic model would reject before they reach the data code (e.g. an unknown format).
-DATA_DEFAULTS = dict(
-    path="builtin:demo",
-    format="alpaca",
-    fields={},
-    max_length=512,
-    val_size=0.0,
-    val_path=None,
-    completion_only=True,
-    packing=False,
-    template="auto",
-    system_prompt=None,
-    split="train",
-    num_rows=None,
-    shuffle=True,
-    cache_dir=None,
-)
+from lorafuse.config import DataConfig
+
+# DataConfig's fields and defaults with the built-in demo data: make_cfg validates overrides, loose_cfg passes
+# values the pydantic model would reject before they reach the data code (e.g. an unknown format).
+DATA_DEFAULTS = DataConfig(path="builtin:demo").model_dump()
 
 
 def _make_data_cfg(**overrides):
-    """A lorafuse.config.DataConfig when that module exists, else a namespace with the same fields."""
-    try:
-        from lorafuse.config import DataConfig
-    except ImportError:
-        return SimpleNamespace(**{**DATA_DEFAULTS, **overrides})
-    return DataConfig(**{k: v for k, v in {**DATA_DEFAULTS, **overrides}.items()})
+    return DataConfig(**{**DATA_DEFAULTS, **overrides})
 
 
 def _loose_data_cfg(**overrides):
@@ -48,7 +30,7 @@ def _write_jsonl(path, rows):
 
 @pytest.fixture
 def make_cfg():
-    """make_cfg(**fields) -> a DataConfig (the real pydantic one once lorafuse.config exists)."""
+    """make_cfg(**fields) -> a DataConfig."""
     return _make_data_cfg
 
 

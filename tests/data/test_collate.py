@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from lorafuse.config import DataConfig
 from lorafuse.data.build import build_datasets
 from lorafuse.data.collate import Batcher, block_causal_mask, model_inputs, pack_best_fit
 
@@ -16,25 +17,7 @@ IGNORE = -100
 
 
 def _demo(tok, n=None):
-    from types import SimpleNamespace
-
-    cfg = SimpleNamespace(
-        path="builtin:demo",
-        format="alpaca",
-        fields={},
-        max_length=512,
-        val_size=0.0,
-        val_path=None,
-        completion_only=True,
-        packing=False,
-        template="auto",
-        system_prompt=None,
-        split="train",
-        num_rows=n,
-        shuffle=True,
-        cache_dir=None,
-    )
-    return build_datasets(cfg, tok)[0]
+    return build_datasets(DataConfig(path="builtin:demo", format="alpaca", num_rows=n), tok)[0]
 
 
 def test_padding_batches(tiny_tokenizer):

@@ -344,7 +344,7 @@ def test_a_single_output_file_replaces_only_a_file_lorafuse_wrote(tmp_path):
 
 def test_bench_never_replaces_a_model_folder_it_did_not_build(tmp_path, tiny_model_dir, monkeypatch):
     monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))  # the harness lives in benchmarks/
-    from bench import build_checkpoint
+    from bench_child import build_checkpoint
 
     theirs = Path(shutil.copytree(tiny_model_dir, tmp_path / "tiny-cpu-float32"))
     before = _tree(theirs)

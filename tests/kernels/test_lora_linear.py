@@ -98,7 +98,7 @@ def test_lora_linear_parity(case, device, parity):
 def test_fused_ds_db_one_pass(device, parity):
     """dS and dB from one read of dY: several row tiles and column splits, odd sizes; then the whole
     layer with the kernel switched on."""
-    from lorafuse.kernels.lora_gemm import grad_s_b
+    from lorafuse.kernels.lora_grad_sb import grad_s_b
 
     g = torch.Generator().manual_seed(5)
     dy, s, b = (torch.randn(shape, generator=g).to(device) for shape in [(37, 600), (37, 5), (600, 5)])

@@ -18,6 +18,15 @@ from lorafuse.lora.linear import LoRALinear, NF4Linear, nf4_linear
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 SHAPES = [(64, 96), (40, 33)]  # (in, out): an aligned shape and an odd one (partial last NF4 block)
+# the keys bitsandbytes' Linear4bit stores for a double-quantized NF4 weight (research/formats.md 2.4)
+BNB_KEYS = (
+    "weight",
+    "weight.absmax",
+    "weight.quant_map",
+    "weight.nested_absmax",
+    "weight.nested_quant_map",
+    "weight.quant_state.bitsandbytes__nf4",
+)
 
 
 def _err(a: torch.Tensor, ref: torch.Tensor) -> float:
@@ -398,15 +407,7 @@ def test_nf4linear_forward_apply_and_state_dict():
     layer.half()
     assert layer.compute_dtype == torch.float16 and torch.equal(layer.weight.packed, packed)
     sd = layer.state_dict()
-    assert set(sd) == {
-        "bias",
-        "weight",
-        "weight.absmax",
-        "weight.quant_map",
-        "weight.nested_absmax",
-        "weight.nested_quant_map",
-        "weight.quant_state.bitsandbytes__nf4",
-    }
+    assert set(sd) == {"bias", *BNB_KEYS}
     fresh = NF4Linear.from_linear(nn.Linear(64, 40)).half()
     fresh.load_state_dict(sd)  # strict: no missing or unexpected keys
     assert torch.equal(fresh.weight.packed, packed) and torch.equal(fresh.bias, layer.bias)
@@ -427,18 +428,7 @@ def test_nf4linear_loads_a_dense_weight_by_quantizing():
 def test_lora_nf4_state_dict_apply_and_merge_raises():
     ql, _ = _qlora_pair(torch.bfloat16, 64, 48, dora=True)
     sd = ql.state_dict()
-    assert set(sd) == {
-        "weight",
-        "weight.absmax",
-        "weight.quant_map",
-        "weight.nested_absmax",
-        "weight.nested_quant_map",
-        "weight.quant_state.bitsandbytes__nf4",
-        "bias",
-        "lora_A.weight",
-        "lora_B.weight",
-        "lora_magnitude_vector",
-    }
+    assert set(sd) == {*BNB_KEYS, "bias", "lora_A.weight", "lora_B.weight", "lora_magnitude_vector"}
     assert "nf4" in repr(ql) and "r=8" in repr(ql)
     fresh = LoRALinear(
         _nf4(48, 64, seed=9), torch.zeros(48).bfloat16(), r=8, alpha=16, dora=True, compute_dtype=torch.bfloat16

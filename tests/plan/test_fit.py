@@ -11,9 +11,9 @@ from lorafuse.config import load_config
 from lorafuse.errors import ConfigError
 from lorafuse.plan import apply_overrides, next_smaller, plan, speed, suggest
 from lorafuse.plan.cli import plan_command
-from lorafuse.plan.fit import resolve_targets, workload_from_config
 from lorafuse.plan.memory import GIB, estimate
 from lorafuse.plan.shapes import load_shape
+from lorafuse.plan.workload import resolve_targets, workload_from_config
 
 SEED_RECIPE = [  # the seed's QLoRA recipe
     "model.path=meta-llama/Llama-2-7b-hf",

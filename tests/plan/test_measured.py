@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 
 from lorafuse.plan.measured import MEASURED_FILE, read_measured, workload_from_record, workload_to_record
-from lorafuse.plan.memory import GIB, Workload, estimate
+from lorafuse.plan.memory import GIB, estimate
 from lorafuse.plan.shapes import load_shape
+from lorafuse.plan.workload import Workload
 
 ROOT = Path(__file__).resolve().parents[2]
 CALIBRATION = json.loads((ROOT / "benchmarks" / "calibration.json").read_text(encoding="utf-8"))["constants"]

@@ -7,17 +7,10 @@ import math
 import pytest
 import torch
 
-from lorafuse.plan.memory import (
-    Workload,
-    allocator_block,
-    estimate,
-    layer_saved_bytes,
-    loss_bytes,
-    nf4_bytes,
-    optimizer_bytes,
-    weight_bytes,
-)
+from lorafuse.plan.activations import layer_saved_bytes
+from lorafuse.plan.memory import allocator_block, estimate, loss_bytes, nf4_bytes, optimizer_bytes, weight_bytes
 from lorafuse.plan.shapes import ModelShape, load_shape
+from lorafuse.plan.workload import Workload
 
 
 def test_nf4_bytes_of_a_4096x4096_layer():
@@ -136,20 +129,17 @@ def _autocast_weight_copies(cfg: dict, r: int) -> int:
     return 2 * r * (2 * (D + D) + 2 * (D + kv) + 3 * (D + F))
 
 
-@pytest.mark.parametrize("padded,autocast", [(False, False), (True, False), (False, True)])
-def test_saved_activations_per_layer_match_autograd(padded, autocast):
-    """One more decoder layer adds exactly the planner's per-layer bytes (dropout 0: the CPU dropout keeps an
-    fp32 mask where CUDA keeps a bool one; the GPU test below covers dropout)."""
-    batch, seq = 2, 24
-    three, cfg = _saved_bytes(3, batch, seq, padded, autocast=autocast)
-    two, _ = _saved_bytes(2, batch, seq, padded, autocast=autocast)
+def _one_more_layer_adds_the_planned_bytes(batch, seq, padded, dropout, device, autocast) -> None:
+    """What a third decoder layer adds to the saved tensors equals the planner's bytes of one layer (r = 8, bf16)."""
+    three, cfg = _saved_bytes(3, batch, seq, padded, dropout, device, autocast)
+    two, _ = _saved_bytes(2, batch, seq, padded, dropout, device, autocast)
     w = Workload(
         ModelShape.from_config(cfg),
         method="lora",
         micro_batch=batch,
         seq=seq,
         r=8,
-        dropout=0.0,
+        dropout=dropout,
         compute_bytes=2,
         lora_bytes=4,
         padded=padded,
@@ -160,29 +150,19 @@ def test_saved_activations_per_layer_match_autograd(padded, autocast):
     assert three - two == layer_saved_bytes(w) * batch * seq + copies
 
 
+@pytest.mark.parametrize("padded,autocast", [(False, False), (True, False), (False, True)])
+def test_saved_activations_per_layer_match_autograd(padded, autocast):
+    """One more decoder layer adds exactly the planner's per-layer bytes (dropout 0: the CPU dropout keeps an
+    fp32 mask where CUDA keeps a bool one; the GPU test below covers dropout)."""
+    _one_more_layer_adds_the_planned_bytes(2, 24, padded, 0.0, "cpu", autocast)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dropout", [0.0, 0.05])
 @pytest.mark.parametrize("autocast", [False, True])
 def test_saved_activations_per_layer_match_autograd_on_cuda(dropout, autocast):
     """On CUDA, dropout keeps a bool mask (1 byte per input element), as the planner assumes."""
-    batch, seq = 2, 64
-    three, cfg = _saved_bytes(3, batch, seq, False, dropout, "cuda", autocast)
-    two, _ = _saved_bytes(2, batch, seq, False, dropout, "cuda", autocast)
-    w = Workload(
-        ModelShape.from_config(cfg),
-        method="lora",
-        micro_batch=batch,
-        seq=seq,
-        r=8,
-        dropout=dropout,
-        compute_bytes=2,
-        lora_bytes=4,
-        padded=False,
-        checkpointing="off",
-        autocast=autocast,
-    )
-    copies = _autocast_weight_copies(cfg, 8) if autocast else 0
-    assert three - two == layer_saved_bytes(w) * batch * seq + copies
+    _one_more_layer_adds_the_planned_bytes(2, 64, False, dropout, "cuda", autocast)
 
 
 def test_checkpointing_and_chunked_loss_shrink_the_peak():
@@ -233,8 +213,8 @@ def test_cuda_graphs_keep_every_gradient_alive():
     graphs all of them exist in every phase, even with one micro-batch per step (measured: the 7B 4 x 512 graph
     rows sat 0.15 GiB, the LoRA gradients' size, further below the prediction than the eager rows)."""
     from lorafuse.config import load_config
-    from lorafuse.plan.fit import workload_from_config
     from lorafuse.plan.memory import gradient_bytes, trainable_numels
+    from lorafuse.plan.workload import workload_from_config
 
     w = Workload(load_shape("llama2-7b"), grad_accum=1, kernels="fused", loss="fused")
     full = 4 * sum(trainable_numels(w))

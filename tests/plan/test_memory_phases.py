@@ -15,8 +15,10 @@ import sys
 import pytest
 import torch
 
-from lorafuse.plan.memory import Workload, gradient_bytes, layer_saved_bytes, layer_saved_constant_bytes
+from lorafuse.plan.activations import layer_saved_bytes, layer_saved_constant_bytes
+from lorafuse.plan.memory import gradient_bytes
 from lorafuse.plan.shapes import ModelShape
+from lorafuse.plan.workload import Workload
 
 _FUSED_SAVED = r"""
 import json, sys

@@ -7,8 +7,9 @@ import json
 import pytest
 
 from lorafuse.errors import ModelError
-from lorafuse.plan.memory import Workload, estimate, weight_bytes
+from lorafuse.plan.memory import estimate, weight_bytes
 from lorafuse.plan.shapes import ModelShape, builtin_names, load_shape
+from lorafuse.plan.workload import Workload
 
 PROJ7 = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 

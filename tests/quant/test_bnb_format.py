@@ -16,8 +16,14 @@ from safetensors import safe_open
 from torch import nn
 
 from lorafuse.errors import ModelError
-from lorafuse.quant.bnb_format import is_bnb_4bit_checkpoint, read_bnb_4bit_state, write_bnb_4bit_folder
-from lorafuse.quant.nf4 import NF4Weight, quantize_nf4
+from lorafuse.quant.bnb_format import (
+    bnb_state_dict,
+    from_bnb_state_dict,
+    is_bnb_4bit_checkpoint,
+    read_bnb_4bit_state,
+    write_bnb_4bit_folder,
+)
+from lorafuse.quant.nf4 import quantize_nf4
 
 bnb = pytest.importorskip("bitsandbytes")
 transformers = pytest.importorskip("transformers")
@@ -120,7 +126,7 @@ def test_we_read_what_transformers_bitsandbytes_writes(bnb_model, dense96_dir, t
 def test_bnb_state_dict_matches_linear4bit_exactly(bnb_model):
     for name, module in list(linear4bit_modules(bnb_model).items())[:3]:
         theirs = module.state_dict(prefix=name + ".")
-        ours = NF4Weight.from_bnb_state_dict(theirs, name + ".").bnb_state_dict(name + ".")
+        ours = bnb_state_dict(from_bnb_state_dict(theirs, name + "."), name + ".")
         assert list(ours) == list(theirs)
         for key, value in theirs.items():
             assert ours[key].dtype == value.dtype and ours[key].shape == value.shape, key
@@ -213,18 +219,18 @@ def test_unsupported_checkpoints_raise_clear_errors(tmp_path):
 
 def test_bad_state_dicts_raise_model_errors():
     q = quantize_nf4(torch.randn(48, 40, generator=torch.Generator().manual_seed(1)))
-    sd = q.bnb_state_dict("proj.")
+    sd = bnb_state_dict(q, "proj.")
     del sd["proj.weight.nested_absmax"]
     with pytest.raises(ModelError, match="proj.weight.nested_absmax"):
-        NF4Weight.from_bnb_state_dict(sd, "proj.")
-    sd = q.bnb_state_dict("proj.")
+        from_bnb_state_dict(sd, "proj.")
+    sd = bnb_state_dict(q, "proj.")
     sd["proj.weight.quant_state.bitsandbytes__fp4"] = sd.pop("proj.weight.quant_state.bitsandbytes__nf4")
     with pytest.raises(ModelError, match="fp4"):
-        NF4Weight.from_bnb_state_dict(sd, "proj.")
-    sd = q.bnb_state_dict("proj.")
+        from_bnb_state_dict(sd, "proj.")
+    sd = bnb_state_dict(q, "proj.")
     sd["proj.weight.absmax"] = sd["proj.weight.absmax"][:-1]
     with pytest.raises(ModelError, match="proj.weight.absmax has"):
-        NF4Weight.from_bnb_state_dict(sd, "proj.")
+        from_bnb_state_dict(sd, "proj.")
 
 
 def test_storage_views_and_write_refuses_non_empty_folder(tmp_path):
@@ -234,7 +240,7 @@ def test_storage_views_and_write_refuses_non_empty_folder(tmp_path):
         _write_small(folder)
     assert sorted(p.name for p in folder.iterdir()) == before
     # quant_storage=bfloat16 (FSDP-QLoRA) stores the same bytes under another dtype; we read them as uint8.
-    sd = q.bnb_state_dict("p.")
+    sd = bnb_state_dict(q, "p.")
     sd["p.weight"] = sd["p.weight"].view(-1).view(torch.bfloat16).view(-1, 1)
-    assert torch.equal(NF4Weight.from_bnb_state_dict(sd, "p.").dequantize(), q.dequantize())
+    assert torch.equal(from_bnb_state_dict(sd, "p.").dequantize(), q.dequantize())
     assert math.isclose(q.bits_per_param(), (q.nbytes() * 8) / (48 * 40))
