@@ -8,15 +8,13 @@ The step is written here from those public functions (TrainingLoop.step needs th
 
 objective dpo: the same model and optimizer; the loss is the DPO objective's (lorafuse.training.objectives.dpo,
 sigmoid loss, beta 0.1) with the live reference (this model with the adapter switched off, no copy), checked at
-start as a fresh run checks it; backward of loss_sum / pairs, clip, step. CUDA graphs replay SFT micro-steps only,
-so a DPO step runs eagerly (the row's cuda_graphs says so).
+start as a fresh run checks it; backward of loss_sum / pairs, clip, step. Its micro-step (both passes, the pair loss)
+is replayed as a CUDA graph where the SFT step's would be (--no-graphs: eager), as the training loop does.
 """
 
 from __future__ import annotations
 
 from bench_common import DPO_BETA, PROJ7, require, run, unavailable
-
-DPO_GRAPHS = "CUDA graphs replay SFT micro-steps only: a DPO step (reference pass, then the policy pass) runs eagerly"
 
 
 def _options(spec: dict):
@@ -121,23 +119,29 @@ def _sft_step(spec: dict, model, state, precision, update, notes: list):
 
 
 def _dpo_step(spec: dict, model, state, precision, update, notes: list):
-    """The DPO step: the objective's loss_sum over the micro-batch's pairs (reference pass with the adapter off,
-    then the policy pass), backward of its mean per pair, clip, step."""
-    from lorafuse.training.objectives.base import ObjectiveContext
+    """The DPO step: the objective's loss over the micro-batch's pairs (reference pass with the adapter off, then
+    the policy pass), backward of its mean per pair, clip, step; eager or replayed as a CUDA graph, as the loop."""
+    from lorafuse.training.graphs import objective_loss_fn
+    from lorafuse.training.objectives.base import ObjectiveContext, objective_inputs
     from lorafuse.training.objectives.dpo import DPOObjective, check_live_reference
 
     objective = DPOObjective(beta=DPO_BETA, loss="sigmoid", reference="live")
     check_live_reference(model)  # a fresh adapter: switched off, it is the model DPO starts from
     ctx = ObjectiveContext(precision, head=state.head, fused=state.fused_loss)
-    notes.append(DPO_GRAPHS)
+    loss_fn = objective_loss_fn(model, objective, precision, state.head, state.fused_loss)
+    graphed, graphs = _graphed(spec, model, state.params, loss_fn, precision, notes)
 
     def step(batch):
-        loss_sum, _ = objective.loss_sum(model, batch, ctx)  # forwards under the precision's autocast
         pairs = objective.units(batch)
+        if graphed is not None:
+            loss_sum = graphed(objective_inputs(model, batch, precision), 1.0 / pairs)[0]
+            graphs["applied"] = graphed.disabled is None
+            return update(loss_sum / pairs, set_to_none=False)
+        loss_sum, _ = objective.loss_sum(model, batch, ctx)  # forwards under the precision's autocast
         precision.backward(loss_sum / pairs)
         return update(loss_sum / pairs, set_to_none=True)
 
-    info = {"cuda_graphs": {"applied": False, "reason": DPO_GRAPHS}, "beta": DPO_BETA, "loss_type": "sigmoid"}
+    info = {"cuda_graphs": graphs, "beta": DPO_BETA, "loss_type": "sigmoid"}
     return step, {**info, "reference": "live: this model with the adapter switched off"}
 
 

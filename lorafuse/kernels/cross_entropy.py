@@ -86,6 +86,12 @@ def fixed_shape(on: bool = True):
         FIXED_SHAPE = old
 
 
+def fixed_shape_wanted(t: torch.Tensor) -> bool:
+    """Whether a pass over `t` must keep fixed shapes (no host synchronisation, no data-dependent size): inside
+    `fixed_shape`, or while a CUDA graph captures on the current stream."""
+    return FIXED_SHAPE or (t.is_cuda and torch.cuda.is_current_stream_capturing())
+
+
 def default_chunk(vocab: int, dtype: torch.dtype) -> int:
     """Rows per chunk so one (chunk, V) logits block stays within LOGITS_BUDGET_BYTES."""
     return max(16, LOGITS_BUDGET_BYTES // (vocab * torch.finfo(dtype).bits // 8))
@@ -186,7 +192,7 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
         )
         ctx.weight_dtype = weight.dtype
         ctx.values_dtype = None if row_values is None else row_values.dtype
-        if reduction == "sum" and (FIXED_SHAPE or (hidden.is_cuda and torch.cuda.is_current_stream_capturing())):
+        if reduction == "sum" and fixed_shape_wanted(hidden):
             total = _fixed_shape_pass(hidden, w, b, labels, ignore_index, chunk, grads, want_grad, rows)
             _save(ctx, grads, bias)
             return total

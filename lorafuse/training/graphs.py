@@ -46,6 +46,7 @@ from lorafuse.accel import accel_state, checkpointing
 from lorafuse.accel.offload import offload_without_rng
 from lorafuse.lora.linear import LoRALinear
 from lorafuse.training.loss import lm_loss_sum
+from lorafuse.training.objectives.base import ObjectiveContext
 
 
 def graph_blocker(model: nn.Module, device: torch.device, world_size: int = 1) -> str | None:
@@ -68,6 +69,11 @@ def graph_blocker(model: nn.Module, device: torch.device, world_size: int = 1) -
     return None
 
 
+def _loss_of(out: torch.Tensor) -> torch.Tensor:
+    """The loss sum in a loss function's output: the scalar itself, or a vector's first element."""
+    return out if out.dim() == 0 else out[0]
+
+
 def _batch_key(batch: dict) -> tuple:
     return tuple((k, tuple(v.shape), v.dtype, v.device) for k, v in sorted(batch.items()) if torch.is_tensor(v))
 
@@ -86,9 +92,10 @@ class _Graph:
 
 
 class GraphedMicroStep:
-    """`step(batch, inv_n) -> loss_sum` (fp32 scalar; gradients of loss_sum * inv_n accumulated into .grad).
+    """`step(batch, inv_n) -> out`, `out` what `loss_fn` returns: the loss sum (fp32 scalar), or a vector of the
+    loss sum and then metric sums (a preference objective's); gradients of loss_sum * inv_n accumulated into .grad.
 
-    `loss_fn(batch) -> loss_sum` runs the model (called under autocast here); `backward(loss)` is the
+    `loss_fn(batch) -> out` runs the model (called under autocast here); `backward(loss)` is the
     precision policy's backward (GradScaler scaling for fp16). See the module docstring for the protocol.
     """
 
@@ -147,11 +154,11 @@ class GraphedMicroStep:
         self._zero_grads_where_missing()
         with self.on_stream():
             with self._autocast(), fixed_shape(fixed):
-                loss_sum = self.loss_fn(batch)
-            self.backward(loss_sum * inv_n)
-            loss_sum = loss_sum.detach()
-        loss_sum.record_stream(torch.cuda.current_stream())  # read on the caller's stream: not reused under it
-        return loss_sum
+                out = self.loss_fn(batch)
+            self.backward(_loss_of(out) * inv_n)
+            out = out.detach()
+        out.record_stream(torch.cuda.current_stream())  # read on the caller's stream: not reused under it
+        return out
 
     def prepare(self, batch: dict) -> dict:
         """A padded batch's (B, T) attention mask as the (B, 1, T, T) bool mask SDPA takes as given: the 2-D mask
@@ -218,7 +225,7 @@ class GraphedMicroStep:
             with torch.cuda.graph(graph, pool=self.pool, stream=self._stream(), capture_error_mode="thread_local"):
                 with self._autocast(cache=False), fixed_shape():
                     loss = self.loss_fn(static)
-                self.backward(loss * self.inv_n)
+                self.backward(_loss_of(loss) * self.inv_n)
                 loss = loss.detach()
         except Exception as exc:  # a host sync or an uncapturable op inside the model: eager from now on
             first = str(exc).splitlines()[0][:160] if str(exc) else ""
@@ -241,33 +248,50 @@ class GraphedMicroStep:
         return entry
 
 
-def build(model: nn.Module, state, precision, world_size: int, mode: str, objective: str = "sft", note=print):
+def build(model: nn.Module, state, precision, world_size: int, mode: str, objective=None, note=print):
     """The training step's GraphedMicroStep for train.cuda_graphs `mode` (None: eager, with the reason noted).
 
     `state` is the model's AccelState (its trainable params, head and fused loss), `precision` the loop's
-    Precision. Only SFT's step is captured: a preference objective's micro-step (two passes, the reference under
-    no_grad) runs eagerly.
+    Precision, `objective` the loop's Objective (None: SFT). The graphed step takes `objective_inputs` of a
+    micro-batch. SFT's returns the loss sum; a preference objective's (DPO: the reference pass with the adapter
+    off and the policy pass, both recorded; ORPO) returns the vector of its loss sum and metric sums.
     """
     device = precision.device
     if mode == "off" or device.type != "cuda":
         return None
-    blocker = (
-        f"the captured step is SFT's; train.objective={objective} runs eagerly"
-        if objective != "sft"
-        else graph_blocker(model, device, world_size)
-    )
+    blocker = graph_blocker(model, device, world_size)
     if blocker:
         note(f"CUDA graphs off: {blocker}")
         return None
     head, fused = state.head, state.fused_loss
-    return GraphedMicroStep(
-        model,
-        state.params,
-        lambda b: lm_loss_sum(model, b, head, fused),
-        precision.backward,
-        precision.dtype,
-        note=note,
-    )
+    if objective is None or objective.name == "sft":
+        loss_fn = lambda b: lm_loss_sum(model, b, head, fused)  # noqa: E731
+    else:
+        loss_fn = objective_loss_fn(model, objective, precision, head, fused)
+    return GraphedMicroStep(model, state.params, loss_fn, precision.backward, precision.dtype, note=note)
+
+
+class _Captured:
+    """The precision policy as an objective sees it inside the graphed step: the step's device and dtype, and no
+    autocast of its own (GraphedMicroStep runs the loss under its own, with the cast cache off as capture needs)."""
+
+    def __init__(self, precision):
+        self.device, self.dtype = precision.device, precision.dtype
+
+    def autocast(self):
+        return contextlib.nullcontext()
+
+
+def objective_loss_fn(model: nn.Module, objective, precision, head=None, fused: bool = False):
+    """inputs -> (loss sum, *metric sums) as one fp32 vector: a preference objective's `loss_on_inputs` in the form
+    GraphedMicroStep captures (one output tensor, the loss first; no autocast of the objective's own)."""
+    names, ctx = objective.metric_names, ObjectiveContext(_Captured(precision), head, fused)
+
+    def loss_fn(inputs: dict) -> torch.Tensor:
+        loss, metrics = objective.loss_on_inputs(model, inputs, ctx)
+        return torch.stack([loss.float(), *(metrics[n].float() for n in names)])
+
+    return loss_fn
 
 
 def dropout_seed_base(seed: int, rank: int, grad_accum: int, step: int) -> int:

@@ -60,9 +60,10 @@ from lorafuse.outputs import ensure_writable_dir
 from lorafuse.training import checkpoint as ckpt
 from lorafuse.training import graphs, oom, rng
 from lorafuse.training.distributed import SINGLE
-from lorafuse.training.loss import count_inputs, count_targets, forward_batch
+from lorafuse.training.loss import count_inputs, count_targets
 from lorafuse.training.metrics import MetricsLog, Progress, memory_bytes, peak_memory_bytes
 from lorafuse.training.objectives import ObjectiveContext, evaluate
+from lorafuse.training.objectives.base import objective_inputs
 from lorafuse.training.objectives.sft import SFTObjective
 from lorafuse.training.optim import LRSchedule, build_optimizer
 from lorafuse.training.runtime import Precision, StopSignals
@@ -128,9 +129,7 @@ class TrainingLoop:
         self.params = self.accel.params
         self.ctx = ObjectiveContext(self.precision, self.accel.head, self.accel.fused_loss)
         world_size, mode = self.world.size, options.cuda_graphs
-        self.graphed = graphs.build(
-            self.model, self.accel, self.precision, world_size, mode, self.objective.name, self.note
-        )
+        self.graphed = graphs.build(self.model, self.accel, self.precision, world_size, mode, self.objective, self.note)
 
     def setting(self) -> dict:
         """The micro-batch setting in force: the config's, with the changes made after out-of-memory errors."""
@@ -265,8 +264,9 @@ class TrainingLoop:
         sums = torch.zeros(1 + len(names), dtype=torch.float32, device=self.device)
         try:
             for batch in pieces if units else []:
-                if self.graphed is not None:  # SFT's forward + backward replayed as one CUDA graph
-                    sums[0] += self.graphed(forward_batch(self.model, batch, self.precision), 1.0 / units)
+                if self.graphed is not None:  # the forward(s) + backward replayed as one CUDA graph
+                    out = self.graphed(objective_inputs(self.model, batch, self.precision), 1.0 / units)
+                    sums += out.reshape(-1)  # SFT: the loss sum; a preference objective: it and the metric sums
                     continue
                 loss_sum, metrics = self.objective.loss_sum(self.model, batch, self.ctx)
                 self.precision.backward(loss_sum / units)

@@ -45,20 +45,48 @@ def test_graph_blocker_gives_the_reason(tiny_model_dir):
     assert "dropout 0.1" in reason and "lora.dropout: 0" in reason
 
 
-def test_only_sfts_step_is_captured(tiny_model_dir):
-    """A preference objective's step runs eagerly, said in one line; SFT's gets the graphed step (a CPU can build
-    it: nothing is captured before the first CUDA micro-batch)."""
+def test_every_objectives_step_gets_a_graphed_step(tiny_model_dir):
+    """SFT's step and a preference objective's (a CPU can build them: nothing is captured before the first CUDA
+    micro-batch); train.cuda_graphs=off gives none, said in no line."""
     from lorafuse.accel import accel_state
     from lorafuse.training import graphs
+    from lorafuse.training.objectives import DPOObjective, ORPOObjective, SFTObjective
     from lorafuse.training.runtime import Precision
 
     model, notes = _lora_model(tiny_model_dir), []
     _with_fast_path(model)
-    cuda = Precision(torch.device("cuda"), torch.bfloat16)
-    assert graphs.build(model, accel_state(model), cuda, 1, "auto", "dpo", notes.append) is None
-    assert notes == ["CUDA graphs off: the captured step is SFT's; train.objective=dpo runs eagerly"]
-    assert isinstance(graphs.build(model, accel_state(model), cuda, 1, "auto", "sft", notes.append), GraphedMicroStep)
-    assert graphs.build(model, accel_state(model), cuda, 1, "off", "sft", notes.append) is None and len(notes) == 1
+    cuda, state = Precision(torch.device("cuda"), torch.bfloat16), accel_state(model)
+    for objective in (None, SFTObjective(), DPOObjective(), ORPOObjective()):
+        assert isinstance(graphs.build(model, state, cuda, 1, "auto", objective, notes.append), GraphedMicroStep)
+    assert graphs.build(model, state, cuda, 1, "off", DPOObjective(), notes.append) is None and notes == []
+
+
+@pytest.mark.parametrize("objective", ["dpo", "orpo"])
+def test_a_preference_objectives_graphed_loss_is_its_loss_and_metrics(tiny_model_dir, objective):
+    """What the graph records for DPO / ORPO: one vector, the loss sum then the metric sums in the objective's
+    order, equal to its eager loss_sum (the fixed-shape log-prob pass the capture takes, here on a CPU)."""
+    from lorafuse.accel.host_tables import simple_head
+    from lorafuse.kernels.cross_entropy import fixed_shape
+    from lorafuse.training import graphs
+    from lorafuse.training.objectives import DPOObjective, ObjectiveContext, ORPOObjective
+    from lorafuse.training.objectives.base import objective_inputs
+    from lorafuse.training.runtime import Precision
+
+    model = _lora_model(tiny_model_dir)
+    for name, p in model.named_parameters():  # an adapter that is not zero: the policy differs from the reference
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.05)
+    obj = DPOObjective(beta=0.2) if objective == "dpo" else ORPOObjective(lam=0.3)
+    ctx = ObjectiveContext(Precision(torch.device("cpu"), torch.float32), simple_head(model), False)
+    (batch,) = _pair_batches(512, 1, device="cpu")
+    want_loss, want_metrics = obj.loss_sum(model, batch, ctx)
+    with fixed_shape():
+        loss_fn = graphs.objective_loss_fn(model, obj, ctx.precision, ctx.head, ctx.fused)
+        got = loss_fn(objective_inputs(model, batch, ctx.precision))
+    want = torch.stack([want_loss, *(want_metrics[n] for n in obj.metric_names)])
+    assert got.shape == (1 + len(obj.metric_names),) and got.requires_grad
+    torch.testing.assert_close(got.detach(), want.detach(), rtol=1e-5, atol=1e-5)
+    assert want_metrics["rewards/margin"].abs() > 1e-3, "the adapter must separate chosen from rejected"
 
 
 def test_yaml_off_and_on_are_the_switch_words():
@@ -76,6 +104,22 @@ def _batches(vocab, n, shape=(2, 32), seed=0):
         labels = ids.clone()
         labels[:, :5] = -100  # a prompt: the fixed-shape loss must weigh these rows 0
         out.append({"input_ids": ids, "labels": labels})
+    return out
+
+
+def _pair_batches(vocab, n, pairs=2, width=32, seed=0, device="cuda"):
+    """`n` preference micro-batches of `pairs` pairs: the chosen rows, then the rejected ones, each a shared prompt
+    (labels -100) and its own response."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        prompt = torch.randint(4, vocab, (pairs, 12), generator=g)
+        responses = torch.randint(4, vocab, (2 * pairs, width - 12), generator=g)
+        ids = torch.cat([prompt.repeat(2, 1), responses], dim=1)
+        labels = ids.clone()
+        labels[:, :12] = -100
+        batch = {"input_ids": ids, "labels": labels, "attention_mask": torch.ones_like(ids)}
+        out.append({**{k: v.to(device) for k, v in batch.items()}, "num_pairs": pairs, "right_padded": True})
     return out
 
 
@@ -264,6 +308,58 @@ def test_two_shapes_share_one_pool_and_train_exactly_as_eager(tiny_model_dir):
     assert step.disabled is None and len(step.graphs) == 2 and step.replays == 8, notes
     assert graph_losses == eager_losses and moved
     assert all(torch.equal(x, y) for x, y in zip(graph_params, eager_params))
+
+
+def _train_dpo(model, batches, graphed: bool, reference: str, accum: int = 2):
+    """DPO optimizer steps of `accum` pair micro-batches through the graphed step (or its eager path): the
+    per-micro-batch output vectors and the final LoRA tensors."""
+    from lorafuse import accel
+    from lorafuse.training import graphs
+    from lorafuse.training.objectives import DPOObjective
+    from lorafuse.training.objectives.base import objective_inputs
+    from lorafuse.training.runtime import Precision
+
+    state = accel.prepare(model, Options(fast_path="on", gradient_checkpointing=True), note=lambda s: None)
+    precision = Precision(torch.device("cuda"), torch.bfloat16)
+    notes = []
+    step = graphs.build(model, state, precision, 1, "auto", DPOObjective(beta=0.1, reference=reference), notes.append)
+    opt = torch.optim.AdamW(state.params, lr=1e-2)
+    outs = []
+    model.train()
+    for i in range(0, len(batches), accum):
+        window = batches[i : i + accum]
+        pairs = sum(b["num_pairs"] for b in window)
+        for b in window:
+            inputs = objective_inputs(model, b, precision)
+            outs.append((step(inputs, 1.0 / pairs) if graphed else step.eager(inputs, 1.0 / pairs)).cpu())
+        opt.step()
+        opt.zero_grad(set_to_none=False)
+    return outs, [p.detach().clone() for p in state.params], step, notes
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("reference", ["live", "precomputed"])
+def test_dpo_replayed_steps_train_exactly_as_eager_steps(tiny_model_dir, reference):
+    """DPO's micro-step captured whole (the reference pass with the adapter off, the policy pass, the pair loss
+    and its metrics): 8 micro-batches of 2 pairs, accumulation 2; outputs and trained LoRA tensors equal the eager
+    steps' bit for bit, and the first step's loss is ln 2 per pair (a fresh adapter is its own reference)."""
+    batches = _pair_batches(512, 8)
+    if reference == "precomputed":  # stand-in reference values: the step must read them from its static input
+        g = torch.Generator().manual_seed(3)
+        for b in batches:
+            b["ref_logps"] = (-200 + 10 * torch.rand(b["input_ids"].shape[0], generator=g)).cuda()
+    runs = {}
+    for graphed in (False, True):
+        torch.manual_seed(0)
+        model = _lora_model(tiny_model_dir, quant="nf4", device="cuda", dtype="bfloat16")
+        runs[graphed] = _train_dpo(model, batches, graphed, reference)
+    (eager_outs, eager_params, _, _), (graph_outs, graph_params, step, notes) = runs[False], runs[True]
+    assert step.disabled is None and step.replays == 6 and len(step.graphs) == 1, notes
+    assert all(torch.equal(a, b) for a, b in zip(graph_outs, eager_outs))
+    assert all(torch.equal(a, b) for a, b in zip(graph_params, eager_params))
+    if reference == "live":
+        assert math.isclose(float(eager_outs[0][0]), 2 * math.log(2), rel_tol=1e-6)
+    assert len({round(float(o[0]), 6) for o in graph_outs}) > 4, "the replays compute new losses as the adapter trains"
 
 
 @pytest.mark.gpu

@@ -8,6 +8,11 @@ An objective turns one micro-batch into the SUM of its per-unit losses and the S
                                           L_b = sum of the per-unit losses (fp32 scalar with grad),
                                           M_b = sum of a metric over the units (fp32 scalars, no grad)
 
+`loss_sum` is two halves, so the loop can capture the second in a CUDA graph (lorafuse.training.graphs):
+`objective_inputs` moves the micro-batch to the device (the model's forward kwargs, "labels", and "ref_logps" where
+the batch carries precomputed reference log-probs), and `loss_on_inputs(model, inputs, ctx)` computes the sums
+from those device tensors alone, without a host synchronisation.
+
 The loop sums u_b over a step's window of micro-batches (and over ranks) into U and backpropagates L_b / U for each
 micro-batch, so gradient accumulation equals one big batch whatever the window holds; it logs
 sum_b L_b / U as the loss and sum_b M_b / U as the metric. A new objective is a new file with these two methods
@@ -50,7 +55,21 @@ class Objective(Protocol):
 
     def loss_sum(self, model, batch: dict, ctx: ObjectiveContext) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The SUM of the micro-batch's per-unit losses (fp32 scalar with grad) and the SUM of each metric (fp32
-        scalars, no grad)."""
+        scalars, no grad): `loss_on_inputs` of `objective_inputs`."""
+
+    def loss_on_inputs(self, model, inputs: dict, ctx: ObjectiveContext) -> tuple[torch.Tensor, dict]:
+        """`loss_sum` from the micro-batch's device tensors (`objective_inputs`), capture-safe on CUDA."""
+
+
+def objective_inputs(model, batch: dict, precision: Precision) -> dict:
+    """A Batcher micro-batch on the device: the forward kwargs and labels (`lorafuse.training.loss.forward_batch`),
+    and "ref_logps" (2B,) fp32 where the batch carries precomputed reference log-probs."""
+    from lorafuse.training.loss import forward_batch
+
+    inputs = forward_batch(model, batch, precision)
+    if "ref_logps" in batch:
+        inputs["ref_logps"] = batch["ref_logps"].to(precision.device, torch.float32, non_blocking=True)
+    return inputs
 
 
 @torch.no_grad()

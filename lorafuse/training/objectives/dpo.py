@@ -39,7 +39,7 @@ from lorafuse.errors import ConfigError, LorafuseError
 from lorafuse.lora.disable import adapters_disabled
 from lorafuse.lora.linear import LoRALinear
 from lorafuse.training.loss import forward_batch
-from lorafuse.training.objectives.base import ObjectiveContext
+from lorafuse.training.objectives.base import ObjectiveContext, objective_inputs
 from lorafuse.training.objectives.logps import response_tokens, sequence_logps
 
 DPO_LOSSES = ("sigmoid", "ipo")
@@ -112,8 +112,11 @@ class DPOObjective:
         return pair_count(batch)
 
     def loss_sum(self, model, batch: dict, ctx: ObjectiveContext) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        inputs = forward_batch(model, batch, ctx.precision)
-        ref = self._reference_logps(model, batch, inputs, ctx)
+        return self.loss_on_inputs(model, objective_inputs(model, batch, ctx.precision), ctx)
+
+    def loss_on_inputs(self, model, inputs: dict, ctx: ObjectiveContext) -> tuple[torch.Tensor, dict]:
+        inputs = dict(inputs)
+        ref = self._reference_logps(model, inputs.pop("ref_logps", None), inputs, ctx)
         with ctx.precision.autocast():
             logps = sequence_logps(model, inputs, ctx.head, ctx.fused)  # (2B,): chosen rows, then rejected
         n = logps.shape[0] // 2
@@ -123,15 +126,15 @@ class DPOObjective:
         )
         return losses.sum(), pair_metrics(r_c, r_r, logps[:n], logps[n:])
 
-    def _reference_logps(self, model, batch: dict, inputs: dict, ctx: ObjectiveContext) -> torch.Tensor:
+    def _reference_logps(self, model, precomputed, inputs: dict, ctx: ObjectiveContext) -> torch.Tensor:
         if self.reference == "precomputed":
-            if "ref_logps" not in batch:
+            if precomputed is None:
                 raise LorafuseError(
                     "train.dpo_reference=precomputed, but the batch carries no reference log-probs",
                     "compute them before training (lorafuse.training.objectives.dpo.precompute_reference_logps) "
                     "and attach them to the data set (dataset.ref_logps)",
                 )
-            return batch["ref_logps"].to(ctx.precision.device, torch.float32)
+            return precomputed
         with torch.no_grad(), adapters_disabled(model), _eval_mode(model), ctx.precision.autocast():
             return sequence_logps(model, inputs, ctx.head, ctx.fused)
 

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from lorafuse.accel import accel_state
+from lorafuse.kernels.cross_entropy import fixed_shape_wanted
 from lorafuse.lora.token_rows import head_rows
 
 IGNORE_INDEX = -100
@@ -90,8 +91,14 @@ def _chunked_pass(hidden, weight, labels, row_of, rows, chunk, want_h=False, tok
 
     grad_hidden is d logp_{r(t)} / d h_t for every token (unscaled); grad_weight is
     sum_t token_scale_t * d logp_{r(t)} / d W (token_scale: (N,) fp32, the backward's per-token weights).
+
+    The trained tokens are gathered first (a host synchronisation for their count). Where shapes must stay fixed
+    (a CUDA graph capture, or the eager steps before one: `kernels.cross_entropy.fixed_shape_wanted`) every token
+    goes through the head instead, the untrained ones weighted 0: the same sums, more head FLOPs.
     """
-    idx_all = (labels != IGNORE_INDEX).nonzero().squeeze(1)
+    valid = labels != IGNORE_INDEX
+    fixed = fixed_shape_wanted(hidden)
+    idx_all = torch.arange(labels.numel(), device=labels.device) if fixed else valid.nonzero().squeeze(1)
     logps = torch.zeros(rows, dtype=torch.float32, device=hidden.device)
     grad_h = torch.zeros_like(hidden) if want_h else None
     grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_w else None
@@ -99,13 +106,17 @@ def _chunked_pass(hidden, weight, labels, row_of, rows, chunk, want_h=False, tok
         idx = idx_all[start : start + chunk]
         h = hidden.index_select(0, idx).to(weight.dtype)  # (c, D)
         logits = (h @ weight.t()).float()  # (c, V): the only vocabulary-sized tensor, freed each chunk
-        y = labels.index_select(0, idx)
+        y = labels.index_select(0, idx).clamp(min=0)
+        keep = valid.index_select(0, idx).float() if fixed else None  # (c,): 0 for an untrained token
         lse = torch.logsumexp(logits, dim=1)
-        logps.index_add_(0, row_of.index_select(0, idx), logits.gather(1, y[:, None]).squeeze(1) - lse)
+        picked = logits.gather(1, y[:, None]).squeeze(1) - lse
+        logps.index_add_(0, row_of.index_select(0, idx), picked if keep is None else picked * keep)
         if not (want_h or want_w):
             continue
         d = logits.sub_(lse[:, None]).exp_().neg_()  # -softmax, in place: d logp / d logits = onehot - softmax
         d[torch.arange(idx.numel(), device=d.device), y] += 1.0
+        if keep is not None:
+            d.mul_(keep[:, None])
         if want_h:
             grad_h.index_copy_(0, idx, (d.to(weight.dtype) @ weight).to(hidden.dtype))
         if want_w:

@@ -56,7 +56,9 @@ class ORPOObjective:
         return pair_count(batch)
 
     def loss_sum(self, model, batch: dict, ctx: ObjectiveContext) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        inputs = forward_batch(model, batch, ctx.precision)
+        return self.loss_on_inputs(model, forward_batch(model, batch, ctx.precision), ctx)
+
+    def loss_on_inputs(self, model, inputs: dict, ctx: ObjectiveContext) -> tuple[torch.Tensor, dict]:
         with ctx.precision.autocast():
             logps = sequence_logps(model, inputs, ctx.head, ctx.fused)  # (2B,): chosen rows, then rejected
         mean = logps / response_tokens(inputs["labels"]).clamp(min=1)

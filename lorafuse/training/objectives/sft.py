@@ -22,6 +22,8 @@ class SFTObjective:
         return count_targets(batch)
 
     def loss_sum(self, model, batch: dict, ctx: ObjectiveContext) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        inputs = forward_batch(model, batch, ctx.precision)
+        return self.loss_on_inputs(model, forward_batch(model, batch, ctx.precision), ctx)
+
+    def loss_on_inputs(self, model, inputs: dict, ctx: ObjectiveContext) -> tuple[torch.Tensor, dict]:
         with ctx.precision.autocast():
             return lm_loss_sum(model, inputs, ctx.head, ctx.fused), {}

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from lorafuse.accel import simple_head
+from lorafuse.kernels.cross_entropy import fixed_shape
 from lorafuse.model.inject import apply_lora
 from lorafuse.model.tiny import build_tiny_model
 from lorafuse.training.objectives.logps import chunked_sequence_logps, response_tokens, sequence_logps
@@ -32,19 +33,23 @@ def _value_and_grads(fn, hidden, weight, labels, upstream):
     return out.detach().double(), h.grad.double(), w.grad.double()
 
 
+@pytest.mark.parametrize("fixed", [False, True], ids=["trained-tokens", "fixed-shape"])
 @pytest.mark.parametrize("chunk", [1, 7, None])
-def test_chunked_sequence_logps_and_grads_match_log_softmax(chunk):
+def test_chunked_sequence_logps_and_grads_match_log_softmax(chunk, fixed):
+    """Both passes: over the trained tokens only, and the fixed-shape one a CUDA graph records (every token
+    through the head, the untrained ones weighted 0)."""
     hidden, weight, labels = _problem()
     upstream = torch.linspace(-2, 3, hidden.shape[0], dtype=torch.float64)
     exact = _value_and_grads(_reference, hidden, weight, labels, upstream)  # fp64
     ref32 = _value_and_grads(_reference, hidden.float(), weight.float(), labels, upstream.float())
-    ours = _value_and_grads(
-        lambda h, w, y: chunked_sequence_logps(h, w, y, chunk=chunk),
-        hidden.float(),
-        weight.float(),
-        labels,
-        upstream.float(),
-    )
+    with fixed_shape(fixed):
+        ours = _value_and_grads(
+            lambda h, w, y: chunked_sequence_logps(h, w, y, chunk=chunk),
+            hidden.float(),
+            weight.float(),
+            labels,
+            upstream.float(),
+        )
     for name, o, r, e in zip(("logps", "d hidden", "d weight"), ours, ref32, exact):
         # no worse than 2x the error of PyTorch's own fp32 log_softmax against the fp64 truth
         assert (o - e).abs().max() <= 2 * (r - e).abs().max() + 1e-12, name
