@@ -410,7 +410,9 @@ def test_the_capture_reuses_the_warm_up_cublas_workspaces(tiny_model_dir):
 def test_an_evaluation_on_the_graphs_stream_leaves_no_workspace_behind(tiny_model_dir):
     """A no-grad pass between graphed steps (the loop's evaluation) run through `on_stream` uses the workspaces the
     warm-up made for the graphs' stream; the same pass on any other stream leaves a cuBLAS workspace allocated
-    (checked on a fresh stream: the default one may hold a workspace from earlier tests in this process)."""
+    (checked on a fresh stream: the default one may hold a workspace from earlier tests in this process, and so may
+    any pooled stream of default priority, since torch hands those out round-robin from 32; nothing in lorafuse or
+    its tests takes a high-priority stream, so the first one is fresh)."""
     from lorafuse import accel
     from lorafuse.accel.host_tables import simple_head
     from lorafuse.options import Options
@@ -446,7 +448,7 @@ def test_an_evaluation_on_the_graphs_stream_leaves_no_workspace_behind(tiny_mode
     for on_stream in (True, False):
         torch.cuda.synchronize()
         before = torch.cuda.memory_allocated()
-        with step.on_stream() if on_stream else torch.cuda.stream(torch.cuda.Stream()):
+        with step.on_stream() if on_stream else torch.cuda.stream(torch.cuda.Stream(priority=-1)):
             loss = evaluation()
         torch.cuda.synchronize()
         grown.append(torch.cuda.memory_allocated() - before)
