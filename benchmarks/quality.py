@@ -379,6 +379,7 @@ def main(argv=None) -> int:
         plan["steps"] * plan["batch"], args.seed + 2, plan["length"], {r["messages"][0]["content"] for r in eval_rows}
     )
     meta = {**_meta(device), "task": f"sort {plan['length']} digits", "steps": plan["steps"], "batch": plan["batch"]}
+    meta["seed"] = args.seed  # the held-out and training rows, the adapters' init and the batch order
     with tempfile.TemporaryDirectory(prefix="lorafuse-quality-bases-") as tmp:
         bases = _bases(args, kind, plan, tokenizer, device, Path(args.base) if args.base else Path(tmp))
         meta["pretrain_steps"] = plan["pre_steps"]

@@ -67,7 +67,8 @@ def test_a_base_folder_is_pretrained_once_and_reused_for_a_longer_task(tmp_path)
     rows = [json.loads(line) for line in next((tmp_path / "out").glob("*.jsonl")).read_text().splitlines()]
     runs = [r for r in rows if r["kind"] == "run"]
     assert {r["task"] for r in runs} == {"sort 6 digits", "sort 12 digits"}
-    assert {r["pretrain_steps"] for r in runs} == {7} and all(r["status"] == "ok" for r in runs)
+    assert {r["pretrain_steps"] for r in runs} == {7} and {r["seed"] for r in runs} == {0}
+    assert all(r["status"] == "ok" for r in runs)
 
 
 def _best(run, method, zeroed, rel):
