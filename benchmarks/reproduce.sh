@@ -14,6 +14,8 @@
 #   8x2048      QLoRA, 8 x 2,048 tokens: lorafuse against Unsloth
 #   8x2048-fp8  the same with train.fp8, lorafuse alone
 #   dpo         DPO on QLoRA, 4 pairs x 512 tokens: lorafuse, Unsloth and TRL's DPOTrainer (the HF recipe) in one call
+#   dpo-lorafuse  the same DPO step, lorafuse alone on a random-init model (its CUDA graphs on)
+#   dpo-eager   the same, --no-graphs (run right after dpo-lorafuse on one machine for the ratio)
 #   memory      the planner against measured peaks on 1B-8B shapes (benchmarks/memory_sweep.sh)
 #   headline    a 65B-shape QLoRA step under a 40 GiB cap; Llama-2-7B QLoRA at 2,048 tokens in fp16 under 15 GiB
 #   tests       every GPU test (pytest -m gpu)
@@ -44,9 +46,11 @@ case "$PART" in
   8x2048) bench --shape llama2-7b --batch 8 --seq 2048 --stacks lorafuse,unsloth --methods qlora --steps 4 --warmup 2 ;;
   8x2048-fp8) bench --shape llama2-7b --batch 8 --seq 2048 --stacks lorafuse --methods qlora --random-init --fp8 --steps 4 --warmup 2 ;;
   dpo) bench --shape llama2-7b --objective dpo --pairs 4 --seq 512 --stacks lorafuse,unsloth,hf --methods qlora --timeout 300 ;;
+  dpo-lorafuse) bench --shape llama2-7b --objective dpo --pairs 4 --seq 512 --stacks lorafuse --methods qlora --random-init --steps 8 --warmup 3 ;;
+  dpo-eager) bench --shape llama2-7b --objective dpo --pairs 4 --seq 512 --stacks lorafuse --methods qlora --random-init --steps 8 --warmup 3 --no-graphs ;;
   memory) bash benchmarks/memory_sweep.sh "$OUT" "$LOG" sweep ;;
   headline) bash benchmarks/memory_sweep.sh "$OUT" "$LOG" headline ;;
   tests) python3 -m pytest -q -m gpu tests ;;
   quality) python3 benchmarks/quality.py --lrs 1e-3,3e-3 --out "$OUT" ;;
-  *) echo "unknown part '$PART': qlora lean fp8 lora 1x4096 1x4096-fp8 8x2048 8x2048-fp8 dpo memory headline tests quality" >&2; exit 2 ;;
+  *) echo "unknown part '$PART': qlora lean fp8 lora 1x4096 1x4096-fp8 8x2048 8x2048-fp8 dpo dpo-lorafuse dpo-eager memory headline tests quality" >&2; exit 2 ;;
 esac
