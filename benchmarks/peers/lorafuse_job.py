@@ -10,8 +10,10 @@ optimizer, checkpointing, and lorafuse's settings (fast path, CUDA graphs, offlo
 dequant cap, FP8) as their train.* keys; max_steps warmup + steps, log_every 1, no evaluation, one checkpoint (the
 last step's). lorafuse.job.run trains it with its console in a buffer (copied to stderr afterwards).
 
-The step times come from metrics.jsonl: time_s is the loop's running total of time spent in its steps (fetching
-the micro-batch, forward, backward, clipping, the optimizer step; not logging, evaluating or saving), so step k took
+What ran (the fast path, the fused loss, CUDA graph replays) comes from the job's result (`TrainResult.speedups`,
+also in summary.json). The step times come from metrics.jsonl: time_s is the loop's running total of time spent in
+its steps (fetching the micro-batch, forward, backward, clipping, the optimizer step; not logging, evaluating or
+saving), so step k took
 time_s[k] - time_s[k-1]; the job reads the loss and the gradient norm back to the host each step, so on CUDA these
 are finished steps. The first --warmup steps are dropped and the median of the rest is the step time, as the
 harness's. Peak memory: torch.cuda.max_memory_allocated over the whole process (loading included; the harness's
@@ -120,58 +122,26 @@ def _one_token_words(tokenizer) -> list[str]:
     return words
 
 
-@contextlib.contextmanager
-def watched(seen: dict):
-    """Record what the job's loop prepared (lorafuse.accel.prepare: the fast path, the loss) and whether its step
-    is a CUDA graph (lorafuse.training.graphs.build), for the row's fast_path and cuda_graphs; nothing else changes."""
-    from lorafuse import accel
-    from lorafuse.training import graphs
-
-    prepare, build = accel.prepare, graphs.build
-
-    def prepared(*args, **kwargs):
-        state = prepare(*args, **kwargs)
-        seen["accel"] = _accel_info(state)
-        return state
-
-    def built(*args, **kwargs):
-        seen["graphed"] = build(*args, **kwargs)
-        return seen["graphed"]
-
-    accel.prepare, graphs.build = prepared, built
-    try:
-        yield
-    finally:
-        accel.prepare, graphs.build = prepare, build
-
-
-def _accel_info(state) -> dict:
-    fast = state.fast
-    return {
-        "fast_path": {
-            "applied": fast is not None,
-            "reason": f"fast path on ({fast.ops.name} ops, {fast.layers} layers)" if fast is not None else "",
-        },
-        "fused_loss": state.fused_loss,
-        "chunked_loss": state.head is not None,
-        "trainable_params": sum(p.numel() for p in state.params),
-    }
-
-
-def _what_ran(spec: dict, seen: dict, notes: list[str]) -> dict:
-    """The row's fast_path, cuda_graphs, loss and trainable params, from what `watched` saw and the job's notes."""
-    info = dict(seen.get("accel", {}))
-    if info and not info["fast_path"]["applied"]:
-        off = "train.fast_path is off" if spec.get("fast_path") == "off" else f"the model is on {spec['device']}"
-        said = next((n for n in notes if n.startswith("fast path off")), f"fast path off: {off}")
-        info["fast_path"] = {"applied": False, "reason": said}
-    graphed, said = seen.get("graphed"), next((n for n in reversed(notes) if "CUDA graphs" in n), "")
-    if graphed is None:
-        info["cuda_graphs"] = {"applied": False, "reason": said or "off (the loop runs eagerly here)"}
+def _what_ran(spec: dict, done, notes: list[str]) -> dict:
+    """The row's fast_path, cuda_graphs, loss kind and trainable params, from the job's result (`speedups`: what its
+    loop ran) and its console notes."""
+    ran = done.speedups
+    if ran.get("fast_path"):
+        fast = {"applied": True, "reason": "fast path on"}
     else:
-        applied = graphed.disabled is None and graphed.replays > 0
-        info["cuda_graphs"] = {"applied": applied, "reason": said, "replays": graphed.replays}
-    return info
+        off = "train.fast_path is off" if spec.get("fast_path") == "off" else f"the model is on {spec['device']}"
+        fast = {"applied": False, "reason": next((n for n in notes if n.startswith("fast path off")), off)}
+    said = next((n for n in reversed(notes) if "CUDA graphs" in n), "")
+    replays = ran.get("cuda_graph_replays", 0)
+    graphs = {"applied": replays > 0, "reason": said or "off (the loop runs eagerly here)", "replays": replays}
+    counted = next((n for n in notes if n.startswith("trainable params:")), "")
+    trainable = int(counted.split("||")[0].split(":")[1].replace(",", "")) if counted else None
+    return {
+        "fast_path": fast,
+        "cuda_graphs": graphs,
+        "fused_loss": bool(ran.get("fused_loss")),
+        "trainable_params": trainable,
+    }
 
 
 def step_times(rows: list[dict]) -> list[float]:
@@ -219,17 +189,15 @@ def _checked(spec: dict, rows: list[dict], timed: int) -> dict:
 
 def run_job(spec: dict, device, info: dict) -> dict:
     """Train the job in a temporary folder and return its row's fields (`info`: what the loop prepared)."""
-    for module in ("lorafuse.job", "lorafuse.accel", "lorafuse.training.graphs"):
-        require(module)
+    require("lorafuse.job")
     import torch
 
-    seen: dict = {}
     with tempfile.TemporaryDirectory(prefix="lorafuse-bench-job-") as tmp:
         cfg = job_config(spec, write_rows(spec, Path(tmp) / "rows.jsonl"), Path(tmp) / "run")
-        done, log = _quiet_job(cfg, seen)
+        done, log = _quiet_job(cfg)
         rows = [json.loads(x) for x in (Path(tmp) / "run" / "metrics.jsonl").read_text().splitlines() if x.strip()]
     notes = _notes(log)
-    info.update(_what_ran(spec, seen, notes), notes=notes)
+    info.update(_what_ran(spec, done, notes), notes=notes)
     cuda = device.type == "cuda"
     return {
         **summarize(spec, rows),
@@ -240,7 +208,7 @@ def run_job(spec: dict, device, info: dict) -> dict:
     }
 
 
-def _quiet_job(cfg, seen: dict):
+def _quiet_job(cfg):
     """(TrainResult, console text) of lorafuse.job.run with its console and prints in a buffer, copied to stderr
     (the harness shows a runner's stderr when it fails; its stdout carries the result line)."""
     from lorafuse import job
@@ -248,7 +216,7 @@ def _quiet_job(cfg, seen: dict):
 
     buffer = io.StringIO()
     try:
-        with watched(seen), contextlib.redirect_stdout(buffer):
+        with contextlib.redirect_stdout(buffer):
             done = job.run(cfg, resume=None, console=make_console(file=buffer, width=160))
     finally:
         sys.stderr.write(buffer.getvalue())
