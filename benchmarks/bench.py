@@ -4,6 +4,7 @@
     lorafuse bench --shape llama2-7b --table          # full / LoRA / QLoRA beside the seed's summary table
     lorafuse bench --shape tiny --device cpu           # smoke test (peers that need CUDA: unavailable)
     lorafuse bench --shape llama2-7b --objective dpo --pairs 4 --seq 512 --methods qlora   # DPO steps, pairs/s
+    lorafuse bench --shape llama2-7b --stacks lorafuse --methods qlora --job   # + the `lorafuse train` job's step
 
 Flow: (1) a child process (bench_child.py) builds a random-init model of the shape (lorafuse.plan.shapes) directly
 on the device, saves it with a tokenizer as a local checkpoint folder (cached under --model-dir) and reports the
@@ -18,6 +19,10 @@ planner models SFT steps, so DPO rows are not logged there).
 seq // 4 of each a prompt without loss), DPO's sigmoid loss with beta 0.1 against the reference model taken from
 the same weights with the adapter switched off; lorafuse through its DPO objective, hf as TRL's DPOTrainer on
 transformers + peft (+ bitsandbytes), unsloth as Unsloth's model under TRL's DPOTrainer. Rows add pairs/s.
+--job adds, after each lorafuse qlora / lora run, the `lorafuse train` job itself (lorafuse.job.run) on the same
+step in its own process (benchmarks/peers/lorafuse_job.py: raw-text rows of exactly --seq tokens, a config of the
+harness's settings, the step times from its metrics.jsonl); its row has runner "job" (the others "harness") and
+the table adds the job's step time over the harness's.
 A stack that cannot run is a row "unavailable: <reason>", never a crash. The harness and the runners live in
 the source checkout (benchmarks/): run `python benchmarks/bench.py ...` or `lorafuse bench ...` from a checkout.
 """
@@ -36,7 +41,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's lorafuse, installed or not
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_args import parse_args, plan_runs, prompt_tokens  # noqa: E402
+from bench_args import JOB_METHODS, parse_args, plan_runs, prompt_tokens  # noqa: E402
 from bench_child import build_in_child, run_child  # noqa: E402
 from bench_table import latest_quality, render, render_seed_table  # noqa: E402
 
@@ -51,6 +56,7 @@ REQUIRED_KEYS = (
     "card",
     "stack",
     "method",
+    "runner",
     "objective",
     "shape",
     "batch",
@@ -75,11 +81,13 @@ UNSUPPORTED = {
 DPO_ADAPTERS_ONLY = "the DPO benchmark trains adapters (qlora, lora): its reference is the adapter switched off"
 
 
-def _run_settings(args, stack: str, method: str) -> dict:
-    """What a (stack, method) run is, as its runner's spec and its JSON row both carry it."""
+def _run_settings(args, stack: str, method: str, runner: str = "harness") -> dict:
+    """What a (stack, method) run is, as its runner's spec and its JSON row both carry it; runner "job": the
+    `lorafuse train` job on the same step (--job), "harness": the step the harness builds and times."""
     return {
         "stack": stack,
         "method": method,
+        "runner": runner,
         "objective": args.objective,
         "pairs": args.pairs,
         "prompt_tokens": prompt_tokens(args.seq) if args.objective == "dpo" else None,
@@ -99,10 +107,10 @@ def _run_settings(args, stack: str, method: str) -> dict:
     }
 
 
-def _spec(args, stack: str, method: str, folder: Path) -> dict:
-    """The runner's spec (benchmarks/peers/<stack>_stack.py reads it)."""
+def _spec(args, stack: str, method: str, folder: Path, runner: str = "harness") -> dict:
+    """The runner's spec (benchmarks/peers/<stack>_stack.py, or lorafuse_job.py, reads it)."""
     return {
-        **_run_settings(args, stack, method),
+        **_run_settings(args, stack, method, runner),
         "folder": str(folder),
         "vocab_size": builtin_shape(args.shape).vocab_size,
         "optimizer": args.optimizer,
@@ -168,14 +176,30 @@ def _workload(args, method: str, kernels: str = "reference", loss: str = "chunke
     )
 
 
-def _precheck(args, stack: str, method: str, probe: dict) -> str | None:
+def plan_runners(args) -> list[tuple[str, str, str]]:
+    """(stack, method, runner) of each run: runner "harness" for every planned run, and with --job a "job" run
+    right after each lorafuse qlora / lora run."""
+    out = []
+    for stack, method in plan_runs(args):
+        out.append((stack, method, "harness"))
+        if args.job and stack == "lorafuse" and method in JOB_METHODS:
+            out.append((stack, method, "job"))
+    return out
+
+
+def _script(stack: str, runner: str = "harness") -> Path:
+    """The runner script of a run: peers/<stack>_stack.py, or peers/lorafuse_job.py for the job (--job)."""
+    return PEERS / ("lorafuse_job.py" if runner == "job" else f"{stack}_stack.py")
+
+
+def _precheck(args, stack: str, method: str, probe: dict, runner: str = "harness") -> str | None:
     if (stack, method) in UNSUPPORTED:
         return "unavailable: " + UNSUPPORTED[stack, method]
     if args.objective == "dpo" and method == "full":
         return "unavailable: " + DPO_ADAPTERS_ONLY
     if args.device != "cuda" and (stack, method) in NEEDS_CUDA:
         return "unavailable: " + NEEDS_CUDA[stack, method]
-    if not (PEERS / f"{stack}_stack.py").is_file():
+    if not _script(stack, runner).is_file():
         return f"unavailable: {PEERS} not found (run lorafuse bench from a lorafuse source checkout)"
     if method == "full" and probe.get("memory_gib"):
         predicted = estimate(_workload(args, "full", loss="full")).peak / GIB
@@ -206,12 +230,12 @@ def card_slug(card: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", card.lower().replace("nvidia", "")).strip("-") or "unknown"
 
 
-def _row(args, run_id: str, stack: str, method: str, probe: dict, result: dict, commit) -> dict:
+def _row(args, run_id: str, stack: str, method: str, probe: dict, result: dict, commit, runner="harness") -> dict:
     row = {
         "run": run_id,
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "card": probe.get("card", "unknown"),
-        **_run_settings(args, stack, method),
+        **_run_settings(args, stack, method, runner),
         "optimizer": args.full_optimizer if method == "full" else args.optimizer,
         "commit": commit[0],
         "dirty": commit[1],
@@ -280,9 +304,29 @@ def _append(path: Path, rows: list[dict]) -> None:
             f.write(json.dumps(row, default=str) + "\n")
 
 
+def _run_one(args, run: tuple[str, str, str], folder: Path, probe: dict, where: str) -> dict:
+    """The result of one (stack, method, runner) run from its runner's process, or why it did not run."""
+    stack, method, runner = run
+    skip = _precheck(args, stack, method, probe, runner)
+    if skip:
+        status, _, reason = skip.partition(": ")
+        return {"status": status, "reason": reason}
+    said = (
+        f" (the planner predicts a peak of {_predicted(args, method, {}):.2f} GiB allocated)"
+        if stack == "lorafuse" and args.objective == "sft"
+        else ""
+    )
+    print(f"{where} {stack} {method}{' job' if runner == 'job' else ''}{said} ...", flush=True)
+    spec = _spec(args, stack, method, folder, runner)
+    result, tail = run_child([sys.executable, str(_script(stack, runner)), json.dumps(spec)], args.timeout)
+    if result.get("status") == "error" and tail:
+        print(tail, file=sys.stderr)
+    return result
+
+
 def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    runs = plan_runs(args)
+    runs = plan_runners(args)
     folder = Path(args.model_dir) / f"{args.shape}-{args.device}-{args.dtype}"
     print(
         f"probing the device (the {args.shape} model is generated in each runner) ..."
@@ -299,23 +343,9 @@ def main(argv=None) -> int:
         f"transformers {probe['transformers']}",
         flush=True,
     )
-    for i, (stack, method) in enumerate(runs, 1):
-        skip = _precheck(args, stack, method, probe)
-        if skip:
-            status, _, reason = skip.partition(": ")
-            result, tail = {"status": status, "reason": reason}, ""
-        else:
-            said = (
-                f" (the planner predicts a peak of {_predicted(args, method, {}):.2f} GiB allocated)"
-                if stack == "lorafuse" and args.objective == "sft"
-                else ""
-            )
-            print(f"[{i}/{len(runs)}] {stack} {method}{said} ...", flush=True)
-            spec = _spec(args, stack, method, folder)
-            result, tail = run_child([sys.executable, str(PEERS / f"{stack}_stack.py"), json.dumps(spec)], args.timeout)
-            if result.get("status") == "error" and tail:
-                print(tail, file=sys.stderr)
-        rows.append(_row(args, run_id, stack, method, probe, result, commit))
+    for i, run in enumerate(runs, 1):
+        result = _run_one(args, run, folder, probe, f"[{i}/{len(runs)}]")
+        rows.append(_row(args, run_id, *run[:2], probe, result, commit, runner=run[2]))
     print(render(rows))
     if args.table:
         print("\n" + render_seed_table(rows, latest_quality(ROOT / "benchmarks" / "results")))
@@ -326,6 +356,7 @@ def main(argv=None) -> int:
         _memory_record(args, r)
         for r in rows
         if r["stack"] == "lorafuse"
+        and r["runner"] == "harness"  # the job's peak counts its loading too
         and r["objective"] == "sft"
         and r["status"] == "ok"
         and r.get("peak_alloc_gib") is not None

@@ -17,6 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 STACKS = ("lorafuse", "hf", "unsloth")
 METHODS = ("qlora", "lora", "full")
 OBJECTIVES = ("sft", "dpo")
+JOB_METHODS = ("qlora", "lora")  # what --job runs beside: the `lorafuse train` job trains adapters
 DEFAULT_BATCH = 4  # sequences of an SFT step
 DEFAULT_PAIRS = 4  # preference pairs of a DPO step (2 x 4 rows)
 PROMPT_SHARE = 4  # a DPO row's first seq // 4 tokens are its prompt (no loss), the rest its response
@@ -160,6 +161,12 @@ def _lorafuse_args(p) -> None:
         help="lorafuse only: FP8 base-weight GEMMs in the forward and "
         "the recompute (train.fp8; compute capability 8.9+)",
     )
+    p.add_argument(
+        "--job",
+        action="store_true",
+        help="also run the `lorafuse train` job itself (lorafuse.job.run) on the same step for each lorafuse qlora / "
+        "lora run: its row (runner job) beside the harness's, with the ratio of their step times",
+    )
     p.add_argument("--no-fast-path", action="store_true", help="lorafuse without its fused kernels")
     p.add_argument("--no-graphs", action="store_true", help="lorafuse without CUDA graphs (eager launches)")
 
@@ -182,7 +189,28 @@ def _checked(args):
         raise LorafuseError(
             "--offload is a checkpointing policy, and --no-gc turns checkpointing off", "drop one of them"
         )
+    if args.job:
+        _job_combination(args)
     return args
+
+
+def _job_combination(args) -> None:
+    """--job runs `lorafuse train` on the checkpoint folder, SFT, for lorafuse's adapter methods."""
+    if args.objective == "dpo":
+        raise LorafuseError(
+            "--job times the `lorafuse train` job's SFT steps, not DPO", "drop --job with --objective dpo"
+        )
+    if args.random_init:
+        raise LorafuseError(
+            "--job loads the checkpoint folder as `lorafuse train` does; --random-init generates the model instead",
+            "drop --random-init (or --job)",
+        )
+    runs = plan_runs(args)
+    if not any(stack == "lorafuse" and method in JOB_METHODS for stack, method in runs):
+        raise LorafuseError(
+            "--job runs beside lorafuse's qlora or lora runs, and this run has none",
+            "add lorafuse to --stacks and qlora or lora to --methods",
+        )
 
 
 def _micro_batch(args) -> None:

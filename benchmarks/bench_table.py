@@ -1,4 +1,5 @@
-"""The benchmark harness's tables (benchmarks/bench.py): one row per (stack, method) run with lorafuse/peer ratios,
+"""The benchmark harness's tables (benchmarks/bench.py): one row per (stack, method) run with lorafuse/peer ratios
+(with --job, the `lorafuse train` job's row beside the harness's, and their step-time ratio),
 and full / LoRA / QLoRA against full fine-tuning beside the seed's summary table (`lorafuse bench --table`), with
 the accuracy column benchmarks/quality.py measured."""
 
@@ -30,11 +31,16 @@ def _settings(r: dict) -> str:
     return ", ".join(p for p in parts if p)
 
 
+def _stack(r: dict) -> str:
+    """The stack column: "lorafuse job" for the `lorafuse train` job's row (--job), else the stack."""
+    return f"{r['stack']} job" if r.get("runner") == "job" else r["stack"]
+
+
 def render(rows: list[dict]) -> str:
     dpo = any(r.get("objective") == "dpo" for r in rows)
     speed = "pairs_per_s" if dpo else "tokens_per_s"
     pairs_col = f" {'pairs/s':>8}" if dpo else ""
-    lines = [f"{'method':<7} {'stack':<9} {'step s':>8}{pairs_col} {'tokens/s':>10} {'peak GiB':>9}  status"]
+    lines = [f"{'method':<7} {'stack':<12} {'step s':>8}{pairs_col} {'tokens/s':>10} {'peak GiB':>9}  status"]
     for r in rows:
         status = "ok" if r["status"] == "ok" else f"{r['status']}: {r.get('reason') or ''}".strip()
         if r["stack"] == "lorafuse" and r["status"] == "ok" and r["device"] == "cuda":
@@ -46,26 +52,39 @@ def render(rows: list[dict]) -> str:
             )
         pairs = f" {_fmt(r.get('pairs_per_s'), '8.2f')}" if dpo else ""
         lines.append(
-            f"{r['method']:<7} {r['stack']:<9} {_fmt(r['step_s'], '8.3f')}{pairs} {_fmt(r['tokens_per_s'], '10,.0f')}"
+            f"{r['method']:<7} {_stack(r):<12} {_fmt(r['step_s'], '8.3f')}{pairs} {_fmt(r['tokens_per_s'], '10,.0f')}"
             f" {_fmt(r['peak_alloc_gib'], '9.2f')}  {status}"
         )
-    ratios = []
-    for ours in (r for r in rows if r["stack"] == "lorafuse" and r["status"] == "ok"):
-        for peer in (r for r in rows if r["stack"] != "lorafuse" and r["method"] == ours["method"]):
-            if peer["status"] != "ok":
-                continue
-            mem = (
-                "" if not peer["peak_alloc_gib"] else f", memory {ours['peak_alloc_gib'] / peer['peak_alloc_gib']:.2f}x"
-            )
-            ratios.append(
-                f"  {ours['method']}: lorafuse vs {peer['stack']}: speed {ours[speed] / peer[speed]:.2f}x{mem}"
-            )
+    methods = dict.fromkeys(r["method"] for r in rows)  # in the order they ran
+    ratios = [line for m in methods for line in _ratios([r for r in rows if r["method"] == m], speed)]
     head = f"ratios ({speed.replace('_per_s', '/s')}: >1 is faster; memory: <1 is smaller)"
     if dpo:
         lines.append(
             "DPO: hf = TRL's DPOTrainer on transformers + peft (+ bitsandbytes); unsloth = Unsloth's model in it"
         )
     return "\n".join(lines + ([head] + ratios if ratios else []))
+
+
+def _ratios(rows: list[dict], speed: str) -> list[str]:
+    """The ratio lines of one method's rows: lorafuse's rows (the harness's, then the job's) against each peer's,
+    then the job's step time over the harness's (>1: the job's step is slower)."""
+    out = []
+    for ours in (r for r in rows if r["stack"] == "lorafuse" and r["status"] == "ok"):
+        for peer in (r for r in rows if r["stack"] != "lorafuse" and r["status"] == "ok"):
+            mem = (
+                "" if not peer["peak_alloc_gib"] else f", memory {ours['peak_alloc_gib'] / peer['peak_alloc_gib']:.2f}x"
+            )
+            out.append(
+                f"  {ours['method']}: {_stack(ours)} vs {peer['stack']}: speed {ours[speed] / peer[speed]:.2f}x{mem}"
+            )
+    ok = {r.get("runner", "harness"): r for r in rows if r["stack"] == "lorafuse" and r["status"] == "ok"}
+    if "job" in ok and "harness" in ok:
+        job, harness = ok["job"]["step_s"], ok["harness"]["step_s"]
+        out.append(
+            f"  {ok['job']['method']}: lorafuse job/harness step time {job / harness:.2f}x "
+            f"({job:.3f} s / {harness:.3f} s; >1: the job's step is slower)"
+        )
+    return out
 
 
 def latest_quality(results: Path) -> dict[str, str]:
@@ -88,7 +107,7 @@ def latest_quality(results: Path) -> dict[str, str]:
 def render_seed_table(rows: list[dict], quality: dict[str, str] | None = None) -> str:
     """Memory and step time vs full fine-tuning beside the seed's table; `quality` (latest_quality) adds the
     accuracy column benchmarks/quality.py measured (as pretrained / zeroed template rows)."""
-    by = {r["method"]: r for r in rows}
+    by = {r["method"]: r for r in rows if r.get("runner") != "job"}  # the harness's steps, as the seed's table
     full = by.get("full") if by.get("full", {}).get("status") == "ok" else None
     quality = quality or {}
     lines = [

@@ -87,6 +87,7 @@ class TrainResult:
     compute_dtype: str
     demo: dict | None = None  # the built-in demo's held-out answers: exact, total, base_exact, shown (lorafuse.demo)
     stop_signal: str | None = None  # "SIGINT" | "SIGTERM" when stop_reason is "signal"
+    speedups: dict = dataclasses.field(default_factory=dict)  # fast_path, fused_loss, cuda_graph_replays: what ran
 
     @property
     def exit_code(self) -> int:
@@ -386,6 +387,7 @@ def _finish(cfg, model, tokenizer, out: Path, res, metrics, dtype, console, worl
         compute_dtype=str(dtype).removeprefix("torch."),
         demo=demo,
         stop_signal=res.stop_signal,
+        speedups=res.speedups,
     )
     summary = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(result).items()}
     summary.update(

@@ -54,6 +54,9 @@ def test_resume_refuses_a_changed_config_then_force_and_start_over(tmp_path, tin
     assert first.stop_reason == "finished" and first.steps == 2 and first.compute_dtype == "float32"
     assert "compute dtype: float32 (auto: CPU)" in buf.getvalue()
     assert (out / "adapter" / "adapter_config.json").is_file()
+    # what ran, in the result and in summary.json: on a CPU the PyTorch path, eager
+    ran = {"fast_path": False, "fused_loss": False, "cuda_graph_replays": 0}
+    assert first.speedups == ran and json.loads((out / "summary.json").read_text())["speedups"] == ran
 
     longer = _cfg(tiny_model_dir, out, max_steps=4, lr=1e-3)  # max_steps may change; lr may not
     with pytest.raises(LorafuseError) as err:

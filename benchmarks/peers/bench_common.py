@@ -16,7 +16,9 @@ backward, gradient clipping (max norm 1.0, as the Trainer's default) and optimiz
      peak allocated/reserved GiB, first/last loss (finite, or the run is an error), and the runner's `info`.
 
 A runner whose stack cannot be imported prints `BENCH_UNAVAILABLE <reason>` and exits 0. A CUDA
-out-of-memory error is a result (`status: oom`), not a crash.
+out-of-memory error is a result (`status: oom`), not a crash. A runner that times something other than a step
+function (peers/lorafuse_job.py: the `lorafuse train` job, which times its own steps) calls `report(work)`, which
+prints its result the same way.
 """
 
 from __future__ import annotations
@@ -242,7 +244,19 @@ def _budget(spec: dict, device) -> None:
 
 
 def run(build) -> None:
-    """Entry point of a runner script: argv[1] is the JSON spec."""
+    """Entry point of a runner script: argv[1] is the JSON spec; `build` makes the step that `measure` times."""
+
+    def built_and_measured(spec: dict, device, info: dict) -> dict:
+        step, built = build(spec, device)
+        info.update(built)
+        return measure(spec, step, device)
+
+    report(built_and_measured)
+
+
+def report(work) -> None:
+    """Run `work(spec, device, info) -> result` on argv[1]'s JSON spec (seeded, the memory capped) and print its
+    `BENCH_RESULT`, with what it put in `info`; out of memory and errors are results too."""
     spec = json.loads(sys.argv[1])
     import torch
 
@@ -251,8 +265,7 @@ def run(build) -> None:
     info: dict = {}
     try:
         _budget(spec, device)
-        step, info = build(spec, device)
-        result = measure(spec, step, device)
+        result = work(spec, device, info)
     except torch.cuda.OutOfMemoryError as exc:
         result = {"status": "oom", "reason": str(exc).splitlines()[0][:300]}
         if device.type == "cuda":

@@ -439,6 +439,11 @@ class TrainingLoop:
             best_checkpoint=best,
             rows=list(self.metrics.rows),
             stop_signal=signal_name,
+            speedups={
+                "fast_path": self.accel.fast is not None,
+                "fused_loss": bool(self.accel.fused_loss),
+                "cuda_graph_replays": 0 if self.graphed is None else self.graphed.replays,
+            },
         )
 
 

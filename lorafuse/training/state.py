@@ -45,6 +45,7 @@ class LoopResult:
     best_checkpoint: Path | None = None
     rows: list = field(default_factory=list)
     stop_signal: str | None = None  # "SIGINT" | "SIGTERM" when stop_reason is "signal"
+    speedups: dict = field(default_factory=dict)  # what ran: fast_path, fused_loss (bools), cuda_graph_replays
 
 
 def total_steps(tc, micro_per_epoch: int) -> int:

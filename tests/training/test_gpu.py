@@ -124,8 +124,9 @@ def test_training_loop_replays_cuda_graphs_and_matches_eager(tmp_path, tiny_mode
     graphed, g_losses, log = _graph_run(tiny_model_dir, tmp_path / "graphs", "auto", **kw)
     assert "CUDA graphs on" in log, log[-2000:]
     assert graphed.stop_reason == "finished" and len(g_losses) == 12
-    _, e_losses, e_log = _graph_run(tiny_model_dir, tmp_path / "eager", "off", **kw)
-    assert "CUDA graphs on" not in e_log
+    assert graphed.speedups["fast_path"] and graphed.speedups["cuda_graph_replays"] > 0
+    eager, e_losses, e_log = _graph_run(tiny_model_dir, tmp_path / "eager", "off", **kw)
+    assert "CUDA graphs on" not in e_log and eager.speedups["cuda_graph_replays"] == 0
     _, f_losses, _ = _graph_run(tiny_model_dir, tmp_path / "fp32", "off", dtype="float32", **kw)
     noise = max(abs(a - b) for a, b in zip(e_losses, f_losses))
     assert max(abs(a - b) for a, b in zip(g_losses, e_losses)) <= noise
