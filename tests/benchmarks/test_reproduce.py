@@ -45,7 +45,20 @@ def test_dpo_part_runs_the_three_stacks_on_7b_qlora_pairs():
     assert (args.objective, args.pairs, args.seq, args.batch) == ("dpo", 4, 512, 8)
     assert sorted(plan_runs(args)) == [("hf", "qlora"), ("lorafuse", "qlora"), ("unsloth", "qlora")]
     assert args.timeout >= 150  # Unsloth takes ~80 s to load and compile a 7B before its first step
-    assert {part for part, argv in bench_parts().items() if parse_args(argv).objective == "dpo"} == {"dpo"}
+    assert {part for part, argv in bench_parts().items() if parse_args(argv).objective == "dpo"} == {
+        "dpo",
+        "dpo-lorafuse",
+        "dpo-eager",
+    }
+
+
+def test_the_lorafuse_dpo_parts_differ_by_graphs_only():
+    """dpo-lorafuse and dpo-eager: the same DPO step of lorafuse alone, with and without CUDA graphs."""
+    parts = bench_parts()
+    graphed, eager = parse_args(parts["dpo-lorafuse"]), parse_args(parts["dpo-eager"])
+    assert plan_runs(graphed) == plan_runs(eager) == [("lorafuse", "qlora")]
+    assert not graphed.no_graphs and eager.no_graphs
+    assert parts["dpo-eager"] == parts["dpo-lorafuse"] + ["--no-graphs"]
 
 
 def test_the_header_lists_exactly_the_parts():
