@@ -18,18 +18,20 @@ rows as pretraining left them and zeroed as real bases ship them.
      seed lora, seed qlora   transformers + peft (+ bitsandbytes 4-bit, CUDA), the plain loop
    lorafuse runs with its defaults for token rows: on the zeroed base it finds the two rows and trains them.
 3. Score each fine-tuned model on held-out rows (benchmarks/quality_train.py: greedy, exact answer + <|im_end|>).
-   A method's score is its best accuracy over its LR grid; the table gives it relative to full fine-tuning's
-   best on the same base. One JSON line per run and per method's best go to
+   With --seeds 0,1,2 every run is repeated per seed (its own rows, adapter init and batch order); a method's
+   score is its best mean accuracy over its LR grid, with the range over the seeds, and the table gives it
+   relative to full fine-tuning's best mean on the same base. One seed decides little where exact match sits
+   between 5% and 90% (benchmarks/NOTES.md): use several there. One JSON line per run and per method's best go to
    <out>/<date>-<card>-quality.jsonl; `lorafuse bench --table` reads the latest file's "best" rows.
 
-GPU time (one H100; estimated from launch counts, not yet measured): pretraining 3000 steps of 64 x 128 tokens
-on a 4-layer, 256-wide Llama (3.4M parameters) ~30-45 s; a fine-tuning run is 300 steps of 16 x 60 tokens, launch
-bound at this size: ~3 s for full fine-tuning's plain loop, ~5-7 s for lorafuse's reference path and peft, ~1 s
-replayed from CUDA graphs (plus ~1 minute of Triton compiling and autotuning, once per process), and ~1-2 s to
-load, evaluate 300 rows and save. 7 methods x 3 learning rates x 2 bases = 42 runs: about 5-6 minutes in all.
-Fewer: --lrs 1e-3,3e-3 (one grid for all), --methods, --steps. Calibrate first with --methods full,lora,qlora+fast
---lrs 1e-3,3e-3 (about 2 minutes): full fine-tuning should score well above 50% and LoRA well above 0, else the
-task is too hard for --steps (--sort-length 5, or more --steps); benchmarks/NOTES.md has a CPU stand-in's numbers.
+GPU time (one H100 80GB): pretraining 3000 steps of 64 x 128 tokens on a 4-layer, 256-wide Llama (3.4M
+parameters) takes about 210 s; keep it with --base DIR and later runs skip it. A fine-tuning run of 300 steps of 16
+rows takes 2-3 s replayed from CUDA graphs, 5-6 s for full fine-tuning's plain loop, 9-18 s for lorafuse's reference
+path and peft, plus 1-2 s to load, evaluate and save, and about a minute of Triton compiling once per process. The
+whole grid at 6 digits with --lrs 1e-3,3e-3 (7 methods x 2 rates x 2 bases) took 494 s including the pretraining.
+Fewer: --lrs, --methods, --bases, --steps. Sorting 6, 8 or 10 digits in 300 steps is learnt by every method (no
+separation); at 10 digits and 100-200 steps the methods differ but single seeds scatter by 20 points or more, so
+give such settings several --seeds. benchmarks/NOTES.md has every run.
 """
 
 from __future__ import annotations
@@ -201,18 +203,19 @@ def one_run(method, base, zeroed, lr, ctx) -> dict:
 
 
 def best_rows(rows: list[dict]) -> list[dict]:
-    """Per (method, zeroed): the best accuracy over the LR grid, and its ratio to full fine-tuning's on that base."""
+    """Per (method, zeroed): the learning rate of the best mean accuracy over the seeds, that mean, its range over
+    the seeds, and its ratio to full fine-tuning's best mean on that base."""
     out = []
     for zeroed in (False, True):
         best = {}
-        for r in rows:
-            if r["zeroed"] == zeroed and r["status"] == "ok":
-                if r["method"] not in best or r["accuracy"] > best[r["method"]]["accuracy"]:
-                    best[r["method"]] = r
+        for cell in _seed_means(rows, zeroed):
+            if cell["method"] not in best or cell["accuracy"] > best[cell["method"]]["accuracy"]:
+                best[cell["method"]] = cell
         full = best.get("full", {}).get("accuracy")
         for method in METHODS:
             b = best.get(method)
             why = next((r.get("reason") for r in rows if r["method"] == method and r["zeroed"] == zeroed), None)
+            kept = ("accuracy", "accuracy_min", "accuracy_max", "token_accuracy", "seeds", "lr")
             out.append(
                 {
                     **{k: v for k, v in rows[0].items() if k in ("run", "card", "commit", "torch", "transformers")},
@@ -220,8 +223,7 @@ def best_rows(rows: list[dict]) -> list[dict]:
                     "method": method,
                     "stack": METHODS[method][0],
                     "zeroed": zeroed,
-                    "accuracy": None if b is None else b["accuracy"],
-                    "lr": None if b is None else b["lr"],
+                    **{k: None if b is None else b[k] for k in kept},
                     "relative_to_full": None if b is None or not full else b["accuracy"] / full,
                     "status": "ok" if b is not None else "unavailable",
                     "reason": None if b is not None else why,
@@ -230,13 +232,41 @@ def best_rows(rows: list[dict]) -> list[dict]:
     return out
 
 
-def table(best: list[dict], plan: dict, card: str) -> str:
+def _seed_means(rows: list[dict], zeroed: bool) -> list[dict]:
+    """Each (method, lr) of one base that ran on every seed it was given: mean accuracy and token accuracy over the
+    seeds, the accuracy's min and max, the seeds."""
+    cells: dict = {}
+    for r in rows:
+        if r["zeroed"] == zeroed:
+            cells.setdefault((r["method"], r["lr"]), []).append(r)
+    out = []
+    for (method, lr), runs in cells.items():
+        if any(r["status"] != "ok" for r in runs):
+            continue
+        acc = [r["accuracy"] for r in runs]
+        tokens = sum(r["token_accuracy"] for r in runs) / len(runs)
+        out.append(
+            {
+                "method": method,
+                "lr": lr,
+                "accuracy": sum(acc) / len(acc),
+                "accuracy_min": min(acc),
+                "accuracy_max": max(acc),
+                "token_accuracy": tokens,
+                "seeds": sorted(r.get("seed", 0) for r in runs),
+            }
+        )
+    return out
+
+
+def table(best: list[dict], plan: dict, card: str, seeds: list[int]) -> str:
+    """The best cell of each method and base: mean exact match over the seeds, its range, vs full, the LR."""
+    over = f"mean of seeds {','.join(map(str, seeds))}" if len(seeds) > 1 else f"seed {seeds[0]}"
     lines = [
         f"quality: sort {plan['length']} digits (a task the base never saw), exact match on {plan['eval_rows']} "
-        "held-out rows, "
-        f"{plan['steps']} steps x {plan['batch']}; best of each method's LR grid; {card}",
-        f"{'':<26}{'template rows as pretrained':^29}{'template rows zeroed':^29}",
-        f"{'method':<16} {'stack':<9}" + f" {'accuracy':>9} {'vs full':>8} {'lr':>7}  " * 2,
+        f"held-out rows, {plan['steps']} steps x {plan['batch']}; best of each method's LR grid, {over}; {card}",
+        f"{'':<26}{'template rows as pretrained':^42}{'template rows zeroed':^42}",
+        f"{'method':<16} {'stack':<9}" + f" {'accuracy':>9} {'range':>12} {'vs full':>8} {'lr':>7}  " * 2,
     ]
     by = {(r["method"], r["zeroed"]): r for r in best}
     for method in METHODS:
@@ -244,10 +274,11 @@ def table(best: list[dict], plan: dict, card: str) -> str:
         for zeroed in (False, True):
             r = by[(method, zeroed)]
             if r["accuracy"] is None:
-                cells.append(f" {'n/a':>9} {'':>8} {'':>7}  ")
+                cells.append(f" {'n/a':>9} {'':>12} {'':>8} {'':>7}  ")
                 continue
             rel = "-" if r["relative_to_full"] is None else f"{100 * r['relative_to_full']:.1f}%"
-            cells.append(f" {100 * r['accuracy']:>8.1f}% {rel:>8} {r['lr']:>7.0e}  ")
+            spread = f"{100 * r['accuracy_min']:.1f}-{100 * r['accuracy_max']:.1f}%"
+            cells.append(f" {100 * r['accuracy']:>8.1f}% {spread:>12} {rel:>8} {r['lr']:>7.0e}  ")
         lines.append(f"{method:<16} {METHODS[method][0]:<9}" + "".join(cells))
     notes = sorted({f"{r['method']}: {r['reason']}" for r in best if r["accuracy"] is None and r["reason"]})
     lines += [f"  n/a {n}" for n in notes]
@@ -309,7 +340,13 @@ def _parse(argv):
         help="a folder for the pretrained bases: pretrain and save them there when it holds none, else reuse them "
         "(one pretraining for several tasks or grids)",
     )
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--seeds",
+        "--seed",
+        default="0",
+        help="comma-separated seeds, e.g. 0,1,2: each cell runs once per seed (its own rows, adapter init and batch "
+        "order) and the table gives the mean and the range; the first seed also seeds the pretraining",
+    )
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
@@ -317,6 +354,13 @@ def _parse(argv):
     unknown = [m for m in args.methods if m not in METHODS]
     if unknown:
         p.error(f"unknown methods {unknown}; choose from {', '.join(METHODS)}")
+    try:
+        args.seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
+    except ValueError:
+        p.error(f"--seeds {args.seeds!r}: give whole numbers separated by commas, e.g. 0,1,2")
+    if not args.seeds:
+        p.error("--seeds: give at least one seed")
+    args.seed = args.seeds[0]  # the pretraining's
     args.bases = [v.strip() for v in args.bases.split(",") if v.strip()]
     if not args.bases or set(args.bases) - {"plain", "zeroed"}:
         p.error(f"--bases {','.join(args.bases)!r}: give plain, zeroed or plain,zeroed")
@@ -363,6 +407,21 @@ def _bases(args, kind: str, plan: dict, tokenizer, device: torch.device, folder:
     return bases
 
 
+def _seed_context(seed: int, plan: dict, tokenizer, device, meta: dict, folder: Path) -> dict:
+    """One seed's held-out rows (seed + 1), training rows (seed + 2, none of them held out) as a data file and as
+    encoded tensors, and the row metadata that records the seed."""
+    eval_rows = sort_rows(plan["eval_rows"], seed + 1, plan["length"])
+    prompts = {r["messages"][0]["content"] for r in eval_rows}
+    train_rows = sort_rows(plan["steps"] * plan["batch"], seed + 2, plan["length"], prompts)
+    folder.mkdir(parents=True, exist_ok=True)
+    data = folder / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in train_rows))
+    train, held_out = encode(tokenizer, train_rows), encode(tokenizer, eval_rows)
+    plan["max_length"] = train[0].shape[1] + 8  # room for the template's own tail: nothing is truncated
+    meta = {**meta, "seed": seed}  # the held-out and training rows, the adapters' init and the batch order
+    return dict(device=device, plan=plan, seed=seed, data=data, meta=meta, train=train, eval=held_out)
+
+
 def main(argv=None) -> int:
     args = _parse(argv)
     kind = "smoke" if args.smoke else "gpu"
@@ -374,23 +433,16 @@ def main(argv=None) -> int:
         torch.set_num_threads(1)  # tiny matmuls: more threads only add contention (tests/conftest.py measured 8x)
     tokenizer = build_tokenizer()
     t0 = time.perf_counter()
-    eval_rows = sort_rows(plan["eval_rows"], args.seed + 1, plan["length"])
-    train_rows = sort_rows(
-        plan["steps"] * plan["batch"], args.seed + 2, plan["length"], {r["messages"][0]["content"] for r in eval_rows}
-    )
     meta = {**_meta(device), "task": f"sort {plan['length']} digits", "steps": plan["steps"], "batch": plan["batch"]}
-    meta["seed"] = args.seed  # the held-out and training rows, the adapters' init and the batch order
+    rows = []
     with tempfile.TemporaryDirectory(prefix="lorafuse-quality-bases-") as tmp:
         bases = _bases(args, kind, plan, tokenizer, device, Path(args.base) if args.base else Path(tmp))
         meta["pretrain_steps"] = plan["pre_steps"]
-        data = Path(tmp) / "train.jsonl"
-        data.write_text("".join(json.dumps(r) + "\n" for r in train_rows))
-        train, held_out = encode(tokenizer, train_rows), encode(tokenizer, eval_rows)
-        plan["max_length"] = train[0].shape[1] + 8  # room for the template's own tail: nothing is truncated
-        ctx = dict(device=device, plan=plan, seed=args.seed, data=data, meta=meta, train=train, eval=held_out)
-        rows = _runs(args, bases, ctx)
+        for seed in args.seeds:
+            ctx = _seed_context(seed, plan, tokenizer, device, meta, Path(tmp) / f"seed-{seed}")
+            rows += _runs(args, bases, ctx)
     best = best_rows(rows)
-    print("\n" + table(best, plan, meta["card"]))
+    print("\n" + table(best, plan, meta["card"], args.seeds))
     print("\n" + readme_row(best))
     slug = meta["card"].lower().replace("nvidia ", "").replace(" ", "-")
     out = Path(args.out) / f"{dt.date.today().isoformat()}-{slug}-quality.jsonl"
