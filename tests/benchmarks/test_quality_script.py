@@ -77,6 +77,7 @@ def test_the_best_cell_is_the_best_mean_over_seeds():
     """A rate that wins one seed by luck loses to one that is steadier and higher on average; the range and the
     ratio to full fine-tuning come from the means."""
     import quality
+    import quality_report
 
     def run(method, lr, seed, acc):
         return {"kind": "run", "run": "r", "method": method, "zeroed": False, "lr": lr, "seed": seed,
@@ -84,7 +85,7 @@ def test_the_best_cell_is_the_best_mean_over_seeds():
 
     rows = [run("lora", 1e-3, 0, 0.9), run("lora", 1e-3, 1, 0.1), run("lora", 3e-3, 0, 0.6), run("lora", 3e-3, 1, 0.7)]
     rows += [run("full", 3e-4, 0, 0.8), run("full", 3e-4, 1, 0.6)]
-    best = {r["method"]: r for r in quality.best_rows(rows) if not r["zeroed"]}
+    best = {r["method"]: r for r in quality_report.best_rows(rows, quality.METHODS) if not r["zeroed"]}
     assert best["lora"]["lr"] == 3e-3 and best["lora"]["accuracy"] == pytest.approx(0.65)
     assert (best["lora"]["accuracy_min"], best["lora"]["accuracy_max"], best["lora"]["seeds"]) == (0.6, 0.7, [0, 1])
     assert best["lora"]["relative_to_full"] == pytest.approx(0.65 / 0.7)

@@ -1,0 +1,103 @@
+"""The quality benchmark's report (benchmarks/quality.py): each method's best cell over its learning-rate grid and
+seeds, the table it prints, and the README's row. `methods` is quality.py's METHODS (name -> (stack, settings))."""
+
+from __future__ import annotations
+
+
+def best_rows(rows: list[dict], methods: dict) -> list[dict]:
+    """Per (method, zeroed): the learning rate of the best mean accuracy over the seeds, that mean, its range over
+    the seeds, and its ratio to full fine-tuning's best mean on that base."""
+    out = []
+    for zeroed in (False, True):
+        best = {}
+        for cell in _seed_means(rows, zeroed):
+            if cell["method"] not in best or cell["accuracy"] > best[cell["method"]]["accuracy"]:
+                best[cell["method"]] = cell
+        full = best.get("full", {}).get("accuracy")
+        for method in methods:
+            b = best.get(method)
+            why = next((r.get("reason") for r in rows if r["method"] == method and r["zeroed"] == zeroed), None)
+            kept = ("accuracy", "accuracy_min", "accuracy_max", "token_accuracy", "seeds", "lr")
+            out.append(
+                {
+                    **{k: v for k, v in rows[0].items() if k in ("run", "card", "commit", "torch", "transformers")},
+                    "kind": "best",
+                    "method": method,
+                    "stack": methods[method][0],
+                    "zeroed": zeroed,
+                    **{k: None if b is None else b[k] for k in kept},
+                    "relative_to_full": None if b is None or not full else b["accuracy"] / full,
+                    "status": "ok" if b is not None else "unavailable",
+                    "reason": None if b is not None else why,
+                }
+            )
+    return out
+
+
+def _seed_means(rows: list[dict], zeroed: bool) -> list[dict]:
+    """Each (method, lr) of one base that ran on every seed it was given: mean accuracy and token accuracy over the
+    seeds, the accuracy's min and max, the seeds."""
+    cells: dict = {}
+    for r in rows:
+        if r["zeroed"] == zeroed:
+            cells.setdefault((r["method"], r["lr"]), []).append(r)
+    out = []
+    for (method, lr), runs in cells.items():
+        if any(r["status"] != "ok" for r in runs):
+            continue
+        acc = [r["accuracy"] for r in runs]
+        tokens = sum(r["token_accuracy"] for r in runs) / len(runs)
+        out.append(
+            {
+                "method": method,
+                "lr": lr,
+                "accuracy": sum(acc) / len(acc),
+                "accuracy_min": min(acc),
+                "accuracy_max": max(acc),
+                "token_accuracy": tokens,
+                "seeds": sorted(r.get("seed", 0) for r in runs),
+            }
+        )
+    return out
+
+
+def table(best: list[dict], methods: dict, plan: dict, card: str, seeds: list[int]) -> str:
+    """The best cell of each method and base: mean exact match over the seeds, its range, vs full, the LR."""
+    over = f"mean of seeds {','.join(map(str, seeds))}" if len(seeds) > 1 else f"seed {seeds[0]}"
+    lines = [
+        f"quality: sort {plan['length']} digits (a task the base never saw), exact match on {plan['eval_rows']} "
+        f"held-out rows, {plan['steps']} steps x {plan['batch']}; best of each method's LR grid, {over}; {card}",
+        f"{'':<26}{'template rows as pretrained':^42}{'template rows zeroed':^42}",
+        f"{'method':<16} {'stack':<9}" + f" {'accuracy':>9} {'range':>12} {'vs full':>8} {'lr':>7}  " * 2,
+    ]
+    by = {(r["method"], r["zeroed"]): r for r in best}
+    for method in methods:
+        cells = []
+        for zeroed in (False, True):
+            r = by[(method, zeroed)]
+            if r["accuracy"] is None:
+                cells.append(f" {'n/a':>9} {'':>12} {'':>8} {'':>7}  ")
+                continue
+            rel = "-" if r["relative_to_full"] is None else f"{100 * r['relative_to_full']:.1f}%"
+            spread = f"{100 * r['accuracy_min']:.1f}-{100 * r['accuracy_max']:.1f}%"
+            cells.append(f" {100 * r['accuracy']:>8.1f}% {spread:>12} {rel:>8} {r['lr']:>7.0e}  ")
+        lines.append(f"{method:<16} {methods[method][0]:<9}" + "".join(cells))
+    notes = sorted({f"{r['method']}: {r['reason']}" for r in best if r["accuracy"] is None and r["reason"]})
+    lines += [f"  n/a {n}" for n in notes]
+    return "\n".join(lines)
+
+
+def readme_row(best: list[dict]) -> str:
+    """The README's quality row: lorafuse LoRA / QLoRA vs full, as pretrained / with zeroed template rows."""
+    by = {(r["method"], r["zeroed"]): r for r in best}
+
+    def cell(method):
+        parts = [by[(method, z)]["relative_to_full"] for z in (False, True)]
+        return " / ".join("n/a" if p is None else f"{100 * p:.1f}%" for p in parts)
+
+    head = "| vs full (template rows as pretrained / zeroed) | full | LoRA | QLoRA | QLoRA fast + FP8 | seed QLoRA |"
+    return (
+        f"{head}\n|---|---|---|---|---|---|\n"
+        f"| sort digits, exact match | 100% | {cell('lora')} | {cell('qlora')} | {cell('qlora+fast+fp8')} "
+        f"| {cell('seed qlora')} |"
+    )
