@@ -26,12 +26,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Protocol
 
 import torch
 from torch import nn
 
 from lorafuse.training.distributed import SINGLE
+from lorafuse.training.loss import forward_batch
 from lorafuse.training.runtime import Precision
 
 
@@ -46,26 +46,29 @@ class ObjectiveContext:
     fused: bool = False
 
 
-class Objective(Protocol):
+class Objective:
+    """The interface every objective implements (`units`, `loss_on_inputs`); `loss_sum` is theirs in common."""
+
     name: str  # "sft" | "dpo" | "orpo"
-    metric_names: tuple[str, ...]  # summed per unit by loss_sum, logged as means over the units
+    metric_names: tuple[str, ...] = ()  # summed per unit by loss_sum, logged as means over the units
 
     def units(self, batch: dict) -> int:
         """How many normalisation units the micro-batch holds: target tokens for SFT, pairs for DPO/ORPO."""
-
-    def loss_sum(self, model, batch: dict, ctx: ObjectiveContext) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """The SUM of the micro-batch's per-unit losses (fp32 scalar with grad) and the SUM of each metric (fp32
-        scalars, no grad): `loss_on_inputs` of `objective_inputs`."""
+        raise NotImplementedError
 
     def loss_on_inputs(self, model, inputs: dict, ctx: ObjectiveContext) -> tuple[torch.Tensor, dict]:
         """`loss_sum` from the micro-batch's device tensors (`objective_inputs`), capture-safe on CUDA."""
+        raise NotImplementedError
+
+    def loss_sum(self, model, batch: dict, ctx: ObjectiveContext) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The SUM of the micro-batch's per-unit losses (fp32 scalar with grad) and the SUM of each metric (fp32
+        scalars, no grad)."""
+        return self.loss_on_inputs(model, objective_inputs(model, batch, ctx.precision), ctx)
 
 
 def objective_inputs(model, batch: dict, precision: Precision) -> dict:
     """A Batcher micro-batch on the device: the forward kwargs and labels (`lorafuse.training.loss.forward_batch`),
     and "ref_logps" (2B,) fp32 where the batch carries precomputed reference log-probs."""
-    from lorafuse.training.loss import forward_batch
-
     inputs = forward_batch(model, batch, precision)
     if "ref_logps" in batch:
         inputs["ref_logps"] = batch["ref_logps"].to(precision.device, torch.float32, non_blocking=True)

@@ -39,7 +39,7 @@ from lorafuse.errors import ConfigError, LorafuseError
 from lorafuse.lora.disable import adapters_disabled
 from lorafuse.lora.linear import LoRALinear
 from lorafuse.training.loss import forward_batch
-from lorafuse.training.objectives.base import ObjectiveContext, objective_inputs
+from lorafuse.training.objectives.base import Objective, ObjectiveContext
 from lorafuse.training.objectives.logps import response_tokens, sequence_logps
 
 DPO_LOSSES = ("sigmoid", "ipo")
@@ -99,7 +99,7 @@ def pair_metrics(
     }
 
 
-class DPOObjective:
+class DPOObjective(Objective):
     name = "dpo"
     metric_names = PAIR_METRICS
 
@@ -110,9 +110,6 @@ class DPOObjective:
 
     def units(self, batch: dict) -> int:
         return pair_count(batch)
-
-    def loss_sum(self, model, batch: dict, ctx: ObjectiveContext) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        return self.loss_on_inputs(model, objective_inputs(model, batch, ctx.precision), ctx)
 
     def loss_on_inputs(self, model, inputs: dict, ctx: ObjectiveContext) -> tuple[torch.Tensor, dict]:
         inputs = dict(inputs)

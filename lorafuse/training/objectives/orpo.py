@@ -25,8 +25,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from lorafuse.training.loss import forward_batch
-from lorafuse.training.objectives.base import ObjectiveContext
+from lorafuse.training.objectives.base import Objective, ObjectiveContext
 from lorafuse.training.objectives.dpo import PAIR_METRICS, pair_count, pair_metrics
 from lorafuse.training.objectives.logps import response_tokens, sequence_logps
 
@@ -45,7 +44,7 @@ def orpo_pair_losses(
     return -l_c - lam * F.logsigmoid(log_odds), log_odds
 
 
-class ORPOObjective:
+class ORPOObjective(Objective):
     name = "orpo"
     metric_names = (*PAIR_METRICS, "log_odds_ratio", "log_odds_chosen", "nll")
 
@@ -54,9 +53,6 @@ class ORPOObjective:
 
     def units(self, batch: dict) -> int:
         return pair_count(batch)
-
-    def loss_sum(self, model, batch: dict, ctx: ObjectiveContext) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        return self.loss_on_inputs(model, forward_batch(model, batch, ctx.precision), ctx)
 
     def loss_on_inputs(self, model, inputs: dict, ctx: ObjectiveContext) -> tuple[torch.Tensor, dict]:
         with ctx.precision.autocast():

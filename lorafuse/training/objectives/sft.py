@@ -10,19 +10,15 @@ from __future__ import annotations
 
 import torch
 
-from lorafuse.training.loss import count_targets, forward_batch, lm_loss_sum
-from lorafuse.training.objectives.base import ObjectiveContext
+from lorafuse.training.loss import count_targets, lm_loss_sum
+from lorafuse.training.objectives.base import Objective, ObjectiveContext
 
 
-class SFTObjective:
+class SFTObjective(Objective):
     name = "sft"
-    metric_names: tuple[str, ...] = ()
 
     def units(self, batch: dict) -> int:
         return count_targets(batch)
-
-    def loss_sum(self, model, batch: dict, ctx: ObjectiveContext) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        return self.loss_on_inputs(model, forward_batch(model, batch, ctx.precision), ctx)
 
     def loss_on_inputs(self, model, inputs: dict, ctx: ObjectiveContext) -> tuple[torch.Tensor, dict]:
         with ctx.precision.autocast():
