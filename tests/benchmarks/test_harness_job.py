@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
 import sys
 from pathlib import Path
 
@@ -157,3 +158,16 @@ def test_table_puts_the_job_beside_the_harness():
     assert "qlora: lorafuse job/harness step time 1.10x (0.550 s / 0.500 s" in text
     seed = bench_table.render_seed_table(rows[:2]).splitlines()
     assert seed[3].split()[:2] == ["qlora", "6.00"]  # the seed's table shows the harness's step, not the job's
+
+
+def test_the_script_answers_a_bad_combination_as_the_cli_does():
+    """`python benchmarks/bench.py ...` goes through lorafuse's command-line boundary: one error, exit 2."""
+    done = subprocess.run(
+        [sys.executable, str(BENCH / "bench.py"), "--job", "--objective", "dpo", "--device", "cpu"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=BENCH.parent,
+    )
+    assert done.returncode == 2 and done.stderr.startswith("error: --job"), done.stderr
+    assert "Traceback" not in done.stderr and "fix:" in done.stderr
