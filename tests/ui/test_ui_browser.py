@@ -151,6 +151,7 @@ def _fill_form(page, out: Path) -> None:
         ("cfg-train-log_every", "1"),
         ("cfg-train-eval_every", "10"),
         ("cfg-train-save_every", "100"),
+        ("cfg-train-early_stopping_patience", ""),  # empty: null, no early stopping (the demo's own is 2)
     ):
         _field(page, key).fill(value)
     page.locator("#form-preview").click()
@@ -211,6 +212,7 @@ def test_form_start_watch_stop_resume_chat_in_a_browser(ui, tmp_path, request, m
         _watch_grow(page, "ui-demo", above=1)
         assert page.locator("#curve-loss canvas, #curve-loss svg").count() > 0
         stopped_at = _stop(page, "ui-demo", out)
+        assert "early_stopping_patience: null" in (out / "config.yaml").read_text()  # the form's empty box
 
         page.locator("#runs-resume").click()
         _wait_status(page, "ui-demo", "running", 30)
