@@ -11,13 +11,15 @@ dequant cap, FP8) as their train.* keys; max_steps warmup + steps, log_every 1, 
 last step's). lorafuse.job.run trains it with its console in a buffer (copied to stderr afterwards).
 
 What ran (the fast path, the fused loss, CUDA graph replays) comes from the job's result (`TrainResult.speedups`,
-also in summary.json). The step times come from metrics.jsonl: time_s is the loop's running total of time spent in
-its steps (fetching the micro-batch, forward, backward, clipping, the optimizer step; not logging, evaluating or
-saving), so step k took
-time_s[k] - time_s[k-1]; the job reads the loss and the gradient norm back to the host each step, so on CUDA these
-are finished steps. The first --warmup steps are dropped and the median of the rest is the step time, as the
-harness's. Peak memory: torch.cuda.max_memory_allocated over the whole process (loading included; the harness's
-counts from after the model is built), and the largest memory_mb of the rows (on a CPU: the resident set size).
+also in summary.json). The step times come from metrics.jsonl (log_every 1: a row a step). The row's step time is
+the wall time between two rows (its tokens over its tokens_per_s): the step and what the loop does after it
+(logging, the progress line), which is what a user waits. Beside it, loop_step_s is the time inside the loop's step
+alone: time_s is the loop's running total of time spent in its steps (fetching the micro-batch, forward, backward,
+clipping, the optimizer step), so step k took time_s[k] - time_s[k-1]. The job reads the loss and the gradient norm
+back to the host each step, so on CUDA these are finished steps. The first --warmup steps are dropped and the median
+of the rest is the step time, as the harness's. Peak memory: torch.cuda.max_memory_allocated over the whole
+process (loading included; the harness's counts from after the model is built), and the largest memory_mb of the
+rows (on a CPU: the resident set size).
 """
 
 from __future__ import annotations
@@ -158,15 +160,23 @@ def step_times(rows: list[dict]) -> list[float]:
 
 
 def summarize(spec: dict, rows: list[dict]) -> dict:
-    """The harness's fields from metrics.jsonl: median step after warmup, tokens/s, losses, the rows' memory."""
+    """The harness's fields from metrics.jsonl: median step after warmup, tokens/s, losses, the rows' memory.
+
+    step_s is the wall time a user waits per step: each row's tokens over its tokens_per_s (with log_every 1 a row
+    is one step, timed from the previous row: the step and everything the loop does after it, logging included).
+    loop_step_s is the time inside the loop's step alone (time_s differences, `step_times`)."""
     train = [r for r in rows if r.get("time_s") is not None and r.get("loss") is not None]
     times = step_times(rows)[spec["warmup"] :]
-    step_s = statistics.median(times)
+    tokens = spec["batch"] * spec["seq"]
+    walls = [tokens / r["tokens_per_s"] for r in train[spec["warmup"] :] if r.get("tokens_per_s")]
+    step_s = statistics.median(walls) if len(walls) == len(times) else statistics.median(times)
     result = {
         "status": "ok",
         "step_s": step_s,
-        "tokens_per_s": spec["batch"] * spec["seq"] / step_s,
-        "step_times": times,
+        "tokens_per_s": tokens / step_s,
+        "loop_step_s": statistics.median(times),
+        "step_times": walls if len(walls) == len(times) else times,
+        "loop_step_times": times,
         "loss_first": train[0]["loss"],
         "loss_last": train[-1]["loss"],
         "metrics_memory_mb": max(r.get("memory_mb") or 0.0 for r in train),

@@ -83,6 +83,20 @@ def test_rows_are_exactly_seq_tokens(tmp_path, tiny_model_dir):
     assert len(train) == 3 * BATCH and {len(train[i]["input_ids"]) for i in range(len(train))} == {SEQ}
 
 
+def test_the_step_is_the_wall_time_between_rows_and_the_loops_own_time_stands_beside():
+    """With tokens_per_s in the rows (one step a row), a step is the wall time a user waits (the row's tokens over
+    its tokens_per_s), which holds the loop's step (time_s differences) and the logging after it."""
+    n = BATCH * SEQ
+    rows = [
+        {"step": k, "loss": 5.0, "time_s": t, "tokens": k * n, "tokens_per_s": n / wall, "memory_mb": 1.0}
+        for k, (t, wall) in enumerate([(0.5, 0.9), (0.8, 0.35), (1.1, 0.34), (1.45, 0.4)], 1)
+    ]
+    got = lorafuse_job.summarize({"warmup": 1, "steps": 3, "batch": BATCH, "seq": SEQ}, rows)
+    assert got["step_times"] == pytest.approx([0.35, 0.34, 0.4]) and got["step_s"] == pytest.approx(0.35)
+    assert got["loop_step_times"] == pytest.approx([0.3, 0.3, 0.35]) and got["loop_step_s"] == pytest.approx(0.3)
+    assert got["tokens_per_s"] == pytest.approx(n / 0.35)
+
+
 def test_step_times_from_the_running_time():
     """time_s is the loop's running total: a step takes its row's time_s minus the previous row's; a skipped step
     (no time) shares the next row's; evaluation rows are not steps."""
