@@ -9,7 +9,8 @@ Every pydantic problem is turned into ONE `ConfigError` that lists each bad key 
 given, what is allowed, and for unknown keys the nearest valid key: first from a table of the names other
 tools use (`learning_rate` -> `train.lr`, `target_modules` -> `lora.targets`), then by string similarity.
 
-The sections are lorafuse/config_sections.py (one description per field: docs/config.md is generated from them).
+The sections are lorafuse/config_sections.py and config_train.py (one description per field: docs/config.md is
+generated from them).
 Paths (model.path when it is a folder, data.path, data.val_path, data.cache_dir, output.dir) have `~` and
 $VARIABLES expanded on validation; an unset variable is an error rather than a literal folder name.
 
@@ -42,9 +43,9 @@ from lorafuse.config_sections import (
     LoraConfig,
     ModelConfig,
     OutputConfig,
-    TrainConfig,
     _Section,
 )
+from lorafuse.config_train import TrainConfig
 from lorafuse.config_yaml import parse_override_value, read_yaml_mapping
 from lorafuse.errors import ConfigError
 from lorafuse.options import KernelOptions, Options
