@@ -43,19 +43,13 @@ import torch
 from lorafuse import accel
 from lorafuse.artifacts.adapter_io import save_adapter
 from lorafuse.config import DataConfig, TrainConfig, save_config, validate_config
-from lorafuse.data import Batcher, build_datasets
-from lorafuse.data.build import resolve_template
-from lorafuse.data.cache import tokens_fingerprint
-from lorafuse.data.templates import trained_chat_template
 from lorafuse.demo import before_after, is_demo
 from lorafuse.errors import ConfigError, LorafuseError
 from lorafuse.model.inject import apply_lora, print_trainable_parameters
 from lorafuse.model.load import load_model, resolve_compute_dtype
-from lorafuse.model.new_tokens import add_run_tokens
-from lorafuse.model.prompt_format import PromptFormat
-from lorafuse.model.untrained_tokens import rows_for_run
 from lorafuse.model_state import model_state
 from lorafuse.outputs import prepare_run_dir
+from lorafuse.run_data import model_and_data
 from lorafuse.training import checkpoint as ckpt
 from lorafuse.training import reference
 from lorafuse.training.distributed import launch
@@ -260,54 +254,10 @@ def _data_path(data, out: Path) -> str:
 # ------------------------------------------------------------------------------------------------ the run
 
 
-def _batchers(cfg, tokenizer, out: Path, console, world):
-    dc, tc = cfg.data, cfg.train
-    with world.main_first():  # rank 0 tokenizes and writes the cache, then the others read it
-        train_ds, val_ds, stats = build_datasets(
-            dc, tokenizer, seed=tc.seed, cache_dir=dc.cache_dir or str(out / ".cache")
-        )
-    for line in stats.summary():
-        console.print(line, highlight=False)
-    # On CUDA, padded rows are padded to a multiple of 64: a few distinct shapes, so CUDA graphs can capture them
-    # (training/graphs.py), and tensor-core friendly sizes; the pads carry no loss and no attention.
-    multiple = 64 if world.device.type == "cuda" and not dc.packing else 1
-    common = dict(
-        pairs=dc.format == "preference",  # DPO/ORPO batch pairs: a pair's chosen and rejected rows together
-        pad_id=tokenizer.pad_token_id,
-        packing=dc.packing,
-        max_length=dc.max_length,
-        seed=tc.seed,
-        pad_to_multiple_of=multiple,
-    )
-    train_b = Batcher(
-        train_ds, tc.micro_batch_size, shuffle=dc.shuffle, num_shards=world.size, shard=world.rank, **common
-    )  # validation stays whole: evaluate() strides over it, so no batch is dropped
-    # Eval batches are never larger than train micro-batches unless asked: eval must not be what OOMs.
-    val_b = (
-        Batcher(val_ds, tc.eval_batch_size or tc.micro_batch_size, shuffle=False, **common)
-        if val_ds is not None and len(val_ds)
-        else None
-    )
-    return train_b, val_b, tokens_fingerprint(train_ds, val_ds), stats
-
-
 def _train(cfg, model, tokenizer, out: Path, start_from, dtype, console, world, force=False) -> TrainResult:
     """The loaded, LoRA-applied model trained on the config's data: the loop, then the run's files (`_finish`)."""
     objective = build_objective(cfg.train)
-    new_ids = add_run_tokens(
-        model,
-        tokenizer,
-        cfg.data.add_special_tokens,
-        resolve_template(cfg.data, tokenizer) == "chat",
-        cfg.lora.train_untrained_tokens,
-        console,
-    )
-    train_b, val_b, fingerprint, stats = _batchers(cfg, tokenizer, out, console, world)
-    model_state(model).prompt = prompt_format(cfg, tokenizer, stats.template)  # every adapter written records it
-    datasets = (train_b.dataset, val_b.dataset if val_b is not None else None)
-    rows_for_run(model, tokenizer, datasets, new_ids, cfg.lora.train_untrained_tokens, console, world.is_main)
-    if world.size > 1:
-        console.print(world.describe(cfg.train), highlight=False)
+    train_b, val_b, fingerprint = model_and_data(cfg, model, tokenizer, out, console, world)
     reference.check_start(objective, model, fresh=start_from is None)  # before accel changes the model
 
     def write_adapter(m, folder):
@@ -410,11 +360,3 @@ def _result_from_summary(summary: dict) -> TrainResult:
     for key in ("output_dir", "adapter_dir", "best_checkpoint", "last_checkpoint"):
         kept[key] = Path(kept[key]) if kept.get(key) else None
     return TrainResult(**{**kept, "stop_reason": "already_complete"})
-
-
-def prompt_format(cfg, tokenizer, template_kind: str) -> PromptFormat:
-    """How the run's adapter is to be prompted (lorafuse.model.prompt_format): the data format, the template kind the
-    data resolved to ("plain" | "chat", DataStats.template), its Jinja, the system prompt and the EOS token."""
-    dc = cfg.data
-    chat = trained_chat_template(dc.format, template_kind, tokenizer, dc.prompt_format)
-    return PromptFormat(chat, dc.system_prompt, tokenizer.eos_token, dc.format, template_kind)
