@@ -21,8 +21,13 @@ rows as pretraining left them and zeroed as real bases ship them.
    With --seeds 0,1,2 every run is repeated per seed (its own rows, adapter init and batch order); a method's
    score is its best mean accuracy over its LR grid, with the range over the seeds, and the table gives it
    relative to full fine-tuning's best mean on the same base. One seed decides little where exact match sits
-   between 5% and 90% (benchmarks/NOTES.md): use several there. One JSON line per run and per method's best go to
-   <out>/<date>-<card>-quality.jsonl; `lorafuse bench --table` reads the latest file's "best" rows.
+   between 5% and 90% (benchmarks/NOTES.md): use several there. One JSON line per run (written as it finishes) and
+   per method's best go to <out>/<date>-<card>-quality.jsonl; `lorafuse bench --table` reads the latest file's
+   "best" rows.
+4. Side by side: the model is tiny, so one process leaves the GPU mostly idle. After one process has pretrained
+   into --base B, several can share the card, each with its own --seeds and --bases and one --tag T; then
+   `python benchmarks/quality.py --report T` prints the table over all of their rows (benchmarks/reproduce.sh
+   quality does this).
 
 GPU time (one H100 80GB): pretraining 3000 steps of 64 x 128 tokens on a 4-layer, 256-wide Llama (3.4M
 parameters) takes about 210 s; keep it with --base DIR and later runs skip it. A fine-tuning run of 300 steps of 16
@@ -249,6 +254,23 @@ def _parse(argv):
         help="comma-separated seeds, e.g. 0,1,2: each cell runs once per seed (its own rows, adapter init and batch "
         "order) and the table gives the mean and the range; the first seed also seeds the pretraining",
     )
+    p.add_argument(
+        "--pretrain-only",
+        action="store_true",
+        help="pretrain into --base (or find it there) and stop: for runs that share one base side by side",
+    )
+    p.add_argument(
+        "--tag",
+        default=None,
+        help="a name recorded in every run row, so runs made side by side (one process per seed or base) can be "
+        "reported together with --report TAG",
+    )
+    p.add_argument(
+        "--report",
+        metavar="TAG",
+        help="train nothing: print the table of the run rows tagged TAG in --out's results files (all seeds and "
+        "bases they hold) and append its best rows",
+    )
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
@@ -262,6 +284,8 @@ def _parse(argv):
         p.error(f"--seeds {args.seeds!r}: give whole numbers separated by commas, e.g. 0,1,2")
     if not args.seeds:
         p.error("--seeds: give at least one seed")
+    if args.pretrain_only and not args.base:
+        p.error("--pretrain-only needs --base DIR: the folder the bases are saved in")
     args.seed = args.seeds[0]  # the pretraining's
     args.bases = [v.strip() for v in args.bases.split(",") if v.strip()]
     if not args.bases or set(args.bases) - {"plain", "zeroed"}:
@@ -275,14 +299,16 @@ def _lr_grid(method: str, args) -> list[float]:
     return grid[1:2] if args.smoke and not args.lrs else grid
 
 
-def _runs(args, bases: dict, ctx: dict) -> list[dict]:
-    """Every method at each rate of its grid on the --bases (as pretrained, then zeroed), printed as they finish."""
+def _runs(args, bases: dict, ctx: dict, out: Path) -> list[dict]:
+    """Every method at each rate of its grid on the --bases (as pretrained, then zeroed), printed and appended to
+    `out` as they finish (a run cut short keeps the rows it made)."""
     rows = []
     for zeroed in [variant == "zeroed" for variant in args.bases]:
         for method in args.methods:
             for lr in _lr_grid(method, args):
                 row = one_run(method, bases["zeroed" if zeroed else "plain"], zeroed, lr, ctx)
                 rows.append(row)
+                _append(out, [row])
                 acc = "n/a" if row["accuracy"] is None else f"{100 * row['accuracy']:.1f}%"
                 if row["status"] == "ok":
                     acc += f" (tokens {100 * row['token_accuracy']:.1f}%)"
@@ -324,8 +350,55 @@ def _seed_context(seed: int, plan: dict, tokenizer, device, meta: dict, folder: 
     return dict(device=device, plan=plan, seed=seed, data=data, meta=meta, train=train, eval=held_out)
 
 
+def _append(out: Path, rows: list[dict]) -> None:
+    """Append rows to the results file, one write per line (processes running side by side share the file)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for row in rows:
+        with out.open("a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+def _results_file(folder: str, card: str) -> Path:
+    slug = card.lower().replace("nvidia ", "").replace(" ", "-")
+    return Path(folder) / f"{dt.date.today().isoformat()}-{slug}-quality.jsonl"
+
+
+def report(tag: str, folder: str) -> int:
+    """The table of every run row tagged `tag` in `folder`'s results files (runs made by several processes or
+    machines side by side, e.g. one per seed), its best rows appended to the newest of those files."""
+    files = sorted(Path(folder).glob("*-quality.jsonl"))
+    rows = [json.loads(line) for f in files for line in f.read_text(encoding="utf-8").splitlines() if line.strip()]
+    runs = [r for r in rows if r.get("kind") == "run" and r.get("tag") == tag]
+    if not runs:
+        print(f"error: no run rows tagged {tag!r} in {folder}/*-quality.jsonl", file=sys.stderr)
+        return 2
+    tasks = {(r["task"], r["steps"], r["batch"], r.get("eval_rows"), r["card"]) for r in runs}
+    if len(tasks) != 1:
+        mixed = sorted(map(str, tasks))
+        print(f"error: rows tagged {tag!r} mix settings {mixed}: give each grid its own tag", file=sys.stderr)
+        return 2
+    seen = set()
+    for r in runs:
+        key = (r["method"], r["zeroed"], r["lr"], r.get("seed", 0))
+        if key in seen:
+            print(f"error: rows tagged {tag!r} hold {key} twice: give each grid its own tag", file=sys.stderr)
+            return 2
+        seen.add(key)
+    task, steps, batch, eval_rows, card = tasks.pop()
+    plan = {"length": int(task.split()[1]), "steps": steps, "batch": batch, "eval_rows": eval_rows}
+    seeds = sorted({r.get("seed", 0) for r in runs})
+    best = best_rows(runs, METHODS)
+    print(table(best, METHODS, plan, card, seeds))
+    print("\n" + readme_row(best))
+    _append(files[-1], best)
+    print(f"\n{len(runs)} run rows tagged {tag!r} from {len(files)} file(s); best rows appended to {files[-1]}")
+    return 0
+
+
 def main(argv=None) -> int:
     args = _parse(argv)
+    if args.report:
+        return report(args.report, args.out)
     kind = "smoke" if args.smoke else "gpu"
     plan, device = dict(PLAN[kind]), torch.device(args.device)
     knobs = {"steps": args.steps, "pre_steps": args.pretrain_steps, "eval_rows": args.eval_rows}
@@ -336,22 +409,21 @@ def main(argv=None) -> int:
     tokenizer = build_tokenizer()
     t0 = time.perf_counter()
     meta = {**_meta(device), "task": f"sort {plan['length']} digits", "steps": plan["steps"], "batch": plan["batch"]}
+    meta.update(eval_rows=plan["eval_rows"], tag=args.tag)
+    out = _results_file(args.out, meta["card"])
     rows = []
     with tempfile.TemporaryDirectory(prefix="lorafuse-quality-bases-") as tmp:
         bases = _bases(args, kind, plan, tokenizer, device, Path(args.base) if args.base else Path(tmp))
         meta["pretrain_steps"] = plan["pre_steps"]
+        if args.pretrain_only:
+            return 0
         for seed in args.seeds:
             ctx = _seed_context(seed, plan, tokenizer, device, meta, Path(tmp) / f"seed-{seed}")
-            rows += _runs(args, bases, ctx)
+            rows += _runs(args, bases, ctx, out)
     best = best_rows(rows, METHODS)
     print("\n" + table(best, METHODS, plan, meta["card"], args.seeds))
     print("\n" + readme_row(best))
-    slug = meta["card"].lower().replace("nvidia ", "").replace(" ", "-")
-    out = Path(args.out) / f"{dt.date.today().isoformat()}-{slug}-quality.jsonl"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with out.open("a", encoding="utf-8") as f:
-        for row in rows + best:
-            f.write(json.dumps(row) + "\n")
+    _append(out, best)
     print(f"\n{len(rows) + len(best)} rows appended to {out}; {time.perf_counter() - t0:.0f} s in all")
     return 0 if any(r["status"] == "ok" for r in rows) else 1
 

@@ -3,6 +3,8 @@ seeds, the table it prints, and the README's row. `methods` is quality.py's METH
 
 from __future__ import annotations
 
+_KEPT_META = ("run", "card", "commit", "torch", "transformers", "tag")  # copied from the first run row to a best row
+
 
 def best_rows(rows: list[dict], methods: dict) -> list[dict]:
     """Per (method, zeroed): the learning rate of the best mean accuracy over the seeds, that mean, its range over
@@ -20,7 +22,7 @@ def best_rows(rows: list[dict], methods: dict) -> list[dict]:
             kept = ("accuracy", "accuracy_min", "accuracy_max", "token_accuracy", "seeds", "lr")
             out.append(
                 {
-                    **{k: v for k, v in rows[0].items() if k in ("run", "card", "commit", "torch", "transformers")},
+                    **{k: v for k, v in rows[0].items() if k in _KEPT_META},
                     "kind": "best",
                     "method": method,
                     "stack": methods[method][0],

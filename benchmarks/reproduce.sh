@@ -19,7 +19,8 @@
 #   memory      the planner against measured peaks on 1B-8B shapes (benchmarks/memory_sweep.sh)
 #   headline    a 65B-shape QLoRA step under a 40 GiB cap; Llama-2-7B QLoRA at 2,048 tokens in fp16 under 15 GiB
 #   tests       every GPU test (pytest -m gpu)
-#   quality     fine-tuning quality: full, LoRA, QLoRA, fast path, FP8, the seed's stack (benchmarks/quality.py, ~8 min on one H100)
+#   quality     fine-tuning quality: full, LoRA, QLoRA, fast path, FP8, the seed's stack; sort 10 digits, 150 steps, 3 seeds
+#               (benchmarks/quality.py: a pretraining, then 6 processes side by side; ~8 min on one H100)
 set -euo pipefail
 PART=${1:?usage: bash benchmarks/reproduce.sh PART [OUT] (parts: see the head of this file)}
 here=$(cd "$(dirname "$0")" && pwd)
@@ -51,6 +52,16 @@ case "$PART" in
   memory) bash benchmarks/memory_sweep.sh "$OUT" "$LOG" sweep ;;
   headline) bash benchmarks/memory_sweep.sh "$OUT" "$LOG" headline ;;
   tests) python3 -m pytest -q -m gpu tests ;;
-  quality) python3 benchmarks/quality.py --lrs 1e-3,3e-3 --out "$OUT" ;;
+  quality)
+    # sort 10 digits in 150 steps, three seeds, each method's own LR grid; one pretraining, then a process per seed
+    # and base side by side (the model is tiny), then one table over all of their rows
+    q() { python3 benchmarks/quality.py --base "$OUT/quality-base" --out "$OUT" --sort-length 10 --steps 150 "$@"; }
+    tag=sort10-150-$(date -u +%Y%m%dT%H%M%S)
+    q --pretrain-only
+    for seed in 0 1 2; do for base in plain zeroed; do
+      q --seeds $seed --bases $base --tag "$tag" > "$OUT/quality-$tag-$seed-$base.log" 2>&1 &
+    done; done
+    wait
+    python3 benchmarks/quality.py --out "$OUT" --report "$tag" ;;
   *) echo "unknown part '$PART': qlora lean fp8 lora 1x4096 1x4096-fp8 8x2048 8x2048-fp8 dpo dpo-lorafuse dpo-eager memory headline tests quality" >&2; exit 2 ;;
 esac

@@ -108,3 +108,31 @@ def test_the_seed_table_shows_the_newest_quality_run(tmp_path):
     table = bench_table.render_seed_table([], quality)
     assert "99.7% / 98.1%" in table and "not measured" in table and "98%" in table
     assert bench_table.latest_quality(tmp_path / "nothing-here") == {}
+
+
+def test_runs_side_by_side_share_one_base_and_report_together_by_tag(tmp_path):
+    """One process pretrains; two more, one seed each, run at once on that base; --report TAG builds the table over
+    both seeds' rows, and refuses a tag with no rows (exit 2)."""
+    script = [sys.executable, str(ROOT / "benchmarks" / "quality.py"), "--out", str(tmp_path / "out")]
+    grid = ["--smoke", "--methods", "full", "--base", str(tmp_path / "base")]
+    pre = subprocess.run(script + grid + ["--pretrain-steps", "3", "--pretrain-only"], capture_output=True, text=True)
+    assert pre.returncode == 0 and "pretrained in" in pre.stdout, pre.stderr[-3000:]
+    assert not (tmp_path / "out").exists()  # a pretraining alone writes no result rows
+    procs = [
+        subprocess.Popen(script + grid + ["--seeds", s, "--tag", "t1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        for s in ("0", "1")
+    ]
+    for proc in procs:
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err.decode()[-3000:]
+    done = subprocess.run(script + ["--report", "t1"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "mean of seeds 0,1" in done.stdout
+    (results,) = (tmp_path / "out").glob("*-quality.jsonl")
+    rows = [json.loads(line) for line in results.read_text().splitlines()]
+    runs = [r for r in rows if r["kind"] == "run"]
+    assert sorted((r["seed"], r["zeroed"]) for r in runs) == [(0, False), (0, True), (1, False), (1, True)]
+    reported = [r for r in rows if r["kind"] == "best" and r["seeds"] == [0, 1]]
+    assert {(r["method"], r["zeroed"], r["tag"]) for r in reported} == {("full", False, "t1"), ("full", True, "t1")}
+    missing = subprocess.run(script + ["--report", "t2"], capture_output=True, text=True)
+    assert missing.returncode == 2 and "no run rows tagged 't2'" in missing.stderr
