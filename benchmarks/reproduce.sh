@@ -14,13 +14,16 @@
 #   8x2048      QLoRA, 8 x 2,048 tokens: lorafuse against Unsloth
 #   8x2048-fp8  the same with train.fp8, lorafuse alone
 #   dpo         DPO on QLoRA, 4 pairs x 512 tokens: lorafuse, Unsloth and TRL's DPOTrainer (the HF recipe) in one call
+#   dpo-8bit    the same with --optimizer adamw_8bit: every stack's 8-bit states on the GPU, so every peak counts them
+#               (bitsandbytes' paged states live in CUDA managed memory, outside torch's counter)
 #   dpo-lorafuse  the same DPO step, lorafuse alone on a random-init model (its CUDA graphs on)
 #   dpo-eager   the same, --no-graphs (run right after dpo-lorafuse on one machine for the ratio)
+#   job         QLoRA 4 x 512: the `lorafuse train` job itself beside the harness's step, and Unsloth
 #   memory      the planner against measured peaks on 1B-8B shapes (benchmarks/memory_sweep.sh)
 #   headline    a 65B-shape QLoRA step under a 40 GiB cap; Llama-2-7B QLoRA at 2,048 tokens in fp16 under 15 GiB
 #   tests       every GPU test (pytest -m gpu)
 #   quality     fine-tuning quality: full, LoRA, QLoRA, fast path, FP8, the seed's stack; sort 10 digits, 150 steps, 3 seeds
-#               (benchmarks/quality.py: a pretraining, then 6 processes side by side; ~8 min on one H100)
+#               (benchmarks/quality_grid.sh: a pretraining, then 6 processes side by side; ~8 min on one H100)
 set -euo pipefail
 PART=${1:?usage: bash benchmarks/reproduce.sh PART [OUT] (parts: see the head of this file)}
 here=$(cd "$(dirname "$0")" && pwd)
@@ -47,21 +50,13 @@ case "$PART" in
   8x2048) bench --shape llama2-7b --batch 8 --seq 2048 --stacks lorafuse,unsloth --methods qlora --steps 4 --warmup 2 ;;
   8x2048-fp8) bench --shape llama2-7b --batch 8 --seq 2048 --stacks lorafuse --methods qlora --random-init --fp8 --steps 4 --warmup 2 ;;
   dpo) bench --shape llama2-7b --objective dpo --pairs 4 --seq 512 --stacks lorafuse,unsloth,hf --methods qlora --timeout 300 ;;
+  dpo-8bit) bench --shape llama2-7b --objective dpo --pairs 4 --seq 512 --stacks lorafuse,unsloth,hf --methods qlora --timeout 300 --optimizer adamw_8bit ;;
   dpo-lorafuse) bench --shape llama2-7b --objective dpo --pairs 4 --seq 512 --stacks lorafuse --methods qlora --random-init --steps 8 --warmup 3 ;;
   dpo-eager) bench --shape llama2-7b --objective dpo --pairs 4 --seq 512 --stacks lorafuse --methods qlora --random-init --steps 8 --warmup 3 --no-graphs ;;
+  job) bench --shape llama2-7b --batch 4 --seq 512 --stacks lorafuse,unsloth --methods qlora --job ;;
   memory) bash benchmarks/memory_sweep.sh "$OUT" "$LOG" sweep ;;
   headline) bash benchmarks/memory_sweep.sh "$OUT" "$LOG" headline ;;
   tests) python3 -m pytest -q -m gpu tests ;;
-  quality)
-    # sort 10 digits in 150 steps, three seeds, each method's own LR grid; one pretraining, then a process per seed
-    # and base side by side (the model is tiny), then one table over all of their rows
-    q() { python3 benchmarks/quality.py --base "$OUT/quality-base" --out "$OUT" --sort-length 10 --steps 150 "$@"; }
-    tag=sort10-150-$(date -u +%Y%m%dT%H%M%S)
-    q --pretrain-only
-    for seed in 0 1 2; do for base in plain zeroed; do
-      q --seeds $seed --bases $base --tag "$tag" > "$OUT/quality-$tag-$seed-$base.log" 2>&1 &
-    done; done
-    wait
-    python3 benchmarks/quality.py --out "$OUT" --report "$tag" ;;
-  *) echo "unknown part '$PART': qlora lean fp8 lora 1x4096 1x4096-fp8 8x2048 8x2048-fp8 dpo dpo-lorafuse dpo-eager memory headline tests quality" >&2; exit 2 ;;
+  quality) bash benchmarks/quality_grid.sh "$OUT" ;;
+  *) echo "unknown part '$PART': qlora lean fp8 lora 1x4096 1x4096-fp8 8x2048 8x2048-fp8 dpo dpo-8bit dpo-lorafuse dpo-eager job memory headline tests quality" >&2; exit 2 ;;
 esac

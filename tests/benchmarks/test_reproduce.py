@@ -47,9 +47,18 @@ def test_dpo_part_runs_the_three_stacks_on_7b_qlora_pairs():
     assert args.timeout >= 150  # Unsloth takes ~80 s to load and compile a 7B before its first step
     assert {part for part, argv in bench_parts().items() if parse_args(argv).objective == "dpo"} == {
         "dpo",
+        "dpo-8bit",
         "dpo-lorafuse",
         "dpo-eager",
     }
+
+
+def test_the_8bit_dpo_part_is_the_dpo_part_with_every_optimizer_state_on_the_gpu():
+    """dpo-8bit: the same three stacks and step, with non-paged 8-bit AdamW for all, so each peak counts its
+    optimizer states (bitsandbytes' paged states live in managed memory that torch's counter leaves out)."""
+    parts = bench_parts()
+    assert parts["dpo-8bit"] == parts["dpo"] + ["--optimizer", "adamw_8bit"]
+    assert parse_args(parts["dpo"]).optimizer == "paged_adamw_8bit"
 
 
 def test_the_lorafuse_dpo_parts_differ_by_graphs_only():
