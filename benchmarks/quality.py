@@ -387,7 +387,8 @@ def report(tag: str, folder: str) -> int:
     task, steps, batch, eval_rows, card = tasks.pop()
     plan = {"length": int(task.split()[1]), "steps": steps, "batch": batch, "eval_rows": eval_rows}
     seeds = sorted({r.get("seed", 0) for r in runs})
-    best = best_rows(runs, METHODS)
+    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S")
+    best = [{**b, "run": stamp} for b in best_rows(runs, METHODS)]  # the newest run: `bench --table` shows it
     print(table(best, METHODS, plan, card, seeds))
     print("\n" + readme_row(best))
     _append(files[-1], best)
@@ -422,6 +423,9 @@ def main(argv=None) -> int:
             rows += _runs(args, bases, ctx, out)
     best = best_rows(rows, METHODS)
     print("\n" + table(best, METHODS, plan, meta["card"], args.seeds))
+    if args.tag:  # one part of a grid: its best rows come from --report over every part
+        print(f"\n{len(rows)} run rows appended to {out}; {time.perf_counter() - t0:.0f} s in all")
+        return 0 if any(r["status"] == "ok" for r in rows) else 1
     print("\n" + readme_row(best))
     _append(out, best)
     print(f"\n{len(rows) + len(best)} rows appended to {out}; {time.perf_counter() - t0:.0f} s in all")
