@@ -57,8 +57,7 @@ from lorafuse.config import options_for
 from lorafuse.errors import LorafuseError
 from lorafuse.options import Options
 from lorafuse.outputs import ensure_writable_dir
-from lorafuse.training import checkpoint as ckpt
-from lorafuse.training import graphs, oom, rng
+from lorafuse.training import graphs, loop_io, oom, rng
 from lorafuse.training.distributed import SINGLE
 from lorafuse.training.loss import count_inputs, count_targets
 from lorafuse.training.metrics import MetricsLog, Progress, memory_bytes, peak_memory_bytes
@@ -145,34 +144,7 @@ class TrainingLoop:
     def resume(self, folder: Path, force: bool = False) -> None:
         """Restore tensors, optimizer, counters, metrics and (at run start) RNG from a checkpoint folder.
         force: go on although the data changed since the checkpoint (same micro-batch count, other rows)."""
-        restored = ckpt.load_checkpoint(
-            folder, model=self.model, optimizer=self.optimizer, scaler=self.precision.scaler
-        )
-        saved = restored["trainer_state"]
-        self.world.check_resume(saved, folder)
-        if saved["micro_per_epoch"] != self.state.micro_per_epoch:
-            raise LorafuseError(
-                f"{folder} was trained with {saved['micro_per_epoch']} micro-batches per epoch, the data now "
-                f"gives {self.state.micro_per_epoch}: the data file or its settings changed",
-                "resume with the same data, or start over with --no-resume",
-            )
-        if ckpt.data_changed(saved.get("data_sha256"), self.data_fingerprint, folder, force):
-            self.note(f"resuming {folder.name} on changed training data (--force)")
-        names = set(LoopState.__dataclass_fields__)
-        self.state = LoopState(**{k: v for k, v in saved.items() if k in names})
-        self._rng = self.world.own_rng(restored["rng"])
-        self.window.load_state_dict(saved.get("log_window", {}))
-        self.metrics.restore(restored["metrics_jsonl"])
-        self.reference_logps = restored["reference_logps"]
-        self.last_checkpoint, self._saved_step = Path(folder), self.state.step
-        if self.out_dir is not None and self.world.is_main:  # the best pointer must match the timeline we continue
-            ckpt.reset_best(self.out_dir, self.state.best_step, self.state.best_eval)
-        if self.state.oom_overrides:  # say why the setting is not the config's, and make the model match it
-            self.note(
-                f"continuing at {oom.describe(self.setting())} (lowered after an out-of-memory error earlier in "
-                "this run)"
-            )
-            self._match_setting()
+        loop_io.restore(self, folder, force)
 
     # ------------------------------------------------------------------------------------- the loop
     def run(self) -> LoopResult:
@@ -380,43 +352,8 @@ class TrainingLoop:
         return False
 
     def _save(self, improved: bool) -> None:
-        if self.out_dir is None:
-            return
-        st, world = self.state, self.world
-        if self._saved_step != st.step:
-            trainer_state = {
-                **dataclasses.asdict(st),
-                "total_steps": self.total,
-                "data_sha256": self.data_fingerprint,
-                "schedule": self.schedule.state_dict(),
-                "log_window": self.window.state_dict(),  # a logged row may span a save
-                "world_size": world.size,
-            }
-            rng = world.gather_rng()  # a collective: every rank's state, on rank 0
-            self.last_checkpoint = (
-                ckpt.save_checkpoint(
-                    self.out_dir,
-                    st.step,
-                    model=self.model,
-                    optimizer=self.optimizer,
-                    trainer_state=trainer_state,
-                    scaler=self.precision.scaler,
-                    config=self.config,
-                    metrics_jsonl=self.metrics.jsonl(),
-                    adapter_writer=self.adapter_writer,
-                    rng_states=rng,
-                    reference_logps=self.reference_logps,
-                )
-                if world.is_main
-                else self.out_dir / f"checkpoint-{st.step}"
-            )
-            self._saved_step = st.step
-        if world.is_main:
-            if improved:
-                ckpt.write_best(self.out_dir, st.step, st.best_eval)
-            ckpt.rotate(self.out_dir, self.tc.save_total_limit)
-            self.metrics.plot(self.out_dir / "loss.png")
-        world.barrier()  # the others wait for rank 0's files (a failed save stops the job here)
+        """A checkpoint of this step (once per step), the best pointer, rotation and the loss plot (rank 0)."""
+        loop_io.save(self, improved)
 
     def note(self, text: str) -> None:
         """A line above the progress bar (or printed, before the bar exists)."""
