@@ -17,7 +17,9 @@ rows as pretraining left them and zeroed as real bases ship them.
      qlora+fast+fp8  the same with train.fp8 (CUDA, compute capability 8.9+)
      seed lora, seed qlora   transformers + peft (+ bitsandbytes 4-bit, CUDA), the plain loop
    lorafuse runs with its defaults for token rows: on the zeroed base it finds the two rows and trains them.
-3. Score each fine-tuned model on held-out rows (benchmarks/quality_train.py: greedy, exact answer + <|im_end|>).
+3. Score each fine-tuned model on held-out rows (benchmarks/quality_train.py: greedy, exact answer + <|im_end|>),
+   and its held-out answer loss (nats per answer token), a continuous measure that moves less between seeds;
+   the report prints each method's lowest mean loss over its grid below the accuracy table.
    With --seeds 0,1,2 every run is repeated per seed (its own rows, adapter init and batch order); a method's
    score is its best mean accuracy over its LR grid, with the range over the seeds, and the table gives it
    relative to full fine-tuning's best mean on the same base. One seed decides little where exact match sits
@@ -59,7 +61,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 from quality_data import build_tokenizer, sort_rows  # noqa: E402
 from quality_report import best_rows, readme_row, table  # noqa: E402
-from quality_train import build_base, encode, exact_match, finetune, pretrain, save_bases, token_accuracy  # noqa: E402
+from quality_train import (  # noqa: E402
+    answer_loss,
+    build_base,
+    encode,
+    exact_match,
+    finetune,
+    pretrain,
+    save_bases,
+    token_accuracy,
+)
 
 PROJ7 = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 LORA = {"r": 16, "alpha": 32, "dropout": 0.05}
@@ -198,6 +209,7 @@ def one_run(method, base, zeroed, lr, ctx) -> dict:
             model, train_s = run_peer(stack, settings, base, ctx["train"], lr, ctx["plan"], ctx["device"], ctx["seed"])
         accuracy = exact_match(model, ctx["eval"], ctx["device"])
         row["token_accuracy"] = token_accuracy(model, ctx["eval"], ctx["device"])
+        row["answer_loss"] = answer_loss(model, ctx["eval"], ctx["device"])
     except Exception as exc:  # one failed run is a row with its reason; the grid goes on
         traceback.print_exc()
         return {**row, "status": "error", "reason": f"{type(exc).__name__}: {exc}"[:300], "accuracy": None}

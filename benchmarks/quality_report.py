@@ -16,8 +16,14 @@ def best_rows(rows: list[dict], methods: dict) -> list[dict]:
             if cell["method"] not in best or cell["accuracy"] > best[cell["method"]]["accuracy"]:
                 best[cell["method"]] = cell
         full = best.get("full", {}).get("accuracy")
+        lowest = {}  # per method: the cell of the lowest mean held-out answer loss (rows without it: none)
+        for cell in _seed_means(rows, zeroed):
+            if cell["answer_loss"] is not None and (
+                cell["method"] not in lowest or cell["answer_loss"] < lowest[cell["method"]]["answer_loss"]
+            ):
+                lowest[cell["method"]] = cell
         for method in methods:
-            b = best.get(method)
+            b, low = best.get(method), lowest.get(method)
             why = next((r.get("reason") for r in rows if r["method"] == method and r["zeroed"] == zeroed), None)
             kept = ("accuracy", "accuracy_min", "accuracy_max", "token_accuracy", "seeds", "lr")
             out.append(
@@ -29,6 +35,9 @@ def best_rows(rows: list[dict], methods: dict) -> list[dict]:
                     "zeroed": zeroed,
                     **{k: None if b is None else b[k] for k in kept},
                     "relative_to_full": None if b is None or not full else b["accuracy"] / full,
+                    "answer_loss": None if low is None else low["answer_loss"],
+                    "answer_loss_range": None if low is None else [low["answer_loss_min"], low["answer_loss_max"]],
+                    "answer_loss_lr": None if low is None else low["lr"],
                     "status": "ok" if b is not None else "unavailable",
                     "reason": None if b is not None else why,
                 }
@@ -49,6 +58,8 @@ def _seed_means(rows: list[dict], zeroed: bool) -> list[dict]:
             continue
         acc = [r["accuracy"] for r in runs]
         tokens = sum(r["token_accuracy"] for r in runs) / len(runs)
+        losses = [r["answer_loss"] for r in runs if r.get("answer_loss") is not None]
+        losses = losses if len(losses) == len(runs) else []  # rows from before the field: no loss for the cell
         out.append(
             {
                 "method": method,
@@ -57,6 +68,9 @@ def _seed_means(rows: list[dict], zeroed: bool) -> list[dict]:
                 "accuracy_min": min(acc),
                 "accuracy_max": max(acc),
                 "token_accuracy": tokens,
+                "answer_loss": sum(losses) / len(losses) if losses else None,
+                "answer_loss_min": min(losses) if losses else None,
+                "answer_loss_max": max(losses) if losses else None,
                 "seeds": sorted(r.get("seed", 0) for r in runs),
             }
         )
@@ -84,6 +98,25 @@ def table(best: list[dict], methods: dict, plan: dict, card: str, seeds: list[in
             spread = f"{100 * r['accuracy_min']:.1f}-{100 * r['accuracy_max']:.1f}%"
             cells.append(f" {100 * r['accuracy']:>8.1f}% {spread:>12} {rel:>8} {r['lr']:>7.0e}  ")
         lines.append(f"{method:<16} {methods[method][0]:<9}" + "".join(cells))
+    if any(r.get("answer_loss") is not None for r in best):
+        lines += [
+            "",
+            "held-out answer loss (nats per answer token, lower is better): the lowest mean over each method's LR "
+            "grid, its range over the seeds",
+            f"{'method':<16} {'stack':<9}" + f" {'loss':>9} {'range':>14} {'lr':>7}  {'':>12}" * 2,
+        ]
+        for method in methods:
+            cells = []
+            for zeroed in (False, True):
+                r = by[(method, zeroed)]
+                if r.get("answer_loss") is None:
+                    cells.append(f" {'n/a':>9} {'':>14} {'':>7}  {'':>12}")
+                    continue
+                low, high = r["answer_loss_range"]
+                cells.append(
+                    f" {r['answer_loss']:>9.4f} {f'{low:.3f}-{high:.3f}':>14} {r['answer_loss_lr']:>7.0e}  {'':>12}"
+                )
+            lines.append(f"{method:<16} {methods[method][0]:<9}" + "".join(cells))
     notes = sorted({f"{r['method']}: {r['reason']}" for r in best if r["accuracy"] is None and r["reason"]})
     lines += [f"  n/a {n}" for n in notes]
     return "\n".join(lines)

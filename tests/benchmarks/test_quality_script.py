@@ -36,6 +36,7 @@ def test_smoke_run_scores_every_method_it_can_and_trains_the_zeroed_rows(tmp_pat
         for method in ("qlora+fast", "qlora+fast+fp8", "seed qlora"):
             assert status[(method, zeroed)] == "unavailable"
     assert all(0.0 <= r["accuracy"] <= r["token_accuracy"] <= 1.0 for r in runs if r["status"] == "ok")
+    assert all(0.0 < r["answer_loss"] < 20.0 for r in runs if r["status"] == "ok")  # nats per token, vocab ~40
     # the zeroed base looks like a real one to lorafuse: the two template tokens' rows are found and trained
     for r in runs:
         if r["stack"] == "lorafuse" and r["zeroed"] and r["status"] == "ok":
@@ -90,6 +91,30 @@ def test_the_best_cell_is_the_best_mean_over_seeds():
     assert (best["lora"]["accuracy_min"], best["lora"]["accuracy_max"], best["lora"]["seeds"]) == (0.6, 0.7, [0, 1])
     assert best["lora"]["relative_to_full"] == pytest.approx(0.65 / 0.7)
     assert best["qlora"]["status"] == "unavailable" and best["qlora"]["accuracy"] is None
+
+
+def test_the_answer_loss_column_is_the_lowest_mean_loss_over_the_grid():
+    """The loss block picks each method's lowest mean held-out loss over its rates (not the best-accuracy rate's),
+    with its range over the seeds; cells from rows without the field show no loss."""
+    import quality
+    import quality_report
+
+    def run(method, lr, seed, acc, loss):
+        return {"kind": "run", "run": "r", "method": method, "zeroed": False, "lr": lr, "seed": seed,
+                "status": "ok", "accuracy": acc, "token_accuracy": acc, "answer_loss": loss}  # fmt: skip
+
+    rows = [run("lora", 1e-3, 0, 0.9, 0.50), run("lora", 1e-3, 1, 0.1, 0.70)]  # best accuracy: mean 0.5
+    rows += [run("lora", 3e-3, 0, 0.3, 0.40), run("lora", 3e-3, 1, 0.4, 0.44)]  # lowest loss: mean 0.42
+    rows += [run("full", 3e-4, 0, 0.8, None), run("full", 3e-4, 1, 0.6, None)]
+    best = {r["method"]: r for r in quality_report.best_rows(rows, quality.METHODS) if not r["zeroed"]}
+    assert best["lora"]["lr"] == 1e-3 and best["lora"]["answer_loss_lr"] == 3e-3
+    assert best["lora"]["answer_loss"] == pytest.approx(0.42) and best["lora"]["answer_loss_range"] == [0.40, 0.44]
+    assert best["full"]["answer_loss"] is None and best["full"]["accuracy"] == pytest.approx(0.7)
+    text = quality_report.table(
+        quality_report.best_rows(rows, quality.METHODS) , quality.METHODS,
+        {"length": 6, "eval_rows": 2, "steps": 1, "batch": 1}, "cpu", [0, 1],
+    )  # fmt: skip
+    assert "held-out answer loss" in text and "0.4200" in text and "0.400-0.440" in text
 
 
 def _best(run, method, zeroed, rel):
