@@ -11,13 +11,13 @@ checkpoint's tables read from disk.
 
 from __future__ import annotations
 
-from lorafuse.data.build import build_datasets, cache_dir_for, resolve_template
+from lorafuse.data.build import build_datasets, cache_dir_for
 from lorafuse.data.stats import DataStats
 from lorafuse.data.tokenize import IGNORE
 from lorafuse.model.load import load_tokenizer
-from lorafuse.model.new_tokens import add_run_tokens
 from lorafuse.model.untrained_tokens import preview_lines
 from lorafuse.outputs import prepare_run_dir
+from lorafuse.run_data import add_config_tokens
 
 _BAR = 30
 
@@ -29,14 +29,7 @@ def preview(cfg, n: int = 5, console=None, tokenizer=None) -> DataStats:
     console = console or make_console()
     if tokenizer is None:
         tokenizer = load_tokenizer(cfg.model.path)
-    new_ids = add_run_tokens(
-        None,
-        tokenizer,
-        cfg.data.add_special_tokens,
-        resolve_template(cfg.data, tokenizer) == "chat",
-        cfg.lora.train_untrained_tokens,
-        console,
-    )
+    new_ids = add_config_tokens(cfg, None, tokenizer, console)
     if not cfg.data.cache_dir:  # the cache goes into the run folder: it becomes the run's, as `lorafuse train` makes it
         prepare_run_dir(cfg.output.dir)
     train, val, stats = build_datasets(cfg.data, tokenizer, seed=cfg.train.seed, cache_dir=cache_dir_for(cfg))

@@ -49,17 +49,17 @@ def batchers(cfg, tokenizer, out: Path, console, world):
     return train_b, val_b, tokens_fingerprint(train_ds, val_ds), stats
 
 
+def add_config_tokens(cfg, model, tokenizer, console) -> list[int]:
+    """`add_run_tokens` with the config's settings: data.add_special_tokens, the chat template's own tokens when the
+    template is a chat one, and lora.train_untrained_tokens. model None: the tokenizer and the report only."""
+    chat = resolve_template(cfg.data, tokenizer) == "chat"
+    return add_run_tokens(model, tokenizer, cfg.data.add_special_tokens, chat, cfg.lora.train_untrained_tokens, console)
+
+
 def model_and_data(cfg, model, tokenizer, out: Path, console, world):
     """The run's tokens added (new and untrained rows found, set up to train) and its batchers: (train, val,
     the data fingerprint). The prompt format every adapter written records is set on the model here."""
-    new_ids = add_run_tokens(
-        model,
-        tokenizer,
-        cfg.data.add_special_tokens,
-        resolve_template(cfg.data, tokenizer) == "chat",
-        cfg.lora.train_untrained_tokens,
-        console,
-    )
+    new_ids = add_config_tokens(cfg, model, tokenizer, console)
     train_b, val_b, fingerprint, stats = batchers(cfg, tokenizer, out, console, world)
     model_state(model).prompt = prompt_format(cfg, tokenizer, stats.template)
     datasets = (train_b.dataset, val_b.dataset if val_b is not None else None)
