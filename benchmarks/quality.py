@@ -60,16 +60,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 from quality_data import build_tokenizer, sort_rows  # noqa: E402
-from quality_report import best_rows, readme_row, table  # noqa: E402
+from quality_report import append_rows, best_rows, readme_row, report, results_file, table  # noqa: E402
 from quality_train import (  # noqa: E402
-    answer_loss,
+    answer_scores,
     build_base,
     encode,
     exact_match,
     finetune,
     pretrain,
     save_bases,
-    token_accuracy,
 )
 
 PROJ7 = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -208,8 +207,7 @@ def one_run(method, base, zeroed, lr, ctx) -> dict:
         else:
             model, train_s = run_peer(stack, settings, base, ctx["train"], lr, ctx["plan"], ctx["device"], ctx["seed"])
         accuracy = exact_match(model, ctx["eval"], ctx["device"])
-        row["token_accuracy"] = token_accuracy(model, ctx["eval"], ctx["device"])
-        row["answer_loss"] = answer_loss(model, ctx["eval"], ctx["device"])
+        row["token_accuracy"], row["answer_loss"] = answer_scores(model, ctx["eval"], ctx["device"])
     except Exception as exc:  # one failed run is a row with its reason; the grid goes on
         traceback.print_exc()
         return {**row, "status": "error", "reason": f"{type(exc).__name__}: {exc}"[:300], "accuracy": None}
@@ -287,7 +285,11 @@ def _parse(argv):
     )
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = p.parse_args(argv)
+    return _checked(p, p.parse_args(argv))
+
+
+def _checked(p: argparse.ArgumentParser, args):
+    """The parsed lists (methods, seeds, bases) split and checked; a bad value is the parser's usage error."""
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in args.methods if m not in METHODS]
     if unknown:
@@ -322,7 +324,7 @@ def _runs(args, bases: dict, ctx: dict, out: Path) -> list[dict]:
             for lr in _lr_grid(method, args):
                 row = one_run(method, bases["zeroed" if zeroed else "plain"], zeroed, lr, ctx)
                 rows.append(row)
-                _append(out, [row])
+                append_rows(out, [row])
                 acc = "n/a" if row["accuracy"] is None else f"{100 * row['accuracy']:.1f}%"
                 if row["status"] == "ok":
                     acc += f" (tokens {100 * row['token_accuracy']:.1f}%)"
@@ -364,56 +366,10 @@ def _seed_context(seed: int, plan: dict, tokenizer, device, meta: dict, folder: 
     return dict(device=device, plan=plan, seed=seed, data=data, meta=meta, train=train, eval=held_out)
 
 
-def _append(out: Path, rows: list[dict]) -> None:
-    """Append rows to the results file, one write per line (processes running side by side share the file)."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    for row in rows:
-        with out.open("a", encoding="utf-8") as f:
-            f.write(json.dumps(row) + "\n")
-
-
-def _results_file(folder: str, card: str) -> Path:
-    slug = card.lower().replace("nvidia ", "").replace(" ", "-")
-    return Path(folder) / f"{dt.date.today().isoformat()}-{slug}-quality.jsonl"
-
-
-def report(tag: str, folder: str) -> int:
-    """The table of every run row tagged `tag` in `folder`'s results files (runs made by several processes or
-    machines side by side, e.g. one per seed), its best rows appended to the newest of those files."""
-    files = sorted(Path(folder).glob("*-quality.jsonl"))
-    rows = [json.loads(line) for f in files for line in f.read_text(encoding="utf-8").splitlines() if line.strip()]
-    runs = [r for r in rows if r.get("kind") == "run" and r.get("tag") == tag]
-    if not runs:
-        print(f"error: no run rows tagged {tag!r} in {folder}/*-quality.jsonl", file=sys.stderr)
-        return 2
-    tasks = {(r["task"], r["steps"], r["batch"], r.get("eval_rows"), r["card"]) for r in runs}
-    if len(tasks) != 1:
-        mixed = sorted(map(str, tasks))
-        print(f"error: rows tagged {tag!r} mix settings {mixed}: give each grid its own tag", file=sys.stderr)
-        return 2
-    seen = set()
-    for r in runs:
-        key = (r["method"], r["zeroed"], r["lr"], r.get("seed", 0))
-        if key in seen:
-            print(f"error: rows tagged {tag!r} hold {key} twice: give each grid its own tag", file=sys.stderr)
-            return 2
-        seen.add(key)
-    task, steps, batch, eval_rows, card = tasks.pop()
-    plan = {"length": int(task.split()[1]), "steps": steps, "batch": batch, "eval_rows": eval_rows}
-    seeds = sorted({r.get("seed", 0) for r in runs})
-    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S")
-    best = [{**b, "run": stamp} for b in best_rows(runs, METHODS)]  # the newest run: `bench --table` shows it
-    print(table(best, METHODS, plan, card, seeds))
-    print("\n" + readme_row(best))
-    _append(files[-1], best)
-    print(f"\n{len(runs)} run rows tagged {tag!r} from {len(files)} file(s); best rows appended to {files[-1]}")
-    return 0
-
-
 def main(argv=None) -> int:
     args = _parse(argv)
     if args.report:
-        return report(args.report, args.out)
+        return report(args.report, args.out, METHODS)
     kind = "smoke" if args.smoke else "gpu"
     plan, device = dict(PLAN[kind]), torch.device(args.device)
     knobs = {"steps": args.steps, "pre_steps": args.pretrain_steps, "eval_rows": args.eval_rows}
@@ -425,7 +381,7 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     meta = {**_meta(device), "task": f"sort {plan['length']} digits", "steps": plan["steps"], "batch": plan["batch"]}
     meta.update(eval_rows=plan["eval_rows"], tag=args.tag)
-    out = _results_file(args.out, meta["card"])
+    out = results_file(args.out, meta["card"])
     rows = []
     with tempfile.TemporaryDirectory(prefix="lorafuse-quality-bases-") as tmp:
         bases = _bases(args, kind, plan, tokenizer, device, Path(args.base) if args.base else Path(tmp))
@@ -441,7 +397,7 @@ def main(argv=None) -> int:
         print(f"\n{len(rows)} run rows appended to {out}; {time.perf_counter() - t0:.0f} s in all")
         return 0 if any(r["status"] == "ok" for r in rows) else 1
     print("\n" + readme_row(best))
-    _append(out, best)
+    append_rows(out, best)
     print(f"\n{len(rows) + len(best)} rows appended to {out}; {time.perf_counter() - t0:.0f} s in all")
     return 0 if any(r["status"] == "ok" for r in rows) else 1
 

@@ -1,7 +1,13 @@
 """The quality benchmark's report (benchmarks/quality.py): each method's best cell over its learning-rate grid and
-seeds, the table it prints, and the README's row. `methods` is quality.py's METHODS (name -> (stack, settings))."""
+seeds, the table it prints, the README's row, the results file the rows go to, and `report`: the table over the rows
+of several processes that share one --tag. `methods` is quality.py's METHODS (name -> (stack, settings))."""
 
 from __future__ import annotations
+
+import datetime as dt
+import json
+import sys
+from pathlib import Path
 
 _KEPT_META = ("run", "card", "commit", "torch", "transformers", "tag")  # copied from the first run row to a best row
 
@@ -136,3 +142,49 @@ def readme_row(best: list[dict]) -> str:
         f"| sort digits, exact match | 100% | {cell('lora')} | {cell('qlora')} | {cell('qlora+fast+fp8')} "
         f"| {cell('seed qlora')} |"
     )
+
+
+def append_rows(out: Path, rows: list[dict]) -> None:
+    """Append rows to the results file, one write per line (processes running side by side share the file)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for row in rows:
+        with out.open("a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+def results_file(folder: str, card: str) -> Path:
+    slug = card.lower().replace("nvidia ", "").replace(" ", "-")
+    return Path(folder) / f"{dt.date.today().isoformat()}-{slug}-quality.jsonl"
+
+
+def report(tag: str, folder: str, methods: dict) -> int:
+    """The table of every run row tagged `tag` in `folder`'s results files (runs made by several processes or
+    machines side by side, e.g. one per seed), its best rows appended to the newest of those files."""
+    files = sorted(Path(folder).glob("*-quality.jsonl"))
+    rows = [json.loads(line) for f in files for line in f.read_text(encoding="utf-8").splitlines() if line.strip()]
+    runs = [r for r in rows if r.get("kind") == "run" and r.get("tag") == tag]
+    if not runs:
+        print(f"error: no run rows tagged {tag!r} in {folder}/*-quality.jsonl", file=sys.stderr)
+        return 2
+    tasks = {(r["task"], r["steps"], r["batch"], r.get("eval_rows"), r["card"]) for r in runs}
+    if len(tasks) != 1:
+        mixed = sorted(map(str, tasks))
+        print(f"error: rows tagged {tag!r} mix settings {mixed}: give each grid its own tag", file=sys.stderr)
+        return 2
+    seen = set()
+    for r in runs:
+        key = (r["method"], r["zeroed"], r["lr"], r.get("seed", 0))
+        if key in seen:
+            print(f"error: rows tagged {tag!r} hold {key} twice: give each grid its own tag", file=sys.stderr)
+            return 2
+        seen.add(key)
+    task, steps, batch, eval_rows, card = tasks.pop()
+    plan = {"length": int(task.split()[1]), "steps": steps, "batch": batch, "eval_rows": eval_rows}
+    seeds = sorted({r.get("seed", 0) for r in runs})
+    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S")
+    best = [{**b, "run": stamp} for b in best_rows(runs, methods)]  # the newest run: `bench --table` shows it
+    print(table(best, methods, plan, card, seeds))
+    print("\n" + readme_row(best))
+    append_rows(files[-1], best)
+    print(f"\n{len(runs)} run rows tagged {tag!r} from {len(files)} file(s); best rows appended to {files[-1]}")
+    return 0

@@ -144,38 +144,24 @@ def finetune(model, params, encoded, lr: float, steps: int, batch: int, device, 
 
 
 @torch.no_grad()
-def token_accuracy(model, encoded, device, batch: int = 512) -> float:
-    """Share of the answer tokens and `<|im_end|>` predicted right after the right ones (module docstring)."""
+def answer_scores(model, encoded, device, batch: int = 512) -> tuple[float, float]:
+    """(token accuracy, answer loss) of the answer tokens and `<|im_end|>`, each predicted after the right ones
+    before it, from one forward of the held-out rows: the share predicted right (module docstring), and the mean
+    negative log-likelihood in nats (fp32). The loss is a continuous measure: it moves less from seed to seed than
+    exact match, which flips a whole row on one token."""
     ids, labels = encoded
     n_prompt = int((labels[0] == IGNORE).sum())
     model.eval()
-    right = 0
+    right, nll = 0, 0.0
     for start in range(0, len(ids), batch):
         x = ids[start : start + batch].to(device)
         with autocast(device):
-            pred = model(input_ids=x[:, :-1]).logits[:, n_prompt - 1 : -1].argmax(-1)
-        right += int((pred == x[:, n_prompt:-1]).sum())
-    return right / (len(ids) * (ids.shape[1] - 1 - n_prompt))
-
-
-@torch.no_grad()
-def answer_loss(model, encoded, device, batch: int = 512) -> float:
-    """Mean negative log-likelihood (nats, fp32) of the answer tokens and `<|im_end|>` given the right ones before
-    them: the positions `token_accuracy` scores. A continuous measure: it moves less from seed to seed than exact
-    match, which flips a whole row on one token."""
-    ids, labels = encoded
-    n_prompt = int((labels[0] == IGNORE).sum())
-    model.eval()
-    total = 0.0
-    for start in range(0, len(ids), batch):
-        x = ids[start : start + batch].to(device)
-        with autocast(device):
-            logits = model(input_ids=x[:, :-1]).logits[:, n_prompt - 1 : -1]
-        nll = torch.nn.functional.cross_entropy(
-            logits.float().flatten(0, 1), x[:, n_prompt:-1].flatten(), reduction="sum"
-        )
-        total += float(nll)
-    return total / (len(ids) * (ids.shape[1] - 1 - n_prompt))
+            logits = model(input_ids=x[:, :-1]).logits[:, n_prompt - 1 : -1].float()
+        want = x[:, n_prompt:-1]
+        right += int((logits.argmax(-1) == want).sum())
+        nll += float(torch.nn.functional.cross_entropy(logits.flatten(0, 1), want.flatten(), reduction="sum"))
+    scored = len(ids) * (ids.shape[1] - 1 - n_prompt)
+    return right / scored, nll / scored
 
 
 @torch.no_grad()
