@@ -30,6 +30,10 @@ re-allocated after zero_grad(set_to_none=True), builds a new table; with CUDA gr
 table is reused), `blocks` keyed by the sizes alone. A cached step reads data_ptr()s and hashes them: no host-device
 sync, no copy. Tables no launch used in a step are dropped by `prune()`.
 
+Apply flag: both kernels read a 0-dim device tensor `apply` (the training loop's "this step's loss and gradient norm
+are finite") and, where it is 0, store nothing: a skipped step costs no host synchronisation, and p and the states
+keep every bit. The step count they are given is the caller's (lorafuse.training.readback.CancelledSteps).
+
 Fallback, per parameter (`adamw8bit_update`): a parameter or gradient that is not contiguous, a dtype other than
 fp32/fp16/bf16, states whose block size is not 256, a launch group of one parameter; the paged optimizer (states
 fetched one parameter at a time) uses it too, and so do CUDA tensors under TRITON_INTERPRET=1 (the interpreter
@@ -85,10 +89,13 @@ if HAS_TRITON:
         wd,
         bias1,
         bias2_sqrt,
+        apply_ptr,
         BLOCK_SIZE: tl.constexpr,
     ):
         offs = blk.to(tl.int64) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
+        keep = tl.load(apply_ptr) != 0  # the step's device-side flag: False writes nothing (module docstring)
         mask = offs < n
+        write = offs < tl.where(keep, n, 0)  # mask & keep (a block & scalar mask fails in Triton's interpreter)
         g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         p_raw = tl.load(p_ptr + offs, mask=mask, other=0.0)
         p = p_raw.to(tl.float32)
@@ -101,7 +108,7 @@ if HAS_TRITON:
         denom = tl.sqrt(v) / bias2_sqrt + eps
         p = p * (1.0 - lr * wd)
         p = p - (lr / bias1) * (m / denom)
-        tl.store(p_ptr + offs, p.to(p_raw.dtype), mask=mask)
+        tl.store(p_ptr + offs, p.to(p_raw.dtype), mask=write)
         m = tl.where(mask, m, 0.0)
         v = tl.where(mask, v, 0.0)
         m_abs = tl.max(tl.abs(m), axis=0)
@@ -109,10 +116,10 @@ if HAS_TRITON:
         tiny = 1.1754943508222875e-38
         m_code = _nearest_code(m / tl.maximum(m_abs, tiny), sb_ptr)
         v_code = _nearest_code(v / tl.maximum(v_abs, tiny), ub_ptr)
-        tl.store(mq_ptr + offs, m_code.to(tl.uint8), mask=mask)
-        tl.store(vq_ptr + offs, v_code.to(tl.uint8), mask=mask)
-        tl.store(ma_ptr + blk, m_abs)
-        tl.store(va_ptr + blk, v_abs)
+        tl.store(mq_ptr + offs, m_code.to(tl.uint8), mask=write)
+        tl.store(vq_ptr + offs, v_code.to(tl.uint8), mask=write)
+        tl.store(ma_ptr + blk, m_abs, mask=keep)
+        tl.store(va_ptr + blk, v_abs, mask=keep)
 
     @triton.jit
     def _adamw8bit_kernel(
@@ -134,6 +141,7 @@ if HAS_TRITON:
         wd,
         bias1,
         bias2_sqrt,
+        apply_ptr,
         BLOCK_SIZE: tl.constexpr,
     ):
         _adamw8bit_block(
@@ -156,6 +164,7 @@ if HAS_TRITON:
             wd,
             bias1,
             bias2_sqrt,
+            apply_ptr,
             BLOCK_SIZE,
         )
 
@@ -174,6 +183,7 @@ if HAS_TRITON:
         wd,
         bias1,
         bias2_sqrt,
+        apply_ptr,
         P_DTYPE: tl.constexpr,
         G_DTYPE: tl.constexpr,
         BLOCK_SIZE: tl.constexpr,
@@ -201,6 +211,7 @@ if HAS_TRITON:
             wd,
             bias1,
             bias2_sqrt,
+            apply_ptr,
             BLOCK_SIZE,
         )
 
@@ -214,10 +225,20 @@ def _scalars(step, lr, b1, b2, eps, wd) -> tuple:
     return (float(lr), float(b1), float(b2), float(eps), float(wd), float(1 - b1**step), float(math.sqrt(1 - b2**step)))
 
 
-def adamw8bit_update(flat_p, flat_g, state: dict, smap, umap, sbounds, ubounds, step, lr, b1, b2, eps, wd) -> bool:
+def _flag(apply: torch.Tensor | None, device: torch.device) -> torch.Tensor:
+    """The kernels' apply flag: a 0-dim tensor on `device` (bool as uint8, the same byte); None: always apply."""
+    if apply is None:
+        return torch.ones((), dtype=torch.uint8, device=device)
+    return apply.view(torch.uint8) if apply.dtype == torch.bool else apply
+
+
+def adamw8bit_update(
+    flat_p, flat_g, state: dict, smap, umap, sbounds, ubounds, step, lr, b1, b2, eps, wd, apply=None
+) -> bool:
     """Update `flat_p` in place with the fused kernel; False when the kernel cannot run (caller uses the reference).
 
     `state` holds m_q, m_absmax, v_q, v_absmax on flat_p's device; blocks of 256 (the kernel's one block size).
+    `apply`: a 0-dim bool tensor on flat_p's device; False leaves p and the states untouched (None: update).
     """
     if (
         not use_triton(flat_p)
@@ -239,6 +260,7 @@ def adamw8bit_update(flat_p, flat_g, state: dict, smap, umap, sbounds, ubounds, 
         ubounds,
         n,
         *_scalars(step, lr, b1, b2, eps, wd),
+        _flag(apply, flat_p.device),
         BLOCK_SIZE=BLOCK,
         num_warps=2,
     )
@@ -315,11 +337,11 @@ class LaunchTables:
 
 
 def adamw8bit_multi_update(
-    params, grads, states, smap, umap, sbounds, ubounds, step, lr, b1, b2, eps, wd, tables: LaunchTables
+    params, grads, states, smap, umap, sbounds, ubounds, step, lr, b1, b2, eps, wd, tables: LaunchTables, apply=None
 ) -> bool:
     """Update every `params[i]` in place in one launch; False when the kernel cannot run on their device (the
     caller updates them one by one). Each (params[i], grads[i], states[i]) passed `multi_tensor_ok`; the states'
-    step counters are the caller's, `step` is theirs after this update."""
+    step counters are the caller's, `step` is theirs after this update. `apply` as in `adamw8bit_update`."""
     p0, g0 = params[0], grads[0]
     if not use_triton(p0) or (INTERPRET and p0.is_cuda):  # the interpreter runs on host copies, not at addresses
         return False
@@ -336,6 +358,7 @@ def adamw8bit_multi_update(
             sbounds,
             ubounds,
             *_scalars(step, lr, b1, b2, eps, wd),
+            _flag(apply, p0.device),
             P_DTYPE=_TL_DTYPES[p0.dtype],
             G_DTYPE=_TL_DTYPES[g0.dtype],
             BLOCK_SIZE=BLOCK,

@@ -5,6 +5,11 @@ AdamW, per element, at step t (1-based), gradient g, decoupled weight decay wd:
     m = b1 m + (1 - b1) g                   v = b2 v + (1 - b2) g^2
     p = p (1 - lr wd) - lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)
 
+Every optimizer here takes `step(apply=flag)`, a 0-dim bool device tensor (the training loop's "this step's loss and
+gradient norm are finite"): where it is False the step changes nothing, and the host never reads the flag to decide
+(lorafuse.training.readback). torch's AdamW is wrapped for it (`AdamW`): its update runs, then every parameter and
+state gets back its old value where the flag is False; the step counters are taken back when the flag is read.
+
 Schedules (`LRSchedule`): linear warmup for W steps (lr (s+1)/W at 0-based step s), then cosine or linear
 decay towards 0 over the remaining steps, or constant. The last step keeps a small positive lr (no step is
 wasted at lr 0). `warmup_steps` < 1 is a fraction of all steps (rounded up).
@@ -18,19 +23,59 @@ from collections.abc import Iterable
 import torch
 
 from lorafuse.training.optim8bit import AdamW8bit, PagedAdamW8bit
+from lorafuse.training.readback import CancelledSteps, kept_unless
 
 
 def build_optimizer(name: str, params: Iterable, lr: float, weight_decay: float) -> torch.optim.Optimizer:
     """`adamw` (torch, fp32 states), `adamw_8bit`, `paged_adamw_8bit`."""
     params = list(params)
     if name == "adamw":
-        # foreach=False: the single-tensor path gives identical results however params are grouped.
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, foreach=False)
+        return AdamW(params, lr=lr, weight_decay=weight_decay)
     if name == "adamw_8bit":
         return AdamW8bit(params, lr=lr, weight_decay=weight_decay)
     if name == "paged_adamw_8bit":
         return PagedAdamW8bit(params, lr=lr, weight_decay=weight_decay)
     raise ValueError(f"unknown optimizer {name!r}")
+
+
+class AdamW(torch.optim.AdamW):
+    """torch's AdamW on its single-tensor path (foreach=False: identical results however params are grouped) with
+    `step(apply=flag)` (module docstring). The parameters and states of a flagged step are copied before the update
+    and restored where the flag is False: three copies of the trainable tensors a step, what the fused 8-bit kernels
+    avoid by not storing."""
+
+    def __init__(self, params, lr: float = 1e-3, weight_decay: float = 0.01, **kwargs):
+        super().__init__(params, lr=lr, weight_decay=weight_decay, foreach=False, **kwargs)
+        self._cancelled = CancelledSteps()
+
+    @torch.no_grad()
+    def step(self, closure=None, apply: torch.Tensor | None = None):
+        self._cancelled.settle()  # the previous step's counters, before this step's bias corrections use them
+        if apply is None:
+            return super().step(closure)
+        params = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
+        fresh = [p for p in params if not self.state[p]]  # torch makes their (zero) states inside the step
+        known = [p for p in params if self.state[p]]
+        with kept_unless(apply, [*params, *(t for p in known for t in _moments(self.state[p]))]):
+            loss = super().step(closure)
+        for p in fresh:  # a cancelled first step leaves the zero states torch made
+            for t in _moments(self.state[p]):
+                t.copy_(torch.where(apply, t, torch.zeros_like(t)))
+        self._cancelled.record(apply, [self.state[p] for p in params])
+        return loss
+
+    def state_dict(self):
+        self._cancelled.settle()
+        return super().state_dict()
+
+    def load_state_dict(self, state_dict) -> None:
+        self._cancelled.forget()
+        super().load_state_dict(state_dict)
+
+
+def _moments(state: dict) -> list[torch.Tensor]:
+    """An AdamW state's tensors other than its step counter (exp_avg, exp_avg_sq, max_exp_avg_sq with amsgrad)."""
+    return [v for k, v in state.items() if k != "step" and torch.is_tensor(v)]
 
 
 def state_bytes(optimizer: torch.optim.Optimizer) -> int:

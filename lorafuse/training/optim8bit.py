@@ -35,6 +35,12 @@ param_group that share a device, a dtype, a gradient dtype and a step count are 
 launches a step become one for a 7B QLoRA run); the others (non-contiguous, other dtypes, a group of one, paged
 states) by one launch per parameter. Both give bit-identical results. The PyTorch code below is the reference
 and the CPU path.
+
+A step the device may cancel (`step(apply=flag)`, the training loop's skip of a non-finite step without a host
+synchronisation): the fused kernels read the 0-dim flag and store nothing where it is False; the PyTorch paths
+update copies and keep the old values where it is False (lorafuse.training.readback.kept_unless). Each state's step
+counter advances at once and is taken back when the next step (or state_dict) reads the flag, by then computed
+long ago (readback.CancelledSteps), so every update uses the counters of a run that never took the cancelled step.
 """
 
 from __future__ import annotations
@@ -43,6 +49,8 @@ import math
 import os
 
 import torch
+
+from lorafuse.training.readback import CancelledSteps, kept_unless
 
 BLOCKSIZE = 256
 MIN_8BIT_SIZE = 4096
@@ -132,6 +140,7 @@ class AdamW8bit(torch.optim.Optimizer):
         self._maps: dict[tuple, torch.Tensor] = {}
         self._copy_stream = None
         self._tables = None  # LaunchTables of the multi-tensor launches, made at the first one
+        self._cancelled = CancelledSteps()  # counters of a flagged step, until its flag is read
 
     def _map(self, signed: bool, device) -> torch.Tensor:
         key = (signed, str(device))
@@ -180,11 +189,17 @@ class AdamW8bit(torch.optim.Optimizer):
         }
 
     @torch.no_grad()
-    def step(self, closure=None):
+    def step(self, closure=None, apply: torch.Tensor | None = None):
+        """One update of every parameter with a gradient. `apply`: a 0-dim bool tensor on the parameters' device
+        (the training loop's "this step's loss and gradient norm are finite"); where it is False every parameter and
+        state keeps its value and the step counters are taken back, without the host reading it now (module
+        docstring)."""
+        self._cancelled.settle()  # the previous step's counters, before this step's bias corrections use them
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        groups = []
         for group in self.param_groups:
             work = [p for p in group["params"] if p.grad is not None]
             for p in work:
@@ -192,16 +207,20 @@ class AdamW8bit(torch.optim.Optimizer):
                     raise RuntimeError("AdamW8bit does not support sparse gradients")
                 if not self.state[p]:
                     self.state[p] = self._init_state(p)
+            groups.append((group, work))
+        if apply is not None:
+            self._cancelled.record(apply, [self.state[p] for _, work in groups for p in work])
+        for group, work in groups:
             paged = [p for p in work if self._paged_on(p)]
-            for p in self._multi_tensor([p for p in work if not self._paged_on(p)], group):
-                self._update(p, self.state[p], group)
+            for p in self._multi_tensor([p for p in work if not self._paged_on(p)], group, apply):
+                self._update(p, self.state[p], group, apply)
             if paged:
-                self._paged_updates(paged, group)
+                self._paged_updates(paged, group, apply)
         if self._tables is not None:
             self._tables.prune()
         return loss
 
-    def _multi_tensor(self, params: list, group: dict) -> list:
+    def _multi_tensor(self, params: list, group: dict, apply: torch.Tensor | None = None) -> list:
         """Update the 8-bit parameters that can share a fused launch, one launch per (device, dtype, grad dtype,
         step); return the parameters left for `_update`."""
         if self.blocksize != 256 or len(params) < 2 or not _kernels_may_run(params[0]):
@@ -236,6 +255,7 @@ class AdamW8bit(torch.optim.Optimizer):
                 group["eps"],
                 group["weight_decay"],
                 self._tables,
+                apply,
             ):
                 rest += ps
                 continue
@@ -243,27 +263,34 @@ class AdamW8bit(torch.optim.Optimizer):
                 state["step"] = step + 1
         return rest
 
-    def _update(self, p, state: dict, group: dict) -> None:
-        """Update one parameter with its states `state` (tensors on p's device)."""
+    def _update(self, p, state: dict, group: dict, apply: torch.Tensor | None = None) -> None:
+        """Update one parameter with its states `state` (tensors on p's device); `apply` as in `step`."""
         state["step"] += 1
         b1, b2 = group["betas"]
         args = (state["step"], group["lr"], b1, b2, group["eps"], group["weight_decay"])
         flat_p = p.data.view(-1) if p.data.is_contiguous() else p.data.reshape(-1).clone()
         flat_g = p.grad.reshape(-1)
         if "m" in state:
-            p32 = flat_p.float()
-            _adamw_fp32(p32, flat_g.float(), state["m"], state["v"], *args)
-            flat_p.copy_(p32)
+            with kept_unless(apply, [flat_p, state["m"], state["v"]]):
+                p32 = flat_p.float()
+                _adamw_fp32(p32, flat_g.float(), state["m"], state["v"], *args)
+                flat_p.copy_(p32)
         else:
-            self._update_8bit(flat_p, flat_g, state, args)
+            self._update_8bit(flat_p, flat_g, state, args, apply)
         if not p.data.is_contiguous():
             p.data.copy_(flat_p.view_as(p))
 
-    def _update_8bit(self, flat_p, flat_g, state, args) -> None:
+    def _update_8bit(self, flat_p, flat_g, state, args, apply=None) -> None:
         bs = self.blocksize
         smap, umap = self._map(True, flat_p.device), self._map(False, flat_p.device)
-        if bs == 256 and _kernels_may_run(flat_p) and self._fused(flat_p, flat_g, state, smap, umap, args):
+        if bs == 256 and _kernels_may_run(flat_p) and self._fused(flat_p, flat_g, state, smap, umap, args, apply):
             return
+        with kept_unless(apply, [flat_p, *(state[k] for k in ("m_q", "m_absmax", "v_q", "v_absmax"))]):
+            self._reference_8bit(flat_p, flat_g, state, smap, umap, args)
+
+    def _reference_8bit(self, flat_p, flat_g, state, smap, umap, args) -> None:
+        """The PyTorch update of 8-bit states, in chunks (the CPU path, and the fused kernels' reference)."""
+        bs = self.blocksize
         chunk = _CHUNK_BLOCKS * bs
         for start in range(0, flat_p.numel(), chunk):
             end = min(start + chunk, flat_p.numel())
@@ -276,14 +303,14 @@ class AdamW8bit(torch.optim.Optimizer):
             state["m_q"][start:end], state["m_absmax"][b0:b1_] = quantize_blockwise(m, smap, bs)
             state["v_q"][start:end], state["v_absmax"][b0:b1_] = quantize_blockwise(v, umap, bs)
 
-    def _fused(self, flat_p, flat_g, state, smap, umap, args) -> bool:
+    def _fused(self, flat_p, flat_g, state, smap, umap, args, apply=None) -> bool:
         """The fused Triton update (lorafuse.kernels.adamw8bit): one launch per parameter instead of ~25; False
         where it cannot run (CPU tensors outside the interpreter tests)."""
         try:
             from lorafuse.kernels.adamw8bit import adamw8bit_update
         except ImportError:
             return False
-        return adamw8bit_update(flat_p, flat_g, state, smap, umap, *self._bounds(flat_p.device), *args)
+        return adamw8bit_update(flat_p, flat_g, state, smap, umap, *self._bounds(flat_p.device), *args, apply=apply)
 
     def _bounds(self, device) -> tuple:
         """The midpoints of the signed and unsigned maps: the fused kernels' nearest-code boundaries."""
@@ -297,7 +324,7 @@ class AdamW8bit(torch.optim.Optimizer):
             )
         return self._maps[key]
 
-    def _paged_updates(self, params: list, group: dict) -> None:
+    def _paged_updates(self, params: list, group: dict, apply: torch.Tensor | None = None) -> None:
         """Host states -> GPU (side stream, one parameter ahead) -> update -> back to host (side stream)."""
         if self._copy_stream is None:
             self._copy_stream = torch.cuda.Stream(device=params[0].device)
@@ -320,7 +347,7 @@ class AdamW8bit(torch.optim.Optimizer):
             for t in on_gpu.values():
                 if torch.is_tensor(t):
                     t.record_stream(main)  # allocated on the copy stream, used on the main one
-            self._update(p, on_gpu, group)
+            self._update(p, on_gpu, group, apply)
             done = main.record_event()
             host = self.state[p]
             host["step"] = on_gpu["step"]
@@ -345,10 +372,12 @@ class AdamW8bit(torch.optim.Optimizer):
             self._copy_stream.synchronize()
 
     def state_dict(self):
+        self._cancelled.settle()
         self.synchronize()
         return super().state_dict()
 
     def load_state_dict(self, state_dict) -> None:
+        self._cancelled.forget()
         # torch casts every floating state to its parameter's dtype and moves it to the parameter's device;
         # 8-bit states must keep fp32 absmax and, when paged, stay in pinned host memory. Restore them as saved.
         saved = state_dict["state"]

@@ -60,6 +60,35 @@ def test_fused_update_matches_reference(n, device, monkeypatch):
         assert torch.isfinite(a).all() and (a - b).abs().max() <= (code.diff().max() * b.abs().max())
 
 
+@fp16_masked_lanes
+@pytest.mark.parametrize("multi", [False, True])
+def test_a_false_apply_flag_writes_nothing_and_a_true_one_is_the_plain_update(multi, device):
+    """The device-side skip (the training loop's non-finite step): with apply False the kernels leave every bit of
+    p and the states as they were, even for NaN/inf gradients; apply True is bit for bit the update without a flag."""
+    sizes, maps, gen = [700, 256, 3], _maps(device), torch.Generator().manual_seed(5)
+    params = [torch.randn(n, generator=gen).to(device) for n in sizes]
+    states = [_zero_states(n, device) for n in sizes]
+    for p, s in zip(params, states):  # non-trivial states first
+        assert adamw8bit_update(p, _grad(p.numel(), torch.float32, device, gen), s, *maps, 1, *HYPER.values())
+    grads = [_grad(n, torch.float32, device, gen) for n in sizes]
+    poisoned = [g.clone() for g in grads]
+    poisoned[0][::5], poisoned[1][3] = float("nan"), float("inf")
+    runs = {}
+    for apply in (torch.tensor(False, device=device), torch.tensor(True, device=device), None):
+        gs = poisoned if apply is not None and not apply else grads
+        ps = [p.clone() for p in params]
+        ss = [{k: v.clone() for k, v in s.items()} for s in states]
+        if multi:
+            assert adamw8bit_multi_update(ps, gs, ss, *maps, 2, *HYPER.values(), LaunchTables(), apply=apply)
+        else:
+            for p, g, s in zip(ps, gs, ss):
+                assert adamw8bit_update(p, g, s, *maps, 2, *HYPER.values(), apply=apply)
+        runs[None if apply is None else bool(apply)] = (ps, ss)
+    _assert_same(*runs[False], params, states)
+    _assert_same(*runs[True], *runs[None])
+    assert not all(torch.equal(a, b) for a, b in zip(runs[True][0], params))  # the update did change p
+
+
 def test_fused_update_declines_other_blocksizes(device):
     p = torch.randn(1024, device=device)
     state = {
@@ -193,7 +222,7 @@ def _optimizer_run(device, multi: bool, monkeypatch, steps=3):
         mp.setattr(K, "_adamw8bit_multi_kernel", spies[0])
         mp.setattr(K, "_adamw8bit_kernel", spies[1])
         if not multi:
-            mp.setattr(AdamW8bit, "_multi_tensor", lambda self, ps, group: ps)
+            mp.setattr(AdamW8bit, "_multi_tensor", lambda self, ps, *group_and_flag: ps)
         launches = []
         for step in range(steps):
             for k, p in params.items():
@@ -234,7 +263,7 @@ def test_checkpoint_of_the_per_parameter_path_resumes_in_multi_tensor_launches(d
         return opt
 
     with monkeypatch.context() as mp:  # the per-parameter path: what wrote earlier checkpoints
-        mp.setattr(AdamW8bit, "_multi_tensor", lambda self, params, group: params)
+        mp.setattr(AdamW8bit, "_multi_tensor", lambda self, params, *group_and_flag: params)
         ref = [torch.nn.Parameter(t.clone()) for t in init]
         ref_opt = run(ref, grads)
         ps = [torch.nn.Parameter(t.clone()) for t in init]

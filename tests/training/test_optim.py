@@ -206,7 +206,7 @@ def test_adamw8bit_on_cuda_one_launch_a_step_equals_per_parameter_launches(dtype
             if multi:
                 mp.setattr(K, "_adamw8bit_multi_kernel", Spy())
             else:
-                mp.setattr(AdamW8bit, "_multi_tensor", lambda self, params, group: params)
+                mp.setattr(AdamW8bit, "_multi_tensor", lambda self, params, *group_and_flag: params)
             ps = [torch.nn.Parameter(t.clone()) for t in init]
             opt = AdamW8bit(ps, lr=1e-3, weight_decay=0.01)
             for gs in grads:
