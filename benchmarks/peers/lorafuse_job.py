@@ -11,13 +11,13 @@ dequant cap, FP8) as their train.* keys; max_steps warmup + steps, log_every 1, 
 last step's). lorafuse.job.run trains it with its console in a buffer (copied to stderr afterwards).
 
 What ran (the fast path, the fused loss, CUDA graph replays) comes from the job's result (`TrainResult.speedups`,
-also in summary.json). The step times come from metrics.jsonl (log_every 1: a row a step). The row's step time is
-the wall time between two rows (its tokens over its tokens_per_s): the step and what the loop does after it
-(logging, the progress line), which is what a user waits. Beside it, loop_step_s is the time inside the loop's step
-alone: time_s is the loop's running total of time spent in its steps (fetching the micro-batch, forward, backward,
-clipping, the optimizer step), so step k took time_s[k] - time_s[k-1]. The job reads the loss and the gradient norm
-back to the host each step, so on CUDA these are finished steps. The first --warmup steps are dropped and the median
-of the rest is the step time, as the harness's. Peak memory: torch.cuda.max_memory_allocated over the whole
+also in summary.json). The step times come from metrics.jsonl (log_every 1: a row a step). The loop does not wait for
+the GPU inside a step: it reads a step's numbers one step later, and times each step by when the device finished it
+(lorafuse.training.loop). The row's step time is the time between two rows (its tokens over its tokens_per_s), which
+is what a user waits; beside it, loop_step_s comes from time_s, the loop's running total of training time (its steps
+and their logging, not evaluation or checkpoints), so step k took time_s[k] - time_s[k-1]. The two differ only
+around a checkpoint or an evaluation. The first --warmup steps are dropped and the median of the rest is the step
+time, as the harness's. Peak memory: torch.cuda.max_memory_allocated over the whole
 process (loading included; the harness's counts from after the model is built), and the largest memory_mb of the
 rows (on a CPU: the resident set size).
 """
@@ -162,9 +162,9 @@ def step_times(rows: list[dict]) -> list[float]:
 def summarize(spec: dict, rows: list[dict]) -> dict:
     """The harness's fields from metrics.jsonl: median step after warmup, tokens/s, losses, the rows' memory.
 
-    step_s is the wall time a user waits per step: each row's tokens over its tokens_per_s (with log_every 1 a row
-    is one step, timed from the previous row: the step and everything the loop does after it, logging included).
-    loop_step_s is the time inside the loop's step alone (time_s differences, `step_times`)."""
+    step_s is the time a user waits per step: each row's tokens over its tokens_per_s (with log_every 1 a row is one
+    step, timed from the end of the previous one: checkpoints and evaluations between them included). loop_step_s is
+    the training time alone (time_s differences, `step_times`)."""
     train = [r for r in rows if r.get("time_s") is not None and r.get("loss") is not None]
     times = step_times(rows)[spec["warmup"] :]
     tokens = spec["batch"] * spec["seq"]

@@ -169,15 +169,16 @@ class World:
         """Every size-th item, starting at this rank's index (evaluation shards)."""
         return iterable if self.size == 1 else itertools.islice(iterable, self.rank, None, self.size)
 
-    def sync_gradients(self, params: list, sums: torch.Tensor) -> list[float]:
+    def sync_gradients(self, params: list, sums: torch.Tensor) -> torch.Tensor:
         """Sum the trainable gradients and the window's sums (a 1-D tensor: the loss sum, then each metric's) over
-        the ranks (module docstring); returns the summed sums.
+        the ranks (module docstring); returns the summed sums, on the device (one process: `sums` itself).
 
         A tensor whose gradient is None on every rank keeps None (the optimizer then skips it, as it does in one
-        process); one with a gradient on some rank gets the sum, zeros counted for the others.
+        process); one with a gradient on some rank gets the sum, zeros counted for the others. Reading those flags
+        is the one host synchronisation here (several processes only).
         """
         if self.size == 1:
-            return sums.tolist()
+            return sums
         has = torch.tensor([p.grad is not None for p in params], dtype=torch.float32, device=self.device)
         k = sums.numel()
         head = torch.cat([sums.detach().reshape(-1).float().to(self.device), has])
@@ -201,7 +202,7 @@ class World:
         for p, flag in zip(params, head[k:].tolist()):
             if flag == 0:
                 p.grad = None
-        return head[:k].tolist()
+        return head[:k]
 
     @torch.no_grad()
     def broadcast_params(self, params: list) -> None:

@@ -15,7 +15,16 @@ states through the output head in chunks (`lorafuse.training.loss`): the (B, T, 
 
 `TrainingLoop.step` is the step, top to bottom: learning rate, dropout seed, the window's units, the micro-steps
 (a CUDA graph replay or eager), the out-of-memory decision and its single retry (`lorafuse.training.oom`), the
-gradient sync, clipping and the update (or a skip), the counters. `_after_step` then logs, evaluates and saves.
+gradient sync, clipping and the update (or a skip, decided on the device: `lorafuse.training.update`), the counters.
+`_finish` then logs its row and counts a skip; `_after_step` evaluates and saves.
+
+The host never waits for the GPU inside a step: nothing in it reads a device value. Its numbers (loss, metrics,
+gradient norm, whether it was skipped) are read one step later, when the next step is already queued behind them
+(`_after_launch`), so the GPU runs on while the host logs and prepares the next window. A step whose outcome decides
+something before the next one may be queued is read at once: an evaluation or checkpoint of its weights, the last
+step, a stop signal, a NaN streak at train.nan_tolerance. Rows, counters and checkpoints are those of a loop that
+reads every step at once; a row's time_s counts the wall time of the steps and their logging, not evaluations and
+checkpoints.
 
 Precision (bf16 autocast / fp16 + GradScaler on CUDA, fp32 on CPU): `lorafuse.training.runtime`. What changes the
 model for speed or memory (fp32 masters, checkpointing, the fast path, host tables): `lorafuse.accel`, prepared
@@ -65,9 +74,11 @@ from lorafuse.training.objectives import ObjectiveContext, evaluate
 from lorafuse.training.objectives.base import objective_inputs
 from lorafuse.training.objectives.sft import SFTObjective
 from lorafuse.training.optim import LRSchedule, build_optimizer
+from lorafuse.training.readback import StepClock
 from lorafuse.training.runtime import Precision, StopSignals
 from lorafuse.training.state import LoopResult, LoopState, diverged, total_steps
-from lorafuse.training.steplog import LogWindow, eval_note, eval_row, skipped_note, skipped_row
+from lorafuse.training.steplog import LogWindow, eval_note, eval_row, log_step
+from lorafuse.training.update import StepRecord, clip_and_step
 
 
 class TrainingLoop:
@@ -121,6 +132,10 @@ class TrainingLoop:
         self._saved_step: int | None = None
         self._rng: dict | None = None
         self._iter = None
+        self._pending: StepRecord | None = None  # a queued step whose row is not logged yet (`_after_launch`)
+        self._timer = StepClock(self.device)  # when the device finished each step (`_finish`)
+        self._started: tuple[float, int] | None = None  # the run's start time and first step, set by `run`
+        self._clock = 0.0  # where time_s was last brought up to date (perf_counter seconds)
 
     def _prepare(self, options: Options) -> None:
         """The model prepared for `options` (lorafuse.accel), the objective's context, and the CUDA-graphed step."""
@@ -159,16 +174,16 @@ class TrainingLoop:
         stopped_early = bool(patience) and st.evals_since_best >= patience  # a run that stopped early is finished
         start_step, stop = st.step, ("already_complete" if st.step >= self.total or stopped_early else None)
         self.progress = Progress(self.console, total=self.total, initial=st.step)
+        self._started, self._clock = (t_start, start_step), time.perf_counter()
         try:
             with StopSignals() as signals:
                 self.model.train()
                 while stop is None:
-                    t0 = time.perf_counter()
                     batches, epoch_end = self._next_window()
-                    row = self.step(batches)
-                    st.train_seconds += time.perf_counter() - t0
-                    eta = (self.total - st.step) * (time.perf_counter() - t_start) / (st.step - start_step)
-                    stop = self._after_step(row, epoch_end, signals, eta)
+                    stop = self._after_launch(self.step(batches), epoch_end, signals)
+        except BaseException:
+            self._finish_pending_quietly()
+            raise
         finally:
             self.progress.close()
             self.metrics.close(stop)
@@ -190,8 +205,9 @@ class TrainingLoop:
         st.epoch, st.micro_index, self._iter = st.epoch + 1, 0, None
         return batches, True
 
-    def step(self, batches: list[dict]) -> dict:
-        """One optimizer step over a window of micro-batches; returns its row (loss, metrics, lr, counts, skip)."""
+    def step(self, batches: list[dict]) -> StepRecord:
+        """One optimizer step over a window of micro-batches, queued on the device. Returns its record: what the
+        host knew, and the values (loss, metrics, gradient norm, skip) that `_finish` reads when they are needed."""
         st, tc, world, objective = self.state, self.tc, self.world, self.objective
         lr = self.schedule.apply(self.optimizer, st.step)
         graphs.seed_dropout(self.model, tc.seed, world.rank, tc.grad_accum, st.step)  # the fast path's masks
@@ -201,30 +217,27 @@ class TrainingLoop:
         rng = oom.rng_state(self.device)
         sums, error = self._micro_steps(batches, units)  # forward/backward, gradients accumulated in .grad
         if error is not None:  # out of memory: drop the partial step, take the next smaller setting, retry once
-            oom.release(self.optimizer, self.graphed is None, self.device)
-            decision = oom.decide(self.setting(), error, st.step + 1, self._epoch_float(), self.config)
-            if decision.error is not None:
-                raise decision.error
-            st.oom_overrides = {**st.oom_overrides, **decision.change}  # kept for the run and its checkpoints
-            self.metrics.append(decision.row)
-            self.note(decision.note)
-            self._match_setting()
-            oom.set_rng_state(rng, self.device)  # the retry draws the dropout masks the step would have drawn
-            graphs.seed_dropout(self.model, tc.seed, world.rank, tc.grad_accum, st.step)
-            sums, error = self._micro_steps(batches, units)
-            if error is not None:
-                oom.release(self.optimizer, self.graphed is None, self.device)
-                raise oom.retry_failed(decision, error, st.step + 1, self.config)
-        loss_sum, *metric_sums = world.sync_gradients(self.params, sums)  # one all-reduce under torchrun
-        loss = loss_sum / units if units else math.nan
-        grad_norm, skipped = self._clip_and_update(loss)
+            sums = oom.retry(self, batches, units, rng, error)
+        sums = world.sync_gradients(self.params, sums)  # one all-reduce under torchrun
+        max_norm, scaler = tc.max_grad_norm or math.inf, self.precision.scaler
+        values, reason = clip_and_step(self.optimizer, self.params, max_norm, sums, units, scaler)
         self.optimizer.zero_grad(set_to_none=self.graphed is None)  # a CUDA graph accumulates into the same .grad
         st.step += 1
         st.tokens += n_input
-        st.target_tokens += 0 if skipped else n_target
-        metrics = {n: (s / units if units else math.nan) for n, s in zip(objective.metric_names, metric_sums)}
-        row = {"loss": loss, "lr": lr, "grad_norm": grad_norm, "units": units, "n_input": n_input}
-        return {**row, **metrics, "n_target": n_target, "skipped": skipped}
+        return StepRecord(
+            step=st.step,
+            epoch=self._epoch_float(),
+            lr=lr,
+            units=units,
+            n_input=n_input,
+            n_target=n_target,
+            tokens=st.tokens,
+            memory_mb=round(memory_bytes(self.device) / 2**20, 1),
+            last=st.step >= self.total,
+            values=values,
+            done=self._timer.mark(),
+            reason=reason,
+        )
 
     def _micro_steps(self, batches: list[dict], units: int) -> tuple[torch.Tensor | None, str | None]:
         """Forward/backward each micro-batch, re-split to the setting in force, with L_b / U. Returns the window's
@@ -249,37 +262,60 @@ class TrainingLoop:
             return None, oom.first_line(exc)
         return sums, None
 
-    def _clip_and_update(self, loss: float) -> tuple[float | None, str | None]:
-        """Clip and step. Returns (grad norm before clipping, None | why the step was skipped)."""
-        if not math.isfinite(loss):
-            return None, "nan"
-        scaler = self.precision.scaler
-        if scaler is not None:
-            scaler.unscale_(self.optimizer)
-        max_norm = self.tc.max_grad_norm or math.inf
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
-        if scaler is not None:
-            scale = scaler.get_scale()
-            scaler.step(self.optimizer)  # skips the update itself when a gradient is inf/NaN
-            scaler.update()
-            return grad_norm, ("fp16_overflow" if scaler.get_scale() < scale else None)
-        if not math.isfinite(grad_norm):
-            return grad_norm, "nan"
-        self.optimizer.step()
-        return grad_norm, None
-
     # ------------------------------------------------------------------------------------- after the step
-    def _after_step(self, row: dict, epoch_end: bool, signals: StopSignals, eta: float) -> str | None:
-        """Log, count NaN steps, evaluate, decide whether to stop, save: the cadence of train.*_every."""
+    def _after_launch(self, record: StepRecord, epoch_end: bool, signals: StopSignals) -> str | None:
+        """The previous step's row (its values are ready: the GPU has this step queued behind them), then this
+        step's: at once where a decision needs it (evaluation, a save, the last step, a signal, a NaN streak at
+        its limit), else at the next step, so the host reads nothing while the GPU would wait for it."""
+        self._finish_pending()
+        signalled = self.world.any(signals.received is not None)  # a collective: every rank, every step
+        if not self._needs_values_now(epoch_end, signalled):
+            self._pending = record
+            return None
+        self._finish(record)
+        return self._after_step(epoch_end, signalled)
+
+    def _needs_values_now(self, epoch_end: bool, signalled: bool) -> bool:
+        """Whether this step's outcome decides something before the next step may be queued: a checkpoint or an
+        evaluation of its weights, the run's end, or a stop on too many NaN steps (this one would be the one)."""
         st, tc = self.state, self.tc
-        last, out = st.step >= self.total, self.out_dir if self.world.is_main else None
-        self._log(row, force=last, eta=eta)
+        if st.step >= self.total or signalled or st.nan_streak >= tc.nan_tolerance:
+            return True
+        evaluates = self.val_batches is not None and ((st.step % tc.eval_every == 0) if tc.eval_every else epoch_end)
+        return evaluates or ((st.step % tc.save_every == 0) if tc.save_every else epoch_end)
+
+    def _finish_pending(self) -> None:
+        if self._pending is not None:
+            record, self._pending = self._pending, None
+            self._finish(record)
+
+    def _finish_pending_quietly(self) -> None:
+        """After an error in the loop: the last queued step's row still logged, as an uninterrupted log has it; an
+        error while reading it back (the device may be what failed) gives way to the first one."""
+        with contextlib.suppress(Exception):
+            self._finish_pending()
+
+    def _finish(self, record: StepRecord) -> None:
+        """Read the step's values back (waiting for the device if needed), log its row, count its skip, and stop the
+        run after too many NaN steps in a row."""
+        st, tc = self.state, self.tc
+        row = record.row(self.objective.metric_names)
+        st.target_tokens += 0 if row["skipped"] else record.n_target
+        end = self._timer.seconds(record.done)  # when the device finished the step, not when it was read
+        st.train_seconds, self._clock = st.train_seconds + end - self._clock, end
+        t_start, start_step = self._started
+        log_step(self, record, row, end, eta=(self.total - record.step) * (end - t_start) / (record.step - start_step))
         if row["skipped"] == "nan":
             st.nan_streak, st.skipped_steps = st.nan_streak + 1, st.skipped_steps + 1
             if st.nan_streak > tc.nan_tolerance:
-                raise diverged(st, tc.nan_tolerance, out)
+                raise diverged(st, tc.nan_tolerance, self.out_dir if self.world.is_main else None)
         elif not row["skipped"]:
             st.nan_streak = 0
+
+    def _after_step(self, epoch_end: bool, signalled: bool) -> str | None:
+        """Evaluate, decide whether to stop, save: the cadence of train.*_every (the step's row is logged)."""
+        st, tc = self.state, self.tc
+        last, out = st.step >= self.total, self.out_dir if self.world.is_main else None
         improved, stop = False, None
         due = (st.step % tc.eval_every == 0) if tc.eval_every else epoch_end
         if self.val_batches is not None and (due or last):
@@ -292,7 +328,6 @@ class TrainingLoop:
                     f"{patience} evaluations (best {st.best_eval:.4f} at step {st.best_step})"
                 )
                 stop = "early_stopping"
-        signalled = self.world.any(signals.received is not None)  # a collective: every rank, every step
         if stop is None and (last or signalled):
             stop = "finished" if last else "signal"
         if st.nan_streak and stop in ("finished", "early_stopping"):  # no checkpoint, no adapter from NaN weights
@@ -300,34 +335,12 @@ class TrainingLoop:
         due = (st.step % tc.save_every == 0) if tc.save_every else epoch_end
         if stop or improved or (due and not st.nan_streak):  # no scheduled save from weights that gave NaN
             self._save(improved)
+        self._clock = time.perf_counter()  # evaluation and checkpoints are not counted in time_s
         return stop
 
     def _epoch_float(self) -> float:
         st = self.state
         return round(st.epoch + st.micro_index / st.micro_per_epoch, 4)
-
-    def _log(self, row: dict, force: bool, eta: float) -> None:
-        st, window = self.state, self.window
-        window.add(row)
-        if row["skipped"]:
-            self.metrics.append(skipped_row(st.step, self._epoch_float(), row))
-            self.note(skipped_note(st.step, row["skipped"]))
-        if not (force or st.step % self.tc.log_every == 0) or not window.units:
-            return
-        out = {
-            "step": st.step,
-            "epoch": self._epoch_float(),
-            **window.means(),
-            "lr": row["lr"],
-            "grad_norm": row["grad_norm"],
-            "tokens": st.tokens,
-            "tokens_per_s": window.tokens_per_s(),
-            "memory_mb": round(memory_bytes(self.device) / 2**20, 1),
-            "time_s": round(st.train_seconds, 3),
-        }
-        self.metrics.append(out)
-        self.progress.update(st.step, out, eta_s=eta)
-        window.reset()
 
     def _evaluate(self) -> bool:
         st = self.state

@@ -113,6 +113,30 @@ def decide(setting: dict, error: str, step: int, epoch: float, config=None) -> D
     return Decision(before=setting, change=change, setting=now, note=note, row=row)
 
 
+def retry(loop, batches: list[dict], units: int, rng: tuple, error: str) -> torch.Tensor:
+    """Steps 1-4 above for `loop` (a TrainingLoop) whose window `batches` ran out of memory with `error` (its first
+    line); `rng`: the RNG state the step started with. Returns the retried window's sums."""
+    from lorafuse.training import graphs
+
+    st, tc = loop.state, loop.tc
+    loop._finish_pending()  # the previous step's row before the retry's, as the log of any run has them
+    release(loop.optimizer, loop.graphed is None, loop.device)
+    decision = decide(loop.setting(), error, st.step + 1, loop._epoch_float(), loop.config)
+    if decision.error is not None:
+        raise decision.error
+    st.oom_overrides = {**st.oom_overrides, **decision.change}  # kept for the run and its checkpoints
+    loop.metrics.append(decision.row)
+    loop.note(decision.note)
+    loop._match_setting()
+    set_rng_state(rng, loop.device)  # the retry draws the dropout masks the step would have drawn
+    graphs.seed_dropout(loop.model, tc.seed, loop.world.rank, tc.grad_accum, st.step)
+    sums, error = loop._micro_steps(batches, units)
+    if error is not None:
+        release(loop.optimizer, loop.graphed is None, loop.device)
+        raise retry_failed(decision, error, st.step + 1, loop.config)
+    return sums
+
+
 def retry_failed(decision: Decision, error: str, step: int, config=None) -> LorafuseError:
     """The error that stops the run when the retry at `decision.setting` ran out of memory too."""
     problem = (

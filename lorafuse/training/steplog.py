@@ -7,7 +7,8 @@ A logged row (metrics.jsonl, the progress line, the trackers) covers the optimiz
 
 so a row's loss is the mean per unit over its steps, whatever `train.log_every`. The window's sums are saved in every
 checkpoint (trainer_state.json "log_window": a logged row may span a save), so a resumed run logs the rows an
-uninterrupted run logs.
+uninterrupted run logs. A row's tokens_per_s runs from the end of the previous logged step to the end of its own, as
+the device finished them (the loop reads a step's numbers one step late: lorafuse.training.loop).
 """
 
 from __future__ import annotations
@@ -23,13 +24,14 @@ class LogWindow:
         self.metric_names = metric_names
         self.reset()
 
-    def reset(self) -> None:
+    def reset(self, now: float | None = None) -> None:
+        """Empty sums; the window's time starts at `now` (time.perf_counter() seconds; None: at once)."""
         self.loss_sum, self.units, self.inputs = 0.0, 0, 0
         self.metric_sums = dict.fromkeys(self.metric_names, 0.0)
-        self.t0 = time.perf_counter()
+        self.t0 = time.perf_counter() if now is None else now
 
     def add(self, row: dict) -> None:
-        """One step's row from `TrainingLoop.step` ("loss", "units", "n_input", "skipped", and each metric)."""
+        """One step's row (`StepRecord.row`: "loss", "units", "n_input", "skipped", and each metric)."""
         self.inputs += row["n_input"]
         if row["skipped"]:
             return
@@ -42,8 +44,9 @@ class LogWindow:
         """{"loss": ..., <metric>: ...}: means per unit over the window (call only when `units` > 0)."""
         return {"loss": self.loss_sum / self.units} | {n: s / self.units for n, s in self.metric_sums.items()}
 
-    def tokens_per_s(self) -> float:
-        return round(self.inputs / max(time.perf_counter() - self.t0, 1e-9), 1)
+    def tokens_per_s(self, now: float | None = None) -> float:
+        """Input tokens per second from the window's start to `now` (None: at once)."""
+        return round(self.inputs / max((time.perf_counter() if now is None else now) - self.t0, 1e-9), 1)
 
     def state_dict(self) -> dict:
         """The sums for trainer_state.json ("targets" holds the units: the key of the SFT-only format)."""
@@ -55,6 +58,33 @@ class LogWindow:
         self.units = saved.get("targets", 0)
         self.inputs = saved.get("inputs", 0)
         self.metric_sums.update({k: v for k, v in saved.get("metrics", {}).items() if k in self.metric_sums})
+
+
+def log_step(loop, record, row: dict, end: float, eta: float) -> None:
+    """Add a step's row (`record`: its lorafuse.training.update.StepRecord, `end`: when the device finished it) to the
+    loop's window; log a skipped step, and the window's row at every train.log_every-th step and the last (metrics,
+    trackers, the progress line)."""
+    window = loop.window
+    window.add(row)
+    if row["skipped"]:
+        loop.metrics.append(skipped_row(record.step, record.epoch, row))
+        loop.note(skipped_note(record.step, row["skipped"]))
+    if not (record.last or record.step % loop.tc.log_every == 0) or not window.units:
+        return
+    out = {
+        "step": record.step,
+        "epoch": record.epoch,
+        **window.means(),
+        "lr": row["lr"],
+        "grad_norm": row["grad_norm"],
+        "tokens": record.tokens,
+        "tokens_per_s": window.tokens_per_s(end),
+        "memory_mb": record.memory_mb,
+        "time_s": round(loop.state.train_seconds, 3),
+    }
+    loop.metrics.append(out)
+    loop.progress.update(record.step, out, eta_s=eta)
+    window.reset(end)
 
 
 def skipped_row(step: int, epoch: float, row: dict) -> dict:

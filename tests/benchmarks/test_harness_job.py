@@ -84,8 +84,8 @@ def test_rows_are_exactly_seq_tokens(tmp_path, tiny_model_dir):
 
 
 def test_the_step_is_the_wall_time_between_rows_and_the_loops_own_time_stands_beside():
-    """With tokens_per_s in the rows (one step a row), a step is the wall time a user waits (the row's tokens over
-    its tokens_per_s), which holds the loop's step (time_s differences) and the logging after it."""
+    """With tokens_per_s in the rows (one step a row), a step is the time a user waits (the row's tokens over its
+    tokens_per_s); the loop's own training time (time_s differences) stands beside it."""
     n = BATCH * SEQ
     rows = [
         {"step": k, "loss": 5.0, "time_s": t, "tokens": k * n, "tokens_per_s": n / wall, "memory_mb": 1.0}

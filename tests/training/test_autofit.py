@@ -100,6 +100,8 @@ def test_oom_mid_run_resplits_the_step_and_keeps_the_math(monkeypatch):
     assert res.stop_reason == "finished" and res.state.step == 4
     events = [r for r in res.rows if r.get("event") == "oom_retry"]
     assert len(events) == 1 and events[0]["step"] == 2
+    order = [(r["step"], r.get("event")) for r in res.rows]  # step 1's row (read late) before step 2's retry
+    assert order.index((1, None)) < order.index((2, "oom_retry")) < order.index((2, None))
     assert events[0]["from"] == {"micro_batch_size": 4, "grad_accum": 2, "gradient_checkpointing": False}
     assert (events[0]["micro_batch_size"], events[0]["grad_accum"]) == (2, 4)  # effective batch 8 kept
     assert "out of memory" in events[0]["error"]

@@ -215,3 +215,77 @@ def test_16bit_autocast_trains_and_checkpoints_the_scaler(tmp_path, dtype):
     assert all(r["loss"] is not None and math.isfinite(r["loss"]) for r in result.rows if "loss" in r)
     blob = torch.load(tmp_path / "checkpoint-3" / "optimizer.pt", weights_only=True)
     assert (blob["scaler"] is not None) == (dtype == torch.float16)
+
+
+VOLATILE = ("tokens_per_s", "time_s", "memory_mb")
+
+
+def _counters(state) -> dict:
+    return {k: v for k, v in vars(state).items() if k != "train_seconds"}
+
+
+def _poisoned_run(monkeypatch, read_at_once: bool, poisoned=(2, 5, 6)):
+    """A run whose steps `poisoned` (0-based) have NaN losses; read_at_once: every step's values read right after it,
+    as a loop with a host synchronisation each step; else the loop's own choice (most steps one step late)."""
+    if read_at_once:
+        monkeypatch.setattr(TrainingLoop, "_needs_values_now", lambda self, *args: True)
+    model = toy_model()
+    model.model.norm.register_forward_hook(lambda m, a, out: out * math.nan if loop.state.step in poisoned else out)
+    tc = _tc(max_steps=9, optimizer="adamw_8bit", log_every=2, nan_tolerance=3)
+    loop = TrainingLoop(model, ToyBatches(n_micro=8), tc)
+    late, real = [], loop.step
+    loop.step = lambda batches: late.append(loop._pending is not None) or real(batches)
+    result = loop.run()
+    monkeypatch.undo()
+    rows = [{k: v for k, v in r.items() if k not in VOLATILE} for r in result.rows]
+    return rows, [p.detach().clone() for p in loop.params], loop.optimizer.state_dict(), result, late
+
+
+def test_reading_each_step_one_step_late_changes_no_row_weight_or_state(monkeypatch):
+    rows, params, opt, result, late = _poisoned_run(monkeypatch, read_at_once=False)
+    ref_rows, ref_params, ref_opt, ref, ref_late = _poisoned_run(monkeypatch, read_at_once=True)
+    assert any(late) and not any(ref_late)  # the run read steps late; the reference read each at once
+    assert rows == ref_rows and [r["step"] for r in rows if r.get("skipped")] == [3, 6, 7]
+    assert all(torch.equal(a, b) for a, b in zip(params, ref_params))
+    for i, state in ref_opt["state"].items():
+        assert all(torch.equal(torch.as_tensor(v), torch.as_tensor(opt["state"][i][k])) for k, v in state.items())
+    assert _counters(result.state) == _counters(ref.state)
+    times = [r["time_s"] for r in result.rows if "time_s" in r]
+    assert all(b > a for a, b in zip(times, times[1:]))
+
+
+def test_a_non_finite_gradient_with_a_finite_loss_skips_exactly_that_update():
+    model = toy_model(dropout=0.0)
+    loop = TrainingLoop(model, ToyBatches(), _tc(max_steps=5, optimizer="adamw_8bit"))
+    first = next(p for p in model.parameters() if p.requires_grad)
+    first.register_hook(lambda g: g * math.inf if loop.state.step == 2 else g)  # the third step's backward
+    before, real = {}, loop.step
+
+    def watch(batches):
+        before[loop.state.step] = [p.detach().clone() for p in loop.params]
+        return real(batches)
+
+    loop.step = watch
+    result = loop.run()
+    skipped = [r for r in result.rows if r.get("skipped")]
+    assert [(r["step"], r["reason"], r["loss"]) for r in skipped] == [(3, "nan", None)]
+    assert math.isfinite([r for r in result.rows if r["step"] == 2][0]["loss"])
+    assert all(torch.equal(a, b) for a, b in zip(before[2], before[3]))  # no update at the skipped step
+    assert not all(torch.equal(a, b) for a, b in zip(before[3], before[4]))  # the next one updates
+    assert result.state.skipped_steps == 1 and result.state.nan_streak == 0
+    assert {int(s["step"]) for s in loop.optimizer.state.values()} == {4}  # 5 steps, one skipped
+
+
+def test_an_error_in_a_step_still_logs_the_step_before_it():
+    model = toy_model(dropout=0.0)
+    loop = TrainingLoop(model, ToyBatches(), _tc(max_steps=6))
+
+    def fail(module, args, output):
+        if loop.state.step == 4:  # the fifth step; the fourth (no epoch end, no save) is read one step late
+            raise RuntimeError("a broken step")
+        return output
+
+    model.model.norm.register_forward_hook(fail)
+    with pytest.raises(RuntimeError, match="a broken step"):
+        loop.run()
+    assert [r["step"] for r in loop.metrics.rows if "loss" in r] == [1, 2, 3, 4]

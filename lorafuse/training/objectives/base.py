@@ -69,10 +69,19 @@ class Objective:
 def objective_inputs(model, batch: dict, precision: Precision) -> dict:
     """A Batcher micro-batch on the device: the forward kwargs and labels (`lorafuse.training.loss.forward_batch`),
     and "ref_logps" (2B,) fp32 where the batch carries precomputed reference log-probs."""
+    if precision.device.type == "cuda":
+        batch = _pinned(batch)
     inputs = forward_batch(model, batch, precision)
     if "ref_logps" in batch:
         inputs["ref_logps"] = batch["ref_logps"].to(precision.device, torch.float32, non_blocking=True)
     return inputs
+
+
+def _pinned(batch: dict) -> dict:
+    """The batch's host tensors in pinned memory (the caching host allocator reuses the blocks): a copy from pageable
+    memory may make the host wait until the GPU has run everything queued before it, which would stop the training
+    loop from queuing the next step while the GPU runs this one (lorafuse.training.loop)."""
+    return {k: v.pin_memory() if torch.is_tensor(v) and v.device.type == "cpu" else v for k, v in batch.items()}
 
 
 @torch.no_grad()
