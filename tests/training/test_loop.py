@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import math
@@ -12,6 +13,7 @@ import warnings
 import pytest
 import torch
 from rich.console import Console
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from toy import ToyBatches, toy_model
 
 from lorafuse.config import TrainConfig
@@ -224,12 +226,12 @@ def _counters(state) -> dict:
     return {k: v for k, v in vars(state).items() if k != "train_seconds"}
 
 
-def _poisoned_run(monkeypatch, read_at_once: bool, poisoned=(2, 5, 6)):
+def _poisoned_run(monkeypatch, read_at_once: bool, device: str, poisoned=(2, 5, 6)):
     """A run whose steps `poisoned` (0-based) have NaN losses; read_at_once: every step's values read right after it,
     as a loop with a host synchronisation each step; else the loop's own choice (most steps one step late)."""
     if read_at_once:
         monkeypatch.setattr(TrainingLoop, "_needs_values_now", lambda self, *args: True)
-    model = toy_model()
+    model = toy_model(hidden=64).to(device)  # q_proj 64 x 64: 8-bit optimizer states; v_proj 64 x 32: fp32 states
     model.model.norm.register_forward_hook(lambda m, a, out: out * math.nan if loop.state.step in poisoned else out)
     tc = _tc(max_steps=9, optimizer="adamw_8bit", log_every=2, nan_tolerance=3)
     loop = TrainingLoop(model, ToyBatches(n_micro=8), tc)
@@ -241,9 +243,13 @@ def _poisoned_run(monkeypatch, read_at_once: bool, poisoned=(2, 5, 6)):
     return rows, [p.detach().clone() for p in loop.params], loop.optimizer.state_dict(), result, late
 
 
-def test_reading_each_step_one_step_late_changes_no_row_weight_or_state(monkeypatch):
-    rows, params, opt, result, late = _poisoned_run(monkeypatch, read_at_once=False)
-    ref_rows, ref_params, ref_opt, ref, ref_late = _poisoned_run(monkeypatch, read_at_once=True)
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_reading_each_step_one_step_late_changes_no_row_weight_or_state(monkeypatch, device):
+    """On CUDA the late read is real (pinned copies and events behind the queued next step; the 8-bit update's flag
+    in the fused kernel); attention on SDPA's math kernel there, whose backward is deterministic."""
+    with sdpa_kernel(SDPBackend.MATH) if device == "cuda" else contextlib.nullcontext():
+        rows, params, opt, result, late = _poisoned_run(monkeypatch, read_at_once=False, device=device)
+        ref_rows, ref_params, ref_opt, ref, ref_late = _poisoned_run(monkeypatch, read_at_once=True, device=device)
     assert any(late) and not any(ref_late)  # the run read steps late; the reference read each at once
     assert rows == ref_rows and [r["step"] for r in rows if r.get("skipped")] == [3, 6, 7]
     assert all(torch.equal(a, b) for a, b in zip(params, ref_params))
