@@ -23,8 +23,8 @@ gradient norm, whether it was skipped) are read one step later, when the next st
 (`_after_launch`), so the GPU runs on while the host logs and prepares the next window. A step whose outcome decides
 something before the next one may be queued is read at once: an evaluation or checkpoint of its weights, the last
 step, a stop signal, a NaN streak at train.nan_tolerance. Rows, counters and checkpoints are those of a loop that
-reads every step at once; a row's time_s counts the wall time of the steps and their logging, not evaluations and
-checkpoints.
+reads every step at once. A row's time_s is when the device finished its step (lorafuse.training.readback.StepClock),
+counted from the run's start without the time of evaluations and checkpoints.
 
 Precision (bf16 autocast / fp16 + GradScaler on CUDA, fp32 on CPU): `lorafuse.training.runtime`. What changes the
 model for speed or memory (fp32 masters, checkpointing, the fast path, host tables): `lorafuse.accel`, prepared
@@ -301,7 +301,9 @@ class TrainingLoop:
         st, tc = self.state, self.tc
         row = record.row(self.objective.metric_names)
         st.target_tokens += 0 if row["skipped"] else record.n_target
-        end = self._timer.seconds(record.done)  # when the device finished the step, not when it was read
+        # when the device finished the step, not when it was read (never before the clock: the GPU's timer and the
+        # host's may drift apart by microseconds)
+        end = max(self._timer.seconds(record.done), self._clock)
         st.train_seconds, self._clock = st.train_seconds + end - self._clock, end
         t_start, start_step = self._started
         log_step(self, record, row, end, eta=(self.total - record.step) * (end - t_start) / (record.step - start_step))

@@ -52,6 +52,7 @@ import torch
 from lorafuse.data.collate import packed_fields
 from lorafuse.errors import LorafuseError
 from lorafuse.plan import apply_overrides, next_smaller
+from lorafuse.training import graphs
 
 MB, GA, CK = "train.micro_batch_size", "train.grad_accum", "train.gradient_checkpointing"
 
@@ -116,8 +117,6 @@ def decide(setting: dict, error: str, step: int, epoch: float, config=None) -> D
 def retry(loop, batches: list[dict], units: int, rng: tuple, error: str) -> torch.Tensor:
     """Steps 1-4 above for `loop` (a TrainingLoop) whose window `batches` ran out of memory with `error` (its first
     line); `rng`: the RNG state the step started with. Returns the retried window's sums."""
-    from lorafuse.training import graphs
-
     st, tc = loop.state, loop.tc
     loop._finish_pending()  # the previous step's row before the retry's, as the log of any run has them
     release(loop.optimizer, loop.graphed is None, loop.device)
