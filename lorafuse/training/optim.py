@@ -25,6 +25,8 @@ import torch
 from lorafuse.training.optim8bit import AdamW8bit, PagedAdamW8bit
 from lorafuse.training.readback import CancelledSteps, kept_unless
 
+_MASKED_ELEMENTS = 1 << 22  # AdamW(apply=flag): elements copied at once (48 MiB of fp32 parameter and states)
+
 
 def build_optimizer(name: str, params: Iterable, lr: float, weight_decay: float) -> torch.optim.Optimizer:
     """`adamw` (torch, fp32 states), `adamw_8bit`, `paged_adamw_8bit`."""
@@ -41,8 +43,9 @@ def build_optimizer(name: str, params: Iterable, lr: float, weight_decay: float)
 class AdamW(torch.optim.AdamW):
     """torch's AdamW on its single-tensor path (foreach=False: identical results however params are grouped) with
     `step(apply=flag)` (module docstring). The parameters and states of a flagged step are copied before the update
-    and restored where the flag is False: three copies of the trainable tensors a step, what the fused 8-bit kernels
-    avoid by not storing."""
+    and restored where the flag is False, a few tensors at a time (at most _MASKED_ELEMENTS elements: their copies
+    are the step's only extra memory, 12 bytes an element for fp32), what the fused 8-bit kernels avoid by not
+    storing."""
 
     def __init__(self, params, lr: float = 1e-3, weight_decay: float = 0.01, **kwargs):
         super().__init__(params, lr=lr, weight_decay=weight_decay, foreach=False, **kwargs)
@@ -53,16 +56,32 @@ class AdamW(torch.optim.AdamW):
         self._cancelled.settle()  # the previous step's counters, before this step's bias corrections use them
         if apply is None:
             return super().step(closure)
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
         params = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
+        grads = [p.grad for p in params]
+        try:
+            for chunk in _chunks(params, _MASKED_ELEMENTS):
+                for p, g in zip(params, grads):  # torch's step updates the tensors with a gradient: this chunk
+                    p.grad = g if id(p) in chunk else None
+                self._masked_step([p for p in params if id(p) in chunk], apply)
+        finally:
+            for p, g in zip(params, grads):
+                p.grad = g
+        self._cancelled.record(apply, [self.state[p] for p in params])
+        return loss
+
+    def _masked_step(self, params: list, apply: torch.Tensor) -> None:
+        """torch's step of `params` (the only ones with a gradient now), undone where `apply` is False."""
         fresh = [p for p in params if not self.state[p]]  # torch makes their (zero) states inside the step
         known = [p for p in params if self.state[p]]
         with kept_unless(apply, [*params, *(t for p in known for t in _moments(self.state[p]))]):
-            loss = super().step(closure)
+            super().step()
         for p in fresh:  # a cancelled first step leaves the zero states torch made
             for t in _moments(self.state[p]):
                 t.copy_(torch.where(apply, t, torch.zeros_like(t)))
-        self._cancelled.record(apply, [self.state[p] for p in params])
-        return loss
 
     def state_dict(self):
         self._cancelled.settle()
@@ -71,6 +90,18 @@ class AdamW(torch.optim.AdamW):
     def load_state_dict(self, state_dict) -> None:
         self._cancelled.forget()
         super().load_state_dict(state_dict)
+
+
+def _chunks(params: list, limit: int) -> list[set]:
+    """Consecutive groups of params (as sets of ids) of at most `limit` elements each (a larger tensor alone)."""
+    groups, size = [set()], 0
+    for p in params:
+        if groups[-1] and size + p.numel() > limit:
+            groups.append(set())
+            size = 0
+        groups[-1].add(id(p))
+        size += p.numel()
+    return groups
 
 
 def _moments(state: dict) -> list[torch.Tensor]:
