@@ -91,6 +91,7 @@ def _run_settings(args, stack: str, method: str, runner: str = "harness") -> dic
         "objective": args.objective,
         "pairs": args.pairs,
         "prompt_tokens": prompt_tokens(args.seq) if args.objective == "dpo" else None,
+        "shared_prompt": args.shared_prompt if args.objective == "dpo" and stack == "lorafuse" else None,
         "shape": args.shape,
         "batch": args.batch,
         "seq": args.seq,

@@ -169,6 +169,13 @@ def _lorafuse_args(p) -> None:
     )
     p.add_argument("--no-fast-path", action="store_true", help="lorafuse without its fused kernels")
     p.add_argument("--no-graphs", action="store_true", help="lorafuse without CUDA graphs (eager launches)")
+    p.add_argument(
+        "--shared-prompt",
+        choices=("auto", "off"),
+        default="auto",
+        help="lorafuse's DPO step: train.shared_prompt (auto: each pair's prompt runs once, as `lorafuse train` "
+        "does; off: a row per answer, as the peers run it)",
+    )
 
 
 def _checked(args):

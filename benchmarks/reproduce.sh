@@ -18,6 +18,7 @@
 #               (bitsandbytes' paged states live in CUDA managed memory, outside torch's counter)
 #   dpo-lorafuse  the same DPO step, lorafuse alone on a random-init model (its CUDA graphs on)
 #   dpo-eager   the same, --no-graphs (run right after dpo-lorafuse on one machine for the ratio)
+#   dpo-separate  the same as dpo-lorafuse with a row per answer (--shared-prompt off), for the shared prompt's ratio
 #   job         QLoRA 4 x 512: the `lorafuse train` job itself beside the harness's step, and Unsloth
 #   memory      the planner against measured peaks on 1B-8B shapes (benchmarks/memory_sweep.sh)
 #   headline    a 65B-shape QLoRA step under a 40 GiB cap; Llama-2-7B QLoRA at 2,048 tokens in fp16 under 15 GiB
@@ -53,10 +54,11 @@ case "$PART" in
   dpo-8bit) bench --shape llama2-7b --objective dpo --pairs 4 --seq 512 --stacks lorafuse,unsloth,hf --methods qlora --timeout 300 --optimizer adamw_8bit ;;
   dpo-lorafuse) bench --shape llama2-7b --objective dpo --pairs 4 --seq 512 --stacks lorafuse --methods qlora --random-init --steps 8 --warmup 3 ;;
   dpo-eager) bench --shape llama2-7b --objective dpo --pairs 4 --seq 512 --stacks lorafuse --methods qlora --random-init --steps 8 --warmup 3 --no-graphs ;;
+  dpo-separate) bench --shape llama2-7b --objective dpo --pairs 4 --seq 512 --stacks lorafuse --methods qlora --random-init --steps 8 --warmup 3 --shared-prompt off ;;
   job) bench --shape llama2-7b --batch 4 --seq 512 --stacks lorafuse,unsloth --methods qlora --job ;;
   memory) bash benchmarks/memory_sweep.sh "$OUT" "$LOG" sweep ;;
   headline) bash benchmarks/memory_sweep.sh "$OUT" "$LOG" headline ;;
   tests) python3 -m pytest -q -m gpu tests ;;
   quality) bash benchmarks/quality_grid.sh "$OUT" ;;
-  *) echo "unknown part '$PART': qlora lean fp8 lora 1x4096 1x4096-fp8 8x2048 8x2048-fp8 dpo dpo-8bit dpo-lorafuse dpo-eager job memory headline tests quality" >&2; exit 2 ;;
+  *) echo "unknown part '$PART': qlora lean fp8 lora 1x4096 1x4096-fp8 8x2048 8x2048-fp8 dpo dpo-8bit dpo-lorafuse dpo-eager dpo-separate job memory headline tests quality" >&2; exit 2 ;;
 esac

@@ -113,6 +113,12 @@ class RunConfig(_Section):
                 "preference pairs, sft on the other formats. Set both: train.objective=dpo (or orpo) with "
                 "data.format=preference, or train.objective=sft with an SFT format"
             )
+        impl = self.model.attn_implementation
+        if pairs and self.train.shared_prompt == "on" and impl not in (None, "sdpa", "eager"):
+            raise ValueError(
+                f"train.shared_prompt=on needs an attention that takes a 4-D mask; model.attn_implementation={impl} "
+                "does not: set model.attn_implementation to sdpa (or eager), or train.shared_prompt to auto or off"
+            )
         if pairs and (self.data.packing or not self.data.completion_only):
             raise ValueError(
                 "data.format=preference trains on the response tokens of whole pairs: set data.packing=false "

@@ -164,6 +164,13 @@ class TrainConfig(_Section):
         description="ORPO's lambda, the weight of the odds-ratio term beside the chosen answer's NLL (0.1: the "
         "value the ORPO authors train their Mistral-ORPO models with).",
     )
+    shared_prompt: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="dpo and orpo: run each pair's prompt once. One row holds the prompt, the chosen answer and the "
+        "rejected answer, and the rejected answer does not attend to the chosen one: the same losses and gradients "
+        "as two rows, with the prompt's tokens through the model once instead of twice. auto: on where the "
+        "attention takes the row's 4-D mask (sdpa, eager), off with flash-attention; off: a row per answer.",
+    )
     cuda_graphs: Literal["auto", "off"] = Field(
         "auto",
         description="auto: with the fast path on one GPU, each "

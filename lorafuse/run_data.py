@@ -9,6 +9,7 @@ from pathlib import Path
 from lorafuse.data import Batcher, build_datasets
 from lorafuse.data.build import resolve_template
 from lorafuse.data.cache import tokens_fingerprint
+from lorafuse.data.collate import CUDA_PAD_MULTIPLE
 from lorafuse.data.templates import trained_chat_template
 from lorafuse.model.new_tokens import add_run_tokens
 from lorafuse.model.prompt_format import PromptFormat
@@ -28,7 +29,7 @@ def batchers(cfg, tokenizer, out: Path, console, world):
         console.print(line, highlight=False)
     # On CUDA, padded rows are padded to a multiple of 64: a few distinct shapes, so CUDA graphs can capture them
     # (training/graphs.py), and tensor-core friendly sizes; the pads carry no loss and no attention.
-    multiple = 64 if world.device.type == "cuda" and not dc.packing else 1
+    multiple = CUDA_PAD_MULTIPLE if world.device.type == "cuda" and not dc.packing else 1
     common = dict(
         pairs=dc.format == "preference",  # DPO/ORPO batch pairs: a pair's chosen and rejected rows together
         pad_id=tokenizer.pad_token_id,

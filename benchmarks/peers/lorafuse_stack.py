@@ -8,7 +8,8 @@ The step is written here from those public functions (TrainingLoop.step needs th
 
 objective dpo: the same model and optimizer; the loss is the DPO objective's (lorafuse.training.objectives.dpo,
 sigmoid loss, beta 0.1) with the live reference (this model with the adapter switched off, no copy), checked at
-start as a fresh run checks it; backward of loss_sum / pairs, clip, step. Its micro-step (both passes, the pair loss)
+start as a fresh run checks it, and each pair's prompt run once (train.shared_prompt auto; --shared-prompt off: a
+row per answer); backward of loss_sum / pairs, clip, step. Its micro-step (both passes, the pair loss)
 is replayed as a CUDA graph where the SFT step's would be (--no-graphs: eager), as the training loop does.
 """
 
@@ -122,26 +123,31 @@ def _dpo_step(spec: dict, model, state, precision, update, notes: list):
     """The DPO step: the objective's loss over the micro-batch's pairs (reference pass with the adapter off, then
     the policy pass), backward of its mean per pair, clip, step; eager or replayed as a CUDA graph, as the loop."""
     from lorafuse.training.graphs import objective_loss_fn
-    from lorafuse.training.objectives.base import ObjectiveContext, objective_inputs
+    from lorafuse.training.objectives.base import ObjectiveContext
     from lorafuse.training.objectives.dpo import DPOObjective, check_live_reference
 
-    objective = DPOObjective(beta=DPO_BETA, loss="sigmoid", reference="live")
+    shared = spec.get("shared_prompt") or "auto"
+    objective = DPOObjective(beta=DPO_BETA, loss="sigmoid", reference="live", shared_prompt=shared)
     check_live_reference(model)  # a fresh adapter: switched off, it is the model DPO starts from
     ctx = ObjectiveContext(precision, head=state.head, fused=state.fused_loss)
     loss_fn = objective_loss_fn(model, objective, precision, state.head, state.fused_loss)
     graphed, graphs = _graphed(spec, model, state.params, loss_fn, precision, notes)
 
-    def step(batch):
-        pairs = objective.units(batch)
+    def prepare(batch):  # the micro-batch as the step's device inputs (the pairs laid out), made before timing
+        return objective.inputs(model, batch, precision)
+
+    def step(inputs):
+        pairs = spec["pairs"]
         if graphed is not None:
-            loss_sum = graphed(objective_inputs(model, batch, precision), 1.0 / pairs)[0]
+            loss_sum = graphed(inputs, 1.0 / pairs)[0]
             graphs["applied"] = graphed.disabled is None
             return update(loss_sum / pairs, set_to_none=False)
-        loss_sum, _ = objective.loss_sum(model, batch, ctx)  # forwards under the precision's autocast
+        loss_sum, _ = objective.loss_on_inputs(model, inputs, ctx)  # forwards under the precision's autocast
         precision.backward(loss_sum / pairs)
         return update(loss_sum / pairs, set_to_none=True)
 
-    info = {"cuda_graphs": graphs, "beta": DPO_BETA, "loss_type": "sigmoid"}
+    step.prepare = prepare
+    info = {"cuda_graphs": graphs, "beta": DPO_BETA, "loss_type": "sigmoid", "shared_prompt": shared}
     return step, {**info, "reference": "live: this model with the adapter switched off"}
 
 

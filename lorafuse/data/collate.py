@@ -48,9 +48,11 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
+from lorafuse.data.pair_layout import shared_prompt_mask
 from lorafuse.errors import DataError
 
 IGNORE = -100
+CUDA_PAD_MULTIPLE = 64  # padded rows' widths on CUDA: a few shapes, so CUDA graphs can capture them
 
 
 def pack_best_fit(lengths: np.ndarray, capacity: int) -> list[list[int]]:
@@ -238,7 +240,8 @@ def model_inputs(
     """The keyword arguments for a transformers causal LM's forward (labels excluded: the loop owns the loss).
 
     Padded batches: input_ids and the (B, T) attention_mask (without it for right-padded rows under SDPA or eager
-    attention: see `right_padded` above). Packed batches: input_ids, position_ids and a
+    attention: see `right_padded` above). Shared-prompt pair rows (`lorafuse.data.pair_layout`): input_ids,
+    position_ids and their `shared_prompt_mask`, in the same two forms. Packed batches: input_ids, position_ids and a
     block-diagonal causal mask in the form the attention implementation needs: "eager" adds the mask to the
     scores, so it gets an additive float mask (0 / dtype min) in the compute dtype; "sdpa" and others take the
     (B, 1, T, T) bool mask (transformers uses a 4-D mask as given); flash-attention implementations take no
@@ -252,8 +255,13 @@ def model_inputs(
         kw["attention_mask"] = batch["attention_mask"]
     if device is not None:
         kw = {k: v.to(device, non_blocking=True) for k, v in kw.items()}
-    if "position_ids" in kw and "flash" not in impl:
+    if "pair_segments" in batch:  # preference pairs sharing their prompt (data/pair_layout.py)
+        if "flash" in impl:
+            raise ValueError(f"shared-prompt pair rows need a 4-D attention mask, which {impl} does not take")
+        mask = shared_prompt_mask(batch["pair_segments"].to(kw["input_ids"].device, non_blocking=True))
+    elif "position_ids" in kw and "flash" not in impl:
         mask = block_causal_mask(kw["position_ids"])
+    if "position_ids" in kw and "flash" not in impl:
         if impl == "eager":
             mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, torch.finfo(dtype).min)
         kw["attention_mask"] = mask

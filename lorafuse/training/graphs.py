@@ -75,7 +75,13 @@ def _loss_of(out: torch.Tensor) -> torch.Tensor:
 
 
 def _batch_key(batch: dict) -> tuple:
-    return tuple((k, tuple(v.shape), v.dtype, v.device) for k, v in sorted(batch.items()) if torch.is_tensor(v))
+    """What a capture depends on: each tensor's shape, dtype and device, and each plain int (a shared-prompt
+    batch's `pair_split` sets a slice width, which a capture records as it finds it)."""
+    return tuple(
+        (k, tuple(v.shape), v.dtype, v.device) if torch.is_tensor(v) else (k, v)
+        for k, v in sorted(batch.items())
+        if torch.is_tensor(v) or isinstance(v, int)
+    )
 
 
 def _checkpoint_without_rng(model: nn.Module) -> None:

@@ -71,7 +71,6 @@ from lorafuse.training.distributed import SINGLE
 from lorafuse.training.loss import count_inputs, count_targets
 from lorafuse.training.metrics import MetricsLog, Progress, memory_bytes, peak_memory_bytes
 from lorafuse.training.objectives import ObjectiveContext, evaluate
-from lorafuse.training.objectives.base import objective_inputs
 from lorafuse.training.objectives.sft import SFTObjective
 from lorafuse.training.optim import LRSchedule, build_optimizer
 from lorafuse.training.readback import StepClock
@@ -250,7 +249,7 @@ class TrainingLoop:
         try:
             for batch in pieces if units else []:
                 if self.graphed is not None:  # the forward(s) + backward replayed as one CUDA graph
-                    out = self.graphed(objective_inputs(self.model, batch, self.precision), 1.0 / units)
+                    out = self.graphed(self.objective.inputs(self.model, batch, self.precision), 1.0 / units)
                     sums += out.reshape(-1)  # SFT: the loss sum; a preference objective: it and the metric sums
                     continue
                 loss_sum, metrics = self.objective.loss_sum(self.model, batch, self.ctx)

@@ -177,8 +177,13 @@ def count_inputs(batch: dict) -> int:
 def forward_batch(model, batch: dict, precision: Precision) -> dict:
     """A Batcher batch -> forward kwargs on the device (packed masks in the form the attention wants) + labels."""
     from lorafuse.data.collate import model_inputs
+    from lorafuse.data.pair_layout import PLAN_KEYS, SCORING_KEYS
 
     attn = getattr(getattr(model, "config", None), "_attn_implementation", None)
     kwargs = model_inputs(batch, attn, precision.dtype, precision.device)
     kwargs["labels"] = batch["labels"].to(precision.device, non_blocking=True)
+    for key in (*SCORING_KEYS, *PLAN_KEYS):  # shared-prompt pair rows: what the loss and the attention plan read
+        if key in batch:
+            value = batch[key]
+            kwargs[key] = value.to(precision.device, non_blocking=True) if torch.is_tensor(value) else value
     return kwargs

@@ -49,7 +49,8 @@ def precomputed(objective, model, ctx, batchers: dict, saved: dict | None, fresh
                 "train.dpo_reference): computing them from the model as this resume starts"
             )
         logps = {
-            name: precompute_reference_logps(model, _in_order(b), ctx, len(b.dataset)) for name, b in batchers.items()
+            name: precompute_reference_logps(model, _in_order(b), ctx, len(b.dataset), objective)
+            for name, b in batchers.items()
         }
         if out is not None:
             write_atomic(out / REFERENCE_FILE, save({k: torch.from_numpy(v) for k, v in logps.items()}))

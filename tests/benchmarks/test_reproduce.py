@@ -50,6 +50,7 @@ def test_dpo_part_runs_the_three_stacks_on_7b_qlora_pairs():
         "dpo-8bit",
         "dpo-lorafuse",
         "dpo-eager",
+        "dpo-separate",
     }
 
 
@@ -68,6 +69,14 @@ def test_the_lorafuse_dpo_parts_differ_by_graphs_only():
     assert plan_runs(graphed) == plan_runs(eager) == [("lorafuse", "qlora")]
     assert not graphed.no_graphs and eager.no_graphs
     assert parts["dpo-eager"] == parts["dpo-lorafuse"] + ["--no-graphs"]
+
+
+def test_the_separate_prompts_part_differs_by_the_layout_only():
+    """dpo-separate: dpo-lorafuse's step with a row per answer, the layout the peers run, for the shared prompt's
+    ratio."""
+    parts = bench_parts()
+    assert parts["dpo-separate"] == parts["dpo-lorafuse"] + ["--shared-prompt", "off"]
+    assert parse_args(parts["dpo-lorafuse"]).shared_prompt == "auto"
 
 
 def test_the_header_lists_exactly_the_parts():

@@ -69,7 +69,6 @@ def test_a_preference_objectives_graphed_loss_is_its_loss_and_metrics(tiny_model
     from lorafuse.kernels.cross_entropy import fixed_shape
     from lorafuse.training import graphs
     from lorafuse.training.objectives import DPOObjective, ObjectiveContext, ORPOObjective
-    from lorafuse.training.objectives.base import objective_inputs
     from lorafuse.training.runtime import Precision
 
     model = _lora_model(tiny_model_dir)
@@ -82,7 +81,7 @@ def test_a_preference_objectives_graphed_loss_is_its_loss_and_metrics(tiny_model
     want_loss, want_metrics = obj.loss_sum(model, batch, ctx)
     with fixed_shape():
         loss_fn = graphs.objective_loss_fn(model, obj, ctx.precision, ctx.head, ctx.fused)
-        got = loss_fn(objective_inputs(model, batch, ctx.precision))
+        got = loss_fn(obj.inputs(model, batch, ctx.precision))
     want = torch.stack([want_loss, *(want_metrics[n] for n in obj.metric_names)])
     assert got.shape == (1 + len(obj.metric_names),) and got.requires_grad
     torch.testing.assert_close(got.detach(), want.detach(), rtol=1e-5, atol=1e-5)
@@ -310,19 +309,19 @@ def test_two_shapes_share_one_pool_and_train_exactly_as_eager(tiny_model_dir):
     assert all(torch.equal(x, y) for x, y in zip(graph_params, eager_params))
 
 
-def _train_dpo(model, batches, graphed: bool, reference: str, accum: int = 2):
+def _train_dpo(model, batches, graphed: bool, reference: str, accum: int = 2, shared: str = "auto"):
     """DPO optimizer steps of `accum` pair micro-batches through the graphed step (or its eager path): the
     per-micro-batch output vectors and the final LoRA tensors."""
     from lorafuse import accel
     from lorafuse.training import graphs
     from lorafuse.training.objectives import DPOObjective
-    from lorafuse.training.objectives.base import objective_inputs
     from lorafuse.training.runtime import Precision
 
     state = accel.prepare(model, Options(fast_path="on", gradient_checkpointing=True), note=lambda s: None)
     precision = Precision(torch.device("cuda"), torch.bfloat16)
     notes = []
-    step = graphs.build(model, state, precision, 1, "auto", DPOObjective(beta=0.1, reference=reference), notes.append)
+    objective = DPOObjective(beta=0.1, reference=reference, shared_prompt=shared)
+    step = graphs.build(model, state, precision, 1, "auto", objective, notes.append)
     opt = torch.optim.AdamW(state.params, lr=1e-2)
     outs = []
     model.train()
@@ -330,7 +329,7 @@ def _train_dpo(model, batches, graphed: bool, reference: str, accum: int = 2):
         window = batches[i : i + accum]
         pairs = sum(b["num_pairs"] for b in window)
         for b in window:
-            inputs = objective_inputs(model, b, precision)
+            inputs = objective.inputs(model, b, precision)
             outs.append((step(inputs, 1.0 / pairs) if graphed else step.eager(inputs, 1.0 / pairs)).cpu())
         opt.step()
         opt.zero_grad(set_to_none=False)
@@ -338,11 +337,13 @@ def _train_dpo(model, batches, graphed: bool, reference: str, accum: int = 2):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("shared", ["auto", "off"], ids=["shared-prompt", "row-per-answer"])
 @pytest.mark.parametrize("reference", ["live", "precomputed"])
-def test_dpo_replayed_steps_train_exactly_as_eager_steps(tiny_model_dir, reference):
+def test_dpo_replayed_steps_train_exactly_as_eager_steps(tiny_model_dir, reference, shared):
     """DPO's micro-step captured whole (the reference pass with the adapter off, the policy pass, the pair loss
     and its metrics): 8 micro-batches of 2 pairs, accumulation 2; outputs and trained LoRA tensors equal the eager
-    steps' bit for bit, and the first step's loss is ln 2 per pair (a fresh adapter is its own reference)."""
+    steps' bit for bit, and the first step's loss is ln 2 per pair (a fresh adapter is its own reference). Both
+    layouts: each pair's prompt once (its attention as two causal attentions), and a row per answer."""
     batches = _pair_batches(512, 8)
     if reference == "precomputed":  # stand-in reference values: the step must read them from its static input
         g = torch.Generator().manual_seed(3)
@@ -352,7 +353,7 @@ def test_dpo_replayed_steps_train_exactly_as_eager_steps(tiny_model_dir, referen
     for graphed in (False, True):
         torch.manual_seed(0)
         model = _lora_model(tiny_model_dir, quant="nf4", device="cuda", dtype="bfloat16")
-        runs[graphed] = _train_dpo(model, batches, graphed, reference)
+        runs[graphed] = _train_dpo(model, batches, graphed, reference, shared=shared)
     (eager_outs, eager_params, _, _), (graph_outs, graph_params, step, notes) = runs[False], runs[True]
     assert step.disabled is None and step.replays == 6 and len(step.graphs) == 1, notes
     assert all(torch.equal(a, b) for a, b in zip(graph_outs, eager_outs))

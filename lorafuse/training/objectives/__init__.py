@@ -13,7 +13,7 @@ __all__ = ["Objective", "ObjectiveContext", "build_objective", "evaluate"]
 def build_objective(tc) -> Objective:
     """The objective of a TrainConfig (`train.objective` and its settings)."""
     if tc.objective == "dpo":
-        return DPOObjective(beta=tc.beta, loss=tc.dpo_loss, reference=tc.dpo_reference)
+        return DPOObjective(beta=tc.beta, loss=tc.dpo_loss, reference=tc.dpo_reference, shared_prompt=tc.shared_prompt)
     if tc.objective == "orpo":
-        return ORPOObjective(lam=tc.orpo_lambda)
+        return ORPOObjective(lam=tc.orpo_lambda, shared_prompt=tc.shared_prompt)
     return SFTObjective()

@@ -9,9 +9,10 @@ An objective turns one micro-batch into the SUM of its per-unit losses and the S
                                           M_b = sum of a metric over the units (fp32 scalars, no grad)
 
 `loss_sum` is two halves, so the loop can capture the second in a CUDA graph (lorafuse.training.graphs):
-`objective_inputs` moves the micro-batch to the device (the model's forward kwargs, "labels", and "ref_logps" where
-the batch carries precomputed reference log-probs), and `loss_on_inputs(model, inputs, ctx)` computes the sums
-from those device tensors alone, without a host synchronisation.
+`inputs` (`objective_inputs`, after a preference objective has laid its pairs out) moves the micro-batch to the
+device (the model's forward kwargs, "labels", and "ref_logps" where the batch carries precomputed reference
+log-probs), and `loss_on_inputs(model, inputs, ctx)` computes the sums from those device tensors alone, without a
+host synchronisation.
 
 The loop sums u_b over a step's window of micro-batches (and over ranks) into U and backpropagates L_b / U for each
 micro-batch, so gradient accumulation equals one big batch whatever the window holds; it logs
@@ -60,10 +61,14 @@ class Objective:
         """`loss_sum` from the micro-batch's device tensors (`objective_inputs`), capture-safe on CUDA."""
         raise NotImplementedError
 
+    def inputs(self, model, batch: dict, precision: Precision) -> dict:
+        """The micro-batch on the device as `loss_on_inputs` reads it (`objective_inputs`)."""
+        return objective_inputs(model, batch, precision)
+
     def loss_sum(self, model, batch: dict, ctx: ObjectiveContext) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The SUM of the micro-batch's per-unit losses (fp32 scalar with grad) and the SUM of each metric (fp32
         scalars, no grad)."""
-        return self.loss_on_inputs(model, objective_inputs(model, batch, ctx.precision), ctx)
+        return self.loss_on_inputs(model, self.inputs(model, batch, ctx.precision), ctx)
 
 
 def objective_inputs(model, batch: dict, precision: Precision) -> dict:

@@ -35,12 +35,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from lorafuse.data.collate import CUDA_PAD_MULTIPLE
+from lorafuse.data.pair_layout import share_prompts
 from lorafuse.errors import ConfigError, LorafuseError
 from lorafuse.lora.disable import adapters_disabled
 from lorafuse.lora.linear import LoRALinear
 from lorafuse.training.loss import forward_batch
-from lorafuse.training.objectives.base import Objective, ObjectiveContext
-from lorafuse.training.objectives.logps import response_tokens, sequence_logps
+from lorafuse.training.objectives.base import Objective, ObjectiveContext, objective_inputs
+from lorafuse.training.objectives.logps import sequence_logps, sequence_tokens
 
 DPO_LOSSES = ("sigmoid", "ipo")
 REFERENCES = ("live", "precomputed")
@@ -99,17 +101,47 @@ def pair_metrics(
     }
 
 
-class DPOObjective(Objective):
-    name = "dpo"
-    metric_names = PAIR_METRICS
+def shares_prompt(mode: str, model) -> bool:
+    """Whether pairs run with their prompt once (`lorafuse.data.pair_layout`), for train.shared_prompt `mode`:
+    auto and on where the attention takes the layout's 4-D mask (SDPA, eager), off never; on elsewhere is an error."""
+    impl = getattr(getattr(model, "config", None), "_attn_implementation", None) or "sdpa"
+    if mode == "off":
+        return False
+    if impl in ("sdpa", "eager"):
+        return True
+    if mode == "on":
+        raise ConfigError(
+            f"train.shared_prompt=on needs an attention that takes a 4-D mask; model.attn_implementation={impl} does "
+            "not",
+            "set model.attn_implementation to sdpa (or eager), or train.shared_prompt to auto or off",
+        )
+    return False
 
-    def __init__(self, beta: float = 0.1, loss: str = "sigmoid", reference: str = "live"):
-        if loss not in DPO_LOSSES or reference not in REFERENCES:
-            raise ValueError(f"DPO loss {loss!r} / reference {reference!r}: one of {DPO_LOSSES} / {REFERENCES}")
-        self.beta, self.loss, self.reference = float(beta), loss, reference
+
+class PairObjective(Objective):
+    """What DPO and ORPO share: a unit is a pair, and the pairs' rows are laid out for the forward by
+    `train.shared_prompt` (`shared_prompt`: auto | on | off, see `shares_prompt`)."""
+
+    shared_prompt = "auto"
 
     def units(self, batch: dict) -> int:
         return pair_count(batch)
+
+    def inputs(self, model, batch: dict, precision) -> dict:
+        if "pair_segments" not in batch and shares_prompt(self.shared_prompt, model):
+            multiple = CUDA_PAD_MULTIPLE if precision.device.type == "cuda" else 1
+            batch = share_prompts(batch, multiple)
+        return objective_inputs(model, batch, precision)
+
+
+class DPOObjective(PairObjective):
+    name = "dpo"
+    metric_names = PAIR_METRICS
+
+    def __init__(self, beta: float = 0.1, loss: str = "sigmoid", reference: str = "live", shared_prompt="auto"):
+        if loss not in DPO_LOSSES or reference not in REFERENCES:
+            raise ValueError(f"DPO loss {loss!r} / reference {reference!r}: one of {DPO_LOSSES} / {REFERENCES}")
+        self.beta, self.loss, self.reference, self.shared_prompt = float(beta), loss, reference, shared_prompt
 
     def loss_on_inputs(self, model, inputs: dict, ctx: ObjectiveContext) -> tuple[torch.Tensor, dict]:
         inputs = dict(inputs)
@@ -117,7 +149,7 @@ class DPOObjective(Objective):
         with ctx.precision.autocast():
             logps = sequence_logps(model, inputs, ctx.head, ctx.fused)  # (2B,): chosen rows, then rejected
         n = logps.shape[0] // 2
-        tokens = response_tokens(inputs["labels"])
+        tokens = sequence_tokens(inputs)
         losses, r_c, r_r = dpo_pair_losses(
             logps[:n], logps[n:], ref[:n], ref[n:], self.beta, self.loss, tokens[:n], tokens[n:]
         )
@@ -165,13 +197,19 @@ def check_live_reference(model) -> None:
 
 
 @torch.no_grad()
-def precompute_reference_logps(model, batches, ctx: ObjectiveContext, rows: int) -> np.ndarray:
+def precompute_reference_logps(
+    model, batches, ctx: ObjectiveContext, rows: int, objective: Objective | None = None
+) -> np.ndarray:
     """(rows,) float32: each data set row's summed response log-probability under `model` as it is now (adapter
-    on, dropout off), over one pass of `batches` (any order; batches carry their data set "rows")."""
+    on, dropout off), over one pass of `batches` (any order; batches carry their data set "rows"), laid out as
+    `objective` lays its pairs out for training (None: a row per answer)."""
     out = np.full(rows, np.nan, dtype=np.float32)
     with _eval_mode(model):
         for batch in batches.epoch_batches(0):
-            inputs = forward_batch(model, batch, ctx.precision)
+            if objective is None:
+                inputs = forward_batch(model, batch, ctx.precision)
+            else:
+                inputs = objective.inputs(model, batch, ctx.precision)
             with ctx.precision.autocast():
                 logps = sequence_logps(model, inputs, ctx.head, ctx.fused)
             out[batch["rows"].numpy()] = logps.float().cpu().numpy()

@@ -25,9 +25,9 @@ import math
 import torch
 import torch.nn.functional as F
 
-from lorafuse.training.objectives.base import Objective, ObjectiveContext
-from lorafuse.training.objectives.dpo import PAIR_METRICS, pair_count, pair_metrics
-from lorafuse.training.objectives.logps import response_tokens, sequence_logps
+from lorafuse.training.objectives.base import ObjectiveContext
+from lorafuse.training.objectives.dpo import PAIR_METRICS, PairObjective, pair_metrics
+from lorafuse.training.objectives.logps import sequence_logps, sequence_tokens
 
 
 def log1mexp(x: torch.Tensor) -> torch.Tensor:
@@ -44,20 +44,17 @@ def orpo_pair_losses(
     return -l_c - lam * F.logsigmoid(log_odds), log_odds
 
 
-class ORPOObjective(Objective):
+class ORPOObjective(PairObjective):
     name = "orpo"
     metric_names = (*PAIR_METRICS, "log_odds_ratio", "log_odds_chosen", "nll")
 
-    def __init__(self, lam: float = 0.1):
-        self.lam = float(lam)
-
-    def units(self, batch: dict) -> int:
-        return pair_count(batch)
+    def __init__(self, lam: float = 0.1, shared_prompt: str = "auto"):
+        self.lam, self.shared_prompt = float(lam), shared_prompt
 
     def loss_on_inputs(self, model, inputs: dict, ctx: ObjectiveContext) -> tuple[torch.Tensor, dict]:
         with ctx.precision.autocast():
             logps = sequence_logps(model, inputs, ctx.head, ctx.fused)  # (2B,): chosen rows, then rejected
-        mean = logps / response_tokens(inputs["labels"]).clamp(min=1)
+        mean = logps / sequence_tokens(inputs).clamp(min=1)
         n = mean.shape[0] // 2
         losses, log_odds = orpo_pair_losses(mean[:n], mean[n:], self.lam)
         l_c, l_r = mean[:n].detach(), mean[n:].detach()

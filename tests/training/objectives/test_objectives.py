@@ -58,9 +58,9 @@ def test_precomputed_reference_equals_the_live_one(tiny_tokenizer, pairs):
     model = _model(tiny_tokenizer)
     check_live_reference(model)  # a fresh adapter passes
     batches = Batcher(pairs, 3, tiny_tokenizer.pad_token_id, pairs=True, shuffle=False)
-    pairs.ref_logps = precompute_reference_logps(model, batches, _ctx(model), len(pairs))
+    live, pre = DPOObjective(reference="live"), DPOObjective(reference="precomputed")
+    pairs.ref_logps = precompute_reference_logps(model, batches, _ctx(model), len(pairs), live)
     try:
-        live, pre = DPOObjective(reference="live"), DPOObjective(reference="precomputed")
         optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
         for batch in batches.epoch_batches(0):
             loss_live, m_live = live.loss_sum(model, batch, _ctx(model))
