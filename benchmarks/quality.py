@@ -71,6 +71,8 @@ from quality_train import (  # noqa: E402
     save_bases,
 )
 
+from lorafuse.training.optim import lora_plus_groups  # noqa: E402
+
 PROJ7 = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 LORA = {"r": 16, "alpha": 32, "dropout": 0.05}
 METHODS = {  # name: (stack, settings)
@@ -146,6 +148,7 @@ def run_lorafuse(settings: dict, base: Path, data: Path, lr: float, plan: dict, 
                 "gradient_checkpointing": False,
                 "fast_path": settings["fast_path"],
                 "fp8": settings.get("fp8", False),
+                "loraplus_lr_ratio": plan.get("loraplus", 1.0),
                 "device": device.type,
                 "seed": seed,
                 "log_every": plan["steps"],
@@ -186,7 +189,7 @@ def run_peer(stack: str, settings: dict, base: Path, encoded, lr: float, plan: d
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
         config = LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"], target_modules=PROJ7)
         model = get_peft_model(model, config)
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = lora_plus_groups(model, [p for p in model.parameters() if p.requires_grad], plan.get("loraplus", 1.0))
     seconds = finetune(model, params, encoded, lr, plan["steps"], plan["batch"], device, seed)
     return model, seconds
 
@@ -246,6 +249,9 @@ def _parse(argv):
     p.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ", ".join(METHODS))
     p.add_argument("--lrs", default=None, help="one LR grid for every method, e.g. 1e-3,3e-3 (default: per kind)")
     p.add_argument("--steps", type=int, help="fine-tuning steps (default 300; smoke 4)")
+    p.add_argument(
+        "--loraplus-ratio", type=float, default=1.0, help="LoRA+ for every adapter: B at this many times the rate"
+    )
     p.add_argument("--pretrain-steps", type=int, help="pretraining steps (default 3000; smoke 20)")
     p.add_argument("--eval-rows", type=int, help="held-out rows scored (default 300; smoke 16)")
     p.add_argument("--sort-length", type=int, help="digits to sort (default 6): the task's difficulty")
@@ -375,12 +381,13 @@ def main(argv=None) -> int:
     knobs = {"steps": args.steps, "pre_steps": args.pretrain_steps, "eval_rows": args.eval_rows}
     for key, value in {**knobs, "length": args.sort_length}.items():
         plan[key] = value or plan[key]
+    plan["loraplus"] = args.loraplus_ratio
     if device.type == "cpu":
         torch.set_num_threads(1)  # tiny matmuls: more threads only add contention (tests/conftest.py measured 8x)
     tokenizer = build_tokenizer()
     t0 = time.perf_counter()
     meta = {**_meta(device), "task": f"sort {plan['length']} digits", "steps": plan["steps"], "batch": plan["batch"]}
-    meta.update(eval_rows=plan["eval_rows"], tag=args.tag)
+    meta.update(eval_rows=plan["eval_rows"], tag=args.tag, loraplus_lr_ratio=args.loraplus_ratio)
     out = results_file(args.out, meta["card"])
     rows = []
     with tempfile.TemporaryDirectory(prefix="lorafuse-quality-bases-") as tmp:

@@ -117,11 +117,13 @@ def _ids(encoded) -> list[int]:
 
 def finetune(model, params, encoded, lr: float, steps: int, batch: int, device, seed: int) -> float:
     """The plain loop (module docstring) over `steps` micro-batches of the shuffled rows `encoded` (`encode`'s
-    ids and labels). Returns the seconds it took."""
+    ids and labels); `params`: tensors or param groups (a group's "lr_scale" scales its rate: LoRA+). Returns the
+    seconds it took."""
     ids, labels = encoded
     order = list(range(len(ids)))
     random.Random(seed).shuffle(order)
-    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), weight_decay=0.0)
+    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), weight_decay=0.0)  # params may be LoRA+ groups
+    params = [p for group in opt.param_groups for p in group["params"]]
     schedule = LRSchedule(lr, steps, 0.03, "cosine")
     model.train()
     t0 = time.perf_counter()

@@ -29,6 +29,12 @@ class TrainConfig(_Section):
     )
     lr: float = Field(2e-4, gt=0, description="Peak learning rate.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay on the adapter weights.")
+    loraplus_lr_ratio: float = Field(
+        1.0,
+        ge=1,
+        description="LoRA+: the adapter's B matrices learn at this many times train.lr, the A matrices and everything "
+        "else at train.lr (Hayou et al. 2024 suggest 16 for a fixed lr; lower train.lr with it). 1: one rate for all.",
+    )
     warmup_steps: float = Field(
         0.03, ge=0, description="Linear warmup: a fraction of all steps (< 1) or a step count (>= 1)."
     )

@@ -29,7 +29,8 @@ _MASKED_ELEMENTS = 1 << 22  # AdamW(apply=flag): elements copied at once (48 MiB
 
 
 def build_optimizer(name: str, params: Iterable, lr: float, weight_decay: float) -> torch.optim.Optimizer:
-    """`adamw` (torch, fp32 states), `adamw_8bit`, `paged_adamw_8bit`."""
+    """`adamw` (torch, fp32 states), `adamw_8bit`, `paged_adamw_8bit`. `params`: tensors, or param groups (dicts;
+    a group's "lr_scale" multiplies the schedule's lr for it, `lora_plus_groups`)."""
     params = list(params)
     if name == "adamw":
         return AdamW(params, lr=lr, weight_decay=weight_decay)
@@ -38,6 +39,18 @@ def build_optimizer(name: str, params: Iterable, lr: float, weight_decay: float)
     if name == "paged_adamw_8bit":
         return PagedAdamW8bit(params, lr=lr, weight_decay=weight_decay)
     raise ValueError(f"unknown optimizer {name!r}")
+
+
+def lora_plus_groups(model: torch.nn.Module, params: list, ratio: float) -> list:
+    """`params` as optimizer param groups for LoRA+ (Hayou et al. 2024): the adapter's B matrices at `ratio` times the
+    learning rate, the rest at 1x. With ratio 1, the plain list (one group: the optimizer and its checkpoints as
+    without LoRA+)."""
+    if ratio == 1:
+        return params
+    names = {id(p): n for n, p in model.named_parameters()}
+    b = [p for p in params if ".lora_B." in names.get(id(p), "")]
+    rest = [p for p in params if ".lora_B." not in names.get(id(p), "")]
+    return [{"params": rest, "lr_scale": 1.0}, {"params": b, "lr_scale": float(ratio)}]
 
 
 class AdamW(torch.optim.AdamW):
@@ -135,9 +148,10 @@ class LRSchedule:
         return self.base_lr * 0.5 * (1.0 + math.cos(math.pi * progress))
 
     def apply(self, optimizer: torch.optim.Optimizer, step: int) -> float:
+        """Set each param group's lr for `step` (times the group's "lr_scale", LoRA+'s); returns the schedule's lr."""
         lr = self.lr_at(step)
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)
         return lr
 
     def state_dict(self) -> dict:

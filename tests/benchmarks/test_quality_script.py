@@ -167,3 +167,20 @@ def test_runs_side_by_side_share_one_base_and_report_together_by_tag(tmp_path):
     assert set(bench_table.latest_quality(tmp_path / "out")) >= {"lora"}
     missing = subprocess.run(script + ["--report", "t2"], capture_output=True, text=True)
     assert missing.returncode == 2 and "no run rows tagged 't2'" in missing.stderr
+
+
+def test_loraplus_grid_runs_lorafuse_and_peft_adapters_with_the_ratio(tmp_path):
+    argv = [sys.executable, str(ROOT / "benchmarks" / "quality.py"), "--smoke", "--methods", "lora,seed lora"]
+    done = subprocess.run(
+        argv + ["--bases", "plain", "--loraplus-ratio", "16", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    (results,) = tmp_path.glob("*-cpu-quality.jsonl")
+    runs = [json.loads(line) for line in results.read_text().splitlines()]
+    runs = [r for r in runs if r["kind"] == "run"]
+    assert {r["method"] for r in runs} == {"lora", "seed lora"}
+    assert all(r["status"] == "ok" and r["loraplus_lr_ratio"] == 16 for r in runs), runs
