@@ -52,6 +52,7 @@ from lorafuse.io_errors import io_errno, save_torch
 from lorafuse.outputs import CHECKPOINT_RE, RUN_FILES
 from lorafuse.training import rng
 from lorafuse.training.manifest import STATE_FILES, verify, write_manifest
+from lorafuse.training.optim import check_group_rates
 
 REFERENCE_FILE = "reference_logps.safetensors"  # DPO's precomputed reference, in checkpoints and the run folder
 TMP_RE = re.compile(r"^checkpoint-(\d+)\.(?:tmp|old|del)-(\d+)$")  # being written / replaced / deleted
@@ -314,19 +315,6 @@ def load_trainable(folder: Path, model) -> None:
             params[name].copy_(value)
 
 
-def _check_rates(saved: dict, optimizer) -> None:
-    """The checkpoint's optimizer has the run's parameter groups at the same rates (LoRA+'s B group), else a
-    LorafuseError: loading would fail on the group count, or silently keep the checkpoint's rates."""
-    rates = [[g.get("lr_scale", 1.0) for g in groups] for groups in (saved["param_groups"], optimizer.param_groups)]
-    if rates[0] != rates[1]:
-        ratio = lambda r: r[-1] if len(r) > 1 else 1.0  # noqa: E731
-        raise LorafuseError(
-            f"the checkpoint was trained with train.loraplus_lr_ratio={ratio(rates[0]):g}, this run sets "
-            f"{ratio(rates[1]):g}: its optimizer states belong to the other setting",
-            f"resume with train.loraplus_lr_ratio={ratio(rates[0]):g}, or start a new run in another output.dir",
-        )
-
-
 def load_checkpoint(folder: Path, *, model, optimizer, scaler=None) -> dict:
     """Verify `folder` (lorafuse.training.manifest), then restore trainable tensors, optimizer and scaler from it.
 
@@ -342,7 +330,7 @@ def load_checkpoint(folder: Path, *, model, optimizer, scaler=None) -> dict:
         raise damaged_error(folder, why)
     load_trainable(folder, model)
     blob = torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True)
-    _check_rates(blob["optimizer"], optimizer)
+    check_group_rates(blob["optimizer"], optimizer)
     optimizer.load_state_dict(blob["optimizer"])
     if scaler is not None and blob.get("scaler"):
         scaler.load_state_dict(blob["scaler"])

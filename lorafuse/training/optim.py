@@ -22,6 +22,7 @@ from collections.abc import Iterable
 
 import torch
 
+from lorafuse.errors import LorafuseError
 from lorafuse.training.optim8bit import AdamW8bit, PagedAdamW8bit
 from lorafuse.training.readback import CancelledSteps, kept_unless
 
@@ -51,6 +52,19 @@ def lora_plus_groups(model: torch.nn.Module, params: list, ratio: float) -> list
     b = [p for p in params if ".lora_B." in names.get(id(p), "")]
     rest = [p for p in params if ".lora_B." not in names.get(id(p), "")]
     return [{"params": rest, "lr_scale": 1.0}, {"params": b, "lr_scale": float(ratio)}]
+
+
+def check_group_rates(saved: dict, optimizer: torch.optim.Optimizer) -> None:
+    """A checkpoint's optimizer state_dict `saved` has `optimizer`'s param groups at the same rates (LoRA+'s B group),
+    else a LorafuseError: loading it would fail on the group count, or silently keep the checkpoint's rates."""
+    rates = [[g.get("lr_scale", 1.0) for g in groups] for groups in (saved["param_groups"], optimizer.param_groups)]
+    if rates[0] != rates[1]:
+        ratio = lambda r: r[-1] if len(r) > 1 else 1.0  # noqa: E731
+        raise LorafuseError(
+            f"the checkpoint was trained with train.loraplus_lr_ratio={ratio(rates[0]):g}, this run sets "
+            f"{ratio(rates[1]):g}: its optimizer states belong to the other setting",
+            f"resume with train.loraplus_lr_ratio={ratio(rates[0]):g}, or start a new run in another output.dir",
+        )
 
 
 class AdamW(torch.optim.AdamW):
