@@ -89,7 +89,8 @@ def share_prompts(batch: dict, multiple: int = 1) -> dict:
         if r:
             out_labels[b, s + c] = IGNORE
         first[b] = torch.tensor([b * width + max(s - 1, 0), target])
-    keep = {k: v for k, v in batch.items() if k not in ("input_ids", "labels", "attention_mask", "right_padded")}
+    rows_keys = ("input_ids", "labels", "attention_mask", "right_padded", "seq_lens")  # the separate rows' layout
+    keep = {k: v for k, v in batch.items() if k not in rows_keys}
     return {
         **keep,
         "input_ids": out_ids,

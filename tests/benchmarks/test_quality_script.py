@@ -17,15 +17,16 @@ import bench_table  # noqa: E402  (the harness's tables, in benchmarks/ beside i
 pytestmark = pytest.mark.slow  # the lab's benchmark scripts, not the product: run with `-m slow`
 
 
-def test_smoke_run_scores_every_method_it_can_and_trains_the_zeroed_rows(tmp_path):
-    done = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "quality.py"), "--smoke", "--out", str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        cwd=tmp_path,
-    )
+def _smoke(cwd: Path, *argv: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    """`quality.py --smoke ARGV --out CWD` run in CWD; it must succeed."""
+    script = [sys.executable, str(ROOT / "benchmarks" / "quality.py"), "--smoke", *argv, "--out", str(cwd)]
+    done = subprocess.run(script, capture_output=True, text=True, timeout=timeout, cwd=cwd)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    return done
+
+
+def test_smoke_run_scores_every_method_it_can_and_trains_the_zeroed_rows(tmp_path):
+    done = _smoke(tmp_path)
     (results,) = tmp_path.glob("*-cpu-quality.jsonl")
     rows = [json.loads(line) for line in results.read_text().splitlines()]
     runs = [r for r in rows if r["kind"] == "run"]
@@ -170,15 +171,7 @@ def test_runs_side_by_side_share_one_base_and_report_together_by_tag(tmp_path):
 
 
 def test_loraplus_grid_runs_lorafuse_and_peft_adapters_with_the_ratio(tmp_path):
-    argv = [sys.executable, str(ROOT / "benchmarks" / "quality.py"), "--smoke", "--methods", "lora,seed lora"]
-    done = subprocess.run(
-        argv + ["--bases", "plain", "--loraplus-ratio", "16", "--out", str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=tmp_path,
-    )
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    _smoke(tmp_path, "--methods", "lora,seed lora", "--bases", "plain", "--loraplus-ratio", "16", timeout=300)
     (results,) = tmp_path.glob("*-cpu-quality.jsonl")
     runs = [json.loads(line) for line in results.read_text().splitlines()]
     runs = [r for r in runs if r["kind"] == "run"]
