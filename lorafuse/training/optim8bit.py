@@ -7,7 +7,7 @@ codes for [0, 1], one more bit of precision). The dynamic map spends its codes o
 made of leading zero bits, then a linear fraction), so small values inside a block keep ~2-3 significant
 digits even when the block's absmax is 1000x larger. Each step dequantizes a block to fp32
 (`code[q] * absmax`), applies the update above in fp32, then re-quantizes: absmax = max|x| of the block and
-q = the nearest map entry to x / absmax.
+q = the nearest map entry to x / absmax (lorafuse.training.blockwise).
 
 Block size 256, not 2048: bitsandbytes uses 2048 for weight quantization but 256 for optimizer states (see
 `bitsandbytes/optim/optimizer.py`, `blocksize = 256`). A smaller block isolates outliers better: one large
@@ -50,53 +50,11 @@ import os
 
 import torch
 
+from lorafuse.training.blockwise import BLOCKSIZE, dequantize_blockwise, dynamic_map, quantize_blockwise
 from lorafuse.training.readback import CancelledSteps, kept_unless
 
-BLOCKSIZE = 256
 MIN_8BIT_SIZE = 4096
 _CHUNK_BLOCKS = 4096  # 1M elements per fp32 temporary
-
-
-def dynamic_map(signed: bool) -> torch.Tensor:
-    """The 256-entry dynamic quantization map, sorted ascending, fp32 (the values of bitsandbytes'
-    `create_dynamic_map(signed)` with 7 exponent bits).
-
-    Exponent e = 0..6 covers the decade [10^(e-6) * 0.1, 10^(e-6)]; inside it the fraction bits split
-    [0.1, 1] linearly into 2^e (signed) or 2^(e+1) (unsigned) intervals and each code is an interval's
-    midpoint. 0 and 1 are added explicitly, so zero is exact and the block maximum maps to 1.
-    """
-    values = [0.0, 1.0]
-    for e in range(7):
-        pieces = 2**e if signed else 2 ** (e + 1)
-        edges = torch.linspace(0.1, 1.0, pieces + 1, dtype=torch.float32)
-        mids = ((edges[:-1] + edges[1:]) / 2.0) * (10.0 ** (e - 6))
-        values += mids.tolist()
-        if signed:
-            values += (-mids).tolist()
-    assert len(values) == 256
-    return torch.tensor(sorted(values), dtype=torch.float32)
-
-
-def quantize_blockwise(x: torch.Tensor, code: torch.Tensor, blocksize: int = BLOCKSIZE):
-    """x (n,) float -> (q uint8 (n,), absmax fp32 (ceil(n/blocksize),)): nearest code to x / absmax."""
-    x = x.reshape(-1).float()
-    n = x.numel()
-    blocks = torch.nn.functional.pad(x, (0, (-n) % blocksize)).view(-1, blocksize)
-    absmax = blocks.abs().amax(dim=1)
-    # An all-zero block has absmax 0: dividing by a tiny value keeps x/absmax = 0 -> the exact 0 code.
-    scaled = blocks / absmax.clamp_min(torch.finfo(torch.float32).tiny)[:, None]
-    boundaries = (code[1:] + code[:-1]) / 2  # midpoints between neighbouring codes: nearest-code search
-    q = torch.bucketize(scaled, boundaries).to(torch.uint8)
-    return q.view(-1)[:n], absmax
-
-
-def dequantize_blockwise(
-    q: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int = BLOCKSIZE
-) -> torch.Tensor:
-    """(q uint8 (n,), absmax (blocks,)) -> fp32 (n,) = code[q] * absmax of the element's block."""
-    n = q.numel()
-    values = torch.nn.functional.pad(code[q.long()], (0, (-n) % blocksize)).view(-1, blocksize)
-    return (values * absmax[:, None]).view(-1)[:n]
 
 
 def _adamw_fp32(p, g, m, v, step, lr, b1, b2, eps, wd):

@@ -8,7 +8,8 @@ import torch
 
 import lorafuse.kernels.adamw8bit as K
 from lorafuse.kernels.adamw8bit import LaunchTables, adamw8bit_multi_update, adamw8bit_update, midpoints
-from lorafuse.training.optim8bit import AdamW8bit, dequantize_blockwise, dynamic_map
+from lorafuse.training.blockwise import dequantize_blockwise, dynamic_map
+from lorafuse.training.optim8bit import AdamW8bit
 
 STATE_KEYS = ("m_q", "m_absmax", "v_q", "v_absmax")
 HYPER = dict(lr=1e-2, b1=0.9, b2=0.999, eps=1e-8, wd=0.01)

@@ -7,14 +7,9 @@ import math
 import pytest
 import torch
 
+from lorafuse.training.blockwise import dequantize_blockwise, dynamic_map, quantize_blockwise
 from lorafuse.training.optim import LRSchedule, state_bytes
-from lorafuse.training.optim8bit import (
-    AdamW8bit,
-    PagedAdamW8bit,
-    dequantize_blockwise,
-    dynamic_map,
-    quantize_blockwise,
-)
+from lorafuse.training.optim8bit import AdamW8bit, PagedAdamW8bit
 
 bnb = pytest.importorskip("bitsandbytes")
 bnbF = pytest.importorskip("bitsandbytes.functional")
