@@ -16,7 +16,7 @@ states through the output head in chunks (`lorafuse.training.loss`): the (B, T, 
 `TrainingLoop.step` is the step, top to bottom: learning rate, dropout seed, the window's units, the micro-steps
 (a CUDA graph replay or eager), the out-of-memory decision and its single retry (`lorafuse.training.oom`), the
 gradient sync, clipping and the update (or a skip, decided on the device: `lorafuse.training.update`), the counters.
-`_finish` then logs its row and counts a skip; `_after_step` evaluates and saves.
+`_finish` then logs its row and counts a skip; `_after_step` evaluates (`lorafuse.training.validation`) and saves.
 
 The host never waits for the GPU inside a step: nothing in it reads a device value. Its numbers (loss, metrics,
 gradient norm, whether it was skipped) are read one step later, when the next step is already queued behind them
@@ -66,17 +66,17 @@ from lorafuse.config import options_for
 from lorafuse.errors import LorafuseError
 from lorafuse.options import Options
 from lorafuse.outputs import ensure_writable_dir
-from lorafuse.training import graphs, loop_io, oom, rng
+from lorafuse.training import graphs, loop_io, oom, rng, validation
 from lorafuse.training.distributed import SINGLE
 from lorafuse.training.loss import count_inputs, count_targets
 from lorafuse.training.metrics import MetricsLog, Progress, memory_bytes, peak_memory_bytes
-from lorafuse.training.objectives import ObjectiveContext, evaluate
+from lorafuse.training.objectives import ObjectiveContext
 from lorafuse.training.objectives.sft import SFTObjective
 from lorafuse.training.optim import LRSchedule, build_optimizer, lora_plus_groups
 from lorafuse.training.readback import StepClock
 from lorafuse.training.runtime import Precision, StopSignals
 from lorafuse.training.state import LoopResult, LoopState, diverged, total_steps
-from lorafuse.training.steplog import LogWindow, eval_note, eval_row, log_step
+from lorafuse.training.steplog import LogWindow, log_step
 from lorafuse.training.update import StepRecord, clip_and_step
 
 
@@ -321,15 +321,7 @@ class TrainingLoop:
         improved, stop = False, None
         due = (st.step % tc.eval_every == 0) if tc.eval_every else epoch_end
         if self.val_batches is not None and (due or last):
-            improved = self._evaluate()
-            patience = tc.early_stopping_patience
-            if patience and st.evals_since_best >= patience:
-                delta = tc.early_stopping_min_delta
-                self.note(
-                    f"early stopping: no eval loss {f'more than {delta:g} ' if delta else ''}below the best in "
-                    f"{patience} evaluations (best {st.best_eval:.4f} at step {st.best_step})"
-                )
-                stop = "early_stopping"
+            improved, stop = validation.evaluate_step(self)  # stop: "early_stopping" once patience is spent
         if stop is None and (last or signalled):
             stop = "finished" if last else "signal"
         if st.nan_streak and stop in ("finished", "early_stopping"):  # no checkpoint, no adapter from NaN weights
@@ -343,28 +335,6 @@ class TrainingLoop:
     def _epoch_float(self) -> float:
         st = self.state
         return round(st.epoch + st.micro_index / st.micro_per_epoch, 4)
-
-    def _evaluate(self) -> bool:
-        st = self.state
-        # with graphs, on their stream: an eager pass elsewhere would leave a cuBLAS workspace for the run's rest
-        with self.graphed.on_stream() if self.graphed is not None else contextlib.nullcontext():
-            out = evaluate(self.objective, self.model, self.val_batches, self.ctx, self.world)
-        if not out["units"]:
-            raise LorafuseError(
-                "the validation split has no target tokens (every label is masked)",
-                "check data.val_path / data.val_size and data.completion_only",
-            )
-        row = eval_row(st.step, self._epoch_float(), out, self.objective)
-        self.metrics.append(row)
-        self.note(eval_note(row))
-        loss = out["loss"]
-        # patience restarts only on an improvement of more than min_delta; the best checkpoint follows any improvement
-        enough = st.best_eval is None or loss < st.best_eval - self.tc.early_stopping_min_delta
-        st.evals_since_best = 0 if enough else st.evals_since_best + 1
-        if st.best_eval is None or loss < st.best_eval:
-            st.best_eval, st.best_step = loss, st.step
-            return True
-        return False
 
     def _save(self, improved: bool) -> None:
         """A checkpoint of this step (once per step), the best pointer, rotation and the loss plot (rank 0)."""

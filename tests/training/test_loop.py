@@ -18,7 +18,7 @@ from toy import ToyBatches, toy_model
 
 from lorafuse.config import TrainConfig
 from lorafuse.errors import LorafuseError
-from lorafuse.training import loop as loop_mod
+from lorafuse.training import validation
 from lorafuse.training.loop import TrainingLoop, total_steps, train_loop
 
 
@@ -178,7 +178,7 @@ def test_nan_step_is_skipped_then_too_many_stop_the_run(tmp_path):
 
 def test_early_stopping_keeps_the_best_checkpoint(tmp_path, monkeypatch):
     scripted = iter([3.0, 2.0, 2.5, 2.6, 2.7, 2.8])
-    monkeypatch.setattr(loop_mod, "evaluate", lambda *a, **k: {"loss": next(scripted), "units": 1})
+    monkeypatch.setattr(validation, "evaluate", lambda *a, **k: {"loss": next(scripted), "units": 1})
     tc = _tc(max_steps=20, eval_every=2, early_stopping_patience=2, save_total_limit=1)
     result = train_loop(toy_model(), ToyBatches(), tc, val_batches=ToyBatches(n_micro=1), out_dir=tmp_path)
     assert result.stop_reason == "early_stopping" and result.state.step == 8
