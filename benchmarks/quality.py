@@ -43,7 +43,6 @@ give such settings several --seeds. benchmarks/NOTES.md has every run.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import datetime as dt
 import io
@@ -59,6 +58,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
+from quality_args import parse_args  # noqa: E402
 from quality_data import build_tokenizer, sort_rows  # noqa: E402
 from quality_report import append_rows, best_rows, readme_row, report, results_file, table  # noqa: E402
 from quality_train import (  # noqa: E402
@@ -243,78 +243,6 @@ def _meta(device: torch.device) -> dict:
     return meta
 
 
-def _parse(argv):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--smoke", action="store_true", help="tiny sizes, one learning rate: the pipeline on a CPU")
-    p.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ", ".join(METHODS))
-    p.add_argument("--lrs", default=None, help="one LR grid for every method, e.g. 1e-3,3e-3 (default: per kind)")
-    p.add_argument("--steps", type=int, help="fine-tuning steps (default 300; smoke 4)")
-    p.add_argument(
-        "--loraplus-ratio", type=float, default=1.0, help="LoRA+ for every adapter: B at this many times the rate"
-    )
-    p.add_argument("--pretrain-steps", type=int, help="pretraining steps (default 3000; smoke 20)")
-    p.add_argument("--eval-rows", type=int, help="held-out rows scored (default 300; smoke 16)")
-    p.add_argument("--sort-length", type=int, help="digits to sort (default 6): the task's difficulty")
-    p.add_argument(
-        "--bases",
-        default="plain,zeroed",
-        help="which bases to fine-tune: plain (template rows as pretrained), zeroed (as real bases ship them), or both",
-    )
-    p.add_argument(
-        "--base",
-        help="a folder for the pretrained bases: pretrain and save them there when it holds none, else reuse them "
-        "(one pretraining for several tasks or grids)",
-    )
-    p.add_argument(
-        "--seeds",
-        "--seed",
-        default="0",
-        help="comma-separated seeds, e.g. 0,1,2: each cell runs once per seed (its own rows, adapter init and batch "
-        "order) and the table gives the mean and the range; the first seed also seeds the pretraining",
-    )
-    p.add_argument(
-        "--pretrain-only",
-        action="store_true",
-        help="pretrain into --base (or find it there) and stop: for runs that share one base side by side",
-    )
-    p.add_argument(
-        "--tag",
-        default=None,
-        help="a name recorded in every run row, so runs made side by side (one process per seed or base) can be "
-        "reported together with --report TAG",
-    )
-    p.add_argument(
-        "--report",
-        metavar="TAG",
-        help="train nothing: print the table of the run rows tagged TAG in --out's results files (all seeds and "
-        "bases they hold) and append its best rows",
-    )
-    p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    return _checked(p, p.parse_args(argv))
-
-
-def _checked(p: argparse.ArgumentParser, args):
-    """The parsed lists (methods, seeds, bases) split and checked; a bad value is the parser's usage error."""
-    args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    unknown = [m for m in args.methods if m not in METHODS]
-    if unknown:
-        p.error(f"unknown methods {unknown}; choose from {', '.join(METHODS)}")
-    try:
-        args.seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
-    except ValueError:
-        p.error(f"--seeds {args.seeds!r}: give whole numbers separated by commas, e.g. 0,1,2")
-    if not args.seeds:
-        p.error("--seeds: give at least one seed")
-    if args.pretrain_only and not args.base:
-        p.error("--pretrain-only needs --base DIR: the folder the bases are saved in")
-    args.seed = args.seeds[0]  # the pretraining's
-    args.bases = [v.strip() for v in args.bases.split(",") if v.strip()]
-    if not args.bases or set(args.bases) - {"plain", "zeroed"}:
-        p.error(f"--bases {','.join(args.bases)!r}: give plain, zeroed or plain,zeroed")
-    return args
-
-
 def _lr_grid(method: str, args) -> list[float]:
     """--lrs, else the method kind's grid; a smoke run without --lrs takes the grid's middle rate only."""
     grid = [float(x) for x in args.lrs.split(",")] if args.lrs else LRS["full" if method == "full" else "adapter"]
@@ -373,7 +301,7 @@ def _seed_context(seed: int, plan: dict, tokenizer, device, meta: dict, folder: 
 
 
 def main(argv=None) -> int:
-    args = _parse(argv)
+    args = parse_args(argv, METHODS, __doc__.splitlines()[0])
     if args.report:
         return report(args.report, args.out, METHODS)
     kind = "smoke" if args.smoke else "gpu"
