@@ -86,6 +86,8 @@ METHODS = {  # name: (stack, settings)
 }
 # Each grid brackets its kind's best rate at sort 10 / 150 steps (benchmarks/NOTES.md): the lowest rates of the
 # earlier grids (full 1e-4, adapters 1e-3) scored 0-3% everywhere, and the best sat at a grid's top in four cells.
+# At 200 steps the best rates are these grids' lowest (full 3e-4, adapters 2e-3) and the tops fail (full 2e-3,
+# adapters 1e-2): a grid one step lower brackets them there (--lrs).
 LRS = {"full": [3e-4, 1e-3, 2e-3], "adapter": [2e-3, 5e-3, 1e-2]}
 SIZES = {
     "gpu": dict(hidden=256, intermediate=768, layers=4, heads=4),

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The quality benchmark's grid as reproduce.sh's `quality` part runs it, on one GPU:
 #   bash benchmarks/quality_grid.sh OUT [quality.py options...]
-# Sort 10 digits in 150 steps (a setting where full fine-tuning and LoRA differ), three seeds, each method's own
+# Sort 10 digits in 200 steps (a setting where full fine-tuning and LoRA differ), three seeds, each method's own
 # learning-rate grid. One process pretrains the small base into OUT/quality-base (or finds it there); then a process
 # per seed and base runs side by side (the model is tiny: one process leaves the GPU mostly idle), each writing its
 # rows as they finish; then one table over all of their rows (quality.py --report). Logs: OUT/quality-<tag>-*.log.
@@ -9,7 +9,7 @@ set -euo pipefail
 OUT=${1:?usage: bash benchmarks/quality_grid.sh OUT [quality.py options]}
 shift
 here=$(cd "$(dirname "$0")" && pwd)
-q() { python3 "$here/quality.py" --base "$OUT/quality-base" --out "$OUT" --sort-length 10 --steps 150 "$@"; }
+q() { python3 "$here/quality.py" --base "$OUT/quality-base" --out "$OUT" --sort-length 10 --steps 200 "$@"; }
 tag=grid-$(date -u +%Y%m%dT%H%M%S)
 q --pretrain-only "$@"
 pids=()

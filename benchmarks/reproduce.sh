@@ -23,8 +23,10 @@
 #   memory      the planner against measured peaks on 1B-8B shapes (benchmarks/memory_sweep.sh)
 #   headline    a 65B-shape QLoRA step under a 40 GiB cap; Llama-2-7B QLoRA at 2,048 tokens in fp16 under 15 GiB
 #   tests       every GPU test (pytest -m gpu)
-#   quality     fine-tuning quality: full, LoRA, QLoRA, fast path, FP8, the seed's stack; sort 10 digits, 150 steps, 3 seeds
-#               (benchmarks/quality_grid.sh: a pretraining, then 6 processes side by side; ~8 min on one H100)
+#   quality     fine-tuning quality: full, LoRA, QLoRA, fast path, FP8, the seed's stack; sort 10 digits, 200 steps, 3 seeds
+#               (benchmarks/quality_grid.sh: a pretraining, then 6 processes side by side; ~9 min on one H100)
+#   quality-loraplus  the same adapters with train.loraplus_lr_ratio 16 at their own rates (full fine-tuning has no B
+#               matrices: compare with the quality part's full); with OUT of a quality run its base is reused
 set -euo pipefail
 PART=${1:?usage: bash benchmarks/reproduce.sh PART [OUT] (parts: see the head of this file)}
 here=$(cd "$(dirname "$0")" && pwd)
@@ -60,5 +62,6 @@ case "$PART" in
   headline) bash benchmarks/memory_sweep.sh "$OUT" "$LOG" headline ;;
   tests) python3 -m pytest -q -m gpu tests ;;
   quality) bash benchmarks/quality_grid.sh "$OUT" ;;
-  *) echo "unknown part '$PART': qlora lean fp8 lora 1x4096 1x4096-fp8 8x2048 8x2048-fp8 dpo dpo-8bit dpo-lorafuse dpo-eager dpo-separate job memory headline tests quality" >&2; exit 2 ;;
+  quality-loraplus) bash benchmarks/quality_grid.sh "$OUT" --loraplus-ratio 16 --lrs 2e-4,5e-4,1e-3 --methods "lora,qlora,qlora+fast,qlora+fast+fp8,seed lora,seed qlora" ;;
+  *) echo "unknown part '$PART': qlora lean fp8 lora 1x4096 1x4096-fp8 8x2048 8x2048-fp8 dpo dpo-8bit dpo-lorafuse dpo-eager dpo-separate job memory headline tests quality quality-loraplus" >&2; exit 2 ;;
 esac
