@@ -133,7 +133,7 @@ def run_lorafuse(settings: dict, base: Path, data: Path, lr: float, plan: dict, 
     cfg = validate_config(
         {
             "model": {"path": str(base), "quant": settings["quant"]},
-            "lora": {**LORA, "targets": PROJ7},
+            "lora": {**LORA, "targets": PROJ7, "token_row_init": plan.get("token_row_init", "sample")},
             "data": {
                 "path": str(data),
                 "format": "messages",
@@ -311,13 +311,14 @@ def main(argv=None) -> int:
     knobs = {"steps": args.steps, "pre_steps": args.pretrain_steps, "eval_rows": args.eval_rows}
     for key, value in {**knobs, "length": args.sort_length}.items():
         plan[key] = value or plan[key]
-    plan["loraplus"] = args.loraplus_ratio
+    plan["loraplus"], plan["token_row_init"] = args.loraplus_ratio, args.token_row_init
     if device.type == "cpu":
         torch.set_num_threads(1)  # tiny matmuls: more threads only add contention (tests/conftest.py measured 8x)
     tokenizer = build_tokenizer()
     t0 = time.perf_counter()
     meta = {**_meta(device), "task": f"sort {plan['length']} digits", "steps": plan["steps"], "batch": plan["batch"]}
     meta.update(eval_rows=plan["eval_rows"], tag=args.tag, loraplus_lr_ratio=args.loraplus_ratio)
+    meta["token_row_init"] = args.token_row_init
     out = results_file(args.out, meta["card"])
     rows = []
     with tempfile.TemporaryDirectory(prefix="lorafuse-quality-bases-") as tmp:

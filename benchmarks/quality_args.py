@@ -20,6 +20,12 @@ def parse_args(argv, methods: dict, description: str):
     p.add_argument(
         "--loraplus-ratio", type=float, default=1.0, help="LoRA+ for every adapter: B at this many times the rate"
     )
+    p.add_argument(
+        "--token-row-init",
+        choices=("sample", "mean"),
+        default="sample",
+        help="lorafuse's lora.token_row_init: where the template's untrained rows start (default sample)",
+    )
     p.add_argument("--pretrain-steps", type=int, help="pretraining steps (default 3000; smoke 20)")
     p.add_argument("--eval-rows", type=int, help="held-out rows scored (default 300; smoke 16)")
     p.add_argument("--sort-length", type=int, help="digits to sort (default 6): the task's difficulty")

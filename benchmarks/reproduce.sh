@@ -24,7 +24,8 @@
 #   headline    a 65B-shape QLoRA step under a 40 GiB cap; Llama-2-7B QLoRA at 2,048 tokens in fp16 under 15 GiB
 #   tests       every GPU test (pytest -m gpu)
 #   quality     fine-tuning quality: full, LoRA, QLoRA, fast path, FP8, the seed's stack; sort 10 digits, 200 steps, 3 seeds
-#               (benchmarks/quality_grid.sh: a pretraining, then 6 processes side by side; ~9 min on one H100)
+#               (benchmarks/quality_grid.sh: a pretraining, then 6 processes side by side; ~9 min on one H100); the
+#               untrained template rows start at their mean, as in the README's table (quality.py --token-row-init)
 #   quality-loraplus  the same adapters with train.loraplus_lr_ratio 16 at their own rates (full fine-tuning has no B
 #               matrices: compare with the quality part's full); with OUT of a quality run its base is reused
 set -euo pipefail
@@ -61,7 +62,7 @@ case "$PART" in
   memory) bash benchmarks/memory_sweep.sh "$OUT" "$LOG" sweep ;;
   headline) bash benchmarks/memory_sweep.sh "$OUT" "$LOG" headline ;;
   tests) python3 -m pytest -q -m gpu tests ;;
-  quality) bash benchmarks/quality_grid.sh "$OUT" ;;
-  quality-loraplus) bash benchmarks/quality_grid.sh "$OUT" --loraplus-ratio 16 --lrs 2e-4,5e-4,1e-3 --methods "lora,qlora,qlora+fast,qlora+fast+fp8,seed lora,seed qlora" ;;
+  quality) bash benchmarks/quality_grid.sh "$OUT" --token-row-init mean ;;
+  quality-loraplus) bash benchmarks/quality_grid.sh "$OUT" --token-row-init mean --loraplus-ratio 16 --lrs 2e-4,5e-4,1e-3 --methods "lora,qlora,qlora+fast,qlora+fast+fp8,seed lora,seed qlora" ;;
   *) echo "unknown part '$PART': qlora lean fp8 lora 1x4096 1x4096-fp8 8x2048 8x2048-fp8 dpo dpo-8bit dpo-lorafuse dpo-eager dpo-separate job memory headline tests quality quality-loraplus" >&2; exit 2 ;;
 esac

@@ -122,10 +122,20 @@ class LoraConfig(_Section):
         "auto",
         description="auto: before training, find the tokens the data uses whose input-embedding or output-head rows "
         "look untrained (all zero, 100x below the median row norm, or (nearly) equal to 2+ other rows: Llama-3 base's "
-        "<|eot_id|> and <|start_header_id|>, for one), start those rows at the mean of the trained rows and train "
-        "them with the adapter (saved as peft's trainable_token_indices); a chat template's <|...|> markers that "
-        "the vocabulary lacks are added as new tokens. off: leave every existing row as it is (the run still "
-        "reports what it finds; tokens from data.add_special_tokens are trained either way). docs/tokens.md.",
+        "<|eot_id|> and <|start_header_id|>, for one), start those rows around the trained rows "
+        "(lora.token_row_init) and train them with the adapter (saved as peft's trainable_token_indices); a chat "
+        "template's <|...|> markers that the vocabulary lacks are added as new tokens. off: leave every existing "
+        "row as it is (the run still reports what it finds; tokens from data.add_special_tokens are trained "
+        "either way). docs/tokens.md.",
+    )
+
+    token_row_init: Literal["sample", "mean"] = Field(
+        "sample",
+        description="Where the untrained and new token rows that lorafuse trains start. sample: each row drawn from "
+        "a normal distribution with the trained rows' mean and per-dimension spread (rows that look trained and "
+        "differ from each other; drawn from train.seed). mean: every row at the mean of the trained rows, as "
+        "Unsloth and Axolotl start them (identical rows: the model cannot tell those tokens apart until training "
+        "separates them). docs/tokens.md.",
     )
 
     @field_validator("train_untrained_tokens", mode="before")
@@ -207,7 +217,7 @@ class DataConfig(_Section):
     add_special_tokens: list[str] = Field(
         default_factory=list,
         description="Tokens to add to the tokenizer, e.g. ['<|im_start|>', '<|im_end|>'] for a ChatML template on a "
-        "base without them: the embedding and output head grow by a row each, started at the mean of the trained "
+        "base without them: the embedding and output head grow by a row each, started around the trained "
         "rows and trained with the adapter; the adapter folder carries the tokenizer and the rows (docs/tokens.md: "
         "loading them with peft).",
     )

@@ -43,7 +43,7 @@ def preview(cfg, n: int = 5, console=None, tokenizer=None) -> DataStats:
     for line in histogram_lines(stats.histogram):
         console.print(line, markup=False)
     console.rule("token rows")
-    for line in preview_lines(cfg.model, tokenizer, (train, val), new_ids, cfg.lora.train_untrained_tokens):
+    for line in preview_lines(cfg.model, tokenizer, (train, val), new_ids, cfg.lora):
         console.print(line, markup=False, highlight=False)
     return stats
 

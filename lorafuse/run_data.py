@@ -64,7 +64,7 @@ def model_and_data(cfg, model, tokenizer, out: Path, console, world):
     train_b, val_b, fingerprint, stats = batchers(cfg, tokenizer, out, console, world)
     model_state(model).prompt = prompt_format(cfg, tokenizer, stats.template)
     datasets = (train_b.dataset, val_b.dataset if val_b is not None else None)
-    rows_for_run(model, tokenizer, datasets, new_ids, cfg.lora.train_untrained_tokens, console, world.is_main)
+    rows_for_run(model, tokenizer, datasets, new_ids, cfg.lora, console, world.is_main, cfg.train.seed)
     if world.size > 1:
         console.print(world.describe(cfg.train), highlight=False)
     return train_b, val_b, fingerprint

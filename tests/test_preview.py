@@ -14,7 +14,7 @@ from lorafuse.preview import histogram_lines, preview, render_example
 def _cfg(tmp_path, model_path="unused", train_untrained_tokens="auto", **data):
     return SimpleNamespace(
         model=SimpleNamespace(path=str(model_path), trust_remote_code=False),
-        lora=SimpleNamespace(train_untrained_tokens=train_untrained_tokens),
+        lora=SimpleNamespace(train_untrained_tokens=train_untrained_tokens, token_row_init="sample"),
         data=DataConfig(**{"path": "builtin:demo", **data}),
         output=SimpleNamespace(dir=str(tmp_path / "run")),
         train=SimpleNamespace(seed=42),

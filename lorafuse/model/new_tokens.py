@@ -4,8 +4,9 @@ A ChatML template (`<|im_start|>`, `<|im_end|>`) on a base whose tokenizer does 
 marker into several text pieces; asked for, or found in the template the data is rendered with, lorafuse adds them
 as special tokens instead. The embedding and the output head then grow to `len(tokenizer)` rows (transformers'
 `resize_token_embeddings`; never shrunk: some bases carry spare rows beyond the tokenizer, and a token added
-there takes a spare row), the new rows are set to the mean of the trained rows of each table
-(model/untrained_tokens.py), and the run trains exactly those rows (lora/token_rows.py). The adapter folder holds
+there takes a spare row), the new rows of the frozen tables are set to the mean of the trained rows of each table,
+and the run trains exactly those rows (lora/token_rows.py), started as `lora.token_row_init` says
+(model/untrained_tokens.py). The adapter folder holds
 the tokenizer with the new tokens and the rows; docs/tokens.md says how peft + transformers load it.
 
 Template markers: the strings of the form `<|name|>` in the template's text for a short conversation, when the
@@ -97,7 +98,7 @@ def add_run_tokens(model, tokenizer, special_tokens, chat: bool, train_untrained
         rows = "" if model is None else f"; the model's tables have {model.get_input_embeddings().weight.shape[0]} rows"
         console.print(
             f"new tokens: {names} added to the tokenizer ({before} -> {len(tokenizer)} tokens{rows}); their rows "
-            "start at the mean of the trained rows and are trained",
+            "start around the trained rows (lora.token_row_init) and are trained",
             highlight=False,
             markup=False,
         )

@@ -1,13 +1,19 @@
 """Untrained token rows: find the tokens the data uses whose embedding or head rows were never trained, say so, and
-give them trainable rows started at the mean of the trained rows.
+give them trainable rows started around the trained rows.
 
 Why: a base's special tokens are often rows that pretraining never touched (Llama-3 base's `<|eot_id|>`,
 `<|start_header_id|>` and reserved tokens are exactly zero in the embedding and the head). Fine-tuned with a
 template that uses them, the model reads a zero vector where the template's structure should be and cannot put
 probability on the end-of-turn token, and LoRA on the linear layers cannot move a table row. So lorafuse trains
-those rows (lora/token_rows.py: peft's `trainable_token_indices`), started where the literature and the peers
-start new rows: the mean of the trained rows (Hewitt, "Initializing new word embeddings for pretrained language
-models", 2021; Unsloth and Axolotl reset untrained rows to that mean too).
+those rows (lora/token_rows.py: peft's `trainable_token_indices`). Where they start (`lora.token_row_init`):
+    sample   each row drawn from a normal distribution with the trained rows' mean and per-dimension standard
+             deviation (the default): rows that look like trained ones and differ from each other
+    mean     every row at the mean of the trained rows, as Unsloth and Axolotl reset them (Hewitt, "Initializing new
+             word embeddings for pretrained language models", 2021, argues for the mean, or a sample around it, so
+             that a new token starts with a typical probability rather than a huge one)
+With the mean, every flagged token of a template starts as the same vector, so the model cannot tell them apart until
+training has pulled their rows apart; on the quality benchmark's zeroed template rows that cost most of what a LoRA
+run learns in 200 steps, and the samples recovered it (benchmarks/NOTES.md).
 
 A row of a table T (V, D) (input embedding; output head when not tied) looks untrained when
     zero        max_d |T[v, d]| <= ZERO                     (1e-16: also the tiny denormals bf16 checkpoints carry)
@@ -56,6 +62,7 @@ class TableCheck:
     duplicates: Tensor  # (V,) int: how many other rows equal this one bit for bit
     median: float
     mean: Tensor = field(default_factory=lambda: torch.zeros(0))
+    std: Tensor = field(default_factory=lambda: torch.zeros(0))  # (D,) fp32: the trained rows' spread per dimension
     near: Tensor | None = None  # (V,) int: other rows with cosine >= NEAR (checked rows only); None: not checked
 
     @property
@@ -99,7 +106,7 @@ def check_table(name: str, read: Callable[[int, int], Tensor], vocab: int, used:
     q = torch.cat(picked) if used is not None else None
     if q is not None and q.device.type != "cuda" and q.numel() * vocab > NEAR_BUDGET:
         q = None  # too slow here: the run, on its GPU, checks
-    check.mean, near = _second_pass(read, vocab, ~check.untrained, q)
+    check.mean, check.std, near = _second_pass(read, vocab, ~check.untrained, q)
     if near is not None:
         check.near = torch.zeros(vocab, dtype=torch.long)
         check.near[used] = near
@@ -112,22 +119,27 @@ def _hash(rows: Tensor, coeff: Tensor) -> Tensor:
     return (rows.contiguous().view(ints).to(torch.int64) * coeff).sum(dim=1)
 
 
-def _second_pass(read, vocab: int, keep: Tensor, q: Tensor | None) -> tuple[Tensor, Tensor | None]:
-    """(the mean of the rows `keep` selects (D,) fp32, and for each row of q (U, D) how many other rows of the
-    table have cosine >= NEAR with it (U,), or None without q)."""
-    total, n = None, int(keep.sum())
+def _second_pass(read, vocab: int, keep: Tensor, q: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None]:
+    """(the mean and the standard deviation (population, per dimension) of the rows `keep` selects, (D,) fp32 each,
+    and for each row of q (U, D) how many other rows of the table have cosine >= NEAR with it (U,), or None without
+    q). The sums are kept in fp64 across the row ranges."""
+    total, squares, n = None, None, int(keep.sum())
     unit = None if q is None else q / q.norm(dim=1, keepdim=True).clamp_min(1e-30)
     near = None if q is None else torch.full((q.shape[0],), -1, dtype=torch.long, device=q.device)  # minus itself
     for start in range(0, vocab, RANGE):
         end = min(start + RANGE, vocab)
         rows = read(start, end).float()
-        part = rows[keep[start:end].to(rows.device)].sum(dim=0)
+        mine = rows[keep[start:end].to(rows.device)]
+        part, part_sq = mine.sum(dim=0).double(), mine.square().sum(dim=0).double()
         total = part if total is None else total + part
+        squares = part_sq if squares is None else squares + part_sq
         if unit is not None:
             other = rows / rows.norm(dim=1, keepdim=True).clamp_min(1e-30)
             for u in range(0, unit.shape[0], 4096):  # (4096, RANGE) fp32 cosines at a time
                 near[u : u + 4096] += (unit[u : u + 4096] @ other.t() >= NEAR).sum(dim=1)
-    return (total / max(n, 1)).cpu(), None if near is None else near.clamp_min(0).cpu()
+    mean = total / max(n, 1)
+    std = (squares / max(n, 1) - mean.square()).clamp_min(0).sqrt()
+    return mean.float().cpu(), std.float().cpu(), None if near is None else near.clamp_min(0).cpu()
 
 
 @dataclass
@@ -163,8 +175,9 @@ def check_tokens(tables: list[TableCheck], used: np.ndarray, tokenizer, new_ids=
     return TokenReport(int(used.size), ids, reasons, names, tables, [int(v) for v in new_ids])
 
 
-def report_lines(report: TokenReport, trains: bool) -> list[str]:
-    """The block the run and `lorafuse data preview` print; trains: lora.train_untrained_tokens is auto."""
+def report_lines(report: TokenReport, trains: bool, init: str = "sample") -> list[str]:
+    """The block the run and `lorafuse data preview` print; trains: lora.train_untrained_tokens is auto; init:
+    lora.token_row_init."""
     skipped = [t.name for t in report.tables if t.near is None]
     note = (
         [f"  near copies not checked in the {' and '.join(skipped)} here (too slow on a CPU); the run checks them"]
@@ -184,7 +197,7 @@ def report_lines(report: TokenReport, trains: bool) -> list[str]:
         lines.append(f"  {report.names[v]!r} (id {v}): {', '.join(report.reasons[v])}")
     if len(report.ids) > SHOWN:
         lines.append(f"  ... and {len(report.ids) - SHOWN} more")
-    trained = "lorafuse trains their embedding and output-head rows, started at the mean of the trained rows"
+    trained = f"lorafuse trains their embedding and output-head rows, {START[init]}"
     saved = "(saved in the adapter as peft's trainable_token_indices)"
     if trains:
         lines.append(f"  {trained} {saved}; lora.train_untrained_tokens=off leaves the existing ones as they are")
@@ -213,10 +226,11 @@ def _in_memory(name: str, weight: Tensor, used: np.ndarray) -> TableCheck:
         return check_table(name, lambda a, b: weight[a:b].detach(), weight.shape[0], torch.from_numpy(used))
 
 
-def give_rows(model, report: TokenReport, train_untrained: str) -> list[int]:
+def give_rows(model, report: TokenReport, train_untrained: str, init: str = "sample", seed: int = 0) -> list[int]:
     """Attach trainable rows (lora/token_rows.py) for the flagged tokens (train_untrained "auto") or only the new
-    ones ("off"). Each table's rows start at the table's own values, except rows it flags (and new rows): the
-    mean of its trained rows. A table trained whole (lora.modules_to_save) gets no rows. Returns the ids."""
+    ones ("off"). Each table's rows start at the table's own values, except rows it flags (and new rows), which
+    start as `init` says (lora.token_row_init: "sample" draws them, on the CPU from `seed`, the same on every
+    device; "mean"). A table trained whole (lora.modules_to_save) gets no rows. Returns the ids."""
     from lorafuse.lora.token_rows import attach, state, tables
 
     if state(model) is not None:  # an adapter loaded to train on (load_adapter(..., is_trainable=True)) brought its own
@@ -227,6 +241,7 @@ def give_rows(model, report: TokenReport, train_untrained: str) -> list[int]:
     emb, head, tied = tables(model)
     checks = {t.name: t for t in report.tables}
     index = torch.tensor(ids, dtype=torch.long)
+    generator = torch.Generator().manual_seed(seed)
 
     def start_values(module, check):
         if module is None or module.weight.requires_grad:
@@ -234,7 +249,7 @@ def give_rows(model, report: TokenReport, train_untrained: str) -> list[int]:
         w = module.weight.detach()
         values = w[index.to(w.device)].float()
         fresh = check.untrained[index] | torch.isin(index, torch.tensor(report.new, dtype=torch.long))
-        values[fresh.to(values.device)] = check.mean.to(values.device)
+        values[fresh.to(values.device)] = fresh_rows(check, int(fresh.sum()), init, generator).to(values.device)
         return values
 
     embed_values = start_values(emb, checks["embedding"])
@@ -245,16 +260,33 @@ def give_rows(model, report: TokenReport, train_untrained: str) -> list[int]:
     return ids
 
 
-def rows_for_run(model, tokenizer, datasets, new_ids, train_untrained: str, console, say: bool = True) -> list[int]:
+def fresh_rows(check: TableCheck, count: int, init: str, generator: torch.Generator) -> Tensor:
+    """(count, D) fp32 starting rows for a table's flagged or new tokens (`give_rows`, lora.token_row_init):
+    "sample": mean + std * N(0, 1) per dimension, drawn from `generator`; "mean": the trained rows' mean."""
+    if init == "mean":
+        return check.mean.expand(count, -1).clone()
+    if init != "sample":
+        raise ValueError(f"token row init {init!r}: one of {tuple(START)}")
+    return check.mean + check.std * torch.randn(count, check.mean.numel(), generator=generator)
+
+
+START = {  # lora.token_row_init -> how the report says it
+    "sample": "each started as a sample around the trained rows (their mean and spread)",
+    "mean": "started at the mean of the trained rows",
+}
+
+
+def rows_for_run(model, tokenizer, datasets, new_ids, lora_cfg, console, say: bool = True, seed: int = 0) -> list[int]:
     """The run's check and rows: report which tokens the data uses look untrained and train them (see
-    `give_rows`). Returns the ids given rows."""
+    `give_rows`; lora_cfg: the config's lora section). Returns the ids given rows."""
     from lorafuse.lora.token_rows import VALUES_KEY
 
+    train_untrained, init = lora_cfg.train_untrained_tokens, lora_cfg.token_row_init
     used = used_token_ids(datasets, tokenizer)
     report = check_tokens(table_checks(model, used), used, tokenizer, new_ids)
-    ids = give_rows(model, report, train_untrained)
+    ids = give_rows(model, report, train_untrained, init, seed)
     if say:
-        lines = report_lines(report, train_untrained == "auto")
+        lines = report_lines(report, train_untrained == "auto", init)
         rows = [p for n, p in model.named_parameters() if n.endswith(VALUES_KEY)]
         if rows:  # the trainable-parameters line apply_lora printed did not count them
             lines.append(f"  trainable token rows: {sum(p.numel() for p in rows):,d} parameters more")
@@ -303,11 +335,12 @@ def folder_checks(path: str, used: np.ndarray, trust_remote_code: bool = False) 
     return checks, ""
 
 
-def preview_lines(model_cfg, tokenizer, datasets, new_ids, train_untrained: str) -> list[str]:
-    """`lorafuse data preview`'s block: the run's check, on the checkpoint's tables read from disk."""
+def preview_lines(model_cfg, tokenizer, datasets, new_ids, lora_cfg) -> list[str]:
+    """`lorafuse data preview`'s block: the run's check, on the checkpoint's tables read from disk (lora_cfg: the
+    config's lora section)."""
     used = used_token_ids(datasets, tokenizer)
     checks, why = folder_checks(model_cfg.path, used, model_cfg.trust_remote_code)
     if not checks:
         return [f"untrained token rows: not checked before training ({why})"]
     report = check_tokens(checks, used, tokenizer, new_ids)
-    return report_lines(report, train_untrained == "auto")
+    return report_lines(report, lora_cfg.train_untrained_tokens == "auto", lora_cfg.token_row_init)

@@ -9,9 +9,10 @@ import numpy as np
 import torch
 
 from lorafuse.lora import token_rows
+from lorafuse.model import untrained_tokens
 from lorafuse.model.new_tokens import template_markers
 from lorafuse.model.tiny import build_tiny_model
-from lorafuse.model.untrained_tokens import check_tokens, give_rows, report_lines, table_checks
+from lorafuse.model.untrained_tokens import check_table, check_tokens, fresh_rows, give_rows, report_lines, table_checks
 
 ALL = np.arange(64)  # the tokens "the data uses" in these tests
 
@@ -69,7 +70,7 @@ def test_rows_start_at_the_mean_of_the_trained_rows_and_keep_trained_values(tiny
         emb[[4, 5]] = 0
         head[5] = 0  # token 4's head row is trained: it keeps its value
     report = check_tokens(table_checks(model, ALL), ALL, tiny_tokenizer)
-    assert give_rows(model, report, "auto") == [4, 5]
+    assert give_rows(model, report, "auto", init="mean") == [4, 5]
     e_rows = token_rows.state(model).embed_rows.values
     h_rows = token_rows.state(model).head_rows.values
     trained_e = torch.ones(emb.shape[0], dtype=torch.bool)
@@ -81,6 +82,59 @@ def test_rows_start_at_the_mean_of_the_trained_rows_and_keep_trained_values(tiny
     assert e_rows.requires_grad and not emb.requires_grad
     token_rows.detach(model)
     assert not any(p.requires_grad for p in model.parameters())
+
+
+def test_sampled_rows_are_distinct_draws_around_the_trained_rows_and_trained_rows_keep_their_values(tiny_tokenizer):
+    model = _model(tiny_tokenizer)
+    emb, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
+    with torch.no_grad():
+        emb[[4, 5, 6]] = 0
+        head[5] = 0
+    report = check_tokens(table_checks(model, ALL), ALL, tiny_tokenizer)
+    assert give_rows(model, report, "auto", init="sample", seed=7) == [4, 5, 6]
+    e_rows = token_rows.state(model).embed_rows.values.detach()
+    h_rows = token_rows.state(model).head_rows.values.detach()
+    assert torch.equal(h_rows[0], head[4]) and torch.equal(h_rows[2], head[6])  # trained head rows as they were
+    trained = torch.ones(emb.shape[0], dtype=torch.bool)
+    trained[[4, 5, 6]] = False
+    spread = emb[trained].std(0, unbiased=False)
+    z = (e_rows - emb[trained].mean(0)) / spread  # each sampled row in units of the trained rows' spread
+    assert torch.cdist(e_rows, e_rows)[~torch.eye(3, dtype=torch.bool)].min() > 0.5 * spread.norm()  # distinct
+    assert 0.5 < float(z.square().mean().sqrt()) < 1.5  # as far from the mean as a trained row, not at it
+    assert not torch.allclose(h_rows[1], head[~torch.isin(torch.arange(head.shape[0]), torch.tensor([5]))].mean(0))
+    token_rows.detach(model)
+    give_rows(model, report, "auto", init="sample", seed=7)
+    assert torch.equal(token_rows.state(model).embed_rows.values.detach(), e_rows)  # the seed decides the draw
+    token_rows.detach(model)
+    give_rows(model, report, "auto", init="sample", seed=8)
+    assert not torch.equal(token_rows.state(model).embed_rows.values.detach(), e_rows)
+
+
+def test_the_table_spread_summed_over_row_ranges_and_the_samples_follow_it(monkeypatch):
+    monkeypatch.setattr(untrained_tokens, "RANGE", 100)  # the sums cross many row ranges
+    g = torch.Generator().manual_seed(0)
+    center, scale = torch.linspace(-3, 3, 16), torch.linspace(0.01, 2.0, 16)
+    table = (center + scale * torch.randn(1000, 16, generator=g)).to(torch.bfloat16)
+    table[[10, 500, 999]] = 0
+    check = check_table("embedding", lambda a, b: table[a:b], 1000)
+    kept = table.float()[check.untrained.logical_not()]
+    assert check.untrained.sum() == 3
+    assert torch.allclose(check.mean, kept.mean(0), atol=1e-5, rtol=1e-5)
+    assert torch.allclose(check.std, kept.std(0, unbiased=False), atol=1e-5, rtol=1e-5)
+    rows = fresh_rows(check, 20000, "sample", torch.Generator().manual_seed(1))
+    n = rows.shape[0]
+    assert ((rows.mean(0) - check.mean).abs() < 5 * check.std / n**0.5).all()
+    assert ((rows.std(0) / check.std - 1).abs() < 0.05).all()
+    assert torch.equal(fresh_rows(check, 2, "mean", g), check.mean.expand(2, -1))
+
+
+def test_the_report_says_where_the_rows_start(tiny_tokenizer):
+    model = _model(tiny_tokenizer)
+    with torch.no_grad():
+        model.get_input_embeddings().weight[4] = 0
+    report = check_tokens(table_checks(model, ALL), ALL, tiny_tokenizer)
+    assert "a sample around the trained rows" in "\n".join(report_lines(report, True, "sample"))
+    assert "started at the mean of the trained rows" in "\n".join(report_lines(report, True, "mean"))
 
 
 def test_off_gives_rows_to_new_tokens_only(tiny_tokenizer):

@@ -36,11 +36,12 @@ def zeroed_dir(tmp_path_factory, tiny_tokenizer):
     return folder
 
 
-def _run(folder, out, mode, dtype="float32", **train):
+def _run(folder, out, mode, dtype="float32", init="sample", **train):
+    lora = {"r": 4, "alpha": 8, "dropout": 0.0, "targets": "all-linear", "train_untrained_tokens": mode}
     cfg = validate_config(
         {
             "model": {"path": str(folder), "quant": "nf4", "compute_dtype": dtype},
-            "lora": {"r": 4, "alpha": 8, "dropout": 0.0, "targets": "all-linear", "train_untrained_tokens": mode},
+            "lora": {**lora, "token_row_init": init},
             "data": {"path": str(folder / "chat.jsonl"), "format": "messages", "max_length": 48},
             "train": {
                 "max_steps": 12,
@@ -62,8 +63,8 @@ def _run(folder, out, mode, dtype="float32", **train):
 
 
 def test_zeroed_template_rows_are_reported_and_trained(zeroed_dir, tmp_path):
-    result, text = _run(zeroed_dir, tmp_path / "auto", "auto")
-    assert "untrained token rows: 2 of the" in text
+    result, text = _run(zeroed_dir, tmp_path / "auto", "auto", init="mean")
+    assert "untrained token rows: 2 of the" in text and "started at the mean of the trained rows" in text
     assert "'<|im_start|>' (id 4): embedding all zero, head all zero" in text
     assert result.last_loss < result.first_loss
     adapter = tmp_path / "auto" / "adapter"
@@ -75,6 +76,17 @@ def test_zeroed_template_rows_are_reported_and_trained(zeroed_dir, tmp_path):
         assert rows.shape == (2, 64)
         # started at one vector (the mean of the trained rows); training moved each row its own way
         assert (rows[0] - rows[1]).norm() > 0.05 * rows.norm(dim=1).min() > 0, table
+
+
+def test_by_default_the_rows_start_as_samples_drawn_from_the_run_seed(zeroed_dir, tmp_path):
+    starts = []
+    for name, seed in (("a", 0), ("b", 0), ("c", 1)):
+        _, text = _run(zeroed_dir, tmp_path / name, "auto", max_steps=1, lr=1e-12, seed=seed)
+        assert "each started as a sample around the trained rows" in text
+        saved = load_file(str(tmp_path / name / "adapter" / "adapter_model.safetensors"))
+        starts.append(saved["base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta"])
+    assert (starts[0][0] - starts[0][1]).norm() > 0.1 * starts[0].norm(dim=1).min()  # two different rows
+    assert torch.allclose(starts[0], starts[1], atol=1e-9) and not torch.allclose(starts[0], starts[2], atol=1e-3)
 
 
 def test_off_leaves_them_alone(zeroed_dir, tmp_path):
