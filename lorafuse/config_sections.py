@@ -131,11 +131,12 @@ class LoraConfig(_Section):
 
     token_row_init: Literal["sample", "mean"] = Field(
         "sample",
-        description="Where the untrained and new token rows that lorafuse trains start. sample: each row drawn from "
-        "a normal distribution with the trained rows' mean and per-dimension spread (rows that look trained and "
-        "differ from each other; drawn from train.seed). mean: every row at the mean of the trained rows, as "
-        "Unsloth and Axolotl start them (identical rows: the model cannot tell those tokens apart until training "
-        "separates them). docs/tokens.md.",
+        description="Where the untrained and new token rows that lorafuse trains start. sample: each input-embedding "
+        "row drawn from a normal distribution with the trained rows' mean and per-dimension spread (rows that look "
+        "trained and differ from each other; drawn from train.seed), each output-head row at the mean of the trained "
+        "head rows (a typical starting probability). mean: every row at the mean of the trained rows, as Unsloth and "
+        "Axolotl start them (identical input rows: the model cannot tell those tokens apart until training separates "
+        "them). docs/tokens.md.",
     )
 
     @field_validator("train_untrained_tokens", mode="before")

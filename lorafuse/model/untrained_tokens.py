@@ -6,14 +6,16 @@ Why: a base's special tokens are often rows that pretraining never touched (Llam
 template that uses them, the model reads a zero vector where the template's structure should be and cannot put
 probability on the end-of-turn token, and LoRA on the linear layers cannot move a table row. So lorafuse trains
 those rows (lora/token_rows.py: peft's `trainable_token_indices`). Where they start (`lora.token_row_init`):
-    sample   each row drawn from a normal distribution with the trained rows' mean and per-dimension standard
-             deviation (the default): rows that look like trained ones and differ from each other
-    mean     every row at the mean of the trained rows, as Unsloth and Axolotl reset them (Hewitt, "Initializing new
-             word embeddings for pretrained language models", 2021, argues for the mean, or a sample around it, so
-             that a new token starts with a typical probability rather than a huge one)
-With the mean, every flagged token of a template starts as the same vector, so the model cannot tell them apart until
+    sample   (the default) each input-embedding row drawn from a normal distribution with the trained rows' mean
+             and per-dimension standard deviation: rows that look like trained ones and differ from each other; the
+             output-head rows at the mean of the trained head rows, so a new token starts with a typical probability
+             (Hewitt, "Initializing new word embeddings for pretrained language models", 2021). A tied table is
+             drawn: it is the model's input.
+    mean     every row at the mean of the trained rows, as Unsloth and Axolotl reset them
+With the mean, every flagged token of a template reads as the same vector, so the model cannot tell them apart until
 training has pulled their rows apart; on the quality benchmark's zeroed template rows that cost most of what a LoRA
-run learns in 200 steps, and the samples recovered it (benchmarks/NOTES.md).
+run learns in 200 steps, and drawn input rows recovered it; drawn head rows did worse than the mean
+(benchmarks/NOTES.md).
 
 A row of a table T (V, D) (input embedding; output head when not tied) looks untrained when
     zero        max_d |T[v, d]| <= ZERO                     (1e-16: also the tiny denormals bf16 checkpoints carry)
@@ -229,8 +231,9 @@ def _in_memory(name: str, weight: Tensor, used: np.ndarray) -> TableCheck:
 def give_rows(model, report: TokenReport, train_untrained: str, init: str = "sample", seed: int = 0) -> list[int]:
     """Attach trainable rows (lora/token_rows.py) for the flagged tokens (train_untrained "auto") or only the new
     ones ("off"). Each table's rows start at the table's own values, except rows it flags (and new rows), which
-    start as `init` says (lora.token_row_init: "sample" draws them, on the CPU from `seed`, the same on every
-    device; "mean"). A table trained whole (lora.modules_to_save) gets no rows. Returns the ids."""
+    start as `init` says (lora.token_row_init: "sample" draws the embedding's, on the CPU from `seed`, the same on
+    every device, and starts an untied head's at its mean; "mean": both at the mean). A table trained whole
+    (lora.modules_to_save) gets no rows. Returns the ids."""
     from lorafuse.lora.token_rows import attach, state, tables
 
     if state(model) is not None:  # an adapter loaded to train on (load_adapter(..., is_trainable=True)) brought its own
@@ -243,7 +246,7 @@ def give_rows(model, report: TokenReport, train_untrained: str, init: str = "sam
     index = torch.tensor(ids, dtype=torch.long)
     generator = torch.Generator().manual_seed(seed)
 
-    def start_values(module, check):
+    def start_values(module, check, init):
         if module is None or module.weight.requires_grad:
             return None
         w = module.weight.detach()
@@ -252,8 +255,8 @@ def give_rows(model, report: TokenReport, train_untrained: str, init: str = "sam
         values[fresh.to(values.device)] = fresh_rows(check, int(fresh.sum()), init, generator).to(values.device)
         return values
 
-    embed_values = start_values(emb, checks["embedding"])
-    head_values = None if tied else start_values(head, checks.get("head"))
+    embed_values = start_values(emb, checks["embedding"], init)
+    head_values = None if tied else start_values(head, checks.get("head"), "mean")
     if embed_values is None and head_values is None:
         return []
     attach(model, ids, embed_values, head_values)
@@ -271,7 +274,8 @@ def fresh_rows(check: TableCheck, count: int, init: str, generator: torch.Genera
 
 
 START = {  # lora.token_row_init -> how the report says it
-    "sample": "each started as a sample around the trained rows (their mean and spread)",
+    "sample": "the embedding rows each drawn around the trained rows (their mean and spread), the head rows at "
+    "their mean",
     "mean": "started at the mean of the trained rows",
 }
 

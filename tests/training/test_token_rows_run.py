@@ -82,7 +82,7 @@ def test_by_default_the_rows_start_as_samples_drawn_from_the_run_seed(zeroed_dir
     starts = []
     for name, seed in (("a", 0), ("b", 0), ("c", 1)):
         _, text = _run(zeroed_dir, tmp_path / name, "auto", max_steps=1, lr=1e-12, seed=seed)
-        assert "each started as a sample around the trained rows" in text
+        assert "the embedding rows each drawn around the trained rows" in text
         saved = load_file(str(tmp_path / name / "adapter" / "adapter_model.safetensors"))
         starts.append(saved["base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta"])
     assert (starts[0][0] - starts[0][1]).norm() > 0.1 * starts[0].norm(dim=1).min()  # two different rows
