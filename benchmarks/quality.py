@@ -317,8 +317,12 @@ def main(argv=None) -> int:
     tokenizer = build_tokenizer()
     t0 = time.perf_counter()
     meta = {**_meta(device), "task": f"sort {plan['length']} digits", "steps": plan["steps"], "batch": plan["batch"]}
-    meta.update(eval_rows=plan["eval_rows"], tag=args.tag, loraplus_lr_ratio=args.loraplus_ratio)
-    meta["token_row_init"] = args.token_row_init
+    meta.update(
+        eval_rows=plan["eval_rows"],
+        tag=args.tag,
+        loraplus_lr_ratio=args.loraplus_ratio,
+        token_row_init=args.token_row_init,
+    )
     out = results_file(args.out, meta["card"])
     rows = []
     with tempfile.TemporaryDirectory(prefix="lorafuse-quality-bases-") as tmp:

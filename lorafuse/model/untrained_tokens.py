@@ -246,13 +246,13 @@ def give_rows(model, report: TokenReport, train_untrained: str, init: str = "sam
     index = torch.tensor(ids, dtype=torch.long)
     generator = torch.Generator().manual_seed(seed)
 
-    def start_values(module, check, init):
+    def start_values(module, check, how):
         if module is None or module.weight.requires_grad:
             return None
         w = module.weight.detach()
         values = w[index.to(w.device)].float()
         fresh = check.untrained[index] | torch.isin(index, torch.tensor(report.new, dtype=torch.long))
-        values[fresh.to(values.device)] = fresh_rows(check, int(fresh.sum()), init, generator).to(values.device)
+        values[fresh.to(values.device)] = fresh_rows(check, int(fresh.sum()), how, generator).to(values.device)
         return values
 
     embed_values = start_values(emb, checks["embedding"], init)
