@@ -132,7 +132,7 @@ def run_lorafuse(settings: dict, base: Path, data: Path, lr: float, plan: dict, 
     cfg = validate_config(
         {
             "model": {"path": str(base), "quant": settings["quant"]},
-            "lora": {**LORA, "targets": PROJ7, "token_row_init": plan.get("token_row_init", "sample")},
+            "lora": {**_lora(plan), "targets": PROJ7, "token_row_init": plan.get("token_row_init", "sample")},
             "data": {
                 "path": str(data),
                 "format": "messages",
@@ -188,11 +188,18 @@ def run_peer(stack: str, settings: dict, base: Path, encoded, lr: float, plan: d
 
         if settings["quant"] == "nf4":
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-        config = LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"], target_modules=PROJ7)
+        lora = _lora(plan)
+        config = LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"], target_modules=PROJ7)
         model = get_peft_model(model, config)
     params = lora_plus_groups(model, [p for p in model.parameters() if p.requires_grad], plan.get("loraplus", 1.0))
     seconds = finetune(model, params, encoded, lr, plan["steps"], plan["batch"], device, seed)
     return model, seconds
+
+
+def _lora(plan: dict) -> dict:
+    """The adapters' settings: the seed's, at --rank r with alpha 2r when given."""
+    rank = plan.get("rank") or LORA["r"]
+    return {**LORA, "r": rank, "alpha": 2 * rank}
 
 
 def one_run(method, base, zeroed, lr, ctx) -> dict:
@@ -310,7 +317,7 @@ def main(argv=None) -> int:
     knobs = {"steps": args.steps, "pre_steps": args.pretrain_steps, "eval_rows": args.eval_rows}
     for key, value in {**knobs, "length": args.sort_length}.items():
         plan[key] = value or plan[key]
-    plan["loraplus"], plan["token_row_init"] = args.loraplus_ratio, args.token_row_init
+    plan["loraplus"], plan["token_row_init"], plan["rank"] = args.loraplus_ratio, args.token_row_init, args.rank
     if device.type == "cpu":
         torch.set_num_threads(1)  # tiny matmuls: more threads only add contention (tests/conftest.py measured 8x)
     tokenizer = build_tokenizer()
@@ -321,6 +328,7 @@ def main(argv=None) -> int:
         tag=args.tag,
         loraplus_lr_ratio=args.loraplus_ratio,
         token_row_init=args.token_row_init,
+        lora_rank=_lora(plan)["r"],
     )
     out = results_file(args.out, meta["card"])
     rows = []
