@@ -218,6 +218,7 @@ def one_run(method, base, zeroed, lr, ctx) -> dict:
         else:
             model, train_s = run_peer(stack, settings, base, ctx["train"], lr, ctx["plan"], ctx["device"], ctx["seed"])
         accuracy = exact_match(model, ctx["eval"], ctx["device"])
+        row["adapter_params"] = sum(p.numel() for n, p in model.named_parameters() if ".lora_" in n)
         row["token_accuracy"], row["answer_loss"] = answer_scores(model, ctx["eval"], ctx["device"])
     except Exception as exc:  # one failed run is a row with its reason; the grid goes on
         traceback.print_exc()

@@ -177,3 +177,19 @@ def test_loraplus_grid_runs_lorafuse_and_peft_adapters_with_the_ratio(tmp_path):
     runs = [r for r in runs if r["kind"] == "run"]
     assert {r["method"] for r in runs} == {"lora", "seed lora"}
     assert all(r["status"] == "ok" and r["loraplus_lr_ratio"] == 16 for r in runs), runs
+
+
+def test_rank_sets_every_adapter_s_size(tmp_path):
+    sizes = {}
+    for rank in (4, 8):
+        out = tmp_path / f"r{rank}"
+        out.mkdir()
+        _smoke(out, "--methods", "lora,seed lora", "--bases", "plain", "--rank", str(rank), timeout=300)
+        (results,) = out.glob("*-cpu-quality.jsonl")
+        runs = [json.loads(line) for line in results.read_text().splitlines()]
+        sizes[rank] = {r["method"]: r["adapter_params"] for r in runs if r["kind"] == "run"}
+    # the smoke model: 2 layers, hidden 64, intermediate 128, 2 heads of 32 (k, v as wide as q): r (in + out) a matrix
+    per_rank = 2 * (4 * (64 + 64) + 2 * (64 + 128) + (128 + 64))
+    for rank in (4, 8):
+        assert sizes[rank] == {"lora": rank * per_rank, "seed lora": rank * per_rank}, sizes
+
