@@ -192,4 +192,3 @@ def test_rank_sets_every_adapter_s_size(tmp_path):
     per_rank = 2 * (4 * (64 + 64) + 2 * (64 + 128) + (128 + 64))
     for rank in (4, 8):
         assert sizes[rank] == {"lora": rank * per_rank, "seed lora": rank * per_rank}, sizes
-
