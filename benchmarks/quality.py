@@ -98,9 +98,11 @@ PLAN = {  # pretrain steps, batch, tokens; fine-tune steps, batch; held-out rows
 }
 
 
-def blocker(method: str, device: torch.device) -> str:
+def blocker(method: str, device: torch.device, variant: str = "plain") -> str:
     """Why `method` cannot run here ("" when it can)."""
     stack, s = METHODS[method]
+    if variant == "pissa" and stack == "lorafuse":
+        return "PiSSA's start (--variant pissa) is peft's; lorafuse has no such lora.init"
     if s.get("fast_path") == "on" and device.type != "cuda":
         return "lorafuse's fused kernels need CUDA"
     if s.get("fp8"):
@@ -132,7 +134,13 @@ def run_lorafuse(settings: dict, base: Path, data: Path, lr: float, plan: dict, 
     cfg = validate_config(
         {
             "model": {"path": str(base), "quant": settings["quant"]},
-            "lora": {**_lora(plan), "targets": PROJ7, "token_row_init": plan.get("token_row_init", "sample")},
+            "lora": {
+                **_lora(plan),
+                "targets": PROJ7,
+                "token_row_init": plan.get("token_row_init", "sample"),
+                "rslora": plan.get("variant") == "rslora",
+                "dora": plan.get("variant") == "dora",
+            },
             "data": {
                 "path": str(data),
                 "format": "messages",
@@ -189,7 +197,16 @@ def run_peer(stack: str, settings: dict, base: Path, encoded, lr: float, plan: d
         if settings["quant"] == "nf4":
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
         lora = _lora(plan)
-        config = LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"], target_modules=PROJ7)
+        variant = plan.get("variant", "plain")
+        config = LoraConfig(
+            r=lora["r"],
+            lora_alpha=lora["alpha"],
+            lora_dropout=lora["dropout"],
+            target_modules=PROJ7,
+            use_rslora=variant == "rslora",
+            use_dora=variant == "dora",
+            init_lora_weights="pissa" if variant == "pissa" else True,
+        )
         model = get_peft_model(model, config)
     params = lora_plus_groups(model, [p for p in model.parameters() if p.requires_grad], plan.get("loraplus", 1.0))
     seconds = finetune(model, params, encoded, lr, plan["steps"], plan["batch"], device, seed)
@@ -205,7 +222,7 @@ def _lora(plan: dict) -> dict:
 def one_run(method, base, zeroed, lr, ctx) -> dict:
     stack, settings = METHODS[method]
     row = {"kind": "run", "method": method, "stack": stack, "zeroed": zeroed, "lr": lr, **ctx["meta"]}
-    why = blocker(method, ctx["device"])
+    why = blocker(method, ctx["device"], ctx["plan"].get("variant", "plain"))
     if why:
         return {**row, "status": "unavailable", "reason": why, "accuracy": None}
     t0 = time.perf_counter()
@@ -319,6 +336,7 @@ def main(argv=None) -> int:
     for key, value in {**knobs, "length": args.sort_length}.items():
         plan[key] = value or plan[key]
     plan["loraplus"], plan["token_row_init"], plan["rank"] = args.loraplus_ratio, args.token_row_init, args.rank
+    plan["variant"] = args.variant
     if device.type == "cpu":
         torch.set_num_threads(1)  # tiny matmuls: more threads only add contention (tests/conftest.py measured 8x)
     tokenizer = build_tokenizer()
@@ -330,6 +348,7 @@ def main(argv=None) -> int:
         loraplus_lr_ratio=args.loraplus_ratio,
         token_row_init=args.token_row_init,
         lora_rank=_lora(plan)["r"],
+        lora_variant=args.variant,
     )
     out = results_file(args.out, meta["card"])
     rows = []

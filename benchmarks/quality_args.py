@@ -27,6 +27,13 @@ def parse_args(argv, methods: dict, description: str):
         help="lorafuse's lora.token_row_init: where the template's untrained rows start (default sample)",
     )
     p.add_argument("--rank", type=int, help="the adapters' rank r, alpha 2r (default: the seed's r 16, alpha 32)")
+    p.add_argument(
+        "--variant",
+        choices=("plain", "rslora", "dora", "pissa"),
+        default="plain",
+        help="the adapters' kind: plain LoRA, rank-stabilised scaling, DoRA (lorafuse and peft), or PiSSA's start "
+        "from the weights' top singular vectors (peft only)",
+    )
     p.add_argument("--pretrain-steps", type=int, help="pretraining steps (default 3000; smoke 20)")
     p.add_argument("--eval-rows", type=int, help="held-out rows scored (default 300; smoke 16)")
     p.add_argument("--sort-length", type=int, help="digits to sort (default 6): the task's difficulty")
