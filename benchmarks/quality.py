@@ -84,10 +84,11 @@ METHODS = {  # name: (stack, settings)
     "seed lora": ("peft", {"quant": "none"}),
     "seed qlora": ("peft", {"quant": "nf4"}),
 }
-# Each grid brackets its kind's best rate at sort 10 / 200 steps (benchmarks/NOTES.md): at 150 steps the lowest rates
-# of full 1e-4 / adapters 1e-3 scored 0-3% everywhere; at 200 steps the best were full 3e-4 and adapters 2e-3, the
-# lowest of the grids then (3e-4 / 2e-3 up to 2e-3 / 1e-2), whose tops failed. These grids sit one step lower.
-LRS = {"full": [1e-4, 3e-4, 1e-3], "adapter": [1e-3, 2e-3, 5e-3]}
+# Each grid brackets its kind's best rate at sort 10 / 150 steps (benchmarks/NOTES.md): the lowest rates of the
+# earlier grids (full 1e-4, adapters 1e-3) scored 0-3% everywhere, and the best sat at a grid's top in four cells.
+# At 200 steps the best rates are these grids' lowest (full 3e-4, adapters 2e-3) and the tops fail (full 2e-3,
+# adapters 1e-2): a grid one step lower brackets them there (--lrs).
+LRS = {"full": [3e-4, 1e-3, 2e-3], "adapter": [2e-3, 5e-3, 1e-2]}
 SIZES = {
     "gpu": dict(hidden=256, intermediate=768, layers=4, heads=4),
     "smoke": dict(hidden=64, intermediate=128, layers=2, heads=2),
