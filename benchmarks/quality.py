@@ -4,6 +4,7 @@ rows as pretraining left them and zeroed as real bases ship them.
 
     python benchmarks/quality.py                  # the GPU grid (one H100: see "GPU time" below)
     python benchmarks/quality.py --smoke          # a tiny version of everything that runs here, on a CPU
+    python benchmarks/quality.py --stand-in --device cpu   # a smaller base for the grid's questions on a CPU
 
 1. Pretrain a small Llama from scratch on synthetic string tasks (benchmarks/quality_data.py: copy, reverse,
    rotate, shift, repeat, interleave; nothing that orders or compares), and save it twice: as pretrained, and
@@ -91,10 +92,12 @@ METHODS = {  # name: (stack, settings)
 LRS = {"full": [3e-4, 1e-3, 2e-3], "adapter": [2e-3, 5e-3, 1e-2]}
 SIZES = {
     "gpu": dict(hidden=256, intermediate=768, layers=4, heads=4),
+    "stand-in": dict(hidden=128, intermediate=384, layers=4, heads=4),
     "smoke": dict(hidden=64, intermediate=128, layers=2, heads=2),
 }
 PLAN = {  # pretrain steps, batch, tokens; fine-tune steps, batch; held-out rows
     "gpu": dict(pre_steps=3000, pre_batch=64, pre_seq=128, steps=300, batch=16, eval_rows=300, length=6),
+    "stand-in": dict(pre_steps=600, pre_batch=16, pre_seq=128, steps=300, batch=16, eval_rows=200, length=6),
     "smoke": dict(pre_steps=20, pre_batch=8, pre_seq=64, steps=4, batch=4, eval_rows=16, length=6),
 }
 
@@ -331,7 +334,7 @@ def main(argv=None) -> int:
     args = parse_args(argv, METHODS, __doc__.splitlines()[0])
     if args.report:
         return report(args.report, args.out, METHODS)
-    kind = "smoke" if args.smoke else "gpu"
+    kind = "smoke" if args.smoke else "stand-in" if args.stand_in else "gpu"
     plan, device = dict(PLAN[kind]), torch.device(args.device)
     knobs = {"steps": args.steps, "pre_steps": args.pretrain_steps, "eval_rows": args.eval_rows}
     for key, value in {**knobs, "length": args.sort_length}.items():
@@ -343,6 +346,7 @@ def main(argv=None) -> int:
     tokenizer = build_tokenizer()
     t0 = time.perf_counter()
     meta = {**_meta(device), "task": f"sort {plan['length']} digits", "steps": plan["steps"], "batch": plan["batch"]}
+    meta["size"] = kind
     meta.update(
         eval_rows=plan["eval_rows"],
         tag=args.tag,

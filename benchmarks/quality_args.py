@@ -14,6 +14,12 @@ def parse_args(argv, methods: dict, description: str):
     """quality.py's command line: `argv` parsed and checked (`methods`: the names --methods may choose from)."""
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--smoke", action="store_true", help="tiny sizes, one learning rate: the pipeline on a CPU")
+    p.add_argument(
+        "--stand-in",
+        action="store_true",
+        help="a 128-wide base pretrained for 600 steps of 16 x 128 tokens: the grid's questions on a 2-core CPU, "
+        "about 10 minutes of pretraining and 1-3 minutes a run",
+    )
     p.add_argument("--methods", default=",".join(methods), help="comma-separated subset of " + ", ".join(methods))
     p.add_argument("--lrs", default=None, help="one LR grid for every method, e.g. 1e-3,3e-3 (default: per kind)")
     p.add_argument("--steps", type=int, help="fine-tuning steps (default 300; smoke 4)")

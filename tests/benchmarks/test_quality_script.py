@@ -192,3 +192,17 @@ def test_rank_sets_every_adapter_s_size(tmp_path):
     per_rank = 2 * (4 * (64 + 64) + 2 * (64 + 128) + (128 + 64))
     for rank in (4, 8):
         assert sizes[rank] == {"lora": rank * per_rank, "seed lora": rank * per_rank}, sizes
+
+
+def test_the_stand_in_pretrains_a_wider_base_than_the_smoke_run(tmp_path):
+    widths = {}
+    for flag in ("--smoke", "--stand-in"):
+        base = tmp_path / flag.strip("-")
+        argv = [sys.executable, str(ROOT / "benchmarks" / "quality.py"), flag, "--device", "cpu", "--pretrain-only"]
+        argv += ["--pretrain-steps", "2", "--base", str(base), "--out", str(tmp_path / "out")]
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+        configs = [json.loads(p.read_text()) for p in base.rglob("config.json")]
+        assert len(configs) == 2  # the plain and the zeroed base
+        widths[flag] = {(c["hidden_size"], c["num_hidden_layers"]) for c in configs}
+    assert widths == {"--smoke": {(64, 2)}, "--stand-in": {(128, 4)}}
