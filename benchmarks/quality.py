@@ -78,6 +78,7 @@ PROJ7 = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_p
 LORA = {"r": 16, "alpha": 32, "dropout": 0.05}
 METHODS = {  # name: (stack, settings)
     "full": ("torch", {}),
+    "full projections": ("torch", {"only": PROJ7}),  # the adapters' seven matrices in full: embeddings, norms frozen
     "lora": ("lorafuse", {"quant": "none", "fast_path": "off"}),
     "qlora": ("lorafuse", {"quant": "nf4", "fast_path": "off"}),
     "qlora+fast": ("lorafuse", {"quant": "nf4", "fast_path": "on"}),
@@ -144,6 +145,7 @@ def run_lorafuse(settings: dict, base: Path, data: Path, lr: float, plan: dict, 
                 "token_row_init": plan.get("token_row_init", "sample"),
                 "rslora": plan.get("variant") == "rslora",
                 "dora": plan.get("variant") == "dora",
+                "modules_to_save": plan.get("modules_to_save"),
             },
             "data": {
                 "path": str(data),
@@ -195,6 +197,8 @@ def run_peer(stack: str, settings: dict, base: Path, encoded, lr: float, plan: d
     model = AutoModelForCausalLM.from_pretrained(str(base), **kwargs)
     if settings.get("quant") != "nf4":
         model.to(device)
+    for name, p in model.named_parameters() if settings.get("only") else ():
+        p.requires_grad_(any(f".{m}." in name for m in settings["only"]))
     if stack == "peft":
         from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
@@ -210,6 +214,7 @@ def run_peer(stack: str, settings: dict, base: Path, encoded, lr: float, plan: d
             use_rslora=variant == "rslora",
             use_dora=variant == "dora",
             init_lora_weights="pissa" if variant == "pissa" else True,
+            modules_to_save=plan.get("modules_to_save"),
         )
         model = get_peft_model(model, config)
     params = lora_plus_groups(model, [p for p in model.parameters() if p.requires_grad], plan.get("loraplus", 1.0))
@@ -275,7 +280,11 @@ def _meta(device: torch.device) -> dict:
 
 def _lr_grid(method: str, args) -> list[float]:
     """--lrs, else the method kind's grid; a smoke run without --lrs takes the grid's middle rate only."""
-    grid = [float(x) for x in args.lrs.split(",")] if args.lrs else LRS["full" if method == "full" else "adapter"]
+    grid = (
+        [float(x) for x in args.lrs.split(",")]
+        if args.lrs
+        else LRS["full" if METHODS[method][0] == "torch" else "adapter"]
+    )
     return grid[1:2] if args.smoke and not args.lrs else grid
 
 
@@ -341,6 +350,7 @@ def main(argv=None) -> int:
         plan[key] = value or plan[key]
     plan["loraplus"], plan["token_row_init"], plan["rank"] = args.loraplus_ratio, args.token_row_init, args.rank
     plan["variant"] = args.variant
+    plan["modules_to_save"] = [m for m in (args.modules_to_save or "").split(",") if m] or None
     if device.type == "cpu":
         torch.set_num_threads(1)  # tiny matmuls: more threads only add contention (tests/conftest.py measured 8x)
     tokenizer = build_tokenizer()
@@ -354,6 +364,7 @@ def main(argv=None) -> int:
         token_row_init=args.token_row_init,
         lora_rank=_lora(plan)["r"],
         lora_variant=args.variant,
+        modules_to_save=plan["modules_to_save"],
     )
     out = results_file(args.out, meta["card"])
     rows = []

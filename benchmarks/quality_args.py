@@ -40,6 +40,11 @@ def parse_args(argv, methods: dict, description: str):
         help="the adapters' kind: plain LoRA, rank-stabilised scaling, DoRA (lorafuse and peft), or PiSSA's start "
         "from the weights' top singular vectors (peft only)",
     )
+    p.add_argument(
+        "--modules-to-save",
+        help="modules every adapter trains in full beside it, comma-separated (lora.modules_to_save), e.g. "
+        "embed_tokens,lm_head",
+    )
     p.add_argument("--pretrain-steps", type=int, help="pretraining steps (default 3000; smoke 20)")
     p.add_argument("--eval-rows", type=int, help="held-out rows scored (default 300; smoke 16)")
     p.add_argument("--sort-length", type=int, help="digits to sort (default 6): the task's difficulty")
