@@ -72,7 +72,7 @@ from quality_train import (  # noqa: E402
     save_bases,
 )
 
-from lorafuse.training.optim import lora_plus_groups  # noqa: E402
+from lorafuse.training.optim import param_groups  # noqa: E402
 
 PROJ7 = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 LORA = {"r": 16, "alpha": 32, "dropout": 0.05}
@@ -164,6 +164,7 @@ def run_lorafuse(settings: dict, base: Path, data: Path, lr: float, plan: dict, 
                 "fast_path": settings["fast_path"],
                 "fp8": settings.get("fp8", False),
                 "loraplus_lr_ratio": plan.get("loraplus", 1.0),
+                "modules_to_save_lr": plan.get("modules_lr") if plan.get("modules_to_save") else None,
                 "device": device.type,
                 "seed": seed,
                 "log_every": plan["steps"],
@@ -217,7 +218,10 @@ def run_peer(stack: str, settings: dict, base: Path, encoded, lr: float, plan: d
             modules_to_save=plan.get("modules_to_save"),
         )
         model = get_peft_model(model, config)
-    params = lora_plus_groups(model, [p for p in model.parameters() if p.requires_grad], plan.get("loraplus", 1.0))
+    whole = [n for n, _ in model.named_modules() if n.endswith("modules_to_save.default")]  # peft's trained copies
+    scale = (plan.get("modules_lr") or lr) / lr
+    params = [p for p in model.parameters() if p.requires_grad]
+    params = param_groups(model, params, plan.get("loraplus", 1.0), scale if whole else 1.0, whole)
     seconds = finetune(model, params, encoded, lr, plan["steps"], plan["batch"], device, seed)
     return model, seconds
 
@@ -351,6 +355,7 @@ def main(argv=None) -> int:
     plan["loraplus"], plan["token_row_init"], plan["rank"] = args.loraplus_ratio, args.token_row_init, args.rank
     plan["variant"] = args.variant
     plan["modules_to_save"] = [m for m in (args.modules_to_save or "").split(",") if m] or None
+    plan["modules_lr"] = args.modules_lr
     if device.type == "cpu":
         torch.set_num_threads(1)  # tiny matmuls: more threads only add contention (tests/conftest.py measured 8x)
     tokenizer = build_tokenizer()
@@ -365,6 +370,7 @@ def main(argv=None) -> int:
         lora_rank=_lora(plan)["r"],
         lora_variant=args.variant,
         modules_to_save=plan["modules_to_save"],
+        modules_to_save_lr=args.modules_lr,
     )
     out = results_file(args.out, meta["card"])
     rows = []

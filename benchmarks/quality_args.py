@@ -45,6 +45,11 @@ def parse_args(argv, methods: dict, description: str):
         help="modules every adapter trains in full beside it, comma-separated (lora.modules_to_save), e.g. "
         "embed_tokens,lm_head",
     )
+    p.add_argument(
+        "--modules-lr",
+        type=float,
+        help="the rate of the modules --modules-to-save trains whole (train.modules_to_save_lr; default each run's lr)",
+    )
     p.add_argument("--pretrain-steps", type=int, help="pretraining steps (default 3000; smoke 20)")
     p.add_argument("--eval-rows", type=int, help="held-out rows scored (default 300; smoke 16)")
     p.add_argument("--sort-length", type=int, help="digits to sort (default 6): the task's difficulty")

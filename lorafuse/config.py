@@ -105,6 +105,15 @@ class RunConfig(_Section):
         return self
 
     @model_validator(mode="after")
+    def _modules_rate(self) -> RunConfig:
+        if self.train.modules_to_save_lr is not None and not self.lora.modules_to_save:
+            raise ValueError(
+                "train.modules_to_save_lr sets the rate of lora.modules_to_save, which lists no module: add the "
+                "modules to train whole (e.g. lora.modules_to_save=[lm_head]), or train.modules_to_save_lr=null"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _preference_pairs(self) -> RunConfig:
         pairs, objective = self.data.format == "preference", self.train.objective
         if pairs != (objective in ("dpo", "orpo")):

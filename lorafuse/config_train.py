@@ -35,6 +35,13 @@ class TrainConfig(_Section):
         description="LoRA+: the adapter's B matrices learn at this many times train.lr, the A matrices and everything "
         "else at train.lr (Hayou et al. 2024 suggest 16 for a fixed lr; lower train.lr with it). 1: one rate for all.",
     )
+    modules_to_save_lr: float | None = Field(
+        None,
+        gt=0,
+        description="Peak learning rate of the modules lora.modules_to_save trains whole (the embedding, the output "
+        "head), on train.lr's schedule; null: train.lr. A trained table often wants a rate a few times below the "
+        "adapter's.",
+    )
     warmup_steps: float = Field(
         0.03, ge=0, description="Linear warmup: a fraction of all steps (< 1) or a step count (>= 1)."
     )

@@ -72,7 +72,7 @@ from lorafuse.training.loss import count_inputs, count_targets
 from lorafuse.training.metrics import MetricsLog, Progress, memory_bytes, peak_memory_bytes
 from lorafuse.training.objectives import ObjectiveContext
 from lorafuse.training.objectives.sft import SFTObjective
-from lorafuse.training.optim import LRSchedule, build_optimizer, lora_plus_groups
+from lorafuse.training.optim import LRSchedule, build_optimizer, param_groups
 from lorafuse.training.readback import StepClock
 from lorafuse.training.runtime import Precision, StopSignals
 from lorafuse.training.state import LoopResult, LoopState, diverged, total_steps
@@ -117,7 +117,8 @@ class TrainingLoop:
         self.device = next(model.parameters()).device
         self.precision = Precision(self.device, compute_dtype)
         self._prepare(options or options_for(tc))  # the job restores the model afterwards (accel.restore)
-        groups = lora_plus_groups(model, self.params, tc.loraplus_lr_ratio)
+        modules_scale = (tc.modules_to_save_lr or tc.lr) / tc.lr
+        groups = param_groups(model, self.params, tc.loraplus_lr_ratio, modules_scale)
         self.optimizer = build_optimizer(tc.optimizer, groups, tc.lr, tc.weight_decay)
         micro = len(train_batches)
         if micro == 0:

@@ -23,6 +23,7 @@ from collections.abc import Iterable
 import torch
 
 from lorafuse.errors import LorafuseError
+from lorafuse.model_state import model_state
 from lorafuse.training.optim8bit import AdamW8bit, PagedAdamW8bit
 from lorafuse.training.readback import CancelledSteps, kept_unless
 
@@ -31,7 +32,7 @@ _MASKED_ELEMENTS = 1 << 22  # AdamW(apply=flag): elements copied at once (48 MiB
 
 def build_optimizer(name: str, params: Iterable, lr: float, weight_decay: float) -> torch.optim.Optimizer:
     """`adamw` (torch, fp32 states), `adamw_8bit`, `paged_adamw_8bit`. `params`: tensors, or param groups (dicts;
-    a group's "lr_scale" multiplies the schedule's lr for it, `lora_plus_groups`)."""
+    a group's "lr_scale" multiplies the schedule's lr for it, `param_groups`)."""
     params = list(params)
     if name == "adamw":
         return AdamW(params, lr=lr, weight_decay=weight_decay)
@@ -42,29 +43,55 @@ def build_optimizer(name: str, params: Iterable, lr: float, weight_decay: float)
     raise ValueError(f"unknown optimizer {name!r}")
 
 
-def lora_plus_groups(model: torch.nn.Module, params: list, ratio: float) -> list:
-    """`params` as optimizer param groups for LoRA+ (Hayou et al. 2024): the adapter's B matrices at `ratio` times the
-    learning rate, the rest at 1x. With ratio 1, the plain list (one group: the optimizer and its checkpoints as
-    without LoRA+)."""
-    if ratio == 1:
+def param_groups(
+    model: torch.nn.Module, params: list, loraplus_ratio: float = 1.0, modules_scale: float = 1.0, modules=None
+) -> list:
+    """`params` as optimizer param groups, each with its "lr_scale" (times the schedule's rate) and "role":
+    the rest at 1x; with LoRA+ (Hayou et al. 2024) the adapter's B matrices at `loraplus_ratio` times the rate; the
+    modules trained whole (lora.modules_to_save; `modules`: their names, default the ones apply_lora recorded) at
+    `modules_scale` times it (train.modules_to_save_lr / train.lr). With every scale 1, the plain list (one group:
+    the optimizer and its checkpoints as without either)."""
+    if loraplus_ratio == 1 and modules_scale == 1:
         return params
+    if modules is None:
+        modules = (model_state(model).lora or {}).get("trained_module_names") or []
+    prefixes = tuple(f"{m}." for m in modules)
     names = {id(p): n for n, p in model.named_parameters()}
-    b = [p for p in params if ".lora_B." in names.get(id(p), "")]
-    rest = [p for p in params if ".lora_B." not in names.get(id(p), "")]
-    return [{"params": rest, "lr_scale": 1.0}, {"params": b, "lr_scale": float(ratio)}]
+
+    def role(p) -> str:
+        name = names.get(id(p), "")
+        if modules_scale != 1 and name.startswith(prefixes):
+            return "modules_to_save"
+        return "lora_B" if loraplus_ratio != 1 and ".lora_B." in name else "rest"
+
+    scales = {"rest": 1.0, "lora_B": float(loraplus_ratio), "modules_to_save": float(modules_scale)}
+    groups = [{"params": [p for p in params if role(p) == r], "lr_scale": scales[r], "role": r} for r in scales]
+    return [g for g in groups if g["params"]]
 
 
 def check_group_rates(saved: dict, optimizer: torch.optim.Optimizer) -> None:
-    """A checkpoint's optimizer state_dict `saved` has `optimizer`'s param groups at the same rates (LoRA+'s B group),
-    else a LorafuseError: loading it would fail on the group count, or silently keep the checkpoint's rates."""
+    """A checkpoint's optimizer state_dict `saved` has `optimizer`'s param groups at the same rates (LoRA+'s B group,
+    the modules trained whole), else a LorafuseError: loading it would fail on the group count, or silently keep
+    the checkpoint's rates."""
     rates = [[g.get("lr_scale", 1.0) for g in groups] for groups in (saved["param_groups"], optimizer.param_groups)]
     if rates[0] != rates[1]:
-        ratio = lambda r: r[-1] if len(r) > 1 else 1.0  # noqa: E731
+        then, now = (_group_rates(groups) for groups in (saved["param_groups"], optimizer.param_groups))
         raise LorafuseError(
-            f"the checkpoint was trained with train.loraplus_lr_ratio={ratio(rates[0]):g}, this run sets "
-            f"{ratio(rates[1]):g}: its optimizer states belong to the other setting",
-            f"resume with train.loraplus_lr_ratio={ratio(rates[0]):g}, or start a new run in another output.dir",
+            f"the checkpoint's optimizer trained its parameters at {then}, this run at {now}: its optimizer states "
+            "belong to the other setting",
+            "resume with the checkpoint's train.loraplus_lr_ratio and train.modules_to_save_lr, or start a new run "
+            "in another output.dir",
         )
+
+
+def _group_rates(groups: list) -> str:
+    """How param groups' rates read in an error: "train.lr for all", or each group's role and its multiple."""
+    if len(groups) == 1:
+        return "train.lr for all"
+    roles = {"rest": "the rest", "lora_B": "LoRA+'s B matrices", "modules_to_save": "lora.modules_to_save"}
+    # a checkpoint written before groups had roles has LoRA+'s two groups: the rest, then B
+    named = [(g.get("role") or ("rest" if k == 0 else "lora_B"), g.get("lr_scale", 1.0)) for k, g in enumerate(groups)]
+    return ", ".join(f"{roles[r]} {scale:g}x train.lr" for r, scale in named)
 
 
 class AdamW(torch.optim.AdamW):

@@ -1,5 +1,5 @@
-"""LoRA+ (train.loraplus_lr_ratio): the B matrices learn at ratio x the learning rate, the rest at 1x, in every
-optimizer and across a resume."""
+"""LoRA+ (train.loraplus_lr_ratio): the B matrices learn at ratio x the learning rate, the rest at 1x; the modules
+trained whole (lora.modules_to_save) at train.modules_to_save_lr; in every optimizer and across a resume."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from toy import toy_model as _toy
 from lorafuse.config import TrainConfig
 from lorafuse.model.inject import apply_lora
 from lorafuse.training.loop import train_loop
-from lorafuse.training.optim import LRSchedule, build_optimizer, lora_plus_groups
+from lorafuse.training.optim import LRSchedule, build_optimizer, param_groups
 
 
 def toy_model(dropout: float = 0.1):
@@ -34,8 +34,8 @@ def _with_grads(model, seed=0):
 def test_groups_put_exactly_the_b_matrices_at_the_ratio():
     model = toy_model()
     params = _trainable(model)
-    assert lora_plus_groups(model, params, 1.0) is params  # one group: optimizers and checkpoints as without LoRA+
-    rest, b = lora_plus_groups(model, params, 16.0)
+    assert param_groups(model, params, 1.0) is params  # one group: optimizers and checkpoints as without LoRA+
+    rest, b = param_groups(model, params, 16.0)
     names = {id(p): n for n, p in model.named_parameters()}
     assert b["lr_scale"] == 16.0 and rest["lr_scale"] == 1.0
     assert b["params"] and all(".lora_B." in names[id(p)] for p in b["params"])
@@ -48,7 +48,7 @@ def test_first_adamw_step_moves_b_ratio_times_as_far():
     model = _with_grads(toy_model(dropout=0.0))
     params = _trainable(model)
     before = [p.detach().clone() for p in params]
-    groups = lora_plus_groups(model, params, 16.0)
+    groups = param_groups(model, params, 16.0)
     optimizer = build_optimizer("adamw", groups, lr=1e-3, weight_decay=0.0)
     assert LRSchedule(1e-3, 10, kind="constant").apply(optimizer, 0) == 1e-3  # the logged lr is the schedule's
     optimizer.step()
@@ -63,9 +63,9 @@ def test_8bit_groups_equal_one_optimizer_per_rate(name):
     """Two groups at lr and 16 lr give, bit for bit, what two optimizers give, one per rate."""
     ours, twins = toy_model(dropout=0.0), toy_model(dropout=0.0)
     _with_grads(ours), _with_grads(twins)
-    rest, b = lora_plus_groups(ours, _trainable(ours), 16.0)
+    rest, b = param_groups(ours, _trainable(ours), 16.0)
     together = build_optimizer(name, [rest, b], lr=2e-3, weight_decay=0.01)
-    t_rest, t_b = lora_plus_groups(twins, _trainable(twins), 16.0)
+    t_rest, t_b = param_groups(twins, _trainable(twins), 16.0)
     apart = [build_optimizer(name, t_rest["params"], 2e-3, 0.01), build_optimizer(name, t_b["params"], 32e-3, 0.01)]
     LRSchedule(2e-3, 10, kind="constant").apply(together, 0)
     for _ in range(3):
@@ -98,7 +98,9 @@ def test_a_resume_with_another_ratio_is_refused(tmp_path):
     from lorafuse.errors import LorafuseError
 
     train_loop(toy_model(), ToyBatches(), _tc(save_every=3), out_dir=tmp_path)
-    with pytest.raises(LorafuseError, match="trained with train.loraplus_lr_ratio=1, this run sets 16"):
+    with pytest.raises(
+        LorafuseError, match="at train.lr for all, this run at the rest 1x train.lr, LoRA.'s B matrices 16x"
+    ):
         train_loop(
             toy_model(),
             ToyBatches(),
@@ -107,7 +109,9 @@ def test_a_resume_with_another_ratio_is_refused(tmp_path):
             resume_from=tmp_path / "checkpoint-3",
         )
     train_loop(toy_model(), ToyBatches(), _tc(loraplus_lr_ratio=16.0, save_every=3), out_dir=tmp_path / "b")
-    with pytest.raises(LorafuseError, match="trained with train.loraplus_lr_ratio=16, this run sets 8"):
+    with pytest.raises(
+        LorafuseError, match="B matrices 16x train.lr, this run at the rest 1x train.lr, LoRA.'s B matrices 8x"
+    ):
         train_loop(
             toy_model(),
             ToyBatches(),
@@ -124,7 +128,62 @@ def test_groups_find_peft_b_matrices_too():
 
     model = peft.get_peft_model(build_tiny_model(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"]))
     params = _trainable(model)
-    rest, b = lora_plus_groups(model, params, 16.0)
+    rest, b = param_groups(model, params, 16.0)
     names = {id(p): n for n, p in model.named_parameters()}
     assert len(b["params"]) == len(rest["params"]) > 0
     assert all("lora_B" in names[id(p)] for p in b["params"]) and all("lora_A" in names[id(p)] for p in rest["params"])
+
+
+def head_model():
+    """The toy Llama with LoRA on q and v and its output head trained whole (lora.modules_to_save)."""
+    torch.manual_seed(0)
+    model = _toy(dropout=0.0)
+    return apply_lora(model, r=4, alpha=8, dropout=0.0, targets=["q_proj", "v_proj"], modules_to_save=["lm_head"])
+
+
+def test_the_modules_trained_whole_get_their_own_group_beside_loraplus():
+    model = head_model()
+    params = _trainable(model)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert param_groups(model, params, 1.0, 1.0) is params
+    groups = {g["role"]: g for g in param_groups(model, params, 16.0, 0.25)}
+    assert {r: g["lr_scale"] for r, g in groups.items()} == {"rest": 1.0, "lora_B": 16.0, "modules_to_save": 0.25}
+    assert [names[id(p)] for p in groups["modules_to_save"]["params"]] == ["lm_head.weight"]
+    assert all(".lora_B." in names[id(p)] for p in groups["lora_B"]["params"])
+    assert all(".lora_A." in names[id(p)] for p in groups["rest"]["params"])
+    (rest, head) = param_groups(model, params, 1.0, 0.25)  # without LoRA+: B stays with the rest
+    assert head["role"] == "modules_to_save" and len(rest["params"]) == len(params) - 1
+
+
+def test_a_run_moves_the_head_at_modules_to_save_lr(tmp_path):
+    """AdamW's first step moves each element by lr * g / (|g| + eps): the head's by train.modules_to_save_lr, B's
+    by train.lr (A's gradient is zero while B is)."""
+    model = head_model()
+    head0, b0 = (
+        model.lm_head.weight.detach().clone(),
+        model.model.layers[0].self_attn.q_proj.lora_B.weight.detach().clone(),
+    )
+    tc = _tc(max_steps=1, grad_accum=1, lr=1e-3, modules_to_save_lr=1e-4, warmup_steps=0, optimizer="adamw")
+    train_loop(model, ToyBatches(), TrainConfig(**{**tc.model_dump(), "scheduler": "constant"}), out_dir=tmp_path)
+    step_head = (model.lm_head.weight.detach() - head0).abs().max().item()
+    step_b = (model.model.layers[0].self_attn.q_proj.lora_B.weight.detach() - b0).abs().max().item()
+    assert step_head == pytest.approx(1e-4, rel=1e-3) and step_b == pytest.approx(1e-3, rel=1e-3)
+
+
+def test_a_resume_with_another_modules_rate_is_refused(tmp_path):
+    from lorafuse.errors import LorafuseError
+
+    train_loop(head_model(), ToyBatches(), _tc(save_every=3, modules_to_save_lr=1e-3), out_dir=tmp_path)
+    with pytest.raises(LorafuseError, match="lora.modules_to_save 0.2x train.lr, this run at train.lr for all"):
+        train_loop(head_model(), ToyBatches(), _tc(), out_dir=tmp_path, resume_from=tmp_path / "checkpoint-3")
+
+
+def test_modules_to_save_lr_needs_modules_to_save():
+    from lorafuse.config import validate_config
+    from lorafuse.errors import ConfigError
+
+    cfg = {"model": {"path": "m"}, "data": {"path": "d.jsonl"}, "train": {"modules_to_save_lr": 1e-5}}
+    with pytest.raises(ConfigError, match="lora.modules_to_save, which lists no module"):
+        validate_config(cfg)
+    cfg["lora"] = {"modules_to_save": ["lm_head"]}
+    assert validate_config(cfg).train.modules_to_save_lr == 1e-5
