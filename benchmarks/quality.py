@@ -17,7 +17,11 @@ rows as pretraining left them and zeroed as real bases ship them.
      qlora+fast      lorafuse's fused kernels and CUDA graphs (CUDA)
      qlora+fast+fp8  the same with train.fp8 (CUDA, compute capability 8.9+)
      seed lora, seed qlora   transformers + peft (+ bitsandbytes 4-bit, CUDA), the plain loop
+     full projections   the adapters' seven matrices trained in full, the tables and norms frozen: what the rank
+                        costs, apart from what the frozen tables cost
    lorafuse runs with its defaults for token rows: on the zeroed base it finds the two rows and trains them.
+   Questions beside the grid: --rank, --variant (rsLoRA, DoRA, PiSSA's start), --modules-to-save with --modules-lr
+   (tables trained whole at their own rate, by the adapters and by full fine-tuning), --loraplus-ratio.
 3. Score each fine-tuned model on held-out rows (benchmarks/quality_train.py: greedy, exact answer + <|im_end|>),
    and its held-out answer loss (nats per answer token), a continuous measure that moves less between seeds;
    the report prints each method's lowest mean loss over its grid below the accuracy table.
@@ -45,10 +49,8 @@ give such settings several --seeds. benchmarks/NOTES.md has every run.
 from __future__ import annotations
 
 import contextlib
-import datetime as dt
 import io
 import json
-import subprocess
 import sys
 import tempfile
 import time
@@ -61,7 +63,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 from quality_args import parse_args  # noqa: E402
 from quality_data import build_tokenizer, sort_rows  # noqa: E402
-from quality_report import append_rows, best_rows, readme_row, report, results_file, table  # noqa: E402
+from quality_report import append_rows, best_rows, readme_row, report, results_file, run_meta, table  # noqa: E402
 from quality_train import (  # noqa: E402
     answer_scores,
     build_base,
@@ -218,7 +220,11 @@ def run_peer(stack: str, settings: dict, base: Path, encoded, lr: float, plan: d
             modules_to_save=plan.get("modules_to_save"),
         )
         model = get_peft_model(model, config)
-    whole = [n for n, _ in model.named_modules() if n.endswith("modules_to_save.default")]  # peft's trained copies
+    # the tables at --modules-lr: peft's trained copies of --modules-to-save, or those modules in full fine-tuning
+    tables = plan.get("modules_to_save") or []
+    names = [n for n, _ in model.named_modules()]
+    whole = [n for n in names if n.endswith("modules_to_save.default")] if stack == "peft" else []
+    whole += [n for n in names if stack == "torch" and any(n == m or n.endswith(f".{m}") for m in tables)]
     scale = (plan.get("modules_lr") or lr) / lr
     params = [p for p in model.parameters() if p.requires_grad]
     params = param_groups(model, params, plan.get("loraplus", 1.0), scale if whole else 1.0, whole)
@@ -260,26 +266,6 @@ def one_run(method, base, zeroed, lr, ctx) -> dict:
         "train_s": round(train_s, 2),
         "total_s": time.perf_counter() - t0,
     }
-
-
-def _meta(device: torch.device) -> dict:
-    import transformers
-
-    card = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout
-    except (OSError, subprocess.CalledProcessError):
-        commit = "unknown"
-    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S")
-    meta = {"run": stamp, "card": card, "commit": commit.strip(), "torch": torch.__version__}
-    meta["transformers"] = transformers.__version__
-    try:
-        import peft
-
-        meta["peft"] = peft.__version__
-    except ImportError:
-        pass
-    return meta
 
 
 def _lr_grid(method: str, args) -> list[float]:
@@ -360,7 +346,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(1)  # tiny matmuls: more threads only add contention (tests/conftest.py measured 8x)
     tokenizer = build_tokenizer()
     t0 = time.perf_counter()
-    meta = {**_meta(device), "task": f"sort {plan['length']} digits", "steps": plan["steps"], "batch": plan["batch"]}
+    meta = {**run_meta(device), "task": f"sort {plan['length']} digits", "steps": plan["steps"], "batch": plan["batch"]}
     meta["size"] = kind
     meta.update(
         eval_rows=plan["eval_rows"],

@@ -20,7 +20,8 @@ def parse_args(argv, methods: dict, description: str):
         help="a 128-wide base pretrained for 600 steps of 16 x 128 tokens: the grid's questions on a 2-core CPU, "
         "about 10 minutes of pretraining and 1-3 minutes a run",
     )
-    p.add_argument("--methods", default=",".join(methods), help="comma-separated subset of " + ", ".join(methods))
+    grid = [m for m, (_, settings) in methods.items() if not settings.get("only")]  # the diagnostics on request
+    p.add_argument("--methods", default=",".join(grid), help="comma-separated subset of " + ", ".join(methods))
     p.add_argument("--lrs", default=None, help="one LR grid for every method, e.g. 1e-3,3e-3 (default: per kind)")
     p.add_argument("--steps", type=int, help="fine-tuning steps (default 300; smoke 4)")
     p.add_argument(

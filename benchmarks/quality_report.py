@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -188,3 +189,25 @@ def report(tag: str, folder: str, methods: dict) -> int:
     append_rows(files[-1], best)
     print(f"\n{len(runs)} run rows tagged {tag!r} from {len(files)} file(s); best rows appended to {files[-1]}")
     return 0
+
+
+def run_meta(device) -> dict:
+    """What every row of a quality run records: its stamp, the card, the commit, the library versions."""
+    import torch
+    import transformers
+
+    card = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        commit = "unknown"
+    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S")
+    meta = {"run": stamp, "card": card, "commit": commit.strip(), "torch": torch.__version__}
+    meta["transformers"] = transformers.__version__
+    try:
+        import peft
+
+        meta["peft"] = peft.__version__
+    except ImportError:
+        pass
+    return meta

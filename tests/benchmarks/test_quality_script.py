@@ -43,7 +43,8 @@ def test_smoke_run_scores_every_method_it_can_and_trains_the_zeroed_rows(tmp_pat
         if r["stack"] == "lorafuse" and r["zeroed"] and r["status"] == "ok":
             assert {4, 5} <= set(r["token_rows"]["embed_tokens"]) and {4, 5} <= set(r["token_rows"]["lm_head"]), r
     best = [r for r in rows if r["kind"] == "best"]
-    assert len(best) == 2 * 7 and {r["method"] for r in best} >= {"full", "lora", "qlora"}
+    assert len(best) == 2 * 8 and {r["method"] for r in best} >= {"full", "lora", "qlora"}
+    assert {r["status"] for r in best if r["method"] == "full projections"} == {"unavailable"}  # run on request
     assert "template rows zeroed" in done.stdout and "| sort digits, exact match | 100% |" in done.stdout
 
 
