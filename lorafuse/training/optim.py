@@ -86,7 +86,7 @@ def check_group_rates(saved: dict, optimizer: torch.optim.Optimizer) -> None:
 
 def _group_rates(groups: list) -> str:
     """How param groups' rates read in an error: "train.lr for all", or each group's role and its multiple."""
-    if len(groups) == 1:
+    if all(g.get("lr_scale", 1.0) == 1.0 for g in groups):
         return "train.lr for all"
     roles = {"rest": "the rest", "lora_B": "LoRA+'s B matrices", "modules_to_save": "lora.modules_to_save"}
     # a checkpoint written before groups had roles has LoRA+'s two groups: the rest, then B
