@@ -17,40 +17,14 @@ def parse_args(argv, methods: dict, description: str):
     p.add_argument(
         "--stand-in",
         action="store_true",
-        help="a 128-wide base pretrained for 600 steps of 16 x 128 tokens: the grid's questions on a 2-core CPU, "
-        "about 10 minutes of pretraining and 1-3 minutes a run",
+        help="a 128-wide base pretrained for 600 steps of 16 x 128 tokens: the grid's questions on a CPU, about 2 "
+        "minutes of pretraining and under a minute a run on one thread",
     )
     grid = [m for m, (_, settings) in methods.items() if not settings.get("only")]  # the diagnostics on request
     p.add_argument("--methods", default=",".join(grid), help="comma-separated subset of " + ", ".join(methods))
     p.add_argument("--lrs", default=None, help="one LR grid for every method, e.g. 1e-3,3e-3 (default: per kind)")
     p.add_argument("--steps", type=int, help="fine-tuning steps (default 300; smoke 4)")
-    p.add_argument(
-        "--loraplus-ratio", type=float, default=1.0, help="LoRA+ for every adapter: B at this many times the rate"
-    )
-    p.add_argument(
-        "--token-row-init",
-        choices=("sample", "mean"),
-        default="sample",
-        help="lorafuse's lora.token_row_init: where the template's untrained rows start (default sample)",
-    )
-    p.add_argument("--rank", type=int, help="the adapters' rank r, alpha 2r (default: the seed's r 16, alpha 32)")
-    p.add_argument(
-        "--variant",
-        choices=("plain", "rslora", "dora", "pissa"),
-        default="plain",
-        help="the adapters' kind: plain LoRA, rank-stabilised scaling, DoRA (lorafuse and peft), or PiSSA's start "
-        "from the weights' top singular vectors (peft only)",
-    )
-    p.add_argument(
-        "--modules-to-save",
-        help="modules every adapter trains in full beside it, comma-separated (lora.modules_to_save), e.g. "
-        "embed_tokens,lm_head",
-    )
-    p.add_argument(
-        "--modules-lr",
-        type=float,
-        help="the rate of the modules --modules-to-save trains whole (train.modules_to_save_lr; default each run's lr)",
-    )
+    _adapter_options(p)
     p.add_argument("--pretrain-steps", type=int, help="pretraining steps (default 3000; smoke 20)")
     p.add_argument("--eval-rows", type=int, help="held-out rows scored (default 300; smoke 16)")
     p.add_argument("--sort-length", type=int, help="digits to sort (default 6): the task's difficulty")
@@ -91,6 +65,37 @@ def parse_args(argv, methods: dict, description: str):
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return _checked(p, p.parse_args(argv), methods)
+
+
+def _adapter_options(p: argparse.ArgumentParser) -> None:
+    """The options every adapter method trains with: LoRA+, the token rows' start, rank, kind, tables trained whole."""
+    p.add_argument(
+        "--loraplus-ratio", type=float, default=1.0, help="LoRA+ for every adapter: B at this many times the rate"
+    )
+    p.add_argument(
+        "--token-row-init",
+        choices=("sample", "mean"),
+        default="sample",
+        help="lorafuse's lora.token_row_init: where the template's untrained rows start (default sample)",
+    )
+    p.add_argument("--rank", type=int, help="the adapters' rank r, alpha 2r (default: the seed's r 16, alpha 32)")
+    p.add_argument(
+        "--variant",
+        choices=("plain", "rslora", "dora", "pissa"),
+        default="plain",
+        help="the adapters' kind: plain LoRA, rank-stabilised scaling, DoRA (lorafuse and peft), or PiSSA's start "
+        "from the weights' top singular vectors (peft only)",
+    )
+    p.add_argument(
+        "--modules-to-save",
+        help="modules every adapter trains in full beside it, comma-separated (lora.modules_to_save), e.g. "
+        "embed_tokens,lm_head",
+    )
+    p.add_argument(
+        "--modules-lr",
+        type=float,
+        help="the rate of the modules --modules-to-save trains whole (train.modules_to_save_lr; default each run's lr)",
+    )
 
 
 def _checked(p: argparse.ArgumentParser, args, methods: dict):
