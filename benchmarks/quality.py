@@ -222,9 +222,10 @@ def run_peer(stack: str, settings: dict, base: Path, encoded, lr: float, plan: d
         model = get_peft_model(model, config)
     # the tables at --modules-lr: peft's trained copies of --modules-to-save, or those modules in full fine-tuning
     tables = plan.get("modules_to_save") or []
-    names = [n for n, _ in model.named_modules()]
-    whole = [n for n in names if n.endswith("modules_to_save.default")] if stack == "peft" else []
-    whole += [n for n in names if stack == "torch" and any(n == m or n.endswith(f".{m}") for m in tables)]
+    if stack == "peft":
+        whole = [n for n, _ in model.named_modules() if n.endswith("modules_to_save.default")]
+    else:
+        whole = [n for n, _ in model.named_modules() if any(n == m or n.endswith(f".{m}") for m in tables)]
     scale = (plan.get("modules_lr") or lr) / lr
     params = [p for p in model.parameters() if p.requires_grad]
     params = param_groups(model, params, plan.get("loraplus", 1.0), scale if whole else 1.0, whole)

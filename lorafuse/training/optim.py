@@ -65,7 +65,10 @@ def param_groups(
         return "lora_B" if loraplus_ratio != 1 and ".lora_B." in name else "rest"
 
     scales = {"rest": 1.0, "lora_B": float(loraplus_ratio), "modules_to_save": float(modules_scale)}
-    groups = [{"params": [p for p in params if role(p) == r], "lr_scale": scales[r], "role": r} for r in scales]
+    roles = [role(p) for p in params]
+    groups = [
+        {"params": [p for p, r in zip(params, roles) if r == k], "lr_scale": scales[k], "role": k} for k in scales
+    ]
     return [g for g in groups if g["params"]]
 
 
