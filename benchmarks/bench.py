@@ -139,6 +139,7 @@ def _memory_settings(args, stack: str) -> dict:
             "uncheckpointed_layers": 0,
             "dequant_cap_mib": 0,
             "fp8": False,
+            "experimental": [],
         }
     return {
         "gc": _gc(args),
@@ -147,6 +148,7 @@ def _memory_settings(args, stack: str) -> dict:
         "uncheckpointed_layers": args.keep_layers,
         "dequant_cap_mib": args.dequant_cap_mib,
         "fp8": args.fp8,
+        "experimental": sorted(set(args.experimental)),
     }
 
 

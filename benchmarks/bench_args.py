@@ -10,6 +10,7 @@ import argparse
 import os
 from pathlib import Path
 
+from lorafuse.config_sections import ExperimentalConfig
 from lorafuse.errors import LorafuseError
 from lorafuse.plan.shapes import builtin_names
 
@@ -20,6 +21,7 @@ OBJECTIVES = ("sft", "dpo")
 JOB_METHODS = ("qlora", "lora")  # what --job runs beside: the `lorafuse train` job trains adapters
 DEFAULT_BATCH = 4  # sequences of an SFT step
 DEFAULT_PAIRS = 4  # preference pairs of a DPO step (2 x 4 rows)
+EXPERIMENTAL_KEYS = tuple(ExperimentalConfig.model_fields)  # the config's A/B switches (`--experimental`)
 PROMPT_SHARE = 4  # a DPO row's first seq // 4 tokens are its prompt (no loss), the rest its response
 
 
@@ -169,6 +171,15 @@ def _lorafuse_args(p) -> None:
     )
     p.add_argument("--no-fast-path", action="store_true", help="lorafuse without its fused kernels")
     p.add_argument("--no-graphs", action="store_true", help="lorafuse without CUDA graphs (eager launches)")
+    p.add_argument(
+        "--experimental",
+        action="append",
+        default=[],
+        metavar="KEY",
+        choices=EXPERIMENTAL_KEYS,
+        help="lorafuse only: turn on a switch of the config's experimental section, for an A/B against a run "
+        f"without it (repeatable; one of {', '.join(EXPERIMENTAL_KEYS)})",
+    )
     p.add_argument(
         "--shared-prompt",
         choices=("auto", "off"),

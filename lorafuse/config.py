@@ -138,8 +138,7 @@ class RunConfig(_Section):
 
 def options_for(tc: TrainConfig, experimental: ExperimentalConfig | None = None) -> Options:
     """The Options of a run's train section (and experimental section; None: its defaults)."""
-    experimental = experimental or ExperimentalConfig()
-    kernel = KernelOptions(fp8=tc.fp8, dequant_cap_bytes=tc.dequant_cap_mib << 20, fused_ds_db=experimental.fused_ds_db)
+    kernel = kernel_options(tc.fp8, tc.dequant_cap_mib, experimental)
     return Options(
         fast_path=tc.fast_path,
         cuda_graphs=tc.cuda_graphs,
@@ -148,6 +147,17 @@ def options_for(tc: TrainConfig, experimental: ExperimentalConfig | None = None)
         embeddings_on_host=tc.embeddings_on_host,
         head_on_host=tc.head_on_host,
         kernel=kernel,
+    )
+
+
+def kernel_options(fp8: bool, dequant_cap_mib: int, experimental: ExperimentalConfig | None = None) -> KernelOptions:
+    """The fused kernels' options of train.fp8, train.dequant_cap_mib and the experimental section (None: defaults)."""
+    experimental = experimental or ExperimentalConfig()
+    return KernelOptions(
+        fp8=fp8,
+        dequant_cap_bytes=dequant_cap_mib << 20,
+        fused_ds_db=experimental.fused_ds_db,
+        pair_inverse_gathers=experimental.pair_inverse_gathers,
     )
 
 

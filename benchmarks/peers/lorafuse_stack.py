@@ -20,9 +20,11 @@ from bench_common import DPO_BETA, PROJ7, require, run, unavailable
 
 def _options(spec: dict):
     """The Options a `lorafuse train` run with these settings would resolve (RunConfig.options)."""
-    from lorafuse.options import KernelOptions, Options
+    from lorafuse.config import ExperimentalConfig, kernel_options
+    from lorafuse.options import Options
 
-    kernel = KernelOptions(fp8=bool(spec.get("fp8")), dequant_cap_bytes=(spec.get("dequant_cap_mib") or 0) << 20)
+    experimental = ExperimentalConfig(**{key: True for key in spec.get("experimental") or ()})  # --experimental
+    kernel = kernel_options(bool(spec.get("fp8")), spec.get("dequant_cap_mib") or 0, experimental)
     return Options(
         fast_path=spec.get("fast_path", "auto"),
         cuda_graphs="auto" if spec.get("cuda_graphs", True) else "off",

@@ -21,6 +21,7 @@ Keys of the shared batch (CPU tensors; `model_inputs` and `lorafuse.training.obj
                    rejected one (the order of the separate rows, so log-probs come out as (2B,) as before)
     pair_first     (B, 2) int64: (b*W + s_b - 1, first rejected token), the token -100 where it is not trained
     pair_split, pair_gather, pair_assemble: the same attention as two causal attentions (`pair_attention_plan`)
+    pair_gather_inverse, pair_assemble_inverse: the two gathers' inverse maps, for a backward without atomics
 and the pair batch's other keys unchanged (num_pairs, rows, ref_logps, the token counts of the separate rows).
 
 Widths are rounded up to `multiple` (64 on CUDA, as padded rows: few shapes, so CUDA graphs can capture them).
@@ -34,7 +35,7 @@ IGNORE = -100
 PREFIX, CHOSEN, REJECTED, PAD = 0, 1, 2, 3
 # the keys a shared batch has beyond the model's own inputs; the loss reads them, the model's forward does not
 SCORING_KEYS = ("pair_seq", "pair_first")
-PLAN_KEYS = ("pair_split", "pair_gather", "pair_assemble")
+PLAN_KEYS = ("pair_split", "pair_gather", "pair_assemble", "pair_gather_inverse", "pair_assemble_inverse")
 
 
 def _round_up(n: int, multiple: int, cap: int | None = None) -> int:
@@ -113,25 +114,40 @@ def pair_attention_plan(parts: list[tuple[int, int, int]], width: int, multiple:
        token see a later one). Causal over those: exact for the rejected answer.
     `pair_assemble` (B * W,) picks each token's output from the two results laid side by side per row,
     (B, pair_split + L2): token t of row b from the first for t < s_b + c_b, from the second for the rejected suffix.
+
+    The inverse maps give each gather's source its one entry that matters: `pair_gather_inverse` (B * W,) the entry
+    of `pair_gather` that reads token p (its prefix or rejected suffix), `pair_assemble_inverse` (B * (split + L2),)
+    the token whose output is read from result i (t < split outside the rejected suffix, or the rejected suffix);
+    B * L2 and B * W mark sources with none. The entries left out are padding, and so are the results they feed:
+    no real token attends to them (causal order, padding last) and no loss reads them, so their gradient is exactly
+    zero, and a backward that gathers the gradient through the inverse maps (`lorafuse.accel.fast_path`) equals the
+    atomic scatter-add that inverts `index_select`.
     """
     pairs = len(parts)
     split = _round_up(max(s + c for s, c, _ in parts), multiple, width)
     second = _round_up(max(s + r for s, _, r in parts), multiple, width)
     gather = torch.empty((pairs, second), dtype=torch.long)
     assemble = torch.empty((pairs, width), dtype=torch.long)
+    gather_inverse = torch.full((pairs, width), pairs * second, dtype=torch.long)
+    assemble_inverse = torch.full((pairs, split + second), pairs * width, dtype=torch.long)
+    t = torch.arange(width)
     for b, (s, c, r) in enumerate(parts):
         row = torch.cat([torch.arange(s), torch.arange(s + c, s + c + r)])
         gather[b, : s + r] = row
         gather[b, s + r :] = width - 1
-        t = torch.arange(width)
+        gather_inverse[b, row] = b * second + torch.arange(s + r)
         from_second = split + s + (t - s - c)  # the rejected suffix's place in the second attention
         rejected = (t >= s + c) & (t < s + c + r)
         assemble[b] = torch.where(rejected, from_second, torch.where(t < split, t, split + second - 1))
+        read = rejected | (t < split)
+        assemble_inverse[b, assemble[b, read]] = b * width + t[read]
     offsets = torch.arange(pairs)[:, None]
     return {
         "pair_split": split,
         "pair_gather": (gather + offsets * width).flatten(),
         "pair_assemble": (assemble + offsets * (split + second)).flatten(),
+        "pair_gather_inverse": gather_inverse.flatten(),
+        "pair_assemble_inverse": assemble_inverse.flatten(),
     }
 
 

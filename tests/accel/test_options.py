@@ -54,6 +54,15 @@ def test_the_cap_reaches_the_kernels_operands_and_the_planner(tmp_path):
     assert dequant_bytes(capped) <= 48 << 20 < dequant_bytes(capped.with_(dequant_cap_mib=0))
 
 
+def test_experimental_switches_reach_the_kernel_options(tmp_path):
+    (tmp_path / "c.yaml").write_text(
+        'model: {path: "builtin:tiny-llama"}\ndata: {path: "builtin:demo"}\n'
+        "experimental: {pair_inverse_gathers: true, fused_ds_db: true}\n"
+    )
+    kernel = load_config(str(tmp_path / "c.yaml")).options().kernel
+    assert kernel == KernelOptions(pair_inverse_gathers=True, fused_ds_db=True)
+
+
 def test_fp8_on_a_cpu_model_is_refused_with_the_fix():
     model = _model(torch.bfloat16)
     with pytest.raises(LorafuseError) as err:

@@ -229,3 +229,21 @@ def test_keep_layers_flag_is_a_lorafuse_setting():
     assert bench._spec(args, "lorafuse", "qlora", None)["uncheckpointed_layers"] == 4
     assert bench._spec(args, "unsloth", "qlora", None)["uncheckpointed_layers"] == 0
     assert bench._lorafuse_workload(args, "qlora", {}).uncheckpointed == 4
+
+
+def test_experimental_switches_are_lorafuse_settings():
+    """--experimental KEY turns a config experimental-section switch on for lorafuse's rows only; the runner builds
+    the kernel options `lorafuse train` would build from that section."""
+    sys.path.insert(0, str(Path(bench.__file__).resolve().parent / "peers"))
+    import lorafuse_stack
+
+    args = bench.parse_args(["--experimental", "pair_inverse_gathers", "--objective", "dpo", "--shape", "llama2-7b"])
+    own = bench._spec(args, "lorafuse", "qlora", None)
+    assert own["experimental"] == ["pair_inverse_gathers"]
+    assert bench._spec(args, "unsloth", "qlora", None)["experimental"] == []
+    assert lorafuse_stack._options(own).kernel.pair_inverse_gathers
+    plain = bench._spec(bench.parse_args(["--objective", "dpo"]), "lorafuse", "qlora", None)
+    assert not lorafuse_stack._options(plain).kernel.pair_inverse_gathers
+    with pytest.raises(SystemExit) as bad:
+        bench.parse_args(["--experimental", "no_such_switch"])
+    assert bad.value.code == 2

@@ -13,7 +13,7 @@ from lorafuse.accel.fast_path import _pair_attention
 from lorafuse.config import DataConfig
 from lorafuse.data.build import build_datasets
 from lorafuse.data.collate import Batcher
-from lorafuse.data.pair_layout import PAD, share_prompts, shared_prompt_mask
+from lorafuse.data.pair_layout import PAD, PLAN_KEYS, share_prompts, shared_prompt_mask
 
 IGNORE = -100
 
@@ -121,7 +121,7 @@ def test_two_causal_attentions_equal_the_masked_one(multiple):
     def call(q_, k_, v_, m):
         return sdpa_attention_forward(module, q_, k_, v_, m, dropout=0.0, scaling=dim**-0.5)
 
-    plan = tuple(shared[k] for k in ("pair_split", "pair_gather", "pair_assemble"))
+    plan = tuple(shared[k] for k in PLAN_KEYS)
     two = _pair_attention(call, q, k, v, plan)
     real = shared["pair_segments"] != PAD
     assert two.shape == masked.shape
@@ -150,12 +150,60 @@ def test_two_causal_attentions_in_bf16_on_the_gpu():
     exact, _ = call(t(q), t(k), t(v), mask)
     low = [x.bfloat16() for x in (q, k, v)]
     masked, _ = call(*(t(x) for x in low), mask)
-    plan = tuple(
-        shared[k].cuda() if torch.is_tensor(shared[k]) else shared[k]
-        for k in ("pair_split", "pair_gather", "pair_assemble")
-    )
+    plan = tuple(shared[k].cuda() if torch.is_tensor(shared[k]) else shared[k] for k in PLAN_KEYS)
     two = _pair_attention(call, *low, plan)
     real = (shared["pair_segments"] != PAD).cuda()
     err_two = (two[real].float() - exact[real]).abs().max()
     err_masked = (masked[real].float() - exact[real]).abs().max()
     assert err_two <= 2 * err_masked + 1e-6
+
+
+@pytest.mark.parametrize("multiple", [1, 8])
+def test_the_inverse_maps_give_each_read_token_its_one_entry(multiple):
+    """Each token of a prefix or rejected suffix is read by exactly one entry of `pair_gather`, and the inverse map
+    names it; each token's output is read from exactly one result, and the assembly's inverse names the token."""
+    shared = share_prompts(_hand_batch(), multiple)
+    rows, width = shared["input_ids"].shape
+    gather, assemble = shared["pair_gather"], shared["pair_assemble"]
+    g_inv, a_inv = shared["pair_gather_inverse"], shared["pair_assemble_inverse"]
+    segments = shared["pair_segments"].flatten()
+    attended = (segments == 0) | (segments == 2)  # prefix and rejected suffix: the second attention's tokens
+    assert torch.equal(g_inv != len(gather), attended)
+    assert torch.equal(gather[g_inv[attended]], attended.nonzero().flatten())
+    named = a_inv != rows * width
+    assert torch.equal(assemble[a_inv[named]], named.nonzero().flatten())
+    real = (segments != PAD).nonzero().flatten()
+    assert set(real.tolist()) <= set(a_inv[named].tolist())  # every real token's output has its source named
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("multiple", [1, 8])
+def test_inverse_gathers_give_the_scatter_add_gradients(multiple, dtype):
+    """A loss on the real tokens' outputs: the gradients of q, k and v through the inverse-map backward equal
+    index_select's scatter-add backward bit for bit (the entries it leaves out carry exact zeros)."""
+    shared = share_prompts(_hand_batch(), multiple)
+    rows, width = shared["input_ids"].shape
+    heads, kv_heads, dim = 4, 2, 8
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(rows, width, heads, dim, generator=g).to(dtype)
+    k, v = (torch.randn(rows, width, kv_heads, dim, generator=g).to(dtype) for _ in range(2))
+    weight = torch.randn(rows, width, heads, dim, generator=g).to(dtype)
+    real = shared["pair_segments"] != PAD
+    module = _Attention(heads // kv_heads)
+    plan = tuple(shared[key] for key in PLAN_KEYS)
+
+    def call(q_, k_, v_, m):
+        return sdpa_attention_forward(module, q_, k_, v_, m, dropout=0.0, scaling=dim**-0.5)
+
+    def grads(inverse):
+        leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+        out = _pair_attention(call, *leaves, plan, inverse)
+        (out[real] * weight[real]).float().sum().backward()
+        return out.detach(), [x.grad for x in leaves]
+
+    out_scatter, scatter = grads(False)
+    out_inverse, inverse = grads(True)
+    assert torch.equal(out_inverse, out_scatter)
+    for a, b in zip(inverse, scatter):
+        assert torch.equal(a, b)
+    assert all(bool(x.abs().sum() > 0) for x in inverse)
