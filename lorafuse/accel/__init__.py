@@ -2,7 +2,8 @@
 
 prepare, in order (each step prints one line when it changes something or cannot):
     1. trainable tensors in fp32 (16-bit masters round small AdamW steps away; GradScaler refuses 16-bit grads),
-       the KV cache off
+       the KV cache off; a trained input embedding (lora.modules_to_save) still hands the decoder its 16-bit dtype
+       (an fp32 embedding output would run the whole residual stream in fp32, and the fused kernels refuse it)
     2. gradient checkpointing (checkpointing.py; `offload`: layer inputs in pinned host memory, offload.py), the
        last `uncheckpointed_layers` layers kept out of it
     3. the input embedding in pinned host memory (host_tables.py)
@@ -53,6 +54,7 @@ class AccelState:
     host_embedding: torch.Tensor | None = None  # the pinned table (the device alias does not own it)
     head_stage: HeadStage | None = None
     hooks: list = field(default_factory=list)  # forward hooks to remove on restore (offload, head stage)
+    embedding_dtype: torch.dtype | None = None  # the dtype a trained (fp32) input embedding's output is cast to
 
     @property
     def fused_loss(self) -> bool:
@@ -72,6 +74,7 @@ def prepare(model: nn.Module, options: Options, note=print) -> AccelState:
     state = AccelState(options, params)
     model_state(model).accel = state
     try:
+        _embedding_output(model, state, note)
         _checkpointing(model, state, note)
         if options.embeddings_on_host:
             state.host_embedding, why = embeddings_to_host(model)
@@ -123,6 +126,31 @@ def _fp32_masters(model: nn.Module, note) -> list:
     if getattr(model, "config", None) is not None and hasattr(model.config, "use_cache"):
         model.config.use_cache = False
     return params
+
+
+def _embedding_output(model: nn.Module, state: AccelState, note) -> None:
+    """A trained input embedding (fp32 master) in a 16-bit decoder: its output cast to the decoder's dtype, as a
+    frozen 16-bit embedding gives it; the cast's backward hands the master an fp32 gradient."""
+    embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    dtype = _decoder_dtype(model)
+    if embedding is None or dtype is None or not embedding.weight.requires_grad or embedding.weight.dtype == dtype:
+        return
+    state.embedding_dtype = dtype
+    state.hooks.append(embedding.register_forward_hook(lambda module, args, out: out.to(dtype)))
+    note(f"the trained input embedding's output is cast to {dtype} (its master is float32)")
+
+
+def _decoder_dtype(model: nn.Module) -> torch.dtype | None:
+    """The dtype the first decoder layer computes in: an NF4 layer's compute dtype, else its first frozen
+    floating-point weight's dtype (None: no decoder layers found, or nothing frozen in them)."""
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if not layers:
+        return None
+    for module in layers[0].modules():
+        if isinstance(getattr(module, "compute_dtype", None), torch.dtype):
+            return module.compute_dtype
+    frozen = (p.dtype for p in layers[0].parameters() if not p.requires_grad and p.is_floating_point())
+    return next(frozen, None)
 
 
 def _checkpointing(model: nn.Module, state: AccelState, note) -> None:

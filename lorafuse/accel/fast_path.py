@@ -47,6 +47,7 @@ from lorafuse.kernels.rmsnorm import rms_norm
 from lorafuse.kernels.rope import apply_rope
 from lorafuse.kernels.swiglu_mlp import swiglu_mlp
 from lorafuse.lora.linear import LoRALinear
+from lorafuse.model_state import model_state
 from lorafuse.options import KernelOptions
 from lorafuse.plan import policy
 
@@ -147,6 +148,14 @@ def _projection_blocker(name: str, mod: nn.Module, dtype: torch.dtype) -> str:
     return ""
 
 
+def hidden_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype of the hidden states the decoder layers get: the input embedding's, or the one `accel.prepare`
+    casts a trained (fp32) embedding's output to."""
+    accel = model_state(model).accel
+    cast = None if accel is None else accel.embedding_dtype
+    return cast or model.model.embed_tokens.weight.dtype
+
+
 def fast_path_blocker(model: nn.Module, use_reference: bool = False) -> str:
     """Why the fast path cannot apply to `model` ("" when it can)."""
     import transformers
@@ -164,7 +173,7 @@ def fast_path_blocker(model: nn.Module, use_reference: bool = False) -> str:
             return "Triton is not installed"
         if not _runtime.use_triton(probe):
             return f"the model is on {probe.device.type}, the fused kernels need a CUDA GPU"
-    dtype = model.model.embed_tokens.weight.dtype
+    dtype = hidden_dtype(model)
     for i, layer in enumerate(model.model.layers):
         for part, names in (
             ("mlp", ("gate_proj", "up_proj", "down_proj")),

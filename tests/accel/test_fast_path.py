@@ -338,3 +338,30 @@ def test_recompute_skips_the_down_projection_and_keeps_every_gradient(device, mo
     assert any("down_proj.lora_A" in n for n in grads)
     for n in grads:
         assert torch.equal(plain[n], ckpt[n]), n
+
+
+def test_a_trained_embedding_keeps_the_decoder_in_the_compute_dtype():
+    """lora.modules_to_save: [embed_tokens, lm_head] on a bf16 model: prepare keeps the trained embedding's master in
+    fp32 and casts its output to bf16, so the decoder runs in bf16, the fused kernels apply, and the embedding
+    still gets its fp32 gradient."""
+    from lorafuse.model.inject import apply_lora
+    from lorafuse.model.tiny import build_tiny_model
+
+    model = build_tiny_model("llama", vocab_size=96, hidden_size=64, intermediate_size=96, num_layers=2).bfloat16()
+    apply_lora(model, r=4, alpha=8, dropout=0.0, targets="all-linear", modules_to_save=["embed_tokens", "lm_head"])
+    notes = []
+    state = accel.prepare(model, Options(fast_path="on", gradient_checkpointing=False), note=notes.append)
+    assert state.fast is not None and state.embedding_dtype == torch.bfloat16
+    assert model.model.embed_tokens.weight.dtype == torch.float32
+    assert any("output is cast to torch.bfloat16" in n for n in notes)
+    accel.restore(model)
+    accel.prepare(model, Options(fast_path="off", gradient_checkpointing=False), note=notes.append)
+    seen = []
+    model.model.layers[0].register_forward_pre_hook(lambda m, args: seen.append(args[0].dtype))
+    ids = torch.randint(0, 96, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # as training runs a 16-bit model (CUDA: the same on cuda)
+        loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    assert seen == [torch.bfloat16]
+    grad = model.model.embed_tokens.weight.grad
+    assert grad.dtype == torch.float32 and grad.abs().sum() > 0
