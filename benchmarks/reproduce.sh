@@ -19,8 +19,6 @@
 #   dpo-lorafuse  the same DPO step, lorafuse alone on a random-init model (its CUDA graphs on)
 #   dpo-eager   the same, --no-graphs (run right after dpo-lorafuse on one machine for the ratio)
 #   dpo-separate  the same as dpo-lorafuse with a row per answer (--shared-prompt off), for the shared prompt's ratio
-#   dpo-inverse  dpo-lorafuse with experimental.pair_inverse_gathers (the shared prompt's gathers backpropagate
-#               through inverse maps): run beside dpo-lorafuse on one machine for the A/B
 #   job         QLoRA 4 x 512: the `lorafuse train` job itself beside the harness's step, and Unsloth
 #   memory      the planner against measured peaks on 1B-8B shapes (benchmarks/memory_sweep.sh)
 #   headline    a 65B-shape QLoRA step under a 40 GiB cap; Llama-2-7B QLoRA at 2,048 tokens in fp16 under 15 GiB
@@ -60,12 +58,11 @@ case "$PART" in
   dpo-lorafuse) bench --shape llama2-7b --objective dpo --pairs 4 --seq 512 --stacks lorafuse --methods qlora --random-init --steps 8 --warmup 3 ;;
   dpo-eager) bench --shape llama2-7b --objective dpo --pairs 4 --seq 512 --stacks lorafuse --methods qlora --random-init --steps 8 --warmup 3 --no-graphs ;;
   dpo-separate) bench --shape llama2-7b --objective dpo --pairs 4 --seq 512 --stacks lorafuse --methods qlora --random-init --steps 8 --warmup 3 --shared-prompt off ;;
-  dpo-inverse) bench --shape llama2-7b --objective dpo --pairs 4 --seq 512 --stacks lorafuse --methods qlora --random-init --steps 8 --warmup 3 --experimental pair_inverse_gathers ;;
   job) bench --shape llama2-7b --batch 4 --seq 512 --stacks lorafuse,unsloth --methods qlora --job ;;
   memory) bash benchmarks/memory_sweep.sh "$OUT" "$LOG" sweep ;;
   headline) bash benchmarks/memory_sweep.sh "$OUT" "$LOG" headline ;;
   tests) python3 -m pytest -q -m gpu tests ;;
   quality) bash benchmarks/quality_grid.sh "$OUT" --token-row-init mean ;;
   quality-loraplus) bash benchmarks/quality_grid.sh "$OUT" --token-row-init mean --loraplus-ratio 16 --lrs 2e-4,5e-4,1e-3 --methods "lora,qlora,qlora+fast,qlora+fast+fp8,seed lora,seed qlora" ;;
-  *) echo "unknown part '$PART': qlora lean fp8 lora 1x4096 1x4096-fp8 8x2048 8x2048-fp8 dpo dpo-8bit dpo-lorafuse dpo-eager dpo-separate dpo-inverse job memory headline tests quality quality-loraplus" >&2; exit 2 ;;
+  *) echo "unknown part '$PART': qlora lean fp8 lora 1x4096 1x4096-fp8 8x2048 8x2048-fp8 dpo dpo-8bit dpo-lorafuse dpo-eager dpo-separate job memory headline tests quality quality-loraplus" >&2; exit 2 ;;
 esac

@@ -157,7 +157,6 @@ def kernel_options(fp8: bool, dequant_cap_mib: int, experimental: ExperimentalCo
         fp8=fp8,
         dequant_cap_bytes=dequant_cap_mib << 20,
         fused_ds_db=experimental.fused_ds_db,
-        pair_inverse_gathers=experimental.pair_inverse_gathers,
     )
 
 

@@ -272,12 +272,6 @@ class ExperimentalConfig(_Section):
         "instead of two cuBLAS GEMMs (saves one read of dY per projection, adds two small reductions). Not yet "
         "measured faster.",
     )
-    pair_inverse_gathers: bool = Field(
-        False,
-        description="DPO and ORPO with shared prompts (train.shared_prompt) on the fast path: the attention's row "
-        "gathers backpropagate by gathering each gradient row through an inverse map instead of a scatter-add with "
-        "atomics. The same gradients; not yet measured faster.",
-    )
 
 
 _UNION = (typing.Union, types.UnionType)

@@ -30,15 +30,12 @@ class KernelOptions:
         (train.dequant_cap_mib; 0: whole weights).
     fused_ds_db: dS and dB from one read of dY in one Triton kernel instead of two cuBLAS GEMMs
         (experimental.fused_ds_db, an unmeasured A/B switch).
-    pair_inverse_gathers: the shared-prompt attention's gathers backpropagate by gathering through inverse maps
-        instead of index_select's atomic scatter-add (experimental.pair_inverse_gathers, an unmeasured A/B switch).
     """
 
     fp8: bool = False
     fp8_fast_accum_max_k: int = FP8_FAST_ACCUM_MAX_K
     dequant_cap_bytes: int = 0
     fused_ds_db: bool = False
-    pair_inverse_gathers: bool = False
 
 
 @dataclass(frozen=True)

@@ -258,7 +258,7 @@ class FastAttention(nn.Module):
         layout = kwargs.pop("pair_layout", None)  # shared-prompt pair rows (lorafuse/data/pair_layout.py)
         call = functools.partial(attention, attn, dropout=dropout, scaling=attn.scaling, **extra, **kwargs)
         if layout is not None and past_key_values is None and self._causal_kernel(impl, q.shape[1]):
-            out, weights = _pair_attention(call, q, k, v, layout, ops.opts.pair_inverse_gathers), None
+            out, weights = _pair_attention(call, q, k, v, layout), None
         else:
             q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
             if past_key_values is not None:
@@ -283,26 +283,21 @@ class FastAttention(nn.Module):
         )
 
 
-def _pair_attention(call, q, k, v, layout, inverse_gathers: bool = False) -> torch.Tensor:
+def _pair_attention(call, q, k, v, layout) -> torch.Tensor:
     """Shared-prompt pair rows' attention (B, T, H, D) from q, k, v (B, T, H, D) as two causal attentions
     (`lorafuse.data.pair_layout.pair_attention_plan`): the first `split` columns (prefix, chosen answer), and each
     row's prefix + rejected answer gathered into rows of their own; `assemble` picks each token's output. SDPA's
     causal kernel both times, instead of its masked kernel over the whole row (3.3x slower, `_note_causal_only`).
-    inverse_gathers: the gathers' backward reads the plan's inverse maps (`_GatherRows`) instead of index_select's
-    own backward, an atomic scatter-add (experimental.pair_inverse_gathers)."""
+    The gathers' backward reads the plan's inverse maps (`_GatherRows`): index_select's own is a scatter-add with
+    bf16 atomics, measured 1.8% of the 7B DPO step slower (benchmarks/NOTES.md)."""
     split, gather, assemble, gather_inverse, assemble_inverse = layout
     rows, width = q.shape[:2]
-
-    def pick(x, index, inverse):
-        return _GatherRows.apply(x, index, inverse) if inverse_gathers else x.index_select(0, index)
-
     firsts = (x[:, :split].transpose(1, 2) for x in (q, k, v))
-    seconds = (pick(x.flatten(0, 1), gather, gather_inverse).unflatten(0, (rows, -1)) for x in (q, k, v))
-    seconds = (x.transpose(1, 2) for x in seconds)
+    seconds = (_GatherRows.apply(x.flatten(0, 1), gather, gather_inverse).unflatten(0, (rows, -1)) for x in (q, k, v))
     out1, _ = call(*firsts, None)  # (B, split, H, D)
-    out2, _ = call(*seconds, None)  # (B, L2, H, D)
+    out2, _ = call(*(x.transpose(1, 2) for x in seconds), None)  # (B, L2, H, D)
     both = torch.cat([out1, out2], 1).flatten(0, 1)
-    return pick(both, assemble, assemble_inverse).unflatten(0, (rows, width))
+    return _GatherRows.apply(both, assemble, assemble_inverse).unflatten(0, (rows, width))
 
 
 class _GatherRows(torch.autograd.Function):

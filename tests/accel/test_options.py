@@ -56,11 +56,10 @@ def test_the_cap_reaches_the_kernels_operands_and_the_planner(tmp_path):
 
 def test_experimental_switches_reach_the_kernel_options(tmp_path):
     (tmp_path / "c.yaml").write_text(
-        'model: {path: "builtin:tiny-llama"}\ndata: {path: "builtin:demo"}\n'
-        "experimental: {pair_inverse_gathers: true, fused_ds_db: true}\n"
+        'model: {path: "builtin:tiny-llama"}\ndata: {path: "builtin:demo"}\nexperimental: {fused_ds_db: true}\n'
     )
     kernel = load_config(str(tmp_path / "c.yaml")).options().kernel
-    assert kernel == KernelOptions(pair_inverse_gathers=True, fused_ds_db=True)
+    assert kernel == KernelOptions(fused_ds_db=True)
 
 
 def test_fp8_on_a_cpu_model_is_refused_with_the_fix():

@@ -237,13 +237,13 @@ def test_experimental_switches_are_lorafuse_settings():
     sys.path.insert(0, str(Path(bench.__file__).resolve().parent / "peers"))
     import lorafuse_stack
 
-    args = bench.parse_args(["--experimental", "pair_inverse_gathers", "--objective", "dpo", "--shape", "llama2-7b"])
+    args = bench.parse_args(["--experimental", "fused_ds_db", "--shape", "llama2-7b"])
     own = bench._spec(args, "lorafuse", "qlora", None)
-    assert own["experimental"] == ["pair_inverse_gathers"]
+    assert own["experimental"] == ["fused_ds_db"]
     assert bench._spec(args, "unsloth", "qlora", None)["experimental"] == []
-    assert lorafuse_stack._options(own).kernel.pair_inverse_gathers
-    plain = bench._spec(bench.parse_args(["--objective", "dpo"]), "lorafuse", "qlora", None)
-    assert not lorafuse_stack._options(plain).kernel.pair_inverse_gathers
+    assert lorafuse_stack._options(own).kernel.fused_ds_db
+    plain = bench._spec(bench.parse_args([]), "lorafuse", "qlora", None)
+    assert not lorafuse_stack._options(plain).kernel.fused_ds_db
     with pytest.raises(SystemExit) as bad:
         bench.parse_args(["--experimental", "no_such_switch"])
     assert bad.value.code == 2

@@ -51,7 +51,6 @@ def test_dpo_part_runs_the_three_stacks_on_7b_qlora_pairs():
         "dpo-lorafuse",
         "dpo-eager",
         "dpo-separate",
-        "dpo-inverse",
     }
 
 
@@ -70,10 +69,6 @@ def test_the_lorafuse_dpo_parts_differ_by_graphs_only():
     assert plan_runs(graphed) == plan_runs(eager) == [("lorafuse", "qlora")]
     assert not graphed.no_graphs and eager.no_graphs
 
-
-def test_the_inverse_gathers_part_is_dpo_lorafuse_with_the_switch():
-    parts = bench_parts()
-    assert parts["dpo-inverse"] == parts["dpo-lorafuse"] + ["--experimental", "pair_inverse_gathers"]
     assert parts["dpo-eager"] == parts["dpo-lorafuse"] + ["--no-graphs"]
 
 

@@ -176,11 +176,21 @@ def test_the_inverse_maps_give_each_read_token_its_one_entry(multiple):
     assert set(real.tolist()) <= set(a_inv[named].tolist())  # every real token's output has its source named
 
 
+def _scatter_reference(call, q, k, v, layout):
+    """The two attentions with index_select's own backward (a scatter-add): what the inverse maps must equal."""
+    split, gather, assemble = layout[:3]
+    rows, width = q.shape[:2]
+    firsts = (x[:, :split].transpose(1, 2) for x in (q, k, v))
+    seconds = (x.flatten(0, 1).index_select(0, gather).unflatten(0, (rows, -1)).transpose(1, 2) for x in (q, k, v))
+    both = torch.cat([call(*firsts, None)[0], call(*seconds, None)[0]], 1).flatten(0, 1)
+    return both.index_select(0, assemble).unflatten(0, (rows, width))
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
 @pytest.mark.parametrize("multiple", [1, 8])
 def test_inverse_gathers_give_the_scatter_add_gradients(multiple, dtype):
-    """A loss on the real tokens' outputs: the gradients of q, k and v through the inverse-map backward equal
-    index_select's scatter-add backward bit for bit (the entries it leaves out carry exact zeros)."""
+    """A loss on the real tokens' outputs: the gradients of q, k and v through the two attentions' inverse-map
+    backward equal index_select's scatter-add backward bit for bit (the entries it leaves out carry exact zeros)."""
     shared = share_prompts(_hand_batch(), multiple)
     rows, width = shared["input_ids"].shape
     heads, kv_heads, dim = 4, 2, 8
@@ -195,14 +205,14 @@ def test_inverse_gathers_give_the_scatter_add_gradients(multiple, dtype):
     def call(q_, k_, v_, m):
         return sdpa_attention_forward(module, q_, k_, v_, m, dropout=0.0, scaling=dim**-0.5)
 
-    def grads(inverse):
+    def grads(attention):
         leaves = [x.clone().requires_grad_() for x in (q, k, v)]
-        out = _pair_attention(call, *leaves, plan, inverse)
+        out = attention(call, *leaves, plan)
         (out[real] * weight[real]).float().sum().backward()
         return out.detach(), [x.grad for x in leaves]
 
-    out_scatter, scatter = grads(False)
-    out_inverse, inverse = grads(True)
+    out_scatter, scatter = grads(_scatter_reference)
+    out_inverse, inverse = grads(_pair_attention)
     assert torch.equal(out_inverse, out_scatter)
     for a, b in zip(inverse, scatter):
         assert torch.equal(a, b)

@@ -15,7 +15,6 @@ from lorafuse.data.collate import Batcher
 from lorafuse.errors import ConfigError
 from lorafuse.model.inject import apply_lora
 from lorafuse.model.tiny import build_tiny_model
-from lorafuse.options import KernelOptions
 from lorafuse.training.objectives import ObjectiveContext, build_objective
 from lorafuse.training.objectives.dpo import DPOObjective, shares_prompt
 from lorafuse.training.objectives.logps import chunked_sequence_logps, response_tokens, sequence_tokens
@@ -36,7 +35,7 @@ def batch(tiny_tokenizer):
     return next(Batcher(pairs, 4, tiny_tokenizer.pad_token_id, pairs=True, shuffle=False).epoch_batches(0))
 
 
-def _model(tok, fast: bool, opts: KernelOptions | None = None):
+def _model(tok, fast: bool):
     torch.manual_seed(0)
     model = apply_lora(build_tiny_model(tokenizer=tok), r=8, alpha=16, dropout=0.0, targets=TARGETS)
     g = torch.Generator().manual_seed(1)
@@ -44,7 +43,7 @@ def _model(tok, fast: bool, opts: KernelOptions | None = None):
         if p.requires_grad:
             p.data += 0.05 * torch.randn(p.shape, generator=g)
     if fast:
-        state, reason = apply_fast_path(model, opts or KernelOptions(), use_reference=True)
+        state, reason = apply_fast_path(model, use_reference=True)
         assert state is not None, reason
     return model
 
@@ -85,26 +84,6 @@ def test_shared_prompt_equals_a_row_per_answer(tiny_tokenizer, batch, kind, head
     assert grads_sep and all(g.abs().max() > 0 for g in grads_sep.values())
     for name, grad in grads_sep.items():
         assert _close(grads_sh[name], grad), name
-
-
-@pytest.mark.parametrize("kind", ["dpo", "orpo"])
-def test_inverse_gathers_give_the_same_step(tiny_tokenizer, batch, kind, monkeypatch):
-    """experimental.pair_inverse_gathers: the fast path's shared-prompt step with the gathers' backward through the
-    plan's inverse maps gives the loss, metrics and gradients of index_select's scatter-add backward, bit for bit."""
-
-    def make():
-        return ORPOObjective(0.1, shared_prompt="on") if kind == "orpo" else DPOObjective(shared_prompt="on")
-
-    backward, calls = fast_path._GatherRows.backward, []
-    monkeypatch.setattr(fast_path._GatherRows, "backward", staticmethod(lambda *a: calls.append(1) or backward(*a)))
-    loss_a, metrics_a, grads_a = _loss_and_grads(make(), _model(tiny_tokenizer, True), batch, True)
-    assert not calls
-    inverse = _model(tiny_tokenizer, True, KernelOptions(pair_inverse_gathers=True))
-    loss_b, metrics_b, grads_b = _loss_and_grads(make(), inverse, batch, True)
-    assert calls  # the inverse maps' backward ran
-    assert torch.equal(loss_a, loss_b)
-    assert all(torch.equal(metrics_a[name], metrics_b[name]) for name in metrics_a)
-    assert grads_a.keys() == grads_b.keys() and all(torch.equal(grads_a[n], grads_b[n]) for n in grads_a)
 
 
 def test_response_token_counts_match(tiny_tokenizer, batch):
