@@ -227,6 +227,8 @@ class GraphedMicroStep:
         if self.pool is None:
             self.pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
+        rng = torch.cuda.default_generators[self.params[0].device.index or 0]
+        rng_before = rng.clone_state()
         try:
             with torch.cuda.graph(graph, pool=self.pool, stream=self._stream(), capture_error_mode="thread_local"):
                 with self._autocast(cache=False), fixed_shape():
@@ -238,6 +240,10 @@ class GraphedMicroStep:
             self.disabled = f"{type(exc).__name__}: {first}" if first else type(exc).__name__
             self.note(f"CUDA graphs off: capturing the step failed ({self.disabled}); running eagerly")
             self.graphs = {}
+            # a capture that fails leaves the generator it registered in capture mode, and every later random draw
+            # on the device (dropout, an initialiser) would raise "Offset increment outside graph capture": the
+            # generator takes back a copy of its state from before the capture
+            rng.graphsafe_set_state(rng_before)
             torch.cuda.synchronize()
             return None
         if any(p.grad is not g for p, g in zip(self.params, grads)):

@@ -203,6 +203,44 @@ def test_another_shape_runs_eagerly_and_still_trains(tiny_model_dir):
     assert moved and all(torch.isfinite(torch.tensor(losses)))
 
 
+@pytest.mark.gpu
+def test_a_failed_capture_leaves_the_devices_random_draws_working(tiny_model_dir):
+    """A loss that synchronises with the host cannot be captured: the step runs eagerly from then on, and the CUDA
+    generator the capture registered draws again (a failed capture would otherwise leave it in capture mode, where
+    every draw raises), continuing from where it stood before the capture."""
+    model = _lora_model(tiny_model_dir, quant="nf4", device="cuda", dtype="bfloat16")
+    from lorafuse import accel
+    from lorafuse.accel.host_tables import simple_head
+    from lorafuse.options import Options
+    from lorafuse.training.loss import lm_loss_sum
+    from lorafuse.training.runtime import Precision
+
+    params = accel.prepare(model, Options(fast_path="on"), note=lambda s: None).params
+    head = simple_head(model)
+
+    def syncing_loss(batch):
+        loss = lm_loss_sum(model, batch, head, True)
+        float(loss)  # a host synchronisation: not allowed while the stream is captured
+        return loss
+
+    notes = []
+    step = GraphedMicroStep(
+        model,
+        params,
+        syncing_loss,
+        Precision(torch.device("cuda"), torch.bfloat16).backward,
+        torch.bfloat16,
+        note=notes.append,
+    )
+    for batch in _batches(512, 4):
+        torch.manual_seed(7)
+        expected = torch.randn(8, device="cuda")
+        torch.manual_seed(7)
+        assert torch.isfinite(step(batch, 1e-3))
+        assert torch.equal(torch.randn(8, device="cuda"), expected)  # draws work, from the pre-capture state
+    assert step.disabled is not None and any("CUDA graphs off" in n for n in notes)
+
+
 class _Recorder(GraphedMicroStep):
     """GraphedMicroStep with capture and eager replaced by records: the capture policy alone, on a CPU."""
 
