@@ -58,9 +58,10 @@ def parse_args(argv, methods: dict, description: str):
     )
     p.add_argument(
         "--report",
-        metavar="TAG",
+        metavar="TAG[,TAG...]",
         help="train nothing: print the table of the run rows tagged TAG in --out's results files (all seeds and "
-        "bases they hold) and append its best rows",
+        "bases they hold) and append its best rows; several tags: grids run apart on one base (e.g. full "
+        "fine-tuning and the adapters, each with its own --lrs) in one table",
     )
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

@@ -158,16 +158,24 @@ def results_file(folder: str, card: str) -> Path:
     return Path(folder) / f"{dt.date.today().isoformat()}-{slug}-quality.jsonl"
 
 
+def _settings(row: dict) -> tuple:
+    """What a row's run changed beside the method and rate: one table holds one value of each."""
+    keys = ("token_row_init", "lora_rank", "lora_variant", "modules_to_save", "modules_to_save_lr")
+    return tuple(str(row.get(k)) for k in keys)
+
+
 def report(tag: str, folder: str, methods: dict) -> int:
-    """The table of every run row tagged `tag` in `folder`'s results files (runs made by several processes or
-    machines side by side, e.g. one per seed), its best rows appended to the newest of those files."""
+    """The table of every run row tagged `tag` (or any of its comma-separated tags) in `folder`'s results files
+    (runs made by several processes or machines side by side, e.g. one per seed), its best rows appended to the
+    newest of those files."""
     files = sorted(Path(folder).glob("*-quality.jsonl"))
     rows = [json.loads(line) for f in files for line in f.read_text(encoding="utf-8").splitlines() if line.strip()]
-    runs = [r for r in rows if r.get("kind") == "run" and r.get("tag") == tag]
+    tags = set(tag.split(","))
+    runs = [r for r in rows if r.get("kind") == "run" and r.get("tag") in tags]
     if not runs:
         print(f"error: no run rows tagged {tag!r} in {folder}/*-quality.jsonl", file=sys.stderr)
         return 2
-    tasks = {(r["task"], r["steps"], r["batch"], r.get("eval_rows"), r["card"]) for r in runs}
+    tasks = {(r["task"], r["steps"], r["batch"], r.get("eval_rows"), r["card"], *_settings(r)) for r in runs}
     if len(tasks) != 1:
         mixed = sorted(map(str, tasks))
         print(f"error: rows tagged {tag!r} mix settings {mixed}: give each grid its own tag", file=sys.stderr)
@@ -179,11 +187,11 @@ def report(tag: str, folder: str, methods: dict) -> int:
             print(f"error: rows tagged {tag!r} hold {key} twice: give each grid its own tag", file=sys.stderr)
             return 2
         seen.add(key)
-    task, steps, batch, eval_rows, card = tasks.pop()
+    task, steps, batch, eval_rows, card, *_ = tasks.pop()
     plan = {"length": int(task.split()[1]), "steps": steps, "batch": batch, "eval_rows": eval_rows}
     seeds = sorted({r.get("seed", 0) for r in runs})
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S")
-    best = [{**b, "run": stamp} for b in best_rows(runs, methods)]  # the newest run: `bench --table` shows it
+    best = [{**b, "run": stamp, "tag": tag} for b in best_rows(runs, methods)]  # the newest: `bench --table` shows it
     print(table(best, methods, plan, card, seeds))
     print("\n" + readme_row(best))
     append_rows(files[-1], best)

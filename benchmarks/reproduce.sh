@@ -24,9 +24,11 @@
 #   headline    a 65B-shape QLoRA step under a 40 GiB cap; Llama-2-7B QLoRA at 2,048 tokens in fp16 under 15 GiB
 #   tests       every GPU test (pytest -m gpu)
 #   quality     fine-tuning quality: full, LoRA, QLoRA, fast path, FP8, the seed's stack; sort 10 digits, 200 steps, 3 seeds
-#               (benchmarks/quality_grid.sh: a pretraining, then 6 processes side by side; ~9 min on one H100); the
-#               untrained template rows start at their mean, as in the README's table (quality.py --token-row-init)
-#   quality-loraplus  the same adapters with train.loraplus_lr_ratio 16 at their own rates (full fine-tuning has no B
+#               (benchmarks/quality_grid.sh: a pretraining, 4-7 min on one H100, then 6 processes side by side, ~5 min)
+#   quality-tables  the same with the embedding and the output head trained whole at their own rate, 1.6e-2
+#               (lora.modules_to_save, train.modules_to_save_lr; full fine-tuning's tables at that rate too); with OUT
+#               of a quality run its base is reused
+#   quality-loraplus  the adapters with train.loraplus_lr_ratio 16 at their own rates (full fine-tuning has no B
 #               matrices: compare with the quality part's full); with OUT of a quality run its base is reused
 set -euo pipefail
 PART=${1:?usage: bash benchmarks/reproduce.sh PART [OUT] (parts: see the head of this file)}
@@ -62,7 +64,8 @@ case "$PART" in
   memory) bash benchmarks/memory_sweep.sh "$OUT" "$LOG" sweep ;;
   headline) bash benchmarks/memory_sweep.sh "$OUT" "$LOG" headline ;;
   tests) python3 -m pytest -q -m gpu tests ;;
-  quality) bash benchmarks/quality_grid.sh "$OUT" --token-row-init mean ;;
-  quality-loraplus) bash benchmarks/quality_grid.sh "$OUT" --token-row-init mean --loraplus-ratio 16 --lrs 2e-4,5e-4,1e-3 --methods "lora,qlora,qlora+fast,qlora+fast+fp8,seed lora,seed qlora" ;;
-  *) echo "unknown part '$PART': qlora lean fp8 lora 1x4096 1x4096-fp8 8x2048 8x2048-fp8 dpo dpo-8bit dpo-lorafuse dpo-eager dpo-separate job memory headline tests quality quality-loraplus" >&2; exit 2 ;;
+  quality) bash benchmarks/quality_grid.sh "$OUT" ;;
+  quality-tables) bash benchmarks/quality_grid.sh "$OUT" --modules-to-save embed_tokens,lm_head --modules-lr 1.6e-2 ;;
+  quality-loraplus) bash benchmarks/quality_grid.sh "$OUT" --loraplus-ratio 16 --lrs 2e-4,5e-4,1e-3 --methods "lora,qlora,qlora+fast,qlora+fast+fp8,seed lora,seed qlora" ;;
+  *) echo "unknown part '$PART': qlora lean fp8 lora 1x4096 1x4096-fp8 8x2048 8x2048-fp8 dpo dpo-8bit dpo-lorafuse dpo-eager dpo-separate job memory headline tests quality quality-tables quality-loraplus" >&2; exit 2 ;;
 esac

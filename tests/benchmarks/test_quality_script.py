@@ -207,3 +207,33 @@ def test_the_stand_in_pretrains_a_wider_base_than_the_smoke_run(tmp_path):
         assert len(configs) == 2  # the plain and the zeroed base
         widths[flag] = {(c["hidden_size"], c["num_hidden_layers"]) for c in configs}
     assert widths == {"--smoke": {(64, 2)}, "--stand-in": {(128, 4)}}
+
+
+def _run_row(tag, method, zeroed, lr, seed, accuracy, **settings):
+    return {
+        "kind": "run", "tag": tag, "method": method, "stack": "x", "zeroed": zeroed, "lr": lr, "seed": seed,
+        "accuracy": accuracy, "token_accuracy": accuracy, "answer_loss": 1 - accuracy, "status": "ok",
+        "task": "sort 4 digits", "steps": 5, "batch": 2, "eval_rows": 8, "card": "cpu", "run": "20260101T000000",
+        "modules_to_save": None, **settings,
+    }  # fmt: skip
+
+
+def test_a_report_over_several_tags_puts_grids_run_apart_in_one_table(tmp_path, capsys):
+    """--report A,B: full fine-tuning and an adapter run as two grids (each its own rates) in one table, each
+    relative to the other's full; grids with other settings (the tables trained whole) are refused, not mixed."""
+    import quality
+    import quality_report
+
+    rows = [_run_row("a", "full", z, 3e-4, s, 0.8) for z in (False, True) for s in (0, 1)]
+    rows += [_run_row("b", "lora", z, lr, s, acc) for z in (False, True) for s in (0, 1) for lr, acc in
+             ((1e-3, 0.4), (2e-3, 0.6))]  # fmt: skip
+    rows += [_run_row("c", "lora", False, 2e-3, s, 0.9, modules_to_save=["lm_head"]) for s in (0, 1)]
+    results = tmp_path / "2026-01-01-cpu-quality.jsonl"
+    results.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert quality_report.report("a,b", str(tmp_path), quality.METHODS) == 0
+    best = [json.loads(line) for line in results.read_text().splitlines()][len(rows) :]
+    lora = next(r for r in best if r["method"] == "lora" and not r["zeroed"])
+    assert lora["lr"] == 2e-3 and abs(lora["relative_to_full"] - 0.6 / 0.8) < 1e-12 and lora["tag"] == "a,b"
+    capsys.readouterr()
+    assert quality_report.report("a,c", str(tmp_path), quality.METHODS) == 2
+    assert "mix settings" in capsys.readouterr().err
