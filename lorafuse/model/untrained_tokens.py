@@ -177,9 +177,9 @@ def check_tokens(tables: list[TableCheck], used: np.ndarray, tokenizer, new_ids=
     return TokenReport(int(used.size), ids, reasons, names, tables, [int(v) for v in new_ids])
 
 
-def report_lines(report: TokenReport, trains: bool, init: str = "sample") -> list[str]:
+def report_lines(report: TokenReport, trains: bool, init: str = "sample", whole: list[str] = ()) -> list[str]:
     """The block the run and `lorafuse data preview` print; trains: lora.train_untrained_tokens is auto; init:
-    lora.token_row_init."""
+    lora.token_row_init; whole: the tables lora.modules_to_save trains whole ("embedding", "head")."""
     skipped = [t.name for t in report.tables if t.near is None]
     note = (
         [f"  near copies not checked in the {' and '.join(skipped)} here (too slow on a CPU); the run checks them"]
@@ -209,6 +209,11 @@ def report_lines(report: TokenReport, trains: bool, init: str = "sample") -> lis
             f"  lora.train_untrained_tokens=off: {kept}the existing rows are left as they are, so the model cannot "
             "learn to read or write those tokens (LoRA does not change table rows)"
         )
+    if whole:
+        lines.append(
+            f"  the {' and the '.join(whole)} {'are' if len(whole) > 1 else 'is'} trained whole "
+            "(lora.modules_to_save): those rows start there the same way and train with the rest of the table"
+        )
     return lines + note
 
 
@@ -233,7 +238,8 @@ def give_rows(model, report: TokenReport, train_untrained: str, init: str = "sam
     ones ("off"). Each table's rows start at the table's own values, except rows it flags (and new rows), which
     start as `init` says (lora.token_row_init: "sample" draws the embedding's, on the CPU from `seed`, the same on
     every device, and starts an untied head's at its mean; "mean": both at the mean). A table trained whole
-    (lora.modules_to_save) gets no rows. Returns the ids."""
+    (lora.modules_to_save) gets no rows: its flagged and new rows start the same way in the table itself, which
+    trains them with the rest and saves them in the adapter. Returns the ids given rows."""
     from lorafuse.lora.token_rows import attach, state, tables
 
     if state(model) is not None:  # an adapter loaded to train on (load_adapter(..., is_trainable=True)) brought its own
@@ -247,12 +253,16 @@ def give_rows(model, report: TokenReport, train_untrained: str, init: str = "sam
     generator = torch.Generator().manual_seed(seed)
 
     def start_values(module, check, how):
-        if module is None or module.weight.requires_grad:
+        if module is None:
             return None
         w = module.weight.detach()
         values = w[index.to(w.device)].float()
         fresh = check.untrained[index] | torch.isin(index, torch.tensor(report.new, dtype=torch.long))
         values[fresh.to(values.device)] = fresh_rows(check, int(fresh.sum()), how, generator).to(values.device)
+        if module.weight.requires_grad:  # trained whole: the rows start in the table, which trains them
+            with torch.no_grad():
+                module.weight[index.to(w.device)] = values.to(w.dtype)
+            return None
         return values
 
     embed_values = start_values(emb, checks["embedding"], init)
@@ -261,6 +271,15 @@ def give_rows(model, report: TokenReport, train_untrained: str, init: str = "sam
         return []
     attach(model, ids, embed_values, head_values)
     return ids
+
+
+def _trained_tables(model) -> tuple:
+    """(embedding, untied head), each the module when lora.modules_to_save trains it whole, else None."""
+    from lorafuse.lora.token_rows import tables
+
+    emb, head, tied = tables(model)
+    pick = lambda m: m if m is not None and m.weight.requires_grad else None  # noqa: E731
+    return pick(emb), None if tied else pick(head)
 
 
 def fresh_rows(check: TableCheck, count: int, init: str, generator: torch.Generator) -> Tensor:
@@ -290,7 +309,8 @@ def rows_for_run(model, tokenizer, datasets, new_ids, lora_cfg, console, say: bo
     report = check_tokens(table_checks(model, used), used, tokenizer, new_ids)
     ids = give_rows(model, report, train_untrained, init, seed)
     if say:
-        lines = report_lines(report, train_untrained == "auto", init)
+        whole = [name for name, module in zip(("embedding", "head"), _trained_tables(model)) if module is not None]
+        lines = report_lines(report, train_untrained == "auto", init, whole)
         rows = [p for n, p in model.named_parameters() if n.endswith(VALUES_KEY)]
         if rows:  # the trainable-parameters line apply_lora printed did not count them
             lines.append(f"  trainable token rows: {sum(p.numel() for p in rows):,d} parameters more")

@@ -155,3 +155,29 @@ def test_template_markers_the_vocabulary_lacks(tiny_tokenizer):
     assert template_markers(tok) == []  # <|im_start|>, <|im_end|> are tokens of the tiny vocabulary
     tok.chat_template = tok.chat_template.replace("<|im_start|>", "<|turn|>")
     assert template_markers(tok) == ["<|turn|>"]
+
+
+def test_a_table_trained_whole_starts_its_flagged_rows_in_place(tiny_tokenizer):
+    """lora.modules_to_save: [embed_tokens, lm_head]: no token rows are attached (the tables train whole), but their
+    zeroed rows start as they would as token rows (embedding drawn around the trained rows, head at the mean), in
+    the tables themselves; every other row keeps its value; the report says where they train."""
+    model = _model(tiny_tokenizer)
+    emb, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
+    with torch.no_grad():
+        emb[[4, 5]] = 0
+        head[[4, 5]] = 0
+    before_e, before_h = emb.detach().clone(), head.detach().clone()
+    emb.requires_grad_(True)
+    head.requires_grad_(True)
+    report = check_tokens(table_checks(model, ALL), ALL, tiny_tokenizer)
+    assert give_rows(model, report, "auto", init="sample", seed=7) == []
+    assert token_rows.state(model) is None
+    others = torch.ones(emb.shape[0], dtype=torch.bool)
+    others[[4, 5]] = False
+    assert torch.equal(emb[others], before_e[others]) and torch.equal(head[others], before_h[others])
+    spread = before_e[others].std(0, unbiased=False)
+    assert (emb[4] - emb[5]).norm() > 0.5 * spread.norm()  # two distinct draws, not zeros, not one vector
+    assert torch.allclose(head[4], before_h[others].mean(0), atol=1e-7) and torch.equal(head[4], head[5])
+    assert emb.requires_grad and head.requires_grad
+    text = "\n".join(report_lines(report, True, "sample", ["embedding", "head"]))
+    assert "the embedding and the head are trained whole (lora.modules_to_save)" in text
