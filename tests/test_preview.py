@@ -11,10 +11,12 @@ from lorafuse.config import DataConfig
 from lorafuse.preview import histogram_lines, preview, render_example
 
 
-def _cfg(tmp_path, model_path="unused", train_untrained_tokens="auto", **data):
+def _cfg(tmp_path, model_path="unused", train_untrained_tokens="auto", modules_to_save=None, **data):
     return SimpleNamespace(
         model=SimpleNamespace(path=str(model_path), trust_remote_code=False),
-        lora=SimpleNamespace(train_untrained_tokens=train_untrained_tokens, token_row_init="sample"),
+        lora=SimpleNamespace(
+            train_untrained_tokens=train_untrained_tokens, token_row_init="sample", modules_to_save=modules_to_save
+        ),
         data=DataConfig(**{"path": "builtin:demo", **data}),
         output=SimpleNamespace(dir=str(tmp_path / "run")),
         train=SimpleNamespace(seed=42),
@@ -57,7 +59,12 @@ def test_preview_reports_untrained_token_rows_from_the_checkpoint(tiny_tokenizer
         preview(cfg, n=1, console=console)
         text = console.export_text()
         assert "untrained token rows: 2 of the" in text and "'<|im_end|>' (id 5): embedding all zero" in text
-        assert says in text
+        assert says in text and "trained whole" not in text
+    console = Console(record=True, width=300, color_system=None)
+    chat = {"path": str(tmp_path / "chat.jsonl"), "format": "messages"}
+    cfg = _cfg(tmp_path, tmp_path / "base", "auto", ["embed_tokens"], **chat)
+    preview(cfg, n=1, console=console)
+    assert "the embedding is trained whole (lora.modules_to_save)" in console.export_text()
 
 
 def test_preview_without_local_weights_says_the_run_checks(tiny_tokenizer, tmp_path):

@@ -200,7 +200,7 @@ def report_lines(report: TokenReport, trains: bool, init: str = "sample", whole:
     if len(report.ids) > SHOWN:
         lines.append(f"  ... and {len(report.ids) - SHOWN} more")
     trained = f"lorafuse trains their embedding and output-head rows, {START[init]}"
-    saved = "(saved in the adapter as peft's trainable_token_indices)"
+    saved = "(saved in the adapter as peft's trainable_token_indices)" if not whole else "(saved in the adapter)"
     if trains:
         lines.append(f"  {trained} {saved}; lora.train_untrained_tokens=off leaves the existing ones as they are")
     else:
@@ -319,9 +319,10 @@ def rows_for_run(model, tokenizer, datasets, new_ids, lora_cfg, console, say: bo
     return ids
 
 
-def folder_checks(path: str, used: np.ndarray, trust_remote_code: bool = False) -> tuple[list[TableCheck], str]:
+def folder_checks(path: str, used: np.ndarray, trust_remote_code: bool = False) -> tuple[list[TableCheck], str, dict]:
     """The verdicts on the tables of a checkpoint folder, read from its safetensors files in RANGE-row slices (no
-    model is loaded), near copies among `used`; ([], why) when they cannot be read that way."""
+    model is loaded), near copies among `used`, and the tables' module names ({"embedding": ..., "head": ...});
+    ([], why, {}) when they cannot be read that way."""
     from safetensors import safe_open
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -332,10 +333,10 @@ def folder_checks(path: str, used: np.ndarray, trust_remote_code: bool = False) 
     try:
         folder = Path(resolve_model_path(path))
     except LorafuseError as exc:
-        return [], exc.problem
+        return [], exc.problem, {}
     files = sorted(folder.glob("*.safetensors")) if folder.is_dir() else []
     if not files:
-        return [], "the model's weights are not safetensors files in a local folder; the run checks them"
+        return [], "the model's weights are not safetensors files in a local folder; the run checks them", {}
     config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
@@ -351,20 +352,22 @@ def folder_checks(path: str, used: np.ndarray, trust_remote_code: bool = False) 
     for what, name in wanted:
         key = next((k for k in (f"{name}.weight", *keys) if k in keys and k.endswith(f"{name}.weight")), None)
         if key is None:
-            return [], f"the checkpoint has no tensor named {name}.weight; the run checks the loaded model"
+            return [], f"the checkpoint has no tensor named {name}.weight; the run checks the loaded model", {}
         with safe_open(str(keys[key]), "pt") as f:
             part = f.get_slice(key)
             read = lambda a, b, part=part: part[a:b]  # noqa: E731
             checks.append(check_table(what, read, part.get_shape()[0], torch.from_numpy(used)))
-    return checks, ""
+    return checks, "", dict(wanted)
 
 
 def preview_lines(model_cfg, tokenizer, datasets, new_ids, lora_cfg) -> list[str]:
     """`lorafuse data preview`'s block: the run's check, on the checkpoint's tables read from disk (lora_cfg: the
     config's lora section)."""
     used = used_token_ids(datasets, tokenizer)
-    checks, why = folder_checks(model_cfg.path, used, model_cfg.trust_remote_code)
+    checks, why, names = folder_checks(model_cfg.path, used, model_cfg.trust_remote_code)
     if not checks:
         return [f"untrained token rows: not checked before training ({why})"]
     report = check_tokens(checks, used, tokenizer, new_ids)
-    return report_lines(report, lora_cfg.train_untrained_tokens == "auto", lora_cfg.token_row_init)
+    saved = lora_cfg.modules_to_save or []
+    whole = [what for what, name in names.items() if any(name.endswith(m) for m in saved)]  # peft's rule
+    return report_lines(report, lora_cfg.train_untrained_tokens == "auto", lora_cfg.token_row_init, whole)
