@@ -35,7 +35,9 @@ def parse_args(argv):
     _step_args(p)
     _run_args(p)
     _adapter_args(p)
-    _lorafuse_args(p.add_argument_group("lorafuse only", "settings the peers do not have"))
+    group = p.add_argument_group("lorafuse only", "settings the peers do not have")
+    _lorafuse_memory_args(group)
+    _lorafuse_switch_args(group)
     return _checked(p.parse_args(argv))
 
 
@@ -123,8 +125,8 @@ def _adapter_args(p) -> None:
     p.add_argument("--no-gc", action="store_true", help="no gradient checkpointing (default: on, as the seed)")
 
 
-def _lorafuse_args(p) -> None:
-    """lorafuse's own memory and speed settings (a run with peers applies them to lorafuse's rows only)."""
+def _lorafuse_memory_args(p) -> None:
+    """lorafuse's own memory settings (a run with peers applies them to lorafuse's rows only)."""
     p.add_argument(
         "--offload",
         action="store_true",
@@ -163,6 +165,10 @@ def _lorafuse_args(p) -> None:
         help="lorafuse only: FP8 base-weight GEMMs in the forward and "
         "the recompute (train.fp8; compute capability 8.9+)",
     )
+
+
+def _lorafuse_switch_args(p) -> None:
+    """lorafuse's own run switches: the job beside the harness, the fused kernels, graphs, A/B keys, shared prompts."""
     p.add_argument(
         "--job",
         action="store_true",
