@@ -96,6 +96,22 @@ def pretraining_text(n_lines: int, seed: int) -> str:
     return "\n".join(pretraining_line(rng) for _ in range(n_lines)) + "\n"
 
 
+def char_ids(tokenizer, text: str):
+    """An int64 array of the ids `tokenizer(text, add_special_tokens=False)` gives for text of `CHARS` only (one
+    token per character), by a table lookup: the pretraining stream is ~80M characters, which the tokenizer takes
+    minutes and tens of GiB to split one by one."""
+    import numpy as np
+
+    table = np.full(128, -1, dtype=np.int64)
+    for c in CHARS:
+        table[ord(c)] = tokenizer.convert_tokens_to_ids(c)
+    codes = np.frombuffer(text.encode("ascii"), dtype=np.uint8)
+    ids = table[codes]
+    if (ids < 0).any():
+        raise ValueError(f"character outside the vocabulary: {chr(int(codes[np.argmax(ids < 0)]))!r}")
+    return ids
+
+
 def sort_rows(n: int, seed: int, length: int, exclude: set[str] = frozenset()) -> list[dict]:
     """`n` distinct rows sorting `length` digits, in lorafuse's `messages` format, none of whose prompts is in
     `exclude`."""

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from quality_data import TEMPLATE_TOKENS, VOCAB_ROWS, pretraining_text
+from quality_data import TEMPLATE_TOKENS, VOCAB_ROWS, char_ids, pretraining_text
 
 from lorafuse.training.optim import LRSchedule
 
@@ -59,8 +59,8 @@ def build_base(size: dict, tokenizer, seed: int):
 def pretrain(model, tokenizer, steps: int, batch: int, seq: int, lr: float, device, seed: int) -> list[float]:
     """Next-token training on packed pretraining text (each row: BOS + seq-1 tokens). Returns the losses."""
     n_tokens = steps * batch * (seq - 1)
-    stream = tokenizer(pretraining_text(n_tokens // 12 + 16, seed), add_special_tokens=False)["input_ids"]
-    data = torch.tensor(stream[:n_tokens], dtype=torch.long).view(steps, batch, seq - 1)
+    stream = char_ids(tokenizer, pretraining_text(n_tokens // 12 + 16, seed))
+    data = torch.from_numpy(stream[:n_tokens].copy()).view(steps, batch, seq - 1)
     bos = torch.full((batch, 1), tokenizer.bos_token_id, dtype=torch.long)
     model.to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
@@ -76,8 +76,8 @@ def pretrain(model, tokenizer, steps: int, batch: int, seq: int, lr: float, devi
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        losses.append(float(loss.detach()))
-    return losses
+        losses.append(loss.detach())  # read once at the end: a read per step would wait for the GPU each step
+    return torch.stack(losses).tolist()
 
 
 def save_bases(model, tokenizer, folder: Path, dtype: torch.dtype) -> dict[str, Path]:

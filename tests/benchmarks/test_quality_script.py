@@ -237,3 +237,13 @@ def test_a_report_over_several_tags_puts_grids_run_apart_in_one_table(tmp_path, 
     capsys.readouterr()
     assert quality_report.report("a,c", str(tmp_path), quality.METHODS) == 2
     assert "mix settings" in capsys.readouterr().err
+
+
+def test_the_pretraining_stream_is_the_tokenizers_ids_looked_up_by_character():
+    import quality_data
+
+    tokenizer = quality_data.build_tokenizer()
+    text = quality_data.pretraining_text(400, seed=3)
+    assert quality_data.char_ids(tokenizer, text).tolist() == tokenizer(text, add_special_tokens=False)["input_ids"]
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        quality_data.char_ids(tokenizer, "sort: 3 1 ?")
