@@ -3,7 +3,8 @@
 `write_atomic(path, data)`: write a temp file beside `path`, fsync it, rename it over `path`, fsync the folder. A rename
 is atomic because the temp lives on the same filesystem as the target; fsyncing the parent folder makes the rename
 itself durable. `fsync_path` / `fsync_tree` make a file's or a folder tree's contents durable. `normal_file_modes`
-gives the files of a folder the mode a plain open() gives (safetensors writes 0600).
+gives the files of a folder the mode a plain open() gives (safetensors writes 0600). `process_running(pid)` tells
+whether the process that wrote a lock or a temp folder still runs, before its leftovers are taken as stale.
 
 Used for configs, metrics, plots, the token cache, bnb 4-bit folders and checkpoints; a whole output folder (an
 adapter, a merged model) is written with `lorafuse.outputs.atomic_folder`, which builds on these.
@@ -63,3 +64,16 @@ def write_atomic(path: str | Path, data: bytes | str) -> Path:
         raise
     fsync_path(path.parent)
     return path
+
+
+def process_running(pid: int | None) -> bool:
+    """Whether a process with this pid runs (one of another user's counts); False for no pid."""
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

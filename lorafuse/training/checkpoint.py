@@ -46,7 +46,7 @@ from pathlib import Path
 
 import torch
 
-from lorafuse.atomic import fsync_path, fsync_tree, normal_file_modes, write_atomic
+from lorafuse.atomic import fsync_path, fsync_tree, normal_file_modes, process_running, write_atomic
 from lorafuse.errors import LorafuseError
 from lorafuse.io_errors import io_errno, save_torch
 from lorafuse.outputs import CHECKPOINT_RE, RUN_FILES
@@ -125,15 +125,8 @@ def latest_checkpoint(out_dir: Path) -> Path | None:
 
 
 def _pid_alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return False  # our own leftovers from a failed save in this process
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    # our own pid: leftovers from a failed save in this process
+    return pid != os.getpid() and process_running(pid)
 
 
 def clean_stale_tmp(out_dir: Path) -> list[Path]:

@@ -33,7 +33,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from lorafuse.atomic import write_atomic
+from lorafuse.atomic import process_running, write_atomic
 from lorafuse.errors import LorafuseError
 
 UI_DIR = ".lorafuse-ui"
@@ -63,18 +63,6 @@ def _read_json(path: Path) -> dict | None:
         return None
 
 
-def _pid_alive(pid: int | None) -> bool:
-    if not pid:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def lock_holder(folder: Path) -> int | None:
     """The pid holding the run folder's lock (lorafuse.training.checkpoint.RunLock), or None."""
     path = Path(folder) / ".lock"
@@ -82,7 +70,7 @@ def lock_holder(folder: Path) -> int | None:
         pid = int(path.read_text().strip() or 0)
     except (OSError, ValueError):
         return None
-    if not _pid_alive(pid):
+    if not process_running(pid):
         return None
     try:
         import fcntl
@@ -139,7 +127,7 @@ def _checkpoints(folder: Path) -> list[int]:
 def run_status(folder: Path, state: dict | None, log: Path | None) -> tuple[str, str]:
     """(status, detail) of a run folder (module docstring); `state` is the UI's <name>.json, if any."""
     state = state or {}
-    if (state.get("exit") is None and _pid_alive(state.get("pid"))) or lock_holder(folder) is not None:
+    if (state.get("exit") is None and process_running(state.get("pid"))) or lock_holder(folder) is not None:
         return "running", ""
     code = state.get("exit")
     error = last_error(log) if log is not None else ""
