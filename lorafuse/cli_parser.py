@@ -270,7 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add(sub, "env", "print versions, GPUs and the dtype `auto` picks")
     p = _add(sub, "ui", "serve a local web page to set up, run, watch and try fine-tunes")
     p.add_argument("--runs", default="runs", help="the folder of run folders to list and start runs in (default: runs)")
-    p.add_argument("--port", type=int, default=7860, help="default: 7860")
+    p.add_argument("--port", type=_number(int, 1, 65535), default=7860, help="1 to 65535 (default: 7860)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
     _add(
         sub,

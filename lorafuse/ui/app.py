@@ -6,7 +6,9 @@ the live curves. Fonts are the browser's own (no font download: the page works o
 
 from __future__ import annotations
 
+import errno
 import importlib.util
+import socket
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,9 +73,35 @@ def theme():
     )
 
 
+def check_address(host: str, port: int) -> None:
+    """Refuse, with the fix, an address the page cannot be served on: a host name that does not resolve, an
+    address not on this machine, a port another program holds."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as e:
+        raise LorafuseError(
+            f"cannot serve on --host {host}: the name does not resolve ({e.strerror})",
+            "give an address of this machine: 127.0.0.1 (this machine only) or 0.0.0.0 (every network)",
+        ) from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server binds: a closed page's port is free
+        try:
+            probe.bind(address)
+        except OSError as e:
+            taken = e.errno in (errno.EADDRINUSE, errno.EACCES)
+            raise LorafuseError(
+                f"cannot serve on {host}:{port}: {e.strerror}",
+                f"choose another port, e.g. --port {port + 1 if port < 65535 else 7860}, or stop the program using it"
+                if taken
+                else "give an address of this machine: 127.0.0.1 (this machine only) or 0.0.0.0 (every network)",
+            ) from None
+
+
 def serve(runs: str | Path = "runs", host: str = "127.0.0.1", port: int = 7860, block: bool = True):
     """Serve the page; `block=False` returns once it is up (tests)."""
     require_gradio()
+    check_address(host, port)
     if host not in LOCAL_HOSTS:
         print(
             f"warning: serving on {host}: anyone who can reach this machine on port {port} can start runs and "

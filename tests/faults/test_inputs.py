@@ -350,6 +350,20 @@ def test_bad_generate_option(cli, option, value, says):
     cli.fails(*generate(cli, cli.earlier / "adapter", option, value), says=says)
 
 
+def test_the_ui_refuses_an_address_it_cannot_serve_on(cli, tmp_path):
+    pytest.importorskip("gradio")
+    import socket
+
+    runs = str(tmp_path / "runs")
+    cli.fails("ui", "--runs", runs, "--port", "99999", says=["--port", "<= 65535"])
+    with socket.socket() as holder:  # another program listening on the port
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        cli.fails("ui", "--runs", runs, "--port", str(port), says=[f"127.0.0.1:{port}", "another port"])
+    cli.fails("ui", "--runs", runs, "--host", "no-such-host.invalid", says=["does not resolve", "127.0.0.1"])
+
+
 def test_bad_preview_count_and_exclusive_flags(cli):
     cli.fails("data", "preview", "-n", "0", says=["-n", ">= 1"])
     cli.fails("train", "--resume", "x", "--no-resume", says=["not allowed with"])
