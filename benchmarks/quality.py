@@ -21,7 +21,8 @@ rows as pretraining left them and zeroed as real bases ship them.
                         costs, apart from what the frozen tables cost
    lorafuse runs with its defaults for token rows: on the zeroed base it finds the two rows and trains them.
    Questions beside the grid: --rank, --variant (rsLoRA, DoRA, PiSSA's start), --modules-to-save with --modules-lr
-   (tables trained whole at their own rate, by the adapters and by full fine-tuning), --loraplus-ratio.
+   (tables trained whole at their own rate, by the adapters and by full fine-tuning), --token-rows-lr (the token
+   rows lorafuse trains, at their own rate), --loraplus-ratio.
 3. Score each fine-tuned model on held-out rows (benchmarks/quality_train.py: greedy, exact answer + <|im_end|>),
    and its held-out answer loss (nats per answer token), a continuous measure that moves less between seeds;
    the report prints each method's lowest mean loss over its grid below the accuracy table.
@@ -166,6 +167,7 @@ def run_lorafuse(settings: dict, base: Path, data: Path, lr: float, plan: dict, 
                 "fp8": settings.get("fp8", False),
                 "loraplus_lr_ratio": plan.get("loraplus", 1.0),
                 "modules_to_save_lr": plan.get("modules_lr") if plan.get("modules_to_save") else None,
+                "token_rows_lr": plan.get("token_rows_lr"),
                 "device": device.type,
                 "seed": seed,
                 "log_every": plan["steps"],
@@ -342,6 +344,7 @@ def main(argv=None) -> int:
     plan["variant"] = args.variant
     plan["modules_to_save"] = [m for m in (args.modules_to_save or "").split(",") if m] or None
     plan["modules_lr"] = args.modules_lr
+    plan["token_rows_lr"] = args.token_rows_lr
     if device.type == "cpu":
         torch.set_num_threads(1)  # tiny matmuls: more threads only add contention (tests/conftest.py measured 8x)
     tokenizer = build_tokenizer()
@@ -357,6 +360,7 @@ def main(argv=None) -> int:
         lora_variant=args.variant,
         modules_to_save=plan["modules_to_save"],
         modules_to_save_lr=args.modules_lr,
+        token_rows_lr=args.token_rows_lr,
     )
     out = results_file(args.out, meta["card"])
     rows = []

@@ -97,6 +97,11 @@ def _adapter_options(p: argparse.ArgumentParser) -> None:
         type=float,
         help="the rate of the modules --modules-to-save trains whole (train.modules_to_save_lr; default each run's lr)",
     )
+    p.add_argument(
+        "--token-rows-lr",
+        type=float,
+        help="the rate of the token rows lorafuse trains (train.token_rows_lr; default each run's lr)",
+    )
 
 
 def _checked(p: argparse.ArgumentParser, args, methods: dict):

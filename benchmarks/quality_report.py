@@ -160,7 +160,7 @@ def results_file(folder: str, card: str) -> Path:
 
 def _settings(row: dict) -> tuple:
     """What a row's run changed beside the method and rate: one table holds one value of each."""
-    keys = ("token_row_init", "lora_rank", "lora_variant", "modules_to_save", "modules_to_save_lr")
+    keys = ("token_row_init", "lora_rank", "lora_variant", "modules_to_save", "modules_to_save_lr", "token_rows_lr")
     return tuple(str(row.get(k)) for k in keys)
 
 

@@ -42,6 +42,12 @@ class TrainConfig(_Section):
         "head), on train.lr's schedule; null: train.lr. Measure it on your task: on the quality benchmark's small "
         "base the tables learnt best at 8-16x the adapter's rate (docs/tokens.md).",
     )
+    token_rows_lr: float | None = Field(
+        None,
+        gt=0,
+        description="Peak learning rate of the token rows lorafuse trains (the untrained and new tokens' rows of the "
+        "embedding and the head, docs/tokens.md), on train.lr's schedule; null: train.lr.",
+    )
     warmup_steps: float = Field(
         0.03, ge=0, description="Linear warmup: a fraction of all steps (< 1) or a step count (>= 1)."
     )

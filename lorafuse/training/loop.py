@@ -118,7 +118,8 @@ class TrainingLoop:
         self.precision = Precision(self.device, compute_dtype)
         self._prepare(options or options_for(tc))  # the job restores the model afterwards (accel.restore)
         modules_scale = (tc.modules_to_save_lr or tc.lr) / tc.lr
-        groups = param_groups(model, self.params, tc.loraplus_lr_ratio, modules_scale)
+        rows_scale = (tc.token_rows_lr or tc.lr) / tc.lr
+        groups = param_groups(model, self.params, tc.loraplus_lr_ratio, modules_scale, token_rows_scale=rows_scale)
         self.optimizer = build_optimizer(tc.optimizer, groups, tc.lr, tc.weight_decay)
         micro = len(train_batches)
         if micro == 0:

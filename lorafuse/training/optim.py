@@ -23,6 +23,7 @@ from collections.abc import Iterable
 import torch
 
 from lorafuse.errors import LorafuseError
+from lorafuse.lora.token_rows import VALUES_KEY as TOKEN_ROWS_KEY
 from lorafuse.model_state import model_state
 from lorafuse.training.optim8bit import AdamW8bit, PagedAdamW8bit
 from lorafuse.training.readback import CancelledSteps, kept_unless
@@ -44,14 +45,20 @@ def build_optimizer(name: str, params: Iterable, lr: float, weight_decay: float)
 
 
 def param_groups(
-    model: torch.nn.Module, params: list, loraplus_ratio: float = 1.0, modules_scale: float = 1.0, modules=None
+    model: torch.nn.Module,
+    params: list,
+    loraplus_ratio: float = 1.0,
+    modules_scale: float = 1.0,
+    modules=None,
+    token_rows_scale: float = 1.0,
 ) -> list:
     """`params` as optimizer param groups, each with its "lr_scale" (times the schedule's rate) and "role":
     the rest at 1x; with LoRA+ (Hayou et al. 2024) the adapter's B matrices at `loraplus_ratio` times the rate; the
     modules trained whole (lora.modules_to_save; `modules`: their names, default the ones apply_lora recorded) at
-    `modules_scale` times it (train.modules_to_save_lr / train.lr). With every scale 1, the plain list (one group:
-    the optimizer and its checkpoints as without either)."""
-    if loraplus_ratio == 1 and modules_scale == 1:
+    `modules_scale` times it (train.modules_to_save_lr / train.lr); the trained token rows at `token_rows_scale`
+    times it (train.token_rows_lr / train.lr). With every scale 1, the plain list (one group: the optimizer and its
+    checkpoints as without any)."""
+    if loraplus_ratio == 1 and modules_scale == 1 and token_rows_scale == 1:
         return params
     if modules is None:
         modules = (model_state(model).lora or {}).get("trained_module_names") or []
@@ -62,9 +69,16 @@ def param_groups(
         name = names.get(id(p), "")
         if modules_scale != 1 and name.startswith(prefixes):
             return "modules_to_save"
+        if token_rows_scale != 1 and name.endswith(TOKEN_ROWS_KEY):
+            return "token_rows"
         return "lora_B" if loraplus_ratio != 1 and ".lora_B." in name else "rest"
 
-    scales = {"rest": 1.0, "lora_B": float(loraplus_ratio), "modules_to_save": float(modules_scale)}
+    scales = {
+        "rest": 1.0,
+        "lora_B": float(loraplus_ratio),
+        "modules_to_save": float(modules_scale),
+        "token_rows": float(token_rows_scale),
+    }
     roles = [role(p) for p in params]
     groups = [
         {"params": [p for p, r in zip(params, roles) if r == k], "lr_scale": scales[k], "role": k} for k in scales
@@ -82,7 +96,8 @@ def check_group_rates(saved: dict, optimizer: torch.optim.Optimizer) -> None:
         raise LorafuseError(
             f"the checkpoint's optimizer trained its parameters at {then}, this run at {now}: its optimizer states "
             "belong to the other setting",
-            "resume with the checkpoint's train.loraplus_lr_ratio and train.modules_to_save_lr, or start a new run "
+            "resume with the checkpoint's train.loraplus_lr_ratio, train.modules_to_save_lr and train.token_rows_lr, "
+            "or start a new run "
             "in another output.dir",
         )
 
@@ -91,7 +106,12 @@ def _group_rates(groups: list) -> str:
     """How param groups' rates read in an error: "train.lr for all", or each group's role and its multiple."""
     if all(g.get("lr_scale", 1.0) == 1.0 for g in groups):
         return "train.lr for all"
-    roles = {"rest": "the rest", "lora_B": "LoRA+'s B matrices", "modules_to_save": "lora.modules_to_save"}
+    roles = {
+        "rest": "the rest",
+        "lora_B": "LoRA+'s B matrices",
+        "modules_to_save": "lora.modules_to_save",
+        "token_rows": "the token rows",
+    }
     # a checkpoint written before groups had roles has LoRA+'s two groups: the rest, then B
     named = [(g.get("role") or ("rest" if k == 0 else "lora_B"), g.get("lr_scale", 1.0)) for k, g in enumerate(groups)]
     return ", ".join(f"{roles[r]} {scale:g}x train.lr" for r, scale in named)

@@ -187,3 +187,51 @@ def test_modules_to_save_lr_needs_modules_to_save():
         validate_config(cfg)
     cfg["lora"] = {"modules_to_save": ["lm_head"]}
     assert validate_config(cfg).train.modules_to_save_lr == 1e-5
+
+
+def rows_model():
+    """The toy Llama with LoRA on q and v and trainable token rows for ids 10-39 in both tables."""
+    from lorafuse.lora import token_rows
+
+    model = toy_model(dropout=0.0)
+    ids = torch.arange(10, 40)
+    emb, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
+    token_rows.attach(model, ids, emb[ids].detach(), None if head is emb else head[ids].detach())
+    return model
+
+
+def test_the_token_rows_get_their_own_group():
+    model = rows_model()
+    params = _trainable(model)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert param_groups(model, params) is params
+    groups = {g["role"]: g for g in param_groups(model, params, token_rows_scale=8.0)}
+    assert {r: g["lr_scale"] for r, g in groups.items()} == {"rest": 1.0, "token_rows": 8.0}
+    assert groups["token_rows"]["params"]
+    assert all(names[id(p)].endswith("trainable_tokens_delta") for p in groups["token_rows"]["params"])
+    assert not any("trainable_tokens" in names[id(p)] for p in groups["rest"]["params"])
+
+
+def test_a_run_moves_the_token_rows_at_token_rows_lr(tmp_path):
+    """AdamW's first step moves each element with a gradient by lr * g / (|g| + eps): the rows' by
+    train.token_rows_lr, B's by train.lr."""
+    from lorafuse.lora.token_rows import state
+
+    model = rows_model()
+    rows = state(model).embed_rows.values
+    rows0, b0 = rows.detach().clone(), model.model.layers[0].self_attn.q_proj.lora_B.weight.detach().clone()
+    tc = _tc(max_steps=1, grad_accum=1, lr=1e-3, token_rows_lr=1e-2, warmup_steps=0, optimizer="adamw")
+    train_loop(model, ToyBatches(), TrainConfig(**{**tc.model_dump(), "scheduler": "constant"}), out_dir=tmp_path)
+    step_rows = (rows.detach() - rows0).abs().max().item()
+    step_b = (model.model.layers[0].self_attn.q_proj.lora_B.weight.detach() - b0).abs().max().item()
+    assert step_rows == pytest.approx(1e-2, rel=1e-3) and step_b == pytest.approx(1e-3, rel=1e-3)
+
+
+def test_a_resume_with_another_token_rows_rate_is_refused(tmp_path):
+    from lorafuse.errors import LorafuseError
+
+    train_loop(rows_model(), ToyBatches(), _tc(save_every=3), out_dir=tmp_path)
+    with pytest.raises(LorafuseError, match="train.lr for all, this run at the rest 1x train.lr, the token rows 4x"):
+        train_loop(
+            rows_model(), ToyBatches(), _tc(token_rows_lr=2e-2), out_dir=tmp_path, resume_from=tmp_path / "checkpoint-3"
+        )
