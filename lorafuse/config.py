@@ -111,6 +111,16 @@ class RunConfig(_Section):
                 "train.modules_to_save_lr sets the rate of lora.modules_to_save, which lists no module: add the "
                 "modules to train whole (e.g. lora.modules_to_save=[lm_head]), or train.modules_to_save_lr=null"
             )
+        if (
+            self.train.token_rows_lr is not None
+            and self.lora.train_untrained_tokens == "off"
+            and not self.data.add_special_tokens
+        ):
+            raise ValueError(
+                "train.token_rows_lr sets the rate of the token rows lorafuse trains, and this run trains none "
+                "(lora.train_untrained_tokens=off, no data.add_special_tokens): set lora.train_untrained_tokens=auto, "
+                "or train.token_rows_lr=null"
+            )
         return self
 
     @model_validator(mode="after")

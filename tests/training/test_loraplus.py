@@ -235,3 +235,16 @@ def test_a_resume_with_another_token_rows_rate_is_refused(tmp_path):
         train_loop(
             rows_model(), ToyBatches(), _tc(token_rows_lr=2e-2), out_dir=tmp_path, resume_from=tmp_path / "checkpoint-3"
         )
+
+
+def test_token_rows_lr_needs_rows_to_train():
+    from lorafuse.config import validate_config
+    from lorafuse.errors import ConfigError
+
+    cfg = {"model": {"path": "m"}, "data": {"path": "d.jsonl"}, "train": {"token_rows_lr": 1e-3}}
+    assert validate_config(cfg).train.token_rows_lr == 1e-3  # the default finds and trains untrained rows
+    cfg["lora"] = {"train_untrained_tokens": "off"}
+    with pytest.raises(ConfigError, match="this run trains none"):
+        validate_config(cfg)
+    cfg["data"]["add_special_tokens"] = ["<|im_start|>"]
+    assert validate_config(cfg).train.token_rows_lr == 1e-3
