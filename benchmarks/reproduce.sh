@@ -28,6 +28,9 @@
 #   quality-tables  the same with the embedding and the output head trained whole at their own rate, 1.6e-2
 #               (lora.modules_to_save, train.modules_to_save_lr; full fine-tuning's tables at that rate too); with OUT
 #               of a quality run its base is reused
+#   quality-token-rows  lorafuse's adapters with their token rows at their own rate, 1.6e-2 (train.token_rows_lr; full
+#               fine-tuning has no token rows: compare with the quality part's full); with OUT of a quality run its
+#               base is reused
 #   quality-loraplus  the adapters with train.loraplus_lr_ratio 16 at their own rates (full fine-tuning has no B
 #               matrices: compare with the quality part's full); with OUT of a quality run its base is reused
 set -euo pipefail
@@ -66,6 +69,7 @@ case "$PART" in
   tests) python3 -m pytest -q -m gpu tests ;;
   quality) bash benchmarks/quality_grid.sh "$OUT" ;;
   quality-tables) bash benchmarks/quality_grid.sh "$OUT" --modules-to-save embed_tokens,lm_head --modules-lr 1.6e-2 ;;
+  quality-token-rows) bash benchmarks/quality_grid.sh "$OUT" --token-rows-lr 1.6e-2 --methods "lora,qlora,qlora+fast,qlora+fast+fp8" ;;
   quality-loraplus) bash benchmarks/quality_grid.sh "$OUT" --loraplus-ratio 16 --lrs 2e-4,5e-4,1e-3 --methods "lora,qlora,qlora+fast,qlora+fast+fp8,seed lora,seed qlora" ;;
-  *) echo "unknown part '$PART': qlora lean fp8 lora 1x4096 1x4096-fp8 8x2048 8x2048-fp8 dpo dpo-8bit dpo-lorafuse dpo-eager dpo-separate job memory headline tests quality quality-tables quality-loraplus" >&2; exit 2 ;;
+  *) echo "unknown part '$PART': qlora lean fp8 lora 1x4096 1x4096-fp8 8x2048 8x2048-fp8 dpo dpo-8bit dpo-lorafuse dpo-eager dpo-separate job memory headline tests quality quality-tables quality-token-rows quality-loraplus" >&2; exit 2 ;;
 esac
