@@ -97,8 +97,7 @@ def check_group_rates(saved: dict, optimizer: torch.optim.Optimizer) -> None:
             f"the checkpoint's optimizer trained its parameters at {then}, this run at {now}: its optimizer states "
             "belong to the other setting",
             "resume with the checkpoint's train.loraplus_lr_ratio, train.modules_to_save_lr and train.token_rows_lr, "
-            "or start a new run "
-            "in another output.dir",
+            "or start a new run in another output.dir",
         )
 
 
